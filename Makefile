@@ -1,0 +1,44 @@
+# gitopsd developer entry points. `make test` is what CI runs (.ci/run).
+VENV     ?= .venv
+PYTHON   ?= python3
+PY       := $(VENV)/bin/python
+CLUSTER  ?= default
+
+.PHONY: venv toolchain test test-unit run cluster-up cluster-down bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -U pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+# Builds (or reuses from ~/.cache/gitopsd) etcd, the Kubernetes control
+# plane, kubectl, kwok, kustomize and helm from pinned Go modules.
+toolchain:
+	hack/cluster build
+
+# The whole suite against a real control plane started for the run.
+test: venv toolchain
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# Pure-logic tests only (no cluster, no binaries).
+test-unit: venv
+	$(VENV)/bin/pytest -m "not cluster" $(PYTEST_ARGS)
+
+# The main job: the local control plane plus gitopsd against sample-repo/.
+run: venv toolchain
+	$(PY) hack/quickstart.py --cluster $(CLUSTER)
+
+cluster-up: toolchain
+	hack/cluster up $(CLUSTER)
+
+cluster-down:
+	hack/cluster down $(CLUSTER)
+
+bench: venv toolchain
+	$(PY) hack/bench.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

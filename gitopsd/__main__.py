@@ -1,0 +1,3 @@
+from gitopsd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,11 @@
+"""The local test bed: a real Kubernetes control plane built from Go modules.
+
+There is no container engine on our machines, so every component (etcd,
+kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok,
+kustomize, helm) is built from its published Go module into a cache outside
+the checkout and started as plain processes on loopback.
+
+`build` knows the pinned versions and how to build them; `cluster` starts,
+stops and describes named clusters. `hack/cluster` is the command-line face
+of both; the pytest fixtures and the quick start import them directly.
+"""

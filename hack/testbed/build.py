@@ -1,0 +1,258 @@
+"""Build the pinned test-bed binaries from Go modules into a cache.
+
+Why wrapper modules: `go install k8s.io/kubernetes/cmd/...@vX` is refused
+because k8s.io/kubernetes' go.mod replaces its 33 staging modules with local
+paths. A wrapper module that requires k8s.io/kubernetes and replaces each
+staging module with its published v0.Y.Z builds the real commands. etcd's
+server module has the same problem; a three-line main calling etcdmain.Main
+avoids it. kwok, kustomize and helm install directly.
+
+Every binary gets a `<name>.version` stamp beside it; a binary whose stamp
+matches the pin is not rebuilt, so a warm `build` costs only a few stats.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+KUBERNETES = "v1.37.2"
+ETCD = "v3.7.3"
+KWOK = "v0.8.0"
+KUSTOMIZE = "v5.8.1"
+HELM = "v3.22.0"
+
+# The staging modules that k8s.io/kubernetes replaces with ./staging/src/...
+# Each is published as v0.<minor>.<patch>.
+STAGING = [
+    "api", "apiextensions-apiserver", "apimachinery", "apiserver", "cli-runtime",
+    "client-go", "cloud-provider", "cluster-bootstrap", "code-generator",
+    "component-base", "component-helpers", "controller-manager", "cri-api",
+    "cri-client", "cri-streaming", "csi-translation-lib",
+    "dynamic-resource-allocation", "endpointslice", "externaljwt", "kms",
+    "kube-aggregator", "kube-controller-manager", "kube-proxy", "kube-scheduler",
+    "kubectl", "kubelet", "metrics", "mount-utils", "pod-security-admission",
+    "sample-apiserver", "sample-cli-plugin", "sample-controller", "streaming",
+]
+
+DOWNLOAD_ATTEMPTS = 4
+
+# KWOK Stage sets copied from its module: fast node start, lease heartbeats
+# (without them the node-lifecycle controller marks nodes NotReady after 40 s
+# and evicts every pod), fast pod lifecycle.
+KWOK_STAGE_SETS = ("node/fast", "node/heartbeat-with-lease", "pod/fast")
+
+
+def cache_dir() -> Path:
+    """The cache root: $GITOPSD_CACHE, else ~/.cache/gitopsd."""
+    return Path(os.environ.get("GITOPSD_CACHE") or Path.home() / ".cache" / "gitopsd")
+
+
+def bin_dir() -> Path:
+    return cache_dir() / "bin"
+
+
+def binary(name: str) -> Path:
+    """Path of a built binary; raises a clear error when it is missing."""
+    path = bin_dir() / name
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} is missing: run `hack/cluster build` first (it builds the "
+            f"pinned control plane into {bin_dir()})"
+        )
+    return path
+
+
+def kwok_stages_dir() -> Path:
+    return cache_dir() / "kwok-stages"
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str          # binary name under bin/
+    version: str       # stamp written beside it
+
+
+def _stamp(name: str) -> Path:
+    return bin_dir() / f"{name}.version"
+
+
+def is_built(step: Step) -> bool:
+    stamp = _stamp(step.name)
+    return (bin_dir() / step.name).exists() and stamp.exists() and stamp.read_text().strip() == step.version
+
+
+def _go_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("GOTOOLCHAIN", "local")
+    env["GOFLAGS"] = "-mod=mod -buildvcs=false"
+    env["CGO_ENABLED"] = "0"
+    return env
+
+
+def _run(cmd: list[str], *, cwd: Path | None = None, log: Path) -> None:
+    with log.open("a") as out:
+        out.write(f"\n$ {' '.join(cmd)}\n")
+        out.flush()
+        proc = subprocess.run(cmd, cwd=cwd, env=_go_env(), stdout=out, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = "\n".join(log.read_text().splitlines()[-25:])
+        raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}); log {log}:\n{tail}")
+
+
+def _run_with_retries(cmd: list[str], *, cwd: Path | None = None, log: Path, what: str) -> None:
+    """Module downloads fail now and then on a busy proxy: retry with backoff."""
+    for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+        try:
+            _run(cmd, cwd=cwd, log=log)
+            return
+        except RuntimeError as exc:
+            if attempt == DOWNLOAD_ATTEMPTS:
+                raise RuntimeError(
+                    f"downloading {what} failed {DOWNLOAD_ATTEMPTS} times; is the Go module "
+                    f"proxy ({os.environ.get('GOPROXY', 'default')}) reachable?\n{exc}"
+                ) from None
+            delay = 5 * attempt
+            print(f"  download of {what} failed (attempt {attempt}), retrying in {delay}s", flush=True)
+            time.sleep(delay)
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def _kubernetes_wrapper() -> Path:
+    src = cache_dir() / "src" / f"kubernetes-{KUBERNETES}"
+    minor = KUBERNETES.lstrip("v").split(".", 1)[1]
+    replaces = "\n".join(f"\tk8s.io/{m} => k8s.io/{m} v0.{minor}" for m in STAGING)
+    _write(src / "go.mod", (
+        "module gitopsd.local/kubernetes-build\n\ngo 1.26.0\n\n"
+        f"require k8s.io/kubernetes {KUBERNETES}\n\nreplace (\n{replaces}\n)\n"
+    ))
+    return src
+
+
+def _etcd_wrapper() -> Path:
+    src = cache_dir() / "src" / f"etcd-{ETCD}"
+    _write(src / "go.mod", f"module gitopsd.local/etcd-build\n\ngo 1.26.0\n\nrequire go.etcd.io/etcd/server/v3 {ETCD}\n")
+    _write(src / "main.go", (
+        "// Command etcd runs etcd's own main; a wrapper because the server module\n"
+        "// replaces its siblings with local paths and cannot be `go install`ed.\n"
+        "package main\n\nimport (\n\t\"os\"\n\n\t\"go.etcd.io/etcd/server/v3/etcdmain\"\n)\n\n"
+        "func main() { etcdmain.Main(os.Args) }\n"
+    ))
+    return src
+
+
+def _kube_ldflags() -> str:
+    major, minor, _ = KUBERNETES.lstrip("v").split(".")
+    flags = ["-s", "-w"]
+    for pkg in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
+        flags += [
+            f"-X {pkg}.gitVersion={KUBERNETES}",
+            f"-X {pkg}.gitMajor={major}",
+            f"-X {pkg}.gitMinor={minor}",
+            f"-X {pkg}.gitTreeState=clean",
+        ]
+    return " ".join(flags)
+
+
+def _build_kubernetes(names: list[str], log: Path) -> None:
+    src = _kubernetes_wrapper()
+    pkgs = [f"k8s.io/kubernetes/cmd/{n}" for n in names]
+    _run_with_retries(["go", "get", *[f"{p}@{KUBERNETES}" for p in pkgs]], cwd=src, log=log,
+                      what=f"k8s.io/kubernetes {KUBERNETES}")
+    for name, pkg in zip(names, pkgs):
+        _run(["go", "build", "-trimpath", "-ldflags", _kube_ldflags(), "-o", str(bin_dir() / name), pkg],
+             cwd=src, log=log)
+
+
+def _build_etcd(log: Path) -> None:
+    src = _etcd_wrapper()
+    _run_with_retries(["go", "mod", "tidy"], cwd=src, log=log, what=f"etcd {ETCD}")
+    _run(["go", "build", "-trimpath", "-ldflags", "-s -w", "-o", str(bin_dir() / "etcd"), "."], cwd=src, log=log)
+
+
+def _go_install(module_pkg: str, version: str, name: str, log: Path) -> None:
+    env_bin = bin_dir()
+    cmd = ["env", f"GOBIN={env_bin}", "go", "install", "-trimpath", "-ldflags", "-s -w", f"{module_pkg}@{version}"]
+    _run_with_retries(cmd, log=log, what=f"{module_pkg}@{version}")
+    if not (env_bin / name).exists():
+        raise RuntimeError(f"go install {module_pkg}@{version} produced no {name} in {env_bin}")
+
+
+def _copy_kwok_stages(log: Path) -> None:
+    """KWOK ships Stage configs in its module; keep the sets we need."""
+    _run_with_retries(["go", "mod", "download", f"sigs.k8s.io/kwok@{KWOK}"], log=log, what=f"kwok {KWOK} source")
+    modcache = subprocess.run(["go", "env", "GOMODCACHE"], capture_output=True, text=True, env=_go_env()).stdout.strip()
+    root = Path(modcache) / f"sigs.k8s.io/kwok@{KWOK}" / "kustomize" / "stage"
+    dest = kwok_stages_dir()
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for sub in KWOK_STAGE_SETS:
+        for f in sorted((root / sub).glob("*.yaml")):
+            if f.name == "kustomization.yaml":
+                continue
+            target = dest / f"{sub.replace('/', '-')}-{f.name}"
+            target.write_text(f.read_text())
+            target.chmod(0o644)
+
+
+def steps() -> list[tuple[list[Step], Callable[[list[str], Path], None]]]:
+    """Build steps in order: (binaries produced, build(names still to build, log))."""
+    kube = ["kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl"]
+
+    def kwok(_names: list[str], log: Path) -> None:
+        _go_install("sigs.k8s.io/kwok/cmd/kwok", KWOK, "kwok", log)
+        _copy_kwok_stages(log)
+
+    return [
+        ([Step("etcd", ETCD)], lambda _names, log: _build_etcd(log)),
+        ([Step(n, KUBERNETES) for n in kube], _build_kubernetes),
+        # The stamp names the stage sets too, so changing them re-copies.
+        ([Step("kwok", f"{KWOK} stages={','.join(KWOK_STAGE_SETS)}")], kwok),
+        ([Step("kustomize", KUSTOMIZE)],
+         lambda _names, log: _go_install("sigs.k8s.io/kustomize/kustomize/v5", KUSTOMIZE, "kustomize", log)),
+        ([Step("helm", HELM)], lambda _names, log: _go_install("helm.sh/helm/v3/cmd/helm", HELM, "helm", log)),
+    ]
+
+
+def build(*, only: list[str] | None = None, out=sys.stdout) -> float:
+    """Build what is missing or stale; return total seconds spent."""
+    bin_dir().mkdir(parents=True, exist_ok=True)
+    logs = cache_dir() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    total_start = time.monotonic()
+    plan = steps()
+    for produced, fn in plan:
+        names = [s.name for s in produced]
+        if only and not set(names) & set(only):
+            continue
+        todo = [s for s in produced if not is_built(s)]
+        label = ", ".join(names)
+        if not todo:
+            print(f"  {label}: {produced[0].version} already built", file=out, flush=True)
+            continue
+        log = logs / f"build-{names[0]}.log"
+        log.write_text("")
+        print(f"  {label}: building {produced[0].version} (log {log}) ...", file=out, flush=True)
+        start = time.monotonic()
+        fn([s.name for s in todo], log)
+        for s in produced:
+            _stamp(s.name).write_text(s.version + "\n")
+        print(f"  {label}: built in {time.monotonic() - start:.0f}s", file=out, flush=True)
+    elapsed = time.monotonic() - total_start
+    print(f"build done in {elapsed:.0f}s; binaries in {bin_dir()}", file=out, flush=True)
+    return elapsed
+
+
+def all_built() -> bool:
+    return all(is_built(s) for produced, _ in steps() for s in produced)

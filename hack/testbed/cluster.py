@@ -1,0 +1,405 @@
+"""Start, stop and describe named local control planes.
+
+A cluster is a state directory (`$GITOPSD_CACHE/clusters/<name>/`) holding
+certificates, an etcd data dir, one log per component, `pids.json` and a
+kubeconfig. Processes run in their own sessions so they outlive the command
+that started them; `down` stops them by the PIDs it recorded (after checking
+that each PID still runs one of *our* binaries), never by name.
+
+Every address is loopback and every port is picked free at start, so several
+clusters (say, a developer's and a test run's) can run side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import build
+
+SERVICE_CIDR = "10.0.0.0/24"
+SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
+NODE_ZONES = ("zone-a", "zone-b", "zone-c")
+START_TIMEOUT = 120.0
+
+
+class ClusterError(RuntimeError):
+    """A cluster could not start or answer; the message carries a log tail."""
+
+
+def clusters_dir() -> Path:
+    return build.cache_dir() / "clusters"
+
+
+def state_dir(name: str) -> Path:
+    return clusters_dir() / name
+
+
+def kubeconfig_path(name: str) -> Path:
+    return state_dir(name) / "kubeconfig"
+
+
+@dataclass
+class Cluster:
+    """A running (or recorded) cluster: where its files are and what it runs."""
+
+    name: str
+    pids: dict[str, int] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def dir(self) -> Path:
+        return state_dir(self.name)
+
+    @property
+    def kubeconfig(self) -> Path:
+        return kubeconfig_path(self.name)
+
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.ports['apiserver']}"
+
+    def log(self, component: str) -> Path:
+        return self.dir / "logs" / f"{component}.log"
+
+    def log_tail(self, component: str, lines: int = 30) -> str:
+        path = self.log(component)
+        if not path.exists():
+            return f"(no log at {path})"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def save(self) -> None:
+        (self.dir / "pids.json").write_text(json.dumps({"pids": self.pids, "ports": self.ports}, indent=2))
+
+    @classmethod
+    def load(cls, name: str) -> "Cluster | None":
+        path = state_dir(name) / "pids.json"
+        if not path.exists():
+            return None
+        data = json.loads(path.read_text())
+        return cls(name=name, pids=data["pids"], ports=data["ports"])
+
+    def alive(self) -> dict[str, bool]:
+        return {comp: _is_ours(pid, self.dir) for comp, pid in self.pids.items()}
+
+
+# ---------------------------------------------------------------- helpers
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _is_ours(pid: int, state: Path) -> bool:
+    """True when pid runs and its command line names our state directory.
+
+    The check keeps `down` from signalling an unrelated process that reused a
+    recorded PID after ours died.
+    """
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    except (FileNotFoundError, IndexError):
+        return False
+    return str(state) in cmdline
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    proc = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ClusterError(f"openssl {' '.join(args)} failed: {proc.stderr.strip()}")
+
+
+def _make_certs(pki: Path) -> None:
+    """CA, apiserver serving cert, admin client cert, service-account keys."""
+    pki.mkdir(parents=True, exist_ok=True)
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+             "-days", "3650", "-subj", "/CN=gitopsd-testbed-ca", cwd=pki)
+    (pki / "serving.ext").write_text(
+        "subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,"
+        "DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\n"
+        "extendedKeyUsage=serverAuth\n"
+    )
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "apiserver.key", "-out", "apiserver.csr",
+             "-subj", "/CN=kube-apiserver", cwd=pki)
+    _openssl("x509", "-req", "-in", "apiserver.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", "apiserver.crt", "-days", "3650", "-extfile", "serving.ext", cwd=pki)
+    (pki / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "admin.key", "-out", "admin.csr",
+             "-subj", "/O=system:masters/CN=admin", cwd=pki)
+    _openssl("x509", "-req", "-in", "admin.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", "admin.crt", "-days", "3650", "-extfile", "client.ext", cwd=pki)
+    _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
+    _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
+
+
+def _write_kubeconfig(path: Path, server: str, pki: Path, name: str) -> None:
+    # Plain JSON is valid YAML; no YAML library needed here.
+    cfg = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": name, "cluster": {"server": server, "certificate-authority": str(pki / "ca.crt")}}],
+        "users": [{"name": f"{name}-admin", "user": {
+            "client-certificate": str(pki / "admin.crt"), "client-key": str(pki / "admin.key")}}],
+        "contexts": [{"name": name, "context": {"cluster": name, "user": f"{name}-admin"}}],
+        "current-context": name,
+    }
+    path.write_text(json.dumps(cfg, indent=2))
+
+
+def _ssl_context(pki: Path) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    ctx.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
+    return ctx
+
+
+def request(cluster: Cluster, method: str, path: str, body: dict | None = None) -> tuple[int, dict | str]:
+    """One admin request to the apiserver (stdlib only, for the test bed itself)."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(cluster.server + path, method=method, data=data)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, context=_ssl_context(cluster.dir / "pki"), timeout=10) as resp:
+            raw = resp.read().decode()
+            status = resp.status
+    except urllib.error.HTTPError as exc:
+        raw, status = exc.read().decode(), exc.code
+    try:
+        return status, json.loads(raw)
+    except json.JSONDecodeError:
+        return status, raw
+
+
+def _start(cluster: Cluster, component: str, argv: list[str]) -> None:
+    log = cluster.log(component)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, cwd=cluster.dir)
+    cluster.pids[component] = proc.pid
+    cluster.save()
+
+
+def _wait(cluster: Cluster, what: str, component: str, check, timeout: float = START_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if not _is_ours(cluster.pids[component], cluster.dir):
+            raise ClusterError(f"{component} exited while waiting for {what}; last log lines:\n"
+                               f"{cluster.log_tail(component)}")
+        try:
+            ok, last = check()
+            if ok:
+                return
+        except (OSError, ssl.SSLError) as exc:
+            last = str(exc)
+        time.sleep(0.25)
+    raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what} ({last}); "
+                       f"last lines of {component}'s log:\n{cluster.log_tail(component)}")
+
+
+def _node(name: str, zone: str) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+            "labels": {
+                "kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
+                "type": "kwok", "topology.kubernetes.io/zone": zone,
+            },
+        },
+        "status": {
+            "allocatable": {"cpu": "32", "memory": "256Gi", "pods": "110"},
+            "capacity": {"cpu": "32", "memory": "256Gi", "pods": "110"},
+        },
+    }
+
+
+# ---------------------------------------------------------------- verbs
+
+def up(name: str = "default", *, nodes: int = 3, out=None) -> Cluster:
+    """Start a cluster and return once /readyz is ok and every node is Ready.
+
+    A cluster that is already up is returned as it is; a half-dead one is
+    stopped and started afresh.
+    """
+    say = (lambda msg: print(msg, file=out, flush=True)) if out else (lambda msg: None)
+    existing = Cluster.load(name)
+    if existing and existing.pids and all(existing.alive().values()):
+        say(f"cluster {name!r} already up")
+        return existing
+    if existing or state_dir(name).exists():
+        down(name)
+
+    started = time.monotonic()
+    cluster = Cluster(name=name)
+    cluster.dir.mkdir(parents=True)
+    (cluster.dir / "logs").mkdir()
+    pki = cluster.dir / "pki"
+    _make_certs(pki)
+    cluster.ports = {k: _free_port() for k in ("etcd", "etcd-peer", "apiserver", "controller-manager",
+                                               "scheduler", "kwok")}
+    cluster.save()
+    _write_kubeconfig(cluster.kubeconfig, cluster.server, pki, name)
+    try:
+        _start_components(cluster, nodes=nodes, say=say)
+    except BaseException:
+        # Leave the logs for the caller to read, but never leave processes.
+        stop_processes(cluster)
+        raise
+    say(f"cluster {name!r} up in {time.monotonic() - started:.1f}s; kubeconfig: {cluster.kubeconfig}")
+    return cluster
+
+
+def _start_components(cluster: Cluster, *, nodes: int, say) -> None:
+    d, pki, p = cluster.dir, cluster.dir / "pki", cluster.ports
+    etcd_url = f"http://127.0.0.1:{p['etcd']}"
+    _start(cluster, "etcd", [
+        str(build.binary("etcd")), "--name", "default", "--data-dir", str(d / "etcd"),
+        "--listen-client-urls", etcd_url, "--advertise-client-urls", etcd_url,
+        "--listen-peer-urls", f"http://127.0.0.1:{p['etcd-peer']}",
+        "--initial-advertise-peer-urls", f"http://127.0.0.1:{p['etcd-peer']}",
+        "--initial-cluster", f"default=http://127.0.0.1:{p['etcd-peer']}",
+        "--unsafe-no-fsync", "--log-level", "warn",
+    ])
+
+    def etcd_ok():
+        with urllib.request.urlopen(f"{etcd_url}/health", timeout=2) as r:
+            body = r.read().decode()
+            return '"true"' in body, body
+    _wait(cluster, "etcd /health", "etcd", etcd_ok)
+    say("  etcd ready")
+
+    _start(cluster, "kube-apiserver", [
+        str(build.binary("kube-apiserver")),
+        f"--etcd-servers={etcd_url}", f"--cert-dir={d / 'apiserver-certs'}",
+        f"--secure-port={p['apiserver']}", "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+        f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
+        f"--client-ca-file={pki / 'ca.crt'}", "--authorization-mode=RBAC",
+        f"--service-cluster-ip-range={SERVICE_CIDR}", f"--service-account-issuer={SA_ISSUER}",
+        f"--service-account-key-file={pki / 'sa.pub'}",
+        f"--service-account-signing-key-file={pki / 'sa.key'}",
+        "--allow-privileged=true", "--endpoint-reconciler-type=none", "--v=1",
+    ])
+
+    def readyz():
+        status, body = request(cluster, "GET", "/readyz")
+        return status == 200, f"/readyz {status}: {str(body)[-200:]}"
+    _wait(cluster, "kube-apiserver /readyz", "kube-apiserver", readyz)
+    say("  kube-apiserver ready")
+
+    kubeconfig = str(cluster.kubeconfig)
+    _start(cluster, "kube-controller-manager", [
+        str(build.binary("kube-controller-manager")), f"--kubeconfig={kubeconfig}",
+        f"--authentication-kubeconfig={kubeconfig}", f"--authorization-kubeconfig={kubeconfig}",
+        f"--service-account-private-key-file={pki / 'sa.key'}", f"--root-ca-file={pki / 'ca.crt'}",
+        "--leader-elect=false", f"--secure-port={p['controller-manager']}", "--bind-address=127.0.0.1",
+        "--controllers=*", "--use-service-account-credentials=false", "--v=1",
+    ])
+    _start(cluster, "kube-scheduler", [
+        str(build.binary("kube-scheduler")), f"--kubeconfig={kubeconfig}",
+        f"--authentication-kubeconfig={kubeconfig}", f"--authorization-kubeconfig={kubeconfig}",
+        "--leader-elect=false", f"--secure-port={p['scheduler']}", "--bind-address=127.0.0.1", "--v=1",
+    ])
+    stages = sorted(str(f) for f in build.kwok_stages_dir().glob("*.yaml"))
+    if not stages:
+        raise ClusterError(f"no KWOK stage configs in {build.kwok_stages_dir()}: run `hack/cluster build`")
+    _start(cluster, "kwok", [
+        str(build.binary("kwok")), f"--kubeconfig={kubeconfig}", "--manage-all-nodes=false",
+        "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+        f"--server-address=127.0.0.1:{p['kwok']}", "--node-ip=127.0.0.1",
+        *[f"--config={s}" for s in stages],
+    ])
+
+    for i in range(nodes):
+        status, body = request(cluster, "POST", "/api/v1/nodes", _node(f"kwok-node-{i}", NODE_ZONES[i % 3]))
+        if status not in (201, 409):
+            raise ClusterError(f"creating node kwok-node-{i} failed ({status}): {body}")
+
+    def nodes_ready():
+        status, body = request(cluster, "GET", "/api/v1/nodes")
+        if status != 200:
+            return False, f"list nodes {status}"
+        ready = [n["metadata"]["name"] for n in body["items"]
+                 if any(c["type"] == "Ready" and c["status"] == "True" for c in n.get("status", {}).get("conditions", []))]
+        return len(ready) >= nodes, f"{len(ready)}/{nodes} nodes Ready"
+    _wait(cluster, "fake nodes Ready", "kwok", nodes_ready)
+    say(f"  {nodes} kwok nodes Ready")
+
+    def default_sa():
+        # The controller-manager's serviceaccount controller runs once this exists.
+        status, _ = request(cluster, "GET", "/api/v1/namespaces/default/serviceaccounts/default")
+        return status == 200, f"default ServiceAccount {status}"
+    _wait(cluster, "controller-manager (default ServiceAccount)", "kube-controller-manager", default_sa)
+    say("  kube-controller-manager and kube-scheduler running")
+
+
+def stop_processes(cluster: Cluster, *, grace: float = 10.0) -> list[str]:
+    """SIGTERM every recorded process that is still ours, then SIGKILL stragglers."""
+    stopped = []
+    # Reverse start order: clients before the apiserver, the apiserver before etcd.
+    for comp, pid in reversed(list(cluster.pids.items())):
+        if _is_ours(pid, cluster.dir):
+            try:
+                os.kill(pid, signal.SIGTERM)
+                stopped.append(comp)
+            except ProcessLookupError:
+                continue
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and _is_ours(pid, cluster.dir):
+                time.sleep(0.05)
+            if _is_ours(pid, cluster.dir):
+                os.kill(pid, signal.SIGKILL)
+        _reap(pid)
+    return stopped
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def down(name: str = "default") -> list[str]:
+    """Stop every process the cluster started and remove its state directory."""
+    cluster = Cluster.load(name)
+    stopped = stop_processes(cluster) if cluster else []
+    shutil.rmtree(state_dir(name), ignore_errors=True)
+    return stopped
+
+
+def status(name: str | None = None) -> list[dict]:
+    names = [name] if name else sorted(p.name for p in clusters_dir().glob("*") if p.is_dir()) \
+        if clusters_dir().exists() else []
+    result = []
+    for n in names:
+        c = Cluster.load(n)
+        if c is None:
+            result.append({"name": n, "state": "absent"})
+            continue
+        alive = c.alive()
+        state = "up" if alive and all(alive.values()) else ("down" if not any(alive.values()) else "degraded")
+        result.append({"name": n, "state": state, "server": c.server if "apiserver" in c.ports else None,
+                       "kubeconfig": str(c.kubeconfig),
+                       "components": {comp: {"pid": c.pids[comp], "running": ok} for comp, ok in alive.items()}})
+    return result

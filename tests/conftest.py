@@ -1,0 +1,118 @@
+"""Shared fixtures: one real control plane per test session, a namespace per test.
+
+The cluster is started once (or reused when GITOPSD_TEST_KUBECONFIG names a
+running one) and torn down at the end. Tests that need it FAIL with the tail
+of the failing component's log when it cannot start; they never skip: a
+skipped proof is no proof.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "hack"))
+
+from testbed import build as tb_build  # noqa: E402
+from testbed import cluster as tb_cluster  # noqa: E402
+
+COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+
+
+class _Bed:
+    """What the session knows about its cluster, including why it failed."""
+
+    cluster: tb_cluster.Cluster | None = None
+    error: str | None = None
+    owned = False
+
+
+_bed = _Bed()
+
+
+@pytest.fixture(scope="session")
+def cluster() -> tb_cluster.Cluster:
+    """The session's running control plane (started on first use)."""
+    if _bed.cluster is not None:
+        return _bed.cluster
+    if _bed.error is not None:
+        pytest.fail(_bed.error, pytrace=False)
+    name = os.environ.get("GITOPSD_TEST_CLUSTER") or f"pytest-{os.getpid()}"
+    reuse = bool(os.environ.get("GITOPSD_TEST_CLUSTER"))
+    try:
+        if not tb_build.all_built():
+            raise tb_cluster.ClusterError("test-bed binaries are missing: run `hack/cluster build` (make test does)")
+        _bed.cluster = tb_cluster.up(name, out=sys.stderr)
+        _bed.owned = not reuse
+    except (tb_cluster.ClusterError, FileNotFoundError, OSError) as exc:
+        _bed.error = f"the local control plane did not start: {exc}"
+        pytest.fail(_bed.error, pytrace=False)
+    return _bed.cluster
+
+
+@pytest.fixture(scope="session")
+def kubeconfig(cluster) -> Path:
+    return cluster.kubeconfig
+
+
+@pytest.fixture(scope="session")
+def api_client(kubeconfig):
+    from kubernetes import config
+
+    return config.new_client_from_config(config_file=str(kubeconfig))
+
+
+@pytest.fixture
+def namespace(api_client, request) -> str:
+    """A fresh namespace named after the test; deleted afterwards (without waiting)."""
+    from kubernetes import client
+
+    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    name = f"{slug}-{uuid.uuid4().hex[:5]}"
+    core = client.CoreV1Api(api_client)
+    core.create_namespace({"metadata": {"name": name, "labels": {"gitopsd-test": "true"}}})
+    # The serviceaccount controller makes `default` shortly after; many
+    # workloads need it, so hand the test a namespace that is really ready.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            core.read_namespaced_service_account("default", name)
+            break
+        except client.ApiException:
+            time.sleep(0.1)
+    yield name
+    try:
+        core.delete_namespace(name)
+    except client.ApiException:
+        pass
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """On a failed cluster test, attach the tail of every component's log."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and "cluster" in getattr(item, "fixturenames", ()) and _bed.cluster is not None:
+        for comp in COMPONENTS:
+            report.sections.append((f"{comp} log (tail)", _bed.cluster.log_tail(comp, 20)))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Stop the session's cluster; keep its component logs when anything failed."""
+    c = _bed.cluster
+    if c is None or not _bed.owned:
+        return
+    if exitstatus != 0:
+        kept = tb_build.cache_dir() / "test-logs" / c.name
+        shutil.rmtree(kept, ignore_errors=True)
+        shutil.copytree(c.dir / "logs", kept)
+        sys.stderr.write(f"\ncomponent logs kept in {kept}\n")
+    tb_cluster.down(c.name)

@@ -16,10 +16,13 @@ import time
 import uuid
 from pathlib import Path
 
+sys_path_tests = str(Path(__file__).resolve().parent)
+
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "hack"))
+sys.path.insert(0, sys_path_tests)
 
 from testbed import build as tb_build  # noqa: E402
 from testbed import cluster as tb_cluster  # noqa: E402
@@ -100,9 +103,10 @@ def pytest_runtest_makereport(item, call):
     """On a failed cluster test, attach the tail of every component's log."""
     outcome = yield
     report = outcome.get_result()
-    if report.failed and "cluster" in getattr(item, "fixturenames", ()) and _bed.cluster is not None:
+    if report.failed and report.when == "call" and "cluster" in getattr(item, "fixturenames", ()) \
+            and _bed.cluster is not None:
         for comp in COMPONENTS:
-            report.sections.append((f"{comp} log (tail)", _bed.cluster.log_tail(comp, 20)))
+            report.sections.append((f"{comp} log (tail)", _bed.cluster.log_tail(comp, 8)))
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -116,3 +120,44 @@ def pytest_sessionfinish(session, exitstatus):
         shutil.copytree(c.dir / "logs", kept)
         sys.stderr.write(f"\ncomponent logs kept in {kept}\n")
     tb_cluster.down(c.name)
+
+
+@pytest.fixture(scope="session")
+def kube(kubeconfig):
+    """gitopsd's own client for the session cluster."""
+    from gitopsd.kube import Kube
+
+    k = Kube.connect(kubeconfig=kubeconfig)
+    yield k
+    k.close()
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """A fresh Git remote (local bare repo) with a working clone."""
+    from helpers import GitRepo
+
+    return GitRepo(tmp_path / "git")
+
+
+@pytest.fixture
+def source_cache(tmp_path) -> Path:
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def app(repo, namespace, source_cache, kube):
+    """A factory for AppSpecs over the test's repo and namespace; sync via .run()."""
+    from gitopsd.sync import AppSpec, sync
+
+    class _App:
+        def spec(self, **overrides) -> AppSpec:
+            base = dict(name=namespace, repo=repo.url, ref="main", path=".", namespace=namespace,
+                        inventory_namespace=namespace, timeout=60.0)
+            return AppSpec(**{**base, **overrides})
+
+        def sync(self, **overrides):
+            return sync(kube, self.spec(**{k: v for k, v in overrides.items() if k not in ("dry_run",)}),
+                        cache_dir=source_cache, dry_run=overrides.get("dry_run", False))
+
+    return _App()

@@ -1,0 +1,185 @@
+"""Apply a Plan: staged server-side apply, then prune, under the ApplySet.
+
+Order (DESIGN.md §3): the parent is widened to old ∪ new group-kinds and
+namespaces first, so a crash mid-apply never hides a member from the next
+prune; stage 0 (CRDs, Namespaces, ClusterRoles) is applied and CRDs waited
+on until Established; objects that could only be validated after stage 0 are
+dry-run then, and any error stops the sync before stage 1; stages 1..3 follow;
+prune runs last, in reverse stage order; finally the parent is narrowed.
+
+Within a stage objects are independent and are applied concurrently by a
+bounded pool (the Kube's max_workers). A failure in a stage stops the later
+stages and the prune: nothing is deleted on a partial apply.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+from gitopsd import inventory
+from gitopsd.inventory import PART_OF_LABEL
+from gitopsd.kube import Kube, KubeApiError
+from gitopsd.objects import ObjectRef
+from gitopsd.plan import Action, ObjectChange, Plan, judge_deferred, scrub
+
+STAGE_FIRST = {("apiextensions.k8s.io", "CustomResourceDefinition"), ("", "Namespace"),
+               ("rbac.authorization.k8s.io", "ClusterRole")}
+STAGE_LAST = {("admissionregistration.k8s.io", k) for k in (
+    "ValidatingWebhookConfiguration", "MutatingWebhookConfiguration",
+    "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding",
+    "MutatingAdmissionPolicy", "MutatingAdmissionPolicyBinding")}
+STAGES = (0, 1, 2, 3)
+CRD_ESTABLISHED_TIMEOUT = 60.0
+RECREATE_DELETE_TIMEOUT = 60.0
+
+
+def stage_of(ref: ObjectRef) -> int:
+    """0: CRDs, Namespaces, ClusterRoles; 1: *Class kinds; 2: the rest; 3: admission webhooks/policies."""
+    key = (ref.group, ref.kind)
+    if key in STAGE_FIRST:
+        return 0
+    if key in STAGE_LAST:
+        return 3
+    if ref.kind.endswith("Class"):
+        return 1
+    return 2
+
+
+@dataclass
+class ApplyOutcome:
+    applied: list[ObjectChange] = field(default_factory=list)   # written: created, updated, recreated
+    pruned: list[ObjectChange] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+Progress = Callable[[str, ObjectChange], None]
+
+
+def apply_plan(kube: Kube, plan: Plan, *, prune: bool = True, recreate: bool = False,
+               on_progress: Progress | None = None) -> ApplyOutcome:
+    """Write the plan to the cluster; see the module docstring for the order."""
+    out = ApplyOutcome()
+    inv = plan.inventory
+    progress = on_progress or (lambda verb, change: None)
+
+    writes = [c for c in plan.changes if c.action in (Action.CREATE, Action.UPDATE, Action.RECREATE) or c.deferred]
+    prunes = [c for c in plan.changes if c.action == Action.PRUNE] if prune else []
+    final_gks, final_nss = plan.group_kinds, plan.namespaces
+    if not writes and not prunes and inv.exists and inv.group_kinds == final_gks and \
+            inv.namespaces == final_nss | {inv.namespace}:
+        return out  # nothing to do, not even on the parent
+
+    inventory.write(kube, inv, group_kinds=inv.group_kinds | final_gks,
+                    namespaces=inv.namespaces | final_nss)
+
+    for stage in STAGES:
+        if stage == 1 and any(c.deferred for c in plan.changes):
+            errors = judge_deferred(kube, plan, recreate=recreate)
+            if errors:
+                out.errors.extend(errors)
+                return out
+            writes = [c for c in plan.changes if c.action in (Action.CREATE, Action.UPDATE, Action.RECREATE)]
+        batch = [c for c in writes if stage_of(c.ref) == stage and not c.deferred
+                 and c.action != Action.UNCHANGED]
+        if not batch:
+            continue
+        with ThreadPoolExecutor(max_workers=kube.max_workers) as pool:
+            for change, error in zip(batch, pool.map(lambda c: _write(kube, c), batch)):
+                if error:
+                    out.errors.append(error)
+                else:
+                    out.applied.append(change)
+                    progress(change.action.value, change)
+        if out.errors:
+            return out
+        if stage == 0:
+            crds = [c for c in batch if c.ref.kind == "CustomResourceDefinition"]
+            if crds:
+                out.errors.extend(_wait_established(kube, crds))
+                if out.errors:
+                    return out
+                kube.discover()
+
+    for stage in reversed(STAGES):
+        batch = [c for c in prunes if stage_of(c.ref) == stage]
+        if not batch:
+            continue
+        with ThreadPoolExecutor(max_workers=kube.max_workers) as pool:
+            for change, error in zip(batch, pool.map(lambda c: _delete(kube, c, inv.id), batch)):
+                if error:
+                    out.errors.append(error)
+                else:
+                    out.pruned.append(change)
+                    progress("prune", change)
+    if out.errors:
+        return out  # keep the widened parent: the next sync retries the prune
+    kept_gks = {r.group_kind for r in plan.kept + plan.orphans}
+    kept_nss = {r.namespace for r in plan.kept + plan.orphans if r.namespace}
+    inventory.write(kube, inv, group_kinds=final_gks | kept_gks, namespaces=final_nss | kept_nss)
+    return out
+
+
+def _write(kube: Kube, change: ObjectChange) -> str | None:
+    """Apply one object; return an error line, or None."""
+    try:
+        if change.action == Action.RECREATE:
+            _delete_and_wait(kube, change)
+        change.live = kube.apply(change.desired)
+        return None
+    except KubeApiError as exc:
+        return f"{change.source}: {change.ref}: {exc.reason or exc.status}: {scrub(exc.api_message, change.desired)}"
+
+
+def _delete_and_wait(kube: Kube, change: ObjectChange) -> None:
+    res = change.resource
+    ns = change.ref.namespace or None
+    kube.delete(res, change.ref.name, ns, propagation="Foreground")
+    deadline = time.monotonic() + RECREATE_DELETE_TIMEOUT
+    while kube.get(res, change.ref.name, ns) is not None:
+        if time.monotonic() > deadline:
+            raise KubeApiError(status=504, reason="Timeout", method="DELETE", path=res.path(ns, change.ref.name),
+                               message=f"{change.ref} still exists {RECREATE_DELETE_TIMEOUT:.0f}s after delete "
+                                       "(a finalizer?); cannot re-create it")
+        time.sleep(0.2)
+
+
+def _delete(kube: Kube, change: ObjectChange, applyset_id: str) -> str | None:
+    live = change.live or {}
+    labels = (live.get("metadata") or {}).get("labels") or {}
+    if labels.get(PART_OF_LABEL) != applyset_id:  # never delete what lacks our label
+        return f"{change.ref}: refusing to prune: it does not carry {PART_OF_LABEL}={applyset_id}"
+    if change.resource is None:
+        return f"{change.ref}: cannot prune: the cluster no longer serves its kind"
+    try:
+        kube.delete(change.resource, change.ref.name, change.ref.namespace or None,
+                    uid=live["metadata"].get("uid"))
+        return None
+    except KubeApiError as exc:
+        if exc.status == 409:  # uid precondition failed: a new object took the name; not ours to delete
+            return None
+        return f"{change.ref}: prune failed: {exc.reason or exc.status}: {exc.api_message}"
+
+
+def _wait_established(kube: Kube, crds: list[ObjectChange]) -> list[str]:
+    res = kube.resource("apiextensions.k8s.io/v1", "CustomResourceDefinition")
+    deadline = time.monotonic() + CRD_ESTABLISHED_TIMEOUT
+    pending = {c.ref.name: c for c in crds}
+    while pending and time.monotonic() < deadline:
+        for name in list(pending):
+            obj = kube.get(res, name) or {}
+            conds = {c["type"]: c for c in (obj.get("status") or {}).get("conditions", [])}
+            if conds.get("Established", {}).get("status") == "True":
+                del pending[name]
+            elif conds.get("NamesAccepted", {}).get("status") == "False":
+                c = pending.pop(name)
+                return [f"{c.source}: {c.ref}: names not accepted: {conds['NamesAccepted'].get('message', '')}"]
+        if pending:
+            time.sleep(0.2)
+    return [f"{c.source}: {c.ref}: not Established after {CRD_ESTABLISHED_TIMEOUT:.0f}s" for c in pending.values()]

@@ -1,0 +1,183 @@
+"""The `gitopsd` command line.
+
+`diff` and `sync` run the same pipeline the daemon runs (gitopsd.sync), once.
+Exit codes follow `kubectl diff`: diff exits 0 in sync, 1 on drift, 2 on
+error; sync exits 0 when applied (or nothing to do), 1 when Unhealthy or
+refused by the prune guard, 2 when it failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import threading
+from pathlib import Path
+
+import orjson
+
+from gitopsd import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gitopsd",
+        description="Keep a Kubernetes cluster converged to the manifests in a Git repository.",
+    )
+    parser.add_argument("--version", action="version", version=f"gitopsd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("source and render")
+    g.add_argument("--repo", required=True, help="Git URL (file://, https://, ssh://) or a local path")
+    g.add_argument("--ref", default="HEAD", help="branch, tag or commit SHA (default: the remote's HEAD)")
+    g.add_argument("--path", default=".", help="directory inside the repository to render (default: root)")
+    g.add_argument("--render", default="auto", choices=["auto", "plain", "kustomize", "helm"],
+                   help="how to render PATH (default: auto-detect kustomization.yaml / Chart.yaml)")
+    g.add_argument("--values", action="append", default=[], metavar="FILE",
+                   help="helm values file, relative to the repository root (repeatable)")
+    g.add_argument("--namespace", "-n", default="default",
+                   help="namespace for namespaced objects that name none (default: default)")
+    g.add_argument("--git-token-file", type=Path, help="file holding an https token (or set GITOPSD_GIT_TOKEN)")
+    g.add_argument("--git-username", default=None, help="https username to pair with the token")
+    g.add_argument("--ssh-key", type=Path, help="private key for ssh:// remotes")
+    g.add_argument("--known-hosts", type=Path, help="known_hosts file for ssh:// remotes (host keys are checked)")
+    k = common.add_argument_group("cluster")
+    k.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: $KUBECONFIG, in-cluster, ~/.kube/config)")
+    k.add_argument("--context", default=None, help="kubeconfig context")
+    k.add_argument("--app", default=None,
+                   help="app name = ApplySet name (default: derived from the repository and path)")
+    k.add_argument("--inventory-namespace", default=os.environ.get("GITOPSD_NAMESPACE", "gitopsd-system"),
+                   help="namespace of the ApplySet parent (default: $GITOPSD_NAMESPACE or gitopsd-system)")
+    k.add_argument("--concurrency", type=int, default=16, help="parallel apiserver requests (default 16)")
+    common.add_argument("--output", "-o", default="text", choices=["text", "json"])
+
+    sub.add_parser("diff", parents=[common], help="show how the cluster differs from the commit",
+                   description="Print the drift report. Exit 0 in sync, 1 on drift, 2 on error.")
+    s = sub.add_parser("sync", parents=[common], help="apply the commit to the cluster",
+                       description="Apply, prune, wait for health. Exit 0 ok, 1 Unhealthy/refused, 2 failed.")
+    s.add_argument("--prune", action=argparse.BooleanOptionalAction, default=True,
+                   help="delete objects that left Git (default: on)")
+    s.add_argument("--prune-guard", type=float, default=0.5, metavar="SHARE",
+                   help="refuse a prune of more than this share of the app's objects (default 0.5)")
+    s.add_argument("--allow-prune-all", action="store_true", help="lift the prune guard")
+    s.add_argument("--recreate", action="store_true",
+                   help="delete and re-create objects whose immutable fields changed")
+    s.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for health (default 300)")
+    s.add_argument("--dry-run", action="store_true", help="plan and validate, write nothing")
+    return parser
+
+
+def default_app_name(repo: str, path: str) -> str:
+    base = re.sub(r"\.git$", "", repo.rstrip("/").rsplit("/", 1)[-1].rsplit(":", 1)[-1])
+    tail = "" if path in (".", "") else "-" + path.strip("/").replace("/", "-")
+    name = re.sub(r"[^a-z0-9-]+", "-", f"{base}{tail}".lower()).strip("-")
+    return name[:50].strip("-") or "app"
+
+
+def _app_spec(args):
+    from gitopsd import source
+    from gitopsd.sync import AppSpec
+
+    token = os.environ.get("GITOPSD_GIT_TOKEN")
+    if args.git_token_file:
+        token = args.git_token_file.read_text().strip()
+    creds = None
+    if token or args.ssh_key or args.known_hosts:
+        creds = source.Credentials(username=args.git_username, token=token, ssh_key_file=args.ssh_key,
+                                   known_hosts_file=args.known_hosts)
+    extra = {}
+    if args.command == "sync":
+        extra = dict(prune=args.prune, prune_guard=args.prune_guard, allow_prune_all=args.allow_prune_all,
+                     recreate=args.recreate, timeout=args.timeout)
+    return AppSpec(name=args.app or default_app_name(args.repo, args.path), repo=args.repo, ref=args.ref,
+                   path=args.path, namespace=args.namespace, render=args.render, helm_values=tuple(args.values),
+                   credentials=creds, inventory_namespace=args.inventory_namespace, **extra)
+
+
+def _print(data, *, output: str, text: str) -> None:
+    if output == "json":
+        sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        print(text)
+
+
+def cmd_diff(args) -> int:
+    from gitopsd import report
+    from gitopsd.errors import GitopsdError
+    from gitopsd.kube import Kube
+    from gitopsd.sync import fetch_and_plan
+
+    app = _app_spec(args)
+    try:
+        kube = Kube.connect(kubeconfig=args.kubeconfig, context=args.context, max_workers=args.concurrency)
+        rev, plan = fetch_and_plan(kube, app)
+    except GitopsdError as exc:
+        _print({"app": app.name, "error": str(exc)}, output=args.output, text=f"error: {exc}")
+        return 2
+    _print({"app": app.name, "revision": report.revision_dict(rev), **report.plan_dict(plan),
+            "in_sync": plan.in_sync},
+           output=args.output, text=report.plan_text(plan, rev, header=f"diff {app.name}:"))
+    if plan.errors:
+        return 2
+    return 0 if plan.in_sync else 1
+
+
+class _TerminalProgress:
+    """One self-overwriting progress line on a terminal; silent otherwise."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.enabled = stream.isatty()
+        self.count = 0
+        self.lock = threading.Lock()
+
+    def applied(self, verb, change) -> None:
+        if not self.enabled:
+            return
+        with self.lock:
+            self.count += 1
+            self.stream.write(f"\r\033[K  {self.count} written: {verb} {change.ref}")
+            self.stream.flush()
+
+    def health(self, h) -> None:
+        if self.enabled:
+            with self.lock:
+                self.stream.write(f"\r\033[K  health {h.ref}: {h.status.value} {h.message[:80]}")
+                self.stream.flush()
+
+    def done(self) -> None:
+        if self.enabled and self.count:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+def cmd_sync(args) -> int:
+    from gitopsd import report
+    from gitopsd.errors import GitopsdError
+    from gitopsd.kube import Kube
+    from gitopsd.sync import Outcome, sync
+
+    app = _app_spec(args)
+    try:
+        kube = Kube.connect(kubeconfig=args.kubeconfig, context=args.context, max_workers=args.concurrency)
+    except GitopsdError as exc:
+        _print({"app": app.name, "error": str(exc)}, output=args.output, text=f"error: {exc}")
+        return 2
+    progress = _TerminalProgress(sys.stderr)
+    result = sync(kube, app, dry_run=args.dry_run, on_progress=progress.applied, on_health=progress.health)
+    progress.done()
+    _print(report.result_dict(result), output=args.output, text=report.result_text(result))
+    if result.ok:
+        return 0
+    return 1 if result.outcome in (Outcome.UNHEALTHY, Outcome.REFUSED) else 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    return {"diff": cmd_diff, "sync": cmd_sync}[args.command](args)

@@ -1,0 +1,123 @@
+"""Comparing a live object with what the server would make of the desired one.
+
+The comparison is between two *server-produced* objects (the live one and a
+server-side-apply dry-run of the desired one), so defaulted fields appear on
+both sides and never show as drift. What differs is reported as field paths
+(for the audit trail) and as a unified YAML diff (for people).
+
+Secret values never leave this module: before anything is compared or
+printed, every value under a Secret's `data`/`stringData` is replaced by a
+marker that says only whether it changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from dataclasses import dataclass
+
+import yaml
+
+# Server-maintained metadata that says nothing about desired state.
+_VOLATILE_METADATA = ("managedFields", "resourceVersion", "generation", "creationTimestamp", "uid", "selfLink")
+REDACTED = "<redacted>"
+REDACTED_CHANGED = "<redacted: changed>"
+
+
+@dataclass(frozen=True)
+class Diff:
+    fields: tuple[str, ...]   # changed field paths, e.g. ("spec.replicas", "data.password")
+    text: str                 # unified diff of the YAML, Secret values masked
+
+    @property
+    def empty(self) -> bool:
+        return not self.fields
+
+
+def normalize(obj: dict | None) -> dict:
+    """A copy without status and server-maintained metadata."""
+    if not obj:
+        return {}
+    out = copy.deepcopy(obj)
+    out.pop("status", None)
+    meta = out.get("metadata") or {}
+    for key in _VOLATILE_METADATA:
+        meta.pop(key, None)
+    for key in ("annotations", "labels"):
+        if key in meta and not meta[key]:
+            del meta[key]
+    return out
+
+
+def is_secret(obj: dict | None) -> bool:
+    return bool(obj) and obj.get("kind") == "Secret" and obj.get("apiVersion") == "v1"
+
+
+def redact_pair(live: dict, after: dict) -> tuple[dict, dict]:
+    """Mask Secret values on both sides, keeping only 'present' and 'changed'."""
+    if not (is_secret(live) or is_secret(after)):
+        return live, after
+    live, after = copy.deepcopy(live), copy.deepcopy(after)
+    for section in ("data", "stringData"):
+        old = live.get(section) or {}
+        new = after.get(section) or {}
+        for key in set(old) | set(new):
+            changed = old.get(key) != new.get(key)
+            if key in old:
+                old[key] = REDACTED
+            if key in new:
+                new[key] = REDACTED_CHANGED if changed and key in old else REDACTED
+        if section in live:
+            live[section] = old
+        if section in after:
+            after[section] = new
+    # kubectl's last-applied annotation would carry the whole Secret, values included.
+    for side in (live, after):
+        ann = (side.get("metadata") or {}).get("annotations") or {}
+        if "kubectl.kubernetes.io/last-applied-configuration" in ann:
+            ann["kubectl.kubernetes.io/last-applied-configuration"] = REDACTED
+    return live, after
+
+
+def redact(obj: dict) -> dict:
+    """One object with any Secret values masked (for printing a single object)."""
+    return redact_pair(obj, obj)[1]
+
+
+def changed_paths(old, new, prefix: str = "") -> list[str]:
+    """Field paths whose values differ; lists compared element-wise by index."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new), key=str):
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if key not in old or key not in new:
+                out.append(path)
+            else:
+                out.extend(changed_paths(old[key], new[key], path))
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        out = []
+        for i, (a, b) in enumerate(zip(old, new)):
+            out.extend(changed_paths(a, b, f"{prefix}[{i}]"))
+        return out
+    return [] if old == new else [prefix or "."]
+
+
+def compare(live: dict | None, after: dict, *, label: str) -> Diff:
+    """Diff of `live` against the server's view of the desired object (`after`)."""
+    # Paths are computed on the masked copies: an unchanged Secret value is
+    # REDACTED on both sides, a changed one differs only by its marker.
+    old, new = redact_pair(normalize(live), normalize(after))
+    fields = changed_paths(old, new)
+    if not fields:
+        return Diff(fields=(), text="")
+    text = "".join(difflib.unified_diff(
+        to_yaml(old).splitlines(keepends=True) if old else [],
+        to_yaml(new).splitlines(keepends=True),
+        fromfile=f"live/{label}", tofile=f"desired/{label}",
+    ))
+    return Diff(fields=tuple(fields), text=text)
+
+
+def to_yaml(obj: dict) -> str:
+    return yaml.safe_dump(obj, sort_keys=True, default_flow_style=False, width=120)

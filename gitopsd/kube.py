@@ -1,0 +1,319 @@
+"""A thin, fast door to the Kubernetes API for plain-dict objects.
+
+Why not the generated client's per-kind APIs: they deserialize into models,
+which dominates the cost of large lists (DESIGN.md §3), and they need a code
+path per kind. We reuse the official client only for what it does well —
+loading kubeconfig / in-cluster config, TLS, bearer-token refresh, a pooled
+urllib3 connection manager — and speak REST with orjson-parsed dicts.
+
+What this layer adds:
+- aggregated discovery (two requests for the whole API surface), with one
+  re-discovery on a lookup miss (a CRD applied a moment ago);
+- server-side apply, dry-run, list by label selector, delete;
+- bounded retries on 429/503 honouring Retry-After (API Priority and Fairness);
+- request counters by verb, so tests and metrics can prove how few calls a
+  steady-state reconcile makes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.parse
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import urllib3
+
+from gitopsd.errors import ClusterError
+from gitopsd.objects import split_api_version
+
+FIELD_MANAGER = "gitopsd"
+DISCOVERY_ACCEPT = (
+    "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,"
+    "application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList,application/json"
+)
+MAX_RETRIES = 5
+REDISCOVERY_MIN_INTERVAL = 2.0
+
+
+class KubeApiError(ClusterError):
+    """A non-2xx answer from the apiserver, parsed from its Status body."""
+
+    def __init__(self, *, status: int, reason: str, message: str, method: str, path: str,
+                 causes: list[dict] | None = None, retry_after: float | None = None) -> None:
+        self.status = status
+        self.reason = reason
+        self.api_message = message
+        self.method = method
+        self.path = path
+        self.causes = causes or []
+        self.retry_after = retry_after
+        super().__init__(f"{method} {path}: {status} {reason}: {message}")
+
+    @property
+    def is_immutable_field(self) -> bool:
+        text = self.api_message.lower()
+        return self.status in (409, 422) and ("immutable" in text or "field is immutable" in text)
+
+
+class UnknownKindError(ClusterError):
+    """The apiserver serves no resource for this apiVersion/kind."""
+
+
+@dataclass(frozen=True)
+class Resource:
+    group: str
+    version: str
+    kind: str
+    plural: str
+    namespaced: bool
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    def path(self, namespace: str | None = None, name: str | None = None) -> str:
+        base = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+        if self.namespaced and namespace:
+            base += f"/namespaces/{namespace}"
+        base += f"/{self.plural}"
+        if name:
+            base += f"/{urllib.parse.quote(name, safe='')}"
+        return base
+
+
+class Kube:
+    """One connection to one apiserver. Thread-safe; share it."""
+
+    def __init__(self, api_client, *, max_workers: int = 16) -> None:
+        self._api_client = api_client
+        cfg = api_client.configuration
+        self.host = cfg.host.rstrip("/")
+        self.max_workers = max_workers
+        self._pool = api_client.rest_client.pool_manager
+        self._lock = threading.Lock()
+        self._resources: dict[tuple[str, str, str], Resource] = {}
+        self._by_group_kind: dict[tuple[str, str], Resource] = {}
+        self._discovered_at = 0.0
+        self.requests: Counter[str] = Counter()
+
+    # ------------------------------------------------------------ construction
+
+    @classmethod
+    def connect(cls, *, kubeconfig: str | Path | None = None, context: str | None = None,
+                in_cluster: bool | None = None, max_workers: int = 16) -> "Kube":
+        """Connect like kubectl: --kubeconfig, else $KUBECONFIG, else in-cluster, else ~/.kube/config.
+
+        `in_cluster=True` forces the pod's service-account configuration.
+        """
+        import os
+
+        from kubernetes import client, config
+
+        cfg = client.Configuration()
+        if in_cluster or (in_cluster is None and not kubeconfig and not os.environ.get("KUBECONFIG")
+                          and os.environ.get("KUBERNETES_SERVICE_HOST")):
+            config.load_incluster_config(client_configuration=cfg)
+        else:
+            try:
+                config.load_kube_config(config_file=str(kubeconfig) if kubeconfig else None, context=context,
+                                        client_configuration=cfg, persist_config=False)
+            except (config.ConfigException, FileNotFoundError, OSError) as exc:
+                where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+                raise ClusterError(f"cannot load kubeconfig {where}: {exc}",
+                                   hint="pass --kubeconfig or set KUBECONFIG (hack/cluster kubeconfig prints one)") from None
+        # The pool must hold at least one connection per worker, or workers
+        # queue on connections and urllib3 warns about discarding them.
+        cfg.connection_pool_maxsize = max(max_workers + 4, 8)
+        return cls(client.ApiClient(cfg), max_workers=max_workers)
+
+    def close(self) -> None:
+        self._api_client.close()
+
+    # ------------------------------------------------------------ raw requests
+
+    def request(self, method: str, path: str, *, query: dict | list | None = None, body=None,
+                content_type: str = "application/json", accept: str = "application/json",
+                timeout: float = 60.0) -> dict:
+        """Send one request; return the parsed JSON body (or {} when empty).
+
+        Retries 429 and 503 (and connection errors on GET) with Retry-After or
+        exponential backoff, at most MAX_RETRIES times.
+        """
+        url = self.host + path
+        if query:
+            url += "?" + urllib.parse.urlencode(query, doseq=True)
+        data = orjson.dumps(body) if body is not None and not isinstance(body, bytes) else body
+        attempt = 0
+        while True:
+            headers = {"Accept": accept, "User-Agent": "gitopsd"}
+            if data is not None:
+                headers["Content-Type"] = content_type
+            for setting in self._api_client.configuration.auth_settings().values():
+                if setting["in"] == "header" and setting["value"]:
+                    headers[setting["key"]] = setting["value"]
+            verb = _verb(method, path, query)
+            with self._lock:
+                self.requests[verb] += 1
+            try:
+                resp = self._pool.request(method, url, body=data, headers=headers, preload_content=True,
+                                          timeout=urllib3.Timeout(connect=10.0, read=timeout), retries=False)
+            except urllib3.exceptions.HTTPError as exc:
+                if attempt < MAX_RETRIES and method == "GET":
+                    attempt += 1
+                    time.sleep(min(0.2 * 2 ** attempt, 5.0))
+                    continue
+                raise ClusterError(f"{method} {path}: cannot reach the apiserver at {self.host}: {exc}",
+                                   hint="is the cluster up? (hack/cluster status)") from None
+            if 200 <= resp.status < 300:
+                return orjson.loads(resp.data) if resp.data else {}
+            err = _api_error(method, path, resp)
+            if resp.status in (429, 503) and attempt < MAX_RETRIES:
+                attempt += 1
+                time.sleep(err.retry_after if err.retry_after is not None else min(0.2 * 2 ** attempt, 5.0))
+                continue
+            raise err
+
+    # ------------------------------------------------------------ discovery
+
+    def discover(self) -> None:
+        """Refresh the resource map from aggregated discovery (2 requests)."""
+        resources: dict[tuple[str, str, str], Resource] = {}
+        by_gk: dict[tuple[str, str], Resource] = {}
+        for root in ("/api", "/apis"):
+            doc = self.request("GET", root, accept=DISCOVERY_ACCEPT)
+            if doc.get("kind") != "APIGroupDiscoveryList":
+                raise ClusterError(f"the apiserver at {self.host} does not serve aggregated discovery "
+                                   f"(Kubernetes >= 1.30 is required)")
+            for group in doc.get("items", []):
+                gname = group.get("metadata", {}).get("name", "")
+                for i, version in enumerate(group.get("versions", [])):
+                    vname = version["version"]
+                    for r in version.get("resources", []):
+                        kind = (r.get("responseKind") or {}).get("kind")
+                        if not kind:
+                            continue
+                        res = Resource(group=gname, version=vname, kind=kind, plural=r["resource"],
+                                       namespaced=r.get("scope") == "Namespaced")
+                        resources[(gname, vname, kind)] = res
+                        # versions are listed in preference order: the first wins.
+                        by_gk.setdefault((gname, kind), res)
+        with self._lock:
+            self._resources, self._by_group_kind = resources, by_gk
+            self._discovered_at = time.monotonic()
+
+    def _lookup(self, key, table_name: str):
+        table = getattr(self, table_name)
+        if key in table:
+            return table[key]
+        if time.monotonic() - self._discovered_at >= REDISCOVERY_MIN_INTERVAL or not table:
+            self.discover()
+        return getattr(self, table_name).get(key)
+
+    def resource(self, api_version: str, kind: str) -> Resource:
+        group, version = split_api_version(api_version)
+        res = self._lookup((group, version, kind), "_resources")
+        if res is None:
+            raise UnknownKindError(
+                f"the cluster serves no {kind} in {api_version}",
+                hint="a typo in apiVersion/kind, or a CRD that is not installed (put the CRD in the same commit)")
+        return res
+
+    def resource_for_group_kind(self, group: str, kind: str) -> Resource | None:
+        return self._lookup((group, kind), "_by_group_kind")
+
+    def is_namespaced(self, group: str, kind: str) -> bool | None:
+        """For the renderer: True/False, or None when the cluster does not know the kind."""
+        res = self.resource_for_group_kind(group, kind)
+        return None if res is None else res.namespaced
+
+    # ------------------------------------------------------------ verbs on objects
+
+    def get(self, res: Resource, name: str, namespace: str | None = None) -> dict | None:
+        """The live object, or None if it is absent (404)."""
+        try:
+            return self.request("GET", res.path(namespace, name))
+        except KubeApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def list(self, res: Resource, *, namespace: str | None = None, label_selector: str | None = None) -> list[dict]:
+        """Every matching object, as dicts with apiVersion and kind filled in (lists omit them)."""
+        items: list[dict] = []
+        query: dict[str, str] = {"limit": "500"}
+        if label_selector:
+            query["labelSelector"] = label_selector
+        while True:
+            doc = self.request("GET", res.path(namespace), query=query)
+            for item in doc.get("items", []):
+                item.setdefault("apiVersion", res.api_version)
+                item.setdefault("kind", res.kind)
+                items.append(item)
+            cont = (doc.get("metadata") or {}).get("continue")
+            if not cont:
+                return items
+            query["continue"] = cont
+
+    def apply(self, obj: dict, *, dry_run: bool = False, force: bool = True,
+              field_manager: str = FIELD_MANAGER) -> dict:
+        """Server-side apply `obj`; with dry_run the server computes the result and persists nothing."""
+        res = self.resource(obj["apiVersion"], obj["kind"])
+        meta = obj["metadata"]
+        query = {"fieldManager": field_manager}
+        if force:
+            query["force"] = "true"
+        if dry_run:
+            query["dryRun"] = "All"
+        # JSON is YAML: the apply-patch+yaml content type takes a JSON body.
+        return self.request("PATCH", res.path(meta.get("namespace"), meta["name"]), query=query, body=obj,
+                            content_type="application/apply-patch+yaml")
+
+    def delete(self, res: Resource, name: str, namespace: str | None = None, *, uid: str | None = None,
+               propagation: str = "Background", dry_run: bool = False) -> bool:
+        """Delete one object; False if it was already gone. `uid` guards against
+        deleting a same-named object created since we looked."""
+        body: dict = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation}
+        if uid:
+            body["preconditions"] = {"uid": uid}
+        query = {"dryRun": "All"} if dry_run else None
+        try:
+            self.request("DELETE", res.path(namespace, name), body=body, query=query)
+            return True
+        except KubeApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+
+
+def _verb(method: str, path: str, query) -> str:
+    if method == "GET":
+        last = path.rstrip("/").rsplit("/", 1)[-1]
+        # A collection path ends in a plural; a named GET has a name after it.
+        # Cheap heuristic good enough for counters: lists carry limit=.
+        return "list" if query and "limit" in (query if isinstance(query, dict) else dict(query)) else \
+            ("discovery" if last in ("api", "apis") else "get")
+    if method == "PATCH":
+        dry = query and ("dryRun" in (query if isinstance(query, dict) else dict(query)))
+        return "apply-dry-run" if dry else "apply"
+    return method.lower()
+
+
+def _api_error(method: str, path: str, resp) -> KubeApiError:
+    try:
+        status = orjson.loads(resp.data) if resp.data else {}
+    except orjson.JSONDecodeError:
+        status = {"message": resp.data.decode(errors="replace")[:500]}
+    retry_after = None
+    header = resp.headers.get("Retry-After")
+    if header:
+        try:
+            retry_after = float(header)
+        except ValueError:
+            retry_after = None
+    return KubeApiError(status=resp.status, reason=status.get("reason") or resp.reason or "",
+                        message=status.get("message", ""), method=method, path=path,
+                        causes=(status.get("details") or {}).get("causes"), retry_after=retry_after)

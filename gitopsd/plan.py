@@ -1,0 +1,390 @@
+"""Plan: for every desired object, create / update (with a diff) / unchanged;
+and the prune set. This is where gitopsd decides that an object drifted.
+
+How drift is judged — the way the server would, at the lowest request cost:
+
+1. Live state comes from one label-selected LIST per group-kind x namespace
+   of the app's ApplySet members (not one GET per object). Desired objects
+   that are not members yet (first sync, adoption, deleted by hand) get a GET.
+2. Ownership fast path. Every object gitopsd applies carries an annotation
+   with a hash of its desired body. When the live object's hash equals the
+   desired one AND gitopsd's server-side-apply field set still covers every
+   field of the desired object, nothing can have changed: in SSA, anyone who
+   changes a field we own — `kubectl edit`, `kubectl scale`, another
+   applier with force — takes the field from us, so it drops out of our set.
+   (An update that writes the *same* value only shares ownership, which is
+   correctly "no drift".) Such objects cost no request at all.
+3. Everything else is judged by a server-side-apply dry-run: the server's
+   view of the desired object, defaults and admission included, compared
+   with the live object (gitopsd.diff). Server-defaulted fields appear on
+   both sides, so they never show as drift.
+
+The dry-runs double as validation: every invalid object of a commit is found
+before anything is written. Objects whose CRD or Namespace arrives in the same
+commit can only be dry-run after those are applied; they are marked deferred.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import enum
+import hashlib
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import orjson
+
+from gitopsd import diff as difflib_
+from gitopsd.inventory import PART_OF_LABEL, Inventory, split_group_kind
+from gitopsd.kube import Kube, KubeApiError, Resource, UnknownKindError
+from gitopsd.objects import ObjectRef, ref_of, split_api_version
+from gitopsd.render import Manifest
+
+HASH_ANNOTATION = "gitopsd.io/desired-hash"
+PRUNE_ANNOTATION = "gitopsd.io/prune"          # "disabled" keeps the object when it leaves Git
+RECREATE_ANNOTATION = "gitopsd.io/recreate"    # "enabled" allows delete+create on immutable changes
+# Past this many non-member desired objects in one group-kind x namespace, one
+# metadata-only LIST is cheaper than a GET each.
+LIST_INSTEAD_OF_GETS = 8
+
+
+class Action(str, enum.Enum):
+    CREATE = "create"
+    UPDATE = "update"
+    RECREATE = "recreate"
+    UNCHANGED = "unchanged"
+    PRUNE = "prune"
+
+
+@dataclass
+class ObjectChange:
+    ref: ObjectRef
+    action: Action
+    source: str = ""                       # the manifest's file ("" for prunes)
+    desired: dict | None = None            # body to apply (our label and hash added)
+    live: dict | None = None
+    diff: difflib_.Diff | None = None
+    deferred: bool = False                 # dry-run possible only after stage 1 is applied
+    resource: Resource | None = None
+
+
+@dataclass
+class Plan:
+    app: str
+    inventory: Inventory
+    changes: list[ObjectChange] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    kept: list[ObjectRef] = field(default_factory=list)        # left Git, pruning disabled by annotation
+    orphans: list[ObjectRef] = field(default_factory=list)     # left Git, prune off for this run
+    members: int = 0                                           # live members found
+
+    def of(self, action: Action) -> list[ObjectChange]:
+        return [c for c in self.changes if c.action == action]
+
+    def counts(self) -> dict[str, int]:
+        return {a.value: len(self.of(a)) for a in Action}
+
+    @property
+    def in_sync(self) -> bool:
+        return not self.errors and all(c.action == Action.UNCHANGED for c in self.changes)
+
+    @property
+    def group_kinds(self) -> set[str]:
+        return {c.ref.group_kind for c in self.changes if c.action != Action.PRUNE}
+
+    @property
+    def namespaces(self) -> set[str]:
+        return {c.ref.namespace for c in self.changes if c.action != Action.PRUNE and c.ref.namespace}
+
+
+def desired_hash(obj: dict) -> str:
+    return hashlib.sha256(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+
+
+def prepare(obj: dict, inv: Inventory) -> dict:
+    """The body gitopsd applies: the manifest plus our part-of label and hash."""
+    body = copy.deepcopy(obj)
+    meta = body.setdefault("metadata", {})
+    meta["labels"] = {**(meta.get("labels") or {}), PART_OF_LABEL: inv.id}
+    meta["annotations"] = {k: v for k, v in (meta.get("annotations") or {}).items() if k != HASH_ANNOTATION}
+    meta["annotations"][HASH_ANNOTATION] = desired_hash(body)
+    return body
+
+
+def make_plan(kube: Kube, manifests: list[Manifest], inv: Inventory, *, prune: bool = True,
+              recreate: bool = False) -> Plan:
+    """Decide, for the whole app, what applying this commit would do."""
+    plan = Plan(app=inv.app, inventory=inv)
+    crd_kinds = _crd_kinds(manifests)
+    commit_namespaces = {m.obj["metadata"]["name"] for m in manifests
+                         if m.obj.get("kind") == "Namespace" and m.obj.get("apiVersion") == "v1"}
+
+    # Resolve resources; unknown kinds are errors unless a CRD in this commit defines them.
+    changes: list[ObjectChange] = []
+    for m in manifests:
+        ref = ref_of(m.obj)
+        change = ObjectChange(ref=ref, action=Action.CREATE, source=m.source, desired=prepare(m.obj, inv))
+        try:
+            change.resource = kube.resource(m.obj["apiVersion"], m.obj["kind"])
+        except UnknownKindError as exc:
+            if (ref.group, ref.kind) in crd_kinds:
+                change.deferred = True
+            else:
+                plan.errors.append(f"{m.source}: {ref}: {exc.message} (hint: {exc.hint})")
+                continue
+        if change.resource is not None and change.resource.namespaced and not ref.namespace:
+            plan.errors.append(f"{m.source}: {ref}: namespaced kind without a namespace")
+            continue
+        changes.append(change)
+
+    members = _list_members(kube, inv, changes, plan)
+    plan.members = len(members)
+    _find_non_members(kube, changes, members, plan)
+    changes = [c for c in changes if c.desired is not None]  # refused: owned by another app
+
+    def judge(change: ObjectChange) -> None:
+        _judge(kube, change, plan, commit_namespaces=commit_namespaces, recreate=recreate)
+
+    with ThreadPoolExecutor(max_workers=kube.max_workers) as pool:
+        list(pool.map(judge, [c for c in changes if not c.deferred]))
+    plan.changes = changes
+
+    desired_refs = {c.ref for c in changes}
+    for ref, live in sorted(members.items()):
+        if ref in desired_refs:
+            continue
+        annotations = live["metadata"].get("annotations") or {}
+        if annotations.get(PRUNE_ANNOTATION) == "disabled":
+            plan.kept.append(ref)
+        elif not prune:
+            plan.orphans.append(ref)
+        else:
+            res = kube.resource_for_group_kind(ref.group, ref.kind)
+            plan.changes.append(ObjectChange(ref=ref, action=Action.PRUNE, live=live, resource=res))
+    return plan
+
+
+def judge_deferred(kube: Kube, plan: Plan, *, recreate: bool = False) -> list[str]:
+    """Dry-run the objects that had to wait for stage 1; returns new errors."""
+    before = len(plan.errors)
+    deferred = [c for c in plan.changes if c.deferred]
+    for change in deferred:
+        change.deferred = False
+        try:
+            change.resource = kube.resource(change.desired["apiVersion"], change.desired["kind"])
+        except UnknownKindError as exc:
+            plan.errors.append(f"{change.source}: {change.ref}: {exc.message}")
+            continue
+    with ThreadPoolExecutor(max_workers=kube.max_workers) as pool:
+        list(pool.map(lambda c: _judge(kube, c, plan, commit_namespaces=set(), recreate=recreate),
+                      [c for c in deferred if c.resource is not None]))
+    return plan.errors[before:]
+
+
+# ------------------------------------------------------------------ internals
+
+def _crd_kinds(manifests: list[Manifest]) -> set[tuple[str, str]]:
+    out = set()
+    for m in manifests:
+        o = m.obj
+        if o.get("kind") == "CustomResourceDefinition" and split_api_version(o.get("apiVersion", ""))[0] == \
+                "apiextensions.k8s.io":
+            spec = o.get("spec") or {}
+            out.add((spec.get("group", ""), (spec.get("names") or {}).get("kind", "")))
+    return out
+
+
+def _list_members(kube: Kube, inv: Inventory, changes: list[ObjectChange], plan: Plan) -> dict[ObjectRef, dict]:
+    """One LIST per group-kind x namespace where members may live."""
+    targets: set[tuple[Resource, str | None]] = set()
+    for c in changes:
+        if c.resource is not None:
+            targets.add((c.resource, c.ref.namespace if c.resource.namespaced else None))
+    for gk in inv.group_kinds:
+        group, kind = split_group_kind(gk)
+        res = kube.resource_for_group_kind(group, kind)
+        if res is None:
+            continue  # the kind is gone from the cluster (CRD deleted): nothing to list or prune
+        if res.namespaced:
+            targets.update((res, ns) for ns in inv.namespaces)
+        else:
+            targets.add((res, None))
+
+    members: dict[ObjectRef, dict] = {}
+
+    def fetch(target):
+        res, ns = target
+        return kube.list(res, namespace=ns, label_selector=inv.selector)
+
+    with ThreadPoolExecutor(max_workers=kube.max_workers) as pool:
+        for items in pool.map(fetch, sorted(targets, key=lambda t: (t[0].group, t[0].kind, t[1] or ""))):
+            for item in items:
+                # Belt and braces: the selector should guarantee it, but an object
+                # without our exact label is never treated as ours.
+                if (item["metadata"].get("labels") or {}).get(PART_OF_LABEL) == inv.id:
+                    members[ref_of(item)] = item
+    return members
+
+
+def _find_non_members(kube: Kube, changes: list[ObjectChange], members: dict[ObjectRef, dict], plan: Plan) -> None:
+    """Attach live objects to changes; GET (or metadata-LIST) desired objects that are not members."""
+    missing: dict[tuple[Resource, str], list[ObjectChange]] = {}
+    for c in changes:
+        if c.deferred:
+            continue
+        if c.ref in members:
+            c.live = members[c.ref]
+        else:
+            missing.setdefault((c.resource, c.ref.namespace), []).append(c)
+
+    def lookup(key):
+        res, ns = key
+        group = missing[key]
+        if len(group) >= LIST_INSTEAD_OF_GETS:
+            present = {ref_of(o).name for o in kube.list(res, namespace=ns or None)}
+            candidates = [c for c in group if c.ref.name in present]
+        else:
+            candidates = group
+        for c in candidates:
+            c.live = kube.get(res, c.ref.name, ns or None)
+
+    with ThreadPoolExecutor(max_workers=kube.max_workers) as pool:
+        list(pool.map(lookup, list(missing)))
+
+    for c in changes:
+        if c.live is None:
+            continue
+        owner = (c.live["metadata"].get("labels") or {}).get(PART_OF_LABEL)
+        if owner and owner != c.desired["metadata"]["labels"][PART_OF_LABEL]:
+            plan.errors.append(f"{c.source}: {c.ref}: already owned by another ApplySet ({owner}); "
+                               f"two apps must not manage one object")
+            c.desired = None
+
+
+def still_ours(live: dict, desired: dict) -> bool:
+    """True when nobody can have changed the live object since gitopsd applied `desired`.
+
+    See the module docstring (ownership fast path). Conservative: any doubt
+    (no entry for us, an unexpected list shape) answers False, which only
+    costs a dry-run.
+    """
+    meta = live.get("metadata") or {}
+    if (meta.get("annotations") or {}).get(HASH_ANNOTATION) != desired["metadata"]["annotations"][HASH_ANNOTATION]:
+        return False
+    if meta.get("deletionTimestamp"):
+        return False
+    entry = next((m for m in meta.get("managedFields") or []
+                  if m.get("manager") == "gitopsd" and m.get("operation") == "Apply" and not m.get("subresource")),
+                 None)
+    if entry is None:
+        return False
+    owned = entry.get("fieldsV1") or {}
+    body = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind")}
+    body["metadata"] = {k: v for k, v in desired["metadata"].items() if k not in ("name", "namespace")}
+    return _covers(owned, body)
+
+
+def _covers(owned: dict, value) -> bool:
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            if sub is None:
+                continue  # null in an apply means "not set by me"
+            child = owned.get(f"f:{key}")
+            if child is None:
+                return False
+            if isinstance(sub, (dict, list)) and sub and not _covers_child(child, sub):
+                return False
+        return True
+    return True
+
+
+def _covers_child(owned: dict, value) -> bool:
+    # An atomic map or list (a selector, container args) is owned as a whole:
+    # fieldsV1 lists no children under it. A granular one whose children were
+    # all taken by others disappears from our set instead, so `{}` here means
+    # "the whole value is ours".
+    if not owned or set(owned) <= {"."}:
+        return True
+    if isinstance(value, dict):
+        return _covers(owned, value)
+    for item in value:
+        if isinstance(item, dict):
+            match = _match_key(owned, item)
+            if match is None or not _covers(match, item):
+                return False
+        elif f"v:{json.dumps(item, separators=(',', ':'))}" not in owned:
+            return False
+    return True
+
+
+def _match_key(owned: dict, item: dict) -> dict | None:
+    """The `k:{...}` entry of an associative list that identifies `item`.
+
+    Key fields the item leaves out may have been defaulted by the server
+    (a port's protocol), so only the fields the item sets must agree.
+    """
+    for key, sub in owned.items():
+        if not key.startswith("k:"):
+            continue
+        try:
+            ident = json.loads(key[2:])
+        except json.JSONDecodeError:
+            continue
+        if all(item.get(k, v) == v for k, v in ident.items()) and any(k in item for k in ident):
+            return sub
+    return None
+
+
+def _judge(kube: Kube, change: ObjectChange, plan: Plan, *, commit_namespaces: set[str], recreate: bool) -> None:
+    live, desired = change.live, change.desired
+    if desired is None:
+        return
+    if live is not None and still_ours(live, desired):
+        change.action = Action.UNCHANGED
+        return
+    try:
+        after = kube.apply(desired, dry_run=True)
+    except KubeApiError as exc:
+        if exc.status == 404 and change.ref.namespace in commit_namespaces:
+            change.deferred = True  # its Namespace arrives in this commit
+            return
+        allowed = recreate or (desired["metadata"].get("annotations") or {}).get(RECREATE_ANNOTATION) == "enabled"
+        if exc.is_immutable_field and live is not None and allowed:
+            change.action = Action.RECREATE
+            change.diff = difflib_.compare(live, desired, label=str(change.ref))
+            return
+        reason = scrub(exc.api_message, desired)
+        hint = ""
+        if exc.is_immutable_field:
+            hint = (f" (hint: this field cannot change in place; annotate the object "
+                    f"{RECREATE_ANNOTATION}=enabled or sync with --recreate to delete and re-create it)")
+        plan.errors.append(f"{change.source}: {change.ref}: {exc.reason or exc.status}: {reason}{hint}")
+        return
+    d = difflib_.compare(live, after, label=str(change.ref))
+    if live is None:
+        change.action, change.diff = Action.CREATE, d
+    elif d.empty:
+        change.action = Action.UNCHANGED
+    else:
+        change.action, change.diff = Action.UPDATE, d
+
+
+def scrub(text: str, obj: dict | None) -> str:
+    """Remove any Secret value (raw or base64-decoded) from a server message."""
+    if not obj or not difflib_.is_secret(obj):
+        return text
+    for section in ("data", "stringData"):
+        for value in (obj.get(section) or {}).values():
+            if not isinstance(value, str) or not value:
+                continue
+            text = text.replace(value, difflib_.REDACTED)
+            if section == "data":
+                try:
+                    decoded = base64.b64decode(value, validate=True).decode()
+                except (ValueError, UnicodeDecodeError):
+                    continue
+                if decoded:
+                    text = text.replace(decoded, difflib_.REDACTED)
+    return text

@@ -1,0 +1,720 @@
+"""Render: turn one directory of a checked-out commit into Kubernetes objects.
+
+Three ways a team keeps manifests, one result: a list of `Manifest`s in the
+order they were rendered, each a plain dict plus where it came from.
+
+- plain: every *.yaml, *.yml and *.json file below the directory, walked
+  depth-first in name order, multi-document YAML, `kind: List` flattened;
+- kustomize: the output of `kustomize build <dir>`;
+- helm: the output of `helm template <release> <chart> --namespace <ns> -f ...`.
+
+Whatever the way, the same checks run on the whole list afterwards (identity
+fields present, no server-owned fields, scope and namespace, duplicates), and
+every problem found is reported at once in one `RenderError`, so a single
+fix-up commit can address them all. Nothing here talks to the cluster: what
+the cluster knows about scopes comes in through `is_namespaced`.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import yaml
+
+from gitopsd.errors import RenderError
+from gitopsd.objects import ObjectRef, ref_of, split_api_version
+
+KINDS = ("auto", "plain", "kustomize", "helm")
+MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+KUSTOMIZATION_FILES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
+CHART_FILE = "Chart.yaml"
+
+# Fields the apiserver owns. A manifest carrying them is a copy of `kubectl get
+# -o yaml`: managedFields makes server-side apply reject the body outright, and
+# a resourceVersion/uid pins the object to one past incarnation, so every
+# later apply would conflict. Refused rather than stripped: silently fixing a
+# copied object hides that its other server-set fields are in Git too.
+SERVER_OWNED_METADATA = ("managedFields", "resourceVersion", "uid")
+
+# A tool's stderr can be long (helm prints whole template traces): keep the tail.
+MAX_STDERR_CHARS = 4000
+
+# DNS-1123 subdomain, at most 53 characters: what helm accepts as a release name.
+_RELEASE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_HELM_SOURCE = re.compile(r"^# Source: (.+?)\s*$", re.MULTILINE)
+_DOCUMENT_SEPARATOR = re.compile(r"^---[ \t]*(?:#.*)?$", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """One object to apply, and where it came from for error messages.
+
+    `source` is a repo-relative file path ("apps/web/deploy.yaml"), with
+    "#<document index>" for multi-document files (0-based, counting empty
+    documents too, so it matches the n-th `---` section a reader sees) and
+    " items[<i>]" for members of a List; "kustomize build <path>" for kustomize
+    output; the template path "<chart path>/templates/x.yaml" for helm output.
+    """
+
+    obj: dict
+    source: str
+
+    @property
+    def ref(self) -> ObjectRef:
+        return ref_of(self.obj)
+
+
+# --------------------------------------------------------------------------
+# Scope of built-in kinds
+
+_CLUSTER_SCOPED: dict[str, tuple[str, ...]] = {
+    "": ("Namespace", "Node", "PersistentVolume", "ComponentStatus"),
+    "rbac.authorization.k8s.io": ("ClusterRole", "ClusterRoleBinding"),
+    "apiextensions.k8s.io": ("CustomResourceDefinition",),
+    "apiregistration.k8s.io": ("APIService",),
+    "storage.k8s.io": ("StorageClass", "CSIDriver", "CSINode", "VolumeAttachment", "VolumeAttributesClass"),
+    "scheduling.k8s.io": ("PriorityClass",),
+    "networking.k8s.io": ("IngressClass", "IPAddress", "ServiceCIDR"),
+    "node.k8s.io": ("RuntimeClass",),
+    "admissionregistration.k8s.io": (
+        "ValidatingWebhookConfiguration", "MutatingWebhookConfiguration",
+        "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding",
+        "MutatingAdmissionPolicy", "MutatingAdmissionPolicyBinding",
+    ),
+    "certificates.k8s.io": ("CertificateSigningRequest", "ClusterTrustBundle"),
+    "flowcontrol.apiserver.k8s.io": ("FlowSchema", "PriorityLevelConfiguration"),
+    "resource.k8s.io": ("DeviceClass", "ResourceSlice"),
+}
+_NAMESPACED: dict[str, tuple[str, ...]] = {
+    "": (
+        "Pod", "Service", "ConfigMap", "Secret", "ServiceAccount", "PersistentVolumeClaim", "Endpoints",
+        "LimitRange", "ResourceQuota", "ReplicationController", "PodTemplate", "Event",
+    ),
+    "apps": ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "ControllerRevision"),
+    "batch": ("Job", "CronJob"),
+    "autoscaling": ("HorizontalPodAutoscaler",),
+    "policy": ("PodDisruptionBudget",),
+    "rbac.authorization.k8s.io": ("Role", "RoleBinding"),
+    "networking.k8s.io": ("Ingress", "NetworkPolicy"),
+    "coordination.k8s.io": ("Lease",),
+    "discovery.k8s.io": ("EndpointSlice",),
+    "events.k8s.io": ("Event",),
+    "storage.k8s.io": ("CSIStorageCapacity",),
+    "resource.k8s.io": ("ResourceClaim", "ResourceClaimTemplate"),
+}
+_BUILTIN_SCOPES: dict[tuple[str, str], bool] = {
+    **{(g, k): False for g, kinds in _CLUSTER_SCOPED.items() for k in kinds},
+    **{(g, k): True for g, kinds in _NAMESPACED.items() for k in kinds},
+}
+
+
+def builtin_is_namespaced(group: str, kind: str) -> bool | None:
+    """Scope of the well-known built-in kinds, without asking a cluster.
+
+    Returns None for anything else (custom resources, kinds added in later
+    Kubernetes versions): the caller leaves such objects as written and the
+    plan stage, which has discovery, decides. The daemon passes a
+    discovery-backed function instead; this table serves the offline CLI and
+    tests.
+    """
+    return _BUILTIN_SCOPES.get((group, kind))
+
+
+# --------------------------------------------------------------------------
+# Entry point
+
+
+def render(
+    root: Path,
+    path: str = ".",
+    *,
+    kind: str = "auto",
+    namespace: str = "default",
+    helm_values: Sequence[str] = (),
+    helm_release: str | None = None,
+    is_namespaced: Callable[[str, str], bool | None] = builtin_is_namespaced,
+    timeout: float = 120.0,
+) -> list[Manifest]:
+    """Render `path` of the checkout at `root` into validated manifests.
+
+    `path` and every `helm_values` file are relative to `root` and must stay
+    inside it, also through symlinks: a commit must not be able to make the
+    daemon read files elsewhere on its disk. `kind` "auto" picks kustomize when
+    the directory holds a kustomization file, helm when it holds Chart.yaml,
+    plain otherwise. Namespaced objects without a namespace get `namespace`;
+    `is_namespaced(group, kind)` decides scope (None = unknown: left as
+    written), except for kinds whose CustomResourceDefinition is part of the
+    rendered set, which decides for them.
+
+    Raises RenderError carrying every problem found; returns the manifests in
+    rendered order otherwise. An empty list is a valid result: whether an
+    empty commit may prune everything is the plan stage's decision.
+    """
+    if kind not in KINDS:
+        raise RenderError([f"unknown render kind {kind!r}"], hint=f"use one of: {', '.join(KINDS)}")
+    real_root = Path(root).resolve()
+    target = _inside_root(real_root, path, what="path")
+    rel = _relative(real_root, target)
+    if kind == "auto":
+        kind = _detect_kind(target)
+
+    problems = _Problems()
+    if kind == "plain":
+        manifests = _render_plain(real_root, target, problems=problems)
+    elif kind == "kustomize":
+        manifests = _render_kustomize(real_root, target, rel=rel, timeout=timeout, problems=problems)
+    else:
+        manifests = _render_helm(real_root, target, rel=rel, namespace=namespace, values=helm_values,
+                                 release=helm_release, timeout=timeout, problems=problems)
+    manifests = _validate(manifests, namespace=namespace, is_namespaced=is_namespaced, problems=problems)
+    problems.raise_if_any()
+    return manifests
+
+
+def find_tool(name: str) -> Path:
+    """Locate the `kustomize` or `helm` binary to run.
+
+    Searched in order: $GITOPSD_KUSTOMIZE / $GITOPSD_HELM (an explicit choice:
+    when set but wrong it is an error, not a reason to fall back to some other
+    binary), the PATH, $GITOPSD_CACHE/bin, ~/.cache/gitopsd/bin (where
+    `hack/cluster build` puts the pinned versions). The error names every
+    place searched.
+    """
+    if name not in ("kustomize", "helm"):
+        raise ValueError(f"find_tool knows kustomize and helm, not {name!r}")
+    env_var = f"GITOPSD_{name.upper()}"
+    explicit = os.environ.get(env_var)
+    if explicit:
+        candidate = Path(explicit).expanduser()
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+        raise RenderError([f"${env_var} names {candidate}, which is not an executable file"],
+                          hint=f"point ${env_var} at a {name} binary, or unset it to search PATH and the cache")
+    searched = [f"${env_var} (unset)", "PATH"]
+    on_path = shutil.which(name)
+    if on_path:
+        return Path(on_path)
+    candidates = []
+    cache = os.environ.get("GITOPSD_CACHE")
+    if cache:
+        candidates.append(Path(cache) / "bin" / name)
+    candidates.append(Path.home() / ".cache" / "gitopsd" / "bin" / name)
+    for candidate in candidates:
+        searched.append(str(candidate))
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    raise RenderError([f"{name} not found; searched {', '.join(searched)}"],
+                      hint=f"install {name}, set ${env_var}, or run `hack/cluster build --only {name}`")
+
+
+# --------------------------------------------------------------------------
+# Problems collector
+
+
+class _Problems:
+    """Every problem found in one render, with the hints that help fix them.
+
+    Stages keep going after a problem so the user sees all of them at once;
+    hints are deduplicated because ten files missing a name need one hint.
+    """
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+        self.hints: list[str] = []
+
+    def add(self, problem: str, *, hint: str | None = None) -> None:
+        self.items.append(problem)
+        if hint and hint not in self.hints:
+            self.hints.append(hint)
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise RenderError(self.items, hint="; ".join(self.hints) or None)
+
+
+# --------------------------------------------------------------------------
+# Paths
+
+
+def _inside_root(real_root: Path, rel: str, *, what: str) -> Path:
+    """Resolve `rel` under the (already resolved) root; refuse escapes.
+
+    Both ways out are refused: `..` components and symlinks whose target lies
+    outside the checkout. The message says which, since the fix differs.
+    """
+    if os.path.isabs(rel):
+        raise RenderError([f"{what} {rel!r} is absolute"], hint="give paths relative to the repository root")
+    lexical = posixpath.normpath(Path(rel).as_posix())
+    if lexical == ".." or lexical.startswith("../"):
+        raise RenderError([f"{what} {rel!r} escapes the repository through '..'"],
+                          hint="paths must stay inside the repository")
+    target = (real_root / rel).resolve()
+    if not target.is_relative_to(real_root):
+        raise RenderError([f"{what} {rel!r} resolves outside the repository through a symlink"],
+                          hint="paths must stay inside the repository; symlinks may only point within it")
+    if not target.exists():
+        raise RenderError([f"{what} {rel!r} does not exist in the repository"])
+    return target
+
+
+def _relative(real_root: Path, target: Path) -> str:
+    """Repo-relative POSIX path for messages and tool arguments ("." for the root)."""
+    return target.relative_to(real_root).as_posix() or "."
+
+
+def _detect_kind(target: Path) -> str:
+    if target.is_dir():
+        if any((target / f).is_file() for f in KUSTOMIZATION_FILES):
+            return "kustomize"
+        if (target / CHART_FILE).is_file():
+            return "helm"
+    return "plain"
+
+
+# --------------------------------------------------------------------------
+# Parsing
+
+
+def _yaml_loader() -> type:
+    """A safe (C when available) loader that reads YAML the way Kubernetes does.
+
+    PyYAML's YAML 1.1 resolvers differ from the apiserver's in two ways that
+    matter here: unquoted dates (`2024-01-01`) become datetime objects where
+    Kubernetes keeps strings, which would make the plan stage see drift
+    forever; and a bare `=` is resolved to a "value" tag SafeLoader cannot
+    construct, failing on valid manifests. Both resolvers are dropped.
+    """
+    base = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    dropped = {"tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:value"}
+    resolvers = {first: [(tag, rx) for tag, rx in entries if tag not in dropped]
+                 for first, entries in base.yaml_implicit_resolvers.items()}
+    return type("KubernetesYAMLLoader", (base,), {"yaml_implicit_resolvers": resolvers})
+
+
+_LOADER = _yaml_loader()
+
+
+def _load_yaml(text: str, *, source: str, problems: _Problems) -> list | None:
+    """All documents of a YAML stream (None for empty ones), or None when malformed.
+
+    A malformed stream contributes no documents at all: half a file would make
+    the later checks report misleading follow-up problems.
+    """
+    try:
+        return list(yaml.load_all(text, Loader=_LOADER))
+    except yaml.MarkedYAMLError as exc:
+        # The problem mark is where parsing broke; the context mark, when
+        # there is one, is where the construct that never closed began,
+        # often the line to fix (an unclosed bracket or quote).
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = exc.problem or exc.context or "unparseable"
+        if exc.context and exc.problem and exc.context_mark:
+            what += f" ({exc.context} that began at line {exc.context_mark.line + 1})"
+        problems.add(f"{source}: invalid YAML{where}: {what}")
+    except yaml.YAMLError as exc:
+        problems.add(f"{source}: invalid YAML: {exc}")
+    return None
+
+
+def _is_list(doc: dict) -> bool:
+    # kubectl flattens any *List kind with an `items` array (v1 List, and the
+    # typed lists `kubectl get -o yaml` writes, e.g. ConfigMapList).
+    kind = doc.get("kind")
+    return isinstance(kind, str) and kind.endswith("List") and isinstance(doc.get("items"), list)
+
+
+def _manifests_from_documents(docs: Iterable[tuple[object, str]], *, problems: _Problems) -> list[Manifest]:
+    """(document, source) pairs -> manifests: skip empty documents, flatten Lists.
+
+    Each document is checked on its own here (a mapping with identity fields,
+    no server-owned ones), so problems are listed in file order; checks that
+    need the whole set (scope, duplicates) are `_validate`'s. Documents with a
+    problem are left out.
+    """
+    out: list[Manifest] = []
+    for doc, source in docs:
+        if doc is None:  # empty or comment-only document
+            continue
+        if not isinstance(doc, dict):
+            problems.add(f"{source}: document is a {_type_name(doc)}, not a Kubernetes object",
+                         hint="every document must be a mapping with apiVersion, kind and metadata.name")
+        elif _is_list(doc):
+            items = [(item, f"{source} items[{i}]") for i, item in enumerate(doc["items"])]
+            out.extend(_manifests_from_documents(items, problems=problems))
+        else:
+            m = Manifest(obj=doc, source=source)
+            if _check_identity(m, problems=problems):
+                _normalise(m.obj)
+                out.append(m)
+    return out
+
+
+def _type_name(value: object) -> str:
+    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(
+        type(value), type(value).__name__)
+
+
+def _numbered(docs: list, source: str) -> list[tuple[object, str]]:
+    """Pair documents with their source; "#<index>" only when there are several."""
+    if len(docs) == 1:
+        return [(docs[0], source)]
+    return [(doc, f"{source}#{i}") for i, doc in enumerate(docs)]
+
+
+# --------------------------------------------------------------------------
+# plain
+
+
+def _render_plain(real_root: Path, target: Path, *, problems: _Problems) -> list[Manifest]:
+    files = [target] if target.is_file() else _manifest_files(real_root, target, problems=problems)
+    manifests: list[Manifest] = []
+    for file in files:
+        source = _relative(real_root, file) if file.is_relative_to(real_root) else str(file)
+        try:
+            data = file.read_bytes()
+        except OSError as exc:
+            problems.add(f"{source}: cannot be read: {exc.strerror or exc}")
+            continue
+        if file.suffix.lower() == ".json":
+            # JSON holds one document; orjson is several times faster than YAML.
+            try:
+                docs = [orjson.loads(data)]
+            except orjson.JSONDecodeError as exc:
+                problems.add(f"{source}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")
+                continue
+        else:
+            try:
+                text = data.decode("utf-8-sig")
+            except UnicodeDecodeError as exc:
+                problems.add(f"{source}: not UTF-8 text (byte {exc.start})")
+                continue
+            docs = _load_yaml(text, source=source, problems=problems)
+            if docs is None:
+                continue
+        manifests.extend(_manifests_from_documents(_numbered(docs, source), problems=problems))
+    return manifests
+
+
+def _manifest_files(real_root: Path, top: Path, *, problems: _Problems) -> list[Path]:
+    """Manifest files under `top`, depth-first in name order (deterministic).
+
+    Hidden entries (.git, .github, .pre-commit-config.yaml) are not manifests
+    and are skipped. Symlinks are followed only while they stay inside the
+    checkout. A directory holding a kustomization or a Chart.yaml is reported
+    once and not descended into: its files are patches and templates, not
+    objects, and listing each of their problems would bury the real one.
+    """
+    files: list[Path] = []
+    seen: set[Path] = set()
+
+    def walk(directory: Path) -> None:
+        real = directory.resolve()
+        if real in seen:  # a symlink loop, or two links to one directory
+            return
+        seen.add(real)
+        for marker in KUSTOMIZATION_FILES:
+            if (directory / marker).is_file():
+                problems.add(f"{_relative(real_root, directory / marker)}: looks like a kustomize overlay "
+                             "in a plain directory", hint="use render: kustomize or auto for a kustomization")
+                return
+        if (directory / CHART_FILE).is_file():
+            problems.add(f"{_relative(real_root, directory / CHART_FILE)}: looks like a Helm chart in a plain "
+                         "directory", hint="use render: helm or auto for a chart")
+            return
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError as exc:
+            problems.add(f"{_relative(real_root, directory)}: cannot be listed: {exc.strerror or exc}")
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            manifest_like = entry.name.lower().endswith(MANIFEST_SUFFIXES)
+            if entry.is_symlink():
+                resolved = path.resolve()
+                if not resolved.is_relative_to(real_root):
+                    problems.add(f"{_relative(real_root, path)}: symlink points outside the repository",
+                                 hint="symlinks may only point within the repository")
+                    continue
+                if not resolved.exists():
+                    if manifest_like:
+                        problems.add(f"{_relative(real_root, path)}: broken symlink")
+                    continue
+            if path.is_dir():
+                walk(path)
+            elif manifest_like and path.is_file():
+                files.append(path)
+
+    walk(top)
+    return files
+
+
+# --------------------------------------------------------------------------
+# kustomize and helm
+
+
+def _run_tool(cmd: list[str], *, cwd: Path, env: dict[str, str] | None, timeout: float, what: str,
+              problems: _Problems) -> str | None:
+    """Run a renderer without a shell; its stdout, or None with a problem added.
+
+    The tool runs in the checkout root with repo-relative arguments, so its
+    own error messages name files the way the user knows them.
+    """
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        problems.add(f"{what}: timed out after {timeout:g}s", hint="a slow remote base or chart dependency?")
+        return None
+    except OSError as exc:
+        problems.add(f"{what}: could not run {cmd[0]}: {exc.strerror or exc}")
+        return None
+    if proc.returncode != 0:
+        stderr = proc.stderr.decode("utf-8", "replace").strip()
+        if len(stderr) > MAX_STDERR_CHARS:
+            stderr = "…" + stderr[-MAX_STDERR_CHARS:]
+        problems.add(f"{what}: failed (exit {proc.returncode}): {stderr or '(no output on stderr)'}")
+        return None
+    return proc.stdout.decode("utf-8", "replace")
+
+
+def _render_kustomize(real_root: Path, target: Path, *, rel: str, timeout: float,
+                      problems: _Problems) -> list[Manifest]:
+    source = f"kustomize build {rel}"
+    if not target.is_dir() or not any((target / f).is_file() for f in KUSTOMIZATION_FILES):
+        problems.add(f"{rel}: no {' / '.join(KUSTOMIZATION_FILES)} here, so nothing for kustomize to build",
+                     hint="use render: plain or auto for a directory of plain manifests")
+        return []
+    out = _run_tool([str(find_tool("kustomize")), "build", rel], cwd=real_root, env=None, timeout=timeout,
+                    what=source, problems=problems)
+    if out is None:
+        return []
+    docs = _load_yaml(out, source=source, problems=problems)
+    # Every object of one build shares a source: kustomize merged the files,
+    # so which file an object came from is no longer known.
+    return _manifests_from_documents(((d, source) for d in docs or ()), problems=problems)
+
+
+def _render_helm(real_root: Path, target: Path, *, rel: str, namespace: str, values: Sequence[str],
+                 release: str | None, timeout: float, problems: _Problems) -> list[Manifest]:
+    what = f"helm template {rel}"
+    if not (target / CHART_FILE).is_file():
+        problems.add(f"{rel}: no {CHART_FILE} here, so there is no chart to template",
+                     hint="use render: plain or auto for a directory of plain manifests")
+        return []
+    value_args: list[str] = []
+    for v in values:
+        try:
+            value_args += ["-f", _relative(real_root, _inside_root(real_root, v, what="helm values file"))]
+        except RenderError as exc:  # collect them all, not just the first
+            for p in exc.problems:
+                problems.add(p, hint=exc.hint)
+    if len(value_args) != 2 * len(values):
+        return []
+    release = release or _default_release(target)
+    cmd = [str(find_tool("helm")), "template", release, rel, "--namespace", namespace,
+           # CRDs in crds/ are left out by default, yet the chart's custom
+           # resources need them; tests are pods meant for `helm test`, not
+           # objects to keep running.
+           "--include-crds", "--skip-tests", *value_args]
+    # helm reads and writes repositories, caches and plugins under $HOME; a
+    # fresh directory per run keeps it off the daemon's home and keeps
+    # one app's repository credentials from leaking into another's render.
+    with tempfile.TemporaryDirectory(prefix="gitopsd-helm-") as home:
+        env = {**os.environ, "HELM_CACHE_HOME": f"{home}/cache", "HELM_CONFIG_HOME": f"{home}/config",
+               "HELM_DATA_HOME": f"{home}/data"}
+        out = _run_tool(cmd, cwd=real_root, env=env, timeout=timeout, what=what, problems=problems)
+    if out is None:
+        return []
+    return _manifests_from_documents(_helm_documents(out, rel=rel, fallback=what, problems=problems),
+                                     problems=problems)
+
+
+def _default_release(chart: Path) -> str:
+    """The chart's own name when it is a valid release name, else helm's default.
+
+    Not the directory name: for a chart at the repository root that would be
+    the checkout directory, which changes with every commit.
+    """
+    try:
+        meta = yaml.load((chart / CHART_FILE).read_text(), Loader=_LOADER)
+        name = meta.get("name") if isinstance(meta, dict) else None
+    except (OSError, yaml.YAMLError):
+        name = None
+    if isinstance(name, str) and len(name) <= 53 and _RELEASE_NAME.match(name):
+        return name
+    return "release-name"
+
+
+def _helm_documents(out: str, *, rel: str, fallback: str, problems: _Problems) -> list[tuple[object, str]]:
+    """Split `helm template` output into (document, source template) pairs.
+
+    helm writes each object as "---\\n# Source: <chart>/templates/x.yaml\\n...".
+    The leading chart name is replaced by the chart's repo-relative path so
+    the source is a file the user can open. A template that yields several
+    objects gets "#<n>" over the objects helm emitted (empty ones are dropped
+    by helm, so n may differ from the template's own document count).
+    """
+    chunks: list[tuple[str, str]] = []
+    for chunk in _DOCUMENT_SEPARATOR.split(out):
+        if not chunk.strip():
+            continue
+        m = _HELM_SOURCE.search(chunk)
+        if m:
+            _, _, inside = m.group(1).partition("/")
+            source = posixpath.normpath(posixpath.join(rel, inside))
+        else:
+            source = fallback
+        chunks.append((chunk, source))
+    counts: dict[str, int] = {}
+    for _, source in chunks:
+        counts[source] = counts.get(source, 0) + 1
+    seen: dict[str, int] = {}
+    pairs: list[tuple[object, str]] = []
+    for chunk, source in chunks:
+        if counts[source] > 1:
+            n = seen.get(source, 0)
+            seen[source] = n + 1
+            source = f"{source}#{n}"
+        for doc in _load_yaml(chunk, source=source, problems=problems) or ():
+            pairs.append((doc, source))
+    return pairs
+
+
+# --------------------------------------------------------------------------
+# Validation and normalisation (all render kinds)
+
+
+def _validate(manifests: list[Manifest], *, namespace: str, is_namespaced: Callable[[str, str], bool | None],
+              problems: _Problems) -> list[Manifest]:
+    """Checks of the full set, after each document passed its own: namespaces
+    defaulted by scope (in place: the objects are fresh from parsing), then
+    duplicates, which only exist once namespaces are defaulted."""
+    scope_of = _scope_lookup(manifests, is_namespaced=is_namespaced)
+    for m in manifests:
+        _default_namespace(m, namespace=namespace, scope_of=scope_of, problems=problems)
+    _check_duplicates(manifests, problems=problems)
+    return manifests
+
+
+def _check_identity(m: Manifest, *, problems: _Problems) -> bool:
+    """apiVersion, kind and metadata.name present and strings; no server-owned fields."""
+    obj = m.obj
+    missing: list[str] = []
+    wrong: list[str] = []
+    for field in ("apiVersion", "kind"):
+        if field not in obj or obj[field] in (None, ""):
+            missing.append(field)
+        elif not isinstance(obj[field], str):
+            wrong.append(f"{field} must be a string, not {_type_name(obj[field])}")
+    meta = obj.get("metadata")
+    if meta is None:
+        missing.append("metadata.name")
+    elif not isinstance(meta, dict):
+        wrong.append(f"metadata must be a mapping, not {_type_name(meta)}")
+    else:
+        name = meta.get("name")
+        if name in (None, ""):
+            missing.append("metadata.name")
+        elif not isinstance(name, str):
+            wrong.append(f"metadata.name must be a string, not {_type_name(name)} ({name!r})")
+        ns = meta.get("namespace")
+        if ns is not None and not isinstance(ns, str):
+            wrong.append(f"metadata.namespace must be a string, not {_type_name(ns)}")
+    if missing or wrong:
+        hint = "every document must be a Kubernetes object with apiVersion, kind and metadata.name"
+        if "metadata.name" in missing and isinstance(meta, dict) and meta.get("generateName"):
+            hint = "metadata.generateName is not supported: a generated name cannot be tracked; set metadata.name"
+        parts = ([f"missing {', '.join(missing)}"] if missing else []) + wrong
+        problems.add(f"{m.source}: {'; '.join(parts)}", hint=hint)
+        return False
+    server_owned = [f"metadata.{f}" for f in SERVER_OWNED_METADATA if f in meta]
+    if server_owned:
+        problems.add(f"{m.source}: {obj['kind']}/{meta['name']} carries {', '.join(server_owned)}, set by the "
+                     "apiserver (a copy of `kubectl get -o yaml`?)",
+                     hint="remove managedFields, resourceVersion and uid from manifests: server-side apply "
+                          "rejects managedFields, and a stale resourceVersion makes every apply conflict")
+        return False
+    return True
+
+
+def _normalise(obj: dict) -> None:
+    """Drop what is never applied and would only show as drift: `status`
+    (the controllers' to write) and the `creationTimestamp: null` that
+    serialised client objects carry."""
+    obj.pop("status", None)
+    meta = obj["metadata"]
+    if "creationTimestamp" in meta and meta["creationTimestamp"] is None:
+        del meta["creationTimestamp"]
+
+
+def _scope_lookup(manifests: list[Manifest], *,
+                  is_namespaced: Callable[[str, str], bool | None]) -> Callable[[str, str], bool | None]:
+    """Scope by (group, kind): CRDs in this render first, then `is_namespaced`.
+
+    The rendered CRD wins because it is what is about to exist: the cluster
+    may not know the kind yet (first sync). Answers are memoised per render,
+    because a discovery-backed `is_namespaced` may refresh discovery on a miss.
+    """
+    from_crds: dict[tuple[str, str], bool] = {}
+    for m in manifests:
+        obj = m.obj
+        if (obj["kind"] != "CustomResourceDefinition"
+                or split_api_version(obj["apiVersion"])[0] != "apiextensions.k8s.io"):
+            continue
+        spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
+        names = spec.get("names") if isinstance(spec.get("names"), dict) else {}
+        group, kind, scope = spec.get("group"), names.get("kind"), spec.get("scope")
+        # A malformed CRD decides nothing here; the apiserver will say what is wrong with it.
+        if isinstance(group, str) and isinstance(kind, str) and scope in ("Namespaced", "Cluster"):
+            from_crds[(group, kind)] = scope == "Namespaced"
+    memo: dict[tuple[str, str], bool | None] = dict(from_crds)
+
+    def scope_of(group: str, kind: str) -> bool | None:
+        key = (group, kind)
+        if key not in memo:
+            memo[key] = is_namespaced(group, kind)
+        return memo[key]
+
+    return scope_of
+
+
+def _default_namespace(m: Manifest, *, namespace: str, scope_of: Callable[[str, str], bool | None],
+                       problems: _Problems) -> None:
+    meta = m.obj["metadata"]
+    ref = m.ref
+    namespaced = scope_of(ref.group, ref.kind)
+    if namespaced is True:
+        if not meta.get("namespace"):
+            meta["namespace"] = namespace
+    elif namespaced is False:
+        if meta.get("namespace"):
+            problems.add(f"{m.source}: {ref.kind}/{ref.name} is cluster-scoped but names namespace "
+                         f"{meta['namespace']}",
+                         hint="remove metadata.namespace from cluster-scoped objects")
+        else:
+            # `namespace: ""` means none to the apiserver; drop it so the
+            # object compares equal to what the cluster returns.
+            meta.pop("namespace", None)
+    # None: unknown kind; left as written for the plan stage to judge.
+
+
+def _check_duplicates(manifests: list[Manifest], *, problems: _Problems) -> None:
+    first: dict[ObjectRef, str] = {}
+    for m in manifests:
+        ref = m.ref
+        if ref in first:
+            problems.add(f"{ref} is defined twice: in {first[ref]} and in {m.source}",
+                         hint="each object may be defined once; remove or rename one copy")
+        else:
+            first[ref] = m.source

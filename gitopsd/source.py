@@ -1,0 +1,714 @@
+"""Source stage: turn (repository URL, ref) into a commit and a directory
+holding that commit's tree.
+
+One bare repository per remote is cached under ``cache_dir``; the first call
+initialises it, every later call fetches into it (shallow where the remote
+allows), so polling a big repository every minute costs one ``ls-remote`` and
+a small pack, never a clone. Trees are materialised once per commit into
+``checkouts/<sha>/`` and shared by every caller that asks for that commit.
+
+Secrets never touch disk, argv or logs: an https token reaches git only via
+environment-scoped config (``GIT_CONFIG_COUNT``/``KEY``/``VALUE``) as an
+``Authorization`` header; an ssh key is named by path on ``GIT_SSH_COMMAND``.
+The cache key, ``Revision.url`` and every error message use the URL with its
+credentials removed, and quoted git output is scrubbed of the token.
+
+We drive the ``git`` CLI directly (not GitPython) because one runner then
+owns the three things that matter here: the scoped environment, killing the
+whole process group on timeout (git's helpers — ``ssh``,
+``git-remote-https`` — would otherwise outlive it and hold the pipes), and
+scrubbing what git printed before it reaches an error.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.parse
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from gitopsd.errors import SourceError
+
+#: How many materialised commits to keep per repository. A caller reading a
+#: checkout keeps it safe until this many newer ones have been made.
+KEEP_CHECKOUTS = 5
+
+#: Transports git may use at all: no ``ext::`` (runs commands), no ``fd::``.
+_ALLOWED_PROTOCOLS = "file:git:http:https:ssh"
+
+_DEFAULT_HTTPS_USERNAME = "x-access-token"
+
+_HEX = re.compile(r"[0-9a-f]{4,40}")
+_FULL_SHA = re.compile(r"[0-9a-f]{40}")
+# `user@host:path` — a colon before the first slash; git's own rule.
+_SCP_LIKE = re.compile(r"(?:(?P<user>[^@/:]+)@)?(?P<host>[^@/:\[\]]+|\[[^\]]+\]):(?!:)(?P<path>.*)")
+
+# Environment that would redirect, trace or pre-configure git behind our back.
+_SCRUBBED_ENV = (
+    "GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY", "GIT_NAMESPACE",
+    "GIT_ALTERNATE_OBJECT_DIRECTORIES", "GIT_COMMON_DIR", "GIT_ASKPASS", "SSH_ASKPASS",
+    "GIT_CURL_VERBOSE", "GIT_SSH", "GIT_SSH_COMMAND", "GIT_CONFIG_PARAMETERS",
+)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """How to authenticate to the remote; all optional.
+
+    ``token`` is the https password or access token. When only a token is
+    given, the username defaults to ``x-access-token`` (GitHub's convention;
+    GitLab and Gitea accept any username with a token).
+    """
+
+    username: str | None = None
+    token: str | None = None
+    ssh_key_file: Path | None = None
+    known_hosts_file: Path | None = None
+
+    def __repr__(self) -> str:
+        # A dataclass repr would print the token into any log or traceback.
+        token = "***" if self.token else None
+        return (
+            f"Credentials(username={self.username!r}, token={token!r}, "
+            f"ssh_key_file={self.ssh_key_file!r}, known_hosts_file={self.known_hosts_file!r})"
+        )
+
+
+@dataclass(frozen=True)
+class Revision:
+    """The commit a fetch resolved to, as the audit trail records it."""
+
+    url: str
+    ref: str
+    sha: str
+    author: str
+    committer: str
+    message: str
+    time: datetime
+
+
+@dataclass(frozen=True)
+class Checkout:
+    """A commit and a directory holding its tree.
+
+    ``path`` is shared with other callers of the same commit: read it, never
+    write to it. It survives until ``KEEP_CHECKOUTS`` newer commits of the same
+    repository have been checked out.
+    """
+
+    revision: Revision
+    path: Path
+
+
+def fetch(
+    url: str,
+    ref: str = "HEAD",
+    *,
+    cache_dir: Path,
+    credentials: Credentials | None = None,
+    timeout: float = 120.0,
+) -> Checkout:
+    """Resolve ``ref`` in the repository at ``url`` and check its commit out.
+
+    ``url`` is ``file://``, a local path, ``http(s)://``, ``ssh://`` or
+    scp-like ``user@host:path``. Credentials embedded in an http(s) URL are
+    used when ``credentials`` is None, and removed from the URL either way.
+
+    ``ref`` is a branch, a tag (peeled to its commit), a full or abbreviated
+    commit SHA, or ``HEAD`` (the remote's default branch). A name that is both
+    a tag and a branch means the tag, as in git. A full SHA already in the
+    cache needs no network at all (commits are immutable); other refs cost
+    one ``ls-remote`` and, when the commit is new, one shallow fetch. A SHA
+    that no branch or tag points at is fetched directly, and when the remote
+    refuses that, by a full fetch of its branches and tags (abbreviated SHAs
+    always take that route: a remote cannot be asked for a prefix).
+
+    ``timeout`` bounds the whole call, including waiting for another fetch of
+    the same repository to finish; a git process still running at the end is
+    killed with everything it started.
+
+    Concurrent calls for the same URL, from threads or processes sharing
+    ``cache_dir``, are serialised by a file lock; different URLs proceed in
+    parallel.
+
+    Raises SourceError when the remote is unreachable, refuses the
+    credentials or the ssh host key, has no such ref, or the timeout expires.
+    """
+    remote = _Remote.parse(url=url, credentials=credentials)
+    _check_ref(ref=ref, remote=remote)
+    _check_credential_files(remote=remote)
+    git = _Git(remote=remote, ref=ref, deadline=time.monotonic() + timeout, timeout=timeout)
+    home = Path(cache_dir) / _cache_key(url=remote.url)
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SourceError(
+            f"cannot create the git cache for {remote.url} in {cache_dir}: {exc.strerror}",
+            hint="cache_dir must be a writable directory (an emptyDir volume in the cluster)",
+        ) from None
+    with _locked(home / "lock", git=git):
+        repo = _ensure_repo(home=home, git=git)
+        sha = _resolve(repo=repo, git=git)
+        path = _materialise(repo=repo, checkouts=home / "checkouts", sha=sha, git=git)
+        revision = _read_revision(repo=repo, sha=sha, git=git)
+        _collect_garbage(checkouts=home / "checkouts", keep=KEEP_CHECKOUTS, current=sha)
+    return Checkout(revision=revision, path=path)
+
+
+# --- the remote: what to tell git, what to show humans ------------------------
+
+
+@dataclass(frozen=True)
+class _Remote:
+    """A remote split into the credential-free URL and the secrets."""
+
+    url: str  # credential-free; what git is given and what humans see
+    kind: str  # "local" | "http" | "ssh" | "git"
+    credentials: Credentials
+
+    @classmethod
+    def parse(cls, *, url: str, credentials: Credentials | None) -> _Remote:
+        """Classify ``url`` and move any http(s) userinfo into credentials.
+
+        An ssh username stays in the URL: it picks the account, it is no
+        secret, and removing it would log in as the daemon's local user. An
+        ssh password is dropped (we never use passwords over ssh).
+        """
+        url = url.strip()
+        if not url or url.startswith("-"):
+            raise SourceError(
+                f"invalid repository URL {_strip_userinfo(url=url)!r}",
+                hint="use https://, ssh://, git@host:path, file:// or a local path",
+            )
+        if re.match(r"[A-Za-z][A-Za-z0-9+.-]*::", url):  # git's `<transport>::<address>`
+            raise SourceError(
+                f"unsupported repository URL {_strip_userinfo(url=url)!r}: remote helpers are not allowed",
+                hint="use https://, ssh://, git@host:path, file:// or a local path",
+            )
+        creds = credentials or Credentials()
+        if "://" in url:
+            parts = urllib.parse.urlsplit(url)
+            scheme = parts.scheme.lower()
+            kinds = {"http": "http", "https": "http", "ssh": "ssh", "git+ssh": "ssh", "file": "local", "git": "git"}
+            if scheme not in kinds:
+                raise SourceError(
+                    f"unsupported repository URL scheme {scheme!r} in {_strip_userinfo(url=url)}",
+                    hint="use https://, ssh://, git@host:path, file:// or a local path",
+                )
+            userinfo, _, hostport = parts.netloc.rpartition("@")
+            user, has_password, password = userinfo.partition(":")
+            user, password = urllib.parse.unquote(user), urllib.parse.unquote(password)
+            kind = kinds[scheme]
+            if kind == "http":
+                netloc = hostport
+                if credentials is None and (user or has_password):
+                    creds = Credentials(username=user or None, token=password or None)
+            elif kind == "ssh" and user:
+                netloc = f"{urllib.parse.quote(user, safe='')}@{hostport}"
+            else:
+                netloc = hostport
+            clean = urllib.parse.urlunsplit((scheme, netloc, parts.path, parts.query, ""))
+            return cls(url=clean, kind=kind, credentials=creds)
+        match = _SCP_LIKE.fullmatch(url)
+        if match and not Path(url).exists():
+            return cls(url=url, kind="ssh", credentials=creds)
+        return cls(url=str(Path(url).expanduser().resolve()), kind="local", credentials=creds)
+
+    @property
+    def host(self) -> str:
+        """Host (and port) for messages about ssh host keys."""
+        if "://" in self.url:
+            return urllib.parse.urlsplit(self.url).netloc.rpartition("@")[2]
+        match = _SCP_LIKE.fullmatch(self.url)
+        return match.group("host") if match else self.url
+
+    def secrets(self) -> list[str]:
+        """Every form in which the token could show up in git's output."""
+        token = self.credentials.token
+        if not token:
+            return []
+        pair = f"{self._username()}:{token}"
+        return [_basic(pair=pair), pair, urllib.parse.quote(token, safe=""), token]
+
+    def _username(self) -> str:
+        return self.credentials.username or _DEFAULT_HTTPS_USERNAME
+
+    def environment(self) -> dict[str, str]:
+        """The process environment for git talking to this remote.
+
+        Secrets go in as environment-scoped git config, which git reads like
+        ``-c`` but which is not visible in ``ps`` and never written to any
+        config file.
+        """
+        env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV and not k.startswith("GIT_TRACE")}
+        env.update(
+            GIT_TERMINAL_PROMPT="0",  # never wait for a password on a terminal
+            GIT_ALLOW_PROTOCOL=_ALLOWED_PROTOCOLS,
+            GCM_INTERACTIVE="never",
+            LC_ALL="C",  # we match git's English messages
+            LANGUAGE="C",
+        )
+        config = [
+            # An empty helper resets the list: no system or user credential
+            # helper may answer (or prompt) in place of the given credentials.
+            ("credential.helper", ""),
+            # Auto-gc must run inside our lock, not detached behind it.
+            ("gc.autoDetach", "false"),
+            ("maintenance.autoDetach", "false"),
+        ]
+        creds = self.credentials
+        if self.kind == "http" and creds.token:
+            basic = _basic(pair=f"{self._username()}:{creds.token}")
+            config.append(("http.extraHeader", f"Authorization: Basic {basic}"))
+        first = int(env.get("GIT_CONFIG_COUNT", "0") or 0)
+        for i, (key, value) in enumerate(config, start=first):
+            env[f"GIT_CONFIG_KEY_{i}"] = key
+            env[f"GIT_CONFIG_VALUE_{i}"] = value
+        env["GIT_CONFIG_COUNT"] = str(first + len(config))
+        if self.kind == "ssh":
+            ssh = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"]
+            if creds.ssh_key_file is not None:
+                ssh += ["-i", str(creds.ssh_key_file), "-o", "IdentitiesOnly=yes"]
+            if creds.known_hosts_file is not None:
+                # Only the given file is trusted, not whatever the image ships.
+                # Quoted for ssh itself: this option takes a list of paths.
+                known = f'"{creds.known_hosts_file}"'
+                ssh += ["-o", f"UserKnownHostsFile={known}", "-o", "GlobalKnownHostsFile=/dev/null"]
+            env["GIT_SSH_COMMAND"] = shlex.join(ssh)
+        return env
+
+
+def _basic(*, pair: str) -> str:
+    return base64.b64encode(pair.encode()).decode("ascii")
+
+
+def _strip_userinfo(*, url: str) -> str:
+    """``url`` without ``user:password@``, for messages about URLs we reject."""
+    scheme, sep, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    return f"{scheme}{sep}{authority.rpartition('@')[2]}{slash}{path}"
+
+
+def _check_ref(*, ref: str, remote: _Remote) -> None:
+    """Refuse refs that git would read as options or revision syntax.
+
+    Only names and hex SHAs reach git; `main~1`, `HEAD@{2}` or `-x` would
+    mean something else than "a branch, tag or commit".
+    """
+    bad = (
+        not ref
+        or ref.startswith(("-", "/"))
+        or ref.endswith(("/", ".lock", "."))
+        or any(c in ref for c in " ~^:?*[\\\t\n\r\x7f")
+        or ".." in ref
+        or "@{" in ref
+        or any(ord(c) < 0x20 for c in ref)
+    )
+    if bad:
+        raise SourceError(
+            f"invalid ref {ref!r} for {remote.url}",
+            hint="use a branch name, a tag name, a commit SHA or HEAD",
+        )
+
+
+def _check_credential_files(*, remote: _Remote) -> None:
+    """Fail early and clearly on a missing key file: ssh would only say
+    "Permission denied", hiding that the file was never there."""
+    cred = remote.credentials
+    for label, path in (("ssh key file", cred.ssh_key_file), ("known_hosts file", cred.known_hosts_file)):
+        if path is not None and not Path(path).is_file():
+            raise SourceError(
+                f"the {label} {path} for {remote.url} does not exist",
+                hint="mount the secret holding it and point the credentials at the mounted file",
+            )
+
+
+def _cache_key(*, url: str) -> str:
+    """A directory name for this remote: readable slug plus a hash.
+
+    The hash alone makes it unique; the slug lets a human find a repository's
+    cache with `ls`.
+    """
+    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", url.split("://", 1)[-1]).strip("-.")[-48:].strip("-.")
+    return f"{slug}-{digest}" if slug else digest
+
+
+# --- running git ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Result:
+    returncode: int
+    stdout: str
+    stderr: str  # already scrubbed of secrets
+
+
+@dataclass(frozen=True)
+class _Git:
+    """Runs git for one fetch() call: its remote, its ref, its deadline."""
+
+    remote: _Remote
+    ref: str
+    deadline: float
+    timeout: float
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def run(
+        self, *, args: Sequence[str], repo: Path | None, env: dict[str, str] | None = None, check: bool = True
+    ) -> _Result:
+        """Run ``git args`` (in ``repo`` when given) within the deadline.
+
+        With ``check`` a non-zero exit becomes a classified SourceError;
+        without it the caller decides. Output is decoded leniently: commit
+        messages and paths are not guaranteed UTF-8.
+        """
+        left = self.remaining()
+        if left <= 0:
+            raise self.timed_out()
+        full_env = self.remote.environment()
+        full_env.update(env or {})
+        argv = ["git", *(["--git-dir", str(repo)] if repo is not None else []), *args]
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=full_env,
+            # Own process group, so a timeout kills ssh / remote-https too.
+            start_new_session=True,
+        )
+        try:
+            out, err = proc.communicate(timeout=left)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise self.timed_out() from None
+        result = _Result(proc.returncode, out.decode("utf-8", "replace"), self.scrub(err.decode("utf-8", "replace")))
+        if check and result.returncode != 0:
+            raise self.failed(verb=args[0], stderr=result.stderr)
+        return result
+
+    def scrub(self, text: str) -> str:
+        for secret in self.remote.secrets():
+            text = text.replace(secret, "***")
+        return text
+
+    # --- errors: every one names the URL and the ref, and hints at a fix -----
+
+    def timed_out(self) -> SourceError:
+        return SourceError(
+            f"fetching ref {self.ref!r} from {self.remote.url} timed out after {self.timeout:g}s",
+            hint="the remote is slow or unreachable (or another fetch of it holds the cache); "
+            "check the network, or raise the timeout for big repositories",
+        )
+
+    def unknown_ref(self) -> SourceError:
+        return SourceError(
+            f"ref {self.ref!r} not found in {self.remote.url}: no such branch, tag or commit",
+            hint="check the spelling; a commit must be reachable from a branch or tag of the remote, "
+            "and an abbreviated SHA must be unambiguous",
+        )
+
+    def failed(self, *, verb: str, stderr: str) -> SourceError:
+        """Turn git's complaint into a message a user can act on."""
+        url, ref, kind = self.remote.url, self.ref, self.remote.kind
+        detail = _summary(stderr=stderr)
+        low = stderr.lower()
+        if any(sign in low for sign in _HOST_KEY_SIGNS):
+            return SourceError(
+                f"the ssh host key of {self.remote.host} could not be verified while fetching ref {ref!r} "
+                f"from {url}: {detail}",
+                hint="put the host's public key (verified out of band, e.g. from the provider's docs) "
+                "in the known_hosts file given as known_hosts_file",
+            )
+        if any(sign in low for sign in _AUTH_SIGNS):
+            if kind == "ssh":
+                hint = "check that the ssh key (ssh_key_file) may read the repository, e.g. as a deploy key"
+                if "unprotected private key file" in low:
+                    hint = "ssh refuses a private key readable by others: make the key file mode 0400 or 0600"
+            elif self.remote.credentials.token:
+                hint = "check the token and username: the token may be wrong, expired or lack read access"
+            else:
+                hint = "the remote needs credentials: give a token (https) or an ssh key"
+            if "could not read username" in low or "terminal prompts disabled" in low:
+                detail = "the server refused the request (HTTP 401) and no other credentials are configured"
+            return SourceError(f"authentication to {url} failed while fetching ref {ref!r}: {detail}", hint=hint)
+        if "couldn't find remote ref" in low:
+            return self.unknown_ref()
+        if any(sign in low for sign in _UNREACHABLE_SIGNS):
+            return SourceError(
+                f"cannot reach {url} (fetching ref {ref!r}): {detail}",
+                hint="check the URL, that the repository exists (a private one may look missing without "
+                "credentials), and that the host is reachable from gitopsd",
+            )
+        return SourceError(
+            f"git {verb} failed for {url} (ref {ref!r}): {detail}",
+            hint="run the same git command by hand against the remote to see more",
+        )
+
+
+# What git, curl and ssh print (with LC_ALL=C) for each kind of failure.
+_HOST_KEY_SIGNS = ("host key verification failed", "remote host identification has changed", "host key is known")
+_AUTH_SIGNS = (
+    "authentication failed", "could not read username", "could not read password", "terminal prompts disabled",
+    "permission denied (publickey", "returned error: 401", "returned error: 403", "invalid username or password",
+    "unprotected private key file", "access denied",
+)
+_UNREACHABLE_SIGNS = (
+    "does not appear to be a git repository", " not found", "returned error: 404", "no such file or directory",
+    "not a git repository", "could not resolve host", "could not resolve hostname", "connection refused",
+    "failed to connect", "couldn't connect", "connection timed out", "network is unreachable", "no route to host",
+    "could not read from remote repository", "connection reset", "connection closed", "empty reply from server",
+    "ssl certificate problem",
+)
+
+
+def _summary(*, stderr: str) -> str:
+    """The informative part of git's stderr, on one line.
+
+    git and ssh wrap the cause in banners and generic advice ("Please make
+    sure you have the correct access rights", "@@@ WARNING @@@", how to
+    remove a known_hosts line); a user needs the cause, not the padding.
+    """
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    useful = [line for line in lines if not line.lower().startswith(_NOISE)]
+    specific = [line for line in useful if line.lower() != "fatal: could not read from remote repository."]
+    chosen = list(dict.fromkeys(specific or useful or lines))[:3]
+    return "; ".join(chosen) or "no output from git"
+
+
+_NOISE = (
+    "@", "please make sure", "and the repository exists", "it is also possible", "it is possible that",
+    "someone could be", "please contact", "add correct host key", "remove with", "ssh-keygen -f",
+    "it is required that", "this private key will be ignored", "the fingerprint for", "sha256:", "offending",
+)
+
+
+# --- the cache -----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _locked(path: Path, *, git: _Git) -> Iterator[None]:
+    """Hold an exclusive flock on ``path`` within the call's deadline.
+
+    flock locks belong to the open file description, so two threads of one
+    process exclude each other just as two processes do. Polling (instead of
+    a blocking flock) keeps the timeout honest.
+    """
+    with open(path, "a+b") as handle:
+        while True:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if git.remaining() <= 0:
+                    raise git.timed_out() from None
+                time.sleep(0.02)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _ensure_repo(*, home: Path, git: _Git) -> Path:
+    """The cached bare repository, created on first use.
+
+    Created in a temp dir and renamed, so a crash never leaves a half-made
+    repository that later calls would trip over. It has no remote configured:
+    each fetch names the URL, so nothing about the remote (let alone a
+    credential) is stored in its config.
+    """
+    repo = home / "repo.git"
+    if (repo / "HEAD").is_file():
+        return repo
+    shutil.rmtree(repo, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".init-", dir=home))
+    try:
+        git.run(args=["init", "--quiet", "--bare", str(tmp)], repo=None)
+        os.rename(tmp, repo)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    (home / "url").write_text(git.remote.url + "\n")  # for humans browsing the cache
+    return repo
+
+
+def _resolve(*, repo: Path, git: _Git) -> str:
+    """The full SHA of the commit ``git.ref`` names, fetched into ``repo``."""
+    ref = git.ref
+    if _FULL_SHA.fullmatch(ref):
+        cached = _local_commit(repo=repo, rev=ref, git=git)
+        if cached:
+            return cached
+    found = _ls_remote(repo=repo, git=git)
+    if found is not None:
+        refname, sha = found
+        cached = _local_commit(repo=repo, rev=sha, git=git)
+        if cached:
+            return cached
+        # HEAD is symbolic on the remote; park it under our own name.
+        target = "refs/gitopsd/HEAD" if refname == "HEAD" else refname
+        _fetch(repo=repo, git=git, refspecs=[f"+{refname}:{target}"], depth=1)
+        return _commit_of(repo=repo, sha=sha, git=git)
+    if not _HEX.fullmatch(ref):
+        raise git.unknown_ref()
+    sha = _local_commit(repo=repo, rev=ref, git=git)
+    if sha:
+        return sha
+    if _FULL_SHA.fullmatch(ref):
+        # Protocol v2 servers usually serve any reachable commit by SHA.
+        attempt = _fetch(repo=repo, git=git, refspecs=[f"+{ref}:refs/gitopsd/commit"], depth=1, check=False)
+        if attempt.returncode == 0:
+            return _commit_of(repo=repo, sha=ref, git=git)
+    # Fall back to everything the remote's branches and tags can reach.
+    _fetch(
+        repo=repo,
+        git=git,
+        refspecs=["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"],
+        depth=None,
+    )
+    sha = _local_commit(repo=repo, rev=ref, git=git)
+    if not sha:
+        raise git.unknown_ref()
+    return sha
+
+
+def _ls_remote(*, repo: Path, git: _Git) -> tuple[str, str] | None:
+    """(refname, commit-ish SHA) the remote advertises for ``git.ref``.
+
+    Lookup order follows git's own: an exact full refname, then tags, then
+    branches. A tag's peeled line (``^{}``) wins over the tag object, so the
+    SHA is a commit when the remote peels (all do for annotated tags).
+    """
+    ref = git.ref
+    if ref == "HEAD" or ref.startswith("refs/"):
+        candidates = [ref]
+    else:
+        candidates = [f"refs/tags/{ref}", f"refs/heads/{ref}"]
+    result = git.run(args=["ls-remote", "--", git.remote.url, *candidates], repo=repo)
+    advertised: dict[str, str] = {}
+    for line in result.stdout.splitlines():
+        sha, _, name = line.partition("\t")
+        advertised[name] = sha
+    for name in candidates:
+        if name in advertised:
+            return name, advertised.get(f"{name}^{{}}", advertised[name])
+    return None
+
+
+def _fetch(*, repo: Path, git: _Git, refspecs: list[str], depth: int | None, check: bool = True) -> _Result:
+    """``git fetch`` from the remote into the cache.
+
+    With ``depth=None`` a shallow cache is deepened to full history, which is
+    what finding an arbitrary old commit needs.
+    """
+    args = ["fetch", "--quiet", "--no-tags", "--no-write-fetch-head"]
+    if depth is not None:
+        args.append(f"--depth={depth}")
+    elif (repo / "shallow").exists():
+        args.append("--unshallow")
+    return git.run(args=[*args, "--", git.remote.url, *refspecs], repo=repo, check=check)
+
+
+def _local_commit(*, repo: Path, rev: str, git: _Git) -> str | None:
+    """Full SHA of the commit ``rev`` names in the cache, or None if absent."""
+    args = ["rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}"]
+    result = git.run(args=args, repo=repo, check=False)
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def _commit_of(*, repo: Path, sha: str, git: _Git) -> str:
+    """Peel what the remote advertised (commit or tag object) to a commit."""
+    commit = _local_commit(repo=repo, rev=sha, git=git)
+    if commit is None:
+        raise SourceError(
+            f"ref {git.ref!r} in {git.remote.url} points at {sha}, which is not a commit",
+            hint="point the app at a branch, a tag of a commit, or a commit SHA",
+        )
+    return commit
+
+
+def _materialise(*, repo: Path, checkouts: Path, sha: str, git: _Git) -> Path:
+    """``checkouts/<sha>``, holding exactly the commit's tree.
+
+    Written into a temp dir and renamed, so readers see all of it or none of
+    it. ``read-tree`` + ``checkout-index`` with a throwaway index leaves the
+    shared repository untouched and lets git (not us) handle symlinks,
+    executable bits and hostile paths (``..``, ``.git``).
+    """
+    final = checkouts / sha
+    if final.is_dir():
+        os.utime(final)  # recently used: the last to be collected
+        return final
+    checkouts.mkdir(exist_ok=True)
+    for stale in checkouts.glob(".tmp-*"):  # left by a crash; we hold the lock
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{sha[:12]}-", dir=checkouts))
+    index = Path(f"{tmp}.index")
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it 0700; readers may be other users
+        env = {"GIT_INDEX_FILE": str(index)}
+        git.run(args=["--work-tree", str(tmp), "read-tree", sha], repo=repo, env=env)
+        git.run(args=["--work-tree", str(tmp), "checkout-index", "--all", "--force"], repo=repo, env=env)
+        try:
+            os.rename(tmp, final)
+        except OSError as exc:  # pragma: no cover - only without the lock
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+        os.utime(final)
+    finally:
+        index.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _read_revision(*, repo: Path, sha: str, git: _Git) -> Revision:
+    """The commit's metadata, as recorded in the commit object itself.
+
+    Raw names (no mailmap) and committer time in UTC: the audit trail wants
+    what the commit says, not how a mailmap renders it today.
+    """
+    fmt = "%an%x00%ae%x00%cn%x00%ce%x00%ct%x00%B"
+    args = ["-c", "log.showSignature=false", "show", "--no-patch", "--no-color", f"--format={fmt}", sha]
+    result = git.run(args=args, repo=repo)
+    an, ae, cn, ce, ct, message = result.stdout.split("\x00", 5)
+    return Revision(
+        url=git.remote.url,
+        ref=git.ref,
+        sha=sha,
+        author=f"{an} <{ae}>",
+        committer=f"{cn} <{ce}>",
+        message=message.strip(),
+        time=datetime.fromtimestamp(int(ct), tz=timezone.utc),
+    )
+
+
+def _collect_garbage(*, checkouts: Path, keep: int, current: str) -> None:
+    """Remove all but the ``keep`` most recently used checkouts.
+
+    Recency is the directory's mtime, refreshed on every reuse, so a commit
+    that is fetched again and again (the app's steady state) is never removed.
+    ``current`` is never removed, whatever the clock says.
+    """
+    entries = [p for p in checkouts.iterdir() if _FULL_SHA.fullmatch(p.name) and p.is_dir()]
+    entries.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in entries[keep:]:
+        if old.name != current:
+            shutil.rmtree(old, ignore_errors=True)

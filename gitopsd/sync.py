@@ -1,0 +1,193 @@
+"""One reconcile of one app, top to bottom: the pipeline of DESIGN.md §2.
+
+    fetch source -> render -> plan -> guard -> apply -> prune -> health -> result
+
+The CLI (`gitopsd diff`, `gitopsd sync`) and the daemon call exactly this
+code. Each stage is a module with one job; this file only orchestrates and
+turns what the stages report into one SyncResult.
+
+Failure rules: a source or render error stops before the cluster is touched
+(and never prunes); a plan error (any invalid object) stops before the first
+write and reports every invalid object; an apply error in one stage stops
+later stages and the prune.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from gitopsd import health, inventory, render, source
+from gitopsd.apply import ApplyOutcome, apply_plan
+from gitopsd.errors import GitopsdError
+from gitopsd.kube import Kube
+from gitopsd.objects import ObjectRef
+from gitopsd.plan import Action, ObjectChange, Plan, make_plan
+
+DEFAULT_INVENTORY_NAMESPACE = "gitopsd-system"
+
+
+@dataclass(frozen=True)
+class AppSpec:
+    """What to reconcile: one app (= one ApplySet)."""
+
+    name: str
+    repo: str
+    ref: str = "HEAD"
+    path: str = "."
+    namespace: str = "default"                # for namespaced objects that name none
+    render: str = "auto"                      # auto | plain | kustomize | helm
+    helm_values: tuple[str, ...] = ()
+    prune: bool = True
+    prune_guard: float = 0.5                  # refuse to prune more than this share of the members
+    allow_prune_all: bool = False             # lift the guard (an emptied repo really means "delete all")
+    recreate: bool = False                    # allow delete+create on immutable-field changes
+    timeout: float = 300.0                    # health wait
+    credentials: source.Credentials | None = None
+    inventory_namespace: str = DEFAULT_INVENTORY_NAMESPACE
+
+
+class Outcome(str, enum.Enum):
+    APPLIED = "Applied"
+    NO_CHANGE = "NoChange"
+    FAILED = "Failed"
+    UNHEALTHY = "Unhealthy"
+    REFUSED = "Refused"          # by the prune guard
+    DRY_RUN = "DryRun"
+
+
+@dataclass
+class SyncResult:
+    app: str
+    outcome: Outcome
+    reason: str = ""
+    revision: source.Revision | None = None
+    plan: Plan | None = None
+    applied: list[ObjectChange] = field(default_factory=list)
+    pruned: list[ObjectChange] = field(default_factory=list)
+    health: list[health.ObjectHealth] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    started: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    duration: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome in (Outcome.APPLIED, Outcome.NO_CHANGE, Outcome.DRY_RUN)
+
+
+Progress = Callable[[str, ObjectChange], None]
+
+
+def default_cache_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("GITOPSD_CACHE") or Path.home() / ".cache" / "gitopsd") / "sources"
+
+
+def fetch_and_plan(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None,
+                   prune: bool | None = None) -> tuple[source.Revision, Plan]:
+    """Source -> render -> plan. Raises GitopsdError; touches nothing in the cluster."""
+    checkout = source.fetch(app.repo, app.ref, cache_dir=cache_dir or default_cache_dir(),
+                            credentials=app.credentials)
+    manifests = render.render(checkout.path, app.path, kind=app.render, namespace=app.namespace,
+                              helm_values=app.helm_values, helm_release=app.name,
+                              is_namespaced=kube.is_namespaced)
+    inv = inventory.load(kube, app=app.name, namespace=app.inventory_namespace)
+    plan = make_plan(kube, manifests, inv, prune=app.prune if prune is None else prune, recreate=app.recreate)
+    return checkout.revision, plan
+
+
+def prune_guard(app: AppSpec, plan: Plan) -> str | None:
+    """Why this plan's prune is refused, or None when it may go ahead."""
+    doomed = len(plan.of(Action.PRUNE))
+    if not doomed or app.allow_prune_all:
+        return None
+    if doomed == plan.members:
+        return (f"the commit would prune all {doomed} objects of app {app.name} (an emptied repo or a wrong "
+                f"path?); refused. Allow it with allowPruneAll / --allow-prune-all")
+    if doomed > app.prune_guard * plan.members:
+        return (f"the commit would prune {doomed} of {plan.members} objects ({doomed / plan.members:.0%}), more "
+                f"than the prune guard's {app.prune_guard:.0%}; refused. Raise pruneGuard / --prune-guard "
+                f"or allow it with --allow-prune-all")
+    return None
+
+
+def sync(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None, dry_run: bool = False,
+         prune: bool | None = None, on_progress: Progress | None = None,
+         on_health: Callable[[health.ObjectHealth], None] | None = None,
+         cancel: threading.Event | None = None) -> SyncResult:
+    """Reconcile `app` once and say what happened. Never raises for user errors."""
+    started = time.monotonic()
+    result = SyncResult(app=app.name, outcome=Outcome.FAILED)
+    do_prune = app.prune if prune is None else prune
+    try:
+        result.revision, plan = fetch_and_plan(kube, app, cache_dir=cache_dir, prune=do_prune)
+        result.plan = plan
+        if plan.errors:
+            result.errors = list(plan.errors)
+            result.reason = f"{len(plan.errors)} object(s) invalid; nothing was applied"
+            return result
+        refused = prune_guard(app, plan) if do_prune else None
+        if refused:
+            result.outcome, result.reason = Outcome.REFUSED, refused
+            return result
+        if dry_run:
+            result.outcome = Outcome.DRY_RUN
+            result.reason = "dry run: nothing was written"
+            return result
+        outcome: ApplyOutcome = apply_plan(kube, plan, prune=do_prune, recreate=app.recreate,
+                                           on_progress=on_progress)
+        result.applied, result.pruned = outcome.applied, outcome.pruned
+        if not outcome.ok:
+            result.errors = outcome.errors
+            result.reason = f"apply failed: {len(outcome.errors)} error(s)"
+            return result
+        if not outcome.applied and not outcome.pruned:
+            result.outcome, result.reason = Outcome.NO_CHANGE, "in sync"
+            return result
+        result.health = _wait_healthy(kube, [c.ref for c in outcome.applied], app=app, cancel=cancel,
+                                      on_change=on_health)
+        healthy, why = health.summarize(result.health)
+        if healthy:
+            result.outcome, result.reason = Outcome.APPLIED, _summary(outcome)
+        else:
+            result.outcome, result.reason = Outcome.UNHEALTHY, why
+        return result
+    except GitopsdError as exc:
+        result.errors = [str(exc)]
+        result.reason = exc.message.splitlines()[0]
+        return result
+    finally:
+        result.duration = time.monotonic() - started
+
+
+def _summary(outcome: ApplyOutcome) -> str:
+    counts: dict[str, int] = {}
+    for c in outcome.applied:
+        counts[c.action.value] = counts.get(c.action.value, 0) + 1
+    if outcome.pruned:
+        counts["prune"] = len(outcome.pruned)
+    # create/update/recreate/prune all take a plain "d" in the past tense.
+    return ", ".join(f"{n} {verb}d" for verb, n in sorted(counts.items()))
+
+
+def _wait_healthy(kube: Kube, refs: list[ObjectRef], *, app: AppSpec, cancel, on_change) -> list[health.ObjectHealth]:
+    def get(ref: ObjectRef) -> dict | None:
+        res = kube.resource_for_group_kind(ref.group, ref.kind)
+        return kube.get(res, ref.name, ref.namespace or None) if res else None
+
+    def related_pods(workload: dict) -> list[dict]:
+        selector = ((workload.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+        if not selector:
+            return []
+        pods = kube.resource("v1", "Pod")
+        return kube.list(pods, namespace=workload["metadata"].get("namespace"),
+                         label_selector=",".join(f"{k}={v}" for k, v in sorted(selector.items())))
+
+    return health.wait(refs, get=get, timeout=app.timeout, cancel=cancel, on_change=on_change,
+                       related_pods=related_pods)

@@ -1,0 +1,95 @@
+"""Drift: hand edits show in `diff` and are reverted by `sync`; defaults never drift."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from helpers import deployment, gitopsd, gitopsd_json
+
+pytestmark = pytest.mark.cluster
+
+
+def _args(repo, namespace):
+    return ("--repo", repo.url, "--ref", "main", "--namespace", namespace, "--app", namespace,
+            "--inventory-namespace", namespace)
+
+
+def test_hand_edit_shows_as_drift_and_sync_reverts_it(repo, kube, kubeconfig, source_cache, namespace, cluster):
+    repo.write("web.yaml", deployment("web", replicas=2))
+    repo.commit()
+    gitopsd_json("sync", *_args(repo, namespace), kubeconfig=kubeconfig, cache=source_cache, expect=0)
+
+    kubectl = str(cluster.dir.parent.parent / "bin" / "kubectl")
+    subprocess.run([kubectl, "--kubeconfig", str(kubeconfig), "-n", namespace, "scale", "deployment/web",
+                    "--replicas=5"], check=True, capture_output=True)
+
+    code, report = gitopsd_json("diff", *_args(repo, namespace), kubeconfig=kubeconfig, cache=source_cache, expect=1)
+    (change,) = report["changes"]
+    assert change["action"] == "update" and change["name"] == "web"
+    assert "spec.replicas" in change["fields"]
+    assert "-  replicas: 5" in change["diff"] and "+  replicas: 2" in change["diff"]
+
+    text = gitopsd("diff", *_args(repo, namespace), kubeconfig=kubeconfig, cache=source_cache)
+    assert "~ update" in text.stdout and "spec.replicas" in text.stdout
+
+    gitopsd_json("sync", *_args(repo, namespace), kubeconfig=kubeconfig, cache=source_cache, expect=0)
+    dep = kube.get(kube.resource("apps/v1", "Deployment"), "web", namespace)
+    assert dep["spec"]["replicas"] == 2
+
+
+def test_image_edit_inside_a_list_is_drift(app, repo, kube, namespace, kubeconfig, cluster):
+    repo.write("web.yaml", deployment("web"))
+    repo.commit()
+    assert app.sync().outcome.value == "Applied"
+    kubectl = str(cluster.dir.parent.parent / "bin" / "kubectl")
+    subprocess.run([kubectl, "--kubeconfig", str(kubeconfig), "-n", namespace, "set", "image", "deployment/web",
+                    "web=nginx:1.28"], check=True, capture_output=True)
+
+    result = app.sync(dry_run=True)
+
+    (change,) = [c for c in result.plan.changes if c.action.value != "unchanged"]
+    assert "spec.template.spec.containers[0].image" in change.diff.fields
+
+
+def test_server_defaulted_fields_never_show_as_drift(app, repo, kube, namespace):
+    # A Deployment, a Service and a Job leave dozens of fields to server defaults
+    # (strategy, revisionHistoryLimit, protocol, clusterIP, sessionAffinity, ...).
+    repo.write("objs.yaml", [
+        deployment("web"),
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+         "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}},
+        {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "once"},
+         "spec": {"template": {"spec": {"restartPolicy": "Never",
+                                        "containers": [{"name": "c", "image": "busybox"}]}}}},
+    ])
+    repo.commit()
+    assert app.sync().outcome.value == "Applied"
+
+    # Force the full server-side comparison: drop our ownership fast path by
+    # deleting the hash annotation's meaning (a new desired hash) is not what we
+    # want here; instead, compare via dry-run for every object.
+    from gitopsd import plan as plan_mod
+
+    original = plan_mod.still_ours
+    plan_mod.still_ours = lambda live, desired: False
+    try:
+        result = app.sync(dry_run=True)
+    finally:
+        plan_mod.still_ours = original
+    drifted = {str(c.ref): c.diff.fields for c in result.plan.changes if c.action.value != "unchanged"}
+    assert drifted == {}
+
+
+def test_deleted_managed_object_is_recreated(app, repo, kube, namespace):
+    repo.write("web.yaml", deployment("web"))
+    repo.commit()
+    assert app.sync().outcome.value == "Applied"
+    deps = kube.resource("apps/v1", "Deployment")
+    kube.delete(deps, "web", namespace)
+
+    result = app.sync()
+
+    assert [c.action.value for c in result.applied] == ["create"]
+    assert kube.get(deps, "web", namespace) is not None

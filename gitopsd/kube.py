@@ -28,6 +28,7 @@ import orjson
 import urllib3
 
 from gitopsd.errors import ClusterError
+from gitopsd.metrics import APISERVER_REQUESTS
 from gitopsd.objects import split_api_version
 
 FIELD_MANAGER = "gitopsd"
@@ -158,6 +159,7 @@ class Kube:
             verb = _verb(method, path, query)
             with self._lock:
                 self.requests[verb] += 1
+            APISERVER_REQUESTS.labels(verb=verb).inc()
             try:
                 resp = self._pool.request(method, url, body=data, headers=headers, preload_content=True,
                                           timeout=urllib3.Timeout(connect=10.0, read=timeout), retries=False)

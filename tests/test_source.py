@@ -521,7 +521,8 @@ def test_ssh_wrong_known_hosts_is_a_host_key_error(upstream, sshd, cache):
 
     for known_hosts in (sshd.wrong_known_hosts, empty):
         with pytest.raises(SourceError) as caught:
-            fetch(url, "main", cache_dir=cache, credentials=Credentials(ssh_key_file=sshd.user_key, known_hosts_file=known_hosts))
+            credentials = Credentials(ssh_key_file=sshd.user_key, known_hosts_file=known_hosts)
+            fetch(url, "main", cache_dir=cache, credentials=credentials)
         assert caught.value.message.startswith(
             f"the ssh host key of 127.0.0.1:{sshd.port} could not be verified while fetching ref 'main' from {url}: "
         )
@@ -532,8 +533,10 @@ def test_ssh_unauthorised_key_is_an_auth_error(upstream, sshd, cache):
     upstream.commit({"f": "1"})
     url = sshd.url(upstream.bare)
 
+    credentials = Credentials(ssh_key_file=sshd.stranger_key, known_hosts_file=sshd.known_hosts)
+
     with pytest.raises(SourceError) as caught:
-        fetch(url, "main", cache_dir=cache, credentials=Credentials(ssh_key_file=sshd.stranger_key, known_hosts_file=sshd.known_hosts))
+        fetch(url, "main", cache_dir=cache, credentials=credentials)
 
     assert caught.value.message.startswith(f"authentication to {url} failed while fetching ref 'main': ")
     assert "Permission denied (publickey)" in caught.value.message

@@ -174,7 +174,7 @@ def _wait_established(kube: Kube, crds: list[ObjectChange]) -> list[str]:
     while pending and time.monotonic() < deadline:
         for name in list(pending):
             obj = kube.get(res, name) or {}
-            conds = {c["type"]: c for c in (obj.get("status") or {}).get("conditions", [])}
+            conds = {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or []}
             if conds.get("Established", {}).get("status") == "True":
                 del pending[name]
             elif conds.get("NamesAccepted", {}).get("status") == "False":

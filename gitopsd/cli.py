@@ -66,6 +66,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="delete and re-create objects whose immutable fields changed")
     s.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for health (default 300)")
     s.add_argument("--dry-run", action="store_true", help="plan and validate, write nothing")
+
+    r = sub.add_parser("run", help="run the daemon: keep every app in the config converged",
+                       description="Reconcile the apps in --config continuously: polling, push webhooks, "
+                                   "self-heal on drift, hot-reloaded config, leader election.")
+    r.add_argument("--config", required=True, type=Path, help="the apps file (YAML); hot-reloaded on change")
+    r.add_argument("--kubeconfig", default=None, help="kubeconfig (default: $KUBECONFIG, in-cluster, ~/.kube/config)")
+    r.add_argument("--context", default=None)
+    r.add_argument("--namespace", default=os.environ.get("GITOPSD_NAMESPACE", "gitopsd-system"),
+                   help="gitopsd's own namespace: ApplySet parents, status, lease (default $GITOPSD_NAMESPACE "
+                        "or gitopsd-system)")
+    r.add_argument("--http-port", type=int, default=int(os.environ.get("GITOPSD_HTTP_PORT", "8080")),
+                   help="port for webhooks, /healthz, /readyz, /metrics, /status (default 8080; 0 = any free)")
+    r.add_argument("--http-address", default=os.environ.get("GITOPSD_HTTP_ADDRESS", "0.0.0.0"),
+                   help="address to listen on (default 0.0.0.0 in a pod; use 127.0.0.1 on a laptop)")
+    r.add_argument("--log-format", default=os.environ.get("GITOPSD_LOG_FORMAT", "auto"),
+                   choices=["auto", "json", "console"], help="auto: readable on a terminal, JSON otherwise")
+    r.add_argument("--leader-elect", action=argparse.BooleanOptionalAction, default=True,
+                   help="elect a leader with a Lease so replicas never apply at once (default on)")
+    r.add_argument("--lease-duration", type=float, default=15.0, help="seconds (default 15)")
+    r.add_argument("--lease-renew", type=float, default=5.0, help="seconds between renewals (default 5)")
+    r.add_argument("--instance", default=None, help="identity in the lease and audit (default hostname-pid)")
+    r.add_argument("--watch-local", action=argparse.BooleanOptionalAction, default=True,
+                   help="for file:// and local-path repos, reconcile within a second of a change (default on)")
+    r.add_argument("--concurrency", type=int, default=16, help="parallel apiserver requests per app (default 16)")
+
+    st = sub.add_parser("status", help="show each app's last revision, result, health and drift")
+    st.add_argument("app", nargs="?", help="one app (default: all)")
+    st.add_argument("--kubeconfig", default=None)
+    st.add_argument("--context", default=None)
+    st.add_argument("--namespace", default=os.environ.get("GITOPSD_NAMESPACE", "gitopsd-system"),
+                    help="gitopsd's namespace (default $GITOPSD_NAMESPACE or gitopsd-system)")
+    st.add_argument("--output", "-o", default="text", choices=["text", "json"])
     return parser
 
 
@@ -73,7 +105,7 @@ def default_app_name(repo: str, path: str) -> str:
     base = re.sub(r"\.git$", "", repo.rstrip("/").rsplit("/", 1)[-1].rsplit(":", 1)[-1])
     tail = "" if path in (".", "") else "-" + path.strip("/").replace("/", "-")
     name = re.sub(r"[^a-z0-9-]+", "-", f"{base}{tail}".lower()).strip("-")
-    return name[:50].strip("-") or "app"
+    return name[:40].strip("-") or "app"   # the config file's limit for app names
 
 
 def _app_spec(args):
@@ -180,4 +212,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    return {"diff": cmd_diff, "sync": cmd_sync}[args.command](args)
+    return COMMANDS[args.command](args)
+
+
+def cmd_run(args) -> int:
+    from gitopsd.daemon import main as daemon_main
+
+    return daemon_main(args)
+
+
+def cmd_status(args) -> int:
+    from gitopsd import status
+    from gitopsd.errors import GitopsdError
+    from gitopsd.kube import Kube
+
+    try:
+        kube = Kube.connect(kubeconfig=args.kubeconfig, context=args.context)
+        apps = status.read_all(kube, namespace=args.namespace, app=args.app)
+    except GitopsdError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.app and not apps:
+        print(f"error: no status for app {args.app!r} in namespace {args.namespace}", file=sys.stderr)
+        return 1
+    _print(apps, output=args.output, text=status.table(apps))
+    return 0
+
+
+COMMANDS = {"diff": cmd_diff, "sync": cmd_sync, "run": cmd_run, "status": cmd_status}

@@ -121,3 +121,53 @@ def compare(live: dict | None, after: dict, *, label: str) -> Diff:
 
 def to_yaml(obj: dict) -> str:
     return yaml.safe_dump(obj, sort_keys=True, default_flow_style=False, width=120)
+
+
+def managers_of(live: dict, fields: tuple[str, ...] | list[str], *, exclude: str = "gitopsd") -> list[str]:
+    """Field managers (other than `exclude`) that own any of `fields` on `live`.
+
+    Drift reports name who changed an object by hand: in server-side apply
+    the last writer of a field owns it, so the owners of the drifted paths
+    are the editors (`kubectl-edit`, `kubectl-scale`, ...). Falls back to the
+    most recently active other manager when no path can be attributed.
+    """
+    entries = [m for m in (live.get("metadata") or {}).get("managedFields") or []
+               if m.get("manager") and m.get("manager") != exclude and m.get("subresource") != "status"]
+    found: list[str] = []
+    for entry in entries:
+        owned = entry.get("fieldsV1") or {}
+        if any(_owns(owned, _path_parts(p)) for p in fields):
+            label = entry["manager"] + (f" ({entry['operation']})" if entry.get("operation") else "")
+            if label not in found:
+                found.append(label)
+    if found or not entries:
+        return found
+    latest = max(entries, key=lambda m: m.get("time") or "")
+    return [latest["manager"] + (f" ({latest['operation']})" if latest.get("operation") else "")]
+
+
+def _path_parts(path: str) -> list[str | int]:
+    parts: list[str | int] = []
+    for piece in path.split("."):
+        while "[" in piece:
+            name, rest = piece.split("[", 1)
+            if name:
+                parts.append(name)
+            idx, piece = rest.split("]", 1)
+            parts.append(int(idx))
+        if piece:
+            parts.append(piece)
+    return parts
+
+
+def _owns(owned: dict, parts: list) -> bool:
+    if not parts:
+        return True
+    head, rest = parts[0], parts[1:]
+    if isinstance(head, int):
+        # A list element: any keyed/indexed/valued child may be it (no schema here).
+        return any(_owns(sub, rest) for key, sub in owned.items() if key[:2] in ("k:", "i:", "v:"))
+    child = owned.get(f"f:{head}")
+    if child is None:
+        return False
+    return not child or _owns(child, rest)

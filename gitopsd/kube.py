@@ -136,6 +136,14 @@ class Kube:
 
     # ------------------------------------------------------------ raw requests
 
+    def _headers(self, accept: str) -> dict[str, str]:
+        """Accept plus the bearer token, re-read each time (in-cluster tokens rotate)."""
+        headers = {"Accept": accept, "User-Agent": "gitopsd"}
+        for setting in self._api_client.configuration.auth_settings().values():
+            if setting["in"] == "header" and setting["value"]:
+                headers[setting["key"]] = setting["value"]
+        return headers
+
     def request(self, method: str, path: str, *, query: dict | list | None = None, body=None,
                 content_type: str = "application/json", accept: str = "application/json",
                 timeout: float = 60.0) -> dict:
@@ -150,12 +158,9 @@ class Kube:
         data = orjson.dumps(body) if body is not None and not isinstance(body, bytes) else body
         attempt = 0
         while True:
-            headers = {"Accept": accept, "User-Agent": "gitopsd"}
+            headers = self._headers(accept)
             if data is not None:
                 headers["Content-Type"] = content_type
-            for setting in self._api_client.configuration.auth_settings().values():
-                if setting["in"] == "header" and setting["value"]:
-                    headers[setting["key"]] = setting["value"]
             verb = _verb(method, path, query)
             with self._lock:
                 self.requests[verb] += 1
@@ -245,6 +250,11 @@ class Kube:
 
     def list(self, res: Resource, *, namespace: str | None = None, label_selector: str | None = None) -> list[dict]:
         """Every matching object, as dicts with apiVersion and kind filled in (lists omit them)."""
+        return self.list_with_version(res, namespace=namespace, label_selector=label_selector)[0]
+
+    def list_with_version(self, res: Resource, *, namespace: str | None = None,
+                          label_selector: str | None = None) -> tuple[list[dict], str]:
+        """Like list(), plus the collection's resourceVersion to start a watch from."""
         items: list[dict] = []
         query: dict[str, str] = {"limit": "500"}
         if label_selector:
@@ -255,10 +265,57 @@ class Kube:
                 item.setdefault("apiVersion", res.api_version)
                 item.setdefault("kind", res.kind)
                 items.append(item)
-            cont = (doc.get("metadata") or {}).get("continue")
-            if not cont:
-                return items
-            query["continue"] = cont
+            meta = doc.get("metadata") or {}
+            if not meta.get("continue"):
+                return items, meta.get("resourceVersion", "")
+            query["continue"] = meta["continue"]
+
+    def watch(self, res: Resource, *, namespace: str | None = None, label_selector: str | None = None,
+              resource_version: str = "", timeout_seconds: int = 300):
+        """Yield (type, object) watch events until the server ends the stream.
+
+        BOOKMARK events carry only metadata.resourceVersion. An expired
+        resourceVersion raises KubeApiError(410): the caller must re-list.
+        """
+        query = {"watch": "1", "allowWatchBookmarks": "true", "timeoutSeconds": str(timeout_seconds)}
+        if label_selector:
+            query["labelSelector"] = label_selector
+        if resource_version:
+            query["resourceVersion"] = resource_version
+        url = self.host + res.path(namespace) + "?" + urllib.parse.urlencode(query)
+        headers = self._headers("application/json")
+        with self._lock:
+            self.requests["watch"] += 1
+        APISERVER_REQUESTS.labels(verb="watch").inc()
+        try:
+            resp = self._pool.request("GET", url, headers=headers, preload_content=False, retries=False,
+                                      timeout=urllib3.Timeout(connect=10.0, read=timeout_seconds + 30))
+        except urllib3.exceptions.HTTPError as exc:
+            raise ClusterError(f"watch {res.path(namespace)}: cannot reach the apiserver: {exc}") from None
+        try:
+            if resp.status != 200:
+                resp.read()
+                raise _api_error("GET", res.path(namespace), resp)
+            buffer = b""
+            for chunk in resp.stream(65536, decode_content=True):
+                buffer += chunk
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    if not line.strip():
+                        continue
+                    event = orjson.loads(line)
+                    obj = event.get("object") or {}
+                    if event.get("type") == "ERROR":
+                        raise KubeApiError(status=int(obj.get("code") or 500), reason=obj.get("reason", ""),
+                                           message=obj.get("message", ""), method="WATCH",
+                                           path=res.path(namespace))
+                    obj.setdefault("apiVersion", res.api_version)
+                    obj.setdefault("kind", res.kind)
+                    yield event["type"], obj
+        except urllib3.exceptions.HTTPError as exc:
+            raise ClusterError(f"watch {res.path(namespace)} broke: {exc}") from None
+        finally:
+            resp.release_conn()
 
     def apply(self, obj: dict, *, dry_run: bool = False, force: bool = True,
               field_manager: str = FIELD_MANAGER) -> dict:

@@ -41,6 +41,7 @@ from gitopsd.inventory import PART_OF_LABEL, Inventory, split_group_kind
 from gitopsd.kube import Kube, KubeApiError, Resource, UnknownKindError
 from gitopsd.objects import ObjectRef, ref_of, split_api_version
 from gitopsd.render import Manifest
+from gitopsd.watch import MemberCache
 
 HASH_ANNOTATION = "gitopsd.io/desired-hash"
 PRUNE_ANNOTATION = "gitopsd.io/prune"          # "disabled" keeps the object when it leaves Git
@@ -79,6 +80,7 @@ class Plan:
     kept: list[ObjectRef] = field(default_factory=list)        # left Git, pruning disabled by annotation
     orphans: list[ObjectRef] = field(default_factory=list)     # left Git, prune off for this run
     members: int = 0                                           # live members found
+    targets: set = field(default_factory=set)                  # (Resource, namespace) searched for members
 
     def of(self, action: Action) -> list[ObjectChange]:
         return [c for c in self.changes if c.action == action]
@@ -114,8 +116,14 @@ def prepare(obj: dict, inv: Inventory) -> dict:
 
 
 def make_plan(kube: Kube, manifests: list[Manifest], inv: Inventory, *, prune: bool = True,
-              recreate: bool = False) -> Plan:
-    """Decide, for the whole app, what applying this commit would do."""
+              recreate: bool = False, allowed_namespaces: tuple[str, ...] | None = None,
+              cache: MemberCache | None = None) -> Plan:
+    """Decide, for the whole app, what applying this commit would do.
+
+    With `allowed_namespaces`, an object outside them (or cluster-scoped) is
+    an error before any request: a tenant's repo cannot write elsewhere even
+    when gitopsd's RBAC would let it.
+    """
     plan = Plan(app=inv.app, inventory=inv)
     crd_kinds = _crd_kinds(manifests)
     commit_namespaces = {m.obj["metadata"]["name"] for m in manifests
@@ -137,9 +145,15 @@ def make_plan(kube: Kube, manifests: list[Manifest], inv: Inventory, *, prune: b
         if change.resource is not None and change.resource.namespaced and not ref.namespace:
             plan.errors.append(f"{m.source}: {ref}: namespaced kind without a namespace")
             continue
+        if allowed_namespaces is not None and ref.namespace not in allowed_namespaces:
+            where = f"namespace {ref.namespace!r}" if ref.namespace else "cluster scope"
+            plan.errors.append(f"{m.source}: {ref}: the app may not write to {where}; allowed namespaces: "
+                               f"{', '.join(allowed_namespaces)}")
+            continue
         changes.append(change)
 
-    members = _list_members(kube, inv, changes, plan)
+    plan.targets = member_targets(kube, inv, changes)
+    members = _list_members(kube, inv, plan.targets, cache)
     plan.members = len(members)
     _find_non_members(kube, changes, members, plan)
     changes = [c for c in changes if c.desired is not None]  # refused: owned by another app
@@ -183,6 +197,15 @@ def judge_deferred(kube: Kube, plan: Plan, *, recreate: bool = False) -> list[st
     return plan.errors[before:]
 
 
+def judge_one(kube: Kube, change: ObjectChange, *, recreate: bool = False) -> list[str]:
+    """Re-plan a single object (self-heal): sets change.action/diff; returns errors."""
+    scratch = Plan(app="", inventory=None)  # type: ignore[arg-type]
+    if change.resource is None:
+        change.resource = kube.resource(change.desired["apiVersion"], change.desired["kind"])
+    _judge(kube, change, scratch, commit_namespaces=set(), recreate=recreate)
+    return scratch.errors
+
+
 # ------------------------------------------------------------------ internals
 
 def _crd_kinds(manifests: list[Manifest]) -> set[tuple[str, str]]:
@@ -196,8 +219,8 @@ def _crd_kinds(manifests: list[Manifest]) -> set[tuple[str, str]]:
     return out
 
 
-def _list_members(kube: Kube, inv: Inventory, changes: list[ObjectChange], plan: Plan) -> dict[ObjectRef, dict]:
-    """One LIST per group-kind x namespace where members may live."""
+def member_targets(kube: Kube, inv: Inventory, changes: list[ObjectChange]) -> set[tuple[Resource, str | None]]:
+    """Every group-kind x namespace where members may live: desired ones and the parent's record."""
     targets: set[tuple[Resource, str | None]] = set()
     for c in changes:
         if c.resource is not None:
@@ -211,13 +234,24 @@ def _list_members(kube: Kube, inv: Inventory, changes: list[ObjectChange], plan:
             targets.update((res, ns) for ns in inv.namespaces)
         else:
             targets.add((res, None))
+    return targets
 
-    members: dict[ObjectRef, dict] = {}
+
+def _list_members(kube: Kube, inv: Inventory, targets: set[tuple[Resource, str | None]],
+                  cache: MemberCache | None) -> dict[ObjectRef, dict]:
+    """Live members: from the watch cache when it covers every target, else one LIST per target."""
+    if cache is not None and targets <= cache.targets:
+        cached = cache.members()
+        if cached is not None:
+            wanted = {(res.group, res.kind, ns or "") for res, ns in targets}
+            return {ref: obj for ref, obj in cached.items()
+                    if (ref.group, ref.kind, ref.namespace) in wanted}
 
     def fetch(target):
         res, ns = target
         return kube.list(res, namespace=ns, label_selector=inv.selector)
 
+    members: dict[ObjectRef, dict] = {}
     with ThreadPoolExecutor(max_workers=kube.max_workers) as pool:
         for items in pool.map(fetch, sorted(targets, key=lambda t: (t[0].group, t[0].kind, t[1] or ""))):
             for item in items:

@@ -28,6 +28,7 @@ from gitopsd.errors import GitopsdError
 from gitopsd.kube import Kube
 from gitopsd.objects import ObjectRef
 from gitopsd.plan import Action, ObjectChange, Plan, make_plan
+from gitopsd.watch import MemberCache
 
 DEFAULT_INVENTORY_NAMESPACE = "gitopsd-system"
 
@@ -43,6 +44,7 @@ class AppSpec:
     namespace: str = "default"                # for namespaced objects that name none
     render: str = "auto"                      # auto | plain | kustomize | helm
     helm_values: tuple[str, ...] = ()
+    helm_release: str | None = None           # default: the app name
     prune: bool = True
     prune_guard: float = 0.5                  # refuse to prune more than this share of the members
     allow_prune_all: bool = False             # lift the guard (an emptied repo really means "delete all")
@@ -50,6 +52,7 @@ class AppSpec:
     timeout: float = 300.0                    # health wait
     credentials: source.Credentials | None = None
     inventory_namespace: str = DEFAULT_INVENTORY_NAMESPACE
+    allowed_namespaces: tuple[str, ...] | None = None   # None: any; else writes only there (no cluster-scoped)
 
 
 class Outcome(str, enum.Enum):
@@ -90,15 +93,24 @@ def default_cache_dir() -> Path:
 
 
 def fetch_and_plan(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None,
-                   prune: bool | None = None) -> tuple[source.Revision, Plan]:
-    """Source -> render -> plan. Raises GitopsdError; touches nothing in the cluster."""
+                   prune: bool | None = None, cache: MemberCache | None = None,
+                   inv: inventory.Inventory | None = None) -> tuple[source.Revision, Plan]:
+    """Source -> render -> plan. Raises GitopsdError; writes nothing to the cluster.
+
+    With a synced `cache` (the daemon's watch of the app's members) the plan
+    reads live state from memory instead of listing; with `inv` (the
+    daemon's copy of the ApplySet parent, kept current by its own writes) it
+    does not re-read the parent either.
+    """
     checkout = source.fetch(app.repo, app.ref, cache_dir=cache_dir or default_cache_dir(),
                             credentials=app.credentials)
     manifests = render.render(checkout.path, app.path, kind=app.render, namespace=app.namespace,
-                              helm_values=app.helm_values, helm_release=app.name,
+                              helm_values=app.helm_values, helm_release=app.helm_release or app.name,
                               is_namespaced=kube.is_namespaced)
-    inv = inventory.load(kube, app=app.name, namespace=app.inventory_namespace)
-    plan = make_plan(kube, manifests, inv, prune=app.prune if prune is None else prune, recreate=app.recreate)
+    if inv is None:
+        inv = inventory.load(kube, app=app.name, namespace=app.inventory_namespace)
+    plan = make_plan(kube, manifests, inv, prune=app.prune if prune is None else prune, recreate=app.recreate,
+                     allowed_namespaces=app.allowed_namespaces, cache=cache)
     return checkout.revision, plan
 
 
@@ -120,13 +132,20 @@ def prune_guard(app: AppSpec, plan: Plan) -> str | None:
 def sync(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None, dry_run: bool = False,
          prune: bool | None = None, on_progress: Progress | None = None,
          on_health: Callable[[health.ObjectHealth], None] | None = None,
-         cancel: threading.Event | None = None) -> SyncResult:
-    """Reconcile `app` once and say what happened. Never raises for user errors."""
+         cancel: threading.Event | None = None, cache: MemberCache | None = None,
+         inv: inventory.Inventory | None = None, hold_revision: str | None = None) -> SyncResult:
+    """Reconcile `app` once and say what happened. Never raises for user errors.
+
+    `hold_revision`: when the fetched commit is this one, only plan and report
+    (outcome DryRun) — how an app with self-heal off leaves hand edits alone
+    until the next commit.
+    """
     started = time.monotonic()
     result = SyncResult(app=app.name, outcome=Outcome.FAILED)
     do_prune = app.prune if prune is None else prune
     try:
-        result.revision, plan = fetch_and_plan(kube, app, cache_dir=cache_dir, prune=do_prune)
+        result.revision, plan = fetch_and_plan(kube, app, cache_dir=cache_dir, prune=do_prune, cache=cache,
+                                               inv=inv)
         result.plan = plan
         if plan.errors:
             result.errors = list(plan.errors)
@@ -136,9 +155,10 @@ def sync(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None, dry_run: bo
         if refused:
             result.outcome, result.reason = Outcome.REFUSED, refused
             return result
-        if dry_run:
+        if dry_run or (hold_revision is not None and result.revision.sha == hold_revision):
             result.outcome = Outcome.DRY_RUN
-            result.reason = "dry run: nothing was written"
+            result.reason = ("dry run: nothing was written" if dry_run else
+                             "drift reported, not corrected: self-heal is off and the commit is unchanged")
             return result
         outcome: ApplyOutcome = apply_plan(kube, plan, prune=do_prune, recreate=app.recreate,
                                            on_progress=on_progress)

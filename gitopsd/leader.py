@@ -1,0 +1,167 @@
+"""Leader election with a coordination.k8s.io/v1 Lease.
+
+Only the leader reconciles, so two replicas never apply at once. The rules
+follow client-go's leaderelection: a holder renews the lease every
+`renew_interval`; a lease whose renewTime + leaseDurationSeconds has passed
+may be taken over by anyone, using the resourceVersion as an optimistic lock
+(a lost race is a 409 and simply means someone else won). A leader that
+cannot renew within `lease_duration` stops leading *before* the lease could
+be taken by another replica, because it measures from its own last
+successful renewal on its own clock.
+
+Renewals are writes to the Lease, not to any app's objects; they are the
+price of running two replicas and are counted apart from reconcile traffic.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Callable
+
+import structlog
+
+from gitopsd.errors import ClusterError
+from gitopsd.kube import Kube, KubeApiError
+from gitopsd.metrics import IS_LEADER
+
+log = structlog.get_logger("gitopsd.leader")
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _fmt(t: datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse(s: str | None) -> datetime | None:
+    if not s:
+        return None
+    s = s.rstrip("Z")
+    for fmt in ("%Y-%m-%dT%H:%M:%S.%f", "%Y-%m-%dT%H:%M:%S"):
+        try:
+            return datetime.strptime(s, fmt).replace(tzinfo=timezone.utc)
+        except ValueError:
+            continue
+    return None
+
+
+class LeaderElector:
+    """Campaign for a Lease in a background thread; call back on gain and loss."""
+
+    def __init__(self, kube: Kube, *, namespace: str, name: str = "gitopsd-leader", identity: str,
+                 lease_duration: float = 15.0, renew_interval: float = 5.0,
+                 on_started_leading: Callable[[], None], on_stopped_leading: Callable[[], None]) -> None:
+        if renew_interval >= lease_duration:
+            raise ValueError("renew_interval must be shorter than lease_duration")
+        self.kube = kube
+        self.namespace = namespace
+        self.name = name
+        self.identity = identity
+        self.lease_duration = lease_duration
+        self.renew_interval = renew_interval
+        self._on_start = on_started_leading
+        self._on_stop = on_stopped_leading
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._leading = False
+        self._last_renew = 0.0   # monotonic time of our last successful acquire/renew
+        self._res = None
+
+    @property
+    def is_leader(self) -> bool:
+        return self._leading
+
+    def start(self) -> None:
+        self._res = self.kube.resource("coordination.k8s.io/v1", "Lease")
+        self._thread = threading.Thread(target=self._loop, name="leader-election", daemon=True)
+        self._thread.start()
+
+    def stop(self, *, release: bool = True) -> None:
+        """Stop campaigning; a leader releases the lease so a standby takes over at once."""
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=self.renew_interval + 5)
+        if self._leading:
+            self._set_leading(False)
+            if release:
+                self._release()
+
+    # ------------------------------------------------------------ internals
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                ok = self._try_acquire_or_renew()
+            except (ClusterError, OSError) as exc:
+                log.warning("lease request failed", lease=self.name, error=str(exc))
+                ok = False
+            if ok:
+                self._last_renew = time.monotonic()
+                if not self._leading:
+                    self._set_leading(True)
+            elif self._leading and time.monotonic() - self._last_renew >= self.lease_duration - self.renew_interval:
+                # Give up before the lease expires for the others: never two leaders.
+                self._set_leading(False)
+            self._stop.wait(self.renew_interval if self._leading else self.renew_interval / 2)
+
+    def _set_leading(self, leading: bool) -> None:
+        self._leading = leading
+        IS_LEADER.set(1 if leading else 0)
+        log.info("leadership " + ("acquired" if leading else "lost"), lease=f"{self.namespace}/{self.name}",
+                 identity=self.identity)
+        (self._on_start if leading else self._on_stop)()
+
+    def _spec(self, *, transitions: int, acquire_time: str) -> dict:
+        now = _fmt(_now())
+        return {"holderIdentity": self.identity, "leaseDurationSeconds": max(1, int(round(self.lease_duration))),
+                "acquireTime": acquire_time or now, "renewTime": now, "leaseTransitions": transitions}
+
+    def _try_acquire_or_renew(self) -> bool:
+        lease = self.kube.get(self._res, self.name, self.namespace)
+        if lease is None:
+            body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                    "metadata": {"name": self.name, "namespace": self.namespace},
+                    "spec": self._spec(transitions=0, acquire_time="")}
+            try:
+                self.kube.request("POST", self._res.path(self.namespace), body=body)
+                return True
+            except KubeApiError as exc:
+                if exc.status == 409:
+                    return False
+                raise
+        spec = lease.get("spec") or {}
+        holder = spec.get("holderIdentity") or ""
+        transitions = int(spec.get("leaseTransitions") or 0)
+        if holder == self.identity:
+            new_spec = self._spec(transitions=transitions, acquire_time=spec.get("acquireTime", ""))
+        else:
+            renew = _parse(spec.get("renewTime"))
+            duration = float(spec.get("leaseDurationSeconds") or self.lease_duration)
+            if holder and renew is not None and renew + timedelta(seconds=duration) > _now():
+                return False  # held by a live leader
+            new_spec = self._spec(transitions=transitions + 1, acquire_time="")
+        lease["spec"] = new_spec
+        try:
+            self.kube.request("PUT", self._res.path(self.namespace, self.name), body=lease)
+            return True
+        except KubeApiError as exc:
+            if exc.status == 409:  # someone else renewed or took it first
+                return False
+            raise
+
+    def _release(self) -> None:
+        try:
+            lease = self.kube.get(self._res, self.name, self.namespace)
+            if lease is None or (lease.get("spec") or {}).get("holderIdentity") != self.identity:
+                return
+            lease["spec"]["holderIdentity"] = ""
+            lease["spec"]["leaseDurationSeconds"] = 1
+            lease["spec"]["renewTime"] = _fmt(_now() - timedelta(seconds=60))
+            self.kube.request("PUT", self._res.path(self.namespace, self.name), body=lease)
+            log.info("lease released", lease=f"{self.namespace}/{self.name}", identity=self.identity)
+        except (ClusterError, OSError) as exc:
+            log.warning("lease release failed", lease=self.name, error=str(exc))

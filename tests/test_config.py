@@ -1,0 +1,404 @@
+"""The config file model: parsing, validation messages, diff, to_spec.
+
+Pure logic: no cluster, no Git. Messages are asserted by content because
+they are the product here: a user fixes the file from them alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from gitopsd import source
+from gitopsd.config import (
+    AppConfig,
+    Config,
+    ConfigChange,
+    ConfigError,
+    CredentialsRef,
+    WebhookConfig,
+    diff,
+    load,
+    parse,
+    parse_duration,
+)
+from gitopsd.sync import AppSpec
+
+
+def problems_of(text: str, **kwargs) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse(textwrap.dedent(text), **kwargs)
+    return info.value.problems
+
+
+def one_app(text: str, **kwargs) -> AppConfig:
+    config = parse(textwrap.dedent(text), **kwargs)
+    assert len(config.apps) == 1
+    return config.apps[0]
+
+
+FULL = """\
+apps:
+  - name: web-production
+    repo: https://git.example.com/fleet.git
+    ref: v1.2.3
+    path: web/overlays/production
+    namespace: production
+    interval: 1h30m
+    prune: false
+    selfHeal: false
+    render: helm
+    helm:
+      valuesFiles: [values.yaml, values-prod.yaml]
+      releaseName: web
+    credentials:
+      secretRef: {name: fleet-git}
+    allowedNamespaces: [production, monitoring]
+    pruneGuard: 0.25
+    allowPruneAll: true
+    recreate: true
+    suspend: true
+    timeout: 90
+webhook:
+  secretFile: /etc/gitopsd/webhook/secret
+"""
+
+
+def test_minimal_app_gets_defaults() -> None:
+    app = one_app("""
+        apps:
+          - name: web
+            repo: https://git.example.com/fleet.git
+    """)
+    assert app == AppConfig(name="web", repo="https://git.example.com/fleet.git")
+    assert (app.ref, app.path, app.namespace, app.interval, app.timeout) == ("main", ".", "default", 60.0, 300.0)
+    assert (app.prune, app.self_heal, app.render, app.prune_guard) == (True, True, "auto", 0.5)
+    assert app.credentials is None and app.allowed_namespaces is None and not app.suspend
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "apps: []\n", "apps:\n#  - name: web\n"])
+def test_empty_config_means_no_apps(text: str) -> None:
+    assert parse(text) == Config()
+
+
+def test_full_app_round_trips_every_field() -> None:
+    config = parse(FULL)
+    assert config.apps == (AppConfig(
+        name="web-production",
+        repo="https://git.example.com/fleet.git",
+        ref="v1.2.3",
+        path="web/overlays/production",
+        namespace="production",
+        interval=5400.0,
+        prune=False,
+        self_heal=False,
+        render="helm",
+        helm_values=("values.yaml", "values-prod.yaml"),
+        helm_release="web",
+        credentials=CredentialsRef(secret_name="fleet-git"),
+        allowed_namespaces=("production", "monitoring"),
+        prune_guard=0.25,
+        allow_prune_all=True,
+        recreate=True,
+        suspend=True,
+        timeout=90.0,
+    ),)
+    assert config.webhook == WebhookConfig(secret_file=Path("/etc/gitopsd/webhook/secret"))
+    assert config.app("web-production") is config.apps[0]
+    assert config.app("nope") is None
+    # Every field of AppConfig is set to a non-default value above, so a new
+    # field without a file key shows up here.
+    defaults = AppConfig(name="x", repo="y")
+    same = [f.name for f in dataclasses.fields(AppConfig)
+            if getattr(config.apps[0], f.name) == getattr(defaults, f.name)]
+    assert same == []
+
+
+def test_file_based_credentials() -> None:
+    app = one_app("""
+        apps:
+          - name: web
+            repo: git@git.example.com:fleet.git
+            credentials:
+              sshKeyFile: /etc/gitopsd/git/identity
+              knownHostsFile: /etc/gitopsd/git/known_hosts
+              username: deploy
+    """)
+    assert app.credentials == CredentialsRef(ssh_key_file=Path("/etc/gitopsd/git/identity"),
+                                             known_hosts_file=Path("/etc/gitopsd/git/known_hosts"),
+                                             username="deploy")
+
+
+@pytest.mark.parametrize(("value", "seconds"), [
+    ("30s", 30.0), ("1m", 60.0), ("1h30m", 5400.0), ("500ms", 0.5), ("1.5h", 5400.0), ("2m30s", 150.0),
+    (90, 90.0), (2.5, 2.5), ("90", 90.0), (" 1m ", 60.0), (0, 0.0),
+])
+def test_durations_parse(value: object, seconds: float) -> None:
+    assert parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["abc", "", "1m30", "-1m", "1d", "m", "1 m", True, None, [1], float("inf"), -5])
+def test_invalid_durations_say_what_is_accepted(value: object) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_duration(value)
+    message = str(info.value)
+    assert "negative" in message or "use 30s, 1m, 1h30m" in message
+
+
+def test_every_problem_is_reported_with_app_and_field() -> None:
+    problems = problems_of("""
+        apps:
+          - name: ok
+            repo: https://git.example.com/fleet.git
+          - name: web-production
+            repo: https://git.example.com/fleet.git
+            interval: abc
+            prune: "yes"
+            render: jsonnet
+            pruneGuard: 1.5
+            timeout: 0s
+            ref: 1234567
+            path: /etc
+            namespace: Production
+          - repo: https://git.example.com/fleet.git
+          - name: Web_Prod
+            repo: https://git.example.com/fleet.git
+            interval: 1s
+          - just a string
+        extra: 1
+    """)
+    assert problems == [
+        'apps[1] (web-production).ref: YAML reads 1234567 as a number, not a string; quote it',
+        'apps[1] (web-production).path: "/etc" is absolute; give the path relative to the repository root',
+        'apps[1] (web-production).namespace: "Production" is not a valid namespace: use lower-case letters, '
+        "digits and '-', starting and ending with a letter or digit, at most 63 characters",
+        'apps[1] (web-production).interval: "abc" is not a duration (use 30s, 1m, 1h30m)',
+        'apps[1] (web-production).prune: "yes" is not a boolean (use true or false)',
+        'apps[1] (web-production).render: "jsonnet" is not one of auto, plain, kustomize, helm',
+        "apps[1] (web-production).pruneGuard: 1.5 is out of range: use a share with 0 < x <= 1 "
+        "(0.5: refuse to prune more than half of the app's objects at once)",
+        'apps[1] (web-production).timeout: "0s" is too short: at least 1s '
+        "(the health wait needs time to see a rollout)",
+        "apps[2].name: missing",
+        'apps[3] (Web_Prod).name: "Web_Prod" is not a valid app name: use lower-case letters, digits and '
+        "'-', starting and ending with a letter or digit, at most 40 characters",
+        'apps[3] (Web_Prod).interval: "1s" is too short: at least 5s '
+        "(polling faster only loads the Git server; use the webhook for fast pickup)",
+        "apps[4]: must be a mapping with at least name and repo, not a string",
+        "extra: unknown field; known fields: apps, webhook",
+    ]
+
+
+def test_config_error_lists_every_problem_and_the_file() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse("apps:\n  - name: a\n  - name: b\n", source="/etc/gitopsd/config.yaml")
+    text = str(info.value)
+    assert text.startswith("/etc/gitopsd/config.yaml: invalid config, 2 problems:")
+    assert "  - apps[0] (a).repo: missing" in text and "  - apps[1] (b).repo: missing" in text
+
+
+def test_app_name_longer_than_40_characters_is_refused() -> None:
+    name = "a" * 41
+    [problem] = problems_of(f"apps: [{{name: {name}, repo: r}}]")
+    assert problem.endswith("at most 40 characters")
+    assert one_app(f"apps: [{{name: {'a' * 40}, repo: r}}]").name == "a" * 40
+
+
+@pytest.mark.parametrize(("typo", "field"), [
+    ("selfheal", "selfHeal"), ("self_heal", "selfHeal"), ("prune_guard", "pruneGuard"),
+    ("namesapce", "namespace"), ("intervall", "interval"), ("allowedNamespace", "allowedNamespaces"),
+])
+def test_unknown_field_suggests_the_right_name(typo: str, field: str) -> None:
+    [problem] = problems_of(f"""
+        apps:
+          - name: web
+            repo: https://git.example.com/fleet.git
+            {typo}: true
+    """)
+    assert problem == f"apps[0] (web).{typo}: unknown field; did you mean {field}?"
+
+
+def test_unknown_nested_fields_are_refused_too() -> None:
+    problems = problems_of("""
+        apps:
+          - name: web
+            repo: r
+            helm: {valueFiles: [v.yaml]}
+            credentials: {secretRef: {nme: fleet}}
+        webhook: {secretfile: /x}
+    """)
+    assert problems == [
+        "apps[0] (web).helm.valueFiles: unknown field; did you mean valuesFiles?",
+        "apps[0] (web).credentials.secretRef.name: missing",
+        "apps[0] (web).credentials.secretRef.nme: unknown field; did you mean name?",
+        "webhook.secretfile: unknown field; did you mean secretFile?",
+    ]
+
+
+def test_duplicate_app_names_are_refused() -> None:
+    problems = problems_of("""
+        apps:
+          - {name: web, repo: a}
+          - {name: api, repo: a}
+          - {name: web, repo: b}
+    """)
+    assert problems == ["apps[2] (web).name: duplicate of apps[0]; app names must be unique "
+                        "(the name is the app's inventory)"]
+
+
+def test_duplicate_yaml_keys_are_refused_with_lines() -> None:
+    problems = problems_of("""\
+        apps:
+          - name: web
+            repo: r
+            prune: false
+            prune: true
+    """)
+    assert problems == ["line 5: key 'prune' appears again (first at line 4); "
+                        "YAML would silently keep only the last one"]
+
+
+@pytest.mark.parametrize(("snippet", "field"), [
+    ("token: ghp_s3cr3t", "token"),
+    ("password: s3cr3t", "password"),
+    ("credentials: {token: ghp_s3cr3t}", "credentials.token"),
+    ("credentials: {password: s3cr3t, username: bot}", "credentials.password"),
+    ("credentials: {sshKey: s3cr3t}", "credentials.sshKey"),
+])
+def test_inline_secret_in_config_is_refused(snippet: str, field: str) -> None:
+    problems = problems_of(f"apps:\n  - name: web\n    repo: r\n    {snippet}\n")
+    assert problems[0].startswith(f"apps[0] (web).{field}: inline secrets are refused")
+    assert "secretRef" in problems[0]
+    assert not any("s3cr3t" in p for p in problems)
+
+
+def test_password_in_repository_url_is_refused_without_echoing_it() -> None:
+    [problem] = problems_of("apps: [{name: web, repo: 'https://bot:s3cr3t@git.example.com/fleet.git'}]")
+    assert "carries a password" in problem and "https://git.example.com/fleet.git" in problem
+    assert "s3cr3t" not in problem
+
+
+def test_inline_webhook_secret_is_refused() -> None:
+    [problem] = problems_of("webhook: {secret: s3cr3t}")
+    assert problem.startswith("webhook.secret: inline secrets are refused")
+    assert "GITOPSD_WEBHOOK_SECRET" in problem and "s3cr3t" not in problem
+
+
+@pytest.mark.parametrize(("credentials", "expected"), [
+    ("{secretRef: {name: fleet}, tokenFile: /t}",
+     "credentials.secretRef: use either secretRef or files (tokenFile), not both"),
+    ("{}", "credentials.secretRef: missing: name a Secret"),
+    ("{knownHostsFile: /k}", "credentials.tokenFile: missing: without tokenFile or sshKeyFile"),
+    ("{tokenFile: /t, username: a, usernameFile: /u}", "credentials.usernameFile: use either username or"),
+    ("{secretRef: {name: fleet, namespace: other}}", "credentials.secretRef.namespace: not allowed"),
+    ("{tokenFile: token}", 'credentials.tokenFile: "token" is relative; give an absolute path'),
+])
+def test_credentials_are_one_kind_of_reference(credentials: str, expected: str) -> None:
+    [problem] = problems_of(f"apps: [{{name: web, repo: r, credentials: {credentials}}}]")
+    assert problem.startswith(f"apps[0] (web).{expected}")
+
+
+def test_relative_file_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "gitopsd.yaml"
+    path.write_text("apps: [{name: web, repo: r, credentials: {tokenFile: git/token}}]\n"
+                    "webhook: {secretFile: hook}\n")
+    config = load(path)
+    assert config.apps[0].credentials == CredentialsRef(token_file=tmp_path / "git" / "token")
+    assert config.webhook.secret_file == tmp_path / "hook"
+
+
+def test_helm_settings_need_a_helm_renderer() -> None:
+    [problem] = problems_of("apps: [{name: web, repo: r, render: kustomize, helm: {releaseName: web}}]")
+    assert problem == "apps[0] (web).helm: only used with render helm or auto, and render is kustomize"
+    assert one_app("apps: [{name: web, repo: r, helm: {valuesFiles: [v.yaml]}}]").helm_values == ("v.yaml",)
+
+
+def test_allowed_namespaces_must_include_target_namespace() -> None:
+    problems = problems_of("""
+        apps:
+          - {name: a, repo: r, namespace: staging, allowedNamespaces: [production]}
+          - {name: b, repo: r, allowedNamespaces: [production]}
+          - {name: c, repo: r, namespace: x, allowedNamespaces: []}
+          - {name: d, repo: r, allowedNamespaces: [Bad_NS, default]}
+    """)
+    assert problems == [
+        'apps[0] (a).namespace: "staging" is not in allowedNamespaces [production]',
+        'apps[1] (b).namespace: "default" is not in allowedNamespaces [production] (the default); '
+        "set namespace to one of them",
+        "apps[2] (c).allowedNamespaces: is an empty list: the app could write nowhere; remove the key to allow any",
+        'apps[3] (d).allowedNamespaces[0]: "Bad_NS" is not a valid namespace: use lower-case letters, digits '
+        "and '-', starting and ending with a letter or digit, at most 63 characters",
+    ]
+    app = one_app("apps: [{name: a, repo: r, namespace: production, allowedNamespaces: [production, production]}]")
+    assert app.allowed_namespaces == ("production",)
+
+
+@pytest.mark.parametrize(("text", "line"), [
+    ("apps:\n  - name: web\n    repo: r\n   prune: true\n", 4),
+    ("apps:\n  - name: web\n    repo: 'unclosed\n", 3),
+    ("apps: [{name: web, repo: r}\n", 2),
+])
+def test_yaml_syntax_error_names_the_line(text: str, line: int) -> None:
+    [problem] = problems_of(text)
+    assert problem.startswith("line ") and "invalid YAML" in problem
+    assert f"line {line}" in problem
+
+
+def test_diff_reports_added_removed_changed_apps() -> None:
+    old = parse("""
+        apps:
+          - {name: web, repo: r}
+          - {name: api, repo: r, interval: 1m}
+          - {name: old, repo: r}
+          - {name: same, repo: r}
+    """)
+    new = parse("""
+        apps:
+          - {name: new, repo: r}
+          - {name: same, repo: r}
+          - {name: api, repo: r, interval: 2m}
+          - {name: web, repo: r, suspend: true}
+        webhook: {secretFile: /s}
+    """)
+    assert diff(old, new) == ConfigChange(added=("new",), removed=("old",), changed=("api", "web"),
+                                          webhook_changed=True)
+    assert diff(new, new).empty
+    assert diff(Config(), Config()) == ConfigChange()
+
+
+def test_to_spec_carries_every_setting() -> None:
+    app = parse(FULL).apps[0]
+    creds = source.Credentials(username="bot", token="t")
+    spec = app.to_spec(inventory_namespace="gitopsd-system", credentials=creds)
+    assert spec == AppSpec(
+        name="web-production", repo="https://git.example.com/fleet.git", ref="v1.2.3",
+        path="web/overlays/production", namespace="production", render="helm",
+        helm_values=("values.yaml", "values-prod.yaml"), helm_release="web", prune=False, prune_guard=0.25,
+        allow_prune_all=True, recreate=True, timeout=90.0, credentials=creds,
+        inventory_namespace="gitopsd-system", allowed_namespaces=("production", "monitoring"),
+    )
+    # Every AppSpec field is either carried from the config or given by the caller.
+    given = {"credentials", "inventory_namespace"}
+    for f in dataclasses.fields(AppSpec):
+        assert f.name in given or getattr(spec, f.name) == getattr(app, f.name), f.name
+
+
+def test_to_spec_refuses_to_drop_named_credentials() -> None:
+    app = parse(FULL).apps[0]
+    with pytest.raises(ValueError, match="names credentials"):
+        app.to_spec(inventory_namespace="gitopsd-system")
+
+
+def test_load_reads_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "gitopsd.yaml"
+    path.write_text(FULL)
+    assert load(path) == parse(FULL)
+    path.write_text("apps: [{name: web}]\n")
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert str(info.value).startswith(f"{path}: invalid config, 1 problem:")
+    with pytest.raises(ConfigError, match="cannot read the file"):
+        load(tmp_path / "missing.yaml")

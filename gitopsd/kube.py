@@ -27,6 +27,7 @@ from pathlib import Path
 import orjson
 import urllib3
 
+from gitopsd import __version__
 from gitopsd.errors import ClusterError
 from gitopsd.metrics import APISERVER_REQUESTS
 from gitopsd.objects import split_api_version
@@ -100,6 +101,7 @@ class Kube:
         self._by_group_kind: dict[tuple[str, str], Resource] = {}
         self._discovered_at = 0.0
         self.requests: Counter[str] = Counter()
+        self.user_agent = f"gitopsd/{__version__}"
 
     # ------------------------------------------------------------ construction
 
@@ -138,7 +140,7 @@ class Kube:
 
     def _headers(self, accept: str) -> dict[str, str]:
         """Accept plus the bearer token, re-read each time (in-cluster tokens rotate)."""
-        headers = {"Accept": accept, "User-Agent": "gitopsd"}
+        headers = {"Accept": accept, "User-Agent": self.user_agent}
         for setting in self._api_client.configuration.auth_settings().values():
             if setting["in"] == "header" and setting["value"]:
                 headers[setting["key"]] = setting["value"]

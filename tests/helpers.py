@@ -100,3 +100,80 @@ def wait_for(what: str, check, timeout: float = 60.0, interval: float = 0.2):
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+class DaemonProcess:
+    """A real `gitopsd run` subprocess with JSON logs captured to a file."""
+
+    def __init__(self, *, config: Path, kubeconfig: Path, namespace: str, workdir: Path, cache: Path,
+                 extra: tuple[str, ...] = (), env: dict | None = None, name: str = "daemon") -> None:
+        import socket as _socket
+
+        with _socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.log_path = workdir / f"{name}.log"
+        self.log_file = self.log_path.open("w")
+        full_env = {**os.environ, "KUBECONFIG": str(kubeconfig), "GITOPSD_CACHE": str(cache), **(env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gitopsd", "run", "--config", str(config), "--namespace", namespace,
+             "--http-address", "127.0.0.1", "--http-port", str(self.port), "--log-format", "json",
+             "--instance", name, *extra],
+            stdout=self.log_file, stderr=subprocess.STDOUT, env=full_env)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def events(self) -> list[dict]:
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
+    def wait_event(self, predicate, what: str, timeout: float = 30.0) -> dict:
+        return wait_for(what, lambda: next((e for e in self.events() if predicate(e)), None), timeout,
+                        interval=0.05)
+
+    def get(self, path: str) -> tuple[int, str]:
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+        except OSError as exc:
+            return 0, str(exc)
+
+    def post(self, path: str, body: bytes, headers: dict) -> tuple[int, str]:
+        import urllib.error
+        import urllib.request
+
+        req = urllib.request.Request(self.url + path, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        def ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"gitopsd run exited {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+            return self.get("/readyz")[0] == 200
+        wait_for("gitopsd /readyz", ready, timeout)
+
+    def stop(self, sig=None) -> int:
+        import signal as _signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig or _signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log_file.close()
+        return self.proc.returncode

@@ -72,6 +72,19 @@ class Cluster:
     def log(self, component: str) -> Path:
         return self.dir / "logs" / f"{component}.log"
 
+    def audit_events(self) -> list[dict]:
+        """The apiserver's audit log: one dict per write request (see the policy in up())."""
+        path = self.log("audit")
+        if not path.exists():
+            return []
+        out = []
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
     def log_tail(self, component: str, lines: int = 30) -> str:
         path = self.log(component)
         if not path.exists():
@@ -289,6 +302,12 @@ def _start_components(cluster: Cluster, *, nodes: int, say) -> None:
     _wait(cluster, "etcd /health", "etcd", etcd_ok)
     say("  etcd ready")
 
+    # Audit every write (metadata only): the independent record of who wrote
+    # what, by user agent, that tests use to prove "no writes in steady state".
+    (d / "audit-policy.yaml").write_text(
+        "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n"
+        "  - level: Metadata\n    verbs: [create, update, patch, delete, deletecollection]\n"
+        "  - level: None\n")
     _start(cluster, "kube-apiserver", [
         str(build.binary("kube-apiserver")),
         f"--etcd-servers={etcd_url}", f"--cert-dir={d / 'apiserver-certs'}",
@@ -299,6 +318,8 @@ def _start_components(cluster: Cluster, *, nodes: int, say) -> None:
         f"--service-account-key-file={pki / 'sa.pub'}",
         f"--service-account-signing-key-file={pki / 'sa.key'}",
         "--allow-privileged=true", "--endpoint-reconciler-type=none", "--v=1",
+        f"--audit-policy-file={d / 'audit-policy.yaml'}", f"--audit-log-path={cluster.log('audit')}",
+        "--audit-log-maxsize=200", "--audit-log-maxbackup=1",
     ])
 
     def readyz():

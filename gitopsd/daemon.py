@@ -1,0 +1,636 @@
+"""`gitopsd run`: keep many apps converged.
+
+The daemon orchestrates; the stages do the work (gitopsd.sync). Per app an
+AppRunner owns everything about that app: its schedule, its one-at-a-time
+execution, its watch cache of managed objects, its last desired state, its
+backoff, its status. The daemon wires the runners to the outside world:
+
+- apscheduler: one interval job per app (with jitter) that asks its runner to
+  reconcile; failures retry with exponential backoff, reset on success;
+- the HTTP server: push webhooks (-> runners whose repo and branch match),
+  /healthz, /readyz, /metrics, /status;
+- watchfiles: the config file (hot reload; an invalid edit is rejected and the
+  previous config keeps running) and, in development, local repositories;
+- a Lease (leader election): only the leader reconciles;
+- SIGTERM: stop taking work, let running reconciles finish (their health
+  waits are cancelled), release the lease.
+
+Execution model: a runner never runs two reconciles of its app at once. A
+trigger that arrives while one runs is remembered and runs right after; a
+webhook for a new commit also cancels a running health wait, so the new
+commit deploys at once instead of after the old rollout times out. Runners
+execute on a shared thread pool sized so that every app can run at the same
+time: a slow or failing app never delays the others.
+
+Self-heal: the runner's watch cache reports every change to a managed
+object. A change that leaves the object "still ours" (gitopsd.plan.still_ours:
+our hash, our fields) is not drift — status updates by controllers, our own
+applies. Anything else is re-planned for that object alone and, with
+self-heal on, corrected at once; either way a drift report names the object,
+the changed fields and the field managers that changed them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import socket
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import structlog
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from gitopsd import __version__, audit, config as config_mod, metrics, source, status as status_mod
+from gitopsd.diff import managers_of
+from gitopsd.errors import GitopsdError
+from gitopsd.kube import Kube, KubeApiError
+from gitopsd.leader import LeaderElector
+from gitopsd.objects import ObjectRef, ref_of
+from gitopsd.plan import Action, ObjectChange, judge_one, still_ours
+from gitopsd.server import Server
+from gitopsd.sync import Outcome, SyncResult, default_cache_dir, sync
+from gitopsd.watch import MemberCache
+from gitopsd.webhook import PushEvent, matches, normalize_repo_url
+
+log = structlog.get_logger("gitopsd")
+
+BACKOFF_START = 5.0
+BACKOFF_MAX = 300.0
+SHUTDOWN_GRACE = 25.0
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _iso(t: datetime | None) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ") if t else ""
+
+
+class AppRunner:
+    """Everything about one app; see the module docstring."""
+
+    def __init__(self, daemon: "Daemon", cfg: config_mod.AppConfig) -> None:
+        self.daemon = daemon
+        self.cfg = cfg
+        self.lock = threading.Lock()          # guards the fields below
+        self.exec_lock = threading.Lock()     # held while a reconcile or heal runs
+        self.running = False
+        self.pending: str | None = None       # trigger to run after the current one
+        self.cancel = threading.Event()       # cancels the running health wait
+        self.current_sha: str | None = None   # revision of the running reconcile
+        self.failures = 0
+        self.cache: MemberCache | None = None
+        self.inv = None                       # the ApplySet parent as we last wrote/read it
+        self.desired: dict[ObjectRef, ObjectChange] = {}
+        self.dirty: set[ObjectRef] = set()    # drift candidates seen during a run
+        self.last_applied: str | None = None  # sha last written to the cluster
+        self.last_result: SyncResult | None = None
+        self.last_drift: dict | None = None
+        self.status_written: dict | None = None
+        self.stopped = False
+
+    # ------------------------------------------------------------ triggers
+
+    def trigger(self, reason: str, *, sha: str | None = None) -> None:
+        """Ask for a reconcile. Never blocks; coalesces with one already queued."""
+        with self.lock:
+            if self.stopped:
+                return
+            if self.running:
+                if self.pending is None or reason != "poll":
+                    self.pending = reason
+                if reason in ("webhook", "watch", "config") and (sha is None or sha != self.current_sha):
+                    self.cancel.set()  # a newer commit: stop waiting on the old rollout
+                return
+            self.running = True
+            self.pending = None
+        self.daemon.pool.submit(self._loop, reason)
+
+    def _loop(self, reason: str) -> None:
+        while True:
+            try:
+                with self.exec_lock:
+                    self._reconcile(reason)
+            except Exception:  # noqa: BLE001 - a bug must not kill the runner
+                log.exception("reconcile crashed", app=self.cfg.name)
+            with self.lock:
+                if self.pending is None or self.stopped:
+                    self.running = False
+                    dirty = bool(self.dirty)
+                    break
+                reason, self.pending = self.pending, None
+        if dirty:
+            self.daemon.pool.submit(self._heal_dirty)
+
+    # ------------------------------------------------------------ reconcile
+
+    def _reconcile(self, trigger: str) -> None:
+        cfg = self.cfg
+        if cfg.suspend or not self.daemon.may_write():
+            return
+        self.cancel = threading.Event()
+        try:
+            spec = cfg.to_spec(inventory_namespace=self.daemon.namespace,
+                               credentials=self.daemon.credentials(cfg))
+        except GitopsdError as exc:
+            self._record_failure(trigger, str(exc))
+            return
+        hold = self.last_applied if not cfg.self_heal else None
+        started = time.monotonic()
+        result = sync(self.daemon.kube, spec, cache_dir=self.daemon.cache_dir, cancel=self.cancel,
+                      cache=self.cache, inv=self.inv, hold_revision=hold)
+        metrics.RECONCILE_DURATION.labels(app=cfg.name).observe(time.monotonic() - started)
+        metrics.RECONCILE_RESULTS.labels(app=cfg.name, trigger=trigger, outcome=result.outcome.value).inc()
+        previous = self.last_applied
+        if result.revision is not None:
+            self.current_sha = result.revision.sha
+        plan = result.plan
+        if plan is not None and not plan.errors:
+            self.inv = plan.inventory
+            self.desired = {c.ref: c for c in plan.changes if c.action != Action.PRUNE and c.desired}
+            self._watch(plan.targets)
+        if result.outcome in (Outcome.APPLIED, Outcome.UNHEALTHY, Outcome.NO_CHANGE) and result.revision:
+            if previous and previous != result.revision.sha:
+                try:
+                    metrics.LAST_APPLIED.remove(cfg.name, previous)
+                except KeyError:
+                    pass
+            self.last_applied = result.revision.sha
+            metrics.LAST_APPLIED.labels(app=cfg.name, revision=result.revision.sha).set(1)
+        if result.outcome == Outcome.DRY_RUN and plan is not None and not plan.in_sync:
+            for change in plan.changes:
+                if change.action in (Action.CREATE, Action.UPDATE, Action.RECREATE):
+                    self._report_drift(change, corrected=False)
+
+        if result.outcome == Outcome.FAILED:
+            self._schedule_retry()
+        else:
+            self.failures = 0
+
+        # A transition: something was written or failed, or the outcome changed
+        # (e.g. Failed -> NoChange). A quiet NoChange after a success is steady
+        # state: no audit record, no status write.
+        transition = (result.outcome not in (Outcome.NO_CHANGE, Outcome.DRY_RUN)
+                      or trigger in ("webhook", "cli")
+                      or self.last_result is None
+                      or self.last_result.outcome not in (Outcome.APPLIED, Outcome.NO_CHANGE, result.outcome))
+        if transition:
+            self.last_result = result
+        if transition:
+            self.daemon.audit.record(audit.transition_record(result, trigger=trigger, previous=previous,
+                                                             instance=self.daemon.instance))
+        else:
+            log.debug("reconciled: no change", app=cfg.name, revision=(result.revision.sha[:12]
+                                                                        if result.revision else None))
+        self._write_status()
+
+    def _record_failure(self, trigger: str, reason: str) -> None:
+        result = SyncResult(app=self.cfg.name, outcome=Outcome.FAILED, reason=reason, errors=[reason])
+        metrics.RECONCILE_RESULTS.labels(app=self.cfg.name, trigger=trigger, outcome="Failed").inc()
+        self.last_result = result
+        self.daemon.audit.record(audit.transition_record(result, trigger=trigger, previous=self.last_applied,
+                                                         instance=self.daemon.instance))
+        self._schedule_retry()
+        self._write_status()
+
+    def _schedule_retry(self) -> None:
+        self.failures += 1
+        # Never later than the regular poll would come anyway.
+        delay = min(BACKOFF_START * 2 ** (self.failures - 1), BACKOFF_MAX, self.cfg.interval)
+        self.daemon.schedule_once(self, delay, "retry")
+
+    # ------------------------------------------------------------ self-heal
+
+    def _watch(self, targets) -> None:
+        if self.cache is None:
+            self.cache = MemberCache(self.daemon.kube, selector=self.inv.selector, on_event=self.on_event)
+        try:
+            self.cache.ensure(set(targets))
+        except (GitopsdError, OSError) as exc:
+            log.warning("cannot watch managed objects", app=self.cfg.name, error=str(exc))
+
+    def on_event(self, kind: str, obj: dict) -> None:
+        """From the watch threads: decide cheaply whether this can be drift."""
+        ref = ref_of(obj)
+        change = self.desired.get(ref)
+        if change is None or not self.daemon.may_write():
+            return
+        if kind != "DELETED" and still_ours(obj, change.desired):
+            return
+        with self.lock:
+            self.dirty.add(ref)
+            busy = self.running
+        if not busy:
+            self.daemon.pool.submit(self._heal_dirty)
+
+    def _heal_dirty(self) -> None:
+        with self.exec_lock:
+            with self.lock:
+                refs, self.dirty = self.dirty, set()
+            if not refs or self.cfg.suspend or not self.daemon.may_write():
+                return
+            members = self.cache.members() if self.cache else None
+            for ref in sorted(refs):
+                desired = self.desired.get(ref)
+                if desired is None:
+                    continue
+                live = (members or {}).get(ref)
+                if live is not None and still_ours(live, desired.desired):
+                    continue  # settled by our own reconcile in the meantime
+                self._heal_one(desired, live)
+
+    def _heal_one(self, desired: ObjectChange, live: dict | None) -> None:
+        change = ObjectChange(ref=desired.ref, action=Action.CREATE, source=desired.source,
+                              desired=desired.desired, live=live, resource=desired.resource)
+        try:
+            errors = judge_one(self.daemon.kube, change, recreate=self.cfg.recreate)
+        except GitopsdError as exc:
+            errors = [str(exc)]
+        if errors:
+            self._report_drift(change, corrected=False, error="; ".join(errors))
+            return
+        if change.action == Action.UNCHANGED:
+            return  # someone changed a field we do not own: not our business
+        if not self.cfg.self_heal:
+            self._report_drift(change, corrected=False)
+            return
+        try:
+            self.daemon.kube.apply(change.desired)
+            self._report_drift(change, corrected=True)
+        except KubeApiError as exc:
+            self._report_drift(change, corrected=False, error=f"{exc.reason}: {exc.api_message}")
+
+    def _report_drift(self, change: ObjectChange, *, corrected: bool, error: str | None = None) -> None:
+        deleted = change.live is None
+        fields = list(change.diff.fields) if change.diff and not deleted else []
+        managers = managers_of(change.live, fields) if change.live else ["unknown (the object was deleted)"]
+        action = "failed" if error else ("corrected" if corrected else "reported")
+        metrics.DRIFT_DETECTED.labels(app=self.cfg.name).inc()
+        if corrected:
+            metrics.DRIFT_CORRECTED.labels(app=self.cfg.name).inc()
+        log.warning("drift " + ("corrected" if corrected else "detected"), app=self.cfg.name,
+                    object=str(change.ref), deleted=deleted, fields=fields, managers=managers, action=action,
+                    error=error)
+        self.last_drift = {"time": _iso(_now()), "object": str(change.ref), "fields": fields,
+                           "managers": managers, "action": action}
+        self.daemon.audit.record(audit.drift_record(
+            app=self.cfg.name, ref=change.ref, fields=fields, managers=managers, action=action,
+            revision=self.last_applied, instance=self.daemon.instance, deleted=deleted, error=error))
+        self._write_status()
+
+    # ------------------------------------------------------------ status
+
+    def status(self) -> dict:
+        r = self.last_result
+        unhealthy = [h for h in (r.health if r else []) if h.status.value != "Current"]
+        return {
+            "app": self.cfg.name,
+            "revision": self.last_applied or "",
+            "ref": self.cfg.ref,
+            "result": r.outcome.value if r else "Pending",
+            "reason": r.reason if r else "",
+            "health": ("Healthy" if r and not unhealthy and r.outcome != Outcome.FAILED else
+                       ("Unhealthy" if unhealthy else "Unknown")),
+            "lastTransition": _iso(r.started) if r else "",
+            "lastDrift": self.last_drift,
+            "interval": self.cfg.interval,
+            "suspended": self.cfg.suspend,
+        }
+
+    def _write_status(self) -> None:
+        current = self.status()
+        if current == self.status_written:
+            return  # steady state: nothing a reader would see has changed
+        try:
+            status_mod.write(self.daemon.kube, app=self.cfg.name, namespace=self.daemon.namespace, status=current)
+            self.status_written = current
+        except (GitopsdError, OSError) as exc:
+            log.warning("cannot store app status", app=self.cfg.name, error=str(exc))
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopped = True
+            self.cancel.set()
+        if self.cache:
+            self.cache.stop()
+
+
+class Daemon:
+    def __init__(self, *, kube: Kube, config_path: Path, namespace: str, http_host: str, http_port: int,
+                 instance: str, leader_elect: bool = True, lease_duration: float = 15.0,
+                 lease_renew: float = 5.0, watch_local: bool = True, cache_dir: Path | None = None) -> None:
+        self.kube = kube
+        kube.user_agent = f"gitopsd/{__version__} ({instance})"   # names us in the apiserver's audit log
+        self.config_path = config_path
+        self.namespace = namespace
+        self.instance = instance
+        self.cache_dir = cache_dir or default_cache_dir()
+        self.watch_local = watch_local
+        self.config = config_mod.load(config_path)   # an invalid initial config is fatal
+        self._config_digest = self._digest()
+        self.runners: dict[str, AppRunner] = {}
+        self.pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="app")
+        self.scheduler = BackgroundScheduler(timezone=timezone.utc, job_defaults={"coalesce": True,
+                                                                                   "max_instances": 1})
+        self.audit = audit.AuditLog(kube, namespace=namespace)
+        self._stop = threading.Event()
+        self._leading = False            # set by _on_leading (at start when election is off)
+        self._secret_dir = Path(tempfile.mkdtemp(prefix="gitopsd-credentials-"))
+        self.elector = (LeaderElector(kube, namespace=namespace, identity=instance, lease_duration=lease_duration,
+                                      renew_interval=lease_renew, on_started_leading=self._on_leading,
+                                      on_stopped_leading=self._on_standby) if leader_elect else None)
+        self.server = Server(host=http_host, port=http_port, on_push=self.on_push,
+                             webhook_secret=self.webhook_secret, ready=self.ready, status=self.status_json)
+        self._threads: list[threading.Thread] = []
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        from gitopsd import inventory
+
+        try:
+            inventory.ensure_namespace(self.kube, self.namespace)
+        except GitopsdError as exc:
+            log.warning("cannot ensure gitopsd namespace", namespace=self.namespace, error=str(exc))
+        self.server.start()
+        self.scheduler.start()
+        for cfg in self.config.apps:
+            self._add(cfg)
+        self._spawn(self._watch_config, "config-watch")
+        if self.watch_local:
+            self._spawn(self._watch_local_repos, "local-repo-watch")
+        if self.elector:
+            self.elector.start()
+        else:
+            self._on_leading()
+        log.info("gitopsd started", instance=self.instance, apps=[a.name for a in self.config.apps],
+                 http=f"{self.server.host}:{self.server.port}", namespace=self.namespace,
+                 leader_election=self.elector is not None)
+
+    def run_forever(self) -> None:
+        self._stop.wait()
+
+    def stop(self) -> None:
+        """Graceful: stop taking work, finish (or safely cut) running work, release the lease."""
+        if self._stop.is_set():
+            return
+        log.info("shutting down", instance=self.instance)
+        self._stop.set()
+        try:
+            self.scheduler.shutdown(wait=False)
+        except Exception:  # noqa: BLE001 - already stopped
+            pass
+        runners = list(self.runners.values())
+        for r in runners:
+            r.stop()   # cancels health waits; an apply in progress finishes its stage
+        deadline = time.monotonic() + SHUTDOWN_GRACE
+        for r in runners:
+            if r.exec_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                r.exec_lock.release()
+        self._leading = False
+        if self.elector:
+            self.elector.stop(release=True)
+        self.server.stop()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        log.info("stopped", instance=self.instance)
+
+    def _spawn(self, fn, name: str) -> None:
+        t = threading.Thread(target=fn, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    # ------------------------------------------------------------ leadership
+
+    def may_write(self) -> bool:
+        return self._leading and not self._stop.is_set()
+
+    def _on_leading(self) -> None:
+        self._leading = True
+        for r in list(self.runners.values()):
+            r.trigger("leader")
+
+    def _on_standby(self) -> None:
+        self._leading = False
+        for r in list(self.runners.values()):
+            r.cancel.set()
+
+    # ------------------------------------------------------------ apps
+
+    def _add(self, cfg: config_mod.AppConfig) -> None:
+        runner = AppRunner(self, cfg)
+        self.runners[cfg.name] = runner
+        self._schedule(runner)
+        if self.may_write():
+            runner.trigger("config")
+
+    def _schedule(self, runner: AppRunner) -> None:
+        interval = runner.cfg.interval
+        self.scheduler.add_job(runner.trigger, "interval", args=("poll",), seconds=interval,
+                               jitter=max(1, int(interval * 0.1)), id=f"poll-{runner.cfg.name}",
+                               replace_existing=True,
+                               next_run_time=_now() + timedelta(seconds=interval * random.uniform(0.9, 1.0)))
+
+    def schedule_once(self, runner: AppRunner, delay: float, reason: str) -> None:
+        if self._stop.is_set():
+            return
+        self.scheduler.add_job(runner.trigger, "date", args=(reason,), id=f"retry-{runner.cfg.name}",
+                               replace_existing=True, run_date=_now() + timedelta(seconds=delay))
+
+    def _remove(self, name: str) -> None:
+        runner = self.runners.pop(name, None)
+        for job_id in (f"poll-{name}", f"retry-{name}"):
+            try:
+                self.scheduler.remove_job(job_id)
+            except Exception:  # noqa: BLE001 - JobLookupError: no such job
+                pass
+        if runner:
+            runner.stop()
+
+    def credentials(self, cfg: config_mod.AppConfig) -> source.Credentials | None:
+        """Resolve an app's credentials reference (re-read every reconcile: rotation works)."""
+        ref = cfg.credentials
+        if ref is None:
+            return None
+        if ref.secret_name:
+            secret = self.kube.get(self.kube.resource("v1", "Secret"), ref.secret_name, self.namespace)
+            if secret is None:
+                raise GitopsdError(f"app {cfg.name}: credentials Secret {self.namespace}/{ref.secret_name} not found",
+                                   hint="create it with keys token (and username) or identity and known_hosts")
+            import base64
+
+            data = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+            key_file = hosts_file = None
+            if "identity" in data:
+                key_file = self._private_file(f"{cfg.name}-identity", data["identity"])
+            if "known_hosts" in data:
+                hosts_file = self._private_file(f"{cfg.name}-known_hosts", data["known_hosts"])
+            return source.Credentials(username=data.get("username"), token=data.get("token"),
+                                      ssh_key_file=key_file, known_hosts_file=hosts_file)
+        try:
+            token = ref.token_file.read_text().strip() if ref.token_file else None
+            username = ref.username or (ref.username_file.read_text().strip() if ref.username_file else None)
+        except OSError as exc:
+            raise GitopsdError(f"app {cfg.name}: cannot read a credentials file: {exc.strerror}: {exc.filename}",
+                               hint="is the Secret volume mounted at that path?") from None
+        return source.Credentials(username=username, token=token, ssh_key_file=ref.ssh_key_file,
+                                  known_hosts_file=ref.known_hosts_file)
+
+    def _private_file(self, name: str, content: str) -> Path:
+        path = self._secret_dir / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(content if content.endswith("\n") else content + "\n")
+        return path
+
+    # ------------------------------------------------------------ config reload
+
+    def _digest(self) -> str:
+        try:
+            return hashlib.sha256(self.config_path.read_bytes()).hexdigest()
+        except OSError:
+            return ""
+
+    def _watch_config(self) -> None:
+        from watchfiles import watch
+
+        # Watch the directory: ConfigMap volumes replace files by swapping symlinks.
+        for _changes in watch(self.config_path.parent, stop_event=self._stop, debounce=200, step=50,
+                              rust_timeout=1000, yield_on_timeout=False):
+            self.reload()
+
+    def reload(self) -> None:
+        digest = self._digest()
+        if digest == self._config_digest:
+            return
+        try:
+            new = config_mod.load(self.config_path)
+        except GitopsdError as exc:
+            log.error("config change rejected; the previous config keeps running", path=str(self.config_path),
+                      error=str(exc))
+            self._config_digest = digest
+            return
+        change = config_mod.diff(self.config, new)
+        self.config, self._config_digest = new, digest
+        for name in change.removed:
+            self._remove(name)
+        for name in change.added:
+            self._add(new.app(name))
+        for name in change.changed:
+            runner = self.runners.get(name)
+            if runner is None:
+                continue
+            runner.cfg = new.app(name)
+            self._schedule(runner)
+            runner.trigger("config")
+        log.info("config reloaded", added=list(change.added), removed=list(change.removed),
+                 changed=list(change.changed))
+
+    def _watch_local_repos(self) -> None:
+        """Development mode: a commit to a local repository reconciles within a second."""
+        from watchfiles import watch
+
+        while not self._stop.is_set():
+            paths = {}
+            for r in self.runners.values():
+                local = _local_path(r.cfg.repo)
+                if local is not None and local.exists():
+                    paths.setdefault(local, []).append(r.cfg.name)
+            if not paths:
+                self._stop.wait(2.0)
+                continue
+            snapshot = dict(paths)
+            for changes in watch(*snapshot, stop_event=self._stop, debounce=100, step=30, rust_timeout=2000,
+                                 yield_on_timeout=True):
+                if changes:
+                    touched = {p for p in snapshot if any(str(c[1]).startswith(str(p)) for c in changes)}
+                    for p in touched:
+                        for name in snapshot[p]:
+                            if name in self.runners:
+                                self.runners[name].trigger("watch")
+                current = {_local_path(r.cfg.repo) for r in self.runners.values()} - {None}
+                if current != set(snapshot):
+                    break  # the app set changed: re-arm the watch
+
+    # ------------------------------------------------------------ HTTP callbacks
+
+    def on_push(self, event: PushEvent) -> list[str]:
+        hit = [r for r in self.runners.values() if matches(r.cfg.repo, r.cfg.ref, event)]
+        for r in hit:
+            r.trigger("webhook", sha=event.after)
+        log.info("push received", provider=event.provider, ref=event.ref,
+                 repo=normalize_repo_url(event.repo_urls[0]) if event.repo_urls else None,
+                 triggered=[r.cfg.name for r in hit])
+        return [r.cfg.name for r in hit]
+
+    def webhook_secret(self) -> bytes:
+        path = self.config.webhook.secret_file
+        if path is not None:
+            try:
+                return path.read_bytes().strip()
+            except OSError:
+                return b""
+        return os.environ.get("GITOPSD_WEBHOOK_SECRET", "").encode()
+
+    def ready(self) -> tuple[bool, str]:
+        if self._stop.is_set():
+            return False, "shutting down"
+        role = "leader" if self._leading else "standby"
+        return True, f"ok ({role}, {len(self.runners)} apps)"
+
+    def status_json(self) -> dict:
+        apps = []
+        for name, r in sorted(self.runners.items()):
+            s = r.status()
+            job = self.scheduler.get_job(f"poll-{name}")
+            s["nextRun"] = _iso(job.next_run_time) if job and job.next_run_time else ""
+            s["running"] = r.running
+            apps.append(s)
+        return {"instance": self.instance, "leader": self._leading, "apps": apps}
+
+
+def _local_path(repo: str) -> Path | None:
+    if repo.startswith("file://"):
+        return Path(repo[len("file://"):])
+    if repo.startswith("/"):
+        return Path(repo)
+    return None
+
+
+def main(args) -> int:
+    """Entry point of `gitopsd run` (parsed by gitopsd.cli)."""
+    from gitopsd import log as log_mod
+
+    log_mod.configure(fmt=args.log_format)
+    instance = args.instance or f"{socket.gethostname()}-{os.getpid()}"
+    try:
+        kube = Kube.connect(kubeconfig=args.kubeconfig, context=args.context, max_workers=args.concurrency)
+        daemon = Daemon(kube=kube, config_path=args.config, namespace=args.namespace, http_host=args.http_address,
+                        http_port=args.http_port, instance=instance, leader_elect=args.leader_elect,
+                        lease_duration=args.lease_duration, lease_renew=args.lease_renew,
+                        watch_local=args.watch_local)
+    except GitopsdError as exc:
+        log.error("cannot start", error=str(exc))
+        return 2
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("signal received", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    daemon.start()
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        daemon.stop()
+    return 0

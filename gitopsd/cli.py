@@ -3,7 +3,12 @@
 `diff` and `sync` run the same pipeline the daemon runs (gitopsd.sync), once.
 Exit codes follow `kubectl diff`: diff exits 0 in sync, 1 on drift, 2 on
 error; sync exits 0 when applied (or nothing to do), 1 when Unhealthy or
-refused by the prune guard, 2 when it failed.
+refused by the prune guard, 2 when it failed. A sync (not --dry-run) writes
+one audit record (trigger "cli") to the app's trail in --inventory-namespace.
+
+`history` and `audit verify` read that trail (gitopsd.audit): history exits
+1 when nothing is recorded (or, with --at, nothing was live then); verify
+exits 1 when the chain is broken. Both exit 2 on errors.
 """
 
 from __future__ import annotations
@@ -98,7 +103,34 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--namespace", default=os.environ.get("GITOPSD_NAMESPACE", "gitopsd-system"),
                     help="gitopsd's namespace (default $GITOPSD_NAMESPACE or gitopsd-system)")
     st.add_argument("--output", "-o", default="text", choices=["text", "json"])
+
+    h = sub.add_parser("history", help="the app's audit trail, newest first; or what was live at an instant",
+                       description="List the app's audit records (transitions and drift), newest first. With "
+                                   "--at: the revision live at that instant, its author and message, and the "
+                                   "drift open then. Exit 1 when nothing is recorded.")
+    h.add_argument("app", help="the app (= ApplySet) name")
+    h.add_argument("--since", metavar="TIME", help="only records at or after TIME (ISO 8601, or an age: 90m, 2h, 7d)")
+    h.add_argument("--limit", type=int, metavar="N", help="at most N records")
+    h.add_argument("--at", metavar="TIME", help="which revision was live at TIME (ISO 8601, e.g. 2026-11-20T14:00:00Z)")
+    _audit_store_args(h)
+
+    a = sub.add_parser("audit", help="check the audit trail")
+    asub = a.add_subparsers(dest="audit_command", metavar="SUBCOMMAND", required=True)
+    v = asub.add_parser("verify", help="check the app's hash chain; exit 1 and name the first broken link",
+                        description="Re-compute the app's audit hash chain. Exit 0 intact, 1 broken (the first "
+                                    "edited, missing or out-of-order record is named), 2 on error.")
+    v.add_argument("app", help="the app (= ApplySet) name")
+    _audit_store_args(v)
     return parser
+
+
+def _audit_store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--namespace", "-n", default=os.environ.get("GITOPSD_NAMESPACE", "gitopsd-system"),
+                   help="gitopsd's namespace, where the audit trail lives (default $GITOPSD_NAMESPACE or "
+                        "gitopsd-system; a CLI sync records in its --inventory-namespace)")
+    p.add_argument("--kubeconfig", default=None, help="kubeconfig (default: $KUBECONFIG, in-cluster, ~/.kube/config)")
+    p.add_argument("--context", default=None)
+    p.add_argument("--output", "-o", default="text", choices=["text", "json"])
 
 
 def default_app_name(repo: str, path: str) -> str:
@@ -201,9 +233,34 @@ def cmd_sync(args) -> int:
     result = sync(kube, app, dry_run=args.dry_run, on_progress=progress.applied, on_health=progress.health)
     progress.done()
     _print(report.result_dict(result), output=args.output, text=report.result_text(result))
+    if not args.dry_run:
+        _record_sync(kube, app, result)
     if result.ok:
         return 0
     return 1 if result.outcome in (Outcome.UNHEALTHY, Outcome.REFUSED) else 2
+
+
+def _record_sync(kube, app, result) -> None:
+    """Write the one audit record of a CLI sync (trigger "cli") into the app's trail.
+
+    The structured log line goes to stderr: stdout is the command's own output
+    (one JSON document with -o json). A record the store refuses is reported
+    on stderr but does not change the exit code: the cluster change happened.
+    """
+    from gitopsd import audit, log
+    from gitopsd.errors import GitopsdError
+
+    log.configure(stream=sys.stderr)
+    namespace = app.inventory_namespace
+    try:
+        previous = audit.last_revision(kube, namespace=namespace, app=app.name)
+    except GitopsdError:
+        previous = None  # the append below reports the store's trouble
+    trail = audit.AuditLog(kube, namespace=namespace, instance=audit.cli_instance())
+    rec = trail.record(audit.transition_record(result, trigger="cli", previous=previous, instance=trail.instance,
+                                               source=app.repo, ref=app.ref))
+    if "hash" not in rec:
+        print(f"warning: the audit record of this sync was not stored: {trail.store_error}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,4 +296,52 @@ def cmd_status(args) -> int:
     return 0
 
 
-COMMANDS = {"diff": cmd_diff, "sync": cmd_sync, "run": cmd_run, "status": cmd_status}
+def cmd_history(args) -> int:
+    from gitopsd import audit
+    from gitopsd.errors import GitopsdError
+    from gitopsd.kube import Kube
+
+    try:
+        since = audit.parse_time(args.since) if args.since else None
+        at = audit.parse_time(args.at) if args.at else None
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.limit is not None and args.limit < 1:
+        print("error: --limit must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        kube = Kube.connect(kubeconfig=args.kubeconfig, context=args.context)
+        if at is not None:
+            answer = audit.live_at(kube, namespace=args.namespace, app=args.app, when=at)
+            _print(answer, output=args.output, text=audit.live_at_text(answer))
+            return 0 if answer["revision"] else 1
+        records = audit.history(kube, namespace=args.namespace, app=args.app, since=since, limit=args.limit)
+    except GitopsdError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    text = "\n".join(audit.summary_line(r) for r in records) or \
+        f"no audit records for app {args.app} in namespace {args.namespace}" + (" since then" if since else "")
+    _print(records, output=args.output, text=text)
+    return 0 if records else 1
+
+
+def cmd_audit(args) -> int:
+    from gitopsd import audit
+    from gitopsd.errors import GitopsdError
+    from gitopsd.kube import Kube
+
+    # One subcommand today (verify); argparse requires it.
+    try:
+        kube = Kube.connect(kubeconfig=args.kubeconfig, context=args.context)
+        ok, message = audit.verify(kube, namespace=args.namespace, app=args.app)
+    except GitopsdError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _print({"app": args.app, "ok": ok, "message": message}, output=args.output,
+           text=message if ok else f"BROKEN: {message}")
+    return 0 if ok else 1
+
+
+COMMANDS = {"diff": cmd_diff, "sync": cmd_sync, "run": cmd_run, "status": cmd_status, "history": cmd_history,
+            "audit": cmd_audit}

@@ -197,7 +197,8 @@ class AppRunner:
         metrics.RECONCILE_RESULTS.labels(app=self.cfg.name, trigger=trigger, outcome="Failed").inc()
         self.last_result = result
         self.daemon.audit.record(audit.transition_record(result, trigger=trigger, previous=self.last_applied,
-                                                         instance=self.daemon.instance))
+                                                         instance=self.daemon.instance, source=self.cfg.repo,
+                                                         ref=self.cfg.ref))
         self._schedule_retry()
         self._write_status()
 
@@ -340,7 +341,7 @@ class Daemon:
         self.pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="app")
         self.scheduler = BackgroundScheduler(timezone=timezone.utc, job_defaults={"coalesce": True,
                                                                                    "max_instances": 1})
-        self.audit = audit.AuditLog(kube, namespace=namespace)
+        self.audit = audit.AuditLog(kube, namespace=namespace, instance=instance)
         self._stop = threading.Event()
         self._leading = False            # set by _on_leading (at start when election is off)
         self._secret_dir = Path(tempfile.mkdtemp(prefix="gitopsd-credentials-"))

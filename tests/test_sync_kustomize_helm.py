@@ -7,15 +7,27 @@ from pathlib import Path
 
 import pytest
 
+from helpers import wait_for
+
 pytestmark = pytest.mark.cluster
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample-repo"
+
+
+def _delete_sample_namespaces(kube) -> None:
+    """The overlays name fixed namespaces: make sure no earlier run's are left (or terminating)."""
+    nss = kube.resource("v1", "Namespace")
+    for env in ("dev", "staging", "production"):
+        kube.delete(nss, f"web-{env}")
+    wait_for("sample namespaces gone", lambda: all(kube.get(nss, f"web-{env}") is None
+                                                   for env in ("dev", "staging", "production")), 90)
 
 
 def test_kustomize_overlays_deploy_different_replica_counts(app, repo, kube, namespace):
     shutil.copytree(SAMPLE / "apps", repo.work / "apps")
     repo.commit("sample repo")
     hpas = kube.resource("autoscaling/v2", "HorizontalPodAutoscaler")
+    _delete_sample_namespaces(kube)
     try:
         for env, want in (("dev", 1), ("staging", 2), ("production", 4)):
             result = app.sync(name=f"{namespace}-{env}", path=f"apps/web/overlays/{env}", timeout=90.0)
@@ -28,8 +40,7 @@ def test_kustomize_overlays_deploy_different_replica_counts(app, repo, kube, nam
                     if o["metadata"]["name"].startswith("web-features-")]
         assert [f["data"]["FEATURE_NEW_CHECKOUT"] for f in features] == ["true"]
     finally:
-        for env in ("dev", "staging", "production"):
-            kube.delete(kube.resource("v1", "Namespace"), f"web-{env}")
+        _delete_sample_namespaces(kube)
 
 
 def test_helm_chart_with_values_file(app, repo, kube, namespace):

@@ -57,6 +57,12 @@ def cluster() -> tb_cluster.Cluster:
         _bed.owned = not reuse
     except (tb_cluster.ClusterError, FileNotFoundError, OSError) as exc:
         _bed.error = f"the local control plane did not start: {exc}"
+        logs = tb_cluster.state_dir(name) / "logs"
+        if logs.exists():  # keep them: `up` stopped the processes, the next run reuses the name
+            kept = tb_build.cache_dir() / "test-logs" / name
+            shutil.rmtree(kept, ignore_errors=True)
+            shutil.copytree(logs, kept)
+            _bed.error += f"\n(component logs kept in {kept})"
         pytest.fail(_bed.error, pytrace=False)
     return _bed.cluster
 

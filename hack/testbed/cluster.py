@@ -133,6 +133,19 @@ def _is_ours(pid: int, state: Path) -> bool:
     return str(state) in cmdline
 
 
+def _exit_status(pid: int) -> str:
+    """How a child we started ended (we are its parent when `up` runs in-process)."""
+    try:
+        done, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return "not our child; status unknown"
+    if done == 0:
+        return "still running"
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit code {os.WEXITSTATUS(status)}"
+
+
 def _openssl(*args: str, cwd: Path) -> None:
     proc = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -215,8 +228,8 @@ def _wait(cluster: Cluster, what: str, component: str, check, timeout: float = S
     last = ""
     while time.monotonic() < deadline:
         if not _is_ours(cluster.pids[component], cluster.dir):
-            raise ClusterError(f"{component} exited while waiting for {what}; last log lines:\n"
-                               f"{cluster.log_tail(component)}")
+            raise ClusterError(f"{component} exited ({_exit_status(cluster.pids[component])}) while waiting for "
+                               f"{what}; logs in {cluster.dir / 'logs'}; last lines:\n{cluster.log_tail(component)}")
         try:
             ok, last = check()
             if ok:
@@ -264,21 +277,31 @@ def up(name: str = "default", *, nodes: int = 3, out=None) -> Cluster:
         down(name)
 
     started = time.monotonic()
-    cluster = Cluster(name=name)
-    cluster.dir.mkdir(parents=True)
-    (cluster.dir / "logs").mkdir()
-    pki = cluster.dir / "pki"
-    _make_certs(pki)
-    cluster.ports = {k: _free_port() for k in ("etcd", "etcd-peer", "apiserver", "controller-manager",
-                                               "scheduler", "kwok")}
-    cluster.save()
-    _write_kubeconfig(cluster.kubeconfig, cluster.server, pki, name)
-    try:
-        _start_components(cluster, nodes=nodes, say=say)
-    except BaseException:
-        # Leave the logs for the caller to read, but never leave processes.
-        stop_processes(cluster)
-        raise
+    # Ports are picked free but bound later by the components: on a shared
+    # machine another process can take one in between. One retry with fresh
+    # ports (and a clean state dir) absorbs that race.
+    for attempt in (1, 2):
+        cluster = Cluster(name=name)
+        shutil.rmtree(cluster.dir, ignore_errors=True)
+        cluster.dir.mkdir(parents=True)
+        (cluster.dir / "logs").mkdir()
+        pki = cluster.dir / "pki"
+        _make_certs(pki)
+        cluster.ports = {k: _free_port() for k in ("etcd", "etcd-peer", "apiserver", "controller-manager",
+                                                   "scheduler", "kwok")}
+        cluster.save()
+        _write_kubeconfig(cluster.kubeconfig, cluster.server, pki, name)
+        try:
+            _start_components(cluster, nodes=nodes, say=say)
+            break
+        except ClusterError as exc:
+            stop_processes(cluster)  # never leave processes behind
+            if attempt == 2:
+                raise
+            say(f"  start failed ({str(exc).splitlines()[0]}); retrying once with fresh ports")
+        except BaseException:
+            stop_processes(cluster)
+            raise
     say(f"cluster {name!r} up in {time.monotonic() - started:.1f}s; kubeconfig: {cluster.kubeconfig}")
     return cluster
 

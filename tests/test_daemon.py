@@ -260,3 +260,51 @@ def test_gitopsd_status_shows_the_stored_status(repo, kube, namespace, tmp_path,
     assert row["app"] == "shown" and row["result"] == "Applied" and row["health"] == "Healthy"
     text = gitopsd("status", "shown", "--namespace", namespace, kubeconfig=kubeconfig, cache=source_cache)
     assert "shown" in text.stdout and sha[:12] in text.stdout
+
+
+def test_new_commit_cancels_a_running_health_wait_and_deploys_at_once(repo, kube, namespace, tmp_path,
+                                                                       start_daemon):
+    stuck = deployment("web")
+    stuck["spec"]["template"]["spec"]["nodeSelector"] = {"gitopsd.io/no-such-node": "true"}
+    repo.write("web.yaml", stuck)
+    repo.commit("a rollout that never becomes ready")
+    cfg = tmp_path / "config.yaml"
+    write_config(cfg, [app_entry("rolling", repo.url, namespace, timeout="5m")])
+    daemon = start_daemon(cfg, "--no-leader-elect", "--no-watch-local")
+    deps = kube.resource("apps/v1", "Deployment")
+    wait_for("stuck rollout applied", lambda: kube.get(deps, "web", namespace) is not None, 30)
+    time.sleep(1)  # the daemon is now waiting on health (for up to 5 minutes)
+
+    fixed = deployment("web")
+    repo.write("web.yaml", fixed)
+    sha = repo.commit("fix the rollout")
+    started = time.monotonic()
+    post_generic(daemon, repo.url, sha)
+
+    def fixed_applied():
+        spec = kube.get(deps, "web", namespace)["spec"]["template"]["spec"]
+        return "nodeSelector" not in spec
+    wait_for("the fix deployed without waiting for the old rollout", fixed_applied, 10, interval=0.05)
+    assert time.monotonic() - started < 2.0
+    first = daemon.wait_event(lambda e: e.get("event") == "audit" and e.get("result") == "Unhealthy",
+                              "the cancelled wait recorded", 10)
+    assert "cancelled" in json.dumps(first)
+    daemon.wait_event(lambda e: e.get("event") == "audit" and e.get("result") == "Applied"
+                      and e.get("revision") == sha, "the fix recorded as Applied", 30)
+
+
+def test_commit_to_a_local_repository_reconciles_within_a_second(repo, kube, namespace, tmp_path, start_daemon):
+    repo.write("cm.yaml", configmap("settings", {"color": "blue"}))
+    repo.commit()
+    cfg = tmp_path / "config.yaml"
+    write_config(cfg, [app_entry("local", repo.url, namespace)])
+    start_daemon(cfg, "--no-leader-elect")   # --watch-local is the default
+    wait_for("first sync", lambda: cm_data(kube, namespace, "settings") == {"color": "blue"}, 30)
+    time.sleep(1)
+
+    repo.write("cm.yaml", configmap("settings", {"color": "amber"}))
+    started = time.monotonic()
+    repo.commit("amber")   # pushes to the local bare repository; no webhook
+    wait_for("local commit applied", lambda: cm_data(kube, namespace, "settings") == {"color": "amber"}, 10,
+             interval=0.02)
+    assert time.monotonic() - started < 1.5

@@ -358,6 +358,13 @@ def _start_components(cluster: Cluster, *, nodes: int, say) -> None:
         f"--service-account-private-key-file={pki / 'sa.key'}", f"--root-ca-file={pki / 'ca.crt'}",
         "--leader-elect=false", f"--secure-port={p['controller-manager']}", "--bind-address=127.0.0.1",
         "--controllers=*", "--use-service-account-credentials=false", "--v=1",
+        # 1.37's beta stale-cache checks make a controller drop a sync when its
+        # informer lags its own last write and retry with per-object exponential
+        # backoff; on a loaded 2-core machine that left a ReplicaSet's ready
+        # count stale for over a minute. Off here, for a test bed that reacts
+        # like a quiet cluster.
+        "--feature-gates=" + ",".join(f"StaleControllerConsistency{k}=false"
+                                      for k in ("ReplicaSet", "DaemonSet", "StatefulSet", "Job", "HPA")),
     ])
     _start(cluster, "kube-scheduler", [
         str(build.binary("kube-scheduler")), f"--kubeconfig={kubeconfig}",

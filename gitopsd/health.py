@@ -24,7 +24,8 @@ import enum
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from gitopsd.objects import ObjectRef, ref_of
@@ -521,7 +522,8 @@ def _observe(ref: ObjectRef, *, get: Callable[[ObjectRef], dict | None],
     if obj is None:
         return ObjectHealth(ref, Status.NOT_FOUND, f"{ref} not found")
     status, message = compute(obj)
-    if status is Status.IN_PROGRESS and related_pods is not None and (ref.group, ref.kind) in _WORKLOAD_KINDS:
+    if status is Status.IN_PROGRESS and related_pods is not None and (ref.group, ref.kind) in _WORKLOAD_KINDS \
+            and _pods_can_tell(obj):
         try:
             pods = related_pods(obj)
         except Exception:  # noqa: BLE001 - the count rules still decide
@@ -531,6 +533,16 @@ def _observe(ref: ObjectRef, *, get: Callable[[ObjectRef], dict | None],
             if broken:
                 return ObjectHealth(ref, Status.FAILED, f"{ref.kind} rollout is failing: {broken}")
     return ObjectHealth(ref, status, message)
+
+
+def _pods_can_tell(obj: dict) -> bool:
+    """Pods say something new only once the controller has seen this generation
+    and wants replicas: before that, listing them is a wasted request."""
+    meta, spec, st = obj.get("metadata") or {}, obj.get("spec") or {}, obj.get("status") or {}
+    observed = st.get("observedGeneration")
+    if observed is None or observed != meta.get("generation"):
+        return False
+    return spec.get("replicas", 1) != 0
 
 
 def _annotate(latest: dict[ObjectRef, ObjectHealth], prefix: str) -> list[ObjectHealth]:
@@ -543,7 +555,8 @@ def _annotate(latest: dict[ObjectRef, ObjectHealth], prefix: str) -> list[Object
 def wait(refs: Sequence[ObjectRef], *, get: Callable[[ObjectRef], dict | None], timeout: float,
          interval: float = 0.5, cancel: threading.Event | None = None,
          on_change: Callable[[ObjectHealth], None] | None = None,
-         related_pods: Callable[[dict], list[dict]] | None = None) -> list[ObjectHealth]:
+         related_pods: Callable[[dict], list[dict]] | None = None,
+         initial: Mapping[ObjectRef, dict] | None = None, workers: int = 1) -> list[ObjectHealth]:
     """Poll `refs` until every one has settled, the timeout passes, or `cancel` is set.
 
     Returns one ObjectHealth per distinct ref, in the order given.
@@ -564,27 +577,47 @@ def wait(refs: Sequence[ObjectRef], *, get: Callable[[ObjectRef], dict | None], 
       called at most once per round per workload. A pod of the new revision
       that is crash-looping or cannot pull its image fails the workload at once.
     - Every object is polled at least once, even with timeout 0.
+    - `initial` holds objects as the apply just returned them: the first round
+      reads them instead of asking again (a ConfigMap is Current on sight).
+    - `workers` > 1 polls a round's objects in parallel; rounds start 0.1 s
+      apart and back off to `interval`, so a quick rollout is seen quickly and
+      a slow one is not polled needlessly often.
     """
     cancel = cancel if cancel is not None else threading.Event()
     latest = {ref: ObjectHealth(ref, Status.UNKNOWN, "not checked yet") for ref in refs}
     deadline = time.monotonic() + timeout
-    while True:
-        if cancel.is_set():
-            return _annotate(latest, "cancelled")
-        for ref, before in latest.items():
-            if before.status in _SETTLED:
-                continue
-            now = _observe(ref, get=get, related_pods=related_pods)
-            if (now.status, now.message) != (before.status, before.message):
-                latest[ref] = now
-                if on_change is not None:
-                    on_change(now)
-        if all(h.status in _SETTLED for h in latest.values()):
-            return list(latest.values())
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return _annotate(latest, f"timed out after {timeout:g}s")
-        cancel.wait(min(interval, remaining))
+    first = dict(initial or {})
+    pause = min(0.1, interval)
+
+    def look(ref: ObjectRef) -> ObjectHealth:
+        if ref in first:
+            obj = first.pop(ref)
+            return _observe(ref, get=lambda _ref: obj, related_pods=related_pods)
+        return _observe(ref, get=get, related_pods=related_pods)
+
+    pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+    try:
+        while True:
+            if cancel.is_set():
+                return _annotate(latest, "cancelled")
+            todo = [ref for ref, h in latest.items() if h.status not in _SETTLED]
+            seen = list(pool.map(look, todo)) if pool else [look(ref) for ref in todo]
+            for now in seen:
+                before = latest[now.ref]
+                if (now.status, now.message) != (before.status, before.message):
+                    latest[now.ref] = now
+                    if on_change is not None:
+                        on_change(now)
+            if all(h.status in _SETTLED for h in latest.values()):
+                return list(latest.values())
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return _annotate(latest, f"timed out after {timeout:g}s")
+            cancel.wait(min(pause, remaining))
+            pause = min(pause * 2, interval)
+    finally:
+        if pool:
+            pool.shutdown(wait=False)
 
 
 def summarize(results: Sequence[ObjectHealth]) -> tuple[bool, str]:

@@ -119,7 +119,15 @@ class Kube:
         cfg = client.Configuration()
         if in_cluster or (in_cluster is None and not kubeconfig and not os.environ.get("KUBECONFIG")
                           and os.environ.get("KUBERNETES_SERVICE_HOST")):
-            config.load_incluster_config(client_configuration=cfg)
+            # The pod's token and CA; the two variables move them (a test lays them out outside /var/run).
+            incluster = config.incluster_config
+            token = os.environ.get("GITOPSD_SA_TOKEN_FILE") or incluster.SERVICE_TOKEN_FILENAME
+            ca = os.environ.get("GITOPSD_SA_CA_FILE") or incluster.SERVICE_CERT_FILENAME
+            try:
+                incluster.InClusterConfigLoader(token_filename=token, cert_filename=ca).load_and_set(cfg)
+            except config.ConfigException as exc:
+                raise ClusterError(f"cannot load in-cluster configuration ({token}, {ca}): {exc}",
+                                   hint="is the ServiceAccount token mounted (automountServiceAccountToken)?") from None
         else:
             try:
                 config.load_kube_config(config_file=str(kubeconfig) if kubeconfig else None, context=context,

@@ -145,7 +145,10 @@ def make_plan(kube: Kube, manifests: list[Manifest], inv: Inventory, *, prune: b
         if change.resource is not None and change.resource.namespaced and not ref.namespace:
             plan.errors.append(f"{m.source}: {ref}: namespaced kind without a namespace")
             continue
-        if allowed_namespaces is not None and ref.namespace not in allowed_namespaces:
+        # An app may own the Namespace objects of its allowed namespaces (overlays
+        # often ship them); any other cluster-scoped object is out of bounds.
+        own_namespace = ref.group == "" and ref.kind == "Namespace" and ref.name in (allowed_namespaces or ())
+        if allowed_namespaces is not None and ref.namespace not in allowed_namespaces and not own_namespace:
             where = f"namespace {ref.namespace!r}" if ref.namespace else "cluster scope"
             plan.errors.append(f"{m.source}: {ref}: the app may not write to {where}; allowed namespaces: "
                                f"{', '.join(allowed_namespaces)}")

@@ -170,8 +170,7 @@ def sync(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None, dry_run: bo
         if not outcome.applied and not outcome.pruned:
             result.outcome, result.reason = Outcome.NO_CHANGE, "in sync"
             return result
-        result.health = _wait_healthy(kube, [c.ref for c in outcome.applied], app=app, cancel=cancel,
-                                      on_change=on_health)
+        result.health = _wait_healthy(kube, outcome.applied, app=app, cancel=cancel, on_change=on_health)
         healthy, why = health.summarize(result.health)
         if healthy:
             result.outcome, result.reason = Outcome.APPLIED, _summary(outcome)
@@ -196,7 +195,8 @@ def _summary(outcome: ApplyOutcome) -> str:
     return ", ".join(f"{n} {verb}d" for verb, n in sorted(counts.items()))
 
 
-def _wait_healthy(kube: Kube, refs: list[ObjectRef], *, app: AppSpec, cancel, on_change) -> list[health.ObjectHealth]:
+def _wait_healthy(kube: Kube, applied: list[ObjectChange], *, app: AppSpec, cancel,
+                  on_change) -> list[health.ObjectHealth]:
     def get(ref: ObjectRef) -> dict | None:
         res = kube.resource_for_group_kind(ref.group, ref.kind)
         return kube.get(res, ref.name, ref.namespace or None) if res else None
@@ -209,5 +209,7 @@ def _wait_healthy(kube: Kube, refs: list[ObjectRef], *, app: AppSpec, cancel, on
         return kube.list(pods, namespace=workload["metadata"].get("namespace"),
                          label_selector=",".join(f"{k}={v}" for k, v in sorted(selector.items())))
 
-    return health.wait(refs, get=get, timeout=app.timeout, cancel=cancel, on_change=on_change,
-                       related_pods=related_pods)
+    # The apply responses are the first reading: no GET for what is ready on sight.
+    return health.wait([c.ref for c in applied], get=get, timeout=app.timeout, cancel=cancel, on_change=on_change,
+                       related_pods=related_pods, initial={c.ref: c.live for c in applied if c.live},
+                       workers=kube.max_workers)

@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="port for webhooks, /healthz, /readyz, /metrics, /status (default 8080; 0 = any free)")
     r.add_argument("--http-address", default=os.environ.get("GITOPSD_HTTP_ADDRESS", "0.0.0.0"),
                    help="address to listen on (default 0.0.0.0 in a pod; use 127.0.0.1 on a laptop)")
+    r.add_argument("--advertise-url", default=os.environ.get("GITOPSD_ADVERTISE_URL"),
+                   help="URL other replicas use to forward webhooks to this one when it leads "
+                        "(default: http://ADDRESS:PORT when --http-address is concrete; deploy/ uses the pod IP)")
     r.add_argument("--log-format", default=os.environ.get("GITOPSD_LOG_FORMAT", "auto"),
                    choices=["auto", "json", "console"], help="auto: readable on a terminal, JSON otherwise")
     r.add_argument("--leader-elect", action=argparse.BooleanOptionalAction, default=True,

@@ -327,7 +327,8 @@ class AppRunner:
 class Daemon:
     def __init__(self, *, kube: Kube, config_path: Path, namespace: str, http_host: str, http_port: int,
                  instance: str, leader_elect: bool = True, lease_duration: float = 15.0,
-                 lease_renew: float = 5.0, watch_local: bool = True, cache_dir: Path | None = None) -> None:
+                 lease_renew: float = 5.0, watch_local: bool = True, cache_dir: Path | None = None,
+                 advertise_url: str | None = None) -> None:
         self.kube = kube
         kube.user_agent = f"gitopsd/{__version__} ({instance})"   # names us in the apiserver's audit log
         self.config_path = config_path
@@ -347,7 +348,8 @@ class Daemon:
         self._secret_dir = Path(tempfile.mkdtemp(prefix="gitopsd-credentials-"))
         self.elector = (LeaderElector(kube, namespace=namespace, identity=instance, lease_duration=lease_duration,
                                       renew_interval=lease_renew, on_started_leading=self._on_leading,
-                                      on_stopped_leading=self._on_standby) if leader_elect else None)
+                                      on_stopped_leading=self._on_standby, advertise_url=advertise_url)
+                        if leader_elect else None)
         self.server = Server(host=http_host, port=http_port, on_push=self.on_push,
                              webhook_secret=self.webhook_secret, ready=self.ready, status=self.status_json)
         self._threads: list[threading.Thread] = []
@@ -369,6 +371,9 @@ class Daemon:
         if self.watch_local:
             self._spawn(self._watch_local_repos, "local-repo-watch")
         if self.elector:
+            if not self.elector.advertise_url and self.server.host not in ("0.0.0.0", "::", ""):
+                # A concrete listen address is reachable as is (0.0.0.0 says nothing).
+                self.elector.advertise_url = f"http://{self.server.host}:{self.server.port}"
             self.elector.start()
         else:
             self._on_leading()
@@ -563,6 +568,8 @@ class Daemon:
     # ------------------------------------------------------------ HTTP callbacks
 
     def on_push(self, event: PushEvent) -> list[str]:
+        if self.elector is not None and not self._leading and not self._stop.is_set():
+            return self._forward_to_leader(event)
         hit = [r for r in self.runners.values() if matches(r.cfg.repo, r.cfg.ref, event)]
         for r in hit:
             r.trigger("webhook", sha=event.after)
@@ -570,6 +577,37 @@ class Daemon:
                  repo=normalize_repo_url(event.repo_urls[0]) if event.repo_urls else None,
                  triggered=[r.cfg.name for r in hit])
         return [r.cfg.name for r in hit]
+
+    def _forward_to_leader(self, event: PushEvent) -> list[str]:
+        """A standby behind the same Service got the push: hand it to the leader.
+
+        Re-sent as a generic hook signed with the shared secret, to the URL the
+        leader publishes on the Lease. Without it half the pushes to a
+        two-replica Service would wait for the next poll.
+        """
+        import hmac
+        import json
+        import urllib.request
+
+        url = self.elector.leader_url
+        secret = self.webhook_secret()
+        if not url or not secret:
+            log.warning("push received by a standby; no leader address to forward it to",
+                        ref=event.ref, hint="set --advertise-url (deploy/ sets it from the pod IP)")
+            return []
+        body = json.dumps({"repo": event.repo_urls[0] if event.repo_urls else "", "ref": event.ref,
+                           "after": event.after}).encode()
+        sig = "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+        req = urllib.request.Request(url.rstrip("/") + "/hooks/generic", data=body, method="POST",
+                                     headers={"Content-Type": "application/json", "X-Gitopsd-Signature": sig})
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                triggered = json.loads(resp.read() or b"{}").get("triggered", [])
+            log.info("push forwarded to the leader", leader=url, ref=event.ref, triggered=triggered)
+            return triggered
+        except (OSError, ValueError) as exc:
+            log.warning("forwarding a push to the leader failed", leader=url, error=str(exc))
+            return []
 
     def webhook_secret(self) -> bytes:
         path = self.config.webhook.secret_file
@@ -616,7 +654,7 @@ def main(args) -> int:
         daemon = Daemon(kube=kube, config_path=args.config, namespace=args.namespace, http_host=args.http_address,
                         http_port=args.http_port, instance=instance, leader_elect=args.leader_elect,
                         lease_duration=args.lease_duration, lease_renew=args.lease_renew,
-                        watch_local=args.watch_local)
+                        watch_local=args.watch_local, advertise_url=args.advertise_url)
     except GitopsdError as exc:
         log.error("cannot start", error=str(exc))
         return 2

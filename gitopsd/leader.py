@@ -27,6 +27,7 @@ from gitopsd.kube import Kube, KubeApiError
 from gitopsd.metrics import IS_LEADER
 
 log = structlog.get_logger("gitopsd.leader")
+WEBHOOK_URL_ANNOTATION = "gitopsd.io/webhook-url"
 
 
 def _now() -> datetime:
@@ -54,7 +55,8 @@ class LeaderElector:
 
     def __init__(self, kube: Kube, *, namespace: str, name: str = "gitopsd-leader", identity: str,
                  lease_duration: float = 15.0, renew_interval: float = 5.0,
-                 on_started_leading: Callable[[], None], on_stopped_leading: Callable[[], None]) -> None:
+                 on_started_leading: Callable[[], None], on_stopped_leading: Callable[[], None],
+                 advertise_url: str | None = None) -> None:
         if renew_interval >= lease_duration:
             raise ValueError("renew_interval must be shorter than lease_duration")
         self.kube = kube
@@ -70,6 +72,10 @@ class LeaderElector:
         self._leading = False
         self._last_renew = 0.0   # monotonic time of our last successful acquire/renew
         self._res = None
+        # Where this replica takes webhooks; the leader publishes it on the Lease
+        # (in the same write as a renewal) so a standby can forward pushes to it.
+        self.advertise_url = advertise_url
+        self.leader_url: str | None = None
 
     @property
     def is_leader(self) -> bool:
@@ -120,12 +126,21 @@ class LeaderElector:
         return {"holderIdentity": self.identity, "leaseDurationSeconds": max(1, int(round(self.lease_duration))),
                 "acquireTime": acquire_time or now, "renewTime": now, "leaseTransitions": transitions}
 
+    def _advertise(self, lease: dict) -> None:
+        annotations = lease["metadata"].setdefault("annotations", {}) or {}
+        lease["metadata"]["annotations"] = annotations
+        if self.advertise_url:
+            annotations[WEBHOOK_URL_ANNOTATION] = self.advertise_url
+        else:
+            annotations.pop(WEBHOOK_URL_ANNOTATION, None)
+
     def _try_acquire_or_renew(self) -> bool:
         lease = self.kube.get(self._res, self.name, self.namespace)
         if lease is None:
             body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                     "metadata": {"name": self.name, "namespace": self.namespace},
                     "spec": self._spec(transitions=0, acquire_time="")}
+            self._advertise(body)
             try:
                 self.kube.request("POST", self._res.path(self.namespace), body=body)
                 return True
@@ -142,9 +157,13 @@ class LeaderElector:
             renew = _parse(spec.get("renewTime"))
             duration = float(spec.get("leaseDurationSeconds") or self.lease_duration)
             if holder and renew is not None and renew + timedelta(seconds=duration) > _now():
+                self.leader_url = ((lease["metadata"].get("annotations") or {}).get(WEBHOOK_URL_ANNOTATION)
+                                   or None)
                 return False  # held by a live leader
             new_spec = self._spec(transitions=transitions + 1, acquire_time="")
         lease["spec"] = new_spec
+        self._advertise(lease)
+        self.leader_url = None
         try:
             self.kube.request("PUT", self._res.path(self.namespace, self.name), body=lease)
             return True

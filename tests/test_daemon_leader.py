@@ -74,3 +74,26 @@ def test_sigterm_releases_the_lease_for_an_immediate_hand_over(repo, kube, names
              interval=0.05)
     assert time.monotonic() - stopped < 5, "a released lease is taken at once, not after 15 s"
     assert any(e.get("event") == "lease released" for e in a.events())
+
+
+def test_a_push_to_the_standby_is_forwarded_to_the_leader(repo, kube, namespace, tmp_path, start_daemon):
+    repo.write("cm.yaml", configmap("settings", {"color": "blue"}))
+    repo.commit()
+    cfg = tmp_path / "config.yaml"
+    write_config(cfg, [app_entry("shared", repo.url, namespace)])
+    a = start_daemon(cfg, *LEASE, name="replica-a")
+    wait_for("replica-a leads", lambda: _leader_events(a), 10)
+    b = start_daemon(cfg, *LEASE, name="replica-b")
+    wait_for("first sync", lambda: cm_data(kube, namespace, "settings") == {"color": "blue"}, 30)
+    time.sleep(1.5)  # b has read the lease (and the leader's address) at least once
+
+    repo.write("cm.yaml", configmap("settings", {"color": "green"}))
+    sha = repo.commit("green")
+    started = time.monotonic()
+    code, body = post_generic(b, repo.url, sha)   # the Service sent the push to the standby
+    assert code == 202 and "shared" in body
+    wait_for("applied by the leader", lambda: cm_data(kube, namespace, "settings") == {"color": "green"}, 10,
+             interval=0.02)
+    assert time.monotonic() - started < 2.0
+    assert any(e.get("event") == "push forwarded to the leader" for e in b.events())
+    assert _applied_by(a) and not _applied_by(b)

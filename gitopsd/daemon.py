@@ -249,6 +249,17 @@ class AppRunner:
                 self._heal_one(desired, live)
 
     def _heal_one(self, desired: ObjectChange, live: dict | None) -> None:
+        try:
+            # The cache may trail the controllers (a Deployment's revision
+            # annotation moves right after a hand edit): compare the dry-run with
+            # a fresh read, so the drift report names only what really differs.
+            if desired.resource is not None:
+                live = self.daemon.kube.get(desired.resource, desired.ref.name, desired.ref.namespace or None)
+        except GitopsdError as exc:
+            log.warning("cannot re-read a drifted object", app=self.cfg.name, object=str(desired.ref),
+                        error=str(exc))
+        if live is not None and still_ours(live, desired.desired):
+            return
         change = ObjectChange(ref=desired.ref, action=Action.CREATE, source=desired.source,
                               desired=desired.desired, live=live, resource=desired.resource)
         try:
@@ -666,7 +677,12 @@ def main(args) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    daemon.start()
+    try:
+        daemon.start()
+    except GitopsdError as exc:
+        log.error("cannot start", error=str(exc))
+        daemon.stop()
+        return 2
     try:
         while not stop.wait(0.5):
             pass

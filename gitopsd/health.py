@@ -556,7 +556,9 @@ def wait(refs: Sequence[ObjectRef], *, get: Callable[[ObjectRef], dict | None], 
          interval: float = 0.5, cancel: threading.Event | None = None,
          on_change: Callable[[ObjectHealth], None] | None = None,
          related_pods: Callable[[dict], list[dict]] | None = None,
-         initial: Mapping[ObjectRef, dict] | None = None, workers: int = 1) -> list[ObjectHealth]:
+         initial: Mapping[ObjectRef, dict] | None = None, workers: int = 1,
+         get_many: Callable[[list[ObjectRef]], Mapping[ObjectRef, dict | None]] | None = None,
+         ) -> list[ObjectHealth]:
     """Poll `refs` until every one has settled, the timeout passes, or `cancel` is set.
 
     Returns one ObjectHealth per distinct ref, in the order given.
@@ -582,6 +584,9 @@ def wait(refs: Sequence[ObjectRef], *, get: Callable[[ObjectRef], dict | None], 
     - `workers` > 1 polls a round's objects in parallel; rounds start 0.1 s
       apart and back off to `interval`, so a quick rollout is seen quickly and
       a slow one is not polled needlessly often.
+    - `get_many(refs)` reads a whole round at once (the caller can LIST per
+      kind and namespace instead of a GET per object); an object it leaves
+      out is read with `get`.
     """
     cancel = cancel if cancel is not None else threading.Event()
     latest = {ref: ObjectHealth(ref, Status.UNKNOWN, "not checked yet") for ref in refs}
@@ -590,7 +595,7 @@ def wait(refs: Sequence[ObjectRef], *, get: Callable[[ObjectRef], dict | None], 
     pause = min(0.1, interval)
 
     def look(ref: ObjectRef) -> ObjectHealth:
-        if ref in first:
+        if ref in first:  # already read this round (apply response or get_many); None = absent
             obj = first.pop(ref)
             return _observe(ref, get=lambda _ref: obj, related_pods=related_pods)
         return _observe(ref, get=get, related_pods=related_pods)
@@ -601,6 +606,12 @@ def wait(refs: Sequence[ObjectRef], *, get: Callable[[ObjectRef], dict | None], 
             if cancel.is_set():
                 return _annotate(latest, "cancelled")
             todo = [ref for ref, h in latest.items() if h.status not in _SETTLED]
+            if get_many is not None:
+                batch = [ref for ref in todo if ref not in first]
+                try:
+                    first.update({ref: obj for ref, obj in get_many(batch).items() if ref in latest})
+                except Exception:  # noqa: BLE001 - fall back to one read per object this round
+                    pass
             seen = list(pool.map(look, todo)) if pool else [look(ref) for ref in todo]
             for now in seen:
                 before = latest[now.ref]

@@ -96,7 +96,7 @@ class Server:
         except OSError as exc:
             raise GitopsdError(
                 f"cannot listen on {self.host}:{self._port}: {exc.strerror or exc}",
-                hint="pick another port (--port / config) or stop the process holding this one",
+                hint="pick another port (gitopsd run --http-port) or stop the process holding this one",
             ) from None
         self._httpd = httpd
         self._port = httpd.server_address[1]

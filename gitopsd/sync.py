@@ -26,7 +26,7 @@ from gitopsd import health, inventory, render, source
 from gitopsd.apply import ApplyOutcome, apply_plan
 from gitopsd.errors import GitopsdError
 from gitopsd.kube import Kube
-from gitopsd.objects import ObjectRef
+from gitopsd.objects import ObjectRef, ref_of
 from gitopsd.plan import Action, ObjectChange, Plan, make_plan
 from gitopsd.watch import MemberCache
 
@@ -170,7 +170,8 @@ def sync(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None, dry_run: bo
         if not outcome.applied and not outcome.pruned:
             result.outcome, result.reason = Outcome.NO_CHANGE, "in sync"
             return result
-        result.health = _wait_healthy(kube, outcome.applied, app=app, cancel=cancel, on_change=on_health)
+        result.health = _wait_healthy(kube, outcome.applied, app=app, cancel=cancel, on_change=on_health,
+                                      selector=plan.inventory.selector)
         healthy, why = health.summarize(result.health)
         if healthy:
             result.outcome, result.reason = Outcome.APPLIED, _summary(outcome)
@@ -195,8 +196,8 @@ def _summary(outcome: ApplyOutcome) -> str:
     return ", ".join(f"{n} {verb}d" for verb, n in sorted(counts.items()))
 
 
-def _wait_healthy(kube: Kube, applied: list[ObjectChange], *, app: AppSpec, cancel,
-                  on_change) -> list[health.ObjectHealth]:
+def _wait_healthy(kube: Kube, applied: list[ObjectChange], *, app: AppSpec, cancel, on_change,
+                  selector: str) -> list[health.ObjectHealth]:
     def get(ref: ObjectRef) -> dict | None:
         res = kube.resource_for_group_kind(ref.group, ref.kind)
         return kube.get(res, ref.name, ref.namespace or None) if res else None
@@ -209,7 +210,22 @@ def _wait_healthy(kube: Kube, applied: list[ObjectChange], *, app: AppSpec, canc
         return kube.list(pods, namespace=workload["metadata"].get("namespace"),
                          label_selector=",".join(f"{k}={v}" for k, v in sorted(selector.items())))
 
+    def get_many(refs: list[ObjectRef]) -> dict[ObjectRef, dict | None]:
+        # Three or more unsettled objects of one kind in one namespace: one LIST
+        # of the app's members there (by the ApplySet label) instead of a GET each.
+        groups: dict[tuple[str, str, str], list[ObjectRef]] = {}
+        for ref in refs:
+            groups.setdefault((ref.group, ref.kind, ref.namespace), []).append(ref)
+        out: dict[ObjectRef, dict | None] = {}
+        for (group, kind, ns), members in groups.items():
+            res = kube.resource_for_group_kind(group, kind)
+            if res is None or len(members) < 3:
+                continue
+            found = {ref_of(o): o for o in kube.list(res, namespace=ns or None, label_selector=selector)}
+            out.update({ref: found.get(ref) for ref in members})
+        return out
+
     # The apply responses are the first reading: no GET for what is ready on sight.
     return health.wait([c.ref for c in applied], get=get, timeout=app.timeout, cancel=cancel, on_change=on_change,
                        related_pods=related_pods, initial={c.ref: c.live for c in applied if c.live},
-                       workers=kube.max_workers)
+                       workers=kube.max_workers, get_many=get_many)

@@ -45,34 +45,36 @@ class _Watcher:
         self.thread = threading.Thread(target=self._run, daemon=True,
                                        name=f"watch-{res.kind}-{ns or 'cluster'}")
 
-    def _relist(self, *, notify: bool) -> str:
+    def _relist(self) -> str:
+        """List, replace the store, and report what changed since the last look.
+
+        The first list reports every member (as ADDED): a hand edit made between
+        our apply and the start of this watch is drift the watch would never show.
+        """
         res, ns = self.target
         items, rv = self.kube.list_with_version(res, namespace=ns, label_selector=self.selector)
         fresh = {ref_of(o): o for o in items}
         with self.lock:
             old, self.objects = self.objects, fresh
-        if notify:  # what happened while we were not watching
-            for ref, obj in fresh.items():
-                before = old.get(ref)
-                if before is None:
-                    self.on_event("ADDED", obj)
-                elif before["metadata"].get("resourceVersion") != obj["metadata"].get("resourceVersion"):
-                    self.on_event("MODIFIED", obj)
-            for ref, obj in old.items():
-                if ref not in fresh:
-                    self.on_event("DELETED", obj)
+        for ref, obj in fresh.items():
+            before = old.get(ref)
+            if before is None:
+                self.on_event("ADDED", obj)
+            elif before["metadata"].get("resourceVersion") != obj["metadata"].get("resourceVersion"):
+                self.on_event("MODIFIED", obj)
+        for ref, obj in old.items():
+            if ref not in fresh:
+                self.on_event("DELETED", obj)
         return rv
 
     def _run(self) -> None:
         res, ns = self.target
         rv = ""
         backoff = 0.5
-        listed_once = False
         while not self.stop.is_set():
             try:
                 if not rv:
-                    rv = self._relist(notify=listed_once)
-                    listed_once = True
+                    rv = self._relist()
                     self.synced.set()
                 for kind, obj in self.kube.watch(res, namespace=ns, label_selector=self.selector,
                                                  resource_version=rv, timeout_seconds=WATCH_TIMEOUT_SECONDS):

@@ -167,3 +167,22 @@ def app(repo, namespace, source_cache, kube):
                         cache_dir=source_cache, dry_run=overrides.get("dry_run", False))
 
     return _App()
+
+
+@pytest.fixture
+def start_daemon(tmp_path, kubeconfig, namespace, source_cache):
+    """Start real `gitopsd run` processes (stopped with SIGTERM at the end of the test)."""
+    from helpers import SECRET, DaemonProcess
+
+    started = []
+
+    def start(config: Path, *extra: str, name: str = "daemon"):
+        d = DaemonProcess(config=config, kubeconfig=kubeconfig, namespace=namespace, workdir=tmp_path,
+                          cache=source_cache, extra=extra, env={"GITOPSD_WEBHOOK_SECRET": SECRET}, name=name)
+        started.append(d)
+        d.wait_ready()
+        return d
+
+    yield start
+    for d in started:
+        d.stop()

@@ -177,3 +177,31 @@ class DaemonProcess:
                 self.proc.wait()
         self.log_file.close()
         return self.proc.returncode
+
+
+SECRET = "webhook-test-secret"   # the daemons started by the start_daemon fixture use it
+
+
+def write_config(path: Path, apps: list[dict]) -> Path:
+    path.write_text(yaml.safe_dump({"apps": apps}, sort_keys=False))
+    return path
+
+
+def app_entry(name: str, repo_url: str, namespace: str, **extra) -> dict:
+    return {"name": name, "repo": repo_url, "ref": "main", "path": ".", "namespace": namespace,
+            "interval": "1h", **extra}
+
+
+def post_generic(daemon: DaemonProcess, repo_url: str, sha: str, *, secret: str = SECRET) -> tuple[int, str]:
+    """A signed generic push webhook, as a CI job would send it."""
+    import hashlib
+    import hmac
+
+    body = json.dumps({"repo": repo_url, "ref": "main", "after": sha}).encode()
+    sig = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return daemon.post("/hooks/generic", body, {"X-Gitopsd-Signature": sig, "Content-Type": "application/json"})
+
+
+def cm_data(kube, namespace: str, name: str) -> dict | None:
+    obj = kube.get(kube.resource("v1", "ConfigMap"), name, namespace)
+    return None if obj is None else obj.get("data")

@@ -2,58 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
-import yaml
 
-from helpers import DaemonProcess, configmap, deployment, wait_for
+from helpers import (SECRET, app_entry, cm_data, configmap, deployment, post_generic, wait_for,
+                     write_config)
 
 pytestmark = pytest.mark.cluster
-
-SECRET = "webhook-test-secret"
-
-
-def write_config(path: Path, apps: list[dict]) -> None:
-    path.write_text(yaml.safe_dump({"apps": apps}, sort_keys=False))
-
-
-def app_entry(name: str, repo_url: str, namespace: str, **extra) -> dict:
-    return {"name": name, "repo": repo_url, "ref": "main", "path": ".", "namespace": namespace,
-            "interval": "1h", **extra}
-
-
-@pytest.fixture
-def start_daemon(tmp_path, kubeconfig, namespace, source_cache):
-    started: list[DaemonProcess] = []
-
-    def start(config: Path, *extra: str, name: str = "daemon") -> DaemonProcess:
-        d = DaemonProcess(config=config, kubeconfig=kubeconfig, namespace=namespace, workdir=tmp_path,
-                          cache=source_cache, extra=extra, env={"GITOPSD_WEBHOOK_SECRET": SECRET}, name=name)
-        started.append(d)
-        d.wait_ready()
-        return d
-
-    yield start
-    for d in started:
-        d.stop()
-
-
-def post_generic(daemon: DaemonProcess, repo_url: str, sha: str, *, secret: str = SECRET) -> tuple[int, str]:
-    body = json.dumps({"repo": repo_url, "ref": "main", "after": sha}).encode()
-    sig = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-    return daemon.post("/hooks/generic", body, {"X-Gitopsd-Signature": sig, "Content-Type": "application/json"})
-
-
-def cm_data(kube, namespace, name):
-    obj = kube.get(kube.resource("v1", "ConfigMap"), name, namespace)
-    return None if obj is None else obj.get("data")
-
 
 def test_commit_plus_webhook_is_applied_within_two_seconds(repo, kube, namespace, tmp_path, start_daemon):
     repo.write("cm.yaml", configmap("settings", {"color": "blue"}))

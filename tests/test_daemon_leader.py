@@ -7,8 +7,7 @@ import time
 
 import pytest
 
-from helpers import configmap, wait_for
-from test_daemon import app_entry, cm_data, post_generic, start_daemon, write_config  # noqa: F401 (fixture)
+from helpers import app_entry, cm_data, configmap, post_generic, wait_for, write_config
 
 pytestmark = pytest.mark.cluster
 

@@ -6,8 +6,7 @@ import re
 
 import pytest
 
-from helpers import configmap, wait_for
-from test_daemon import app_entry, start_daemon, write_config  # noqa: F401 (fixture)
+from helpers import app_entry, configmap, wait_for, write_config
 
 pytestmark = pytest.mark.cluster
 

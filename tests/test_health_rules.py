@@ -431,3 +431,29 @@ def test_summarize_lists_failed_first():
     assert reason == ("2 of 3 objects not healthy: Job.batch/app/b Failed (Job failed: boom); "
                       "ConfigMap/app/a NotFound (timed out after 1s: not found)")
     assert summarize([]) == (True, "no objects to wait for")
+
+
+def test_wait_takes_the_first_reading_from_the_apply_responses():
+    cm = obj("v1", "ConfigMap", name="cfg", generation=None)
+    cluster = FakeCluster(cm)
+    results = wait([ref_of(cm)], get=cluster.get, timeout=1, interval=0.01, initial={ref_of(cm): cm})
+    assert [r.status for r in results] == [Status.CURRENT]
+    assert cluster.calls.get(ref_of(cm), 0) == 0, "a ConfigMap is Current on sight: no read at all"
+
+
+def test_wait_reads_a_round_with_get_many_and_falls_back_to_get():
+    rolling = deployment(ready=1, available=1)
+    cm = obj("v1", "ConfigMap", name="cfg", generation=None)
+    cluster = FakeCluster(rolling, cm)
+    batches = []
+
+    def get_many(refs):
+        batches.append(list(refs))
+        return {ref: cluster.objects.get(ref) for ref in refs if ref.kind == "Deployment"}
+
+    later(0.05, lambda: cluster.put(deployment()))
+    results = wait([ref_of(rolling), ref_of(cm)], get=cluster.get, get_many=get_many, timeout=5, interval=0.01)
+    assert [r.status for r in results] == [Status.CURRENT, Status.CURRENT]
+    assert cluster.calls.get(ref_of(rolling), 0) == 0, "the Deployment was read only through get_many"
+    assert cluster.calls[ref_of(cm)] == 1, "what get_many leaves out is read with get"
+    assert len(batches) >= 2

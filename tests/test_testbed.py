@@ -6,24 +6,13 @@ first and on their own.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from kubernetes import client
 from kubernetes.dynamic import DynamicClient
 
+from helpers import wait_for
+
 pytestmark = pytest.mark.cluster
-
-
-def wait_for(what: str, check, timeout: float = 60.0, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 def test_nodes_are_ready(api_client):

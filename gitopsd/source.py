@@ -13,11 +13,12 @@ environment-scoped config (``GIT_CONFIG_COUNT``/``KEY``/``VALUE``) as an
 The cache key, ``Revision.url`` and every error message use the URL with its
 credentials removed, and quoted git output is scrubbed of the token.
 
-We drive the ``git`` CLI directly (not GitPython) because one runner then
-owns the three things that matter here: the scoped environment, killing the
+Transport (ls-remote, fetch, checkout) drives the ``git`` CLI directly, because
+one runner then owns the three things that matter there: the scoped environment, killing the
 whole process group on timeout (git's helpers — ``ssh``,
 ``git-remote-https`` — would otherwise outlive it and hold the pipes), and
-scrubbing what git printed before it reaches an error.
+scrubbing what git printed before it reaches an error. Reading a fetched
+commit's metadata is local and credential-free: GitPython parses it.
 """
 
 from __future__ import annotations
@@ -682,22 +683,24 @@ def _materialise(*, repo: Path, checkouts: Path, sha: str, git: _Git) -> Path:
 def _read_revision(*, repo: Path, sha: str, git: _Git) -> Revision:
     """The commit's metadata, as recorded in the commit object itself.
 
-    Raw names (no mailmap) and committer time in UTC: the audit trail wants
-    what the commit says, not how a mailmap renders it today.
+    Parsed by GitPython from the local object database (no network, no
+    credentials involved): raw names (no mailmap) and committer time in UTC,
+    because the audit trail wants what the commit says, not how a mailmap
+    renders it today.
     """
-    fmt = "%an%x00%ae%x00%cn%x00%ce%x00%ct%x00%B"
-    args = ["-c", "log.showSignature=false", "show", "--no-patch", "--no-color", f"--format={fmt}", sha]
-    result = git.run(args=args, repo=repo)
-    an, ae, cn, ce, ct, message = result.stdout.split("\x00", 5)
-    return Revision(
-        url=git.remote.url,
-        ref=git.ref,
-        sha=sha,
-        author=f"{an} <{ae}>",
-        committer=f"{cn} <{ce}>",
-        message=message.strip(),
-        time=datetime.fromtimestamp(int(ct), tz=timezone.utc),
-    )
+    import git as gitpython  # GitPython: object parsing; transport stays with our runner
+
+    with gitpython.Repo(repo) as local:
+        commit = local.commit(sha)
+        return Revision(
+            url=git.remote.url,
+            ref=git.ref,
+            sha=commit.hexsha,
+            author=f"{commit.author.name} <{commit.author.email}>",
+            committer=f"{commit.committer.name} <{commit.committer.email}>",
+            message=str(commit.message).strip(),
+            time=datetime.fromtimestamp(commit.committed_date, tz=timezone.utc),
+        )
 
 
 def _collect_garbage(*, checkouts: Path, keep: int, current: str) -> None:

@@ -94,6 +94,7 @@ class AppRunner:
         self.last_applied: str | None = None  # sha last written to the cluster
         self.last_result: SyncResult | None = None
         self.last_drift: dict | None = None
+        self.reported: dict[ObjectRef, tuple] = {}   # drift already reported (self-heal off)
         self.status_written: dict | None = None
         self.stopped = False
 
@@ -165,10 +166,15 @@ class AppRunner:
                     pass
             self.last_applied = result.revision.sha
             metrics.LAST_APPLIED.labels(app=cfg.name, revision=result.revision.sha).set(1)
-        if result.outcome == Outcome.DRY_RUN and plan is not None and not plan.in_sync:
+        if result.outcome == Outcome.DRY_RUN and plan is not None:
+            drifted = {c.ref for c in plan.changes if c.action in (Action.CREATE, Action.UPDATE, Action.RECREATE)}
+            for ref in set(self.reported) - drifted:
+                del self.reported[ref]   # back in sync (reverted by hand or by a commit)
             for change in plan.changes:
-                if change.action in (Action.CREATE, Action.UPDATE, Action.RECREATE):
+                if change.ref in drifted:
                     self._report_drift(change, corrected=False)
+        elif result.outcome in (Outcome.APPLIED, Outcome.NO_CHANGE):
+            self.reported.clear()
 
         if result.outcome == Outcome.FAILED:
             self._schedule_retry()
@@ -285,6 +291,13 @@ class AppRunner:
         fields = list(change.diff.fields) if change.diff and not deleted else []
         managers = managers_of(change.live, fields) if change.live else ["unknown (the object was deleted)"]
         action = "failed" if error else ("corrected" if corrected else "reported")
+        if action == "reported":
+            # With self-heal off the same drift is seen at every poll: report it
+            # once, again only when it changes.
+            key = (tuple(fields), deleted)
+            if self.reported.get(change.ref) == key:
+                return
+            self.reported[change.ref] = key
         metrics.DRIFT_DETECTED.labels(app=self.cfg.name).inc()
         if corrected:
             metrics.DRIFT_CORRECTED.labels(app=self.cfg.name).inc()

@@ -266,3 +266,24 @@ def test_commit_to_a_local_repository_reconciles_within_a_second(repo, kube, nam
     wait_for("local commit applied", lambda: cm_data(kube, namespace, "settings") == {"color": "amber"}, 10,
              interval=0.02)
     assert time.monotonic() - started < 1.5
+
+
+def test_self_heal_off_reports_a_lasting_drift_once_not_at_every_poll(repo, kube, namespace, tmp_path,
+                                                                      start_daemon):
+    repo.write("cm.yaml", configmap("settings", {"color": "blue"}))
+    repo.commit()
+    cfg = tmp_path / "config.yaml"
+    write_config(cfg, [app_entry("watcher", repo.url, namespace, selfHeal=False, interval="5s")])
+    daemon = start_daemon(cfg, "--no-leader-elect", "--no-watch-local")
+    wait_for("first sync", lambda: cm_data(kube, namespace, "settings") == {"color": "blue"}, 30)
+
+    cms = kube.resource("v1", "ConfigMap")
+    live = kube.get(cms, "settings", namespace)
+    live["data"]["color"] = "hand-painted"
+    kube.request("PUT", cms.path(namespace, "settings"), body=live)
+    daemon.wait_event(lambda e: e.get("event") == "drift detected", "drift report", 10)
+    time.sleep(12)   # two or more polls of an unchanged, still drifted app
+
+    reports = [e for e in daemon.events() if e.get("event") == "drift detected"]
+    assert len(reports) == 1, [r.get("fields") for r in reports]
+    assert cm_data(kube, namespace, "settings") == {"color": "hand-painted"}

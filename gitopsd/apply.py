@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from gitopsd import inventory
+from gitopsd.errors import GitopsdError
 from gitopsd.inventory import PART_OF_LABEL
 from gitopsd.kube import Kube, KubeApiError
 from gitopsd.objects import ObjectRef
@@ -135,6 +136,8 @@ def _write(kube: Kube, change: ObjectChange) -> str | None:
         return None
     except KubeApiError as exc:
         return f"{change.source}: {change.ref}: {exc.reason or exc.status}: {scrub(exc.api_message, change.desired)}"
+    except GitopsdError as exc:  # the apiserver went away: the write may or may not have happened
+        return f"{change.source}: {change.ref}: result unknown: {exc.message}"
 
 
 def _delete_and_wait(kube: Kube, change: ObjectChange) -> None:
@@ -165,6 +168,8 @@ def _delete(kube: Kube, change: ObjectChange, applyset_id: str) -> str | None:
         if exc.status == 409:  # uid precondition failed: a new object took the name; not ours to delete
             return None
         return f"{change.ref}: prune failed: {exc.reason or exc.status}: {exc.api_message}"
+    except GitopsdError as exc:
+        return f"{change.ref}: prune result unknown: {exc.message}"
 
 
 def _wait_established(kube: Kube, crds: list[ObjectChange]) -> list[str]:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import shutil
 import signal
 import socket
 import tempfile
@@ -53,7 +54,7 @@ from gitopsd.errors import GitopsdError
 from gitopsd.kube import Kube, KubeApiError
 from gitopsd.leader import LeaderElector
 from gitopsd.objects import ObjectRef, ref_of
-from gitopsd.plan import Action, ObjectChange, judge_one, still_ours
+from gitopsd.plan import Action, ObjectChange, judge_one, scrub, still_ours
 from gitopsd.server import Server
 from gitopsd.sync import Outcome, SyncResult, default_cache_dir, sync
 from gitopsd.watch import MemberCache
@@ -108,8 +109,11 @@ class AppRunner:
             if self.running:
                 if self.pending is None or reason != "poll":
                     self.pending = reason
-                if reason in ("webhook", "watch", "config") and (sha is None or sha != self.current_sha):
-                    self.cancel.set()  # a newer commit: stop waiting on the old rollout
+                # A newer commit than the one being deployed: stop waiting on the old
+                # rollout. Before the fetch (current_sha None) the run will see it anyway.
+                if reason in ("webhook", "watch", "config") and self.current_sha is not None \
+                        and (sha is None or sha != self.current_sha):
+                    self.cancel.set()
                 return
             self.running = True
             self.pending = None
@@ -117,6 +121,11 @@ class AppRunner:
 
     def _loop(self, reason: str) -> None:
         while True:
+            with self.lock:
+                self.cancel = threading.Event()
+                self.current_sha = None
+                if self.stopped:
+                    self.cancel.set()
             try:
                 with self.exec_lock:
                     self._reconcile(reason)
@@ -137,7 +146,6 @@ class AppRunner:
         cfg = self.cfg
         if cfg.suspend or not self.daemon.may_write():
             return
-        self.cancel = threading.Event()
         try:
             spec = cfg.to_spec(inventory_namespace=self.daemon.namespace,
                                credentials=self.daemon.credentials(cfg))
@@ -146,13 +154,25 @@ class AppRunner:
             return
         hold = self.last_applied if not cfg.self_heal else None
         started = time.monotonic()
+        def fetched(rev) -> None:
+            with self.lock:
+                self.current_sha = rev.sha
+
+        def still_leader(_verb, _change) -> None:
+            # Called after every write: a replica that lost the lease stops at the
+            # end of the current stage (no later stage, no prune).
+            if not self.daemon.may_write():
+                raise GitopsdError("leadership lost during the apply; the new leader takes over from here")
+
         result = sync(self.daemon.kube, spec, cache_dir=self.daemon.cache_dir, cancel=self.cancel,
-                      cache=self.cache, inv=self.inv, hold_revision=hold)
+                      cache=self.cache, inv=self.inv, hold_revision=hold, on_revision=fetched,
+                      on_progress=still_leader)
         metrics.RECONCILE_DURATION.labels(app=cfg.name).observe(time.monotonic() - started)
         metrics.RECONCILE_RESULTS.labels(app=cfg.name, trigger=trigger, outcome=result.outcome.value).inc()
+        with self.lock:
+            if self.stopped:
+                return  # removed from the config meanwhile: start nothing new for it
         previous = self.last_applied
-        if result.revision is not None:
-            self.current_sha = result.revision.sha
         plan = result.plan
         if plan is not None and not plan.errors:
             self.inv = plan.inventory
@@ -181,13 +201,7 @@ class AppRunner:
         else:
             self.failures = 0
 
-        # A transition: something was written or failed, or the outcome changed
-        # (e.g. Failed -> NoChange). A quiet NoChange after a success is steady
-        # state: no audit record, no status write.
-        transition = (result.outcome not in (Outcome.NO_CHANGE, Outcome.DRY_RUN)
-                      or trigger in ("webhook", "cli")
-                      or self.last_result is None
-                      or self.last_result.outcome not in (Outcome.APPLIED, Outcome.NO_CHANGE, result.outcome))
+        transition = self._is_transition(result, trigger)
         if transition:
             self.last_result = result
         if transition:
@@ -198,14 +212,36 @@ class AppRunner:
                                                                         if result.revision else None))
         self._write_status()
 
+    def _is_transition(self, result: SyncResult, trigger: str) -> bool:
+        """Whether this reconcile is worth an audit record and a status write.
+
+        Steady state is not: a NoChange after a success (or after an Unhealthy
+        of the same commit, whose verdict stands until a new rollout), or the
+        same failure again on retry — else an outage of a day writes thousands
+        of identical records and retention pushes out the history that matters.
+        """
+        prev = self.last_result
+        if trigger in ("webhook", "cli") or prev is None:
+            return True
+        sha = result.revision.sha if result.revision else None
+        prev_sha = prev.revision.sha if prev.revision else None
+        if result.outcome in (Outcome.NO_CHANGE, Outcome.DRY_RUN):
+            return not (prev.outcome in (Outcome.APPLIED, Outcome.NO_CHANGE, result.outcome)
+                        or (prev.outcome == Outcome.UNHEALTHY and prev_sha == sha))
+        if result.outcome in (Outcome.FAILED, Outcome.REFUSED):
+            return not (prev.outcome == result.outcome and prev.reason == result.reason and prev_sha == sha)
+        return True
+
     def _record_failure(self, trigger: str, reason: str) -> None:
         result = SyncResult(app=self.cfg.name, outcome=Outcome.FAILED, reason=reason, errors=[reason])
         metrics.RECONCILE_RESULTS.labels(app=self.cfg.name, trigger=trigger, outcome="Failed").inc()
+        self._schedule_retry()
+        if not self._is_transition(result, trigger):
+            return
         self.last_result = result
         self.daemon.audit.record(audit.transition_record(result, trigger=trigger, previous=self.last_applied,
                                                          instance=self.daemon.instance, source=self.cfg.repo,
                                                          ref=self.cfg.ref))
-        self._schedule_retry()
         self._write_status()
 
     def _schedule_retry(self) -> None:
@@ -226,6 +262,8 @@ class AppRunner:
 
     def on_event(self, kind: str, obj: dict) -> None:
         """From the watch threads: decide cheaply whether this can be drift."""
+        if self.stopped:
+            return
         ref = ref_of(obj)
         change = self.desired.get(ref)
         if change is None or not self.daemon.may_write():
@@ -242,7 +280,7 @@ class AppRunner:
         with self.exec_lock:
             with self.lock:
                 refs, self.dirty = self.dirty, set()
-            if not refs or self.cfg.suspend or not self.daemon.may_write():
+            if not refs or self.stopped or self.cfg.suspend or not self.daemon.may_write():
                 return
             members = self.cache.members() if self.cache else None
             for ref in sorted(refs):
@@ -284,7 +322,8 @@ class AppRunner:
             self.daemon.kube.apply(change.desired)
             self._report_drift(change, corrected=True)
         except KubeApiError as exc:
-            self._report_drift(change, corrected=False, error=f"{exc.reason}: {exc.api_message}")
+            self._report_drift(change, corrected=False,
+                               error=f"{exc.reason}: {scrub(exc.api_message, change.desired)}")
 
     def _report_drift(self, change: ObjectChange, *, corrected: bool, error: str | None = None) -> None:
         deleted = change.live is None
@@ -361,7 +400,7 @@ class Daemon:
         self.cache_dir = cache_dir or default_cache_dir()
         self.watch_local = watch_local
         self.config = config_mod.load(config_path)   # an invalid initial config is fatal
-        self._config_digest = self._digest()
+        self._config_digest = self._read_config()[0]
         self.runners: dict[str, AppRunner] = {}
         self.pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="app")
         self.scheduler = BackgroundScheduler(timezone=timezone.utc, job_defaults={"coalesce": True,
@@ -422,12 +461,18 @@ class Daemon:
         for r in runners:
             r.stop()   # cancels health waits; an apply in progress finishes its stage
         deadline = time.monotonic() + SHUTDOWN_GRACE
+        idle = True
         for r in runners:
             if r.exec_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
                 r.exec_lock.release()
+            else:
+                idle = False
         self._leading = False
         if self.elector:
-            self.elector.stop(release=True)
+            # Hand the lease over at once only when no work of ours is still
+            # running; otherwise let it expire, so a standby cannot write beside us.
+            self.elector.stop(release=idle)
+        shutil.rmtree(self._secret_dir, ignore_errors=True)
         self.server.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
         log.info("stopped", instance=self.instance)
@@ -440,11 +485,20 @@ class Daemon:
     # ------------------------------------------------------------ leadership
 
     def may_write(self) -> bool:
-        return self._leading and not self._stop.is_set()
+        return (self._leading and not self._stop.is_set()
+                and (self.elector is None or self.elector.is_leader))
 
     def _on_leading(self) -> None:
         self._leading = True
         for r in list(self.runners.values()):
+            # Another replica may have led meanwhile: re-read the ApplySet parent,
+            # rewrite status, and take the last applied commit from the audit trail
+            # (self-heal off must not revert hand edits just because we restarted).
+            r.inv, r.status_written, r.last_result = None, None, None
+            try:
+                r.last_applied = audit.last_revision(self.kube, namespace=self.namespace, app=r.cfg.name)
+            except GitopsdError as exc:
+                log.warning("cannot read the last applied revision", app=r.cfg.name, error=str(exc))
             r.trigger("leader")
 
     def _on_standby(self) -> None:
@@ -496,7 +550,13 @@ class Daemon:
                                    hint="create it with keys token (and username) or identity and known_hosts")
             import base64
 
-            data = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+            wanted = ("token", "username", "identity", "known_hosts")
+            try:
+                data = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()
+                        if k in wanted}
+            except (ValueError, UnicodeDecodeError):
+                raise GitopsdError(f"app {cfg.name}: credentials Secret {self.namespace}/{ref.secret_name} "
+                                   "has a key that is not text", hint=f"keys read: {', '.join(wanted)}") from None
             key_file = hosts_file = None
             if "identity" in data:
                 key_file = self._private_file(f"{cfg.name}-identity", data["identity"])
@@ -522,11 +582,13 @@ class Daemon:
 
     # ------------------------------------------------------------ config reload
 
-    def _digest(self) -> str:
+    def _read_config(self) -> tuple[str, bytes]:
+        """(digest, bytes) of one read of the file: what is parsed is what was hashed."""
         try:
-            return hashlib.sha256(self.config_path.read_bytes()).hexdigest()
+            data = self.config_path.read_bytes()
         except OSError:
-            return ""
+            return "", b""
+        return hashlib.sha256(data).hexdigest(), data
 
     def _watch_config(self) -> None:
         from watchfiles import watch
@@ -534,14 +596,18 @@ class Daemon:
         # Watch the directory: ConfigMap volumes replace files by swapping symlinks.
         for _changes in watch(self.config_path.parent, stop_event=self._stop, debounce=200, step=50,
                               rust_timeout=1000, yield_on_timeout=False):
-            self.reload()
+            try:
+                self.reload()
+            except Exception:  # noqa: BLE001 - hot reload must survive a bug in one reload
+                log.exception("config reload failed; the previous config keeps running")
 
     def reload(self) -> None:
-        digest = self._digest()
+        digest, data = self._read_config()
         if digest == self._config_digest:
             return
         try:
-            new = config_mod.load(self.config_path)
+            new = config_mod.parse(data.decode("utf-8", errors="replace"), source=str(self.config_path),
+                                   base_dir=self.config_path.parent)
         except GitopsdError as exc:
             log.error("config change rejected; the previous config keeps running", path=str(self.config_path),
                       error=str(exc))
@@ -569,7 +635,7 @@ class Daemon:
 
         while not self._stop.is_set():
             paths = {}
-            for r in self.runners.values():
+            for r in list(self.runners.values()):
                 local = _local_path(r.cfg.repo)
                 if local is not None and local.exists():
                     paths.setdefault(local, []).append(r.cfg.name)
@@ -583,9 +649,10 @@ class Daemon:
                     touched = {p for p in snapshot if any(str(c[1]).startswith(str(p)) for c in changes)}
                     for p in touched:
                         for name in snapshot[p]:
-                            if name in self.runners:
-                                self.runners[name].trigger("watch")
-                current = {_local_path(r.cfg.repo) for r in self.runners.values()} - {None}
+                            runner = self.runners.get(name)
+                            if runner is not None:
+                                runner.trigger("watch")
+                current = {_local_path(r.cfg.repo) for r in list(self.runners.values())} - {None}
                 if current != set(snapshot):
                     break  # the app set changed: re-arm the watch
 
@@ -594,7 +661,7 @@ class Daemon:
     def on_push(self, event: PushEvent) -> list[str]:
         if self.elector is not None and not self._leading and not self._stop.is_set():
             return self._forward_to_leader(event)
-        hit = [r for r in self.runners.values() if matches(r.cfg.repo, r.cfg.ref, event)]
+        hit = [r for r in list(self.runners.values()) if matches(r.cfg.repo, r.cfg.ref, event)]
         for r in hit:
             r.trigger("webhook", sha=event.after)
         log.info("push received", provider=event.provider, ref=event.ref,
@@ -615,12 +682,19 @@ class Daemon:
 
         url = self.elector.leader_url
         secret = self.webhook_secret()
+        if event.forwarded_by:
+            log.warning("a forwarded push reached a standby; not forwarding it again", ref=event.ref,
+                        forwarded_by=event.forwarded_by)
+            return []
+        if url and url == self.elector.advertise_url:
+            log.warning("the lease names this replica's own address; not forwarding to itself", url=url)
+            return []
         if not url or not secret:
             log.warning("push received by a standby; no leader address to forward it to",
                         ref=event.ref, hint="set --advertise-url (deploy/ sets it from the pod IP)")
             return []
-        body = json.dumps({"repo": event.repo_urls[0] if event.repo_urls else "", "ref": event.ref,
-                           "after": event.after}).encode()
+        body = json.dumps({"repo": event.repo_urls[0] if event.repo_urls else "", "repos": list(event.repo_urls),
+                           "ref": event.ref, "after": event.after, "forwardedBy": self.instance}).encode()
         sig = "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
         req = urllib.request.Request(url.rstrip("/") + "/hooks/generic", data=body, method="POST",
                                      headers={"Content-Type": "application/json", "X-Gitopsd-Signature": sig})
@@ -650,7 +724,7 @@ class Daemon:
 
     def status_json(self) -> dict:
         apps = []
-        for name, r in sorted(self.runners.items()):
+        for name, r in sorted(list(self.runners.items())):
             s = r.status()
             job = self.scheduler.get_job(f"poll-{name}")
             s["nextRun"] = _iso(job.next_run_time) if job and job.next_run_time else ""

@@ -71,11 +71,14 @@ def redact_pair(live: dict, after: dict) -> tuple[dict, dict]:
             live[section] = old
         if section in after:
             after[section] = new
-    # kubectl's last-applied annotation would carry the whole Secret, values included.
+    # kubectl's last-applied annotation would carry the whole Secret, values
+    # included; our desired-hash is a hash of the values (a short PIN falls to
+    # a guessing loop), so both are masked too.
     for side in (live, after):
         ann = (side.get("metadata") or {}).get("annotations") or {}
-        if "kubectl.kubernetes.io/last-applied-configuration" in ann:
-            ann["kubectl.kubernetes.io/last-applied-configuration"] = REDACTED
+        for key in ("kubectl.kubernetes.io/last-applied-configuration", "gitopsd.io/desired-hash"):
+            if key in ann:
+                ann[key] = REDACTED
     return live, after
 
 

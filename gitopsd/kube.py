@@ -156,7 +156,7 @@ class Kube:
 
     def request(self, method: str, path: str, *, query: dict | list | None = None, body=None,
                 content_type: str = "application/json", accept: str = "application/json",
-                timeout: float = 60.0) -> dict:
+                timeout: float = 60.0, max_retries: int | None = None) -> dict:
         """Send one request; return the parsed JSON body (or {} when empty).
 
         Retries 429 and 503 (and connection errors on GET) with Retry-After or
@@ -166,6 +166,7 @@ class Kube:
         if query:
             url += "?" + urllib.parse.urlencode(query, doseq=True)
         data = orjson.dumps(body) if body is not None and not isinstance(body, bytes) else body
+        retries = MAX_RETRIES if max_retries is None else max_retries
         attempt = 0
         while True:
             headers = self._headers(accept)
@@ -177,9 +178,10 @@ class Kube:
             APISERVER_REQUESTS.labels(verb=verb).inc()
             try:
                 resp = self._pool.request(method, url, body=data, headers=headers, preload_content=True,
-                                          timeout=urllib3.Timeout(connect=10.0, read=timeout), retries=False)
+                                          timeout=urllib3.Timeout(connect=min(10.0, timeout), read=timeout),
+                                          retries=False)
             except urllib3.exceptions.HTTPError as exc:
-                if attempt < MAX_RETRIES and method == "GET":
+                if attempt < retries and method == "GET":
                     attempt += 1
                     time.sleep(min(0.2 * 2 ** attempt, 5.0))
                     continue
@@ -188,7 +190,7 @@ class Kube:
             if 200 <= resp.status < 300:
                 return orjson.loads(resp.data) if resp.data else {}
             err = _api_error(method, path, resp)
-            if resp.status in (429, 503) and attempt < MAX_RETRIES:
+            if resp.status in (429, 503) and attempt < retries:
                 attempt += 1
                 time.sleep(err.retry_after if err.retry_after is not None else min(0.2 * 2 ** attempt, 5.0))
                 continue

@@ -9,6 +9,14 @@ cannot renew within `lease_duration` stops leading *before* the lease could
 be taken by another replica, because it measures from its own last
 successful renewal on its own clock.
 
+Clocks: expiry is judged the way client-go does it, on this process's own
+monotonic clock — a lease is expired when its record (holder, renewTime,
+transitions) has not changed for leaseDurationSeconds since *we* last saw it
+change — so a skewed wall clock on one node cannot steal a live lease. A
+leader that reads another holder on the lease steps down at once. Lease
+requests have a short timeout and no retries: a renewal must never outlast
+the time the lease buys.
+
 Renewals are writes to the Lease, not to any app's objects; they are the
 price of running two replicas and are counted apart from reconcile traffic.
 """
@@ -38,18 +46,6 @@ def _fmt(t: datetime) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _parse(s: str | None) -> datetime | None:
-    if not s:
-        return None
-    s = s.rstrip("Z")
-    for fmt in ("%Y-%m-%dT%H:%M:%S.%f", "%Y-%m-%dT%H:%M:%S"):
-        try:
-            return datetime.strptime(s, fmt).replace(tzinfo=timezone.utc)
-        except ValueError:
-            continue
-    return None
-
-
 class LeaderElector:
     """Campaign for a Lease in a background thread; call back on gain and loss."""
 
@@ -70,7 +66,10 @@ class LeaderElector:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._leading = False
-        self._last_renew = 0.0   # monotonic time of our last successful acquire/renew
+        self._last_renew = 0.0   # monotonic start time of our last successful acquire/renew
+        self._observed: tuple | None = None   # (holder, renewTime, transitions) last read
+        self._observed_at = 0.0               # monotonic time that record last changed
+        self._lost_to_other = False
         self._res = None
         # Where this replica takes webhooks; the leader publishes it on the Lease
         # (in the same write as a renewal) so a standby can forward pushes to it.
@@ -79,7 +78,10 @@ class LeaderElector:
 
     @property
     def is_leader(self) -> bool:
-        return self._leading
+        """Leading, and our last renewal is recent enough that nobody else can hold
+        the lease: checked on every call, so a renewal stuck in a slow request
+        cannot leave us writing after the lease has passed to another replica."""
+        return self._leading and time.monotonic() - self._last_renew < self.lease_duration - self.renew_interval
 
     def start(self) -> None:
         self._res = self.kube.resource("coordination.k8s.io/v1", "Lease")
@@ -100,17 +102,19 @@ class LeaderElector:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            attempt = time.monotonic()
             try:
                 ok = self._try_acquire_or_renew()
-            except (ClusterError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - the election must outlive any error
                 log.warning("lease request failed", lease=self.name, error=str(exc))
                 ok = False
             if ok:
-                self._last_renew = time.monotonic()
+                self._last_renew = attempt
                 if not self._leading:
                     self._set_leading(True)
-            elif self._leading and time.monotonic() - self._last_renew >= self.lease_duration - self.renew_interval:
-                # Give up before the lease expires for the others: never two leaders.
+            elif self._leading and (self._lost_to_other or not self.is_leader):
+                # Another holder, or no renewal for too long: give up before the
+                # lease can expire for the others. Never two leaders.
                 self._set_leading(False)
             self._stop.wait(self.renew_interval if self._leading else self.renew_interval / 2)
 
@@ -134,15 +138,30 @@ class LeaderElector:
         else:
             annotations.pop(WEBHOOK_URL_ANNOTATION, None)
 
+    def _get_lease(self) -> dict | None:
+        try:
+            return self.kube.request("GET", self._res.path(self.namespace, self.name),
+                                     timeout=self._request_timeout, max_retries=0)
+        except KubeApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    @property
+    def _request_timeout(self) -> float:
+        return max(1.0, self.renew_interval)
+
     def _try_acquire_or_renew(self) -> bool:
-        lease = self.kube.get(self._res, self.name, self.namespace)
+        self._lost_to_other = False
+        lease = self._get_lease()
         if lease is None:
             body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                     "metadata": {"name": self.name, "namespace": self.namespace},
                     "spec": self._spec(transitions=0, acquire_time="")}
             self._advertise(body)
             try:
-                self.kube.request("POST", self._res.path(self.namespace), body=body)
+                self.kube.request("POST", self._res.path(self.namespace), body=body,
+                                  timeout=self._request_timeout, max_retries=0)
                 return True
             except KubeApiError as exc:
                 if exc.status == 409:
@@ -151,21 +170,26 @@ class LeaderElector:
         spec = lease.get("spec") or {}
         holder = spec.get("holderIdentity") or ""
         transitions = int(spec.get("leaseTransitions") or 0)
+        record = (holder, spec.get("renewTime"), transitions)
+        if record != self._observed:
+            self._observed, self._observed_at = record, time.monotonic()
         if holder == self.identity:
             new_spec = self._spec(transitions=transitions, acquire_time=spec.get("acquireTime", ""))
         else:
-            renew = _parse(spec.get("renewTime"))
+            self._lost_to_other = bool(holder)
             duration = float(spec.get("leaseDurationSeconds") or self.lease_duration)
-            if holder and renew is not None and renew + timedelta(seconds=duration) > _now():
+            if holder and time.monotonic() - self._observed_at < duration:
                 self.leader_url = ((lease["metadata"].get("annotations") or {}).get(WEBHOOK_URL_ANNOTATION)
                                    or None)
-                return False  # held by a live leader
+                return False  # held by a leader that renewed within the lease duration, by our clock
             new_spec = self._spec(transitions=transitions + 1, acquire_time="")
         lease["spec"] = new_spec
         self._advertise(lease)
         self.leader_url = None
         try:
-            self.kube.request("PUT", self._res.path(self.namespace, self.name), body=lease)
+            self.kube.request("PUT", self._res.path(self.namespace, self.name), body=lease,
+                              timeout=self._request_timeout, max_retries=0)
+            self._lost_to_other = False
             return True
         except KubeApiError as exc:
             if exc.status == 409:  # someone else renewed or took it first

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from gitopsd import diff as difflib_
-from gitopsd.inventory import PART_OF_LABEL, Inventory, split_group_kind
+from gitopsd.inventory import ID_LABEL, PART_OF_LABEL, Inventory, split_group_kind
 from gitopsd.kube import Kube, KubeApiError, Resource, UnknownKindError
 from gitopsd.objects import ObjectRef, ref_of, split_api_version
 from gitopsd.render import Manifest
@@ -46,6 +46,8 @@ from gitopsd.watch import MemberCache
 HASH_ANNOTATION = "gitopsd.io/desired-hash"
 PRUNE_ANNOTATION = "gitopsd.io/prune"          # "disabled" keeps the object when it leaves Git
 RECREATE_ANNOTATION = "gitopsd.io/recreate"    # "enabled" allows delete+create on immutable changes
+NEVER_RECREATE_BY_DEFAULT = {("apiextensions.k8s.io", "CustomResourceDefinition"), ("", "Namespace"),
+                             ("", "PersistentVolume"), ("", "PersistentVolumeClaim")}
 # Past this many non-member desired objects in one group-kind x namespace, one
 # metadata-only LIST is cheaper than a GET each.
 LIST_INSTEAD_OF_GETS = 8
@@ -164,16 +166,28 @@ def make_plan(kube: Kube, manifests: list[Manifest], inv: Inventory, *, prune: b
     def judge(change: ObjectChange) -> None:
         _judge(kube, change, plan, commit_namespaces=commit_namespaces, recreate=recreate)
 
+    # CRDs first: a custom resource whose CRD this commit creates or changes can
+    # only be validated against the new schema, i.e. after stage 0 is applied.
+    crds = [c for c in changes if not c.deferred and (c.ref.group, c.ref.kind) == CRD_KEY]
     with ThreadPoolExecutor(max_workers=kube.max_workers) as pool:
-        list(pool.map(judge, [c for c in changes if not c.deferred]))
+        list(pool.map(judge, crds))
+        changing = {_crd_defines(c.desired) for c in crds if c.action != Action.UNCHANGED}
+        for c in changes:
+            if (c.ref.group, c.ref.kind) in changing:
+                c.deferred = True
+        list(pool.map(judge, [c for c in changes if not c.deferred and c not in crds]))
     plan.changes = changes
 
     desired_refs = {c.ref for c in changes}
+    desired_namespaces = {c.ref.namespace for c in changes if c.ref.namespace}
     for ref, live in sorted(members.items()):
         if ref in desired_refs:
             continue
         annotations = live["metadata"].get("annotations") or {}
-        if annotations.get(PRUNE_ANNOTATION) == "disabled":
+        holds_desired = ref.group == "" and ref.kind == "Namespace" and ref.name in desired_namespaces
+        if annotations.get(PRUNE_ANNOTATION) == "disabled" or holds_desired:
+            # A Namespace that still holds objects of this commit is never pruned:
+            # deleting it would delete them (the Namespace object moved elsewhere).
             plan.kept.append(ref)
         elif not prune:
             plan.orphans.append(ref)
@@ -211,15 +225,18 @@ def judge_one(kube: Kube, change: ObjectChange, *, recreate: bool = False) -> li
 
 # ------------------------------------------------------------------ internals
 
+CRD_KEY = ("apiextensions.k8s.io", "CustomResourceDefinition")
+
+
+def _crd_defines(crd: dict) -> tuple[str, str]:
+    """(group, kind) that a CustomResourceDefinition serves."""
+    spec = crd.get("spec") or {}
+    return spec.get("group", ""), (spec.get("names") or {}).get("kind", "")
+
+
 def _crd_kinds(manifests: list[Manifest]) -> set[tuple[str, str]]:
-    out = set()
-    for m in manifests:
-        o = m.obj
-        if o.get("kind") == "CustomResourceDefinition" and split_api_version(o.get("apiVersion", ""))[0] == \
-                "apiextensions.k8s.io":
-            spec = o.get("spec") or {}
-            out.add((spec.get("group", ""), (spec.get("names") or {}).get("kind", "")))
-    return out
+    return {_crd_defines(m.obj) for m in manifests
+            if (split_api_version(m.obj.get("apiVersion", ""))[0], m.obj.get("kind")) == CRD_KEY}
 
 
 def member_targets(kube: Kube, inv: Inventory, changes: list[ObjectChange]) -> set[tuple[Resource, str | None]]:
@@ -293,6 +310,11 @@ def _find_non_members(kube: Kube, changes: list[ObjectChange], members: dict[Obj
     for c in changes:
         if c.live is None:
             continue
+        if ID_LABEL in (c.live["metadata"].get("labels") or {}):
+            plan.errors.append(f"{c.source}: {c.ref}: is the ApplySet parent of another app "
+                               f"({c.live['metadata']['labels'][ID_LABEL]}); an app may not manage it")
+            c.desired = None
+            continue
         owner = (c.live["metadata"].get("labels") or {}).get(PART_OF_LABEL)
         if owner and owner != c.desired["metadata"]["labels"][PART_OF_LABEL]:
             plan.errors.append(f"{c.source}: {c.ref}: already owned by another ApplySet ({owner}); "
@@ -317,6 +339,10 @@ def still_ours(live: dict, desired: dict) -> bool:
                  None)
     if entry is None:
         return False
+    if "stringData" in desired:
+        # Write-only: the server never stores stringData, so nobody can take
+        # those fields from us and a hand edit of `data` leaves our set intact.
+        return False
     owned = entry.get("fieldsV1") or {}
     body = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind")}
     body["metadata"] = {k: v for k, v in desired["metadata"].items() if k not in ("name", "namespace")}
@@ -326,11 +352,9 @@ def still_ours(live: dict, desired: dict) -> bool:
 def _covers(owned: dict, value) -> bool:
     if isinstance(value, dict):
         for key, sub in value.items():
-            if sub is None:
-                continue  # null in an apply means "not set by me"
             child = owned.get(f"f:{key}")
             if child is None:
-                return False
+                return False   # (an applied null is owned too: someone setting it takes it)
             if isinstance(sub, (dict, list)) and sub and not _covers_child(child, sub):
                 return False
         return True
@@ -387,7 +411,11 @@ def _judge(kube: Kube, change: ObjectChange, plan: Plan, *, commit_namespaces: s
         if exc.status == 404 and change.ref.namespace in commit_namespaces:
             change.deferred = True  # its Namespace arrives in this commit
             return
-        allowed = recreate or (desired["metadata"].get("annotations") or {}).get(RECREATE_ANNOTATION) == "enabled"
+        annotated = (desired["metadata"].get("annotations") or {}).get(RECREATE_ANNOTATION) == "enabled"
+        # The app-wide switch never covers kinds whose deletion destroys data
+        # (every custom resource of a CRD, a namespace's contents, a volume):
+        # those need the annotation on the object itself.
+        allowed = annotated or (recreate and (change.ref.group, change.ref.kind) not in NEVER_RECREATE_BY_DEFAULT)
         if exc.is_immutable_field and live is not None and allowed:
             change.action = Action.RECREATE
             change.diff = difflib_.compare(live, desired, label=str(change.ref))
@@ -413,9 +441,10 @@ def scrub(text: str, obj: dict | None) -> str:
     if not obj or not difflib_.is_secret(obj):
         return text
     for section in ("data", "stringData"):
-        for value in (obj.get(section) or {}).values():
-            if not isinstance(value, str) or not value:
+        for raw in (obj.get(section) or {}).values():
+            if raw is None or raw == "":
                 continue
+            value = raw if isinstance(raw, str) else str(raw)   # an unquoted 1234 is echoed as a number
             text = text.replace(value, difflib_.REDACTED)
             if section == "data":
                 try:

@@ -521,6 +521,8 @@ def _render_helm(real_root: Path, target: Path, *, rel: str, namespace: str, val
                 problems.add(p, hint=exc.hint)
     if len(value_args) != 2 * len(values):
         return []
+    if not _chart_stays_inside(real_root, target, problems=problems):
+        return []
     release = release or _default_release(target)
     cmd = [str(find_tool("helm")), "template", release, rel, "--namespace", namespace,
            # CRDs in crds/ are left out by default, yet the chart's custom
@@ -538,6 +540,24 @@ def _render_helm(real_root: Path, target: Path, *, rel: str, namespace: str, val
         return []
     return _manifests_from_documents(_helm_documents(out, rel=rel, fallback=what, problems=problems),
                                      problems=problems)
+
+
+def _chart_stays_inside(real_root: Path, chart: Path, *, problems: _Problems) -> bool:
+    """helm follows symlinks in a chart itself (`.Files.Get`, templates): a link
+    out of the checkout would render files of the daemon's own filesystem — its
+    ServiceAccount token — into a tenant's objects. Kustomize refuses the same
+    trick; for helm we check before running it."""
+    ok = True
+    for dirpath, dirnames, filenames in os.walk(chart, followlinks=False):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            if path.is_symlink():
+                resolved = path.resolve()
+                if resolved != real_root and real_root not in resolved.parents:
+                    problems.add(f"{_relative(real_root, path)}: a symlink out of the repository "
+                                 f"(to {os.readlink(path)})", hint="a chart may only use files of its own repository")
+                    ok = False
+    return ok
 
 
 def _default_release(chart: Path) -> str:
@@ -638,6 +658,16 @@ def _check_identity(m: Manifest, *, problems: _Problems) -> bool:
         parts = ([f"missing {', '.join(missing)}"] if missing else []) + wrong
         problems.add(f"{m.source}: {'; '.join(parts)}", hint=hint)
         return False
+    if obj.get("kind") == "Secret" and obj.get("apiVersion") == "v1":
+        for section in ("data", "stringData"):
+            values = obj.get(section) or {}
+            bad = sorted(str(k) for k, v in values.items() if not isinstance(v, str)) \
+                if isinstance(values, dict) else []
+            if bad:
+                # Named by key only: the value itself must never reach a message.
+                problems.add(f"{m.source}: Secret/{meta['name']}: {section} values must be strings; not: "
+                             f"{', '.join(bad)}", hint="quote the values (an unquoted 0123 or true is not a string)")
+                return False
     server_owned = [f"metadata.{f}" for f in SERVER_OWNED_METADATA if f in meta]
     if server_owned:
         problems.add(f"{m.source}: {obj['kind']}/{meta['name']} carries {', '.join(server_owned)}, set by the "
@@ -648,10 +678,22 @@ def _check_identity(m: Manifest, *, problems: _Problems) -> bool:
     return True
 
 
+def _string_keys(value):
+    """Mapping keys as strings, as Kubernetes' own YAML reader makes them
+    (`data: {9000: "ns/svc:8080"}` is a ConfigMap key "9000", not a number)."""
+    if isinstance(value, dict):
+        return {str(k) if not isinstance(k, str) else k: _string_keys(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_string_keys(v) for v in value]
+    return value
+
+
 def _normalise(obj: dict) -> None:
     """Drop what is never applied and would only show as drift: `status`
     (the controllers' to write) and the `creationTimestamp: null` that
-    serialised client objects carry."""
+    serialised client objects carry; turn mapping keys into strings."""
+    for key, value in list(obj.items()):
+        obj[key] = _string_keys(value)
     obj.pop("status", None)
     meta = obj["metadata"]
     if "creationTimestamp" in meta and meta["creationTimestamp"] is None:

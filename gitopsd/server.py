@@ -41,7 +41,7 @@ import structlog
 
 from gitopsd import metrics, webhook
 from gitopsd.errors import GitopsdError
-from gitopsd.webhook import PushEvent, WebhookError
+from gitopsd.webhook import normalize_repo_url, PushEvent, WebhookError
 
 MAX_BODY = 5 * 1024 * 1024  # bounds memory per request; real push payloads are far smaller
 REQUEST_TIMEOUT = 10.0  # seconds for a client to send its request
@@ -214,7 +214,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._hook_failed(provider=provider, stage="dispatching the push", exc=exc)
             return
         self.app.log.info(
-            "webhook received", provider=provider, ref=event.ref, repo=event.repo_urls[0], after=event.after,
+            "webhook received", provider=provider, ref=event.ref,
+            # normalised: a CI job's URL may embed a job token (https://user:token@...)
+            repo=normalize_repo_url(event.repo_urls[0]), after=event.after,
             triggered=triggered, delivery=self._delivery_id(), remote=self._remote(),
             ms=round((time.monotonic() - started) * 1000, 1),
         )

@@ -22,6 +22,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+import structlog
+
 from gitopsd import health, inventory, render, source
 from gitopsd.apply import ApplyOutcome, apply_plan
 from gitopsd.errors import GitopsdError
@@ -31,6 +33,7 @@ from gitopsd.plan import Action, ObjectChange, Plan, make_plan
 from gitopsd.watch import MemberCache
 
 DEFAULT_INVENTORY_NAMESPACE = "gitopsd-system"
+log = structlog.get_logger("gitopsd.sync")
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,8 @@ def default_cache_dir() -> Path:
 
 def fetch_and_plan(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None,
                    prune: bool | None = None, cache: MemberCache | None = None,
-                   inv: inventory.Inventory | None = None) -> tuple[source.Revision, Plan]:
+                   inv: inventory.Inventory | None = None,
+                   on_revision: Callable[[source.Revision], None] | None = None) -> tuple[source.Revision, Plan]:
     """Source -> render -> plan. Raises GitopsdError; writes nothing to the cluster.
 
     With a synced `cache` (the daemon's watch of the app's members) the plan
@@ -104,6 +108,8 @@ def fetch_and_plan(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None,
     """
     checkout = source.fetch(app.repo, app.ref, cache_dir=cache_dir or default_cache_dir(),
                             credentials=app.credentials)
+    if on_revision is not None:
+        on_revision(checkout.revision)
     manifests = render.render(checkout.path, app.path, kind=app.render, namespace=app.namespace,
                               helm_values=app.helm_values, helm_release=app.helm_release or app.name,
                               is_namespaced=kube.is_namespaced)
@@ -115,17 +121,28 @@ def fetch_and_plan(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None,
 
 
 def prune_guard(app: AppSpec, plan: Plan) -> str | None:
-    """Why this plan's prune is refused, or None when it may go ahead."""
+    """Why this plan's prune is refused, or None when it may go ahead.
+
+    The share is measured against what the app will have touched: live members
+    plus creations, so a rename (one create, one prune per object) is not a
+    mass deletion. Pruning every live member is refused whenever the commit
+    shares no object with what is live — an emptied repo, a wrong path.
+    """
     doomed = len(plan.of(Action.PRUNE))
     if not doomed or app.allow_prune_all:
         return None
     if doomed == plan.members:
-        return (f"the commit would prune all {doomed} objects of app {app.name} (an emptied repo or a wrong "
-                f"path?); refused. Allow it with allowPruneAll / --allow-prune-all")
-    if doomed > app.prune_guard * plan.members:
-        return (f"the commit would prune {doomed} of {plan.members} objects ({doomed / plan.members:.0%}), more "
-                f"than the prune guard's {app.prune_guard:.0%}; refused. Raise pruneGuard / --prune-guard "
-                f"or allow it with --allow-prune-all")
+        if not any(c.action != Action.PRUNE for c in plan.changes):
+            why = "an emptied repo or a wrong path?"
+        else:
+            why = "the commit shares no object with what is live: a moved path or namespace?"
+        return (f"the commit would prune all {doomed} objects of app {app.name} ({why}); refused. "
+                f"Allow it with allowPruneAll / --allow-prune-all")
+    base = plan.members + len(plan.of(Action.CREATE))
+    if doomed > app.prune_guard * base:
+        return (f"the commit would prune {doomed} of {plan.members} objects ({doomed / base:.0%} of the "
+                f"{base} it touches), more than the prune guard's {app.prune_guard:.0%}; refused. Raise "
+                f"pruneGuard / --prune-guard or allow it with --allow-prune-all")
     return None
 
 
@@ -133,19 +150,21 @@ def sync(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None, dry_run: bo
          prune: bool | None = None, on_progress: Progress | None = None,
          on_health: Callable[[health.ObjectHealth], None] | None = None,
          cancel: threading.Event | None = None, cache: MemberCache | None = None,
-         inv: inventory.Inventory | None = None, hold_revision: str | None = None) -> SyncResult:
+         inv: inventory.Inventory | None = None, hold_revision: str | None = None,
+         on_revision: Callable[[source.Revision], None] | None = None) -> SyncResult:
     """Reconcile `app` once and say what happened. Never raises for user errors.
 
     `hold_revision`: when the fetched commit is this one, only plan and report
     (outcome DryRun) — how an app with self-heal off leaves hand edits alone
-    until the next commit.
+    until the next commit. `on_revision` hears the fetched commit before
+    anything is planned (the daemon compares webhook commits with it).
     """
     started = time.monotonic()
     result = SyncResult(app=app.name, outcome=Outcome.FAILED)
     do_prune = app.prune if prune is None else prune
     try:
         result.revision, plan = fetch_and_plan(kube, app, cache_dir=cache_dir, prune=do_prune, cache=cache,
-                                               inv=inv)
+                                               inv=inv, on_revision=on_revision)
         result.plan = plan
         if plan.errors:
             result.errors = list(plan.errors)
@@ -181,6 +200,11 @@ def sync(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None, dry_run: bo
     except GitopsdError as exc:
         result.errors = [str(exc)]
         result.reason = exc.message.splitlines()[0]
+        return result
+    except Exception as exc:  # noqa: BLE001 - a bug must become a Failed result, not a lost reconcile
+        log.exception("sync failed unexpectedly", app=app.name)
+        result.errors = [f"internal error: {type(exc).__name__}: {exc}"]
+        result.reason = "internal error (see the log); nothing more was applied"
         return result
     finally:
         result.duration = time.monotonic() - started

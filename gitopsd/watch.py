@@ -116,10 +116,13 @@ class MemberCache:
         self.on_event = on_event
         self._watchers: dict[Target, _Watcher] = {}
         self._lock = threading.Lock()
+        self._closed = False   # stopped for good: ensure() starts nothing any more
 
     def ensure(self, targets: set[Target], *, wait: float = 10.0) -> None:
         """Watch exactly `targets`: start new watchers, stop ones no longer needed."""
         with self._lock:
+            if self._closed:
+                return
             for target in list(self._watchers):
                 if target not in targets:
                     self._watchers.pop(target).stop.set()
@@ -153,6 +156,7 @@ class MemberCache:
 
     def stop(self) -> None:
         with self._lock:
+            self._closed = True
             for w in self._watchers.values():
                 w.stop.set()
             self._watchers.clear()

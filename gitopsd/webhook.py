@@ -35,6 +35,8 @@ received signature ever appears in an error message.
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import hmac
 import json
@@ -69,6 +71,7 @@ class PushEvent:
     branch: str | None  # "main" for refs/heads/main, else None
     tag: str | None  # "v1" for refs/tags/v1, else None
     after: str | None  # the new commit; None when absent or a deletion (all zeros)
+    forwarded_by: str | None = None  # set when a standby replica forwarded this push (never forwarded again)
 
 
 class WebhookError(Exception):
@@ -250,7 +253,15 @@ def _parse_generic(*, body: bytes) -> PushEvent:
     after = payload.get("after")
     if after is not None and not isinstance(after, str):
         raise WebhookError(400, 'generic webhook "after" must be a commit SHA string')
-    return _event(provider="generic", urls=[repo.strip()], ref=ref, after=after)
+    # Optional: every URL form of the repository ("repos"), and who forwarded
+    # the push (a standby replica handing it to the leader).
+    more = [u.strip() for u in payload.get("repos") or [] if isinstance(u, str) and u.strip()]
+    urls = [repo.strip()] + [u for u in more if u != repo.strip()]
+    forwarded_by = payload.get("forwardedBy")
+    event = _event(provider="generic", urls=urls, ref=ref, after=after)
+    if isinstance(forwarded_by, str) and forwarded_by:
+        event = dataclasses.replace(event, forwarded_by=forwarded_by)
+    return event
 
 
 def _load_json(*, body: bytes) -> dict:

@@ -157,6 +157,8 @@ def app(repo, namespace, source_cache, kube):
     from gitopsd.sync import AppSpec, sync
 
     class _App:
+        cache_dir = source_cache
+
         def spec(self, **overrides) -> AppSpec:
             base = dict(name=namespace, repo=repo.url, ref="main", path=".", namespace=namespace,
                         inventory_namespace=namespace, timeout=60.0)

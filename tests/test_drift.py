@@ -93,3 +93,40 @@ def test_deleted_managed_object_is_recreated(app, repo, kube, namespace):
 
     assert [c.action.value for c in result.applied] == ["create"]
     assert kube.get(deps, "web", namespace) is not None
+
+
+def _hand_put(kube, obj):
+    res = kube.resource(obj["apiVersion"], obj["kind"])
+    kube.request("PUT", res.path(obj["metadata"].get("namespace"), obj["metadata"]["name"]), body=obj,
+                 query={"fieldManager": "kubectl-edit"})
+
+
+def test_hand_edit_of_a_secret_written_with_stringdata_is_drift(app, repo, kube, namespace):
+    repo.write("s.yaml", {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db"},
+                          "stringData": {"password": "from-git"}})
+    repo.commit()
+    assert app.sync().outcome.value == "Applied"
+    secret = kube.get(kube.resource("v1", "Secret"), "db", namespace)
+    secret["data"]["password"] = "aGFuZC1lZGl0ZWQ="   # "hand-edited"
+    _hand_put(kube, secret)
+
+    result = app.sync()
+
+    assert [c.action.value for c in result.applied] == ["update"], "stringData is write-only: always re-judged"
+    assert kube.get(kube.resource("v1", "Secret"), "db", namespace)["data"]["password"] == "ZnJvbS1naXQ="
+
+
+def test_a_field_set_by_hand_where_git_says_null_is_drift(app, repo, kube, namespace):
+    web = deployment("web")
+    web["spec"]["template"]["spec"]["nodeSelector"] = None   # as `helm template` often writes it
+    repo.write("web.yaml", web)
+    repo.commit()
+    assert app.sync().outcome.value == "Applied"
+    live = kube.get(kube.resource("apps/v1", "Deployment"), "web", namespace)
+    live["spec"]["template"]["spec"]["nodeSelector"] = {"pool": "gpu"}
+    _hand_put(kube, live)
+
+    result = app.sync(dry_run=True)
+
+    (change,) = [c for c in result.plan.changes if c.action.value != "unchanged"]
+    assert any("nodeSelector" in f for f in change.diff.fields), change.diff.fields

@@ -97,3 +97,58 @@ def test_prune_disabled_annotation_keeps_the_object(app, repo, kube, namespace):
     assert result.pruned == []
     assert [str(r) for r in result.plan.kept] == [f"ConfigMap/{namespace}/keep"]
     assert _names(kube, namespace) == ["a", "keep"]
+
+
+def test_a_namespace_still_holding_objects_of_the_commit_is_never_pruned(app, repo, kube, namespace):
+    ns = f"{namespace}-own"
+    repo.write("ns.yaml", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    repo.write("a.yaml", configmap("a", {"k": "a"}, namespace=ns))
+    repo.write("b.yaml", configmap("b", {"k": "b"}, namespace=ns))
+    repo.commit()
+    try:
+        assert app.sync().outcome.value == "Applied"
+        repo.remove("ns.yaml")   # the Namespace object moved to another app
+        repo.commit("namespaces are managed elsewhere now")
+
+        result = app.sync()
+
+        assert result.outcome.value in ("Applied", "NoChange"), (result.reason, result.errors)
+        assert result.pruned == []
+        assert f"Namespace/{ns}" in [str(r) for r in result.plan.kept]
+        assert kube.get(kube.resource("v1", "Namespace"), ns)["status"]["phase"] == "Active"
+    finally:
+        kube.delete(kube.resource("v1", "Namespace"), ns)
+
+
+def test_a_rename_is_not_a_mass_prune(app, repo, kube, namespace):
+    repo.write("svc.yaml", {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+                            "spec": {"clusterIP": "None", "ports": [{"port": 80}]}})
+    repo.write("cm.yaml", [configmap("features-aaaa", {"k": "1"}), configmap("settings-aaaa", {"k": "1"})])
+    repo.commit()
+    assert app.sync().outcome.value == "Applied"
+    # A configMapGenerator edit renames both generated ConfigMaps.
+    repo.write("cm.yaml", [configmap("features-bbbb", {"k": "2"}), configmap("settings-bbbb", {"k": "2"})])
+    repo.commit("new toggles")
+
+    result = app.sync()
+
+    assert result.outcome.value == "Applied", result.reason
+    assert sorted(c.ref.name for c in result.pruned) == ["features-aaaa", "settings-aaaa"]
+
+
+def test_another_apps_applyset_parent_is_never_adopted(app, repo, kube, namespace):
+    victim = app.spec(name="victim")
+    repo.write("a.yaml", configmap("a", {"k": "a"}))
+    repo.commit()
+    from gitopsd.sync import sync
+
+    assert sync(kube, victim, cache_dir=app.cache_dir).outcome.value == "Applied"
+    repo.write("steal.yaml", configmap("gitopsd-victim", {"k": "mine now"}))
+    repo.commit("ship a ConfigMap named like another app's parent")
+
+    result = app.sync()
+
+    assert result.outcome.value == "Failed"
+    assert "ApplySet parent of another app" in "\n".join(result.errors)
+    parent = kube.get(kube.resource("v1", "ConfigMap"), "gitopsd-victim", namespace)
+    assert "applyset.kubernetes.io/id" in parent["metadata"]["labels"]

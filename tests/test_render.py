@@ -410,3 +410,40 @@ def test_plain_render_of_many_files_is_fast(tmp_path):
     start = time.monotonic()
     assert len(render(tmp_path)) == 2000
     assert time.monotonic() - start < 5, "plain render of 2,000 objects took more than 5s"
+
+
+def test_a_chart_symlink_out_of_the_repository_is_refused(tmp_path):
+    secret = tmp_path / "outside" / "token"
+    secret.parent.mkdir()
+    secret.write_text("the-daemon-serviceaccount-token")
+    chart = tmp_path / "repo" / "chart"
+    (chart / "templates").mkdir(parents=True)
+    (chart / "files").mkdir()
+    (chart / "Chart.yaml").write_text("apiVersion: v2\nname: leak\nversion: 0.1.0\n")
+    (chart / "files" / "token").symlink_to(secret)
+    (chart / "templates" / "cm.yaml").write_text(
+        'apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: leak\ndata:\n  t: {{ .Files.Get "files/token" | quote }}\n')
+
+    err = render_error(tmp_path / "repo", "chart", kind="helm", namespace="tenant")
+
+    assert "chart/files/token: a symlink out of the repository" in str(err)
+    assert "the-daemon-serviceaccount-token" not in str(err)
+
+
+def test_secret_values_must_be_strings_and_the_error_names_only_the_key(tmp_path):
+    (tmp_path / "s.yaml").write_text(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: db\nstringData:\n  pin: 73519284\n  ok: fine\n")
+
+    err = render_error(tmp_path, ".", namespace="app")
+
+    assert "Secret/db: stringData values must be strings; not: pin" in str(err)
+    assert "73519284" not in str(err)
+
+
+def test_mapping_keys_become_strings_as_kubernetes_reads_them(tmp_path):
+    (tmp_path / "cm.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: tcp-services\ndata:\n  9000: ns/svc:8080\n")
+
+    (m,) = render(tmp_path, ".", namespace="ingress")
+
+    assert m.obj["data"] == {"9000": "ns/svc:8080"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 
 import pytest
 
@@ -36,6 +37,8 @@ def test_no_secret_value_appears_in_any_output(repo, kubeconfig, source_cache, n
         proc = gitopsd(*cmd, *args, kubeconfig=kubeconfig, cache=source_cache)
         assert proc.returncode == 1
         assert "password" in proc.stdout, "the diff names the changed key"
+        assert not re.search(r"desired-hash\W+[0-9a-f]{32}", proc.stdout), \
+            "a hash of the values would let a short secret be guessed"
         outputs.append(proc)
     outputs.append(gitopsd("sync", "-o", "json", *args, kubeconfig=kubeconfig, cache=source_cache))
 

@@ -13,13 +13,21 @@ from helpers import (SECRET, app_entry, cm_data, configmap, deployment, post_gen
 
 pytestmark = pytest.mark.cluster
 
-def test_commit_plus_webhook_is_applied_within_two_seconds(repo, kube, namespace, tmp_path, start_daemon):
+
+def blue_app_running(repo, kube, namespace, tmp_path, start_daemon, name: str, *flags: str, **entry):
+    """The common start: a repo with ConfigMap settings (color: blue), one app, a
+    running daemon, and the first sync done."""
     repo.write("cm.yaml", configmap("settings", {"color": "blue"}))
     repo.commit()
-    cfg = tmp_path / "config.yaml"
-    write_config(cfg, [app_entry("hooked", repo.url, namespace)])
-    daemon = start_daemon(cfg, "--no-watch-local", "--no-leader-elect")
+    config = write_config(tmp_path / "config.yaml", [app_entry(name, repo.url, namespace, **entry)])
+    daemon = start_daemon(config, *flags)
     wait_for("first sync", lambda: cm_data(kube, namespace, "settings") == {"color": "blue"}, 30)
+    return daemon
+
+
+def test_commit_plus_webhook_is_applied_within_two_seconds(repo, kube, namespace, tmp_path, start_daemon):
+    daemon = blue_app_running(repo, kube, namespace, tmp_path, start_daemon,
+                              "hooked", "--no-watch-local", "--no-leader-elect")
 
     repo.write("cm.yaml", configmap("settings", {"color": "green"}))
     sha = repo.commit("green")
@@ -32,12 +40,8 @@ def test_commit_plus_webhook_is_applied_within_two_seconds(repo, kube, namespace
 
 
 def test_bad_webhook_signature_is_refused_and_never_reconciles(repo, kube, namespace, tmp_path, start_daemon):
-    repo.write("cm.yaml", configmap("settings", {"color": "blue"}))
-    repo.commit()
-    cfg = tmp_path / "config.yaml"
-    write_config(cfg, [app_entry("hooked", repo.url, namespace)])
-    daemon = start_daemon(cfg, "--no-watch-local", "--no-leader-elect")
-    wait_for("first sync", lambda: cm_data(kube, namespace, "settings") == {"color": "blue"}, 30)
+    daemon = blue_app_running(repo, kube, namespace, tmp_path, start_daemon,
+                              "hooked", "--no-watch-local", "--no-leader-elect")
 
     repo.write("cm.yaml", configmap("settings", {"color": "red"}))
     sha = repo.commit("red")
@@ -77,24 +81,15 @@ def test_hand_scale_is_reverted_within_two_seconds_naming_the_manager(repo, kube
 
 
 def test_deleted_managed_object_is_recreated(repo, kube, namespace, tmp_path, start_daemon):
-    repo.write("cm.yaml", configmap("settings", {"color": "blue"}))
-    repo.commit()
-    cfg = tmp_path / "config.yaml"
-    write_config(cfg, [app_entry("healer", repo.url, namespace)])
-    start_daemon(cfg, "--no-leader-elect")
-    wait_for("first sync", lambda: cm_data(kube, namespace, "settings") == {"color": "blue"}, 30)
+    blue_app_running(repo, kube, namespace, tmp_path, start_daemon, "healer", "--no-leader-elect")
 
     kube.delete(kube.resource("v1", "ConfigMap"), "settings", namespace)
     wait_for("recreated", lambda: cm_data(kube, namespace, "settings") == {"color": "blue"}, 10, interval=0.05)
 
 
 def test_self_heal_off_reports_drift_without_reverting(repo, kube, namespace, tmp_path, start_daemon):
-    repo.write("cm.yaml", configmap("settings", {"color": "blue"}))
-    repo.commit()
-    cfg = tmp_path / "config.yaml"
-    write_config(cfg, [app_entry("watcher", repo.url, namespace, selfHeal=False)])
-    daemon = start_daemon(cfg, "--no-leader-elect")
-    wait_for("first sync", lambda: cm_data(kube, namespace, "settings") == {"color": "blue"}, 30)
+    daemon = blue_app_running(repo, kube, namespace, tmp_path, start_daemon,
+                              "watcher", "--no-leader-elect", selfHeal=False)
 
     cms = kube.resource("v1", "ConfigMap")
     live = kube.get(cms, "settings", namespace)
@@ -134,14 +129,9 @@ def test_config_edit_adds_and_removes_an_app_live(repo, kube, namespace, tmp_pat
 
 
 def test_invalid_config_edit_is_rejected_and_old_apps_keep_running(repo, kube, namespace, tmp_path, start_daemon):
-    repo.write("cm.yaml", configmap("settings", {"color": "blue"}))
-    repo.commit()
-    cfg = tmp_path / "config.yaml"
-    write_config(cfg, [app_entry("steady", repo.url, namespace)])
-    daemon = start_daemon(cfg, "--no-leader-elect")
-    wait_for("first sync", lambda: cm_data(kube, namespace, "settings") == {"color": "blue"}, 30)
+    daemon = blue_app_running(repo, kube, namespace, tmp_path, start_daemon, "steady", "--no-leader-elect")
 
-    cfg.write_text("apps:\n  - name: steady\n    repo: " + repo.url + "\n    interval: soon\n")
+    (tmp_path / "config.yaml").write_text("apps:\n  - name: steady\n    repo: " + repo.url + "\n    interval: soon\n")
     rejected = daemon.wait_event(lambda e: e.get("event", "").startswith("config change rejected"), "rejection", 10)
     assert "interval" in rejected["error"]
 
@@ -178,12 +168,7 @@ def test_failing_app_does_not_delay_a_healthy_one(repo, kube, namespace, tmp_pat
 
 
 def test_health_endpoints_and_metrics(repo, kube, namespace, tmp_path, start_daemon):
-    repo.write("cm.yaml", configmap("settings", {"color": "blue"}))
-    repo.commit()
-    cfg = tmp_path / "config.yaml"
-    write_config(cfg, [app_entry("metered", repo.url, namespace)])
-    daemon = start_daemon(cfg, "--no-leader-elect")
-    wait_for("first sync", lambda: cm_data(kube, namespace, "settings") == {"color": "blue"}, 30)
+    daemon = blue_app_running(repo, kube, namespace, tmp_path, start_daemon, "metered", "--no-leader-elect")
     daemon.wait_event(lambda e: e.get("event") == "audit", "audit line", 10)
 
     assert daemon.get("/healthz")[0] == 200
@@ -270,12 +255,8 @@ def test_commit_to_a_local_repository_reconciles_within_a_second(repo, kube, nam
 
 def test_self_heal_off_reports_a_lasting_drift_once_not_at_every_poll(repo, kube, namespace, tmp_path,
                                                                       start_daemon):
-    repo.write("cm.yaml", configmap("settings", {"color": "blue"}))
-    repo.commit()
-    cfg = tmp_path / "config.yaml"
-    write_config(cfg, [app_entry("watcher", repo.url, namespace, selfHeal=False, interval="5s")])
-    daemon = start_daemon(cfg, "--no-leader-elect", "--no-watch-local")
-    wait_for("first sync", lambda: cm_data(kube, namespace, "settings") == {"color": "blue"}, 30)
+    daemon = blue_app_running(repo, kube, namespace, tmp_path, start_daemon,
+                              "watcher", "--no-leader-elect", "--no-watch-local", selfHeal=False, interval="5s")
 
     cms = kube.resource("v1", "ConfigMap")
     live = kube.get(cms, "settings", namespace)

@@ -63,3 +63,49 @@ def test_diff_exit_codes_follow_kubectl_diff(repo, kubeconfig, source_cache, nam
     code, report = gitopsd_json("diff", "--repo", "file:///nonexistent/repo.git", "--namespace", namespace,
                                 kubeconfig=kubeconfig, cache=source_cache, expect=2)
     assert "nonexistent" in report["error"]
+
+
+def test_kubeconfig_flag_wins_over_the_environment(repo, kubeconfig, source_cache, namespace, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    repo.write("cm.yaml", configmap("settings", {"color": "blue"}))
+    repo.commit()
+    env = {**os.environ, "KUBECONFIG": str(tmp_path / "no-such-kubeconfig"), "GITOPSD_CACHE": str(source_cache)}
+    args = [sys.executable, "-m", "gitopsd", "diff", "--repo", repo.url, "--ref", "main", "--namespace", namespace,
+            "--app", namespace, "--inventory-namespace", namespace]
+
+    broken = subprocess.run(args, env=env, capture_output=True, text=True)
+    assert broken.returncode == 2 and "no-such-kubeconfig" in broken.stdout
+
+    flagged = subprocess.run(args + ["--kubeconfig", str(kubeconfig)], env=env, capture_output=True, text=True)
+    assert flagged.returncode == 1, flagged.stdout + flagged.stderr   # drift: the ConfigMap is not there yet
+
+
+def test_a_long_sync_shows_progress_on_a_terminal(repo, kubeconfig, source_cache, namespace):
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    repo.write("all.yaml", [configmap(f"cm-{i}", {"i": str(i)}) for i in range(30)])
+    repo.commit()
+    controller, terminal = pty.openpty()
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "GITOPSD_CACHE": str(source_cache)}
+    proc = subprocess.Popen([sys.executable, "-m", "gitopsd", "sync", "--repo", repo.url, "--ref", "main",
+                             "--namespace", namespace, "--app", namespace, "--inventory-namespace", namespace],
+                            env=env, stdin=terminal, stdout=subprocess.DEVNULL, stderr=terminal)
+    os.close(terminal)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert proc.wait(timeout=120) == 0
+    text = seen.decode(errors="replace")
+    assert "30 written: create ConfigMap/" in text, text[-500:]

@@ -113,10 +113,10 @@ def apply_plan(kube: Kube, plan: Plan, *, prune: bool = True, recreate: bool = F
         if not batch:
             continue
         with ThreadPoolExecutor(max_workers=kube.max_workers) as pool:
-            for change, error in zip(batch, pool.map(lambda c: _delete(kube, c, inv.id), batch)):
+            for change, (error, deleted) in zip(batch, pool.map(lambda c: _delete(kube, c, inv.id), batch)):
                 if error:
                     out.errors.append(error)
-                else:
+                elif deleted:
                     out.pruned.append(change)
                     progress("prune", change)
     if out.errors:
@@ -153,23 +153,24 @@ def _delete_and_wait(kube: Kube, change: ObjectChange) -> None:
         time.sleep(0.2)
 
 
-def _delete(kube: Kube, change: ObjectChange, applyset_id: str) -> str | None:
+def _delete(kube: Kube, change: ObjectChange, applyset_id: str) -> tuple[str | None, bool]:
+    """Prune one object: (error line or None, whether we deleted it)."""
     live = change.live or {}
     labels = (live.get("metadata") or {}).get("labels") or {}
     if labels.get(PART_OF_LABEL) != applyset_id:  # never delete what lacks our label
-        return f"{change.ref}: refusing to prune: it does not carry {PART_OF_LABEL}={applyset_id}"
+        return f"{change.ref}: refusing to prune: it does not carry {PART_OF_LABEL}={applyset_id}", False
     if change.resource is None:
-        return f"{change.ref}: cannot prune: the cluster no longer serves its kind"
+        return f"{change.ref}: cannot prune: the cluster no longer serves its kind", False
     try:
-        kube.delete(change.resource, change.ref.name, change.ref.namespace or None,
-                    uid=live["metadata"].get("uid"))
-        return None
+        deleted = kube.delete(change.resource, change.ref.name, change.ref.namespace or None,
+                              uid=live["metadata"].get("uid"))
+        return None, deleted   # False: already gone
     except KubeApiError as exc:
         if exc.status == 409:  # uid precondition failed: a new object took the name; not ours to delete
-            return None
-        return f"{change.ref}: prune failed: {exc.reason or exc.status}: {exc.api_message}"
+            return None, False
+        return f"{change.ref}: prune failed: {exc.reason or exc.status}: {exc.api_message}", False
     except GitopsdError as exc:
-        return f"{change.ref}: prune result unknown: {exc.message}"
+        return f"{change.ref}: prune result unknown: {exc.message}", False
 
 
 def _wait_established(kube: Kube, crds: list[ObjectChange]) -> list[str]:

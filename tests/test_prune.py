@@ -152,3 +152,21 @@ def test_another_apps_applyset_parent_is_never_adopted(app, repo, kube, namespac
     assert "ApplySet parent of another app" in "\n".join(result.errors)
     parent = kube.get(kube.resource("v1", "ConfigMap"), "gitopsd-victim", namespace)
     assert "applyset.kubernetes.io/id" in parent["metadata"]["labels"]
+
+
+def test_an_unreachable_remote_or_unknown_ref_never_prunes(app, repo, kube, namespace, tmp_path):
+    import shutil
+
+    for name in ("a", "b"):
+        repo.write(f"{name}.yaml", configmap(name, {"k": name}))
+    repo.commit()
+    assert app.sync().outcome.value == "Applied"
+
+    unknown = app.sync(ref="no-such-branch")
+    assert unknown.outcome.value == "Failed" and "no-such-branch" in unknown.reason
+    shutil.move(str(repo.bare), str(tmp_path / "moved-away.git"))   # the remote disappears
+    gone = app.sync()
+    assert gone.outcome.value == "Failed" and "remote.git" in "\n".join(gone.errors)
+
+    assert _names(kube, namespace) == ["a", "b"], "nothing was pruned"
+    assert unknown.pruned == [] and gone.pruned == []

@@ -192,7 +192,7 @@ def transition_record(result: SyncResult, *, trigger: str, previous: str | None,
                 obj["uid"] = uid
             objects.append(obj)
         kept, orphans = [str(r) for r in plan.kept], [str(r) for r in plan.orphans]
-    if result.outcome.value in CLUSTER_CHANGING:
+    if result.outcome.value in CLUSTER_CHANGING or result.health:   # (a NoChange may carry a recheck)
         healthy, _ = health_.summarize(result.health)
         outcome = "Healthy" if healthy else "Unhealthy"
     else:

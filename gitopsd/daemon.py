@@ -56,7 +56,8 @@ from gitopsd.leader import LeaderElector
 from gitopsd.objects import ObjectRef, ref_of
 from gitopsd.plan import Action, ObjectChange, judge_one, scrub, still_ours
 from gitopsd.server import Server
-from gitopsd.sync import Outcome, SyncResult, default_cache_dir, sync
+from gitopsd import health as health_mod
+from gitopsd.sync import Outcome, SyncResult, default_cache_dir, recheck_health, sync
 from gitopsd.watch import MemberCache
 from gitopsd.webhook import PushEvent, matches, normalize_repo_url
 
@@ -201,6 +202,18 @@ class AppRunner:
         else:
             self.failures = 0
 
+        prev = self.last_result
+        if (result.outcome == Outcome.NO_CHANGE and prev is not None and prev.outcome == Outcome.UNHEALTHY
+                and prev.revision and result.revision and prev.revision.sha == result.revision.sha):
+            # The verdict stands until the rollout recovers: look once more at what was not healthy.
+            refs = [h.ref for h in prev.health if h.status.value != "Current"]
+            try:
+                rechecked = recheck_health(self.daemon.kube, refs) if refs else []
+            except GitopsdError:
+                rechecked = []
+            if rechecked and health_mod.summarize(rechecked)[0]:
+                result.health = rechecked
+                result.reason = "the rollout has become healthy"
         transition = self._is_transition(result, trigger)
         if transition:
             self.last_result = result
@@ -226,8 +239,9 @@ class AppRunner:
         sha = result.revision.sha if result.revision else None
         prev_sha = prev.revision.sha if prev.revision else None
         if result.outcome in (Outcome.NO_CHANGE, Outcome.DRY_RUN):
-            return not (prev.outcome in (Outcome.APPLIED, Outcome.NO_CHANGE, result.outcome)
-                        or (prev.outcome == Outcome.UNHEALTHY and prev_sha == sha))
+            if prev.outcome == Outcome.UNHEALTHY and prev_sha == sha:
+                return bool(result.health)   # only once the rollout has recovered
+            return prev.outcome not in (Outcome.APPLIED, Outcome.NO_CHANGE, result.outcome)
         if result.outcome in (Outcome.FAILED, Outcome.REFUSED):
             return not (prev.outcome == result.outcome and prev.reason == result.reason and prev_sha == sha)
         return True

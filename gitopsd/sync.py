@@ -220,6 +220,16 @@ def _summary(outcome: ApplyOutcome) -> str:
     return ", ".join(f"{n} {verb}d" for verb, n in sorted(counts.items()))
 
 
+def recheck_health(kube: Kube, refs: list[ObjectRef]) -> list[health.ObjectHealth]:
+    """One look at objects that were not healthy (no waiting): the daemon asks
+    whether a rollout that timed out has since completed on its own."""
+    def get(ref: ObjectRef) -> dict | None:
+        res = kube.resource_for_group_kind(ref.group, ref.kind)
+        return kube.get(res, ref.name, ref.namespace or None) if res else None
+
+    return health.wait(refs, get=get, timeout=0)
+
+
 def _wait_healthy(kube: Kube, applied: list[ObjectChange], *, app: AppSpec, cancel, on_change,
                   selector: str) -> list[health.ObjectHealth]:
     def get(ref: ObjectRef) -> dict | None:

@@ -268,3 +268,30 @@ def test_self_heal_off_reports_a_lasting_drift_once_not_at_every_poll(repo, kube
     reports = [e for e in daemon.events() if e.get("event") == "drift detected"]
     assert len(reports) == 1, [r.get("fields") for r in reports]
     assert cm_data(kube, namespace, "settings") == {"color": "hand-painted"}
+
+
+def test_an_unhealthy_verdict_stands_until_the_rollout_recovers(repo, kube, namespace, tmp_path, start_daemon):
+    label = f"gitopsd.io/pool-{namespace[-5:]}"
+    stuck = deployment("web")
+    stuck["spec"]["template"]["spec"]["nodeSelector"] = {label: "yes"}
+    repo.write("web.yaml", stuck)
+    repo.commit()
+    config = write_config(tmp_path / "config.yaml",
+                          [app_entry("slow", repo.url, namespace, interval="5s", timeout="3s")])
+    daemon = start_daemon(config, "--no-leader-elect", "--no-watch-local")
+    daemon.wait_event(lambda e: e.get("event") == "audit" and e.get("result") == "Unhealthy", "Unhealthy", 30)
+    time.sleep(6)   # a steady poll does not turn the verdict into Healthy
+    assert json.loads(daemon.get("/status")[1])["apps"][0]["health"] == "Unhealthy"
+
+    nodes = kube.resource("v1", "Node")
+    node = kube.list(nodes)[0]["metadata"]["name"]
+    patch = {"metadata": {"labels": {label: "yes"}}}
+    kube.request("PATCH", nodes.path(None, node), body=patch, content_type="application/merge-patch+json")
+    try:
+        recovered = daemon.wait_event(lambda e: e.get("event") == "audit" and e.get("result") == "NoChange"
+                                      and "healthy" in e.get("reason", ""), "recovery recorded", 30)
+        assert recovered["health"]["outcome"] == "Healthy"
+        assert json.loads(daemon.get("/status")[1])["apps"][0]["health"] == "Healthy"
+    finally:
+        kube.request("PATCH", nodes.path(None, node), body={"metadata": {"labels": {label: None}}},
+                     content_type="application/merge-patch+json")

@@ -49,7 +49,7 @@ import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from gitopsd import __version__, audit, config as config_mod, metrics, source, status as status_mod
-from gitopsd.diff import managers_of
+from gitopsd.diff import managers_of, within
 from gitopsd.errors import GitopsdError
 from gitopsd.kube import Kube, KubeApiError
 from gitopsd.leader import LeaderElector
@@ -341,7 +341,7 @@ class AppRunner:
 
     def _report_drift(self, change: ObjectChange, *, corrected: bool, error: str | None = None) -> None:
         deleted = change.live is None
-        fields = list(change.diff.fields) if change.diff and not deleted else []
+        fields = [f for f in change.diff.fields if within(change.desired, f)] if change.diff and not deleted else []
         managers = managers_of(change.live, fields) if change.live else ["unknown (the object was deleted)"]
         action = "failed" if error else ("corrected" if corrected else "reported")
         if action == "reported":

@@ -174,3 +174,32 @@ def _owns(owned: dict, parts: list) -> bool:
     if child is None:
         return False
     return not child or _owns(child, rest)
+
+
+def within(obj, path: str) -> bool:
+    """Whether `path` (as changed_paths spells it) exists in `obj`.
+
+    A drift report names only fields of the desired object: anything else in a
+    live-vs-dry-run comparison is a controller moving its own fields between
+    the two reads (a Deployment's revision annotation), not a hand edit. Keys
+    may contain dots (`app.kubernetes.io/name`), so keys are matched against
+    the path text rather than split on dots.
+    """
+    if path == "":
+        return True
+    if path.startswith("["):
+        idx, _, rest = path[1:].partition("]")
+        if not isinstance(obj, list) or not idx.isdigit() or int(idx) >= len(obj):
+            return False
+        return within(obj[int(idx)], rest.removeprefix("."))
+    if not isinstance(obj, dict):
+        return False
+    for key, value in obj.items():
+        key = str(key)
+        if path == key:
+            return True
+        if path.startswith(key) and path[len(key)] in ".[":
+            rest = path[len(key):]
+            if within(value, rest.removeprefix(".")):
+                return True
+    return False

@@ -72,6 +72,7 @@ class Resource:
     kind: str
     plural: str
     namespaced: bool
+    listable: bool = True
 
     @property
     def api_version(self) -> str:
@@ -216,7 +217,8 @@ class Kube:
                         if not kind:
                             continue
                         res = Resource(group=gname, version=vname, kind=kind, plural=r["resource"],
-                                       namespaced=r.get("scope") == "Namespaced")
+                                       namespaced=r.get("scope") == "Namespaced",
+                                       listable="list" in (r.get("verbs") or ["list"]))
                         resources[(gname, vname, kind)] = res
                         # versions are listed in preference order: the first wins.
                         by_gk.setdefault((gname, kind), res)
@@ -243,6 +245,12 @@ class Kube:
 
     def resource_for_group_kind(self, group: str, kind: str) -> Resource | None:
         return self._lookup((group, kind), "_by_group_kind")
+
+    def namespaced_resources(self) -> list[Resource]:
+        """Every listable namespaced kind, preferred version only."""
+        if not self._by_group_kind:
+            self.discover()
+        return [r for r in self._by_group_kind.values() if r.namespaced and r.listable]
 
     def is_namespaced(self, group: str, kind: str) -> bool | None:
         """For the renderer: True/False, or None when the cluster does not know the kind."""

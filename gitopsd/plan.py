@@ -38,6 +38,7 @@ import orjson
 
 from gitopsd import diff as difflib_
 from gitopsd.inventory import ID_LABEL, PART_OF_LABEL, Inventory, split_group_kind
+from gitopsd.errors import GitopsdError
 from gitopsd.kube import Kube, KubeApiError, Resource, UnknownKindError
 from gitopsd.objects import ObjectRef, ref_of, split_api_version
 from gitopsd.render import Manifest
@@ -79,7 +80,8 @@ class Plan:
     inventory: Inventory
     changes: list[ObjectChange] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
-    kept: list[ObjectRef] = field(default_factory=list)        # left Git, pruning disabled by annotation
+    kept: list[ObjectRef] = field(default_factory=list)        # left Git, but not pruned (see kept_reasons)
+    kept_reasons: dict[ObjectRef, str] = field(default_factory=dict)
     orphans: list[ObjectRef] = field(default_factory=list)     # left Git, prune off for this run
     members: int = 0                                           # live members found
     targets: set = field(default_factory=set)                  # (Resource, namespace) searched for members
@@ -184,17 +186,61 @@ def make_plan(kube: Kube, manifests: list[Manifest], inv: Inventory, *, prune: b
         if ref in desired_refs:
             continue
         annotations = live["metadata"].get("annotations") or {}
-        holds_desired = ref.group == "" and ref.kind == "Namespace" and ref.name in desired_namespaces
-        if annotations.get(PRUNE_ANNOTATION) == "disabled" or holds_desired:
-            # A Namespace that still holds objects of this commit is never pruned:
-            # deleting it would delete them (the Namespace object moved elsewhere).
+        is_namespace = ref.group == "" and ref.kind == "Namespace"
+        if annotations.get(PRUNE_ANNOTATION) == "disabled":
             plan.kept.append(ref)
+            plan.kept_reasons[ref] = f"{PRUNE_ANNOTATION}: disabled"
+        elif is_namespace and ref.name in desired_namespaces:
+            # Deleting it would delete objects of this very commit (the Namespace
+            # object moved to another app).
+            plan.kept.append(ref)
+            plan.kept_reasons[ref] = "it still holds objects of this commit"
+        elif is_namespace and prune and (foreign := foreign_objects(kube, ref.name, inv.id)):
+            # Deleting a Namespace deletes everything in it, ours or not.
+            plan.kept.append(ref)
+            plan.kept_reasons[ref] = "it holds objects gitopsd does not manage: " + ", ".join(foreign)
         elif not prune:
             plan.orphans.append(ref)
         else:
             res = kube.resource_for_group_kind(ref.group, ref.kind)
             plan.changes.append(ObjectChange(ref=ref, action=Action.PRUNE, live=live, resource=res))
     return plan
+
+
+# Objects every namespace gets without anyone asking: not a reason to keep one.
+_AUTOMATIC = {("", "ConfigMap", "kube-root-ca.crt"), ("", "ServiceAccount", "default")}
+_NEVER_USER_DATA = {("", "Event"), ("events.k8s.io", "Event"), ("", "Endpoints"),
+                    ("discovery.k8s.io", "EndpointSlice")}
+
+
+def foreign_objects(kube: Kube, namespace: str, applyset_id: str, *, limit: int = 3) -> list[str]:
+    """Up to `limit` objects in `namespace` that are neither ours nor owned by
+    another object (pods of our Deployments are owned) nor created for every
+    namespace. Kinds gitopsd may not list are skipped: what it cannot see, it
+    cannot protect — so least-privilege RBAC narrows this guard, never blocks it.
+
+    Costs one metadata-only LIST per namespaced kind, and runs only when a
+    Namespace is about to be pruned.
+    """
+    found: list[str] = []
+    for res in kube.namespaced_resources():
+        if (res.group, res.kind) in _NEVER_USER_DATA:
+            continue
+        try:
+            items = kube.request("GET", res.path(namespace), query={"limit": "50"},
+                                 accept="application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1")
+        except GitopsdError:
+            continue
+        for item in items.get("items") or []:
+            meta = item.get("metadata") or {}
+            if (meta.get("labels") or {}).get(PART_OF_LABEL) == applyset_id or meta.get("ownerReferences"):
+                continue
+            if (res.group, res.kind, meta.get("name")) in _AUTOMATIC:
+                continue
+            found.append(f"{res.kind}/{meta.get('name')}")
+            if len(found) >= limit:
+                return found
+    return found
 
 
 def judge_deferred(kube: Kube, plan: Plan, *, recreate: bool = False) -> list[str]:

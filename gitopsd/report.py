@@ -36,7 +36,7 @@ def plan_dict(plan: Plan | None) -> dict:
     return {
         "counts": plan.counts(),
         "changes": changes,
-        "kept": [str(r) for r in plan.kept],
+        "kept": [{"object": str(r), "reason": plan.kept_reasons.get(r, "")} for r in plan.kept],
         "orphans": [str(r) for r in plan.orphans],
         "errors": list(plan.errors),
     }
@@ -59,7 +59,7 @@ def plan_text(plan: Plan, rev: Revision | None, *, header: str) -> str:
             lines.append("    changed: " + ", ".join(c.diff.fields))
             lines.extend("    " + line for line in c.diff.text.rstrip("\n").splitlines())
     for ref in plan.kept:
-        lines.append(f"  kept      {ref}  (no longer in Git; gitopsd.io/prune: disabled)")
+        lines.append(f"  kept      {ref}  (no longer in Git; not pruned: {plan.kept_reasons.get(ref, 'kept')})")
     for ref in plan.orphans:
         lines.append(f"  orphan    {ref}  (no longer in Git; not pruned: prune is off)")
     for err in plan.errors:

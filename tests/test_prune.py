@@ -170,3 +170,43 @@ def test_an_unreachable_remote_or_unknown_ref_never_prunes(app, repo, kube, name
 
     assert _names(kube, namespace) == ["a", "b"], "nothing was pruned"
     assert unknown.pruned == [] and gone.pruned == []
+
+
+def test_a_namespace_holding_unmanaged_objects_is_kept_not_pruned(app, repo, kube, namespace):
+    ns = f"{namespace}-team"
+    repo.write("ns.yaml", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    repo.write("cm.yaml", configmap("ours", {"k": "v"}, namespace=ns))
+    repo.write("keep.yaml", configmap("elsewhere", {"k": "v"}))
+    repo.commit()
+    nss, cms = kube.resource("v1", "Namespace"), kube.resource("v1", "ConfigMap")
+    try:
+        assert app.sync().outcome.value == "Applied"
+        kube.request("POST", cms.path(ns), body=configmap("hand-made", {"precious": "data"}))
+        repo.remove("ns.yaml")
+        repo.remove("cm.yaml")
+        repo.commit("the team namespace leaves Git")
+
+        result = app.sync(prune_guard=1.0)
+
+        assert result.outcome.value == "Applied", (result.reason, result.errors)
+        assert [str(c.ref) for c in result.pruned] == [f"ConfigMap/{ns}/ours"]
+        assert "ConfigMap/hand-made" in result.plan.kept_reasons[next(r for r in result.plan.kept
+                                                                     if r.kind == "Namespace")]
+        assert kube.get(cms, "hand-made", ns)["data"] == {"precious": "data"}
+        assert kube.get(nss, ns)["status"]["phase"] == "Active"
+    finally:
+        kube.delete(nss, ns)
+
+
+def test_an_empty_managed_namespace_is_pruned(app, repo, kube, namespace):
+    ns = f"{namespace}-gone"
+    repo.write("ns.yaml", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    repo.write("keep.yaml", configmap("elsewhere", {"k": "v"}))
+    repo.commit()
+    assert app.sync().outcome.value == "Applied"
+    repo.remove("ns.yaml")
+    repo.commit("drop the namespace")
+
+    result = app.sync(prune_guard=1.0)
+
+    assert [str(c.ref) for c in result.pruned] == [f"Namespace/{ns}"]

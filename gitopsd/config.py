@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from gitopsd.errors import GitopsdError
+from gitopsd.errors import GitopsdError, yaml_error_parts
 from gitopsd.render import KINDS as RENDER_KINDS
 
 if TYPE_CHECKING:
@@ -330,16 +330,9 @@ def _load_yaml(text: str, *, problems: list[str]) -> Any:
     loader = _ConfigLoader(text)
     try:
         data = loader.get_single_data()
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        what = exc.problem or exc.context or "unparseable"
-        if exc.context and exc.problem and exc.context_mark:
-            what += f" ({exc.context} that began at line {exc.context_mark.line + 1})"
-        problems.append(f"{where}invalid YAML: {what}")
-        return _BROKEN
     except yaml.YAMLError as exc:
-        problems.append(f"invalid YAML: {exc}")
+        where, what = yaml_error_parts(exc)
+        problems.append(f"{where}: invalid YAML: {what}" if where else f"invalid YAML: {what}")
         return _BROKEN
     finally:
         loader.dispose()

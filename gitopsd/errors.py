@@ -35,3 +35,22 @@ class RenderError(GitopsdError):
 
 class ClusterError(GitopsdError):
     """The apiserver refused or failed a request in a way the user must see."""
+
+
+def yaml_error_parts(exc: Exception) -> tuple[str, str]:
+    """A YAML syntax error as (where, what): ('line L, column C', 'what broke').
+
+    The problem mark is where parsing broke; the context mark, when there is
+    one, is where the construct that never closed began — often the line to
+    fix (an unclosed bracket or quote), so it is named too. `where` is "" when
+    the parser gave no position.
+    """
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem, context = getattr(exc, "problem", None), getattr(exc, "context", None)
+    if not (problem or context):
+        return "", str(exc)
+    what = problem or context
+    context_mark = getattr(exc, "context_mark", None)
+    if context and problem and context_mark:
+        what += f" ({context} that began at line {context_mark.line + 1})"
+    return (f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""), what

@@ -30,7 +30,7 @@ from pathlib import Path
 import orjson
 import yaml
 
-from gitopsd.errors import RenderError
+from gitopsd.errors import RenderError, yaml_error_parts
 from gitopsd.objects import ObjectRef, ref_of, split_api_version
 
 KINDS = ("auto", "plain", "kustomize", "helm")
@@ -311,18 +311,9 @@ def _load_yaml(text: str, *, source: str, problems: _Problems) -> list | None:
     """
     try:
         return list(yaml.load_all(text, Loader=_LOADER))
-    except yaml.MarkedYAMLError as exc:
-        # The problem mark is where parsing broke; the context mark, when
-        # there is one, is where the construct that never closed began,
-        # often the line to fix (an unclosed bracket or quote).
-        mark = exc.problem_mark or exc.context_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        what = exc.problem or exc.context or "unparseable"
-        if exc.context and exc.problem and exc.context_mark:
-            what += f" ({exc.context} that began at line {exc.context_mark.line + 1})"
-        problems.add(f"{source}: invalid YAML{where}: {what}")
     except yaml.YAMLError as exc:
-        problems.add(f"{source}: invalid YAML: {exc}")
+        where, what = yaml_error_parts(exc)
+        problems.add(f"{source}: invalid YAML at {where}: {what}" if where else f"{source}: invalid YAML: {what}")
     return None
 
 

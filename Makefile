@@ -23,7 +23,8 @@ toolchain:
 test: venv toolchain
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-# Pure-logic tests only (no cluster, no binaries).
+# Tests that need no control plane (the kustomize/helm ones still run the
+# built binaries: `make toolchain` first on a fresh machine).
 test-unit: venv
 	$(VENV)/bin/pytest -m "not cluster" $(PYTEST_ARGS)
 

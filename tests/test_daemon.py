@@ -295,3 +295,34 @@ def test_an_unhealthy_verdict_stands_until_the_rollout_recovers(repo, kube, name
     finally:
         kube.request("PATCH", nodes.path(None, node), body={"metadata": {"labels": {label: None}}},
                      content_type="application/merge-patch+json")
+
+
+def test_a_github_push_webhook_deploys_the_pushed_commit(repo, kube, namespace, tmp_path, start_daemon):
+    import hashlib
+    import hmac
+
+    from helpers import SECRET
+
+    daemon = blue_app_running(repo, kube, namespace, tmp_path, start_daemon,
+                              "hub", "--no-watch-local", "--no-leader-elect")
+    repo.write("cm.yaml", configmap("settings", {"color": "github-green"}))
+    sha = repo.commit("from GitHub")
+    payload = {  # the shape GitHub sends for a push (trimmed)
+        "ref": "refs/heads/main", "before": "0" * 39 + "1", "after": sha,
+        "repository": {"full_name": "org/fleet", "clone_url": repo.url, "ssh_url": "git@github.com:org/fleet.git",
+                       "html_url": "https://github.com/org/fleet"},
+        "head_commit": {"id": sha, "message": "from GitHub"},
+    }
+    body = json.dumps(payload).encode()
+    signature = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    started = time.monotonic()
+    code, answer = daemon.post("/hooks/github", body, {"X-GitHub-Event": "push", "X-Hub-Signature-256": signature,
+                                                       "Content-Type": "application/json"})
+    assert code == 202 and json.loads(answer)["triggered"] == ["hub"]
+    wait_for("GitHub push applied", lambda: cm_data(kube, namespace, "settings") == {"color": "github-green"}, 10,
+             interval=0.02)
+    assert time.monotonic() - started < 2.0
+
+    tampered = body.replace(b"from GitHub", b"from an attacker")
+    assert daemon.post("/hooks/github", tampered, {"X-GitHub-Event": "push", "X-Hub-Signature-256": signature,
+                                                   "Content-Type": "application/json"})[0] == 401

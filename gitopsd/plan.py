@@ -20,8 +20,14 @@ How drift is judged — the way the server would, at the lowest request cost:
    both sides, so they never show as drift.
 
 The dry-runs double as validation: every invalid object of a commit is found
-before anything is written. Objects whose CRD or Namespace arrives in the same
-commit can only be dry-run after those are applied; they are marked deferred.
+before anything is written. Objects whose CRD or Namespace arrives (or whose
+CRD changes) in the same commit can only be dry-run after stage 0 is
+applied; they are marked deferred and judged then.
+
+Prune safety lives here too: the prune set is only members (our label) that
+left Git, minus what is annotated `gitopsd.io/prune: disabled`, minus
+Namespaces that still hold objects of the commit or objects gitopsd does not
+manage.
 """
 
 from __future__ import annotations

@@ -22,15 +22,20 @@ def _applied_by(daemon):
     return [e for e in daemon.events() if e.get("event") == "audit" and e.get("result") == "Applied"]
 
 
-def test_only_the_leader_applies_and_killing_it_hands_over(repo, kube, namespace, tmp_path, start_daemon):
+def two_replicas(repo, kube, namespace, tmp_path, start_daemon):
+    """replica-a leading, replica-b standing by, the app's first sync done."""
     repo.write("cm.yaml", configmap("settings", {"color": "blue"}))
     repo.commit()
-    cfg = tmp_path / "config.yaml"
-    write_config(cfg, [app_entry("shared", repo.url, namespace)])
+    cfg = write_config(tmp_path / "config.yaml", [app_entry("shared", repo.url, namespace)])
     a = start_daemon(cfg, *LEASE, name="replica-a")
     wait_for("replica-a leads", lambda: _leader_events(a), 10)
     b = start_daemon(cfg, *LEASE, name="replica-b")
     wait_for("first sync", lambda: cm_data(kube, namespace, "settings") == {"color": "blue"}, 30)
+    return a, b
+
+
+def test_only_the_leader_applies_and_killing_it_hands_over(repo, kube, namespace, tmp_path, start_daemon):
+    a, b = two_replicas(repo, kube, namespace, tmp_path, start_daemon)
 
     # b is a healthy standby: ready, never applying.
     assert b.get("/readyz")[0] == 200
@@ -76,14 +81,7 @@ def test_sigterm_releases_the_lease_for_an_immediate_hand_over(repo, kube, names
 
 
 def test_a_push_to_the_standby_is_forwarded_to_the_leader(repo, kube, namespace, tmp_path, start_daemon):
-    repo.write("cm.yaml", configmap("settings", {"color": "blue"}))
-    repo.commit()
-    cfg = tmp_path / "config.yaml"
-    write_config(cfg, [app_entry("shared", repo.url, namespace)])
-    a = start_daemon(cfg, *LEASE, name="replica-a")
-    wait_for("replica-a leads", lambda: _leader_events(a), 10)
-    b = start_daemon(cfg, *LEASE, name="replica-b")
-    wait_for("first sync", lambda: cm_data(kube, namespace, "settings") == {"color": "blue"}, 30)
+    a, b = two_replicas(repo, kube, namespace, tmp_path, start_daemon)
     time.sleep(1.5)  # b has read the lease (and the leader's address) at least once
 
     repo.write("cm.yaml", configmap("settings", {"color": "green"}))

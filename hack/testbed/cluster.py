@@ -365,6 +365,11 @@ def _start_components(cluster: Cluster, *, nodes: int, say) -> None:
         # like a quiet cluster.
         "--feature-gates=" + ",".join(f"StaleControllerConsistency{k}=false"
                                       for k in ("ReplicaSet", "DaemonSet", "StatefulSet", "Job", "HPA")),
+        # KWOK renews the fake nodes' leases; on a loaded 2-core CI machine it
+        # once fell behind the default 40-50 s grace, every node went NotReady
+        # and every pod with it, failing unrelated health waits. The test bed
+        # never tests node failure, so give the fake nodes five minutes.
+        "--node-monitor-grace-period=300s",
     ])
     _start(cluster, "kube-scheduler", [
         str(build.binary("kube-scheduler")), f"--kubeconfig={kubeconfig}",

@@ -183,7 +183,9 @@ def make_plan(kube: Kube, manifests: list[Manifest], inv: Inventory, *, prune: b
         for c in changes:
             if (c.ref.group, c.ref.kind) in changing:
                 c.deferred = True
-        list(pool.map(judge, [c for c in changes if not c.deferred and c not in crds]))
+        # By identity: ObjectChange equality would compare whole object bodies.
+        crd_ids = {id(c) for c in crds}
+        list(pool.map(judge, [c for c in changes if not c.deferred and id(c) not in crd_ids]))
     plan.changes = changes
 
     desired_refs = {c.ref for c in changes}

@@ -36,6 +36,47 @@ class _Bed:
     cluster: tb_cluster.Cluster | None = None
     error: str | None = None
     owned = False
+    nodes: "NodeWatch | None" = None
+
+
+class NodeWatch:
+    """Watches the fake nodes for the whole run and remembers every moment one
+    was not Ready. A node that flaps makes every pod on it unready and fails
+    health waits for no reason of gitopsd's, so a flap fails the run (see
+    pytest_sessionfinish) — the suite is the test bed's long soak under load.
+    """
+
+    def __init__(self, kubeconfig: Path) -> None:
+        import threading
+
+        from kubernetes import config
+
+        self.api = config.new_client_from_config(config_file=str(kubeconfig))
+        self.not_ready: list[str] = []
+        self.started = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="node-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from kubernetes import client, watch
+
+        core = client.CoreV1Api(self.api)
+        while not self._stop.is_set():
+            try:
+                for event in watch.Watch().stream(core.list_node, timeout_seconds=60):
+                    node = event["object"]
+                    ready = {c.type: c.status for c in (node.status.conditions or [])}.get("Ready")
+                    if ready != "True" and event["type"] != "DELETED":
+                        self.not_ready.append(f"{time.strftime('%H:%M:%S')} {node.metadata.name} Ready={ready}")
+                    if self._stop.is_set():
+                        return
+            except Exception:  # the control plane restarting under a fault test; watch again
+                self._stop.wait(1)
+
+    def stop(self) -> float:
+        self._stop.set()
+        return time.monotonic() - self.started
 
 
 _bed = _Bed()
@@ -55,6 +96,7 @@ def cluster() -> tb_cluster.Cluster:
             raise tb_cluster.ClusterError("test-bed binaries are missing: run `hack/cluster build` (make test does)")
         _bed.cluster = tb_cluster.up(name, out=sys.stderr)
         _bed.owned = not reuse
+        _bed.nodes = NodeWatch(_bed.cluster.kubeconfig)
     except (tb_cluster.ClusterError, FileNotFoundError, OSError) as exc:
         _bed.error = f"the local control plane did not start: {exc}"
         logs = tb_cluster.state_dir(name) / "logs"
@@ -116,7 +158,18 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Stop the session's cluster; keep its component logs when anything failed."""
+    """Stop the session's cluster; keep its component logs when anything failed.
+
+    A fake node that was ever not Ready during the run fails it (exit 1).
+    """
+    if _bed.nodes is not None:
+        watched = _bed.nodes.stop()
+        if _bed.nodes.not_ready:
+            sys.stderr.write(f"\nTEST BED: fake nodes were not Ready during the run ({watched / 60:.0f} min "
+                             f"watched):\n  " + "\n  ".join(_bed.nodes.not_ready[:20]) + "\n")
+            session.exitstatus = exitstatus = 1
+        else:
+            sys.stderr.write(f"\ntest bed: every fake node stayed Ready for the {watched / 60:.0f} min run\n")
     c = _bed.cluster
     if c is None or not _bed.owned:
         return

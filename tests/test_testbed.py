@@ -25,6 +25,28 @@ def test_nodes_are_ready(api_client):
     assert len(zones) == 3, "fake nodes are spread over three zones for topology tests"
 
 
+def test_fake_nodes_renew_their_leases(api_client):
+    """The node lifecycle controller judges liveness by the node Lease; KWOK
+    must renew one per node, or every node turns NotReady once the grace
+    period after its last status update runs out (and every pod with it)."""
+    from kubernetes import watch
+
+    coord = client.CoordinationV1Api(api_client)
+    nodes = [n.metadata.name for n in client.CoreV1Api(api_client).list_node().items]
+    leases = coord.list_namespaced_lease("kube-node-lease")
+    first = {lease.metadata.name: lease.spec.renew_time for lease in leases.items}
+    assert set(nodes) <= set(first), f"nodes without a Lease: {sorted(set(nodes) - set(first))}"
+    renewed: set[str] = set()
+    for event in watch.Watch().stream(coord.list_namespaced_lease, "kube-node-lease",
+                                      resource_version=leases.metadata.resource_version, timeout_seconds=90):
+        lease = event["object"]
+        if lease.metadata.name in first and lease.spec.renew_time > first[lease.metadata.name]:
+            renewed.add(lease.metadata.name)
+        if renewed >= set(nodes):
+            break
+    assert renewed >= set(nodes), f"leases not renewed within 90 s: {sorted(set(nodes) - renewed)}"
+
+
 def test_deployment_becomes_available(api_client, namespace):
     apps = client.AppsV1Api(api_client)
     apps.create_namespaced_deployment(namespace, {

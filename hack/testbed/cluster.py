@@ -365,10 +365,10 @@ def _start_components(cluster: Cluster, *, nodes: int, say) -> None:
         # like a quiet cluster.
         "--feature-gates=" + ",".join(f"StaleControllerConsistency{k}=false"
                                       for k in ("ReplicaSet", "DaemonSet", "StatefulSet", "Job", "HPA")),
-        # KWOK renews the fake nodes' leases; on a loaded 2-core CI machine it
-        # once fell behind the default 40-50 s grace, every node went NotReady
-        # and every pod with it, failing unrelated health waits. The test bed
-        # never tests node failure, so give the fake nodes five minutes.
+        # KWOK renews the fake nodes' Leases every 10 s; on a loaded 2-core
+        # machine a renewal can lag, and past the default 40-50 s grace every
+        # node goes NotReady and every pod with it, failing unrelated health
+        # waits. The test bed never tests node failure: five minutes.
         "--node-monitor-grace-period=300s",
     ])
     _start(cluster, "kube-scheduler", [
@@ -383,6 +383,13 @@ def _start_components(cluster: Cluster, *, nodes: int, say) -> None:
         str(build.binary("kwok")), f"--kubeconfig={kubeconfig}", "--manage-all-nodes=false",
         "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
         f"--server-address=127.0.0.1:{p['kwok']}", "--node-ip=127.0.0.1",
+        # Node Leases, renewed every 10 s (a quarter of the duration), as a
+        # kubelet keeps them. The flag's default is 0 = no Leases (KWOK's 40 s
+        # default applies only through a KwokConfiguration): the nodes'
+        # only heartbeat was then the status update of the heartbeat stage,
+        # every 10-20 minutes, past the controller-manager's grace period,
+        # and every node with every pod on it turned NotReady.
+        "--node-lease-duration-seconds=40",
         *[f"--config={s}" for s in stages],
     ])
 

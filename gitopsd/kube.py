@@ -21,6 +21,7 @@ import threading
 import time
 import urllib.parse
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ DISCOVERY_ACCEPT = (
     "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,"
     "application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList,application/json"
 )
+METADATA_LIST_ACCEPT = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json"
 MAX_RETRIES = 5
 REDISCOVERY_MIN_INTERVAL = 2.0
 
@@ -101,6 +103,7 @@ class Kube:
         self._resources: dict[tuple[str, str, str], Resource] = {}
         self._by_group_kind: dict[tuple[str, str], Resource] = {}
         self._discovered_at = 0.0
+        self.stale_group_versions: frozenset[str] = frozenset()   # aggregated APIs that did not answer discovery
         self.requests: Counter[str] = Counter()
         self.user_agent = f"gitopsd/{__version__}"
 
@@ -203,6 +206,7 @@ class Kube:
         """Refresh the resource map from aggregated discovery (2 requests)."""
         resources: dict[tuple[str, str, str], Resource] = {}
         by_gk: dict[tuple[str, str], Resource] = {}
+        stale: set[str] = set()
         for root in ("/api", "/apis"):
             doc = self.request("GET", root, accept=DISCOVERY_ACCEPT)
             if doc.get("kind") != "APIGroupDiscoveryList":
@@ -212,6 +216,10 @@ class Kube:
                 gname = group.get("metadata", {}).get("name", "")
                 for i, version in enumerate(group.get("versions", [])):
                     vname = version["version"]
+                    if version.get("freshness") == "Stale":
+                        # An aggregated API whose server does not answer: its
+                        # kinds are unknown, not absent.
+                        stale.add(f"{gname}/{vname}")
                     for r in version.get("resources", []):
                         kind = (r.get("responseKind") or {}).get("kind")
                         if not kind:
@@ -224,6 +232,7 @@ class Kube:
                         by_gk.setdefault((gname, kind), res)
         with self._lock:
             self._resources, self._by_group_kind = resources, by_gk
+            self.stale_group_versions = frozenset(stale)
             self._discovered_at = time.monotonic()
 
     def _lookup(self, key, table_name: str):
@@ -271,6 +280,20 @@ class Kube:
     def list(self, res: Resource, *, namespace: str | None = None, label_selector: str | None = None) -> list[dict]:
         """Every matching object, as dicts with apiVersion and kind filled in (lists omit them)."""
         return self.list_with_version(res, namespace=namespace, label_selector=label_selector)[0]
+
+    def list_metadata(self, res: Resource, *, namespace: str | None = None, page: int = 500) -> Iterator[dict]:
+        """Every object's metadata (PartialObjectMetadata), `page` objects per request.
+
+        A generator: a caller looking for the first match stops paging early.
+        """
+        query: dict[str, str] = {"limit": str(page)}
+        while True:
+            doc = self.request("GET", res.path(namespace), query=query, accept=METADATA_LIST_ACCEPT)
+            yield from doc.get("items") or []
+            cont = (doc.get("metadata") or {}).get("continue")
+            if not cont:
+                return
+            query["continue"] = cont
 
     def list_with_version(self, res: Resource, *, namespace: str | None = None,
                           label_selector: str | None = None) -> tuple[list[dict], str]:

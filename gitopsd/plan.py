@@ -58,6 +58,8 @@ NEVER_RECREATE_BY_DEFAULT = {("apiextensions.k8s.io", "CustomResourceDefinition"
 # Past this many non-member desired objects in one group-kind x namespace, one
 # metadata-only LIST is cheaper than a GET each.
 LIST_INSTEAD_OF_GETS = 8
+# Page size of the LISTs that look through a Namespace before it is pruned.
+NAMESPACE_CHECK_PAGE = 500
 
 
 class Action(str, enum.Enum):
@@ -155,13 +157,14 @@ def make_plan(kube: Kube, manifests: list[Manifest], inv: Inventory, *, prune: b
         if change.resource is not None and change.resource.namespaced and not ref.namespace:
             plan.errors.append(f"{m.source}: {ref}: namespaced kind without a namespace")
             continue
-        # An app may own the Namespace objects of its allowed namespaces (overlays
-        # often ship them); any other cluster-scoped object is out of bounds.
-        own_namespace = ref.group == "" and ref.kind == "Namespace" and ref.name in (allowed_namespaces or ())
-        if allowed_namespaces is not None and ref.namespace not in allowed_namespaces and not own_namespace:
+        if allowed_namespaces is not None and not _may_write(ref, allowed_namespaces):
             where = f"namespace {ref.namespace!r}" if ref.namespace else "cluster scope"
             plan.errors.append(f"{m.source}: {ref}: the app may not write to {where}; allowed namespaces: "
                                f"{', '.join(allowed_namespaces)}")
+            continue
+        if why := _gitopsd_own(m.obj, ref, inv):
+            plan.errors.append(f"{m.source}: {ref}: {why}; an app may not manage gitopsd's own state "
+                               f"(hint: rename the object or drop the label)")
             continue
         changes.append(change)
 
@@ -198,6 +201,12 @@ def make_plan(kube: Kube, manifests: list[Manifest], inv: Inventory, *, prune: b
         if annotations.get(PRUNE_ANNOTATION) == "disabled":
             plan.kept.append(ref)
             plan.kept_reasons[ref] = f"{PRUNE_ANNOTATION}: disabled"
+        elif allowed_namespaces is not None and not _may_write(ref, allowed_namespaces):
+            # The same bounds as for writes: a label or a parent record that
+            # points elsewhere (hand-edited, or from before the app was
+            # restricted) never makes a tenant's app delete outside them.
+            plan.kept.append(ref)
+            plan.kept_reasons[ref] = "outside the app's allowed namespaces"
         elif is_namespace and ref.name in desired_namespaces:
             # Deleting it would delete objects of this very commit (the Namespace
             # object moved to another app).
@@ -215,6 +224,37 @@ def make_plan(kube: Kube, manifests: list[Manifest], inv: Inventory, *, prune: b
     return plan
 
 
+# Labels that mark gitopsd's own objects: an ApplySet parent (its id) and an
+# audit segment. A manifest carrying one would pass for gitopsd's state.
+RESERVED_LABELS = (ID_LABEL, "gitopsd.io/audit-app")
+OWN_STATE_KINDS = {("", "ConfigMap"), ("coordination.k8s.io", "Lease")}
+
+
+def _gitopsd_own(obj: dict, ref: ObjectRef, inv: Inventory) -> str | None:
+    """Why this desired object would overwrite or impersonate gitopsd's own
+    state (None when it does not): in gitopsd's namespace, the ConfigMaps
+    and Leases named `gitopsd-*` are its parents, status, audit trail and
+    leader Lease — an app that wrote one could rewrite history or take
+    leadership. Other objects in that namespace are fine (gitopsd may
+    manage its own Deployment)."""
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    reserved = [k for k in RESERVED_LABELS if k in labels]
+    if reserved:
+        return f"carries the label {reserved[0]}, reserved for gitopsd's own objects"
+    if ref.namespace == inv.namespace and (ref.group, ref.kind) in OWN_STATE_KINDS \
+            and ref.name.startswith("gitopsd-"):
+        return f"{ref.kind} names starting with 'gitopsd-' in namespace {inv.namespace} are gitopsd's own"
+    return None
+
+
+def _may_write(ref: ObjectRef, allowed_namespaces: tuple[str, ...]) -> bool:
+    """Inside the allowed namespaces. An app may own the Namespace objects of
+    its allowed namespaces (overlays often ship them); any other
+    cluster-scoped object is out of bounds."""
+    own_namespace = ref.group == "" and ref.kind == "Namespace" and ref.name in allowed_namespaces
+    return own_namespace or (bool(ref.namespace) and ref.namespace in allowed_namespaces)
+
+
 # Objects every namespace gets without anyone asking: not a reason to keep one.
 _AUTOMATIC = {("", "ConfigMap", "kube-root-ca.crt"), ("", "ServiceAccount", "default")}
 _NEVER_USER_DATA = {("", "Event"), ("events.k8s.io", "Event"), ("", "Endpoints"),
@@ -222,33 +262,62 @@ _NEVER_USER_DATA = {("", "Event"), ("events.k8s.io", "Event"), ("", "Endpoints")
 
 
 def foreign_objects(kube: Kube, namespace: str, applyset_id: str, *, limit: int = 3) -> list[str]:
-    """Up to `limit` objects in `namespace` that are neither ours nor owned by
-    another object (pods of our Deployments are owned) nor created for every
-    namespace. Kinds gitopsd may not list are skipped: what it cannot see, it
-    cannot protect — so least-privilege RBAC narrows this guard, never blocks it.
+    """Why the Namespace must not be pruned: up to `limit` objects in it that
+    gitopsd does not manage, or the kinds it could not look at. [] = safe.
 
-    Costs one metadata-only LIST per namespaced kind, and runs only when a
-    Namespace is about to be pruned.
+    Deleting a Namespace deletes everything in it, whoever made it, so the
+    check must see all of it: every page of every namespaced kind the
+    apiserver serves (discovery refreshed first: a CRD added a minute ago
+    counts). An object is ours when it carries our part-of label, or when it
+    is owned by an object in the same namespace (pods of our Deployments:
+    their owners are checked in turn). Fail-safe: a kind that cannot be
+    listed (RBAC forbids it, its aggregated API is down) keeps the Namespace,
+    because what gitopsd cannot see it cannot protect.
+
+    Costs one metadata-only LIST per namespaced kind (more pages only for
+    large namespaces), and runs only when a Namespace is about to be pruned.
     """
-    found: list[str] = []
-    for res in kube.namespaced_resources():
+    kube.discover()
+    found = [f"objects of {gv} (its API server does not answer discovery)"
+             for gv in sorted(kube.stale_group_versions)]
+    for res in sorted(kube.namespaced_resources(), key=lambda r: (r.group, r.kind)):
+        if len(found) >= limit:
+            break
         if (res.group, res.kind) in _NEVER_USER_DATA:
             continue
         try:
-            items = kube.request("GET", res.path(namespace), query={"limit": "50"},
-                                 accept="application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1")
-        except GitopsdError:
-            continue
-        for item in items.get("items") or []:
-            meta = item.get("metadata") or {}
-            if (meta.get("labels") or {}).get(PART_OF_LABEL) == applyset_id or meta.get("ownerReferences"):
-                continue
-            if (res.group, res.kind, meta.get("name")) in _AUTOMATIC:
-                continue
-            found.append(f"{res.kind}/{meta.get('name')}")
-            if len(found) >= limit:
-                return found
-    return found
+            for item in kube.list_metadata(res, namespace=namespace, page=NAMESPACE_CHECK_PAGE):
+                meta = item.get("metadata") or {}
+                if not _ours_or_automatic(kube, res, meta, applyset_id):
+                    found.append(f"{res.kind}/{meta.get('name')}")
+                    break   # one per kind is enough to name; look at the other kinds
+        except GitopsdError as exc:
+            status = getattr(exc, "status", None)
+            why = "gitopsd may not list them" if status == 403 else f"listing them failed ({exc})"
+            found.append(f"{_plural_label(res)} ({why})")
+    return found[:limit]
+
+
+def _ours_or_automatic(kube: Kube, res: Resource, meta: dict, applyset_id: str) -> bool:
+    if (meta.get("labels") or {}).get(PART_OF_LABEL) == applyset_id:
+        return True
+    if (res.group, res.kind, meta.get("name")) in _AUTOMATIC:
+        return True
+    owners = meta.get("ownerReferences") or []
+    # Owned objects go with their owner. Only owners inside this namespace
+    # excuse them: those are checked themselves. An owner elsewhere (a
+    # cluster-scoped object) says nothing about whether this one is ours.
+    return bool(owners) and all(_namespaced_kind(kube, o) for o in owners)
+
+
+def _namespaced_kind(kube: Kube, owner: dict) -> bool:
+    group, _ = split_api_version(owner.get("apiVersion") or "")
+    res = kube.resource_for_group_kind(group, owner.get("kind") or "")
+    return res is not None and res.namespaced
+
+
+def _plural_label(res: Resource) -> str:
+    return f"{res.plural}.{res.group}" if res.group else res.plural
 
 
 def judge_deferred(kube: Kube, plan: Plan, *, recreate: bool = False) -> list[str]:

@@ -149,7 +149,8 @@ def test_another_apps_applyset_parent_is_never_adopted(app, repo, kube, namespac
     result = app.sync()
 
     assert result.outcome.value == "Failed"
-    assert "ApplySet parent of another app" in "\n".join(result.errors)
+    assert "steal.yaml: ConfigMap" in "\n".join(result.errors)
+    assert "an app may not manage gitopsd's own state" in "\n".join(result.errors)
     parent = kube.get(kube.resource("v1", "ConfigMap"), "gitopsd-victim", namespace)
     assert "applyset.kubernetes.io/id" in parent["metadata"]["labels"]
 

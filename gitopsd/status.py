@@ -115,12 +115,12 @@ def _checked(raw: str, *, app: str) -> dict:
     for key, types in TYPES.items():
         if key in data and not _has_type(data[key], types):
             wanted = " or ".join(dict.fromkeys(_json_type(t) for t in types))
-            problems.append(f"{key!r} is a JSON {_json_type(data[key])}, not a {wanted}")
+            problems.append(f"{key!r} is a JSON {_json_type(data[key])}, expected {wanted}")
     drift = data.get("lastDrift")
     if isinstance(drift, dict):
         for key in ("time", "object"):
             if key in drift and not isinstance(drift[key], str):
-                problems.append(f"'lastDrift.{key}' is a JSON {_json_type(drift[key])}, not a string")
+                problems.append(f"'lastDrift.{key}' is a JSON {_json_type(drift[key])}, expected string")
     if isinstance(data.get("app"), str) and data["app"] != app:
         problems.append(f"names app {data['app'][:60]!r}, but the ConfigMap is the parent of app {app!r}")
     if problems:
@@ -162,7 +162,7 @@ def table(apps: list[dict]) -> str:
             continue
         drift = a.get("lastDrift") or {}
         drift_text = f"{drift.get('time', '')} {drift.get('object', '')}".strip() if isinstance(drift, dict) else ""
-        values = (a.get("app", ""), a.get("revision") or "", a.get("result", ""), a.get("health", ""),
+        values = (a.get("app", ""), (a.get("revision") or "")[:12], a.get("result", ""), a.get("health", ""),
                   a.get("lastTransition", ""), drift_text, a.get("reason") or "")
         rows.append(tuple(_cell(v, w) for v, w in zip(values, _WIDTHS)))
     widths = [max(len(r[i]) for r in rows + [cols]) for i in range(len(cols))]

@@ -344,6 +344,8 @@ def _finish_args(args: argparse.Namespace) -> None:
               f"{args.lease_duration:g}s; a lease must be renewed before it runs out")
     if args.command == "history" and args.at is not None and (args.since is not None or args.limit is not None):
         error("argument --at: answers for one instant; --since and --limit do not apply to it")
+    if args.command in ("diff", "sync") and args.values and args.render not in ("helm", "auto"):
+        error(f"argument --values: only used with --render helm or auto, and --render is {args.render}")
     if args.command in ("diff", "sync") and args.git_username and not (
             args.git_token_file or os.environ.get("GITOPSD_GIT_TOKEN")):
         error("argument --git-username: is paired with a token; give --git-token-file or set GITOPSD_GIT_TOKEN")

@@ -244,7 +244,8 @@ def parse(text: str, *, source: str = "<config>", base_dir: Path | None = None) 
     config = _read_config(data, problems=problems, base_dir=base_dir)
     if problems:
         raise ConfigError(problems, source=source,
-                          hint=_NO_APPS_HINT if any(p.startswith("apps: ") for p in problems) else None)
+                          hint=_NO_APPS_HINT if any(p.startswith(("apps: missing", "apps: is empty"))
+                                                    for p in problems) else None)
     return config
 
 

@@ -127,6 +127,8 @@ CASES = [
      ["argument --path", '"/etc" is absolute', "relative to the repository root"], None),
     ("sync-values-outside-repo", ["sync", "@app", "--values", "../../etc/passwd"],
      ["argument --values", "leaves the repository through '..'"], None),
+    ("sync-values-without-helm", ["sync", "@app", "--render", "kustomize", "--values", "values.yaml"],
+     ["argument --values", "only used with --render helm or auto, and --render is kustomize"], None),
     ("sync-ref-with-space", ["sync", "@app", "--ref", "main dev"],
      ["argument --ref", "contains whitespace"], None),
     ("sync-namespace-invalid", ["sync", "@app", "--namespace", "Bad_NS"],
@@ -434,3 +436,22 @@ def test_status_strips_terminal_control_characters_from_a_hand_edited_status(kub
     assert proc.returncode == 0
     assert "\x1b" not in proc.stdout and "\r" not in proc.stdout
     assert len(proc.stdout.splitlines()) == 4   # header + three rows: the newline in the reason did not add one
+
+
+def test_a_bug_in_the_daemon_is_one_error_line_with_its_traceback_in_the_log(world):
+    """`gitopsd run --log-format json`: the bug is one JSON event at error level (traceback inside), exit 2."""
+    code = ("import sys, gitopsd.daemon as d\n"
+            "def broken(self):\n    raise RuntimeError('scheduler exploded')\n"
+            "d.Daemon.start = broken\n"
+            "from gitopsd.cli import main\nraise SystemExit(main(sys.argv[1:]))\n")
+    env = {**os.environ, "KUBECONFIG": str(world.kubeconfig), "GITOPSD_CACHE": str(world.cache)}
+    proc = subprocess.run([sys.executable, "-c", code, "run", "--config", str(world.files / "apps.yaml"),
+                           "--namespace", world.namespace, "--no-leader-elect", "--http-address", "127.0.0.1",
+                           "--http-port", "0", "--log-format", "json"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    events = [json.loads(line) for line in (proc.stdout + proc.stderr).splitlines()]   # every line is JSON
+    bugs = [e for e in events if "this is a bug in gitopsd" in e["event"]]
+    assert len(bugs) == 1 and bugs[0]["level"] == "error"
+    assert "RuntimeError: scheduler exploded" in bugs[0]["exception"]
+    assert sum("Traceback (most recent call last)" in json.dumps(e) for e in events) == 1

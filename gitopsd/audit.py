@@ -378,12 +378,16 @@ def _newest_first(kube: Kube, *, namespace: str, app: str) -> Iterator[dict]:
 
 
 def parse_time(text: str, *, now: datetime | None = None) -> datetime:
-    """An instant from ISO 8601 (`2026-11-20T14:00:00Z`; naive means UTC) or an age (`90m`, `2h`, `7d`)."""
+    """An instant from ISO 8601 (`2026-11-20T14:00:00Z`; naive means UTC) or an age (`90m`, `2h`, `7d`,
+    `1h30m`: a duration as the config reads it, with a unit; a bare `2026` is no age)."""
+    from gitopsd.config import parse_duration
+
     text = text.strip()
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhdw])", text)
-    if m:
-        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
-        return (now or datetime.now(timezone.utc)) - timedelta(seconds=float(m.group(1)) * unit)
+    if not re.fullmatch(r"[\d.]*", text):
+        try:
+            return (now or datetime.now(timezone.utc)) - timedelta(seconds=parse_duration(text))
+        except ValueError:
+            pass   # not an age; ISO 8601 below
     try:
         when = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
     except ValueError:

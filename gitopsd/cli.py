@@ -8,54 +8,227 @@ one audit record (trigger "cli") to the app's trail in --inventory-namespace.
 
 `history` and `audit verify` read that trail (gitopsd.audit): history exits
 1 when nothing is recorded (or, with --at, nothing was live then); verify
-exits 1 when the chain is broken. Both exit 2 on errors.
+exits 1 when the chain is broken. `status APP` exits 1 when APP never
+reported a status and 2 when its stored status is unreadable; `status`
+without APP reports unreadable ones and exits 0.
+
+Every command exits 2 on any error, never 1: a script reads 1 as "drift" or
+"refused". Every flag is checked before anything runs, with the validators
+the config file uses (gitopsd.config: same durations, same bounds, same
+words), and a bad value is an argparse usage error (exit 2) naming the flag,
+the value and why. Errors a user can cause print one message, no traceback
+(`--debug` adds it); an unexpected exception is a bug: one line saying so,
+then its traceback once, exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
 import sys
 import threading
+import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
 
 from gitopsd import __version__
+from gitopsd import config as cfg
+
+#: More parallel requests than this only trip the apiserver's priority and
+#: fairness limits (and each is a thread and a pooled connection).
+MAX_CONCURRENCY = 256
+#: `history --limit`: a bound so a typo cannot ask for a billion records.
+MAX_LIMIT = 1_000_000
+
+
+# --------------------------------------------------------------------------
+# Flag types: the config's validators, so flags and file accept the same
+
+
+def _flag(check: Callable, **options) -> Callable[[str], object]:
+    """An argparse ``type=`` from a validator that raises ValueError.
+
+    argparse turns the ArgumentTypeError into `gitopsd sync: error: argument
+    --prune-guard: 50 is out of range: ...` and exit code 2.
+    """
+    def convert(text: str):
+        try:
+            return check(text, **options)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = getattr(check, "__name__", "value")
+    return convert
+
+
+def _check_text(value: str) -> str:
+    """A plain word: not empty, no whitespace or control characters (a context, a username, an instance)."""
+    if not value.strip():
+        raise ValueError("is empty")
+    if re.search(r"[\s\x00-\x1f\x7f]", value) or len(value) > 253:
+        raise ValueError(f"{value[:60]!r} is not a name (no spaces or control characters, at most 253 characters)")
+    return value
+
+
+def _check_token_file(value: str) -> Path:
+    """A readable file that holds a token (not empty; its value never appears in a message)."""
+    path = cfg.check_readable_file(value)
+    if path.is_file():  # a pipe (/dev/stdin) is read once, later
+        try:
+            if not path.read_bytes().strip():
+                raise ValueError(f"{value}: is empty; it must hold the token")
+        except OSError as exc:
+            raise ValueError(f"{value}: cannot be read ({exc.strerror})") from None
+    return path
+
+
+def _check_time(value: str):
+    """An instant: ISO 8601 or an age (a duration as the config reads it; at most ten years back)."""
+    from gitopsd import audit   # imported late: it pulls in the whole pipeline, `--help` should not wait for it
+
+    return audit.parse_time(value)
+
+
+def _check_address(value: str) -> str:
+    """An address to listen on: an IP address or a host name."""
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*",
+                        value):
+        raise ValueError(f"{value[:60]!r} is not an IP address or host name (e.g. 0.0.0.0, 127.0.0.1, ::)")
+    return value
+
+
+def _check_url(value: str) -> str:
+    """An http(s) URL of this replica, for the others to forward webhooks to."""
+    try:
+        parts = urllib.parse.urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError as exc:
+        raise ValueError(f"{value[:80]!r} is not a URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{value[:80]!r} is not an http(s) URL such as http://10.0.0.7:8080")
+    if parts.username or parts.password:
+        raise ValueError("carries credentials; webhooks between replicas are signed, give the URL without them")
+    return value
+
+
+DURATION_TIMEOUT = _flag(cfg.check_duration, minimum=cfg.MIN_TIMEOUT, why=cfg.TIMEOUT_WHY)
+SHARE = _flag(cfg.check_share)
+CONCURRENCY = _flag(cfg.check_count, minimum=1, maximum=MAX_CONCURRENCY,
+                    why="parallel apiserver requests")
+PORT = _flag(cfg.check_count, minimum=0, maximum=65535, why="0 picks any free port")
+LIMIT = _flag(cfg.check_count, minimum=1, maximum=MAX_LIMIT)
+APP = _flag(cfg.check_app_name)
+NAMESPACE = _flag(cfg.check_namespace)
+REPO = _flag(cfg.check_repo_url, instead="--git-token-file or $GITOPSD_GIT_TOKEN")
+REF = _flag(cfg.check_ref)
+REPO_PATH = _flag(cfg.check_repo_path)
+VALUES_FILE = _flag(cfg.check_repo_path, what="values file")
+FILE = _flag(cfg.check_readable_file)
+TOKEN_FILE = _flag(_check_token_file)
+TEXT = _flag(_check_text)
+TIME = _flag(_check_time)
+ADDRESS = _flag(_check_address)
+URL = _flag(_check_url)
+LEASE_DURATION = _flag(cfg.check_duration, minimum=2.0, why="the Lease is written in whole seconds and renewed "
+                                                              "within it")
+LEASE_RENEW = _flag(cfg.check_duration, minimum=0.1, why="renewing more often only loads the apiserver")
+
+
+class _EnvDefault:
+    """A flag whose default comes from an environment variable, checked like the flag.
+
+    argparse would take the variable's text unchecked (and `int()` of it at
+    import time was a traceback); `_apply_env_defaults` checks it with the
+    flag's own type and names the variable in the error.
+    """
+
+    def __init__(self, dest: str, flag: str, env: str, fallback, convert: Callable[[str], object] | None = None,
+                 choices: tuple[str, ...] | None = None) -> None:
+        self.dest, self.flag, self.env, self.fallback = dest, flag, env, fallback
+        self.convert, self.choices = convert, choices
+
+    def resolve(self) -> object:
+        raw = os.environ.get(self.env)
+        if raw is None:
+            return self.fallback
+        if self.choices is not None and raw not in self.choices:
+            raise ValueError(f"{raw[:60]!r} is not one of {', '.join(self.choices)}")
+        if self.convert is None:
+            return raw
+        try:
+            return self.convert(raw)
+        except argparse.ArgumentTypeError as exc:
+            raise ValueError(str(exc)) from None
+
+
+_NS_ENV = "GITOPSD_NAMESPACE"
+_ENV_DEFAULTS: dict[str, tuple[_EnvDefault, ...]] = {
+    "diff": (_EnvDefault("inventory_namespace", "--inventory-namespace", _NS_ENV, "gitopsd-system", NAMESPACE),),
+    "sync": (_EnvDefault("inventory_namespace", "--inventory-namespace", _NS_ENV, "gitopsd-system", NAMESPACE),),
+    "run": (
+        _EnvDefault("namespace", "--namespace", _NS_ENV, "gitopsd-system", NAMESPACE),
+        _EnvDefault("http_port", "--http-port", "GITOPSD_HTTP_PORT", 8080, PORT),
+        _EnvDefault("http_address", "--http-address", "GITOPSD_HTTP_ADDRESS", "0.0.0.0", ADDRESS),
+        _EnvDefault("advertise_url", "--advertise-url", "GITOPSD_ADVERTISE_URL", None, URL),
+        _EnvDefault("log_format", "--log-format", "GITOPSD_LOG_FORMAT", "auto", choices=("auto", "json", "console")),
+    ),
+    "status": (_EnvDefault("namespace", "--namespace", _NS_ENV, "gitopsd-system", NAMESPACE),),
+    "history": (_EnvDefault("namespace", "--namespace", _NS_ENV, "gitopsd-system", NAMESPACE),),
+    "audit": (_EnvDefault("namespace", "--namespace", _NS_ENV, "gitopsd-system", NAMESPACE),),
+}
+
+
+# --------------------------------------------------------------------------
+# The parser
 
 
 def build_parser() -> argparse.ArgumentParser:
+    debug = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: given before or after the subcommand, a subparser default never resets it.
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="print the traceback of an error too")
     parser = argparse.ArgumentParser(
-        prog="gitopsd",
+        prog="gitopsd", parents=[debug],
         description="Keep a Kubernetes cluster converged to the manifests in a Git repository.",
     )
     parser.add_argument("--version", action="version", version=f"gitopsd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    common = argparse.ArgumentParser(add_help=False)
+    common = argparse.ArgumentParser(add_help=False, parents=[debug])
     g = common.add_argument_group("source and render")
-    g.add_argument("--repo", required=True, help="Git URL (file://, https://, ssh://) or a local path")
-    g.add_argument("--ref", default="HEAD", help="branch, tag or commit SHA (default: the remote's HEAD)")
-    g.add_argument("--path", default=".", help="directory inside the repository to render (default: root)")
+    g.add_argument("--repo", required=True, type=REPO, help="Git URL (file://, https://, ssh://) or a local path")
+    g.add_argument("--ref", default="HEAD", type=REF,
+                   help="branch, tag or commit SHA (default: the remote's HEAD)")
+    g.add_argument("--path", default=".", type=REPO_PATH,
+                   help="directory inside the repository to render (default: root)")
     g.add_argument("--render", default="auto", choices=["auto", "plain", "kustomize", "helm"],
                    help="how to render PATH (default: auto-detect kustomization.yaml / Chart.yaml)")
-    g.add_argument("--values", action="append", default=[], metavar="FILE",
+    g.add_argument("--values", action="append", default=[], metavar="FILE", type=VALUES_FILE,
                    help="helm values file, relative to the repository root (repeatable)")
-    g.add_argument("--namespace", "-n", default="default",
+    g.add_argument("--namespace", "-n", default="default", type=NAMESPACE,
                    help="namespace for namespaced objects that name none (default: default)")
-    g.add_argument("--git-token-file", type=Path, help="file holding an https token (or set GITOPSD_GIT_TOKEN)")
-    g.add_argument("--git-username", default=None, help="https username to pair with the token")
-    g.add_argument("--ssh-key", type=Path, help="private key for ssh:// remotes")
-    g.add_argument("--known-hosts", type=Path, help="known_hosts file for ssh:// remotes (host keys are checked)")
+    g.add_argument("--git-token-file", type=TOKEN_FILE, metavar="FILE",
+                   help="file holding an https token (or set GITOPSD_GIT_TOKEN)")
+    g.add_argument("--git-username", default=None, type=TEXT, help="https username to pair with the token")
+    g.add_argument("--ssh-key", type=FILE, metavar="FILE", help="private key for ssh:// remotes")
+    g.add_argument("--known-hosts", type=FILE, metavar="FILE",
+                   help="known_hosts file for ssh:// remotes (host keys are checked)")
     k = common.add_argument_group("cluster")
-    k.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: $KUBECONFIG, in-cluster, ~/.kube/config)")
-    k.add_argument("--context", default=None, help="kubeconfig context")
-    k.add_argument("--app", default=None,
+    _cluster_args(k)
+    k.add_argument("--app", default=None, type=APP,
                    help="app name = ApplySet name (default: derived from the repository and path)")
-    k.add_argument("--inventory-namespace", default=os.environ.get("GITOPSD_NAMESPACE", "gitopsd-system"),
+    k.add_argument("--inventory-namespace", default=None, type=NAMESPACE,
                    help="namespace of the ApplySet parent (default: $GITOPSD_NAMESPACE or gitopsd-system)")
-    k.add_argument("--concurrency", type=int, default=16, help="parallel apiserver requests (default 16)")
+    k.add_argument("--concurrency", type=CONCURRENCY, default=16, metavar="N",
+                   help=f"parallel apiserver requests, 1 to {MAX_CONCURRENCY} (default 16)")
     common.add_argument("--output", "-o", default="text", choices=["text", "json"])
 
     sub.add_parser("diff", parents=[common], help="show how the cluster differs from the commit",
@@ -64,76 +237,118 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Apply, prune, wait for health. Exit 0 ok, 1 Unhealthy/refused, 2 failed.")
     s.add_argument("--prune", action=argparse.BooleanOptionalAction, default=True,
                    help="delete objects that left Git (default: on)")
-    s.add_argument("--prune-guard", type=float, default=0.5, metavar="SHARE",
-                   help="refuse a prune of more than this share of the app's objects (default 0.5)")
+    s.add_argument("--prune-guard", type=SHARE, default=0.5, metavar="SHARE",
+                   help="refuse a prune of more than this share (0 < SHARE <= 1) of the app's objects (default 0.5)")
     s.add_argument("--allow-prune-all", action="store_true", help="lift the prune guard")
     s.add_argument("--recreate", action="store_true",
                    help="delete and re-create objects whose immutable fields changed")
-    s.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for health (default 300)")
+    s.add_argument("--timeout", type=DURATION_TIMEOUT, default=300.0, metavar="DURATION",
+                   help="how long to wait for health: 90s, 5m, 1h30m, or seconds (default 5m)")
     s.add_argument("--dry-run", action="store_true", help="plan and validate, write nothing")
 
-    r = sub.add_parser("run", help="run the daemon: keep every app in the config converged",
+    r = sub.add_parser("run", parents=[debug], help="run the daemon: keep every app in the config converged",
                        description="Reconcile the apps in --config continuously: polling, push webhooks, "
                                    "self-heal on drift, hot-reloaded config, leader election.")
-    r.add_argument("--config", required=True, type=Path, help="the apps file (YAML); hot-reloaded on change")
-    r.add_argument("--kubeconfig", default=None, help="kubeconfig (default: $KUBECONFIG, in-cluster, ~/.kube/config)")
-    r.add_argument("--context", default=None)
-    r.add_argument("--namespace", default=os.environ.get("GITOPSD_NAMESPACE", "gitopsd-system"),
+    r.add_argument("--config", required=True, type=FILE, help="the apps file (YAML); hot-reloaded on change")
+    _cluster_args(r)
+    r.add_argument("--namespace", default=None, type=NAMESPACE,
                    help="gitopsd's own namespace: ApplySet parents, status, lease (default $GITOPSD_NAMESPACE "
                         "or gitopsd-system)")
-    r.add_argument("--http-port", type=int, default=int(os.environ.get("GITOPSD_HTTP_PORT", "8080")),
-                   help="port for webhooks, /healthz, /readyz, /metrics, /status (default 8080; 0 = any free)")
-    r.add_argument("--http-address", default=os.environ.get("GITOPSD_HTTP_ADDRESS", "0.0.0.0"),
-                   help="address to listen on (default 0.0.0.0 in a pod; use 127.0.0.1 on a laptop)")
-    r.add_argument("--advertise-url", default=os.environ.get("GITOPSD_ADVERTISE_URL"),
-                   help="URL other replicas use to forward webhooks to this one when it leads "
-                        "(default: http://ADDRESS:PORT when --http-address is concrete; deploy/ uses the pod IP)")
-    r.add_argument("--log-format", default=os.environ.get("GITOPSD_LOG_FORMAT", "auto"),
-                   choices=["auto", "json", "console"], help="auto: readable on a terminal, JSON otherwise")
+    r.add_argument("--http-port", type=PORT, default=None,
+                   help="port for webhooks, /healthz, /readyz, /metrics, /status (default $GITOPSD_HTTP_PORT or "
+                        "8080; 0 = any free)")
+    r.add_argument("--http-address", type=ADDRESS, default=None,
+                   help="address to listen on (default $GITOPSD_HTTP_ADDRESS or 0.0.0.0 in a pod; use 127.0.0.1 "
+                        "on a laptop)")
+    r.add_argument("--advertise-url", type=URL, default=None,
+                   help="URL other replicas use to forward webhooks to this one when it leads (default "
+                        "$GITOPSD_ADVERTISE_URL, or http://ADDRESS:PORT when --http-address is concrete; deploy/ "
+                        "uses the pod IP)")
+    r.add_argument("--log-format", default=None, choices=["auto", "json", "console"],
+                   help="auto: readable on a terminal, JSON otherwise (default $GITOPSD_LOG_FORMAT or auto)")
     r.add_argument("--leader-elect", action=argparse.BooleanOptionalAction, default=True,
                    help="elect a leader with a Lease so replicas never apply at once (default on)")
-    r.add_argument("--lease-duration", type=float, default=15.0, help="seconds (default 15)")
-    r.add_argument("--lease-renew", type=float, default=5.0, help="seconds between renewals (default 5)")
-    r.add_argument("--instance", default=None, help="identity in the lease and audit (default hostname-pid)")
+    r.add_argument("--lease-duration", type=LEASE_DURATION, default=15.0, metavar="DURATION",
+                   help="how long a lease holds without renewal: 15s, 1m, or seconds (default 15s)")
+    r.add_argument("--lease-renew", type=LEASE_RENEW, default=5.0, metavar="DURATION",
+                   help="time between renewals, shorter than --lease-duration (default 5s)")
+    r.add_argument("--instance", default=None, type=TEXT,
+                   help="identity in the lease and audit (default hostname-pid)")
     r.add_argument("--watch-local", action=argparse.BooleanOptionalAction, default=True,
                    help="for file:// and local-path repos, reconcile within a second of a change (default on)")
-    r.add_argument("--concurrency", type=int, default=16, help="parallel apiserver requests per app (default 16)")
+    r.add_argument("--concurrency", type=CONCURRENCY, default=16, metavar="N",
+                   help=f"parallel apiserver requests per app, 1 to {MAX_CONCURRENCY} (default 16)")
 
-    st = sub.add_parser("status", help="show each app's last revision, result, health and drift")
-    st.add_argument("app", nargs="?", help="one app (default: all)")
-    st.add_argument("--kubeconfig", default=None)
-    st.add_argument("--context", default=None)
-    st.add_argument("--namespace", default=os.environ.get("GITOPSD_NAMESPACE", "gitopsd-system"),
+    st = sub.add_parser("status", parents=[debug], help="show each app's last revision, result, health and drift",
+                        description="Each app's stored status. Exit 0 shown (an unreadable status of another app "
+                                    "is reported, not fatal), 1 when APP has no status, 2 when APP's status is "
+                                    "unreadable or on error.")
+    st.add_argument("app", nargs="?", type=APP, help="one app (default: all)")
+    _cluster_args(st)
+    st.add_argument("--namespace", default=None, type=NAMESPACE,
                     help="gitopsd's namespace (default $GITOPSD_NAMESPACE or gitopsd-system)")
     st.add_argument("--output", "-o", default="text", choices=["text", "json"])
 
-    h = sub.add_parser("history", help="the app's audit trail, newest first; or what was live at an instant",
+    h = sub.add_parser("history", parents=[debug],
+                       help="the app's audit trail, newest first; or what was live at an instant",
                        description="List the app's audit records (transitions and drift), newest first. With "
                                    "--at: the revision live at that instant, its author and message, and the "
-                                   "drift open then. Exit 1 when nothing is recorded.")
-    h.add_argument("app", help="the app (= ApplySet) name")
-    h.add_argument("--since", metavar="TIME", help="only records at or after TIME (ISO 8601, or an age: 90m, 2h, 7d)")
-    h.add_argument("--limit", type=int, metavar="N", help="at most N records")
-    h.add_argument("--at", metavar="TIME", help="which revision was live at TIME (ISO 8601, e.g. 2026-11-20T14:00:00Z)")
+                                   "drift open then. Exit 1 when nothing is recorded, 2 on error.")
+    h.add_argument("app", type=APP, help="the app (= ApplySet) name")
+    h.add_argument("--since", metavar="TIME", type=TIME,
+                   help="only records at or after TIME (ISO 8601, or an age: 90m, 2h, 7d)")
+    h.add_argument("--limit", type=LIMIT, metavar="N", help="at most N records")
+    h.add_argument("--at", metavar="TIME", type=TIME,
+                   help="which revision was live at TIME (ISO 8601, e.g. 2026-11-20T14:00:00Z, or an age)")
     _audit_store_args(h)
 
-    a = sub.add_parser("audit", help="check the audit trail")
+    a = sub.add_parser("audit", parents=[debug], help="check the audit trail")
     asub = a.add_subparsers(dest="audit_command", metavar="SUBCOMMAND", required=True)
-    v = asub.add_parser("verify", help="check the app's hash chain; exit 1 and name the first broken link",
+    v = asub.add_parser("verify", parents=[debug], help="check the app's hash chain; exit 1 and name the first "
+                                                        "broken link",
                         description="Re-compute the app's audit hash chain. Exit 0 intact, 1 broken (the first "
                                     "edited, missing or out-of-order record is named), 2 on error.")
-    v.add_argument("app", help="the app (= ApplySet) name")
+    v.add_argument("app", type=APP, help="the app (= ApplySet) name")
     _audit_store_args(v)
+    for p in (sub.choices["diff"], s, r, st, h, v):
+        p.set_defaults(usage_error=p.error)   # for the rules between flags, checked after parsing
     return parser
 
 
+def _cluster_args(p) -> None:
+    p.add_argument("--kubeconfig", default=None, type=FILE, metavar="FILE",
+                   help="kubeconfig file (default: $KUBECONFIG, in-cluster, ~/.kube/config)")
+    p.add_argument("--context", default=None, type=TEXT, help="kubeconfig context")
+
+
 def _audit_store_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--namespace", "-n", default=os.environ.get("GITOPSD_NAMESPACE", "gitopsd-system"),
+    p.add_argument("--namespace", "-n", default=None, type=NAMESPACE,
                    help="gitopsd's namespace, where the audit trail lives (default $GITOPSD_NAMESPACE or "
                         "gitopsd-system; a CLI sync records in its --inventory-namespace)")
-    p.add_argument("--kubeconfig", default=None, help="kubeconfig (default: $KUBECONFIG, in-cluster, ~/.kube/config)")
-    p.add_argument("--context", default=None)
+    _cluster_args(p)
     p.add_argument("--output", "-o", default="text", choices=["text", "json"])
+
+
+def _finish_args(args: argparse.Namespace) -> None:
+    """Defaults from the environment, and rules between flags; a problem is a
+    usage error (exit 2) like a bad flag."""
+    error = args.usage_error
+    for d in _ENV_DEFAULTS.get(args.command, ()):
+        if getattr(args, d.dest) is None:
+            try:
+                setattr(args, d.dest, d.resolve())
+            except ValueError as exc:
+                error(f"${d.env} (the default of {d.flag}): {exc}")
+    if args.command == "run" and args.lease_renew >= args.lease_duration:
+        error(f"argument --lease-renew: {args.lease_renew:g}s is not shorter than --lease-duration "
+              f"{args.lease_duration:g}s; a lease must be renewed before it runs out")
+    if args.command == "history" and args.at is not None and (args.since is not None or args.limit is not None):
+        error("argument --at: answers for one instant; --since and --limit do not apply to it")
+    if args.command in ("diff", "sync") and args.values and args.render not in ("helm", "auto"):
+        error(f"argument --values: only used with --render helm or auto, and --render is {args.render}")
+    if args.command in ("diff", "sync") and args.git_username and not (
+            args.git_token_file or os.environ.get("GITOPSD_GIT_TOKEN")):
+        error("argument --git-username: is paired with a token; give --git-token-file or set GITOPSD_GIT_TOKEN")
 
 
 def default_app_name(repo: str, path: str) -> str:
@@ -145,11 +360,15 @@ def default_app_name(repo: str, path: str) -> str:
 
 def _app_spec(args):
     from gitopsd import source
+    from gitopsd.errors import GitopsdError
     from gitopsd.sync import AppSpec
 
     token = os.environ.get("GITOPSD_GIT_TOKEN")
     if args.git_token_file:
-        token = args.git_token_file.read_text().strip()
+        try:
+            token = args.git_token_file.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:   # checked when parsed; gone or changed since
+            raise GitopsdError(f"--git-token-file {args.git_token_file}: cannot be read ({exc})") from None
     creds = None
     if token or args.ssh_key or args.known_hosts:
         creds = source.Credentials(username=args.git_username, token=token, ssh_key_file=args.ssh_key,
@@ -181,8 +400,7 @@ def cmd_diff(args) -> int:
         kube = Kube.connect(kubeconfig=args.kubeconfig, context=args.context, max_workers=args.concurrency)
         rev, plan = fetch_and_plan(kube, app)
     except GitopsdError as exc:
-        _print({"app": app.name, "error": str(exc)}, output=args.output, text=f"error: {exc}")
-        return 2
+        return _report_error(args, exc, app=app.name)
     _print({"app": app.name, "revision": report.revision_dict(rev), **report.plan_dict(plan),
             "in_sync": plan.in_sync},
            output=args.output, text=report.plan_text(plan, rev, header=f"diff {app.name}:"))
@@ -230,8 +448,7 @@ def cmd_sync(args) -> int:
     try:
         kube = Kube.connect(kubeconfig=args.kubeconfig, context=args.context, max_workers=args.concurrency)
     except GitopsdError as exc:
-        _print({"app": app.name, "error": str(exc)}, output=args.output, text=f"error: {exc}")
-        return 2
+        return _report_error(args, exc, app=app.name)
     progress = _TerminalProgress(sys.stderr)
     result = sync(kube, app, dry_run=args.dry_run, on_progress=progress.applied, on_health=progress.health)
     progress.done()
@@ -266,15 +483,6 @@ def _record_sync(kube, app, result) -> None:
         print(f"warning: the audit record of this sync was not stored: {trail.store_error}", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help(sys.stderr)
-        return 2
-    return COMMANDS[args.command](args)
-
-
 def cmd_run(args) -> int:
     from gitopsd.daemon import main as daemon_main
 
@@ -283,46 +491,32 @@ def cmd_run(args) -> int:
 
 def cmd_status(args) -> int:
     from gitopsd import status
-    from gitopsd.errors import GitopsdError
     from gitopsd.kube import Kube
 
-    try:
-        kube = Kube.connect(kubeconfig=args.kubeconfig, context=args.context)
-        apps = status.read_all(kube, namespace=args.namespace, app=args.app)
-    except GitopsdError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    kube = Kube.connect(kubeconfig=args.kubeconfig, context=args.context)
+    apps = status.read_all(kube, namespace=args.namespace, app=args.app)
     if args.app and not apps:
         print(f"error: no status for app {args.app!r} in namespace {args.namespace}", file=sys.stderr)
         return 1
     _print(apps, output=args.output, text=status.table(apps))
-    return 0
+    broken = [a for a in apps if "error" in a]
+    for a in broken:
+        print(f"{'error' if args.app else 'warning'}: app {a['app']}: unreadable status: {a['error']}\n"
+              f"  hint: {status.problem_hint(a)}", file=sys.stderr)
+    return 2 if args.app and broken else 0
 
 
 def cmd_history(args) -> int:
     from gitopsd import audit
-    from gitopsd.errors import GitopsdError
     from gitopsd.kube import Kube
 
-    try:
-        since = audit.parse_time(args.since) if args.since else None
-        at = audit.parse_time(args.at) if args.at else None
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.limit is not None and args.limit < 1:
-        print("error: --limit must be at least 1", file=sys.stderr)
-        return 2
-    try:
-        kube = Kube.connect(kubeconfig=args.kubeconfig, context=args.context)
-        if at is not None:
-            answer = audit.live_at(kube, namespace=args.namespace, app=args.app, when=at)
-            _print(answer, output=args.output, text=audit.live_at_text(answer))
-            return 0 if answer["revision"] else 1
-        records = audit.history(kube, namespace=args.namespace, app=args.app, since=since, limit=args.limit)
-    except GitopsdError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    since, at = args.since, args.at   # instants already: the flag type parsed them
+    kube = Kube.connect(kubeconfig=args.kubeconfig, context=args.context)
+    if at is not None:
+        answer = audit.live_at(kube, namespace=args.namespace, app=args.app, when=at)
+        _print(answer, output=args.output, text=audit.live_at_text(answer))
+        return 0 if answer["revision"] else 1
+    records = audit.history(kube, namespace=args.namespace, app=args.app, since=since, limit=args.limit)
     text = "\n".join(audit.summary_line(r) for r in records) or \
         f"no audit records for app {args.app} in namespace {args.namespace}" + (" since then" if since else "")
     _print(records, output=args.output, text=text)
@@ -331,16 +525,11 @@ def cmd_history(args) -> int:
 
 def cmd_audit(args) -> int:
     from gitopsd import audit
-    from gitopsd.errors import GitopsdError
     from gitopsd.kube import Kube
 
-    # One subcommand today (verify); argparse requires it.
-    try:
-        kube = Kube.connect(kubeconfig=args.kubeconfig, context=args.context)
-        ok, message = audit.verify(kube, namespace=args.namespace, app=args.app)
-    except GitopsdError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    # One subcommand today (verify); argparse requires it. Errors: main() reports them, exit 2.
+    kube = Kube.connect(kubeconfig=args.kubeconfig, context=args.context)
+    ok, message = audit.verify(kube, namespace=args.namespace, app=args.app)
     _print({"app": args.app, "ok": ok, "message": message}, output=args.output,
            text=message if ok else f"BROKEN: {message}")
     return 0 if ok else 1
@@ -348,3 +537,72 @@ def cmd_audit(args) -> int:
 
 COMMANDS = {"diff": cmd_diff, "sync": cmd_sync, "run": cmd_run, "status": cmd_status, "history": cmd_history,
             "audit": cmd_audit}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, check and run one command; the process's exit code.
+
+    Exit 2 on every error, whatever raised it, so 1 keeps its meaning (drift,
+    refused, broken chain). A GitopsdError is the user's to fix: its message
+    only (`--debug` adds the traceback). Anything else is a bug: one line
+    that says so, then the traceback, once.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)   # a bad flag: usage error, exit 2
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    _finish_args(args)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`gitopsd history app | head -1`): nothing left to say to it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 2
+    except Exception as exc:  # noqa: BLE001 - the one place that turns any failure into exit 2
+        from gitopsd.errors import GitopsdError
+
+        if isinstance(exc, GitopsdError):
+            return _report_error(args, exc)
+        _report_bug(args, exc)
+        return 2
+
+
+def _report_error(args, exc: Exception, *, app: str | None = None) -> int:
+    """An error the user can fix: its message, no traceback unless --debug; returns exit code 2.
+
+    With -o json the error is a JSON document on stdout, so a script always
+    reads JSON there. In text, diff and sync print it where their report
+    goes (stdout); the other commands on stderr.
+    """
+    if getattr(args, "output", "text") == "json":
+        _print({**({"app": app} if app else {}), "error": str(exc)}, output="json", text="")
+    else:
+        print(f"error: {exc}", file=sys.stdout if args.command in ("diff", "sync") else sys.stderr)
+    if getattr(args, "debug", False):
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    return 2
+
+
+def _report_bug(args, exc: Exception) -> None:
+    """One line that says this is a bug, then the traceback once: at error
+    level in the daemon's log (JSON or console, as configured), on stderr
+    for the other commands."""
+    line = (f"internal error: this is a bug in gitopsd {__version__}, please report it with the traceback "
+            f"below ({type(exc).__name__}: {str(exc)[:200]})")
+    if args.command == "run":
+        import structlog
+
+        structlog.get_logger("gitopsd").error(line, exc_info=exc)
+        return
+    if getattr(args, "output", "text") == "json":
+        _print({"error": line}, output="json", text="")
+    import traceback
+
+    print(f"error: {line}", file=sys.stderr)
+    traceback.print_exception(exc, file=sys.stderr)

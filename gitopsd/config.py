@@ -16,6 +16,10 @@ Rules that shape the code:
   passwords in repository URLs are refused, and no message echoes them.
 - Unknown keys are errors with a did-you-mean hint: a typo such as `selfheal`
   silently falling back to a default is how a production app ends up pruned.
+- "No apps" must be written down: `apps: []`. A missing, unreadable or empty
+  file, or one whose `apps:` is absent or empty, is a ConfigError: a file
+  deleted, truncated or caught half-written looks exactly like that, and
+  reading it as "no apps" would stop every app.
 - YAML's surprises are caught, not guessed around: a duplicated key (YAML keeps
   the last one silently) is an error; `ref: 1234567` or `ref: 2024-01-01`
   (read as a number or a date) must be quoted; `prune: "yes"` is no boolean.
@@ -25,9 +29,12 @@ from __future__ import annotations
 
 import datetime
 import difflib
+import errno
 import math
+import os
 import posixpath
 import re
+import stat
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -47,17 +54,28 @@ if TYPE_CHECKING:
 MAX_APP_NAME = 40
 #: Polling a Git server faster than this only loads it; use the webhook instead.
 MIN_INTERVAL = 5.0
+INTERVAL_WHY = "polling faster only loads the Git server; use the webhook for fast pickup"
+#: A health wait shorter than this cannot see a rollout.
+MIN_TIMEOUT = 1.0
+TIMEOUT_WHY = "the health wait needs time to see a rollout"
+#: No duration gitopsd takes needs more than ten years; a typo such as
+#: `99999999h` would overflow timers and dates.
+MAX_DURATION = 3650 * 86400.0
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 #: Helm's limit for release names (which follow the DNS subdomain rule).
 _MAX_HELM_RELEASE = 53
 
-_DURATION_HINT = "use 30s, 1m, 1h30m"
+_DURATION_HINT = "use 30s, 1m, 1h30m; units ms, s, m, h, d, w"
 _DURATION_NUMBER = re.compile(r"\d+(?:\.\d+)?")
-_DURATION_PARTS = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|h|m|s))+")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PARTS = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|h|m|s|d|w))+")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s|d|w)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")
+
+_NO_APPS_HINT = ("a deleted, emptied or cut-short file looks like this, so gitopsd refuses it instead of stopping "
+                 "every app; to run no apps, write `apps: []`")
 
 # Keys that would hold a secret inline, compared after _normalise(). Refused
 # wherever they appear, with a hint at the reference that replaces them.
@@ -201,68 +219,62 @@ class ConfigChange:
 # Public functions
 
 
-def parse_duration(value: object) -> float:
-    """Seconds from ``"30s"``, ``"1m"``, ``"1h30m"``, ``"500ms"``, ``"1.5h"`` or
-    a bare number of seconds (``90``, ``"90"``).
-
-    Units are ms, s, m, h, in any combination (Go's `time.ParseDuration`
-    without ns/us, which no interval needs). Raises ValueError with a message
-    that quotes the value and shows the accepted forms; negative, infinite
-    and NaN values are refused. Booleans are refused although Python counts
-    them as ints: `interval: yes` is a mistake, not one second.
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"{_show(value)} is not a duration ({_DURATION_HINT})")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-        if not math.isfinite(seconds):
-            raise ValueError(f"{_show(value)} is not a duration ({_DURATION_HINT})")
-        if seconds < 0:
-            raise ValueError(f"{_show(value)} is negative; a duration is 0 or more")
-        return seconds
-    if not isinstance(value, str):
-        raise ValueError(f"{_type_name(value)} is not a duration ({_DURATION_HINT})")
-    text = value.strip()
-    if _DURATION_NUMBER.fullmatch(text):
-        return float(text)
-    if not _DURATION_PARTS.fullmatch(text):
-        raise ValueError(f"{_show(value)} is not a duration ({_DURATION_HINT})")
-    return sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(text))
-
-
 def parse(text: str, *, source: str = "<config>", base_dir: Path | None = None) -> Config:
     """Validate config text into a `Config`, or raise ConfigError with EVERY
     problem found.
 
-    An empty file, a file with only comments, ``apps:`` with every entry
-    commented out and ``apps: []`` are all valid: no apps. ``source`` names
-    the file in the error. ``base_dir`` is what relative credential and
-    webhook file paths are resolved against (`load` passes the config file's
-    directory, as kubectl does for kubeconfig files); without it they are
-    refused, because the daemon's working directory is nothing to rely on.
+    Running no apps must be said explicitly: ``apps: []``. Text with no
+    content (empty, only whitespace or comments), a file without an ``apps``
+    key and ``apps:`` left empty are errors, because a deleted, truncated or
+    half-written file looks exactly like that, and reading it as "no apps"
+    would stop every app (a daemon that gets a ConfigError keeps its running
+    apps). ``source`` names the file in the error. ``base_dir`` is what
+    relative credential and webhook file paths are resolved against (`load`
+    passes the config file's directory, as kubectl does for kubeconfig
+    files); without it they are refused, because the daemon's working
+    directory is nothing to rely on.
     """
     problems: list[str] = []
     data = _load_yaml(text, problems=problems)
     if data is _BROKEN:
         raise ConfigError(problems, source=source)
+    if data is None:
+        what = "is empty" if not text.strip() else "has no content (only comments, or a null document)"
+        raise ConfigError([f"the file {what}"], source=source, hint=_NO_APPS_HINT)
     config = _read_config(data, problems=problems, base_dir=base_dir)
     if problems:
-        raise ConfigError(problems, source=source)
+        raise ConfigError(problems, source=source,
+                          hint=_NO_APPS_HINT if any(p.startswith(("apps: missing", "apps: is empty"))
+                                                    for p in problems) else None)
     return config
+
+
+def read_text(path: Path) -> str:
+    """The config file's text, or ConfigError naming the file and why it
+    cannot be read (it does not exist, is a directory, is not readable, is
+    not UTF-8). For a caller that wants the text itself, e.g. to hash what
+    it parses; `load` is read_text + parse."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"cannot read the file: it {_os_problem(exc)}"], source=str(path),
+                          hint=_NO_APPS_HINT) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"not UTF-8 text (byte {exc.start})"], source=str(path)) from None
 
 
 def load(path: Path) -> Config:
     """Read and `parse` the file at ``path``; relative file paths inside it
-    are resolved against its directory. An unreadable file (missing, a
-    directory, not UTF-8) is a ConfigError like any other problem."""
+    are resolved against its directory.
+
+    Raises ConfigError (never OSError) when the file is missing, unreadable,
+    a directory, not UTF-8, empty or only whitespace/comments, has no
+    ``apps:`` key or an empty one, or holds any invalid setting; the
+    message starts with the path. ``apps: []`` is valid and means no apps.
+    """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([f"cannot read the file: {exc.strerror or exc}"], source=str(path)) from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError([f"not UTF-8 text (byte {exc.start})"], source=str(path)) from exc
-    return parse(text, source=str(path), base_dir=path.absolute().parent)
+    return parse(read_text(path), source=str(path), base_dir=path.absolute().parent)
 
 
 def diff(old: Config, new: Config) -> ConfigChange:
@@ -281,6 +293,208 @@ def diff(old: Config, new: Config) -> ConfigChange:
         changed=tuple(a.name for a in new.apps if a.name in old_apps and old_apps[a.name] != a),
         webhook_changed=old.webhook != new.webhook,
     )
+
+
+# --------------------------------------------------------------------------
+# Validators: one set for the file and the command line
+#
+# Each takes what the user wrote (a YAML value, or a flag's text) and returns
+# the checked value, or raises ValueError whose message quotes the value and
+# says why and what is accepted. `parse` puts the field in front
+# (`apps[0] (web).pruneGuard: ...`), gitopsd.cli the flag
+# (`argument --prune-guard: ...`), so the file and the flags accept the same
+# values with the same words.
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from ``"30s"``, ``"1m"``, ``"1h30m"``, ``"500ms"``, ``"1.5h"``,
+    ``"7d"``, ``"2w"`` or a bare number of seconds (``90``, ``"90"``).
+
+    The one duration parser of gitopsd: intervals and timeouts in the file,
+    ``--timeout``/``--lease-*`` flags, ages such as ``history --since 90m``.
+    Units are ms, s, m, h, d, w, in any combination (Go's
+    `time.ParseDuration` without ns/us, plus days and weeks). Raises
+    ValueError with a message that quotes the value and shows the accepted
+    forms; negative, infinite and NaN values, and anything over ten years
+    (no setting needs more; a typo such as 99999999h would overflow timers),
+    are refused. Booleans are refused although Python counts them as ints:
+    `interval: yes` is a mistake, not one second.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{_show(value)} is not a duration ({_DURATION_HINT})")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+        if not math.isfinite(seconds):
+            raise ValueError(f"{_show(value)} is not a duration ({_DURATION_HINT})")
+        if seconds < 0:
+            raise ValueError(f"{_show(value)} is negative; a duration is 0 or more")
+    elif not isinstance(value, str):
+        raise ValueError(f"{_type_name(value)} is not a duration ({_DURATION_HINT})")
+    else:
+        text = value.strip()
+        if text.startswith("-") and (_DURATION_NUMBER.fullmatch(text[1:]) or _DURATION_PARTS.fullmatch(text[1:])):
+            raise ValueError(f"{_show(value)} is negative; a duration is 0 or more")
+        if _DURATION_NUMBER.fullmatch(text):
+            seconds = float(text)
+        elif _DURATION_PARTS.fullmatch(text):
+            seconds = sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(text))
+        else:
+            raise ValueError(f"{_show(value)} is not a duration ({_DURATION_HINT})")
+    if not seconds <= MAX_DURATION:   # also catches a 400-digit number that became inf
+        raise ValueError(f"{_show(value)} is too long: at most {MAX_DURATION / 86400:g}d")
+    return seconds
+
+
+def check_duration(value: object, *, minimum: float = 0.0, why: str = "") -> float:
+    """`parse_duration`, and at least ``minimum`` seconds (``why`` says why)."""
+    seconds = parse_duration(value)
+    if seconds < minimum:
+        raise ValueError(f"{_show(value)} is too short: at least {_seconds(minimum)}" + (f" ({why})" if why else ""))
+    return seconds
+
+
+def check_share(value: object) -> float:
+    """A prune guard: a share of the app's objects with 0 < x <= 1 (a number,
+    or its text from a flag). 50 is not "50 percent": it is refused, because
+    any value above 1 would switch the guard off."""
+    share = _number(value)
+    if not 0 < share <= 1:
+        raise ValueError(f"{share:g} is out of range: use a share with 0 < x <= 1 "
+                         "(0.5: refuse to prune more than half of the app's objects at once)")
+    return share
+
+
+def check_count(value: object, *, minimum: int, maximum: int, why: str = "") -> int:
+    """A whole number within [minimum, maximum] (an int, or its text from a flag)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or \
+            (isinstance(value, str) and not re.fullmatch(r"\s*[-+]?\d{1,18}\s*", value)):
+        raise ValueError(f"{_show(value)} is not a whole number")
+    number = int(value)
+    if not minimum <= number <= maximum:
+        raise ValueError(f"{number} is out of range: use {minimum} to {maximum}" + (f" ({why})" if why else ""))
+    return number
+
+
+def check_app_name(value: str) -> str:
+    """An app name: also its ApplySet parent's name and a label value."""
+    return _check_dns_label(value, max_len=MAX_APP_NAME, what="app name")
+
+
+def check_namespace(value: str) -> str:
+    return _check_dns_label(value, max_len=63, what="namespace")
+
+
+def check_repo_url(value: str, *, instead: str = "credentials.secretRef or credentials.tokenFile") -> str:
+    """A repository URL or path that carries no password and is no option.
+
+    A password or token in the URL would be a secret in the config file (or
+    on a command line, in every `ps` listing) and in the audit trail;
+    ``instead`` names what to use instead. The message never echoes it.
+    """
+    if not value.strip():
+        raise ValueError("is empty; give a Git URL or a local path")
+    if "://" in value:
+        try:
+            netloc = urllib.parse.urlsplit(value).netloc
+        except ValueError as exc:   # e.g. an unclosed IPv6 bracket
+            raise ValueError(f"is not a valid URL: {exc}") from None
+        userinfo, at, _ = netloc.rpartition("@")
+        if at and ":" in userinfo:
+            scheme, _, rest = value.partition("://")
+            shown = f"{scheme}://{rest.partition('@')[2]}"
+            raise ValueError(f"the URL for {shown} carries a password; inline secrets are refused: "
+                             f"remove it and use {instead}")
+    if value.startswith("-"):
+        raise ValueError(f"{_show(value)} is not a repository URL")
+    return value
+
+
+def check_ref(value: str) -> str:
+    """A branch, tag or commit SHA. The source stage checks the full git ref
+    syntax; this catches what is plainly not one name (`main dev`, a pasted
+    sentence, an option)."""
+    if not value.strip():
+        raise ValueError("is empty; give a branch, tag or commit SHA")
+    if any(c.isspace() for c in value):
+        raise ValueError(f"{_show(value)} is not a branch, tag or commit SHA (it contains whitespace)")
+    if value.startswith("-"):
+        raise ValueError(f"{_show(value)} is not a branch, tag or commit SHA (it starts with '-')")
+    return value
+
+
+def check_repo_path(value: str, *, what: str = "path") -> str:
+    """A path inside the repository: relative and not escaping through '..'.
+
+    The render stage checks again against the checkout (symlinks included);
+    this only catches up front what can never work.
+    """
+    if value.startswith("/"):
+        raise ValueError(f"{_show(value)} is absolute; give the {what} relative to the repository root")
+    normal = posixpath.normpath(value)
+    if normal == ".." or normal.startswith("../"):
+        raise ValueError(f"{_show(value)} leaves the repository through '..'")
+    return value
+
+
+def check_readable_file(value: str | Path) -> Path:
+    """A file that exists and can be read (``~`` expanded). A directory is
+    refused; pipes and devices are accepted (``/dev/stdin``). Nothing is
+    read, so checking a pipe does not consume it."""
+    text = str(value)
+    if not text.strip():
+        raise ValueError("is empty; give a file path")
+    path = Path(text).expanduser()
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise ValueError(f"{text}: {_os_problem(exc)}") from None
+    if stat.S_ISDIR(mode):
+        raise ValueError(f"{text}: is a directory, not a file")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"{text}: is not readable (permission denied)")
+    return path
+
+
+def _os_problem(exc: OSError) -> str:
+    """Why a path cannot be read, in words (`does not exist`, ...)."""
+    if isinstance(exc, FileNotFoundError):
+        return "does not exist"
+    if isinstance(exc, IsADirectoryError):
+        return "is a directory, not a file"
+    if isinstance(exc, PermissionError):
+        return "is not readable (permission denied)"
+    if isinstance(exc, NotADirectoryError):
+        return "does not exist (a parent in the path is not a directory)"
+    if exc.errno == errno.ELOOP:
+        return "is a loop of symbolic links"
+    return f"cannot be read ({exc.strerror or exc})"
+
+
+def _number(value: object) -> float:
+    """A finite number, or the text of one (`0.5`, `.5`, `50`); never a boolean."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    raise ValueError(f"{_show(value)} is not a number")
+
+
+def _check_dns_label(value: str, *, max_len: int, what: str) -> str:
+    if len(value) > max_len or not _DNS_LABEL.fullmatch(value):
+        raise ValueError(f"{_show(value)} is not a valid {what}: use lower-case letters, digits and '-', "
+                         f"starting and ending with a letter or digit, at most {max_len} characters")
+    return value
+
+
+def _check_dns_subdomain(value: str, *, max_len: int, what: str) -> str:
+    if len(value) > max_len or not _DNS_SUBDOMAIN.fullmatch(value):
+        raise ValueError(f"{_show(value)} is not a valid {what}: use lower-case letters, digits, '-' and '.', "
+                         f"at most {max_len} characters")
+    return value
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}s"
 
 
 # --------------------------------------------------------------------------
@@ -422,7 +636,7 @@ class _Fields:
         return value
 
     def string(self, key: str, *, default: Any = None, required: bool = False,
-               check: Callable[[str], str | None] | None = None) -> Any:
+               check: Callable[[str], object] | None = None) -> Any:
         """A non-empty string. Numbers, booleans and dates are refused with a
         hint to quote them: YAML reads `ref: 1234567` as a number and
         `ref: 2024-01-01` as a date, which is never what was meant."""
@@ -440,7 +654,7 @@ class _Fields:
         if not value.strip():
             self.problem(key, "is empty; give a value or remove the key")
             return default
-        message = check(value) if check else None
+        message = _problem_of(check, value)
         if message:
             self.problem(key, message)
             return default
@@ -460,25 +674,26 @@ class _Fields:
         if value is _MISSING:
             return default
         try:
-            seconds = parse_duration(value)
+            return check_duration(value, minimum=minimum, why=minimum_why)
         except ValueError as exc:
             self.problem(key, str(exc))
             return default
-        if seconds < minimum:
-            self.problem(key, f"{_show(value)} is too short: at least {_seconds(minimum)} ({minimum_why})")
-            return default
-        return seconds
 
-    def number(self, key: str, *, default: float) -> float:
+    def number(self, key: str, *, default: float, check: Callable[[float], float]) -> float:
+        """A YAML number (a quoted "0.5" is a string, refused like elsewhere), then ``check``."""
         value = self.raw(key)
         if value is _MISSING:
             return default
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             self.problem(key, f"{_show(value)} is not a number")
             return default
-        return float(value)
+        try:
+            return check(float(value))
+        except ValueError as exc:
+            self.problem(key, str(exc))
+            return default
 
-    def strings(self, key: str, *, check: Callable[[str], str | None] | None = None) -> tuple[str, ...] | None:
+    def strings(self, key: str, *, check: Callable[[str], object] | None = None) -> tuple[str, ...] | None:
         """A list of non-empty strings (None when absent or unusable)."""
         value = self.raw(key)
         if value is _MISSING:
@@ -495,7 +710,7 @@ class _Fields:
                 self.problem(item_at, f"{_show(item)} is not a non-empty string{hint}")
                 ok = False
                 continue
-            message = check(item) if check else None
+            message = _problem_of(check, item)
             if message:
                 self.problem(item_at, message)
                 ok = False
@@ -532,64 +747,14 @@ class _Fields:
             self.problem(name, f"unknown field{hint}")
 
 
-def _seconds(value: float) -> str:
-    return f"{value:g}s"
-
-
-def _check_dns_label(*, max_len: int = 63, what: str = "name") -> Callable[[str], str | None]:
-    def check(value: str) -> str | None:
-        if len(value) > max_len or not _DNS_LABEL.fullmatch(value):
-            return (f"{_show(value)} is not a valid {what}: use lower-case letters, digits and '-', "
-                    f"starting and ending with a letter or digit, at most {max_len} characters")
+def _problem_of(check: Callable[[str], object] | None, value: str) -> str | None:
+    """The message of the ValueError ``check`` raises for ``value``, or None."""
+    if check is None:
         return None
-    return check
-
-
-def _check_dns_subdomain(*, max_len: int, what: str) -> Callable[[str], str | None]:
-    def check(value: str) -> str | None:
-        if len(value) > max_len or not _DNS_SUBDOMAIN.fullmatch(value):
-            return (f"{_show(value)} is not a valid {what}: use lower-case letters, digits, '-' and '.', "
-                    f"at most {max_len} characters")
-        return None
-    return check
-
-
-def _check_repo_path(*, what: str) -> Callable[[str], str | None]:
-    """Paths inside the repository: relative and not escaping through '..'.
-
-    The render stage checks again against the checkout (symlinks included);
-    this only catches at load time what can never work.
-    """
-    def check(value: str) -> str | None:
-        if value.startswith("/"):
-            return f"{_show(value)} is absolute; give the {what} relative to the repository root"
-        normal = posixpath.normpath(value)
-        if normal == ".." or normal.startswith("../"):
-            return f"{_show(value)} leaves the repository through '..'"
-        return None
-    return check
-
-
-def _check_repo_url(value: str) -> str | None:
-    """A password or token in the URL is a secret in the config file."""
-    if "://" in value:
-        netloc = urllib.parse.urlsplit(value).netloc
-        userinfo, at, _ = netloc.rpartition("@")
-        if at and ":" in userinfo:
-            scheme, _, rest = value.partition("://")
-            shown = f"{scheme}://{rest.partition('@')[2]}"
-            return (f"the URL for {shown} carries a password; inline secrets are refused: "
-                    "remove it and use credentials.secretRef or credentials.tokenFile")
-    if value.startswith("-"):
-        return f"{_show(value)} is not a repository URL"
-    return None
-
-
-def _check_ref(value: str) -> str | None:
-    # The source stage checks the full git ref syntax; this catches what is
-    # plainly not one name (e.g. `main dev`, a pasted sentence).
-    if any(c.isspace() for c in value):
-        return f"{_show(value)} is not a branch, tag or commit SHA (it contains whitespace)"
+    try:
+        check(value)
+    except ValueError as exc:
+        return str(exc)
     return None
 
 
@@ -625,15 +790,17 @@ _WEBHOOK_HINT = "use webhook.secretFile, or the environment variable GITOPSD_WEB
 
 
 def _read_config(data: Any, *, problems: list[str], base_dir: Path | None) -> Config:
-    if data is None:
-        return Config()
     if not isinstance(data, dict):
         problems.append(f"the file must be a mapping with an 'apps:' list, not {_type_name(data)}")
         return Config()
     top = _Fields(data, at="", problems=problems, known=_TOP_FIELDS, secret_hint=_CREDENTIALS_HINT)
     apps: list[AppConfig] = []
     raw_apps = data.get("apps")
-    if raw_apps is not None and not isinstance(raw_apps, list):
+    if "apps" not in data:
+        top.problem("apps", "missing; list the apps, or write `apps: []` to run none")
+    elif raw_apps is None:
+        top.problem("apps", "is empty; list the apps, or write `apps: []` to run none")
+    elif not isinstance(raw_apps, list):
         top.problem("apps", f"must be a list of apps, not {_type_name(raw_apps)}")
     elif raw_apps:
         first_index: dict[str, int] = {}
@@ -665,13 +832,12 @@ def _read_app(item: Any, *, index: int, problems: list[str], base_dir: Path | No
         label += f" ({raw_name if len(raw_name) <= 60 else raw_name[:57] + '...'})"
     f = _Fields(item, at=label, problems=problems, known=_APP_FIELDS, secret_hint=_CREDENTIALS_HINT)
 
-    name = f.string("name", required=True, check=_check_dns_label(max_len=MAX_APP_NAME, what="app name"))
-    repo = f.string("repo", required=True, check=_check_repo_url)
-    ref = f.string("ref", default="main", check=_check_ref)
-    path = f.string("path", default=".", check=_check_repo_path(what="path"))
-    namespace = f.string("namespace", default="default", check=_check_dns_label(what="namespace"))
-    interval = f.duration("interval", default=60.0, minimum=MIN_INTERVAL,
-                          minimum_why="polling faster only loads the Git server; use the webhook for fast pickup")
+    name = f.string("name", required=True, check=check_app_name)
+    repo = f.string("repo", required=True, check=check_repo_url)
+    ref = f.string("ref", default="main", check=check_ref)
+    path = f.string("path", default=".", check=check_repo_path)
+    namespace = f.string("namespace", default="default", check=check_namespace)
+    interval = f.duration("interval", default=60.0, minimum=MIN_INTERVAL, minimum_why=INTERVAL_WHY)
     prune = f.boolean("prune", default=True)
     self_heal = f.boolean("selfHeal", default=True)
     render = f.string("render", default="auto")
@@ -686,14 +852,14 @@ def _read_app(item: Any, *, index: int, problems: list[str], base_dir: Path | No
         if f.has("render") and render not in ("helm", "auto"):
             f.problem("helm", f"only used with render helm or auto, and render is {render}")
         h = _Fields(helm, at=f.where("helm"), problems=problems, known=_HELM_FIELDS, secret_hint=_CREDENTIALS_HINT)
-        helm_values = h.strings("valuesFiles", check=_check_repo_path(what="values file")) or ()
-        helm_release = h.string("releaseName", check=_check_dns_subdomain(max_len=_MAX_HELM_RELEASE,
-                                                                            what="Helm release name"))
+        helm_values = h.strings("valuesFiles", check=lambda v: check_repo_path(v, what="values file")) or ()
+        helm_release = h.string("releaseName", check=lambda v: _check_dns_subdomain(
+            v, max_len=_MAX_HELM_RELEASE, what="Helm release name"))
         h.finish()
 
     credentials = _read_credentials(f, base_dir=base_dir)
 
-    allowed = f.strings("allowedNamespaces", check=_check_dns_label(what="namespace"))
+    allowed = f.strings("allowedNamespaces", check=check_namespace)
     if f.has("allowedNamespaces") and allowed is not None:
         allowed = tuple(dict.fromkeys(allowed))  # a repeated entry changes nothing
         if not allowed:
@@ -702,14 +868,11 @@ def _read_app(item: Any, *, index: int, problems: list[str], base_dir: Path | No
             how = "" if f.has("namespace") else " (the default); set namespace to one of them"
             f.problem("namespace", f"{_show(namespace)} is not in allowedNamespaces [{', '.join(allowed)}]{how}")
 
-    prune_guard = f.number("pruneGuard", default=0.5)
-    if not 0 < prune_guard <= 1:
-        f.problem("pruneGuard", f"{prune_guard:g} is out of range: use a share with 0 < x <= 1 "
-                                "(0.5: refuse to prune more than half of the app's objects at once)")
+    prune_guard = f.number("pruneGuard", default=0.5, check=check_share)
     allow_prune_all = f.boolean("allowPruneAll", default=False)
     recreate = f.boolean("recreate", default=False)
     suspend = f.boolean("suspend", default=False)
-    timeout = f.duration("timeout", default=300.0, minimum=1.0, minimum_why="the health wait needs time to see a rollout")
+    timeout = f.duration("timeout", default=300.0, minimum=MIN_TIMEOUT, minimum_why=TIMEOUT_WHY)
     f.finish()
 
     if len(problems) > before:
@@ -743,7 +906,8 @@ def _read_credentials(app: _Fields, *, base_dir: Path | None) -> CredentialsRef 
                                    "so an app cannot borrow another namespace's credentials")
             ref = {k: v for k, v in ref.items() if k != "namespace"}
             r = _Fields(ref, at=r.at, problems=app.problems, known=_SECRET_REF_FIELDS, secret_hint=_CREDENTIALS_HINT)
-        secret_name = r.string("name", required=True, check=_check_dns_subdomain(max_len=253, what="Secret name"))
+        secret_name = r.string("name", required=True,
+                               check=lambda v: _check_dns_subdomain(v, max_len=253, what="Secret name"))
         r.finish()
         if file_keys:
             c.problem("secretRef", f"use either secretRef or files ({', '.join(file_keys)}), not both")

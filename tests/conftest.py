@@ -126,7 +126,8 @@ def namespace(api_client, request) -> str:
     """A fresh namespace named after the test; deleted afterwards (without waiting)."""
     from kubernetes import client
 
-    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    # At most 34 + 6 = 40 characters: tests use the namespace as an app name, which the CLI checks like the config.
+    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:34].strip("-")
     name = f"{slug}-{uuid.uuid4().hex[:5]}"
     core = client.CoreV1Api(api_client)
     core.create_namespace({"metadata": {"name": name, "labels": {"gitopsd-test": "true"}}})

@@ -7,6 +7,7 @@ they are the product here: a user fixes the file from them alone.
 from __future__ import annotations
 
 import dataclasses
+import os
 import textwrap
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from gitopsd.config import (
     WebhookConfig,
     diff,
     load,
+    _os_problem,
+    check_share,
     parse,
     parse_duration,
 )
@@ -79,9 +82,92 @@ def test_minimal_app_gets_defaults() -> None:
     assert app.credentials is None and app.allowed_namespaces is None and not app.suspend
 
 
-@pytest.mark.parametrize("text", ["", "# only a comment\n", "apps: []\n", "apps:\n#  - name: web\n"])
-def test_empty_config_means_no_apps(text: str) -> None:
+@pytest.mark.parametrize("text", ["apps: []\n", "apps: []\n# - name: web\n#   repo: r\n", "apps: []\nwebhook: {}\n"])
+def test_apps_empty_list_is_the_explicit_way_to_run_no_apps(text: str) -> None:
     assert parse(text) == Config()
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("", "the file is empty"),
+    ("   \n\n  \n", "the file is empty"),
+    ("# only a comment\n", "the file has no content (only comments, or a null document)"),
+    ("---\n# apps moved elsewhere\n", "the file has no content (only comments, or a null document)"),
+    ("~\n", "the file has no content (only comments, or a null document)"),
+])
+def test_empty_config_text_is_an_error_not_no_apps(text: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(text, source="/etc/gitopsd/apps.yaml")
+    assert info.value.problems == [problem]
+    assert str(info.value).startswith("/etc/gitopsd/apps.yaml: invalid config")
+    assert "apps: []" in info.value.hint
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("apps:\n", "apps: is empty; list the apps, or write `apps: []` to run none"),
+    ("apps:\n#  - name: web\n#    repo: r\n", "apps: is empty; list the apps, or write `apps: []` to run none"),
+    ("webhook: {secretFile: /s}\n", "apps: missing; list the apps, or write `apps: []` to run none"),
+])
+def test_config_without_an_apps_list_is_an_error(text: str, problem: str) -> None:
+    assert problems_of(text) == [problem]
+
+
+def test_missing_config_file_is_an_error_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "apps.yaml"
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert info.value.problems == ["cannot read the file: it does not exist"]
+    assert str(info.value).startswith(f"{path}: invalid config, 1 problem:")
+    assert "apps: []" in info.value.hint
+
+
+@pytest.mark.parametrize("content", ["", "  \n\n", "# apps: []\n"])
+def test_empty_config_file_is_an_error(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "apps.yaml"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=r"the file (is empty|has no content)") as info:
+        load(path)
+    assert str(info.value).startswith(f"{path}: ")
+
+
+def test_explicit_empty_apps_file_loads_as_no_apps(tmp_path: Path) -> None:
+    path = tmp_path / "apps.yaml"
+    path.write_text("# every app moved to the new cluster\napps: []\n")
+    assert load(path) == Config()
+
+
+def test_unreadable_config_file_is_an_error(tmp_path: Path) -> None:
+    # Tests may run as root, whom file modes do not stop: a directory, a
+    # symlink loop and bytes that are not UTF-8 are unreadable for anyone.
+    (tmp_path / "dir.yaml").mkdir()
+    loop = tmp_path / "loop.yaml"
+    loop.symlink_to(loop)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"apps: []\n\xff\xfe")
+    expected = {
+        tmp_path / "dir.yaml": "cannot read the file: it is a directory, not a file",
+        loop: "cannot read the file: it is a loop of symbolic links",
+        binary: "not UTF-8 text (byte 9)",
+    }
+    for path, problem in expected.items():
+        with pytest.raises(ConfigError) as info:
+            load(path)
+        assert info.value.problems == [problem], path
+
+
+def test_config_file_without_read_permission_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "apps.yaml"
+    path.write_text("apps: []\n")
+    path.chmod(0)
+    try:
+        if os.access(path, os.R_OK):   # root: modes do not apply; the message path is proven by the OSError below
+            error = PermissionError(13, "Permission denied")
+            assert _os_problem(error) == "is not readable (permission denied)"
+            return
+        with pytest.raises(ConfigError) as info:
+            load(path)
+        assert info.value.problems == ["cannot read the file: it is not readable (permission denied)"]
+    finally:
+        path.chmod(0o644)
 
 
 def test_full_app_round_trips_every_field() -> None:
@@ -134,18 +220,45 @@ def test_file_based_credentials() -> None:
 
 @pytest.mark.parametrize(("value", "seconds"), [
     ("30s", 30.0), ("1m", 60.0), ("1h30m", 5400.0), ("500ms", 0.5), ("1.5h", 5400.0), ("2m30s", 150.0),
-    (90, 90.0), (2.5, 2.5), ("90", 90.0), (" 1m ", 60.0), (0, 0.0),
+    (90, 90.0), (2.5, 2.5), ("90", 90.0), (" 1m ", 60.0), (0, 0.0), ("7d", 604800.0), ("2w", 1209600.0),
+    ("1d12h", 129600.0), ("3650d", 315360000.0),
 ])
 def test_durations_parse(value: object, seconds: float) -> None:
     assert parse_duration(value) == seconds
 
 
-@pytest.mark.parametrize("value", ["abc", "", "1m30", "-1m", "1d", "m", "1 m", True, None, [1], float("inf"), -5])
+@pytest.mark.parametrize("value", ["abc", "", "1m30", "-1m", "-5", "1y", "m", "1 m", True, None, [1], float("inf"),
+                                   -5, "9" * 400, "3651d", "99999999999h"])
 def test_invalid_durations_say_what_is_accepted(value: object) -> None:
     with pytest.raises(ValueError) as info:
         parse_duration(value)
     message = str(info.value)
-    assert "negative" in message or "use 30s, 1m, 1h30m" in message
+    assert "negative" in message or "use 30s, 1m, 1h30m" in message or "is too long: at most 3650d" in message
+
+
+def test_durations_are_parsed_by_one_function_for_file_flags_and_ages() -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from gitopsd import audit, cli
+
+    now = datetime(2026, 11, 20, 14, tzinfo=timezone.utc)
+    for text in ("90s", "5m", "1h30m", "7d", "2w", "300"):
+        seconds = parse_duration(text)
+        assert one_app(f"apps: [{{name: web, repo: r, timeout: '{text}'}}]").timeout == seconds
+        assert cli.build_parser().parse_args(["sync", "--repo", "r", f"--timeout={text}"]).timeout == seconds
+        if text != "300":   # an age needs a unit: a bare 300 is no instant
+            assert audit.parse_time(text, now=now) == now - timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize(("value", "expected"), [(0.5, 0.5), (1, 1.0), ("0.99", 0.99), (".25", 0.25)])
+def test_prune_guard_share_accepts_zero_to_one(value: object, expected: float) -> None:
+    assert check_share(value) == expected
+
+
+@pytest.mark.parametrize("value", [0, 50, "50", 1.01, -0.5, "nan", "inf", "half", True, None])
+def test_prune_guard_share_refuses_anything_outside_zero_to_one(value: object) -> None:
+    with pytest.raises(ValueError, match=r"is out of range: use a share with 0 < x <= 1|is not a number"):
+        check_share(value)
 
 
 def test_every_problem_is_reported_with_app_and_field() -> None:
@@ -175,7 +288,7 @@ def test_every_problem_is_reported_with_app_and_field() -> None:
         'apps[1] (web-production).path: "/etc" is absolute; give the path relative to the repository root',
         'apps[1] (web-production).namespace: "Production" is not a valid namespace: use lower-case letters, '
         "digits and '-', starting and ending with a letter or digit, at most 63 characters",
-        'apps[1] (web-production).interval: "abc" is not a duration (use 30s, 1m, 1h30m)',
+        'apps[1] (web-production).interval: "abc" is not a duration (use 30s, 1m, 1h30m; units ms, s, m, h, d, w)',
         'apps[1] (web-production).prune: "yes" is not a boolean (use true or false)',
         'apps[1] (web-production).render: "jsonnet" is not one of auto, plain, kustomize, helm',
         "apps[1] (web-production).pruneGuard: 1.5 is out of range: use a share with 0 < x <= 1 "
@@ -282,7 +395,7 @@ def test_password_in_repository_url_is_refused_without_echoing_it() -> None:
 
 
 def test_inline_webhook_secret_is_refused() -> None:
-    [problem] = problems_of("webhook: {secret: s3cr3t}")
+    [problem] = problems_of("apps: []\nwebhook: {secret: s3cr3t}")
     assert problem.startswith("webhook.secret: inline secrets are refused")
     assert "GITOPSD_WEBHOOK_SECRET" in problem and "s3cr3t" not in problem
 

@@ -50,7 +50,7 @@ from typing import Any, Protocol
 import yaml
 
 from gitopsd import yamlload
-from gitopsd.errors import RenderError
+from gitopsd.errors import RenderError, yaml_error_parts
 
 KUSTOMIZATION_FILES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
 
@@ -291,7 +291,7 @@ class KustomizeWalk:
 
     # -- reporting
 
-    def _refuse(self, problem: str, *, hint: str = OUTSIDE_HINT) -> None:
+    def _refuse(self, problem: str, *, hint: str | None = OUTSIDE_HINT) -> None:
         self.problems.add(problem, hint=hint)
         self.ok = False
 
@@ -325,20 +325,14 @@ class KustomizeWalk:
         text = self._read_text(kfile, rel)
         if text is None:
             return None
-        loader = _RAW_LOADER(text)
-        loader.budget = self.budget
         try:
-            docs = []
-            while loader.check_data():
-                docs.append(loader.get_data())
+            docs = _load_raw(text, budget=self.budget)
         except yaml.YAMLError as exc:
             # Kustomize must not run on a file we could not check: it might
             # read it differently and follow a path we never saw.
             self._refuse(_yaml_problem(rel, exc),
                          hint=yamlload.limits_hint() if isinstance(exc, yamlload.YAMLLimitError) else None)
             return None
-        finally:
-            loader.dispose()
         doc = docs[0] if docs else None
         if doc is None:
             return None  # empty: kustomize says so
@@ -539,17 +533,14 @@ class KustomizeWalk:
     def _read_text(self, path: Path, rel: str) -> str | None:
         """A file's text, charged to the budget; None (reported) when too big."""
         try:
-            size = path.stat().st_size
-        except OSError:
-            return None
-        over = self.budget.take_bytes(size)
-        if over:
-            self._refuse(f"{rel}: {over}", hint=yamlload.limits_hint())
-            return None
-        try:
+            over = self.budget.take_bytes(path.stat().st_size)
+            if over:
+                self._refuse(f"{rel}: {over}", hint=yamlload.limits_hint())
+                return None
             return path.read_bytes().decode("utf-8", "replace")
-        except OSError:
-            return None  # kustomize reports it
+        except OSError as exc:  # what we cannot read we cannot check
+            self._refuse(f"{rel}: cannot be read: {exc.strerror or exc}", hint=None)
+            return None
 
     def _yaml_file(self, path: Path, *, raw: bool = False) -> list:
         """Pre-scan a YAML file kustomize will parse; its documents.
@@ -561,8 +552,8 @@ class KustomizeWalk:
         if real is None or real in self._read:
             return []
         self._read.add(real)
-        rel = relative(self.root, path) if path.is_relative_to(self.root) else relative(self.root, real)
-        text = self._read_text(path, rel)
+        rel = relative(self.root, real)
+        text = self._read_text(real, rel)
         if text is None:
             return []
         try:
@@ -644,8 +635,6 @@ def _load_raw(text: str, *, budget: yamlload.Budget) -> list:
 
 def _yaml_problem(rel: str, exc: yaml.YAMLError) -> str:
     """`<file>: <limit crossed> (line L)` or `<file>: invalid YAML at ...: ...`."""
-    from gitopsd.errors import yaml_error_parts
-
     if isinstance(exc, yamlload.YAMLLimitError):
         mark = exc.problem_mark
         return f"{rel}: {exc.problem}" + (f" (line {mark.line + 1})" if mark else "")

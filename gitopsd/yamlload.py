@@ -24,7 +24,7 @@ is about 200,000 nodes and 30 levels deep.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -65,13 +65,13 @@ class Budget:
     """What one render may still read and expand to, shared by all its files:
     a thousand files of 1,999 nodes each are as costly as one big file."""
 
-    nodes: int = MAX_NODES
-    bytes: int = MAX_RENDER_BYTES
+    nodes: int = field(default_factory=lambda: MAX_NODES)
+    bytes: int = field(default_factory=lambda: MAX_RENDER_BYTES)
 
     def take_bytes(self, size: int) -> str | None:
         """Charge `size` bytes; the reason when over a limit, else None."""
         if size > MAX_FILE_BYTES:
-            return f"is {_mib(size)}, more than the {_mib(MAX_FILE_BYTES)} a file may have"
+            return f"is larger than the {_mib(MAX_FILE_BYTES)} a file may have ({size:,} bytes)"
         self.bytes -= size
         if self.bytes < 0:
             return f"takes the render past {_mib(MAX_RENDER_BYTES)} of input in total"
@@ -91,37 +91,41 @@ def measure(root: yaml.Node, *, budget: Budget, aliases_left: int) -> int:
     Meeting a node again while still inside it is a cycle.
     """
     size: dict[int, int] = {}
-    height: dict[int, int] = {}
+    height: dict[int, int] = {}  # levels of collections at and below a node
     inside: set[int] = set()
     aliases = 0
-    stack: list[tuple[yaml.Node, list[yaml.Node] | None]] = [(root, None)]
+    # (node, levels above it, its children once entered)
+    stack: list[tuple[yaml.Node, int, list[yaml.Node] | None]] = [(root, 0, None)]
     while stack:
-        node, kids = stack.pop()
+        node, above, kids = stack.pop()
         key = id(node)
         if kids is not None:  # every child measured: measure the node
             inside.discard(key)
             size[key] = 1 + sum(size[id(k)] for k in kids)
             height[key] = 1 + max((height[id(k)] for k in kids), default=0) if _is_collection(node) else 0
-            if height[key] > MAX_DEPTH:
-                raise YAMLLimitError(f"nested deeper than {MAX_DEPTH} levels", node.start_mark)
             if size[key] > budget.nodes:
                 if aliases:
                     raise YAMLLimitError(f"YAML expands past {MAX_NODES:,} nodes through aliases (an alias bomb?)",
                                          node.start_mark)
                 raise YAMLLimitError(f"takes the render past {MAX_NODES:,} YAML nodes", node.start_mark)
             continue
-        if key in size:
+        if key in size:  # met before: an alias, which nests its target here
             aliases += 1
             if aliases > aliases_left:
                 raise YAMLLimitError(f"uses more than {MAX_ALIASES:,} aliases", node.start_mark)
+            if above + height[key] > MAX_DEPTH:
+                raise YAMLLimitError(f"nested deeper than {MAX_DEPTH} levels (through an alias)", node.start_mark)
             continue
         if key in inside:
             raise YAMLLimitError("an alias refers to a node that contains it (a structure that never ends)",
                                  node.start_mark)
+        if _is_collection(node) and above + 1 > MAX_DEPTH:
+            raise YAMLLimitError(f"nested deeper than {MAX_DEPTH} levels", node.start_mark)
         inside.add(key)
         kids = _children(node)
-        stack.append((node, kids))
-        stack.extend((k, None) for k in reversed(kids))
+        stack.append((node, above, kids))
+        level = above + 1 if _is_collection(node) else above
+        stack.extend((k, level, None) for k in reversed(kids))
     budget.nodes -= size[id(root)]
     return aliases
 
@@ -162,7 +166,8 @@ class Bounded:
 
     def _check_size(self) -> None:
         if self._size > MAX_FILE_BYTES:
-            raise YAMLLimitError(f"is {_mib(self._size)}, more than the {_mib(MAX_FILE_BYTES)} a file may have")
+            raise YAMLLimitError(f"is larger than the {_mib(MAX_FILE_BYTES)} a file may have "
+                                 f"({self._size:,} bytes)")
 
     def check_node(self) -> bool:
         self._check_size()

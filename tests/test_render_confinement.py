@@ -15,7 +15,6 @@ not carry a secret value into a message.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,7 +23,7 @@ import yaml
 
 from gitopsd.diff import REDACTED
 from gitopsd.errors import RenderError
-from gitopsd.render import find_tool, render
+from gitopsd.render import render
 
 SENTINEL = "sentinel-from-outside-4d1c9e"
 APP = "apps/web"

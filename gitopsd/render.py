@@ -21,6 +21,7 @@ import json
 import os
 import posixpath
 import re
+import resource
 import selectors
 import shutil
 import signal
@@ -55,14 +56,24 @@ SERVER_OWNED_METADATA = ("managedFields", "resourceVersion", "uid")
 MAX_STDERR_CHARS = 4000
 # What is read of a tool's stderr at most (the tail is kept), before scrubbing.
 MAX_STDERR_BYTES = 1024 * 1024
+# Address space a renderer may map (RLIMIT_AS). The walk in gitopsd.confine
+# refuses alias bombs before kustomize runs; this is the layer below it, for
+# whatever blows up inside a tool. Go maps ~1 GiB before it allocates a byte,
+# so 4 GiB leaves a tool about 3 GiB of heap.
+MAX_TOOL_MEMORY = 4 * 1024 * 1024 * 1024
 # Secret values shorter than this are not scrubbed out of tool messages: they
 # would match inside every other word. (A secret generator's whole entry,
-# `key=value` or the `key:value` typo, is always scrubbed.)
+# `key=value` or the `key:value` typo, is always scrubbed.) Values shorter
+# than WORD_SCRUBBED_CHARS are scrubbed only where they stand alone (between
+# spaces, quotes, `=`, brackets): a value `app` must not turn `apps/web` into
+# `<redacted>s/web`; longer ones wherever they appear.
 MIN_SCRUBBED_CHARS = 3
+WORD_SCRUBBED_CHARS = 8
 
 # DNS-1123 subdomain, at most 53 characters: what helm accepts as a release name.
 _RELEASE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _HELM_SOURCE = re.compile(r"^# Source: (.+?)\s*$", re.MULTILINE)
+_SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]{1,253}$")
 _DOCUMENT_SEPARATOR = re.compile(r"^---[ \t]*(?:#.*)?$", re.MULTILINE)
 
 
@@ -271,11 +282,13 @@ def scrub(text: str, secrets: Iterable[str]) -> str:
     forms: set[str] = set()
     for value in secrets:
         if len(value) >= MIN_SCRUBBED_CHARS or any(sep in value for sep in "=:"):
-            forms.add(value)
-            forms.add(json.dumps(value)[1:-1])
-    for value in sorted(forms, key=len, reverse=True):
-        if value:
-            text = text.replace(value, REDACTED)
+            forms.update((value, json.dumps(value)[1:-1]))
+    short = sorted((f for f in forms if len(f) < WORD_SCRUBBED_CHARS), key=len, reverse=True)
+    for value in sorted(forms - set(short), key=len, reverse=True):
+        text = text.replace(value, REDACTED)
+    if short:
+        alone = re.compile(r"(?<![\w./-])(?:" + "|".join(map(re.escape, short)) + r")(?![\w./-])")
+        text = alone.sub(REDACTED, text)
     return text
 
 
@@ -296,9 +309,11 @@ def _detect_kind(target: Path) -> str:
 # Parsing
 
 
-def _load_yaml(text: str, *, source: str, problems: _Problems) -> list | None:
+def _load_yaml(text: str, *, source: str, problems: _Problems, tool_output: bool = False) -> list | None:
     """All documents of a YAML stream (None for empty ones), or None when
-    malformed or over the render's limits (see gitopsd.yamlload).
+    malformed or over the render's limits (see gitopsd.yamlload). The line
+    where a limit tripped is named for files, not for a tool's output: a
+    line of kustomize's or helm's output is no line the user can open.
 
     A malformed stream contributes no documents at all: half a file would make
     the later checks report misleading follow-up problems.
@@ -306,15 +321,15 @@ def _load_yaml(text: str, *, source: str, problems: _Problems) -> list | None:
     try:
         return yamlload.load_all(text, budget=problems.budget)
     except yamlload.YAMLLimitError as exc:
-        _over_limit(source, exc, problems=problems)
+        _over_limit(source, exc, problems=problems, line=not tool_output)
     except yaml.YAMLError as exc:
         where, what = yaml_error_parts(exc)
         problems.add(f"{source}: invalid YAML at {where}: {what}" if where else f"{source}: invalid YAML: {what}")
     return None
 
 
-def _over_limit(source: str, exc: yamlload.YAMLLimitError, *, problems: _Problems) -> None:
-    mark = exc.problem_mark
+def _over_limit(source: str, exc: yamlload.YAMLLimitError, *, problems: _Problems, line: bool = True) -> None:
+    mark = exc.problem_mark if line else None
     problems.add(f"{source}: {exc.problem}" + (f" (line {mark.line + 1})" if mark else ""),
                  hint=yamlload.limits_hint())
 
@@ -498,6 +513,7 @@ def _run_tool(tool: str, args: list[str], *, cwd: Path, home: str, timeout: floa
     except OSError as exc:
         problems.add(f"{what}: could not run {cmd[0]}: {exc.strerror or exc}")
         return None
+    _cap_memory(proc.pid)
     with proc:
         out, err, stopped = _collect(proc, deadline=time.monotonic() + timeout)
     if stopped == "timeout":
@@ -507,11 +523,31 @@ def _run_tool(tool: str, args: list[str], *, cwd: Path, home: str, timeout: floa
         problems.add(f"{what}: wrote more than {yamlload.MAX_RENDER_BYTES // (1024 * 1024)} MiB of manifests; "
                      "stopped", hint=yamlload.limits_hint())
         return None
+    if proc.returncode != 0 and _GO_OUT_OF_MEMORY.search(err):
+        problems.add(f"{what}: ran out of the {MAX_TOOL_MEMORY / 2**30:g} GiB of memory a renderer may use",
+                     hint="an alias bomb, or a generator or chart that expands without end?")
+        return None
     if proc.returncode != 0:
         stderr = _tail(scrub(err.decode("utf-8", "replace"), problems.secrets).strip(), MAX_STDERR_CHARS)
         problems.add(f"{what}: failed (exit {proc.returncode}): {stderr or '(no output on stderr)'}")
         return None
     return out.decode("utf-8", "replace")
+
+
+_GO_OUT_OF_MEMORY = re.compile(rb"^fatal error: (out of memory|failed to reserve)", re.MULTILINE)
+
+
+def _cap_memory(pid: int) -> None:
+    """Limit the tool's address space, from outside: `preexec_fn` is not safe
+    in the threaded daemon, and a limit set a moment after exec applies to
+    every allocation the tool's work makes. Best effort where the platform
+    has no prlimit."""
+    try:
+        _, hard = resource.prlimit(pid, resource.RLIMIT_AS)
+        cap = MAX_TOOL_MEMORY if hard == resource.RLIM_INFINITY else min(MAX_TOOL_MEMORY, hard)
+        resource.prlimit(pid, resource.RLIMIT_AS, (cap, cap))
+    except (AttributeError, OSError, ValueError):
+        pass
 
 
 def _tool_env(home: str) -> dict[str, str]:
@@ -605,7 +641,7 @@ def _render_kustomize(real_root: Path, target: Path, *, rel: str, timeout: float
                         what=source, problems=problems)
     if out is None:
         return []
-    docs = _load_yaml(out, source=source, problems=problems)
+    docs = _load_yaml(out, source=source, problems=problems, tool_output=True)
     # Every object of one build shares a source: kustomize merged the files,
     # so which file an object came from is no longer known.
     return _manifests_from_documents(((d, source) for d in docs or ()), problems=problems)
@@ -692,7 +728,7 @@ def _helm_documents(out: str, *, rel: str, fallback: str, problems: _Problems) -
             n = seen.get(source, 0)
             seen[source] = n + 1
             source = f"{source}#{n}"
-        for doc in _load_yaml(chunk, source=source, problems=problems) or ():
+        for doc in _load_yaml(chunk, source=source, problems=problems, tool_output=True) or ():
             pairs.append((doc, source))
     return pairs
 
@@ -752,6 +788,15 @@ def _check_identity(m: Manifest, *, problems: _Problems) -> bool:
                 problems.add(f"{m.source}: Secret/{meta['name']}: {section} must be a mapping of keys to "
                              f"strings, not a {_type_name(values)}",
                              hint=f"write {section} as `key: value` lines, not as a list")
+                return False
+            malformed = sum(1 for k in values if not _SECRET_KEY.match(str(k)))
+            if malformed:
+                # Not named: a key with a space in it is often a value that
+                # lost its `=` (`password hunter2` in a generator's env file).
+                problems.add(f"{m.source}: Secret/{meta['name']}: {section} has {malformed} key(s) that are not "
+                             "valid Secret keys (letters, digits, '-', '_' and '.' only; not shown, as such a key "
+                             "may hold a value)",
+                             hint="a `key value` line in a secret generator's env file? write `key=value`")
                 return False
             bad = sorted(str(k) for k, v in values.items() if not isinstance(v, str))
             if bad:

@@ -277,6 +277,23 @@ def test_a_5mb_crd_bundle_still_renders_through_kustomize(tmp_path):
     assert len(manifests) > 15 and all(m.ref.kind == "CustomResourceDefinition" for m in manifests)
 
 
+def test_a_renderer_past_its_memory_cap_is_a_clear_error(tmp_path, monkeypatch):
+    # The layer below the walk: were a bomb to slip past it, kustomize would
+    # run into its address-space cap (lowered here to keep the test small)
+    # instead of the machine's memory.
+    from gitopsd import confine, render as render_module
+
+    monkeypatch.setattr(render_module, "MAX_TOOL_MEMORY", 3 * 1024**3 // 2)
+    monkeypatch.setattr(confine.KustomizeWalk, "_yaml_file", lambda self, path, raw=False: [])
+    write(tmp_path / "kustomization.yaml", "resources: [bomb.yaml]\n")
+    write(tmp_path / "bomb.yaml", BOMB)
+
+    err = refused(tmp_path, timeout=300)
+
+    assert err.problems == ["kustomize build .: ran out of the 1.5 GiB of memory a renderer may use"]
+    assert "alias bomb" in err.hint
+
+
 def test_renderer_output_past_the_byte_limit_is_stopped(tmp_path, monkeypatch):
     endless = tmp_path / "kustomize"
     endless.write_text("#!/bin/sh\nexec yes 'apiVersion: v1'\n")
@@ -319,7 +336,7 @@ def test_deep_nesting_in_helm_output_is_refused(tmp_path, chart):
 
     err = refused(tmp_path, "chart", namespace="shop")
 
-    assert err.problems == ["chart/templates/deep.yaml: nested deeper than 100 levels (line 6)"]
+    assert err.problems == ["chart/templates/deep.yaml: nested deeper than 100 levels"]
 
 
 # --------------------------------------------------------------------------

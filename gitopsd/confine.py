@@ -56,8 +56,8 @@ KUSTOMIZATION_FILES = ("kustomization.yaml", "kustomization.yml", "Kustomization
 
 OUTSIDE_HINT = ("a render may only read files of its own repository: keep paths inside it, "
                 "and let symlinks point only within it")
-REMOTE_HINT = ("vendor the remote base into the repository (a remote base is read at render time, "
-               "from outside the reviewed commit), or enable remote bases for the app")
+REMOTE_HINT = ("vendor the remote base into the repository: a remote base is read at render time, "
+               "from outside the reviewed commit")
 FILE_URL_HINT = "a file:// base clones a repository elsewhere on the daemon's disk; vendor it into this repository"
 
 
@@ -622,15 +622,7 @@ def collect_secret_values(secret: dict, into: set[str]) -> None:
 
 
 def _load_raw(text: str, *, budget: yamlload.Budget) -> list:
-    loader = _RAW_LOADER(text)
-    loader.budget = budget
-    try:
-        docs = []
-        while loader.check_data():
-            docs.append(loader.get_data())
-        return docs
-    finally:
-        loader.dispose()
+    return yamlload.load_all(text, budget=budget, loader=_RAW_LOADER)
 
 
 def _yaml_problem(rel: str, exc: yaml.YAMLError) -> str:

@@ -550,10 +550,13 @@ def test_cli_refuses_a_base_linked_out_and_leaves_the_cluster_untouched(repo, ku
             "--inventory-namespace", namespace)
     first = gitopsd("sync", *args, kubeconfig=kubeconfig, cache=source_cache)
     assert first.returncode == 0, first.stdout + first.stderr
-    cms = kube.resource("v1", "ConfigMap")
+    kinds = (kube.resource("v1", "ConfigMap"), kube.resource("v1", "Secret"))
 
     def live() -> dict:
-        return {o["metadata"]["name"]: o["metadata"]["resourceVersion"] for o in kube.list(cms, namespace=namespace)}
+        """Every object of the namespace but the audit trail (a failed sync is recorded: it grows)."""
+        return {(o["kind"], o["metadata"]["name"]): o["metadata"]["resourceVersion"]
+                for r in kinds for o in kube.list(r, namespace=namespace)
+                if not o["metadata"]["name"].startswith("gitopsd-audit")}
 
     before = live()
     (repo.work / APP / "base").symlink_to(outside)  # committed as a link to the other app's checkout
@@ -568,4 +571,5 @@ def test_cli_refuses_a_base_linked_out_and_leaves_the_cluster_untouched(repo, ku
         assert f"{KFILE}: resources[1] 'base' resolves outside the repository through the symlink {APP}/base" in out
         assert SENTINEL not in out and "Traceback" not in out
     assert live() == before
-    assert "stolen" not in before
+    assert ("ConfigMap", "stolen") not in before
+    assert SENTINEL not in str(kube.list(kinds[0], namespace=namespace)), "nor in the audit trail"

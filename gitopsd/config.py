@@ -45,6 +45,7 @@ import yaml
 
 from gitopsd.errors import GitopsdError, yaml_error_parts
 from gitopsd.render import KINDS as RENDER_KINDS
+from gitopsd.yamlload import Bounded
 
 if TYPE_CHECKING:
     from gitopsd import source, sync
@@ -504,8 +505,9 @@ def _seconds(value: float) -> str:
 _BROKEN = object()  # the text is not YAML at all: nothing further to check
 
 
-class _ConfigLoader(yaml.SafeLoader):
-    """`yaml.safe_load`'s loader, plus a record of duplicated keys.
+class _ConfigLoader(Bounded, yaml.SafeLoader):
+    """`yaml.safe_load`'s loader, bounded (no alias bomb, no 1,000-deep
+    nesting: see gitopsd.yamlload), plus a record of duplicated keys.
 
     YAML keeps the last of two equal keys without a word; in a config that
     means `prune: false` early in an app and `prune: true` further down

@@ -17,12 +17,17 @@ the cluster knows about scopes comes in through `is_namespaced`.
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import re
+import resource
+import selectors
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +35,14 @@ from pathlib import Path
 import orjson
 import yaml
 
+from gitopsd import confine, yamlload
+from gitopsd.confine import KUSTOMIZATION_FILES, inside_root, relative
+from gitopsd.diff import REDACTED
 from gitopsd.errors import RenderError, yaml_error_parts
 from gitopsd.objects import ObjectRef, ref_of, split_api_version
 
 KINDS = ("auto", "plain", "kustomize", "helm")
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
-KUSTOMIZATION_FILES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
 CHART_FILE = "Chart.yaml"
 
 # Fields the apiserver owns. A manifest carrying them is a copy of `kubectl get
@@ -47,10 +54,26 @@ SERVER_OWNED_METADATA = ("managedFields", "resourceVersion", "uid")
 
 # A tool's stderr can be long (helm prints whole template traces): keep the tail.
 MAX_STDERR_CHARS = 4000
+# What is read of a tool's stderr at most (the tail is kept), before scrubbing.
+MAX_STDERR_BYTES = 1024 * 1024
+# Address space a renderer may map (RLIMIT_AS). The walk in gitopsd.confine
+# refuses alias bombs before kustomize runs; this is the layer below it, for
+# whatever blows up inside a tool. Go maps ~1 GiB before it allocates a byte,
+# so 4 GiB leaves a tool about 3 GiB of heap.
+MAX_TOOL_MEMORY = 4 * 1024 * 1024 * 1024
+# Secret values shorter than this are not scrubbed out of tool messages: they
+# would match inside every other word. (A secret generator's whole entry,
+# `key=value` or the `key:value` typo, is always scrubbed.) Values shorter
+# than WORD_SCRUBBED_CHARS are scrubbed only where they stand alone (between
+# spaces, quotes, `=`, brackets): a value `app` must not turn `apps/web` into
+# `<redacted>s/web`; longer ones wherever they appear.
+MIN_SCRUBBED_CHARS = 3
+WORD_SCRUBBED_CHARS = 8
 
 # DNS-1123 subdomain, at most 53 characters: what helm accepts as a release name.
 _RELEASE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _HELM_SOURCE = re.compile(r"^# Source: (.+?)\s*$", re.MULTILINE)
+_SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]{1,253}$")
 _DOCUMENT_SEPARATOR = re.compile(r"^---[ \t]*(?:#.*)?$", re.MULTILINE)
 
 
@@ -143,12 +166,16 @@ def render(
     helm_release: str | None = None,
     is_namespaced: Callable[[str, str], bool | None] = builtin_is_namespaced,
     timeout: float = 120.0,
+    allow_remote_bases: bool = False,
 ) -> list[Manifest]:
     """Render `path` of the checkout at `root` into validated manifests.
 
     `path` and every `helm_values` file are relative to `root` and must stay
     inside it, also through symlinks: a commit must not be able to make the
-    daemon read files elsewhere on its disk. `kind` "auto" picks kustomize when
+    daemon read files elsewhere on its disk. The same holds for every file
+    kustomize or helm will load (see gitopsd.confine): kustomize's remote
+    bases are refused unless `allow_remote_bases`. What a render may read and
+    expand to is bounded (see gitopsd.yamlload). `kind` "auto" picks kustomize when
     the directory holds a kustomization file, helm when it holds Chart.yaml,
     plain otherwise. Namespaced objects without a namespace get `namespace`;
     `is_namespaced(group, kind)` decides scope (None = unknown: left as
@@ -162,8 +189,8 @@ def render(
     if kind not in KINDS:
         raise RenderError([f"unknown render kind {kind!r}"], hint=f"use one of: {', '.join(KINDS)}")
     real_root = Path(root).resolve()
-    target = _inside_root(real_root, path, what="path")
-    rel = _relative(real_root, target)
+    target = inside_root(real_root, path, what="path")
+    rel = relative(real_root, target)
     if kind == "auto":
         kind = _detect_kind(target)
 
@@ -171,7 +198,8 @@ def render(
     if kind == "plain":
         manifests = _render_plain(real_root, target, problems=problems)
     elif kind == "kustomize":
-        manifests = _render_kustomize(real_root, target, rel=rel, timeout=timeout, problems=problems)
+        manifests = _render_kustomize(real_root, target, rel=rel, timeout=timeout,
+                                      allow_remote=allow_remote_bases, problems=problems)
     else:
         manifests = _render_helm(real_root, target, rel=rel, namespace=namespace, values=helm_values,
                                  release=helm_release, timeout=timeout, problems=problems)
@@ -230,6 +258,8 @@ class _Problems:
     def __init__(self) -> None:
         self.items: list[str] = []
         self.hints: list[str] = []
+        self.secrets: set[str] = set()  # every secret value met, to scrub messages of
+        self.budget = yamlload.Budget()  # what the render may still read and expand to
 
     def add(self, problem: str, *, hint: str | None = None) -> None:
         self.items.append(problem)
@@ -238,37 +268,32 @@ class _Problems:
 
     def raise_if_any(self) -> None:
         if self.items:
-            raise RenderError(self.items, hint="; ".join(self.hints) or None)
+            raise RenderError([scrub(p, self.secrets) for p in self.items], hint="; ".join(self.hints) or None,
+                              secret_values=frozenset(self.secrets))
+
+
+def scrub(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every secret value in it replaced by REDACTED.
+
+    Longest first, so `password:VALUE` goes whole before `VALUE` alone; each
+    value also in the escaped form Go's %q prints. A last line of defence for
+    text a tool wrote about its input, where no field tells us what is secret.
+    """
+    forms: set[str] = set()
+    for value in secrets:
+        if len(value) >= MIN_SCRUBBED_CHARS or any(sep in value for sep in "=:"):
+            forms.update((value, json.dumps(value)[1:-1]))
+    short = sorted((f for f in forms if len(f) < WORD_SCRUBBED_CHARS), key=len, reverse=True)
+    for value in sorted(forms - set(short), key=len, reverse=True):
+        text = text.replace(value, REDACTED)
+    if short:
+        alone = re.compile(r"(?<![\w./-])(?:" + "|".join(map(re.escape, short)) + r")(?![\w./-])")
+        text = alone.sub(REDACTED, text)
+    return text
 
 
 # --------------------------------------------------------------------------
 # Paths
-
-
-def _inside_root(real_root: Path, rel: str, *, what: str) -> Path:
-    """Resolve `rel` under the (already resolved) root; refuse escapes.
-
-    Both ways out are refused: `..` components and symlinks whose target lies
-    outside the checkout. The message says which, since the fix differs.
-    """
-    if os.path.isabs(rel):
-        raise RenderError([f"{what} {rel!r} is absolute"], hint="give paths relative to the repository root")
-    lexical = posixpath.normpath(Path(rel).as_posix())
-    if lexical == ".." or lexical.startswith("../"):
-        raise RenderError([f"{what} {rel!r} escapes the repository through '..'"],
-                          hint="paths must stay inside the repository")
-    target = (real_root / rel).resolve()
-    if not target.is_relative_to(real_root):
-        raise RenderError([f"{what} {rel!r} resolves outside the repository through a symlink"],
-                          hint="paths must stay inside the repository; symlinks may only point within it")
-    if not target.exists():
-        raise RenderError([f"{what} {rel!r} does not exist in the repository"])
-    return target
-
-
-def _relative(real_root: Path, target: Path) -> str:
-    """Repo-relative POSIX path for messages and tool arguments ("." for the root)."""
-    return target.relative_to(real_root).as_posix() or "."
 
 
 def _detect_kind(target: Path) -> str:
@@ -284,37 +309,29 @@ def _detect_kind(target: Path) -> str:
 # Parsing
 
 
-def _yaml_loader() -> type:
-    """A safe (C when available) loader that reads YAML the way Kubernetes does.
-
-    PyYAML's YAML 1.1 resolvers differ from the apiserver's in two ways that
-    matter here: unquoted dates (`2024-01-01`) become datetime objects where
-    Kubernetes keeps strings, which would make the plan stage see drift
-    forever; and a bare `=` is resolved to a "value" tag SafeLoader cannot
-    construct, failing on valid manifests. Both resolvers are dropped.
-    """
-    base = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    dropped = {"tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:value"}
-    resolvers = {first: [(tag, rx) for tag, rx in entries if tag not in dropped]
-                 for first, entries in base.yaml_implicit_resolvers.items()}
-    return type("KubernetesYAMLLoader", (base,), {"yaml_implicit_resolvers": resolvers})
-
-
-_LOADER = _yaml_loader()
-
-
-def _load_yaml(text: str, *, source: str, problems: _Problems) -> list | None:
-    """All documents of a YAML stream (None for empty ones), or None when malformed.
+def _load_yaml(text: str, *, source: str, problems: _Problems, tool_output: bool = False) -> list | None:
+    """All documents of a YAML stream (None for empty ones), or None when
+    malformed or over the render's limits (see gitopsd.yamlload). The line
+    where a limit tripped is named for files, not for a tool's output: a
+    line of kustomize's or helm's output is no line the user can open.
 
     A malformed stream contributes no documents at all: half a file would make
     the later checks report misleading follow-up problems.
     """
     try:
-        return list(yaml.load_all(text, Loader=_LOADER))
+        return yamlload.load_all(text, budget=problems.budget)
+    except yamlload.YAMLLimitError as exc:
+        _over_limit(source, exc, problems=problems, line=not tool_output)
     except yaml.YAMLError as exc:
         where, what = yaml_error_parts(exc)
         problems.add(f"{source}: invalid YAML at {where}: {what}" if where else f"{source}: invalid YAML: {what}")
     return None
+
+
+def _over_limit(source: str, exc: yamlload.YAMLLimitError, *, problems: _Problems, line: bool = True) -> None:
+    mark = exc.problem_mark if line else None
+    problems.add(f"{source}: {exc.problem}" + (f" (line {mark.line + 1})" if mark else ""),
+                 hint=yamlload.limits_hint())
 
 
 def _is_list(doc: dict) -> bool:
@@ -343,6 +360,8 @@ def _manifests_from_documents(docs: Iterable[tuple[object, str]], *, problems: _
             items = [(item, f"{source} items[{i}]") for i, item in enumerate(doc["items"])]
             out.extend(_manifests_from_documents(items, problems=problems))
         else:
+            if doc.get("kind") == "Secret":
+                confine.collect_secret_values(doc, problems.secrets)
             m = Manifest(obj=doc, source=source)
             if _check_identity(m, problems=problems):
                 _normalise(m.obj)
@@ -370,18 +389,20 @@ def _render_plain(real_root: Path, target: Path, *, problems: _Problems) -> list
     files = [target] if target.is_file() else _manifest_files(real_root, target, problems=problems)
     manifests: list[Manifest] = []
     for file in files:
-        source = _relative(real_root, file) if file.is_relative_to(real_root) else str(file)
-        try:
-            data = file.read_bytes()
-        except OSError as exc:
-            problems.add(f"{source}: cannot be read: {exc.strerror or exc}")
+        source = relative(real_root, file) if file.is_relative_to(real_root) else str(file)
+        data = _read_bounded(file, source=source, problems=problems)
+        if data is None:
             continue
         if file.suffix.lower() == ".json":
             # JSON holds one document; orjson is several times faster than YAML.
             try:
                 docs = [orjson.loads(data)]
+                yamlload.measure_value(docs[0], budget=problems.budget)
             except orjson.JSONDecodeError as exc:
                 problems.add(f"{source}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")
+                continue
+            except yamlload.YAMLLimitError as exc:
+                _over_limit(source, exc, problems=problems)
                 continue
         else:
             try:
@@ -394,6 +415,20 @@ def _render_plain(real_root: Path, target: Path, *, problems: _Problems) -> list
                 continue
         manifests.extend(_manifests_from_documents(_numbered(docs, source), problems=problems))
     return manifests
+
+
+def _read_bounded(file: Path, *, source: str, problems: _Problems) -> bytes | None:
+    """A file's bytes, or None (a problem added) when unreadable or over the
+    size limits; the size is checked before anything is read."""
+    try:
+        over = problems.budget.take_bytes(file.stat().st_size)
+        if over:
+            problems.add(f"{source}: {over}", hint=yamlload.limits_hint())
+            return None
+        return file.read_bytes()
+    except OSError as exc:
+        problems.add(f"{source}: cannot be read: {exc.strerror or exc}")
+        return None
 
 
 def _manifest_files(real_root: Path, top: Path, *, problems: _Problems) -> list[Path]:
@@ -409,23 +444,23 @@ def _manifest_files(real_root: Path, top: Path, *, problems: _Problems) -> list[
     seen: set[Path] = set()
 
     def walk(directory: Path) -> None:
-        real = directory.resolve()
-        if real in seen:  # a symlink loop, or two links to one directory
+        real = confine.resolve(directory)
+        if real is None or real in seen:  # a symlink loop, or two links to one directory
             return
         seen.add(real)
         for marker in KUSTOMIZATION_FILES:
             if (directory / marker).is_file():
-                problems.add(f"{_relative(real_root, directory / marker)}: looks like a kustomize overlay "
+                problems.add(f"{relative(real_root, directory / marker)}: looks like a kustomize overlay "
                              "in a plain directory", hint="use render: kustomize or auto for a kustomization")
                 return
         if (directory / CHART_FILE).is_file():
-            problems.add(f"{_relative(real_root, directory / CHART_FILE)}: looks like a Helm chart in a plain "
+            problems.add(f"{relative(real_root, directory / CHART_FILE)}: looks like a Helm chart in a plain "
                          "directory", hint="use render: helm or auto for a chart")
             return
         try:
             entries = sorted(os.scandir(directory), key=lambda e: e.name)
         except OSError as exc:
-            problems.add(f"{_relative(real_root, directory)}: cannot be listed: {exc.strerror or exc}")
+            problems.add(f"{relative(real_root, directory)}: cannot be listed: {exc.strerror or exc}")
             return
         for entry in entries:
             if entry.name.startswith("."):
@@ -433,14 +468,13 @@ def _manifest_files(real_root: Path, top: Path, *, problems: _Problems) -> list[
             path = Path(entry.path)
             manifest_like = entry.name.lower().endswith(MANIFEST_SUFFIXES)
             if entry.is_symlink():
-                resolved = path.resolve()
-                if not resolved.is_relative_to(real_root):
-                    problems.add(f"{_relative(real_root, path)}: symlink points outside the repository",
-                                 hint="symlinks may only point within the repository")
+                resolved = confine.resolve(path)
+                if resolved is not None and not resolved.is_relative_to(real_root):
+                    problems.add(confine.link_out(real_root, path), hint=confine.OUTSIDE_HINT)
                     continue
-                if not resolved.exists():
+                if resolved is None or not resolved.exists():
                     if manifest_like:
-                        problems.add(f"{_relative(real_root, path)}: broken symlink")
+                        problems.add(f"{relative(real_root, path)}: broken symlink")
                     continue
             if path.is_dir():
                 walk(path)
@@ -455,42 +489,159 @@ def _manifest_files(real_root: Path, top: Path, *, problems: _Problems) -> list[
 # kustomize and helm
 
 
-def _run_tool(cmd: list[str], *, cwd: Path, env: dict[str, str] | None, timeout: float, what: str,
+def _run_tool(tool: str, args: list[str], *, cwd: Path, home: str, timeout: float, what: str,
               problems: _Problems) -> str | None:
     """Run a renderer without a shell; its stdout, or None with a problem added.
 
     The tool runs in the checkout root with repo-relative arguments, so its
-    own error messages name files the way the user knows them.
+    own error messages name files the way the user knows them; in its own
+    session (so a timeout stops its children too, a git clone included);
+    with a minimal environment (see `_tool_env`); and its output is read
+    only up to the render's byte limit. Its stderr is scrubbed of every
+    secret value known before it becomes a problem: kustomize echoes a
+    malformed secret literal whole.
     """
     try:
-        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        problems.add(f"{what}: timed out after {timeout:g}s", hint="a slow remote base or chart dependency?")
+        cmd = [str(find_tool(tool)), *args]
+    except RenderError as exc:
+        for p in exc.problems:
+            problems.add(p, hint=exc.hint)
         return None
+    try:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=_tool_env(home), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     except OSError as exc:
         problems.add(f"{what}: could not run {cmd[0]}: {exc.strerror or exc}")
         return None
+    _cap_memory(proc.pid)
+    with proc:
+        out, err, stopped = _collect(proc, deadline=time.monotonic() + timeout)
+    if stopped == "timeout":
+        problems.add(f"{what}: timed out after {timeout:g}s", hint="a slow remote base or chart dependency?")
+        return None
+    if stopped == "output":
+        problems.add(f"{what}: wrote more than {yamlload.MAX_RENDER_BYTES // (1024 * 1024)} MiB of manifests; "
+                     "stopped", hint=yamlload.limits_hint())
+        return None
+    if proc.returncode != 0 and _GO_OUT_OF_MEMORY.search(err):
+        problems.add(f"{what}: ran out of the {MAX_TOOL_MEMORY / 2**30:g} GiB of memory a renderer may use",
+                     hint="an alias bomb, or a generator or chart that expands without end?")
+        return None
     if proc.returncode != 0:
-        stderr = proc.stderr.decode("utf-8", "replace").strip()
-        if len(stderr) > MAX_STDERR_CHARS:
-            stderr = "…" + stderr[-MAX_STDERR_CHARS:]
+        stderr = _tail(scrub(err.decode("utf-8", "replace"), problems.secrets).strip(), MAX_STDERR_CHARS)
         problems.add(f"{what}: failed (exit {proc.returncode}): {stderr or '(no output on stderr)'}")
         return None
-    return proc.stdout.decode("utf-8", "replace")
+    return out.decode("utf-8", "replace")
 
 
-def _render_kustomize(real_root: Path, target: Path, *, rel: str, timeout: float,
+_GO_OUT_OF_MEMORY = re.compile(rb"^fatal error: (out of memory|failed to reserve)", re.MULTILINE)
+
+
+def _cap_memory(pid: int) -> None:
+    """Limit the tool's address space, from outside: `preexec_fn` is not safe
+    in the threaded daemon, and a limit set a moment after exec applies to
+    every allocation the tool's work makes. Best effort where the platform
+    has no prlimit."""
+    try:
+        _, hard = resource.prlimit(pid, resource.RLIMIT_AS)
+        cap = MAX_TOOL_MEMORY if hard == resource.RLIM_INFINITY else min(MAX_TOOL_MEMORY, hard)
+        resource.prlimit(pid, resource.RLIMIT_AS, (cap, cap))
+    except (AttributeError, OSError, ValueError):
+        pass
+
+
+def _tool_env(home: str) -> dict[str, str]:
+    """What a renderer gets of the environment: the PATH (kustomize runs git
+    for remote bases), proxy and CA settings, and a private, empty home.
+
+    Nothing else: no credentials, tokens, SSH agent or kubeconfig of the
+    daemon that a tenant's chart or kustomization could make the tool use.
+    helm keeps repositories, caches and plugins under its homes, git its
+    config; with a fresh home per run one app's settings never reach another's
+    render, and the daemon's home is never written.
+    """
+    keep = ("PATH", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+            "SSL_CERT_FILE", "SSL_CERT_DIR", "LANG", "LC_ALL")
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    env.setdefault("PATH", os.defpath)
+    env.update({
+        "HOME": home, "TMPDIR": home,
+        "XDG_CONFIG_HOME": f"{home}/config", "XDG_CACHE_HOME": f"{home}/cache", "XDG_DATA_HOME": f"{home}/data",
+        "HELM_CACHE_HOME": f"{home}/cache", "HELM_CONFIG_HOME": f"{home}/config", "HELM_DATA_HOME": f"{home}/data",
+        "KUSTOMIZE_PLUGIN_HOME": f"{home}/plugins",
+        "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_TERMINAL_PROMPT": "0",
+        # Never a local clone (file://, or a path git takes as one), nor a
+        # transport that runs a command.
+        "GIT_ALLOW_PROTOCOL": "https:http:ssh:git",
+    })
+    return env
+
+
+def _collect(proc: subprocess.Popen, *, deadline: float) -> tuple[bytes, bytes, str | None]:
+    """(stdout, stderr tail, why stopped) of a running tool: "timeout" or
+    "output" (more than the render may read) when it had to be killed."""
+    out, err = bytearray(), bytearray()
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ, out)
+        sel.register(proc.stderr, selectors.EVENT_READ, err)
+        while sel.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return _kill(proc, out, err, "timeout")
+            for key, _ in sel.select(left):
+                chunk = os.read(key.fd, 1 << 16)
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                    continue
+                key.data.extend(chunk)
+                if key.data is out and len(out) > yamlload.MAX_RENDER_BYTES:
+                    return _kill(proc, out, err, "output")
+                if key.data is err and len(err) > 2 * MAX_STDERR_BYTES:
+                    # Cut at a line start: a secret split by the cut would
+                    # escape the scrubber by its tail.
+                    cut = err.find(b"\n", len(err) - MAX_STDERR_BYTES)
+                    del err[:cut + 1 if cut >= 0 else len(err) - MAX_STDERR_BYTES]
+    try:
+        proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
+    except subprocess.TimeoutExpired:
+        return _kill(proc, out, err, "timeout")
+    return bytes(out), bytes(err), None
+
+
+def _kill(proc: subprocess.Popen, out: bytearray, err: bytearray, why: str) -> tuple[bytes, bytes, str]:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session: the tool and whatever it started
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    return bytes(out), bytes(err), why
+
+
+def _tail(text: str, limit: int) -> str:
+    """The last `limit` characters of `text`, from a line start when it is cut."""
+    if len(text) <= limit:
+        return text
+    cut = text.find("\n", len(text) - limit)
+    return "…" + (text[cut + 1:] if cut >= 0 else text[-limit:])
+
+
+def _render_kustomize(real_root: Path, target: Path, *, rel: str, timeout: float, allow_remote: bool,
                       problems: _Problems) -> list[Manifest]:
     source = f"kustomize build {rel}"
     if not target.is_dir() or not any((target / f).is_file() for f in KUSTOMIZATION_FILES):
         problems.add(f"{rel}: no {' / '.join(KUSTOMIZATION_FILES)} here, so nothing for kustomize to build",
                      hint="use render: plain or auto for a directory of plain manifests")
         return []
-    out = _run_tool([str(find_tool("kustomize")), "build", rel], cwd=real_root, env=None, timeout=timeout,
-                    what=source, problems=problems)
+    walk = confine.KustomizeWalk(real_root, allow_remote=allow_remote, problems=problems).run(target)
+    problems.secrets |= walk.secrets
+    if not walk.ok:
+        return []
+    with tempfile.TemporaryDirectory(prefix="gitopsd-kustomize-") as home:
+        out = _run_tool("kustomize", ["build", rel], cwd=real_root, home=home, timeout=timeout,
+                        what=source, problems=problems)
     if out is None:
         return []
-    docs = _load_yaml(out, source=source, problems=problems)
+    docs = _load_yaml(out, source=source, problems=problems, tool_output=True)
     # Every object of one build shares a source: kustomize merged the files,
     # so which file an object came from is no longer known.
     return _manifests_from_documents(((d, source) for d in docs or ()), problems=problems)
@@ -506,49 +657,29 @@ def _render_helm(real_root: Path, target: Path, *, rel: str, namespace: str, val
     value_args: list[str] = []
     for v in values:
         try:
-            value_args += ["-f", _relative(real_root, _inside_root(real_root, v, what="helm values file"))]
+            value_args += ["-f", relative(real_root, inside_root(real_root, v, what="helm values file"))]
         except RenderError as exc:  # collect them all, not just the first
             for p in exc.problems:
                 problems.add(p, hint=exc.hint)
     if len(value_args) != 2 * len(values):
         return []
-    if not _chart_stays_inside(real_root, target, problems=problems):
+    # helm loads every file of the chart directory, following directory
+    # links (templates, files for `.Files.Get`, subcharts under charts/): a
+    # link out would render the daemon's own files into a tenant's objects.
+    if not confine.check_tree(real_root, target, problems=problems):
         return []
     release = release or _default_release(target)
-    cmd = [str(find_tool("helm")), "template", release, rel, "--namespace", namespace,
+    args = ["template", release, rel, "--namespace", namespace,
            # CRDs in crds/ are left out by default, yet the chart's custom
            # resources need them; tests are pods meant for `helm test`, not
            # objects to keep running.
            "--include-crds", "--skip-tests", *value_args]
-    # helm reads and writes repositories, caches and plugins under $HOME; a
-    # fresh directory per run keeps it off the daemon's home and keeps
-    # one app's repository credentials from leaking into another's render.
     with tempfile.TemporaryDirectory(prefix="gitopsd-helm-") as home:
-        env = {**os.environ, "HELM_CACHE_HOME": f"{home}/cache", "HELM_CONFIG_HOME": f"{home}/config",
-               "HELM_DATA_HOME": f"{home}/data"}
-        out = _run_tool(cmd, cwd=real_root, env=env, timeout=timeout, what=what, problems=problems)
+        out = _run_tool("helm", args, cwd=real_root, home=home, timeout=timeout, what=what, problems=problems)
     if out is None:
         return []
     return _manifests_from_documents(_helm_documents(out, rel=rel, fallback=what, problems=problems),
                                      problems=problems)
-
-
-def _chart_stays_inside(real_root: Path, chart: Path, *, problems: _Problems) -> bool:
-    """helm follows symlinks in a chart itself (`.Files.Get`, templates): a link
-    out of the checkout would render files of the daemon's own filesystem — its
-    ServiceAccount token — into a tenant's objects. Kustomize refuses the same
-    trick; for helm we check before running it."""
-    ok = True
-    for dirpath, dirnames, filenames in os.walk(chart, followlinks=False):
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            if path.is_symlink():
-                resolved = path.resolve()
-                if resolved != real_root and real_root not in resolved.parents:
-                    problems.add(f"{_relative(real_root, path)}: a symlink out of the repository "
-                                 f"(to {os.readlink(path)})", hint="a chart may only use files of its own repository")
-                    ok = False
-    return ok
 
 
 def _default_release(chart: Path) -> str:
@@ -558,7 +689,7 @@ def _default_release(chart: Path) -> str:
     the checkout directory, which changes with every commit.
     """
     try:
-        meta = yaml.load((chart / CHART_FILE).read_text(), Loader=_LOADER)
+        meta = yamlload.load_one((chart / CHART_FILE).read_text())
         name = meta.get("name") if isinstance(meta, dict) else None
     except (OSError, yaml.YAMLError):
         name = None
@@ -597,7 +728,7 @@ def _helm_documents(out: str, *, rel: str, fallback: str, problems: _Problems) -
             n = seen.get(source, 0)
             seen[source] = n + 1
             source = f"{source}#{n}"
-        for doc in _load_yaml(chunk, source=source, problems=problems) or ():
+        for doc in _load_yaml(chunk, source=source, problems=problems, tool_output=True) or ():
             pairs.append((doc, source))
     return pairs
 
@@ -652,10 +783,23 @@ def _check_identity(m: Manifest, *, problems: _Problems) -> bool:
     if obj.get("kind") == "Secret" and obj.get("apiVersion") == "v1":
         for section in ("data", "stringData"):
             values = obj.get(section) or {}
-            bad = sorted(str(k) for k, v in values.items() if not isinstance(v, str)) \
-                if isinstance(values, dict) else []
+            # Named by section or key only: a value must never reach a message.
+            if not isinstance(values, dict):
+                problems.add(f"{m.source}: Secret/{meta['name']}: {section} must be a mapping of keys to "
+                             f"strings, not a {_type_name(values)}",
+                             hint=f"write {section} as `key: value` lines, not as a list")
+                return False
+            malformed = sum(1 for k in values if not _SECRET_KEY.match(str(k)))
+            if malformed:
+                # Not named: a key with a space in it is often a value that
+                # lost its `=` (`password hunter2` in a generator's env file).
+                problems.add(f"{m.source}: Secret/{meta['name']}: {section} has {malformed} key(s) that are not "
+                             "valid Secret keys (letters, digits, '-', '_' and '.' only; not shown, as such a key "
+                             "may hold a value)",
+                             hint="a `key value` line in a secret generator's env file? write `key=value`")
+                return False
+            bad = sorted(str(k) for k, v in values.items() if not isinstance(v, str))
             if bad:
-                # Named by key only: the value itself must never reach a message.
                 problems.add(f"{m.source}: Secret/{meta['name']}: {section} values must be strings; not: "
                              f"{', '.join(bad)}", hint="quote the values (an unquoted 0123 or true is not a string)")
                 return False

@@ -34,3 +34,8 @@ IS_LEADER = Gauge("gitopsd_leader", "1 while this instance holds the leader leas
 WEBHOOKS = Counter(
     "gitopsd_webhook_requests_total", "Push webhooks received, by provider and result.",
     ["provider", "result"], registry=REGISTRY)
+HTTP_CONNECTIONS = Counter(
+    "gitopsd_http_connections_total",
+    "Connections to the HTTP port by how they ended: served, client_gone (hung up, timed out or too slow), "
+    "error (a bug, logged with its traceback).",
+    ["ended"], registry=REGISTRY)

@@ -7,6 +7,7 @@ import hmac
 import json
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
 
@@ -94,12 +95,14 @@ class Harness:
             with err:
                 return err.code, dict(err.headers), err.read()
 
-    def github(self, payload: dict, *, secret: bytes | None = None, event: str = "push") -> tuple[int, dict, bytes]:
+    def github(self, payload: dict, *, secret: bytes | None = None, event: str = "push",
+               delivery: str | None = None) -> tuple[int, dict, bytes]:
+        """A GitHub delivery; each call is a new one (fresh id) unless ``delivery`` repeats one."""
         body = json.dumps(payload).encode()
         sig = "sha256=" + hmac.new(self.secret if secret is None else secret, body, hashlib.sha256).hexdigest()
         return self.request("/hooks/github", body=body, headers={
             "Content-Type": "application/json", "X-GitHub-Event": event, "X-Hub-Signature-256": sig,
-            "X-GitHub-Delivery": "72d3162e-cc78-11e3-81ab-4c9367dc0958"})
+            "X-GitHub-Delivery": delivery or str(uuid.uuid4())})
 
 
 @pytest.fixture

@@ -174,7 +174,10 @@ class _HTTPServer(ThreadingHTTPServer):
             ended = "error"
             self.app.log.exception("http request failed", remote=_host(client_address))
         finally:
-            self.deadlines.disarm(request)
+            if self.deadlines.forget(request) and ended == "served":
+                ended = "client_gone"
+                self.app.log.debug("http client too slow; connection cut", remote=_host(client_address),
+                                   deadline=self.deadlines.seconds)
             self.shutdown_request(request)
             metrics.HTTP_CONNECTIONS.labels(ended=ended).inc()
 
@@ -192,6 +195,7 @@ class _Deadlines:
     def __init__(self, *, seconds: float) -> None:
         self.seconds = seconds
         self._due: dict[socket.socket, float] = {}
+        self._cut: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
 
@@ -209,6 +213,19 @@ class _Deadlines:
         with self._lock:
             self._due.pop(sock, None)
 
+    def was_cut(self, sock: socket.socket) -> bool:
+        with self._lock:
+            return sock in self._cut
+
+    def forget(self, sock: socket.socket) -> bool:
+        """Drop everything about a finished connection; True if we cut it."""
+        with self._lock:
+            self._due.pop(sock, None)
+            if sock in self._cut:
+                self._cut.discard(sock)
+                return True
+            return False
+
     def _run(self) -> None:
         step = min(0.5, self.seconds / 4)
         while not self._stop.wait(step):
@@ -217,6 +234,7 @@ class _Deadlines:
                 late = [s for s, due in self._due.items() if due <= now]
                 for s in late:
                     del self._due[s]
+                    self._cut.add(s)
             for s in late:
                 try:
                     s.shutdown(socket.SHUT_RDWR)
@@ -237,6 +255,15 @@ class _Handler(BaseHTTPRequestHandler):
         # it is disarmed once we have all of it (_dispatch, or after the body).
         self.server.deadlines.arm(self.connection)
         super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        # A connection cut by the deadline leaves a fragment of a request line or
+        # head in the buffer: answer nothing, act on nothing.
+        ok = not self.server.deadlines.was_cut(self.connection) and super().parse_request()
+        if self.server.deadlines.was_cut(self.connection):
+            self.close_connection = True
+            return False
+        return ok
 
     def _dispatch(self) -> None:
         method = self.command
@@ -359,11 +386,9 @@ class _Handler(BaseHTTPRequestHandler):
                               doc={"error": f"body larger than {MAX_BODY} bytes"})
             self._drain(length=length)
             return None
-        try:
-            body = self.rfile.read(length)
-        except OSError:  # timeout or reset mid-body: nobody is left to answer
-            self.close_connection = True
-            return None
+        # A reset or timeout mid-body propagates: nobody is left to answer, and
+        # _HTTPServer counts it as a client that went away.
+        body = self.rfile.read(length)
         if len(body) != length:
             self.close_connection = True
             self._hook_answer(provider=provider, result="bad_request", status=HTTPStatus.BAD_REQUEST,

@@ -36,6 +36,7 @@ WEBHOOKS = Counter(
     ["provider", "result"], registry=REGISTRY)
 HTTP_CONNECTIONS = Counter(
     "gitopsd_http_connections_total",
-    "Connections to the HTTP port by how they ended: served, client_gone (hung up, timed out or too slow), "
+    "Connections to the HTTP port by how they ended: closed (normally, an idle keep-alive included), "
+    "client_gone (reset, broken pipe, timed out mid-request, or cut by the request deadline), "
     "error (a bug, logged with its traceback).",
     ["ended"], registry=REGISTRY)

@@ -149,6 +149,9 @@ class Server:
 
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    # The stdlib's 5 drops SYNs in a burst of connections, and a push webhook
+    # arriving in such a burst would wait for its retransmit (1 s and more).
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], *, app: Server) -> None:
         self.app = app
@@ -164,7 +167,7 @@ class _HTTPServer(ThreadingHTTPServer):
         client that resets its connection or stops reading; here that is a
         debug line, and only a real bug is logged as an error.
         """
-        ended = "served"
+        ended = "closed"
         try:
             self.finish_request(request, client_address)
         except (ConnectionError, TimeoutError) as exc:  # reset, broken pipe, aborted, timed out
@@ -174,7 +177,7 @@ class _HTTPServer(ThreadingHTTPServer):
             ended = "error"
             self.app.log.exception("http request failed", remote=_host(client_address))
         finally:
-            if self.deadlines.forget(request) and ended == "served":
+            if self.deadlines.forget(request) and ended == "closed":
                 ended = "client_gone"
                 self.app.log.debug("http client too slow; connection cut", remote=_host(client_address),
                                    deadline=self.deadlines.seconds)

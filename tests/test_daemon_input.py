@@ -342,19 +342,20 @@ def test_webhook_reconcile_with_no_change_is_a_counter(repo, kube, namespace, tm
 
 def test_commit_that_changes_nothing_live_is_recorded_so_a_restart_keeps_hand_edits(
         repo, kube, namespace, tmp_path, start_daemon):
+    # No webhook here: the commit is picked up by the local-repository watch,
+    # a trigger whose NoChange reconciles are otherwise steady state.
     first_daemon = blue_app_running(repo, kube, namespace, tmp_path, start_daemon, "manual", "--no-leader-elect",
-                                    "--no-watch-local", selfHeal=False)
+                                    selfHeal=False)
     applied = wait_transition(first_daemon, "first audit", result="Applied")
     repo.write("NOTES.txt", "not a manifest\n")
     docs_only = repo.commit("docs only")
-    post_generic(first_daemon, repo.url, docs_only)
     rec = wait_transition(first_daemon, "the docs-only commit recorded", 15, revision=docs_only)
-    assert rec["result"] == "NoChange" and rec["previous"] == applied["revision"]
+    assert rec["result"] == "NoChange" and rec["previous"] == applied["revision"] and rec["trigger"] == "watch"
 
     _hand_edit(kube, namespace, "hand-painted")
     first_daemon.wait_event(lambda e: e.get("event") == "drift detected", "drift reported", 10)
     first_daemon.stop()
-    second = start_daemon(tmp_path / "config.yaml", "--no-leader-elect", "--no-watch-local", name="second")
+    second = start_daemon(tmp_path / "config.yaml", "--no-leader-elect", name="second")
     rec = wait_transition(second, "first record", app="manual")
     assert rec["previous"] == docs_only and rec["result"] == "DryRun", rec
     assert cm_data(kube, namespace, "settings") == {"color": "hand-painted"}

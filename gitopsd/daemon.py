@@ -10,10 +10,17 @@ backoff, its status. The daemon wires the runners to the outside world:
 - the HTTP server: push webhooks (-> runners whose repo and branch match),
   /healthz, /readyz, /metrics, /status;
 - watchfiles: the config file (hot reload; an invalid edit is rejected and the
-  previous config keeps running) and, in development, local repositories;
+  previous config keeps running — a missing, unreadable or empty file is an
+  invalid edit, never "no apps": that takes an explicit `apps: []`) and, in
+  development, local repositories;
 - a Lease (leader election): only the leader reconciles;
 - SIGTERM: stop taking work, let running reconciles finish (their health
   waits are cancelled), release the lease.
+
+A runner starts knowing nothing, whether the daemon just started, won the
+lease, or a reload (re-)added its app: before its first reconcile it reads
+the app's last applied revision back from the audit trail in the cluster, so
+`previous` is right and, with self-heal off, hand edits are not reverted.
 
 Execution model: a runner never runs two reconciles of its app at once. A
 trigger that arrives while one runs is remembered and runs right after; a
@@ -94,6 +101,7 @@ class AppRunner:
         self.desired: dict[ObjectRef, ObjectChange] = {}
         self.dirty: set[ObjectRef] = set()    # drift candidates seen during a run
         self.last_applied: str | None = None  # sha last written to the cluster
+        self.restored = False                 # last_applied read back from the cluster (see _restore)
         self.last_result: SyncResult | None = None
         self.last_drift: dict | None = None
         self.reported: dict[ObjectRef, tuple] = {}   # drift already reported (self-heal off)
@@ -147,6 +155,13 @@ class AppRunner:
         cfg = self.cfg
         if cfg.suspend or not self.daemon.may_write():
             return
+        if not self.restored:
+            try:
+                self._restore()
+            except GitopsdError as exc:
+                self._record_failure(trigger, f"cannot read the last applied revision of app {cfg.name} from "
+                                              f"its audit trail: {exc}")
+                return
         try:
             spec = cfg.to_spec(inventory_namespace=self.daemon.namespace,
                                credentials=self.daemon.credentials(cfg))
@@ -170,10 +185,17 @@ class AppRunner:
                       on_progress=still_leader)
         metrics.RECONCILE_DURATION.labels(app=cfg.name).observe(time.monotonic() - started)
         metrics.RECONCILE_RESULTS.labels(app=cfg.name, trigger=trigger, outcome=result.outcome.value).inc()
-        with self.lock:
-            if self.stopped:
-                return  # removed from the config meanwhile: start nothing new for it
         previous = self.last_applied
+        with self.lock:
+            stopped = self.stopped
+        if stopped:
+            # Removed from the config (or shutting down) meanwhile: start nothing new
+            # for it, but what this run wrote is history, and the trail is where a
+            # re-added app or the next leader reads its last revision from.
+            if result.applied or result.pruned:
+                self.daemon.audit.record(audit.transition_record(result, trigger=trigger, previous=previous,
+                                                                 instance=self.daemon.instance))
+            return
         plan = result.plan
         if plan is not None and not plan.errors:
             self.inv = plan.inventory
@@ -214,7 +236,7 @@ class AppRunner:
             if rechecked and health_mod.summarize(rechecked)[0]:
                 result.health = rechecked
                 result.reason = "the rollout has become healthy"
-        transition = self._is_transition(result, trigger)
+        transition = self._is_transition(result)
         if transition:
             self.last_result = result
         if transition:
@@ -225,32 +247,50 @@ class AppRunner:
                                                                         if result.revision else None))
         self._write_status()
 
-    def _is_transition(self, result: SyncResult, trigger: str) -> bool:
+    def _is_transition(self, result: SyncResult) -> bool:
         """Whether this reconcile is worth an audit record and a status write.
 
-        Steady state is not: a NoChange after a success (or after an Unhealthy
-        of the same commit, whose verdict stands until a new rollout), or the
-        same failure again on retry — else an outage of a day writes thousands
-        of identical records and retention pushes out the history that matters.
+        Steady state is not: a NoChange of the same commit after a success (or
+        after an Unhealthy of the same commit, whose verdict stands until a new
+        rollout), or the same failure again on retry — else an outage of a day
+        writes thousands of identical records and retention pushes out the
+        history that matters. Whatever triggered it: a webhook replayed fifty
+        times is fifty reconciles in gitopsd_reconcile_total{trigger="webhook",
+        outcome="NoChange"}, not fifty records. A new commit is always one.
         """
         prev = self.last_result
-        if trigger in ("webhook", "cli") or prev is None:
+        if prev is None:
             return True
         sha = result.revision.sha if result.revision else None
         prev_sha = prev.revision.sha if prev.revision else None
         if result.outcome in (Outcome.NO_CHANGE, Outcome.DRY_RUN):
-            if prev.outcome == Outcome.UNHEALTHY and prev_sha == sha:
+            if sha != prev_sha:
+                return True   # a commit that changed nothing live still moved the revision
+            if prev.outcome == Outcome.UNHEALTHY:
                 return bool(result.health)   # only once the rollout has recovered
             return prev.outcome not in (Outcome.APPLIED, Outcome.NO_CHANGE, result.outcome)
         if result.outcome in (Outcome.FAILED, Outcome.REFUSED):
             return not (prev.outcome == result.outcome and prev.reason == result.reason and prev_sha == sha)
         return True
 
+    def _restore(self) -> None:
+        """Read the app's last applied revision back from its audit trail.
+
+        The trail, not this process, is the memory: another replica may have
+        led meanwhile, and a removed app's runner is gone with its state.
+        Raises GitopsdError when the trail cannot be read; the reconcile then
+        fails and retries rather than run without it (self-heal off would
+        apply over hand edits).
+        """
+        self.last_applied = audit.last_revision(self.daemon.kube, namespace=self.daemon.namespace,
+                                                app=self.cfg.name)
+        self.restored = True
+
     def _record_failure(self, trigger: str, reason: str) -> None:
         result = SyncResult(app=self.cfg.name, outcome=Outcome.FAILED, reason=reason, errors=[reason])
         metrics.RECONCILE_RESULTS.labels(app=self.cfg.name, trigger=trigger, outcome="Failed").inc()
         self._schedule_retry()
-        if not self._is_transition(result, trigger):
+        if not self._is_transition(result):
             return
         self.last_result = result
         self.daemon.audit.record(audit.transition_record(result, trigger=trigger, previous=self.last_applied,
@@ -414,7 +454,10 @@ class Daemon:
         self.cache_dir = cache_dir or default_cache_dir()
         self.watch_local = watch_local
         self.config = config_mod.load(config_path)   # an invalid initial config is fatal
-        self._config_digest = self._read_config()[0]
+        try:
+            self._config_digest = self._read_config()[0]
+        except OSError:
+            self._config_digest = ""   # gone since load: the watch will say so
         self.runners: dict[str, AppRunner] = {}
         self.pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="app")
         self.scheduler = BackgroundScheduler(timezone=timezone.utc, job_defaults={"coalesce": True,
@@ -507,12 +550,8 @@ class Daemon:
         for r in list(self.runners.values()):
             # Another replica may have led meanwhile: re-read the ApplySet parent,
             # rewrite status, and take the last applied commit from the audit trail
-            # (self-heal off must not revert hand edits just because we restarted).
-            r.inv, r.status_written, r.last_result = None, None, None
-            try:
-                r.last_applied = audit.last_revision(self.kube, namespace=self.namespace, app=r.cfg.name)
-            except GitopsdError as exc:
-                log.warning("cannot read the last applied revision", app=r.cfg.name, error=str(exc))
+            # again (AppRunner._restore, before the next reconcile).
+            r.inv, r.status_written, r.last_result, r.restored = None, None, None, False
             r.trigger("leader")
 
     def _on_standby(self) -> None:
@@ -597,35 +636,91 @@ class Daemon:
     # ------------------------------------------------------------ config reload
 
     def _read_config(self) -> tuple[str, bytes]:
-        """(digest, bytes) of one read of the file: what is parsed is what was hashed."""
-        try:
-            data = self.config_path.read_bytes()
-        except OSError:
-            return "", b""
+        """(digest, bytes) of one read of the file: what is parsed is what was hashed.
+
+        Raises OSError when the file cannot be read (missing, a directory, no permission).
+        """
+        data = self.config_path.read_bytes()
         return hashlib.sha256(data).hexdigest(), data
 
+    def _config_dirs(self) -> tuple[Path, ...]:
+        """Where a change to the config file shows: its directory (watched recursively,
+        so a ConfigMap volume's `..data` swap is seen), and the directory of the file
+        a symlink points to when that lies elsewhere."""
+        parent = self.config_path.absolute().parent
+        target = self.config_path.resolve().parent
+        if target == parent or target.is_relative_to(parent) or not target.is_dir():
+            return (parent,)
+        return (parent, target)
+
     def _watch_config(self) -> None:
+        """Hot reload until stopped, surviving what editors and Kubernetes do to the file.
+
+        Not a watch on the file itself: editors save by writing a new file and
+        renaming it over the old one, and ConfigMap volumes swap a symlink, either
+        of which ends a watch on the old inode. If the watch itself fails (the
+        directory was removed), it is re-armed every second, and the file is read
+        again each time so that nothing changed meanwhile is missed.
+        """
         from watchfiles import watch
 
-        # Watch the directory: ConfigMap volumes replace files by swapping symlinks.
-        for _changes in watch(self.config_path.parent, stop_event=self._stop, debounce=200, step=50,
-                              rust_timeout=1000, yield_on_timeout=False):
+        problem = None
+        while not self._stop.is_set():
+            dirs = self._config_dirs()
             try:
-                self.reload()
-            except Exception:  # noqa: BLE001 - hot reload must survive a bug in one reload
-                log.exception("config reload failed; the previous config keeps running")
+                for _changes in watch(*dirs, stop_event=self._stop, debounce=200, step=50, rust_timeout=1000,
+                                      yield_on_timeout=False):
+                    problem = None
+                    self._reload_safely()
+                    if self._config_dirs() != dirs:
+                        break  # the link points into another directory now: watch that one
+            except Exception as exc:  # noqa: BLE001 - the watch must come back, whatever ended it
+                if str(exc) != problem:
+                    log.warning("cannot watch the config file's directory; retrying every second",
+                                path=str(self.config_path), directories=[str(d) for d in dirs],
+                                error=f"{type(exc).__name__}: {exc}")
+                problem = str(exc)
+                self._stop.wait(1.0)
+                self._reload_safely()
+
+    def _reload_safely(self) -> None:
+        try:
+            self.reload()
+        except Exception:  # noqa: BLE001 - hot reload must survive a bug in one reload
+            log.exception("config reload failed; the previous config keeps running")
 
     def reload(self) -> None:
-        digest, data = self._read_config()
+        """Apply a changed config file; a file that is not a valid config changes nothing.
+
+        Missing, unreadable, empty or not UTF-8 is not "no apps": an `rm`, a
+        half-written save or a broken volume mount must not stop every app.
+        Each distinct rejected state is logged once; the next valid version
+        (the file re-created included) is picked up.
+        """
+        try:
+            digest, data = self._read_config()
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError):
+                why = "the file is missing (deleted, or moved away)"
+            else:
+                why = f"cannot read the file: {exc.strerror or exc}"
+            self._reject(f"unreadable:{type(exc).__name__}", why,
+                         hint="restore the file; to remove every app, write a file with `apps: []`")
+            return
         if digest == self._config_digest:
             return
+        if not data.strip():
+            self._reject(digest, "the file is empty",
+                         hint="to remove every app, write `apps: []`; an empty file is taken for an accident")
+            return
         try:
-            new = config_mod.parse(data.decode("utf-8", errors="replace"), source=str(self.config_path),
-                                   base_dir=self.config_path.parent)
+            new = config_mod.parse(data.decode("utf-8"), source=str(self.config_path),
+                                   base_dir=self.config_path.absolute().parent)
+        except UnicodeDecodeError as exc:
+            self._reject(digest, f"not UTF-8 text (byte {exc.start})")
+            return
         except GitopsdError as exc:
-            log.error("config change rejected; the previous config keeps running", path=str(self.config_path),
-                      error=str(exc))
-            self._config_digest = digest
+            self._reject(digest, str(exc))
             return
         change = config_mod.diff(self.config, new)
         self.config, self._config_digest = new, digest
@@ -640,8 +735,16 @@ class Daemon:
             runner.cfg = new.app(name)
             self._schedule(runner)
             runner.trigger("config")
-        log.info("config reloaded", added=list(change.added), removed=list(change.removed),
-                 changed=list(change.changed))
+        log.info("config reloaded", path=str(self.config_path), added=list(change.added),
+                 removed=list(change.removed), changed=list(change.changed))
+
+    def _reject(self, state: str, error: str, *, hint: str | None = None) -> None:
+        """Log a rejected config state once (`state` identifies it) and keep the running apps."""
+        if state == self._config_digest:
+            return
+        self._config_digest = state
+        log.error("config change rejected; the previous config keeps running", path=str(self.config_path),
+                  error=error, hint=hint, running=sorted(self.runners))
 
     def _watch_local_repos(self) -> None:
         """Development mode: a commit to a local repository reconciles within a second."""
@@ -710,8 +813,10 @@ class Daemon:
         body = json.dumps({"repo": event.repo_urls[0] if event.repo_urls else "", "repos": list(event.repo_urls),
                            "ref": event.ref, "after": event.after, "forwardedBy": self.instance}).encode()
         sig = "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
-        req = urllib.request.Request(url.rstrip("/") + "/hooks/generic", data=body, method="POST",
-                                     headers={"Content-Type": "application/json", "X-Gitopsd-Signature": sig})
+        headers = {"Content-Type": "application/json", "X-Gitopsd-Signature": sig}
+        if event.delivery:
+            headers["X-Gitopsd-Delivery"] = event.delivery   # so the leader recognises a replay too
+        req = urllib.request.Request(url.rstrip("/") + "/hooks/generic", data=body, method="POST", headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=5) as resp:
                 triggered = json.loads(resp.read() or b"{}").get("triggered", [])

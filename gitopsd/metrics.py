@@ -34,3 +34,9 @@ IS_LEADER = Gauge("gitopsd_leader", "1 while this instance holds the leader leas
 WEBHOOKS = Counter(
     "gitopsd_webhook_requests_total", "Push webhooks received, by provider and result.",
     ["provider", "result"], registry=REGISTRY)
+HTTP_CONNECTIONS = Counter(
+    "gitopsd_http_connections_total",
+    "Connections to the HTTP port by how they ended: closed (normally, an idle keep-alive included), "
+    "client_gone (reset, broken pipe, timed out mid-request, or cut by the request deadline), "
+    "error (a bug, logged with its traceback).",
+    ["ended"], registry=REGISTRY)

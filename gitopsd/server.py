@@ -7,7 +7,10 @@ Routes:
   (401), parse it (400; 202 for events we ignore such as GitHub's ``ping``),
   hand the ``PushEvent`` to ``on_push`` and answer **202 Accepted** with
   ``{"triggered": [app, ...]}``. 202 rather than 200 because the syncs are
-  only enqueued, not done, when we answer. Each delivery counts once in
+  only enqueued, not done, when we answer. A delivery seen before (same
+  delivery id, ref and commit within ``DELIVERY_TTL``: a provider's retry or
+  a replay) is answered **200** with ``{"duplicate": true, ...}`` and not
+  acted on. Each delivery counts once in
   ``gitopsd_webhook_requests_total{provider, result}``.
 - ``GET /healthz`` (liveness), ``GET /readyz`` (readiness): 200 ``ok`` or
   503 with the reason as plain text.
@@ -19,10 +22,20 @@ Anything else is 404; a known path with the wrong method is 405 with
 
 The handler threads never do real work: ``on_push`` must only enqueue (it is
 called from several request threads at once, so it must be thread-safe).
-Requests time out after ``REQUEST_TIMEOUT`` seconds so a slow client cannot
-hold a thread forever. The secret is read through a callable at each request,
-so a hot-reloaded config takes effect on the next delivery; neither it nor a
-received signature is ever logged or echoed.
+
+Slow and vanishing clients: every connection has its own thread, so a slow
+one never delays another (a push webhook included). Each read waits at most
+``REQUEST_TIMEOUT`` seconds, and a request must be complete — head and body —
+within ``REQUEST_DEADLINE`` of its first byte being awaited, so a client
+dripping a byte every few seconds (slowloris) cannot hold a thread for long
+either. A client that hangs up or times out is one debug line and a count in
+``gitopsd_http_connections_total{ended="client_gone"}``, never a traceback;
+an unexpected exception in a handler is a bug: one error line with its
+traceback (``ended="error"``).
+
+The secret is read through a callable at each request, so a hot-reloaded
+config takes effect on the next delivery; neither it nor a received signature
+is ever logged or echoed.
 """
 
 from __future__ import annotations
@@ -44,7 +57,9 @@ from gitopsd.errors import GitopsdError
 from gitopsd.webhook import normalize_repo_url, PushEvent, WebhookError
 
 MAX_BODY = 5 * 1024 * 1024  # bounds memory per request; real push payloads are far smaller
-REQUEST_TIMEOUT = 10.0  # seconds for a client to send its request
+REQUEST_TIMEOUT = 10.0  # seconds one read from a client may wait
+REQUEST_DEADLINE = 30.0  # seconds for a whole request (head and body) to arrive
+DELIVERY_TTL = 3600.0  # seconds a delivery id is remembered to recognise its duplicates
 # After a 413 we read and discard up to this much (for at most DRAIN_SECONDS)
 # so the client sees our answer instead of a connection reset mid-upload.
 DRAIN_LIMIT = 64 * 1024 * 1024
@@ -71,6 +86,8 @@ class Server:
         status: Callable[[], dict] | None = None,
         registry: prometheus_client.CollectorRegistry = metrics.REGISTRY,
         log: Any = None,
+        deliveries: webhook.RecentDeliveries | None = None,
+        request_deadline: float = REQUEST_DEADLINE,
     ) -> None:
         self.host = host
         self.on_push = on_push
@@ -80,6 +97,8 @@ class Server:
         self.status = status
         self.registry = registry
         self.log = log if log is not None else structlog.get_logger("gitopsd.server")
+        self.deliveries = deliveries if deliveries is not None else webhook.RecentDeliveries(ttl=DELIVERY_TTL)
+        self.request_deadline = request_deadline
         self._port = port
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -103,6 +122,7 @@ class Server:
         self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1},
                                         name=f"gitopsd-http-{self._port}", daemon=True)
         self._thread.start()
+        httpd.deadlines.start()
         self.log.info("http server listening", host=self.host, port=self._port)
 
     @property
@@ -121,6 +141,7 @@ class Server:
         if httpd is None:
             return
         httpd.shutdown()
+        httpd.deadlines.stop()
         httpd.server_close()
         if thread is not None:
             thread.join(timeout=10)
@@ -128,12 +149,100 @@ class Server:
 
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    # The stdlib's 5 drops SYNs in a burst of connections, and a push webhook
+    # arriving in such a burst would wait for its retransmit (1 s and more).
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], *, app: Server) -> None:
         self.app = app
+        self.deadlines = _Deadlines(seconds=app.request_deadline)
         if ":" in address[0]:  # an IPv6 literal such as ::1
             self.address_family = socket.AF_INET6
         super().__init__(address, handler)
+
+    def process_request_thread(self, request: socket.socket, client_address: Any) -> None:
+        """One connection, start to end (the stdlib's, with our own error handling).
+
+        The stdlib's ``handle_error`` prints a traceback to stderr for every
+        client that resets its connection or stops reading; here that is a
+        debug line, and only a real bug is logged as an error.
+        """
+        ended = "closed"
+        try:
+            self.finish_request(request, client_address)
+        except (ConnectionError, TimeoutError) as exc:  # reset, broken pipe, aborted, timed out
+            ended = "client_gone"
+            self.app.log.debug("http client went away", remote=_host(client_address), error=type(exc).__name__)
+        except Exception:  # noqa: BLE001 - a bug in a handler must not kill the server
+            ended = "error"
+            self.app.log.exception("http request failed", remote=_host(client_address))
+        finally:
+            if self.deadlines.forget(request) and ended == "closed":
+                ended = "client_gone"
+                self.app.log.debug("http client too slow; connection cut", remote=_host(client_address),
+                                   deadline=self.deadlines.seconds)
+            self.shutdown_request(request)
+            metrics.HTTP_CONNECTIONS.labels(ended=ended).inc()
+
+
+class _Deadlines:
+    """Cuts connections whose request has not fully arrived in time.
+
+    The per-read timeout alone lets a client that sends one byte every few
+    seconds keep its thread forever (Go's http.Server has ReadHeaderTimeout
+    for the same reason). One thread checks every armed connection twice a
+    second and shuts the late ones down; the blocked read then returns and
+    the handler ends as for a client that hung up.
+    """
+
+    def __init__(self, *, seconds: float) -> None:
+        self.seconds = seconds
+        self._due: dict[socket.socket, float] = {}
+        self._cut: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="gitopsd-http-deadlines", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def arm(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._due[sock] = time.monotonic() + self.seconds
+
+    def disarm(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._due.pop(sock, None)
+
+    def was_cut(self, sock: socket.socket) -> bool:
+        with self._lock:
+            return sock in self._cut
+
+    def forget(self, sock: socket.socket) -> bool:
+        """Drop everything about a finished connection; True if we cut it."""
+        with self._lock:
+            self._due.pop(sock, None)
+            if sock in self._cut:
+                self._cut.discard(sock)
+                return True
+            return False
+
+    def _run(self) -> None:
+        step = min(0.5, self.seconds / 4)
+        while not self._stop.wait(step):
+            now = time.monotonic()
+            with self._lock:
+                late = [s for s, due in self._due.items() if due <= now]
+                for s in late:
+                    del self._due[s]
+                    self._cut.add(s)
+            for s in late:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # closed meanwhile
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -144,6 +253,21 @@ class _Handler(BaseHTTPRequestHandler):
 
     # --- dispatch --------------------------------------------------------------
 
+    def handle_one_request(self) -> None:
+        # The deadline covers waiting for the request, its head and its body;
+        # it is disarmed once we have all of it (_dispatch, or after the body).
+        self.server.deadlines.arm(self.connection)
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        # A connection cut by the deadline leaves a fragment of a request line or
+        # head in the buffer: answer nothing, act on nothing.
+        ok = not self.server.deadlines.was_cut(self.connection) and super().parse_request()
+        if self.server.deadlines.was_cut(self.connection):
+            self.close_connection = True
+            return False
+        return ok
+
     def _dispatch(self) -> None:
         method = self.command
         # Not urlsplit: it would read a path starting with "//" as a host.
@@ -152,11 +276,12 @@ class _Handler(BaseHTTPRequestHandler):
             # Only hooks read a body; an unread one would be misread as the
             # next request on this keep-alive connection.
             self.close_connection = True
-        if path in _HOOK_PATHS:
-            if method != "POST":
-                self._method_not_allowed(allow="POST")
-                return
+        if path in _HOOK_PATHS and method == "POST":
             self._hook(provider=_HOOK_PATHS[path])
+            return
+        self.server.deadlines.disarm(self.connection)  # nothing more to read
+        if path in _HOOK_PATHS:
+            self._method_not_allowed(allow="POST")
             return
         if path in _GET_PATHS and not (path == "/status" and self.app.status is None):
             if method not in ("GET", "HEAD"):
@@ -183,6 +308,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _hook(self, *, provider: str) -> None:
         started = time.monotonic()
         body = self._read_body(provider=provider)
+        self.server.deadlines.disarm(self.connection)
         if body is None:
             return
         try:
@@ -208,16 +334,25 @@ class _Handler(BaseHTTPRequestHandler):
             result, key = ("ignored", "ignored") if ignored else ("bad_request", "error")
             self._hook_answer(provider=provider, result=result, status=exc.status, doc={key: exc.message})
             return
+        key = webhook.delivery_key(event)
+        if key is not None and not self.app.deliveries.claim(key):
+            self.app.log.info("webhook duplicate ignored", provider=provider, ref=event.ref, after=event.after,
+                              delivery=event.delivery, remote=self._remote())
+            self._hook_answer(provider=provider, result="duplicate", status=HTTPStatus.OK,
+                              doc={"duplicate": True, "delivery": event.delivery, "triggered": []})
+            return
         try:
             triggered = list(self.app.on_push(event))
         except Exception as exc:
+            if key is not None:
+                self.app.deliveries.release(key)  # not acted on: the provider's retry must be
             self._hook_failed(provider=provider, stage="dispatching the push", exc=exc)
             return
         self.app.log.info(
             "webhook received", provider=provider, ref=event.ref,
             # normalised: a CI job's URL may embed a job token (https://user:token@...)
             repo=normalize_repo_url(event.repo_urls[0]), after=event.after,
-            triggered=triggered, delivery=self._delivery_id(), remote=self._remote(),
+            triggered=triggered, delivery=event.delivery, remote=self._remote(),
             ms=round((time.monotonic() - started) * 1000, 1),
         )
         self._hook_answer(
@@ -254,11 +389,9 @@ class _Handler(BaseHTTPRequestHandler):
                               doc={"error": f"body larger than {MAX_BODY} bytes"})
             self._drain(length=length)
             return None
-        try:
-            body = self.rfile.read(length)
-        except OSError:  # timeout or reset mid-body: nobody is left to answer
-            self.close_connection = True
-            return None
+        # A reset or timeout mid-body propagates: nobody is left to answer, and
+        # _HTTPServer counts it as a client that went away.
+        body = self.rfile.read(length)
         if len(body) != length:
             self.close_connection = True
             self._hook_answer(provider=provider, result="bad_request", status=HTTPStatus.BAD_REQUEST,
@@ -295,11 +428,8 @@ class _Handler(BaseHTTPRequestHandler):
         metrics.WEBHOOKS.labels(provider=provider, result=result).inc()
         self._send(status, _json_bytes(doc=doc), _JSON)
 
-    def _delivery_id(self) -> str | None:
-        return self.headers.get("X-GitHub-Delivery") or self.headers.get("X-Gitlab-Event-UUID")
-
     def _remote(self) -> str:
-        return str(self.client_address[0]) if self.client_address else "?"
+        return _host(self.client_address)
 
     # --- probes, metrics, status ---------------------------------------------------
 
@@ -361,6 +491,10 @@ class _Handler(BaseHTTPRequestHandler):
         debug = getattr(self.app.log, "debug", None)
         if debug is not None:
             debug("http request", line=format % args, remote=self._remote())
+
+
+def _host(client_address: Any) -> str:
+    return str(client_address[0]) if client_address else "?"
 
 
 def _json_bytes(*, doc: Any) -> bytes:

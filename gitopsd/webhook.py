@@ -27,10 +27,19 @@ Three providers:
       sig=$(printf %s "$body" | openssl dgst -sha256 -hmac "$SECRET" -r | cut -d' ' -f1)
       curl -H "X-Gitopsd-Signature: sha256=$sig" -d "$body" http://gitopsd:8080/hooks/generic
 
-An empty secret disables webhooks: every delivery is refused (401). There is
-no replay protection (GitHub and GitLab offer none to check); a replayed push
-only triggers a reconcile, which is idempotent. Neither the secret nor a
-received signature ever appears in an error message.
+An empty secret disables webhooks: every delivery is refused (401). Neither
+the secret nor a received signature ever appears in an error message.
+
+Redeliveries and replays: providers retry a delivery (GitHub's "Redeliver",
+GitLab's automatic retries) under the same delivery id, and anyone who
+captured a signed delivery can send it again. ``delivery_id`` reads the id
+from the headers each provider (or a Gitea/Gogs server speaking GitHub's
+protocol) sends; ``RecentDeliveries`` remembers recent ids so the server can
+answer a duplicate without acting on it. The id header is not covered by the
+signature, so a replay under a fresh id gets through: it costs one fetch and
+a reconcile that changes nothing (the daemon counts that, it does not record
+it). Scripts calling ``generic`` may send ``X-Gitopsd-Delivery`` (or
+``Idempotency-Key``) to get the same protection.
 """
 
 from __future__ import annotations
@@ -41,8 +50,11 @@ import hashlib
 import hmac
 import json
 import re
+import threading
+import time
 import urllib.parse
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +71,15 @@ _CASE_INSENSITIVE_HOSTS = frozenset({"github.com", "gitlab.com"})
 # Payload fields holding the repository's URL in its various forms.
 _GITHUB_URL_KEYS = ("clone_url", "ssh_url", "git_url", "html_url", "url")
 _GITLAB_URL_KEYS = ("git_http_url", "git_ssh_url", "http_url", "ssh_url", "web_url", "url", "homepage")
+# Where each sender puts the id of a delivery, the same id on every retry of it.
+# GitLab: Idempotency-Key (stable across retries, GitLab >= 17.4) before
+# X-Gitlab-Event-UUID (older servers). Gitea and Gogs send their own header
+# beside X-GitHub-Delivery; Bitbucket sends X-Request-UUID (never X-Hook-UUID:
+# that names the hook, the same for all its deliveries). X-Gitopsd-Delivery:
+# a standby replica forwarding a push to the leader, or a script.
+DELIVERY_HEADERS = ("X-GitHub-Delivery", "X-Gitea-Delivery", "X-Gogs-Delivery", "Idempotency-Key",
+                    "X-Gitlab-Event-UUID", "X-Request-UUID", "X-Gitopsd-Delivery")
+MAX_DELIVERY_ID = 200  # characters kept of a delivery id (real ones are 36-character UUIDs)
 
 
 @dataclass(frozen=True)
@@ -72,6 +93,7 @@ class PushEvent:
     tag: str | None  # "v1" for refs/tags/v1, else None
     after: str | None  # the new commit; None when absent or a deletion (all zeros)
     forwarded_by: str | None = None  # set when a standby replica forwarded this push (never forwarded again)
+    delivery: str | None = None  # the sender's delivery id (see delivery_id), when it sent one
 
 
 class WebhookError(Exception):
@@ -192,12 +214,15 @@ def parse(provider: str, body: bytes, headers: Mapping[str, str]) -> PushEvent:
     gains nothing.
     """
     if provider == "github":
-        return _parse_github(body=body, headers=headers)
-    if provider == "gitlab":
-        return _parse_gitlab(body=body, headers=headers)
-    if provider == "generic":
-        return _parse_generic(body=body)
-    raise ValueError(f"unknown webhook provider {provider!r}; expected one of {', '.join(PROVIDERS)}")
+        event = _parse_github(body=body, headers=headers)
+    elif provider == "gitlab":
+        event = _parse_gitlab(body=body, headers=headers)
+    elif provider == "generic":
+        event = _parse_generic(body=body)
+    else:
+        raise ValueError(f"unknown webhook provider {provider!r}; expected one of {', '.join(PROVIDERS)}")
+    delivery = delivery_id(headers)
+    return dataclasses.replace(event, delivery=delivery) if delivery else event
 
 
 def _parse_github(*, body: bytes, headers: Mapping[str, str]) -> PushEvent:
@@ -302,6 +327,80 @@ def _event(*, provider: str, urls: list[str], ref: str, after: object) -> PushEv
     commit = after if isinstance(after, str) and after.strip("0") else None  # all zeros: ref deleted
     return PushEvent(provider=provider, repo_urls=tuple(urls), ref=ref, branch=branch or None, tag=tag or None,
                      after=commit)
+
+
+# --- redeliveries ----------------------------------------------------------------
+
+
+def delivery_id(headers: Mapping[str, str]) -> str | None:
+    """The sender's id of this delivery (first of ``DELIVERY_HEADERS`` present), or None.
+
+    Trimmed to ``MAX_DELIVERY_ID`` printable characters: it is logged and
+    echoed, and it comes from the network.
+    """
+    for name in DELIVERY_HEADERS:
+        value = _header(headers=headers, name=name)
+        if value is not None:
+            cleaned = "".join(ch for ch in value.strip() if ch.isprintable())[:MAX_DELIVERY_ID]
+            if cleaned:
+                return cleaned
+    return None
+
+
+def delivery_key(event: PushEvent) -> str | None:
+    """What makes two deliveries the same, or None when the sender gave no id.
+
+    The id alone is not enough: GitLab shares X-Gitlab-Event-UUID between
+    the hooks fired by one request (a branch and a tag pushed together), so
+    the pushed ref and commit are part of the key. The provider is not: a
+    push forwarded by a standby arrives as ``generic`` with the same id,
+    ref and commit, and is the same delivery.
+    """
+    if not event.delivery:
+        return None
+    return hashlib.sha256("\0".join((event.delivery, event.ref, event.after or "")).encode()).hexdigest()
+
+
+class RecentDeliveries:
+    """The delivery keys seen within ``ttl`` seconds, at most ``max_entries`` of them.
+
+    A bounded memory: the oldest key goes first when full, so a flood of
+    fresh ids costs a fixed amount of memory and only shortens how far back
+    duplicates are recognised. Thread-safe (the HTTP server calls it from
+    one thread per request). ``claim`` is the only test-and-set: two copies
+    of one delivery arriving at once are one first and one duplicate.
+    """
+
+    def __init__(self, *, ttl: float = 3600.0, max_entries: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._clock = clock
+        self._seen: OrderedDict[str, float] = OrderedDict()  # key -> when claimed, oldest first
+        self._lock = threading.Lock()
+
+    def claim(self, key: str) -> bool:
+        """True the first time ``key`` is seen within ``ttl``; False for a duplicate."""
+        now = self._clock()
+        with self._lock:
+            while self._seen:
+                oldest, when = next(iter(self._seen.items()))
+                if now - when < self.ttl and len(self._seen) < self.max_entries:
+                    break
+                del self._seen[oldest]
+            if key in self._seen:
+                return False
+            self._seen[key] = now
+            return True
+
+    def release(self, key: str) -> None:
+        """Forget ``key``: the delivery was not acted on, so its retry must be."""
+        with self._lock:
+            self._seen.pop(key, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._seen)
 
 
 # --- matching ------------------------------------------------------------------

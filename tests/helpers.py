@@ -205,3 +205,65 @@ def post_generic(daemon: DaemonProcess, repo_url: str, sha: str, *, secret: str 
 def cm_data(kube, namespace: str, name: str) -> dict | None:
     obj = kube.get(kube.resource("v1", "ConfigMap"), name, namespace)
     return None if obj is None else obj.get("data")
+
+
+def blue_app_running(repo, kube, namespace, tmp_path, start_daemon, name: str, *flags: str, **entry):
+    """The common daemon start: a repo with ConfigMap settings (color: blue), one
+    app, a running daemon, and the first sync done."""
+    repo.write("cm.yaml", configmap("settings", {"color": "blue"}))
+    repo.commit()
+    config = write_config(tmp_path / "config.yaml", [app_entry(name, repo.url, namespace, **entry)])
+    daemon = start_daemon(config, *flags)
+    wait_for("first sync", lambda: cm_data(kube, namespace, "settings") == {"color": "blue"}, 30)
+    return daemon
+
+
+def github_push(repo_url: str, sha: str, *, message: str = "a push") -> bytes:
+    """The body GitHub sends for a push to main (trimmed to the fields gitopsd reads)."""
+    return json.dumps({
+        "ref": "refs/heads/main", "before": "0" * 39 + "1", "after": sha,
+        "repository": {"full_name": "org/fleet", "clone_url": repo_url, "html_url": "https://github.com/org/fleet"},
+        "head_commit": {"id": sha, "message": message},
+    }).encode()
+
+
+def post_github(daemon: DaemonProcess, body: bytes, *, delivery: str | None = None,
+                secret: str = SECRET) -> tuple[int, str]:
+    """A signed GitHub push delivery (a fresh delivery id unless `delivery` repeats one)."""
+    import hashlib
+    import hmac
+    import uuid
+
+    sig = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return daemon.post("/hooks/github", body, {"X-GitHub-Event": "push", "X-Hub-Signature-256": sig,
+                                               "X-GitHub-Delivery": delivery or str(uuid.uuid4()),
+                                               "Content-Type": "application/json"})
+
+
+def transitions(daemon: DaemonProcess, app: str | None = None) -> list[dict]:
+    """The transition records the daemon logged (one JSON line each; drift records left out), oldest first."""
+    return [e for e in daemon.events() if e.get("event") == "audit" and e.get("type") == "transition"
+            and (app is None or e.get("app") == app)]
+
+
+def wait_transition(daemon: DaemonProcess, what: str, timeout: float = 30.0, **fields) -> dict:
+    """The first logged transition record whose fields include `fields`."""
+    return daemon.wait_event(lambda e: e.get("event") == "audit" and e.get("type") == "transition"
+                             and all(e.get(k) == v for k, v in fields.items()), what, timeout)
+
+
+def metric(daemon: DaemonProcess, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` whose labels include `labels`, read from GET /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    code, text = daemon.get("/metrics")
+    assert code == 200, text
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def replace_file(path: Path, text: str | bytes) -> None:
+    """Write a file the way editors save and tools deploy: a new file renamed over the old."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(text if isinstance(text, bytes) else text.encode())
+    os.replace(tmp, path)

@@ -8,21 +8,10 @@ import time
 
 import pytest
 
-from helpers import (SECRET, app_entry, cm_data, configmap, deployment, post_generic, wait_for,
-                     write_config)
+from helpers import (SECRET, app_entry, blue_app_running, cm_data, configmap, deployment, post_generic,
+                     wait_for, write_config)
 
 pytestmark = pytest.mark.cluster
-
-
-def blue_app_running(repo, kube, namespace, tmp_path, start_daemon, name: str, *flags: str, **entry):
-    """The common start: a repo with ConfigMap settings (color: blue), one app, a
-    running daemon, and the first sync done."""
-    repo.write("cm.yaml", configmap("settings", {"color": "blue"}))
-    repo.commit()
-    config = write_config(tmp_path / "config.yaml", [app_entry(name, repo.url, namespace, **entry)])
-    daemon = start_daemon(config, *flags)
-    wait_for("first sync", lambda: cm_data(kube, namespace, "settings") == {"color": "blue"}, 30)
-    return daemon
 
 
 def test_commit_plus_webhook_is_applied_within_two_seconds(repo, kube, namespace, tmp_path, start_daemon):

@@ -5,8 +5,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import socket
+import struct
+import threading
+import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
 
@@ -54,7 +59,7 @@ class ListLog:
         return lambda event, **kw: self.events.append((level, event, kw))
 
     def __getattr__(self, level: str):
-        if level in ("debug", "info", "warning", "error"):
+        if level in ("debug", "info", "warning", "error", "exception"):
             return self._record(level)
         raise AttributeError(level)
 
@@ -94,12 +99,14 @@ class Harness:
             with err:
                 return err.code, dict(err.headers), err.read()
 
-    def github(self, payload: dict, *, secret: bytes | None = None, event: str = "push") -> tuple[int, dict, bytes]:
+    def github(self, payload: dict, *, secret: bytes | None = None, event: str = "push",
+               delivery: str | None = None) -> tuple[int, dict, bytes]:
+        """A GitHub delivery; each call is a new one (fresh id) unless ``delivery`` repeats one."""
         body = json.dumps(payload).encode()
         sig = "sha256=" + hmac.new(self.secret if secret is None else secret, body, hashlib.sha256).hexdigest()
         return self.request("/hooks/github", body=body, headers={
             "Content-Type": "application/json", "X-GitHub-Event": event, "X-Hub-Signature-256": sig,
-            "X-GitHub-Delivery": "72d3162e-cc78-11e3-81ab-4c9367dc0958"})
+            "X-GitHub-Delivery": delivery or str(uuid.uuid4())})
 
 
 @pytest.fixture
@@ -120,6 +127,25 @@ def make() -> Iterator:
 def _count(provider: str, result: str) -> float:
     return metrics.REGISTRY.get_sample_value(
         "gitopsd_webhook_requests_total", {"provider": provider, "result": result}) or 0.0
+
+
+def _ended(how: str) -> float:
+    return metrics.REGISTRY.get_sample_value("gitopsd_http_connections_total", {"ended": how}) or 0.0
+
+
+def _wait(what: str, check, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _reset(sock: socket.socket) -> None:
+    """Hang up the way a vanished client does: a TCP reset, not a polite close."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
 
 
 def test_valid_github_push_triggers_matching_apps(make):
@@ -272,3 +298,186 @@ def test_stop_releases_the_port():
         assert again.server.port == port
     finally:
         again.server.stop()
+
+
+def test_a_redelivered_push_is_answered_as_a_duplicate_and_not_dispatched(make):
+    h = make()
+    before = _count("github", "duplicate")
+    assert h.github(PUSH, delivery="d-1")[0] == 202
+    for _ in range(5):
+        status, _, body = h.github(PUSH, delivery="d-1")
+        assert (status, json.loads(body)) == (200, {"duplicate": True, "delivery": "d-1", "triggered": []})
+    assert len(h.pushes) == 1
+    assert _count("github", "duplicate") == before + 5
+    assert len(h.log.named("webhook duplicate ignored")) == 5
+    # Another delivery of the same push (a fresh id) is acted on: only the id makes a duplicate.
+    assert h.github(PUSH, delivery="d-2")[0] == 202 and len(h.pushes) == 2
+
+
+def test_copies_of_one_delivery_arriving_at_once_dispatch_once(make):
+    h = make()
+    answers: list[int] = []
+    threads = [threading.Thread(target=lambda: answers.append(h.github(PUSH, delivery="same")[0]))
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(answers) == [200] * 7 + [202]
+    assert len(h.pushes) == 1
+
+
+def test_a_delivery_whose_dispatch_failed_is_accepted_on_retry(make):
+    failing = [True]
+    pushes: list[PushEvent] = []
+
+    def on_push(event: PushEvent) -> list[str]:
+        if failing[0]:
+            raise RuntimeError("queue closed")
+        pushes.append(event)
+        return ["web"]
+
+    h = make(on_push=on_push)
+    assert h.github(PUSH, delivery="retry-me")[0] == 500
+    failing[0] = False
+    status, _, body = h.github(PUSH, delivery="retry-me")   # the provider's retry
+    assert (status, json.loads(body)) == (202, {"triggered": ["web"]})
+    assert [p.delivery for p in pushes] == ["retry-me"]
+
+
+def test_clients_that_hang_up_are_a_debug_line_not_a_traceback(make, capfd):
+    h = make()
+    gone_before = _ended("client_gone")
+    kinds = [b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+             b"POST /hooks/github HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n{\"ref\":",
+             b"GET /hea", b""]
+    for i in range(40):
+        sock = socket.create_connection(("127.0.0.1", h.server.port))
+        sock.sendall(kinds[i % len(kinds)])
+        _reset(sock)
+    _wait("every hang-up handled", lambda: _ended("client_gone") - gone_before >= 40)
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err and "Error" not in out + err
+    gone = h.log.named("http client went away")
+    assert len(gone) >= 40 and all(g["error"] in ("ConnectionResetError", "BrokenPipeError") for g in gone)
+    assert not [e for e in h.log.events if e[0] != "debug" and e[1] != "http server listening"]
+    assert h.request("/healthz")[0] == 200
+
+
+def test_a_request_dripping_in_byte_by_byte_is_cut_at_the_deadline(make):
+    h = make(request_deadline=1.0)
+    gone_before = _ended("client_gone")
+    sock = socket.create_connection(("127.0.0.1", h.server.port))
+    sock.settimeout(0.2)
+    started = time.monotonic()
+    closed = False
+    for byte in b"POST /hooks/github HTTP/1.1\r\nHost: gitopsd\r\nX-Padding: " + b"x" * 200:
+        try:
+            sock.sendall(bytes([byte]))
+            closed = sock.recv(100) == b""   # each read waits 0.2 s: the drip rate
+        except socket.timeout:
+            continue
+        except OSError:
+            closed = True
+        if closed:
+            break
+    elapsed = time.monotonic() - started
+    sock.close()
+    assert closed and 0.9 <= elapsed < 3.0, elapsed   # well before 200 bytes x 0.2 s
+    _wait("the cut counted", lambda: _ended("client_gone") > gone_before)
+    assert h.log.named("http client too slow; connection cut")
+    assert h.pushes == [] and h.request("/healthz")[0] == 200
+
+
+def test_a_request_that_arrives_in_time_is_not_cut(make):
+    h = make(request_deadline=1.0)
+    # One keep-alive connection, idle between requests for less than the deadline each time.
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", h.server.port, timeout=5)
+    for _ in range(3):
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().read() == b"ok\n"
+        time.sleep(0.5)
+    conn.close()
+
+
+def test_a_bug_in_a_handler_is_one_error_line_with_its_traceback(make, monkeypatch):
+    h = make()
+    errors_before = _ended("error")
+
+    def broken(self) -> None:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(server._Handler, "_get_metrics", broken)
+    with pytest.raises(OSError):   # the connection closes without an answer
+        h.request("/metrics")
+    _wait("the failure counted", lambda: _ended("error") == errors_before + 1)
+    [line] = [e for e in h.log.events if e[0] == "exception"]
+    assert line[1] == "http request failed" and line[2]["remote"] == "127.0.0.1"
+    assert h.request("/healthz")[0] == 200
+
+
+def _signed(body: bytes, secret: bytes = SECRET) -> str:
+    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+def _raw(h: Harness, request: bytes) -> bytes:
+    """Send bytes as they are (no client library tidying them); read until the server closes."""
+    with socket.create_connection(("127.0.0.1", h.server.port), timeout=10) as sock:
+        sock.sendall(request)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+_JSON_PUSH = json.dumps(PUSH).encode()
+_DEEP = b"[" * 100_000 + b"]" * 100_000
+MALFORMED = {
+    # name: (path, headers, body, expected status, a word the answer must carry)
+    "signed but not JSON": ("/hooks/github", {"X-GitHub-Event": "push", "Content-Type": "application/json"},
+                            b"ref=main&after=x", 400, "JSON"),
+    "signed JSON nested 100000 deep": ("/hooks/generic", {}, _DEEP, 400, "JSON"),
+    "signed JSON that is a list": ("/hooks/generic", {}, b"[1, 2]", 400, "object"),
+    "form-encoded without payload": ("/hooks/github", {"X-GitHub-Event": "push",
+                                                       "Content-Type": "application/x-www-form-urlencoded"},
+                                     b"other=1", 400, "payload"),
+    "text/plain content type, not a push": ("/hooks/github", {"X-GitHub-Event": "push", "Content-Type": "text/plain"},
+                                            b"just some text", 400, "JSON"),
+    "unknown GitHub event": ("/hooks/github", {"X-GitHub-Event": "deployment_status"}, _JSON_PUSH, 202, "ignored"),
+    "no event header": ("/hooks/github", {}, _JSON_PUSH, 400, "X-GitHub-Event"),
+    "GitLab merge request hook": ("/hooks/gitlab", {"X-Gitlab-Event": "Merge Request Hook"},
+                                  b'{"object_kind": "merge_request"}', 202, "ignored"),
+    "invalid UTF-8": ("/hooks/generic", {}, b'{"repo": "\xff\xfe", "ref": "main"}', 400, "JSON"),
+    "no repository in the push": ("/hooks/github", {"X-GitHub-Event": "push"},
+                                  json.dumps({**PUSH, "repository": None}).encode(), 400, "repository"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED, ids=list(MALFORMED))
+def test_a_malformed_delivery_gets_a_clear_answer_and_triggers_nothing(make, case):
+    path, headers, body, expected, word = MALFORMED[case]
+    h = make()
+    auth = {"X-Gitlab-Token": SECRET.decode()} if path == "/hooks/gitlab" else (
+        {"X-Hub-Signature-256": _signed(body)} if path == "/hooks/github" else {"X-Gitopsd-Signature": _signed(body)})
+    # (urllib would call every POST body form-encoded; say what is sent)
+    status, _, answer = h.request(path, body=body, headers={"Content-Type": "application/json", **headers, **auth})
+    assert status == expected, answer
+    assert word.lower() in answer.decode().lower()
+    assert h.pushes == []
+    assert h.request("/healthz")[0] == 200
+
+
+def test_a_body_without_a_length_or_with_a_false_one_is_refused(make):
+    h = make(request_deadline=1.0)
+    chunked = _raw(h, b"POST /hooks/generic HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      b"5\r\nhello\r\n0\r\n\r\n")
+    assert chunked.startswith(b"HTTP/1.1 411") and b"Content-Length required" in chunked
+    negative = _raw(h, b"POST /hooks/generic HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n")
+    assert negative.startswith(b"HTTP/1.1 400") and b"invalid Content-Length" in negative
+    # Promising 50 bytes and sending 2 holds nothing for long: the deadline cuts it, unanswered.
+    started = time.monotonic()
+    assert _raw(h, b"POST /hooks/generic HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{}") == b""
+    assert time.monotonic() - started < 3.0
+    assert h.pushes == [] and h.request("/healthz")[0] == 200

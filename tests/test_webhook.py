@@ -375,3 +375,59 @@ def test_public_functions_accept_positional_arguments():
     event = webhook.parse("github", body, {"X-GitHub-Event": "push"})
     assert webhook.matches("git@github.com:Codertocat/Hello-World.git", "main", event)
     assert webhook.normalize_repo_url("git@github.com:Codertocat/Hello-World.git") == "github.com/codertocat/hello-world"
+
+
+def test_delivery_id_is_read_from_each_senders_header():
+    uuid = "72d3162e-cc78-11e3-81ab-4c9367dc0958"
+    for header in ("X-GitHub-Delivery", "X-Gitea-Delivery", "X-Gogs-Delivery", "Idempotency-Key",
+                   "X-Gitlab-Event-UUID", "X-Request-UUID", "X-Gitopsd-Delivery"):
+        assert webhook.delivery_id({header: uuid}) == uuid, header
+        assert webhook.delivery_id({header.lower(): f"  {uuid} "}) == uuid, header
+    # GitLab: the key that stays the same across retries wins over the per-request one.
+    assert webhook.delivery_id({"X-Gitlab-Event-UUID": "per-request", "Idempotency-Key": "per-event"}) == "per-event"
+    # Bitbucket's X-Hook-UUID names the hook (the same for every delivery): never an id.
+    assert webhook.delivery_id({"X-Hook-UUID": uuid}) is None
+    assert webhook.delivery_id({}) is None and webhook.delivery_id({"X-GitHub-Delivery": "  "}) is None
+    # It comes from the network and is logged: printable and bounded.
+    odd = webhook.delivery_id({"X-GitHub-Delivery": "a\x1b[31mb\n" + "c" * 1000})
+    assert odd.startswith("a[31mb") and len(odd) == webhook.MAX_DELIVERY_ID and odd.isprintable()
+
+    event = webhook.parse(provider="github", body=_body(GITHUB_PUSH),
+                          headers={"X-GitHub-Event": "push", "X-GitHub-Delivery": uuid})
+    assert event.delivery == uuid
+
+
+def test_delivery_key_tells_apart_pushes_sharing_one_event_uuid():
+    headers = {"X-Gitlab-Event": "Push Hook", "X-Gitlab-Event-UUID": "one-request"}
+    branch = webhook.parse(provider="gitlab", body=_body(GITLAB_PUSH), headers=headers)
+    tag = webhook.parse(provider="gitlab", body=_body(GITLAB_TAG_PUSH), headers={**headers,
+                                                                               "X-Gitlab-Event": "Tag Push Hook"})
+    assert webhook.delivery_key(branch) != webhook.delivery_key(tag)
+    again = webhook.parse(provider="gitlab", body=_body(GITLAB_PUSH), headers=headers)
+    assert webhook.delivery_key(again) == webhook.delivery_key(branch)
+    # The same push forwarded by a standby (a generic hook with the same id) is the same delivery.
+    forwarded = webhook.parse(provider="generic", headers={"X-Gitopsd-Delivery": "one-request"}, body=_body(
+        {"repo": branch.repo_urls[0], "ref": branch.ref, "after": branch.after}))
+    assert webhook.delivery_key(forwarded) == webhook.delivery_key(branch)
+    assert webhook.delivery_key(webhook.parse(provider="gitlab", body=_body(GITLAB_PUSH),
+                                              headers={"X-Gitlab-Event": "Push Hook"})) is None
+
+
+def test_recent_deliveries_expire_and_stay_bounded():
+    now = [1000.0]
+    recent = webhook.RecentDeliveries(ttl=60.0, max_entries=3, clock=lambda: now[0])
+    assert recent.claim("a") and not recent.claim("a")
+    now[0] += 59
+    assert not recent.claim("a")          # a duplicate within the TTL
+    now[0] += 2
+    assert recent.claim("a")              # remembered no longer: acted on again
+    for key in ("b", "c", "d", "e"):
+        assert recent.claim(key)
+    assert len(recent) == 3               # the oldest went first
+    assert recent.claim("a") and not recent.claim("e")
+    recent.release("e")
+    assert recent.claim("e")              # released: its retry is acted on
+    many = webhook.RecentDeliveries(ttl=3600.0, max_entries=1000)
+    for i in range(50_000):               # a flood of fresh ids costs a fixed amount of memory
+        many.claim(str(i))
+    assert len(many) == 1000

@@ -24,11 +24,13 @@ a secret generator (`RenderError.secret_values`), every Secret value that
 gitopsd compares (gitopsd.diff registers both sides, so a value edited by
 hand into a live Secret is known before a drift report is written), and
 whatever *looks* like a value in a malformed Secret body — list items,
-scalars, nested leaves under `data`/`stringData`, and the part after `=`
-or `:` of an item written as `password=...`. Cheap encodings are known too:
-standard and URL-safe base64 (unpadded), URL encoding, JSON and Python
-string escaping, and each line of a multi-line value (a PEM key echoed one
-line at a time).
+scalars, nested leaves under `data`/`stringData`, the part after `=` or `:`
+of an item written as `password=...`, and of a key Kubernetes would refuse
+(`password=...: ""`: a value pasted where a key goes, which the apiserver's
+validation error quotes back); and the app's git token (gitopsd.sync).
+Cheap encodings are known too: standard and URL-safe base64 (unpadded),
+URL encoding, JSON and Python string escaping, and each line of a
+multi-line value (a PEM key echoed one line at a time).
 
 Design choices a security reviewer will ask about:
 
@@ -37,16 +39,21 @@ Design choices a security reviewer will ask about:
   apply, and a drift report or a retry may echo it later. The registry is
   bounded (MAX_ENTRIES forms; the oldest go first), so a daemon that sees a
   new secret value every hour for years does not grow without limit; at
-  about 100 bytes an entry the bound is ~10 MiB.
+  about 100 bytes an entry the bound is ~10 MiB. A value registered once
+  stays registered for as long as it keeps being seen.
 - **No plaintext.** The registry outlives the manifests it learned from, so
   it keeps no value: each form is stored as its length, a keyed BLAKE2b MAC
-  (128 bits, key drawn at random per process), and a 16-bit bucket of a
-  keyed polynomial rolling hash. A heap dump, an accidental repr or a debug
-  endpoint shows digests, and recovering a value from one takes a brute
-  force per guess under a key that never leaves the process; the 16-bit
-  bucket tells an attacker at most 16 bits about a value. Scanning a text
-  costs one rolling-hash pass per distinct registered length, and a MAC
-  only for windows whose bucket matches (about 1 in 65,536 by chance).
+  (128 bits; the key is drawn at random per process and never leaves it),
+  and a 16-bit bucket of a keyed rolling hash of its first MIN_LENGTH
+  characters. A heap dump, an accidental repr or a debug endpoint shows
+  digests; even with the key (a full memory dump), a value comes back only
+  by guessing it, one MAC per guess, so a strong token stays safe and only
+  a guessable password falls — as it would to a guess anyway. The bucket
+  gives away at most 16 bits of a value's first characters.
+- **Cost.** Scanning a text is one rolling-hash pass over it (~1 µs a
+  character in CPython, independent of how many values are known) plus a
+  MAC for each window whose bucket matches a known form (1 in 65,536 by
+  chance): a log line costs microseconds, a 100 KB audit record ~0.1 s.
 - **Minimum length: MIN_LENGTH characters.** A shorter value ("1", "true",
   "admin") would be redacted from every line that happens to contain it —
   timestamps, counts, field names — making logs useless, and its digest would
@@ -67,6 +74,7 @@ import collections
 import hashlib
 import itertools
 import json
+import re
 import secrets
 import sys
 import threading
@@ -78,6 +86,8 @@ MIN_LENGTH = 6
 MAX_ENTRIES = 100_000
 SECTIONS = ("data", "stringData")
 
+# What Kubernetes accepts as a Secret key (a ConfigMap key: alphanumerics, '-', '_', '.').
+_VALID_KEY = re.compile(r"[-._a-zA-Z0-9]+")
 _PRIME = (1 << 61) - 1          # modulus of the rolling hash (a Mersenne prime)
 _BUCKET_MASK = 0xFFFF           # 16 bits of the rolling hash are kept per form
 
@@ -219,6 +229,9 @@ def _secret_values(obj: object) -> list[str]:
     for section in SECTIONS:
         body = obj.get(section)
         if isinstance(body, dict):
+            # A key Kubernetes would refuse, written `password=...` or `password: ...`:
+            # a value pasted where a key goes. The apiserver's error will quote it.
+            values.extend(_after_separator(str(key)) for key in body if not _VALID_KEY.fullmatch(str(key)))
             for value in body.values():
                 if isinstance(value, (str, int, float)) and not isinstance(value, bool):
                     text = str(value)
@@ -304,12 +317,16 @@ def _loose_values(value: object) -> Iterator[str]:
     elif value is not None and not isinstance(value, bool):
         text = str(value)
         yield text
-        for line in text.splitlines():
-            for sep in ("=", ":"):
-                key, found, rest = line.partition(sep)
-                if found and key.strip() and rest.strip():
-                    yield rest.strip()
-                    break
+        yield from (_after_separator(line) for line in text.splitlines())
+
+
+def _after_separator(line: str) -> str:
+    """What follows the first `=` or `:` of a `key=value` / `key: value` line ("" when none)."""
+    for sep in ("=", ":"):
+        key, found, rest = line.partition(sep)
+        if found and key.strip() and rest.strip():
+            return rest.strip()
+    return ""
 
 
 def _forms(text: str) -> set[str]:

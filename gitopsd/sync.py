@@ -118,6 +118,8 @@ def fetch_and_plan(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None,
     does not re-read the parent either. Whatever it raises has been scrubbed
     of secret values (redact.scrub_exception), so a caller may print it.
     """
+    if app.credentials is not None:
+        redact.remember([app.credentials.token])   # a git token is a secret value too
     try:
         checkout = source.fetch(app.repo, app.ref, cache_dir=cache_dir or default_cache_dir(),
                                 credentials=app.credentials)
@@ -129,7 +131,8 @@ def fetch_and_plan(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None,
         plan = make_plan(kube, manifests, inv, prune=app.prune if prune is None else prune,
                          recreate=app.recreate, allowed_namespaces=app.allowed_namespaces, cache=cache)
     except Exception as exc:
-        raise redact.scrub_exception(exc)
+        redact.scrub_exception(exc)
+        raise
     return checkout.revision, plan
 
 
@@ -198,8 +201,10 @@ def sync(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None, dry_run: bo
                                                inv=inv, on_revision=on_revision)
         result.plan = plan
         if plan.errors:
-            result.errors = list(plan.errors)
-            result.reason = _cause("invalid object", plan.errors) + "; nothing was applied"
+            # Sorted (by file, then object): the dry-runs finish in any order, and a
+            # repeated failure must read the same to be recognised as the same.
+            result.errors = sorted(plan.errors)
+            result.reason = _cause("invalid object", result.errors) + "; nothing was applied"
             return result
         refused = prune_guard(app, plan) if do_prune else None
         if refused:

@@ -136,14 +136,16 @@ def test_the_registry_is_bounded_and_forgets_the_oldest_first(monkeypatch):
 
 def test_malformed_secret_bodies_register_what_looks_like_a_value():
     item, scalar, nested, number = _unique("list-item"), _unique("scalar"), _unique("nested"), 918273645546
+    pasted = _unique("pasted-into-a-key")
     bodies = [
         {"stringData": [f"password={item}"]},
+        {"stringData": {f"password={pasted}": "", "user": "admin"}},
         {"data": f"token: {scalar}"},
         {"stringData": {"db": {"password": nested}}},
         {"stringData": {"pin": number}},
     ]
     redact.remember_objects({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"}, **b} for b in bodies)
-    for value in (item, f"password={item}", scalar, nested, str(number)):
+    for value in (item, f"password={item}", scalar, nested, str(number), pasted):
         assert redact.scrub(f"got &{{[{value}]}}") == f"got &{{[{redact.REDACTED}]}}", value
 
 

@@ -37,10 +37,11 @@ Design choices a security reviewer will ask about:
 - **Lifetime: the process.** A value is not forgotten when its sync ends: a
   value rotated out of Git still sits in the live Secret until the next
   apply, and a drift report or a retry may echo it later. The registry is
-  bounded (MAX_ENTRIES forms; the oldest go first), so a daemon that sees a
-  new secret value every hour for years does not grow without limit; at
-  about 100 bytes an entry the bound is ~10 MiB. A value registered once
-  stays registered for as long as it keeps being seen.
+  bounded (MAX_ENTRIES forms, i.e. roughly 10,000 values; the one seen
+  least recently goes first), so a daemon that sees a new secret value every
+  hour for years does not grow without limit; at about 230 bytes a form the
+  bound is ~11 MiB. A value that every sync still renders is seen again
+  each time, so it is never the one forgotten.
 - **No plaintext.** The registry outlives the manifests it learned from, so
   it keeps no value: each form is stored as its length, a keyed BLAKE2b MAC
   (128 bits; the key is drawn at random per process and never leaves it),
@@ -62,6 +63,11 @@ Design choices a security reviewer will ask about:
   purpose; this layer is for the values that matter: passwords, tokens,
   keys. The rule applies per form, so a short value's longer base64 form is
   still scrubbed.
+- **What it cannot catch.** A value inside a larger encoded blob (the
+  base64 of `user:password`, a compressed or encrypted body), an encoding
+  not listed above, and the value of a Secret gitopsd never reads (one a
+  Pod references but Git does not hold). Those rely on the field-level
+  rules alone.
 
 The marker that replaces a value is REDACTED, the same one gitopsd.diff uses.
 """
@@ -83,7 +89,7 @@ from collections.abc import Iterable, Iterator
 
 REDACTED = "<redacted>"
 MIN_LENGTH = 6
-MAX_ENTRIES = 100_000
+MAX_ENTRIES = 50_000
 SECTIONS = ("data", "stringData")
 
 # What Kubernetes accepts as a Secret key (a ConfigMap key: alphanumerics, '-', '_', '.').
@@ -129,6 +135,10 @@ class _Registry:
         with self._lock:
             old = self._state
             fresh = [e for e in entries if (e[0], e[1]) not in old.order]
+            for length, digest, _ in entries:
+                if (length, digest) in old.order:
+                    # Seen again: to the young end. Only the order changes, which readers never use.
+                    old.order[(length, digest)] = old.order.pop((length, digest))
             if not fresh:
                 return
             state = old.copy()
@@ -161,10 +171,10 @@ class _Registry:
 
 
 class _State:
-    """One immutable-once-published snapshot of the registry."""
+    """One snapshot of the registry; once published, only `order` changes (under the lock)."""
 
     def __init__(self) -> None:
-        self.order: dict[tuple[int, bytes], int] = {}          # (length, digest) -> bucket, oldest first
+        self.order: dict[tuple[int, bytes], int] = {}          # (length, digest) -> bucket, least recent first
         self.digests: dict[int, set[bytes]] = {}               # length -> digests
         self.anchors: dict[int, collections.Counter] = {}      # bucket -> lengths using it (with counts)
 

@@ -123,15 +123,18 @@ def test_the_registry_keeps_no_value_in_plaintext():
     assert redact.scrub(value) == redact.REDACTED, "and still finds it"
 
 
-def test_the_registry_is_bounded_and_forgets_the_oldest_first(monkeypatch):
-    monkeypatch.setattr(redact, "MAX_ENTRIES", len(redact._registry) + 4)
-    first = _unique("oldest-value")
-    redact.remember([first])
-    assert redact.scrub(first) == redact.REDACTED
-    for _ in range(20):
+def test_the_registry_is_bounded_and_forgets_the_value_seen_least_recently(monkeypatch):
+    redact.forget_all()
+    monkeypatch.setattr(redact, "MAX_ENTRIES", 8)
+    stale, in_use = _unique("stale-value"), _unique("still-in-use")
+    redact.remember([stale, in_use])
+    assert redact.scrub(stale) == redact.scrub(in_use) == redact.REDACTED
+    for _ in range(10):
         redact.remember([_unique("newer")])
+        redact.remember([in_use])   # rendered again by every sync
     assert len(redact._registry) <= redact.MAX_ENTRIES
-    assert redact.scrub(first) == first, "the oldest value left the bounded registry"
+    assert redact.scrub(stale) == stale, "the value nobody renders any more left the bounded registry"
+    assert redact.scrub(in_use) == redact.REDACTED, "a value seen at every sync is never the one forgotten"
 
 
 def test_malformed_secret_bodies_register_what_looks_like_a_value():

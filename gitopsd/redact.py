@@ -228,10 +228,11 @@ def remember_secret(obj: object) -> None:
     `key=value` / `key: value` the part after the separator as well. A
     `data` value is registered raw and base64-decoded.
     """
-    remember(_secret_values(obj))
+    remember(secret_values(obj))
 
 
-def _secret_values(obj: object) -> list[str]:
+def secret_values(obj: object) -> list[str]:
+    """What remember_secret registers: every value-like text in a Secret body (none for other kinds)."""
     if not is_secret_kind(obj):
         return []
     assert isinstance(obj, dict)
@@ -259,7 +260,7 @@ def _secret_values(obj: object) -> list[str]:
 
 def remember_objects(objs: Iterable[object]) -> None:
     """Register the values of every Secret among `objs` (anything else is ignored)."""
-    remember(value for obj in objs for value in _secret_values(obj))
+    remember(value for obj in objs for value in secret_values(obj))
 
 
 def is_secret_kind(obj: object) -> bool:

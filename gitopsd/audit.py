@@ -72,7 +72,10 @@ kept, orphans}, ``written``, ``result``, ``reason``, ``errors``, ``health``
 Only field *paths* ever enter a record, never diff text, so no Secret value
 can (gitopsd.diff masks values before paths are computed); `reason` and
 `errors` are the sync's own messages, which gitopsd.plan.scrub has already
-cleaned of Secret values. A record over RECORD_MAX_BYTES has its longest
+cleaned of Secret values. As the last line of defence, AuditLog.record
+scrubs every string of every record by value (gitopsd.redact) before it is
+hashed, so what is stored, logged and announced in Events is the same
+clean text. A record over RECORD_MAX_BYTES has its longest
 lists cut, the numbers dropped under ``truncated``.
 """
 
@@ -95,7 +98,7 @@ import orjson
 import structlog
 
 from gitopsd import health as health_
-from gitopsd import inventory
+from gitopsd import inventory, redact
 from gitopsd.errors import ClusterError, GitopsdError
 from gitopsd.kube import Kube, KubeApiError
 from gitopsd.objects import ObjectRef
@@ -626,8 +629,9 @@ class AuditLog:
         if not app:
             raise ValueError("an audit record needs its app")
         # A JSON round trip: a deep copy (the caller's dict is never changed) in
-        # exactly the types that will be stored and hashed.
-        rec = _fit(orjson.loads(canonical(rec)))
+        # exactly the types that will be stored and hashed; then scrubbed of
+        # secret values before anything hashes, stores or prints it.
+        rec = _fit(redact.scrub_data(orjson.loads(canonical(rec))))
         rec["time"] = _iso(datetime.now(timezone.utc))
         rec.setdefault("instance", self.instance)
         with self._lock_for(app):
@@ -875,7 +879,7 @@ class AuditLog:
             "eventTime": rec["time"], "reportingController": REPORTING_CONTROLLER,
             "reportingInstance": str(rec.get("instance", ""))[:128] or "gitopsd",
             "action": action, "reason": reason, "type": "Warning" if warning else "Normal",
-            "regarding": regarding, "note": note[:EVENT_NOTE_MAX],
+            "regarding": regarding, "note": redact.scrub(note)[:EVENT_NOTE_MAX],
         }
         try:
             events = self.kube.resource("events.k8s.io/v1", "Event")

@@ -7,7 +7,11 @@ both sides and never show as drift. What differs is reported as field paths
 
 Secret values never leave this module: before anything is compared or
 printed, every value under a Secret's `data`/`stringData` is replaced by a
-marker that says only whether it changed.
+marker that says only whether it changed. A section that is not a mapping
+(a list, a text block: refused by gitopsd.sync before planning, but a live
+object is whatever the cluster holds) is masked as a whole. Both sides'
+values are also registered with gitopsd.redact, so a value someone edited
+into a live Secret by hand is scrubbed from any message that echoes it.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ from dataclasses import dataclass
 
 import yaml
 
+from gitopsd.redact import REDACTED, remember_objects
+
 # Server-maintained metadata that says nothing about desired state.
 _VOLATILE_METADATA = ("managedFields", "resourceVersion", "generation", "creationTimestamp", "uid", "selfLink")
-REDACTED = "<redacted>"
 REDACTED_CHANGED = "<redacted: changed>"
 
 
@@ -57,10 +62,19 @@ def redact_pair(live: dict, after: dict) -> tuple[dict, dict]:
     """Mask Secret values on both sides, keeping only 'present' and 'changed'."""
     if not (is_secret(live) or is_secret(after)):
         return live, after
+    remember_objects((live, after))
     live, after = copy.deepcopy(live), copy.deepcopy(after)
     for section in ("data", "stringData"):
         old = live.get(section) or {}
         new = after.get(section) or {}
+        if not (isinstance(old, dict) and isinstance(new, dict)):
+            # Malformed: no key-by-key comparison, and nothing of it is shown.
+            changed = old != new
+            if section in live:
+                live[section] = REDACTED
+            if section in after:
+                after[section] = REDACTED_CHANGED if changed and section in live else REDACTED
+            continue
         for key in set(old) | set(new):
             changed = old.get(key) != new.get(key)
             if key in old:

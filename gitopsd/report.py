@@ -1,11 +1,14 @@
 """Drift reports and sync summaries, as text for people and JSON for tools.
 
 Everything printed passes through here; diffs come from gitopsd.diff, which
-has already masked Secret values.
+has already masked Secret values. Each public function's result is also
+scrubbed by value (gitopsd.redact) — the last line of defence for a value
+that an error message echoed.
 """
 
 from __future__ import annotations
 
+from gitopsd import redact
 from gitopsd.plan import Action, Plan
 from gitopsd.source import Revision
 from gitopsd.sync import SyncResult
@@ -21,6 +24,10 @@ def revision_dict(rev: Revision | None) -> dict | None:
 
 
 def plan_dict(plan: Plan | None) -> dict:
+    return redact.scrub_data(_plan_dict(plan))
+
+
+def _plan_dict(plan: Plan | None) -> dict:
     if plan is None:
         return {"counts": {}, "changes": [], "errors": []}
     changes = []
@@ -43,6 +50,10 @@ def plan_dict(plan: Plan | None) -> dict:
 
 
 def plan_text(plan: Plan, rev: Revision | None, *, header: str) -> str:
+    return redact.scrub(_plan_text(plan, rev, header=header))
+
+
+def _plan_text(plan: Plan, rev: Revision | None, *, header: str) -> str:
     lines = [header]
     if rev is not None:
         first = rev.message.splitlines()[0] if rev.message else ""
@@ -68,24 +79,24 @@ def plan_text(plan: Plan, rev: Revision | None, *, header: str) -> str:
 
 
 def result_dict(result: SyncResult) -> dict:
-    return {
+    return redact.scrub_data({
         "app": result.app,
         "outcome": result.outcome.value,
         "reason": result.reason,
         "revision": revision_dict(result.revision),
-        "plan": plan_dict(result.plan),
+        "plan": _plan_dict(result.plan),
         "applied": [{"ref": str(c.ref), "action": c.action.value} for c in result.applied],
         "pruned": [str(c.ref) for c in result.pruned],
         "health": [{"ref": str(h.ref), "status": h.status.value, "message": h.message} for h in result.health],
         "errors": list(result.errors),
         "duration_seconds": round(result.duration, 3),
-    }
+    })
 
 
 def result_text(result: SyncResult) -> str:
     lines = []
     if result.plan is not None:
-        lines.append(plan_text(result.plan, result.revision, header=f"sync {result.app}:"))
+        lines.append(_plan_text(result.plan, result.revision, header=f"sync {result.app}:"))
     for h in result.health:
         if h.status.value != "Current":
             lines.append(f"  health {h.ref}: {h.status.value}: {h.message}")
@@ -93,4 +104,4 @@ def result_text(result: SyncResult) -> str:
         if result.plan is None or err not in result.plan.errors:
             lines.append(f"error: {err}")
     lines.append(f"{result.outcome.value}: {result.reason} ({result.duration:.1f}s)")
-    return "\n".join(lines)
+    return redact.scrub("\n".join(lines))

@@ -10,10 +10,21 @@ Failure rules: a source or render error stops before the cluster is touched
 (and never prunes); a plan error (any invalid object) stops before the first
 write and reports every invalid object; an apply error in one stage stops
 later stages and the prune.
+
+Secret values: every value of a rendered Secret is registered with
+gitopsd.redact before anything is planned, and a Secret whose `data` or
+`stringData` is not a mapping of strings (or whose `data` is not base64) is
+refused here, as a render error naming file, object and field — downstream
+code and the apiserver's own errors would otherwise echo the value. What
+leaves this module (a SyncResult, an exception) is scrubbed by value.
+
+A failure's `reason` is one line that carries its cause: the first problem
+itself (file, object, message) and how many more there are (`_cause`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import threading
 import time
@@ -24,9 +35,9 @@ from typing import Callable
 
 import structlog
 
-from gitopsd import health, inventory, render, source
+from gitopsd import health, inventory, redact, render, source
 from gitopsd.apply import ApplyOutcome, apply_plan
-from gitopsd.errors import GitopsdError
+from gitopsd.errors import GitopsdError, RenderError
 from gitopsd.kube import Kube
 from gitopsd.objects import ObjectRef, ref_of
 from gitopsd.plan import Action, ObjectChange, Plan, make_plan
@@ -104,20 +115,43 @@ def fetch_and_plan(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None,
     With a synced `cache` (the daemon's watch of the app's members) the plan
     reads live state from memory instead of listing; with `inv` (the
     daemon's copy of the ApplySet parent, kept current by its own writes) it
-    does not re-read the parent either.
+    does not re-read the parent either. Whatever it raises has been scrubbed
+    of secret values (redact.scrub_exception), so a caller may print it.
     """
-    checkout = source.fetch(app.repo, app.ref, cache_dir=cache_dir or default_cache_dir(),
-                            credentials=app.credentials)
-    if on_revision is not None:
-        on_revision(checkout.revision)
-    manifests = render.render(checkout.path, app.path, kind=app.render, namespace=app.namespace,
-                              helm_values=app.helm_values, helm_release=app.helm_release or app.name,
-                              is_namespaced=kube.is_namespaced)
-    if inv is None:
-        inv = inventory.load(kube, app=app.name, namespace=app.inventory_namespace)
-    plan = make_plan(kube, manifests, inv, prune=app.prune if prune is None else prune, recreate=app.recreate,
-                     allowed_namespaces=app.allowed_namespaces, cache=cache)
+    if app.credentials is not None:
+        redact.remember([app.credentials.token])   # a git token is a secret value too
+    try:
+        checkout = source.fetch(app.repo, app.ref, cache_dir=cache_dir or default_cache_dir(),
+                                credentials=app.credentials)
+        if on_revision is not None:
+            on_revision(checkout.revision)
+        manifests = _render(kube, app, checkout.path)
+        if inv is None:
+            inv = inventory.load(kube, app=app.name, namespace=app.inventory_namespace)
+        plan = make_plan(kube, manifests, inv, prune=app.prune if prune is None else prune,
+                         recreate=app.recreate, allowed_namespaces=app.allowed_namespaces, cache=cache)
+    except Exception as exc:
+        redact.scrub_exception(exc)
+        raise
     return checkout.revision, plan
+
+
+def _render(kube: Kube, app: AppSpec, checkout: Path) -> list[render.Manifest]:
+    """Render, learn every secret value, and refuse malformed Secret bodies."""
+    try:
+        manifests = render.render(checkout, app.path, kind=app.render, namespace=app.namespace,
+                                  helm_values=app.helm_values, helm_release=app.helm_release or app.name,
+                                  is_namespaced=kube.is_namespaced)
+    except RenderError as exc:
+        # Values a renderer found in secret generators (kustomize literals, env files).
+        redact.remember(getattr(exc, "secret_values", None) or ())
+        raise
+    redact.remember_objects(m.obj for m in manifests)
+    problems = [f"{m.source}: {m.ref}: {problem}" for m in manifests
+                for problem in redact.secret_body_problems(m.obj)]
+    if problems:
+        raise RenderError(problems)
+    return manifests
 
 
 def prune_guard(app: AppSpec, plan: Plan) -> str | None:
@@ -167,8 +201,10 @@ def sync(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None, dry_run: bo
                                                inv=inv, on_revision=on_revision)
         result.plan = plan
         if plan.errors:
-            result.errors = list(plan.errors)
-            result.reason = f"{len(plan.errors)} object(s) invalid; nothing was applied"
+            # Sorted (by file, then object): the dry-runs finish in any order, and a
+            # repeated failure must read the same to be recognised as the same.
+            result.errors = sorted(plan.errors)
+            result.reason = _cause("invalid object", result.errors) + "; nothing was applied"
             return result
         refused = prune_guard(app, plan) if do_prune else None
         if refused:
@@ -184,7 +220,7 @@ def sync(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None, dry_run: bo
         result.applied, result.pruned = outcome.applied, outcome.pruned
         if not outcome.ok:
             result.errors = outcome.errors
-            result.reason = f"apply failed: {len(outcome.errors)} error(s)"
+            result.reason = _cause("apply failed", outcome.errors)
             return result
         if not outcome.applied and not outcome.pruned:
             result.outcome, result.reason = Outcome.NO_CHANGE, "in sync"
@@ -199,7 +235,8 @@ def sync(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None, dry_run: bo
         return result
     except GitopsdError as exc:
         result.errors = [str(exc)]
-        result.reason = exc.message.splitlines()[0]
+        problems = exc.problems if isinstance(exc, RenderError) else []
+        result.reason = _cause("rendering failed", problems) if problems else exc.message.splitlines()[0]
         return result
     except Exception as exc:  # noqa: BLE001 - a bug must become a Failed result, not a lost reconcile
         log.exception("sync failed unexpectedly", app=app.name)
@@ -208,6 +245,37 @@ def sync(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None, dry_run: bo
         return result
     finally:
         result.duration = time.monotonic() - started
+        _scrub(result)
+
+
+# A reason is one line: enough for the first problem's file and message, not a page of tool output.
+MAX_CAUSE_CHARS = 400
+
+
+def _cause(what: str, problems: list[str]) -> str:
+    """`what: <the first problem> (and N more problems)` — one line that says why.
+
+    A count alone ("rendering failed with 1 problem") sends every reader of
+    history, Events and status to the logs; the first problem names the file
+    and the message, and the rest stay in the result's `errors`.
+    """
+    lines = [line.strip() for line in problems[0].splitlines() if line.strip()] if problems else []
+    first = " ".join(lines) or "(no message)"
+    if len(first) > MAX_CAUSE_CHARS:
+        first = first[:MAX_CAUSE_CHARS - 1] + "…"
+    more = len(problems) - 1
+    tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more > 0 else ""
+    return f"{what}: {first}{tail}"
+
+
+def _scrub(result: SyncResult) -> None:
+    """The last line of defence: no known secret value leaves a sync in its text."""
+    result.reason = redact.scrub(result.reason)
+    result.errors = [redact.scrub(e) for e in result.errors]
+    result.health = [dataclasses.replace(h, message=clean) if (clean := redact.scrub(h.message)) != h.message
+                     else h for h in result.health]
+    if result.plan is not None:
+        result.plan.errors[:] = [redact.scrub(e) for e in result.plan.errors]
 
 
 def _summary(outcome: ApplyOutcome) -> str:

@@ -1,15 +1,29 @@
-"""No Secret value appears in any output: diff text, diff JSON, sync output, errors."""
+"""No Secret value appears in any output: diff text, diff JSON, sync output, errors.
+
+The cluster test drives the real CLI; the rest prove the last line of
+defence (gitopsd.redact) and where it is wired in, on plain values.
+"""
 
 from __future__ import annotations
 
 import base64
+import io
+import json
+import pickle
 import re
+import subprocess
+import sys
+import urllib.parse
+import uuid
 
 import pytest
+import structlog
 
+from gitopsd import log as gitopsd_log
+from gitopsd import redact
+from gitopsd.errors import GitopsdError, RenderError
+from gitopsd.sync import _cause
 from helpers import gitopsd
-
-pytestmark = pytest.mark.cluster
 
 VALUE_1 = "hunter2-very-secret-value"
 VALUE_2 = "rotated-s3cret-value-xyz"
@@ -21,6 +35,11 @@ def _secret(value: str, extra: dict | None = None) -> dict:
             "stringData": {"token": value + "-token"}}
 
 
+def _unique(tag: str = "v") -> str:
+    return f"{tag}-{uuid.uuid4().hex[:16]}"
+
+
+@pytest.mark.cluster
 def test_no_secret_value_appears_in_any_output(repo, kubeconfig, source_cache, namespace):
     args = ("--repo", repo.url, "--ref", "main", "--namespace", namespace, "--app", namespace,
             "--inventory-namespace", namespace)
@@ -55,3 +74,180 @@ def test_no_secret_value_appears_in_any_output(repo, kubeconfig, source_cache, n
         for text in (proc.stdout, proc.stderr):
             for value in forbidden:
                 assert value not in text, f"secret value leaked in `{' '.join(proc.args[2:4])}` output"
+
+
+# ------------------------------------------------------------------ the registry (pure logic)
+
+def test_scrub_replaces_a_value_in_every_cheap_encoding():
+    value = _unique("pa ss/wörd\"&")
+    redact.remember([value])
+    raw = value.encode()
+    encodings = {
+        "raw": value,
+        "base64": base64.b64encode(raw).decode(),
+        "base64 url-safe": base64.urlsafe_b64encode(raw).decode(),
+        "url-encoded": urllib.parse.quote(value, safe=""),
+        "form-encoded": urllib.parse.quote_plus(value),
+        "JSON-escaped": json.dumps(value),
+        "JSON-escaped, ASCII only": json.dumps(value, ensure_ascii=True),
+        "Python repr": repr(value),
+    }
+    for what, encoded in encodings.items():
+        text = f"error: the server said {encoded}; try again"
+        assert redact.scrub(text) != text, f"the {what} form was not scrubbed"
+        assert value not in redact.scrub(text) and encoded.strip('"\'') not in redact.scrub(text), what
+    assert redact.scrub(f"a{value}b{value}") == f"a{redact.REDACTED}b{redact.REDACTED}"
+
+
+def test_scrub_finds_each_line_of_a_multi_line_value():
+    lines = [_unique("line-one"), _unique("line-two"), _unique("line-three")]
+    redact.remember(["-----BEGIN KEY-----\n" + "\n".join(lines) + "\n-----END KEY-----\n"])
+    assert redact.scrub(f"tool: bad input at {lines[1]}") == f"tool: bad input at {redact.REDACTED}"
+
+
+def test_values_shorter_than_the_minimum_are_not_scrubbed_everywhere():
+    short = "x" * (redact.MIN_LENGTH - 1)
+    redact.remember([short, "true", "1"])
+    text = f"replicas 1 of 3 ready: true ({short})"
+    assert redact.scrub(text) == text
+
+
+def test_the_registry_keeps_no_value_in_plaintext():
+    value = _unique("plaintext-never-kept")
+    redact.remember([value])
+    state = redact._registry._state
+    dumped = pickle.dumps((state.order, state.digests, state.anchors))
+    for form in (value, base64.b64encode(value.encode()).decode().rstrip("=")):
+        assert form.encode() not in dumped and form.encode("utf-16-le") not in dumped
+    assert value not in repr(redact._registry)
+    assert redact.scrub(value) == redact.REDACTED, "and still finds it"
+
+
+def test_the_registry_is_bounded_and_forgets_the_value_seen_least_recently(monkeypatch):
+    redact.forget_all()
+    monkeypatch.setattr(redact, "MAX_ENTRIES", 8)
+    stale, in_use = _unique("stale-value"), _unique("still-in-use")
+    redact.remember([stale, in_use])
+    assert redact.scrub(stale) == redact.scrub(in_use) == redact.REDACTED
+    for _ in range(10):
+        redact.remember([_unique("newer")])
+        redact.remember([in_use])   # rendered again by every sync
+    assert len(redact._registry) <= redact.MAX_ENTRIES
+    assert redact.scrub(stale) == stale, "the value nobody renders any more left the bounded registry"
+    assert redact.scrub(in_use) == redact.REDACTED, "a value seen at every sync is never the one forgotten"
+
+
+def test_malformed_secret_bodies_register_what_looks_like_a_value():
+    item, scalar, nested, number = _unique("list-item"), _unique("scalar"), _unique("nested"), 918273645546
+    pasted = _unique("pasted-into-a-key")
+    bodies = [
+        {"stringData": [f"password={item}"]},
+        {"stringData": {f"password={pasted}": "", "user": "admin"}},
+        {"data": f"token: {scalar}"},
+        {"stringData": {"db": {"password": nested}}},
+        {"stringData": {"pin": number}},
+    ]
+    redact.remember_objects({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"}, **b} for b in bodies)
+    for value in (item, f"password={item}", scalar, nested, str(number), pasted):
+        assert redact.scrub(f"got &{{[{value}]}}") == f"got &{{[{redact.REDACTED}]}}", value
+
+
+def test_a_data_value_is_known_raw_and_decoded():
+    value = _unique("decoded-value")
+    encoded = base64.b64encode(value.encode()).decode()
+    redact.remember_secret({"apiVersion": "v1", "kind": "Secret", "data": {"k": encoded}})
+    assert value not in redact.scrub(f"decoded {value}") and encoded not in redact.scrub(f"raw {encoded}")
+
+
+def test_secret_body_problems_name_the_field_never_the_value():
+    value = _unique("never-in-a-message")
+    cases = {
+        "stringData as a list": ({"stringData": [f"password={value}"]}, "stringData must be a mapping", "a list"),
+        "data as a list": ({"data": [value]}, "data must be a mapping", "a list"),
+        "stringData as text": ({"stringData": f"password={value}"}, "stringData must be a mapping", "a text"),
+        "data nested": ({"data": {"db": {"password": value}}}, "data.db must be a string", "a nested mapping"),
+        "a number": ({"stringData": {"pin": 123456789}}, "stringData.pin must be a string", "a number"),
+        "not base64": ({"data": {"password": value + "!"}}, "data.password is not valid base64", "stringData"),
+    }
+    for what, (body, field, detail) in cases.items():
+        problems = redact.secret_body_problems({"apiVersion": "v1", "kind": "Secret", **body})
+        assert len(problems) == 1, (what, problems)
+        assert field in problems[0] and detail in problems[0] and "hint:" in problems[0], (what, problems)
+        assert value not in problems[0] and "123456789" not in problems[0], what
+    ok = {"apiVersion": "v1", "kind": "Secret", "data": {"a": "aGk=\n"}, "stringData": {"b": "x"}}
+    assert redact.secret_body_problems(ok) == []
+    assert redact.secret_body_problems({"apiVersion": "v1", "kind": "ConfigMap", "data": ["x"]}) == []
+
+
+# ------------------------------------------------------------------ where it is wired in
+
+def test_every_log_field_and_traceback_is_scrubbed():
+    value = _unique("log-sentinel")
+    redact.remember([value])
+    out = io.StringIO()
+    gitopsd_log.configure(fmt="json", stream=out)
+    try:
+        logger = structlog.get_logger("test")
+        logger.warning(f"event {value}", error=f"server said {value}", nested={"a": [value]})
+        try:
+            try:
+                raise GitopsdError(f"the apiserver said: {value}")
+            except GitopsdError:
+                raise ValueError("a bug while handling it")
+        except ValueError:
+            logger.exception("crashed")
+        import logging
+        logging.getLogger("some.library").error("library says %s", value)
+    finally:
+        structlog.reset_defaults()
+    text = out.getvalue()
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert len(lines) == 3 and "a bug while handling it" in lines[1]["exception"]
+    assert value not in text and redact.REDACTED in lines[0]["error"]
+
+
+def test_an_uncaught_traceback_is_scrubbed_in_threads_and_main():
+    value = _unique("uncaught-sentinel")
+    program = f"""
+import threading
+from gitopsd import redact
+redact.remember([{value!r}])
+def boom():
+    raise RuntimeError("bug in a worker with " + {value!r})
+t = threading.Thread(target=boom, name="worker")
+t.start(); t.join()
+raise ValueError("bug in main with " + {value!r})
+"""
+    proc = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "Exception in thread worker" in proc.stderr
+    assert f"RuntimeError: bug in a worker with {redact.REDACTED}" in proc.stderr
+    assert f"ValueError: bug in main with {redact.REDACTED}" in proc.stderr
+    assert value not in proc.stderr
+
+
+def test_scrub_exception_cleans_the_whole_chain():
+    value = _unique("chained")
+    redact.remember([value])
+    try:
+        try:
+            raise GitopsdError(f"PATCH /api: 422 Invalid: got {value}", hint=f"near {value}")
+        except GitopsdError as inner:
+            raise RenderError([f"x.yaml: {value}"]) from inner
+    except RenderError as exc:
+        redact.scrub_exception(exc)
+        assert value not in str(exc) and value not in exc.problems[0]
+        assert value not in str(exc.__cause__) and value not in exc.__cause__.hint
+
+
+def test_a_failure_reason_carries_the_first_problem_and_the_count():
+    problems = ["apps/x.yaml: invalid YAML at line 3, column 1: mapping values are not allowed here",
+                "apps/y.yaml: missing kind", "apps/z.yaml: missing metadata.name"]
+    assert _cause("rendering failed", problems) == (
+        "rendering failed: apps/x.yaml: invalid YAML at line 3, column 1: mapping values are not allowed here "
+        "(and 2 more problems)")
+    assert _cause("apply failed", problems[:1]) == f"apply failed: {problems[0]}"
+    assert _cause("rendering failed", ["a.yaml: x", "b.yaml: y"]).endswith("(and 1 more problem)")
+    multi = _cause("rendering failed", ["kustomize build .: failed (exit 1):\n  Error: no\n  such file"])
+    assert "\n" not in multi and multi.endswith("Error: no such file")
+    assert len(_cause("x", ["y" * 5000])) < 500

@@ -227,8 +227,13 @@ def _wait(cluster: Cluster, what: str, component: str, check, timeout: float = S
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
-        if not _is_ours(cluster.pids[component], cluster.dir):
-            raise ClusterError(f"{component} exited ({_exit_status(cluster.pids[component])}) while waiting for "
+        pid = cluster.pids[component]
+        # Our own child is judged by waitpid, which cannot be wrong; /proc is
+        # the fallback for a cluster another process started. (A start on a
+        # loaded machine once read a running etcd as gone through /proc.)
+        status = _exit_status(pid)
+        if status != "still running" and not _is_ours(pid, cluster.dir):
+            raise ClusterError(f"{component} exited ({status}) while waiting for "
                                f"{what}; logs in {cluster.dir / 'logs'}; last lines:\n{cluster.log_tail(component)}")
         try:
             ok, last = check()

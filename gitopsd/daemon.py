@@ -55,13 +55,13 @@ from pathlib import Path
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from gitopsd import __version__, audit, config as config_mod, metrics, source, status as status_mod
+from gitopsd import __version__, audit, config as config_mod, metrics, redact, source, status as status_mod
 from gitopsd.diff import managers_of, within
 from gitopsd.errors import GitopsdError
 from gitopsd.kube import Kube, KubeApiError
 from gitopsd.leader import LeaderElector
 from gitopsd.objects import ObjectRef, ref_of
-from gitopsd.plan import Action, ObjectChange, judge_one, scrub, still_ours
+from gitopsd.plan import Action, ObjectChange, judge_one, still_ours
 from gitopsd.server import Server
 from gitopsd import health as health_mod
 from gitopsd.sync import Outcome, SyncResult, default_cache_dir, recheck_health, sync
@@ -377,7 +377,7 @@ class AppRunner:
             self._report_drift(change, corrected=True)
         except KubeApiError as exc:
             self._report_drift(change, corrected=False,
-                               error=f"{exc.reason}: {scrub(exc.api_message, change.desired)}")
+                               error=f"{exc.reason}: {redact.scrub_about(exc.api_message, change.desired)}")
 
     def _report_drift(self, change: ObjectChange, *, corrected: bool, error: str | None = None) -> None:
         deleted = change.live is None

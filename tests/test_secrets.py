@@ -22,6 +22,7 @@ import structlog
 from gitopsd import log as gitopsd_log
 from gitopsd import redact
 from gitopsd.errors import GitopsdError, RenderError
+from gitopsd.render import render
 from gitopsd.sync import _cause
 from helpers import gitopsd
 
@@ -159,24 +160,47 @@ def test_a_data_value_is_known_raw_and_decoded():
     assert value not in redact.scrub(f"decoded {value}") and encoded not in redact.scrub(f"raw {encoded}")
 
 
-def test_secret_body_problems_name_the_field_never_the_value():
+def test_malformed_secret_bodies_are_refused_by_the_renderer_naming_the_field_never_the_value(tmp_path):
     value = _unique("never-in-a-message")
     cases = {
-        "stringData as a list": ({"stringData": [f"password={value}"]}, "stringData must be a mapping", "a list"),
-        "data as a list": ({"data": [value]}, "data must be a mapping", "a list"),
-        "stringData as text": ({"stringData": f"password={value}"}, "stringData must be a mapping", "a text"),
-        "data nested": ({"data": {"db": {"password": value}}}, "data.db must be a string", "a nested mapping"),
-        "a number": ({"stringData": {"pin": 123456789}}, "stringData.pin must be a string", "a number"),
+        "stringData as a list": ({"stringData": [f"password={value}"]},
+                                 "stringData must be a mapping of keys to strings, not a list", "key: value"),
+        "data as a list": ({"data": [value]}, "data must be a mapping of keys to strings, not a list", "key: value"),
+        "stringData as text": ({"stringData": f"password={value}"},
+                               "stringData must be a mapping of keys to strings, not a string", "key: value"),
+        "data nested": ({"data": {"db": {"password": value}}}, "data values must be strings; not: db", "quote"),
+        "a number": ({"stringData": {"pin": 123456789}}, "stringData values must be strings; not: pin", "quote"),
+        "a value in a key": ({"stringData": {f"password {value}": ""}}, "stringData has 1 key(s) that are not valid",
+                             "env file"),
         "not base64": ({"data": {"password": value + "!"}}, "data.password is not valid base64", "stringData"),
     }
-    for what, (body, field, detail) in cases.items():
-        problems = redact.secret_body_problems({"apiVersion": "v1", "kind": "Secret", **body})
-        assert len(problems) == 1, (what, problems)
-        assert field in problems[0] and detail in problems[0] and "hint:" in problems[0], (what, problems)
-        assert value not in problems[0] and "123456789" not in problems[0], what
-    ok = {"apiVersion": "v1", "kind": "Secret", "data": {"a": "aGk=\n"}, "stringData": {"b": "x"}}
-    assert redact.secret_body_problems(ok) == []
-    assert redact.secret_body_problems({"apiVersion": "v1", "kind": "ConfigMap", "data": ["x"]}) == []
+    for what, (body, field, hint) in cases.items():
+        app = tmp_path / what.replace(" ", "-")
+        app.mkdir()
+        (app / "s.yaml").write_text(json.dumps({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"},
+                                                **body}))
+        with pytest.raises(RenderError) as info:
+            render(app, ".")
+        (problem,) = info.value.problems
+        assert problem.startswith("s.yaml: Secret/s: ") and field in problem, (what, problem)
+        assert hint in info.value.hint, (what, info.value.hint)
+        assert value not in str(info.value) and "123456789" not in str(info.value), what
+    ok = tmp_path / "ok"
+    ok.mkdir()
+    (ok / "s.yaml").write_text(json.dumps({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"},
+                                           "data": {"a": "aGk=\n"}, "stringData": {"b": "x"}}))
+    (ok / "cm.yaml").write_text(json.dumps({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"},
+                                            "data": ["x"]}))   # not a Secret: the apiserver's to judge
+    assert len(render(ok, ".")) == 2
+
+
+def test_a_server_message_about_a_secret_is_scrubbed_of_its_values_not_yet_known():
+    value = _unique("echoed-by-the-apiserver")
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db"}, "stringData": {"password": value}}
+    assert redact.scrub(f"Invalid value: {value!r}") != redact.REDACTED.join(("Invalid value: '", "'"))
+    assert redact.scrub_about(f"Invalid value: {value!r}", secret) == f"Invalid value: '{redact.REDACTED}'"
+    assert redact.scrub_about("nothing secret here", {"kind": "ConfigMap", "data": {"k": value}}) \
+        == "nothing secret here"
 
 
 # ------------------------------------------------------------------ where it is wired in

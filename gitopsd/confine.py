@@ -55,7 +55,8 @@ KUSTOMIZATION_FILES = ("kustomization.yaml", "kustomization.yml", "Kustomization
 OUTSIDE_HINT = ("a render may only read files of its own repository: keep paths inside it, "
                 "and let symlinks point only within it")
 REMOTE_HINT = ("vendor the remote base into the repository: a remote base is read at render time, "
-               "from outside the reviewed commit")
+               "from outside the reviewed commit (or opt the app in: allowRemoteBases: true, "
+               "--allow-remote-bases on the command line)")
 FILE_URL_HINT = "a file:// base clones a repository elsewhere on the daemon's disk; vendor it into this repository"
 
 

@@ -59,6 +59,7 @@ class AppSpec:
     render: str = "auto"                      # auto | plain | kustomize | helm
     helm_values: tuple[str, ...] = ()
     helm_release: str | None = None           # default: the app name
+    allow_remote_bases: bool = False          # kustomize may fetch remote bases (read outside the commit)
     prune: bool = True
     prune_guard: float = 0.5                  # refuse to prune more than this share of the members
     allow_prune_all: bool = False             # lift the guard (an emptied repo really means "delete all")
@@ -140,7 +141,7 @@ def _render(kube: Kube, app: AppSpec, checkout: Path) -> list[render.Manifest]:
     """The app's manifests; the renderer has registered every secret value it met."""
     return render.render(checkout, app.path, kind=app.render, namespace=app.namespace,
                          helm_values=app.helm_values, helm_release=app.helm_release or app.name,
-                         is_namespaced=kube.is_namespaced)
+                         is_namespaced=kube.is_namespaced, allow_remote_bases=app.allow_remote_bases)
 
 
 def prune_guard(app: AppSpec, plan: Plan) -> str | None:

@@ -575,3 +575,32 @@ def test_cli_refuses_a_base_linked_out_and_leaves_the_cluster_untouched(repo, ku
     assert live() == before
     assert ("ConfigMap", "stolen") not in before
     assert SENTINEL not in str(kube.list(kinds[0], namespace=namespace)), "nor in the audit trail"
+
+
+@pytest.mark.cluster
+def test_cli_remote_bases_are_refused_unless_allowed_and_then_kustomize_fetches(repo, kubeconfig, source_cache,
+                                                                                namespace):
+    # The app setting allowRemoteBases and its flag --allow-remote-bases reach the renderer. Nothing
+    # listens on port 9, so with the opt-in kustomize's own fetch fails: proof the walk let it pass.
+    from helpers import configmap as cm
+    from helpers import gitopsd
+
+    entry = "https://127.0.0.1:9/example/repo//deploy?ref=v1"
+    write(repo.work / APP / "cm.yaml", cm("web", {"k": "v1"}))
+    write(repo.work / KFILE, f"resources: [cm.yaml, '{entry}']\n")
+    repo.commit("a remote base")
+    args = ("--repo", repo.url, "--ref", "main", "--path", APP, "--namespace", namespace, "--app", namespace,
+            "--inventory-namespace", namespace)
+
+    for command in ("diff", "sync"):
+        refused_ = gitopsd(command, *args, kubeconfig=kubeconfig, cache=source_cache)
+        out = refused_.stdout + refused_.stderr
+        assert refused_.returncode == 2, out
+        assert f"{KFILE}: resources[1] {entry!r} is a remote base, and remote bases are off for this app" in out
+        assert "allowRemoteBases: true" in out, "the hint names the opt-in"
+
+        fetched = gitopsd(command, *args, "--allow-remote-bases", kubeconfig=kubeconfig, cache=source_cache)
+        out = fetched.stdout + fetched.stderr
+        assert fetched.returncode == 2, out
+        assert f"kustomize build {APP}: failed (exit 1)" in out and f"accumulating resources from '{entry}'" in out
+        assert "remote bases are off" not in out and "Traceback" not in out

@@ -30,8 +30,10 @@ about (`scrub_about`); and whatever *looks* like a value in a malformed
 Secret body — list items, scalars, nested leaves under `data`/`stringData`,
 the part after `=` or `:` of an item written as `password=...`, and of a key
 Kubernetes would refuse (`password=...: ""`: a value pasted where a key goes,
-which the apiserver's validation error quotes back); and the app's git
-token (gitopsd.sync). Cheap encodings are known too: standard and URL-safe base64
+which the apiserver's validation error quotes back); and the daemon's own
+secrets: each app's git token and SSH key content (gitopsd.daemon reads
+them, gitopsd.sync registers the token of a CLI run too) and the webhook
+secret. Cheap encodings are known too: standard and URL-safe base64
 (unpadded), URL encoding, JSON and Python string escaping (Go's %q prints
 the JSON form), and each line of a multi-line value (a PEM key echoed one
 line at a time).

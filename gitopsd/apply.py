@@ -19,12 +19,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from gitopsd import inventory
+from gitopsd import inventory, redact
 from gitopsd.errors import GitopsdError
 from gitopsd.inventory import PART_OF_LABEL
 from gitopsd.kube import Kube, KubeApiError
 from gitopsd.objects import ObjectRef
-from gitopsd.plan import Action, ObjectChange, Plan, judge_deferred, scrub
+from gitopsd.plan import Action, ObjectChange, Plan, judge_deferred
 
 STAGE_FIRST = {("apiextensions.k8s.io", "CustomResourceDefinition"), ("", "Namespace"),
                ("rbac.authorization.k8s.io", "ClusterRole")}
@@ -135,7 +135,7 @@ def _write(kube: Kube, change: ObjectChange) -> str | None:
         change.live = kube.apply(change.desired)
         return None
     except KubeApiError as exc:
-        return f"{change.source}: {change.ref}: {exc.reason or exc.status}: {scrub(exc.api_message, change.desired)}"
+        return f"{change.source}: {change.ref}: {exc.reason or exc.status}: {redact.scrub_about(exc.api_message, change.desired)}"
     except GitopsdError as exc:  # the apiserver went away: the write may or may not have happened
         return f"{change.source}: {change.ref}: result unknown: {exc.message}"
 

@@ -71,7 +71,7 @@ kept, orphans}, ``written``, ``result``, ``reason``, ``errors``, ``health``
 ``fields``, ``managers``, ``action``, ``deleted``, ``revision``, ``error``.
 Only field *paths* ever enter a record, never diff text, so no Secret value
 can (gitopsd.diff masks values before paths are computed); `reason` and
-`errors` are the sync's own messages, which gitopsd.plan.scrub has already
+`errors` are the sync's own messages, which gitopsd.sync has already
 cleaned of Secret values. As the last line of defence, AuditLog.record
 scrubs every string of every record by value (gitopsd.redact) before it is
 hashed, so what is stored, logged and announced in Events is the same

@@ -213,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how to render PATH (default: auto-detect kustomization.yaml / Chart.yaml)")
     g.add_argument("--values", action="append", default=[], metavar="FILE", type=VALUES_FILE,
                    help="helm values file, relative to the repository root (repeatable)")
+    g.add_argument("--allow-remote-bases", action="store_true",
+                   help="let kustomize fetch remote bases (URLs) at render time, as the app setting "
+                        "allowRemoteBases: true (default: refused)")
     g.add_argument("--namespace", "-n", default="default", type=NAMESPACE,
                    help="namespace for namespaced objects that name none (default: default)")
     g.add_argument("--git-token-file", type=TOKEN_FILE, metavar="FILE",
@@ -379,7 +382,7 @@ def _app_spec(args):
                      recreate=args.recreate, timeout=args.timeout)
     return AppSpec(name=args.app or default_app_name(args.repo, args.path), repo=args.repo, ref=args.ref,
                    path=args.path, namespace=args.namespace, render=args.render, helm_values=tuple(args.values),
-                   credentials=creds, inventory_namespace=args.inventory_namespace, **extra)
+                   allow_remote_bases=args.allow_remote_bases, credentials=creds, inventory_namespace=args.inventory_namespace, **extra)
 
 
 def _print(data, *, output: str, text: str) -> None:

@@ -140,6 +140,7 @@ class AppConfig:
     render: str = "auto"
     helm_values: tuple[str, ...] = ()
     helm_release: str | None = None
+    allow_remote_bases: bool = False
     credentials: CredentialsRef | None = None
     allowed_namespaces: tuple[str, ...] | None = None
     prune_guard: float = 0.5
@@ -169,6 +170,7 @@ class AppConfig:
             render=self.render,
             helm_values=self.helm_values,
             helm_release=self.helm_release,
+            allow_remote_bases=self.allow_remote_bases,
             prune=self.prune,
             prune_guard=self.prune_guard,
             allow_prune_all=self.allow_prune_all,
@@ -778,7 +780,7 @@ def _file_path(f: _Fields, key: str, *, base_dir: Path | None) -> Path | None:
 _TOP_FIELDS = ("apps", "webhook")
 _APP_FIELDS = (
     "name", "repo", "ref", "path", "namespace", "interval", "prune", "selfHeal", "render", "helm",
-    "credentials", "allowedNamespaces", "pruneGuard", "allowPruneAll", "recreate", "suspend", "timeout",
+    "allowRemoteBases", "credentials", "allowedNamespaces", "pruneGuard", "allowPruneAll", "recreate", "suspend", "timeout",
 )
 _HELM_FIELDS = ("valuesFiles", "releaseName")
 _CREDENTIAL_FIELDS = ("secretRef", "tokenFile", "username", "usernameFile", "sshKeyFile", "knownHostsFile")
@@ -859,6 +861,9 @@ def _read_app(item: Any, *, index: int, problems: list[str], base_dir: Path | No
             v, max_len=_MAX_HELM_RELEASE, what="Helm release name"))
         h.finish()
 
+    # kustomize only (other renderers have no remote bases): off, a URL in a
+    # kustomization is refused, since it is read at render time, from outside the reviewed commit.
+    allow_remote_bases = f.boolean("allowRemoteBases", default=False)
     credentials = _read_credentials(f, base_dir=base_dir)
 
     allowed = f.strings("allowedNamespaces", check=check_namespace)
@@ -882,7 +887,7 @@ def _read_app(item: Any, *, index: int, problems: list[str], base_dir: Path | No
     return AppConfig(
         name=name, repo=repo, ref=ref, path=path, namespace=namespace, interval=interval, prune=prune,
         self_heal=self_heal, render=render, helm_values=helm_values, helm_release=helm_release,
-        credentials=credentials, allowed_namespaces=allowed, prune_guard=prune_guard,
+        allow_remote_bases=allow_remote_bases, credentials=credentials, allowed_namespaces=allowed, prune_guard=prune_guard,
         allow_prune_all=allow_prune_all, recreate=recreate, suspend=suspend, timeout=timeout,
     )
 

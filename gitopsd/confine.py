@@ -24,9 +24,9 @@ check that it resolves inside the checkout root:
   unless the app opts in; `file://` clones are refused always (they read a
   repository elsewhere on the disk).
 
-The walk also collects what it learns on the way: every value a secret
-generator (or a Secret manifest kustomize will read) carries, so a tool's
-error message that echoes one can be scrubbed; and it pre-scans every YAML
+The walk also registers what it learns on the way with gitopsd.redact: every
+value a secret generator (or a Secret manifest kustomize will read) carries,
+so a tool's error message that echoes one is scrubbed; and it pre-scans every YAML
 file kustomize will parse against the limits of yamlload, because kustomize
 itself would take the daemon's memory with an alias bomb before we saw any
 output.
@@ -39,8 +39,6 @@ boolean), as kustomize reads them.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import os
 import re
 from collections.abc import Iterable
@@ -49,7 +47,7 @@ from typing import Any, Protocol
 
 import yaml
 
-from gitopsd import yamlload
+from gitopsd import redact, yamlload
 from gitopsd.errors import RenderError, yaml_error_parts
 
 KUSTOMIZATION_FILES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
@@ -57,7 +55,8 @@ KUSTOMIZATION_FILES = ("kustomization.yaml", "kustomization.yml", "Kustomization
 OUTSIDE_HINT = ("a render may only read files of its own repository: keep paths inside it, "
                 "and let symlinks point only within it")
 REMOTE_HINT = ("vendor the remote base into the repository: a remote base is read at render time, "
-               "from outside the reviewed commit")
+               "from outside the reviewed commit (or opt the app in: allowRemoteBases: true, "
+               "--allow-remote-bases on the command line)")
 FILE_URL_HINT = "a file:// base clones a repository elsewhere on the daemon's disk; vendor it into this repository"
 
 
@@ -265,8 +264,8 @@ class KustomizeWalk:
     """One walk of the kustomization graph from the app's directory.
 
     After `run`, `problems` holds every path that leads out (and every file
-    over the YAML limits), `secrets` every secret value met on the way, and
-    `ok` says whether kustomize may run.
+    over the YAML limits), every secret value met on the way is registered
+    with gitopsd.redact, and `ok` says whether kustomize may run.
     """
 
     def __init__(self, real_root: Path, *, allow_remote: bool, problems: Reporter,
@@ -275,7 +274,6 @@ class KustomizeWalk:
         self.allow_remote = allow_remote
         self.problems = problems
         self.budget = budget or yamlload.Budget()
-        self.secrets: set[str] = set()
         self.ok = True
         self._visited: set[Path] = set()   # kustomization directories, resolved
         self._trees: set[Path] = set()     # directories whose symlinks are checked
@@ -591,34 +589,10 @@ class KustomizeWalk:
                 self._keep(line.partition("=")[2])
 
     def _secret_manifest(self, doc: Any) -> None:
-        if not (isinstance(doc, dict) and doc.get("kind") == "Secret"):
-            return
-        collect_secret_values(doc, self.secrets)
+        redact.remember_secret(doc)
 
     def _keep(self, value: str) -> None:
-        if value:
-            self.secrets.add(value)
-
-
-def collect_secret_values(secret: dict, into: set[str]) -> None:
-    """Every value of a Secret manifest, as written and base64-decoded."""
-    for section in ("data", "stringData"):
-        values = secret.get(section)
-        if not isinstance(values, dict):
-            continue
-        for value in values.values():
-            if value is None or isinstance(value, (dict, list)):
-                continue
-            text = str(value)
-            if text:
-                into.add(text)
-            if section == "data" and isinstance(value, str):
-                try:
-                    decoded = base64.b64decode(value, validate=True).decode("utf-8")
-                except (binascii.Error, ValueError, UnicodeDecodeError):
-                    continue
-                if decoded:
-                    into.add(decoded)
+        redact.remember((value,))
 
 
 def _load_raw(text: str, *, budget: yamlload.Budget) -> list:

@@ -55,13 +55,13 @@ from pathlib import Path
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from gitopsd import __version__, audit, config as config_mod, metrics, source, status as status_mod
+from gitopsd import __version__, audit, config as config_mod, metrics, redact, source, status as status_mod
 from gitopsd.diff import managers_of, within
 from gitopsd.errors import GitopsdError
 from gitopsd.kube import Kube, KubeApiError
 from gitopsd.leader import LeaderElector
 from gitopsd.objects import ObjectRef, ref_of
-from gitopsd.plan import Action, ObjectChange, judge_one, scrub, still_ours
+from gitopsd.plan import Action, ObjectChange, judge_one, still_ours
 from gitopsd.server import Server
 from gitopsd import health as health_mod
 from gitopsd.sync import Outcome, SyncResult, default_cache_dir, recheck_health, sync
@@ -377,7 +377,7 @@ class AppRunner:
             self._report_drift(change, corrected=True)
         except KubeApiError as exc:
             self._report_drift(change, corrected=False,
-                               error=f"{exc.reason}: {scrub(exc.api_message, change.desired)}")
+                               error=f"{exc.reason}: {redact.scrub_about(exc.api_message, change.desired)}")
 
     def _report_drift(self, change: ObjectChange, *, corrected: bool, error: str | None = None) -> None:
         deleted = change.live is None
@@ -592,7 +592,15 @@ class Daemon:
             runner.stop()
 
     def credentials(self, cfg: config_mod.AppConfig) -> source.Credentials | None:
-        """Resolve an app's credentials reference (re-read every reconcile: rotation works)."""
+        """Resolve an app's credentials reference (re-read every reconcile: rotation works).
+
+        The secret parts — the token (an https password or access token) and
+        the SSH private key's content — are registered with gitopsd.redact as
+        they are read, so a git or tool message that echoes one is scrubbed
+        from every log line and record. The username and known_hosts are not
+        secrets: registered, a username would be blanked from every line that
+        happens to contain it.
+        """
         ref = cfg.credentials
         if ref is None:
             return None
@@ -610,6 +618,7 @@ class Daemon:
             except (ValueError, UnicodeDecodeError):
                 raise GitopsdError(f"app {cfg.name}: credentials Secret {self.namespace}/{ref.secret_name} "
                                    "has a key that is not text", hint=f"keys read: {', '.join(wanted)}") from None
+            redact.remember((data.get("token"), data.get("identity")))
             key_file = hosts_file = None
             if "identity" in data:
                 key_file = self._private_file(f"{cfg.name}-identity", data["identity"])
@@ -620,9 +629,11 @@ class Daemon:
         try:
             token = ref.token_file.read_text().strip() if ref.token_file else None
             username = ref.username or (ref.username_file.read_text().strip() if ref.username_file else None)
+            key = ref.ssh_key_file.read_text(errors="replace") if ref.ssh_key_file else None
         except OSError as exc:
             raise GitopsdError(f"app {cfg.name}: cannot read a credentials file: {exc.strerror}: {exc.filename}",
                                hint="is the Secret volume mounted at that path?") from None
+        redact.remember((token, key))
         return source.Credentials(username=username, token=token, ssh_key_file=ref.ssh_key_file,
                                   known_hosts_file=ref.known_hosts_file)
 
@@ -827,13 +838,21 @@ class Daemon:
             return []
 
     def webhook_secret(self) -> bytes:
+        """The shared webhook secret, re-read at every delivery (rotation works); empty: webhooks off.
+
+        Registered with gitopsd.redact as it is read, so no log line echoes
+        it — whatever a sender put where (a delivery id, a URL).
+        """
         path = self.config.webhook.secret_file
         if path is not None:
             try:
-                return path.read_bytes().strip()
+                secret = path.read_bytes().strip()
             except OSError:
                 return b""
-        return os.environ.get("GITOPSD_WEBHOOK_SECRET", "").encode()
+        else:
+            secret = os.environ.get("GITOPSD_WEBHOOK_SECRET", "").encode()
+        redact.remember((secret.decode("utf-8", "replace"),))
+        return secret
 
     def ready(self) -> tuple[bool, str]:
         if self._stop.is_set():

@@ -8,7 +8,7 @@ both sides and never show as drift. What differs is reported as field paths
 Secret values never leave this module: before anything is compared or
 printed, every value under a Secret's `data`/`stringData` is replaced by a
 marker that says only whether it changed. A section that is not a mapping
-(a list, a text block: refused by gitopsd.sync before planning, but a live
+(a list, a text block: refused by gitopsd.render before planning, but a live
 object is whatever the cluster holds) is masked as a whole. Both sides'
 values are also registered with gitopsd.redact, so a value someone edited
 into a live Secret by hand is scrubbed from any message that echoes it.
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from gitopsd.redact import REDACTED, remember_objects
+from gitopsd.redact import REDACTED, is_secret_kind, remember_objects
 
 # Server-maintained metadata that says nothing about desired state.
 _VOLATILE_METADATA = ("managedFields", "resourceVersion", "generation", "creationTimestamp", "uid", "selfLink")
@@ -54,13 +54,9 @@ def normalize(obj: dict | None) -> dict:
     return out
 
 
-def is_secret(obj: dict | None) -> bool:
-    return bool(obj) and obj.get("kind") == "Secret" and obj.get("apiVersion") == "v1"
-
-
 def redact_pair(live: dict, after: dict) -> tuple[dict, dict]:
     """Mask Secret values on both sides, keeping only 'present' and 'changed'."""
-    if not (is_secret(live) or is_secret(after)):
+    if not (is_secret_kind(live) or is_secret_kind(after)):
         return live, after
     remember_objects((live, after))
     live, after = copy.deepcopy(live), copy.deepcopy(after)

@@ -26,17 +26,13 @@ class SourceError(GitopsdError):
 class RenderError(GitopsdError):
     """The commit's manifests could not be turned into objects. Carries every
     problem found, not just the first, so one fix-up commit can address all.
-
-    `secret_values` holds every secret value the render met (secret
-    generators' literals, files and env lines; Secret manifests' values, as
-    written and decoded): the problems are already scrubbed of them, and
-    whoever records or logs anything else about this render can scrub too.
+    The renderer has scrubbed the problems of every secret value it met, and
+    registered those values with gitopsd.redact for whoever logs or records
+    anything else about this render.
     """
 
-    def __init__(self, problems: list[str], *, hint: str | None = None,
-                 secret_values: frozenset[str] = frozenset()) -> None:
+    def __init__(self, problems: list[str], *, hint: str | None = None) -> None:
         self.problems = list(problems)
-        self.secret_values = frozenset(secret_values)
         head = "1 problem" if len(problems) == 1 else f"{len(problems)} problems"
         super().__init__(f"rendering failed with {head}:\n" + "\n".join(f"  - {p}" for p in problems), hint=hint)
 

@@ -32,7 +32,6 @@ manage.
 
 from __future__ import annotations
 
-import base64
 import copy
 import enum
 import hashlib
@@ -43,6 +42,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from gitopsd import diff as difflib_
+from gitopsd import redact
 from gitopsd.inventory import ID_LABEL, PART_OF_LABEL, Inventory, split_group_kind
 from gitopsd.errors import GitopsdError
 from gitopsd.kube import Kube, KubeApiError, Resource, UnknownKindError
@@ -543,7 +543,7 @@ def _judge(kube: Kube, change: ObjectChange, plan: Plan, *, commit_namespaces: s
             change.action = Action.RECREATE
             change.diff = difflib_.compare(live, desired, label=str(change.ref))
             return
-        reason = scrub(exc.api_message, desired)
+        reason = redact.scrub_about(exc.api_message, desired)
         hint = ""
         if exc.is_immutable_field:
             hint = (f" (hint: this field cannot change in place; annotate the object "
@@ -557,23 +557,3 @@ def _judge(kube: Kube, change: ObjectChange, plan: Plan, *, commit_namespaces: s
         change.action = Action.UNCHANGED
     else:
         change.action, change.diff = Action.UPDATE, d
-
-
-def scrub(text: str, obj: dict | None) -> str:
-    """Remove any Secret value (raw or base64-decoded) from a server message."""
-    if not obj or not difflib_.is_secret(obj):
-        return text
-    for section in ("data", "stringData"):
-        for raw in (obj.get(section) or {}).values():
-            if raw is None or raw == "":
-                continue
-            value = raw if isinstance(raw, str) else str(raw)   # an unquoted 1234 is echoed as a number
-            text = text.replace(value, difflib_.REDACTED)
-            if section == "data":
-                try:
-                    decoded = base64.b64decode(value, validate=True).decode()
-                except (ValueError, UnicodeDecodeError):
-                    continue
-                if decoded:
-                    text = text.replace(decoded, difflib_.REDACTED)
-    return text

@@ -19,18 +19,24 @@ bug drags into a traceback. So every exit also passes its text through
   app status) and everything the CLI prints (gitopsd.report).
 
 What is known: every value of every Secret gitopsd renders (the `data`
-values raw and base64-decoded, `stringData`), the values a renderer found in
-a secret generator (`RenderError.secret_values`), every Secret value that
-gitopsd compares (gitopsd.diff registers both sides, so a value edited by
-hand into a live Secret is known before a drift report is written), and
-whatever *looks* like a value in a malformed Secret body — list items,
-scalars, nested leaves under `data`/`stringData`, the part after `=` or `:`
-of an item written as `password=...`, and of a key Kubernetes would refuse
-(`password=...: ""`: a value pasted where a key goes, which the apiserver's
-validation error quotes back); and the app's git token (gitopsd.sync).
-Cheap encodings are known too: standard and URL-safe base64 (unpadded),
-URL encoding, JSON and Python string escaping, and each line of a
-multi-line value (a PEM key echoed one line at a time).
+values raw and base64-decoded, `stringData`) and every value a renderer
+meets on the way — a secret generator's literals, files and env lines, a
+Secret manifest kustomize reads — registered by gitopsd.render and
+gitopsd.confine as they are found, so even a render that fails scrubs its
+own messages; every Secret value that gitopsd compares (gitopsd.diff
+registers both sides, so a value edited by hand into a live Secret is known
+before a drift report is written) and the Secret an apiserver message is
+about (`scrub_about`); and whatever *looks* like a value in a malformed
+Secret body — list items, scalars, nested leaves under `data`/`stringData`,
+the part after `=` or `:` of an item written as `password=...`, and of a key
+Kubernetes would refuse (`password=...: ""`: a value pasted where a key goes,
+which the apiserver's validation error quotes back); and the daemon's own
+secrets: each app's git token and SSH key content (gitopsd.daemon reads
+them, gitopsd.sync registers the token of a CLI run too) and the webhook
+secret. Cheap encodings are known too: standard and URL-safe base64
+(unpadded), URL encoding, JSON and Python string escaping (Go's %q prints
+the JSON form), and each line of a multi-line value (a PEM key echoed one
+line at a time).
 
 Design choices a security reviewer will ask about:
 
@@ -55,14 +61,20 @@ Design choices a security reviewer will ask about:
   character in CPython, independent of how many values are known) plus a
   MAC for each window whose bucket matches a known form (1 in 65,536 by
   chance): a log line costs microseconds, a 100 KB audit record ~0.1 s.
-- **Minimum length: MIN_LENGTH characters.** A shorter value ("1", "true",
-  "admin") would be redacted from every line that happens to contain it —
-  timestamps, counts, field names — making logs useless, and its digest would
-  fall to a brute force in no time anyway. Such values are still masked
-  everywhere by field (gitopsd.diff), and messages never carry a value on
-  purpose; this layer is for the values that matter: passwords, tokens,
-  keys. The rule applies per form, so a short value's longer base64 form is
-  still scrubbed.
+- **Minimum length: MIN_LENGTH characters, one rule for every text.** A
+  shorter value ("1", "true", "admin", "web") is not scrubbed by value,
+  anywhere: the registry is process-wide, so it would be redacted from
+  every line that happens to contain it — timestamps, counts, app and
+  namespace names, `replicas: true` — making logs useless, and its digest
+  would fall to a brute force in no time anyway. (Scrubbing short values
+  only where they stand alone, as the renderer once did for its own tool
+  messages, does not save that: `app=web` is a standalone `web`.) Such
+  values are still masked everywhere by field (gitopsd.diff), and messages
+  never carry a value on purpose; this layer is for the values that
+  matter: passwords, tokens, keys. The rule applies per form, so a short
+  value's longer forms are still scrubbed: its base64, and a secret
+  generator's whole entry (`pw=abc`, or the typo `pw:abc` that kustomize
+  quotes whole in its error), which is registered as a value of its own.
 - **What it cannot catch.** A value inside a larger encoded blob (the
   base64 of `user:password`, a compressed or encrypted body), an encoding
   not listed above, and the value of a Secret gitopsd never reads (one a
@@ -92,8 +104,9 @@ MIN_LENGTH = 6
 MAX_ENTRIES = 50_000
 SECTIONS = ("data", "stringData")
 
-# What Kubernetes accepts as a Secret key (a ConfigMap key: alphanumerics, '-', '_', '.').
-_VALID_KEY = re.compile(r"[-._a-zA-Z0-9]+")
+# What Kubernetes accepts as a Secret key (a ConfigMap key: alphanumerics, '-', '_', '.'; at most 253).
+# Use with fullmatch. gitopsd.render refuses other keys; here they are read as values pasted into a key.
+SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]{1,253}")
 _PRIME = (1 << 61) - 1          # modulus of the rolling hash (a Mersenne prime)
 _BUCKET_MASK = 0xFFFF           # 16 bits of the rolling hash are kept per form
 
@@ -232,23 +245,27 @@ def remember_secret(obj: object) -> None:
 
 
 def secret_values(obj: object) -> list[str]:
-    """What remember_secret registers: every value-like text in a Secret body (none for other kinds)."""
-    if not is_secret_kind(obj):
+    """What remember_secret registers: every value-like text in a Secret body (none for other kinds).
+
+    A Secret is judged by its kind alone, whatever its apiVersion: an object
+    with a missing or mistyped apiVersion is refused by the renderer, and
+    that refusal must not be the message that carries its values.
+    """
+    if not (isinstance(obj, dict) and obj.get("kind") == "Secret"):
         return []
-    assert isinstance(obj, dict)
     values: list[str] = []
     for section in SECTIONS:
         body = obj.get(section)
         if isinstance(body, dict):
             # A key Kubernetes would refuse, written `password=...` or `password: ...`:
             # a value pasted where a key goes. The apiserver's error will quote it.
-            values.extend(_after_separator(str(key)) for key in body if not _VALID_KEY.fullmatch(str(key)))
+            values.extend(_after_separator(str(key)) for key in body if not SECRET_KEY.fullmatch(str(key)))
             for value in body.values():
                 if isinstance(value, (str, int, float)) and not isinstance(value, bool):
                     text = str(value)
                     values.append(text)
                     if section == "data" and isinstance(value, str):
-                        decoded = _b64decode(value)
+                        decoded = _b64decode_text(value)
                         if decoded is not None:
                             values.append(decoded)
                     continue
@@ -266,55 +283,6 @@ def remember_objects(objs: Iterable[object]) -> None:
 def is_secret_kind(obj: object) -> bool:
     """A Kubernetes Secret (core v1), judged by kind and apiVersion only, whatever its body."""
     return isinstance(obj, dict) and obj.get("kind") == "Secret" and obj.get("apiVersion") == "v1"
-
-
-def secret_body_problems(obj: object) -> list[str]:
-    """What is wrong with a Secret's `data`/`stringData`, naming fields and keys, never values.
-
-    Code downstream (and the apiserver's error messages, which echo what they
-    cannot parse) assumes each section is a mapping of key to string, and
-    `data` values must be base64: anything else is refused here, before a
-    request is made, with a message that says which field and how to fix it.
-    """
-    if not is_secret_kind(obj):
-        return []
-    assert isinstance(obj, dict)
-    problems: list[str] = []
-    for section in SECTIONS:
-        body = obj.get(section)
-        if body is None:
-            continue
-        what = "base64-encoded values" if section == "data" else "plain-text values"
-        if not isinstance(body, dict):
-            problems.append(f"{section} must be a mapping of keys to {what}, not {_shape(body)} (hint: write "
-                            f"`key: value` lines under {section}, not `- item` lines or one text block)")
-            continue
-        for key, value in body.items():
-            where = f"{section}.{key}" if isinstance(key, str) else f"a {section} key ({_shape(key)})"
-            if not isinstance(key, str):
-                problems.append(f"{where} must be a string")
-            elif not isinstance(value, str) and value is not None:
-                problems.append(f"{where} must be a string, not {_shape(value)} (hint: quote the value; "
-                                f"an unquoted 0123 or true is not a string)")
-            elif section == "data" and value and _b64decode_bytes(value) is None:
-                problems.append(f"{where} is not valid base64 (hint: data values are base64-encoded; put "
-                                f"plain text under stringData instead)")
-    return problems
-
-
-def _shape(value: object) -> str:
-    """A value's type in YAML words, never its content."""
-    if isinstance(value, dict):
-        return "a nested mapping"
-    if isinstance(value, (list, tuple)):
-        return "a list"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a text"
-    return f"a {type(value).__name__}"
 
 
 def _loose_values(value: object) -> Iterator[str]:
@@ -362,16 +330,17 @@ def _forms(text: str) -> set[str]:
     return forms
 
 
-def _b64decode_bytes(value: str) -> bytes | None:
-    """Decoded as the apiserver decodes `data` (standard alphabet, padded; line breaks ignored)."""
+def b64decode_data(value: str) -> bytes | None:
+    """A Secret `data` value decoded as the apiserver decodes it (standard
+    alphabet, padded; line breaks ignored); None when it is not base64."""
     try:
         return base64.b64decode(value.replace("\n", "").replace("\r", ""), validate=True)
     except (binascii.Error, ValueError):
         return None
 
 
-def _b64decode(value: str) -> str | None:
-    raw = _b64decode_bytes(value)
+def _b64decode_text(value: str) -> str | None:
+    raw = b64decode_data(value)
     try:
         return None if raw is None else raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -398,6 +367,17 @@ def scrub(text: str) -> str:
         pos = end
     out.append(text[pos:])
     return "".join(out)
+
+
+def scrub_about(text: str, obj: object) -> str:
+    """`text` scrubbed, with the values of `obj` (when it is a Secret) learned first.
+
+    For a message about one object — an apiserver error in answer to a
+    request that carried it — whose values may not be known yet: a live
+    Secret read for a drift check, or one the bounded registry forgot.
+    """
+    remember_secret(obj)
+    return scrub(text)
 
 
 def scrub_data(value):

@@ -17,7 +17,6 @@ the cluster knows about scopes comes in through `is_namespaced`.
 
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 import re
@@ -35,9 +34,8 @@ from pathlib import Path
 import orjson
 import yaml
 
-from gitopsd import confine, yamlload
+from gitopsd import confine, redact, yamlload
 from gitopsd.confine import KUSTOMIZATION_FILES, inside_root, relative
-from gitopsd.diff import REDACTED
 from gitopsd.errors import RenderError, yaml_error_parts
 from gitopsd.objects import ObjectRef, ref_of, split_api_version
 
@@ -61,19 +59,10 @@ MAX_STDERR_BYTES = 1024 * 1024
 # whatever blows up inside a tool. Go maps ~1 GiB before it allocates a byte,
 # so 4 GiB leaves a tool about 3 GiB of heap.
 MAX_TOOL_MEMORY = 4 * 1024 * 1024 * 1024
-# Secret values shorter than this are not scrubbed out of tool messages: they
-# would match inside every other word. (A secret generator's whole entry,
-# `key=value` or the `key:value` typo, is always scrubbed.) Values shorter
-# than WORD_SCRUBBED_CHARS are scrubbed only where they stand alone (between
-# spaces, quotes, `=`, brackets): a value `app` must not turn `apps/web` into
-# `<redacted>s/web`; longer ones wherever they appear.
-MIN_SCRUBBED_CHARS = 3
-WORD_SCRUBBED_CHARS = 8
 
 # DNS-1123 subdomain, at most 53 characters: what helm accepts as a release name.
 _RELEASE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _HELM_SOURCE = re.compile(r"^# Source: (.+?)\s*$", re.MULTILINE)
-_SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]{1,253}$")
 _DOCUMENT_SEPARATOR = re.compile(r"^---[ \t]*(?:#.*)?$", re.MULTILINE)
 
 
@@ -258,7 +247,6 @@ class _Problems:
     def __init__(self) -> None:
         self.items: list[str] = []
         self.hints: list[str] = []
-        self.secrets: set[str] = set()  # every secret value met, to scrub messages of
         self.budget = yamlload.Budget()  # what the render may still read and expand to
 
     def add(self, problem: str, *, hint: str | None = None) -> None:
@@ -267,29 +255,12 @@ class _Problems:
             self.hints.append(hint)
 
     def raise_if_any(self) -> None:
+        """Raise the problems found, scrubbed of every secret value known (gitopsd.redact):
+        the renderer registers each one as it meets it, so a tool's error that
+        quotes a secret generator's literal is clean before anyone sees it."""
         if self.items:
-            raise RenderError([scrub(p, self.secrets) for p in self.items], hint="; ".join(self.hints) or None,
-                              secret_values=frozenset(self.secrets))
-
-
-def scrub(text: str, secrets: Iterable[str]) -> str:
-    """`text` with every secret value in it replaced by REDACTED.
-
-    Longest first, so `password:VALUE` goes whole before `VALUE` alone; each
-    value also in the escaped form Go's %q prints. A last line of defence for
-    text a tool wrote about its input, where no field tells us what is secret.
-    """
-    forms: set[str] = set()
-    for value in secrets:
-        if len(value) >= MIN_SCRUBBED_CHARS or any(sep in value for sep in "=:"):
-            forms.update((value, json.dumps(value)[1:-1]))
-    short = sorted((f for f in forms if len(f) < WORD_SCRUBBED_CHARS), key=len, reverse=True)
-    for value in sorted(forms - set(short), key=len, reverse=True):
-        text = text.replace(value, REDACTED)
-    if short:
-        alone = re.compile(r"(?<![\w./-])(?:" + "|".join(map(re.escape, short)) + r")(?![\w./-])")
-        text = alone.sub(REDACTED, text)
-    return text
+            raise RenderError([redact.scrub(p) for p in self.items],
+                              hint=redact.scrub("; ".join(self.hints)) or None)
 
 
 # --------------------------------------------------------------------------
@@ -360,8 +331,7 @@ def _manifests_from_documents(docs: Iterable[tuple[object, str]], *, problems: _
             items = [(item, f"{source} items[{i}]") for i, item in enumerate(doc["items"])]
             out.extend(_manifests_from_documents(items, problems=problems))
         else:
-            if doc.get("kind") == "Secret":
-                confine.collect_secret_values(doc, problems.secrets)
+            redact.remember_secret(doc)  # first: a problem found below may quote a value
             m = Manifest(obj=doc, source=source)
             if _check_identity(m, problems=problems):
                 _normalise(m.obj)
@@ -528,7 +498,7 @@ def _run_tool(tool: str, args: list[str], *, cwd: Path, home: str, timeout: floa
                      hint="an alias bomb, or a generator or chart that expands without end?")
         return None
     if proc.returncode != 0:
-        stderr = _tail(scrub(err.decode("utf-8", "replace"), problems.secrets).strip(), MAX_STDERR_CHARS)
+        stderr = _tail(redact.scrub(err.decode("utf-8", "replace")).strip(), MAX_STDERR_CHARS)
         problems.add(f"{what}: failed (exit {proc.returncode}): {stderr or '(no output on stderr)'}")
         return None
     return out.decode("utf-8", "replace")
@@ -633,7 +603,6 @@ def _render_kustomize(real_root: Path, target: Path, *, rel: str, timeout: float
                      hint="use render: plain or auto for a directory of plain manifests")
         return []
     walk = confine.KustomizeWalk(real_root, allow_remote=allow_remote, problems=problems).run(target)
-    problems.secrets |= walk.secrets
     if not walk.ok:
         return []
     with tempfile.TemporaryDirectory(prefix="gitopsd-kustomize-") as home:
@@ -750,7 +719,8 @@ def _validate(manifests: list[Manifest], *, namespace: str, is_namespaced: Calla
 
 
 def _check_identity(m: Manifest, *, problems: _Problems) -> bool:
-    """apiVersion, kind and metadata.name present and strings; no server-owned fields."""
+    """apiVersion, kind and metadata.name present and strings; a Secret's body well-formed;
+    no server-owned fields."""
     obj = m.obj
     missing: list[str] = []
     wrong: list[str] = []
@@ -780,29 +750,8 @@ def _check_identity(m: Manifest, *, problems: _Problems) -> bool:
         parts = ([f"missing {', '.join(missing)}"] if missing else []) + wrong
         problems.add(f"{m.source}: {'; '.join(parts)}", hint=hint)
         return False
-    if obj.get("kind") == "Secret" and obj.get("apiVersion") == "v1":
-        for section in ("data", "stringData"):
-            values = obj.get(section) or {}
-            # Named by section or key only: a value must never reach a message.
-            if not isinstance(values, dict):
-                problems.add(f"{m.source}: Secret/{meta['name']}: {section} must be a mapping of keys to "
-                             f"strings, not a {_type_name(values)}",
-                             hint=f"write {section} as `key: value` lines, not as a list")
-                return False
-            malformed = sum(1 for k in values if not _SECRET_KEY.match(str(k)))
-            if malformed:
-                # Not named: a key with a space in it is often a value that
-                # lost its `=` (`password hunter2` in a generator's env file).
-                problems.add(f"{m.source}: Secret/{meta['name']}: {section} has {malformed} key(s) that are not "
-                             "valid Secret keys (letters, digits, '-', '_' and '.' only; not shown, as such a key "
-                             "may hold a value)",
-                             hint="a `key value` line in a secret generator's env file? write `key=value`")
-                return False
-            bad = sorted(str(k) for k, v in values.items() if not isinstance(v, str))
-            if bad:
-                problems.add(f"{m.source}: Secret/{meta['name']}: {section} values must be strings; not: "
-                             f"{', '.join(bad)}", hint="quote the values (an unquoted 0123 or true is not a string)")
-                return False
+    if not _check_secret_body(m, problems=problems):
+        return False
     server_owned = [f"metadata.{f}" for f in SERVER_OWNED_METADATA if f in meta]
     if server_owned:
         problems.add(f"{m.source}: {obj['kind']}/{meta['name']} carries {', '.join(server_owned)}, set by the "
@@ -811,6 +760,50 @@ def _check_identity(m: Manifest, *, problems: _Problems) -> bool:
                           "rejects managedFields, and a stale resourceVersion makes every apply conflict")
         return False
     return True
+
+
+def _check_secret_body(m: Manifest, *, problems: _Problems) -> bool:
+    """A v1 Secret's `data` and `stringData`: mappings of valid keys to strings, `data` base64.
+
+    Code downstream, and the apiserver's errors (which echo what they cannot
+    parse), assume that shape, so anything else — a list, a block of text, a
+    nested mapping, an unquoted number, a key Kubernetes would refuse, plain
+    text under `data` — is refused here, before any request is made. Messages
+    name the section and the key, never a value; an invalid key is not even
+    named, as it is often a value that lost its `=` (`password hunter2` in a
+    secret generator's env file). Every problem of the object is reported.
+    """
+    obj = m.obj
+    if not redact.is_secret_kind(obj):
+        return True
+    where = f"{m.source}: Secret/{obj['metadata']['name']}"
+    ok = True
+    for section in redact.SECTIONS:
+        values = obj.get(section) or {}
+        if not isinstance(values, dict):
+            problems.add(f"{where}: {section} must be a mapping of keys to strings, not a {_type_name(values)}",
+                         hint=f"write {section} as `key: value` lines, not as a list or one block of text")
+            ok = False
+            continue
+        malformed = sum(1 for k in values if not redact.SECRET_KEY.fullmatch(str(k)))
+        if malformed:
+            problems.add(f"{where}: {section} has {malformed} key(s) that are not valid Secret keys (letters, "
+                         "digits, '-', '_' and '.' only; not shown, as such a key may hold a value)",
+                         hint="a `key value` line in a secret generator's env file? write `key=value`")
+            ok = False
+        named = {str(k): v for k, v in values.items() if redact.SECRET_KEY.fullmatch(str(k))}
+        not_text = sorted(k for k, v in named.items() if not isinstance(v, str))
+        if not_text:
+            problems.add(f"{where}: {section} values must be strings; not: {', '.join(not_text)}",
+                         hint="quote the values (an unquoted 0123 or true is not a string)")
+            ok = False
+        if section == "data":
+            for key, value in named.items():
+                if isinstance(value, str) and value and redact.b64decode_data(value) is None:
+                    problems.add(f"{where}: data.{key} is not valid base64",
+                                 hint="data values are base64-encoded; put plain text under stringData instead")
+                    ok = False
+    return ok
 
 
 def _string_keys(value):

@@ -11,10 +11,10 @@ Failure rules: a source or render error stops before the cluster is touched
 write and reports every invalid object; an apply error in one stage stops
 later stages and the prune.
 
-Secret values: every value of a rendered Secret is registered with
-gitopsd.redact before anything is planned, and a Secret whose `data` or
-`stringData` is not a mapping of strings (or whose `data` is not base64) is
-refused here, as a render error naming file, object and field — downstream
+Secret values: the renderer registers every value of a rendered Secret (and
+of a secret generator) with gitopsd.redact before anything is planned, and
+refuses a Secret whose `data` or `stringData` is not a mapping of strings
+(or whose `data` is not base64), naming file, object and field — downstream
 code and the apiserver's own errors would otherwise echo the value. What
 leaves this module (a SyncResult, an exception) is scrubbed by value.
 
@@ -59,6 +59,7 @@ class AppSpec:
     render: str = "auto"                      # auto | plain | kustomize | helm
     helm_values: tuple[str, ...] = ()
     helm_release: str | None = None           # default: the app name
+    allow_remote_bases: bool = False          # kustomize may fetch remote bases (read outside the commit)
     prune: bool = True
     prune_guard: float = 0.5                  # refuse to prune more than this share of the members
     allow_prune_all: bool = False             # lift the guard (an emptied repo really means "delete all")
@@ -137,21 +138,10 @@ def fetch_and_plan(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None,
 
 
 def _render(kube: Kube, app: AppSpec, checkout: Path) -> list[render.Manifest]:
-    """Render, learn every secret value, and refuse malformed Secret bodies."""
-    try:
-        manifests = render.render(checkout, app.path, kind=app.render, namespace=app.namespace,
-                                  helm_values=app.helm_values, helm_release=app.helm_release or app.name,
-                                  is_namespaced=kube.is_namespaced)
-    except RenderError as exc:
-        # Values a renderer found in secret generators (kustomize literals, env files).
-        redact.remember(getattr(exc, "secret_values", None) or ())
-        raise
-    redact.remember_objects(m.obj for m in manifests)
-    problems = [f"{m.source}: {m.ref}: {problem}" for m in manifests
-                for problem in redact.secret_body_problems(m.obj)]
-    if problems:
-        raise RenderError(problems)
-    return manifests
+    """The app's manifests; the renderer has registered every secret value it met."""
+    return render.render(checkout, app.path, kind=app.render, namespace=app.namespace,
+                         helm_values=app.helm_values, helm_release=app.helm_release or app.name,
+                         is_namespaced=kube.is_namespaced, allow_remote_bases=app.allow_remote_bases)
 
 
 def prune_guard(app: AppSpec, plan: Plan) -> str | None:

@@ -57,6 +57,7 @@ apps:
     helm:
       valuesFiles: [values.yaml, values-prod.yaml]
       releaseName: web
+    allowRemoteBases: true
     credentials:
       secretRef: {name: fleet-git}
     allowedNamespaces: [production, monitoring]
@@ -184,6 +185,7 @@ def test_full_app_round_trips_every_field() -> None:
         render="helm",
         helm_values=("values.yaml", "values-prod.yaml"),
         helm_release="web",
+        allow_remote_bases=True,
         credentials=CredentialsRef(secret_name="fleet-git"),
         allowed_namespaces=("production", "monitoring"),
         prune_guard=0.25,
@@ -429,6 +431,16 @@ def test_helm_settings_need_a_helm_renderer() -> None:
     assert one_app("apps: [{name: web, repo: r, helm: {valuesFiles: [v.yaml]}}]").helm_values == ("v.yaml",)
 
 
+def test_remote_bases_are_off_unless_the_app_opts_in() -> None:
+    default = one_app("apps: [{name: web, repo: r}]")
+    assert default.allow_remote_bases is False
+    assert default.to_spec(inventory_namespace="gitopsd-system").allow_remote_bases is False
+    opted_in = one_app("apps: [{name: web, repo: r, render: kustomize, allowRemoteBases: true}]")
+    assert opted_in.to_spec(inventory_namespace="gitopsd-system").allow_remote_bases is True
+    [problem] = problems_of("apps: [{name: web, repo: r, allowRemoteBases: 'yes'}]")
+    assert problem == 'apps[0] (web).allowRemoteBases: "yes" is not a boolean (use true or false)'
+
+
 def test_allowed_namespaces_must_include_target_namespace() -> None:
     problems = problems_of("""
         apps:
@@ -489,7 +501,8 @@ def test_to_spec_carries_every_setting() -> None:
     assert spec == AppSpec(
         name="web-production", repo="https://git.example.com/fleet.git", ref="v1.2.3",
         path="web/overlays/production", namespace="production", render="helm",
-        helm_values=("values.yaml", "values-prod.yaml"), helm_release="web", prune=False, prune_guard=0.25,
+        helm_values=("values.yaml", "values-prod.yaml"), helm_release="web", allow_remote_bases=True,
+        prune=False, prune_guard=0.25,
         allow_prune_all=True, recreate=True, timeout=90.0, credentials=creds,
         inventory_namespace="gitopsd-system", allowed_namespaces=("production", "monitoring"),
     )

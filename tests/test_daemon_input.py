@@ -4,7 +4,8 @@ Each test runs the daemon as a process against the real control plane and
 waits on what it logs, records or counts. The input here is what reaches the
 daemon itself: its config file (deleted, emptied, garbled, swapped by an
 editor or a ConfigMap volume), its HTTP port (slow clients, clients that hang
-up, replayed webhooks), and its memory of an app across reloads and restarts.
+up, replayed webhooks, a secret sent where it does not belong), and its
+memory of an app across reloads and restarts.
 """
 
 from __future__ import annotations
@@ -284,6 +285,40 @@ def test_client_hanging_up_logs_no_traceback(repo, kube, namespace, tmp_path, st
     _no_traceback(daemon)
     # A client that went away is a debug line at most: nothing at info or above.
     assert not [e for e in daemon.events() if "client" in e.get("event", "")]
+
+
+def test_the_webhook_secret_never_reaches_the_daemon_log(repo, kube, namespace, tmp_path, start_daemon):
+    """A sender that puts the shared secret where a signature, a URL or a delivery id goes. The
+    refused deliveries are logged without it, and so is a signed one whose delivery id is the secret
+    (a CI job that templated the wrong variable): the daemon knows its own secret as a secret value."""
+    import hashlib
+    import hmac
+
+    from gitopsd.redact import REDACTED
+    from helpers import SECRET
+
+    daemon = blue_app_running(repo, kube, namespace, tmp_path, start_daemon, "hooked", "--no-leader-elect",
+                              "--no-watch-local")
+    repo.write("cm.yaml", configmap("settings", {"color": "green"}))
+    sha = repo.commit("green")
+    body = json.dumps({"repo": repo.url, "ref": "main", "after": sha}).encode()
+    signature = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    json_type = {"Content-Type": "application/json"}
+
+    wrong = {**json_type, "X-Gitopsd-Signature": "sha256=" + "0" * 64, "X-Gitopsd-Delivery": SECRET}
+    assert daemon.post(f"/hooks/generic?secret={SECRET}", body, wrong)[0] == 401
+    assert daemon.post("/hooks/generic", body, {**json_type, "X-Gitopsd-Signature": SECRET})[0] == 401
+    assert daemon.post("/hooks/gitlab", body, {**json_type, "X-Gitlab-Event": "Push Hook",
+                                               "X-Gitlab-Token": f"{SECRET}-rotated"})[0] == 401
+    signed = {**json_type, "X-Gitopsd-Signature": signature, "X-Gitopsd-Delivery": SECRET}
+    assert daemon.post("/hooks/generic", body, signed)[0] == 202
+
+    received = daemon.wait_event(lambda e: e.get("event") == "webhook received", "the signed delivery logged")
+    assert received["delivery"] == REDACTED
+    refused = [e for e in daemon.events() if e.get("event") == "webhook refused"]
+    assert len(refused) == 3, refused
+    wait_for("the push applied", lambda: cm_data(kube, namespace, "settings") == {"color": "green"}, 15)
+    assert SECRET not in daemon.log_path.read_text()
 
 
 # ---------------------------------------------------------------- replays and no-change webhooks

@@ -206,7 +206,7 @@ def test_a_data_value_that_is_not_base64_is_refused_naming_the_key(bed):
     bed.repo.commit("plain text under data")
 
     hint = "put plain text under stringData"
-    assert_refused(bed, bed.cli("diff"), f"Secret/{bed.namespace}/db: data.password is not valid base64", hint)
+    assert_refused(bed, bed.cli("diff"), "secret.yaml: Secret/db: data.password is not valid base64", hint)
     assert_refused(bed, bed.cli("sync"), "data.password is not valid base64")
     assert bed.get("Secret", "db") is None
     bed.assert_nowhere(value)

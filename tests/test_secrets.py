@@ -22,6 +22,7 @@ import structlog
 from gitopsd import log as gitopsd_log
 from gitopsd import redact
 from gitopsd.errors import GitopsdError, RenderError
+from gitopsd.render import render
 from gitopsd.sync import _cause
 from helpers import gitopsd
 
@@ -159,24 +160,47 @@ def test_a_data_value_is_known_raw_and_decoded():
     assert value not in redact.scrub(f"decoded {value}") and encoded not in redact.scrub(f"raw {encoded}")
 
 
-def test_secret_body_problems_name_the_field_never_the_value():
+def test_malformed_secret_bodies_are_refused_by_the_renderer_naming_the_field_never_the_value(tmp_path):
     value = _unique("never-in-a-message")
     cases = {
-        "stringData as a list": ({"stringData": [f"password={value}"]}, "stringData must be a mapping", "a list"),
-        "data as a list": ({"data": [value]}, "data must be a mapping", "a list"),
-        "stringData as text": ({"stringData": f"password={value}"}, "stringData must be a mapping", "a text"),
-        "data nested": ({"data": {"db": {"password": value}}}, "data.db must be a string", "a nested mapping"),
-        "a number": ({"stringData": {"pin": 123456789}}, "stringData.pin must be a string", "a number"),
+        "stringData as a list": ({"stringData": [f"password={value}"]},
+                                 "stringData must be a mapping of keys to strings, not a list", "key: value"),
+        "data as a list": ({"data": [value]}, "data must be a mapping of keys to strings, not a list", "key: value"),
+        "stringData as text": ({"stringData": f"password={value}"},
+                               "stringData must be a mapping of keys to strings, not a string", "key: value"),
+        "data nested": ({"data": {"db": {"password": value}}}, "data values must be strings; not: db", "quote"),
+        "a number": ({"stringData": {"pin": 123456789}}, "stringData values must be strings; not: pin", "quote"),
+        "a value in a key": ({"stringData": {f"password {value}": ""}}, "stringData has 1 key(s) that are not valid",
+                             "env file"),
         "not base64": ({"data": {"password": value + "!"}}, "data.password is not valid base64", "stringData"),
     }
-    for what, (body, field, detail) in cases.items():
-        problems = redact.secret_body_problems({"apiVersion": "v1", "kind": "Secret", **body})
-        assert len(problems) == 1, (what, problems)
-        assert field in problems[0] and detail in problems[0] and "hint:" in problems[0], (what, problems)
-        assert value not in problems[0] and "123456789" not in problems[0], what
-    ok = {"apiVersion": "v1", "kind": "Secret", "data": {"a": "aGk=\n"}, "stringData": {"b": "x"}}
-    assert redact.secret_body_problems(ok) == []
-    assert redact.secret_body_problems({"apiVersion": "v1", "kind": "ConfigMap", "data": ["x"]}) == []
+    for what, (body, field, hint) in cases.items():
+        app = tmp_path / what.replace(" ", "-")
+        app.mkdir()
+        (app / "s.yaml").write_text(json.dumps({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"},
+                                                **body}))
+        with pytest.raises(RenderError) as info:
+            render(app, ".")
+        (problem,) = info.value.problems
+        assert problem.startswith("s.yaml: Secret/s: ") and field in problem, (what, problem)
+        assert hint in info.value.hint, (what, info.value.hint)
+        assert value not in str(info.value) and "123456789" not in str(info.value), what
+    ok = tmp_path / "ok"
+    ok.mkdir()
+    (ok / "s.yaml").write_text(json.dumps({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"},
+                                           "data": {"a": "aGk=\n"}, "stringData": {"b": "x"}}))
+    (ok / "cm.yaml").write_text(json.dumps({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"},
+                                            "data": ["x"]}))   # not a Secret: the apiserver's to judge
+    assert len(render(ok, ".")) == 2
+
+
+def test_a_server_message_about_a_secret_is_scrubbed_of_its_values_not_yet_known():
+    value = _unique("echoed-by-the-apiserver")
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db"}, "stringData": {"password": value}}
+    assert value in redact.scrub(f"Invalid value: {value!r}"), "not known before"
+    assert redact.scrub_about(f"Invalid value: {value!r}", secret) == f"Invalid value: '{redact.REDACTED}'"
+    assert redact.scrub_about("nothing secret here", {"kind": "ConfigMap", "data": {"k": value}}) \
+        == "nothing secret here"
 
 
 # ------------------------------------------------------------------ where it is wired in
@@ -238,6 +262,47 @@ def test_scrub_exception_cleans_the_whole_chain():
         redact.scrub_exception(exc)
         assert value not in str(exc) and value not in exc.problems[0]
         assert value not in str(exc.__cause__) and value not in exc.__cause__.hint
+
+
+@pytest.mark.cluster
+def test_the_daemon_registers_the_git_credentials_it_reads(kubeconfig, namespace, tmp_path):
+    """The token and the SSH key's content, from a credentials Secret and from mounted files, are
+    known to the redactor as soon as the daemon reads them; the username is not a secret."""
+    from gitopsd.daemon import Daemon
+    from gitopsd.kube import Kube
+
+    by_secret = {"token": _unique("secret-token"), "key": _unique("secret-key-line"), "user": _unique("bot")}
+    by_files = {"token": _unique("file-token"), "key": _unique("file-key-line"), "user": _unique("bot")}
+
+    def pem(line: str) -> str:
+        return f"-----BEGIN OPENSSH PRIVATE KEY-----\n{line}\n-----END OPENSSH PRIVATE KEY-----\n"
+
+    (tmp_path / "token").write_text(by_files["token"] + "\n")
+    (tmp_path / "id").write_text(pem(by_files["key"]))
+    config = tmp_path / "apps.yaml"
+    config.write_text(json.dumps({"apps": [
+        {"name": "by-secret", "repo": "https://git.example.com/a.git", "credentials": {"secretRef": {"name": "git"}}},
+        {"name": "by-files", "repo": "https://git.example.com/b.git",
+         "credentials": {"tokenFile": str(tmp_path / "token"), "sshKeyFile": str(tmp_path / "id"),
+                         "username": by_files["user"]}},
+    ]}))
+    kube = Kube.connect(kubeconfig=kubeconfig)
+    daemon = Daemon(kube=kube, config_path=config, namespace=namespace, http_host="127.0.0.1", http_port=0,
+                    instance="credentials-test", leader_elect=False)
+    try:
+        kube.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "git", "namespace": namespace},
+                    "data": {k: base64.b64encode(v.encode()).decode() for k, v in
+                             (("token", by_secret["token"]), ("identity", pem(by_secret["key"])),
+                              ("username", by_secret["user"]))}})
+        for app, values in (("by-secret", by_secret), ("by-files", by_files)):
+            creds = daemon.credentials(daemon.config.app(app))
+            assert creds.token == values["token"], app
+            for secret in (values["token"], values["key"]):
+                assert redact.scrub(f"git: {secret} rejected") == f"git: {redact.REDACTED} rejected", app
+            assert redact.scrub(f"user {values['user']}") == f"user {values['user']}", app
+    finally:
+        daemon.stop()
+        kube.close()
 
 
 def test_a_failure_reason_carries_the_first_problem_and_the_count():

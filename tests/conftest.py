@@ -188,3 +188,45 @@ def start_daemon(tmp_path, kubeconfig, namespace, source_cache):
     yield start
     for d in started:
         d.stop()
+
+
+# ---------------------------------------------------------------- a cluster of one's own
+
+@pytest.fixture(scope="module")
+def own_cluster(request) -> tb_cluster.Cluster:
+    """A separate control plane for one test module, for tests that stop, kill
+    and restart its components (never the session's shared cluster).
+
+    Fails (never skips) when it cannot start. Torn down at the end of the
+    module; its component logs are kept in test-logs/ when a test failed.
+    """
+    name = f"own-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    failed_before = request.session.testsfailed
+    try:
+        if not tb_build.all_built():
+            raise tb_cluster.ClusterError("test-bed binaries are missing: run `hack/cluster build` (make test does)")
+        own = tb_cluster.up(name, out=sys.stderr)
+    except (tb_cluster.ClusterError, OSError) as exc:
+        pytest.fail(f"the module's own control plane did not start: {exc}", pytrace=False)
+    yield own
+    if request.session.testsfailed > failed_before:
+        kept = tb_build.cache_dir() / "test-logs" / name
+        shutil.rmtree(kept, ignore_errors=True)
+        shutil.copytree(own.dir / "logs", kept)
+        sys.stderr.write(f"\ncomponent logs of {name} kept in {kept}\n")
+    tb_cluster.down(name)
+
+
+@pytest.fixture(scope="module")
+def own_kubeconfig(own_cluster) -> Path:
+    return own_cluster.kubeconfig
+
+
+@pytest.fixture(scope="module")
+def own_kube(own_kubeconfig):
+    """gitopsd's own client for the module's own cluster."""
+    from gitopsd.kube import Kube
+
+    k = Kube.connect(kubeconfig=own_kubeconfig)
+    yield k
+    k.close()

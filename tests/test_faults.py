@@ -43,6 +43,7 @@ pytestmark = pytest.mark.cluster
 LEASE = ("--lease-duration", "3", "--lease-renew", "1", "--no-watch-local")
 BIG = 150            # ConfigMaps in an app whose apply takes long enough to be interrupted
 SILENCE = 4.0        # how long a paused component stays silent: longer than the 3 s lease
+OUTAGE = 10          # seconds of revoked credentials over which the log is checked for a flood
 
 
 # ---------------------------------------------------------------- the module's own cluster
@@ -424,6 +425,8 @@ def test_daemon_killed_while_recording_many_apps_keeps_every_audit_chain_intact(
     intact(second, apps[0], kubeconfig=kubeconfig, namespace=namespace, cache=source_cache)
 
 
+@pytest.mark.xfail(strict=True, reason="daemon.py: a replica that lost its lease still sends its in-flight applies, "
+                                       "then writes its Failed audit record, an Event and the app status")
 def test_paused_leader_never_writes_after_waking_once_a_standby_took_over(
         repo, namespace, tmp_path, cluster, kube, kubeconfig, source_cache, start_daemon):
     app = "paused-leader"
@@ -454,6 +457,8 @@ def test_paused_leader_never_writes_after_waking_once_a_standby_took_over(
     assert not late, f"{len(late)} writes after waking: " + ", ".join(
         f"{e['verb']} {e['objectRef'].get('resource')}/{e['objectRef'].get('name')}" for e in late)
     assert len(members(kube, namespace, app)) == BIG + 1
+    _, shown = gitopsd_json("status", app, "--namespace", namespace, kubeconfig=kubeconfig, cache=source_cache)
+    assert (shown[0]["result"], shown[0]["revision"]) == ("Applied", sha), "the status is the leader's"
     intact(b, app, kubeconfig=kubeconfig, namespace=namespace, cache=source_cache)
     assert_no_traceback(a.log_path.read_text(), f"daemon log {a.log_path}")
 
@@ -543,9 +548,10 @@ class GitDaemon:
 
     def __init__(self, root: Path) -> None:
         self.port = _free_port()
+        self.log = (root / "git-daemon.log").open("w")
         self.proc = subprocess.Popen(
-            ["git", "daemon", "--reuseaddr", "--export-all", f"--base-path={root}", "--listen=127.0.0.1",
-             f"--port={self.port}", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            ["git", "daemon", "--verbose", "--reuseaddr", "--export-all", f"--base-path={root}",
+             "--listen=127.0.0.1", f"--port={self.port}", str(root)], stdout=self.log, stderr=subprocess.STDOUT)
         wait_for("git daemon listening", lambda: _accepts(self.port), 10)
         self.proxy = SilentProxy(self.port)
 
@@ -578,14 +584,23 @@ class SilentProxy:
             if self.silent:
                 self.held.append(client)
                 continue
-            upstream = socket.create_connection(("127.0.0.1", self.upstream))
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream))
+            except OSError:
+                client.close()
+                continue
             for src, dst in ((client, upstream), (upstream, client)):
                 threading.Thread(target=_pump, args=(src, dst), daemon=True).start()
 
-    def stop(self) -> None:
-        self.server.close()
+    def answer(self) -> None:
+        """The server is fixed: new connections are served, the hung ones dropped (as a restart would)."""
+        self.silent = False
         for s in self.held:
             s.close()
+
+    def stop(self) -> None:
+        self.server.close()
+        self.answer()
 
 
 def _pump(src: socket.socket, dst: socket.socket) -> None:
@@ -636,10 +651,8 @@ def test_hanging_remote_times_out_clearly_without_delaying_other_apps_and_recove
         assert failed["reason"] == f"fetching ref 'main' from {hung} timed out after 120s", failed["reason"]
         assert time.monotonic() - started < 200
         held(daemon, kube, namespace, app, before)
-
-        def answer():
-            server.proxy.silent = False
-        recover(daemon, app, answer, where=dict(kubeconfig=kubeconfig, namespace=namespace, cache=source_cache))
+        recover(daemon, app, server.proxy.answer,
+                where=dict(kubeconfig=kubeconfig, namespace=namespace, cache=source_cache))
     finally:
         server.stop()
 
@@ -772,17 +785,17 @@ def test_revoked_credentials_are_a_clear_401_without_log_spam_and_new_ones_recov
         wait_audit(daemon, "the first sync", app=app, result="Applied")
         before = members(kube, namespace, app)
         kube.delete(kube.resource("v1", "ServiceAccount"), "deployer", namespace)
-        revoked = time.monotonic()
 
         first = daemon.wait_event(lambda e: "401" in str(e.get("error")), "the 401 is reported", 30)
         assert "401 Unauthorized" in first["error"], first
         lost = daemon.wait_event(lambda e: e.get("event") == "leadership lost", "it stops leading", 30)
         assert lost
         held(daemon, kube, namespace, app, before)
-        # A steady trickle, not a crash loop: at most one line a second over the outage so far.
-        complaints = [e for e in daemon.events() if "401" in str(e.get("error"))]
-        assert len(complaints) <= time.monotonic() - revoked + 1, complaints[-5:]
-        assert daemon.proc.poll() is None, "the daemon keeps running"
+        with pytest.raises(subprocess.TimeoutExpired):
+            daemon.proc.wait(timeout=OUTAGE)   # it keeps running through the outage...
+        complaints = [(e["event"], e["error"]) for e in daemon.events() if "401" in str(e.get("error"))]
+        assert len(complaints) <= OUTAGE, complaints   # ...and says so without flooding the log
+        assert [c[0] for c in complaints].count("lease request failed") == 1, complaints
 
     sa_config = service_account_kubeconfig(kube, cluster, namespace, "deployer", tmp_path / "sa.kubeconfig")
     with daemon_as(sa_config, config, namespace=namespace, tmp_path=tmp_path, cache=source_cache,
@@ -860,30 +873,42 @@ def install_crd(kube) -> None:
         for c in ((kube.get(crds, WIDGETS) or {}).get("status") or {}).get("conditions") or []), 30)
 
 
-def test_crd_deleted_under_its_custom_resources_is_reported_and_converges_when_restored(
-        repo, namespace, tmp_path, kube, kubeconfig, source_cache, start_daemon):
-    app = "widgets"
+@pytest.fixture
+def widgets_lost(repo, namespace, tmp_path, kube, start_daemon):
+    """A running app of three Widgets whose CRD (installed by hand, not by the app) was then deleted:
+    (daemon, the Failed record of the first reconcile after it)."""
     crds = kube.resource("apiextensions.k8s.io/v1", "CustomResourceDefinition")
     install_crd(kube)
     try:
         widgets = [{"apiVersion": "faults.example.com/v1", "kind": "Widget", "metadata": {"name": f"w{i}"},
                     "spec": {"size": i}} for i in range(3)]
-        daemon, _ = running_app(repo, namespace, tmp_path, start_daemon, app, {"widgets.yaml": widgets}, *LEASE,
-                                interval="5s")
+        daemon, _ = running_app(repo, namespace, tmp_path, start_daemon, "widgets", {"widgets.yaml": widgets},
+                                *LEASE, interval="5s")
         kube.delete(crds, WIDGETS)
         wait_for("the CRD and its objects are gone", lambda: kube.get(crds, WIDGETS) is None, 60)
-
-        failed = wait_audit(daemon, "the missing kind is reported", app=app, result="Failed")
-        assert "the cluster serves no Widget in faults.example.com/v1" in " ".join(failed["errors"]), failed
-        status = gitopsd("status", app, "--namespace", namespace, kubeconfig=kubeconfig, cache=source_cache)
-        assert status.returncode == 0 and "Failed" in status.stdout, status.stdout + status.stderr
-        assert_serving(daemon)
-
-        done = recover(daemon, app, lambda: install_crd(kube), result="Applied",
-                       where=dict(kubeconfig=kubeconfig, namespace=namespace, cache=source_cache))
-        assert sorted(o["name"] for o in done["plan"]["objects"] if o["action"] == "created") == ["w0", "w1", "w2"]
+        yield daemon, wait_audit(daemon, "the reconcile after the loss", app="widgets", result="Failed")
     finally:
         kube.delete(crds, WIDGETS)
+
+
+def test_crd_deleted_under_its_custom_resources_fails_visibly_and_converges_when_restored(
+        widgets_lost, namespace, kube, kubeconfig, source_cache):
+    daemon, failed = widgets_lost
+    assert sorted(e.split(": ")[1].rsplit("/", 1)[1] for e in failed["errors"]) == ["w0", "w1", "w2"], failed
+    status = gitopsd("status", "widgets", "--namespace", namespace, kubeconfig=kubeconfig, cache=source_cache)
+    assert status.returncode == 0 and "Failed" in status.stdout, status.stdout + status.stderr
+    assert_serving(daemon)
+
+    done = recover(daemon, "widgets", lambda: install_crd(kube), result="Applied",
+                   where=dict(kubeconfig=kubeconfig, namespace=namespace, cache=source_cache))
+    assert sorted(o["name"] for o in done["plan"]["objects"] if o["action"] == "created") == ["w0", "w1", "w2"]
+
+
+@pytest.mark.xfail(strict=True, reason="plan.py/kube.py: with discovery cached from before the CRD was deleted, "
+                                       "the error says 'Not Found: 404 page not found', not that the kind is gone")
+def test_crd_deleted_under_its_custom_resources_is_reported_as_a_kind_no_longer_served(widgets_lost):
+    _, failed = widgets_lost
+    assert all("the cluster serves no Widget in faults.example.com/v1" in e for e in failed["errors"]), failed
 
 
 def test_app_namespace_deleted_by_hand_is_recreated_with_its_objects(repo, namespace, tmp_path, kube, kubeconfig,

@@ -12,6 +12,7 @@ clusters (say, a developer's and a test run's) can run side by side.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -221,6 +222,15 @@ def _start(cluster: Cluster, component: str, argv: list[str]) -> None:
                                 start_new_session=True, cwd=cluster.dir)
     cluster.pids[component] = proc.pid
     cluster.save()
+    # Popen returns once exec has begun, but /proc/<pid>/cmdline stays empty
+    # until the kernel has laid out the new argv; on a loaded machine _is_ours
+    # could read it then and take a starting component for a dead one.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{proc.pid}/cmdline").read_bytes():
+                break
+        time.sleep(0.005)
 
 
 def _wait(cluster: Cluster, what: str, component: str, check, timeout: float = START_TIMEOUT) -> None:

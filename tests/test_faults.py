@@ -1,7 +1,7 @@
 """Real faults against the real CLI and daemon: components stopped, killed and
 restarted, a Git remote removed, rewritten, slow or corrupt, credentials
 revoked, the apiserver throttling, objects deleted under the daemon, a
-tampered audit trail, a full or read-only disk.
+tampered audit trail, a blocked or read-only disk.
 
 Every case asserts what a user must be able to rely on: a clear error naming
 what failed and why, nothing half-applied where it can be avoided, nothing
@@ -12,7 +12,9 @@ an audit chain that verifies, and no Python traceback anywhere.
 
 These tests stop and kill control-plane processes, so they run on a cluster
 of their own (the `own_cluster` fixture), shared by this module; every test
-puts back what it stopped (and an autouse fixture checks that it did).
+puts back what it stopped (and an autouse fixture checks that it did). The
+apiserver's own audit log is the independent witness of which writes reached
+it, and from whom (ApiLog).
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
-from helpers import (SECRET, DaemonProcess, app_entry, assert_no_traceback, assert_serving, audit_events,
-                     audit_verify, cm_data, configmap, configmaps, deployment, gitopsd, gitopsd_json,
+from helpers import (SECRET, DaemonProcess, GitRepo, app_entry, assert_no_traceback, assert_serving,
+                     audit_events, audit_verify, cm_data, configmap, configmaps, deployment, gitopsd, gitopsd_json,
                      post_generic, snapshot, wait_audit, wait_for, write_config)
 from testbed import cluster as tb
 
@@ -44,6 +47,7 @@ LEASE = ("--lease-duration", "3", "--lease-renew", "1", "--no-watch-local")
 BIG = 150            # ConfigMaps in an app whose apply takes long enough to be interrupted
 SILENCE = 4.0        # how long a paused component stays silent: longer than the 3 s lease
 OUTAGE = 10          # seconds of revoked credentials over which the log is checked for a flood
+KEEP = {"keep.yaml": configmap("keep-me", {"k": "v"})}   # an app's one object before a big commit
 
 
 # ---------------------------------------------------------------- the module's own cluster
@@ -121,85 +125,99 @@ class ApiLog:
 
     def writes(self, *, namespace: str | None = None, agent: str = "gitopsd/", resource: str | None = "configmaps",
                since: datetime | None = None) -> list[dict]:
-        """Completed writes (not dry runs) by a user agent, optionally to one resource/namespace, after `since`."""
+        """Writes (not dry runs) by a user agent, optionally to one resource/namespace, received after `since`."""
         out = []
         for e in self.events():
             ref = e.get("objectRef") or {}
             if ("dryRun" in e.get("requestURI", "") or agent not in e.get("userAgent", "")
                     or (namespace and ref.get("namespace") != namespace)
                     or (resource and ref.get("resource") != resource)
-                    or (since and _ts(e["requestReceivedTimestamp"]) < since)):
+                    or (since and _utc(e["requestReceivedTimestamp"]) < since)):
                 continue
             out.append(e)
         return out
 
 
-def _ts(text: str) -> datetime:
+def _utc(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
+# ---------------------------------------------------------------- the test bed
+
+@dataclass
+class Bed:
+    """What a fault test works with: the cluster, the test's namespace (gitopsd's own too), its Git
+    remote, its source cache, and the daemon starter."""
+
+    cluster: tb.Cluster
+    kube: object
+    kubeconfig: Path
+    namespace: str
+    repo: GitRepo
+    tmp_path: Path
+    cache: Path
+    start_daemon: object
+
+    @property
+    def config(self) -> Path:
+        return self.tmp_path / "config.yaml"
+
+    def running(self, app: str, files: dict, *flags: str, name: str = "daemon", **entry):
+        """Commit `files`, start a daemon on one app, wait for its first Applied record: (daemon, sha)."""
+        for path, content in files.items():
+            self.repo.write(path, content)
+        sha = self.repo.commit("initial state")
+        if entry.get("ref", "main") != "main":
+            self.repo._git("push", "-q", "origin", f"main:{entry['ref']}")   # the app's branch, from main
+        write_config(self.config, [app_entry(app, self.repo.url, self.namespace, **entry)])
+        daemon = self.start_daemon(self.config, *flags, name=name)
+        wait_audit(daemon, "the first sync", app=app, result="Applied", revision=sha)
+        return daemon, sha
+
+    def members(self, app: str, *, where: str | None = None) -> dict[str, tuple[str, str]]:
+        """{name: (uid, resourceVersion)} of the app's ConfigMaps (by its ApplySet label)."""
+        from gitopsd.inventory import PART_OF_LABEL, applyset_id, parent_name
+
+        parent = applyset_id(name=parent_name(app), namespace=self.namespace)
+        return snapshot(self.kube, where or self.namespace, selector=f"{PART_OF_LABEL}={parent}")
+
+    def cli(self, *args: str) -> subprocess.Popen:
+        """The real CLI in the background (to fault it while it runs)."""
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "GITOPSD_CACHE": str(self.cache)}
+        return subprocess.Popen([sys.executable, "-m", "gitopsd", *args], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    def sync_args(self, app: str) -> list[str]:
+        return ["sync", "--repo", self.repo.url, "--ref", "main", "--path", ".", "-n", self.namespace,
+                "--app", app, "--inventory-namespace", self.namespace]
+
+    def verify(self, app: str, *, ok: bool = True) -> str:
+        return audit_verify(app, kubeconfig=self.kubeconfig, namespace=self.namespace, cache=self.cache, ok=ok)
+
+    def intact(self, daemon: DaemonProcess, app: str) -> None:
+        """After the fault: still serving, no traceback in the log, the audit chain verifies."""
+        assert_serving(daemon)
+        assert_no_traceback(daemon.log_path.read_text(), f"daemon log {daemon.log_path}")
+        self.verify(app)
+
+    def applied_once(self, app: str, sha: str) -> None:
+        """Exactly one Applied record of `sha` in the app's history: no duplicate from a retried write."""
+        _, records = gitopsd_json("history", app, "--namespace", self.namespace, kubeconfig=self.kubeconfig,
+                                  cache=self.cache, expect=0)
+        applied = [r for r in records if r.get("result") == "Applied" and r.get("revision") == sha]
+        assert len(applied) == 1, [f"#{r['seq']} {r.get('result')} {r.get('reason')}" for r in records]
+        assert len({r["hash"] for r in records}) == len(records)
+
+    def status(self, app: str) -> dict:
+        _, shown = gitopsd_json("status", app, "--namespace", self.namespace, kubeconfig=self.kubeconfig,
+                                cache=self.cache, expect=0)
+        return shown[0]
 
 
-# ---------------------------------------------------------------- shared steps
-
-def sync_args(repo, namespace: str, app: str, *extra: str) -> list[str]:
-    return ["sync", "--repo", repo.url, "--ref", "main", "--path", ".", "-n", namespace, "--app", app,
-            "--inventory-namespace", namespace, *extra]
-
-
-def start_cli(args: list[str], *, kubeconfig: Path, cache: Path) -> subprocess.Popen:
-    """The real CLI in the background (to fault it while it runs)."""
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "GITOPSD_CACHE": str(cache)}
-    return subprocess.Popen([sys.executable, "-m", "gitopsd", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def running_app(repo, namespace, tmp_path, start_daemon, app: str, files: dict, *flags: str, **entry):
-    """Commit `files`, start a daemon on one app, wait for its first Applied record: (daemon, sha)."""
-    for path, content in files.items():
-        repo.write(path, content)
-    sha = repo.commit("initial state")
-    config = write_config(tmp_path / "config.yaml", [app_entry(app, repo.url, namespace, **entry)])
-    daemon = start_daemon(config, *flags)
-    wait_audit(daemon, "the first sync", app=app, result="Applied", revision=sha)
-    return daemon, sha
-
-
-def mid_apply(api: ApiLog, namespace: str, *, agent: str = "gitopsd/", at_least: int = 5) -> None:
-    """Wait until some (not all) ConfigMaps of a big apply have reached the apiserver."""
-    wait_for(f"{at_least} writes under way", lambda: len(api.writes(namespace=namespace, agent=agent)) >= at_least,
-             60, interval=0.01)
-
-
-def intact(daemon: DaemonProcess, app: str, *, kubeconfig, namespace, cache) -> None:
-    """After the fault: still serving, no traceback in the log, the audit chain verifies."""
-    assert_serving(daemon)
-    assert_no_traceback(daemon.log_path.read_text(), f"daemon log {daemon.log_path}")
-    audit_verify(app, kubeconfig=kubeconfig, namespace=namespace, cache=cache)
-
-
-def history(app: str, *, kubeconfig, namespace, cache) -> list[dict]:
-    _, records = gitopsd_json("history", app, "--namespace", namespace, kubeconfig=kubeconfig, cache=cache,
-                              expect=0)
-    return records
-
-
-def applied_once(app: str, sha: str, **where) -> None:
-    """Exactly one Applied record of `sha` in the app's history: no duplicate from a retried write."""
-    records = history(app, **where)
-    applied = [r for r in records if r.get("result") == "Applied" and r.get("revision") == sha]
-    assert len(applied) == 1, [f"#{r['seq']} {r.get('result')} {r.get('reason')}" for r in records]
-    assert len({r["hash"] for r in records}) == len(records)
-
-
-def members(kube, namespace: str, app: str, *, where: str | None = None) -> dict[str, tuple[str, str]]:
-    """{name: (uid, resourceVersion)} of the app's ConfigMaps (by its ApplySet label), in `where` or `namespace`."""
-    from gitopsd.inventory import PART_OF_LABEL, applyset_id, parent_name
-
-    return snapshot(kube, where or namespace,
-                    selector=f"{PART_OF_LABEL}={applyset_id(name=parent_name(app), namespace=namespace)}")
+@pytest.fixture
+def bed(cluster, kube, kubeconfig, namespace, repo, tmp_path, source_cache, start_daemon) -> Bed:
+    return Bed(cluster=cluster, kube=kube, kubeconfig=kubeconfig, namespace=namespace, repo=repo,
+               tmp_path=tmp_path, cache=source_cache, start_daemon=start_daemon)
 
 
 def unchanged(before: dict, after: dict) -> None:
@@ -208,89 +226,103 @@ def unchanged(before: dict, after: dict) -> None:
     assert not changed, f"objects rewritten or removed by the fault: {changed}"
 
 
-# ---------------------------------------------------------------- 1-4: the apiserver
+def start_big_apply(bed: Bed, daemon: DaemonProcess, *, instance: str = "daemon") -> tuple[str, ApiLog]:
+    """Commit BIG more ConfigMaps, push the webhook, return once some (not all) have reached the
+    apiserver: (sha, the apiserver's log from before the push)."""
+    bed.repo.write("cms.yaml", configmaps(BIG))
+    sha = bed.repo.commit(f"{BIG} ConfigMaps")
+    api = ApiLog(bed.cluster)
+    post_generic(daemon, bed.repo.url, sha)
+    mid_apply(api, bed.namespace, agent=f"({instance})")
+    return sha, api
 
-def test_apiserver_paused_mid_cli_sync_then_resumed_completes(repo, namespace, cluster, kube, kubeconfig,
-                                                              source_cache):
-    repo.write("cms.yaml", configmaps(BIG))
-    repo.commit(f"{BIG} ConfigMaps")
-    api = ApiLog(cluster)
-    cli = start_cli([*sync_args(repo, namespace, "paused-cli"), "-o", "json"], kubeconfig=kubeconfig,
-                    cache=source_cache)
-    mid_apply(api, namespace)
 
-    with paused(cluster, "kube-apiserver"):
-        written = len(api.writes(namespace=namespace))
-        assert written < BIG, "the apply was interrupted midway"
+def big_app_mid_apply(bed: Bed, app: str) -> tuple[DaemonProcess, tuple, str]:
+    """A daemon on `app` (keep-me alone), then a commit of BIG more, its apply under way:
+    (daemon, keep-me's (uid, resourceVersion) before, the big commit's sha)."""
+    daemon, _ = bed.running(app, KEEP, *LEASE)
+    keep = bed.members(app)["keep-me"]
+    sha, _ = start_big_apply(bed, daemon)
+    return daemon, keep, sha
+
+
+def mid_apply(api: ApiLog, namespace: str, *, agent: str = "gitopsd/", at_least: int = 5) -> None:
+    wait_for(f"{at_least} writes under way", lambda: len(api.writes(namespace=namespace, agent=agent)) >= at_least,
+             60, interval=0.01)
+
+
+def converged_big(bed: Bed, daemon: DaemonProcess, app: str, sha: str, keep: tuple, *, timeout: float = 120) -> dict:
+    """The big commit is Applied (recorded once), every object is there and keep-me was never touched."""
+    done = wait_audit(daemon, "convergence", timeout=timeout, app=app, result="Applied", revision=sha)
+    after = bed.members(app)
+    unchanged({"keep-me": keep}, after)
+    assert len(after) == BIG + 1
+    bed.applied_once(app, sha)
+    bed.intact(daemon, app)
+    return done
+
+
+# ---------------------------------------------------------------- 1-6: the apiserver and etcd
+
+def cli_sync_outlasts_a_pause(bed: Bed, component: str, app: str) -> None:
+    """A CLI sync of BIG objects, `component` paused midway: the CLI waits, then completes."""
+    bed.repo.write("cms.yaml", configmaps(BIG))
+    bed.repo.commit(f"{BIG} ConfigMaps")
+    api = ApiLog(bed.cluster)
+    cli = bed.cli(*bed.sync_args(app), "-o", "json")
+    mid_apply(api, bed.namespace)
+
+    with paused(bed.cluster, component):
+        assert len(api.writes(namespace=bed.namespace)) < BIG, "the apply was interrupted midway"
         with pytest.raises(subprocess.TimeoutExpired):
-            cli.wait(timeout=SILENCE)   # the CLI waits for a silent apiserver; it neither crashes nor gives up
+            cli.wait(timeout=SILENCE)   # it waits for the silent component: no crash, no give-up
 
     out, err = cli.communicate(timeout=120)
     assert cli.returncode == 0, f"{out}\n{err}"
     assert json.loads(out)["outcome"] == "Applied"
-    assert len(members(kube, namespace, "paused-cli")) == BIG
+    assert len(bed.members(app)) == BIG
     assert_no_traceback(err, "`gitopsd sync` stderr")
-    audit_verify("paused-cli", kubeconfig=kubeconfig, namespace=namespace, cache=source_cache)
+    bed.verify(app)
 
 
-def test_apiserver_paused_during_daemon_reconcile_then_resumed_converges(repo, namespace, tmp_path, cluster, kube,
-                                                                       kubeconfig, source_cache, start_daemon):
+def test_apiserver_paused_mid_cli_sync_then_resumed_completes(bed):
+    cli_sync_outlasts_a_pause(bed, "kube-apiserver", "paused-cli")
+
+
+def test_etcd_paused_mid_cli_sync_then_resumed_completes(bed):
+    cli_sync_outlasts_a_pause(bed, "etcd", "paused-etcd")
+
+
+def test_apiserver_paused_during_daemon_reconcile_then_resumed_converges(bed):
     app = "paused-daemon"
-    daemon, _ = running_app(repo, namespace, tmp_path, start_daemon, app,
-                            {"keep.yaml": configmap("keep-me", {"k": "v"})}, *LEASE)
-    before = members(kube, namespace, app)
-    repo.write("cms.yaml", configmaps(BIG))
-    sha = repo.commit(f"{BIG} ConfigMaps")
-    api = ApiLog(cluster)
-    post_generic(daemon, repo.url, sha)
-    mid_apply(api, namespace)
+    daemon, keep, sha = big_app_mid_apply(bed, app)
 
-    with paused(cluster, "kube-apiserver"):
+    with paused(bed.cluster, "kube-apiserver"):
         assert_serving(daemon)   # its HTTP port answers while the apiserver is silent
         daemon.wait_event(lambda e: e.get("event") == "leadership lost", "the lease runs out", 30)
-
-    wait_audit(daemon, "convergence", timeout=120, app=app, result="Applied", revision=sha)
-    after = members(kube, namespace, app)
-    unchanged({"keep-me": before["keep-me"]}, after)
-    assert len(after) == BIG + 1   # and keep-me
-    applied_once(app, sha, kubeconfig=kubeconfig, namespace=namespace, cache=source_cache)
-    intact(daemon, app, kubeconfig=kubeconfig, namespace=namespace, cache=source_cache)
+    converged_big(bed, daemon, app, sha, keep)
 
 
-def test_apiserver_killed_mid_apply_of_a_large_app_converges_without_duplicates(
-        repo, namespace, tmp_path, cluster, kube, kubeconfig, source_cache, start_daemon):
+def test_apiserver_killed_mid_apply_of_a_large_app_converges_without_duplicates(bed):
     app = "killed-apiserver"
-    daemon, _ = running_app(repo, namespace, tmp_path, start_daemon, app,
-                            {"keep.yaml": configmap("keep-me", {"k": "v"})}, *LEASE)
-    before = members(kube, namespace, app)
-    repo.write("cms.yaml", configmaps(BIG))
-    sha = repo.commit(f"{BIG} ConfigMaps")
-    api = ApiLog(cluster)
-    post_generic(daemon, repo.url, sha)
-    mid_apply(api, namespace)
+    daemon, keep, sha = big_app_mid_apply(bed, app)
 
-    with killed(cluster, "kube-apiserver"):
+    with killed(bed.cluster, "kube-apiserver"):
         assert_serving(daemon)
         failed = wait_audit(daemon, "the interrupted apply is reported", app=app, result="Failed")
     assert any("cannot reach the apiserver" in e or "leadership lost" in e for e in failed["errors"]), failed
-
-    wait_audit(daemon, "convergence", timeout=120, app=app, result="Applied", revision=sha)
-    after = members(kube, namespace, app)
-    unchanged({"keep-me": before["keep-me"]}, after)
-    assert len(after) == BIG + 1
-    applied_once(app, sha, kubeconfig=kubeconfig, namespace=namespace, cache=source_cache)
-    intact(daemon, app, kubeconfig=kubeconfig, namespace=namespace, cache=source_cache)
+    converged_big(bed, daemon, app, sha, keep)
 
 
-def test_apiserver_killed_mid_cli_sync_fails_clearly_and_a_rerun_converges(repo, namespace, cluster, kube,
-                                                                         kubeconfig, source_cache):
-    repo.write("cms.yaml", configmaps(BIG))
-    repo.commit(f"{BIG} ConfigMaps")
-    api = ApiLog(cluster)
-    cli = start_cli(sync_args(repo, namespace, "killed-cli"), kubeconfig=kubeconfig, cache=source_cache)
-    mid_apply(api, namespace)
+def test_apiserver_killed_mid_cli_sync_fails_clearly_and_a_rerun_converges(bed):
+    app = "killed-cli"
+    bed.repo.write("cms.yaml", configmaps(BIG))
+    bed.repo.commit(f"{BIG} ConfigMaps")
+    api = ApiLog(bed.cluster)
+    cli = bed.cli(*bed.sync_args(app))
+    mid_apply(api, bed.namespace)
 
-    with killed(cluster, "kube-apiserver"):
+    with killed(bed.cluster, "kube-apiserver"):
         out, err = cli.communicate(timeout=180)
     assert cli.returncode == 2, f"{out}\n{err}"
     assert "cannot reach the apiserver" in out, out
@@ -298,159 +330,98 @@ def test_apiserver_killed_mid_cli_sync_fails_clearly_and_a_rerun_converges(repo,
     assert "warning: the audit record of this sync was not stored" in err, err[-2000:]
     assert_no_traceback(err, "`gitopsd sync` stderr")
 
-    rerun = gitopsd(*sync_args(repo, namespace, "killed-cli"), kubeconfig=kubeconfig, cache=source_cache)
+    rerun = gitopsd(*bed.sync_args(app), kubeconfig=bed.kubeconfig, cache=bed.cache)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert len(members(kube, namespace, "killed-cli")) == BIG
-    audit_verify("killed-cli", kubeconfig=kubeconfig, namespace=namespace, cache=source_cache)
+    assert len(bed.members(app)) == BIG
+    bed.verify(app)
 
 
-# ---------------------------------------------------------------- 5-6: etcd
-
-def test_etcd_paused_mid_cli_sync_then_resumed_completes(repo, namespace, cluster, kube, kubeconfig, source_cache):
-    repo.write("cms.yaml", configmaps(BIG))
-    repo.commit(f"{BIG} ConfigMaps")
-    api = ApiLog(cluster)
-    cli = start_cli([*sync_args(repo, namespace, "paused-etcd"), "-o", "json"], kubeconfig=kubeconfig,
-                    cache=source_cache)
-    mid_apply(api, namespace)
-
-    with paused(cluster, "etcd"):
-        with pytest.raises(subprocess.TimeoutExpired):
-            cli.wait(timeout=SILENCE)
-        assert len(api.writes(namespace=namespace)) < BIG
-
-    out, err = cli.communicate(timeout=120)
-    assert cli.returncode == 0, f"{out}\n{err}"
-    assert json.loads(out)["outcome"] == "Applied"
-    assert len(members(kube, namespace, "paused-etcd")) == BIG
-    assert_no_traceback(err, "`gitopsd sync` stderr")
-    audit_verify("paused-etcd", kubeconfig=kubeconfig, namespace=namespace, cache=source_cache)
-
-
-def test_etcd_killed_mid_sync_then_restarted_converges(repo, namespace, tmp_path, cluster, kube, kubeconfig,
-                                                       source_cache, start_daemon):
+def test_etcd_killed_mid_sync_then_restarted_converges(bed):
     app = "killed-etcd"
-    daemon, _ = running_app(repo, namespace, tmp_path, start_daemon, app,
-                            {"keep.yaml": configmap("keep-me", {"k": "v"})}, *LEASE)
-    before = members(kube, namespace, app)
-    repo.write("cms.yaml", configmaps(BIG))
-    sha = repo.commit(f"{BIG} ConfigMaps")
-    api = ApiLog(cluster)
-    post_generic(daemon, repo.url, sha)
-    mid_apply(api, namespace)
+    daemon, keep, sha = big_app_mid_apply(bed, app)
 
-    with killed(cluster, "etcd"):
+    with killed(bed.cluster, "etcd"):
         assert_serving(daemon)
         daemon.wait_event(lambda e: e.get("event") == "leadership lost", "the lease cannot be renewed", 60)
-
-    wait_audit(daemon, "convergence", timeout=180, app=app, result="Applied", revision=sha)
-    after = members(kube, namespace, app)
-    unchanged({"keep-me": before["keep-me"]}, after)
-    assert len(after) == BIG + 1
-    applied_once(app, sha, kubeconfig=kubeconfig, namespace=namespace, cache=source_cache)
-    intact(daemon, app, kubeconfig=kubeconfig, namespace=namespace, cache=source_cache)
+    converged_big(bed, daemon, app, sha, keep, timeout=180)
 
 
 # ---------------------------------------------------------------- 7: controller-manager
 
-def test_controller_manager_down_makes_a_rollout_unhealthy_in_time_then_it_recovers(
-        repo, namespace, tmp_path, cluster, kube, kubeconfig, source_cache, start_daemon):
+def test_controller_manager_down_makes_a_rollout_unhealthy_in_time_then_it_recovers(bed):
     app = "no-controllers"
-    daemon, _ = running_app(repo, namespace, tmp_path, start_daemon, app,
-                            {"keep.yaml": configmap("keep-me", {"k": "v"})}, *LEASE, interval="5s", timeout="8s")
+    daemon, _ = bed.running(app, KEEP, *LEASE, interval="5s", timeout="8s")
 
-    with killed(cluster, "kube-controller-manager"):
-        repo.write("web.yaml", deployment("web", replicas=2))
-        sha = repo.commit("a Deployment nobody rolls out")
-        post_generic(daemon, repo.url, sha)
+    with killed(bed.cluster, "kube-controller-manager"):
+        bed.repo.write("web.yaml", deployment("web", replicas=2))
+        sha = bed.repo.commit("a Deployment nobody rolls out")
+        post_generic(daemon, bed.repo.url, sha)
         verdict = wait_audit(daemon, "the health verdict", timeout=30, app=app, revision=sha)
         assert verdict["result"] == "Unhealthy", verdict
-        assert f"Deployment.apps/{namespace}/web" in verdict["reason"], verdict["reason"]
+        assert f"Deployment.apps/{bed.namespace}/web" in verdict["reason"], verdict["reason"]
         assert verdict["duration_seconds"] < 8 + 5, "within the health timeout"
 
     recovered = wait_audit(daemon, "the rollout recovers once the controllers run", timeout=90, app=app,
                            revision=sha, reason="the rollout has become healthy")
     assert recovered["health"]["outcome"] == "Healthy"
-    intact(daemon, app, kubeconfig=kubeconfig, namespace=namespace, cache=source_cache)
+    bed.intact(daemon, app)
 
 
 # ---------------------------------------------------------------- 8-10: gitopsd itself
 
-def test_daemon_killed_mid_sync_restarts_and_converges_without_losing_objects(
-        repo, namespace, tmp_path, cluster, kube, kubeconfig, source_cache, start_daemon):
+def test_daemon_killed_mid_sync_restarts_and_converges_without_losing_objects(bed):
     app = "killed-daemon"
-    first, sha1 = running_app(repo, namespace, tmp_path, start_daemon, app,
-                              {"keep.yaml": configmap("keep-me", {"k": "v"})}, *LEASE)
-    before = members(kube, namespace, app)
-    repo.write("cms.yaml", configmaps(BIG))
-    sha = repo.commit(f"{BIG} ConfigMaps")
-    api = ApiLog(cluster)
-    post_generic(first, repo.url, sha)
-    mid_apply(api, namespace, agent="(daemon)")
+    first, keep, sha = big_app_mid_apply(bed, app)
     first.stop(signal.SIGKILL)
 
-    second = start_daemon(tmp_path / "config.yaml", *LEASE, name="daemon-2")
-    done = wait_audit(second, "the new process converges", timeout=120, app=app, result="Applied", revision=sha)
-    assert done["previous"] == sha1, "the new process knows what was live from the audit trail"
-    after = members(kube, namespace, app)
-    unchanged({"keep-me": before["keep-me"]}, after)
-    assert len(after) == BIG + 1
-    applied_once(app, sha, kubeconfig=kubeconfig, namespace=namespace, cache=source_cache)
-    intact(second, app, kubeconfig=kubeconfig, namespace=namespace, cache=source_cache)
+    second = bed.start_daemon(bed.config, *LEASE, name="daemon-2")
+    done = converged_big(bed, second, app, sha, keep)
+    live = bed.repo._git("rev-parse", "HEAD~1")
+    assert done["previous"] == live, "the new process knows what was live from the audit trail"
 
 
-def test_daemon_killed_while_recording_many_apps_keeps_every_audit_chain_intact(
-        repo, namespace, tmp_path, cluster, kube, kubeconfig, source_cache, start_daemon):
+def test_daemon_killed_while_recording_many_apps_keeps_every_audit_chain_intact(bed):
     from gitopsd import audit
 
     apps = [f"many-{i:02d}" for i in range(20)]
     for name in apps:
-        repo.write(f"{name}/cm.yaml", configmap(name, {"app": name}))
-    repo.commit("twenty apps")
-    config = write_config(tmp_path / "config.yaml",
-                          [app_entry(name, repo.url, namespace, path=name) for name in apps])
-    api = ApiLog(cluster)
-    first = start_daemon(config, *LEASE)
+        bed.repo.write(f"{name}/cm.yaml", configmap(name, {"app": name}))
+    bed.repo.commit("twenty apps")
+    write_config(bed.config, [app_entry(name, bed.repo.url, bed.namespace, path=name) for name in apps])
+    api = ApiLog(bed.cluster)
+    first = bed.start_daemon(bed.config, *LEASE)
+
     def segments_written() -> set[str]:
-        return {e["objectRef"].get("name", "") for e in api.writes(namespace=namespace, agent="(daemon)")
+        return {e["objectRef"].get("name", "") for e in api.writes(namespace=bed.namespace, agent="(daemon)")
                 if e["objectRef"].get("name", "").startswith("gitopsd-audit-")}
     wait_for("the first audit segments being written", segments_written, 60, interval=0.005)
     first.stop(signal.SIGKILL)
     assert len(segments_written()) < len(apps), "killed while the apps were still being recorded"
 
-    second = start_daemon(config, *LEASE, name="daemon-2")
+    second = bed.start_daemon(bed.config, *LEASE, name="daemon-2")
     for name in apps:
         wait_audit(second, f"{name} recorded by the new process", app=name)
     for name in apps:
-        ok, message = audit.verify(kube, namespace=namespace, app=name)
+        ok, message = audit.verify(bed.kube, namespace=bed.namespace, app=name)
         assert ok, f"{name}: {message}"
-        assert cm_data(kube, namespace, name) == {"app": name}
-    intact(second, apps[0], kubeconfig=kubeconfig, namespace=namespace, cache=source_cache)
+        assert cm_data(bed.kube, bed.namespace, name) == {"app": name}
+    bed.intact(second, apps[0])
 
 
 @pytest.mark.xfail(strict=True, reason="daemon.py: a replica that lost its lease still sends its in-flight applies, "
                                        "then writes its Failed audit record, an Event and the app status")
-def test_paused_leader_never_writes_after_waking_once_a_standby_took_over(
-        repo, namespace, tmp_path, cluster, kube, kubeconfig, source_cache, start_daemon):
+def test_paused_leader_never_writes_after_waking_once_a_standby_took_over(bed):
     app = "paused-leader"
-    repo.write("keep.yaml", configmap("keep-me", {"k": "v"}))
-    repo.commit()
-    config = write_config(tmp_path / "config.yaml", [app_entry(app, repo.url, namespace)])
-    a = start_daemon(config, *LEASE, name="replica-a")
-    wait_audit(a, "replica-a's first sync", app=app, result="Applied")
-    b = start_daemon(config, *LEASE, name="replica-b")
-    repo.write("cms.yaml", configmaps(BIG))
-    sha = repo.commit(f"{BIG} ConfigMaps")
-    api = ApiLog(cluster)
-    post_generic(a, repo.url, sha)
-    mid_apply(api, namespace, agent="(replica-a)")
+    a, _ = bed.running(app, KEEP, *LEASE, name="replica-a")
+    b = bed.start_daemon(bed.config, *LEASE, name="replica-b")
+    sha, api = start_big_apply(bed, a, instance="replica-a")
 
     os.kill(a.proc.pid, signal.SIGSTOP)
     try:
         b.wait_event(lambda e: e.get("event") == "leadership acquired", "the standby takes over", 30)
         wait_audit(b, "the new leader converges", timeout=120, app=app, result="Applied", revision=sha)
     finally:
-        woke = _now()
+        woke = datetime.now(timezone.utc)
         os.kill(a.proc.pid, signal.SIGCONT)
     a.wait_event(lambda e: e.get("event") == "leadership lost", "the ex-leader notices", 30)
     wait_for("the ex-leader's interrupted reconcile ends",
@@ -459,104 +430,92 @@ def test_paused_leader_never_writes_after_waking_once_a_standby_took_over(
     late = api.writes(agent="(replica-a)", resource=None, since=woke)
     assert not late, f"{len(late)} writes after waking: " + ", ".join(
         f"{e['verb']} {e['objectRef'].get('resource')}/{e['objectRef'].get('name')}" for e in late)
-    assert len(members(kube, namespace, app)) == BIG + 1
-    _, shown = gitopsd_json("status", app, "--namespace", namespace, kubeconfig=kubeconfig, cache=source_cache)
-    assert (shown[0]["result"], shown[0]["revision"]) == ("Applied", sha), "the status is the leader's"
-    intact(b, app, kubeconfig=kubeconfig, namespace=namespace, cache=source_cache)
+    assert len(bed.members(app)) == BIG + 1
+    assert (bed.status(app)["result"], bed.status(app)["revision"]) == ("Applied", sha), "the leader's status"
+    bed.intact(b, app)
     assert_no_traceback(a.log_path.read_text(), f"daemon log {a.log_path}")
 
 
 # ---------------------------------------------------------------- 11-15: the Git remote
 
-def remote_fault(repo, namespace, tmp_path, kube, start_daemon, app: str, **entry):
-    """A running daemon on a small app polled every 5 s: (daemon, snapshot of its objects)."""
-    daemon, _ = running_app(repo, namespace, tmp_path, start_daemon, app,
-                            {"cms.yaml": configmaps(3, prefix="settings")}, *LEASE, interval="5s", **entry)
-    return daemon, members(kube, namespace, app)
+def small_app(bed: Bed, app: str, **entry) -> tuple[DaemonProcess, dict]:
+    """A running daemon on a small app polled every 5 s: (daemon, its objects before the fault)."""
+    daemon, _ = bed.running(app, {"cms.yaml": configmaps(3, prefix="settings")}, *LEASE, interval="5s", **entry)
+    return daemon, bed.members(app)
 
 
-def held(daemon, kube, namespace: str, app: str, before: dict) -> None:
+def held(bed: Bed, daemon: DaemonProcess, app: str, before: dict) -> None:
     """While a fault lasts: the daemon serves, and nothing it manages was touched."""
     assert_serving(daemon)
-    unchanged(before, members(kube, namespace, app))
+    unchanged(before, bed.members(app))
 
 
-def recover(daemon, app: str, fix, *, where: dict, **match) -> dict:
-    """Remove the fault; wait for the next record matching `match` (NoChange: the cluster was right all along)."""
+def recover(bed: Bed, daemon: DaemonProcess, app: str, fix, **match) -> dict:
+    """Remove the fault; wait for the next record matching `match` (default NoChange: the cluster
+    was right all along), then check the daemon is intact."""
     match = match or {"result": "NoChange"}
     seen = len(audit_events(daemon, app, **match))
     fix()
     done = wait_audit(daemon, "convergence once the fault is gone", timeout=90, after=seen, app=app, **match)
-    intact(daemon, app, **where)
+    bed.intact(daemon, app)
     return done
 
 
-def test_removed_remote_is_a_clear_error_prunes_nothing_and_recovers(repo, namespace, tmp_path, kube, kubeconfig,
-                                                                     source_cache, start_daemon):
+def test_removed_remote_is_a_clear_error_prunes_nothing_and_recovers(bed):
     app = "moved-remote"
-    daemon, before = remote_fault(repo, namespace, tmp_path, kube, start_daemon, app)
-    moved = repo.bare.with_name("moved-away.git")
-    repo.bare.rename(moved)
+    daemon, before = small_app(bed, app)
+    moved = bed.repo.bare.with_name("moved-away.git")
+    bed.repo.bare.rename(moved)
 
     failed = wait_audit(daemon, "the fetch failure", app=app, result="Failed")
-    assert failed["reason"].startswith(f"cannot reach {repo.url} (fetching ref 'main')"), failed["reason"]
-    held(daemon, kube, namespace, app, before)
-    recover(daemon, app, lambda: moved.rename(repo.bare), where=dict(kubeconfig=kubeconfig, namespace=namespace,
-                                                                    cache=source_cache))
+    assert failed["reason"].startswith(f"cannot reach {bed.repo.url} (fetching ref 'main')"), failed["reason"]
+    held(bed, daemon, app, before)
+    recover(bed, daemon, app, lambda: moved.rename(bed.repo.bare))
 
 
-def test_force_pushed_unrelated_history_is_refused_and_recovers_when_restored(
-        repo, namespace, tmp_path, kube, kubeconfig, source_cache, start_daemon):
-    app = "rewritten"
-    daemon, before = remote_fault(repo, namespace, tmp_path, kube, start_daemon, app)
-    good = repo._git("rev-parse", "HEAD")
-    repo._git("checkout", "-q", "--orphan", "unrelated")
-    repo._git("rm", "-q", "-r", "--cached", ".")
-    (repo.work / "cms.yaml").unlink()
-    repo.write("other.yaml", configmaps(3, prefix="stranger"))
-    repo._git("add", "-A")
-    repo._git("commit", "-q", "-m", "an unrelated history")
-    repo._git("push", "-q", "--force", "origin", "unrelated:main")
+def test_force_pushed_unrelated_history_is_refused_and_recovers_when_restored(bed):
+    app, git = "rewritten", bed.repo._git
+    daemon, before = small_app(bed, app)
+    good = git("rev-parse", "HEAD")
+    git("checkout", "-q", "--orphan", "unrelated")
+    git("rm", "-q", "-r", "--cached", ".")
+    (bed.repo.work / "cms.yaml").unlink()
+    bed.repo.write("other.yaml", configmaps(3, prefix="stranger"))
+    git("add", "-A")
+    git("commit", "-q", "-m", "an unrelated history")
+    git("push", "-q", "--force", "origin", "unrelated:main")
 
     refused = wait_audit(daemon, "the rewritten history", app=app, result="Refused")
     assert "shares no object with what is live" in refused["reason"], refused["reason"]
-    assert not [n for n in snapshot(kube, namespace) if n.startswith("stranger")], "nothing of it applied"
-    held(daemon, kube, namespace, app, before)
-    recover(daemon, app, lambda: repo._git("push", "-q", "--force", "origin", f"{good}:refs/heads/main"),
-            where=dict(kubeconfig=kubeconfig, namespace=namespace, cache=source_cache))
+    assert not [n for n in snapshot(bed.kube, bed.namespace) if n.startswith("stranger")], "nothing of it applied"
+    held(bed, daemon, app, before)
+    recover(bed, daemon, app, lambda: git("push", "-q", "--force", "origin", f"{good}:refs/heads/main"))
 
 
-def test_deleted_ref_is_a_clear_error_prunes_nothing_and_recovers(repo, namespace, tmp_path, kube, kubeconfig,
-                                                                  source_cache, start_daemon):
-    app = "lost-branch"
-    repo.write("cms.yaml", configmaps(3, prefix="settings"))
-    repo.commit()
-    repo._git("push", "-q", "origin", "main:release")
-    config = write_config(tmp_path / "config.yaml",
-                          [app_entry(app, repo.url, namespace, ref="release", interval="5s")])
-    daemon = start_daemon(config, *LEASE)
-    wait_audit(daemon, "the first sync", app=app, result="Applied")
-    before = members(kube, namespace, app)
+def test_deleted_ref_is_a_clear_error_prunes_nothing_and_recovers(bed):
+    app, git = "lost-branch", bed.repo._git
+    daemon, before = small_app(bed, app, ref="release")
 
-    repo._git("push", "-q", "origin", "--delete", "release")
+    git("push", "-q", "origin", "--delete", "release")
     failed = wait_audit(daemon, "the missing ref", app=app, result="Failed")
-    assert failed["reason"] == f"ref 'release' not found in {repo.url}: no such branch, tag or commit", failed
-    held(daemon, kube, namespace, app, before)
-    recover(daemon, app, lambda: repo._git("push", "-q", "origin", "main:release"),
-            where=dict(kubeconfig=kubeconfig, namespace=namespace, cache=source_cache))
+    assert failed["reason"] == f"ref 'release' not found in {bed.repo.url}: no such branch, tag or commit", failed
+    held(bed, daemon, app, before)
+    recover(bed, daemon, app, lambda: git("push", "-q", "origin", "main:release"))
 
 
 class GitDaemon:
     """`git daemon` serving a directory on git://127.0.0.1, behind a proxy that can go silent."""
 
     def __init__(self, root: Path) -> None:
-        self.port = _free_port()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
         self.log = (root / "git-daemon.log").open("w")
         self.proc = subprocess.Popen(
             ["git", "daemon", "--verbose", "--reuseaddr", "--export-all", f"--base-path={root}",
-             "--listen=127.0.0.1", f"--port={self.port}", str(root)], stdout=self.log, stderr=subprocess.STDOUT)
-        wait_for("git daemon listening", lambda: _accepts(self.port), 10)
-        self.proxy = SilentProxy(self.port)
+             "--listen=127.0.0.1", f"--port={port}", str(root)], stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for("git daemon listening", lambda: _accepts(port), 10)
+        self.proxy = SilentProxy(port)
 
     def url(self, name: str) -> str:
         return f"git://127.0.0.1:{self.proxy.port}/{name}"
@@ -565,6 +524,7 @@ class GitDaemon:
         self.proxy.stop()
         self.proc.terminate()
         self.proc.wait(10)
+        self.log.close()
 
 
 class SilentProxy:
@@ -615,91 +575,76 @@ def _pump(src: socket.socket, dst: socket.socket) -> None:
             s.shutdown(socket.SHUT_RDWR)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _accepts(port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
         return True
     return False
 
 
-def test_hanging_remote_times_out_clearly_without_delaying_other_apps_and_recovers(
-        repo, namespace, tmp_path, kube, kubeconfig, source_cache, start_daemon):
-    from helpers import GitRepo
-
-    server = GitDaemon(repo.bare.parent)
+def test_hanging_remote_times_out_clearly_without_delaying_other_apps_and_recovers(bed):
+    server = GitDaemon(bed.repo.bare.parent)
     try:
-        repo.write("cms.yaml", configmaps(3, prefix="settings"))
-        repo.commit()
-        other = GitRepo(tmp_path / "other")
+        bed.repo.write("cms.yaml", configmaps(3, prefix="settings"))
+        bed.repo.commit()
+        other = GitRepo(bed.tmp_path / "other")
         other.write("cm.yaml", configmap("other", {"v": "1"}))
         other.commit()
         hung, app = server.url("remote.git"), "hung-remote"
-        config = write_config(tmp_path / "config.yaml", [
-            app_entry(app, hung, namespace, interval="5s"), app_entry("bystander", other.url, namespace)])
-        daemon = start_daemon(config, *LEASE)
+        write_config(bed.config, [app_entry(app, hung, bed.namespace, interval="5s"),
+                                  app_entry("bystander", other.url, bed.namespace)])
+        daemon = bed.start_daemon(bed.config, *LEASE)
         wait_audit(daemon, "the first sync", app=app, result="Applied")
-        before = members(kube, namespace, app)
+        before = bed.members(app)
 
         server.proxy.silent = True
         started = time.monotonic()
         other.write("cm.yaml", configmap("other", {"v": "2"}))
         post_generic(daemon, other.url, other.commit())
-        wait_for("the other app is not held up", lambda: cm_data(kube, namespace, "other") == {"v": "2"}, 30)
+        wait_for("the other app is not held up", lambda: cm_data(bed.kube, bed.namespace, "other") == {"v": "2"}, 30)
         failed = wait_audit(daemon, "the fetch timeout", timeout=200, app=app, result="Failed")
         assert failed["reason"] == f"fetching ref 'main' from {hung} timed out after 120s", failed["reason"]
         assert time.monotonic() - started < 200
-        held(daemon, kube, namespace, app, before)
-        recover(daemon, app, server.proxy.answer,
-                where=dict(kubeconfig=kubeconfig, namespace=namespace, cache=source_cache))
+        held(bed, daemon, app, before)
+        recover(bed, daemon, app, server.proxy.answer)
     finally:
         server.stop()
 
 
-def test_corrupt_object_in_the_remote_is_a_clear_error_and_recovers_when_repaired(
-        repo, namespace, tmp_path, kube, kubeconfig, source_cache, start_daemon):
-    app = "corrupt-remote"
-    daemon, before = remote_fault(repo, namespace, tmp_path, kube, start_daemon, app)
-    repo.write("cms.yaml", configmaps(3, prefix="settings", color="green"))
-    repo._git("add", "-A")
-    repo._git("commit", "-q", "-m", "green")
-    blob = repo._git("rev-parse", "HEAD:cms.yaml")
-    repo._git("push", "-q", "origin", "main")
-    sha = repo._git("rev-parse", "HEAD")
-    blob_path = repo.bare / "objects" / blob[:2] / blob[2:]
-    assert blob_path.is_file(), "a small push leaves loose objects in the remote"
-    good = blob_path.read_bytes()
-    blob_path.chmod(0o644)
-    blob_path.write_bytes(good[:len(good) // 2])
+def test_corrupt_object_in_the_remote_is_a_clear_error_and_recovers_when_repaired(bed):
+    app, git = "corrupt-remote", bed.repo._git
+    daemon, before = small_app(bed, app)
+    bed.repo.write("cms.yaml", configmaps(3, prefix="settings", color="green"))
+    git("add", "-A")
+    git("commit", "-q", "-m", "green")
+    oid = git("rev-parse", "HEAD:cms.yaml")
+    blob = bed.repo.bare / "objects" / oid[:2] / oid[2:]
+    git("push", "-q", "origin", "main")
+    assert blob.is_file(), "a small push leaves loose objects in the remote"
+    good = blob.read_bytes()
+    blob.chmod(0o644)
+    blob.write_bytes(good[:len(good) // 2])
 
     failed = wait_audit(daemon, "the corrupt fetch", app=app, result="Failed")
-    assert failed["reason"].startswith(f"git fetch failed for {repo.url} (ref 'main'): "), failed["reason"]
-    held(daemon, kube, namespace, app, before)
-    recover(daemon, app, lambda: blob_path.write_bytes(good), result="Applied", revision=sha,
-            where=dict(kubeconfig=kubeconfig, namespace=namespace, cache=source_cache))
+    assert failed["reason"].startswith(f"git fetch failed for {bed.repo.url} (ref 'main'): "), failed["reason"]
+    held(bed, daemon, app, before)
+    recover(bed, daemon, app, lambda: blob.write_bytes(good), result="Applied", revision=git("rev-parse", "HEAD"))
 
 
 # ---------------------------------------------------------------- 16, 22: the disk
 
-def test_source_cache_blocked_by_a_file_is_a_clear_error_and_recovers(repo, namespace, tmp_path, kube, kubeconfig,
-                                                                      source_cache, start_daemon):
+def test_source_cache_blocked_by_a_file_is_a_clear_error_and_recovers(bed):
     app = "blocked-cache"
-    daemon, before = remote_fault(repo, namespace, tmp_path, kube, start_daemon, app)
-    (checkouts,) = (source_cache / "sources").glob("*/checkouts")
+    daemon, before = small_app(bed, app)
+    (checkouts,) = (bed.cache / "sources").glob("*/checkouts")
     shutil.rmtree(checkouts)
     checkouts.write_text("a file where the cache expects a directory\n")
-    repo.write("cms.yaml", configmaps(3, prefix="settings", color="green"))
-    sha = repo.commit("green")
+    bed.repo.write("cms.yaml", configmaps(3, prefix="settings", color="green"))
+    sha = bed.repo.commit("green")
 
-    failed = wait_audit(daemon, "the cache failure", app=app, result="Failed", revision=None)
+    failed = wait_audit(daemon, "the cache failure", app=app, result="Failed")
     assert str(checkouts) in failed["reason"] and "File exists" in failed["reason"], failed["reason"]
-    held(daemon, kube, namespace, app, before)
-    recover(daemon, app, checkouts.unlink, result="Applied", revision=sha,
-            where=dict(kubeconfig=kubeconfig, namespace=namespace, cache=source_cache))
+    held(bed, daemon, app, before)
+    recover(bed, daemon, app, checkouts.unlink, result="Applied", revision=sha)
 
 
 @contextlib.contextmanager
@@ -727,48 +672,50 @@ def read_only(path: Path):
         subprocess.run(["umount", str(path)], check=True)
 
 
-def test_read_only_working_dir_is_a_clear_error_and_recovers(repo, namespace, tmp_path, kube, kubeconfig,
-                                                             source_cache, start_daemon):
+def test_read_only_working_dir_is_a_clear_error_and_recovers(bed):
     app = "read-only-disk"
-    daemon, before = remote_fault(repo, namespace, tmp_path, kube, start_daemon, app)
-    with read_only(source_cache):
-        repo.write("cms.yaml", configmaps(3, prefix="settings", color="green"))
-        sha = repo.commit("green")
+    daemon, before = small_app(bed, app)
+    with read_only(bed.cache):
+        bed.repo.write("cms.yaml", configmaps(3, prefix="settings", color="green"))
+        sha = bed.repo.commit("green")
         failed = wait_audit(daemon, "the disk failure", app=app, result="Failed")
-        assert "Read-only file system" in failed["reason"] and str(source_cache) in failed["reason"], failed
-        held(daemon, kube, namespace, app, before)
+        assert "Read-only file system" in failed["reason"] and str(bed.cache) in failed["reason"], failed
+        held(bed, daemon, app, before)
         seen = len(audit_events(daemon, app, result="Applied", revision=sha))
     wait_audit(daemon, "convergence once the disk is writable", timeout=90, after=seen, app=app, result="Applied",
                revision=sha)
-    intact(daemon, app, kubeconfig=kubeconfig, namespace=namespace, cache=source_cache)
+    bed.intact(daemon, app)
 
 
 # ---------------------------------------------------------------- 17-18: credentials and throttling
 
-def service_account_kubeconfig(kube, cluster, namespace: str, name: str, path: Path) -> Path:
+def service_account_kubeconfig(bed: Bed, name: str) -> Path:
     """A kubeconfig holding a bound (TokenRequest) token of a cluster-admin ServiceAccount."""
-    kube.apply({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": namespace}})
+    kube, ns = bed.kube, bed.namespace
+    kube.apply({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": ns}})
     kube.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-                "metadata": {"name": f"{namespace}-{name}"},
+                "metadata": {"name": f"{ns}-{name}"},
                 "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
-                "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]})
-    token = kube.request("POST", f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token",
+                "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}]})
+    token = kube.request("POST", f"/api/v1/namespaces/{ns}/serviceaccounts/{name}/token",
                          body={"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
                                "spec": {"expirationSeconds": 3600}})["status"]["token"]
+    path = bed.tmp_path / f"{name}.kubeconfig"
     path.write_text(json.dumps({
         "apiVersion": "v1", "kind": "Config", "current-context": "sa",
-        "clusters": [{"name": "c", "cluster": {"server": cluster.server,
-                                               "certificate-authority": str(cluster.dir / "pki" / "ca.crt")}}],
+        "clusters": [{"name": "c", "cluster": {"server": bed.cluster.server,
+                                               "certificate-authority": str(bed.cluster.dir / "pki" / "ca.crt")}}],
         "users": [{"name": name, "user": {"token": token}}],
         "contexts": [{"name": "sa", "context": {"cluster": "c", "user": name}}]}))
     return path
 
 
 @contextlib.contextmanager
-def daemon_as(sa_kubeconfig: Path, config: Path, *, namespace, tmp_path, cache, name: str):
-    """A daemon that talks to the apiserver with the given kubeconfig (not the admin's)."""
-    daemon = DaemonProcess(config=config, kubeconfig=sa_kubeconfig, namespace=namespace, workdir=tmp_path,
-                           cache=cache, extra=LEASE, env={"GITOPSD_WEBHOOK_SECRET": SECRET}, name=name)
+def daemon_as(bed: Bed, kubeconfig: Path, *, name: str):
+    """A daemon on bed.config that talks to the apiserver with `kubeconfig` (not the admin's)."""
+    daemon = DaemonProcess(config=bed.config, kubeconfig=kubeconfig, namespace=bed.namespace,
+                           workdir=bed.tmp_path, cache=bed.cache, extra=LEASE,
+                           env={"GITOPSD_WEBHOOK_SECRET": SECRET}, name=name)
     try:
         daemon.wait_ready()
         yield daemon
@@ -776,37 +723,32 @@ def daemon_as(sa_kubeconfig: Path, config: Path, *, namespace, tmp_path, cache, 
         daemon.stop()
 
 
-def test_revoked_credentials_are_a_clear_401_without_log_spam_and_new_ones_recover(
-        repo, namespace, tmp_path, cluster, kube, kubeconfig, source_cache):
+def test_revoked_credentials_are_a_clear_401_without_log_spam_and_new_ones_recover(bed):
     app = "revoked"
-    repo.write("cms.yaml", configmaps(3, prefix="settings"))
-    repo.commit()
-    config = write_config(tmp_path / "config.yaml", [app_entry(app, repo.url, namespace, interval="5s")])
-    sa_config = service_account_kubeconfig(kube, cluster, namespace, "deployer", tmp_path / "sa.kubeconfig")
-    with daemon_as(sa_config, config, namespace=namespace, tmp_path=tmp_path, cache=source_cache,
-                   name="as-deployer") as daemon:
+    bed.repo.write("cms.yaml", configmaps(3, prefix="settings"))
+    bed.repo.commit()
+    write_config(bed.config, [app_entry(app, bed.repo.url, bed.namespace, interval="5s")])
+    with daemon_as(bed, service_account_kubeconfig(bed, "deployer"), name="as-deployer") as daemon:
         wait_audit(daemon, "the first sync", app=app, result="Applied")
-        before = members(kube, namespace, app)
-        kube.delete(kube.resource("v1", "ServiceAccount"), "deployer", namespace)
+        before = bed.members(app)
+        bed.kube.delete(bed.kube.resource("v1", "ServiceAccount"), "deployer", bed.namespace)
 
         first = daemon.wait_event(lambda e: "401" in str(e.get("error")), "the 401 is reported", 30)
         assert "401 Unauthorized" in first["error"], first
-        lost = daemon.wait_event(lambda e: e.get("event") == "leadership lost", "it stops leading", 30)
-        assert lost
-        held(daemon, kube, namespace, app, before)
+        daemon.wait_event(lambda e: e.get("event") == "leadership lost", "it stops leading", 30)
+        held(bed, daemon, app, before)
         with pytest.raises(subprocess.TimeoutExpired):
             daemon.proc.wait(timeout=OUTAGE)   # it keeps running through the outage...
         complaints = [(e["event"], e["error"]) for e in daemon.events() if "401" in str(e.get("error"))]
         assert len(complaints) <= OUTAGE, complaints   # ...and says so without flooding the log
         assert [c[0] for c in complaints].count("lease request failed") == 1, complaints
 
-    sa_config = service_account_kubeconfig(kube, cluster, namespace, "deployer", tmp_path / "sa.kubeconfig")
-    with daemon_as(sa_config, config, namespace=namespace, tmp_path=tmp_path, cache=source_cache,
-                   name="as-new-deployer") as daemon:
+    with daemon_as(bed, service_account_kubeconfig(bed, "deployer"), name="as-new-deployer") as daemon:
         wait_audit(daemon, "convergence with new credentials", app=app)
-        unchanged(before, members(kube, namespace, app))
-        intact(daemon, app, kubeconfig=kubeconfig, namespace=namespace, cache=source_cache)
-    kube.delete(kube.resource("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"), f"{namespace}-deployer")
+        unchanged(before, bed.members(app))
+        bed.intact(daemon, app)
+    bed.kube.delete(bed.kube.resource("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"),
+                    f"{bed.namespace}-deployer")
 
 
 def _rejected(cluster, flow_schema: str) -> int:
@@ -819,11 +761,10 @@ def _rejected(cluster, flow_schema: str) -> int:
     return total
 
 
-def test_apiserver_throttling_with_429_is_backed_off_and_converges(repo, namespace, tmp_path, cluster, kube,
-                                                                   kubeconfig, source_cache):
-    app, name = "throttled", f"gitopsd-faults-{uuid.uuid4().hex[:6]}"
+def test_apiserver_throttling_with_429_is_backed_off_and_converges(bed):
+    app, name, kube = "throttled", f"gitopsd-faults-{uuid.uuid4().hex[:6]}", bed.kube
     flowcontrol = "flowcontrol.apiserver.k8s.io/v1"
-    sa_config = service_account_kubeconfig(kube, cluster, namespace, "throttled", tmp_path / "sa.kubeconfig")
+    throttled = service_account_kubeconfig(bed, "throttled")
     kube.apply({"apiVersion": flowcontrol, "kind": "PriorityLevelConfiguration", "metadata": {"name": name},
                 "spec": {"type": "Limited", "limited": {
                     "nominalConcurrencyShares": 1, "lendablePercent": 0, "borrowingLimitPercent": 0,
@@ -832,29 +773,29 @@ def test_apiserver_throttling_with_429_is_backed_off_and_converges(repo, namespa
                 "spec": {"priorityLevelConfiguration": {"name": name}, "matchingPrecedence": 500,
                          "distinguisherMethod": {"type": "ByUser"},
                          "rules": [{"subjects": [{"kind": "ServiceAccount", "serviceAccount": {
-                                        "name": "throttled", "namespace": namespace}}],
+                                        "name": "throttled", "namespace": bed.namespace}}],
                                     "resourceRules": [{"verbs": ["*"], "apiGroups": ["*"], "resources": ["*"],
                                                        "namespaces": ["*"], "clusterScope": True}],
                                     "nonResourceRules": [{"verbs": ["*"], "nonResourceURLs": ["*"]}]}]}})
     schemas = kube.resource(flowcontrol, "FlowSchema")
     wait_for("the FlowSchema is in force", lambda: any(
         c["type"] == "Dangling" and c["status"] == "False"
-        for c in (kube.get(schemas, name) or {}).get("status", {}).get("conditions", [])), 30)
+        for c in ((kube.get(schemas, name) or {}).get("status") or {}).get("conditions") or []), 30)
     try:
-        repo.write("cms.yaml", configmaps(BIG))
-        sha = repo.commit(f"{BIG} ConfigMaps")
-        config = write_config(tmp_path / "config.yaml", [app_entry(app, repo.url, namespace, interval="5s")])
-        with daemon_as(sa_config, config, namespace=namespace, tmp_path=tmp_path, cache=source_cache,
-                       name="throttled") as daemon:
+        bed.repo.write("cms.yaml", configmaps(BIG))
+        sha = bed.repo.commit(f"{BIG} ConfigMaps")
+        write_config(bed.config, [app_entry(app, bed.repo.url, bed.namespace, interval="5s")])
+        with daemon_as(bed, throttled, name="throttled") as daemon:
             wait_audit(daemon, "convergence under throttling", timeout=240, app=app, result="Applied",
                        revision=sha)
-            assert _rejected(cluster, name) > 0, "the apiserver really answered 429"
-            assert len(members(kube, namespace, app)) == BIG
-            intact(daemon, app, kubeconfig=kubeconfig, namespace=namespace, cache=source_cache)
+            assert _rejected(bed.cluster, name) > 0, "the apiserver really answered 429"
+            assert len(bed.members(app)) == BIG
+            bed.intact(daemon, app)
     finally:
         kube.delete(schemas, name)
         kube.delete(kube.resource(flowcontrol, "PriorityLevelConfiguration"), name)
-        kube.delete(kube.resource("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"), f"{namespace}-throttled")
+        kube.delete(kube.resource("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"),
+                    f"{bed.namespace}-throttled")
 
 
 # ---------------------------------------------------------------- 19-21: objects removed or edited under the daemon
@@ -877,33 +818,29 @@ def install_crd(kube) -> None:
 
 
 @pytest.fixture
-def widgets_lost(repo, namespace, tmp_path, kube, start_daemon):
+def widgets_lost(bed):
     """A running app of three Widgets whose CRD (installed by hand, not by the app) was then deleted:
     (daemon, the Failed record of the first reconcile after it)."""
-    crds = kube.resource("apiextensions.k8s.io/v1", "CustomResourceDefinition")
-    install_crd(kube)
+    crds = bed.kube.resource("apiextensions.k8s.io/v1", "CustomResourceDefinition")
+    install_crd(bed.kube)
     try:
         widgets = [{"apiVersion": "faults.example.com/v1", "kind": "Widget", "metadata": {"name": f"w{i}"},
                     "spec": {"size": i}} for i in range(3)]
-        daemon, _ = running_app(repo, namespace, tmp_path, start_daemon, "widgets", {"widgets.yaml": widgets},
-                                *LEASE, interval="5s")
-        kube.delete(crds, WIDGETS)
-        wait_for("the CRD and its objects are gone", lambda: kube.get(crds, WIDGETS) is None, 60)
+        daemon, _ = bed.running("widgets", {"widgets.yaml": widgets}, *LEASE, interval="5s")
+        bed.kube.delete(crds, WIDGETS)
+        wait_for("the CRD and its objects are gone", lambda: bed.kube.get(crds, WIDGETS) is None, 60)
         yield daemon, wait_audit(daemon, "the reconcile after the loss", app="widgets", result="Failed")
     finally:
-        kube.delete(crds, WIDGETS)
+        bed.kube.delete(crds, WIDGETS)
 
 
-def test_crd_deleted_under_its_custom_resources_fails_visibly_and_converges_when_restored(
-        widgets_lost, namespace, kube, kubeconfig, source_cache):
+def test_crd_deleted_under_its_custom_resources_fails_visibly_and_converges_when_restored(bed, widgets_lost):
     daemon, failed = widgets_lost
     assert sorted(e.split(": ")[1].rsplit("/", 1)[1] for e in failed["errors"]) == ["w0", "w1", "w2"], failed
-    status = gitopsd("status", "widgets", "--namespace", namespace, kubeconfig=kubeconfig, cache=source_cache)
-    assert status.returncode == 0 and "Failed" in status.stdout, status.stdout + status.stderr
+    assert bed.status("widgets")["result"] == "Failed"
     assert_serving(daemon)
 
-    done = recover(daemon, "widgets", lambda: install_crd(kube), result="Applied",
-                   where=dict(kubeconfig=kubeconfig, namespace=namespace, cache=source_cache))
+    done = recover(bed, daemon, "widgets", lambda: install_crd(bed.kube), result="Applied")
     assert sorted(o["name"] for o in done["plan"]["objects"] if o["action"] == "created") == ["w0", "w1", "w2"]
 
 
@@ -914,73 +851,69 @@ def test_crd_deleted_under_its_custom_resources_is_reported_as_a_kind_no_longer_
     assert all("the cluster serves no Widget in faults.example.com/v1" in e for e in failed["errors"]), failed
 
 
-def test_app_namespace_deleted_by_hand_is_recreated_with_its_objects(repo, namespace, tmp_path, kube, kubeconfig,
-                                                                     source_cache, start_daemon):
+def test_app_namespace_deleted_by_hand_is_recreated_with_its_objects(bed):
     app, target = "own-namespace", f"faults-target-{uuid.uuid4().hex[:6]}"
-    namespaces = kube.resource("v1", "Namespace")
+    namespaces = bed.kube.resource("v1", "Namespace")
     files = {"ns.yaml": {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": target}},
              "cms.yaml": [{**cm, "metadata": {**cm["metadata"], "namespace": target}}
                           for cm in configmaps(3, prefix="settings")]}
     try:
-        daemon, _ = running_app(repo, namespace, tmp_path, start_daemon, app, files, *LEASE, interval="5s")
-        uid = kube.get(namespaces, target)["metadata"]["uid"]
-        kube.delete(namespaces, target)
+        daemon, _ = bed.running(app, files, *LEASE, interval="5s")
+        uid = bed.kube.get(namespaces, target)["metadata"]["uid"]
+        bed.kube.delete(namespaces, target)
 
         def restored():
-            ns = kube.get(namespaces, target)
+            ns = bed.kube.get(namespaces, target)
             return (ns is not None and ns["metadata"]["uid"] != uid and not ns["metadata"].get("deletionTimestamp")
-                    and len(members(kube, namespace, app, where=target)) == 3)
+                    and len(bed.members(app, where=target)) == 3)
         wait_for("the namespace and its objects are back", restored, 120)
-        assert all(cm_data(kube, target, f"settings-{i:03d}") == {"i": str(i)} for i in range(3))
-        intact(daemon, app, kubeconfig=kubeconfig, namespace=namespace, cache=source_cache)
+        assert all(cm_data(bed.kube, target, f"settings-{i:03d}") == {"i": str(i)} for i in range(3))
+        bed.intact(daemon, app)
     finally:
-        kube.delete(namespaces, target)
+        bed.kube.delete(namespaces, target)
 
 
-def test_hand_edited_audit_segment_is_named_by_verify_and_the_daemon_keeps_recording(
-        repo, namespace, tmp_path, kube, kubeconfig, source_cache, start_daemon):
+def _edit_record(bed: Bed, segment: str, seq: int, raw: str) -> None:
+    """Rewrite one stored record by hand, as `kubectl edit` would (a merge patch)."""
+    cms = bed.kube.resource("v1", "ConfigMap")
+    bed.kube.request("PATCH", cms.path(bed.namespace, segment), body={"data": {f"{seq:012d}": raw}},
+                     content_type="application/merge-patch+json")
+
+
+def test_hand_edited_audit_segment_is_named_by_verify_and_the_daemon_keeps_recording(bed):
     app = "tampered"
-    daemon, _ = running_app(repo, namespace, tmp_path, start_daemon, app,
-                            {"cm.yaml": configmap("settings", {"color": "blue"})}, *LEASE)
+    daemon, _ = bed.running(app, {"cm.yaml": configmap("settings", {"color": "blue"})}, *LEASE)
     segment = f"gitopsd-audit-{app}-000001"
-    cms = kube.resource("v1", "ConfigMap")
-    original = kube.get(cms, segment, namespace)["data"]["000000000001"]
+    original = bed.kube.get(bed.kube.resource("v1", "ConfigMap"), segment, bed.namespace)["data"]["000000000001"]
     forged = original.replace('"Ada Author <ada@example.com>"', '"Mallory <mallory@example.com>"')
     assert forged != original
-    patch = kube.request  # a merge patch of one record, as `kubectl edit` would send it
-    patch("PATCH", cms.path(namespace, segment), body={"data": {"000000000001": forged}},
-          content_type="application/merge-patch+json")
+    _edit_record(bed, segment, 1, forged)
 
-    message = audit_verify(app, kubeconfig=kubeconfig, namespace=namespace, cache=source_cache, ok=False)
-    assert message == (f"BROKEN: seq 1 edited: its content no longer matches its hash (segment {segment})"), message
+    message = bed.verify(app, ok=False)
+    assert message == f"BROKEN: seq 1 edited: its content no longer matches its hash (segment {segment})", message
 
-    repo.write("cm.yaml", configmap("settings", {"color": "green"}))
-    sha = repo.commit("green")
-    post_generic(daemon, repo.url, sha)
+    bed.repo.write("cm.yaml", configmap("settings", {"color": "green"}))
+    sha = bed.repo.commit("green")
+    post_generic(daemon, bed.repo.url, sha)
     recorded = wait_audit(daemon, "the next record", app=app, revision=sha)
     assert recorded["seq"] == 2 and recorded.get("stored") is not False, recorded
-    assert_serving(daemon)
 
-    patch("PATCH", cms.path(namespace, segment), body={"data": {"000000000001": original}},
-          content_type="application/merge-patch+json")
-    intact(daemon, app, kubeconfig=kubeconfig, namespace=namespace, cache=source_cache)
+    _edit_record(bed, segment, 1, original)
+    bed.intact(daemon, app)
 
 
 @pytest.mark.xfail(strict=True, reason="audit.py: after its newest segment is deleted the daemon starts a new chain "
                                        "at seq 1, so verify passes and the loss is invisible in the cluster")
-def test_deleted_audit_segment_is_named_by_verify_and_the_daemon_keeps_recording(
-        repo, namespace, tmp_path, kube, kubeconfig, source_cache, start_daemon):
+def test_deleted_audit_segment_is_named_by_verify_and_the_daemon_keeps_recording(bed):
     app = "shredded"
-    daemon, _ = running_app(repo, namespace, tmp_path, start_daemon, app,
-                            {"cm.yaml": configmap("settings", {"color": "blue"})}, *LEASE)
-    kube.delete(kube.resource("v1", "ConfigMap"), f"gitopsd-audit-{app}-000001", namespace)
+    daemon, _ = bed.running(app, {"cm.yaml": configmap("settings", {"color": "blue"})}, *LEASE)
+    bed.kube.delete(bed.kube.resource("v1", "ConfigMap"), f"gitopsd-audit-{app}-000001", bed.namespace)
 
-    repo.write("cm.yaml", configmap("settings", {"color": "green"}))
-    sha = repo.commit("green")
-    post_generic(daemon, repo.url, sha)
+    bed.repo.write("cm.yaml", configmap("settings", {"color": "green"}))
+    sha = bed.repo.commit("green")
+    post_generic(daemon, bed.repo.url, sha)
     recorded = wait_audit(daemon, "the next record", app=app, revision=sha)
     assert recorded.get("stored") is not False, recorded
     assert_serving(daemon)
     assert_no_traceback(daemon.log_path.read_text(), f"daemon log {daemon.log_path}")
-    message = audit_verify(app, kubeconfig=kubeconfig, namespace=namespace, cache=source_cache, ok=False)
-    assert message.startswith("BROKEN: seq 1 missing"), message
+    assert bed.verify(app, ok=False).startswith("BROKEN: seq 1 missing")

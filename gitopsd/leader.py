@@ -113,7 +113,7 @@ class LeaderElector:
             try:
                 ok = self._try_acquire_or_renew()
             except Exception as exc:  # noqa: BLE001 - the election must outlive any error
-                self._complain(str(exc))
+                self._complain(exc)
                 ok = False
             else:
                 self._failure = None
@@ -127,8 +127,13 @@ class LeaderElector:
                 self._set_leading(False)
             self._stop.wait(self.renew_interval if self._leading else self.renew_interval / 2)
 
-    def _complain(self, error: str) -> None:
+    def _complain(self, exc: Exception) -> None:
         """Log a failed lease request; the same error again only every REPEAT_LOG_INTERVAL, with a count."""
+        error = str(exc)
+        if isinstance(exc, KubeApiError) and exc.status == 401:
+            # The first request a running daemon makes after its token was revoked is usually this one.
+            error += ("\n  hint: the apiserver no longer accepts gitopsd's credentials (a revoked or expired "
+                      "token, a deleted ServiceAccount?)")
         now = time.monotonic()
         if error == self._failure and now - self._failure_logged < REPEAT_LOG_INTERVAL:
             self._failure_repeats += 1

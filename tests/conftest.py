@@ -109,10 +109,12 @@ def pytest_runtest_makereport(item, call):
     """On a failed cluster test, attach the tail of every component's log."""
     outcome = yield
     report = outcome.get_result()
+    # The test's own cluster when it has one (tests/test_faults.py), else the session's.
+    plane = getattr(item, "funcargs", {}).get("cluster") or _bed.cluster
     if report.failed and report.when == "call" and "cluster" in getattr(item, "fixturenames", ()) \
-            and _bed.cluster is not None:
+            and plane is not None:
         for comp in COMPONENTS:
-            report.sections.append((f"{comp} log (tail)", _bed.cluster.log_tail(comp, 8)))
+            report.sections.append((f"{comp} log (tail)", plane.log_tail(comp, 8)))
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -373,6 +373,7 @@ def test_daemon_killed_mid_sync_restarts_and_converges_without_losing_objects(be
     app = "killed-daemon"
     first, keep, sha = big_app_mid_apply(bed, app)
     first.stop(signal.SIGKILL)
+    assert_no_traceback(first.log_path.read_text(), f"daemon log {first.log_path}")
 
     second = bed.start_daemon(bed.config, *LEASE, name="daemon-2")
     done = converged_big(bed, second, app, sha, keep)
@@ -397,6 +398,7 @@ def test_daemon_killed_while_recording_many_apps_keeps_every_audit_chain_intact(
     wait_for("the first audit segments being written", segments_written, 60, interval=0.005)
     first.stop(signal.SIGKILL)
     assert len(segments_written()) < len(apps), "killed while the apps were still being recorded"
+    assert_no_traceback(first.log_path.read_text(), f"daemon log {first.log_path}")
 
     second = bed.start_daemon(bed.config, *LEASE, name="daemon-2")
     for name in apps:
@@ -734,7 +736,7 @@ def test_revoked_credentials_are_a_clear_401_without_log_spam_and_new_ones_recov
         bed.kube.delete(bed.kube.resource("v1", "ServiceAccount"), "deployer", bed.namespace)
 
         first = daemon.wait_event(lambda e: "401" in str(e.get("error")), "the 401 is reported", 30)
-        assert "401 Unauthorized" in first["error"], first
+        assert "401 Unauthorized" in first["error"] and "no longer accepts gitopsd's credentials" in first["error"]
         daemon.wait_event(lambda e: e.get("event") == "leadership lost", "it stops leading", 30)
         held(bed, daemon, app, before)
         with pytest.raises(subprocess.TimeoutExpired):

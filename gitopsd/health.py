@@ -601,10 +601,15 @@ def wait(refs: Sequence[ObjectRef], *, get: Callable[[ObjectRef], dict | None], 
         return _observe(ref, get=get, related_pods=related_pods)
 
     pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+    rounds = 0
     try:
         while True:
-            if cancel.is_set():
+            # A cancel set before the wait began (the daemon lost and regained its
+            # lease mid-apply) still gets the first look: what the apply returned
+            # ready is Current, not "cancelled: not checked yet".
+            if cancel.is_set() and rounds:
                 return _annotate(latest, "cancelled")
+            rounds += 1
             todo = [ref for ref, h in latest.items() if h.status not in _SETTLED]
             if get_many is not None:
                 batch = [ref for ref in todo if ref not in first]

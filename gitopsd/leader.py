@@ -36,6 +36,10 @@ from gitopsd.metrics import IS_LEADER
 
 log = structlog.get_logger("gitopsd.leader")
 WEBHOOK_URL_ANNOTATION = "gitopsd.io/webhook-url"
+# A lease request that keeps failing the same way (revoked credentials, an
+# apiserver down for an hour) is logged once, then again at most this often
+# with a count, instead of at every retry.
+REPEAT_LOG_INTERVAL = 60.0
 
 
 def _now() -> datetime:
@@ -71,6 +75,9 @@ class LeaderElector:
         self._observed_at = 0.0               # monotonic time that record last changed
         self._lost_to_other = False
         self._res = None
+        self._failure: str | None = None     # the last lease request error, as logged
+        self._failure_logged = 0.0
+        self._failure_repeats = 0
         # Where this replica takes webhooks; the leader publishes it on the Lease
         # (in the same write as a renewal) so a standby can forward pushes to it.
         self.advertise_url = advertise_url
@@ -106,8 +113,10 @@ class LeaderElector:
             try:
                 ok = self._try_acquire_or_renew()
             except Exception as exc:  # noqa: BLE001 - the election must outlive any error
-                log.warning("lease request failed", lease=self.name, error=str(exc))
+                self._complain(exc)
                 ok = False
+            else:
+                self._failure = None
             if ok:
                 self._last_renew = attempt
                 if not self._leading:
@@ -117,6 +126,21 @@ class LeaderElector:
                 # lease can expire for the others. Never two leaders.
                 self._set_leading(False)
             self._stop.wait(self.renew_interval if self._leading else self.renew_interval / 2)
+
+    def _complain(self, exc: Exception) -> None:
+        """Log a failed lease request; the same error again only every REPEAT_LOG_INTERVAL, with a count."""
+        error = str(exc)
+        if isinstance(exc, KubeApiError) and exc.status == 401:
+            # The first request a running daemon makes after its token was revoked is usually this one.
+            error += ("\n  hint: the apiserver no longer accepts gitopsd's credentials (a revoked or expired "
+                      "token, a deleted ServiceAccount?)")
+        now = time.monotonic()
+        if error == self._failure and now - self._failure_logged < REPEAT_LOG_INTERVAL:
+            self._failure_repeats += 1
+            return
+        repeated = {"repeated": self._failure_repeats} if error == self._failure else {}
+        log.warning("lease request failed", lease=self.name, error=error, **repeated)
+        self._failure, self._failure_logged, self._failure_repeats = error, now, 0
 
     def _set_leading(self, leading: bool) -> None:
         self._leading = leading

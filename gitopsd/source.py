@@ -161,12 +161,23 @@ def fetch(
             f"cannot create the git cache for {remote.url} in {cache_dir}: {exc.strerror}",
             hint="cache_dir must be a writable directory (an emptyDir volume in the cluster)",
         ) from None
-    with _locked(home / "lock", git=git):
-        repo = _ensure_repo(home=home, git=git)
-        sha = _resolve(repo=repo, git=git)
-        path = _materialise(repo=repo, checkouts=home / "checkouts", sha=sha, git=git)
-        revision = _read_revision(repo=repo, sha=sha, git=git)
-        _collect_garbage(checkouts=home / "checkouts", keep=KEEP_CHECKOUTS, current=sha)
+    try:
+        with _locked(home / "lock", git=git):
+            repo = _ensure_repo(home=home, git=git)
+            sha = _resolve(repo=repo, git=git)
+            path = _materialise(repo=repo, checkouts=home / "checkouts", sha=sha, git=git)
+            revision = _read_revision(repo=repo, sha=sha, git=git)
+            _collect_garbage(checkouts=home / "checkouts", keep=KEEP_CHECKOUTS, current=sha)
+    except OSError as exc:
+        # A full, read-only or tampered-with cache (a file where a directory
+        # belongs): the user's problem to fix, not a crash of ours.
+        if not str(exc.filename or "").startswith(str(home)):
+            raise
+        raise SourceError(
+            f"the git cache for {remote.url} is not usable: {exc.strerror}: {exc.filename}",
+            hint=f"cache_dir must be a writable directory with free space; {home} holds only a cache "
+            "and may be removed (the next fetch re-creates it)",
+        ) from None
     return Checkout(revision=revision, path=path)
 
 

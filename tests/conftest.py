@@ -152,10 +152,12 @@ def pytest_runtest_makereport(item, call):
     """On a failed cluster test, attach the tail of every component's log."""
     outcome = yield
     report = outcome.get_result()
+    # The test's own cluster when it has one (tests/test_faults.py), else the session's.
+    plane = getattr(item, "funcargs", {}).get("cluster") or _bed.cluster
     if report.failed and report.when == "call" and "cluster" in getattr(item, "fixturenames", ()) \
-            and _bed.cluster is not None:
+            and plane is not None:
         for comp in COMPONENTS:
-            report.sections.append((f"{comp} log (tail)", _bed.cluster.log_tail(comp, 8)))
+            report.sections.append((f"{comp} log (tail)", plane.log_tail(comp, 8)))
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -242,3 +244,45 @@ def start_daemon(tmp_path, kubeconfig, namespace, source_cache):
     yield start
     for d in started:
         d.stop()
+
+
+# ---------------------------------------------------------------- a cluster of one's own
+
+@pytest.fixture(scope="module")
+def own_cluster(request) -> tb_cluster.Cluster:
+    """A separate control plane for one test module, for tests that stop, kill
+    and restart its components (never the session's shared cluster).
+
+    Fails (never skips) when it cannot start. Torn down at the end of the
+    module; its component logs are kept in test-logs/ when a test failed.
+    """
+    name = f"own-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    failed_before = request.session.testsfailed
+    try:
+        if not tb_build.all_built():
+            raise tb_cluster.ClusterError("test-bed binaries are missing: run `hack/cluster build` (make test does)")
+        own = tb_cluster.up(name, out=sys.stderr)
+    except (tb_cluster.ClusterError, OSError) as exc:
+        pytest.fail(f"the module's own control plane did not start: {exc}", pytrace=False)
+    yield own
+    if request.session.testsfailed > failed_before:
+        kept = tb_build.cache_dir() / "test-logs" / name
+        shutil.rmtree(kept, ignore_errors=True)
+        shutil.copytree(own.dir / "logs", kept)
+        sys.stderr.write(f"\ncomponent logs of {name} kept in {kept}\n")
+    tb_cluster.down(name)
+
+
+@pytest.fixture(scope="module")
+def own_kubeconfig(own_cluster) -> Path:
+    return own_cluster.kubeconfig
+
+
+@pytest.fixture(scope="module")
+def own_kube(own_kubeconfig):
+    """gitopsd's own client for the module's own cluster."""
+    from gitopsd.kube import Kube
+
+    k = Kube.connect(kubeconfig=own_kubeconfig)
+    yield k
+    k.close()

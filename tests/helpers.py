@@ -267,3 +267,59 @@ def replace_file(path: Path, text: str | bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(text if isinstance(text, bytes) else text.encode())
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- faults (tests/test_faults.py)
+
+TRACEBACK = "Traceback (most recent call last)"
+
+
+def assert_no_traceback(text: str, where: str) -> None:
+    """A user-facing stream (CLI stderr, daemon log) never carries a Python traceback."""
+    assert TRACEBACK not in text, f"a Python traceback in {where}:\n{text[max(0, text.index(TRACEBACK) - 300):][:3000]}"
+    if where.startswith("daemon"):
+        crashes = [line for line in text.splitlines() if '"exception":' in line]
+        assert not crashes, f"an exception logged in {where}:\n{crashes[0][:3000]}"
+
+
+def snapshot(kube, namespace: str, *, api_version: str = "v1", kind: str = "ConfigMap",
+             selector: str | None = None) -> dict[str, tuple[str, str]]:
+    """{name: (uid, resourceVersion)} of every object of a kind in a namespace, to compare before/after."""
+    res = kube.resource(api_version, kind)
+    return {o["metadata"]["name"]: (o["metadata"]["uid"], o["metadata"]["resourceVersion"])
+            for o in kube.list(res, namespace=namespace, label_selector=selector)}
+
+
+def audit_verify(app: str, *, kubeconfig: Path, namespace: str, cache: Path, ok: bool = True) -> str:
+    """Run `gitopsd audit verify APP`; assert the verdict (exit 0 and OK, or exit 1 and BROKEN)."""
+    proc = gitopsd("audit", "verify", app, "--namespace", namespace, kubeconfig=kubeconfig, cache=cache)
+    assert_no_traceback(proc.stderr, "`gitopsd audit verify` stderr")
+    want = 0 if ok else 1
+    assert proc.returncode == want, f"audit verify exit {proc.returncode}, wanted {want}:\n{proc.stdout}{proc.stderr}"
+    assert proc.stdout.startswith("OK:" if ok else "BROKEN:"), proc.stdout
+    return proc.stdout.strip()
+
+
+def audit_events(daemon: DaemonProcess, app: str | None = None, **match) -> list[dict]:
+    """The audit records a daemon logged, optionally only those whose fields equal `match`."""
+    return [e for e in daemon.events() if e.get("event") == "audit" and (app is None or e.get("app") == app)
+            and all(e.get(k) == v for k, v in match.items())]
+
+
+def wait_audit(daemon: DaemonProcess, what: str, *, timeout: float = 60.0, after: int = 0, **match) -> dict:
+    """The first audit record (beyond the first `after` matching ones) whose fields equal `match`."""
+    return wait_for(what, lambda: (audit_events(daemon, **match)[after:] or [None])[0], timeout, interval=0.1)
+
+
+def assert_serving(daemon: DaemonProcess, *, ready: bool = True) -> None:
+    """The daemon's HTTP port answers: /healthz ok (and /readyz ok when `ready`)."""
+    code, body = daemon.get("/healthz")
+    assert code == 200, f"/healthz answered {code}: {body}"
+    if ready:
+        code, body = daemon.get("/readyz")
+        assert code == 200, f"/readyz answered {code}: {body}"
+
+
+def configmaps(count: int, prefix: str = "cm", **data) -> list[dict]:
+    """`count` small ConfigMaps, for apps whose apply takes long enough to be interrupted."""
+    return [configmap(f"{prefix}-{i:03d}", {"i": str(i), **data}) for i in range(count)]

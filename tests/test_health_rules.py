@@ -325,6 +325,17 @@ def test_wait_is_cancelled_by_event():
     assert results[0].message.startswith("cancelled: ")
 
 
+def test_wait_cancelled_before_it_began_still_judges_what_the_apply_returned():
+    # The daemon lost and regained its lease mid-apply: the cancel is already set.
+    cm, rolling = obj("v1", "ConfigMap", name="cfg", generation=None), deployment(ready=1, available=1)
+    cancel = threading.Event()
+    cancel.set()
+    results = wait([ref_of(cm), ref_of(rolling)], get=FakeCluster(rolling).get, timeout=30, cancel=cancel,
+                   initial={ref_of(cm): cm})
+    assert [r.status for r in results] == [Status.CURRENT, Status.IN_PROGRESS]
+    assert results[1].message.startswith("cancelled: Deployment does not have minimum availability")
+
+
 def test_wait_keeps_polling_others_after_one_fails():
     failed_job = obj("batch/v1", "Job", name="migrate",
                      status={"conditions": [cond("Failed", reason="DeadlineExceeded")]})

@@ -12,6 +12,7 @@ clusters (say, a developer's and a test run's) can run side by side.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -221,6 +222,15 @@ def _start(cluster: Cluster, component: str, argv: list[str]) -> None:
                                 start_new_session=True, cwd=cluster.dir)
     cluster.pids[component] = proc.pid
     cluster.save()
+    # Popen returns once exec has begun, but /proc/<pid>/cmdline stays empty
+    # until the kernel has laid out the new argv; on a loaded machine _is_ours
+    # could read it then and take a starting component for a dead one.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{proc.pid}/cmdline").read_bytes():
+                break
+        time.sleep(0.005)
 
 
 def _wait(cluster: Cluster, what: str, component: str, check, timeout: float = START_TIMEOUT) -> None:
@@ -471,3 +481,128 @@ def status(name: str | None = None) -> list[dict]:
                        "kubeconfig": str(c.kubeconfig),
                        "components": {comp: {"pid": c.pids[comp], "running": ok} for comp, ok in alive.items()}})
     return result
+
+
+# ---------------------------------------------------------------- faults
+#
+# The fault tests (tests/test_faults.py) stop, kill and restart single
+# components of a running cluster. A component is started again with the very
+# command line it ran with (read from /proc before the kill and kept in
+# argv.json), so a restarted apiserver binds the same port and a restarted
+# etcd reuses its data dir: clients reconnect as they would in production.
+
+def _argv_file(cluster: Cluster) -> Path:
+    return cluster.dir / "argv.json"
+
+
+def component_argv(cluster: Cluster, component: str) -> list[str]:
+    """The command line `component` runs with; remembered for start_component()."""
+    path = _argv_file(cluster)
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    pid = cluster.pids[component]
+    if _is_ours(pid, cluster.dir):
+        saved[component] = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+        path.write_text(json.dumps(saved, indent=2))
+    if component not in saved:
+        raise ClusterError(f"{component} is not running and its command line was never recorded")
+    return saved[component]
+
+
+def is_running(cluster: Cluster, component: str) -> bool:
+    return _is_ours(cluster.pids[component], cluster.dir)
+
+
+def is_paused(cluster: Cluster, component: str) -> bool:
+    """True while the component is stopped by SIGSTOP (state T)."""
+    try:
+        stat = Path(f"/proc/{cluster.pids[component]}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return is_running(cluster, component) and stat.rsplit(")", 1)[1].split()[0] in ("T", "t")
+
+
+def _signal(cluster: Cluster, component: str, sig: signal.Signals) -> None:
+    pid = cluster.pids[component]
+    if not _is_ours(pid, cluster.dir):
+        raise ClusterError(f"{component} (pid {pid}) is not running")
+    os.kill(pid, sig)
+
+
+def pause(cluster: Cluster, component: str) -> None:
+    """SIGSTOP: the process keeps its sockets (connections are accepted by the
+    kernel) but answers nothing until resume()."""
+    component_argv(cluster, component)
+    _signal(cluster, component, signal.SIGSTOP)
+
+
+def resume(cluster: Cluster, component: str) -> None:
+    _signal(cluster, component, signal.SIGCONT)
+
+
+def kill(cluster: Cluster, component: str, *, timeout: float = 10.0) -> None:
+    """SIGKILL (no clean shutdown) and wait until the process is gone."""
+    component_argv(cluster, component)
+    pid = cluster.pids[component]
+    _signal(cluster, component, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while _is_ours(pid, cluster.dir):
+        _reap(pid)
+        if time.monotonic() > deadline:
+            raise ClusterError(f"{component} (pid {pid}) still runs {timeout:.0f}s after SIGKILL")
+        time.sleep(0.02)
+    _reap(pid)
+
+
+def _ready_check(cluster: Cluster, component: str):
+    """What "ready" means for a restarted component."""
+    if component == "etcd":
+        url = f"http://127.0.0.1:{cluster.ports['etcd']}/health"
+
+        def etcd_ok():
+            with urllib.request.urlopen(url, timeout=2) as r:
+                body = r.read().decode()
+                return '"true"' in body, body
+        return etcd_ok
+    if component == "kube-apiserver":
+        def readyz():
+            status, body = request(cluster, "GET", "/readyz")
+            return status == 200, f"/readyz {status}: {str(body)[-200:]}"
+        return readyz
+    port = cluster.ports[{"kube-controller-manager": "controller-manager", "kube-scheduler": "scheduler"}
+                         .get(component, component)]
+
+    def listening():
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return True, f"port {port} open"
+    return listening
+
+
+def start_component(cluster: Cluster, component: str, *, timeout: float = START_TIMEOUT) -> None:
+    """Start a stopped component again with its recorded command line; return once it is ready."""
+    if is_running(cluster, component):
+        raise ClusterError(f"{component} is already running (pid {cluster.pids[component]})")
+    _start(cluster, component, component_argv(cluster, component))
+    _wait(cluster, f"restarted {component}", component, _ready_check(cluster, component), timeout=timeout)
+
+
+def restart(cluster: Cluster, component: str) -> None:
+    """SIGKILL the component, then start it again and wait until it is ready."""
+    kill(cluster, component)
+    start_component(cluster, component)
+
+
+def heal(cluster: Cluster) -> list[str]:
+    """Put every component back: resume the paused, start the dead (in start
+    order, each waited on until ready). Returns what it did, e.g. ['resumed etcd']."""
+    done = []
+    for component in list(cluster.pids):
+        if is_paused(cluster, component):
+            resume(cluster, component)
+            done.append(f"resumed {component}")
+        elif not is_running(cluster, component):
+            start_component(cluster, component)
+            done.append(f"started {component}")
+    if done:
+        _wait(cluster, "kube-apiserver /readyz after healing", "kube-apiserver",
+              _ready_check(cluster, "kube-apiserver"))
+    return done

@@ -58,6 +58,13 @@ class KubeApiError(ClusterError):
         super().__init__(f"{method} {path}: {status} {reason}: {message}")
 
     @property
+    def path_not_served(self) -> bool:
+        """A 404 for the resource path itself, not for an object: the apiserver
+        answers those with a plain-text "404 page not found", not a Status.
+        The kind is gone (its CRD deleted, its aggregated API down)."""
+        return self.status == 404 and self.reason != "NotFound" and "page not found" in self.api_message
+
+    @property
     def is_immutable_field(self) -> bool:
         text = self.api_message.lower()
         return self.status in (409, 422) and ("immutable" in text or "field is immutable" in text)
@@ -247,10 +254,15 @@ class Kube:
         group, version = split_api_version(api_version)
         res = self._lookup((group, version, kind), "_resources")
         if res is None:
-            raise UnknownKindError(
-                f"the cluster serves no {kind} in {api_version}",
-                hint="a typo in apiVersion/kind, or a CRD that is not installed (put the CRD in the same commit)")
+            raise self._unknown_kind(kind, api_version)
         return res
+
+    @staticmethod
+    def _unknown_kind(kind: str, api_version: str) -> UnknownKindError:
+        return UnknownKindError(
+            f"the cluster serves no {kind} in {api_version}",
+            hint="a typo in apiVersion/kind, or a CRD that is not installed or was deleted "
+                 "(put the CRD in the same commit)")
 
     def resource_for_group_kind(self, group: str, kind: str) -> Resource | None:
         return self._lookup((group, kind), "_by_group_kind")
@@ -274,12 +286,21 @@ class Kube:
             return self.request("GET", res.path(namespace, name))
         except KubeApiError as exc:
             if exc.status == 404:
+                self._forget_if_not_served(exc)
                 return None
             raise
 
     def list(self, res: Resource, *, namespace: str | None = None, label_selector: str | None = None) -> list[dict]:
-        """Every matching object, as dicts with apiVersion and kind filled in (lists omit them)."""
-        return self.list_with_version(res, namespace=namespace, label_selector=label_selector)[0]
+        """Every matching object, as dicts with apiVersion and kind filled in (lists omit them).
+
+        A kind the cluster stopped serving (its CRD deleted) has no objects: [].
+        """
+        try:
+            return self.list_with_version(res, namespace=namespace, label_selector=label_selector)[0]
+        except KubeApiError as exc:
+            if self._forget_if_not_served(exc):
+                return []
+            raise
 
     def list_metadata(self, res: Resource, *, namespace: str | None = None, page: int = 500) -> Iterator[dict]:
         """Every object's metadata (PartialObjectMetadata), `page` objects per request.
@@ -362,7 +383,12 @@ class Kube:
 
     def apply(self, obj: dict, *, dry_run: bool = False, force: bool = True,
               field_manager: str = FIELD_MANAGER) -> dict:
-        """Server-side apply `obj`; with dry_run the server computes the result and persists nothing."""
+        """Server-side apply `obj`; with dry_run the server computes the result and persists nothing.
+
+        Raises UnknownKindError when the cluster stopped serving the kind
+        since discovery was cached (its CRD deleted), as for a kind it never
+        served.
+        """
         res = self.resource(obj["apiVersion"], obj["kind"])
         meta = obj["metadata"]
         query = {"fieldManager": field_manager}
@@ -371,8 +397,20 @@ class Kube:
         if dry_run:
             query["dryRun"] = "All"
         # JSON is YAML: the apply-patch+yaml content type takes a JSON body.
-        return self.request("PATCH", res.path(meta.get("namespace"), meta["name"]), query=query, body=obj,
-                            content_type="application/apply-patch+yaml")
+        try:
+            return self.request("PATCH", res.path(meta.get("namespace"), meta["name"]), query=query, body=obj,
+                                content_type="application/apply-patch+yaml")
+        except KubeApiError as exc:
+            if self._forget_if_not_served(exc):
+                raise self._unknown_kind(res.kind, res.api_version) from None
+            raise
+
+    def _forget_if_not_served(self, exc: KubeApiError) -> bool:
+        """True (after refreshing discovery) when `exc` says the resource path is not served."""
+        if not exc.path_not_served:
+            return False
+        self.discover()
+        return True
 
     def delete(self, res: Resource, name: str, namespace: str | None = None, *, uid: str | None = None,
                propagation: str = "Background", dry_run: bool = False) -> bool:
@@ -416,6 +454,8 @@ def _api_error(method: str, path: str, resp) -> KubeApiError:
             retry_after = float(header)
         except ValueError:
             retry_after = None
+    if status.get("kind") != "Status":   # plain text or foreign JSON: no Status reason to trust
+        status = {"message": status.get("message", "")}
     return KubeApiError(status=resp.status, reason=status.get("reason") or resp.reason or "",
                         message=status.get("message", ""), method=method, path=path,
                         causes=(status.get("details") or {}).get("causes"), retry_after=retry_after)

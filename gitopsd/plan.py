@@ -530,6 +530,9 @@ def _judge(kube: Kube, change: ObjectChange, plan: Plan, *, commit_namespaces: s
         return
     try:
         after = kube.apply(desired, dry_run=True)
+    except UnknownKindError as exc:   # served when discovery was cached, gone since (its CRD deleted)
+        plan.errors.append(f"{change.source}: {change.ref}: {exc.message} (hint: {exc.hint})")
+        return
     except KubeApiError as exc:
         if exc.status == 404 and change.ref.namespace in commit_namespaces:
             change.deferred = True  # its Namespace arrives in this commit

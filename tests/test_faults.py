@@ -846,8 +846,6 @@ def test_crd_deleted_under_its_custom_resources_fails_visibly_and_converges_when
     assert sorted(o["name"] for o in done["plan"]["objects"] if o["action"] == "created") == ["w0", "w1", "w2"]
 
 
-@pytest.mark.xfail(strict=True, reason="plan.py/kube.py: with discovery cached from before the CRD was deleted, "
-                                       "the error says 'Not Found: 404 page not found', not that the kind is gone")
 def test_crd_deleted_under_its_custom_resources_is_reported_as_a_kind_no_longer_served(widgets_lost):
     _, failed = widgets_lost
     assert all("the cluster serves no Widget in faults.example.com/v1" in e for e in failed["errors"]), failed

@@ -75,26 +75,26 @@ def apply_plan(kube: Kube, plan: Plan, *, prune: bool = True, recreate: bool = F
                on_progress: Progress | None = None) -> ApplyOutcome:
     """Write the plan to the cluster; see the module docstring for the order.
 
-    Raises LeadershipLost (with `unsent`, the planned writes not sent) when a
-    fenced Kube refuses a write.
+    Raises LeadershipLost, carrying how many planned writes were not sent,
+    when a fenced Kube refuses a write.
     """
     out = ApplyOutcome()
-    writes = [c for c in plan.changes if c.action in (Action.CREATE, Action.UPDATE, Action.RECREATE) or c.deferred]
-    prunes = [c for c in plan.changes if c.action == Action.PRUNE] if prune else []
-    attempted: set[int] = set()   # id() of every planned change whose request went out (or failed before)
+    sent: set[int] = set()   # id() of each planned change whose request went out (or failed on its own)
     try:
-        _apply(kube, plan, out, writes, prunes, attempted, recreate=recreate,
+        _apply(kube, plan, out, sent, prune=prune, recreate=recreate,
                progress=on_progress or (lambda verb, change: None))
     except LeadershipLost as exc:
-        planned = [c for c in writes + prunes if c.action != Action.UNCHANGED]
-        exc.unsent = sum(1 for c in planned if id(c) not in attempted)
+        exc.unsent = sum(1 for c in plan.changes if id(c) not in sent and c.action != Action.UNCHANGED
+                         and (prune or c.action != Action.PRUNE))
         raise
     return out
 
 
-def _apply(kube: Kube, plan: Plan, out: ApplyOutcome, writes: list[ObjectChange], prunes: list[ObjectChange],
-           attempted: set[int], *, recreate: bool, progress: Progress) -> None:
+def _apply(kube: Kube, plan: Plan, out: ApplyOutcome, sent: set[int], *, prune: bool, recreate: bool,
+           progress: Progress) -> None:
     inv = plan.inventory
+    writes = [c for c in plan.changes if c.action in (Action.CREATE, Action.UPDATE, Action.RECREATE) or c.deferred]
+    prunes = [c for c in plan.changes if c.action == Action.PRUNE] if prune else []
     final_gks, final_nss = plan.group_kinds, plan.namespaces
     if not writes and not prunes and inv.exists and inv.group_kinds == final_gks and \
             inv.namespaces == final_nss | {inv.namespace}:
@@ -112,7 +112,7 @@ def _apply(kube: Kube, plan: Plan, out: ApplyOutcome, writes: list[ObjectChange]
             writes = [c for c in plan.changes if c.action in (Action.CREATE, Action.UPDATE, Action.RECREATE)]
         batch = [c for c in writes if stage_of(c.ref) == stage and not c.deferred
                  and c.action != Action.UNCHANGED]
-        for change, error in _each(kube, batch, lambda c: _write(kube, c), attempted):
+        for change, error in _each(kube, batch, lambda c: _write(kube, c), sent):
             if error:
                 out.errors.append(error)
             else:
@@ -130,7 +130,7 @@ def _apply(kube: Kube, plan: Plan, out: ApplyOutcome, writes: list[ObjectChange]
 
     for stage in reversed(STAGES):
         batch = [c for c in prunes if stage_of(c.ref) == stage]
-        for change, (error, deleted) in _each(kube, batch, lambda c: _delete(kube, c, inv.id), attempted):
+        for change, (error, deleted) in _each(kube, batch, lambda c: _delete(kube, c, inv.id), sent):
             if error:
                 out.errors.append(error)
             elif deleted:
@@ -143,8 +143,9 @@ def _apply(kube: Kube, plan: Plan, out: ApplyOutcome, writes: list[ObjectChange]
     inventory.write(kube, inv, group_kinds=final_gks | kept_gks, namespaces=final_nss | kept_nss)
 
 
-def _each(kube: Kube, batch: list[ObjectChange], fn, attempted: set[int]):
-    """(change, fn(change)) for a stage's batch, run by the bounded pool, in batch order.
+def _each(kube: Kube, batch: list[ObjectChange], fn, sent: set[int]):
+    """(change, fn(change)) for a stage's batch, run by the bounded pool, in batch order;
+    each change yielded is added to `sent`.
 
     A write refused by the fence (LeadershipLost) is not in the output; the
     rest of the batch still runs — each of its writes meets the same closed
@@ -154,6 +155,7 @@ def _each(kube: Kube, batch: list[ObjectChange], fn, attempted: set[int]):
     """
     if not batch:
         return
+
     def run(change: ObjectChange):
         try:
             return fn(change)
@@ -165,7 +167,7 @@ def _each(kube: Kube, batch: list[ObjectChange], fn, attempted: set[int]):
             if isinstance(result, LeadershipLost):
                 lost = result
                 continue
-            attempted.add(id(change))
+            sent.add(id(change))
             yield change, result
     if lost is not None:
         raise lost

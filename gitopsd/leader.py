@@ -12,8 +12,8 @@ transitions) has not changed for leaseDurationSeconds since *we* last saw it
 change — so a skewed wall clock on one node cannot steal a live lease. A
 leader that reads another holder on the lease steps down at once. Lease
 requests have a short timeout and no retries: a renewal must never outlast
-the time the lease buys, and a decision taken on a read older than that
-timeout is not acted on (the lease may have moved meanwhile).
+the time the lease buys, and a decision taken on a read older than that time
+is not acted on (the lease may have moved meanwhile: read it again).
 
 The fence. Leader election alone does not stop a leader that has stopped
 noticing time — a process paused (SIGSTOP, a frozen VM, a long GC) past its
@@ -26,12 +26,16 @@ warn of exactly this. So every write checks one rule just before it is sent
 The renewal is timed from before its request left, so the apiserver (and any
 standby watching the lease) saw it no earlier; CLOCK_MONOTONIC keeps counting
 while the process is stopped, so after a pause the rule fails at once, before
-any renewal is tried; the margin (one renewal interval, client-go's
-RenewDeadline at its defaults) covers the time a checked request takes to
-arrive and a standby's clock running a little fast. Leadership comes in terms:
-a term ends when the rule fails, and a renewal after that starts a new term
-(with the daemon's start-of-leadership work) rather than reviving the old one,
-so work begun in an old term never writes in a new one (FencedKube).
+any renewal is tried; the margin (by default one renewal interval, which is
+client-go's RenewDeadline at its defaults) covers the time a checked request
+takes to arrive and a standby's clock running a little fast. What no client
+can close is the instant between the check and the bytes leaving: Kubernetes
+has no fencing token a server could check across objects.
+
+Leadership comes in terms: a term ends when the rule fails, and a renewal
+after that starts a new term (with the daemon's start-of-leadership work)
+rather than reviving the old one, so work begun in an old term never writes
+in a new one (FencedKube).
 
 Renewals are writes to the Lease, not to any app's objects; they are the
 price of running two replicas and are counted apart from reconcile traffic.
@@ -83,12 +87,11 @@ class FencedKube:
 
     Reads, watches and dry runs pass untouched; so does everything else, by
     delegation. The check runs immediately before the request is built and
-    sent, so the window between check and send is as small as a client can
-    make it (Kubernetes offers no server-side fencing token across objects). Like
-    controller-runtime's client wrappers (WithFieldOwner, NewDryRunClient),
-    it wraps the client every write path already uses: apply, prune, the
-    ApplySet parent, audit segments, Events, status and self-heal are fenced
-    without each having to remember to check.
+    sent, which keeps the window between check and send as small as a client
+    can make it. Like controller-runtime's client wrappers (WithFieldOwner,
+    NewDryRunClient), it wraps the client every write path already uses:
+    apply, prune, the ApplySet parent, audit segments, Events, status and
+    self-heal are fenced without each having to remember to check.
     """
 
     def __init__(self, kube: Kube, fence: Callable[[], None]) -> None:

@@ -10,6 +10,13 @@ prune runs last, in reverse stage order; finally the parent is narrowed.
 Within a stage objects are independent and are applied concurrently by a
 bounded pool (the Kube's max_workers). A failure in a stage stops the later
 stages and the prune: nothing is deleted on a partial apply.
+
+Leadership: the daemon hands in a Kube fenced by its lease (gitopsd.leader.
+FencedKube), which refuses each write the moment the replica can no longer
+prove it leads, before the request is sent. The stage in flight then ends
+(the other writes of the pool are refused the same way), nothing later is
+sent, and LeadershipLost leaves apply_plan carrying how many planned writes
+were not sent. What was written stays: the new leader converges it.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from gitopsd import inventory, redact
 from gitopsd.errors import GitopsdError
 from gitopsd.inventory import PART_OF_LABEL
 from gitopsd.kube import Kube, KubeApiError
+from gitopsd.leader import LeadershipLost
 from gitopsd.objects import ObjectRef
 from gitopsd.plan import Action, ObjectChange, Plan, judge_deferred
 
@@ -65,17 +73,32 @@ Progress = Callable[[str, ObjectChange], None]
 
 def apply_plan(kube: Kube, plan: Plan, *, prune: bool = True, recreate: bool = False,
                on_progress: Progress | None = None) -> ApplyOutcome:
-    """Write the plan to the cluster; see the module docstring for the order."""
-    out = ApplyOutcome()
-    inv = plan.inventory
-    progress = on_progress or (lambda verb, change: None)
+    """Write the plan to the cluster; see the module docstring for the order.
 
+    Raises LeadershipLost, carrying how many planned writes were not sent,
+    when a fenced Kube refuses a write.
+    """
+    out = ApplyOutcome()
+    sent: set[int] = set()   # id() of each planned change whose request went out (or failed on its own)
+    try:
+        _apply(kube, plan, out, sent, prune=prune, recreate=recreate,
+               progress=on_progress or (lambda verb, change: None))
+    except LeadershipLost as exc:
+        exc.unsent = sum(1 for c in plan.changes if id(c) not in sent and c.action != Action.UNCHANGED
+                         and (prune or c.action != Action.PRUNE))
+        raise
+    return out
+
+
+def _apply(kube: Kube, plan: Plan, out: ApplyOutcome, sent: set[int], *, prune: bool, recreate: bool,
+           progress: Progress) -> None:
+    inv = plan.inventory
     writes = [c for c in plan.changes if c.action in (Action.CREATE, Action.UPDATE, Action.RECREATE) or c.deferred]
     prunes = [c for c in plan.changes if c.action == Action.PRUNE] if prune else []
     final_gks, final_nss = plan.group_kinds, plan.namespaces
     if not writes and not prunes and inv.exists and inv.group_kinds == final_gks and \
             inv.namespaces == final_nss | {inv.namespace}:
-        return out  # nothing to do, not even on the parent
+        return  # nothing to do, not even on the parent
 
     inventory.write(kube, inv, group_kinds=inv.group_kinds | final_gks,
                     namespaces=inv.namespaces | final_nss)
@@ -85,50 +108,73 @@ def apply_plan(kube: Kube, plan: Plan, *, prune: bool = True, recreate: bool = F
             errors = judge_deferred(kube, plan, recreate=recreate)
             if errors:
                 out.errors.extend(errors)
-                return out
+                return
             writes = [c for c in plan.changes if c.action in (Action.CREATE, Action.UPDATE, Action.RECREATE)]
         batch = [c for c in writes if stage_of(c.ref) == stage and not c.deferred
                  and c.action != Action.UNCHANGED]
-        if not batch:
-            continue
-        with ThreadPoolExecutor(max_workers=kube.max_workers) as pool:
-            for change, error in zip(batch, pool.map(lambda c: _write(kube, c), batch)):
-                if error:
-                    out.errors.append(error)
-                else:
-                    out.applied.append(change)
-                    progress(change.action.value, change)
+        for change, error in _each(kube, batch, lambda c: _write(kube, c), sent):
+            if error:
+                out.errors.append(error)
+            else:
+                out.applied.append(change)
+                progress(change.action.value, change)
         if out.errors:
-            return out
+            return
         if stage == 0:
             crds = [c for c in batch if c.ref.kind == "CustomResourceDefinition"]
             if crds:
                 out.errors.extend(_wait_established(kube, crds))
                 if out.errors:
-                    return out
+                    return
                 kube.discover()
 
     for stage in reversed(STAGES):
         batch = [c for c in prunes if stage_of(c.ref) == stage]
-        if not batch:
-            continue
-        with ThreadPoolExecutor(max_workers=kube.max_workers) as pool:
-            for change, (error, deleted) in zip(batch, pool.map(lambda c: _delete(kube, c, inv.id), batch)):
-                if error:
-                    out.errors.append(error)
-                elif deleted:
-                    out.pruned.append(change)
-                    progress("prune", change)
+        for change, (error, deleted) in _each(kube, batch, lambda c: _delete(kube, c, inv.id), sent):
+            if error:
+                out.errors.append(error)
+            elif deleted:
+                out.pruned.append(change)
+                progress("prune", change)
     if out.errors:
-        return out  # keep the widened parent: the next sync retries the prune
+        return  # keep the widened parent: the next sync retries the prune
     kept_gks = {r.group_kind for r in plan.kept + plan.orphans}
     kept_nss = {r.namespace for r in plan.kept + plan.orphans if r.namespace}
     inventory.write(kube, inv, group_kinds=final_gks | kept_gks, namespaces=final_nss | kept_nss)
-    return out
+
+
+def _each(kube: Kube, batch: list[ObjectChange], fn, sent: set[int]):
+    """(change, fn(change)) for a stage's batch, run by the bounded pool, in batch order;
+    each change yielded is added to `sent`.
+
+    A write refused by the fence (LeadershipLost) is not in the output; the
+    rest of the batch still runs — each of its writes meets the same closed
+    fence and is refused before it is sent, so when the pool is done nothing
+    more of this stage can reach the apiserver — then LeadershipLost is
+    raised, after the caller has seen every write that did go out.
+    """
+    if not batch:
+        return
+
+    def run(change: ObjectChange):
+        try:
+            return fn(change)
+        except LeadershipLost as exc:
+            return exc
+    lost: LeadershipLost | None = None
+    with ThreadPoolExecutor(max_workers=kube.max_workers) as pool:
+        for change, result in zip(batch, pool.map(run, batch)):
+            if isinstance(result, LeadershipLost):
+                lost = result
+                continue
+            sent.add(id(change))
+            yield change, result
+    if lost is not None:
+        raise lost
 
 
 def _write(kube: Kube, change: ObjectChange) -> str | None:
-    """Apply one object; return an error line, or None."""
+    """Apply one object; return an error line, or None. LeadershipLost passes through."""
     try:
         if change.action == Action.RECREATE:
             _delete_and_wait(kube, change)

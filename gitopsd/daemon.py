@@ -13,7 +13,13 @@ backoff, its status. The daemon wires the runners to the outside world:
   previous config keeps running — a missing, unreadable or empty file is an
   invalid edit, never "no apps": that takes an explicit `apps: []`) and, in
   development, local repositories;
-- a Lease (leader election): only the leader reconciles;
+- a Lease (leader election): only the leader reconciles, and every write it
+  sends is fenced (gitopsd.leader): a reconcile or self-heal runs within the
+  leadership term it began in and writes through a Kube that refuses each
+  write once this replica cannot prove that term still holds the lease. Such
+  a run ends quietly ("leadership lost mid-reconcile; N writes not sent"),
+  records nothing and leaves what it wrote: the new leader records and
+  converges;
 - SIGTERM: stop taking work, let running reconciles finish (their health
   waits are cancelled), release the lease.
 
@@ -59,7 +65,7 @@ from gitopsd import __version__, audit, config as config_mod, metrics, redact, s
 from gitopsd.diff import managers_of, within
 from gitopsd.errors import GitopsdError
 from gitopsd.kube import Kube, KubeApiError
-from gitopsd.leader import LeaderElector
+from gitopsd.leader import FencedKube, LeaderElector, LeadershipLost
 from gitopsd.objects import ObjectRef, ref_of
 from gitopsd.plan import Action, ObjectChange, judge_one, still_ours
 from gitopsd.server import Server
@@ -107,6 +113,9 @@ class AppRunner:
         self.reported: dict[ObjectRef, tuple] = {}   # drift already reported (self-heal off)
         self.status_written: dict | None = None
         self.stopped = False
+        # The running reconcile's or heal's Kube, fenced to the leadership term it
+        # began in: every write of the run goes through it (Daemon.writer).
+        self.writer: FencedKube | None = None
 
     # ------------------------------------------------------------ triggers
 
@@ -138,6 +147,8 @@ class AppRunner:
             try:
                 with self.exec_lock:
                     self._reconcile(reason)
+            except LeadershipLost as exc:
+                self._fenced(exc)
             except Exception:  # noqa: BLE001 - a bug must not kill the runner
                 log.exception("reconcile crashed", app=self.cfg.name)
             with self.lock:
@@ -151,10 +162,16 @@ class AppRunner:
 
     # ------------------------------------------------------------ reconcile
 
+    def _fenced(self, exc: LeadershipLost) -> None:
+        """A run stopped by the fence: one line; the new leader records and converges."""
+        log.warning(str(exc), app=self.cfg.name, unsent=exc.unsent)
+
     def _reconcile(self, trigger: str) -> None:
         cfg = self.cfg
-        if cfg.suspend or not self.daemon.may_write():
+        writer = None if cfg.suspend else self.daemon.writer()
+        if writer is None:
             return
+        self.writer = writer
         if not self.restored:
             try:
                 self._restore()
@@ -174,15 +191,17 @@ class AppRunner:
             with self.lock:
                 self.current_sha = rev.sha
 
-        def still_leader(_verb, _change) -> None:
-            # Called after every write: a replica that lost the lease stops at the
-            # end of the current stage (no later stage, no prune).
-            if not self.daemon.may_write():
-                raise GitopsdError("leadership lost during the apply; the new leader takes over from here")
+        def stop_after_stage(_verb, _change) -> None:
+            # Called after every write: a daemon shutting down ends the apply with
+            # the stage in flight (no later stage, no prune); the next leader goes on.
+            if self.daemon.stopping:
+                raise GitopsdError("gitopsd is shutting down: the apply stopped after a stage; "
+                                   "the next leader continues")
 
-        result = sync(self.daemon.kube, spec, cache_dir=self.daemon.cache_dir, cancel=self.cancel,
+        result = sync(writer, spec, cache_dir=self.daemon.cache_dir, cancel=self.cancel,
                       cache=self.cache, inv=self.inv, hold_revision=hold, on_revision=fetched,
-                      on_progress=still_leader)
+                      on_progress=stop_after_stage)
+        writer.check()   # lost during the health wait: the verdict is the new leader's to record
         metrics.RECONCILE_DURATION.labels(app=cfg.name).observe(time.monotonic() - started)
         metrics.RECONCILE_RESULTS.labels(app=cfg.name, trigger=trigger, outcome=result.outcome.value).inc()
         previous = self.last_applied
@@ -193,8 +212,8 @@ class AppRunner:
             # for it, but what this run wrote is history, and the trail is where a
             # re-added app or the next leader reads its last revision from.
             if result.applied or result.pruned:
-                self.daemon.audit.record(audit.transition_record(result, trigger=trigger, previous=previous,
-                                                                 instance=self.daemon.instance))
+                self._record(audit.transition_record(result, trigger=trigger, previous=previous,
+                                                     instance=self.daemon.instance))
             return
         plan = result.plan
         if plan is not None and not plan.errors:
@@ -240,8 +259,8 @@ class AppRunner:
         if transition:
             self.last_result = result
         if transition:
-            self.daemon.audit.record(audit.transition_record(result, trigger=trigger, previous=previous,
-                                                             instance=self.daemon.instance))
+            self._record(audit.transition_record(result, trigger=trigger, previous=previous,
+                                                 instance=self.daemon.instance))
         else:
             log.debug("reconciled: no change", app=cfg.name, revision=(result.revision.sha[:12]
                                                                         if result.revision else None))
@@ -293,10 +312,19 @@ class AppRunner:
         if not self._is_transition(result):
             return
         self.last_result = result
-        self.daemon.audit.record(audit.transition_record(result, trigger=trigger, previous=self.last_applied,
-                                                         instance=self.daemon.instance, source=self.cfg.repo,
-                                                         ref=self.cfg.ref))
+        self._record(audit.transition_record(result, trigger=trigger, previous=self.last_applied,
+                                             instance=self.daemon.instance, source=self.cfg.repo, ref=self.cfg.ref))
         self._write_status()
+
+    def _record(self, rec: dict) -> None:
+        """Store an audit record of this run, if this replica may still write in the run's term.
+
+        The writer refuses every request of the record anyway; checking first
+        keeps a lost leader from leaving the record in the audit log's
+        backlog, to be stored later as if it were history.
+        """
+        self.writer.check()
+        self.daemon.audit.record(rec)
 
     def _schedule_retry(self) -> None:
         self.failures += 1
@@ -320,7 +348,7 @@ class AppRunner:
             return
         ref = ref_of(obj)
         change = self.desired.get(ref)
-        if change is None or not self.daemon.may_write():
+        if change is None or not self.daemon.may_start():
             return
         if kind != "DELETED" and still_ours(obj, change.desired):
             return
@@ -334,17 +362,25 @@ class AppRunner:
         with self.exec_lock:
             with self.lock:
                 refs, self.dirty = self.dirty, set()
-            if not refs or self.stopped or self.cfg.suspend or not self.daemon.may_write():
+            writer = None if not refs or self.stopped or self.cfg.suspend else self.daemon.writer()
+            if writer is None:
                 return
+            self.writer = writer
             members = self.cache.members() if self.cache else None
-            for ref in sorted(refs):
+            todo = sorted(refs)
+            for index, ref in enumerate(todo):
                 desired = self.desired.get(ref)
                 if desired is None:
                     continue
                 live = (members or {}).get(ref)
                 if live is not None and still_ours(live, desired.desired):
                     continue  # settled by our own reconcile in the meantime
-                self._heal_one(desired, live)
+                try:
+                    self._heal_one(desired, live)
+                except LeadershipLost as exc:
+                    exc.unsent = len(todo) - index   # this correction and the ones after it
+                    self._fenced(exc)
+                    return
 
     def _heal_one(self, desired: ObjectChange, live: dict | None) -> None:
         try:
@@ -373,7 +409,7 @@ class AppRunner:
             self._report_drift(change, corrected=False)
             return
         try:
-            self.daemon.kube.apply(change.desired)
+            self.writer.apply(change.desired)
             self._report_drift(change, corrected=True)
         except KubeApiError as exc:
             self._report_drift(change, corrected=False,
@@ -399,7 +435,7 @@ class AppRunner:
                     error=error)
         self.last_drift = {"time": _iso(_now()), "object": str(change.ref), "fields": fields,
                            "managers": managers, "action": action}
-        self.daemon.audit.record(audit.drift_record(
+        self._record(audit.drift_record(
             app=self.cfg.name, ref=change.ref, fields=fields, managers=managers, action=action,
             revision=self.last_applied, instance=self.daemon.instance, deleted=deleted, error=error))
         self._write_status()
@@ -428,7 +464,7 @@ class AppRunner:
         if current == self.status_written:
             return  # steady state: nothing a reader would see has changed
         try:
-            status_mod.write(self.daemon.kube, app=self.cfg.name, namespace=self.daemon.namespace, status=current)
+            status_mod.write(self.writer, app=self.cfg.name, namespace=self.daemon.namespace, status=current)
             self.status_written = current
         except (GitopsdError, OSError) as exc:
             log.warning("cannot store app status", app=self.cfg.name, error=str(exc))
@@ -462,7 +498,9 @@ class Daemon:
         self.pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="app")
         self.scheduler = BackgroundScheduler(timezone=timezone.utc, job_defaults={"coalesce": True,
                                                                                    "max_instances": 1})
-        self.audit = audit.AuditLog(kube, namespace=namespace, instance=instance)
+        # Records are stored and announced only while this replica may write (Daemon.fence);
+        # the runners check it before each record too, in the term their run began in.
+        self.audit = audit.AuditLog(FencedKube(kube, self.fence), namespace=namespace, instance=instance)
         self._stop = threading.Event()
         self._leading = False            # set by _on_leading (at start when election is off)
         self._secret_dir = Path(tempfile.mkdtemp(prefix="gitopsd-credentials-"))
@@ -480,6 +518,7 @@ class Daemon:
         from gitopsd import inventory
 
         try:
+            # Before leading, through the plain Kube like the Lease it is needed for.
             inventory.ensure_namespace(self.kube, self.namespace)
         except GitopsdError as exc:
             log.warning("cannot ensure gitopsd namespace", namespace=self.namespace, error=str(exc))
@@ -541,9 +580,37 @@ class Daemon:
 
     # ------------------------------------------------------------ leadership
 
-    def may_write(self) -> bool:
-        return (self._leading and not self._stop.is_set()
-                and (self.elector is None or self.elector.is_leader))
+    def may_write(self, term: int | None = None) -> bool:
+        """The fencing rule (gitopsd.leader): may this replica write now, in `term` if given?
+
+        With leader election it is the elector's deadline; without, this
+        process leads from start() until stop() has let running work end.
+        """
+        if self.elector is None:
+            return self._leading
+        return self.elector.may_write(term)
+
+    def fence(self, term: int | None = None) -> None:
+        """The one check before every write: raises LeadershipLost when may_write says no."""
+        if not self.may_write(term):
+            raise LeadershipLost()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def may_start(self) -> bool:
+        """Whether new work (a reconcile, a self-heal) may begin."""
+        return not self.stopping and self.may_write()
+
+    def writer(self) -> FencedKube | None:
+        """The Kube for one run of work, fenced to the current leadership term; None when no
+        work may begin. A term that ends (even if this replica leads again at once) fences the
+        run for good: it was planned under a lease another replica may have held since."""
+        term = self.elector.term if self.elector else None
+        if not self.may_start():
+            return None
+        return FencedKube(self.kube, lambda: self.fence(term))
 
     def _on_leading(self) -> None:
         self._leading = True
@@ -565,7 +632,7 @@ class Daemon:
         runner = AppRunner(self, cfg)
         self.runners[cfg.name] = runner
         self._schedule(runner)
-        if self.may_write():
+        if self.may_start():
             runner.trigger("config")
 
     def _schedule(self, runner: AppRunner) -> None:

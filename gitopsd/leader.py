@@ -1,13 +1,10 @@
-"""Leader election with a coordination.k8s.io/v1 Lease.
+"""Leader election with a coordination.k8s.io/v1 Lease, and the write fence.
 
 Only the leader reconciles, so two replicas never apply at once. The rules
 follow client-go's leaderelection: a holder renews the lease every
 `renew_interval`; a lease whose renewTime + leaseDurationSeconds has passed
 may be taken over by anyone, using the resourceVersion as an optimistic lock
-(a lost race is a 409 and simply means someone else won). A leader that
-cannot renew within `lease_duration` stops leading *before* the lease could
-be taken by another replica, because it measures from its own last
-successful renewal on its own clock.
+(a lost race is a 409 and simply means someone else won).
 
 Clocks: expiry is judged the way client-go does it, on this process's own
 monotonic clock — a lease is expired when its record (holder, renewTime,
@@ -15,10 +12,34 @@ transitions) has not changed for leaseDurationSeconds since *we* last saw it
 change — so a skewed wall clock on one node cannot steal a live lease. A
 leader that reads another holder on the lease steps down at once. Lease
 requests have a short timeout and no retries: a renewal must never outlast
-the time the lease buys.
+the time the lease buys, and a decision taken on a read older than that time
+is not acted on (the lease may have moved meanwhile: read it again).
+
+The fence. Leader election alone does not stop a leader that has stopped
+noticing time — a process paused (SIGSTOP, a frozen VM, a long GC) past its
+lease wakes up mid-apply while a standby already leads; client-go's docs
+warn of exactly this. So every write checks one rule just before it is sent
+(`LeaderElector.may_write`):
+
+    monotonic now < start of our last successful renewal + lease duration − margin
+
+The renewal is timed from before its request left, so the apiserver (and any
+standby watching the lease) saw it no earlier; CLOCK_MONOTONIC keeps counting
+while the process is stopped, so after a pause the rule fails at once, before
+any renewal is tried; the margin (by default one renewal interval, which is
+client-go's RenewDeadline at its defaults) covers the time a checked request
+takes to arrive and a standby's clock running a little fast. What no client
+can close is the instant between the check and the bytes leaving: Kubernetes
+has no fencing token a server could check across objects.
+
+Leadership comes in terms: a term ends when the rule fails, and a renewal
+after that starts a new term (with the daemon's start-of-leadership work)
+rather than reviving the old one, so work begun in an old term never writes
+in a new one (FencedKube).
 
 Renewals are writes to the Lease, not to any app's objects; they are the
 price of running two replicas and are counted apart from reconcile traffic.
+They go through the plain Kube: the fence guards everything else.
 """
 
 from __future__ import annotations
@@ -31,7 +52,7 @@ from typing import Callable
 import structlog
 
 from gitopsd.errors import ClusterError
-from gitopsd.kube import Kube, KubeApiError
+from gitopsd.kube import Kube, KubeApiError, Resource
 from gitopsd.metrics import IS_LEADER
 
 log = structlog.get_logger("gitopsd.leader")
@@ -40,6 +61,65 @@ WEBHOOK_URL_ANNOTATION = "gitopsd.io/webhook-url"
 # apiserver down for an hour) is logged once, then again at most this often
 # with a count, instead of at every retry.
 REPEAT_LOG_INTERVAL = 60.0
+
+
+class LeadershipLost(Exception):
+    """A write refused by the fence: this replica cannot prove it still holds the lease.
+
+    Raised before the request is sent, so nothing of it reached the
+    apiserver. Deliberately not a GitopsdError: it is not a failure to
+    report but the end of this replica's work, and must pass through every
+    handler that would record, retry or log a GitopsdError until the daemon's
+    runner ends the reconcile quietly (the new leader records and converges).
+    `unsent` counts the planned writes of the apply that were not sent.
+    """
+
+    def __init__(self, unsent: int = 0) -> None:
+        super().__init__()
+        self.unsent = unsent
+
+    def __str__(self) -> str:
+        return f"leadership lost mid-reconcile; {self.unsent} write{'' if self.unsent == 1 else 's'} not sent"
+
+
+class FencedKube:
+    """A Kube whose every write first passes `fence` (which raises LeadershipLost).
+
+    Reads, watches and dry runs pass untouched; so does everything else, by
+    delegation. The check runs immediately before the request is built and
+    sent, which keeps the window between check and send as small as a client
+    can make it. Like controller-runtime's client wrappers (WithFieldOwner,
+    NewDryRunClient), it wraps the client every write path already uses:
+    apply, prune, the ApplySet parent, audit segments, Events, status and
+    self-heal are fenced without each having to remember to check.
+    """
+
+    def __init__(self, kube: Kube, fence: Callable[[], None]) -> None:
+        self._kube = kube
+        self.check = fence
+
+    def __getattr__(self, name: str):
+        return getattr(self._kube, name)
+
+    def request(self, method: str, path: str, *, query: dict | list | None = None, **kwargs) -> dict:
+        if method != "GET" and not _dry_run(query):
+            self.check()
+        return self._kube.request(method, path, query=query, **kwargs)
+
+    def apply(self, obj: dict, *, dry_run: bool = False, **kwargs) -> dict:
+        if not dry_run:
+            self.check()
+        return self._kube.apply(obj, dry_run=dry_run, **kwargs)
+
+    def delete(self, res: Resource, name: str, namespace: str | None = None, *, dry_run: bool = False,
+               **kwargs) -> bool:
+        if not dry_run:
+            self.check()
+        return self._kube.delete(res, name, namespace, dry_run=dry_run, **kwargs)
+
+
+def _dry_run(query: dict | list | None) -> bool:
+    return bool(query) and "dryRun" in (query if isinstance(query, dict) else dict(query))
 
 
 def _now() -> datetime:
@@ -51,25 +131,40 @@ def _fmt(t: datetime) -> str:
 
 
 class LeaderElector:
-    """Campaign for a Lease in a background thread; call back on gain and loss."""
+    """Campaign for a Lease in a background thread; call back on gain and loss.
+
+    `clock` is the monotonic clock every deadline is judged on (injectable
+    for tests); `margin` is how long before the lease could pass to another
+    replica this one stops writing. By default it is one renewal interval
+    (client-go's RenewDeadline at its defaults: 15 s lease, writes for 10 s
+    after a renewal), but never more than half the time between a renewal
+    and the lease's end, so the next renewal always has that much room to
+    land before the fence closes (a 3 s lease renewed every 2 s: margin 0.5 s).
+    """
 
     def __init__(self, kube: Kube, *, namespace: str, name: str = "gitopsd-leader", identity: str,
                  lease_duration: float = 15.0, renew_interval: float = 5.0,
                  on_started_leading: Callable[[], None], on_stopped_leading: Callable[[], None],
-                 advertise_url: str | None = None) -> None:
+                 advertise_url: str | None = None, margin: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if renew_interval >= lease_duration:
             raise ValueError("renew_interval must be shorter than lease_duration")
+        if margin is not None and not 0 <= margin < lease_duration - renew_interval:
+            raise ValueError("margin must leave time to renew: 0 <= margin < lease_duration - renew_interval")
         self.kube = kube
         self.namespace = namespace
         self.name = name
         self.identity = identity
         self.lease_duration = lease_duration
         self.renew_interval = renew_interval
+        self.margin = min(renew_interval, (lease_duration - renew_interval) / 2) if margin is None else margin
+        self._clock = clock
         self._on_start = on_started_leading
         self._on_stop = on_stopped_leading
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._leading = False
+        self.term = 0                # counts leadership terms; work carries the term it began in
         self._last_renew = 0.0   # monotonic start time of our last successful acquire/renew
         self._observed: tuple | None = None   # (holder, renewTime, transitions) last read
         self._observed_at = 0.0               # monotonic time that record last changed
@@ -84,11 +179,20 @@ class LeaderElector:
         self.leader_url: str | None = None
 
     @property
-    def is_leader(self) -> bool:
-        """Leading, and our last renewal is recent enough that nobody else can hold
-        the lease: checked on every call, so a renewal stuck in a slow request
-        cannot leave us writing after the lease has passed to another replica."""
-        return self._leading and time.monotonic() - self._last_renew < self.lease_duration - self.renew_interval
+    def _lease_seconds(self) -> int:
+        """The duration written on the Lease: what the other replicas wait for."""
+        return max(1, int(round(self.lease_duration)))
+
+    def may_write(self, term: int | None = None) -> bool:
+        """The fencing rule (module docstring): may this replica write now — in `term`, if given?
+
+        Judged on every call, not by the election thread, so neither a renewal
+        stuck in a slow request nor a pause of the whole process leaves a write
+        through after the lease could have passed to another replica.
+        """
+        if not self._leading or (term is not None and term != self.term):
+            return False
+        return self._clock() < self._last_renew + self._window
 
     def start(self) -> None:
         self._res = self.kube.resource("coordination.k8s.io/v1", "Lease")
@@ -109,23 +213,35 @@ class LeaderElector:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            attempt = time.monotonic()
-            try:
-                ok = self._try_acquire_or_renew()
-            except Exception as exc:  # noqa: BLE001 - the election must outlive any error
-                self._complain(exc)
-                ok = False
-            else:
-                self._failure = None
-            if ok:
-                self._last_renew = attempt
-                if not self._leading:
-                    self._set_leading(True)
-            elif self._leading and (self._lost_to_other or not self.is_leader):
-                # Another holder, or no renewal for too long: give up before the
-                # lease can expire for the others. Never two leaders.
-                self._set_leading(False)
+            self.run_once()
             self._stop.wait(self.renew_interval if self._leading else self.renew_interval / 2)
+
+    def run_once(self) -> None:
+        """One round of the campaign: end a lapsed term, then acquire or renew the lease.
+
+        The background thread calls it every renew interval (half that as a
+        standby); tests call it directly.
+        """
+        if self._leading and not self.may_write():
+            # The fence has closed (no renewal in time, or the process was paused):
+            # this term is over whatever the renewal below finds.
+            self._set_leading(False)
+        attempt = self._clock()
+        try:
+            ok = self._try_acquire_or_renew()
+        except Exception as exc:  # noqa: BLE001 - the election must outlive any error
+            self._complain(exc)
+            ok = False
+        else:
+            self._failure = None
+        if ok:
+            self._last_renew = attempt
+            if not self._leading:
+                self._set_leading(True)
+        elif self._leading and (self._lost_to_other or not self.may_write()):
+            # Another holder, or no renewal for too long: give up before the
+            # lease can expire for the others. Never two leaders.
+            self._set_leading(False)
 
     def _complain(self, exc: Exception) -> None:
         """Log a failed lease request; the same error again only every REPEAT_LOG_INTERVAL, with a count."""
@@ -134,7 +250,7 @@ class LeaderElector:
             # The first request a running daemon makes after its token was revoked is usually this one.
             error += ("\n  hint: the apiserver no longer accepts gitopsd's credentials (a revoked or expired "
                       "token, a deleted ServiceAccount?)")
-        now = time.monotonic()
+        now = self._clock()
         if error == self._failure and now - self._failure_logged < REPEAT_LOG_INTERVAL:
             self._failure_repeats += 1
             return
@@ -143,6 +259,8 @@ class LeaderElector:
         self._failure, self._failure_logged, self._failure_repeats = error, now, 0
 
     def _set_leading(self, leading: bool) -> None:
+        if leading:
+            self.term += 1
         self._leading = leading
         IS_LEADER.set(1 if leading else 0)
         log.info("leadership " + ("acquired" if leading else "lost"), lease=f"{self.namespace}/{self.name}",
@@ -151,7 +269,7 @@ class LeaderElector:
 
     def _spec(self, *, transitions: int, acquire_time: str) -> dict:
         now = _fmt(_now())
-        return {"holderIdentity": self.identity, "leaseDurationSeconds": max(1, int(round(self.lease_duration))),
+        return {"holderIdentity": self.identity, "leaseDurationSeconds": self._lease_seconds,
                 "acquireTime": acquire_time or now, "renewTime": now, "leaseTransitions": transitions}
 
     def _advertise(self, lease: dict) -> None:
@@ -177,12 +295,15 @@ class LeaderElector:
 
     def _try_acquire_or_renew(self) -> bool:
         self._lost_to_other = False
+        read_at = self._clock()
         lease = self._get_lease()
         if lease is None:
             body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                     "metadata": {"name": self.name, "namespace": self.namespace},
                     "spec": self._spec(transitions=0, acquire_time="")}
             self._advertise(body)
+            if self._stale(read_at):
+                return False
             try:
                 self.kube.request("POST", self._res.path(self.namespace), body=body,
                                   timeout=self._request_timeout, max_retries=0)
@@ -196,13 +317,13 @@ class LeaderElector:
         transitions = int(spec.get("leaseTransitions") or 0)
         record = (holder, spec.get("renewTime"), transitions)
         if record != self._observed:
-            self._observed, self._observed_at = record, time.monotonic()
+            self._observed, self._observed_at = record, self._clock()
         if holder == self.identity:
             new_spec = self._spec(transitions=transitions, acquire_time=spec.get("acquireTime", ""))
         else:
             self._lost_to_other = bool(holder)
             duration = float(spec.get("leaseDurationSeconds") or self.lease_duration)
-            if holder and time.monotonic() - self._observed_at < duration:
+            if holder and self._clock() - self._observed_at < duration:
                 self.leader_url = ((lease["metadata"].get("annotations") or {}).get(WEBHOOK_URL_ANNOTATION)
                                    or None)
                 return False  # held by a leader that renewed within the lease duration, by our clock
@@ -210,6 +331,8 @@ class LeaderElector:
         lease["spec"] = new_spec
         self._advertise(lease)
         self.leader_url = None
+        if self._stale(read_at):
+            return False
         try:
             self.kube.request("PUT", self._res.path(self.namespace, self.name), body=lease,
                               timeout=self._request_timeout, max_retries=0)
@@ -219,6 +342,17 @@ class LeaderElector:
             if exc.status == 409:  # someone else renewed or took it first
                 return False
             raise
+
+    def _stale(self, read_at: float) -> bool:
+        """Whether a lease read begun at `read_at` is too old to act on: older than the time a
+        renewal buys (a pause since, not a slow GET — a GET times out well before). The lease may
+        have moved meanwhile: read it again next round instead of sending a write that can only fail."""
+        return self._clock() - read_at >= self._window
+
+    @property
+    def _window(self) -> float:
+        """How long after a renewal began this replica may write."""
+        return min(self.lease_duration, self._lease_seconds) - self.margin
 
     def _release(self) -> None:
         try:

@@ -39,6 +39,7 @@ from gitopsd import health, inventory, redact, render, source
 from gitopsd.apply import ApplyOutcome, apply_plan
 from gitopsd.errors import GitopsdError, RenderError
 from gitopsd.kube import Kube
+from gitopsd.leader import LeadershipLost
 from gitopsd.objects import ObjectRef, ref_of
 from gitopsd.plan import Action, ObjectChange, Plan, make_plan
 from gitopsd.watch import MemberCache
@@ -182,6 +183,10 @@ def sync(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None, dry_run: bo
     (outcome DryRun) — how an app with self-heal off leaves hand edits alone
     until the next commit. `on_revision` hears the fetched commit before
     anything is planned (the daemon compares webhook commits with it).
+
+    Raises LeadershipLost when `kube` is fenced by a leader lease
+    (gitopsd.leader.FencedKube) and refused a write: the one exception,
+    because a replica that lost the lease must record nothing about it.
     """
     started = time.monotonic()
     result = SyncResult(app=app.name, outcome=Outcome.FAILED)
@@ -228,6 +233,8 @@ def sync(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None, dry_run: bo
         problems = exc.problems if isinstance(exc, RenderError) else []
         result.reason = _cause("rendering failed", problems) if problems else exc.message.splitlines()[0]
         return result
+    except LeadershipLost:
+        raise   # not a result: this replica may no longer write, so it has nothing to report either
     except Exception as exc:  # noqa: BLE001 - a bug must become a Failed result, not a lost reconcile
         log.exception("sync failed unexpectedly", app=app.name)
         result.errors = [f"internal error: {type(exc).__name__}: {exc}"]

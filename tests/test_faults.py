@@ -410,8 +410,6 @@ def test_daemon_killed_while_recording_many_apps_keeps_every_audit_chain_intact(
     bed.intact(second, apps[0])
 
 
-@pytest.mark.xfail(strict=True, reason="daemon.py: a replica that lost its lease still sends its in-flight applies, "
-                                       "then writes its Failed audit record, an Event and the app status")
 def test_paused_leader_never_writes_after_waking_once_a_standby_took_over(bed):
     app = "paused-leader"
     a, _ = bed.running(app, KEEP, *LEASE, name="replica-a")

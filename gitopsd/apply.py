@@ -21,6 +21,7 @@ were not sent. What was written stays: the new leader converges it.
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from typing import Callable
 from gitopsd import inventory, redact
 from gitopsd.errors import GitopsdError
 from gitopsd.inventory import PART_OF_LABEL
-from gitopsd.kube import Kube, KubeApiError
+from gitopsd.kube import Kube, KubeApiError, UnknownKindError
 from gitopsd.leader import LeadershipLost
 from gitopsd.objects import ObjectRef
 from gitopsd.plan import Action, ObjectChange, Plan, judge_deferred
@@ -112,7 +113,7 @@ def _apply(kube: Kube, plan: Plan, out: ApplyOutcome, sent: set[int], *, prune: 
             writes = [c for c in plan.changes if c.action in (Action.CREATE, Action.UPDATE, Action.RECREATE)]
         batch = [c for c in writes if stage_of(c.ref) == stage and not c.deferred
                  and c.action != Action.UNCHANGED]
-        for change, error in _each(kube, batch, lambda c: _write(kube, c), sent):
+        for change, error in _each(kube, batch, lambda c: _write(kube, c), sent, out.errors):
             if error:
                 out.errors.append(error)
             else:
@@ -130,7 +131,7 @@ def _apply(kube: Kube, plan: Plan, out: ApplyOutcome, sent: set[int], *, prune: 
 
     for stage in reversed(STAGES):
         batch = [c for c in prunes if stage_of(c.ref) == stage]
-        for change, (error, deleted) in _each(kube, batch, lambda c: _delete(kube, c, inv.id), sent):
+        for change, (error, deleted) in _each(kube, batch, lambda c: _delete(kube, c, inv.id), sent, out.errors):
             if error:
                 out.errors.append(error)
             elif deleted:
@@ -143,9 +144,26 @@ def _apply(kube: Kube, plan: Plan, out: ApplyOutcome, sent: set[int], *, prune: 
     inventory.write(kube, inv, group_kinds=final_gks | kept_gks, namespaces=final_nss | kept_nss)
 
 
-def _each(kube: Kube, batch: list[ObjectChange], fn, sent: set[int]):
+class _Unreachable(Exception):
+    """The apiserver stopped answering during this write: its result is unknown."""
+
+    def __init__(self, line: str) -> None:
+        super().__init__(line)
+        self.line = line
+
+
+_NOT_SENT = object()
+
+
+def _each(kube: Kube, batch: list[ObjectChange], fn, sent: set[int], errors: list[str]):
     """(change, fn(change)) for a stage's batch, run by the bounded pool, in batch order;
     each change yielded is added to `sent`.
+
+    When the apiserver stops answering (fn raises _Unreachable), the writes
+    already in flight are reported one by one, as their result is unknown,
+    and the rest of the batch is not sent: one line in `errors` counts them.
+    Queuing a hundred more requests at a dead server would only print a
+    hundred identical lines and delay the next reconcile, which retries them.
 
     A write refused by the fence (LeadershipLost) is not in the output; the
     rest of the batch still runs — each of its writes meets the same closed
@@ -156,21 +174,38 @@ def _each(kube: Kube, batch: list[ObjectChange], fn, sent: set[int]):
     if not batch:
         return
 
+    gone = threading.Event()
+
     def run(change: ObjectChange):
+        if gone.is_set():
+            return _NOT_SENT
         try:
             return fn(change)
         except LeadershipLost as exc:
             return exc
+        except _Unreachable as exc:
+            gone.set()
+            return exc
     lost: LeadershipLost | None = None
+    not_sent = 0
     with ThreadPoolExecutor(max_workers=kube.max_workers) as pool:
         for change, result in zip(batch, pool.map(run, batch)):
             if isinstance(result, LeadershipLost):
                 lost = result
                 continue
+            if result is _NOT_SENT:
+                not_sent += 1
+                continue
             sent.add(id(change))
+            if isinstance(result, _Unreachable):
+                errors.append(result.line)
+                continue
             yield change, result
     if lost is not None:
         raise lost
+    if not_sent:
+        errors.append(f"{not_sent} more write(s) of this stage not sent: the apiserver stopped answering "
+                      "(the next reconcile sends them)")
 
 
 def _write(kube: Kube, change: ObjectChange) -> str | None:
@@ -182,8 +217,10 @@ def _write(kube: Kube, change: ObjectChange) -> str | None:
         return None
     except KubeApiError as exc:
         return f"{change.source}: {change.ref}: {exc.reason or exc.status}: {redact.scrub_about(exc.api_message, change.desired)}"
+    except UnknownKindError as exc:
+        return f"{change.source}: {change.ref}: {exc.message}"
     except GitopsdError as exc:  # the apiserver went away: the write may or may not have happened
-        return f"{change.source}: {change.ref}: result unknown: {exc.message}"
+        raise _Unreachable(f"{change.source}: {change.ref}: result unknown: {exc.message}") from None
 
 
 def _delete_and_wait(kube: Kube, change: ObjectChange) -> None:
@@ -216,7 +253,7 @@ def _delete(kube: Kube, change: ObjectChange, applyset_id: str) -> tuple[str | N
             return None, False
         return f"{change.ref}: prune failed: {exc.reason or exc.status}: {exc.api_message}", False
     except GitopsdError as exc:
-        return f"{change.ref}: prune result unknown: {exc.message}", False
+        raise _Unreachable(f"{change.ref}: prune result unknown: {exc.message}") from None
 
 
 def _wait_established(kube: Kube, crds: list[ObjectChange]) -> list[str]:

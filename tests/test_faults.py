@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -327,6 +328,9 @@ def test_apiserver_killed_mid_cli_sync_fails_clearly_and_a_rerun_converges(bed):
     assert cli.returncode == 2, f"{out}\n{err}"
     assert "cannot reach the apiserver" in out, out
     assert "ConfigMap" in out and "result unknown" in out, "names the objects whose write is in doubt"
+    in_doubt = set(re.findall(r"(ConfigMap/\S+): result unknown", out))
+    assert len(in_doubt) <= 16, f"only the writes in flight are in doubt (one per worker), not {len(in_doubt)}"
+    assert "not sent: the apiserver stopped answering" in out, "the rest is counted on one line, not sent"
     assert "warning: the audit record of this sync was not stored" in err, err[-2000:]
     assert_no_traceback(err, "`gitopsd sync` stderr")
 

@@ -71,9 +71,12 @@ hand:
   N, in a new segment numbered past the lost one, never a fresh chain at
   seq 1 that would verify as whole;
 - ``verify`` compares the parent's head with what the segments hold and names
-  the gap and the segment that held it ("seq 4..6 missing: … head kept on
-  ConfigMap gitopsd-system/gitopsd-web is seq 6 in gitopsd-audit-web-000002
-  (deleted?)"); once records follow the gap, the chain itself shows it.
+  the gap and the segment that held it ("seq 4 missing (through seq 6): the
+  segments end at seq 3, but the chain head kept on ConfigMap
+  gitopsd-system/gitopsd-web is seq 6 in gitopsd-audit-web-000002 (the newest
+  segment gitopsd-audit-web-000002 deleted?)"); once records follow the gap,
+  the chain itself shows it, and a gap in the segments' numbering names the
+  deleted ones.
 
 The parent is written after the segment (never ahead of the store); a crash
 in between, or a concurrent writer's older head landing last, leaves it a
@@ -603,11 +606,12 @@ def verify(kube: Kube, *, namespace: str, app: str) -> tuple[bool, str]:
     where it starts. A "missing" message starts with the first missing seq
     and says how far the gap runs and which segment held it.
     """
-    segments = _segments(kube, namespace=namespace, app=app)
     try:
+        # Before the segments, so a daemon appending meanwhile can only put the store ahead of it.
         kept = _kept_head(kube, namespace=namespace, app=app)
     except ValueError as exc:
         return False, str(exc)
+    segments = _segments(kube, namespace=namespace, app=app)
     if not segments:
         if kept is None:
             return True, f"no audit records for app {app} in namespace {namespace}"

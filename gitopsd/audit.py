@@ -55,10 +55,38 @@ with canonical JSON = orjson with sorted keys; the first record (seq 1) has
 record, so deleting the newest records of a segment is detected too; when
 retention removes segments it first marks the oldest survivor with
 ``gitopsd.io/audit-retained-from``, so ``verify`` tells retention from
-deletion. What a hash chain in the cluster cannot prove: that nobody with
-delete rights removed the *whole newest segment*, or rewrote every record
-from some seq on and re-hashed them. The stdout lines (shipped off the
-cluster) carry each record's hash and are the external anchor for that.
+deletion.
+
+The chain head is also kept outside the segments, because a segment cannot
+testify to its own deletion: after each append the same ``<seq>:<hash>`` and
+the name of the segment holding it go onto the app's ApplySet parent
+(``gitopsd-<app>``, annotations ``gitopsd.io/audit-head`` and
+``gitopsd.io/audit-head-segment``, field manager ``gitopsd-audit``; the
+parent is created if the app never applied), and the writing process keeps
+it in memory. So when the newest segment — or every segment — is deleted by
+hand:
+
+- the writer continues from the furthest head it knows (its memory, the
+  parent, the newest segment's records and marker): seq N+1 chained on hash
+  N, in a new segment numbered past the lost one, never a fresh chain at
+  seq 1 that would verify as whole;
+- ``verify`` compares the parent's head with what the segments hold and names
+  the gap and the segment that held it ("seq 4 missing (through seq 6): the
+  segments end at seq 3, but the chain head kept on ConfigMap
+  gitopsd-system/gitopsd-web is seq 6 in gitopsd-audit-web-000002 (the newest
+  segment gitopsd-audit-web-000002 deleted?)"); once records follow the gap,
+  the chain itself shows it, and a gap in the segments' numbering names the
+  deleted ones.
+
+The parent is written after the segment (never ahead of the store); a crash
+in between, or a concurrent writer's older head landing last, leaves it a
+record or two behind, which verify accepts when that record's hash matches.
+A first-ever record has no head anywhere and starts at seq 1. What the
+cluster still cannot prove: that nobody with delete rights removed the
+newest segment *and* the parent's annotations while no gitopsd was running,
+or rewrote every record from some seq on and re-hashed them. The stdout
+lines (shipped off the cluster) carry each record's hash and are the
+external anchor for that.
 
 Record fields (stable names; see transition_record and drift_record):
 ``type`` (transition|drift), ``app``, ``time`` (UTC ISO 8601), ``instance``,
@@ -108,6 +136,8 @@ from gitopsd.sync import Outcome, SyncResult
 GENESIS_HASH = "0" * 64
 AUDIT_APP_LABEL = "gitopsd.io/audit-app"
 HEAD_ANNOTATION = "gitopsd.io/audit-head"                     # "<seq>:<hash>" of the segment's newest record
+HEAD_SEGMENT_ANNOTATION = "gitopsd.io/audit-head-segment"     # on the app's parent: the segment holding the head
+HEAD_FIELD_MANAGER = "gitopsd-audit"                          # owns the parent's two head annotations
 FIRST_SEQ_ANNOTATION = "gitopsd.io/audit-first-seq"           # seq of the segment's first record
 RETAINED_FROM_ANNOTATION = "gitopsd.io/audit-retained-from"   # set by retention on the oldest survivor
 SEGMENT_PREFIX = "gitopsd-audit-"
@@ -138,6 +168,7 @@ _PAST = {Action.CREATE: "created", Action.UPDATE: "configured", Action.PRUNE: "p
 _META_ACCEPT = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
 _META_LIST_ACCEPT = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json"
 _KEY = re.compile(r"\d{12}")
+_MARKER = re.compile(r"([1-9]\d*):([0-9a-f]{64})")
 
 
 # ------------------------------------------------------------------ records
@@ -352,6 +383,68 @@ def _segments(kube: Kube, *, namespace: str, app: str) -> list[_Segment]:
         query["continue"] = cont
 
 
+@dataclass
+class _Head:
+    """A chain head: where the next record goes, as a segment, the app's parent or this process saw it."""
+
+    seq: int = 0                 # 0: no record yet
+    hash: str = GENESIS_HASH
+    segment: int = 0             # 0: no segment yet
+    resource_version: str = ""   # of the head segment; "": it is not in the store, the next record opens a new one
+    count: int = 0               # records in the head segment
+    size: int = 0                # bytes of data in the head segment
+
+
+def _marker(text: str | None) -> _Head | None:
+    """A segment's "<seq>:<hash>" head marker, or None when it has none."""
+    seq, _, digest = (text or "").partition(":")
+    return _Head(seq=int(seq), hash=digest) if seq.isdigit() else None
+
+
+def _kept_head(kube: Kube, *, namespace: str, app: str) -> _Head | None:
+    """The chain head kept on the app's parent ConfigMap, outside the segments.
+
+    None when there is none: no record yet, a trail written before gitopsd
+    kept it, or the parent deleted. ValueError naming the ConfigMap and its
+    annotations when they are there but unreadable (gitopsd writes both
+    together, so a half or malformed head was edited by hand).
+    """
+    name = inventory.parent_name(app)
+    try:
+        meta = kube.request("GET", kube.resource("v1", "ConfigMap").path(namespace, name), accept=_META_ACCEPT)
+    except KubeApiError as exc:
+        if exc.status == 404:
+            return None
+        raise
+    annotations = (meta.get("metadata") or {}).get("annotations") or {}
+    marker, held = annotations.get(HEAD_ANNOTATION), annotations.get(HEAD_SEGMENT_ANNOTATION)
+    if marker is None and held is None:
+        return None
+    prefix = f"{SEGMENT_PREFIX}{app}-"
+    number = held[len(prefix):] if isinstance(held, str) and held.startswith(prefix) else ""
+    found = _MARKER.fullmatch(marker or "")
+    if found is None or not number.isdigit():
+        raise ValueError(f"the chain head kept on ConfigMap {namespace}/{name} is unreadable: annotations "
+                         f"{HEAD_ANNOTATION}={marker!r}, {HEAD_SEGMENT_ANNOTATION}={held!r} (gitopsd writes "
+                         f"<seq>:<sha256 hex> and the name of one of app {app}'s segments, {prefix}NNNNNN); "
+                         f"it was edited by hand, and the next record rewrites it")
+    return _Head(seq=int(found[1]), hash=found[2], segment=int(number))
+
+
+def _further(stored: _Head, known: _Head | None) -> _Head:
+    """The head to chain on: `stored` (writable, from the newest segment) unless `known` is further.
+
+    `known` is a head seen elsewhere — on the app's parent, in a segment's
+    marker, in this process's memory. Further means records left the store
+    by hand: the chain goes on after them, in a new segment numbered past
+    any that held them, so the gap stays in the chain for verify to name
+    instead of a fresh chain at seq 1 that would verify as whole.
+    """
+    if known is None or known.seq <= stored.seq:
+        return stored
+    return _Head(seq=known.seq, hash=known.hash, segment=max(known.segment, stored.segment))
+
+
 def _read_segment(kube: Kube, *, namespace: str, name: str) -> dict | None:
     return kube.get(kube.resource("v1", "ConfigMap"), name, namespace)
 
@@ -505,15 +598,27 @@ def verify(kube: Kube, *, namespace: str, app: str) -> tuple[bool, str]:
 
     Detects an edited record (its hash no longer matches its content, or it
     was re-hashed and the next record's prev_hash no longer matches it), a
-    missing one (a gap in seq, a missing start without a retention marker, or
-    fewer records than a segment's head marker says), one moved to another
-    key or another app's series (out of order). A chain whose oldest records
-    left by retention is OK and says where it starts.
+    missing one (a gap in seq, a missing start without a retention marker,
+    fewer records than a segment's head marker says, or fewer than the head
+    kept on the app's parent says: the newest segments, or all of them,
+    deleted), one moved to another key or another app's series (out of
+    order). A chain whose oldest records left by retention is OK and says
+    where it starts. A "missing" message starts with the first missing seq
+    and says how far the gap runs and which segment held it.
     """
+    try:
+        # Before the segments, so a daemon appending meanwhile can only put the store ahead of it.
+        kept = _kept_head(kube, namespace=namespace, app=app)
+    except ValueError as exc:
+        return False, str(exc)
     segments = _segments(kube, namespace=namespace, app=app)
     if not segments:
-        return True, f"no audit records for app {app} in namespace {namespace}"
-    entries: list[tuple[int, str, str]] = []   # (seq from key, raw, segment)
+        if kept is None:
+            return True, f"no audit records for app {app} in namespace {namespace}"
+        return False, (f"{_missing(1, kept.seq)}: no audit segment of app {app} is left, but the chain head kept on "
+                       f"{_parent_ref(namespace, app)} is seq {kept.seq} in {segment_name(app, kept.segment)} "
+                       f"(were the segments deleted?)")
+    entries: list[tuple[int, str, _Segment]] = []   # (seq from key, raw, segment)
     for seg in segments:
         cm = _read_segment(kube, namespace=namespace, name=seg.name)
         if cm is None:
@@ -522,66 +627,120 @@ def verify(kube: Kube, *, namespace: str, app: str) -> tuple[bool, str]:
         for key, raw in data.items():
             if not _KEY.fullmatch(key):
                 return False, f"segment {seg.name} holds a foreign key {key!r}: records are stored by seq"
-            entries.append((int(key), raw, seg.name))
+            entries.append((int(key), raw, seg))
     entries.sort(key=lambda e: e[0])
     if not entries:
         return False, f"every record is missing: the segments of app {app} are empty"
-
-    first = entries[0][0]
-    retained_from = segments[0].annotations.get(RETAINED_FROM_ANNOTATION)
-    if first < 1:
-        return False, f"seq {first} out of order: the chain starts at seq 1"
-    if first > 1 and retained_from != str(first):
-        return False, (f"seq {first - 1} missing: the chain starts at seq {first} and no retention marker says "
-                       f"older records were removed")
-    prev: dict | None = None
-    for seq, raw, seg in entries:
-        rec = _parse(raw)
-        where = f"(segment {seg})"
-        if rec is None:
-            return False, f"seq {seq} edited: the record is not valid JSON {where}"
-        if prev is not None and seq == prev["seq"]:
-            return False, f"seq {seq} out of order: stored twice {where}"
-        if rec.get("seq") != seq:
-            return False, f"seq {seq} out of order: the record stored under it says seq {rec.get('seq')} {where}"
-        if rec.get("app") != app:
-            return False, f"seq {seq} out of order: it belongs to app {rec.get('app')!r}, not {app!r} {where}"
-        if prev is not None and seq != prev["seq"] + 1:
-            return False, f"seq {prev['seq'] + 1} missing: the chain jumps from seq {prev['seq']} to {seq} {where}"
-        if record_hash(rec) != rec.get("hash"):
-            return False, f"seq {seq} edited: its content no longer matches its hash {where}"
-        expected = prev["hash"] if prev is not None else (GENESIS_HASH if seq == 1 else rec.get("prev_hash"))
-        if rec.get("prev_hash") != expected:
-            return False, (f"seq {seq - 1} edited or replaced: seq {seq} carries prev_hash "
-                           f"{str(rec.get('prev_hash'))[:12]}… but seq {seq - 1} hashes to {expected[:12]}…")
-        prev = rec
-    assert prev is not None
-    head = segments[-1].annotations.get(HEAD_ANNOTATION, "")
-    head_seq, _, head_hash = head.partition(":")
-    if head_seq.isdigit() and int(head_seq) > prev["seq"]:
-        return False, (f"seq {prev['seq'] + 1} missing: the newest segment's head marker says the chain "
-                       f"ends at seq {head_seq}, the store ends at seq {prev['seq']}")
-    if head_seq.isdigit() and int(head_seq) == prev["seq"] and head_hash != prev["hash"]:
-        return False, f"seq {prev['seq']} edited or replaced: it does not match the segment's head marker"
-    msg = f"OK: {len(entries)} records, seq {first}..{prev['seq']}, chain intact (head {prev['hash'][:12]})"
+    problem = _start_problem(entries[0][0], segments[0], app=app)
+    if problem is None:
+        problem, hashes = _chain_problem(entries, app=app)
+    if problem is None:
+        problem = _head_problem(hashes, segments, kept, app=app, parent=_parent_ref(namespace, app))
+    if problem is not None:
+        return False, problem
+    first, last = min(hashes), max(hashes)
+    msg = f"OK: {len(entries)} records, seq {first}..{last}, chain intact (head {hashes[last][:12]})"
     if first > 1:
         msg += f"; chain starts at seq {first} (older records removed by retention)"
+    if kept is None:
+        msg += (f"; no chain head is kept on {_parent_ref(namespace, app)} yet (the next record writes it), so a "
+                f"deleted newest segment would go unnoticed")
     return True, msg
 
 
+def _missing(first: int, last: int) -> str:
+    """ "seq 4 missing", or "seq 4 missing (through seq 9)" for a run of them."""
+    return f"seq {first} missing" + (f" (through seq {last})" if last > first else "")
+
+
+def _parent_ref(namespace: str, app: str) -> str:
+    return f"ConfigMap {namespace}/{inventory.parent_name(app)}"
+
+
+def _gone(app: str, first: int, last: int) -> str:
+    """The segments numbered first..last, by name: what a gap in the numbering says was deleted."""
+    if first == last:
+        return f"segment {segment_name(app, first)}"
+    return f"segments {segment_name(app, first)}..{last:06d}"
+
+
+def _start_problem(first: int, oldest: _Segment, *, app: str) -> str | None:
+    """Why the chain may not start at `first`: only seq 1 or the seq retention marked is a start."""
+    if first < 1:
+        return f"seq {first} out of order: the chain starts at seq 1"
+    if first == 1 or oldest.annotations.get(RETAINED_FROM_ANNOTATION) == str(first):
+        return None
+    message = (f"seq {first - 1} missing: the chain starts at seq {first} and no retention marker says older records "
+               f"were removed")
+    if oldest.number > 1:
+        older = " or an older one" if oldest.number > 2 else ""
+        message += f" ({_gone(app, oldest.number - 1, oldest.number - 1)}{older} deleted by hand?)"
+    return message
+
+
+def _chain_problem(entries: list[tuple[int, str, _Segment]], *, app: str) -> tuple[str | None, dict[int, str]]:
+    """Walk the records oldest first: the first broken link, and every seq's hash."""
+    hashes: dict[int, str] = {}
+    prev: dict | None = None
+    prev_seg: _Segment | None = None
+    for seq, raw, seg in entries:
+        rec = _parse(raw)
+        where = f"(segment {seg.name})"
+        if rec is None:
+            return f"seq {seq} edited: the record is not valid JSON {where}", hashes
+        if prev is not None and seq == prev["seq"]:
+            return f"seq {seq} out of order: stored twice {where}", hashes
+        if rec.get("seq") != seq:
+            return f"seq {seq} out of order: the record stored under it says seq {rec.get('seq')} {where}", hashes
+        if rec.get("app") != app:
+            return f"seq {seq} out of order: it belongs to app {rec.get('app')!r}, not {app!r} {where}", hashes
+        if prev is not None and prev_seg is not None and seq != prev["seq"] + 1:
+            gap = f"{_missing(prev['seq'] + 1, seq - 1)}: the chain jumps from seq {prev['seq']}"
+            if seg.number > prev_seg.number + 1:   # numbers are never skipped: the ones between were deleted
+                return (f"{gap} in {prev_seg.name} to seq {seq} in {seg.name} "
+                        f"({_gone(app, prev_seg.number + 1, seg.number - 1)} deleted?)"), hashes
+            return f"{gap} to {seq} {where}", hashes
+        if record_hash(rec) != rec.get("hash"):
+            return f"seq {seq} edited: its content no longer matches its hash {where}", hashes
+        expected = prev["hash"] if prev is not None else (GENESIS_HASH if seq == 1 else rec.get("prev_hash"))
+        if rec.get("prev_hash") != expected:
+            return (f"seq {seq - 1} edited or replaced: seq {seq} carries prev_hash "
+                    f"{str(rec.get('prev_hash'))[:12]}… but seq {seq - 1} hashes to {expected[:12]}…"), hashes
+        hashes[seq] = rec["hash"]
+        prev, prev_seg = rec, seg
+    return None, hashes
+
+
+def _head_problem(hashes: dict[int, str], segments: list[_Segment], kept: _Head | None, *, app: str,
+                  parent: str) -> str | None:
+    """Compare the end of the stored chain with the newest segment's marker and the head kept on the parent.
+
+    The parent's head may lag a record or two behind the store (see the
+    module docstring) but is never ahead of it: ahead means records left the
+    store with their segment.
+    """
+    first, last = min(hashes), max(hashes)
+    newest = segments[-1]
+    marker = _marker(newest.annotations.get(HEAD_ANNOTATION))
+    if marker is not None and marker.seq > last:
+        return (f"{_missing(last + 1, marker.seq)}: the newest segment's head marker says the chain ends at seq "
+                f"{marker.seq}, the store ends at seq {last}")
+    if marker is not None and marker.seq == last and marker.hash != hashes[last]:
+        return f"seq {last} edited or replaced: it does not match the segment's head marker"
+    if kept is None:
+        return None
+    if kept.seq > last:
+        held = segment_name(app, kept.segment)
+        why = (f"the newest {_gone(app, newest.number + 1, kept.segment)} deleted?" if kept.segment > newest.number
+               else f"records deleted from {held}?")
+        return (f"{_missing(last + 1, kept.seq)}: the segments end at seq {last}, but the chain head kept on "
+                f"{parent} is seq {kept.seq} in {held} ({why})")
+    if kept.seq >= first and kept.hash != hashes[kept.seq]:
+        return f"seq {kept.seq} edited or replaced: it does not match the chain head kept on {parent}"
+    return None
+
+
 # ------------------------------------------------------------------ the store: writing
-
-@dataclass
-class _Head:
-    """Where the next record goes, as this process last saw it."""
-
-    seq: int = 0                 # 0: no record yet
-    hash: str = GENESIS_HASH
-    segment: int = 0             # 0: no segment yet
-    resource_version: str = ""
-    count: int = 0               # records in the head segment
-    size: int = 0                # bytes of data in the head segment
-
 
 class AuditLog:
     """Writes records: stdout line, Events, and the durable chained store.
@@ -701,11 +860,12 @@ class AuditLog:
             except KubeApiError as exc:
                 sealed = exc.status == 422 and "immutable" in exc.api_message.lower()
                 if exc.status in (404, 409) or sealed:
-                    # Another writer moved the head (409) or sealed its segment (422), or
-                    # retention removed it under us (404): re-read and re-chain on top. The jittered
-                    # back-off lets a busy writer finish instead of winning every race.
-                    self._heads.pop(app, None)
+                    # Another writer moved the head (409) or sealed its segment (422), or retention
+                    # removed it under us (404) — or someone deleted it (404): re-read and re-chain on
+                    # top, never below what this process already wrote. The jittered back-off lets a
+                    # busy writer finish instead of winning every race.
                     time.sleep(random.uniform(0, min(1.0, 0.02 * 2 ** attempt)))
+                    self._heads[app] = _further(self._load_head(app), head)
                     continue
                 raise
         raise ClusterError(f"could not append to the audit trail of app {app}: another writer kept moving its "
@@ -717,7 +877,7 @@ class AuditLog:
         key, value = _key(stamped["seq"]), canonical(stamped).decode()
         size = len(key) + len(value.encode())
         marker = f"{stamped['seq']}:{stamped['hash']}"
-        if head.segment and head.count < self.segment_records and head.size + size <= self.segment_bytes:
+        if head.resource_version and head.count < self.segment_records and head.size + size <= self.segment_bytes:
             # The resourceVersion makes this an optimistic-concurrency write: 409 if anyone else wrote first.
             body = {"metadata": {"resourceVersion": head.resource_version, "annotations": {HEAD_ANNOTATION: marker}},
                     "data": {key: value}}
@@ -726,6 +886,7 @@ class AuditLog:
             self._heads[app] = _Head(seq=stamped["seq"], hash=stamped["hash"], segment=head.segment,
                                      resource_version=meta["metadata"]["resourceVersion"], count=head.count + 1,
                                      size=head.size + size)
+            self._keep_head(app, marker, head.segment)
             return
         number = head.segment + 1
         body = {"apiVersion": "v1", "kind": "ConfigMap",
@@ -740,12 +901,57 @@ class AuditLog:
         meta = kube.request("POST", cms.path(self.namespace), body=body, accept=_META_ACCEPT)
         self._heads[app] = _Head(seq=stamped["seq"], hash=stamped["hash"], segment=number,
                                  resource_version=meta["metadata"]["resourceVersion"], count=1, size=size)
-        if head.segment:
+        self._keep_head(app, marker, number)
+        if head.resource_version:   # (not when the head segment was lost: nothing to seal)
             self._seal(app, head.segment)
         self._retain(app)
 
+    def _keep_head(self, app: str, marker: str, number: int) -> None:
+        """Copy the new head onto the app's parent, where a deleted segment cannot take it along.
+
+        After the segment write, so it is never ahead of the store. A failure
+        costs only the copy (the record is stored; the next one writes it
+        again), so it is logged, not raised.
+        """
+        inv = inventory.Inventory(app=app, namespace=self.namespace)
+        body = {"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": inv.name, "namespace": self.namespace, "labels": inv.labels,
+                             "annotations": {HEAD_ANNOTATION: marker,
+                                             HEAD_SEGMENT_ANNOTATION: segment_name(app, number)}}}
+        try:
+            parent = self.kube.apply(body, field_manager=HEAD_FIELD_MANAGER)
+        except GitopsdError as exc:
+            self._log.warning("audit_head_not_kept", app=app, head=marker, parent=inv.name, error=str(exc))
+            return
+        uid = (parent.get("metadata") or {}).get("uid")
+        if uid:
+            self._parent_uids[app] = uid   # the Event on the parent needs it next
+
     def _load_head(self, app: str) -> _Head:
-        """Read the newest segment: where a restarted daemon or a new leader continues."""
+        """Where a restarted daemon, a new leader or a CLI run continues.
+
+        The further of the newest segment's head and the head kept on the
+        app's parent: when the parent is ahead, the newest records left the
+        store with their segment, and the chain goes on after them.
+        """
+        # The parent first: another writer may append between the two reads, and a parent read after
+        # the segments could then be ahead of them with nothing deleted (and this writer would fork the
+        # chain into a new segment). Read first, it can only be behind.
+        try:
+            kept = _kept_head(self.kube, namespace=self.namespace, app=app)
+        except ValueError as exc:
+            self._log.warning("audit_head_unreadable", app=app, error=str(exc))
+            kept = None
+        stored = self._stored_head(app)
+        head = _further(stored, kept)
+        if head is not stored:
+            self._log.warning("audit_records_missing", app=app, stored_to=stored.seq, head=head.seq,
+                              segment=segment_name(app, head.segment),
+                              hint=f"run `gitopsd audit verify {app} --namespace {self.namespace}`")
+        return head
+
+    def _stored_head(self, app: str) -> _Head:
+        """The head as the newest segment holds it (its newest record, or its marker when that is further)."""
         for _ in range(3):
             segments = _segments(self.kube, namespace=self.namespace, app=app)
             if not segments:
@@ -755,19 +961,22 @@ class AuditLog:
             if cm is None:
                 continue   # retention removed it between the LIST and the GET
             data = cm.get("data") or {}
-            annotations = cm["metadata"].get("annotations") or {}
-            seq, _, digest = annotations.get(HEAD_ANNOTATION, "").partition(":")
             keys = [k for k in data if _KEY.fullmatch(k)]
             newest = _parse(data[max(keys)]) if keys else None
-            if newest is not None and isinstance(newest.get("seq"), int) and newest.get("hash"):
-                seq, digest = str(newest["seq"]), newest["hash"]
-            if not seq.isdigit() or not digest:
+            marker = _marker((cm["metadata"].get("annotations") or {}).get(HEAD_ANNOTATION))
+            if marker is None and (newest is None or not isinstance(newest.get("seq"), int) or not newest.get("hash")):
                 raise ClusterError(f"the audit trail of app {app} has no readable head in ConfigMap "
                                    f"{self.namespace}/{seg.name}",
                                    hint=f"run `gitopsd audit verify {app} --namespace {self.namespace}`")
             size = sum(len(k) + len(v.encode()) for k, v in data.items())
-            return _Head(seq=int(seq), hash=digest, segment=seg.number,
-                         resource_version=cm["metadata"]["resourceVersion"], count=len(data), size=size)
+            stored = _Head(segment=seg.number, resource_version=cm["metadata"]["resourceVersion"], count=len(data),
+                           size=size)
+            if newest is not None and isinstance(newest.get("seq"), int) and newest.get("hash"):
+                stored.seq, stored.hash = newest["seq"], newest["hash"]
+            if marker is not None:
+                marker.segment = seg.number
+            # Records deleted from the segment by hand: its marker is further than what it holds.
+            return _further(stored, marker)
         raise ClusterError(f"the audit trail of app {app} kept changing while its head was read")
 
     def _ensure_namespace(self) -> None:

@@ -64,6 +64,11 @@ class Inventory:
     def selector(self) -> str:
         return f"{PART_OF_LABEL}={self.id}"
 
+    @property
+    def labels(self) -> dict[str, str]:
+        """What makes a ConfigMap this app's parent, whichever writer creates it first (apply, status, audit)."""
+        return {ID_LABEL: self.id, "app.kubernetes.io/managed-by": "gitopsd"}
+
     def parent_object(self, *, group_kinds: set[str], namespaces: set[str]) -> dict:
         additional = sorted(ns for ns in namespaces if ns and ns != self.namespace)
         return {
@@ -72,7 +77,7 @@ class Inventory:
             "metadata": {
                 "name": self.name,
                 "namespace": self.namespace,
-                "labels": {ID_LABEL: self.id, "app.kubernetes.io/managed-by": "gitopsd"},
+                "labels": self.labels,
                 "annotations": {
                     TOOLING_ANNOTATION: f"gitopsd/{__version__}",
                     GROUP_KINDS_ANNOTATION: ",".join(sorted(group_kinds)),

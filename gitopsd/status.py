@@ -43,7 +43,7 @@ def write(kube: Kube, *, app: str, namespace: str, status: dict) -> None:
         "metadata": {"name": inv.name, "namespace": namespace,
                      # Shared with the gitopsd manager (same value): a parent created
                      # here is still recognised as the app's ApplySet parent.
-                     "labels": {inventory.ID_LABEL: inv.id, "app.kubernetes.io/managed-by": "gitopsd"}},
+                     "labels": inv.labels},
         "data": {STATUS_KEY: orjson.dumps(status, option=orjson.OPT_SORT_KEYS).decode()},
     }
     kube.apply(body, field_manager=FIELD_MANAGER)

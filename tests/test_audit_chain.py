@@ -8,10 +8,10 @@ import threading
 import orjson
 import pytest
 
-from gitopsd import audit
+from gitopsd import audit, inventory
 from gitopsd.kube import KubeApiError
 from gitopsd.objects import ObjectRef
-from helpers import gitopsd
+from helpers import configmap, gitopsd, gitopsd_json
 
 pytestmark = pytest.mark.cluster
 
@@ -39,6 +39,27 @@ def _segments(kube, namespace: str, app: str) -> list[dict]:
 def _patch_data(kube, namespace: str, name: str, data: dict) -> None:
     kube.request("PATCH", kube.resource("v1", "ConfigMap").path(namespace, name), body={"data": data},
                  content_type="application/merge-patch+json")
+
+
+def _delete_segments(kube, namespace: str, app: str, *numbers: int) -> None:
+    for number in numbers:
+        assert kube.delete(kube.resource("v1", "ConfigMap"), audit.segment_name(app, number), namespace)
+
+
+def _kept(kube, namespace: str, app: str) -> tuple[str | None, str | None]:
+    """The chain head kept on the app's parent: (seq:hash, segment name)."""
+    parent = kube.get(kube.resource("v1", "ConfigMap"), inventory.parent_name(app), namespace)
+    annotations = parent["metadata"].get("annotations") or {}
+    return annotations.get(audit.HEAD_ANNOTATION), annotations.get(audit.HEAD_SEGMENT_ANNOTATION)
+
+
+def _keep(kube, namespace: str, app: str, marker: str | None, segment: str | None = None) -> None:
+    """Edit the head kept on the parent by hand (None removes an annotation)."""
+    annotations = {audit.HEAD_ANNOTATION: marker}
+    if segment is not None or marker is None:
+        annotations[audit.HEAD_SEGMENT_ANNOTATION] = segment
+    kube.request("PATCH", kube.resource("v1", "ConfigMap").path(namespace, inventory.parent_name(app)),
+                 body={"metadata": {"annotations": annotations}}, content_type="application/merge-patch+json")
 
 
 def _stored(kube, namespace, app, seq) -> tuple[str, dict]:
@@ -112,12 +133,12 @@ def test_verify_detects_deleted_newest_and_oldest_records(kube, namespace):
     assert audit.verify(kube, namespace=namespace, app=app)[1].startswith("seq 4 missing")
 
     # A whole oldest segment deleted by hand is not retention: no marker says so.
-    kube.delete(kube.resource("v1", "ConfigMap"), first, namespace)
-    kube.delete(kube.resource("v1", "ConfigMap"), last, namespace)
+    app = "shelf"
     _write(kube, namespace, app, 5, segment_records=3)
-    kube.delete(kube.resource("v1", "ConfigMap"), first, namespace)
+    kube.delete(kube.resource("v1", "ConfigMap"), audit.segment_name(app, 1), namespace)
     ok, message = audit.verify(kube, namespace=namespace, app=app)
-    assert not ok and message.startswith("seq 3 missing"), message
+    assert not ok and message == ("seq 3 missing: the chain starts at seq 4 and no retention marker says older "
+                                  "records were removed (segment gitopsd-audit-shelf-000001 deleted by hand?)"), message
 
 
 def test_records_survive_a_new_auditlog_instance(kube, namespace):
@@ -265,3 +286,151 @@ def test_a_record_the_store_refused_is_stored_before_the_next_one(kube, namespac
     assert [(r["seq"], r["object"]["name"]) for r in records] == [(3, "web-3"), (2, "web-2"), (1, "web-1")]
     assert records[1]["time"] == lost["time"], "stored as it was recorded, in order"
     assert audit.verify(kube, namespace=namespace, app=app)[0]
+
+
+# ------------------------------------------------------------------ deleted segments
+
+def test_every_record_keeps_the_chain_head_on_the_apps_parent(kube, namespace):
+    app = "shop"
+    trail = _write(kube, namespace, app, 4, segment_records=3)
+    seq, digest = trail.head(app)
+    assert _kept(kube, namespace, app) == (f"4:{digest}", audit.segment_name(app, 2))
+
+    # The first record created the parent (the app never applied): it is the app's ApplySet parent all the same.
+    inv = inventory.load(kube, app=app, namespace=namespace)
+    assert inv.exists and inv.group_kinds == set()
+    ok, message = audit.verify(kube, namespace=namespace, app=app)
+    assert ok and message == f"OK: 4 records, seq 1..4, chain intact (head {digest[:12]})", message
+
+
+def test_verify_accepts_a_kept_head_a_record_behind_and_names_one_that_does_not_match(kube, namespace):
+    app = "shop"
+    trail = _write(kube, namespace, app, 4)
+    _, three = _stored(kube, namespace, app, 3)
+    parent = f"ConfigMap {namespace}/gitopsd-{app}"
+
+    # A crash between the segment write and the parent's, or a concurrent writer's older head landing last.
+    _keep(kube, namespace, app, f"3:{three['hash']}")
+    assert audit.verify(kube, namespace=namespace, app=app)[0]
+
+    _keep(kube, namespace, app, f"3:{'f' * 64}")
+    ok, message = audit.verify(kube, namespace=namespace, app=app)
+    assert not ok and message == f"seq 3 edited or replaced: it does not match the chain head kept on {parent}"
+
+    _keep(kube, namespace, app, "4:not-a-hash")
+    ok, message = audit.verify(kube, namespace=namespace, app=app)
+    assert not ok and message.startswith(f"the chain head kept on {parent} is unreadable: annotations "
+                                         f"{audit.HEAD_ANNOTATION}='4:not-a-hash'"), message
+
+    # The next record rewrites it.
+    assert trail.record(_drift(app, 5))["seq"] == 5
+    assert audit.verify(kube, namespace=namespace, app=app)[0]
+
+    # A trail written before gitopsd kept its head: OK, and verify says what it cannot see.
+    _keep(kube, namespace, app, None)
+    ok, message = audit.verify(kube, namespace=namespace, app=app)
+    assert ok and message.endswith(f"; no chain head is kept on {parent} yet (the next record writes it), so a "
+                                   "deleted newest segment would go unnoticed"), message
+
+
+def test_a_deleted_newest_segment_is_named_by_verify_and_a_new_writer_continues_after_it(
+        kube, namespace, kubeconfig, source_cache):
+    app = "shop"
+    _write(kube, namespace, app, 5, segment_records=3)          # segments: 1-3, 4-5
+    _, five = _stored(kube, namespace, app, 5)
+    _delete_segments(kube, namespace, app, 2)
+
+    ok, message = audit.verify(kube, namespace=namespace, app=app)
+    assert not ok and message == (
+        f"seq 4 missing (through seq 5): the segments end at seq 3, but the chain head kept on ConfigMap "
+        f"{namespace}/gitopsd-shop is seq 5 in gitopsd-audit-shop-000002 (the newest segment "
+        f"gitopsd-audit-shop-000002 deleted?)"), message
+    cli = gitopsd("audit", "verify", app, "--namespace", namespace, kubeconfig=kubeconfig, cache=source_cache)
+    assert cli.returncode == 1 and cli.stdout == f"BROKEN: {message}\n", cli.stdout + cli.stderr
+
+    # A restart, a new leader, a CLI run: nothing in memory; the head kept on the parent says where the chain goes on.
+    restarted = audit.AuditLog(kube, namespace=namespace, events=False, instance="gitopsd-1", segment_records=3)
+    six = restarted.record(_drift(app, 6, instance="gitopsd-1"))
+    assert (six["seq"], six["prev_hash"]) == (6, five["hash"]), "chained on the lost head, not a new chain at seq 1"
+    assert _stored(kube, namespace, app, 6)[0] == audit.segment_name(app, 3), "a new segment, never the lost name"
+    ok, message = audit.verify(kube, namespace=namespace, app=app)
+    assert not ok and message == (
+        "seq 4 missing (through seq 5): the chain jumps from seq 3 in gitopsd-audit-shop-000001 to seq 6 in "
+        "gitopsd-audit-shop-000003 (segment gitopsd-audit-shop-000002 deleted?)"), message
+    assert [r["seq"] for r in audit.history(kube, namespace=namespace, app=app)] == [6, 3, 2, 1]
+
+
+def test_a_running_writer_continues_from_memory_when_the_newest_segment_and_the_parent_are_deleted(kube, namespace):
+    app = "shop"
+    trail = _write(kube, namespace, app, 5, segment_records=3)   # the daemon's AuditLog: it saw seq 5 written
+    _, five = _stored(kube, namespace, app, 5)
+    _delete_segments(kube, namespace, app, 2)
+    assert kube.delete(kube.resource("v1", "ConfigMap"), inventory.parent_name(app), namespace)
+
+    six = trail.record(_drift(app, 6))
+    assert (six["seq"], six["prev_hash"]) == (6, five["hash"])
+    assert _kept(kube, namespace, app) == (f"6:{six['hash']}", audit.segment_name(app, 3)), "the parent is back"
+    ok, message = audit.verify(kube, namespace=namespace, app=app)
+    assert not ok and message.startswith("seq 4 missing (through seq 5): the chain jumps from seq 3 in "
+                                         "gitopsd-audit-shop-000001 to seq 6 in gitopsd-audit-shop-000003"), message
+
+
+def test_deleting_every_segment_is_named_by_verify_and_the_cli_keeps_recording(repo, kube, kubeconfig, source_cache,
+                                                                                namespace):
+    app = namespace   # the CLI's --app
+    args = ("--repo", repo.url, "--ref", "main", "--namespace", namespace, "--app", app,
+            "--inventory-namespace", namespace)
+    store = ("--namespace", namespace)
+    for n in (1, 2):
+        repo.write("a.yaml", configmap("a", {"k": str(n)}))
+        repo.commit(f"commit {n}")
+        gitopsd_json("sync", *args, kubeconfig=kubeconfig, cache=source_cache, expect=0)
+    _, two = _stored(kube, namespace, app, 2)
+    _delete_segments(kube, namespace, app, 1)
+
+    cli = gitopsd("audit", "verify", app, *store, kubeconfig=kubeconfig, cache=source_cache)
+    assert cli.returncode == 1 and cli.stdout == (
+        f"BROKEN: seq 1 missing (through seq 2): no audit segment of app {app} is left, but the chain head kept on "
+        f"ConfigMap {namespace}/gitopsd-{app} is seq 2 in gitopsd-audit-{app}-000001 (were the segments deleted?)\n"
+    ), cli.stdout + cli.stderr
+
+    repo.write("a.yaml", configmap("a", {"k": "3"}))
+    repo.commit("commit 3")
+    proc = gitopsd("sync", *args, kubeconfig=kubeconfig, cache=source_cache)
+    assert proc.returncode == 0 and "not stored" not in proc.stderr, proc.stderr
+    _, records = gitopsd_json("history", app, *store, kubeconfig=kubeconfig, cache=source_cache, expect=0)
+    assert [(r["seq"], r["prev_hash"]) for r in records] == [(3, two["hash"])]
+    cli = gitopsd("audit", "verify", app, *store, kubeconfig=kubeconfig, cache=source_cache)
+    assert cli.returncode == 1 and cli.stdout == (
+        f"BROKEN: seq 2 missing: the chain starts at seq 3 and no retention marker says older records were removed "
+        f"(segment gitopsd-audit-{app}-000001 deleted by hand?)\n"), cli.stdout + cli.stderr
+
+
+def test_a_deleted_middle_segment_is_named_by_verify_and_recording_goes_on(kube, namespace):
+    app = "shop"
+    trail = _write(kube, namespace, app, 7, segment_records=3)   # segments: 1-3, 4-6, 7
+    _delete_segments(kube, namespace, app, 2)
+    gap = ("seq 4 missing (through seq 6): the chain jumps from seq 3 in gitopsd-audit-shop-000001 to seq 7 in "
+           "gitopsd-audit-shop-000003 (segment gitopsd-audit-shop-000002 deleted?)")
+    assert audit.verify(kube, namespace=namespace, app=app) == (False, gap)
+
+    assert trail.record(_drift(app, 8))["seq"] == 8
+    assert audit.verify(kube, namespace=namespace, app=app) == (False, gap)
+
+
+def test_retention_is_told_apart_from_a_deleted_newest_segment(kube, namespace):
+    app = "shop"
+    trail = _write(kube, namespace, app, 25, retention=10, segment_records=4)
+    *_, before, newest = (cm["metadata"]["name"] for cm in _segments(kube, namespace, app))
+    assert audit.verify(kube, namespace=namespace, app=app)[0], "retention's cut verifies"
+
+    kube.delete(kube.resource("v1", "ConfigMap"), newest, namespace)   # it held seq 25 alone
+    ok, message = audit.verify(kube, namespace=namespace, app=app)
+    assert not ok and message == (
+        f"seq 25 missing: the segments end at seq 24, but the chain head kept on ConfigMap {namespace}/gitopsd-shop "
+        f"is seq 25 in {newest} (the newest segment {newest} deleted?)"), message
+
+    assert trail.record(_drift(app, 26))["seq"] == 26
+    ok, message = audit.verify(kube, namespace=namespace, app=app)
+    assert not ok and message.startswith(f"seq 25 missing: the chain jumps from seq 24 in {before} to seq 26 in "
+                                         f"gitopsd-audit-shop-000008 (segment {newest} deleted?)"), message

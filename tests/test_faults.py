@@ -904,8 +904,6 @@ def test_hand_edited_audit_segment_is_named_by_verify_and_the_daemon_keeps_recor
     bed.intact(daemon, app)
 
 
-@pytest.mark.xfail(strict=True, reason="audit.py: after its newest segment is deleted the daemon starts a new chain "
-                                       "at seq 1, so verify passes and the loss is invisible in the cluster")
 def test_deleted_audit_segment_is_named_by_verify_and_the_daemon_keeps_recording(bed):
     app = "shredded"
     daemon, _ = bed.running(app, {"cm.yaml": configmap("settings", {"color": "blue"})}, *LEASE)

@@ -555,10 +555,20 @@ def test_cli_refuses_a_base_linked_out_and_leaves_the_cluster_untouched(repo, ku
     kinds = (kube.resource("v1", "ConfigMap"), kube.resource("v1", "Secret"))
 
     def live() -> dict:
-        """Every object of the namespace but the audit trail (a failed sync is recorded: it grows)."""
-        return {(o["kind"], o["metadata"]["name"]): o["metadata"]["resourceVersion"]
-                for r in kinds for o in kube.list(r, namespace=namespace)
-                if not o["metadata"]["name"].startswith("gitopsd-audit")}
+        """Every object of the namespace but the audit trail (a failed sync is recorded: it grows,
+        and so does the chain head kept on the app's parent); of the parent, its inventory."""
+        out = {}
+        for r in kinds:
+            for o in kube.list(r, namespace=namespace):
+                name = o["metadata"]["name"]
+                if name.startswith("gitopsd-audit"):
+                    continue
+                if name == f"gitopsd-{namespace}":
+                    notes = o["metadata"].get("annotations") or {}
+                    out[(o["kind"], name)] = {k: v for k, v in notes.items() if k.startswith("applyset.")}
+                else:
+                    out[(o["kind"], name)] = o["metadata"]["resourceVersion"]
+        return out
 
     before = live()
     (repo.work / APP / "base").symlink_to(outside)  # committed as a link to the other app's checkout

@@ -79,7 +79,7 @@ def _readable_audit(_logger, _method, event: dict) -> dict:
     dicts; JSON output keeps every field (it is the machine-readable record)."""
     if event.get("event") != "audit":
         return event
-    from gitopsd.audit import summary_line
+    from gitopsd.report import summary_line
 
     # summary_line starts with the record's time: no second timestamp.
     return {"event": f"audit {event.get('app', '')}: {summary_line(event)}", "level": event.get("level")}

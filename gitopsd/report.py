@@ -3,15 +3,21 @@
 Everything printed passes through here; diffs come from gitopsd.diff, which
 has already masked Secret values. Each public function's result is also
 scrubbed by value (gitopsd.redact) — the last line of defence for a value
-that an error message echoed.
+that an error message echoed. Audit records (the last section) are scrubbed
+once, before they are hashed (gitopsd.audit.store), so what is rendered from
+them here is the stored text, byte for byte.
 """
 
 from __future__ import annotations
 
 from gitopsd import redact
+from gitopsd.objects import ObjectRef
 from gitopsd.plan import Action, Plan
 from gitopsd.source import Revision
 from gitopsd.sync import SyncResult
+
+# The Events API refuses a note over 1 KiB (events.k8s.io/v1 Event.note).
+EVENT_NOTE_MAX = 1024
 
 _MARK = {Action.CREATE: "+", Action.UPDATE: "~", Action.RECREATE: "!", Action.PRUNE: "-", Action.UNCHANGED: "="}
 
@@ -105,3 +111,115 @@ def result_text(result: SyncResult) -> str:
             lines.append(f"error: {err}")
     lines.append(f"{result.outcome.value}: {result.reason} ({result.duration:.1f}s)")
     return redact.scrub("\n".join(lines))
+
+
+# ------------------------------------------------------------------ audit records
+
+# The order fields appear in on a log line: what happened first, the chain last.
+_LOG_ORDER = ("app", "type", "seq", "trigger", "result", "action", "reason", "previous", "revision", "object",
+              "fields", "managers", "deleted", "error", "commit", "written", "plan", "health", "errors", "source",
+              "ref", "signature", "started", "duration_seconds", "instance", "time", "prev_hash", "hash")
+
+
+def log_fields(rec: dict) -> dict:
+    """The record's fields in reading order (same names and values; only the order differs)."""
+    ordered = {k: rec[k] for k in _LOG_ORDER if k in rec}
+    ordered.update((k, v) for k, v in rec.items() if k not in ordered)
+    return ordered
+
+
+def _short(sha: str | None) -> str:
+    return sha[:8] if sha else "none"
+
+
+def _subject(rec: dict) -> str:
+    commit = rec.get("commit") or {}
+    return (commit.get("message") or "").splitlines()[0] if commit.get("message") else ""
+
+
+def _counts(rec: dict) -> str:
+    plan = rec.get("plan") or {}
+    counts: dict[str, int] = {}
+    for obj in plan.get("objects", []):
+        counts[obj["action"]] = counts.get(obj["action"], 0) + 1
+    parts = [f"{n} {action}" for action, n in sorted(counts.items())]
+    parts.append(f"{plan.get('unchanged', 0)} unchanged")
+    return ", ".join(parts)
+
+
+def _object_str(obj: dict) -> str:
+    return str(ObjectRef(group=obj.get("group", ""), kind=obj.get("kind", ""), namespace=obj.get("namespace", ""),
+                         name=obj.get("name", "")))
+
+
+def summary_line(rec: dict) -> str:
+    """One line per record for `gitopsd history`: time, seq, what happened, who, counts."""
+    when = (rec.get("time") or "")[:19] + "Z"
+    seq = f"#{rec.get('seq', '?')}"
+    if rec.get("type") == "drift":
+        obj = rec.get("object") or {}
+        what = "deleted" if rec.get("deleted") else ", ".join(rec.get("fields") or []) or "-"
+        by = ", ".join(rec.get("managers") or []) or "unknown manager"
+        line = f"{when}  {seq:>6}  drift {rec.get('action', '?'):<9}  {_object_str(obj)}: {what} (by {by})"
+        return line + (f"  error: {rec['error']}" if rec.get("error") else "")
+    commit = rec.get("commit") or {}
+    author = (commit.get("author") or "").split(" <")[0] or "-"
+    line = (f"{when}  {seq:>6}  {rec.get('result', '?'):<9}  {_short(rec.get('previous'))}->"
+            f"{_short(rec.get('revision'))}  {author}  \"{_subject(rec)}\"  {_counts(rec)}  "
+            f"[{rec.get('trigger', '?')}]")
+    if rec.get("result") not in ("Applied", "NoChange") and rec.get("reason"):
+        line += f"  {rec['reason'][:120]}"
+    return line
+
+
+def event_note(rec: dict) -> str:
+    """The parent Event's note: the record in one sentence (no values, only paths)."""
+    if rec.get("type") == "drift":
+        return object_note(rec, rec.get("object") or {})
+    commit = rec.get("commit") or {}
+    return (f"{rec.get('result')}: {rec.get('reason', '')} | revision {_short(rec.get('revision'))} (was "
+            f"{_short(rec.get('previous'))}) by {commit.get('author', '-')}: {_subject(rec)} | {_counts(rec)} | "
+            f"trigger {rec.get('trigger')}, audit seq {rec.get('seq', '-')}")[:EVENT_NOTE_MAX]
+
+
+def object_note(rec: dict, obj: dict) -> str:
+    if rec.get("type") == "drift":
+        what = "deleted by hand" if rec.get("deleted") else "changed " + ", ".join(rec.get("fields") or [])
+        by = ", ".join(rec.get("managers") or []) or "unknown manager"
+        text = f"drift {rec.get('action')}: {what} (by {by}); revision {_short(rec.get('revision'))}"
+        return (text + (f"; error: {rec['error']}" if rec.get("error") else ""))[:EVENT_NOTE_MAX]
+    fields = obj.get("fields") or []
+    text = f"{obj.get('action')} by gitopsd at revision {_short(rec.get('revision'))}"
+    if fields and obj.get("action") != "created":
+        text += ": " + ", ".join(fields)
+    return text[:EVENT_NOTE_MAX]
+
+
+def live_at_text(answer: dict) -> str:
+    """`gitopsd history APP --at T` for people."""
+    lines = [f"app {answer['app']} at {answer['at']}:"]
+    if answer.get("revision") is None and answer.get("transition") is None:
+        lines.append(f"  {answer.get('note') or 'no live revision recorded'}")
+    else:
+        commit = answer.get("commit") or {}
+        t = answer["transition"]
+        lines.append(f"  revision {answer['revision']} ({answer.get('ref')}) from {answer.get('source')}")
+        lines.append(f"  author    {commit.get('author', '-')}")
+        lines.append(f"  committer {commit.get('committer', '-')} at {commit.get('time', '-')}")
+        message = (commit.get("message") or "").splitlines() or [""]
+        lines.append(f"  message   {message[0]}")
+        lines.extend(f"            {m}" for m in message[1:])
+        lines.append(f"  put there by audit seq {t['seq']} ({t['result']}, trigger {t['trigger']}) at {t['time']} "
+                     f"by {t['instance']}")
+    for rec in answer.get("partial") or []:
+        lines.append(f"  partly written afterwards: seq {rec.get('seq')} {rec.get('result')} revision "
+                     f"{_short(rec.get('revision'))} ({rec.get('written')} objects): {rec.get('reason', '')[:100]}")
+    drift = answer.get("open_drift") or []
+    if not drift:
+        lines.append("  open drift: none")
+    for rec in drift:
+        what = "deleted" if rec.get("deleted") else ", ".join(rec.get("fields") or [])
+        lines.append(f"  open drift: {_object_str(rec.get('object') or {})}: {what} by "
+                     f"{', '.join(rec.get('managers') or []) or 'unknown'} ({rec.get('action')} at {rec.get('time')}, "
+                     f"seq {rec.get('seq')})")
+    return "\n".join(lines)

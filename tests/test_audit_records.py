@@ -42,7 +42,7 @@ def test_record_does_not_change_the_callers_dict():
 def test_an_oversized_plan_is_cut_to_fit_not_dropped():
     objects = [{"group": "", "kind": "ConfigMap", "namespace": "ns", "name": f"cm-{i}", "action": "configured",
                 "fields": [f"data.key-{k}" for k in range(30)], "done": True} for i in range(2000)]
-    rec = audit._fit({"type": "transition", "app": "mono", "plan": {"objects": objects, "unchanged": 0},
+    rec = audit.records.fit({"type": "transition", "app": "mono", "plan": {"objects": objects, "unchanged": 0},
                       "written": 2000})
     assert len(audit.canonical(rec)) <= audit.RECORD_MAX_BYTES
     assert rec["written"] == 2000

@@ -52,6 +52,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -340,14 +341,21 @@ class Fleet:
             return None
         out = self.tmp / "profile.txt"
         say(f"py-spy record over the first {seconds:.0f}s of the daemon ...")
-        proc = subprocess.Popen([spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "50", "-f", "raw",
+        # py-spy walks every thread's stack per sample: with a thread per app and watch it falls behind at
+        # 50 Hz (seen: 6 minutes for a 60 s record at 1000 apps), so the rate drops with the fleet.
+        rate = max(5, min(50, 5000 // max(self.args.apps, 1)))
+        proc = subprocess.Popen([spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", str(rate), "-f", "raw",
                                  "-o", str(out), "--nonblocking"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
         return proc, out
 
     def finish_profile(self, spy) -> dict | None:
         proc, out = spy
-        _, err = proc.communicate()
+        try:
+            _, err = proc.communicate(timeout=2 * self.args.profile)
+        except subprocess.TimeoutExpired:   # still behind: SIGINT makes py-spy write what it has
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate()
         if proc.returncode != 0 or not out.exists():
             say(f"py-spy failed ({proc.returncode}): {err.strip()[-500:]}")
             return None

@@ -55,6 +55,49 @@ def poll_until(check, timeout: float = 30.0) -> float:
     raise RuntimeError("timed out")
 
 
+def push_to_applied(daemon: DaemonProcess, repo: GitRepo, trials: int, *, change, applied,
+                    secret: str = SECRET, timeout: float = 30.0) -> list[float]:
+    """Seconds from `git push` returning (plus the signed generic webhook) until the change is live.
+
+    change(i) writes trial i's edit into the work tree; applied(i) reads the cluster and says whether it is
+    live. Shared with hack/fleet_bench.py.
+    """
+    out = []
+    for i in range(1, trials + 1):
+        change(i)
+        sha = repo.commit(f"trial {i}")
+        t0 = time.monotonic()
+        body = json.dumps({"repo": repo.url, "ref": "main", "after": sha}).encode()
+        sig = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+        daemon.post("/hooks/generic", body, {"X-Gitopsd-Signature": sig})
+        out.append(poll_until(lambda: applied(i), timeout) - t0)
+    return out
+
+
+def edit_to_reverted(kube: Kube, targets: list[tuple[str, str, str, str]], *, pause: float = 0.2,
+                     timeout: float = 30.0) -> list[float]:
+    """Seconds from a hand edit (a PUT by field manager kubectl-edit) until gitopsd has put the value back.
+
+    targets: (namespace, ConfigMap name, data key, desired value), edited one after the other. Shared with
+    hack/fleet_bench.py.
+    """
+    cms = kube.resource("v1", "ConfigMap")
+    out = []
+    for i, (ns, name, key, desired) in enumerate(targets):
+        time.sleep(pause)   # let the previous revert's own watch event pass
+        live = kube.get(cms, name, ns)
+        live["data"][key] = f"hand-edit-{i}"
+        kube.request("PUT", cms.path(ns, name), body=live, query={"fieldManager": "kubectl-edit"})
+        t0 = time.monotonic()
+
+        def restored(ns=ns, name=name, key=key, desired=desired) -> bool:
+            obj = kube.get(cms, name, ns)
+            return obj is not None and obj["data"].get(key) == desired
+
+        out.append(poll_until(restored, timeout) - t0)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=20)
@@ -89,25 +132,11 @@ def main() -> int:
 
         wait_for("first sync", lambda: value() == "0", 60)
 
-        push = []
-        for i in range(1, args.trials + 1):
+        def change(i: int) -> None:
             repo.write("app/cm.yaml", configmap("settings", {"value": str(i)}))
-            sha = repo.commit(f"trial {i}")
-            t0 = time.monotonic()
-            body = json.dumps({"repo": repo.url, "ref": "main", "after": sha}).encode()
-            sig = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
-            daemon.post("/hooks/generic", body, {"X-Gitopsd-Signature": sig})
-            push.append(poll_until(lambda: value() == str(i)) - t0)
 
-        revert = []
-        desired = str(args.trials)
-        for i in range(args.trials):
-            time.sleep(0.2)
-            live = kube.get(cms, "settings", ns)
-            live["data"]["value"] = f"hand-edit-{i}"
-            kube.request("PUT", cms.path(ns, "settings"), body=live, query={"fieldManager": "kubectl-edit"})
-            t0 = time.monotonic()
-            revert.append(poll_until(lambda: value() == desired) - t0)
+        push = push_to_applied(daemon, repo, args.trials, change=change, applied=lambda i: value() == str(i))
+        revert = edit_to_reverted(kube, [(ns, "settings", "value", str(args.trials))] * args.trials)
 
         def counters() -> dict[str, float]:
             with urllib.request.urlopen(daemon.url + "/metrics", timeout=5) as r:

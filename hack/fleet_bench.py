@@ -1,0 +1,493 @@
+#!/usr/bin/env python3
+"""hack/fleet_bench.py: one `gitopsd run` daemon keeping a fleet of apps converged.
+
+    .venv/bin/python hack/fleet_bench.py                          # 1000 apps x 5 ConfigMaps, one repo
+    .venv/bin/python hack/fleet_bench.py --apps 100 --steady 30   # a couple of minutes
+    .venv/bin/python hack/fleet_bench.py --apps-per-repo 100      # repos of 100 apps each
+    .venv/bin/python hack/fleet_bench.py --json fleet.json [--profile 30]
+
+The fleet benchmark of issue 10. It starts its own cluster "fleet-bench"
+(hack/testbed, loopback only), writes N apps of M ConfigMaps each into local
+bare Git repos, starts the real `gitopsd run --log-format json` (leader
+election on, --no-watch-local so a push reaches it by the signed generic
+webhook, as from a CI job) and measures from outside:
+
+- converge: seconds from starting the daemon process until its GET /status
+  shows every app with result Applied (or NoChange) and health Healthy
+  (polled every 0.25 s; no sleeps);
+- RSS: VmRSS of the daemon sampled every 2 s over --steady seconds after
+  convergence (median and max), and its peak VmHWM;
+- connections: the daemon's ESTABLISHED TCP sockets (its socket inodes in
+  /proc/PID/fd matched against /proc/PID/net/tcp{,6}), in all and to the
+  apiserver, at convergence and at the end of the steady window; threads too;
+- apiserver requests during convergence and per minute at steady state: the
+  apiserver's own apiserver_request_total (scraped as hack/bench.py does),
+  net of the idle background rate measured per verb before the daemon starts
+  (KWOK's node heartbeats), split by verb; plus the daemon's own
+  gitopsd_apiserver_requests_total as a cross-check that names the client.
+  Note the apiserver counts a WATCH when it ends (a watch timeout/renewal);
+- edit -> reverted p50/p95: --edits hand edits (a PUT by field manager
+  kubectl-edit, one ConfigMap each of --edits different apps, one after the
+  other), timed until a GET shows gitopsd has restored the value;
+- push -> applied p50/p95: --pushes commits changing one ConfigMap of the
+  first app, each followed by the generic webhook for its repo, timed until
+  the new value is live. The webhook wakes every app on that repo: with one
+  repo for the fleet that is the whole fleet.
+
+Both latency loops are hack/latency.py's (push_to_applied, edit_to_reverted).
+
+Layout (--apps-per-repo K): 0 (default) puts every app in one repo, each under
+its own path apps/APP (the monorepo); K puts K apps per repo (100: the "100
+apps share one repo" case of the issue; 1: a repo per app). Apps live in
+namespaces of 100 (fleet-00, fleet-01, ...), the daemon in fleet-system.
+
+The machine is shared: the cluster's etcd and apiserver share its cores with
+the daemon and with whatever else runs. Quote figures with that caveat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "hack"))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+from bench import ApiMetrics  # noqa: E402
+from latency import SECRET, edit_to_reverted, pct, push_to_applied  # noqa: E402
+from testbed import cluster as tb  # noqa: E402
+
+from gitopsd.kube import Kube  # noqa: E402
+from helpers import DaemonProcess, GitRepo, configmap  # noqa: E402
+
+DAEMON_NS = "fleet-system"
+APPS_PER_NAMESPACE = 100
+DONE_RESULTS = {"Applied", "NoChange"}
+BACKGROUND = {"nodes"}   # KWOK's node status heartbeats; leases stay in (ours renew too), net of the idle rate
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- the fleet
+
+def app_name(i: int) -> str:
+    return f"app-{i:04d}"
+
+
+def app_namespace(i: int) -> str:
+    return f"fleet-{i // APPS_PER_NAMESPACE:02d}"
+
+
+def build_fleet(root: Path, apps: int, objects: int, per_repo: int, interval: str) -> tuple[list[dict], dict]:
+    """Write the repos; returns (config entries, {app index: GitRepo})."""
+    per_repo = per_repo or apps
+    entries, repo_of = [], {}
+    for first in range(0, apps, per_repo):
+        repo = GitRepo(root / f"repo-{first // per_repo:03d}")
+        for i in range(first, min(apps, first + per_repo)):
+            name = app_name(i)
+            repo.write(f"apps/{name}/cms.yaml",
+                       [configmap(f"{name}-cm-{j}", {"value": "0", "app": name, "index": str(j)})
+                        for j in range(objects)])
+            entries.append({"name": name, "repo": repo.url, "ref": "main", "path": f"apps/{name}",
+                            "namespace": app_namespace(i), "interval": interval})
+            repo_of[i] = repo
+        repo.commit(f"apps {first}..{min(apps, first + per_repo) - 1}")
+    return entries, repo_of
+
+
+# ---------------------------------------------------------------- the daemon from outside
+
+def proc_status(pid: int) -> dict[str, str]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            out[k] = v.strip()
+    return out
+
+
+def kib(v: str) -> float:
+    return float(v.split()[0]) / 1024.0   # "123456 kB" -> MiB
+
+
+def tcp_connections(pid: int, apiserver_port: int) -> dict[str, int]:
+    """The daemon's ESTABLISHED TCP sockets: all, and to the apiserver's port."""
+    inodes = set()
+    fd_dir = Path(f"/proc/{pid}/fd")
+    for fd in fd_dir.iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    total = api = 0
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if f[9] in inodes and f[3] == "01":   # 01 = ESTABLISHED
+                total += 1
+                if int(f[2].rsplit(":", 1)[1], 16) == apiserver_port:
+                    api += 1
+    return {"established": total, "to_apiserver": api, "fds": len(inodes)}
+
+
+def daemon_counters(daemon: DaemonProcess) -> dict[str, float]:
+    with urllib.request.urlopen(daemon.url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("gitopsd_apiserver_requests_total{"):
+            key, v = line.rsplit(" ", 1)
+            verb = key.split('verb="')[1].split('"')[0]
+            out[verb] = out.get(verb, 0.0) + float(v)
+    return out
+
+
+def by_verb(delta: dict[tuple, int]) -> dict[str, int]:
+    """Requests by verb (dry-runs apart), leaving out nodes (KWOK's heartbeats)."""
+    out: dict[str, int] = {}
+    for (verb, resource, _sub, dry), n in delta.items():
+        if resource in BACKGROUND:
+            continue
+        name = verb + (" dry-run" if dry else "")
+        out[name] = out.get(name, 0) + n
+    return out
+
+
+def net(counts: dict[str, int], idle_rate: dict[str, float], seconds: float) -> dict[str, int]:
+    out = {}
+    for verb, n in counts.items():
+        v = round(n - idle_rate.get(verb, 0.0) * seconds)
+        if v > 0:
+            out[verb] = v
+    return out
+
+
+def dsub(after: dict[str, float], before: dict[str, float]) -> dict[str, int]:
+    return {k: int(after[k] - before.get(k, 0)) for k in after if after[k] - before.get(k, 0) > 0}
+
+
+# ---------------------------------------------------------------- the benchmark
+
+class Fleet:
+    def __init__(self, args, cluster: tb.Cluster, tmp: Path) -> None:
+        self.args, self.cluster, self.tmp = args, cluster, tmp
+        self.metrics = ApiMetrics(cluster)
+        self.kube = Kube.connect(kubeconfig=cluster.kubeconfig)
+        self.api_port = int(cluster.server.rsplit(":", 1)[1].rstrip("/"))
+        self.result: dict = {}
+        self.daemon: DaemonProcess | None = None
+
+    def namespaces(self) -> None:
+        names = {DAEMON_NS} | {app_namespace(i) for i in range(self.args.apps)}
+        for name in sorted(names):
+            status, body = tb.request(self.cluster, "POST", "/api/v1/namespaces",
+                                      {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+            if status not in (201, 409):
+                raise RuntimeError(f"creating namespace {name}: {status} {body}")
+
+    def idle(self, window: float) -> dict[str, float]:
+        self.metrics.settle()
+        before = self.metrics.snapshot()
+        time.sleep(window)
+        after = self.metrics.snapshot()
+        return {v: n / window for v, n in by_verb(ApiMetrics.delta(before, after)).items()}
+
+    def converge(self, daemon: DaemonProcess, t0: float) -> dict:
+        a = self.args
+        last_say, ready_at, seen = 0.0, None, (0, 0)
+        while True:
+            now = time.monotonic()
+            if now - t0 > a.timeout:
+                raise RuntimeError(f"not converged after {a.timeout:.0f}s: {seen[0]}/{a.apps} Applied+Healthy "
+                                   f"({seen[1]} reported); daemon log: {daemon.log_path}")
+            if daemon.proc.poll() is not None:
+                raise RuntimeError(f"gitopsd run exited {daemon.proc.returncode}:\n"
+                                   f"{daemon.log_path.read_text()[-3000:]}")
+            code, body = daemon.get("/status")
+            if code == 200:
+                ready_at = ready_at or now
+                apps = json.loads(body).get("apps", [])
+                done = sum(1 for s in apps if s.get("result") in DONE_RESULTS and s.get("health") == "Healthy")
+                seen = (done, len(apps))
+                if done == a.apps:
+                    failed = [s for s in apps if s.get("result") not in DONE_RESULTS]
+                    return {"seconds": now - t0, "http_up_seconds": ready_at - t0, "failed": len(failed)}
+            if now - last_say > 10:
+                say(f"  t+{now - t0:5.1f}s  {seen[0]}/{a.apps} apps Applied+Healthy")
+                last_say = now
+            time.sleep(0.25)
+
+    def run(self) -> dict:
+        a = self.args
+        entries, repo_of = build_fleet(self.tmp / "git", a.apps, a.objects_per_app, a.apps_per_repo, a.interval)
+        repos = len({id(r) for r in repo_of.values()})
+        say(f"wrote {a.apps} apps x {a.objects_per_app} ConfigMaps into {repos} repo(s)")
+        self.namespaces()
+        cfg = self.tmp / "apps.yaml"
+        cfg.write_text(json.dumps({"apps": entries}))
+        say(f"measuring the apiserver's idle rate over {a.idle:.0f}s ...")
+        idle = self.idle(a.idle)
+        say(f"  idle: {sum(idle.values()):.2f} requests/s ({', '.join(f'{k} {v:.2f}' for k, v in idle.items())})")
+
+        before = self.metrics.snapshot()
+        t0 = time.monotonic()
+        daemon = self.daemon = DaemonProcess(
+            config=cfg, kubeconfig=self.cluster.kubeconfig, namespace=DAEMON_NS, workdir=self.tmp,
+            cache=self.tmp / "cache", extra=("--no-watch-local",), env={"GITOPSD_WEBHOOK_SECRET": SECRET},
+            name="fleet")
+        pid = daemon.proc.pid
+        spy = self.start_profile(pid, a.profile) if a.profile else None
+        say(f"gitopsd run started (pid {pid}, log {daemon.log_path}); waiting for {a.apps} apps ...")
+        conv = self.converge(daemon, t0)
+        at_conv = self.metrics.snapshot()
+        conv_req = by_verb(ApiMetrics.delta(before, at_conv))
+        conv["requests"] = net(conv_req, idle, conv["seconds"])
+        conv["requests_total"] = sum(conv["requests"].values())
+        conv["daemon_requests"] = {k: int(v) for k, v in daemon_counters(daemon).items()}
+        conv["tcp"] = tcp_connections(pid, self.api_port)
+        conv["threads"] = int(proc_status(pid)["Threads"])
+        say(f"converged in {conv['seconds']:.1f}s; {conv['requests_total']} requests; tcp {conv['tcp']}")
+
+        # Steady state: nothing changes; the daemon polls on its interval.
+        say(f"steady state for {a.steady:.0f}s ...")
+        s_before, d_before = self.metrics.snapshot(), daemon_counters(daemon)
+        rss, tcp, threads = [], [], []
+        t_s = time.monotonic()
+        while time.monotonic() - t_s < a.steady:
+            st = proc_status(pid)
+            rss.append(kib(st["VmRSS"]))
+            threads.append(int(st["Threads"]))
+            tcp.append(tcp_connections(pid, self.api_port)["established"])
+            time.sleep(2.0)
+        window = time.monotonic() - t_s
+        s_after, d_after = self.metrics.snapshot(), daemon_counters(daemon)
+        per_min = 60.0 / window
+        steady_req = net(by_verb(ApiMetrics.delta(s_before, s_after)), idle, window)
+        steady = {
+            "seconds": window,
+            "rss_mib_median": statistics.median(rss), "rss_mib_max": max(rss),
+            "vmhwm_mib": kib(proc_status(pid)["VmHWM"]),
+            "tcp_established_median": statistics.median(tcp), "tcp_established_max": max(tcp),
+            "threads_median": statistics.median(threads),
+            "requests_per_minute": {k: round(v * per_min, 1) for k, v in steady_req.items()},
+            "requests_per_minute_total": round(sum(steady_req.values()) * per_min, 1),
+            "daemon_requests_per_minute": {k: round(v * per_min, 1) for k, v in dsub(d_after, d_before).items()},
+        }
+        steady["daemon_requests_per_minute_total"] = round(sum(steady["daemon_requests_per_minute"].values()), 1)
+        steady["tcp_end"] = tcp_connections(pid, self.api_port)
+        say(f"steady: RSS {steady['rss_mib_median']:.0f} MiB, {steady['requests_per_minute_total']:.0f} req/min")
+
+        profile = self.finish_profile(spy) if spy else None
+
+        # edit -> reverted: one ConfigMap in each of --edits apps spread over the fleet (never app 0, pushed below).
+        n_edits = min(a.edits, max(a.apps - 1, 0))
+        step = max((a.apps - 1) // max(n_edits, 1), 1)
+        targets = [(app_namespace(i), f"{app_name(i)}-cm-0", "value", "0")
+                   for i in range(1, a.apps, step)][:n_edits]
+        say(f"edit -> reverted over {len(targets)} apps ...")
+        revert = edit_to_reverted(self.kube, targets, timeout=a.latency_timeout)
+
+        # push -> applied: change app 0's first ConfigMap, webhook for its repo.
+        repo, name, ns = repo_of[0], app_name(0), app_namespace(0)
+        cms = self.kube.resource("v1", "ConfigMap")
+
+        def change(i: int) -> None:
+            repo.write(f"apps/{name}/cms.yaml",
+                       [configmap(f"{name}-cm-{j}", {"value": f"push-{i}" if j == 0 else "0", "app": name,
+                                                    "index": str(j)}) for j in range(a.objects_per_app)])
+
+        def applied(i: int) -> bool:
+            obj = self.kube.get(cms, f"{name}-cm-0", ns)
+            return obj is not None and obj["data"].get("value") == f"push-{i}"
+
+        say(f"push -> applied, {a.pushes} pushes ...")
+        push = push_to_applied(daemon, repo, a.pushes, change=change, applied=applied, timeout=a.latency_timeout)
+        vmhwm_end = kib(proc_status(pid)["VmHWM"])
+
+        def lat(vals: list[float]) -> dict:
+            return ({"n": len(vals), "p50_ms": statistics.median(vals) * 1000, "p95_ms": pct(vals, 0.95) * 1000,
+                     "max_ms": max(vals) * 1000} if vals else {"n": 0})
+
+        return {"converge": conv, "steady": steady, "edit_to_reverted": lat(revert), "push_to_applied": lat(push),
+                "vmhwm_mib_end": vmhwm_end, "repos": repos, "idle_requests_per_second": idle, "profile": profile}
+
+    def start_profile(self, pid: int, seconds: float):
+        """py-spy the daemon from its start, over the convergence (when py-spy is installed and may attach)."""
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        if not Path(spy).exists():
+            say("no py-spy: skipping the profile (.venv/bin/pip install py-spy)")
+            return None
+        out = self.tmp / "profile.txt"
+        say(f"py-spy record over the first {seconds:.0f}s of the daemon ...")
+        # py-spy walks every thread's stack per sample: with a thread per app and watch it falls behind at
+        # 50 Hz (seen: 6 minutes for a 60 s record at 1000 apps), so the rate drops with the fleet.
+        rate = max(5, min(50, 5000 // max(self.args.apps, 1)))
+        proc = subprocess.Popen([spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", str(rate), "-f", "raw",
+                                 "-o", str(out), "--nonblocking"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        return proc, out
+
+    def finish_profile(self, spy) -> dict | None:
+        proc, out = spy
+        try:
+            _, err = proc.communicate(timeout=2 * self.args.profile)
+        except subprocess.TimeoutExpired:   # still behind: SIGINT makes py-spy write what it has
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate()
+        if proc.returncode != 0 or not out.exists():
+            say(f"py-spy failed ({proc.returncode}): {err.strip()[-500:]}")
+            return None
+        return summarize_stacks(out.read_text(), self.args.profile_out)
+
+
+def summarize_stacks(raw: str, keep: Path | None) -> dict:
+    """Collapsed stacks -> share of samples per leaf frame and per frame anywhere in the stack (top 15)."""
+    if keep:
+        keep.write_text(raw)
+    leaf: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in raw.splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        n = int(n)
+        total += n
+        frames = [f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0].rsplit("/", 1)[-1] + ")"
+                  if " (" in f else f for f in stack.split(";")]
+        leaf[frames[-1]] = leaf.get(frames[-1], 0) + n
+        for f in set(frames):
+            if "(threading.py)" not in f:
+                incl[f] = incl.get(f, 0) + n
+    top = lambda d: [(k, round(100.0 * v / total, 1)) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:15]]  # noqa: E731
+    return {"samples": total, "leaf_percent": top(leaf), "inclusive_percent": top(incl)}
+
+
+def table(args, r: dict) -> str:
+    c, s, e, p = r["converge"], r["steady"], r["edit_to_reverted"], r["push_to_applied"]
+
+    def verbs(d: dict) -> str:
+        return ", ".join(f"{k} {v:g}" for k, v in sorted(d.items(), key=lambda kv: -kv[1]))
+
+    def ms(d: dict, key: str) -> str:
+        return f"{d[key]:.0f} ms" if key in d else "-"
+
+    layout = ("one repo, a path per app" if not args.apps_per_repo else f"{args.apps_per_repo} apps per repo")
+    rows = [
+        ("apps x ConfigMaps", f"{args.apps} x {args.objects_per_app} ({layout}, {r['repos']} repo(s)), "
+                              f"interval {args.interval}"),
+        ("converged (start -> all Applied+Healthy)", f"{c['seconds']:.1f} s (HTTP up at {c['http_up_seconds']:.1f} s)"),
+        ("RSS steady (median / max)", f"{s['rss_mib_median']:.0f} / {s['rss_mib_max']:.0f} MiB"),
+        ("peak RSS (VmHWM) steady / end", f"{s['vmhwm_mib']:.0f} / {r['vmhwm_mib_end']:.0f} MiB"),
+        ("TCP established at convergence", f"{c['tcp']['established']} ({c['tcp']['to_apiserver']} to the apiserver)"),
+        ("TCP established steady (median/max)", f"{s['tcp_established_median']:.0f} / {s['tcp_established_max']}"),
+        ("threads (convergence / steady)", f"{c['threads']} / {s['threads_median']:.0f}"),
+        ("apiserver requests, convergence", f"{c['requests_total']} ({verbs(c['requests'])})"),
+        ("  daemon's own count", f"{sum(c['daemon_requests'].values())} ({verbs(c['daemon_requests'])})"),
+        ("apiserver requests / steady minute", f"{s['requests_per_minute_total']:.0f} ({verbs(s['requests_per_minute'])})"),
+        ("  daemon's own count", f"{s['daemon_requests_per_minute_total']:.0f} "
+                                 f"({verbs(s['daemon_requests_per_minute'])})"),
+        ("edit -> reverted p50 / p95", f"{ms(e, 'p50_ms')} / {ms(e, 'p95_ms')} (n={e['n']}, max {ms(e, 'max_ms')})"),
+        ("push -> applied p50 / p95", f"{ms(p, 'p50_ms')} / {ms(p, 'p95_ms')} (n={p['n']}, max {ms(p, 'max_ms')})"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    lines.append(f"(steady window {s['seconds']:.0f}s; requests net of the idle rate "
+                 f"{sum(r['idle_requests_per_second'].values()):.2f}/s measured before the daemon started; node "
+                 f"heartbeats left out; the apiserver counts a WATCH when it ends)")
+    if r.get("profile"):
+        prof = r["profile"]
+        lines.append(f"py-spy over the daemon's first {args.profile:.0f}s, {prof['samples']} busy samples; "
+                     f"top frames, inclusive % / leaf %:")
+        for (name, share), (lname, lshare) in zip(prof["inclusive_percent"], prof["leaf_percent"]):
+            lines.append(f"  {share:5.1f}%  {name[:60]:<60}  {lshare:5.1f}%  {lname[:60]}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--apps", type=int, default=1000, help="apps in the config (default 1000)")
+    p.add_argument("--objects-per-app", type=int, default=5, help="ConfigMaps per app (default 5)")
+    p.add_argument("--apps-per-repo", type=int, default=0, metavar="K",
+                   help="0 (default): every app in one repo under its own path; K: K apps per repo")
+    p.add_argument("--interval", default="1m", help="each app's poll interval (default 1m)")
+    p.add_argument("--steady", type=float, default=60.0, help="seconds of steady state measured (default 60)")
+    p.add_argument("--edits", type=int, default=30, help="hand edits timed to their revert (default 30)")
+    p.add_argument("--pushes", type=int, default=10, help="pushes timed to applied (default 10)")
+    p.add_argument("--latency-timeout", type=float, default=120.0, help="give up on one edit/push after (s)")
+    p.add_argument("--timeout", type=float, default=1200.0, help="give up on convergence after (s)")
+    p.add_argument("--idle", type=float, default=10.0, help="seconds of idle background (default 10)")
+    p.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
+                   help="py-spy the daemon for its first SECONDS, i.e. the convergence (needs py-spy in the venv)")
+    p.add_argument("--profile-out", type=Path, metavar="FILE", help="keep py-spy's collapsed stacks in FILE")
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the figures to FILE")
+    p.add_argument("--cluster", default="fleet-bench", help="cluster name (default fleet-bench; started and "
+                                                             "stopped here)")
+    p.add_argument("--keep-cluster", action="store_true", help="leave the cluster running at the end")
+    args = p.parse_args(argv)
+    if args.cluster == "dev" or args.cluster.startswith("pytest-") or args.cluster == "shared":
+        p.error(f"refusing to use cluster {args.cluster!r}: it belongs to someone else")
+    if args.apps < 1 or args.objects_per_app < 1 or args.apps_per_repo < 0:
+        p.error("--apps and --objects-per-app must be >= 1, --apps-per-repo >= 0")
+
+    started = time.monotonic()
+    say(f"starting cluster {args.cluster!r} ...")
+    try:
+        cluster = tb.up(args.cluster, out=sys.stderr)
+    except tb.ClusterError as exc:
+        say(f"cluster {args.cluster!r} did not start ({str(exc).splitlines()[0]}); retrying once")
+        cluster = tb.up(args.cluster, out=sys.stderr)
+    tmp = Path(tempfile.mkdtemp(prefix="gitopsd-fleet-"))
+    fleet = None
+    try:
+        fleet = Fleet(args, cluster, tmp)
+        result = fleet.run()
+        when = dt.datetime.now().astimezone()
+        print(f"gitopsd fleet benchmark, {when:%Y-%m-%d}, {os.cpu_count()} cores (shared machine)\n")
+        print(table(args, result))
+        if args.json:
+            doc = {"date": when.isoformat(timespec="seconds"), "args": {k: str(v) for k, v in vars(args).items()},
+                   **result, "elapsed_seconds": round(time.monotonic() - started, 1)}
+            args.json.write_text(json.dumps(doc, indent=2) + "\n")
+            say(f"wrote {args.json}")
+        say(f"benchmark took {time.monotonic() - started:.0f}s")
+        return 0
+    finally:
+        if fleet is not None and fleet.daemon is not None:
+            rc = fleet.daemon.stop()
+            if rc not in (0, None):
+                say(f"gitopsd run exited {rc} on SIGTERM; log tail:\n{fleet.daemon.log_path.read_text()[-2000:]}")
+        if args.keep_cluster:
+            say(f"cluster {args.cluster!r} left running: hack/cluster down {args.cluster}; files in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tb.down(args.cluster)
+            say(f"cluster {args.cluster!r} stopped")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -21,7 +21,7 @@ import threading
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,7 +167,8 @@ class Kube:
 
     def request(self, method: str, path: str, *, query: dict | list | None = None, body=None,
                 content_type: str = "application/json", accept: str = "application/json",
-                timeout: float = 60.0, max_retries: int | None = None) -> dict:
+                timeout: float = 60.0, max_retries: int | None = None,
+                fence: Callable[[], None] | None = None) -> dict:
         """Send one request; return the parsed JSON body (or {} when empty).
 
         Retries 429 and 503 (and connection errors on GET) with Retry-After or
@@ -188,6 +189,10 @@ class Kube:
                 self.requests[verb] += 1
             APISERVER_REQUESTS.labels(verb=verb).inc()
             try:
+                if fence is not None:
+                    # Last thing before the bytes leave (and again before every
+                    # retry): the write fence of leader election, see leader.py.
+                    fence()
                 resp = self._pool.request(method, url, body=data, headers=headers, preload_content=True,
                                           timeout=urllib3.Timeout(connect=min(10.0, timeout), read=timeout),
                                           retries=False)
@@ -382,7 +387,7 @@ class Kube:
             resp.release_conn()
 
     def apply(self, obj: dict, *, dry_run: bool = False, force: bool = True,
-              field_manager: str = FIELD_MANAGER) -> dict:
+              field_manager: str = FIELD_MANAGER, fence: Callable[[], None] | None = None) -> dict:
         """Server-side apply `obj`; with dry_run the server computes the result and persists nothing.
 
         Raises UnknownKindError when the cluster stopped serving the kind
@@ -399,7 +404,7 @@ class Kube:
         # JSON is YAML: the apply-patch+yaml content type takes a JSON body.
         try:
             return self.request("PATCH", res.path(meta.get("namespace"), meta["name"]), query=query, body=obj,
-                                content_type="application/apply-patch+yaml")
+                                content_type="application/apply-patch+yaml", fence=fence)
         except KubeApiError as exc:
             if self._forget_if_not_served(exc):
                 raise self._unknown_kind(res.kind, res.api_version) from None
@@ -413,7 +418,8 @@ class Kube:
         return True
 
     def delete(self, res: Resource, name: str, namespace: str | None = None, *, uid: str | None = None,
-               propagation: str = "Background", dry_run: bool = False) -> bool:
+               propagation: str = "Background", dry_run: bool = False,
+               fence: Callable[[], None] | None = None) -> bool:
         """Delete one object; False if it was already gone. `uid` guards against
         deleting a same-named object created since we looked."""
         body: dict = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation}
@@ -421,7 +427,7 @@ class Kube:
             body["preconditions"] = {"uid": uid}
         query = {"dryRun": "All"} if dry_run else None
         try:
-            self.request("DELETE", res.path(namespace, name), body=body, query=query)
+            self.request("DELETE", res.path(namespace, name), body=body, query=query, fence=fence)
             return True
         except KubeApiError as exc:
             if exc.status == 404:

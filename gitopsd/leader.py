@@ -86,9 +86,9 @@ class FencedKube:
     """A Kube whose every write first passes `fence` (which raises LeadershipLost).
 
     Reads, watches and dry runs pass untouched; so does everything else, by
-    delegation. The check runs immediately before the request is built and
-    sent, which keeps the window between check and send as small as a client
-    can make it. Like controller-runtime's client wrappers (WithFieldOwner,
+    delegation. The check runs before the request is built and again inside
+    Kube.request just before the bytes are sent (and before every retry), which
+    keeps the window between check and send as small as a client can make it. Like controller-runtime's client wrappers (WithFieldOwner,
     NewDryRunClient), it wraps the client every write path already uses:
     apply, prune, the ApplySet parent, audit segments, Events, status and
     self-heal are fenced without each having to remember to check.
@@ -104,17 +104,20 @@ class FencedKube:
     def request(self, method: str, path: str, *, query: dict | list | None = None, **kwargs) -> dict:
         if method != "GET" and not _dry_run(query):
             self.check()
+            kwargs["fence"] = self.check
         return self._kube.request(method, path, query=query, **kwargs)
 
     def apply(self, obj: dict, *, dry_run: bool = False, **kwargs) -> dict:
         if not dry_run:
             self.check()
+            kwargs["fence"] = self.check
         return self._kube.apply(obj, dry_run=dry_run, **kwargs)
 
     def delete(self, res: Resource, name: str, namespace: str | None = None, *, dry_run: bool = False,
                **kwargs) -> bool:
         if not dry_run:
             self.check()
+            kwargs["fence"] = self.check
         return self._kube.delete(res, name, namespace, dry_run=dry_run, **kwargs)
 
 

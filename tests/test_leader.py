@@ -5,7 +5,7 @@ that the test moves by hand: a "pause" is the clock jumping while one
 replica runs no round, exactly what SIGSTOP looks like from inside (Linux's
 CLOCK_MONOTONIC keeps counting while a process is stopped). That a real
 paused daemon sends nothing after waking is proven against the real control
-plane by tests/test_faults.py::test_paused_leader_never_writes_after_waking_once_a_standby_took_over.
+plane by tests/test_faults.py::test_paused_leader_starts_no_write_after_waking_once_a_standby_took_over.
 """
 
 from __future__ import annotations

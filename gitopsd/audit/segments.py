@@ -43,7 +43,7 @@ import orjson
 from gitopsd import inventory
 from gitopsd.audit.records import GENESIS_HASH, canonical
 from gitopsd.errors import GitopsdError
-from gitopsd.kube import Kube
+from gitopsd.kube import METADATA_LIST_ACCEPT, Kube
 
 AUDIT_APP_LABEL = "gitopsd.io/audit-app"
 HEAD_ANNOTATION = "gitopsd.io/audit-head"                     # "<seq>:<hash>" of the segment's newest record
@@ -57,7 +57,6 @@ SEGMENT_MAX_BYTES = 500 * 1024
 DEFAULT_RETENTION = 5000
 
 META_ACCEPT = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
-_META_LIST_ACCEPT = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json"
 RECORD_KEY = re.compile(r"\d{12}")
 
 
@@ -85,7 +84,7 @@ def list_segments(kube: Kube, *, namespace: str, app: str) -> list[Segment]:
     prefix = f"{SEGMENT_PREFIX}{app}-"
     out: list[Segment] = []
     while True:
-        doc = kube.request("GET", cms.path(namespace), query=query, accept=_META_LIST_ACCEPT)
+        doc = kube.request("GET", cms.path(namespace), query=query, accept=METADATA_LIST_ACCEPT)
         for item in doc.get("items") or []:
             meta = item.get("metadata") or {}
             name = meta.get("name", "")

@@ -1,6 +1,6 @@
 """The `gitopsd` command line.
 
-`diff` and `sync` run the same pipeline the daemon runs (gitopsd.sync), once.
+`diff` and `sync` run the same pipeline the daemon runs (gitopsd.engine.sync), once.
 Exit codes follow `kubectl diff`: diff exits 0 in sync, 1 on drift, 2 on
 error; sync exits 0 when applied (or nothing to do), 1 when Unhealthy or
 refused by the prune guard, 2 when it failed. A sync (not --dry-run) writes
@@ -87,7 +87,9 @@ def _check_token_file(value: str) -> Path:
 
 def _check_time(value: str):
     """An instant: ISO 8601 or an age (a duration as the config reads it; at most ten years back)."""
-    from gitopsd import audit   # imported late: it pulls in the whole pipeline, `--help` should not wait for it
+    from gitopsd import (
+        audit,  # imported late: it pulls in the whole pipeline, `--help` should not wait for it
+    )
 
     return audit.parse_time(value)
 
@@ -362,9 +364,9 @@ def default_app_name(repo: str, path: str) -> str:
 
 
 def _app_spec(args):
-    from gitopsd import source
+    from gitopsd.engine import source
+    from gitopsd.engine.sync import AppSpec
     from gitopsd.errors import GitopsdError
-    from gitopsd.sync import AppSpec
 
     token = os.environ.get("GITOPSD_GIT_TOKEN")
     if args.git_token_file:
@@ -394,9 +396,9 @@ def _print(data, *, output: str, text: str) -> None:
 
 def cmd_diff(args) -> int:
     from gitopsd import report
+    from gitopsd.engine.sync import fetch_and_plan
     from gitopsd.errors import GitopsdError
     from gitopsd.kube import Kube
-    from gitopsd.sync import fetch_and_plan
 
     app = _app_spec(args)
     try:
@@ -443,9 +445,9 @@ class _TerminalProgress:
 
 def cmd_sync(args) -> int:
     from gitopsd import report
+    from gitopsd.engine.sync import Outcome, sync
     from gitopsd.errors import GitopsdError
     from gitopsd.kube import Kube
-    from gitopsd.sync import Outcome, sync
 
     app = _app_spec(args)
     try:
@@ -493,7 +495,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from gitopsd import status
+    from gitopsd.daemon import status
     from gitopsd.kube import Kube
 
     kube = Kube.connect(kubeconfig=args.kubeconfig, context=args.context)

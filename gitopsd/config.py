@@ -43,12 +43,12 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from gitopsd.engine.render import KINDS as RENDER_KINDS
+from gitopsd.engine.yamlload import Bounded
 from gitopsd.errors import GitopsdError, yaml_error_parts
-from gitopsd.render import KINDS as RENDER_KINDS
-from gitopsd.yamlload import Bounded
 
 if TYPE_CHECKING:
-    from gitopsd import source, sync
+    from gitopsd.engine import source, sync
 
 #: An app name is also its ApplySet (inventory) name; kept well under the
 #: 63-character label limit so derived names (parent object, labels) fit.
@@ -157,7 +157,7 @@ class AppConfig:
         names credentials but none are passed: fetching anonymously would
         fail later with a misleading "authentication failed" from the remote.
         """
-        from gitopsd.sync import AppSpec
+        from gitopsd.engine.sync import AppSpec
 
         if self.credentials is not None and credentials is None:
             raise ValueError(f"app {self.name!r} names credentials; resolve them and pass credentials=")
@@ -509,7 +509,7 @@ _BROKEN = object()  # the text is not YAML at all: nothing further to check
 
 class _ConfigLoader(Bounded, yaml.SafeLoader):
     """`yaml.safe_load`'s loader, bounded (no alias bomb, no 1,000-deep
-    nesting: see gitopsd.yamlload), plus a record of duplicated keys.
+    nesting: see gitopsd.engine.yamlload), plus a record of duplicated keys.
 
     YAML keeps the last of two equal keys without a word; in a config that
     means `prune: false` early in an app and `prune: true` further down

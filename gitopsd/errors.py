@@ -58,3 +58,22 @@ def yaml_error_parts(exc: Exception) -> tuple[str, str]:
     if context and problem and context_mark:
         what += f" ({context} that began at line {context_mark.line + 1})"
     return (f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""), what
+
+
+class LeadershipLost(Exception):
+    """A write refused by the fence: this replica cannot prove it still holds the lease.
+
+    Raised before the request is sent, so nothing of it reached the
+    apiserver. Deliberately not a GitopsdError: it is not a failure to
+    report but the end of this replica's work, and must pass through every
+    handler that would record, retry or log a GitopsdError until the daemon's
+    runner ends the reconcile quietly (the new leader records and converges).
+    `unsent` counts the planned writes of the apply that were not sent.
+    """
+
+    def __init__(self, unsent: int = 0) -> None:
+        super().__init__()
+        self.unsent = unsent
+
+    def __str__(self) -> str:
+        return f"leadership lost mid-reconcile; {self.unsent} write{'' if self.unsent == 1 else 's'} not sent"

@@ -2,7 +2,7 @@
 
 The rule: no text that came from a Secret, a secret generator or a tool's
 error about one reaches a log line, an error, an Event, an audit record or
-the CLI's output. The first lines of defence work by *field*: gitopsd.diff
+the CLI's output. The first lines of defence work by *field*: gitopsd.engine.diff
 masks every value under a Secret's `data`/`stringData` before anything is
 compared or printed, render messages name keys, never values. They cannot
 see a value that a tool or the apiserver echoes back inside an error
@@ -15,15 +15,15 @@ bug drags into a traceback. So every exit also passes its text through
   `threading.excepthook`, so an uncaught traceback is scrubbed too;
 - audit records (gitopsd.audit), before they are hashed, stored, logged and
   turned into Events;
-- sync results (gitopsd.sync: reason, errors, health messages, hence the
+- sync results (gitopsd.engine.sync: reason, errors, health messages, hence the
   app status) and everything the CLI prints (gitopsd.report).
 
 What is known: every value of every Secret gitopsd renders (the `data`
 values raw and base64-decoded, `stringData`) and every value a renderer
 meets on the way — a secret generator's literals, files and env lines, a
-Secret manifest kustomize reads — registered by gitopsd.render and
-gitopsd.confine as they are found, so even a render that fails scrubs its
-own messages; every Secret value that gitopsd compares (gitopsd.diff
+Secret manifest kustomize reads — registered by gitopsd.engine.render and
+gitopsd.engine.confine as they are found, so even a render that fails scrubs its
+own messages; every Secret value that gitopsd compares (gitopsd.engine.diff
 registers both sides, so a value edited by hand into a live Secret is known
 before a drift report is written) and the Secret an apiserver message is
 about (`scrub_about`); and whatever *looks* like a value in a malformed
@@ -32,7 +32,7 @@ the part after `=` or `:` of an item written as `password=...`, and of a key
 Kubernetes would refuse (`password=...: ""`: a value pasted where a key goes,
 which the apiserver's validation error quotes back); and the daemon's own
 secrets: each app's git token and SSH key content (gitopsd.daemon reads
-them, gitopsd.sync registers the token of a CLI run too) and the webhook
+them, gitopsd.engine.sync registers the token of a CLI run too) and the webhook
 secret. Cheap encodings are known too: standard and URL-safe base64
 (unpadded), URL encoding, JSON and Python string escaping (Go's %q prints
 the JSON form), and each line of a multi-line value (a PEM key echoed one
@@ -69,7 +69,7 @@ Design choices a security reviewer will ask about:
   would fall to a brute force in no time anyway. (Scrubbing short values
   only where they stand alone, as the renderer once did for its own tool
   messages, does not save that: `app=web` is a standalone `web`.) Such
-  values are still masked everywhere by field (gitopsd.diff), and messages
+  values are still masked everywhere by field (gitopsd.engine.diff), and messages
   never carry a value on purpose; this layer is for the values that
   matter: passwords, tokens, keys. The rule applies per form, so a short
   value's longer forms are still scrubbed: its base64, and a secret
@@ -81,7 +81,7 @@ Design choices a security reviewer will ask about:
   Pod references but Git does not hold). Those rely on the field-level
   rules alone.
 
-The marker that replaces a value is REDACTED, the same one gitopsd.diff uses.
+The marker that replaces a value is REDACTED, the same one gitopsd.engine.diff uses.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ MAX_ENTRIES = 50_000
 SECTIONS = ("data", "stringData")
 
 # What Kubernetes accepts as a Secret key (a ConfigMap key: alphanumerics, '-', '_', '.'; at most 253).
-# Use with fullmatch. gitopsd.render refuses other keys; here they are read as values pasted into a key.
+# Use with fullmatch. gitopsd.engine.render refuses other keys; here they are read as values pasted into a key.
 SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]{1,253}")
 _PRIME = (1 << 61) - 1          # modulus of the rolling hash (a Mersenne prime)
 _BUCKET_MASK = 0xFFFF           # 16 bits of the rolling hash are kept per form

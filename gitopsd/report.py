@@ -1,6 +1,6 @@
 """Drift reports and sync summaries, as text for people and JSON for tools.
 
-Everything printed passes through here; diffs come from gitopsd.diff, which
+Everything printed passes through here; diffs come from gitopsd.engine.diff, which
 has already masked Secret values. Each public function's result is also
 scrubbed by value (gitopsd.redact) — the last line of defence for a value
 that an error message echoed. Audit records (the last section) are scrubbed
@@ -11,10 +11,10 @@ them here is the stored text, byte for byte.
 from __future__ import annotations
 
 from gitopsd import redact
+from gitopsd.engine.plan import Action, Plan
+from gitopsd.engine.source import Revision
+from gitopsd.engine.sync import SyncResult
 from gitopsd.objects import ObjectRef
-from gitopsd.plan import Action, Plan
-from gitopsd.source import Revision
-from gitopsd.sync import SyncResult
 
 # The Events API refuses a note over 1 KiB (events.k8s.io/v1 Event.note).
 EVENT_NOTE_MAX = 1024

@@ -67,11 +67,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 from bench import ApiMetrics  # noqa: E402
+from helpers import DaemonProcess, GitRepo, configmap  # noqa: E402
 from latency import SECRET, edit_to_reverted, pct, push_to_applied  # noqa: E402
 from testbed import cluster as tb  # noqa: E402
 
 from gitopsd.kube import Kube  # noqa: E402
-from helpers import DaemonProcess, GitRepo, configmap  # noqa: E402
 
 DAEMON_NS = "fleet-system"
 APPS_PER_NAMESPACE = 100

@@ -33,10 +33,10 @@ sys.path.insert(0, str(ROOT / "hack"))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
+from helpers import DaemonProcess, GitRepo, configmap, wait_for  # noqa: E402
 from testbed import cluster as tb  # noqa: E402
 
 from gitopsd.kube import Kube  # noqa: E402
-from helpers import DaemonProcess, GitRepo, configmap, wait_for  # noqa: E402
 
 SECRET = "latency-bench-secret"
 

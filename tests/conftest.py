@@ -210,7 +210,7 @@ def source_cache(tmp_path) -> Path:
 @pytest.fixture
 def app(repo, namespace, source_cache, kube):
     """A factory for AppSpecs over the test's repo and namespace; sync via .run()."""
-    from gitopsd.sync import AppSpec, sync
+    from gitopsd.engine.sync import AppSpec, sync
 
     class _App:
         cache_dir = source_cache

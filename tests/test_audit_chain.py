@@ -7,11 +7,12 @@ import threading
 
 import orjson
 import pytest
+from helpers import configmap, gitopsd, gitopsd_json
 
-from gitopsd import audit, inventory
+from gitopsd import audit
+from gitopsd.engine import inventory
 from gitopsd.kube import KubeApiError
 from gitopsd.objects import ObjectRef
-from helpers import configmap, gitopsd, gitopsd_json
 
 pytestmark = pytest.mark.cluster
 

@@ -8,9 +8,10 @@ import time
 from datetime import datetime, timezone
 
 import pytest
-
-from gitopsd import audit, diff
 from helpers import deployment, gitopsd
+
+from gitopsd import audit
+from gitopsd.engine import diff
 
 pytestmark = pytest.mark.cluster
 

@@ -9,12 +9,13 @@ import subprocess
 
 import pytest
 import structlog
-
-from gitopsd import audit, diff
-from gitopsd import log as gitopsd_log
-from gitopsd.objects import ObjectRef
 from helpers import configmap, deployment, gitopsd, gitopsd_json
 from test_secrets import _secret  # the same Secret shape the CLI output test uses
+
+from gitopsd import audit
+from gitopsd import log as gitopsd_log
+from gitopsd.engine import diff
+from gitopsd.objects import ObjectRef
 
 pytestmark = pytest.mark.cluster
 

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from helpers import GitRepo, configmap, gitopsd
 
 pytestmark = pytest.mark.cluster
@@ -279,7 +278,7 @@ def test_prune_guard_still_refuses_with_a_valid_share(world):
 def _with_a_bug(w: World, *args: str, exc: str) -> subprocess.CompletedProcess:
     """The real CLI with one function replaced by one that raises ``exc``: an
     unexpected exception stands for a bug we do not know of yet."""
-    code = ("import sys, gitopsd.sync as s\n"
+    code = ("import sys, gitopsd.engine.sync as s\n"
             "def broken(*a, **k):\n"
             f"    raise {exc}\n"
             "s.fetch_and_plan = broken\n"
@@ -312,7 +311,7 @@ def test_a_user_error_has_no_traceback_unless_debug(world):
     assert plain.returncode == 2 and "nonexistent" in plain.stdout + plain.stderr
     assert "Traceback" not in plain.stdout + plain.stderr
     # A GitopsdError raised outside the command's own handling (here: from the planner) gets a traceback on --debug.
-    code = ("import sys, gitopsd.sync as s\nfrom gitopsd.errors import ClusterError\n"
+    code = ("import sys, gitopsd.engine.sync as s\nfrom gitopsd.errors import ClusterError\n"
             "def refused(*a, **k):\n    raise ClusterError('the apiserver said no', hint='ask it nicely')\n"
             "s.fetch_and_plan = refused\nfrom gitopsd.cli import main\nraise SystemExit(main(sys.argv[1:]))\n")
     env = {**os.environ, "KUBECONFIG": str(world.kubeconfig), "GITOPSD_CACHE": str(world.cache)}
@@ -362,7 +361,7 @@ def _stored_status(app: str) -> dict:
 
 def _three_apps_with_one_edited(kube, namespace: str, raw: str) -> None:
     """alpha, broken and gamma report status as the daemon does; then broken's is edited by hand."""
-    from gitopsd import status
+    from gitopsd.daemon import status
 
     for app in ("alpha", "broken", "gamma"):
         status.write(kube, app=app, namespace=namespace, status=_stored_status(app))
@@ -420,7 +419,7 @@ def test_status_reports_a_corrupted_app_and_shows_the_others(kube, namespace, ku
 
 
 def test_status_of_an_app_that_never_reported_exits_1(kube, namespace, kubeconfig, tmp_path):
-    from gitopsd import status
+    from gitopsd.daemon import status
 
     status.write(kube, app="alpha", namespace=namespace, status=_stored_status("alpha"))
     proc = gitopsd("status", "beta", "--namespace", namespace, kubeconfig=kubeconfig, cache=tmp_path)

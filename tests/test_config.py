@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from gitopsd import source
 from gitopsd.config import (
     AppConfig,
     Config,
@@ -21,14 +20,15 @@ from gitopsd.config import (
     ConfigError,
     CredentialsRef,
     WebhookConfig,
-    diff,
-    load,
     _os_problem,
     check_share,
+    diff,
+    load,
     parse,
     parse_duration,
 )
-from gitopsd.sync import AppSpec
+from gitopsd.engine import source
+from gitopsd.engine.sync import AppSpec
 
 
 def problems_of(text: str, **kwargs) -> list[str]:

@@ -7,9 +7,17 @@ import subprocess
 import time
 
 import pytest
-
-from helpers import (SECRET, app_entry, blue_app_running, cm_data, configmap, deployment, post_generic,
-                     wait_for, write_config)
+from helpers import (
+    SECRET,
+    app_entry,
+    blue_app_running,
+    cm_data,
+    configmap,
+    deployment,
+    post_generic,
+    wait_for,
+    write_config,
+)
 
 pytestmark = pytest.mark.cluster
 

@@ -21,9 +21,21 @@ import uuid
 from pathlib import Path
 
 import pytest
-
-from helpers import (app_entry, blue_app_running, cm_data, configmap, github_push, metric, post_generic,
-                     post_github, replace_file, transitions, wait_for, wait_transition, write_config)
+from helpers import (
+    app_entry,
+    blue_app_running,
+    cm_data,
+    configmap,
+    github_push,
+    metric,
+    post_generic,
+    post_github,
+    replace_file,
+    transitions,
+    wait_for,
+    wait_transition,
+    write_config,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -294,8 +306,9 @@ def test_the_webhook_secret_never_reaches_the_daemon_log(repo, kube, namespace, 
     import hashlib
     import hmac
 
-    from gitopsd.redact import REDACTED
     from helpers import SECRET
+
+    from gitopsd.redact import REDACTED
 
     daemon = blue_app_running(repo, kube, namespace, tmp_path, start_daemon, "hooked", "--no-leader-elect",
                               "--no-watch-local")

@@ -6,7 +6,6 @@ import signal
 import time
 
 import pytest
-
 from helpers import app_entry, cm_data, configmap, post_generic, wait_for, write_config
 
 pytestmark = pytest.mark.cluster

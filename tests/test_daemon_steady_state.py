@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from helpers import app_entry, configmap, wait_for, write_config
 
 pytestmark = pytest.mark.cluster

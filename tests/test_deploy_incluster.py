@@ -27,9 +27,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from gitopsd import audit, status as status_mod
 from helpers import DaemonProcess, GitRepo, wait_for
+
+from gitopsd import audit
+from gitopsd.daemon import status as status_mod
 
 pytestmark = pytest.mark.cluster
 

@@ -1,8 +1,15 @@
-"""Pure logic of gitopsd.diff: comparing, redacting, attributing drift."""
+"""Pure logic of gitopsd.engine.diff: comparing, redacting, attributing drift."""
 
 from __future__ import annotations
 
-from gitopsd.diff import REDACTED, REDACTED_CHANGED, compare, managers_of, redact_pair, within
+from gitopsd.engine.diff import (
+    REDACTED,
+    REDACTED_CHANGED,
+    compare,
+    managers_of,
+    redact_pair,
+    within,
+)
 
 
 def secret(**data) -> dict:

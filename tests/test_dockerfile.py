@@ -160,7 +160,7 @@ def test_final_stage_has_no_compiler_and_cleans_apt_lists(final):
 
 
 def test_kustomize_and_helm_are_pinned_like_the_test_bed(dockerfile):
-    from testbed import build as tb_build   # tests/conftest.py puts hack/ on sys.path
+    from testbed import build as tb_build  # tests/conftest.py puts hack/ on sys.path
 
     tools = dockerfile[1][1]
     pins = arg_defaults(tools)

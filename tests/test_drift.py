@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-
 from helpers import deployment, gitopsd, gitopsd_json
 
 pytestmark = pytest.mark.cluster
@@ -70,7 +69,7 @@ def test_server_defaulted_fields_never_show_as_drift(app, repo, kube, namespace)
     # Force the full server-side comparison: drop our ownership fast path by
     # deleting the hash annotation's meaning (a new desired hash) is not what we
     # want here; instead, compare via dry-run for every object.
-    from gitopsd import plan as plan_mod
+    from gitopsd.engine import plan as plan_mod
 
     original = plan_mod.still_ours
     plan_mod.still_ours = lambda live, desired: False

@@ -36,10 +36,27 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-
-from helpers import (SECRET, DaemonProcess, GitRepo, app_entry, assert_no_traceback, assert_serving,
-                     audit_events, audit_verify, cm_data, configmap, configmaps, deployment, gitopsd, gitopsd_json,
-                     post_generic, snapshot, wait_audit, wait_for, write_config)
+from helpers import (
+    SECRET,
+    DaemonProcess,
+    GitRepo,
+    app_entry,
+    assert_no_traceback,
+    assert_serving,
+    audit_events,
+    audit_verify,
+    cm_data,
+    configmap,
+    configmaps,
+    deployment,
+    gitopsd,
+    gitopsd_json,
+    post_generic,
+    snapshot,
+    wait_audit,
+    wait_for,
+    write_config,
+)
 from testbed import cluster as tb
 
 pytestmark = pytest.mark.cluster
@@ -177,7 +194,7 @@ class Bed:
 
     def members(self, app: str, *, where: str | None = None) -> dict[str, tuple[str, str]]:
         """{name: (uid, resourceVersion)} of the app's ConfigMaps (by its ApplySet label)."""
-        from gitopsd.inventory import PART_OF_LABEL, applyset_id, parent_name
+        from gitopsd.engine.inventory import PART_OF_LABEL, applyset_id, parent_name
 
         parent = applyset_id(name=parent_name(app), namespace=self.namespace)
         return snapshot(self.kube, where or self.namespace, selector=f"{PART_OF_LABEL}={parent}")

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from gitopsd.health import ObjectHealth, Status, compute, summarize, wait
+from gitopsd.engine.health import ObjectHealth, Status, compute, summarize, wait
 from gitopsd.objects import ObjectRef, ref_of
 
 

@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gitopsd import config, yamlload
+from gitopsd import config
+from gitopsd.engine import yamlload
+from gitopsd.engine.render import render
 from gitopsd.errors import RenderError
-from gitopsd.render import render
 
 HINT = "a render may read at most 64 MiB, expand to 2,000,000 YAML nodes and nest 100 levels deep"
 
@@ -281,7 +282,8 @@ def test_a_renderer_past_its_memory_cap_is_a_clear_error(tmp_path, monkeypatch):
     # The layer below the walk: were a bomb to slip past it, kustomize would
     # run into its address-space cap (lowered here to keep the test small)
     # instead of the machine's memory.
-    from gitopsd import confine, render as render_module
+    from gitopsd.engine import confine
+    from gitopsd.engine import render as render_module
 
     monkeypatch.setattr(render_module, "MAX_TOOL_MEMORY", 3 * 1024**3 // 2)
     monkeypatch.setattr(confine.KustomizeWalk, "_yaml_file", lambda self, path, raw=False: [])

@@ -14,13 +14,13 @@ import copy
 
 import pytest
 
-from gitopsd.apply import apply_plan
+from gitopsd.daemon.leader import FencedKube, LeaderElector, LeadershipLost
+from gitopsd.engine.apply import apply_plan
+from gitopsd.engine.inventory import PART_OF_LABEL, Inventory
+from gitopsd.engine.plan import Action, ObjectChange, Plan
 from gitopsd.errors import GitopsdError
-from gitopsd.inventory import PART_OF_LABEL, Inventory
 from gitopsd.kube import KubeApiError, Resource
-from gitopsd.leader import FencedKube, LeaderElector, LeadershipLost
 from gitopsd.objects import ObjectRef
-from gitopsd.plan import Action, ObjectChange, Plan
 
 LEASE = Resource(group="coordination.k8s.io", version="v1", kind="Lease", plural="leases", namespaced=True)
 CONFIGMAP = Resource(group="", version="v1", kind="ConfigMap", plural="configmaps", namespaced=True)

@@ -6,7 +6,6 @@ take leadership. Each case is refused before any write, naming the object."""
 from __future__ import annotations
 
 import pytest
-
 from helpers import configmap
 
 pytestmark = pytest.mark.cluster

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from helpers import configmap
 
 pytestmark = pytest.mark.cluster
@@ -140,7 +139,7 @@ def test_another_apps_applyset_parent_is_never_adopted(app, repo, kube, namespac
     victim = app.spec(name="victim")
     repo.write("a.yaml", configmap("a", {"k": "a"}))
     repo.commit()
-    from gitopsd.sync import sync
+    from gitopsd.engine.sync import sync
 
     assert sync(kube, victim, cache_dir=app.cache_dir).outcome.value == "Applied"
     repo.write("steal.yaml", configmap("gitopsd-victim", {"k": "mine now"}))

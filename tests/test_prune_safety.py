@@ -12,11 +12,11 @@ import dataclasses
 
 import pytest
 import yaml
-
-from gitopsd import plan as plan_mod
-from gitopsd.kube import Kube
-from gitopsd.sync import sync
 from helpers import configmap, deployment, wait_for
+
+from gitopsd.engine import plan as plan_mod
+from gitopsd.engine.sync import sync
+from gitopsd.kube import Kube
 
 pytestmark = pytest.mark.cluster
 

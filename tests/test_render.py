@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from gitopsd.engine.render import Manifest, builtin_is_namespaced, find_tool, render
 from gitopsd.errors import RenderError
 from gitopsd.objects import ObjectRef
-from gitopsd.render import Manifest, builtin_is_namespaced, find_tool, render
 
 DATA = Path(__file__).resolve().parent / "testdata" / "render"
 

@@ -22,9 +22,9 @@ import pytest
 import yaml
 
 from gitopsd import redact
-from gitopsd.diff import REDACTED
+from gitopsd.engine.diff import REDACTED
+from gitopsd.engine.render import render
 from gitopsd.errors import RenderError
-from gitopsd.render import render
 
 SENTINEL = "sentinel-from-outside-4d1c9e"
 APP = "apps/web"

@@ -23,9 +23,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from helpers import app_entry, deployment, gitopsd, wait_for, write_config
 
 from gitopsd import audit
-from helpers import app_entry, deployment, gitopsd, wait_for, write_config
 
 pytestmark = pytest.mark.cluster
 

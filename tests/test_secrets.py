@@ -18,13 +18,13 @@ import uuid
 
 import pytest
 import structlog
+from helpers import gitopsd
 
 from gitopsd import log as gitopsd_log
 from gitopsd import redact
+from gitopsd.engine.render import render
+from gitopsd.engine.sync import _cause
 from gitopsd.errors import GitopsdError, RenderError
-from gitopsd.render import render
-from gitopsd.sync import _cause
-from helpers import gitopsd
 
 VALUE_1 = "hunter2-very-secret-value"
 VALUE_2 = "rotated-s3cret-value-xyz"
@@ -295,7 +295,7 @@ def test_the_daemon_registers_the_git_credentials_it_reads(kubeconfig, namespace
                              (("token", by_secret["token"]), ("identity", pem(by_secret["key"])),
                               ("username", by_secret["user"]))}})
         for app, values in (("by-secret", by_secret), ("by-files", by_files)):
-            creds = daemon.credentials(daemon.config.app(app))
+            creds = daemon.credentials.resolve(daemon.config.app(app))
             assert creds.token == values["token"], app
             for secret in (values["token"], values["key"]):
                 assert redact.scrub(f"git: {secret} rejected") == f"git: {redact.REDACTED} rejected", app

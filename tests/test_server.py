@@ -16,11 +16,12 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 
 import pytest
-
-from gitopsd import metrics, server, webhook
-from gitopsd.server import Server
-from gitopsd.webhook import PushEvent
 from helpers import wait_for
+
+from gitopsd import metrics
+from gitopsd.daemon import server, webhook
+from gitopsd.daemon.server import Server
+from gitopsd.daemon.webhook import PushEvent
 
 SECRET = b"s3cret-for-tests"
 SHA = "0d1a26e67d8f5eaf1f6ba5c57fc3c7d91ac0fd1c"

@@ -20,12 +20,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-
-from gitopsd import source
-from gitopsd.errors import SourceError
-from gitopsd.source import Checkout, Credentials, fetch
-
 from gitserver import GitHTTPServer
+
+from gitopsd.engine import source
+from gitopsd.engine.source import Checkout, Credentials, fetch
+from gitopsd.errors import SourceError
 
 TOKEN = "ghp_s3cr3t-T0KEN-for-tests-only"
 WRONG_TOKEN = "ghp_wrong-token-nobody-issued"

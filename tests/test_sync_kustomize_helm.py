@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from helpers import wait_for
 
 pytestmark = pytest.mark.cluster

@@ -7,10 +7,9 @@ first and on their own.
 from __future__ import annotations
 
 import pytest
+from helpers import wait_for
 from kubernetes import client
 from kubernetes.dynamic import DynamicClient
-
-from helpers import wait_for
 
 pytestmark = pytest.mark.cluster
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from gitopsd import webhook
-from gitopsd.webhook import PushEvent, WebhookError
+from gitopsd.daemon import webhook
+from gitopsd.daemon.webhook import PushEvent, WebhookError
 
 SECRET = b"It's a Secret to Everybody"
 SHA = "0d1a26e67d8f5eaf1f6ba5c57fc3c7d91ac0fd1c"

@@ -25,18 +25,48 @@ of a log line's fields) lives with the other human-readable output in
 gitopsd.report. The names below are the package's public surface.
 """
 
-from gitopsd.audit.events import MAX_OBJECT_EVENTS, REPORTING_CONTROLLER, WARNING_RESULTS
+from gitopsd.audit.events import (
+                                   MAX_OBJECT_EVENTS,
+                                   REPORTING_CONTROLLER,
+                                   WARNING_RESULTS,
+)
 from gitopsd.audit.head import HEAD_FIELD_MANAGER, HEAD_SEGMENT_ANNOTATION
 from gitopsd.audit.history import history, last_revision, live_at, parse_time
-from gitopsd.audit.records import (CLUSTER_CHANGING, CONVERGED, DRIFT_ACTIONS, GENESIS_HASH, MAX_MESSAGE_CHARS,
-                                   RECORD_MAX_BYTES, canonical, cli_instance, default_instance, drift_record,
-                                   record_hash, transition_record)
-from gitopsd.audit.segments import (AUDIT_APP_LABEL, DEFAULT_RETENTION, FIRST_SEQ_ANNOTATION, HEAD_ANNOTATION,
-                                    RETAINED_FROM_ANNOTATION, SEGMENT_MAX_BYTES, SEGMENT_MAX_RECORDS, SEGMENT_PREFIX,
-                                    segment_name)
+from gitopsd.audit.records import (
+                                   CLUSTER_CHANGING,
+                                   CONVERGED,
+                                   DRIFT_ACTIONS,
+                                   GENESIS_HASH,
+                                   MAX_MESSAGE_CHARS,
+                                   RECORD_MAX_BYTES,
+                                   canonical,
+                                   cli_instance,
+                                   default_instance,
+                                   drift_record,
+                                   record_hash,
+                                   transition_record,
+)
+from gitopsd.audit.segments import (
+                                   AUDIT_APP_LABEL,
+                                   DEFAULT_RETENTION,
+                                   FIRST_SEQ_ANNOTATION,
+                                   HEAD_ANNOTATION,
+                                   RETAINED_FROM_ANNOTATION,
+                                   SEGMENT_MAX_BYTES,
+                                   SEGMENT_MAX_RECORDS,
+                                   SEGMENT_PREFIX,
+                                   segment_name,
+)
 from gitopsd.audit.store import APPEND_ATTEMPTS, MAX_BACKLOG, AuditLog
 from gitopsd.audit.verify import verify
-from gitopsd.report import EVENT_NOTE_MAX, event_note, live_at_text, log_fields, object_note, summary_line
+from gitopsd.report import (
+                                   EVENT_NOTE_MAX,
+                                   event_note,
+                                   live_at_text,
+                                   log_fields,
+                                   object_note,
+                                   summary_line,
+)
 
 __all__ = [
     "APPEND_ATTEMPTS", "AUDIT_APP_LABEL", "AuditLog", "CLUSTER_CHANGING", "CONVERGED", "DEFAULT_RETENTION",

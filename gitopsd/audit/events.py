@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import time
 
-from gitopsd import inventory, redact
+from gitopsd import redact
 from gitopsd.audit.segments import AUDIT_APP_LABEL
+from gitopsd.engine import inventory
+from gitopsd.engine.sync import Outcome
 from gitopsd.errors import GitopsdError
 from gitopsd.kube import Kube
 from gitopsd.report import EVENT_NOTE_MAX, event_note, object_note
-from gitopsd.sync import Outcome
 
 MAX_OBJECT_EVENTS = 10
 REPORTING_CONTROLLER = "gitopsd.io/gitopsd"

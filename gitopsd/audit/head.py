@@ -36,9 +36,18 @@ from __future__ import annotations
 
 import re
 
-from gitopsd import inventory
-from gitopsd.audit.segments import (HEAD_ANNOTATION, META_ACCEPT, RECORD_KEY, SEGMENT_PREFIX, Head, list_segments,
-                                    parse_record, read_segment, segment_name)
+from gitopsd.audit.segments import (
+    HEAD_ANNOTATION,
+    META_ACCEPT,
+    RECORD_KEY,
+    SEGMENT_PREFIX,
+    Head,
+    list_segments,
+    parse_record,
+    read_segment,
+    segment_name,
+)
+from gitopsd.engine import inventory
 from gitopsd.errors import ClusterError, GitopsdError
 from gitopsd.kube import Kube, KubeApiError
 

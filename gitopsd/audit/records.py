@@ -16,8 +16,8 @@ kept, orphans}, ``written``, ``result``, ``reason``, ``errors``, ``health``
 {outcome, objects}, ``started``, ``duration_seconds``; drifts add ``object``,
 ``fields``, ``managers``, ``action``, ``deleted``, ``revision``, ``error``.
 Only field *paths* ever enter a record, never diff text, so no Secret value
-can (gitopsd.diff masks values before paths are computed); `reason` and
-`errors` are the sync's own messages, which gitopsd.sync has already
+can (gitopsd.engine.diff masks values before paths are computed); `reason` and
+`errors` are the sync's own messages, which gitopsd.engine.sync has already
 cleaned of Secret values. As the last line of defence, AuditLog.record
 scrubs every string of every record by value (gitopsd.redact) before it is
 hashed, so what is stored, logged and announced in Events is the same
@@ -41,10 +41,10 @@ from datetime import datetime, timezone
 
 import orjson
 
-from gitopsd import health as health_
+from gitopsd.engine import health as health_
+from gitopsd.engine.plan import HASH_ANNOTATION, Action
+from gitopsd.engine.sync import Outcome, SyncResult
 from gitopsd.objects import ObjectRef
-from gitopsd.plan import HASH_ANNOTATION, Action
-from gitopsd.sync import Outcome, SyncResult
 
 GENESIS_HASH = "0" * 64
 # One record larger than this has its longest lists cut (see fit): a plan of
@@ -169,7 +169,7 @@ def drift_record(*, app: str, ref: ObjectRef, fields: Sequence[str], managers: S
     """The audit record of one drift: which object, which fields, who, and what gitopsd did.
 
     `managers` are the field managers that own the drifted paths
-    (gitopsd.diff.managers_of), i.e. who edited by hand; `deleted` marks an
+    (gitopsd.engine.diff.managers_of), i.e. who edited by hand; `deleted` marks an
     object removed by hand (no fields then). `action`: "corrected" (put
     back), "reported" (self-heal off: left alone), "failed" (the correction
     was refused; `error` says why).

@@ -40,8 +40,8 @@ from dataclasses import dataclass
 
 import orjson
 
-from gitopsd import inventory
 from gitopsd.audit.records import GENESIS_HASH, canonical
+from gitopsd.engine import inventory
 from gitopsd.errors import GitopsdError
 from gitopsd.kube import METADATA_LIST_ACCEPT, Kube
 

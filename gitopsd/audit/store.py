@@ -25,8 +25,20 @@ import structlog
 from gitopsd import redact
 from gitopsd.audit.events import EventRecorder
 from gitopsd.audit.head import further, keep_head, load_head
-from gitopsd.audit.records import canonical, default_instance, fit, iso_time, record_hash
-from gitopsd.audit.segments import DEFAULT_RETENTION, SEGMENT_MAX_BYTES, SEGMENT_MAX_RECORDS, Head, SegmentStore
+from gitopsd.audit.records import (
+    canonical,
+    default_instance,
+    fit,
+    iso_time,
+    record_hash,
+)
+from gitopsd.audit.segments import (
+    DEFAULT_RETENTION,
+    SEGMENT_MAX_BYTES,
+    SEGMENT_MAX_RECORDS,
+    Head,
+    SegmentStore,
+)
 from gitopsd.errors import ClusterError, GitopsdError
 from gitopsd.kube import Kube, KubeApiError
 from gitopsd.report import log_fields

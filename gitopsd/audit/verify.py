@@ -9,11 +9,20 @@ and gitopsd.audit.head (the head kept on the app's parent).
 
 from __future__ import annotations
 
-from gitopsd import inventory
 from gitopsd.audit.head import kept_head, parse_marker
 from gitopsd.audit.records import GENESIS_HASH, record_hash
-from gitopsd.audit.segments import (HEAD_ANNOTATION, RECORD_KEY, RETAINED_FROM_ANNOTATION, Head, Segment,
-                                    list_segments, parse_record, read_segment, segment_name)
+from gitopsd.audit.segments import (
+    HEAD_ANNOTATION,
+    RECORD_KEY,
+    RETAINED_FROM_ANNOTATION,
+    Head,
+    Segment,
+    list_segments,
+    parse_record,
+    read_segment,
+    segment_name,
+)
+from gitopsd.engine import inventory
 from gitopsd.kube import Kube
 
 

@@ -52,9 +52,10 @@ from typing import Any
 import prometheus_client
 import structlog
 
-from gitopsd import metrics, webhook
+from gitopsd import metrics
+from gitopsd.daemon import webhook
+from gitopsd.daemon.webhook import PushEvent, WebhookError, normalize_repo_url
 from gitopsd.errors import GitopsdError
-from gitopsd.webhook import normalize_repo_url, PushEvent, WebhookError
 
 MAX_BODY = 5 * 1024 * 1024  # bounds memory per request; real push payloads are far smaller
 REQUEST_TIMEOUT = 10.0  # seconds one read from a client may wait
@@ -96,7 +97,7 @@ class Server:
         self.live = live
         self.status = status
         self.registry = registry
-        self.log = log if log is not None else structlog.get_logger("gitopsd.server")
+        self.log = log if log is not None else structlog.get_logger("gitopsd.daemon.server")
         self.deliveries = deliveries if deliveries is not None else webhook.RecentDeliveries(ttl=DELIVERY_TTL)
         self.request_deadline = request_deadline
         self._port = port

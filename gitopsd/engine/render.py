@@ -34,8 +34,9 @@ from pathlib import Path
 import orjson
 import yaml
 
-from gitopsd import confine, redact, yamlload
-from gitopsd.confine import KUSTOMIZATION_FILES, inside_root, relative
+from gitopsd import redact
+from gitopsd.engine import confine, yamlload
+from gitopsd.engine.confine import KUSTOMIZATION_FILES, inside_root, relative
 from gitopsd.errors import RenderError, yaml_error_parts
 from gitopsd.objects import ObjectRef, ref_of, split_api_version
 
@@ -54,7 +55,7 @@ SERVER_OWNED_METADATA = ("managedFields", "resourceVersion", "uid")
 MAX_STDERR_CHARS = 4000
 # What is read of a tool's stderr at most (the tail is kept), before scrubbing.
 MAX_STDERR_BYTES = 1024 * 1024
-# Address space a renderer may map (RLIMIT_AS). The walk in gitopsd.confine
+# Address space a renderer may map (RLIMIT_AS). The walk in gitopsd.engine.confine
 # refuses alias bombs before kustomize runs; this is the layer below it, for
 # whatever blows up inside a tool. Go maps ~1 GiB before it allocates a byte,
 # so 4 GiB leaves a tool about 3 GiB of heap.
@@ -162,9 +163,9 @@ def render(
     `path` and every `helm_values` file are relative to `root` and must stay
     inside it, also through symlinks: a commit must not be able to make the
     daemon read files elsewhere on its disk. The same holds for every file
-    kustomize or helm will load (see gitopsd.confine): kustomize's remote
+    kustomize or helm will load (see gitopsd.engine.confine): kustomize's remote
     bases are refused unless `allow_remote_bases`. What a render may read and
-    expand to is bounded (see gitopsd.yamlload). `kind` "auto" picks kustomize when
+    expand to is bounded (see gitopsd.engine.yamlload). `kind` "auto" picks kustomize when
     the directory holds a kustomization file, helm when it holds Chart.yaml,
     plain otherwise. Namespaced objects without a namespace get `namespace`;
     `is_namespaced(group, kind)` decides scope (None = unknown: left as
@@ -282,7 +283,7 @@ def _detect_kind(target: Path) -> str:
 
 def _load_yaml(text: str, *, source: str, problems: _Problems, tool_output: bool = False) -> list | None:
     """All documents of a YAML stream (None for empty ones), or None when
-    malformed or over the render's limits (see gitopsd.yamlload). The line
+    malformed or over the render's limits (see gitopsd.engine.yamlload). The line
     where a limit tripped is named for files, not for a tool's output: a
     line of kustomize's or helm's output is no line the user can open.
 

@@ -47,7 +47,8 @@ from typing import Any, Protocol
 
 import yaml
 
-from gitopsd import redact, yamlload
+from gitopsd import redact
+from gitopsd.engine import yamlload
 from gitopsd.errors import RenderError, yaml_error_parts
 
 KUSTOMIZATION_FILES = ("kustomization.yaml", "kustomization.yml", "Kustomization")

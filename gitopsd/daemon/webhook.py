@@ -1,6 +1,6 @@
 """Push webhooks: verify who sent them, read which repository and ref moved.
 
-Pure functions, no I/O: the HTTP server (``gitopsd.server``) hands in the raw
+Pure functions, no I/O: the HTTP server (``gitopsd.daemon.server``) hands in the raw
 body and headers, and gets back a ``PushEvent`` or a ``WebhookError`` whose
 ``status`` is the HTTP answer. The daemon then asks ``matches`` for each app
 and enqueues a sync for those that follow the pushed ref.
@@ -45,7 +45,6 @@ it). Scripts calling ``generic`` may send ``X-Gitopsd-Delivery`` (or
 from __future__ import annotations
 
 import dataclasses
-
 import hashlib
 import hmac
 import json

@@ -16,7 +16,7 @@ How drift is judged — the way the server would, at the lowest request cost:
    correctly "no drift".) Such objects cost no request at all.
 3. Everything else is judged by a server-side-apply dry-run: the server's
    view of the desired object, defaults and admission included, compared
-   with the live object (gitopsd.diff). Server-defaulted fields appear on
+   with the live object (gitopsd.engine.diff). Server-defaulted fields appear on
    both sides, so they never show as drift.
 
 The dry-runs double as validation: every invalid object of a commit is found
@@ -38,17 +38,22 @@ import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import orjson
 
-from gitopsd import diff as difflib_
 from gitopsd import redact
-from gitopsd.inventory import ID_LABEL, PART_OF_LABEL, Inventory, split_group_kind
+from gitopsd.engine import diff as difflib_
+from gitopsd.engine.inventory import (
+    ID_LABEL,
+    PART_OF_LABEL,
+    Inventory,
+    split_group_kind,
+)
+from gitopsd.engine.render import Manifest
 from gitopsd.errors import GitopsdError
 from gitopsd.kube import Kube, KubeApiError, Resource, UnknownKindError
 from gitopsd.objects import ObjectRef, ref_of, split_api_version
-from gitopsd.render import Manifest
-from gitopsd.watch import MemberCache
 
 HASH_ANNOTATION = "gitopsd.io/desired-hash"
 PRUNE_ANNOTATION = "gitopsd.io/prune"          # "disabled" keeps the object when it leaves Git
@@ -61,6 +66,17 @@ LIST_INSTEAD_OF_GETS = 8
 # Page size of the LISTs that look through a Namespace before it is pruned.
 NAMESPACE_CHECK_PAGE = 500
 
+
+
+class LiveCache(Protocol):
+    """What the planner needs from a watch-fed cache of an app's members
+    (the daemon's informers): which (kind, namespace) it covers, and the
+    members it holds — None while any of its watches has not synced."""
+
+    @property
+    def targets(self) -> set[tuple[Resource, str | None]]: ...
+
+    def members(self) -> dict[ObjectRef, dict] | None: ...
 
 class Action(str, enum.Enum):
     CREATE = "create"
@@ -129,7 +145,7 @@ def prepare(obj: dict, inv: Inventory) -> dict:
 
 def make_plan(kube: Kube, manifests: list[Manifest], inv: Inventory, *, prune: bool = True,
               recreate: bool = False, allowed_namespaces: tuple[str, ...] | None = None,
-              cache: MemberCache | None = None) -> Plan:
+              cache: LiveCache | None = None) -> Plan:
     """Decide, for the whole app, what applying this commit would do.
 
     With `allowed_namespaces`, an object outside them (or cluster-scoped) is
@@ -381,7 +397,7 @@ def member_targets(kube: Kube, inv: Inventory, changes: list[ObjectChange]) -> s
 
 
 def _list_members(kube: Kube, inv: Inventory, targets: set[tuple[Resource, str | None]],
-                  cache: MemberCache | None) -> dict[ObjectRef, dict]:
+                  cache: LiveCache | None) -> dict[ObjectRef, dict]:
     """Live members: from the watch cache when it covers every target, else one LIST per target."""
     if cache is not None and targets <= cache.targets:
         cached = cache.members()

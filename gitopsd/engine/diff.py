@@ -8,7 +8,7 @@ both sides and never show as drift. What differs is reported as field paths
 Secret values never leave this module: before anything is compared or
 printed, every value under a Secret's `data`/`stringData` is replaced by a
 marker that says only whether it changed. A section that is not a mapping
-(a list, a text block: refused by gitopsd.render before planning, but a live
+(a list, a text block: refused by gitopsd.engine.render before planning, but a live
 object is whatever the cluster holds) is masked as a whole. Both sides'
 values are also registered with gitopsd.redact, so a value someone edited
 into a live Secret by hand is scrubbed from any message that echoes it.

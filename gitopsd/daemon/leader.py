@@ -51,35 +51,16 @@ from typing import Callable
 
 import structlog
 
-from gitopsd.errors import ClusterError
+from gitopsd.errors import ClusterError, LeadershipLost  # noqa: F401 - re-exported: the fence raises it
 from gitopsd.kube import Kube, KubeApiError, Resource
 from gitopsd.metrics import IS_LEADER
 
-log = structlog.get_logger("gitopsd.leader")
+log = structlog.get_logger("gitopsd.daemon.leader")
 WEBHOOK_URL_ANNOTATION = "gitopsd.io/webhook-url"
 # A lease request that keeps failing the same way (revoked credentials, an
 # apiserver down for an hour) is logged once, then again at most this often
 # with a count, instead of at every retry.
 REPEAT_LOG_INTERVAL = 60.0
-
-
-class LeadershipLost(Exception):
-    """A write refused by the fence: this replica cannot prove it still holds the lease.
-
-    Raised before the request is sent, so nothing of it reached the
-    apiserver. Deliberately not a GitopsdError: it is not a failure to
-    report but the end of this replica's work, and must pass through every
-    handler that would record, retry or log a GitopsdError until the daemon's
-    runner ends the reconcile quietly (the new leader records and converges).
-    `unsent` counts the planned writes of the apply that were not sent.
-    """
-
-    def __init__(self, unsent: int = 0) -> None:
-        super().__init__()
-        self.unsent = unsent
-
-    def __str__(self) -> str:
-        return f"leadership lost mid-reconcile; {self.unsent} write{'' if self.unsent == 1 else 's'} not sent"
 
 
 class FencedKube:

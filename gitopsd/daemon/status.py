@@ -14,7 +14,7 @@ import re
 
 import orjson
 
-from gitopsd import inventory
+from gitopsd.engine import inventory
 from gitopsd.kube import Kube
 
 STATUS_KEY = "status"

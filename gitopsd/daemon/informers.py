@@ -27,7 +27,7 @@ from gitopsd.errors import ClusterError
 from gitopsd.kube import Kube, KubeApiError, Resource
 from gitopsd.objects import ObjectRef, ref_of
 
-log = structlog.get_logger("gitopsd.watch")
+log = structlog.get_logger("gitopsd.daemon.informers")
 
 Target = tuple[Resource, str | None]          # (resource, namespace or None for cluster scope)
 EventHandler = Callable[[str, dict], None]     # ("ADDED" | "MODIFIED" | "DELETED", object)

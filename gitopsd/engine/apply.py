@@ -11,7 +11,7 @@ Within a stage objects are independent and are applied concurrently by a
 bounded pool (the Kube's max_workers). A failure in a stage stops the later
 stages and the prune: nothing is deleted on a partial apply.
 
-Leadership: the daemon hands in a Kube fenced by its lease (gitopsd.leader.
+Leadership: the daemon hands in a Kube fenced by its lease (gitopsd.daemon.leader.
 FencedKube), which refuses each write the moment the replica can no longer
 prove it leads, before the request is sent. The stage in flight then ends
 (the other writes of the pool are refused the same way), nothing later is
@@ -27,13 +27,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from gitopsd import inventory, redact
-from gitopsd.errors import GitopsdError
-from gitopsd.inventory import PART_OF_LABEL
+from gitopsd import redact
+from gitopsd.engine import inventory
+from gitopsd.engine.inventory import PART_OF_LABEL
+from gitopsd.engine.plan import Action, ObjectChange, Plan, judge_deferred
+from gitopsd.errors import GitopsdError, LeadershipLost
 from gitopsd.kube import Kube, KubeApiError, UnknownKindError
-from gitopsd.leader import LeadershipLost
 from gitopsd.objects import ObjectRef
-from gitopsd.plan import Action, ObjectChange, Plan, judge_deferred
 
 STAGE_FIRST = {("apiextensions.k8s.io", "CustomResourceDefinition"), ("", "Namespace"),
                ("rbac.authorization.k8s.io", "ClusterRole")}

@@ -35,17 +35,16 @@ from typing import Callable
 
 import structlog
 
-from gitopsd import health, inventory, redact, render, source
-from gitopsd.apply import ApplyOutcome, apply_plan
-from gitopsd.errors import GitopsdError, RenderError
+from gitopsd import redact
+from gitopsd.engine import health, inventory, render, source
+from gitopsd.engine.apply import ApplyOutcome, apply_plan
+from gitopsd.engine.plan import Action, LiveCache, ObjectChange, Plan, make_plan
+from gitopsd.errors import GitopsdError, LeadershipLost, RenderError
 from gitopsd.kube import Kube
-from gitopsd.leader import LeadershipLost
 from gitopsd.objects import ObjectRef, ref_of
-from gitopsd.plan import Action, ObjectChange, Plan, make_plan
-from gitopsd.watch import MemberCache
 
 DEFAULT_INVENTORY_NAMESPACE = "gitopsd-system"
-log = structlog.get_logger("gitopsd.sync")
+log = structlog.get_logger("gitopsd.engine.sync")
 
 
 @dataclass(frozen=True)
@@ -109,7 +108,7 @@ def default_cache_dir() -> Path:
 
 
 def fetch_and_plan(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None,
-                   prune: bool | None = None, cache: MemberCache | None = None,
+                   prune: bool | None = None, cache: LiveCache | None = None,
                    inv: inventory.Inventory | None = None,
                    on_revision: Callable[[source.Revision], None] | None = None) -> tuple[source.Revision, Plan]:
     """Source -> render -> plan. Raises GitopsdError; writes nothing to the cluster.
@@ -174,7 +173,7 @@ def prune_guard(app: AppSpec, plan: Plan) -> str | None:
 def sync(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None, dry_run: bool = False,
          prune: bool | None = None, on_progress: Progress | None = None,
          on_health: Callable[[health.ObjectHealth], None] | None = None,
-         cancel: threading.Event | None = None, cache: MemberCache | None = None,
+         cancel: threading.Event | None = None, cache: LiveCache | None = None,
          inv: inventory.Inventory | None = None, hold_revision: str | None = None,
          on_revision: Callable[[source.Revision], None] | None = None) -> SyncResult:
     """Reconcile `app` once and say what happened. Never raises for user errors.
@@ -185,7 +184,7 @@ def sync(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None, dry_run: bo
     anything is planned (the daemon compares webhook commits with it).
 
     Raises LeadershipLost when `kube` is fenced by a leader lease
-    (gitopsd.leader.FencedKube) and refused a write: the one exception,
+    (gitopsd.daemon.leader.FencedKube) and refused a write: the one exception,
     because a replica that lost the lease must record nothing about it.
     """
     started = time.monotonic()

@@ -1,0 +1,84 @@
+"""Git credentials of the apps, resolved at every reconcile (rotation works).
+
+An app names its credentials either as a Secret in gitopsd's namespace
+(keys token, username, identity, known_hosts) or as files mounted into the
+pod. SSH key material read from a Secret is written to private files
+(0600) in a directory of this process, removed at shutdown. The secret
+parts are registered with gitopsd.redact as they are read.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from gitopsd import config as config_mod
+from gitopsd import redact
+from gitopsd.engine import source
+from gitopsd.errors import GitopsdError
+from gitopsd.kube import Kube
+
+
+class CredentialStore:
+    def __init__(self, kube: Kube, *, namespace: str) -> None:
+        self.kube = kube
+        self.namespace = namespace
+        self._secret_dir = Path(tempfile.mkdtemp(prefix="gitopsd-credentials-"))
+
+    def close(self) -> None:
+        shutil.rmtree(self._secret_dir, ignore_errors=True)
+
+    def resolve(self, cfg: config_mod.AppConfig) -> source.Credentials | None:
+        """Resolve an app's credentials reference (re-read every reconcile: rotation works).
+
+        The secret parts — the token (an https password or access token) and
+        the SSH private key's content — are registered with gitopsd.redact as
+        they are read, so a git or tool message that echoes one is scrubbed
+        from every log line and record. The username and known_hosts are not
+        secrets: registered, a username would be blanked from every line that
+        happens to contain it.
+        """
+        ref = cfg.credentials
+        if ref is None:
+            return None
+        if ref.secret_name:
+            secret = self.kube.get(self.kube.resource("v1", "Secret"), ref.secret_name, self.namespace)
+            if secret is None:
+                raise GitopsdError(f"app {cfg.name}: credentials Secret {self.namespace}/{ref.secret_name} not found",
+                                   hint="create it with keys token (and username) or identity and known_hosts")
+
+            wanted = ("token", "username", "identity", "known_hosts")
+            try:
+                data = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()
+                        if k in wanted}
+            except (ValueError, UnicodeDecodeError):
+                raise GitopsdError(f"app {cfg.name}: credentials Secret {self.namespace}/{ref.secret_name} "
+                                   "has a key that is not text", hint=f"keys read: {', '.join(wanted)}") from None
+            redact.remember((data.get("token"), data.get("identity")))
+            key_file = hosts_file = None
+            if "identity" in data:
+                key_file = self._private_file(f"{cfg.name}-identity", data["identity"])
+            if "known_hosts" in data:
+                hosts_file = self._private_file(f"{cfg.name}-known_hosts", data["known_hosts"])
+            return source.Credentials(username=data.get("username"), token=data.get("token"),
+                                      ssh_key_file=key_file, known_hosts_file=hosts_file)
+        try:
+            token = ref.token_file.read_text().strip() if ref.token_file else None
+            username = ref.username or (ref.username_file.read_text().strip() if ref.username_file else None)
+            key = ref.ssh_key_file.read_text(errors="replace") if ref.ssh_key_file else None
+        except OSError as exc:
+            raise GitopsdError(f"app {cfg.name}: cannot read a credentials file: {exc.strerror}: {exc.filename}",
+                               hint="is the Secret volume mounted at that path?") from None
+        redact.remember((token, key))
+        return source.Credentials(username=username, token=token, ssh_key_file=ref.ssh_key_file,
+                                  known_hosts_file=ref.known_hosts_file)
+
+    def _private_file(self, name: str, content: str) -> Path:
+        path = self._secret_dir / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(content if content.endswith("\n") else content + "\n")
+        return path

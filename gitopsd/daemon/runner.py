@@ -1,0 +1,452 @@
+"""One app's runner: its one-at-a-time execution, desired state, self-heal and status.
+
+A runner owns everything about one app: its watch cache of managed
+objects, its last desired state, its backoff, its status. The daemon
+(gitopsd.daemon.core) creates one per app in the config and wakes it
+(gitopsd.daemon.triggers).
+
+A runner starts knowing nothing, whether the daemon just started, won the
+lease, or a reload (re-)added its app: before its first reconcile it reads
+the app's last applied revision back from the audit trail in the cluster, so
+`previous` is right and, with self-heal off, hand edits are not reverted.
+
+Execution model: a runner never runs two reconciles of its app at once. A
+trigger that arrives while one runs is remembered and runs right after; a
+webhook for a new commit also cancels a running health wait, so the new
+commit deploys at once instead of after the old rollout times out. Runners
+execute on a shared thread pool sized so that every app can run at the same
+time: a slow or failing app never delays the others.
+
+Self-heal: the runner's watch cache reports every change to a managed
+object. A change that leaves the object "still ours" (gitopsd.engine.plan.still_ours:
+our hash, our fields) is not drift — status updates by controllers, our own
+applies. Anything else is re-planned for that object alone and, with
+self-heal on, corrected at once; either way a drift report names the object,
+the changed fields and the field managers that changed them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+import structlog
+
+from gitopsd import audit, metrics, redact
+from gitopsd import config as config_mod
+from gitopsd.daemon import status as status_mod
+from gitopsd.daemon.informers import MemberCache
+from gitopsd.daemon.leader import FencedKube, LeadershipLost
+from gitopsd.engine import health as health_mod
+from gitopsd.engine.diff import managers_of, within
+from gitopsd.engine.plan import Action, ObjectChange, judge_one, still_ours
+from gitopsd.engine.sync import Outcome, SyncResult, recheck_health, sync
+from gitopsd.errors import GitopsdError
+from gitopsd.kube import KubeApiError
+from gitopsd.objects import ObjectRef, ref_of
+
+if TYPE_CHECKING:
+    from gitopsd.daemon.core import Daemon
+
+log = structlog.get_logger("gitopsd")
+
+BACKOFF_START = 5.0
+BACKOFF_MAX = 300.0
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _iso(t: datetime | None) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ") if t else ""
+
+
+class AppRunner:
+    """Everything about one app; see the module docstring."""
+
+    def __init__(self, daemon: "Daemon", cfg: config_mod.AppConfig) -> None:
+        self.daemon = daemon
+        self.cfg = cfg
+        self.lock = threading.Lock()          # guards the fields below
+        self.exec_lock = threading.Lock()     # held while a reconcile or heal runs
+        self.running = False
+        self.pending: str | None = None       # trigger to run after the current one
+        self.cancel = threading.Event()       # cancels the running health wait
+        self.current_sha: str | None = None   # revision of the running reconcile
+        self.failures = 0
+        self.cache: MemberCache | None = None
+        self.inv = None                       # the ApplySet parent as we last wrote/read it
+        self.desired: dict[ObjectRef, ObjectChange] = {}
+        self.dirty: set[ObjectRef] = set()    # drift candidates seen during a run
+        self.last_applied: str | None = None  # sha last written to the cluster
+        self.restored = False                 # last_applied read back from the cluster (see _restore)
+        self.last_result: SyncResult | None = None
+        self.last_drift: dict | None = None
+        self.reported: dict[ObjectRef, tuple] = {}   # drift already reported (self-heal off)
+        self.status_written: dict | None = None
+        self.stopped = False
+        # The running reconcile's or heal's Kube, fenced to the leadership term it
+        # began in: every write of the run goes through it (Daemon.writer).
+        self.writer: FencedKube | None = None
+
+    # ------------------------------------------------------------ triggers
+
+    def trigger(self, reason: str, *, sha: str | None = None) -> None:
+        """Ask for a reconcile. Never blocks; coalesces with one already queued."""
+        with self.lock:
+            if self.stopped:
+                return
+            if self.running:
+                if self.pending is None or reason != "poll":
+                    self.pending = reason
+                # A newer commit than the one being deployed: stop waiting on the old
+                # rollout. Before the fetch (current_sha None) the run will see it anyway.
+                if reason in ("webhook", "watch", "config") and self.current_sha is not None \
+                        and (sha is None or sha != self.current_sha):
+                    self.cancel.set()
+                return
+            self.running = True
+            self.pending = None
+        self.daemon.pool.submit(self._loop, reason)
+
+    def _loop(self, reason: str) -> None:
+        while True:
+            with self.lock:
+                self.cancel = threading.Event()
+                self.current_sha = None
+                if self.stopped:
+                    self.cancel.set()
+            try:
+                with self.exec_lock:
+                    self._reconcile(reason)
+            except LeadershipLost as exc:
+                self._fenced(exc)
+            except Exception:  # noqa: BLE001 - a bug must not kill the runner
+                log.exception("reconcile crashed", app=self.cfg.name)
+            with self.lock:
+                if self.pending is None or self.stopped:
+                    self.running = False
+                    dirty = bool(self.dirty)
+                    break
+                reason, self.pending = self.pending, None
+        if dirty:
+            self.daemon.pool.submit(self._heal_dirty)
+
+    # ------------------------------------------------------------ reconcile
+
+    def _fenced(self, exc: LeadershipLost) -> None:
+        """A run stopped by the fence: one line; the new leader records and converges."""
+        log.warning(str(exc), app=self.cfg.name, unsent=exc.unsent)
+
+    def _reconcile(self, trigger: str) -> None:
+        cfg = self.cfg
+        writer = None if cfg.suspend else self.daemon.writer()
+        if writer is None:
+            return
+        self.writer = writer
+        if not self.restored:
+            try:
+                self._restore()
+            except GitopsdError as exc:
+                self._record_failure(trigger, f"cannot read the last applied revision of app {cfg.name} from "
+                                              f"its audit trail: {exc}")
+                return
+        try:
+            spec = cfg.to_spec(inventory_namespace=self.daemon.namespace,
+                               credentials=self.daemon.credentials.resolve(cfg))
+        except GitopsdError as exc:
+            self._record_failure(trigger, str(exc))
+            return
+        hold = self.last_applied if not cfg.self_heal else None
+        started = time.monotonic()
+        def fetched(rev) -> None:
+            with self.lock:
+                self.current_sha = rev.sha
+
+        def stop_after_stage(_verb, _change) -> None:
+            # Called after every write: a daemon shutting down ends the apply with
+            # the stage in flight (no later stage, no prune); the next leader goes on.
+            if self.daemon.stopping:
+                raise GitopsdError("gitopsd is shutting down: the apply stopped after a stage; "
+                                   "the next leader continues")
+
+        result = sync(writer, spec, cache_dir=self.daemon.cache_dir, cancel=self.cancel,
+                      cache=self.cache, inv=self.inv, hold_revision=hold, on_revision=fetched,
+                      on_progress=stop_after_stage)
+        writer.check()   # lost during the health wait: the verdict is the new leader's to record
+        metrics.RECONCILE_DURATION.labels(app=cfg.name).observe(time.monotonic() - started)
+        metrics.RECONCILE_RESULTS.labels(app=cfg.name, trigger=trigger, outcome=result.outcome.value).inc()
+        previous = self.last_applied
+        with self.lock:
+            stopped = self.stopped
+        if stopped:
+            # Removed from the config (or shutting down) meanwhile: start nothing new
+            # for it, but what this run wrote is history, and the trail is where a
+            # re-added app or the next leader reads its last revision from.
+            if result.applied or result.pruned:
+                self._record(audit.transition_record(result, trigger=trigger, previous=previous,
+                                                     instance=self.daemon.instance))
+            return
+        plan = result.plan
+        if plan is not None and not plan.errors:
+            self.inv = plan.inventory
+            self.desired = {c.ref: c for c in plan.changes if c.action != Action.PRUNE and c.desired}
+            self._watch(plan.targets)
+        if result.outcome in (Outcome.APPLIED, Outcome.UNHEALTHY, Outcome.NO_CHANGE) and result.revision:
+            if previous and previous != result.revision.sha:
+                try:
+                    metrics.LAST_APPLIED.remove(cfg.name, previous)
+                except KeyError:
+                    pass
+            self.last_applied = result.revision.sha
+            metrics.LAST_APPLIED.labels(app=cfg.name, revision=result.revision.sha).set(1)
+        if result.outcome == Outcome.DRY_RUN and plan is not None:
+            drifted = {c.ref for c in plan.changes if c.action in (Action.CREATE, Action.UPDATE, Action.RECREATE)}
+            for ref in set(self.reported) - drifted:
+                del self.reported[ref]   # back in sync (reverted by hand or by a commit)
+            for change in plan.changes:
+                if change.ref in drifted:
+                    self._report_drift(change, corrected=False)
+        elif result.outcome in (Outcome.APPLIED, Outcome.NO_CHANGE):
+            self.reported.clear()
+
+        if result.outcome == Outcome.FAILED:
+            self._schedule_retry()
+        else:
+            self.failures = 0
+
+        prev = self.last_result
+        if (result.outcome == Outcome.NO_CHANGE and prev is not None and prev.outcome == Outcome.UNHEALTHY
+                and prev.revision and result.revision and prev.revision.sha == result.revision.sha):
+            # The verdict stands until the rollout recovers: look once more at what was not healthy.
+            refs = [h.ref for h in prev.health if h.status.value != "Current"]
+            try:
+                rechecked = recheck_health(self.daemon.kube, refs) if refs else []
+            except GitopsdError:
+                rechecked = []
+            if rechecked and health_mod.summarize(rechecked)[0]:
+                result.health = rechecked
+                result.reason = "the rollout has become healthy"
+        transition = self._is_transition(result)
+        if transition:
+            self.last_result = result
+        if transition:
+            self._record(audit.transition_record(result, trigger=trigger, previous=previous,
+                                                 instance=self.daemon.instance))
+        else:
+            log.debug("reconciled: no change", app=cfg.name, revision=(result.revision.sha[:12]
+                                                                        if result.revision else None))
+        self._write_status()
+
+    def _is_transition(self, result: SyncResult) -> bool:
+        """Whether this reconcile is worth an audit record and a status write.
+
+        Steady state is not: a NoChange of the same commit after a success (or
+        after an Unhealthy of the same commit, whose verdict stands until a new
+        rollout), or the same failure again on retry — else an outage of a day
+        writes thousands of identical records and retention pushes out the
+        history that matters. Whatever triggered it: a webhook replayed fifty
+        times is fifty reconciles in gitopsd_reconcile_total{trigger="webhook",
+        outcome="NoChange"}, not fifty records. A new commit is always one.
+        """
+        prev = self.last_result
+        if prev is None:
+            return True
+        sha = result.revision.sha if result.revision else None
+        prev_sha = prev.revision.sha if prev.revision else None
+        if result.outcome in (Outcome.NO_CHANGE, Outcome.DRY_RUN):
+            if sha != prev_sha:
+                return True   # a commit that changed nothing live still moved the revision
+            if prev.outcome == Outcome.UNHEALTHY:
+                return bool(result.health)   # only once the rollout has recovered
+            return prev.outcome not in (Outcome.APPLIED, Outcome.NO_CHANGE, result.outcome)
+        if result.outcome in (Outcome.FAILED, Outcome.REFUSED):
+            return not (prev.outcome == result.outcome and prev.reason == result.reason and prev_sha == sha)
+        return True
+
+    def _restore(self) -> None:
+        """Read the app's last applied revision back from its audit trail.
+
+        The trail, not this process, is the memory: another replica may have
+        led meanwhile, and a removed app's runner is gone with its state.
+        Raises GitopsdError when the trail cannot be read; the reconcile then
+        fails and retries rather than run without it (self-heal off would
+        apply over hand edits).
+        """
+        self.last_applied = audit.last_revision(self.daemon.kube, namespace=self.daemon.namespace,
+                                                app=self.cfg.name)
+        self.restored = True
+
+    def _record_failure(self, trigger: str, reason: str) -> None:
+        result = SyncResult(app=self.cfg.name, outcome=Outcome.FAILED, reason=reason, errors=[reason])
+        metrics.RECONCILE_RESULTS.labels(app=self.cfg.name, trigger=trigger, outcome="Failed").inc()
+        self._schedule_retry()
+        if not self._is_transition(result):
+            return
+        self.last_result = result
+        self._record(audit.transition_record(result, trigger=trigger, previous=self.last_applied,
+                                             instance=self.daemon.instance, source=self.cfg.repo, ref=self.cfg.ref))
+        self._write_status()
+
+    def _record(self, rec: dict) -> None:
+        """Store an audit record of this run, if this replica may still write in the run's term.
+
+        The writer refuses every request of the record anyway; checking first
+        keeps a lost leader from leaving the record in the audit log's
+        backlog, to be stored later as if it were history.
+        """
+        self.writer.check()
+        self.daemon.audit.record(rec)
+
+    def _schedule_retry(self) -> None:
+        self.failures += 1
+        # Never later than the regular poll would come anyway.
+        delay = min(BACKOFF_START * 2 ** (self.failures - 1), BACKOFF_MAX, self.cfg.interval)
+        self.daemon.schedule.once(self, delay, "retry")
+
+    # ------------------------------------------------------------ self-heal
+
+    def _watch(self, targets) -> None:
+        if self.cache is None:
+            self.cache = MemberCache(self.daemon.kube, selector=self.inv.selector, on_event=self.on_event)
+        try:
+            self.cache.ensure(set(targets))
+        except (GitopsdError, OSError) as exc:
+            log.warning("cannot watch managed objects", app=self.cfg.name, error=str(exc))
+
+    def on_event(self, kind: str, obj: dict) -> None:
+        """From the watch threads: decide cheaply whether this can be drift."""
+        if self.stopped:
+            return
+        ref = ref_of(obj)
+        change = self.desired.get(ref)
+        if change is None or not self.daemon.may_start():
+            return
+        if kind != "DELETED" and still_ours(obj, change.desired):
+            return
+        with self.lock:
+            self.dirty.add(ref)
+            busy = self.running
+        if not busy:
+            self.daemon.pool.submit(self._heal_dirty)
+
+    def _heal_dirty(self) -> None:
+        with self.exec_lock:
+            with self.lock:
+                refs, self.dirty = self.dirty, set()
+            writer = None if not refs or self.stopped or self.cfg.suspend else self.daemon.writer()
+            if writer is None:
+                return
+            self.writer = writer
+            members = self.cache.members() if self.cache else None
+            todo = sorted(refs)
+            for index, ref in enumerate(todo):
+                desired = self.desired.get(ref)
+                if desired is None:
+                    continue
+                live = (members or {}).get(ref)
+                if live is not None and still_ours(live, desired.desired):
+                    continue  # settled by our own reconcile in the meantime
+                try:
+                    self._heal_one(desired, live)
+                except LeadershipLost as exc:
+                    exc.unsent = len(todo) - index   # this correction and the ones after it
+                    self._fenced(exc)
+                    return
+
+    def _heal_one(self, desired: ObjectChange, live: dict | None) -> None:
+        try:
+            # The cache may trail the controllers (a Deployment's revision
+            # annotation moves right after a hand edit): compare the dry-run with
+            # a fresh read, so the drift report names only what really differs.
+            if desired.resource is not None:
+                live = self.daemon.kube.get(desired.resource, desired.ref.name, desired.ref.namespace or None)
+        except GitopsdError as exc:
+            log.warning("cannot re-read a drifted object", app=self.cfg.name, object=str(desired.ref),
+                        error=str(exc))
+        if live is not None and still_ours(live, desired.desired):
+            return
+        change = ObjectChange(ref=desired.ref, action=Action.CREATE, source=desired.source,
+                              desired=desired.desired, live=live, resource=desired.resource)
+        try:
+            errors = judge_one(self.daemon.kube, change, recreate=self.cfg.recreate)
+        except GitopsdError as exc:
+            errors = [str(exc)]
+        if errors:
+            self._report_drift(change, corrected=False, error="; ".join(errors))
+            return
+        if change.action == Action.UNCHANGED:
+            return  # someone changed a field we do not own: not our business
+        if not self.cfg.self_heal:
+            self._report_drift(change, corrected=False)
+            return
+        try:
+            self.writer.apply(change.desired)
+            self._report_drift(change, corrected=True)
+        except KubeApiError as exc:
+            self._report_drift(change, corrected=False,
+                               error=f"{exc.reason}: {redact.scrub_about(exc.api_message, change.desired)}")
+
+    def _report_drift(self, change: ObjectChange, *, corrected: bool, error: str | None = None) -> None:
+        deleted = change.live is None
+        fields = [f for f in change.diff.fields if within(change.desired, f)] if change.diff and not deleted else []
+        managers = managers_of(change.live, fields) if change.live else ["unknown (the object was deleted)"]
+        action = "failed" if error else ("corrected" if corrected else "reported")
+        if action == "reported":
+            # With self-heal off the same drift is seen at every poll: report it
+            # once, again only when it changes.
+            key = (tuple(fields), deleted)
+            if self.reported.get(change.ref) == key:
+                return
+            self.reported[change.ref] = key
+        metrics.DRIFT_DETECTED.labels(app=self.cfg.name).inc()
+        if corrected:
+            metrics.DRIFT_CORRECTED.labels(app=self.cfg.name).inc()
+        log.warning("drift " + ("corrected" if corrected else "detected"), app=self.cfg.name,
+                    object=str(change.ref), deleted=deleted, fields=fields, managers=managers, action=action,
+                    error=error)
+        self.last_drift = {"time": _iso(_now()), "object": str(change.ref), "fields": fields,
+                           "managers": managers, "action": action}
+        self._record(audit.drift_record(
+            app=self.cfg.name, ref=change.ref, fields=fields, managers=managers, action=action,
+            revision=self.last_applied, instance=self.daemon.instance, deleted=deleted, error=error))
+        self._write_status()
+
+    # ------------------------------------------------------------ status
+
+    def status(self) -> dict:
+        r = self.last_result
+        unhealthy = [h for h in (r.health if r else []) if h.status.value != "Current"]
+        return {
+            "app": self.cfg.name,
+            "revision": self.last_applied or "",
+            "ref": self.cfg.ref,
+            "result": r.outcome.value if r else "Pending",
+            "reason": r.reason if r else "",
+            "health": ("Healthy" if r and not unhealthy and r.outcome != Outcome.FAILED else
+                       ("Unhealthy" if unhealthy else "Unknown")),
+            "lastTransition": _iso(r.started) if r else "",
+            "lastDrift": self.last_drift,
+            "interval": self.cfg.interval,
+            "suspended": self.cfg.suspend,
+        }
+
+    def _write_status(self) -> None:
+        current = self.status()
+        if current == self.status_written:
+            return  # steady state: nothing a reader would see has changed
+        try:
+            status_mod.write(self.writer, app=self.cfg.name, namespace=self.daemon.namespace, status=current)
+            self.status_written = current
+        except (GitopsdError, OSError) as exc:
+            log.warning("cannot store app status", app=self.cfg.name, error=str(exc))
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopped = True
+            self.cancel.set()
+        if self.cache:
+            self.cache.stop()

@@ -24,6 +24,7 @@ from helpers import (
     deployment,
     metric,
     post_generic,
+    wait_audit,
     wait_for,
     write_config,
 )
@@ -80,7 +81,7 @@ def test_a_hand_edit_is_corrected_by_a_self_heal_result(repo, kube, namespace, t
     healed = _heal_line(daemon, "the self-heal result")
     assert healed["outcome"] == "Applied" and healed["revision"] == sha, healed
     assert healed["applied"] == [f"update Deployment.apps/{namespace}/web"], "only the drifted object"
-    (record,) = audit_events(daemon, namespace, type="drift")
+    record = wait_audit(daemon, "the drift record", app=namespace, type="drift")
     assert record["action"] == "corrected" and record["revision"] == sha
     assert record["object"]["kind"] == "Deployment" and record["fields"] == ["spec.replicas"]
     assert any(m.startswith("kubectl") for m in record["managers"]), record["managers"]
@@ -105,6 +106,7 @@ def test_a_deleted_namespace_comes_back_before_the_objects_in_it(repo, kube, nam
             "stage 0 (the Namespace) first, then what lives in it"
         assert kube.get(namespaces, owned)["metadata"]["uid"] != uid
         assert cm_data(kube, owned, "inside") == {"k": "v"}
+        wait_audit(daemon, "both drift records", after=1, app=namespace, type="drift", action="corrected")
         corrected = {(r["object"]["kind"], r["deleted"]) for r in audit_events(daemon, namespace, type="drift",
                                                                                action="corrected")}
         assert corrected == {("Namespace", True), ("ConfigMap", True)}
@@ -222,7 +224,7 @@ def test_a_heal_the_apiserver_rejects_is_failed_naming_the_object_and_reason_nev
 
     failed = _heal_line(daemon, "the refused heal", outcome="Failed")
     assert f"Secret/{namespace}/db" in failed["reason"] and "is frozen" in failed["reason"], failed["reason"]
-    (record,) = audit_events(daemon, namespace, type="drift")
+    record = wait_audit(daemon, "the drift record", app=namespace, type="drift")
     assert record["action"] == "failed" and record["fields"] == ["data.password"]
     assert f"secret.yaml: Secret/{namespace}/db:" in record["error"] and "is frozen" in record["error"]
     assert "kubectl-edit (Update)" in record["managers"]
@@ -256,7 +258,7 @@ def test_self_heal_off_reports_through_the_plan_and_writes_nothing(repo, kube, n
     after = kube.get(cms, "settings", namespace)
     assert after["metadata"]["resourceVersion"] == edited["metadata"]["resourceVersion"], "nothing was written"
     assert not [e for e in daemon.events() if e.get("event") == "self-heal"]
-    (record,) = audit_events(daemon, namespace, type="drift")
+    record = wait_audit(daemon, "the drift record", app=namespace, type="drift")
     assert record["action"] == "reported" and record["revision"] == sha
 
 

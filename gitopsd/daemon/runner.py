@@ -28,7 +28,7 @@ With self-heal off the same plan runs as a dry run. Either way a drift
 record per object names it, the changed fields and the field managers that
 changed them; a correction the apiserver refuses is a "failed" record with
 the object and the reason. A heal's health wait gives way to anything newer:
-another drift, or a reconcile.
+drift of other objects, or a new commit.
 """
 
 from __future__ import annotations

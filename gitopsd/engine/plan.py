@@ -481,8 +481,8 @@ def _not_going_away(changes: list[ObjectChange], plan: Plan) -> list[ObjectChang
     A Namespace deleted by hand goes Terminating, its objects go, then it
     does: an apply in between is refused ("being terminated") or deleted
     again. The heal of the Namespace's own DELETED event brings them all
-    back, in stage order (gitopsd.engine.sync.heal plans a Namespace with
-    what the app keeps in it, a CRD with its custom resources).
+    back, in stage order (heal_set plans a Namespace with what the app
+    keeps in it, a CRD with its custom resources).
     """
     gone_namespaces = {c.ref.name for c in changes
                        if (c.ref.group, c.ref.kind) == NAMESPACE_KEY and _terminating(c.live)}

@@ -178,6 +178,27 @@ def _parent_record(kube, namespace: str) -> tuple:
     return annotations, ours
 
 
+def test_a_heal_restores_the_last_applied_commit_not_one_the_prune_guard_refused(repo, kube, namespace, tmp_path,
+                                                                                  start_daemon):
+    daemon, applied_sha = _daemon_with(repo, tmp_path, start_daemon, namespace,
+                                       {f"{n}.yaml": configmap(n, {"color": "blue"}) for n in "abcd"})
+    for n in "bcd":
+        repo.remove(f"{n}.yaml")
+    repo.write("a.yaml", configmap("a", {"color": "green"}))
+    refused_sha = repo.commit("drop three of four, repaint a")
+    post_generic(daemon, repo.url, refused_sha)
+    daemon.wait_event(lambda e: e.get("event") == "audit" and e.get("result") == "Refused", "the prune guard", 30)
+
+    cms = kube.resource("v1", "ConfigMap")
+    live = kube.get(cms, "a", namespace)
+    live["data"]["color"] = "hand-painted"
+    kube.request("PUT", cms.path(namespace, "a"), body=live)
+
+    healed = _heal_line(daemon, "the hand edit corrected")
+    assert healed["outcome"] == "Applied" and healed["revision"] == applied_sha
+    assert cm_data(kube, namespace, "a") == {"color": "blue"}, "what is live, not what the guard refused"
+
+
 @pytest.fixture
 def frozen_password(kube, namespace):
     """A ValidatingAdmissionPolicy in the test's namespace refusing any update that sets

@@ -198,11 +198,11 @@ class AppRunner:
         plan = result.plan
         if plan is not None and not plan.errors:
             self.inv = plan.inventory
-            self.desired = {c.ref: c for c in plan.changes if c.action != Action.PRUNE and c.desired}
             self._watch(plan.targets)
         if plan is not None and not plan.errors and result.outcome != Outcome.REFUSED:
-            # What self-heal puts back: the commit as planned for the cluster (not one the
-            # prune guard refused, of which nothing was written).
+            # What drift is judged against and self-heal puts back: the commit as planned
+            # for the cluster (not one the prune guard refused, of which nothing was written).
+            self.desired = {c.ref: c for c in plan.changes if c.action != Action.PRUNE and c.desired}
             self.spec, self.desired_revision = spec, result.revision
         if result.outcome in (Outcome.APPLIED, Outcome.UNHEALTHY, Outcome.NO_CHANGE) and result.revision:
             if previous and previous != result.revision.sha:

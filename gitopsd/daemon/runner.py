@@ -20,9 +20,15 @@ time: a slow or failing app never delays the others.
 Self-heal: the runner's watch cache reports every change to a managed
 object. A change that leaves the object "still ours" (gitopsd.engine.plan.still_ours:
 our hash, our fields) is not drift — status updates by controllers, our own
-applies. Anything else is re-planned for that object alone and, with
-self-heal on, corrected at once; either way a drift report names the object,
-the changed fields and the field managers that changed them.
+applies. Anything else is a small commit of the last applied revision
+through the same pipeline as a push (gitopsd.engine.sync.heal): a partial
+plan of the drifted objects, the staged apply through this run's fenced
+writer, the health wait, a SyncResult (trigger "self-heal" in the metrics).
+With self-heal off the same plan runs as a dry run. Either way a drift
+record per object names it, the changed fields and the field managers that
+changed them; a correction the apiserver refuses is a "failed" record with
+the object and the reason. A heal's health wait gives way to anything newer:
+drift of other objects, or a new commit.
 """
 
 from __future__ import annotations
@@ -34,17 +40,17 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from gitopsd import audit, metrics, redact
+from gitopsd import audit, metrics
 from gitopsd import config as config_mod
 from gitopsd.daemon import status as status_mod
 from gitopsd.daemon.informers import MemberCache
 from gitopsd.daemon.leader import FencedKube, LeadershipLost
 from gitopsd.engine import health as health_mod
-from gitopsd.engine.diff import managers_of, within
-from gitopsd.engine.plan import Action, ObjectChange, judge_one, still_ours
-from gitopsd.engine.sync import Outcome, SyncResult, recheck_health, sync
+from gitopsd.engine.plan import Action, ObjectChange, still_ours
+from gitopsd.engine.render import Manifest
+from gitopsd.engine.source import Revision
+from gitopsd.engine.sync import AppSpec, Drift, Outcome, SyncResult, drift_of, heal, recheck_health, sync
 from gitopsd.errors import GitopsdError
-from gitopsd.kube import KubeApiError
 from gitopsd.objects import ObjectRef, ref_of
 
 if TYPE_CHECKING:
@@ -80,6 +86,10 @@ class AppRunner:
         self.cache: MemberCache | None = None
         self.inv = None                       # the ApplySet parent as we last wrote/read it
         self.desired: dict[ObjectRef, ObjectChange] = {}
+        self.desired_revision: Revision | None = None   # the commit `desired` was planned from
+        self.spec: AppSpec | None = None                 # what the last reconcile ran with (a heal reuses it)
+        self.heal_cancel = threading.Event()             # cancels a running heal's health wait
+        self.healing: frozenset[ObjectRef] = frozenset() # what the running heal corrects
         self.dirty: set[ObjectRef] = set()    # drift candidates seen during a run
         self.last_applied: str | None = None  # sha last written to the cluster
         self.restored = False                 # last_applied read back from the cluster (see _restore)
@@ -99,6 +109,8 @@ class AppRunner:
         with self.lock:
             if self.stopped:
                 return
+            if reason in ("webhook", "watch", "config"):
+                self.heal_cancel.set()   # a heal waiting on health gives way to a new commit
             if self.running:
                 if self.pending is None or reason != "poll":
                     self.pending = reason
@@ -166,16 +178,9 @@ class AppRunner:
             with self.lock:
                 self.current_sha = rev.sha
 
-        def stop_after_stage(_verb, _change) -> None:
-            # Called after every write: a daemon shutting down ends the apply with
-            # the stage in flight (no later stage, no prune); the next leader goes on.
-            if self.daemon.stopping:
-                raise GitopsdError("gitopsd is shutting down: the apply stopped after a stage; "
-                                   "the next leader continues")
-
         result = sync(writer, spec, cache_dir=self.daemon.cache_dir, cancel=self.cancel,
                       cache=self.cache, inv=self.inv, hold_revision=hold, on_revision=fetched,
-                      on_progress=stop_after_stage)
+                      on_progress=self._stop_after_stage)
         writer.check()   # lost during the health wait: the verdict is the new leader's to record
         metrics.RECONCILE_DURATION.labels(app=cfg.name).observe(time.monotonic() - started)
         metrics.RECONCILE_RESULTS.labels(app=cfg.name, trigger=trigger, outcome=result.outcome.value).inc()
@@ -193,8 +198,12 @@ class AppRunner:
         plan = result.plan
         if plan is not None and not plan.errors:
             self.inv = plan.inventory
-            self.desired = {c.ref: c for c in plan.changes if c.action != Action.PRUNE and c.desired}
             self._watch(plan.targets)
+        if plan is not None and not plan.errors and result.outcome != Outcome.REFUSED:
+            # What drift is judged against and self-heal puts back: the commit as planned
+            # for the cluster (not one the prune guard refused, of which nothing was written).
+            self.desired = {c.ref: c for c in plan.changes if c.action != Action.PRUNE and c.desired}
+            self.spec, self.desired_revision = spec, result.revision
         if result.outcome in (Outcome.APPLIED, Outcome.UNHEALTHY, Outcome.NO_CHANGE) and result.revision:
             if previous and previous != result.revision.sha:
                 try:
@@ -209,7 +218,7 @@ class AppRunner:
                 del self.reported[ref]   # back in sync (reverted by hand or by a commit)
             for change in plan.changes:
                 if change.ref in drifted:
-                    self._report_drift(change, corrected=False)
+                    self._report_drift(drift_of(change), action="reported", revision=self.last_applied)
         elif result.outcome in (Outcome.APPLIED, Outcome.NO_CHANGE):
             self.reported.clear()
 
@@ -280,6 +289,13 @@ class AppRunner:
                                                 app=self.cfg.name)
         self.restored = True
 
+    def _stop_after_stage(self, _verb: str, _change: ObjectChange) -> None:
+        """After every write of a reconcile or heal: a daemon shutting down ends the apply
+        with the stage in flight (no later stage, no prune); the next leader goes on."""
+        if self.daemon.stopping:
+            raise GitopsdError("gitopsd is shutting down: the apply stopped after a stage; "
+                               "the next leader continues")
+
     def _record_failure(self, trigger: str, reason: str) -> None:
         result = SyncResult(app=self.cfg.name, outcome=Outcome.FAILED, reason=reason, errors=[reason])
         metrics.RECONCILE_RESULTS.labels(app=self.cfg.name, trigger=trigger, outcome="Failed").inc()
@@ -334,86 +350,94 @@ class AppRunner:
             self.daemon.pool.submit(self._heal_dirty)
 
     def _heal_dirty(self) -> None:
+        """Heal what the watch found drifted since the last heal: one small commit."""
+        with self.lock:
+            if self.dirty - self.healing:
+                # Drift of other objects: a heal still waiting on health gives way. Events of
+                # the objects it just corrected (their controllers at work) do not count.
+                self.heal_cancel.set()
         with self.exec_lock:
             with self.lock:
                 refs, self.dirty = self.dirty, set()
-            writer = None if not refs or self.stopped or self.cfg.suspend else self.daemon.writer()
+                self.heal_cancel = cancel = threading.Event()
+            refs = {ref for ref in refs if ref in self.desired}
+            if not refs or self.stopped or self.cfg.suspend or self.spec is None or self.inv is None:
+                return
+            writer = self.daemon.writer()
             if writer is None:
                 return
             self.writer = writer
-            members = self.cache.members() if self.cache else None
-            todo = sorted(refs)
-            for index, ref in enumerate(todo):
-                desired = self.desired.get(ref)
-                if desired is None:
-                    continue
-                live = (members or {}).get(ref)
-                if live is not None and still_ours(live, desired.desired):
-                    continue  # settled by our own reconcile in the meantime
-                try:
-                    self._heal_one(desired, live)
-                except LeadershipLost as exc:
-                    exc.unsent = len(todo) - index   # this correction and the ones after it
-                    self._fenced(exc)
-                    return
+            try:
+                with self.lock:
+                    self.healing = frozenset(refs)
+                self._heal(refs, cancel=cancel)
+            except LeadershipLost as exc:
+                self._fenced(exc)   # exc.unsent: the corrections not sent, as for a reconcile
+            finally:
+                with self.lock:
+                    self.healing = frozenset()
 
-    def _heal_one(self, desired: ObjectChange, live: dict | None) -> None:
-        try:
-            # The cache may trail the controllers (a Deployment's revision
-            # annotation moves right after a hand edit): compare the dry-run with
-            # a fresh read, so the drift report names only what really differs.
-            if desired.resource is not None:
-                live = self.daemon.kube.get(desired.resource, desired.ref.name, desired.ref.namespace or None)
-        except GitopsdError as exc:
-            log.warning("cannot re-read a drifted object", app=self.cfg.name, object=str(desired.ref),
-                        error=str(exc))
-        if live is not None and still_ours(live, desired.desired):
-            return
-        change = ObjectChange(ref=desired.ref, action=Action.CREATE, source=desired.source,
-                              desired=desired.desired, live=live, resource=desired.resource)
-        try:
-            errors = judge_one(self.daemon.kube, change, recreate=self.cfg.recreate)
-        except GitopsdError as exc:
-            errors = [str(exc)]
-        if errors:
-            self._report_drift(change, corrected=False, error="; ".join(errors))
-            return
-        if change.action == Action.UNCHANGED:
-            return  # someone changed a field we do not own: not our business
-        if not self.cfg.self_heal:
-            self._report_drift(change, corrected=False)
-            return
-        try:
-            self.writer.apply(change.desired)
-            self._report_drift(change, corrected=True)
-        except KubeApiError as exc:
-            self._report_drift(change, corrected=False,
-                               error=f"{exc.reason}: {redact.scrub_about(exc.api_message, change.desired)}")
+    def _heal(self, refs: set[ObjectRef], *, cancel: threading.Event) -> None:
+        manifests = [Manifest(obj=c.desired, source=c.source) for c in self.desired.values()]
+        result = heal(self.writer, self.spec, manifests=manifests, refs=refs, revision=self.desired_revision,
+                      inv=self.inv, cache=self.cache, dry_run=not self.cfg.self_heal, cancel=cancel,
+                      on_progress=self._stop_after_stage)
+        self.writer.check()   # lost meanwhile: the new leader sees the drift and records it
+        metrics.RECONCILE_RESULTS.labels(app=self.cfg.name, trigger="self-heal", outcome=result.outcome.value).inc()
+        if result.plan is not None and result.plan.waiting:
+            log.debug("self-heal waits for deletions to finish", app=self.cfg.name,
+                      objects=[str(r) for r in result.plan.waiting])
+        if result.outcome in (Outcome.NO_CHANGE, Outcome.DRY_RUN):
+            # Back in sync (a field gitopsd does not own, an edit undone by hand): a later
+            # drift of these objects is news again.
+            for ref in refs - {d.ref for d in result.drift}:
+                self.reported.pop(ref, None)
+        failed = result.outcome == Outcome.FAILED
+        if result.drift and result.outcome != Outcome.DRY_RUN or failed:
+            (log.info if result.ok else log.warning)(
+                "self-heal", app=self.cfg.name, outcome=result.outcome.value, reason=result.reason,
+                revision=result.revision.sha if result.revision else None,
+                applied=[f"{c.action.value} {c.ref}" for c in result.applied],
+                duration_seconds=round(result.duration, 3))
+        if failed and not (result.plan and result.plan.errors):
+            # Not the objects but the way to the apiserver failed (unreachable, a result
+            # unknown): a reconcile retries soon, rather than leave the drift until the poll.
+            self._schedule_retry()
+        self._report_heal(result)
 
-    def _report_drift(self, change: ObjectChange, *, corrected: bool, error: str | None = None) -> None:
-        deleted = change.live is None
-        fields = [f for f in change.diff.fields if within(change.desired, f)] if change.diff and not deleted else []
-        managers = managers_of(change.live, fields) if change.live else ["unknown (the object was deleted)"]
-        action = "failed" if error else ("corrected" if corrected else "reported")
+    def _report_heal(self, result: SyncResult) -> None:
+        """One drift record per object that differed: corrected, reported (dry run) or failed."""
+        applied = {c.ref for c in result.applied}
+        revision = result.revision.sha if result.revision else self.last_applied
+        for drift in result.drift:
+            if result.outcome == Outcome.DRY_RUN:
+                self._report_drift(drift, action="reported", revision=revision)
+            elif drift.ref in applied:
+                self._report_drift(drift, action="corrected", revision=revision)
+            else:
+                self._report_drift(drift, action="failed", revision=revision, error=_error_of(drift, result))
+        if result.drift:
+            self._write_status()
+
+    def _report_drift(self, drift: Drift, *, action: str, revision: str | None, error: str | None = None) -> None:
         if action == "reported":
             # With self-heal off the same drift is seen at every poll: report it
             # once, again only when it changes.
-            key = (tuple(fields), deleted)
-            if self.reported.get(change.ref) == key:
+            key = (drift.fields, drift.deleted)
+            if self.reported.get(drift.ref) == key:
                 return
-            self.reported[change.ref] = key
+            self.reported[drift.ref] = key
         metrics.DRIFT_DETECTED.labels(app=self.cfg.name).inc()
-        if corrected:
+        if action == "corrected":
             metrics.DRIFT_CORRECTED.labels(app=self.cfg.name).inc()
-        log.warning("drift " + ("corrected" if corrected else "detected"), app=self.cfg.name,
-                    object=str(change.ref), deleted=deleted, fields=fields, managers=managers, action=action,
-                    error=error)
-        self.last_drift = {"time": _iso(_now()), "object": str(change.ref), "fields": fields,
-                           "managers": managers, "action": action}
+        log.warning("drift " + ("corrected" if action == "corrected" else "detected"), app=self.cfg.name,
+                    object=str(drift.ref), deleted=drift.deleted, fields=list(drift.fields),
+                    managers=list(drift.managers), action=action, error=error)
+        self.last_drift = {"time": _iso(_now()), "object": str(drift.ref), "fields": list(drift.fields),
+                           "managers": list(drift.managers), "action": action}
         self._record(audit.drift_record(
-            app=self.cfg.name, ref=change.ref, fields=fields, managers=managers, action=action,
-            revision=self.last_applied, instance=self.daemon.instance, deleted=deleted, error=error))
-        self._write_status()
+            app=self.cfg.name, ref=drift.ref, fields=drift.fields, managers=drift.managers, action=action,
+            revision=revision, instance=self.daemon.instance, deleted=drift.deleted, error=error))
 
     # ------------------------------------------------------------ status
 
@@ -448,5 +472,14 @@ class AppRunner:
         with self.lock:
             self.stopped = True
             self.cancel.set()
+            self.heal_cancel.set()
         if self.cache:
             self.cache.stop()
+
+
+def _error_of(drift: Drift, result: SyncResult) -> str:
+    """Why the heal did not correct this object: its own error line (the plan and
+    the apply name file and object first), else the heal's reason (an earlier
+    stage failed, the daemon stopped)."""
+    prefix = f"{drift.source}: {drift.ref}:"
+    return next((e for e in result.errors if e.startswith(prefix)), result.reason)

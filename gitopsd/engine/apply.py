@@ -7,6 +7,12 @@ on until Established; objects that could only be validated after stage 0 are
 dry-run then, and any error stops the sync before stage 1; stages 1..3 follow;
 prune runs last, in reverse stage order; finally the parent is narrowed.
 
+A partial plan (a self-heal, gitopsd.engine.plan) goes through the same
+stages but prunes nothing and never narrows the parent: it names only some
+of the app's objects, so its group-kinds and namespaces are not the app's.
+The parent is not even rewritten when it already records what the heal
+writes (the usual case: the objects are members of the last commit).
+
 Within a stage objects are independent and are applied concurrently by a
 bounded pool (the Kube's max_workers). A failure in a stage stops the later
 stages and the prune: nothing is deleted on a partial apply.
@@ -97,12 +103,14 @@ def _apply(kube: Kube, plan: Plan, out: ApplyOutcome, sent: set[int], *, prune: 
     writes = [c for c in plan.changes if c.action in (Action.CREATE, Action.UPDATE, Action.RECREATE) or c.deferred]
     prunes = [c for c in plan.changes if c.action == Action.PRUNE] if prune else []
     final_gks, final_nss = plan.group_kinds, plan.namespaces
-    if not writes and not prunes and inv.exists and inv.group_kinds == final_gks and \
-            inv.namespaces == final_nss | {inv.namespace}:
+    if not writes and not prunes and (plan.partial or inv.exists and inv.group_kinds == final_gks and
+                                      inv.namespaces == final_nss | {inv.namespace}):
         return  # nothing to do, not even on the parent
 
-    inventory.write(kube, inv, group_kinds=inv.group_kinds | final_gks,
-                    namespaces=inv.namespaces | final_nss)
+    recorded = inv.exists and final_gks <= inv.group_kinds and final_nss <= inv.namespaces
+    if not (plan.partial and recorded):
+        inventory.write(kube, inv, group_kinds=inv.group_kinds | final_gks,
+                        namespaces=inv.namespaces | final_nss)
 
     for stage in STAGES:
         if stage == 1 and any(c.deferred for c in plan.changes):
@@ -139,6 +147,8 @@ def _apply(kube: Kube, plan: Plan, out: ApplyOutcome, sent: set[int], *, prune: 
                 progress("prune", change)
     if out.errors:
         return  # keep the widened parent: the next sync retries the prune
+    if plan.partial:
+        return  # a part of the app (a self-heal): the parent keeps the whole app's record
     kept_gks = {r.group_kind for r in plan.kept + plan.orphans}
     kept_nss = {r.namespace for r in plan.kept + plan.orphans if r.namespace}
     inventory.write(kube, inv, group_kinds=final_gks | kept_gks, namespaces=final_nss | kept_nss)

@@ -28,6 +28,13 @@ Prune safety lives here too: the prune set is only members (our label) that
 left Git, minus what is annotated `gitopsd.io/prune: disabled`, minus
 Namespaces that still hold objects of the commit or objects gitopsd does not
 manage.
+
+A partial plan (a self-heal: some objects of the last applied commit) is
+judged by the same code, but reads only those objects' live state, has no
+prune set (what it does not name is not "gone from Git"), and leaves out
+objects that are being deleted, or whose Namespace or CRD is: applying them
+now would fail or be undone, and the deletion's own watch event brings them
+back once it has finished (Plan.waiting).
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Collection, Protocol
 
 import orjson
 
@@ -109,6 +116,8 @@ class Plan:
     orphans: list[ObjectRef] = field(default_factory=list)     # left Git, prune off for this run
     members: int = 0                                           # live members found
     targets: set = field(default_factory=set)                  # (Resource, namespace) searched for members
+    partial: bool = False                  # some objects of the app (a self-heal): no prune, parent left as is
+    waiting: list[ObjectRef] = field(default_factory=list)     # partial: being deleted, judged once gone
 
     def of(self, action: Action) -> list[ObjectChange]:
         return [c for c in self.changes if c.action == action]
@@ -145,14 +154,18 @@ def prepare(obj: dict, inv: Inventory) -> dict:
 
 def make_plan(kube: Kube, manifests: list[Manifest], inv: Inventory, *, prune: bool = True,
               recreate: bool = False, allowed_namespaces: tuple[str, ...] | None = None,
-              cache: LiveCache | None = None) -> Plan:
+              cache: LiveCache | None = None, partial: bool = False) -> Plan:
     """Decide, for the whole app, what applying this commit would do.
 
     With `allowed_namespaces`, an object outside them (or cluster-scoped) is
     an error before any request: a tenant's repo cannot write elsewhere even
     when gitopsd's RBAC would let it.
+
+    `partial`: `manifests` are only some of the app's objects (a self-heal,
+    see the module docstring). Their live state comes from `cache` when it
+    is synced, else from a GET each; no member LIST, no prune set.
     """
-    plan = Plan(app=inv.app, inventory=inv)
+    plan = Plan(app=inv.app, inventory=inv, partial=partial)
     crd_kinds = _crd_kinds(manifests)
     commit_namespaces = {m.obj["metadata"]["name"] for m in manifests
                          if m.obj.get("kind") == "Namespace" and m.obj.get("apiVersion") == "v1"}
@@ -184,11 +197,17 @@ def make_plan(kube: Kube, manifests: list[Manifest], inv: Inventory, *, prune: b
             continue
         changes.append(change)
 
-    plan.targets = member_targets(kube, inv, changes)
-    members = _list_members(kube, inv, plan.targets, cache)
+    if partial:
+        plan.targets = member_targets(kube, None, changes)
+        members = _cached_members(plan.targets, cache) or {}
+    else:
+        plan.targets = member_targets(kube, inv, changes)
+        members = _list_members(kube, inv, plan.targets, cache)
     plan.members = len(members)
     _find_non_members(kube, changes, members, plan)
     changes = [c for c in changes if c.desired is not None]  # refused: owned by another app
+    if partial:
+        changes = _not_going_away(changes, plan)
 
     def judge(change: ObjectChange) -> None:
         _judge(kube, change, plan, commit_namespaces=commit_namespaces, recreate=recreate)
@@ -206,6 +225,8 @@ def make_plan(kube: Kube, manifests: list[Manifest], inv: Inventory, *, prune: b
         crd_ids = {id(c) for c in crds}
         list(pool.map(judge, [c for c in changes if not c.deferred and id(c) not in crd_ids]))
     plan.changes = changes
+    if partial:
+        return plan   # what it does not name is not gone from Git: nothing to prune or keep
 
     desired_refs = {c.ref for c in changes}
     desired_namespaces = {c.ref.namespace for c in changes if c.ref.namespace}
@@ -238,6 +259,36 @@ def make_plan(kube: Kube, manifests: list[Manifest], inv: Inventory, *, prune: b
             res = kube.resource_for_group_kind(ref.group, ref.kind)
             plan.changes.append(ObjectChange(ref=ref, action=Action.PRUNE, live=live, resource=res))
     return plan
+
+
+def heal_set(manifests: list[Manifest], refs: Collection[ObjectRef]) -> list[Manifest]:
+    """What a self-heal of `refs` plans (in manifest order): those objects of
+    the last applied commit, what they stand on, and what stands on them.
+
+    - The Namespace of each (when the app has it) and the CRD of each custom
+      resource: the partial plan must see them Terminating (then it waits,
+      see make_plan) or gone (then they are re-created first, stage 0).
+    - Every object the app keeps in a drifted Namespace and every custom
+      resource of a drifted CRD: deleting either deleted those too, and only
+      the Namespace's or CRD's own event says so once it is gone.
+    What is still as gitopsd applied it costs no request to plan (the
+    member cache and the ownership fast path), so the hot path of one hand
+    edit stays one dry-run and one apply.
+    """
+    by_ref = {ref_of(m.obj): m for m in manifests}
+    drifted = {r for r in refs if r in by_ref}
+    drifted_namespaces = {r.name for r in drifted if (r.group, r.kind) == NAMESPACE_KEY}
+    drifted_crd_kinds = {_crd_defines(by_ref[r].obj) for r in drifted if (r.group, r.kind) == CRD_KEY}
+    used_namespaces = {r.namespace for r in drifted if r.namespace}
+    used_kinds = {(r.group, r.kind) for r in drifted}
+
+    def wanted(ref: ObjectRef, m: Manifest) -> bool:
+        key = (ref.group, ref.kind)
+        return (ref in drifted
+                or ref.namespace in drifted_namespaces or key in drifted_crd_kinds    # stands on one
+                or (key == NAMESPACE_KEY and ref.name in used_namespaces)            # one stands on it
+                or (key == CRD_KEY and _crd_defines(m.obj) in used_kinds))
+    return [m for ref, m in by_ref.items() if wanted(ref, m)]
 
 
 # Labels that mark gitopsd's own objects: an ApplySet parent (its id) and an
@@ -353,18 +404,10 @@ def judge_deferred(kube: Kube, plan: Plan, *, recreate: bool = False) -> list[st
     return plan.errors[before:]
 
 
-def judge_one(kube: Kube, change: ObjectChange, *, recreate: bool = False) -> list[str]:
-    """Re-plan a single object (self-heal): sets change.action/diff; returns errors."""
-    scratch = Plan(app="", inventory=None)  # type: ignore[arg-type]
-    if change.resource is None:
-        change.resource = kube.resource(change.desired["apiVersion"], change.desired["kind"])
-    _judge(kube, change, scratch, commit_namespaces=set(), recreate=recreate)
-    return scratch.errors
-
-
 # ------------------------------------------------------------------ internals
 
 CRD_KEY = ("apiextensions.k8s.io", "CustomResourceDefinition")
+NAMESPACE_KEY = ("", "Namespace")
 
 
 def _crd_defines(crd: dict) -> tuple[str, str]:
@@ -378,13 +421,14 @@ def _crd_kinds(manifests: list[Manifest]) -> set[tuple[str, str]]:
             if (split_api_version(m.obj.get("apiVersion", ""))[0], m.obj.get("kind")) == CRD_KEY}
 
 
-def member_targets(kube: Kube, inv: Inventory, changes: list[ObjectChange]) -> set[tuple[Resource, str | None]]:
-    """Every group-kind x namespace where members may live: desired ones and the parent's record."""
+def member_targets(kube: Kube, inv: Inventory | None, changes: list[ObjectChange]) -> set[tuple[Resource, str | None]]:
+    """Every group-kind x namespace where members may live: desired ones and the parent's record
+    (without `inv`: the desired ones only)."""
     targets: set[tuple[Resource, str | None]] = set()
     for c in changes:
         if c.resource is not None:
             targets.add((c.resource, c.ref.namespace if c.resource.namespaced else None))
-    for gk in inv.group_kinds:
+    for gk in (inv.group_kinds if inv is not None else ()):
         group, kind = split_group_kind(gk)
         res = kube.resource_for_group_kind(group, kind)
         if res is None:
@@ -396,15 +440,24 @@ def member_targets(kube: Kube, inv: Inventory, changes: list[ObjectChange]) -> s
     return targets
 
 
+def _cached_members(targets: set[tuple[Resource, str | None]],
+                    cache: LiveCache | None) -> dict[ObjectRef, dict] | None:
+    """Live members in `targets` from the watch cache; None unless it has synced all of them."""
+    if cache is None or not targets <= cache.targets:
+        return None
+    cached = cache.members()
+    if cached is None:
+        return None
+    wanted = {(res.group, res.kind, ns or "") for res, ns in targets}
+    return {ref: obj for ref, obj in cached.items() if (ref.group, ref.kind, ref.namespace) in wanted}
+
+
 def _list_members(kube: Kube, inv: Inventory, targets: set[tuple[Resource, str | None]],
                   cache: LiveCache | None) -> dict[ObjectRef, dict]:
     """Live members: from the watch cache when it covers every target, else one LIST per target."""
-    if cache is not None and targets <= cache.targets:
-        cached = cache.members()
-        if cached is not None:
-            wanted = {(res.group, res.kind, ns or "") for res, ns in targets}
-            return {ref: obj for ref, obj in cached.items()
-                    if (ref.group, ref.kind, ref.namespace) in wanted}
+    cached = _cached_members(targets, cache)
+    if cached is not None:
+        return cached
 
     def fetch(target):
         res, ns = target
@@ -419,6 +472,33 @@ def _list_members(kube: Kube, inv: Inventory, targets: set[tuple[Resource, str |
                 if (item["metadata"].get("labels") or {}).get(PART_OF_LABEL) == inv.id:
                     members[ref_of(item)] = item
     return members
+
+
+def _not_going_away(changes: list[ObjectChange], plan: Plan) -> list[ObjectChange]:
+    """A partial plan's changes minus those being deleted, or whose Namespace or CRD
+    (in this plan) is; those are named in plan.waiting.
+
+    A Namespace deleted by hand goes Terminating, its objects go, then it
+    does: an apply in between is refused ("being terminated") or deleted
+    again. The heal of the Namespace's own DELETED event brings them all
+    back, in stage order (heal_set plans a Namespace with what the app
+    keeps in it, a CRD with its custom resources).
+    """
+    gone_namespaces = {c.ref.name for c in changes
+                       if (c.ref.group, c.ref.kind) == NAMESPACE_KEY and _terminating(c.live)}
+    gone_kinds = {_crd_defines(c.desired) for c in changes if (c.ref.group, c.ref.kind) == CRD_KEY
+                  and _terminating(c.live)}
+    keep = []
+    for c in changes:
+        if _terminating(c.live) or c.ref.namespace in gone_namespaces or (c.ref.group, c.ref.kind) in gone_kinds:
+            plan.waiting.append(c.ref)
+        else:
+            keep.append(c)
+    return keep
+
+
+def _terminating(live: dict | None) -> bool:
+    return bool(live and (live.get("metadata") or {}).get("deletionTimestamp"))
 
 
 def _find_non_members(kube: Kube, changes: list[ObjectChange], members: dict[ObjectRef, dict], plan: Plan) -> None:

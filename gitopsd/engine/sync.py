@@ -6,6 +6,10 @@ The CLI (`gitopsd diff`, `gitopsd sync`) and the daemon call exactly this
 code. Each stage is a module with one job; this file only orchestrates and
 turns what the stages report into one SyncResult.
 
+A self-heal (`heal`) is a small commit through the same code: the objects
+that drifted, planned against live state and applied in stages with the
+same guards, health wait and result — only without fetch, render and prune.
+
 Failure rules: a source or render error stops before the cluster is touched
 (and never prunes); a plan error (any invalid object) stops before the first
 write and reports every invalid object; an apply error in one stage stops
@@ -31,14 +35,15 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection
 
 import structlog
 
 from gitopsd import redact
 from gitopsd.engine import health, inventory, render, source
 from gitopsd.engine.apply import ApplyOutcome, apply_plan
-from gitopsd.engine.plan import Action, LiveCache, ObjectChange, Plan, make_plan
+from gitopsd.engine.diff import compare, managers_of, within
+from gitopsd.engine.plan import Action, LiveCache, ObjectChange, Plan, heal_set, make_plan
 from gitopsd.errors import GitopsdError, LeadershipLost, RenderError
 from gitopsd.kube import Kube
 from gitopsd.objects import ObjectRef, ref_of
@@ -92,6 +97,7 @@ class SyncResult:
     errors: list[str] = field(default_factory=list)
     started: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     duration: float = 0.0
+    drift: list["Drift"] = field(default_factory=list)   # heal: what differed, read before the apply
 
     @property
     def ok(self) -> bool:
@@ -187,29 +193,85 @@ def sync(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None, dry_run: bo
     (gitopsd.daemon.leader.FencedKube) and refused a write: the one exception,
     because a replica that lost the lease must record nothing about it.
     """
-    started = time.monotonic()
     result = SyncResult(app=app.name, outcome=Outcome.FAILED)
     do_prune = app.prune if prune is None else prune
+
+    def plan() -> Plan:
+        result.revision, planned = fetch_and_plan(kube, app, cache_dir=cache_dir, prune=do_prune, cache=cache,
+                                                  inv=inv, on_revision=on_revision)
+        return planned
+
+    def held() -> str | None:
+        if dry_run:
+            return "dry run: nothing was written"
+        if hold_revision is not None and result.revision.sha == hold_revision:
+            return "drift reported, not corrected: self-heal is off and the commit is unchanged"
+        return None
+
+    return _run(kube, app, result, plan=plan, held=held, prune=do_prune, on_progress=on_progress,
+                on_health=on_health, cancel=cancel)
+
+
+def heal(kube: Kube, app: AppSpec, *, manifests: list[render.Manifest], refs: Collection[ObjectRef],
+         revision: source.Revision | None, inv: inventory.Inventory, cache: LiveCache | None = None,
+         dry_run: bool = False, on_progress: Progress | None = None,
+         on_health: Callable[[health.ObjectHealth], None] | None = None,
+         cancel: threading.Event | None = None) -> SyncResult:
+    """Self-heal: put `refs` back as `manifests` (the last applied commit's) say — a small commit.
+
+    The same pipeline as `sync`, minus fetch and render: a partial plan of
+    those objects and what they stand on (gitopsd.engine.plan.heal_set),
+    judged by the same code (live state from `cache` when it is synced, the
+    ownership fast path, a dry-run for the rest), then the same staged
+    apply, health wait and SyncResult. It never prunes and leaves the
+    ApplySet parent's record of the whole app alone (Plan.partial).
+    `result.drift` says, for each object that differed, what and who
+    changed it, read before anything was written. `dry_run` (self-heal
+    off): plan and report only, outcome DryRun. Raises LeadershipLost like
+    `sync`.
+    """
+    result = SyncResult(app=app.name, outcome=Outcome.FAILED, revision=revision)
+
+    def plan() -> Plan:
+        planned = make_plan(kube, heal_set(manifests, refs), inv, prune=False, recreate=app.recreate,
+                            allowed_namespaces=app.allowed_namespaces, cache=cache, partial=True)
+        result.drift = [drift_of(c) for c in planned.changes if c.action != Action.UNCHANGED]
+        return planned
+
+    def held() -> str | None:
+        return "drift reported, not corrected: self-heal is off" if dry_run else None
+
+    return _run(kube, app, result, plan=plan, held=held, prune=False, on_progress=on_progress,
+                on_health=on_health, cancel=cancel)
+
+
+def _run(kube: Kube, app: AppSpec, result: SyncResult, *, plan: Callable[[], Plan],
+         held: Callable[[], str | None], prune: bool, on_progress: Progress | None,
+         on_health: Callable[[health.ObjectHealth], None] | None,
+         cancel: threading.Event | None) -> SyncResult:
+    """plan -> guard -> apply -> prune -> health -> `result`: what `sync` and `heal` share.
+
+    `held()` (asked once the plan is valid) names why nothing may be
+    written, making the outcome DryRun; None lets the apply go ahead.
+    """
+    started = time.monotonic()
     try:
-        result.revision, plan = fetch_and_plan(kube, app, cache_dir=cache_dir, prune=do_prune, cache=cache,
-                                               inv=inv, on_revision=on_revision)
-        result.plan = plan
-        if plan.errors:
+        result.plan = planned = plan()
+        if planned.errors:
             # Sorted (by file, then object): the dry-runs finish in any order, and a
             # repeated failure must read the same to be recognised as the same.
-            result.errors = sorted(plan.errors)
+            result.errors = sorted(planned.errors)
             result.reason = _cause("invalid object", result.errors) + "; nothing was applied"
             return result
-        refused = prune_guard(app, plan) if do_prune else None
+        refused = prune_guard(app, planned) if prune else None
         if refused:
             result.outcome, result.reason = Outcome.REFUSED, refused
             return result
-        if dry_run or (hold_revision is not None and result.revision.sha == hold_revision):
-            result.outcome = Outcome.DRY_RUN
-            result.reason = ("dry run: nothing was written" if dry_run else
-                             "drift reported, not corrected: self-heal is off and the commit is unchanged")
+        why = held()
+        if why:
+            result.outcome, result.reason = Outcome.DRY_RUN, why
             return result
-        outcome: ApplyOutcome = apply_plan(kube, plan, prune=do_prune, recreate=app.recreate,
+        outcome: ApplyOutcome = apply_plan(kube, planned, prune=prune, recreate=app.recreate,
                                            on_progress=on_progress)
         result.applied, result.pruned = outcome.applied, outcome.pruned
         if not outcome.ok:
@@ -220,7 +282,7 @@ def sync(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None, dry_run: bo
             result.outcome, result.reason = Outcome.NO_CHANGE, "in sync"
             return result
         result.health = _wait_healthy(kube, outcome.applied, app=app, cancel=cancel, on_change=on_health,
-                                      selector=plan.inventory.selector)
+                                      selector=planned.inventory.selector)
         healthy, why = health.summarize(result.health)
         if healthy:
             result.outcome, result.reason = Outcome.APPLIED, _summary(outcome)
@@ -242,6 +304,37 @@ def sync(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None, dry_run: bo
     finally:
         result.duration = time.monotonic() - started
         _scrub(result)
+
+
+@dataclass(frozen=True)
+class Drift:
+    """One object found changed or deleted outside Git, as it was before anything was written."""
+
+    ref: ObjectRef
+    source: str                     # the manifest's file
+    fields: tuple[str, ...]         # changed paths that Git sets (none when deleted)
+    managers: tuple[str, ...]       # field managers that own those paths now: who edited
+    deleted: bool
+
+
+def drift_of(change: ObjectChange) -> Drift:
+    """What differs in a planned change (create/update/recreate) and who made it differ.
+
+    Only paths the desired object sets count: a controller's writes to
+    fields Git leaves alone (a Deployment's revision annotation) are not
+    drift, and would name the controller as the hand that edited. A change
+    the server refused to dry-run (an immutable field, an admission policy)
+    has no diff: its fields are read from the desired object itself then.
+    """
+    deleted = change.live is None
+    if deleted:
+        fields = []
+    else:
+        found = change.diff or compare(change.live, change.desired, label=str(change.ref))
+        fields = [f for f in found.fields if within(change.desired, f)]
+    managers = managers_of(change.live, fields) if change.live else ["unknown (the object was deleted)"]
+    return Drift(ref=change.ref, source=change.source, fields=tuple(fields), managers=tuple(managers),
+                 deleted=deleted)
 
 
 # A reason is one line: enough for the first problem's file and message, not a page of tool output.

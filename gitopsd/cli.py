@@ -364,6 +364,7 @@ def default_app_name(repo: str, path: str) -> str:
 
 
 def _app_spec(args):
+    from gitopsd.config import Helm
     from gitopsd.engine import source
     from gitopsd.engine.sync import AppSpec
     from gitopsd.errors import GitopsdError
@@ -383,8 +384,10 @@ def _app_spec(args):
         extra = dict(prune=args.prune, prune_guard=args.prune_guard, allow_prune_all=args.allow_prune_all,
                      recreate=args.recreate, timeout=args.timeout)
     return AppSpec(name=args.app or default_app_name(args.repo, args.path), repo=args.repo, ref=args.ref,
-                   path=args.path, namespace=args.namespace, render=args.render, helm_values=tuple(args.values),
-                   allow_remote_bases=args.allow_remote_bases, credentials=creds, inventory_namespace=args.inventory_namespace, **extra)
+                   path=args.path, namespace=args.namespace, render=args.render,
+                   helm=Helm(values_files=tuple(args.values)) if args.values else None,
+                   allow_remote_bases=args.allow_remote_bases, credentials=creds,
+                   inventory_namespace=args.inventory_namespace, **extra)
 
 
 def _print(data, *, output: str, text: str) -> None:

@@ -19,6 +19,8 @@ from gitopsd.config import (
     ConfigChange,
     ConfigError,
     CredentialsRef,
+    Helm,
+    SecretRef,
     WebhookConfig,
     _os_problem,
     check_share,
@@ -85,7 +87,7 @@ def test_minimal_app_gets_defaults() -> None:
 
 @pytest.mark.parametrize("text", ["apps: []\n", "apps: []\n# - name: web\n#   repo: r\n", "apps: []\nwebhook: {}\n"])
 def test_apps_empty_list_is_the_explicit_way_to_run_no_apps(text: str) -> None:
-    assert parse(text) == Config()
+    assert parse(text) == Config(apps=())
 
 
 @pytest.mark.parametrize(("text", "problem"), [
@@ -133,7 +135,7 @@ def test_empty_config_file_is_an_error(tmp_path: Path, content: str) -> None:
 def test_explicit_empty_apps_file_loads_as_no_apps(tmp_path: Path) -> None:
     path = tmp_path / "apps.yaml"
     path.write_text("# every app moved to the new cluster\napps: []\n")
-    assert load(path) == Config()
+    assert load(path) == Config(apps=())
 
 
 def test_unreadable_config_file_is_an_error(tmp_path: Path) -> None:
@@ -183,10 +185,9 @@ def test_full_app_round_trips_every_field() -> None:
         prune=False,
         self_heal=False,
         render="helm",
-        helm_values=("values.yaml", "values-prod.yaml"),
-        helm_release="web",
+        helm=Helm(values_files=("values.yaml", "values-prod.yaml"), release_name="web"),
         allow_remote_bases=True,
-        credentials=CredentialsRef(secret_name="fleet-git"),
+        credentials=CredentialsRef(secret_ref=SecretRef(name="fleet-git")),
         allowed_namespaces=("production", "monitoring"),
         prune_guard=0.25,
         allow_prune_all=True,
@@ -491,7 +492,7 @@ def test_diff_reports_added_removed_changed_apps() -> None:
     assert diff(old, new) == ConfigChange(added=("new",), removed=("old",), changed=("api", "web"),
                                           webhook_changed=True)
     assert diff(new, new).empty
-    assert diff(Config(), Config()) == ConfigChange()
+    assert diff(Config(apps=()), Config(apps=())) == ConfigChange()
 
 
 def test_to_spec_carries_every_setting() -> None:
@@ -500,10 +501,10 @@ def test_to_spec_carries_every_setting() -> None:
     spec = app.to_spec(inventory_namespace="gitopsd-system", credentials=creds)
     assert spec == AppSpec(
         name="web-production", repo="https://git.example.com/fleet.git", ref="v1.2.3",
-        path="web/overlays/production", namespace="production", render="helm",
-        helm_values=("values.yaml", "values-prod.yaml"), helm_release="web", allow_remote_bases=True,
-        prune=False, prune_guard=0.25,
-        allow_prune_all=True, recreate=True, timeout=90.0, credentials=creds,
+        path="web/overlays/production", namespace="production", interval=5400.0, prune=False, self_heal=False,
+        render="helm", helm=Helm(values_files=("values.yaml", "values-prod.yaml"), release_name="web"),
+        allow_remote_bases=True, prune_guard=0.25, allow_prune_all=True, recreate=True, suspend=True, timeout=90.0,
+        credentials=creds,
         inventory_namespace="gitopsd-system", allowed_namespaces=("production", "monitoring"),
     )
     # Every AppSpec field is either carried from the config or given by the caller.

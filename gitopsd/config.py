@@ -790,13 +790,23 @@ def schema() -> dict[str, Any]:
     fields (credentials of one kind, namespace within allowedNamespaces)
     and YAML's own traps are for `gitopsd config validate`."""
     generated = _ADAPTER.json_schema(by_alias=True, schema_generator=_FileSchema)
-    return {"$schema": _FileSchema.schema_dialect, **generated, "title": "gitopsd config"}
+    generated.pop("title", None)
+    return {"$schema": _FileSchema.schema_dialect, "title": "gitopsd config", **generated}
 
 
 class _FileSchema(GenerateJsonSchema):
     """The schema of the file as a user writes it: no `null` (an empty value
-    is an error in the file), no `default: null`, and no titles made up
-    from Python names (the keys and descriptions say it)."""
+    is an error in the file), no `default: null`, no titles made up from
+    Python names (the keys say it), and of each docstring only its first
+    paragraph (the rest is for programmers)."""
+
+    def generate(self, schema, mode="validation"):  # noqa: ANN001, ANN201 - pydantic's signature
+        generated = super().generate(schema, mode=mode)
+        for section in (generated, *generated.get("$defs", {}).values()):
+            for node in (section, *section.get("properties", {}).values()):
+                if "description" in node:
+                    node["description"] = " ".join(node["description"].split("\n\n")[0].split())
+        return generated
 
     def nullable_schema(self, schema):  # noqa: ANN001, ANN201 - pydantic's signature
         return self.generate_inner(schema["schema"])

@@ -79,7 +79,8 @@ def configure(*, fmt: str = "auto", level: str = "info", stream: TextIO | None =
     renderer = (structlog.dev.ConsoleRenderer(colors=stream.isatty(), sort_keys=False) if console
                 else structlog.processors.JSONRenderer(sort_keys=False))
     formatter = ProcessorFormatter(
-        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+        # No ExtraAdder: a record's attributes include what other handlers set on it (`message`).
+        foreign_pre_chain=shared,
         processors=[
             ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,

@@ -652,8 +652,8 @@ def sample_configs(tmp_path: Path) -> dict[str, str]:
     write_config(tmp_path / "quickstart.yaml", tmp_path / "fleet.git")
     configs["hack/quickstart.py"] = (tmp_path / "quickstart.yaml").read_text()
     readme = (ROOT / "README.md").read_text()
-    configs["README.md"] = next(block for block in re.findall(r"```yaml\n(.*?)```", readme, re.S)
-                                if block.startswith("apps:"))
+    examples = [block for block in re.findall(r"```yaml\n(.*?)```", readme, re.S) if re.search(r"^apps:", block, re.M)]
+    configs.update({f"README.md example {i}": block for i, block in enumerate(examples, 1)})
     return configs
 
 
@@ -669,7 +669,7 @@ def config_schema() -> dict:
 def test_schema_command_prints_a_json_schema_that_accepts_the_sample_configs(config_schema, tmp_path) -> None:
     validator = jsonschema.Draft202012Validator(config_schema)
     configs = sample_configs(tmp_path)
-    assert len(configs) >= 4, configs.keys()
+    assert len(configs) >= 5, configs.keys()
     for name, text in configs.items():
         data = yaml.safe_load(text)
         assert list(validator.iter_errors(data)) == [], name

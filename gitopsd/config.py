@@ -33,6 +33,12 @@ Rules that shape the code:
   such as `selfheal` silently falling back to a default is how a production
   app ends up pruned. Python's own names (`self_heal`) are refused in the
   file too; code may construct the model with them.
+- Each field's own check applies everywhere (a file, the CLI's flags, an
+  `AppSpec` built in code). Rules that catch a human's slip in the file —
+  rules across fields (one kind of credentials, namespace within
+  allowedNamespaces, helm settings with a helm renderer) and an empty
+  `key:` — apply while reading a file (`parse` passes a validation
+  context); code says what it means.
 - "No apps" must be written down: `apps: []`. A missing, unreadable or empty
   file, or one whose `apps:` is absent or empty, is a ConfigError: a file
   deleted, truncated or caught half-written looks exactly like that, and
@@ -450,7 +456,7 @@ class _Section:
     #: Where a secret written inline belongs instead.
     _secret_hint = _CREDENTIALS_HINT
     #: Keys refused with a reason of their own instead of "unknown field".
-    _refused = {}  # noqa: RUF012 - not annotated: class attributes, not fields
+    _refused = {}  # (not annotated: class attributes, not fields)
     #: Fields for which `key:` with nothing after it means the default.
     _null_is_default = ()
 
@@ -471,7 +477,7 @@ class _Section:
 class SecretRef(_Section):
     """A Secret in gitopsd's own namespace with keys `token` (and `username`), or `identity` and `known_hosts`."""
 
-    _refused = {"namespace": "not allowed: the Secret is always read from gitopsd's own namespace, "  # noqa: RUF012
+    _refused = {"namespace": "not allowed: the Secret is always read from gitopsd's own namespace, "
                              "so an app cannot borrow another namespace's credentials"}
 
     name: SecretName
@@ -800,7 +806,7 @@ class _FileSchema(GenerateJsonSchema):
     Python names (the keys say it), and of each docstring only its first
     paragraph (the rest is for programmers)."""
 
-    def generate(self, schema, mode="validation"):  # noqa: ANN001, ANN201 - pydantic's signature
+    def generate(self, schema, mode="validation"):
         generated = super().generate(schema, mode=mode)
         for section in (generated, *generated.get("$defs", {}).values()):
             for node in (section, *section.get("properties", {}).values()):
@@ -808,16 +814,16 @@ class _FileSchema(GenerateJsonSchema):
                     node["description"] = " ".join(node["description"].split("\n\n")[0].split())
         return generated
 
-    def nullable_schema(self, schema):  # noqa: ANN001, ANN201 - pydantic's signature
+    def nullable_schema(self, schema):
         return self.generate_inner(schema["schema"])
 
-    def default_schema(self, schema):  # noqa: ANN001, ANN201
+    def default_schema(self, schema):
         generated = super().default_schema(schema)
         if schema.get("default") is None or is_pydantic_dataclass(type(schema.get("default"))):
             generated.pop("default", None)
         return generated
 
-    def field_title_should_be_set(self, schema) -> bool:  # noqa: ANN001
+    def field_title_should_be_set(self, schema) -> bool:
         return False
 
 

@@ -335,9 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", parents=[debug], help="the config file: its JSON Schema, or check a file")
     csub = c.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
     cs = csub.add_parser("schema", parents=[debug], help="print the config file's JSON Schema (for editors)",
-                    description="Print the JSON Schema (draft 2020-12) of `gitopsd run --config FILE`. Point "
-                                "your editor at it, e.g. with a first line `# yaml-language-server: "
-                                "$schema=gitopsd-config.schema.json` (VS Code's YAML extension, Neovim, Helix).")
+                         description="Print the JSON Schema (draft 2020-12) of `gitopsd run --config FILE`. Point "
+                                     "your editor at it, e.g. with a first line `# yaml-language-server: "
+                                     "$schema=gitopsd-config.schema.json` (VS Code's YAML extension, Neovim, "
+                                     "Helix).")
     cv = csub.add_parser("validate", parents=[debug], help="check a config file as the daemon would",
                          description="Check FILE as `gitopsd run` reads it, without a cluster. Exit 0 valid, 1 "
                                      "invalid (every problem named), 2 on error.")
@@ -500,8 +501,9 @@ def _record_sync(kube, app, result) -> None:
     """Write the one audit record of a CLI sync (trigger "cli") into the app's trail.
 
     The structured log line goes to stderr (`main` configured it): stdout is
-    the command's own output (one JSON document with -o json). A record the store refuses is reported
-    on stderr but does not change the exit code: the cluster change happened.
+    the command's own output (one JSON document with -o json). A record the
+    store refuses is reported on stderr but does not change the exit code:
+    the cluster change happened.
     """
     from gitopsd import audit
     from gitopsd.errors import GitopsdError

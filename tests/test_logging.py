@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import structlog
@@ -28,7 +28,7 @@ ENVELOPE = ["timestamp", "level", "logger", "event"]
 
 
 @pytest.fixture
-def lines() -> Iterator[callable]:
+def lines() -> Iterator[Callable[[], list[dict]]]:
     """Configure JSON logging to a buffer; call the fixture's value for the lines written so far, parsed."""
     out = io.StringIO()
     log.configure(fmt="json", level="info", stream=out)

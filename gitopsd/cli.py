@@ -6,6 +6,10 @@ error; sync exits 0 when applied (or nothing to do), 1 when Unhealthy or
 refused by the prune guard, 2 when it failed. A sync (not --dry-run) writes
 one audit record (trigger "cli") to the app's trail in --inventory-namespace.
 
+`config schema` prints the config file's JSON Schema (for editors);
+`config validate FILE` checks a file as the daemon would and exits 1 when
+it is invalid, naming every problem.
+
 `history` and `audit verify` read that trail (gitopsd.audit): history exits
 1 when nothing is recorded (or, with --at, nothing was live then); verify
 exits 1 when the chain is broken. `status APP` exits 1 when APP never
@@ -19,6 +23,11 @@ words), and a bad value is an argparse usage error (exit 2) naming the flag,
 the value and why. Errors a user can cause print one message, no traceback
 (`--debug` adds it); an unexpected exception is a bug: one line saying so,
 then its traceback once, exit 2.
+
+Every command takes ``--log-level`` (debug, info, warning, error; default
+$GITOPSD_LOG_LEVEL or info). The daemon logs to stdout (its pod log); the
+other commands log to stderr, so stdout stays their own output (one JSON
+document with -o json).
 """
 
 from __future__ import annotations
@@ -43,6 +52,8 @@ from gitopsd import config as cfg
 MAX_CONCURRENCY = 256
 #: `history --limit`: a bound so a typo cannot ask for a billion records.
 MAX_LIMIT = 1_000_000
+#: `--log-level` (gitopsd.log.LEVELS; not imported from there: `--help` should not wait for structlog).
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 # --------------------------------------------------------------------------
@@ -172,6 +183,8 @@ class _EnvDefault:
 
 
 _NS_ENV = "GITOPSD_NAMESPACE"
+#: Environment defaults of every command's own flags (`_ENV_DEFAULTS` has the others).
+_COMMON_ENV_DEFAULTS = (_EnvDefault("log_level", "--log-level", "GITOPSD_LOG_LEVEL", "info", choices=LOG_LEVELS),)
 _ENV_DEFAULTS: dict[str, tuple[_EnvDefault, ...]] = {
     "diff": (_EnvDefault("inventory_namespace", "--inventory-namespace", _NS_ENV, "gitopsd-system", NAMESPACE),),
     "sync": (_EnvDefault("inventory_namespace", "--inventory-namespace", _NS_ENV, "gitopsd-system", NAMESPACE),),
@@ -197,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     # SUPPRESS: given before or after the subcommand, a subparser default never resets it.
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="print the traceback of an error too")
+    debug.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS,
+                       help="debug shows the libraries' lines too (urllib3, apscheduler, ...), which stay at "
+                            "warning otherwise (default $GITOPSD_LOG_LEVEL or info)")
     parser = argparse.ArgumentParser(
         prog="gitopsd", parents=[debug],
         description="Keep a Kubernetes cluster converged to the manifests in a Git repository.",
@@ -315,7 +331,20 @@ def build_parser() -> argparse.ArgumentParser:
                                     "edited, missing or out-of-order record is named), 2 on error.")
     v.add_argument("app", type=APP, help="the app (= ApplySet) name")
     _audit_store_args(v)
-    for p in (sub.choices["diff"], s, r, st, h, v):
+
+    c = sub.add_parser("config", parents=[debug], help="the config file: its JSON Schema, or check a file")
+    csub = c.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
+    cs = csub.add_parser("schema", parents=[debug], help="print the config file's JSON Schema (for editors)",
+                         description="Print the JSON Schema (draft 2020-12) of `gitopsd run --config FILE`. Point "
+                                     "your editor at it, e.g. with a first line `# yaml-language-server: "
+                                     "$schema=gitopsd-config.schema.json` (VS Code's YAML extension, Neovim, "
+                                     "Helix).")
+    cv = csub.add_parser("validate", parents=[debug], help="check a config file as the daemon would",
+                         description="Check FILE as `gitopsd run` reads it, without a cluster. Exit 0 valid, 1 "
+                                     "invalid (every problem named), 2 on error.")
+    cv.add_argument("file", type=FILE, metavar="FILE", help="the apps file (YAML)")
+    cv.add_argument("--output", "-o", default="text", choices=["text", "json"])
+    for p in (sub.choices["diff"], s, r, st, h, v, cs, cv):
         p.set_defaults(usage_error=p.error)   # for the rules between flags, checked after parsing
     return parser
 
@@ -338,8 +367,8 @@ def _finish_args(args: argparse.Namespace) -> None:
     """Defaults from the environment, and rules between flags; a problem is a
     usage error (exit 2) like a bad flag."""
     error = args.usage_error
-    for d in _ENV_DEFAULTS.get(args.command, ()):
-        if getattr(args, d.dest) is None:
+    for d in (*_COMMON_ENV_DEFAULTS, *_ENV_DEFAULTS.get(args.command, ())):
+        if getattr(args, d.dest, None) is None:
             try:
                 setattr(args, d.dest, d.resolve())
             except ValueError as exc:
@@ -364,6 +393,7 @@ def default_app_name(repo: str, path: str) -> str:
 
 
 def _app_spec(args):
+    from gitopsd.config import Helm
     from gitopsd.engine import source
     from gitopsd.engine.sync import AppSpec
     from gitopsd.errors import GitopsdError
@@ -383,8 +413,10 @@ def _app_spec(args):
         extra = dict(prune=args.prune, prune_guard=args.prune_guard, allow_prune_all=args.allow_prune_all,
                      recreate=args.recreate, timeout=args.timeout)
     return AppSpec(name=args.app or default_app_name(args.repo, args.path), repo=args.repo, ref=args.ref,
-                   path=args.path, namespace=args.namespace, render=args.render, helm_values=tuple(args.values),
-                   allow_remote_bases=args.allow_remote_bases, credentials=creds, inventory_namespace=args.inventory_namespace, **extra)
+                   path=args.path, namespace=args.namespace, render=args.render,
+                   helm=Helm(values_files=tuple(args.values)) if args.values else None,
+                   allow_remote_bases=args.allow_remote_bases, credentials=creds,
+                   inventory_namespace=args.inventory_namespace, **extra)
 
 
 def _print(data, *, output: str, text: str) -> None:
@@ -468,14 +500,14 @@ def cmd_sync(args) -> int:
 def _record_sync(kube, app, result) -> None:
     """Write the one audit record of a CLI sync (trigger "cli") into the app's trail.
 
-    The structured log line goes to stderr: stdout is the command's own output
-    (one JSON document with -o json). A record the store refuses is reported
-    on stderr but does not change the exit code: the cluster change happened.
+    The structured log line goes to stderr (`main` configured it): stdout is
+    the command's own output (one JSON document with -o json). A record the
+    store refuses is reported on stderr but does not change the exit code:
+    the cluster change happened.
     """
-    from gitopsd import audit, log
+    from gitopsd import audit
     from gitopsd.errors import GitopsdError
 
-    log.configure(stream=sys.stderr)
     namespace = app.inventory_namespace
     try:
         previous = audit.last_revision(kube, namespace=namespace, app=app.name)
@@ -540,8 +572,26 @@ def cmd_audit(args) -> int:
     return 0 if ok else 1
 
 
+def cmd_config(args) -> int:
+    if args.config_command == "schema":
+        sys.stdout.write(orjson.dumps(cfg.schema(), option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
+    # validate: the file's problems are this command's answer (exit 1), not an error
+    try:
+        config = cfg.load(args.file)
+    except cfg.ConfigError as exc:
+        _print({"file": str(args.file), "valid": False, "problems": exc.problems, "hint": exc.hint},
+               output=args.output, text=str(exc))
+        return 1
+    names = [a.name for a in config.apps]
+    _print({"file": str(args.file), "valid": True, "apps": names}, output=args.output,
+           text=f"{args.file}: valid, {len(names)} app{'' if len(names) == 1 else 's'}"
+                + (f": {', '.join(names)}" if names else ""))
+    return 0
+
+
 COMMANDS = {"diff": cmd_diff, "sync": cmd_sync, "run": cmd_run, "status": cmd_status, "history": cmd_history,
-            "audit": cmd_audit}
+            "audit": cmd_audit, "config": cmd_config}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -558,6 +608,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     _finish_args(args)
+    if args.command != "run":   # the daemon's log goes to stdout, as --log-format says (gitopsd.daemon.core)
+        from gitopsd import log
+
+        log.configure(level=args.log_level, stream=sys.stderr)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

@@ -1,32 +1,53 @@
-"""The daemon's config file: which apps to reconcile, and how.
+"""The daemon's config file and the app model: which apps to reconcile, and how.
 
 One YAML file lists the apps (`gitopsd run --config FILE`); the daemon reloads
-it when it changes. This module only turns text into a validated, immutable
+it when it changes. This module turns text into a validated, immutable
 `Config` and compares two of them (`diff`); watching the file, resolving
 credentials and acting on a change belong to the daemon.
+
+One definition of an app: `AppConfig` (pydantic v2) is the config file's
+schema, the JSON Schema that `gitopsd config schema` prints for editors, and
+the engine's spec (`gitopsd.engine.sync.AppSpec` is this model plus what only
+exists at run time: resolved credentials and the inventory namespace). The
+rules of the file live in its types: a field's type says what it accepts
+and why (`Interval`: a duration of at least 5s), and the same validators
+check the command line's flags (gitopsd.cli), so file and flags accept the
+same values with the same words.
 
 Rules that shape the code:
 
 - Every problem is reported at once (`ConfigError.problems`), each naming the
-  app and the field (`apps[1] (web-production).interval: ...`), so one edit
-  fixes the file. A broken file is never half-loaded: the daemon keeps running
-  the last good config.
+  app and the field as the file spells it (`apps[1] (web-production).interval:
+  ...`), so one edit fixes the file. pydantic's own messages are translated
+  (`_problem`) into the file's words, with the value and a hint. A broken
+  file is never half-loaded: the daemon keeps running the last good config.
+- Strict: YAML's surprises are refused, not coerced. `ref: 1234567` or
+  `ref: 2024-01-01` (a number, a date) must be quoted; `prune: "yes"` is no
+  boolean; `pruneGuard: "0.5"` is no number; `key:` with nothing after it
+  is an error, not "use the default". A duplicated key (YAML keeps the last
+  one silently) is an error too.
 - Secrets never live in this file. Credentials are references (a Secret name,
   or paths of files mounted from one); inline `token:`/`password:` keys and
   passwords in repository URLs are refused, and no message echoes them.
-- Unknown keys are errors with a did-you-mean hint: a typo such as `selfheal`
-  silently falling back to a default is how a production app ends up pruned.
+- Unknown keys are errors (`extra="forbid"`) with a did-you-mean hint: a typo
+  such as `selfheal` silently falling back to a default is how a production
+  app ends up pruned. Python's own names (`self_heal`) are refused in the
+  file too; code may construct the model with them.
+- Each field's own check applies everywhere (a file, the CLI's flags, an
+  `AppSpec` built in code). Rules that catch a human's slip in the file —
+  rules across fields (one kind of credentials, namespace within
+  allowedNamespaces, helm settings with a helm renderer) and an empty
+  `key:` — apply while reading a file (`parse` passes a validation
+  context); code says what it means.
 - "No apps" must be written down: `apps: []`. A missing, unreadable or empty
   file, or one whose `apps:` is absent or empty, is a ConfigError: a file
   deleted, truncated or caught half-written looks exactly like that, and
   reading it as "no apps" would stop every app.
-- YAML's surprises are caught, not guessed around: a duplicated key (YAML keeps
-  the last one silently) is an error; `ref: 1234567` or `ref: 2024-01-01`
-  (read as a number or a date) must be quoted; `prune: "yes"` is no boolean.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import difflib
 import errno
@@ -36,12 +57,29 @@ import posixpath
 import re
 import stat
 import urllib.parse
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+from pydantic.dataclasses import dataclass, is_pydantic_dataclass
+from pydantic.json_schema import GenerateJsonSchema
+from pydantic_core import InitErrorDetails, PydanticCustomError, PydanticKnownError
 
 from gitopsd.engine.render import KINDS as RENDER_KINDS
 from gitopsd.engine.yamlload import Bounded
@@ -77,16 +115,16 @@ _NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")
 
 _NO_APPS_HINT = ("a deleted, emptied or cut-short file looks like this, so gitopsd refuses it instead of stopping "
                  "every app; to run no apps, write `apps: []`")
+_LIST_THE_APPS = "list the apps, or write `apps: []` to run none"
 
 # Keys that would hold a secret inline, compared after _normalise(). Refused
 # wherever they appear, with a hint at the reference that replaces them.
 _INLINE_SECRET_KEYS = frozenset({
     "token", "password", "passwd", "secret", "sshkey", "privatekey", "sshprivatekey", "identity", "apikey",
 })
-
-
-# --------------------------------------------------------------------------
-# The model
+_CREDENTIALS_HINT = ("put it in a Secret in gitopsd's namespace and use credentials.secretRef: {name: ...}, "
+                     "or mount it and use credentials.tokenFile / sshKeyFile")
+_WEBHOOK_HINT = "use webhook.secretFile, or the environment variable GITOPSD_WEBHOOK_SECRET"
 
 
 class ConfigError(GitopsdError):
@@ -100,202 +138,6 @@ class ConfigError(GitopsdError):
         body = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{source}: invalid config, {head}:\n{body}", hint=hint)
 
-
-@dataclass(frozen=True)
-class CredentialsRef:
-    """Where an app's Git credentials are, never the credentials themselves.
-
-    Either ``secret_name`` (a Secret in gitopsd's own namespace with keys
-    ``token``, ``username``, ``identity``, ``known_hosts``) or file paths
-    (mounted from such a Secret), never both; `parse` enforces that. File
-    paths are absolute (relative ones in the file are resolved against the
-    config file's directory at load time).
-    """
-
-    secret_name: str | None = None
-    token_file: Path | None = None
-    username: str | None = None
-    username_file: Path | None = None
-    ssh_key_file: Path | None = None
-    known_hosts_file: Path | None = None
-
-
-@dataclass(frozen=True)
-class AppConfig:
-    """One app as the config file declares it, validated and with defaults.
-
-    Durations are seconds. Settings only the daemon uses (``interval``,
-    ``self_heal``, ``suspend``) live here and not in `sync.AppSpec`, which
-    describes a single reconcile.
-    """
-
-    name: str
-    repo: str
-    ref: str = "main"
-    path: str = "."
-    namespace: str = "default"
-    interval: float = 60.0
-    prune: bool = True
-    self_heal: bool = True
-    render: str = "auto"
-    helm_values: tuple[str, ...] = ()
-    helm_release: str | None = None
-    allow_remote_bases: bool = False
-    credentials: CredentialsRef | None = None
-    allowed_namespaces: tuple[str, ...] | None = None
-    prune_guard: float = 0.5
-    allow_prune_all: bool = False
-    recreate: bool = False
-    suspend: bool = False
-    timeout: float = 300.0
-
-    def to_spec(self, *, inventory_namespace: str, credentials: source.Credentials | None = None) -> sync.AppSpec:
-        """What one reconcile of this app needs, for `sync.sync` / `fetch_and_plan`.
-
-        ``credentials`` are the resolved values of ``self.credentials`` (the
-        caller reads the Secret or the files). Raises ValueError when the app
-        names credentials but none are passed: fetching anonymously would
-        fail later with a misleading "authentication failed" from the remote.
-        """
-        from gitopsd.engine.sync import AppSpec
-
-        if self.credentials is not None and credentials is None:
-            raise ValueError(f"app {self.name!r} names credentials; resolve them and pass credentials=")
-        return AppSpec(
-            name=self.name,
-            repo=self.repo,
-            ref=self.ref,
-            path=self.path,
-            namespace=self.namespace,
-            render=self.render,
-            helm_values=self.helm_values,
-            helm_release=self.helm_release,
-            allow_remote_bases=self.allow_remote_bases,
-            prune=self.prune,
-            prune_guard=self.prune_guard,
-            allow_prune_all=self.allow_prune_all,
-            recreate=self.recreate,
-            timeout=self.timeout,
-            credentials=credentials,
-            inventory_namespace=inventory_namespace,
-            allowed_namespaces=self.allowed_namespaces,
-        )
-
-
-@dataclass(frozen=True)
-class WebhookConfig:
-    """The push webhook. The secret comes from ``secret_file`` or, when that
-    is None, from the environment (GITOPSD_WEBHOOK_SECRET); the daemon
-    resolves it."""
-
-    secret_file: Path | None = None
-
-
-@dataclass(frozen=True)
-class Config:
-    """The whole file: apps in file order (names unique), and the webhook."""
-
-    apps: tuple[AppConfig, ...] = ()
-    webhook: WebhookConfig = field(default_factory=WebhookConfig)
-
-    def app(self, name: str) -> AppConfig | None:
-        """The app called ``name``, or None when the config has none."""
-        return next((a for a in self.apps if a.name == name), None)
-
-
-@dataclass(frozen=True)
-class ConfigChange:
-    """What a reload changed, by app name (in file order)."""
-
-    added: tuple[str, ...] = ()
-    removed: tuple[str, ...] = ()
-    changed: tuple[str, ...] = ()
-    webhook_changed: bool = False
-
-    @property
-    def empty(self) -> bool:
-        """True when the reload changed nothing (e.g. only comments were edited)."""
-        return not (self.added or self.removed or self.changed or self.webhook_changed)
-
-
-# --------------------------------------------------------------------------
-# Public functions
-
-
-def parse(text: str, *, source: str = "<config>", base_dir: Path | None = None) -> Config:
-    """Validate config text into a `Config`, or raise ConfigError with EVERY
-    problem found.
-
-    Running no apps must be said explicitly: ``apps: []``. Text with no
-    content (empty, only whitespace or comments), a file without an ``apps``
-    key and ``apps:`` left empty are errors, because a deleted, truncated or
-    half-written file looks exactly like that, and reading it as "no apps"
-    would stop every app (a daemon that gets a ConfigError keeps its running
-    apps). ``source`` names the file in the error. ``base_dir`` is what
-    relative credential and webhook file paths are resolved against (`load`
-    passes the config file's directory, as kubectl does for kubeconfig
-    files); without it they are refused, because the daemon's working
-    directory is nothing to rely on.
-    """
-    problems: list[str] = []
-    data = _load_yaml(text, problems=problems)
-    if data is _BROKEN:
-        raise ConfigError(problems, source=source)
-    if data is None:
-        what = "is empty" if not text.strip() else "has no content (only comments, or a null document)"
-        raise ConfigError([f"the file {what}"], source=source, hint=_NO_APPS_HINT)
-    config = _read_config(data, problems=problems, base_dir=base_dir)
-    if problems:
-        raise ConfigError(problems, source=source,
-                          hint=_NO_APPS_HINT if any(p.startswith(("apps: missing", "apps: is empty"))
-                                                    for p in problems) else None)
-    return config
-
-
-def read_text(path: Path) -> str:
-    """The config file's text, or ConfigError naming the file and why it
-    cannot be read (it does not exist, is a directory, is not readable, is
-    not UTF-8). For a caller that wants the text itself, e.g. to hash what
-    it parses; `load` is read_text + parse."""
-    path = Path(path)
-    try:
-        return path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([f"cannot read the file: it {_os_problem(exc)}"], source=str(path),
-                          hint=_NO_APPS_HINT) from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError([f"not UTF-8 text (byte {exc.start})"], source=str(path)) from None
-
-
-def load(path: Path) -> Config:
-    """Read and `parse` the file at ``path``; relative file paths inside it
-    are resolved against its directory.
-
-    Raises ConfigError (never OSError) when the file is missing, unreadable,
-    a directory, not UTF-8, empty or only whitespace/comments, has no
-    ``apps:`` key or an empty one, or holds any invalid setting; the
-    message starts with the path. ``apps: []`` is valid and means no apps.
-    """
-    path = Path(path)
-    return parse(read_text(path), source=str(path), base_dir=path.absolute().parent)
-
-
-def diff(old: Config, new: Config) -> ConfigChange:
-    """Which apps a reload added, removed or changed (any field), by name.
-
-    Pure: what to do about it (start, stop, reschedule, resync) is the
-    daemon's decision. Renaming an app is a removal plus an addition, since
-    the name is its ApplySet identity. Added and changed follow the new
-    file's order, removed the old one's.
-    """
-    old_apps = {a.name: a for a in old.apps}
-    new_names = {a.name for a in new.apps}
-    return ConfigChange(
-        added=tuple(a.name for a in new.apps if a.name not in old_apps),
-        removed=tuple(a.name for a in old.apps if a.name not in new_names),
-        changed=tuple(a.name for a in new.apps if a.name in old_apps and old_apps[a.name] != a),
-        webhook_changed=old.webhook != new.webhook,
-    )
 
 
 # --------------------------------------------------------------------------
@@ -498,6 +340,631 @@ def _check_dns_subdomain(value: str, *, max_len: int, what: str) -> str:
 
 def _seconds(value: float) -> str:
     return f"{value:g}s"
+# --------------------------------------------------------------------------
+# Field types: what a value in the file may be
+#
+# Each is strict (YAML's numbers, booleans and dates are not strings, a
+# quoted "0.5" is not a number) and runs the validators above, so a problem
+# reads like the same bad flag. WithJsonSchema tells editors what the
+# validator checks, where JSON Schema can say it (a pattern, a bound).
+
+
+def _non_empty(value: str) -> str:
+    if not value.strip():
+        raise ValueError("is empty; give a value or remove the key")
+    return value
+
+
+def _text(*checks: Callable[[str], object], **schema: Any) -> Any:
+    """A non-empty string, strictly, then each of ``checks`` (validators above)."""
+    return Annotated[str, Strict(), AfterValidator(_non_empty), *(AfterValidator(c) for c in checks),
+                     WithJsonSchema({"type": "string", "minLength": 1, **schema})]
+
+
+def _absolute_path(value: object, info: ValidationInfo) -> Path:
+    """A file path. A relative one is resolved against the config file's
+    directory (``base_dir`` in the validation context, as kubectl does for
+    kubeconfig files), and refused without one: the daemon's working
+    directory is nothing to rely on."""
+    if isinstance(value, Path):
+        value = str(value)
+    if not isinstance(value, str):
+        raise PydanticKnownError("string_type")
+    path = Path(_non_empty(value))
+    if path.is_absolute():
+        return path
+    base_dir = (info.context or {}).get("base_dir")
+    if base_dir is None:
+        raise ValueError(f"{_show(value)} is relative; give an absolute path")
+    return Path(base_dir) / path
+
+
+def _duration(*, minimum: float, why: str) -> Any:
+    """Seconds, from `30s`, `1m`, `1h30m` or a number of seconds (`parse_duration`), at least ``minimum``."""
+    text = rf"^\s*(?:{_DURATION_NUMBER.pattern}|{_DURATION_PARTS.pattern})\s*$"
+    return Annotated[float, BeforeValidator(partial(check_duration, minimum=minimum, why=why)), WithJsonSchema(
+        {"anyOf": [{"type": "string", "pattern": text}, {"type": "number", "minimum": minimum}]})]
+
+
+def _distinct(values: tuple[str, ...]) -> tuple[str, ...]:
+    """A repeated entry changes nothing; an empty list would let the app write nowhere."""
+    if not values:
+        raise ValueError("is an empty list: the app could write nowhere; remove the key to allow any")
+    return tuple(dict.fromkeys(values))
+
+
+_LABEL = f"^{_DNS_LABEL.pattern}$"
+_SUBDOMAIN = f"^{_DNS_SUBDOMAIN.pattern}$"
+_RELATIVE = r"^(?!/)"
+
+Text = _text()
+AppName = _text(check_app_name, pattern=_LABEL, maxLength=MAX_APP_NAME)
+Namespace = _text(check_namespace, pattern=_LABEL, maxLength=63)
+RepoUrl = _text(check_repo_url)
+Ref = _text(check_ref, pattern=r"^[^-\s]\S*$")
+RepoPath = _text(check_repo_path, pattern=_RELATIVE)
+ValuesFile = _text(partial(check_repo_path, what="values file"), pattern=_RELATIVE)
+HelmRelease = _text(partial(_check_dns_subdomain, max_len=_MAX_HELM_RELEASE, what="Helm release name"),
+                    pattern=_SUBDOMAIN, maxLength=_MAX_HELM_RELEASE)
+SecretName = _text(partial(_check_dns_subdomain, max_len=253, what="Secret name"), pattern=_SUBDOMAIN, maxLength=253)
+FilePath = Annotated[Path, BeforeValidator(_absolute_path), WithJsonSchema({"type": "string", "minLength": 1})]
+Interval = _duration(minimum=MIN_INTERVAL, why=INTERVAL_WHY)
+Timeout = _duration(minimum=MIN_TIMEOUT, why=TIMEOUT_WHY)
+Share = Annotated[float, Strict(), AfterValidator(check_share),
+                  WithJsonSchema({"type": "number", "exclusiveMinimum": 0, "maximum": 1})]
+Flag = Annotated[bool, Strict()]
+Render = Literal[RENDER_KINDS]  # type: ignore[valid-type]  # auto | plain | kustomize | helm
+# A list in YAML, a tuple in the model (immutable, hashable): Strict(False)
+# lets the list in; the items stay strict.
+AllowedNamespaces = Annotated[tuple[Namespace, ...], Strict(False), AfterValidator(_distinct),
+                              Field(json_schema_extra={"minItems": 1})]
+ValuesFiles = Annotated[tuple[ValuesFile, ...], Strict(False)]
+
+_DEFAULT_NAMESPACE = "default"
+
+
+# --------------------------------------------------------------------------
+# The model
+#
+# Frozen pydantic dataclasses: hashable and comparable (`diff` compares
+# apps), `dataclasses.replace` works, and the same class validates a file
+# (by its camelCase keys) and a constructor call (by Python names).
+
+#: The pydantic settings of every class of the model (gitopsd.engine.sync.AppSpec too).
+MODEL_CONFIG = ConfigDict(extra="forbid", alias_generator=to_camel, validate_by_name=True, validate_by_alias=True,
+                          use_attribute_docstrings=True)
+
+
+def _in_file(info: ValidationInfo) -> bool:
+    """True while reading the file (`parse` passes a context); False for a constructor call."""
+    return info.context is not None and "file" in info.context
+
+
+def _refuse(model: str, problems: list[tuple[tuple[str | int, ...], str]], *, kind: str = "rule") -> None:
+    """Raise rules broken across fields, all at once, each at its field (as the file spells it)."""
+    raise ValidationError.from_exception_data(model, [
+        InitErrorDetails(type=PydanticCustomError(kind, "{message}", {"message": message}), loc=loc, input=None)
+        for loc, message in problems])
+
+
+@dataclass(frozen=True, config=MODEL_CONFIG)
+class _Section:
+    """What every mapping of the file shares: how an empty value and an unknown key read."""
+
+    #: What the mapping must be, for "must be ..., not a string".
+    _what = "a mapping"
+    #: Where a secret written inline belongs instead.
+    _secret_hint = _CREDENTIALS_HINT
+    #: Keys refused with a reason of their own instead of "unknown field".
+    _refused = {}  # (not annotated: class attributes, not fields)
+    #: Fields for which `key:` with nothing after it means the default.
+    _null_is_default = ()
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _refuse_null(cls, value: Any, info: ValidationInfo) -> Any:
+        """In the file, `key:` with nothing after it is a mistake (a value
+        deleted, a line cut short), not "use the default". A constructor may
+        pass None for an optional field."""
+        if value is None and _in_file(info):
+            if info.field_name in cls._null_is_default:
+                return cls.__pydantic_fields__[info.field_name].default
+            raise PydanticCustomError("null", "is empty; give a value or remove the key")
+        return value
+
+
+@dataclass(frozen=True, config=MODEL_CONFIG)
+class SecretRef(_Section):
+    """A Secret in gitopsd's own namespace with keys `token` (and `username`), or `identity` and `known_hosts`."""
+
+    _refused = {"namespace": "not allowed: the Secret is always read from gitopsd's own namespace, "
+                             "so an app cannot borrow another namespace's credentials"}
+
+    name: SecretName
+    """The Secret's name (in gitopsd's namespace)."""
+
+
+@dataclass(frozen=True, config=MODEL_CONFIG)
+class CredentialsRef(_Section):
+    """Where the app's Git credentials are, never the credentials themselves:
+    a Secret (`secretRef`), or files mounted from one (`tokenFile` or
+    `sshKeyFile`, with `username` or `usernameFile`, `knownHostsFile`), not both.
+    Relative file paths are relative to the config file."""
+
+    secret_ref: SecretRef | None = None
+    """A Secret in gitopsd's namespace: `{name: fleet-git}`."""
+    token_file: FilePath | None = None
+    """File holding an https token (or password)."""
+    username: Text | None = None
+    """The https username paired with the token (default: x-access-token)."""
+    username_file: FilePath | None = None
+    """File holding the https username."""
+    ssh_key_file: FilePath | None = None
+    """File holding an SSH private key, for ssh:// and scp-style remotes."""
+    known_hosts_file: FilePath | None = None
+    """known_hosts file with the remote's host key (host keys are always checked)."""
+
+    @property
+    def secret_name(self) -> str | None:
+        return self.secret_ref.name if self.secret_ref else None
+
+    @model_validator(mode="after")
+    def _one_kind(self, info: ValidationInfo) -> CredentialsRef:
+        if _in_file(info):
+            if problems := self.problems():
+                _refuse(type(self).__name__, problems)
+        return self
+
+    def problems(self) -> list[tuple[tuple[str, ...], str]]:
+        """Exactly one kind of reference: a Secret, or files (plus a plain username)."""
+        others = [to_camel(f.name) for f in dataclasses.fields(self)
+                  if f.name != "secret_ref" and getattr(self, f.name) is not None]
+        found = []
+        if self.secret_ref and others:
+            found.append((("secretRef",), f"use either secretRef or files ({', '.join(others)}), not both"))
+        elif not self.secret_ref and not others:
+            found.append((("secretRef",), "missing: name a Secret (secretRef: {name: ...}) or mounted files "
+                                          "(tokenFile, sshKeyFile)"))
+        if self.username is not None and self.username_file is not None:
+            found.append((("usernameFile",), "use either username or usernameFile, not both"))
+        if not self.secret_ref and others and not (self.token_file or self.ssh_key_file):
+            found.append((("tokenFile",), "missing: without tokenFile or sshKeyFile there is nothing to "
+                                          "authenticate with"))
+        return found
+
+
+@dataclass(frozen=True, config=MODEL_CONFIG)
+class Helm(_Section):
+    """Helm settings, for `render: helm` (or `auto` finding a Chart.yaml)."""
+
+    values_files: ValuesFiles = ()
+    """Values files relative to the repository root, in order (a later one wins)."""
+    release_name: HelmRelease | None = None
+    """The release name (default: the app's name)."""
+
+
+@dataclass(frozen=True, config=MODEL_CONFIG)
+class AppConfig(_Section):
+    """One app: a path in a Git repository, kept applied to the cluster as one ApplySet.
+
+    The same model is the engine's spec (gitopsd.engine.sync.AppSpec adds the
+    resolved credentials and the inventory namespace); settings only the
+    daemon uses (``interval``, ``self_heal``, ``suspend``) ride along there
+    unused. Durations are seconds.
+    """
+
+    _what = "a mapping with at least name and repo"
+
+    name: AppName
+    """The app's name, also its ApplySet (inventory) name: lower-case letters, digits and '-', at most 40."""
+    repo: RepoUrl
+    """Git URL (https://, ssh://, file://, git@host:path) or a local path; never with a password in it."""
+    ref: Ref = "main"
+    """Branch, tag or commit SHA (quote a SHA of digits only)."""
+    path: RepoPath = "."
+    """Directory inside the repository to render."""
+    namespace: Namespace = _DEFAULT_NAMESPACE
+    """Namespace for namespaced objects that name none."""
+    interval: Interval = 60.0
+    """How often to poll the repository: 30s, 1m, 1h30m, or seconds (at least 5s; the webhook picks up pushes at once)."""
+    prune: Flag = True
+    """Delete objects that left Git (only objects this app applied)."""
+    self_heal: Flag = True
+    """Revert hand edits of managed objects at once; false: drift is reported, not reverted, until the next commit."""
+    render: Render = "auto"
+    """How to render path: auto (kustomization.yaml: kustomize; Chart.yaml: helm; else plain YAML), plain, kustomize, helm."""
+    helm: Helm | None = None
+    """Helm settings (render helm or auto)."""
+    allow_remote_bases: Flag = False
+    """Let kustomize fetch remote bases (URLs), read at render time from outside the reviewed commit."""
+    credentials: CredentialsRef | None = None
+    """Where the Git credentials are (a Secret or mounted files); none for a public repository."""
+    allowed_namespaces: AllowedNamespaces | None = None
+    """The only namespaces the app may write to (no cluster-scoped objects then); absent: anywhere."""
+    prune_guard: Share = 0.5
+    """Refuse a commit that would prune more than this share (0 < x <= 1) of what it touches."""
+    allow_prune_all: Flag = False
+    """Lift the prune guard (a repository emptied on purpose)."""
+    recreate: Flag = False
+    """Delete and re-create an object whose immutable fields changed."""
+    suspend: Flag = False
+    """Stop reconciling (and self-healing) until set back to false."""
+    timeout: Timeout = 300.0
+    """How long to wait for the applied objects to become healthy: 90s, 5m, or seconds (at least 1s)."""
+
+    @property
+    def helm_values(self) -> tuple[str, ...]:
+        """The Helm values files (the engine's view of ``helm``)."""
+        return self.helm.values_files if self.helm else ()
+
+    @property
+    def helm_release(self) -> str | None:
+        """The Helm release name, None for the app's name."""
+        return self.helm.release_name if self.helm else None
+
+    @model_validator(mode="after")
+    def _consistent(self, info: ValidationInfo) -> AppConfig:
+        # The file's rules across fields catch a human's slip in the file; a
+        # spec built in code (tests, the CLI) says what it means.
+        if _in_file(info):
+            if problems := self.problems():
+                _refuse(type(self).__name__, problems)
+        return self
+
+    def problems(self) -> list[tuple[tuple[str, ...], str]]:
+        """Settings that contradict each other, as (field, message)."""
+        found = []
+        if self.helm is not None and self.render not in ("helm", "auto"):
+            found.append((("helm",), f"only used with render helm or auto, and render is {self.render}"))
+        if self.allowed_namespaces is not None and self.namespace not in self.allowed_namespaces:
+            how = " (the default); set namespace to one of them" if self.namespace == _DEFAULT_NAMESPACE else ""
+            found.append((("namespace",), f"{_show(self.namespace)} is not in allowedNamespaces "
+                                          f"[{', '.join(self.allowed_namespaces)}]{how}"))
+        return found
+
+    def to_spec(self, *, inventory_namespace: str, credentials: source.Credentials | None = None) -> sync.AppSpec:
+        """What one reconcile of this app needs, for `sync.sync` / `fetch_and_plan`: this app, with
+        ``credentials`` (the resolved values of ``self.credentials``: the caller reads the Secret or the
+        files) and the namespace of its inventory.
+
+        Raises ValueError when the app names credentials but none are passed:
+        fetching anonymously would fail later with a misleading
+        "authentication failed" from the remote.
+        """
+        from gitopsd.engine.sync import AppSpec
+
+        if self.credentials is not None and credentials is None:
+            raise ValueError(f"app {self.name!r} names credentials; resolve them and pass credentials=")
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return AppSpec(**{**fields, "credentials": credentials, "inventory_namespace": inventory_namespace})
+
+
+@dataclass(frozen=True, config=MODEL_CONFIG)
+class WebhookConfig(_Section):
+    """The push webhook (POST /hooks/github, /hooks/gitlab, /hooks/generic)."""
+
+    _secret_hint = _WEBHOOK_HINT
+
+    secret_file: FilePath | None = None
+    """File holding the webhook secret (mounted from a Secret); absent: $GITOPSD_WEBHOOK_SECRET. With
+    neither, every webhook is refused and the interval alone picks up commits."""
+
+
+@dataclass(frozen=True, config=MODEL_CONFIG)
+class Config(_Section):
+    """gitopsd's config file: the apps to reconcile (`apps: []` for none), and the push webhook."""
+
+    _null_is_default = ("webhook",)
+
+    apps: Annotated[tuple[AppConfig, ...], Strict(False)]
+    """The apps, in order; names are unique. Write `apps: []` to run none."""
+    webhook: WebhookConfig = WebhookConfig()
+    """The push webhook."""
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Config:
+        if duplicates := list(_duplicate_names([a.name for a in self.apps])):
+            _refuse(type(self).__name__, [(("apps", i, "name"), _duplicate(first)) for i, first in duplicates],
+                    kind="duplicate_name")
+        return self
+
+    def app(self, name: str) -> AppConfig | None:
+        """The app called ``name``, or None when the config has none."""
+        return next((a for a in self.apps if a.name == name), None)
+
+
+def _duplicate_names(names: list[object]) -> Iterator[tuple[int, int]]:
+    """(index, index of the first) for each repeated app name; non-names are skipped."""
+    first: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if isinstance(name, str) and name:
+            if name in first:
+                yield i, first[name]
+            else:
+                first[name] = i
+
+
+def _duplicate(first: int) -> str:
+    return f"duplicate of apps[{first}]; app names must be unique (the name is the app's inventory)"
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigChange:
+    """What a reload changed, by app name (in file order)."""
+
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+    webhook_changed: bool = False
+
+    @property
+    def empty(self) -> bool:
+        """True when the reload changed nothing (e.g. only comments were edited)."""
+        return not (self.added or self.removed or self.changed or self.webhook_changed)
+
+
+# --------------------------------------------------------------------------
+# Public functions
+
+
+_ADAPTER = TypeAdapter(Config)
+
+
+def parse(text: str, *, source: str = "<config>", base_dir: Path | None = None) -> Config:
+    """Validate config text into a `Config`, or raise ConfigError with EVERY
+    problem found.
+
+    Running no apps must be said explicitly: ``apps: []``. Text with no
+    content (empty, only whitespace or comments), a file without an ``apps``
+    key and ``apps:`` left empty are errors, because a deleted, truncated or
+    half-written file looks exactly like that, and reading it as "no apps"
+    would stop every app (a daemon that gets a ConfigError keeps its running
+    apps). ``source`` names the file in the error. ``base_dir`` is what
+    relative credential and webhook file paths are resolved against (`load`
+    passes the config file's directory, as kubectl does for kubeconfig
+    files); without it they are refused, because the daemon's working
+    directory is nothing to rely on.
+    """
+    problems: list[str] = []
+    data = _load_yaml(text, problems=problems)
+    if data is _BROKEN:
+        raise ConfigError(problems, source=source)
+    if data is None:
+        what = "is empty" if not text.strip() else "has no content (only comments, or a null document)"
+        raise ConfigError([f"the file {what}"], source=source, hint=_NO_APPS_HINT)
+    try:
+        config = _ADAPTER.validate_python(data, by_alias=True, by_name=False,
+                                          context={"file": source, "base_dir": base_dir})
+    except ValidationError as exc:
+        problems += _problems(exc, data)
+    if problems:
+        no_apps = any(p.startswith(("apps: missing", "apps: is empty")) for p in problems)
+        raise ConfigError(problems, source=source, hint=_NO_APPS_HINT if no_apps else None)
+    return config
+
+
+def read_text(path: Path) -> str:
+    """The config file's text, or ConfigError naming the file and why it
+    cannot be read (it does not exist, is a directory, is not readable, is
+    not UTF-8). For a caller that wants the text itself, e.g. to hash what
+    it parses; `load` is read_text + parse."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"cannot read the file: it {_os_problem(exc)}"], source=str(path),
+                          hint=_NO_APPS_HINT) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"not UTF-8 text (byte {exc.start})"], source=str(path)) from None
+
+
+def load(path: Path) -> Config:
+    """Read and `parse` the file at ``path``; relative file paths inside it
+    are resolved against its directory.
+
+    Raises ConfigError (never OSError) when the file is missing, unreadable,
+    a directory, not UTF-8, empty or only whitespace/comments, has no
+    ``apps:`` key or an empty one, or holds any invalid setting; the
+    message starts with the path. ``apps: []`` is valid and means no apps.
+    """
+    path = Path(path)
+    return parse(read_text(path), source=str(path), base_dir=path.absolute().parent)
+
+
+def diff(old: Config, new: Config) -> ConfigChange:
+    """Which apps a reload added, removed or changed (any field), by name.
+
+    Pure: what to do about it (start, stop, reschedule, resync) is the
+    daemon's decision. Renaming an app is a removal plus an addition, since
+    the name is its ApplySet identity. Added and changed follow the new
+    file's order, removed the old one's.
+    """
+    old_apps = {a.name: a for a in old.apps}
+    new_names = {a.name for a in new.apps}
+    return ConfigChange(
+        added=tuple(a.name for a in new.apps if a.name not in old_apps),
+        removed=tuple(a.name for a in old.apps if a.name not in new_names),
+        changed=tuple(a.name for a in new.apps if a.name in old_apps and old_apps[a.name] != a),
+        webhook_changed=old.webhook != new.webhook,
+    )
+
+
+def schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of the config file, derived from the
+    model: what `gitopsd config schema` prints for editors. It says what JSON
+    Schema can (types, keys, patterns, bounds, descriptions); rules across
+    fields (credentials of one kind, namespace within allowedNamespaces)
+    and YAML's own traps are for `gitopsd config validate`."""
+    generated = _ADAPTER.json_schema(by_alias=True, schema_generator=_FileSchema)
+    generated.pop("title", None)
+    return {"$schema": _FileSchema.schema_dialect, "title": "gitopsd config", **generated}
+
+
+class _FileSchema(GenerateJsonSchema):
+    """The schema of the file as a user writes it: no `null` (an empty value
+    is an error in the file), no `default: null`, no titles made up from
+    Python names (the keys say it), and of each docstring only its first
+    paragraph (the rest is for programmers)."""
+
+    def generate(self, schema, mode="validation"):
+        generated = super().generate(schema, mode=mode)
+        for section in (generated, *generated.get("$defs", {}).values()):
+            for node in (section, *section.get("properties", {}).values()):
+                if "description" in node:
+                    node["description"] = " ".join(node["description"].split("\n\n")[0].split())
+        return generated
+
+    def nullable_schema(self, schema):
+        return self.generate_inner(schema["schema"])
+
+    def default_schema(self, schema):
+        generated = super().default_schema(schema)
+        if schema.get("default") is None or is_pydantic_dataclass(type(schema.get("default"))):
+            generated.pop("default", None)
+        return generated
+
+    def field_title_should_be_set(self, schema) -> bool:
+        return False
+
+
+# --------------------------------------------------------------------------
+# Problems: pydantic's errors in the file's words
+#
+# A problem names where (`apps[1] (web).credentials.tokenFile`: the keys as
+# the file spells them, with the app's name), what is wrong with the value
+# (quoted, never a secret: unknown keys are named, not their values), and
+# what would be right.
+
+
+def _problems(exc: ValidationError, data: Any) -> list[str]:
+    """Every problem, apps first in file order (an app's duplicate name after its own problems)."""
+    errors = exc.errors(include_url=False)
+    found = [(tuple(e["loc"]), _problem(e, data)) for e in errors]
+    # The model reports duplicate names only once every app is valid; a file
+    # hears about them with everything else.
+    if not any(e["type"] == "duplicate_name" for e in errors):
+        for i, first in _duplicate_names(_raw_names(data)):
+            loc = ("apps", i, "name")
+            found.append((loc, f"{_where(loc, data)}: {_duplicate(first)}"))
+    found.sort(key=lambda item: (0, _index(item[0])) if item[0][:1] == ("apps",) else (1, 0))
+    return [text for _, text in found]
+
+
+def _raw_names(data: Any) -> list[object]:
+    apps = data.get("apps") if isinstance(data, dict) else None
+    return [a.get("name") if isinstance(a, dict) else None for a in apps] if isinstance(apps, list) else []
+
+
+def _index(loc: tuple) -> int:
+    return loc[1] if len(loc) > 1 and isinstance(loc[1], int) else -1
+
+
+def _problem(error: Any, data: Any) -> str:
+    loc, kind, value = tuple(error["loc"]), error["type"], error.get("input")
+    if kind == "invalid_key":   # a key that is no string (`1: x`): unknown like any other
+        loc, kind = (*loc[:-1], str(loc[-1])), "extra_forbidden"
+    where = _where(loc, data)
+    message = _message(kind, loc=loc, value=value, error=error)
+    return f"{where}: {message}" if where else message
+
+
+def _message(kind: str, *, loc: tuple, value: Any, error: Any) -> str:
+    if kind == "missing":
+        return f"missing; {_LIST_THE_APPS}" if loc == ("apps",) else "missing"
+    if kind == "null":
+        return f"is empty; {_LIST_THE_APPS}" if loc == ("apps",) else "is empty; give a value or remove the key"
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+        return _unknown_key(str(loc[-1]), section=_section_at(loc[:-1]))
+    if kind in ("dataclass_type", "dataclass_exact_type", "model_type", "dict_type"):
+        if not loc:
+            return f"the file must be a mapping with an 'apps:' list, not {_type_name(value)}"
+        return f"must be {_section_at(loc)._what}, not {_type_name(value)}"
+    if kind == "literal_error":
+        allowed = re.findall(r"'([^']*)'", error["ctx"]["expected"])   # "'auto', 'plain' or 'helm'"
+        return f"{_show(value)} is not one of {', '.join(allowed)}"
+    if kind == "value_error":
+        return str(error["ctx"]["error"])
+    if kind in _BY_VALUE:
+        return _BY_VALUE[kind](value)
+    return error["msg"]   # our own rules (already in the file's words), or a kind not met so far
+
+
+def _not_a_string(value: Any) -> str:
+    if isinstance(value, (bool, int, float, datetime.date)):
+        # No reconstructed "quote it: ..." value: YAML may have changed
+        # the text already (`0123456` is octal, `1.10` is 1.1).
+        return f"YAML reads {_show(value)} as {_type_name(value)}, not a string; quote it"
+    return f"must be a string, not {_type_name(value)}"
+
+
+_BY_VALUE: dict[str, Callable[[Any], str]] = {
+    "string_type": _not_a_string,
+    "bool_type": lambda v: f"{_show(v)} is not a boolean (use true or false)",
+    "float_type": lambda v: f"{_show(v)} is not a number",
+    "int_type": lambda v: f"{_show(v)} is not a number",
+    "tuple_type": lambda v: f"must be a list, not {_type_name(v)}",
+    "list_type": lambda v: f"must be a list, not {_type_name(v)}",
+}
+
+
+def _unknown_key(key: str, *, section: type[_Section]) -> str:
+    """An inline secret with the reference to use instead, a key with a
+    reason of its own, or a typo with the closest known name."""
+    if _normalise(key) in _INLINE_SECRET_KEYS:
+        return f"inline secrets are refused (this file is no secret store); {section._secret_hint}"
+    if key in section._refused:
+        return section._refused[key]
+    known = _keys(section)
+    guess = {_normalise(k): k for k in known}.get(_normalise(key))
+    if guess is None:
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        guess = close[0] if close else None
+    return f"unknown field; did you mean {guess}?" if guess else f"unknown field; known fields: {', '.join(known)}"
+
+
+def _keys(section: type[_Section]) -> list[str]:
+    """The section's keys as the file spells them."""
+    return [info.alias or name for name, info in section.__pydantic_fields__.items()]
+
+
+def _section_at(loc: tuple) -> type[_Section]:
+    """The class of the mapping at ``loc`` (`apps[0].helm`: Helm), found
+    through the fields' types; `_Section` when the path leads nowhere."""
+    section: type | None = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        info = next((f for n, f in section.__pydantic_fields__.items() if (f.alias or n) == part), None)
+        section = _section_in(info.annotation) if info else None
+        if section is None:
+            return _Section
+    return section
+
+
+def _section_in(annotation: Any) -> type | None:
+    """The model class inside a field's type (`Helm | None`, `tuple[AppConfig, ...]`)."""
+    if isinstance(annotation, type) and is_pydantic_dataclass(annotation):
+        return annotation
+    return next((s for arg in get_args(annotation) if (s := _section_in(arg)) is not None), None)
+
+
+def _where(loc: tuple, data: Any) -> str:
+    """`apps[1] (web-production).credentials.tokenFile`: keys as in the file,
+    list items by index, an app also by its name (as written, shortened)."""
+    text, node = "", data
+    for part in loc:
+        if isinstance(part, int):
+            node = node[part] if isinstance(node, list) and 0 <= part < len(node) else None
+            text += f"[{part}]"
+            name = node.get("name") if isinstance(node, dict) else None
+            if isinstance(name, str) and name.strip():
+                text += f" ({name if len(name) <= 60 else name[:57] + '...'})"
+        else:
+            node = node.get(part) if isinstance(node, dict) else None
+            text += f".{part}" if text else part
+    return text
+
+
 
 
 # --------------------------------------------------------------------------
@@ -558,12 +1025,6 @@ def _load_yaml(text: str, *, problems: list[str]) -> Any:
     return data
 
 
-# --------------------------------------------------------------------------
-# Reading and checking
-
-
-_MISSING = object()
-
 
 def _normalise(key: object) -> str:
     """`selfHeal`, `self_heal`, `self-heal`, `selfheal` all compare equal."""
@@ -600,346 +1061,3 @@ def _show(value: object) -> str:
         return _type_name(value)
     return text if len(text) <= 80 else text[:77] + '..."'
 
-
-class _Fields:
-    """Reads one mapping of the file, recording problems instead of raising.
-
-    Each getter returns the value or ``default`` (also after a problem), so
-    checking goes on and every problem is reported. ``at`` is the mapping's
-    location (`apps[1] (web)`, `apps[1] (web).helm`); `finish` reports the
-    keys nobody asked for.
-    """
-
-    def __init__(self, data: Mapping, *, at: str, problems: list[str], known: tuple[str, ...],
-                 secret_hint: str) -> None:
-        self.data = data
-        self.at = at
-        self.problems = problems
-        self.known = known
-        self.secret_hint = secret_hint
-
-    def where(self, key: str) -> str:
-        return f"{self.at}.{key}" if self.at else key
-
-    def problem(self, key: str, message: str) -> None:
-        self.problems.append(f"{self.where(key)}: {message}")
-
-    def has(self, key: str) -> bool:
-        return key in self.data
-
-    def raw(self, key: str, *, required: bool = False) -> Any:
-        """The value, or _MISSING (reported when required, or when null)."""
-        if key not in self.data:
-            if required:
-                self.problem(key, "missing")
-            return _MISSING
-        value = self.data[key]
-        if value is None:
-            self.problem(key, "is empty; give a value or remove the key")
-            return _MISSING
-        return value
-
-    def string(self, key: str, *, default: Any = None, required: bool = False,
-               check: Callable[[str], object] | None = None) -> Any:
-        """A non-empty string. Numbers, booleans and dates are refused with a
-        hint to quote them: YAML reads `ref: 1234567` as a number and
-        `ref: 2024-01-01` as a date, which is never what was meant."""
-        value = self.raw(key, required=required)
-        if value is _MISSING:
-            return default
-        if not isinstance(value, str):
-            if isinstance(value, (bool, int, float, datetime.date)):
-                # No reconstructed "quote it: ..." value: YAML may have changed
-                # the text already (`0123456` is octal, `1.10` is 1.1).
-                self.problem(key, f"YAML reads {_show(value)} as {_type_name(value)}, not a string; quote it")
-            else:
-                self.problem(key, f"must be a string, not {_type_name(value)}")
-            return default
-        if not value.strip():
-            self.problem(key, "is empty; give a value or remove the key")
-            return default
-        message = _problem_of(check, value)
-        if message:
-            self.problem(key, message)
-            return default
-        return value
-
-    def boolean(self, key: str, *, default: bool) -> bool:
-        value = self.raw(key)
-        if value is _MISSING:
-            return default
-        if not isinstance(value, bool):
-            self.problem(key, f"{_show(value)} is not a boolean (use true or false)")
-            return default
-        return value
-
-    def duration(self, key: str, *, default: float, minimum: float, minimum_why: str) -> float:
-        value = self.raw(key)
-        if value is _MISSING:
-            return default
-        try:
-            return check_duration(value, minimum=minimum, why=minimum_why)
-        except ValueError as exc:
-            self.problem(key, str(exc))
-            return default
-
-    def number(self, key: str, *, default: float, check: Callable[[float], float]) -> float:
-        """A YAML number (a quoted "0.5" is a string, refused like elsewhere), then ``check``."""
-        value = self.raw(key)
-        if value is _MISSING:
-            return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            self.problem(key, f"{_show(value)} is not a number")
-            return default
-        try:
-            return check(float(value))
-        except ValueError as exc:
-            self.problem(key, str(exc))
-            return default
-
-    def strings(self, key: str, *, check: Callable[[str], object] | None = None) -> tuple[str, ...] | None:
-        """A list of non-empty strings (None when absent or unusable)."""
-        value = self.raw(key)
-        if value is _MISSING:
-            return None
-        if not isinstance(value, list):
-            self.problem(key, f"must be a list, not {_type_name(value)}")
-            return None
-        out: list[str] = []
-        ok = True
-        for i, item in enumerate(value):
-            item_at = f"{key}[{i}]"
-            if not isinstance(item, str) or not item.strip():
-                hint = "; quote it" if isinstance(item, (bool, int, float, datetime.date)) else ""
-                self.problem(item_at, f"{_show(item)} is not a non-empty string{hint}")
-                ok = False
-                continue
-            message = _problem_of(check, item)
-            if message:
-                self.problem(item_at, message)
-                ok = False
-            out.append(item)
-        return tuple(out) if ok else None
-
-    def mapping(self, key: str, *, null_is_empty: bool = False) -> Mapping | None:
-        if key not in self.data:
-            return None
-        value = self.data[key]
-        if value is None and null_is_empty:
-            return {}
-        if not isinstance(value, dict):
-            self.problem(key, f"must be a mapping, not {_type_name(value)}")
-            return None
-        return value
-
-    def finish(self) -> None:
-        """Report keys that are not fields: inline secrets with the reference
-        to use instead, anything else with the closest known name."""
-        by_normal = {_normalise(k): k for k in self.known}
-        for key in self.data:
-            if key in self.known:
-                continue
-            name = str(key)
-            if _normalise(key) in _INLINE_SECRET_KEYS:
-                self.problem(name, f"inline secrets are refused (this file is no secret store); {self.secret_hint}")
-                continue
-            guess = by_normal.get(_normalise(key))
-            if guess is None:
-                close = difflib.get_close_matches(name, self.known, n=1, cutoff=0.6)
-                guess = close[0] if close else None
-            hint = f"; did you mean {guess}?" if guess else f"; known fields: {', '.join(self.known)}"
-            self.problem(name, f"unknown field{hint}")
-
-
-def _problem_of(check: Callable[[str], object] | None, value: str) -> str | None:
-    """The message of the ValueError ``check`` raises for ``value``, or None."""
-    if check is None:
-        return None
-    try:
-        check(value)
-    except ValueError as exc:
-        return str(exc)
-    return None
-
-
-def _file_path(f: _Fields, key: str, *, base_dir: Path | None) -> Path | None:
-    value = f.string(key)
-    if value is None:
-        return None
-    path = Path(value)
-    if path.is_absolute():
-        return path
-    if base_dir is None:
-        f.problem(key, f"{_show(value)} is relative; give an absolute path")
-        return None
-    return base_dir / path
-
-
-# -- sections
-
-_TOP_FIELDS = ("apps", "webhook")
-_APP_FIELDS = (
-    "name", "repo", "ref", "path", "namespace", "interval", "prune", "selfHeal", "render", "helm",
-    "allowRemoteBases", "credentials", "allowedNamespaces", "pruneGuard", "allowPruneAll", "recreate", "suspend", "timeout",
-)
-_HELM_FIELDS = ("valuesFiles", "releaseName")
-_CREDENTIAL_FIELDS = ("secretRef", "tokenFile", "username", "usernameFile", "sshKeyFile", "knownHostsFile")
-_FILE_CREDENTIAL_FIELDS = _CREDENTIAL_FIELDS[1:]
-_SECRET_REF_FIELDS = ("name",)
-_WEBHOOK_FIELDS = ("secretFile",)
-
-_CREDENTIALS_HINT = ("put it in a Secret in gitopsd's namespace and use credentials.secretRef: {name: ...}, "
-                     "or mount it and use credentials.tokenFile / sshKeyFile")
-_WEBHOOK_HINT = "use webhook.secretFile, or the environment variable GITOPSD_WEBHOOK_SECRET"
-
-
-def _read_config(data: Any, *, problems: list[str], base_dir: Path | None) -> Config:
-    if not isinstance(data, dict):
-        problems.append(f"the file must be a mapping with an 'apps:' list, not {_type_name(data)}")
-        return Config()
-    top = _Fields(data, at="", problems=problems, known=_TOP_FIELDS, secret_hint=_CREDENTIALS_HINT)
-    apps: list[AppConfig] = []
-    raw_apps = data.get("apps")
-    if "apps" not in data:
-        top.problem("apps", "missing; list the apps, or write `apps: []` to run none")
-    elif raw_apps is None:
-        top.problem("apps", "is empty; list the apps, or write `apps: []` to run none")
-    elif not isinstance(raw_apps, list):
-        top.problem("apps", f"must be a list of apps, not {_type_name(raw_apps)}")
-    elif raw_apps:
-        first_index: dict[str, int] = {}
-        for i, item in enumerate(raw_apps):
-            app = _read_app(item, index=i, problems=problems, base_dir=base_dir)
-            name = item.get("name") if isinstance(item, dict) else None
-            if isinstance(name, str) and name:
-                if name in first_index:
-                    problems.append(f"apps[{i}] ({name}).name: duplicate of apps[{first_index[name]}]; "
-                                    "app names must be unique (the name is the app's inventory)")
-                    continue
-                first_index[name] = i
-            if app is not None:
-                apps.append(app)
-    webhook = _read_webhook(top.mapping("webhook", null_is_empty=True), problems=problems, base_dir=base_dir)
-    top.finish()
-    return Config(apps=tuple(apps), webhook=webhook)
-
-
-def _read_app(item: Any, *, index: int, problems: list[str], base_dir: Path | None) -> AppConfig | None:
-    """One entry of `apps`, or None when it has any problem (all recorded)."""
-    if not isinstance(item, dict):
-        problems.append(f"apps[{index}]: must be a mapping with at least name and repo, not {_type_name(item)}")
-        return None
-    before = len(problems)
-    raw_name = item.get("name")
-    label = f"apps[{index}]"
-    if isinstance(raw_name, str) and raw_name.strip():
-        label += f" ({raw_name if len(raw_name) <= 60 else raw_name[:57] + '...'})"
-    f = _Fields(item, at=label, problems=problems, known=_APP_FIELDS, secret_hint=_CREDENTIALS_HINT)
-
-    name = f.string("name", required=True, check=check_app_name)
-    repo = f.string("repo", required=True, check=check_repo_url)
-    ref = f.string("ref", default="main", check=check_ref)
-    path = f.string("path", default=".", check=check_repo_path)
-    namespace = f.string("namespace", default="default", check=check_namespace)
-    interval = f.duration("interval", default=60.0, minimum=MIN_INTERVAL, minimum_why=INTERVAL_WHY)
-    prune = f.boolean("prune", default=True)
-    self_heal = f.boolean("selfHeal", default=True)
-    render = f.string("render", default="auto")
-    if render not in RENDER_KINDS:
-        f.problem("render", f"{_show(render)} is not one of {', '.join(RENDER_KINDS)}")
-        render = "auto"
-
-    helm_values: tuple[str, ...] = ()
-    helm_release = None
-    helm = f.mapping("helm")
-    if helm is not None:
-        if f.has("render") and render not in ("helm", "auto"):
-            f.problem("helm", f"only used with render helm or auto, and render is {render}")
-        h = _Fields(helm, at=f.where("helm"), problems=problems, known=_HELM_FIELDS, secret_hint=_CREDENTIALS_HINT)
-        helm_values = h.strings("valuesFiles", check=lambda v: check_repo_path(v, what="values file")) or ()
-        helm_release = h.string("releaseName", check=lambda v: _check_dns_subdomain(
-            v, max_len=_MAX_HELM_RELEASE, what="Helm release name"))
-        h.finish()
-
-    # kustomize only (other renderers have no remote bases): off, a URL in a
-    # kustomization is refused, since it is read at render time, from outside the reviewed commit.
-    allow_remote_bases = f.boolean("allowRemoteBases", default=False)
-    credentials = _read_credentials(f, base_dir=base_dir)
-
-    allowed = f.strings("allowedNamespaces", check=check_namespace)
-    if f.has("allowedNamespaces") and allowed is not None:
-        allowed = tuple(dict.fromkeys(allowed))  # a repeated entry changes nothing
-        if not allowed:
-            f.problem("allowedNamespaces", "is an empty list: the app could write nowhere; remove the key to allow any")
-        elif namespace not in allowed:
-            how = "" if f.has("namespace") else " (the default); set namespace to one of them"
-            f.problem("namespace", f"{_show(namespace)} is not in allowedNamespaces [{', '.join(allowed)}]{how}")
-
-    prune_guard = f.number("pruneGuard", default=0.5, check=check_share)
-    allow_prune_all = f.boolean("allowPruneAll", default=False)
-    recreate = f.boolean("recreate", default=False)
-    suspend = f.boolean("suspend", default=False)
-    timeout = f.duration("timeout", default=300.0, minimum=MIN_TIMEOUT, minimum_why=TIMEOUT_WHY)
-    f.finish()
-
-    if len(problems) > before:
-        return None
-    return AppConfig(
-        name=name, repo=repo, ref=ref, path=path, namespace=namespace, interval=interval, prune=prune,
-        self_heal=self_heal, render=render, helm_values=helm_values, helm_release=helm_release,
-        allow_remote_bases=allow_remote_bases, credentials=credentials, allowed_namespaces=allowed, prune_guard=prune_guard,
-        allow_prune_all=allow_prune_all, recreate=recreate, suspend=suspend, timeout=timeout,
-    )
-
-
-def _read_credentials(app: _Fields, *, base_dir: Path | None) -> CredentialsRef | None:
-    """Exactly one of: a Secret reference, or files (plus a plain username)."""
-    data = app.mapping("credentials")
-    if data is None:
-        return None
-    c = _Fields(data, at=app.where("credentials"), problems=app.problems, known=_CREDENTIAL_FIELDS,
-                secret_hint=_CREDENTIALS_HINT)
-    file_keys = [k for k in _FILE_CREDENTIAL_FIELDS if k in data]
-    # An inline secret is reported by finish(); "nothing to authenticate
-    # with" on top of it would only be noise.
-    inline = any(_normalise(k) in _INLINE_SECRET_KEYS for k in data)
-    secret_name = None
-    ref = c.mapping("secretRef")
-    if ref is not None:
-        r = _Fields(ref, at=c.where("secretRef"), problems=app.problems, known=_SECRET_REF_FIELDS,
-                    secret_hint=_CREDENTIALS_HINT)
-        if "namespace" in ref:
-            r.problem("namespace", "not allowed: the Secret is always read from gitopsd's own namespace, "
-                                   "so an app cannot borrow another namespace's credentials")
-            ref = {k: v for k, v in ref.items() if k != "namespace"}
-            r = _Fields(ref, at=r.at, problems=app.problems, known=_SECRET_REF_FIELDS, secret_hint=_CREDENTIALS_HINT)
-        secret_name = r.string("name", required=True,
-                               check=lambda v: _check_dns_subdomain(v, max_len=253, what="Secret name"))
-        r.finish()
-        if file_keys:
-            c.problem("secretRef", f"use either secretRef or files ({', '.join(file_keys)}), not both")
-    elif not file_keys and not inline:
-        c.problem("secretRef", "missing: name a Secret (secretRef: {name: ...}) or mounted files "
-                               "(tokenFile, sshKeyFile)")
-
-    token_file = _file_path(c, "tokenFile", base_dir=base_dir)
-    username = c.string("username")
-    username_file = _file_path(c, "usernameFile", base_dir=base_dir)
-    ssh_key_file = _file_path(c, "sshKeyFile", base_dir=base_dir)
-    known_hosts_file = _file_path(c, "knownHostsFile", base_dir=base_dir)
-    if "username" in data and "usernameFile" in data:
-        c.problem("usernameFile", "use either username or usernameFile, not both")
-    if ref is None and file_keys and not inline and not ({"tokenFile", "sshKeyFile"} & set(file_keys)):
-        c.problem("tokenFile", "missing: without tokenFile or sshKeyFile there is nothing to authenticate with")
-    c.finish()
-    return CredentialsRef(secret_name=secret_name, token_file=token_file, username=username,
-                          username_file=username_file, ssh_key_file=ssh_key_file, known_hosts_file=known_hosts_file)
-
-
-def _read_webhook(data: Mapping | None, *, problems: list[str], base_dir: Path | None) -> WebhookConfig:
-    if data is None:
-        return WebhookConfig()
-    w = _Fields(data, at="webhook", problems=problems, known=_WEBHOOK_FIELDS, secret_hint=_WEBHOOK_HINT)
-    secret_file = _file_path(w, "secretFile", base_dir=base_dir)
-    w.finish()
-    return WebhookConfig(secret_file=secret_file)

@@ -1,80 +1,165 @@
-"""Logging configuration, in one place (structlog).
+"""Logging, configured in one place: structlog end to end.
 
-The same event is one JSON object per line in production (stdout of a pod)
-and a readable line on a terminal. Library code only calls
-`structlog.get_logger(name)`; this module decides how events look.
+Every line the process writes goes through one chain of processors:
+gitopsd's own events (`structlog.get_logger(name)`) and the standard
+`logging` records of the libraries (urllib3, apscheduler, the Kubernetes
+client, GitPython, watchfiles) and of Python's `warnings`. Both reach the
+root handler, whose structlog `ProcessorFormatter` renders them alike, so a
+pod's log is one JSON object per line with the same keys everywhere —
+``timestamp`` (ISO 8601, UTC), ``level``, ``logger``, ``event``, then the
+event's fields — and a terminal gets readable lines. Without that handler a
+library's warning would reach stderr through Python's last-resort handler:
+in another format, unscrubbed.
 
-Every event passes `scrub_secrets` after exceptions are formatted and before
-it is rendered: each field — the message, exception text, tracebacks,
-nested values — is scrubbed of known secret values (gitopsd.redact). Records
-from the standard `logging` module (libraries: the scheduler, urllib3) are
-rendered by the same chain, so they are scrubbed too.
+The chain: the values bound with `scope`/`bind` (app, trigger, revision),
+level, logger name, timestamp; then, for both kinds of record,
+`format_exc_info` (a traceback becomes the ``exception`` text),
+`scrub_secrets` (every field — message, exception text, nested values — is
+scrubbed of known secret values, gitopsd.redact), and the renderer.
+
+Levels (``--log-level``): gitopsd's loggers log at the level asked for.
+Libraries (every logger outside ``gitopsd``) are chatty at info — the
+scheduler announces every run, watchfiles every change — so they stay at
+warning unless the level is debug. One stays at info even then: the
+Kubernetes client's REST logger, whose debug lines are whole response
+bodies, a Secret's data among them, read before gitopsd knows the values to
+scrub.
+
+Context: `scope(app=..., trigger=...)` binds values to every line this
+thread (or asyncio task) writes until the block ends, library records
+included; `bind(revision=...)` adds one to the current scope once it is
+known. A thread does not inherit them: `in_context(fn)` carries them into a
+pool.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import sys
+from collections.abc import Callable, Iterator
+from typing import Any, TextIO, TypeVar
 
 import structlog
+from structlog.stdlib import ProcessorFormatter
 
 from gitopsd import redact
 
+LEVELS = ("debug", "info", "warning", "error")
+#: The envelope every line starts with, in this order (JSON).
+ENVELOPE = ("timestamp", "level", "logger", "event")
+#: Debug lines that are response bodies: off at every level (see the module docstring).
+_BODY_LOGGERS = ("kubernetes.client.rest",)
 
-def configure(*, fmt: str = "auto", level: str = "info", stream=None) -> None:
-    """fmt: "json", "console", or "auto" (console when the stream is a terminal)."""
+T = TypeVar("T")
+
+
+def configure(*, fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
+    """Route every log line of the process through structlog, to ``stream`` (stdout by default).
+
+    ``fmt``: "json", "console", or "auto" (console when the stream is a
+    terminal). ``level``: one of LEVELS. Calling it again replaces the
+    previous configuration (tests do; so does the CLI).
+    """
     stream = stream or sys.stdout
-    if fmt == "auto":
-        fmt = "console" if stream.isatty() else "json"
-    console = fmt == "console"
-    renderer = (structlog.dev.ConsoleRenderer(colors=stream.isatty(), sort_keys=False) if console
-                else structlog.processors.JSONRenderer(sort_keys=False))
+    console = fmt == "console" or (fmt == "auto" and stream.isatty())
     shared = [
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True, key="time"),
-        structlog.processors.format_exc_info,
-        scrub_secrets,
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            *shared,
-            *([_readable_audit] if console else []),
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper(), logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        processors=[structlog.stdlib.filter_by_level, *shared, ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
     )
-    _route_stdlib_logging(stream=stream, renderer=renderer, shared=shared,
-                          level=getattr(logging, level.upper(), logging.INFO))
+    renderer = (structlog.dev.ConsoleRenderer(colors=stream.isatty(), sort_keys=False) if console
+                else structlog.processors.JSONRenderer(sort_keys=False))
+    formatter = ProcessorFormatter(
+        # No ExtraAdder: a record's attributes include what other handlers set on it (`message`).
+        foreign_pre_chain=shared,
+        processors=[
+            ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            scrub_secrets,
+            *([_readable_audit] if console else [_envelope_first]),
+            renderer,
+        ])
+    _install_handler(logging.StreamHandler(stream), formatter)
+    _set_levels(_threshold(level))
+    logging.captureWarnings(True)   # `warnings.warn` of a library: a log line like any other
 
 
-def scrub_secrets(_logger, _method, event: dict) -> dict:
+def scrub_secrets(_logger: Any, _method: str, event: dict) -> dict:
     """Every field of the event with known secret values replaced (see gitopsd.redact)."""
     return {key: redact.scrub_data(value) for key, value in event.items()}
 
 
-def _route_stdlib_logging(*, stream, renderer, shared: list, level: int) -> None:
-    """Send `logging` records (third-party libraries) through the same processors and renderer.
+@contextlib.contextmanager
+def scope(**values: Any) -> Iterator[None]:
+    """Bind ``values`` to every line this thread (or asyncio task) logs until
+    the block ends, library records included. What `bind` adds inside ends
+    with the block too; an enclosing scope's values come back."""
+    saved = structlog.contextvars.get_contextvars()
+    structlog.contextvars.bind_contextvars(**values)
+    try:
+        yield
+    finally:
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(**saved)
 
-    Without a handler, Python's last-resort handler prints a library's
-    warning and its traceback to stderr unscrubbed and in another format.
-    """
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer]))
+
+def bind(**values: Any) -> None:
+    """Add ``values`` to the current scope (e.g. the revision, once fetched)."""
+    structlog.contextvars.bind_contextvars(**values)
+
+
+def in_context(fn: Callable[..., T]) -> Callable[..., T]:
+    """``fn``, to run in another thread (a pool), with the values bound in
+    this one: threads do not inherit context variables."""
+    values = structlog.contextvars.get_contextvars()
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> T:
+        with scope(**values):
+            return fn(*args, **kwargs)
+    return run
+
+
+def _threshold(level: str) -> int:
+    if level not in LEVELS:
+        raise ValueError(f"{level!r} is not a log level: use one of {', '.join(LEVELS)}")
+    return getattr(logging, level.upper())
+
+
+def _install_handler(handler: logging.Handler, formatter: logging.Formatter) -> None:
+    """The root logger's one handler of ours (a previous one is replaced, others are left alone)."""
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, "_gitopsd", False)]:
         root.removeHandler(old)
     handler._gitopsd = True  # type: ignore[attr-defined]
     root.addHandler(handler)
-    # Libraries are chatty at info; their warnings are what an operator needs.
-    root.setLevel(max(level, logging.WARNING))
 
 
-def _readable_audit(_logger, _method, event: dict) -> dict:
+def _set_levels(threshold: int) -> None:
+    """gitopsd at ``threshold``; libraries at warning (or above) unless debugging."""
+    logging.getLogger("gitopsd").setLevel(threshold)
+    logging.getLogger().setLevel(threshold if threshold <= logging.DEBUG else max(threshold, logging.WARNING))
+    for name in _BODY_LOGGERS:
+        logging.getLogger(name).setLevel(max(threshold, logging.INFO))
+
+
+def _envelope_first(_logger: Any, _method: str, event: dict) -> dict:
+    """timestamp, level, logger, event first, then the event's own fields, so a line reads left to right."""
+    head = {key: event[key] for key in ENVELOPE if key in event}
+    return {**head, **{key: value for key, value in event.items() if key not in head}}
+
+
+def _readable_audit(_logger: Any, _method: str, event: dict) -> dict:
     """On a terminal, an audit record is one readable line, not a dump of nested
     dicts; JSON output keeps every field (it is the machine-readable record)."""
     if event.get("event") != "audit":

@@ -1,4 +1,4 @@
-"""The config file model: parsing, validation messages, diff, to_spec.
+"""The config file model: parsing, validation messages, diff, to_spec, the JSON Schema.
 
 Pure logic: no cluster, no Git. Messages are asserted by content because
 they are the product here: a user fixes the file from them alone.
@@ -7,11 +7,18 @@ they are the product here: a user fixes the file from them alone.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
+import jsonschema
 import pytest
+import yaml
+from pydantic import ValidationError
 
 from gitopsd.config import (
     AppConfig,
@@ -19,6 +26,8 @@ from gitopsd.config import (
     ConfigChange,
     ConfigError,
     CredentialsRef,
+    Helm,
+    SecretRef,
     WebhookConfig,
     _os_problem,
     check_share,
@@ -85,7 +94,7 @@ def test_minimal_app_gets_defaults() -> None:
 
 @pytest.mark.parametrize("text", ["apps: []\n", "apps: []\n# - name: web\n#   repo: r\n", "apps: []\nwebhook: {}\n"])
 def test_apps_empty_list_is_the_explicit_way_to_run_no_apps(text: str) -> None:
-    assert parse(text) == Config()
+    assert parse(text) == Config(apps=())
 
 
 @pytest.mark.parametrize(("text", "problem"), [
@@ -133,7 +142,7 @@ def test_empty_config_file_is_an_error(tmp_path: Path, content: str) -> None:
 def test_explicit_empty_apps_file_loads_as_no_apps(tmp_path: Path) -> None:
     path = tmp_path / "apps.yaml"
     path.write_text("# every app moved to the new cluster\napps: []\n")
-    assert load(path) == Config()
+    assert load(path) == Config(apps=())
 
 
 def test_unreadable_config_file_is_an_error(tmp_path: Path) -> None:
@@ -183,10 +192,9 @@ def test_full_app_round_trips_every_field() -> None:
         prune=False,
         self_heal=False,
         render="helm",
-        helm_values=("values.yaml", "values-prod.yaml"),
-        helm_release="web",
+        helm=Helm(values_files=("values.yaml", "values-prod.yaml"), release_name="web"),
         allow_remote_bases=True,
-        credentials=CredentialsRef(secret_name="fleet-git"),
+        credentials=CredentialsRef(secret_ref=SecretRef(name="fleet-git")),
         allowed_namespaces=("production", "monitoring"),
         prune_guard=0.25,
         allow_prune_all=True,
@@ -491,7 +499,7 @@ def test_diff_reports_added_removed_changed_apps() -> None:
     assert diff(old, new) == ConfigChange(added=("new",), removed=("old",), changed=("api", "web"),
                                           webhook_changed=True)
     assert diff(new, new).empty
-    assert diff(Config(), Config()) == ConfigChange()
+    assert diff(Config(apps=()), Config(apps=())) == ConfigChange()
 
 
 def test_to_spec_carries_every_setting() -> None:
@@ -500,10 +508,10 @@ def test_to_spec_carries_every_setting() -> None:
     spec = app.to_spec(inventory_namespace="gitopsd-system", credentials=creds)
     assert spec == AppSpec(
         name="web-production", repo="https://git.example.com/fleet.git", ref="v1.2.3",
-        path="web/overlays/production", namespace="production", render="helm",
-        helm_values=("values.yaml", "values-prod.yaml"), helm_release="web", allow_remote_bases=True,
-        prune=False, prune_guard=0.25,
-        allow_prune_all=True, recreate=True, timeout=90.0, credentials=creds,
+        path="web/overlays/production", namespace="production", interval=5400.0, prune=False, self_heal=False,
+        render="helm", helm=Helm(values_files=("values.yaml", "values-prod.yaml"), release_name="web"),
+        allow_remote_bases=True, prune_guard=0.25, allow_prune_all=True, recreate=True, suspend=True, timeout=90.0,
+        credentials=creds,
         inventory_namespace="gitopsd-system", allowed_namespaces=("production", "monitoring"),
     )
     # Every AppSpec field is either carried from the config or given by the caller.
@@ -528,3 +536,202 @@ def test_load_reads_a_file(tmp_path: Path) -> None:
     assert str(info.value).startswith(f"{path}: invalid config, 1 problem:")
     with pytest.raises(ConfigError, match="cannot read the file"):
         load(tmp_path / "missing.yaml")
+
+
+# --------------------------------------------------------------------------
+# One app model: the file's schema is the engine's spec
+
+
+def test_engine_spec_is_the_app_model_plus_run_time_parts() -> None:
+    spec_fields = [f.name for f in dataclasses.fields(AppSpec)]
+    app_fields = [f.name for f in dataclasses.fields(AppConfig)]
+    # Every field once: the app's own, then what only exists at run time.
+    assert issubclass(AppSpec, AppConfig)
+    assert spec_fields == [*app_fields, "inventory_namespace"]
+    assert len(set(spec_fields)) == len(spec_fields)
+    # `credentials` is the one field whose meaning the spec narrows: the resolved values, not where they are.
+    assert AppConfig.__pydantic_fields__["credentials"].annotation != AppSpec.__pydantic_fields__["credentials"].annotation
+
+
+def test_engine_spec_is_checked_like_the_file() -> None:
+    spec = AppSpec(name="web", repo="r", timeout=90.0)
+    assert (spec.ref, spec.prune_guard, spec.inventory_namespace) == ("main", 0.5, "gitopsd-system")
+    for bad in ({"name": "Web_Prod"}, {"timeout": 0.5}, {"prune_guard": 50.0}, {"prune": "yes"}, {"ref": "a b"},
+                {"inventory_namespace": "Bad_NS"}, {"credentials": "ghp_token"}):
+        with pytest.raises(ValidationError):
+            AppSpec(**{"name": "web", "repo": "r", **bad})
+    # dataclasses.replace keeps working, and checks too.
+    assert dataclasses.replace(spec, prune_guard=1.0).prune_guard == 1.0
+    with pytest.raises(ValidationError):
+        dataclasses.replace(spec, prune_guard=0.0)
+
+
+def test_python_field_names_are_refused_in_the_file_but_work_in_code() -> None:
+    [problem] = problems_of("apps: [{name: web, repo: r, allow_prune_all: true}]")
+    assert problem == "apps[0] (web).allow_prune_all: unknown field; did you mean allowPruneAll?"
+    assert AppConfig(name="web", repo="r", allow_prune_all=True).allow_prune_all is True
+
+
+@pytest.mark.parametrize(("snippet", "problem"), [
+    ("helm:", "apps[0] (web).helm: is empty; give a value or remove the key"),
+    ("credentials:", "apps[0] (web).credentials: is empty; give a value or remove the key"),
+    ("ref:", "apps[0] (web).ref: is empty; give a value or remove the key"),
+    ("allowedNamespaces:", "apps[0] (web).allowedNamespaces: is empty; give a value or remove the key"),
+    ("ref: ''", "apps[0] (web).ref: is empty; give a value or remove the key"),
+    ("helm: {releaseName: }", "apps[0] (web).helm.releaseName: is empty; give a value or remove the key"),
+])
+def test_an_empty_value_is_an_error_not_the_default(snippet: str, problem: str) -> None:
+    assert problems_of(f"apps:\n  - name: web\n    repo: r\n    {snippet}\n") == [problem]
+
+
+def test_an_empty_webhook_section_means_no_webhook_settings() -> None:
+    assert parse("apps: []\nwebhook:\n").webhook == WebhookConfig()
+
+
+@pytest.mark.parametrize(("snippet", "problem"), [
+    ("ref: 2024-01-01", "ref: YAML reads 2024-01-01 as a date, not a string; quote it"),
+    ("ref: [main]", "ref: must be a string, not a list"),
+    ("suspend: 1", "suspend: 1 is not a boolean (use true or false)"),
+    ("pruneGuard: '0.5'", 'pruneGuard: "0.5" is not a number'),
+    ("pruneGuard: .nan", "pruneGuard: nan is not a number"),
+    ("allowedNamespaces: web", "allowedNamespaces: must be a list, not a string"),
+    ("allowedNamespaces: [web, 5]", "allowedNamespaces[1]: YAML reads 5 as a number, not a string; quote it"),
+    ("helm: {valuesFiles: [../../etc/passwd]}", """helm.valuesFiles[0]: "../../etc/passwd" leaves the repository"""),
+    ("helm: [a]", "helm: must be a mapping, not a list"),
+    ("credentials: {secretRef: fleet}", "credentials.secretRef: must be a mapping, not a string"),
+    ("interval: 1y", 'interval: "1y" is not a duration (use 30s, 1m, 1h30m; units ms, s, m, h, d, w)'),
+    ("timeout: -5", "timeout: -5 is negative; a duration is 0 or more"),
+    ("interval: 99999999h", 'interval: "99999999h" is too long: at most 3650d'),
+    ("1: x", "1: unknown field; known fields: name, repo, ref,"),
+])
+def test_wrong_types_and_values_name_file_app_and_field(tmp_path: Path, snippet: str, problem: str) -> None:
+    path = tmp_path / "apps.yaml"
+    path.write_text(f"apps:\n  - name: web\n    repo: r\n    {snippet}\n")
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    [found] = info.value.problems
+    assert found.startswith(f"apps[0] (web).{problem}"), found
+    assert str(info.value).startswith(f"{path}: invalid config, 1 problem:")
+
+
+def test_duplicate_names_are_reported_with_every_other_problem() -> None:
+    problems = problems_of("""
+        apps:
+          - {name: web, repo: a, prune: maybe}
+          - {name: web, repo: b}
+    """)
+    assert problems == [
+        'apps[0] (web).prune: "maybe" is not a boolean (use true or false)',
+        "apps[1] (web).name: duplicate of apps[0]; app names must be unique (the name is the app's inventory)",
+    ]
+
+
+def test_a_file_that_is_not_a_mapping_says_what_it_must_be() -> None:
+    assert problems_of("- name: web\n  repo: r\n") == ["the file must be a mapping with an 'apps:' list, not a list"]
+
+
+# --------------------------------------------------------------------------
+# `gitopsd config schema` / `gitopsd config validate`
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_gitopsd(*args: str) -> subprocess.CompletedProcess:
+    """The real command line, as a user runs it (no cluster needed for `config`)."""
+    return subprocess.run([sys.executable, "-m", "gitopsd", *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "KUBECONFIG": "/nonexistent"})
+
+
+def sample_configs(tmp_path: Path) -> dict[str, str]:
+    """Every config file we ship or document: deploy/'s ConfigMaps, the quick start's, the README's example."""
+    from quickstart import write_config   # hack/ is on sys.path (conftest)
+
+    configs = {}
+    for path in sorted((ROOT / "deploy").rglob("config.yaml")):
+        configs[str(path.relative_to(ROOT))] = yaml.safe_load(path.read_text())["data"]["config.yaml"]
+    write_config(tmp_path / "quickstart.yaml", tmp_path / "fleet.git")
+    configs["hack/quickstart.py"] = (tmp_path / "quickstart.yaml").read_text()
+    readme = (ROOT / "README.md").read_text()
+    examples = [block for block in re.findall(r"```yaml\n(.*?)```", readme, re.S) if re.search(r"^apps:", block, re.M)]
+    configs.update({f"README.md example {i}": block for i, block in enumerate(examples, 1)})
+    return configs
+
+
+@pytest.fixture(scope="module")
+def config_schema() -> dict:
+    proc = run_gitopsd("config", "schema")
+    assert proc.returncode == 0, proc.stderr
+    schema = json.loads(proc.stdout)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return schema
+
+
+def test_schema_command_prints_a_json_schema_that_accepts_the_sample_configs(config_schema, tmp_path) -> None:
+    validator = jsonschema.Draft202012Validator(config_schema)
+    configs = sample_configs(tmp_path)
+    assert len(configs) >= 5, configs.keys()
+    for name, text in configs.items():
+        data = yaml.safe_load(text)
+        assert list(validator.iter_errors(data)) == [], name
+        assert parse(text, source=name).apps, name   # and the model agrees
+
+
+@pytest.mark.parametrize(("edit", "rejected_at"), [
+    ({"selfheal": True}, "selfheal"),                     # an unknown key
+    ({"prune": "yes"}, "prune"),                          # a wrong type
+    ({"interval": "1y"}, "interval"),                     # not a duration
+    ({"interval": 2}, "interval"),                        # under the minimum
+    ({"name": "Web_Prod"}, "name"),                       # not a DNS label
+    ({"path": "/etc"}, "path"),                           # absolute
+    ({"pruneGuard": 50}, "pruneGuard"),                   # a share is at most 1
+    ({"render": "jsonnet"}, "render"),
+    ({"helm": {"valueFiles": ["v.yaml"]}}, "valueFiles"),
+    ({"allowedNamespaces": []}, "allowedNamespaces"),
+    ({"credentials": {"secretRef": {"name": "fleet", "namespace": "other"}}}, "namespace"),
+])
+def test_schema_rejects_what_the_model_rejects(config_schema, edit: dict, rejected_at: str) -> None:
+    validator = jsonschema.Draft202012Validator(config_schema)
+    data = {"apps": [{"name": "web", "repo": "https://git.example.com/fleet.git", **edit}]}
+    errors = list(validator.iter_errors(data))
+    assert errors, edit
+    assert any(rejected_at in str(e.path) or rejected_at in e.message for e in errors), [e.message for e in errors]
+    with pytest.raises(ConfigError):
+        parse(json.dumps(data))
+    assert list(validator.iter_errors({"apps": [], "extra": 1})) != []
+    assert list(validator.iter_errors({"webhook": {}})) != [], "apps is required"
+
+
+def test_schema_documents_every_field_of_the_file(config_schema) -> None:
+    app = config_schema["$defs"]["AppConfig"]
+    assert set(app["properties"]) == set(FULL_KEYS)
+    assert app["required"] == ["name", "repo"]
+    undocumented = [key for key, prop in app["properties"].items() if not prop.get("description")]
+    assert undocumented == []
+    assert app["properties"]["interval"]["default"] == 60.0 and app["properties"]["ref"]["default"] == "main"
+
+
+FULL_KEYS = ("name", "repo", "ref", "path", "namespace", "interval", "prune", "selfHeal", "render", "helm",
+             "allowRemoteBases", "credentials", "allowedNamespaces", "pruneGuard", "allowPruneAll", "recreate",
+             "suspend", "timeout")
+
+
+def test_validate_command_exits_0_for_a_valid_file_and_1_naming_every_problem(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(FULL)
+    proc = run_gitopsd("config", "validate", str(good))
+    assert (proc.returncode, proc.stdout.strip()) == (0, f"{good}: valid, 1 app: web-production")
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apps:\n  - {name: web, repo: r, selfheal: false, interval: 1s}\n")
+    proc = run_gitopsd("config", "validate", str(bad))
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout.startswith(f"{bad}: invalid config, 2 problems:")
+    assert "apps[0] (web).interval: \"1s\" is too short" in proc.stdout
+    assert "apps[0] (web).selfheal: unknown field; did you mean selfHeal?" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+    as_json = json.loads(run_gitopsd("config", "validate", str(bad), "-o", "json").stdout)
+    assert as_json["valid"] is False and len(as_json["problems"]) == 2
+
+    missing = run_gitopsd("config", "validate", str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 2 and "nope.yaml: does not exist" in missing.stderr

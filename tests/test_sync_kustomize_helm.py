@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from helpers import wait_for
 
+from gitopsd.config import Helm
+
 pytestmark = pytest.mark.cluster
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample-repo"
@@ -29,7 +31,7 @@ def test_kustomize_overlays_deploy_different_replica_counts(app, repo, kube, nam
     _delete_sample_namespaces(kube)
     try:
         for env, want in (("dev", 1), ("staging", 2), ("production", 4)):
-            result = app.sync(name=f"{namespace}-{env}", path=f"apps/web/overlays/{env}", timeout=90.0)
+            result = app.sync(name=f"web-{env}", path=f"apps/web/overlays/{env}", timeout=90.0)
             assert result.outcome.value == "Applied", (env, result.reason, result.errors)
             assert kube.get(hpas, "web", f"web-{env}")["spec"]["minReplicas"] == want
         prod = kube.get(kube.resource("apps/v1", "Deployment"), "web", "web-production")
@@ -58,11 +60,12 @@ def test_helm_chart_with_values_file(app, repo, kube, namespace):
         "      containers:\n        - name: hello\n          image: nginx:1.27\n")
     repo.commit("chart")
 
-    result = app.sync(name="hello", path="charts/hello", helm_values=("values-prod.yaml",))
+    prod = Helm(values_files=("values-prod.yaml",))
+    result = app.sync(name="hello", path="charts/hello", helm=prod)
 
     assert result.outcome.value == "Applied", (result.reason, result.errors)
     dep = kube.get(kube.resource("apps/v1", "Deployment"), "hello", namespace)
     assert dep["spec"]["replicas"] == 3
     cm = kube.get(kube.resource("v1", "ConfigMap"), "hello-greeting", namespace)
     assert cm["data"]["greeting"] == "hello from prod"
-    assert app.sync(name="hello", path="charts/hello", helm_values=("values-prod.yaml",)).outcome.value == "NoChange"
+    assert app.sync(name="hello", path="charts/hello", helm=prod).outcome.value == "NoChange"

@@ -245,7 +245,7 @@ def main(args) -> int:
     """Entry point of `gitopsd run` (parsed by gitopsd.cli)."""
     from gitopsd import log as log_mod
 
-    log_mod.configure(fmt=args.log_format)
+    log_mod.configure(fmt=args.log_format, level=args.log_level)
     instance = args.instance or f"{socket.gethostname()}-{os.getpid()}"
     try:
         kube = Kube.connect(kubeconfig=args.kubeconfig, context=args.context, max_workers=args.concurrency)

@@ -38,8 +38,11 @@ from pathlib import Path
 from typing import Callable, Collection
 
 import structlog
+from pydantic import InstanceOf
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from gitopsd import redact
+from gitopsd.config import MODEL_CONFIG, AppConfig, Namespace
 from gitopsd.engine import health, inventory, render, source
 from gitopsd.engine.apply import ApplyOutcome, apply_plan
 from gitopsd.engine.diff import compare, managers_of, within
@@ -52,27 +55,22 @@ DEFAULT_INVENTORY_NAMESPACE = "gitopsd-system"
 log = structlog.get_logger("gitopsd.engine.sync")
 
 
-@dataclass(frozen=True)
-class AppSpec:
-    """What to reconcile: one app (= one ApplySet)."""
+@pydantic_dataclass(frozen=True, config=MODEL_CONFIG)
+class AppSpec(AppConfig):
+    """What to reconcile: one app (= one ApplySet), as one reconcile sees it.
 
-    name: str
-    repo: str
-    ref: str = "HEAD"
-    path: str = "."
-    namespace: str = "default"                # for namespaced objects that name none
-    render: str = "auto"                      # auto | plain | kustomize | helm
-    helm_values: tuple[str, ...] = ()
-    helm_release: str | None = None           # default: the app name
-    allow_remote_bases: bool = False          # kustomize may fetch remote bases (read outside the commit)
-    prune: bool = True
-    prune_guard: float = 0.5                  # refuse to prune more than this share of the members
-    allow_prune_all: bool = False             # lift the guard (an emptied repo really means "delete all")
-    recreate: bool = False                    # allow delete+create on immutable-field changes
-    timeout: float = 300.0                    # health wait
-    credentials: source.Credentials | None = None
-    inventory_namespace: str = DEFAULT_INVENTORY_NAMESPACE
-    allowed_namespaces: tuple[str, ...] | None = None   # None: any; else writes only there (no cluster-scoped)
+    The app model of the config file (gitopsd.config.AppConfig: every field,
+    default and check) plus what exists only at run time: the resolved
+    credentials and the namespace of the app's inventory. The daemon builds
+    one per reconcile with `AppConfig.to_spec`; the CLI and tests construct
+    it directly, by Python names. Settings only the daemon reads (interval,
+    self_heal, suspend) ride along unused.
+    """
+
+    credentials: InstanceOf[source.Credentials] | None = None
+    """The resolved credentials (values); AppConfig.credentials only says where they are."""
+    inventory_namespace: Namespace = DEFAULT_INVENTORY_NAMESPACE
+    """Where the ApplySet parent lives (gitopsd's own namespace)."""
 
 
 class Outcome(str, enum.Enum):

@@ -16,6 +16,9 @@ This module wires the runners to the outside world and to each other:
   a run ends quietly ("leadership lost mid-reconcile; N writes not sent"),
   records nothing and leaves what it wrote: the new leader records and
   converges;
+- or, with --shards N > 1, a Lease per shard (gitopsd.daemon.shards): the
+  same rules per shard, an app runs only on the replica holding its shard,
+  and its writes are fenced by that shard's term;
 - SIGTERM: stop taking work, let running reconciles finish (their health
   waits are cancelled), release the lease.
 """
@@ -32,13 +35,14 @@ from pathlib import Path
 
 import structlog
 
-from gitopsd import __version__, audit
+from gitopsd import __version__, audit, metrics
 from gitopsd import config as config_mod
 from gitopsd.daemon.config_watch import ConfigWatcher
 from gitopsd.daemon.credentials import CredentialStore
 from gitopsd.daemon.leader import FencedKube, LeaderElector, LeadershipLost
 from gitopsd.daemon.runner import AppRunner, _iso
 from gitopsd.daemon.server import Server
+from gitopsd.daemon.shards import Shards
 from gitopsd.daemon.triggers import LocalRepoWatcher, PushRouter, Schedule
 from gitopsd.engine.sync import default_cache_dir
 from gitopsd.errors import GitopsdError
@@ -53,7 +57,7 @@ class Daemon:
     def __init__(self, *, kube: Kube, config_path: Path, namespace: str, http_host: str, http_port: int,
                  instance: str, leader_elect: bool = True, lease_duration: float = 15.0,
                  lease_renew: float = 5.0, watch_local: bool = True, cache_dir: Path | None = None,
-                 advertise_url: str | None = None) -> None:
+                 advertise_url: str | None = None, shards: int = 1) -> None:
         self.kube = kube
         kube.user_agent = f"gitopsd/{__version__} ({instance})"   # names us in the apiserver's audit log
         self.namespace = namespace
@@ -74,7 +78,12 @@ class Daemon:
         self.elector = (LeaderElector(kube, namespace=namespace, identity=instance, lease_duration=lease_duration,
                                       renew_interval=lease_renew, on_started_leading=self._on_leading,
                                       on_stopped_leading=self._on_standby, advertise_url=advertise_url)
-                        if leader_elect else None)
+                        if leader_elect and shards == 1 else None)
+        self.shards = (Shards(kube, namespace=namespace, identity=instance, count=shards,
+                              lease_duration=lease_duration, renew_interval=lease_renew,
+                              on_gained=self._on_shard_gained, on_lost=self._on_shard_lost,
+                              busy=self._shard_busy, advertise_url=advertise_url)
+                       if shards > 1 else None)
         self.server = Server(host=http_host, port=http_port, on_push=self.pushes.on_push,
                              webhook_secret=self.pushes.webhook_secret, ready=self.ready, status=self.status_json)
         self._threads: list[threading.Thread] = []
@@ -102,15 +111,24 @@ class Daemon:
         if self.watch_local:
             self._spawn(LocalRepoWatcher(self).run, "local-repo-watch")
         if self.elector:
-            if not self.elector.advertise_url and self.server.host not in ("0.0.0.0", "::", ""):
-                # A concrete listen address is reachable as is (0.0.0.0 says nothing).
-                self.elector.advertise_url = f"http://{self.server.host}:{self.server.port}"
+            self.elector.advertise_url = self._advertise_url(self.elector.advertise_url)
             self.elector.start()
+        elif self.shards:
+            self.shards.advertise_url = self._advertise_url(self.shards.advertise_url)
+            self.shards.start()
         else:
             self._on_leading()
         log.info("gitopsd started", instance=self.instance, apps=[a.name for a in self.config.apps],
                  http=f"{self.server.host}:{self.server.port}", namespace=self.namespace,
-                 leader_election=self.elector is not None)
+                 leader_election=self.elector is not None or self.shards is not None,
+                 shards=self.shards.count if self.shards else 1)
+
+    def _advertise_url(self, given: str | None) -> str | None:
+        """Where the other replicas forward pushes to this one: --advertise-url, else a concrete
+        listen address as is (0.0.0.0 says nothing)."""
+        if given or self.server.host in ("0.0.0.0", "::", ""):
+            return given
+        return f"http://{self.server.host}:{self.server.port}"
 
     def run_forever(self) -> None:
         self._stop.wait()
@@ -137,6 +155,8 @@ class Daemon:
             # Hand the lease over at once only when no work of ours is still
             # running; otherwise let it expire, so a standby cannot write beside us.
             self.elector.stop(release=idle)
+        if self.shards:
+            self.shards.stop(release=idle)
         self.credentials.close()
         self.server.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -149,51 +169,99 @@ class Daemon:
 
     # ------------------------------------------------------------ leadership
 
-    def may_write(self, term: int | None = None) -> bool:
-        """The fencing rule (gitopsd.daemon.leader): may this replica write now, in `term` if given?
+    def _lease_of(self, app: str | None) -> LeaderElector | None:
+        """The elector whose term fences writes for `app`: the app's shard's, or the leader's."""
+        if self.shards is not None:
+            return self.shards.elector_for(app) if app is not None else None
+        return self.elector
+
+    def may_write(self, term: int | None = None, *, app: str | None = None) -> bool:
+        """The fencing rule (gitopsd.daemon.leader): may this replica write now — for `app`, in `term`?
 
         With leader election it is the elector's deadline; without, this
         process leads from start() until stop() has let running work end.
+        With shards it is the deadline of the app's shard; for no app in
+        particular (the audit log's own fence, behind the runner's check of
+        the app's term before each record) it is whether any shard is held.
         """
+        if self.shards is not None:
+            if app is None:
+                return bool(self.shards.held())
+            return self.shards.elector_for(app).may_write(term)
         if self.elector is None:
             return self._leading
         return self.elector.may_write(term)
 
-    def fence(self, term: int | None = None) -> None:
+    def fence(self, term: int | None = None, *, app: str | None = None) -> None:
         """The one check before every write: raises LeadershipLost when may_write says no."""
-        if not self.may_write(term):
+        if not self.may_write(term, app=app):
             raise LeadershipLost()
 
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
 
-    def may_start(self) -> bool:
-        """Whether new work (a reconcile, a self-heal) may begin."""
-        return not self.stopping and self.may_write()
+    def may_start(self, app: str | None = None) -> bool:
+        """Whether new work (a reconcile, a self-heal) may begin — for `app`, if given. With shards:
+        its shard is held here and not being handed over."""
+        if self.stopping:
+            return False
+        if self.shards is not None and app is not None:
+            return self.shards.may_start(app)
+        return self.may_write()
 
-    def writer(self) -> FencedKube | None:
-        """The Kube for one run of work, fenced to the current leadership term; None when no
-        work may begin. A term that ends (even if this replica leads again at once) fences the
-        run for good: it was planned under a lease another replica may have held since."""
-        term = self.elector.term if self.elector else None
-        if not self.may_start():
+    def writer(self, app: str | None = None) -> FencedKube | None:
+        """The Kube for one run of `app`'s work, fenced to the current term of its lease; None when
+        no work may begin (with shards: always None without an app). A term that ends (even if this
+        replica leads again at once) fences the run for good: it was planned under a lease another
+        replica may have held since."""
+        lease = self._lease_of(app)
+        term = lease.term if lease else None
+        if (self.shards is not None and app is None) or not self.may_start(app):
             return None
-        return FencedKube(self.kube, lambda: self.fence(term))
+        return FencedKube(self.kube, lambda: self.fence(term, app=app))
 
     def _on_leading(self) -> None:
         self._leading = True
-        for r in list(self.runners.values()):
+        self._count_held()
+        self._lead(list(self.runners.values()))
+
+    def _on_standby(self) -> None:
+        self._leading = False
+        self._count_held()
+        self._cancel(list(self.runners.values()))
+
+    def _on_shard_gained(self, shard: int) -> None:
+        self._count_held()
+        self._lead(self._runners_of(shard))
+
+    def _on_shard_lost(self, shard: int) -> None:
+        self._count_held()
+        self._cancel(self._runners_of(shard))
+
+    def _shard_busy(self, shard: int) -> bool:
+        """Whether a reconcile or a self-heal of one of the shard's apps is in flight."""
+        return any(r.running or r.exec_lock.locked() for r in self._runners_of(shard))
+
+    def _runners_of(self, shard: int) -> list[AppRunner]:
+        return [r for name, r in list(self.runners.items()) if self.shards.shard_of(name) == shard]
+
+    def _lead(self, runners: list[AppRunner]) -> None:
+        for r in runners:
             # Another replica may have led meanwhile: re-read the ApplySet parent,
             # rewrite status, and take the last applied commit from the audit trail
             # again (AppRunner._restore, before the next reconcile).
             r.inv, r.status_written, r.last_result, r.restored = None, None, None, False
             r.trigger("leader")
 
-    def _on_standby(self) -> None:
-        self._leading = False
-        for r in list(self.runners.values()):
+    def _cancel(self, runners: list[AppRunner]) -> None:
+        for r in runners:
             r.cancel.set()
+
+    def _count_held(self) -> None:
+        held = len(self.shards.held()) if self.shards else int(self._leading)
+        metrics.SHARDS_HELD.set(held)
+        metrics.IS_LEADER.set(1 if held else 0)
 
     # ------------------------------------------------------------ apps
 
@@ -201,7 +269,7 @@ class Daemon:
         runner = AppRunner(self, cfg)
         self.runners[cfg.name] = runner
         self.schedule.poll(runner)
-        if self.may_start():
+        if self.may_start(cfg.name):
             runner.trigger("config")
 
     def _remove(self, name: str) -> None:
@@ -227,6 +295,9 @@ class Daemon:
     def ready(self) -> tuple[bool, str]:
         if self._stop.is_set():
             return False, "shutting down"
+        if self.shards:
+            held = ",".join(map(str, self.shards.held())) or "none"
+            return True, f"ok (shards {held} of {self.shards.count}, {len(self.runners)} apps)"
         role = "leader" if self._leading else "standby"
         return True, f"ok ({role}, {len(self.runners)} apps)"
 
@@ -236,8 +307,14 @@ class Daemon:
             s = r.status()
             s["nextRun"] = _iso(self.schedule.next_run(name))
             s["running"] = r.running
+            if self.shards:
+                s["shard"], s["owner"] = self.shards.shard_of(name), self.shards.owner(name)
             apps.append(s)
-        return {"instance": self.instance, "leader": self._leading, "apps": apps}
+        if not self.shards:
+            return {"instance": self.instance, "leader": self._leading, "apps": apps}
+        held = self.shards.held()
+        return {"instance": self.instance, "leader": bool(held),
+                "shards": {"count": self.shards.count, "held": held}, "apps": apps}
 
 
 
@@ -252,7 +329,7 @@ def main(args) -> int:
         daemon = Daemon(kube=kube, config_path=args.config, namespace=args.namespace, http_host=args.http_address,
                         http_port=args.http_port, instance=instance, leader_elect=args.leader_elect,
                         lease_duration=args.lease_duration, lease_renew=args.lease_renew,
-                        watch_local=args.watch_local, advertise_url=args.advertise_url)
+                        watch_local=args.watch_local, advertise_url=args.advertise_url, shards=args.shards)
     except GitopsdError as exc:
         log.error("cannot start", error=str(exc))
         return 2

@@ -143,7 +143,7 @@ class AppRunner:
 
     def _reconcile(self, trigger: str) -> None:
         cfg = self.cfg
-        writer = None if cfg.suspend else self.daemon.writer()
+        writer = None if cfg.suspend else self.daemon.writer(self.cfg.name)
         if writer is None:
             return
         self.writer = writer
@@ -337,7 +337,7 @@ class AppRunner:
         with self.exec_lock:
             with self.lock:
                 refs, self.dirty = self.dirty, set()
-            writer = None if not refs or self.stopped or self.cfg.suspend else self.daemon.writer()
+            writer = None if not refs or self.stopped or self.cfg.suspend else self.daemon.writer(self.cfg.name)
             if writer is None:
                 return
             self.writer = writer

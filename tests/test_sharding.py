@@ -20,6 +20,7 @@ import json
 import signal
 import time
 from collections import Counter
+from datetime import datetime, timezone
 from itertools import groupby
 
 import pytest
@@ -38,8 +39,11 @@ from gitopsd.daemon.shards import (
     should_hand_over,
 )
 
+# Short leases where failover time is the behaviour; elsewhere leases long enough that a loaded
+# machine (a renewal starved for seconds) does not end a term in the middle of what is measured.
 LEASE_S, RENEW_S = 3, 1
 FLAGS = ("--lease-duration", str(LEASE_S), "--lease-renew", str(RENEW_S), "--no-watch-local")
+CALM = ("--lease-duration", "10", "--lease-renew", "2", "--no-watch-local")
 
 
 # ---------------------------------------------------------------- the rules (pure)
@@ -149,14 +153,20 @@ def configure(path, repo, namespace, names: list[str]) -> None:
     replace_file(path, yaml.safe_dump({"apps": apps}, sort_keys=False))
 
 
-def applied(daemons, sha: str) -> dict[str, list[str]]:
-    """{app: [instance, ...]} of the Applied transitions of `sha` the replicas logged."""
+def applied(daemons, sha: str, results: tuple[str, ...] = ("Applied",)) -> dict[str, list[str]]:
+    """{app: [instance, ...]} of the transitions to `sha` (Applied, or `results`) the replicas logged."""
     out: dict[str, list[str]] = {}
     for d in daemons:
         for e in d.events():
-            if e.get("event") == "audit" and e.get("result") == "Applied" and e.get("revision") == sha:
+            if e.get("event") == "audit" and e.get("result") in results and e.get("revision") == sha:
                 out.setdefault(e["app"], []).append(e["instance"])
     return out
+
+
+def converged(daemons, sha: str) -> dict[str, list[str]]:
+    """Applied or NoChange: a run fenced after its apply (a term lost to a starved renewal) records
+    nothing, and the next term finds the commit already live."""
+    return applied(daemons, sha, ("Applied", "NoChange"))
 
 
 def owners_now(daemons) -> dict[str, str]:
@@ -186,13 +196,13 @@ def sharded(repo, namespace, tmp_path, start_daemon):
     repo.write("README", "fleet\n")
     repo.commit("init")
 
-    def start(replicas: list[str], *, shards: int, apps: int):
-        daemons = [start_daemon(config, *FLAGS, "--shards", str(shards), name=n) for n in replicas]
+    def start(replicas: list[str], *, shards: int, apps: int, flags: tuple[str, ...] = CALM):
+        daemons = [start_daemon(config, *flags, "--shards", str(shards), name=n) for n in replicas]
         split = wait_split(daemons, shards)
         names = [f"app-{i:02d}" for i in range(apps)]
         sha = write_apps(repo, names, "1")
         configure(config, repo, namespace, names)
-        wait_for(f"{apps} apps Applied", lambda: len(applied(daemons, sha)) == apps, 120, interval=0.25)
+        wait_for(f"{apps} apps converged", lambda: len(converged(daemons, sha)) == apps, 120, interval=0.25)
         return daemons, names, sha, split
 
     start.config = config
@@ -219,20 +229,21 @@ def test_two_replicas_split_twenty_apps_and_each_app_is_applied_once_by_its_owne
 
 
 def test_a_killed_replicas_apps_converge_on_the_survivor_within_the_lease_duration(sharded, kube, namespace, repo):
-    (a, b), names, _, split = sharded(["replica-a", "replica-b"], shards=4, apps=20)
+    (a, b), names, _, split = sharded(["replica-a", "replica-b"], shards=4, apps=20, flags=FLAGS)
     orphans = [n for n in names if shard_of(n, 4) in split["replica-a"]]
     sha = write_apps(repo, names, "2")   # committed, not pushed: only taking over reconciles now
 
     a.stop(signal.SIGKILL)
-    died = time.monotonic()
+    died = datetime.now(timezone.utc)
     wait_for("survivor holds every shard", lambda: held(b) == [0, 1, 2, 3], 20, interval=0.05)
-    took = time.monotonic() - died
-    # Lease duration, plus one LIST interval to see it, plus half a renewal to act, plus slack for a loaded machine.
-    assert took <= LEASE_S + RENEW_S + RENEW_S / 2 + 1.5, f"took {took:.1f}s"
+    # Timed by the survivor's own log lines, not by this test's polling (which a loaded machine delays).
+    took = max(datetime.fromisoformat(e["time"].replace("Z", "+00:00")) for e in b.events()
+               if e.get("event") == "shard acquired") - died
+    # Lease duration, plus one LIST interval to see it, plus half a renewal to act, plus a second of slack.
+    assert took.total_seconds() <= LEASE_S + RENEW_S + RENEW_S / 2 + 1, f"took {took.total_seconds():.1f}s"
 
-    wait_for("orphaned apps at rev 2", lambda: set(applied([b], sha)) >= set(orphans), 60, interval=0.1)
+    wait_for("orphaned apps at rev 2", lambda: set(converged([b], sha)) >= set(orphans), 60, interval=0.1)
     assert all(cm_data(kube, namespace, f"cm-{n}") == {"rev": "2"} for n in orphans)
-    assert all(applied([b], sha)[n] == ["replica-b"] for n in orphans)
     assert_never_interleaved(kube, namespace, names)
 
 
@@ -240,7 +251,8 @@ def test_a_push_to_the_replica_that_does_not_own_the_app_reaches_the_owner(shard
     (a, b), names, _, split = sharded(["replica-a", "replica-b"], shards=4, apps=8)
     theirs = [n for n in names if shard_of(n, 4) in split["replica-a"]]
     assert theirs
-    time.sleep(RENEW_S * 1.5)  # b has listed a's shard Leases (and their webhook URL) since they were split
+    wait_for("b knows the owner of every app", lambda: all(
+        x["owner"] == ("replica-a" if x["app"] in theirs else "replica-b") for x in status(b)["apps"]), 10)
     sha = write_apps(repo, names, "2")
 
     started = time.monotonic()
@@ -261,7 +273,7 @@ def test_a_joining_replica_takes_its_share_and_no_app_runs_on_two_replicas(shard
                                                                             repo):
     (a, b), names, _, _ = sharded(["replica-a", "replica-b"], shards=6, apps=12)
 
-    c = start_daemon(sharded.config, *FLAGS, "--shards", "6", name="replica-c")
+    c = start_daemon(sharded.config, *CALM, "--shards", "6", name="replica-c")
     split = wait_split([a, b, c], 6)
     assert all(len(s) == 2 for s in split.values()), split
 

@@ -9,18 +9,16 @@ This module wires the runners to the outside world and to each other:
 - the HTTP server (gitopsd.daemon.server): push webhooks, /healthz,
   /readyz, /metrics, /status;
 - the config file (gitopsd.daemon.config_watch): hot reload;
-- a Lease (leader election): only the leader reconciles, and every write it
-  sends is fenced (gitopsd.daemon.leader): a reconcile or self-heal runs within the
-  leadership term it began in and writes through a Kube that refuses each
-  write once this replica cannot prove that term still holds the lease. Such
-  a run ends quietly ("leadership lost mid-reconcile; N writes not sent"),
-  records nothing and leaves what it wrote: the new leader records and
-  converges;
-- or, with --shards N > 1, a Lease per shard (gitopsd.daemon.shards): the
-  same rules per shard, an app runs only on the replica holding its shard,
-  and its writes are fenced by that shard's term;
+- leadership (gitopsd.daemon.leadership): a Lease for all apps, or one per
+  shard with --shards N (gitopsd.daemon.shards). Only the holder reconciles
+  an app, and every write it sends is fenced (gitopsd.daemon.leader): a
+  reconcile or self-heal runs within the term it began in and writes through
+  a Kube that refuses each write once this replica cannot prove that term
+  still holds the lease. Such a run ends quietly ("leadership lost
+  mid-reconcile; N writes not sent"), records nothing and leaves what it
+  wrote: the new holder records and converges;
 - SIGTERM: stop taking work, let running reconciles finish (their health
-  waits are cancelled), release the lease.
+  waits are cancelled), release the leases.
 """
 
 from __future__ import annotations
@@ -35,11 +33,12 @@ from pathlib import Path
 
 import structlog
 
-from gitopsd import __version__, audit, metrics
+from gitopsd import __version__, audit
 from gitopsd import config as config_mod
 from gitopsd.daemon.config_watch import ConfigWatcher
 from gitopsd.daemon.credentials import CredentialStore
-from gitopsd.daemon.leader import FencedKube, LeaderElector, LeadershipLost
+from gitopsd.daemon.leader import FencedKube, LeaderElector
+from gitopsd.daemon.leadership import Leadership
 from gitopsd.daemon.runner import AppRunner, _iso
 from gitopsd.daemon.server import Server
 from gitopsd.daemon.shards import Shards
@@ -71,19 +70,12 @@ class Daemon:
         self.schedule = Schedule(self._stop)
         self.credentials = CredentialStore(kube, namespace=namespace)
         self.pushes = PushRouter(self)
+        self.leadership = Leadership(kube, namespace=namespace, instance=instance, leader_elect=leader_elect,
+                                     shards=shards, lease_duration=lease_duration, lease_renew=lease_renew,
+                                     advertise_url=advertise_url, runners=lambda: self.runners, stopped=self._stop)
         # Records are stored and announced only while this replica may write (Daemon.fence);
         # the runners check it before each record too, in the term their run began in.
         self.audit = audit.AuditLog(FencedKube(kube, self.fence), namespace=namespace, instance=instance)
-        self._leading = False            # set by _on_leading (at start when election is off)
-        self.elector = (LeaderElector(kube, namespace=namespace, identity=instance, lease_duration=lease_duration,
-                                      renew_interval=lease_renew, on_started_leading=self._on_leading,
-                                      on_stopped_leading=self._on_standby, advertise_url=advertise_url)
-                        if leader_elect and shards == 1 else None)
-        self.shards = (Shards(kube, namespace=namespace, identity=instance, count=shards,
-                              lease_duration=lease_duration, renew_interval=lease_renew,
-                              on_gained=self._on_shard_gained, on_lost=self._on_shard_lost,
-                              busy=self._shard_busy, advertise_url=advertise_url)
-                       if shards > 1 else None)
         self.server = Server(host=http_host, port=http_port, on_push=self.pushes.on_push,
                              webhook_secret=self.pushes.webhook_secret, ready=self.ready, status=self.status_json)
         self._threads: list[threading.Thread] = []
@@ -110,14 +102,7 @@ class Daemon:
         self._spawn(self.config_watch.watch, "config-watch")
         if self.watch_local:
             self._spawn(LocalRepoWatcher(self).run, "local-repo-watch")
-        if self.elector:
-            self.elector.advertise_url = self._advertise_url(self.elector.advertise_url)
-            self.elector.start()
-        elif self.shards:
-            self.shards.advertise_url = self._advertise_url(self.shards.advertise_url)
-            self.shards.start()
-        else:
-            self._on_leading()
+        self.leadership.start(advertise_url=self._advertise_url)
         log.info("gitopsd started", instance=self.instance, apps=[a.name for a in self.config.apps],
                  http=f"{self.server.host}:{self.server.port}", namespace=self.namespace,
                  leader_election=self.elector is not None or self.shards is not None,
@@ -150,13 +135,9 @@ class Daemon:
                 r.exec_lock.release()
             else:
                 idle = False
-        self._leading = False
-        if self.elector:
-            # Hand the lease over at once only when no work of ours is still
-            # running; otherwise let it expire, so a standby cannot write beside us.
-            self.elector.stop(release=idle)
-        if self.shards:
-            self.shards.stop(release=idle)
+        # Hand the leases over at once only when no work of ours is still
+        # running; otherwise let them expire, so no other replica writes beside us.
+        self.leadership.stop(release=idle)
         self.credentials.close()
         self.server.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -167,101 +148,35 @@ class Daemon:
         t.start()
         self._threads.append(t)
 
-    # ------------------------------------------------------------ leadership
+    # ------------------------------------------------------------ leadership (gitopsd.daemon.leadership)
 
-    def _lease_of(self, app: str | None) -> LeaderElector | None:
-        """The elector whose term fences writes for `app`: the app's shard's, or the leader's."""
-        if self.shards is not None:
-            return self.shards.elector_for(app) if app is not None else None
-        return self.elector
+    @property
+    def elector(self) -> LeaderElector | None:
+        return self.leadership.elector
+
+    @property
+    def shards(self) -> Shards | None:
+        return self.leadership.shards
+
+    @property
+    def _leading(self) -> bool:
+        return self.leadership.leading
 
     def may_write(self, term: int | None = None, *, app: str | None = None) -> bool:
-        """The fencing rule (gitopsd.daemon.leader): may this replica write now — for `app`, in `term`?
-
-        With leader election it is the elector's deadline; without, this
-        process leads from start() until stop() has let running work end.
-        With shards it is the deadline of the app's shard; for no app in
-        particular (the audit log's own fence, behind the runner's check of
-        the app's term before each record) it is whether any shard is held.
-        """
-        if self.shards is not None:
-            if app is None:
-                return bool(self.shards.held())
-            return self.shards.elector_for(app).may_write(term)
-        if self.elector is None:
-            return self._leading
-        return self.elector.may_write(term)
+        return self.leadership.may_write(term, app=app)
 
     def fence(self, term: int | None = None, *, app: str | None = None) -> None:
-        """The one check before every write: raises LeadershipLost when may_write says no."""
-        if not self.may_write(term, app=app):
-            raise LeadershipLost()
+        self.leadership.fence(term, app=app)
+
+    def may_start(self, app: str | None = None) -> bool:
+        return self.leadership.may_start(app)
+
+    def writer(self, app: str | None = None) -> FencedKube | None:
+        return self.leadership.writer(app)
 
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
-
-    def may_start(self, app: str | None = None) -> bool:
-        """Whether new work (a reconcile, a self-heal) may begin — for `app`, if given. With shards:
-        its shard is held here and not being handed over."""
-        if self.stopping:
-            return False
-        if self.shards is not None and app is not None:
-            return self.shards.may_start(app)
-        return self.may_write()
-
-    def writer(self, app: str | None = None) -> FencedKube | None:
-        """The Kube for one run of `app`'s work, fenced to the current term of its lease; None when
-        no work may begin (with shards: always None without an app). A term that ends (even if this
-        replica leads again at once) fences the run for good: it was planned under a lease another
-        replica may have held since."""
-        lease = self._lease_of(app)
-        term = lease.term if lease else None
-        if (self.shards is not None and app is None) or not self.may_start(app):
-            return None
-        return FencedKube(self.kube, lambda: self.fence(term, app=app))
-
-    def _on_leading(self) -> None:
-        self._leading = True
-        self._count_held()
-        self._lead(list(self.runners.values()))
-
-    def _on_standby(self) -> None:
-        self._leading = False
-        self._count_held()
-        self._cancel(list(self.runners.values()))
-
-    def _on_shard_gained(self, shard: int) -> None:
-        self._count_held()
-        self._lead(self._runners_of(shard))
-
-    def _on_shard_lost(self, shard: int) -> None:
-        self._count_held()
-        self._cancel(self._runners_of(shard))
-
-    def _shard_busy(self, shard: int) -> bool:
-        """Whether a reconcile or a self-heal of one of the shard's apps is in flight."""
-        return any(r.running or r.exec_lock.locked() for r in self._runners_of(shard))
-
-    def _runners_of(self, shard: int) -> list[AppRunner]:
-        return [r for name, r in list(self.runners.items()) if self.shards.shard_of(name) == shard]
-
-    def _lead(self, runners: list[AppRunner]) -> None:
-        for r in runners:
-            # Another replica may have led meanwhile: re-read the ApplySet parent,
-            # rewrite status, and take the last applied commit from the audit trail
-            # again (AppRunner._restore, before the next reconcile).
-            r.inv, r.status_written, r.last_result, r.restored = None, None, None, False
-            r.trigger("leader")
-
-    def _cancel(self, runners: list[AppRunner]) -> None:
-        for r in runners:
-            r.cancel.set()
-
-    def _count_held(self) -> None:
-        held = len(self.shards.held()) if self.shards else int(self._leading)
-        metrics.SHARDS_HELD.set(held)
-        metrics.IS_LEADER.set(1 if held else 0)
 
     # ------------------------------------------------------------ apps
 
@@ -295,11 +210,7 @@ class Daemon:
     def ready(self) -> tuple[bool, str]:
         if self._stop.is_set():
             return False, "shutting down"
-        if self.shards:
-            held = ",".join(map(str, self.shards.held())) or "none"
-            return True, f"ok (shards {held} of {self.shards.count}, {len(self.runners)} apps)"
-        role = "leader" if self._leading else "standby"
-        return True, f"ok ({role}, {len(self.runners)} apps)"
+        return True, f"ok ({self.leadership.describe()}, {len(self.runners)} apps)"
 
     def status_json(self) -> dict:
         apps = []
@@ -307,14 +218,8 @@ class Daemon:
             s = r.status()
             s["nextRun"] = _iso(self.schedule.next_run(name))
             s["running"] = r.running
-            if self.shards:
-                s["shard"], s["owner"] = self.shards.shard_of(name), self.shards.owner(name)
-            apps.append(s)
-        if not self.shards:
-            return {"instance": self.instance, "leader": self._leading, "apps": apps}
-        held = self.shards.held()
-        return {"instance": self.instance, "leader": bool(held),
-                "shards": {"count": self.shards.count, "held": held}, "apps": apps}
+            apps.append({**s, **self.leadership.app_status(name)})
+        return {"instance": self.instance, **self.leadership.status(), "apps": apps}
 
 
 

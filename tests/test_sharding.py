@@ -25,7 +25,7 @@ from itertools import groupby
 
 import pytest
 import yaml
-from helpers import app_entry, cm_data, configmap, metric, post_generic, replace_file, wait_for
+from helpers import app_entry, cm_data, configmap, gitopsd, metric, post_generic, replace_file, wait_for
 
 from gitopsd import audit
 from gitopsd.daemon.shards import (
@@ -119,6 +119,19 @@ def test_member_and_shard_lease_names_are_valid_object_names():
     assert odd.startswith("gitopsd-member-node-1-example-42-") and odd == odd.lower()
     assert member_lease_name("A") != member_lease_name("a"), "an altered identity keeps a hash of the original"
     assert shard_lease_name(3, 4) == "gitopsd-shard-3-of-4"
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--shards", "0"], "argument --shards: 0 is out of range: use 1 to 256"),
+    (["--shards", "many"], "argument --shards: \"many\" is not a whole number"),
+    (["--shards", "4", "--no-leader-elect"], "argument --shards: 4 shards need Leases; drop --no-leader-elect"),
+])
+def test_a_bad_shards_flag_is_a_usage_error_before_anything_runs(args, error, tmp_path):
+    config = tmp_path / "apps.yaml"
+    config.write_text("apps: []\n")
+    proc = gitopsd("run", "--config", str(config), *args, kubeconfig=tmp_path / "none", cache=tmp_path / "cache")
+    assert proc.returncode == 2 and error in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 # ---------------------------------------------------------------- helpers for real replicas

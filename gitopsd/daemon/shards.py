@@ -42,6 +42,10 @@ With N > 1:
 - So a replica that dies loses its shards within the lease duration (its
   terms are fenced before that), the survivors take them at their next
   round after expiry, and a replica that joins takes its share by hand-over.
+  A replica judges every Lease it sees for the first time live (its clock
+  has not watched it age), so one that starts beside the Leases of replicas
+  that died waits a lease duration before counting them dead — as a
+  client-go candidate does.
 - Mixed configurations (a rolling update that changes --shards, or moves
   from one leader to shards): the configuration of the oldest live member
   (by its member Lease's creationTimestamp, set by the apiserver) is the
@@ -202,6 +206,7 @@ class LeaseView:
         self._lock = threading.Lock()
         self.listed = threading.Event()     # set after the first complete LIST
         self._failure: str | None = None
+        self._undeletable: set[str] = set()   # stale Leases whose deletion failed (said once each)
 
     def refresh(self) -> None:
         res = self.kube.resource("coordination.k8s.io/v1", "Lease")
@@ -259,9 +264,15 @@ class LeaseView:
                 log.info("stale lease deleted", lease=f"{self.namespace}/{name}")
             except KubeApiError as exc:
                 if exc.status not in (404, 409):
-                    log.warning("cannot delete a stale lease", lease=f"{self.namespace}/{name}", error=str(exc))
+                    self._cannot_delete(name, exc)
             except (ClusterError, OSError) as exc:
-                log.warning("cannot delete a stale lease", lease=f"{self.namespace}/{name}", error=str(exc))
+                self._cannot_delete(name, exc)
+
+    def _cannot_delete(self, name: str, exc: Exception) -> None:
+        if name not in self._undeletable:
+            self._undeletable.add(name)
+            log.warning("cannot delete a stale lease", lease=f"{self.namespace}/{name}", error=str(exc),
+                        hint="gitopsd's Role needs delete on leases (deploy/base/rbac.yaml)")
 
 
 def _member(lease: dict) -> Member:
@@ -364,6 +375,7 @@ class Shards:
         try:
             self.member.kube.delete(self.member.kube.resource("coordination.k8s.io/v1", "Lease"), self.member.name,
                                     self.member.namespace)
+            log.info("member lease deleted", lease=f"{self.member.namespace}/{self.member.name}")
         except (ClusterError, OSError) as exc:
             log.warning("cannot delete the member lease", lease=self.member.name, error=str(exc))
         for elector in self.electors:

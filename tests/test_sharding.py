@@ -2,9 +2,11 @@
 
 The rules are pure functions, tested first. Then real `gitopsd run` processes
 on the real control plane: two replicas split twenty apps, one is killed and
-the other takes its apps within the lease duration, a push to the replica
-that does not own an app reaches the owner, a third replica joins and takes
-its share, and --shards 1 is the single leader of before.
+the other takes its apps within the lease duration, one paused mid-apply
+wakes fenced, a push to the replica that does not own an app reaches the
+owner, a third replica joins and takes its share, a SIGTERM hands over at
+once, sharded replicas wait while a single leader leads, and --shards 1 is
+the single leader of before.
 
 Replicas start with no apps and get them by a config reload once the shards
 are split, so that each app is reconciled by its owner from its very first
@@ -17,15 +19,27 @@ would not be what the test sees).
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from collections import Counter
 from datetime import datetime, timezone
-from itertools import groupby
 
 import pytest
 import yaml
-from helpers import app_entry, cm_data, configmap, gitopsd, metric, post_generic, replace_file, wait_for
+from helpers import (
+    app_entry,
+    assert_no_traceback,
+    cm_data,
+    configmap,
+    configmaps,
+    gitopsd,
+    metric,
+    post_generic,
+    replace_file,
+    wait_for,
+)
+from test_faults import ApiLog
 
 from gitopsd import audit
 from gitopsd.daemon.shards import (
@@ -136,6 +150,10 @@ def test_a_bad_shards_flag_is_a_usage_error_before_anything_runs(args, error, tm
 
 # ---------------------------------------------------------------- helpers for real replicas
 
+def _time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
 def status(daemon) -> dict:
     code, body = daemon.get("/status")
     assert code == 200, body
@@ -193,12 +211,16 @@ def owners_now(daemons) -> dict[str, str]:
     return out
 
 
-def assert_never_interleaved(kube, namespace: str, names: list[str]) -> None:
-    """Each app's durable trail: once a replica has recorded, an earlier owner never records again."""
+def assert_one_replica_at_a_time(kube, namespace: str, names: list[str]) -> None:
+    """Each app's durable trail: where the recording replica changes, the new one's run started after
+    the old one's run ended (`started` and `time` of the records; the replicas share this host's clock)."""
     for name in names:
-        instances = [r["instance"] for r in reversed(audit.history(kube, namespace=namespace, app=name))]
-        runs = [k for k, _ in groupby(instances)]
-        assert len(runs) == len(set(runs)), f"{name}: records by {instances} — two replicas interleaved"
+        trail = list(reversed(audit.history(kube, namespace=namespace, app=name)))
+        for before, after in zip(trail, trail[1:]):
+            if before["instance"] != after["instance"]:
+                assert after.get("started", after["time"]) >= before["time"], (
+                    f"{name}: {after['instance']} began #{after['seq']} before {before['instance']} "
+                    f"ended #{before['seq']}")
 
 
 @pytest.fixture
@@ -250,14 +272,56 @@ def test_a_killed_replicas_apps_converge_on_the_survivor_within_the_lease_durati
     died = datetime.now(timezone.utc)
     wait_for("survivor holds every shard", lambda: held(b) == [0, 1, 2, 3], 20, interval=0.05)
     # Timed by the survivor's own log lines, not by this test's polling (which a loaded machine delays).
-    took = max(datetime.fromisoformat(e["time"].replace("Z", "+00:00")) for e in b.events()
-               if e.get("event") == "shard acquired") - died
+    took = max(_time(e["time"]) for e in b.events() if e.get("event") == "shard acquired") - died
     # Lease duration, plus one LIST interval to see it, plus half a renewal to act, plus a second of slack.
     assert took.total_seconds() <= LEASE_S + RENEW_S + RENEW_S / 2 + 1, f"took {took.total_seconds():.1f}s"
 
     wait_for("orphaned apps at rev 2", lambda: set(converged([b], sha)) >= set(orphans), 60, interval=0.1)
     assert all(cm_data(kube, namespace, f"cm-{n}") == {"rev": "2"} for n in orphans)
-    assert_never_interleaved(kube, namespace, names)
+    assert_one_replica_at_a_time(kube, namespace, names)
+
+
+def test_a_paused_replica_wakes_fenced_and_writes_nothing_for_the_shard_it_lost(sharded, kube, namespace, repo,
+                                                                                 cluster):
+    """SIGSTOP mid-apply, past the lease: the other replica takes the shard and converges the app;
+    the paused one, woken, sends nothing but the writes already past the fence and records nothing."""
+    (a, b), names, _, split = sharded(["replica-a", "replica-b"], shards=4, apps=4, flags=FLAGS)
+    big = next(n for n in names if shard_of(n, 4) in split["replica-a"])
+    repo.write(f"apps/{big}/many.yaml", configmaps(300, prefix=big))
+    sha = repo.commit("300 more ConfigMaps")
+    api = ApiLog(cluster)
+    post_generic(a, repo.url, sha)
+    wait_for("a's apply under way", lambda: len(api.writes(namespace=namespace, agent="(replica-a)")) >= 5, 60,
+             interval=0.01)
+
+    os.kill(a.proc.pid, signal.SIGSTOP)
+    try:
+        wait_for("b holds every shard", lambda: held(b) == [0, 1, 2, 3], 30, interval=0.1)
+        wait_for("b converges the app", lambda: converged([b], sha).get(big), 120, interval=0.2)
+    finally:
+        woke = datetime.now(timezone.utc)
+        os.kill(a.proc.pid, signal.SIGCONT)
+    a.wait_event(lambda e: str(e.get("event")).startswith("leadership lost mid-reconcile") and e.get("app") == big,
+                 "a's run ends fenced", 60)
+    wait_split([a, b], 4)   # b hands a's shards back once a is live again: new terms, new work
+    regained = min(_time(e["time"]) for e in a.events()
+                   if e.get("event") == "shard acquired" and _time(e["time"]) > woke)
+
+    # As for the single leader (test_faults): between waking and its new terms, only writes already past
+    # the fence, one per worker, may land — app objects b converged anyway. Its Leases are its own to renew.
+    late = [e for e in api.writes(agent="(replica-a)", resource=None, since=woke)
+            if e["objectRef"].get("resource") != "leases" and _time(e["requestReceivedTimestamp"]) < regained]
+    in_flight = [e for e in late if e["objectRef"].get("resource") == "configmaps" and e["verb"] == "patch"
+                 and e["objectRef"].get("name", "").startswith(f"{big}-")]
+    assert len(in_flight) == len(late) <= 16, [f"{e['verb']} {e['objectRef']}" for e in late]
+    assert not [e for e in a.events() if e.get("event") == "audit" and e.get("app") == big
+                and e.get("revision") == sha and _time(e["started"]) < regained], "the fenced run recorded nothing"
+    assert len([n for n in (x["metadata"]["name"] for x in kube.list(kube.resource("v1", "ConfigMap"),
+                                                                       namespace=namespace))
+                if n.startswith(f"{big}-")]) == 300
+    assert audit.verify(kube, namespace=namespace, app=big)[0]
+    assert_one_replica_at_a_time(kube, namespace, names)
+    assert_no_traceback(a.log_path.read_text(), f"daemon log {a.log_path}")
 
 
 def test_a_push_to_the_replica_that_does_not_own_the_app_reaches_the_owner(sharded, kube, namespace, repo):
@@ -296,7 +360,7 @@ def test_a_joining_replica_takes_its_share_and_no_app_runs_on_two_replicas(shard
     by, owners = applied([a, b, c], sha), owners_now([a, b, c])
     assert all(by[n] == [owners[n]] for n in names), (by, owners)
     assert {owners[n] for n in names} == {"replica-a", "replica-b", "replica-c"}
-    assert_never_interleaved(kube, namespace, names)
+    assert_one_replica_at_a_time(kube, namespace, names)
 
 
 def test_sigterm_hands_a_replicas_shards_over_at_once(repo, tmp_path, start_daemon, kube, namespace):

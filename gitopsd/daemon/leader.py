@@ -241,11 +241,6 @@ class LeaderElector:
             return False
         return self._clock() < self._last_renew + self._window
 
-    @property
-    def leading(self) -> bool:
-        """Whether a term is running (may_write also checks the deadline)."""
-        return self._leading
-
     def observe(self, lease: dict | None) -> None:
         """A read of this elector's Lease made elsewhere (None: absent): the same expiry clock."""
         self.sighting.see(lease)

@@ -50,6 +50,7 @@ from gitopsd import config as cfg
 #: More parallel requests than this only trip the apiserver's priority and
 #: fairness limits (and each is a thread and a pooled connection).
 MAX_CONCURRENCY = 256
+MAX_SHARDS = 256
 #: `history --limit`: a bound so a typo cannot ask for a billion records.
 MAX_LIMIT = 1_000_000
 #: `--log-level` (gitopsd.log.LEVELS; not imported from there: `--help` should not wait for structlog).
@@ -137,6 +138,7 @@ SHARE = _flag(cfg.check_share)
 CONCURRENCY = _flag(cfg.check_count, minimum=1, maximum=MAX_CONCURRENCY,
                     why="parallel apiserver requests")
 PORT = _flag(cfg.check_count, minimum=0, maximum=65535, why="0 picks any free port")
+SHARDS = _flag(cfg.check_count, minimum=1, maximum=MAX_SHARDS, why="one Lease per shard")
 LIMIT = _flag(cfg.check_count, minimum=1, maximum=MAX_LIMIT)
 APP = _flag(cfg.check_app_name)
 NAMESPACE = _flag(cfg.check_namespace)
@@ -293,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a lease holds without renewal: 15s, 1m, or seconds (default 15s)")
     r.add_argument("--lease-renew", type=LEASE_RENEW, default=5.0, metavar="DURATION",
                    help="time between renewals, shorter than --lease-duration (default 5s)")
+    r.add_argument("--shards", type=SHARDS, default=1, metavar="N",
+                   help="split the apps over N Leases (gitopsd-shard-I-of-N) so that replicas share them; 1 = one "
+                        "leader reconciles every app (default 1; deploy/ uses 4)")
     r.add_argument("--instance", default=None, type=TEXT,
                    help="identity in the lease and audit (default hostname-pid)")
     r.add_argument("--watch-local", action=argparse.BooleanOptionalAction, default=True,
@@ -373,6 +378,8 @@ def _finish_args(args: argparse.Namespace) -> None:
                 setattr(args, d.dest, d.resolve())
             except ValueError as exc:
                 error(f"${d.env} (the default of {d.flag}): {exc}")
+    if args.command == "run" and args.shards > 1 and not args.leader_elect:
+        error(f"argument --shards: {args.shards} shards need Leases; drop --no-leader-elect (or use --shards 1)")
     if args.command == "run" and args.lease_renew >= args.lease_duration:
         error(f"argument --lease-renew: {args.lease_renew:g}s is not shorter than --lease-duration "
               f"{args.lease_duration:g}s; a lease must be renewed before it runs out")

@@ -30,7 +30,8 @@ LAST_APPLIED = Gauge(
 APISERVER_REQUESTS = Counter(
     "gitopsd_apiserver_requests_total", "Requests sent to the Kubernetes apiserver, by verb.",
     ["verb"], registry=REGISTRY)
-IS_LEADER = Gauge("gitopsd_leader", "1 while this instance holds the leader lease.", registry=REGISTRY)
+IS_LEADER = Gauge("gitopsd_leader", "1 while this instance holds the leader lease (with --shards N > 1: any shard).",
+                  registry=REGISTRY)
 WEBHOOKS = Counter(
     "gitopsd_webhook_requests_total", "Push webhooks received, by provider and result.",
     ["provider", "result"], registry=REGISTRY)
@@ -40,3 +41,6 @@ HTTP_CONNECTIONS = Counter(
     "client_gone (reset, broken pipe, timed out mid-request, or cut by the request deadline), "
     "error (a bug, logged with its traceback).",
     ["ended"], registry=REGISTRY)
+SHARDS_HELD = Gauge("gitopsd_shards_held",
+                    "Shards whose Lease this instance holds (with --shards 1: 1 while it is the leader).",
+                    registry=REGISTRY)

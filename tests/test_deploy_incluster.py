@@ -7,9 +7,10 @@ CA comes from the `kube-root-ca.crt` ConfigMap the controller-manager
 publishes into every namespace (what the kubelet mounts as ca.crt); and the
 daemon starts with KUBERNETES_SERVICE_HOST/PORT and no kubeconfig, so it takes
 the in-cluster branch of Kube.connect (GITOPSD_SA_TOKEN_FILE / _CA_FILE only
-move the two files out of /var/run/secrets). Its config is the one deploy/
-ships, with the placeholder repository replaced by a local remote seeded
-from sample-repo/.
+move the two files out of /var/run/secrets), and with the Deployment's own
+flags (--shards: the shard and member Leases are created, listed, renewed and
+deleted with the Role's rights). Its config is the one deploy/ ships, with
+the placeholder repository replaced by a local remote seeded from sample-repo/.
 
 The sample overlays deploy into fixed namespaces (web-dev, web-staging,
 web-production) and deploy/ into gitopsd-system: every test starts by
@@ -70,6 +71,20 @@ def shipped_config(docs: list[dict], *, repo_url: str, apps: tuple[str, ...] | N
     return config
 
 
+def deployment_flags(docs: list[dict]) -> tuple[str, ...]:
+    """The Deployment's `gitopsd run` flags, less the two a test sets itself (--config, --log-format)."""
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    args, flags = container["args"][1:], []
+    while args:
+        flag, args = args[0], args[1:]
+        if flag in ("--config", "--log-format"):
+            args = args[1:]
+        else:
+            flags.append(flag)
+    return tuple(flags)
+
+
 def write_config(path: Path, config: dict) -> Path:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -84,7 +99,7 @@ def _wait_gone(kube, names: tuple[str, ...], timeout: float = 120.0) -> None:
 
 def remove_sample_apps(kube) -> None:
     """What the sample apps leave: their namespaces, their Events in `default`,
-    and their parents, status and audit trail in gitopsd-system (plus the Lease)."""
+    and their parents, status and audit trail in gitopsd-system (plus the Leases)."""
     nss = kube.resource("v1", "Namespace")
     for ns in APP_NAMESPACES:
         kube.delete(nss, ns)
@@ -97,7 +112,10 @@ def remove_sample_apps(kube) -> None:
         for selector in ("app.kubernetes.io/managed-by=gitopsd", audit.AUDIT_APP_LABEL):
             for cm in kube.list(cms, namespace=SYSTEM_NS, label_selector=selector):
                 kube.delete(cms, cm["metadata"]["name"], SYSTEM_NS)
-        kube.delete(kube.resource("coordination.k8s.io/v1", "Lease"), "gitopsd-leader", SYSTEM_NS)
+        leases = kube.resource("coordination.k8s.io/v1", "Lease")
+        for lease in kube.list(leases, namespace=SYSTEM_NS):
+            if lease["metadata"]["name"].startswith("gitopsd-"):
+                kube.delete(leases, lease["metadata"]["name"], SYSTEM_NS)
     _wait_gone(kube, APP_NAMESPACES)
 
 
@@ -159,10 +177,11 @@ def in_cluster(cluster, kube, kubeconfig, tmp_path, clean):
         "GITOPSD_SA_CA_FILE": str(sa / "ca.crt"),
     }
     started: list[DaemonProcess] = []
+    flags = deployment_flags(rendered(kubeconfig, DEPLOY))
 
     def start(config: Path) -> DaemonProcess:
         daemon = DaemonProcess(config=config, kubeconfig=Path("/nonexistent"), namespace=SYSTEM_NS,
-                               workdir=tmp_path, cache=tmp_path / "cache", env=env, name="in-cluster")
+                               workdir=tmp_path, cache=tmp_path / "cache", env=env, name="in-cluster", extra=flags)
         started.append(daemon)
         daemon.wait_ready()
         return daemon
@@ -210,8 +229,8 @@ def test_rbac_has_no_wildcards_and_every_rule_is_commented(kubeconfig):
             for rule in doc.get("rules") or []:
                 for key in ("apiGroups", "resources", "verbs", "resourceNames"):
                     assert "*" not in rule.get(key, []), f"{doc['metadata']['name']}: wildcard in {rule}"
-                assert "update" not in rule["verbs"] or rule.get("resourceNames") == ["gitopsd-leader"], \
-                    f"{doc['metadata']['name']}: gitopsd PUTs only its Lease: {rule}"
+                assert "update" not in rule["verbs"] or (rule["resources"] == ["leases"] and doc["kind"] == "Role"), \
+                    f"{doc['metadata']['name']}: gitopsd PUTs only its Leases, in its own namespace: {rule}"
     for path in sorted(DEPLOY.rglob("*.yaml")):
         lines = path.read_text().splitlines()
         for i, line in enumerate(lines):
@@ -269,9 +288,14 @@ def test_daemon_in_cluster_reconciles_sample_repo_with_exactly_deploys_rbac(clus
     assert app_status(kube, "web-dev")["revision"] == sha
     (newest, *_) = audit.history(kube, namespace=SYSTEM_NS, app="web-dev")
     assert newest["result"] == "Applied" and newest["revision"] == sha
-    # The Lease, and Events beside the objects (web-dev) and on cluster-scoped ones (default).
-    lease = kube.get(kube.resource("coordination.k8s.io/v1", "Lease"), "gitopsd-leader", SYSTEM_NS)
-    assert lease["spec"]["holderIdentity"] == "in-cluster"
+    # The Leases (the only replica holds every shard), and Events beside the objects (web-dev)
+    # and on cluster-scoped ones (default).
+    flags = deployment_flags(rendered(kubeconfig, DEPLOY))
+    shards = int(flags[flags.index("--shards") + 1])
+    leases = {x["metadata"]["name"]: x["spec"]["holderIdentity"]
+              for x in kube.list(kube.resource("coordination.k8s.io/v1", "Lease"), namespace=SYSTEM_NS)}
+    assert leases == {"gitopsd-member-in-cluster": "in-cluster",
+                      **{f"gitopsd-shard-{i}-of-{shards}": "in-cluster" for i in range(shards)}}
     events = kube.resource("events.k8s.io/v1", "Event")
     for ns in ("web-dev", "default", SYSTEM_NS):
         wait_for(f"gitopsd Events in {ns}", lambda: kube.list(events, namespace=ns,

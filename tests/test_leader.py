@@ -75,6 +75,12 @@ class LeaseClient:
         api.lease["metadata"]["resourceVersion"] = str(api.version)
         return copy.deepcopy(api.lease)
 
+    def get(self, res, name, namespace=None) -> dict | None:
+        try:
+            return self.request("GET", res.path(namespace, name))
+        except KubeApiError:
+            return None
+
     def writes_by(self, who: str) -> list[str]:
         return [m for w, m in self.api.log if w == who and m != "GET"]
 
@@ -214,6 +220,60 @@ def test_a_lease_read_older_than_the_fence_window_is_not_acted_on(api, clock):
     assert b.calls == [] and LeaseClient(api, "b").writes_by("b") == []
     b.round()
     assert b.calls == ["started"], "the next round, on a fresh read, takes the lease"
+
+
+# ---------------------------------------------------------------- the hooks sharding uses
+
+def test_an_elector_that_may_not_acquire_sends_no_request():
+    api, clock = LeaseApi(), Clock()
+    allowed = [False]
+    a = Replica(api, clock, "a", lease=3, renew=1)
+    a.elector._may_acquire = lambda: allowed[0]
+    a.round()
+    assert api.log == [] and a.calls == []
+    allowed[0] = True
+    a.round()
+    assert a.calls == ["started"]
+
+
+def test_should_release_ends_the_term_and_hands_the_lease_to_a_standby_at_once(api, clock):
+    a, b = Replica(api, clock, "a", lease=15, renew=5), Replica(api, clock, "b", lease=15, renew=5)
+    a.round()
+    b.round()
+    term = a.elector.term
+    a.elector._should_release = lambda: True
+    a.round()
+    assert a.calls == ["started", "stopped"] and not a.elector.may_write(term)
+    assert api.lease["spec"]["holderIdentity"] == ""
+    clock.now += 0.1
+    b.round()
+    assert b.calls == ["started"], "a released lease is taken without waiting for it to expire"
+
+
+def test_a_read_made_elsewhere_runs_the_same_expiry_clock(api, clock):
+    a, b = Replica(api, clock, "a", lease=3, renew=1), Replica(api, clock, "b", lease=3, renew=1)
+    a.round()
+    b.elector.observe(LeaseClient(api, "view").request("GET", "lease"))   # the shard view's LIST
+    clock.now += 3   # a is gone; b's elector has sent nothing of its own meanwhile
+    b.round()
+    assert b.calls == ["started"], "expired by the view's sighting: no second lease duration to wait"
+
+
+def test_a_stale_read_fed_in_only_delays_expiry(api, clock):
+    a, b = Replica(api, clock, "a", lease=3, renew=1), Replica(api, clock, "b", lease=3, renew=1)
+    a.round()
+    old = LeaseClient(api, "view").request("GET", "lease")
+    clock.now += 1
+    a.round()               # a renews, then dies
+    b.round()               # b sees the renewal
+    clock.now += 1
+    b.elector.observe(old)  # a LIST sent before the renewal, answered after
+    clock.now += 2.2        # 3.2 s since b saw the renewal: expired, had the stale read not come in
+    b.round()
+    assert b.calls == [], "the stale record counts as a change: b waits a whole lease duration more"
+    clock.now += 3
+    b.round()
+    assert b.calls == ["started"]
 
 
 # ---------------------------------------------------------------- the fenced client

@@ -9,15 +9,16 @@ This module wires the runners to the outside world and to each other:
 - the HTTP server (gitopsd.daemon.server): push webhooks, /healthz,
   /readyz, /metrics, /status;
 - the config file (gitopsd.daemon.config_watch): hot reload;
-- a Lease (leader election): only the leader reconciles, and every write it
-  sends is fenced (gitopsd.daemon.leader): a reconcile or self-heal runs within the
-  leadership term it began in and writes through a Kube that refuses each
-  write once this replica cannot prove that term still holds the lease. Such
-  a run ends quietly ("leadership lost mid-reconcile; N writes not sent"),
-  records nothing and leaves what it wrote: the new leader records and
-  converges;
+- leadership (gitopsd.daemon.leadership): a Lease for all apps, or one per
+  shard with --shards N (gitopsd.daemon.shards). Only the holder reconciles
+  an app, and every write it sends is fenced (gitopsd.daemon.leader): a
+  reconcile or self-heal runs within the term it began in and writes through
+  a Kube that refuses each write once this replica cannot prove that term
+  still holds the lease. Such a run ends quietly ("leadership lost
+  mid-reconcile; N writes not sent"), records nothing and leaves what it
+  wrote: the new holder records and converges;
 - SIGTERM: stop taking work, let running reconciles finish (their health
-  waits are cancelled), release the lease.
+  waits are cancelled), release the leases.
 """
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ from gitopsd import __version__, audit
 from gitopsd import config as config_mod
 from gitopsd.daemon.config_watch import ConfigWatcher
 from gitopsd.daemon.credentials import CredentialStore
-from gitopsd.daemon.leader import FencedKube, LeaderElector, LeadershipLost
+from gitopsd.daemon.leader import FencedKube, LeaderElector
+from gitopsd.daemon.leadership import Leadership
 from gitopsd.daemon.runner import AppRunner, _iso
 from gitopsd.daemon.server import Server
+from gitopsd.daemon.shards import Shards
 from gitopsd.daemon.triggers import LocalRepoWatcher, PushRouter, Schedule
 from gitopsd.engine.sync import default_cache_dir
 from gitopsd.errors import GitopsdError
@@ -53,7 +56,7 @@ class Daemon:
     def __init__(self, *, kube: Kube, config_path: Path, namespace: str, http_host: str, http_port: int,
                  instance: str, leader_elect: bool = True, lease_duration: float = 15.0,
                  lease_renew: float = 5.0, watch_local: bool = True, cache_dir: Path | None = None,
-                 advertise_url: str | None = None) -> None:
+                 advertise_url: str | None = None, shards: int = 1) -> None:
         self.kube = kube
         kube.user_agent = f"gitopsd/{__version__} ({instance})"   # names us in the apiserver's audit log
         self.namespace = namespace
@@ -67,14 +70,12 @@ class Daemon:
         self.schedule = Schedule(self._stop)
         self.credentials = CredentialStore(kube, namespace=namespace)
         self.pushes = PushRouter(self)
+        self.leadership = Leadership(kube, namespace=namespace, instance=instance, leader_elect=leader_elect,
+                                     shards=shards, lease_duration=lease_duration, lease_renew=lease_renew,
+                                     advertise_url=advertise_url, runners=lambda: self.runners, stopped=self._stop)
         # Records are stored and announced only while this replica may write (Daemon.fence);
         # the runners check it before each record too, in the term their run began in.
         self.audit = audit.AuditLog(FencedKube(kube, self.fence), namespace=namespace, instance=instance)
-        self._leading = False            # set by _on_leading (at start when election is off)
-        self.elector = (LeaderElector(kube, namespace=namespace, identity=instance, lease_duration=lease_duration,
-                                      renew_interval=lease_renew, on_started_leading=self._on_leading,
-                                      on_stopped_leading=self._on_standby, advertise_url=advertise_url)
-                        if leader_elect else None)
         self.server = Server(host=http_host, port=http_port, on_push=self.pushes.on_push,
                              webhook_secret=self.pushes.webhook_secret, ready=self.ready, status=self.status_json)
         self._threads: list[threading.Thread] = []
@@ -101,16 +102,18 @@ class Daemon:
         self._spawn(self.config_watch.watch, "config-watch")
         if self.watch_local:
             self._spawn(LocalRepoWatcher(self).run, "local-repo-watch")
-        if self.elector:
-            if not self.elector.advertise_url and self.server.host not in ("0.0.0.0", "::", ""):
-                # A concrete listen address is reachable as is (0.0.0.0 says nothing).
-                self.elector.advertise_url = f"http://{self.server.host}:{self.server.port}"
-            self.elector.start()
-        else:
-            self._on_leading()
+        self.leadership.start(advertise_url=self._advertise_url)
         log.info("gitopsd started", instance=self.instance, apps=[a.name for a in self.config.apps],
                  http=f"{self.server.host}:{self.server.port}", namespace=self.namespace,
-                 leader_election=self.elector is not None)
+                 leader_election=self.elector is not None or self.shards is not None,
+                 shards=self.shards.count if self.shards else 1)
+
+    def _advertise_url(self, given: str | None) -> str | None:
+        """Where the other replicas forward pushes to this one: --advertise-url, else a concrete
+        listen address as is (0.0.0.0 says nothing)."""
+        if given or self.server.host in ("0.0.0.0", "::", ""):
+            return given
+        return f"http://{self.server.host}:{self.server.port}"
 
     def run_forever(self) -> None:
         self._stop.wait()
@@ -132,11 +135,9 @@ class Daemon:
                 r.exec_lock.release()
             else:
                 idle = False
-        self._leading = False
-        if self.elector:
-            # Hand the lease over at once only when no work of ours is still
-            # running; otherwise let it expire, so a standby cannot write beside us.
-            self.elector.stop(release=idle)
+        # Hand the leases over at once only when no work of ours is still
+        # running; otherwise let them expire, so no other replica writes beside us.
+        self.leadership.stop(release=idle)
         self.credentials.close()
         self.server.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -147,53 +148,35 @@ class Daemon:
         t.start()
         self._threads.append(t)
 
-    # ------------------------------------------------------------ leadership
+    # ------------------------------------------------------------ leadership (gitopsd.daemon.leadership)
 
-    def may_write(self, term: int | None = None) -> bool:
-        """The fencing rule (gitopsd.daemon.leader): may this replica write now, in `term` if given?
+    @property
+    def elector(self) -> LeaderElector | None:
+        return self.leadership.elector
 
-        With leader election it is the elector's deadline; without, this
-        process leads from start() until stop() has let running work end.
-        """
-        if self.elector is None:
-            return self._leading
-        return self.elector.may_write(term)
+    @property
+    def shards(self) -> Shards | None:
+        return self.leadership.shards
 
-    def fence(self, term: int | None = None) -> None:
-        """The one check before every write: raises LeadershipLost when may_write says no."""
-        if not self.may_write(term):
-            raise LeadershipLost()
+    @property
+    def _leading(self) -> bool:
+        return self.leadership.leading
+
+    def may_write(self, term: int | None = None, *, app: str | None = None) -> bool:
+        return self.leadership.may_write(term, app=app)
+
+    def fence(self, term: int | None = None, *, app: str | None = None) -> None:
+        self.leadership.fence(term, app=app)
+
+    def may_start(self, app: str | None = None) -> bool:
+        return self.leadership.may_start(app)
+
+    def writer(self, app: str | None = None) -> FencedKube | None:
+        return self.leadership.writer(app)
 
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
-
-    def may_start(self) -> bool:
-        """Whether new work (a reconcile, a self-heal) may begin."""
-        return not self.stopping and self.may_write()
-
-    def writer(self) -> FencedKube | None:
-        """The Kube for one run of work, fenced to the current leadership term; None when no
-        work may begin. A term that ends (even if this replica leads again at once) fences the
-        run for good: it was planned under a lease another replica may have held since."""
-        term = self.elector.term if self.elector else None
-        if not self.may_start():
-            return None
-        return FencedKube(self.kube, lambda: self.fence(term))
-
-    def _on_leading(self) -> None:
-        self._leading = True
-        for r in list(self.runners.values()):
-            # Another replica may have led meanwhile: re-read the ApplySet parent,
-            # rewrite status, and take the last applied commit from the audit trail
-            # again (AppRunner._restore, before the next reconcile).
-            r.inv, r.status_written, r.last_result, r.restored = None, None, None, False
-            r.trigger("leader")
-
-    def _on_standby(self) -> None:
-        self._leading = False
-        for r in list(self.runners.values()):
-            r.cancel.set()
 
     # ------------------------------------------------------------ apps
 
@@ -201,7 +184,7 @@ class Daemon:
         runner = AppRunner(self, cfg)
         self.runners[cfg.name] = runner
         self.schedule.poll(runner)
-        if self.may_start():
+        if self.may_start(cfg.name):
             runner.trigger("config")
 
     def _remove(self, name: str) -> None:
@@ -227,8 +210,7 @@ class Daemon:
     def ready(self) -> tuple[bool, str]:
         if self._stop.is_set():
             return False, "shutting down"
-        role = "leader" if self._leading else "standby"
-        return True, f"ok ({role}, {len(self.runners)} apps)"
+        return True, f"ok ({self.leadership.describe()}, {len(self.runners)} apps)"
 
     def status_json(self) -> dict:
         apps = []
@@ -236,8 +218,8 @@ class Daemon:
             s = r.status()
             s["nextRun"] = _iso(self.schedule.next_run(name))
             s["running"] = r.running
-            apps.append(s)
-        return {"instance": self.instance, "leader": self._leading, "apps": apps}
+            apps.append({**s, **self.leadership.app_status(name)})
+        return {"instance": self.instance, **self.leadership.status(), "apps": apps}
 
 
 
@@ -252,7 +234,7 @@ def main(args) -> int:
         daemon = Daemon(kube=kube, config_path=args.config, namespace=args.namespace, http_host=args.http_address,
                         http_port=args.http_port, instance=instance, leader_elect=args.leader_elect,
                         lease_duration=args.lease_duration, lease_renew=args.lease_renew,
-                        watch_local=args.watch_local, advertise_url=args.advertise_url)
+                        watch_local=args.watch_local, advertise_url=args.advertise_url, shards=args.shards)
     except GitopsdError as exc:
         log.error("cannot start", error=str(exc))
         return 2

@@ -40,6 +40,16 @@ in a new one (FencedKube).
 Renewals are writes to the Lease, not to any app's objects; they are the
 price of running two replicas and are counted apart from reconcile traffic.
 They go through the plain Kube: the fence guards everything else.
+
+Sharding (gitopsd.daemon.shards) runs one elector per shard Lease, with the
+same rules, plus two hooks that only ever make an elector *less* eager:
+`may_acquire` (asked before campaigning for a lease it does not hold; no
+request is sent when it says no) and `should_release` (asked while leading;
+yes ends the term and releases the lease: a hand-over). Reads of the lease
+made elsewhere (the shard view's LIST) feed the same expiry clock through
+`observe`, so a lease the view has watched expire is not waited on a second
+time; a read can only move the moment a record was last seen to change
+later, never earlier, so no feed makes a live lease look expired.
 """
 
 from __future__ import annotations
@@ -53,7 +63,6 @@ import structlog
 
 from gitopsd.errors import ClusterError, LeadershipLost  # noqa: F401 - re-exported: the fence raises it
 from gitopsd.kube import Kube, KubeApiError, Resource
-from gitopsd.metrics import IS_LEADER
 
 log = structlog.get_logger("gitopsd.daemon.leader")
 WEBHOOK_URL_ANNOTATION = "gitopsd.io/webhook-url"
@@ -114,6 +123,54 @@ def _fmt(t: datetime) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+class Sighting:
+    """When this process last saw a Lease's record change, on its own monotonic clock: the expiry rule.
+
+    The record is (holder, renewTime, transitions); an absent Lease is a record too (no holder). A
+    holder is live while its record has not changed for less than the lease's duration since *we*
+    saw it change — never judged on the wall-clock renewTime, so a skewed node cannot steal a lease.
+    Thread-safe: an elector's GET and the shard view's LIST both report here.
+    """
+
+    def __init__(self, clock: Callable[[], float], *, default_duration: float) -> None:
+        self._clock = clock
+        self._default = default_duration
+        self._lock = threading.Lock()
+        self.record: tuple | None = None
+        self.since = 0.0
+        self.duration = default_duration
+        self.url: str | None = None          # the holder's webhook URL (WEBHOOK_URL_ANNOTATION)
+
+    def see(self, lease: dict | None) -> None:
+        spec = (lease or {}).get("spec") or {}
+        record = (spec.get("holderIdentity") or "", spec.get("renewTime"), int(spec.get("leaseTransitions") or 0),
+                  lease is None)
+        annotations = ((lease or {}).get("metadata") or {}).get("annotations") or {}
+        with self._lock:
+            if record != self.record:
+                self.record, self.since = record, self._clock()
+            self.duration = float(spec.get("leaseDurationSeconds") or self._default)
+            self.url = annotations.get(WEBHOOK_URL_ANNOTATION) or None
+
+    @property
+    def holder(self) -> str:
+        return self.record[0] if self.record else ""
+
+    def held(self) -> bool:
+        """A holder that renewed within the lease duration, by our clock (unseen: not held)."""
+        with self._lock:
+            return bool(self.record and self.record[0]) and self._clock() - self.since < self.duration
+
+    def vacant_for(self) -> float:
+        """Seconds the lease has been free to take, by our clock (≤ 0 while held; 0 when never seen):
+        since it was seen released or absent, or since its holder's duration ran out."""
+        with self._lock:
+            if self.record is None:
+                return 0.0
+            elapsed = self._clock() - self.since
+            return elapsed if not self.record[0] else elapsed - self.duration
+
+
 class LeaderElector:
     """Campaign for a Lease in a background thread; call back on gain and loss.
 
@@ -130,7 +187,10 @@ class LeaderElector:
                  lease_duration: float = 15.0, renew_interval: float = 5.0,
                  on_started_leading: Callable[[], None], on_stopped_leading: Callable[[], None],
                  advertise_url: str | None = None, margin: float | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, role: str = "leadership",
+                 annotations: dict[str, str] | None = None,
+                 may_acquire: Callable[[], bool] | None = None,
+                 should_release: Callable[[], bool] | None = None) -> None:
         if renew_interval >= lease_duration:
             raise ValueError("renew_interval must be shorter than lease_duration")
         if margin is not None and not 0 <= margin < lease_duration - renew_interval:
@@ -150,8 +210,7 @@ class LeaderElector:
         self._leading = False
         self.term = 0                # counts leadership terms; work carries the term it began in
         self._last_renew = 0.0   # monotonic start time of our last successful acquire/renew
-        self._observed: tuple | None = None   # (holder, renewTime, transitions) last read
-        self._observed_at = 0.0               # monotonic time that record last changed
+        self.sighting = Sighting(clock, default_duration=lease_duration)   # the expiry clock of the lease
         self._lost_to_other = False
         self._res = None
         self._failure: str | None = None     # the last lease request error, as logged
@@ -161,6 +220,10 @@ class LeaderElector:
         # (in the same write as a renewal) so a standby can forward pushes to it.
         self.advertise_url = advertise_url
         self.leader_url: str | None = None
+        self.role = role                      # names the lease's job in log lines: "leadership acquired"
+        self.annotations = dict(annotations or {})   # written on the lease with every renewal
+        self._may_acquire = may_acquire
+        self._should_release = should_release
 
     @property
     def _lease_seconds(self) -> int:
@@ -178,9 +241,14 @@ class LeaderElector:
             return False
         return self._clock() < self._last_renew + self._window
 
+    def observe(self, lease: dict | None) -> None:
+        """A read of this elector's Lease made elsewhere (None: absent): the same expiry clock."""
+        self.sighting.see(lease)
+
     def start(self) -> None:
         self._res = self.kube.resource("coordination.k8s.io/v1", "Lease")
-        self._thread = threading.Thread(target=self._loop, name="leader-election", daemon=True)
+        thread = "leader-election" if self.role == "leadership" else f"lease-{self.name}"
+        self._thread = threading.Thread(target=self._loop, name=thread, daemon=True)
         self._thread.start()
 
     def stop(self, *, release: bool = True) -> None:
@@ -210,6 +278,12 @@ class LeaderElector:
             # The fence has closed (no renewal in time, or the process was paused):
             # this term is over whatever the renewal below finds.
             self._set_leading(False)
+        if self._leading and self._should_release is not None and self._should_release():
+            self._set_leading(False)
+            self._release()
+            return
+        if not self._leading and self._may_acquire is not None and not self._may_acquire():
+            return   # not campaigning for this lease now: no request
         attempt = self._clock()
         try:
             ok = self._try_acquire_or_renew()
@@ -246,8 +320,7 @@ class LeaderElector:
         if leading:
             self.term += 1
         self._leading = leading
-        IS_LEADER.set(1 if leading else 0)
-        log.info("leadership " + ("acquired" if leading else "lost"), lease=f"{self.namespace}/{self.name}",
+        log.info(self.role + (" acquired" if leading else " lost"), lease=f"{self.namespace}/{self.name}",
                  identity=self.identity)
         (self._on_start if leading else self._on_stop)()
 
@@ -259,6 +332,7 @@ class LeaderElector:
     def _advertise(self, lease: dict) -> None:
         annotations = lease["metadata"].setdefault("annotations", {}) or {}
         lease["metadata"]["annotations"] = annotations
+        annotations.update(self.annotations)
         if self.advertise_url:
             annotations[WEBHOOK_URL_ANNOTATION] = self.advertise_url
         else:
@@ -281,6 +355,7 @@ class LeaderElector:
         self._lost_to_other = False
         read_at = self._clock()
         lease = self._get_lease()
+        self.observe(lease)
         if lease is None:
             body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                     "metadata": {"name": self.name, "namespace": self.namespace},
@@ -299,17 +374,12 @@ class LeaderElector:
         spec = lease.get("spec") or {}
         holder = spec.get("holderIdentity") or ""
         transitions = int(spec.get("leaseTransitions") or 0)
-        record = (holder, spec.get("renewTime"), transitions)
-        if record != self._observed:
-            self._observed, self._observed_at = record, self._clock()
         if holder == self.identity:
             new_spec = self._spec(transitions=transitions, acquire_time=spec.get("acquireTime", ""))
         else:
             self._lost_to_other = bool(holder)
-            duration = float(spec.get("leaseDurationSeconds") or self.lease_duration)
-            if holder and self._clock() - self._observed_at < duration:
-                self.leader_url = ((lease["metadata"].get("annotations") or {}).get(WEBHOOK_URL_ANNOTATION)
-                                   or None)
+            if self.sighting.held():
+                self.leader_url = self.sighting.url
                 return False  # held by a leader that renewed within the lease duration, by our clock
             new_spec = self._spec(transitions=transitions + 1, acquire_time="")
         lease["spec"] = new_spec

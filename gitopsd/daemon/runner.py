@@ -155,7 +155,7 @@ class AppRunner:
 
     def _reconcile(self, trigger: str) -> None:
         cfg = self.cfg
-        writer = None if cfg.suspend else self.daemon.writer()
+        writer = None if cfg.suspend else self.daemon.writer(self.cfg.name)
         if writer is None:
             return
         self.writer = writer
@@ -363,7 +363,7 @@ class AppRunner:
             refs = {ref for ref in refs if ref in self.desired}
             if not refs or self.stopped or self.cfg.suspend or self.spec is None or self.inv is None:
                 return
-            writer = self.daemon.writer()
+            writer = self.daemon.writer(self.cfg.name)
             if writer is None:
                 return
             self.writer = writer

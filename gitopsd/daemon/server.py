@@ -12,8 +12,8 @@ Routes:
   a replay) is answered **200** with ``{"duplicate": true, ...}`` and not
   acted on. Each delivery counts once in
   ``gitopsd_webhook_requests_total{provider, result}``.
-- ``GET /healthz`` (liveness), ``GET /readyz`` (readiness): 200 ``ok`` or
-  503 with the reason as plain text.
+- ``GET /healthz`` (liveness), ``GET /readyz`` (readiness): 200 with the
+  check's text (``ok``, ``ok (leader, 3 apps)``) or 503 with the reason, as plain text.
 - ``GET /metrics``: the Prometheus text format of ``registry``.
 - ``GET /status``: JSON from the ``status`` callable (404 without one).
 
@@ -447,7 +447,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.app.log.warning(f"{name} check raised", error=f"{type(exc).__name__}: {exc}")
             ok, reason = False, f"{name} check failed: {type(exc).__name__}"
         if ok:
-            self._send(HTTPStatus.OK, b"ok\n", _TEXT)
+            self._send(HTTPStatus.OK, f"{reason or 'ok'}\n".encode(), _TEXT)   # e.g. which shards are held
         else:
             self._send(HTTPStatus.SERVICE_UNAVAILABLE, f"{reason or 'not ' + name}\n".encode(), _TEXT)
 

@@ -4,7 +4,8 @@
   thousand apps do not poll in step) and one-shot
   retries with backoff after a failure;
 - PushRouter: a verified push (gitopsd.daemon.server) triggers the runners
-  whose repo and branch match; a standby hands it to the leader;
+  whose repo and branch match; a standby hands it to the leader; with
+  shards, the apps of other replicas' shards are forwarded to their owners;
 - LocalRepoWatcher: in development, a commit to a local repository
   reconciles within a second (watchfiles).
 """
@@ -89,12 +90,27 @@ class PushRouter:
         if self.daemon.elector is not None and not self.daemon._leading and not self.daemon._stop.is_set():
             return self._forward_to_leader(event)
         hit = [r for r in list(self.daemon.runners.values()) if matches(r.cfg.repo, r.cfg.ref, event)]
+        hit, elsewhere = self._by_owner(hit)
         for r in hit:
             r.trigger("webhook", sha=event.after)
         log.info("push received", provider=event.provider, ref=event.ref,
                  repo=normalize_repo_url(event.repo_urls[0]) if event.repo_urls else None,
                  triggered=[r.cfg.name for r in hit])
-        return [r.cfg.name for r in hit]
+        return [r.cfg.name for r in hit] + self._forward_to_owners(event, elsewhere)
+
+    def _by_owner(self, hit: list[AppRunner]) -> tuple[list[AppRunner], dict[str | None, list[str]]]:
+        """The ownership check: with shards, the apps whose shard this replica holds, and the others
+        by their owner's webhook URL (None: no live owner or no URL known)."""
+        shards = self.daemon.shards
+        if shards is None:
+            return hit, {}
+        mine, elsewhere = [], {}
+        for r in hit:
+            if shards.owner(r.cfg.name) == self.daemon.instance:
+                mine.append(r)
+            else:
+                elsewhere.setdefault(shards.owner_url(r.cfg.name), []).append(r.cfg.name)
+        return mine, elsewhere
 
     def _forward_to_leader(self, event: PushEvent) -> list[str]:
         """A standby behind the same Service got the push: hand it to the leader.
@@ -103,12 +119,7 @@ class PushRouter:
         leader publishes on the Lease. Without it half the pushes to a
         two-replica Service would wait for the next poll.
         """
-        import hmac
-        import json
-        import urllib.request
-
         url = self.daemon.elector.leader_url
-        secret = self.webhook_secret()
         if event.forwarded_by:
             log.warning("a forwarded push reached a standby; not forwarding it again", ref=event.ref,
                         forwarded_by=event.forwarded_by)
@@ -116,24 +127,60 @@ class PushRouter:
         if url and url == self.daemon.elector.advertise_url:
             log.warning("the lease names this replica's own address; not forwarding to itself", url=url)
             return []
-        if not url or not secret:
+        if not url:
             log.warning("push received by a standby; no leader address to forward it to",
                         ref=event.ref, hint="set --advertise-url (deploy/ sets it from the pod IP)")
+            return []
+        return self._forward(event, url, role="leader")
+
+    def _forward_to_owners(self, event: PushEvent, elsewhere: dict[str | None, list[str]]) -> list[str]:
+        """Shards: send the push once to each replica that holds a shard with a matching app.
+
+        A forwarded push is never forwarded again (the shard may have moved
+        since the sender looked: its new owner triggers every app of the shard
+        when it takes it). Apps of a shard nobody holds are picked up the same way.
+        """
+        if not elsewhere:
+            return []
+        if event.forwarded_by:
+            log.info("forwarded push: apps of shards not held here are left to their owners", ref=event.ref,
+                     forwarded_by=event.forwarded_by, apps=sorted(a for apps in elsewhere.values() for a in apps))
+            return []
+        unowned = elsewhere.pop(None, [])
+        if unowned:
+            log.info("push: no live owner known for some apps; whoever takes their shards reconciles them",
+                     ref=event.ref, apps=sorted(unowned),
+                     hint="a replica that holds shards but advertises no URL needs --advertise-url")
+        triggered: list[str] = []
+        for url in sorted(u for u in elsewhere if u != self.daemon.shards.advertise_url):
+            triggered += self._forward(event, url, role="owner")
+        return triggered
+
+    def _forward(self, event: PushEvent, url: str, *, role: str) -> list[str]:
+        """Re-send the push to another replica as a generic hook signed with the shared secret
+        (with the sender's delivery id, so the receiver recognises a replay too)."""
+        import hmac
+        import json
+        import urllib.request
+
+        secret = self.webhook_secret()
+        if not secret:
+            log.warning("push not forwarded: no webhook secret to sign it with", to=url)
             return []
         body = json.dumps({"repo": event.repo_urls[0] if event.repo_urls else "", "repos": list(event.repo_urls),
                            "ref": event.ref, "after": event.after, "forwardedBy": self.daemon.instance}).encode()
         sig = "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
         headers = {"Content-Type": "application/json", "X-Gitopsd-Signature": sig}
         if event.delivery:
-            headers["X-Gitopsd-Delivery"] = event.delivery   # so the leader recognises a replay too
+            headers["X-Gitopsd-Delivery"] = event.delivery
         req = urllib.request.Request(url.rstrip("/") + "/hooks/generic", data=body, method="POST", headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=5) as resp:
                 triggered = json.loads(resp.read() or b"{}").get("triggered", [])
-            log.info("push forwarded to the leader", leader=url, ref=event.ref, triggered=triggered)
+            log.info(f"push forwarded to the {role}", **{role: url}, ref=event.ref, triggered=triggered)
             return triggered
         except (OSError, ValueError) as exc:
-            log.warning("forwarding a push to the leader failed", leader=url, error=str(exc))
+            log.warning(f"forwarding a push to the {role} failed", **{role: url}, error=str(exc))
             return []
 
     def webhook_secret(self) -> bytes:

@@ -27,12 +27,12 @@ import signal
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import structlog
 
 from gitopsd import __version__, audit
+from gitopsd.budget import Budget
 from gitopsd import config as config_mod
 from gitopsd.daemon.config_watch import ConfigWatcher
 from gitopsd.daemon.credentials import CredentialStore
@@ -63,7 +63,9 @@ class Daemon:
         self._stop = threading.Event()
         self.config_watch = ConfigWatcher(config_path, on_change=self._on_config, stopped=self._stop)
         self.runners: dict[str, AppRunner] = {}
-        self.pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="app")
+        # Reconciles and heals run here; the pool is sized by the process's one
+        # budget (gitopsd.budget), which also bounds their requests together.
+        self.pool = kube.budget.reconciles()
         self.schedule = Schedule(self._stop)
         self.credentials = CredentialStore(kube, namespace=namespace)
         self.pushes = PushRouter(self)
@@ -248,7 +250,7 @@ def main(args) -> int:
     log_mod.configure(fmt=args.log_format)
     instance = args.instance or f"{socket.gethostname()}-{os.getpid()}"
     try:
-        kube = Kube.connect(kubeconfig=args.kubeconfig, context=args.context, max_workers=args.concurrency)
+        kube = Kube.connect(kubeconfig=args.kubeconfig, context=args.context, budget=Budget(limit=args.concurrency))
         daemon = Daemon(kube=kube, config_path=args.config, namespace=args.namespace, http_host=args.http_address,
                         http_port=args.http_port, instance=instance, leader_elect=args.leader_elect,
                         lease_duration=args.lease_duration, lease_renew=args.lease_renew,

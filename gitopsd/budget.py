@@ -74,6 +74,9 @@ BACKOFF_BASE = 0.2
 BACKOFF_CAP = 10.0
 #: A Retry-After longer than this is not believed (a proxy's "come back in an hour").
 RETRY_AFTER_MAX = 60.0
+#: After a throttle the narrowed window holds this long before it grows again:
+#: probing for more at once only earns the next refusal and its pause.
+GROWTH_HOLD = 2.0
 #: Refusals closer together than this are one throttle episode (one log line).
 EPISODE_QUIET = 30.0
 
@@ -137,8 +140,9 @@ class RequestGate:
             APISERVER_IN_FLIGHT.dec()
             if ok and generation == self.generation:
                 self.streak = 0
-                self.window = min(float(self.limit), self.window + 1.0 / self.window)
-                APISERVER_WINDOW.set(self.window)
+                if self._clock() - self._last_throttle >= GROWTH_HOLD:
+                    self.window = min(float(self.limit), self.window + 1.0 / self.window)
+                    APISERVER_WINDOW.set(self.window)
             self._cond.notify_all()
 
     def throttled(self, generation: int, *, retry_after: float | None, what: str) -> None:

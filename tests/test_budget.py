@@ -25,6 +25,7 @@ from gitopsd.budget import (
     BACKOFF_BASE,
     BACKOFF_CAP,
     DEFAULT_CONCURRENCY,
+    GROWTH_HOLD,
     RETRY_AFTER_MAX,
     Budget,
     RequestGate,
@@ -126,8 +127,13 @@ def test_the_window_halves_on_each_throttle_and_grows_back_with_successes():
         gate.throttled(gate.generation, retry_after=None, what="GET /x")
         assert gate.window == expected
 
+    for _ in range(50):
+        gate.leave(gate.enter(), ok=True)
+    assert gate.window == 1, f"held for {GROWTH_HOLD} s after the throttle: probing at once earns the next one"
+
+    clock.now += GROWTH_HOLD
     successes = 0
-    while gate.window < 16:
+    while gate.window < 16 and successes < 1000:
         gate.leave(gate.enter(), ok=True)
         successes += 1
     assert 16 < successes < 200, "additive increase: about one more slot per window of successes"

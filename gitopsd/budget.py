@@ -63,8 +63,7 @@ log = structlog.get_logger("gitopsd.budget")
 T = TypeVar("T")
 R = TypeVar("R")
 
-#: The default of --concurrency: enough to keep a 2-core pod's apiserver
-#: connection busy; APF's default share for a workload is of the same order.
+#: The default of --concurrency, for a gitopsd pod of about two cores.
 DEFAULT_CONCURRENCY = 16
 #: Reconciles that may run at once, per request slot (they mostly wait).
 RECONCILES_PER_SLOT = 4

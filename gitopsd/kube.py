@@ -223,17 +223,9 @@ class Kube:
                                        hint="is the cluster up? (hack/cluster status)") from None
                 if 200 <= resp.status < 300:
                     return orjson.loads(resp.data) if resp.data else {}
-                err = _api_error(method, path, resp)
-                throttled = _is_throttle(err.status, err.retry_after)
-                if throttled and attempt >= retries:
-                    raise _overloaded(err, attempts=attempt + 1, seconds=time.monotonic() - started)
-                if attempt >= retries or err.status not in (429, 503):
-                    raise err
-                if exempt or not throttled:
-                    # Plain 503: this request's own trouble (an aggregated API down), not a
-                    # reason to hold back the rest. An exempt request does not wait at the gate.
-                    time.sleep((err.retry_after or 0.0) + full_jitter(attempt))
-                attempt += 1   # a throttled one waits at the gate it closed, in _exchange
+                _retry_or_raise(_api_error(method, path, resp), attempt=attempt, retries=retries,
+                                exempt=exempt, started=started)
+                attempt += 1
         finally:
             APISERVER_ATTEMPTS.observe(attempt + 1)
 
@@ -538,6 +530,23 @@ def _is_throttle(status: int, retry_after: float | None) -> bool:
     Fairness, max-inflight), or 503 with Retry-After. A 503 without one is a
     broken backend (an aggregated API down), not load."""
     return status == 429 or (status == 503 and retry_after is not None)
+
+
+def _retry_or_raise(err: KubeApiError, *, attempt: int, retries: int, exempt: bool, started: float) -> None:
+    """Raise `err` when it is final; otherwise return once this request may be sent again.
+
+    A throttled request waits at the gate it closed (in Kube._exchange), not
+    here. A plain 503 is this request's own trouble (an aggregated API down),
+    no reason to hold back the rest: it backs off alone, as does an exempt
+    request, which does not wait at the gate.
+    """
+    throttled = _is_throttle(err.status, err.retry_after)
+    if throttled and attempt >= retries:
+        raise _overloaded(err, attempts=attempt + 1, seconds=time.monotonic() - started)
+    if attempt >= retries or err.status not in (429, 503):
+        raise err
+    if exempt or not throttled:
+        time.sleep((err.retry_after or 0.0) + full_jitter(attempt))
 
 
 def _overloaded(err: KubeApiError, *, attempts: int, seconds: float) -> KubeApiError:

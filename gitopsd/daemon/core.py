@@ -18,6 +18,10 @@ This module wires the runners to the outside world and to each other:
   converges;
 - SIGTERM: stop taking work, let running reconciles finish (their health
   waits are cancelled), release the lease.
+
+Reconciles run on the reconcile pool of the process's one budget
+(gitopsd.budget, sized by --concurrency), which also bounds the requests of
+all of them together and pauses them all when the apiserver throttles.
 """
 
 from __future__ import annotations

@@ -385,6 +385,7 @@ def test_a_sync_throttled_by_priority_and_fairness_slows_down_stays_within_the_r
     print(figures)   # shown with -s
     assert in_pause == [], f"requests sent during the pause after the first 429: {in_pause}"
     assert share < 0.25, figures
+    assert budget.requests.peak <= 16
 
     # No request was sent more than the cap allows (1 + MAX_RETRIES), and some were retried.
     within = sample("gitopsd_apiserver_request_attempts_bucket", le=f"{float(MAX_RETRIES + 1)}")

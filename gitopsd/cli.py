@@ -51,6 +51,9 @@ from gitopsd import config as cfg
 #: fairness limits (and each is a thread and a pooled connection).
 MAX_CONCURRENCY = 256
 MAX_SHARDS = 256
+#: gitopsd.budget.DEFAULT_CONCURRENCY, spelled out so that parsing flags does
+#: not import the metrics (tests/test_budget.py checks that they agree).
+DEFAULT_CONCURRENCY = 16
 #: `history --limit`: a bound so a typo cannot ask for a billion records.
 MAX_LIMIT = 1_000_000
 #: `--log-level` (gitopsd.log.LEVELS; not imported from there: `--help` should not wait for structlog).
@@ -250,8 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="app name = ApplySet name (default: derived from the repository and path)")
     k.add_argument("--inventory-namespace", default=None, type=NAMESPACE,
                    help="namespace of the ApplySet parent (default: $GITOPSD_NAMESPACE or gitopsd-system)")
-    k.add_argument("--concurrency", type=CONCURRENCY, default=16, metavar="N",
-                   help=f"parallel apiserver requests, 1 to {MAX_CONCURRENCY} (default 16)")
+    k.add_argument("--concurrency", type=CONCURRENCY, default=DEFAULT_CONCURRENCY, metavar="N",
+                   help=f"apiserver requests in flight at once, 1 to {MAX_CONCURRENCY}, shared by the dry-runs, "
+                        f"applies and LISTs of the sync; fewer while the apiserver throttles "
+                        f"(default {DEFAULT_CONCURRENCY})")
     common.add_argument("--output", "-o", default="text", choices=["text", "json"])
 
     sub.add_parser("diff", parents=[common], help="show how the cluster differs from the commit",
@@ -302,8 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="identity in the lease and audit (default hostname-pid)")
     r.add_argument("--watch-local", action=argparse.BooleanOptionalAction, default=True,
                    help="for file:// and local-path repos, reconcile within a second of a change (default on)")
-    r.add_argument("--concurrency", type=CONCURRENCY, default=16, metavar="N",
-                   help=f"parallel apiserver requests per app, 1 to {MAX_CONCURRENCY} (default 16)")
+    r.add_argument("--concurrency", type=CONCURRENCY, default=DEFAULT_CONCURRENCY, metavar="N",
+                   help=f"apiserver requests in flight at once for the whole daemon, all apps together, 1 to "
+                        f"{MAX_CONCURRENCY}; fewer while the apiserver throttles. Also sizes the shared fan-out "
+                        f"and the reconciles that may run at once (4 per request) (default {DEFAULT_CONCURRENCY})")
 
     st = sub.add_parser("status", parents=[debug], help="show each app's last revision, result, health and drift",
                         description="Each app's stored status. Exit 0 shown (an unreadable status of another app "
@@ -433,15 +440,27 @@ def _print(data, *, output: str, text: str) -> None:
         print(text)
 
 
+def _connect(args):
+    """The Kube of `diff` and `sync`, with the process's one budget sized by --concurrency.
+
+    Log lines (a throttle episode) go to stderr: stdout is the command's report.
+    """
+    from gitopsd import log
+    from gitopsd.budget import Budget
+    from gitopsd.kube import Kube
+
+    log.configure(stream=sys.stderr)
+    return Kube.connect(kubeconfig=args.kubeconfig, context=args.context, budget=Budget(limit=args.concurrency))
+
+
 def cmd_diff(args) -> int:
     from gitopsd import report
     from gitopsd.engine.sync import fetch_and_plan
     from gitopsd.errors import GitopsdError
-    from gitopsd.kube import Kube
 
     app = _app_spec(args)
     try:
-        kube = Kube.connect(kubeconfig=args.kubeconfig, context=args.context, max_workers=args.concurrency)
+        kube = _connect(args)
         rev, plan = fetch_and_plan(kube, app)
     except GitopsdError as exc:
         return _report_error(args, exc, app=app.name)
@@ -486,11 +505,10 @@ def cmd_sync(args) -> int:
     from gitopsd import report
     from gitopsd.engine.sync import Outcome, sync
     from gitopsd.errors import GitopsdError
-    from gitopsd.kube import Kube
 
     app = _app_spec(args)
     try:
-        kube = Kube.connect(kubeconfig=args.kubeconfig, context=args.context, max_workers=args.concurrency)
+        kube = _connect(args)
     except GitopsdError as exc:
         return _report_error(args, exc, app=app.name)
     progress = _TerminalProgress(sys.stderr)

@@ -10,7 +10,14 @@ What this layer adds:
 - aggregated discovery (two requests for the whole API surface), with one
   re-discovery on a lookup miss (a CRD applied a moment ago);
 - server-side apply, dry-run, list by label selector, delete;
-- bounded retries on 429/503 honouring Retry-After (API Priority and Fairness);
+- the process's request budget (gitopsd.budget): at most N requests in
+  flight from all reconciles together, and one process-wide pause when the
+  apiserver throttles (429, or 503 with Retry-After: API Priority and
+  Fairness), instead of every thread finding out on its own;
+- bounded retries: a throttled request is sent again after the pause, at most
+  MAX_RETRIES times, then fails naming the object and saying the apiserver is
+  overloaded; a plain 503, and a GET that could not connect, back off with
+  full jitter on their own;
 - request counters by verb, so tests and metrics can prove how few calls a
   steady-state reconcile makes.
 """
@@ -29,8 +36,9 @@ import orjson
 import urllib3
 
 from gitopsd import __version__
+from gitopsd.budget import Budget, full_jitter
 from gitopsd.errors import ClusterError
-from gitopsd.metrics import APISERVER_REQUESTS
+from gitopsd.metrics import APISERVER_ATTEMPTS, APISERVER_REQUESTS, APISERVER_THROTTLED
 from gitopsd.objects import split_api_version
 
 FIELD_MANAGER = "gitopsd"
@@ -98,13 +106,18 @@ class Resource:
 
 
 class Kube:
-    """One connection to one apiserver. Thread-safe; share it."""
+    """One connection to one apiserver. Thread-safe; share it.
 
-    def __init__(self, api_client, *, max_workers: int = 16) -> None:
+    `budget` is the process's concurrency budget (gitopsd.budget); the stages
+    fan out on it (`kube.budget.map`). Without one, the Kube gets a budget of
+    its own with the default size (tests, tools).
+    """
+
+    def __init__(self, api_client, *, budget: Budget | None = None) -> None:
         self._api_client = api_client
         cfg = api_client.configuration
         self.host = cfg.host.rstrip("/")
-        self.max_workers = max_workers
+        self.budget = budget or Budget()
         self._pool = api_client.rest_client.pool_manager
         self._lock = threading.Lock()
         self._resources: dict[tuple[str, str, str], Resource] = {}
@@ -116,12 +129,18 @@ class Kube:
 
     # ------------------------------------------------------------ construction
 
+    @property
+    def max_workers(self) -> int:
+        """The budget's size: how many threads may work on one fan-out."""
+        return self.budget.limit
+
     @classmethod
     def connect(cls, *, kubeconfig: str | Path | None = None, context: str | None = None,
-                in_cluster: bool | None = None, max_workers: int = 16) -> "Kube":
+                in_cluster: bool | None = None, budget: Budget | None = None) -> "Kube":
         """Connect like kubectl: --kubeconfig, else $KUBECONFIG, else in-cluster, else ~/.kube/config.
 
         `in_cluster=True` forces the pod's service-account configuration.
+        `budget` sizes the connection pool and bounds the requests in flight.
         """
         import os
 
@@ -147,10 +166,11 @@ class Kube:
                 where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
                 raise ClusterError(f"cannot load kubeconfig {where}: {exc}",
                                    hint="pass --kubeconfig or set KUBECONFIG (hack/cluster kubeconfig prints one)") from None
-        # The pool must hold at least one connection per worker, or workers
-        # queue on connections and urllib3 warns about discarding them.
-        cfg.connection_pool_maxsize = max(max_workers + 4, 8)
-        return cls(client.ApiClient(cfg), max_workers=max_workers)
+        # One kept connection per request slot (plus watches and leases), or
+        # urllib3 opens and discards connections beyond it with a warning.
+        budget = budget or Budget()
+        cfg.connection_pool_maxsize = budget.connection_pool_size
+        return cls(client.ApiClient(cfg), budget=budget)
 
     def close(self) -> None:
         self._api_client.close()
@@ -168,49 +188,75 @@ class Kube:
     def request(self, method: str, path: str, *, query: dict | list | None = None, body=None,
                 content_type: str = "application/json", accept: str = "application/json",
                 timeout: float = 60.0, max_retries: int | None = None,
-                fence: Callable[[], None] | None = None) -> dict:
-        """Send one request; return the parsed JSON body (or {} when empty).
+                fence: Callable[[], None] | None = None, exempt: bool = False) -> dict:
+        """Send one request within the budget; return the parsed JSON body (or {} when empty).
 
-        Retries 429 and 503 (and connection errors on GET) with Retry-After or
-        exponential backoff, at most MAX_RETRIES times.
+        A throttled request (429, or 503 with Retry-After) is sent again once
+        the process-wide pause it caused is over; a plain 503, and a GET that
+        could not connect, after a jittered backoff of its own. At most
+        `max_retries` (default MAX_RETRIES) times in all; then a throttled
+        request fails with an error that says the apiserver is overloaded.
+
+        `exempt`: neither counted against the request budget nor held by its
+        pause, for callers whose lateness costs more than their load (lease
+        renewals: they are few, small, and must not queue behind a sync).
         """
         url = self.host + path
         if query:
             url += "?" + urllib.parse.urlencode(query, doseq=True)
         data = orjson.dumps(body) if body is not None and not isinstance(body, bytes) else body
         retries = MAX_RETRIES if max_retries is None else max_retries
+        send = _Send(method=method, path=path, url=url, data=data, content_type=content_type, accept=accept,
+                     timeout=timeout, fence=fence, exempt=exempt, verb=_verb(method, path, query))
+        started = time.monotonic()
         attempt = 0
-        while True:
-            headers = self._headers(accept)
-            if data is not None:
-                headers["Content-Type"] = content_type
-            verb = _verb(method, path, query)
-            with self._lock:
-                self.requests[verb] += 1
-            APISERVER_REQUESTS.labels(verb=verb).inc()
-            try:
-                if fence is not None:
-                    # Last thing before the bytes leave (and again before every
-                    # retry): the write fence of leader election, see leader.py.
-                    fence()
-                resp = self._pool.request(method, url, body=data, headers=headers, preload_content=True,
-                                          timeout=urllib3.Timeout(connect=min(10.0, timeout), read=timeout),
-                                          retries=False)
-            except urllib3.exceptions.HTTPError as exc:
-                if attempt < retries and method == "GET":
-                    attempt += 1
-                    time.sleep(min(0.2 * 2 ** attempt, 5.0))
-                    continue
-                raise ClusterError(f"{method} {path}: cannot reach the apiserver at {self.host}: {exc}",
-                                   hint="is the cluster up? (hack/cluster status)") from None
-            if 200 <= resp.status < 300:
-                return orjson.loads(resp.data) if resp.data else {}
-            err = _api_error(method, path, resp)
-            if resp.status in (429, 503) and attempt < retries:
+        try:
+            while True:
+                try:
+                    resp = self._exchange(send)
+                except urllib3.exceptions.HTTPError as exc:
+                    if attempt < retries and method == "GET":
+                        time.sleep(full_jitter(attempt))
+                        attempt += 1
+                        continue
+                    raise ClusterError(f"{method} {path}: cannot reach the apiserver at {self.host}: {exc}",
+                                       hint="is the cluster up? (hack/cluster status)") from None
+                if 200 <= resp.status < 300:
+                    return orjson.loads(resp.data) if resp.data else {}
+                _retry_or_raise(_api_error(method, path, resp), attempt=attempt, retries=retries,
+                                exempt=exempt, started=started)
                 attempt += 1
-                time.sleep(err.retry_after if err.retry_after is not None else min(0.2 * 2 ** attempt, 5.0))
-                continue
-            raise err
+        finally:
+            APISERVER_ATTEMPTS.observe(attempt + 1)
+
+    def _exchange(self, send: "_Send"):
+        """One HTTP exchange holding one request slot (unless exempt); a throttle closes the gate."""
+        gate = self.budget.requests
+        generation = gate.generation if send.exempt else gate.enter()
+        accepted = False
+        try:
+            headers = self._headers(send.accept)
+            if send.data is not None:
+                headers["Content-Type"] = send.content_type
+            with self._lock:
+                self.requests[send.verb] += 1
+            APISERVER_REQUESTS.labels(verb=send.verb).inc()
+            if send.fence is not None:
+                # Last thing before the bytes leave (and again before every
+                # retry): the write fence of leader election, see leader.py.
+                send.fence()
+            resp = self._pool.request(send.method, send.url, body=send.data, headers=headers,
+                                      preload_content=True, retries=False,
+                                      timeout=urllib3.Timeout(connect=min(10.0, send.timeout), read=send.timeout))
+            if _is_throttle(resp.status, _retry_after(resp)):
+                APISERVER_THROTTLED.labels(verb=send.verb).inc()
+                gate.throttled(generation, retry_after=_retry_after(resp), what=f"{send.method} {send.path}")
+            else:
+                accepted = True
+            return resp
+        finally:
+            if not send.exempt:
+                gate.leave(generation, ok=accepted)
 
     # ------------------------------------------------------------ discovery
 
@@ -356,6 +402,10 @@ class Kube:
         with self._lock:
             self.requests["watch"] += 1
         APISERVER_REQUESTS.labels(verb="watch").inc()
+        # A stream, not a request: it takes no slot of the budget, but it does
+        # not open while the apiserver has asked the process to hold back.
+        gate = self.budget.requests
+        generation = gate.wait_open()
         try:
             resp = self._pool.request("GET", url, headers=headers, preload_content=False, retries=False,
                                       timeout=urllib3.Timeout(connect=10.0, read=timeout_seconds + 30))
@@ -364,6 +414,9 @@ class Kube:
         try:
             if resp.status != 200:
                 resp.read()
+                if _is_throttle(resp.status, _retry_after(resp)):
+                    APISERVER_THROTTLED.labels(verb="watch").inc()
+                    gate.throttled(generation, retry_after=_retry_after(resp), what=f"WATCH {res.path(namespace)}")
                 raise _api_error("GET", res.path(namespace), resp)
             buffer = b""
             for chunk in resp.stream(65536, decode_content=True):
@@ -448,18 +501,71 @@ def _verb(method: str, path: str, query) -> str:
     return method.lower()
 
 
+@dataclass(frozen=True)
+class _Send:
+    """One request as Kube.request was asked for it, resent unchanged on a retry."""
+    method: str
+    path: str
+    url: str
+    data: bytes | None
+    content_type: str
+    accept: str
+    timeout: float
+    fence: Callable[[], None] | None
+    exempt: bool
+    verb: str
+
+
+def _retry_after(resp) -> float | None:
+    """The Retry-After header in seconds (the apiserver sends whole seconds; a date is not used)."""
+    header = resp.headers.get("Retry-After")
+    try:
+        return max(0.0, float(header)) if header else None
+    except ValueError:
+        return None
+
+
+def _is_throttle(status: int, retry_after: float | None) -> bool:
+    """The apiserver asks the client to come back later: 429 (API Priority and
+    Fairness, max-inflight), or 503 with Retry-After. A 503 without one is a
+    broken backend (an aggregated API down), not load."""
+    return status == 429 or (status == 503 and retry_after is not None)
+
+
+def _retry_or_raise(err: KubeApiError, *, attempt: int, retries: int, exempt: bool, started: float) -> None:
+    """Raise `err` when it is final; otherwise return once this request may be sent again.
+
+    A throttled request waits at the gate it closed (in Kube._exchange), not
+    here. A plain 503 is this request's own trouble (an aggregated API down),
+    no reason to hold back the rest: it backs off alone, as does an exempt
+    request, which does not wait at the gate.
+    """
+    throttled = _is_throttle(err.status, err.retry_after)
+    if throttled and attempt >= retries:
+        raise _overloaded(err, attempts=attempt + 1, seconds=time.monotonic() - started)
+    if attempt >= retries or err.status not in (429, 503):
+        raise err
+    if exempt or not throttled:
+        time.sleep((err.retry_after or 0.0) + full_jitter(attempt))
+
+
+def _overloaded(err: KubeApiError, *, attempts: int, seconds: float) -> KubeApiError:
+    """The error of a request still throttled after the retry cap: the object (its path) and the reason."""
+    return KubeApiError(
+        status=err.status, reason=err.reason or "TooManyRequests", method=err.method, path=err.path,
+        retry_after=err.retry_after,
+        message=f"the apiserver is overloaded: it refused this request {attempts} time{'s' if attempts != 1 else ''} over {seconds:.1f}s "
+                f"({err.api_message or 'API Priority and Fairness'}); gitopsd paused and sent fewer requests "
+                f"meanwhile, and the next reconcile tries again (hint: lower --concurrency, or give gitopsd's "
+                f"FlowSchema a priority level with more concurrency)")
+
+
 def _api_error(method: str, path: str, resp) -> KubeApiError:
     try:
         status = orjson.loads(resp.data) if resp.data else {}
     except orjson.JSONDecodeError:
         status = {"message": resp.data.decode(errors="replace")[:500]}
-    retry_after = None
-    header = resp.headers.get("Retry-After")
-    if header:
-        try:
-            retry_after = float(header)
-        except ValueError:
-            retry_after = None
+    retry_after = _retry_after(resp)
     if status.get("kind") != "Status":   # plain text or foreign JSON: no Status reason to trust
         status = {"message": status.get("message", "")}
     return KubeApiError(status=resp.status, reason=status.get("reason") or resp.reason or "",

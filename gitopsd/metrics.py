@@ -44,3 +44,22 @@ HTTP_CONNECTIONS = Counter(
 SHARDS_HELD = Gauge("gitopsd_shards_held",
                     "Shards whose Lease this instance holds (with --shards 1: 1 while it is the leader).",
                     registry=REGISTRY)
+APISERVER_THROTTLED = Counter(
+    "gitopsd_apiserver_throttled_total",
+    "Requests the apiserver refused with 429 (or 503 with Retry-After): API Priority and Fairness, by verb.",
+    ["verb"], registry=REGISTRY)
+APISERVER_THROTTLE_PAUSE = Counter(
+    "gitopsd_apiserver_throttle_pause_seconds_total",
+    "Wall-clock seconds every request of the process was held back after a throttle (gitopsd.budget).",
+    registry=REGISTRY)
+APISERVER_IN_FLIGHT = Gauge(
+    "gitopsd_apiserver_requests_in_flight",
+    "Requests to the apiserver in flight now (watches and lease renewals not counted).", registry=REGISTRY)
+APISERVER_WINDOW = Gauge(
+    "gitopsd_apiserver_concurrency_window",
+    "Requests allowed in flight now: --concurrency, halved by each throttle and growing back after.",
+    registry=REGISTRY)
+APISERVER_ATTEMPTS = Histogram(
+    "gitopsd_apiserver_request_attempts",
+    "Attempts per apiserver request (1 = no retry); bounded by the retry cap.",
+    registry=REGISTRY, buckets=(1, 2, 3, 4, 5, 6, 8, 12))

@@ -323,3 +323,43 @@ def assert_serving(daemon: DaemonProcess, *, ready: bool = True) -> None:
 def configmaps(count: int, prefix: str = "cm", **data) -> list[dict]:
     """`count` small ConfigMaps, for apps whose apply takes long enough to be interrupted."""
     return [configmap(f"{prefix}-{i:03d}", {"i": str(i), **data}) for i in range(count)]
+
+
+def service_account_kubeconfig(kube, kubeconfig: Path, namespace: str, directory: Path, *, name: str,
+                               rules: list[dict]) -> Path:
+    """A kubeconfig for a new ServiceAccount `name` in `namespace` that holds only `rules`
+    (a ClusterRole of the same name, cluster-wide), with a token from a TokenRequest.
+
+    Admin certificates are in system:masters, which RBAC lets do anything and
+    API Priority and Fairness exempts; this identity is an ordinary one.
+    The ClusterRole and its binding are cluster-scoped: delete them with
+    delete_service_account_rbac(kube, name).
+    """
+    kube.request("POST", f"/api/v1/namespaces/{namespace}/serviceaccounts",
+                 body={"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}})
+    rbac = "/apis/rbac.authorization.k8s.io/v1"
+    kube.request("POST", f"{rbac}/clusterroles", body={
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": name},
+        "rules": rules})
+    kube.request("POST", f"{rbac}/clusterrolebindings", body={
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]})
+    token = kube.request("POST", f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token",
+                         body={"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                               "spec": {"expirationSeconds": 3600}})["status"]["token"]
+    admin = yaml.safe_load(kubeconfig.read_text())
+    user = admin["contexts"][0]["context"]["user"]
+    admin["users"] = [{"name": user, "user": {"token": token}}]
+    path = directory / f"{name}.kubeconfig"
+    path.write_text(yaml.safe_dump(admin))
+    return path
+
+
+def delete_service_account_rbac(kube, name: str) -> None:
+    rbac = "/apis/rbac.authorization.k8s.io/v1"
+    for kind in ("clusterrolebindings", "clusterroles"):
+        try:
+            kube.request("DELETE", f"{rbac}/{kind}/{name}")
+        except Exception:  # noqa: BLE001 - already gone
+            pass

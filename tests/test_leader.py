@@ -14,6 +14,7 @@ import copy
 
 import pytest
 
+from gitopsd.budget import Budget
 from gitopsd.daemon.leader import FencedKube, LeaderElector, LeadershipLost
 from gitopsd.engine.apply import apply_plan
 from gitopsd.engine.inventory import PART_OF_LABEL, Inventory
@@ -350,7 +351,7 @@ def test_apply_stops_at_a_closed_fence_sends_nothing_more_and_counts_what_it_did
     plan = Plan(app="big", inventory=inv, changes=creates + prunes, members=3)
 
     inner = RecordingKube()
-    inner.max_workers = 1   # one write at a time: the fence closes between two known writes
+    inner.budget = Budget(limit=1)   # one write at a time: the fence closes between two known writes
     inner.resource = lambda api_version, kind: NAMESPACE if kind == "Namespace" else CONFIGMAP
 
     def fence():

@@ -11,8 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import yaml
-from helpers import configmap, deployment, wait_for
+from helpers import configmap, deployment, service_account_kubeconfig, wait_for
 
 from gitopsd.engine import plan as plan_mod
 from gitopsd.engine.sync import sync
@@ -207,23 +206,5 @@ def test_prune_never_leaves_the_allowed_namespaces(app, repo, kube, namespace):
 
 def _restricted_kube(kube, kubeconfig, namespace: str, tmp_path, *, rules: list[dict]) -> Kube:
     """A client as a ServiceAccount holding only `rules` (cluster-wide), via a TokenRequest."""
-    sa = f"{namespace}-restricted"
-    kube.request("POST", f"/api/v1/namespaces/{namespace}/serviceaccounts",
-                 body={"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": sa}})
-    rbac = "/apis/rbac.authorization.k8s.io/v1"
-    kube.request("POST", f"{rbac}/clusterroles", body={
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": sa},
-        "rules": rules})
-    kube.request("POST", f"{rbac}/clusterrolebindings", body={
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": sa},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": sa},
-        "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": namespace}]})
-    token = kube.request("POST", f"/api/v1/namespaces/{namespace}/serviceaccounts/{sa}/token",
-                         body={"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-                               "spec": {"expirationSeconds": 3600}})["status"]["token"]
-    admin = yaml.safe_load(kubeconfig.read_text())
-    user = admin["contexts"][0]["context"]["user"]
-    admin["users"] = [{"name": user, "user": {"token": token}}]
-    path = tmp_path / "restricted.kubeconfig"
-    path.write_text(yaml.safe_dump(admin))
-    return Kube.connect(kubeconfig=path)
+    return Kube.connect(kubeconfig=service_account_kubeconfig(kube, kubeconfig, namespace, tmp_path,
+                                                              name=f"{namespace}-restricted", rules=rules))

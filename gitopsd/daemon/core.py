@@ -19,6 +19,10 @@ This module wires the runners to the outside world and to each other:
   wrote: the new holder records and converges;
 - SIGTERM: stop taking work, let running reconciles finish (their health
   waits are cancelled), release the leases.
+
+Reconciles run on the reconcile pool of the process's one budget
+(gitopsd.budget, sized by --concurrency), which also bounds the requests of
+all of them together and pauses them all when the apiserver throttles.
 """
 
 from __future__ import annotations
@@ -28,12 +32,12 @@ import signal
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import structlog
 
 from gitopsd import __version__, audit
+from gitopsd.budget import Budget
 from gitopsd import config as config_mod
 from gitopsd.daemon.config_watch import ConfigWatcher
 from gitopsd.daemon.credentials import CredentialStore
@@ -66,7 +70,9 @@ class Daemon:
         self._stop = threading.Event()
         self.config_watch = ConfigWatcher(config_path, on_change=self._on_config, stopped=self._stop)
         self.runners: dict[str, AppRunner] = {}
-        self.pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="app")
+        # Reconciles and heals run here; the pool is sized by the process's one
+        # budget (gitopsd.budget), which also bounds their requests together.
+        self.pool = kube.budget.reconciles()
         self.schedule = Schedule(self._stop)
         self.credentials = CredentialStore(kube, namespace=namespace)
         self.pushes = PushRouter(self)
@@ -230,7 +236,7 @@ def main(args) -> int:
     log_mod.configure(fmt=args.log_format, level=args.log_level)
     instance = args.instance or f"{socket.gethostname()}-{os.getpid()}"
     try:
-        kube = Kube.connect(kubeconfig=args.kubeconfig, context=args.context, max_workers=args.concurrency)
+        kube = Kube.connect(kubeconfig=args.kubeconfig, context=args.context, budget=Budget(limit=args.concurrency))
         daemon = Daemon(kube=kube, config_path=args.config, namespace=args.namespace, http_host=args.http_address,
                         http_port=args.http_port, instance=instance, leader_elect=args.leader_elect,
                         lease_duration=args.lease_duration, lease_renew=args.lease_renew,

@@ -341,7 +341,7 @@ class LeaderElector:
     def _get_lease(self) -> dict | None:
         try:
             return self.kube.request("GET", self._res.path(self.namespace, self.name),
-                                     timeout=self._request_timeout, max_retries=0)
+                                     timeout=self._request_timeout, max_retries=0, exempt=True)
         except KubeApiError as exc:
             if exc.status == 404:
                 return None
@@ -365,7 +365,7 @@ class LeaderElector:
                 return False
             try:
                 self.kube.request("POST", self._res.path(self.namespace), body=body,
-                                  timeout=self._request_timeout, max_retries=0)
+                                  timeout=self._request_timeout, max_retries=0, exempt=True)
                 return True
             except KubeApiError as exc:
                 if exc.status == 409:
@@ -389,7 +389,7 @@ class LeaderElector:
             return False
         try:
             self.kube.request("PUT", self._res.path(self.namespace, self.name), body=lease,
-                              timeout=self._request_timeout, max_retries=0)
+                              timeout=self._request_timeout, max_retries=0, exempt=True)
             self._lost_to_other = False
             return True
         except KubeApiError as exc:

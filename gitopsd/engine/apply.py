@@ -13,8 +13,9 @@ of the app's objects, so its group-kinds and namespaces are not the app's.
 The parent is not even rewritten when it already records what the heal
 writes (the usual case: the objects are members of the last commit).
 
-Within a stage objects are independent and are applied concurrently by a
-bounded pool (the Kube's max_workers). A failure in a stage stops the later
+Within a stage objects are independent and are applied concurrently on the
+process's shared fan-out (`kube.budget.map`, gitopsd.budget), whose request
+budget also bounds them together with every other reconcile. A failure in a stage stops the later
 stages and the prune: nothing is deleted on a partial apply.
 
 Leadership: the daemon hands in a Kube fenced by its lease (gitopsd.daemon.leader.
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -166,7 +166,7 @@ _NOT_SENT = object()
 
 
 def _each(kube: Kube, batch: list[ObjectChange], fn, sent: set[int], errors: list[str]):
-    """(change, fn(change)) for a stage's batch, run by the bounded pool, in batch order;
+    """(change, fn(change)) for a stage's batch, run on the budget's fan-out, in batch order;
     each change yielded is added to `sent`.
 
     When the apiserver stops answering (fn raises _Unreachable), the writes
@@ -198,19 +198,18 @@ def _each(kube: Kube, batch: list[ObjectChange], fn, sent: set[int], errors: lis
             return exc
     lost: LeadershipLost | None = None
     not_sent = 0
-    with ThreadPoolExecutor(max_workers=kube.max_workers) as pool:
-        for change, result in zip(batch, pool.map(run, batch)):
-            if isinstance(result, LeadershipLost):
-                lost = result
-                continue
-            if result is _NOT_SENT:
-                not_sent += 1
-                continue
-            sent.add(id(change))
-            if isinstance(result, _Unreachable):
-                errors.append(result.line)
-                continue
-            yield change, result
+    for result, change in zip(kube.budget.map(run, batch), batch):   # map first: it ends the loop
+        if isinstance(result, LeadershipLost):
+            lost = result
+            continue
+        if result is _NOT_SENT:
+            not_sent += 1
+            continue
+        sent.add(id(change))
+        if isinstance(result, _Unreachable):
+            errors.append(result.line)
+            continue
+        yield change, result
     if lost is not None:
         raise lost
     if not_sent:

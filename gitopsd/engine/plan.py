@@ -43,7 +43,6 @@ import copy
 import enum
 import hashlib
 import json
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Collection, Protocol
 
@@ -215,15 +214,14 @@ def make_plan(kube: Kube, manifests: list[Manifest], inv: Inventory, *, prune: b
     # CRDs first: a custom resource whose CRD this commit creates or changes can
     # only be validated against the new schema, i.e. after stage 0 is applied.
     crds = [c for c in changes if not c.deferred and (c.ref.group, c.ref.kind) == CRD_KEY]
-    with ThreadPoolExecutor(max_workers=kube.max_workers) as pool:
-        list(pool.map(judge, crds))
-        changing = {_crd_defines(c.desired) for c in crds if c.action != Action.UNCHANGED}
-        for c in changes:
-            if (c.ref.group, c.ref.kind) in changing:
-                c.deferred = True
-        # By identity: ObjectChange equality would compare whole object bodies.
-        crd_ids = {id(c) for c in crds}
-        list(pool.map(judge, [c for c in changes if not c.deferred and id(c) not in crd_ids]))
+    list(kube.budget.map(judge, crds))
+    changing = {_crd_defines(c.desired) for c in crds if c.action != Action.UNCHANGED}
+    for c in changes:
+        if (c.ref.group, c.ref.kind) in changing:
+            c.deferred = True
+    # By identity: ObjectChange equality would compare whole object bodies.
+    crd_ids = {id(c) for c in crds}
+    list(kube.budget.map(judge, [c for c in changes if not c.deferred and id(c) not in crd_ids]))
     plan.changes = changes
     if partial:
         return plan   # what it does not name is not gone from Git: nothing to prune or keep
@@ -398,9 +396,8 @@ def judge_deferred(kube: Kube, plan: Plan, *, recreate: bool = False) -> list[st
         except UnknownKindError as exc:
             plan.errors.append(f"{change.source}: {change.ref}: {exc.message}")
             continue
-    with ThreadPoolExecutor(max_workers=kube.max_workers) as pool:
-        list(pool.map(lambda c: _judge(kube, c, plan, commit_namespaces=set(), recreate=recreate),
-                      [c for c in deferred if c.resource is not None]))
+    list(kube.budget.map(lambda c: _judge(kube, c, plan, commit_namespaces=set(), recreate=recreate),
+                         [c for c in deferred if c.resource is not None]))
     return plan.errors[before:]
 
 
@@ -464,13 +461,12 @@ def _list_members(kube: Kube, inv: Inventory, targets: set[tuple[Resource, str |
         return kube.list(res, namespace=ns, label_selector=inv.selector)
 
     members: dict[ObjectRef, dict] = {}
-    with ThreadPoolExecutor(max_workers=kube.max_workers) as pool:
-        for items in pool.map(fetch, sorted(targets, key=lambda t: (t[0].group, t[0].kind, t[1] or ""))):
-            for item in items:
-                # Belt and braces: the selector should guarantee it, but an object
-                # without our exact label is never treated as ours.
-                if (item["metadata"].get("labels") or {}).get(PART_OF_LABEL) == inv.id:
-                    members[ref_of(item)] = item
+    for items in kube.budget.map(fetch, sorted(targets, key=lambda t: (t[0].group, t[0].kind, t[1] or ""))):
+        for item in items:
+            # Belt and braces: the selector should guarantee it, but an object
+            # without our exact label is never treated as ours.
+            if (item["metadata"].get("labels") or {}).get(PART_OF_LABEL) == inv.id:
+                members[ref_of(item)] = item
     return members
 
 
@@ -523,8 +519,7 @@ def _find_non_members(kube: Kube, changes: list[ObjectChange], members: dict[Obj
         for c in candidates:
             c.live = kube.get(res, c.ref.name, ns or None)
 
-    with ThreadPoolExecutor(max_workers=kube.max_workers) as pool:
-        list(pool.map(lookup, list(missing)))
+    list(kube.budget.map(lookup, list(missing)))
 
     for c in changes:
         if c.live is None:

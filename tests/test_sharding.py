@@ -272,7 +272,7 @@ def test_a_killed_replicas_apps_converge_on_the_survivor_within_the_lease_durati
     died = datetime.now(timezone.utc)
     wait_for("survivor holds every shard", lambda: held(b) == [0, 1, 2, 3], 20, interval=0.05)
     # Timed by the survivor's own log lines, not by this test's polling (which a loaded machine delays).
-    took = max(_time(e["time"]) for e in b.events() if e.get("event") == "shard acquired") - died
+    took = max(_time(e["timestamp"]) for e in b.events() if e.get("event") == "shard acquired") - died
     # Lease duration, plus one LIST interval to see it, plus half a renewal to act, plus a second of slack.
     assert took.total_seconds() <= LEASE_S + RENEW_S + RENEW_S / 2 + 1, f"took {took.total_seconds():.1f}s"
 
@@ -304,8 +304,8 @@ def test_a_paused_replica_wakes_fenced_and_writes_nothing_for_the_shard_it_lost(
     a.wait_event(lambda e: str(e.get("event")).startswith("leadership lost mid-reconcile") and e.get("app") == big,
                  "a's run ends fenced", 60)
     wait_split([a, b], 4)   # b hands a's shards back once a is live again: new terms, new work
-    regained = min(_time(e["time"]) for e in a.events()
-                   if e.get("event") == "shard acquired" and _time(e["time"]) > woke)
+    regained = min(_time(e["timestamp"]) for e in a.events()
+                   if e.get("event") == "shard acquired" and _time(e["timestamp"]) > woke)
 
     # As for the single leader (test_faults): between waking and its new terms, only writes already past
     # the fence, one per worker, may land — app objects b converged anyway. Its Leases are its own to renew.

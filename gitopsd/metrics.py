@@ -40,3 +40,13 @@ HTTP_CONNECTIONS = Counter(
     "client_gone (reset, broken pipe, timed out mid-request, or cut by the request deadline), "
     "error (a bug, logged with its traceback).",
     ["ended"], registry=REGISTRY)
+GIT_FETCHES = Counter(
+    "gitopsd_git_fetches_total",
+    "Fetches of a repository and ref that went to the remote (an ls-remote, and a fetch for a new commit), "
+    "by repository (its URL without credentials). The apps of one repository share them: one per poll or push.",
+    ["repo"], registry=REGISTRY)
+RENDER_CACHE = Counter(
+    "gitopsd_render_cache_total",
+    "Renders by result: hit (the files it read were unchanged: reused), miss (rendered and kept), "
+    "uncached (rendered, not kept: it failed, or reads outside the commit).",
+    ["result"], registry=REGISTRY)

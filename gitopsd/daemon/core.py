@@ -6,6 +6,10 @@ This module wires the runners to the outside world and to each other:
 
 - triggers (gitopsd.daemon.triggers): the poll schedule (apscheduler), push
   webhooks, and in development local repositories;
+- what the apps of one repository share: its fetches
+  (gitopsd.engine.source_share: one per poll or push, whatever the number of
+  apps) and the renders (gitopsd.engine.render_cache: reused while the files
+  they read are unchanged);
 - the HTTP server (gitopsd.daemon.server): push webhooks, /healthz,
   /readyz, /metrics, /status;
 - the config file (gitopsd.daemon.config_watch): hot reload;
@@ -32,7 +36,7 @@ from pathlib import Path
 
 import structlog
 
-from gitopsd import __version__, audit
+from gitopsd import __version__, audit, metrics
 from gitopsd import config as config_mod
 from gitopsd.daemon.config_watch import ConfigWatcher
 from gitopsd.daemon.credentials import CredentialStore
@@ -40,6 +44,8 @@ from gitopsd.daemon.leader import FencedKube, LeaderElector, LeadershipLost
 from gitopsd.daemon.runner import AppRunner, _iso
 from gitopsd.daemon.server import Server
 from gitopsd.daemon.triggers import LocalRepoWatcher, PushRouter, Schedule
+from gitopsd.engine.render_cache import RenderCache
+from gitopsd.engine.source_share import SharedFetches, repo_key
 from gitopsd.engine.sync import default_cache_dir
 from gitopsd.errors import GitopsdError
 from gitopsd.kube import Kube
@@ -64,7 +70,10 @@ class Daemon:
         self.config_watch = ConfigWatcher(config_path, on_change=self._on_config, stopped=self._stop)
         self.runners: dict[str, AppRunner] = {}
         self.pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="app")
-        self.schedule = Schedule(self._stop)
+        self.fetches = SharedFetches(cache_dir=self.cache_dir, on_fetch=self._fetching,
+                                     on_new_commit=self._on_new_commit)
+        self.renders = RenderCache(on_lookup=lambda result: metrics.RENDER_CACHE.labels(result=result).inc())
+        self.schedule = Schedule(self._stop, fetches=self.fetches)
         self.credentials = CredentialStore(kube, namespace=namespace)
         self.pushes = PushRouter(self)
         # Records are stored and announced only while this replica may write (Daemon.fence);
@@ -197,6 +206,14 @@ class Daemon:
 
     # ------------------------------------------------------------ apps
 
+    @staticmethod
+    def _fetching(key) -> None:
+        metrics.GIT_FETCHES.labels(repo=key.url).inc()
+        log.debug("git fetch", repo=key.url, ref=key.ref)
+
+    def _on_new_commit(self, url: str, ref: str, sha: str) -> None:
+        self.schedule.on_new_commit(url, ref, sha)
+
     def _add(self, cfg: config_mod.AppConfig) -> None:
         runner = AppRunner(self, cfg)
         self.runners[cfg.name] = runner
@@ -211,9 +228,15 @@ class Daemon:
             runner.stop()
 
     def _on_config(self, new: config_mod.Config, change: config_mod.ConfigChange) -> None:
-        """A valid new config (gitopsd.daemon.config_watch): stop, start and re-trigger apps."""
+        """A valid new config (gitopsd.daemon.config_watch): stop, start and re-trigger apps.
+
+        The repositories of added and changed apps are refreshed first (once
+        each): a config edit often follows a push the edit relies on.
+        """
         for name in change.removed:
             self._remove(name)
+        for key in {repo_key(new.app(n).repo, new.app(n).ref) for n in (*change.added, *change.changed)}:
+            self.fetches.refresh(*key)
         for name in change.added:
             self._add(new.app(name))
         for name in change.changed:

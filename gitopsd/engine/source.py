@@ -13,6 +13,12 @@ environment-scoped config (``GIT_CONFIG_COUNT``/``KEY``/``VALUE``) as an
 The cache key, ``Revision.url`` and every error message use the URL with its
 credentials removed, and quoted git output is scrubbed of the token.
 
+Concurrent fetches of one repository are serialised: in this process by a
+lock per cache directory (waited on, never polled), across processes by a
+blocking flock on the cache's lock file. Sharing one fetch between the apps of
+a repository is gitopsd.engine.source_share's job; this module fetches when
+asked.
+
 Transport (ls-remote, fetch, checkout) drives the ``git`` CLI directly, because
 one runner then owns the three things that matter there: the scoped environment, killing the
 whole process group on timeout (git's helpers — ``ssh``,
@@ -35,6 +41,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
@@ -113,6 +120,7 @@ class Checkout:
 
     revision: Revision
     path: Path
+    git_dir: Path | None = None  # the cached bare repository holding the commit (see describe)
 
 
 def fetch(
@@ -143,8 +151,8 @@ def fetch(
     killed with everything it started.
 
     Concurrent calls for the same URL, from threads or processes sharing
-    ``cache_dir``, are serialised by a file lock; different URLs proceed in
-    parallel.
+    ``cache_dir``, are serialised (see the module docstring); different URLs
+    proceed in parallel.
 
     Raises SourceError when the remote is unreachable, refuses the
     credentials or the ssh host key, has no such ref, or the timeout expires.
@@ -178,7 +186,50 @@ def fetch(
             hint=f"cache_dir must be a writable directory with free space; {home} holds only a cache "
             "and may be removed (the next fetch re-creates it)",
         ) from None
-    return Checkout(revision=revision, path=path)
+    return Checkout(revision=revision, path=path, git_dir=home / "repo.git")
+
+
+def describe(checkout: Checkout, paths: Sequence[str], *, timeout: float = 30.0) -> dict[str, str] | None:
+    """What each repo-relative path is in the checkout's commit, from the cached repository.
+
+    ``"<type> <object id>"`` (``tree``, ``blob`` — a symlink is a blob of its
+    target's name — or ``commit`` for a submodule) or ``"missing"``; ``"."``
+    is the commit's root tree. Git does not follow symlinks here: a path that
+    runs through one is ``missing``. Object ids are content hashes, so two
+    commits that give a path the same id give it the same content.
+
+    One local ``git cat-file`` for all paths, no network. None when it cannot
+    be answered (no cached repository, a path git cannot be asked about, git
+    failing): callers treat that as "unknown", never as "unchanged".
+    """
+    if checkout.git_dir is None or any("\n" in p or "\r" in p for p in paths):
+        return None
+    sha = checkout.revision.sha
+    query = "".join(f"{sha}:{'' if p == '.' else p}\n" for p in paths)
+    env = _Remote(url=str(checkout.git_dir), kind="local", credentials=Credentials()).environment()
+    try:
+        proc = subprocess.run(["git", "--git-dir", str(checkout.git_dir), "cat-file", "--batch-check"],
+                              input=query.encode(), capture_output=True, env=env, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = proc.stdout.decode("utf-8", "replace").splitlines()
+    if proc.returncode != 0 or len(lines) != len(paths):
+        return None
+    out: dict[str, str] = {}
+    for path, line in zip(paths, lines):
+        oid, kind, *_ = (line.split(" ") + ["", ""])
+        out[path] = "missing" if line.endswith(" missing") else f"{kind} {oid}"
+    return out
+
+
+def split_credentials(url: str, *, credentials: Credentials | None) -> tuple[str, Credentials]:
+    """(the URL as fetch uses and reports it, without credentials; the credentials it would use).
+
+    The credentials are ``credentials`` or, when None, those embedded in an
+    http(s) URL. Raises SourceError for a URL fetch would refuse.
+    """
+    remote = _Remote.parse(url=url, credentials=credentials)
+    return remote.url, remote.credentials
 
 
 # --- the remote: what to tell git, what to show humans ------------------------
@@ -519,25 +570,73 @@ _NOISE = (
 
 @contextlib.contextmanager
 def _locked(path: Path, *, git: _Git) -> Iterator[None]:
-    """Hold an exclusive flock on ``path`` within the call's deadline.
+    """Hold the cache at ``path`` exclusively, within the call's deadline.
 
-    flock locks belong to the open file description, so two threads of one
-    process exclude each other just as two processes do. Polling (instead of
-    a blocking flock) keeps the timeout honest.
+    Threads of this process queue on a lock per cache (an in-process wait,
+    with the deadline as its timeout); the one holding it then takes an
+    flock on ``path`` against other processes sharing the cache directory.
+    Nothing polls: a thread that has to wait sleeps until the lock is free.
     """
-    with open(path, "a+b") as handle:
-        while True:
+    in_process = _process_lock(path)
+    if not in_process.acquire(timeout=max(0.0, git.remaining())):
+        raise git.timed_out()
+    try:
+        with open(path, "a+b") as handle:
+            _flock(handle.fileno(), git=git)
             try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if git.remaining() <= 0:
-                    raise git.timed_out() from None
-                time.sleep(0.02)
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    finally:
+        in_process.release()
+
+
+_PROCESS_LOCKS: dict[Path, threading.Lock] = {}
+_PROCESS_LOCKS_GUARD = threading.Lock()
+
+
+def _process_lock(path: Path) -> threading.Lock:
+    """The in-process lock of one cache (one per repository; never removed: a few bytes each)."""
+    with _PROCESS_LOCKS_GUARD:
+        return _PROCESS_LOCKS.setdefault(path, threading.Lock())
+
+
+def _flock(fd: int, *, git: _Git) -> None:
+    """An exclusive flock on ``fd`` before the deadline, or SourceError.
+
+    Free (the usual case): taken at once. Held by another process: a helper
+    thread blocks in flock on a duplicate of ``fd`` (it shares the open file,
+    hence the lock) while this thread waits with the deadline. A helper that
+    gets the lock after the caller gave up closes its duplicate, which
+    releases it, as the caller has closed the file by then.
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        pass
+    dup = os.dup(fd)
+    got = threading.Event()
+    guard = threading.Lock()
+    abandoned = False
+
+    def wait() -> None:
         try:
-            yield
+            fcntl.flock(dup, fcntl.LOCK_EX)
+            with guard:
+                if not abandoned:
+                    got.set()
         finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            os.close(dup)
+
+    threading.Thread(target=wait, name="git-cache-flock", daemon=True).start()
+    if got.wait(max(0.0, git.remaining())):
+        return
+    with guard:
+        if got.is_set():
+            return
+        abandoned = True
+    raise git.timed_out()
 
 
 def _ensure_repo(*, home: Path, git: _Git) -> Path:

@@ -1,0 +1,452 @@
+"""One fetch per repository, and renders reused while their files are unchanged.
+
+The first half drives gitopsd.engine.source_share and gitopsd.engine.render_cache
+directly, over real Git repositories (file:// and smart HTTP with Basic auth)
+and the real renderers; the second half runs the real daemon with fifty apps
+on one repository against the real control plane and counts its fetches,
+wake-ups and renders through /metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import configmap, metric, post_generic, wait_for, write_config
+from test_source import TOKEN, WRONG_TOKEN, Upstream, cache, git_identity, http_server, upstream  # noqa: F401
+
+from gitopsd import redact
+from gitopsd.engine import render, source
+from gitopsd.engine.render_cache import RenderCache
+from gitopsd.engine.source import Checkout, Credentials
+from gitopsd.engine.source_share import SharedFetches
+from gitopsd.errors import RenderError, SourceError
+
+
+class Counted(SharedFetches):
+    """SharedFetches that counts the fetches that went to the remote and the new commits it heard of."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.fetched: list[str] = []
+        self.new_commits: list[str] = []
+        super().__init__(cache_dir=cache_dir, timeout=30, on_fetch=lambda key: self.fetched.append(key.url),
+                         on_new_commit=lambda url, ref, sha: self.new_commits.append(sha))
+
+
+def in_threads(count: int, work) -> list:
+    """Run work(i) in `count` threads started together; their results (or exceptions) in order."""
+    barrier = threading.Barrier(count)
+    results: list = [None] * count
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = work(i)
+        except BaseException as exc:  # noqa: BLE001 - returned for the test to judge
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+# --------------------------------------------------------------------------
+# one fetch per repository
+
+
+def test_fifty_concurrent_fetches_of_one_repository_cost_one_fetch(upstream, cache):
+    sha = upstream.commit({"apps/a/cm.yaml": "a"})
+    shared = Counted(cache)
+
+    results = in_threads(50, lambda i: shared.fetch(upstream.url, "main"))
+
+    assert [r.revision.sha for r in results] == [sha] * 50
+    assert shared.fetched == [upstream.url]
+
+
+def test_a_fetch_is_reused_until_the_repository_is_refreshed(upstream, cache):
+    first = upstream.commit({"f": "1"})
+    shared = Counted(cache)
+    assert shared.fetch(upstream.url, "main").revision.sha == first
+
+    second = upstream.commit({"f": "2"})
+    assert shared.fetch(upstream.url, "main").revision.sha == first   # same generation: no new fetch
+    shared.refresh(upstream.url, "main")
+
+    assert shared.fetch(upstream.url, "main").revision.sha == second
+    assert len(shared.fetched) == 2
+    assert shared.new_commits == [second]
+
+
+def test_a_refresh_while_a_fetch_runs_gets_a_fetch_of_its_own(upstream, cache, monkeypatch):
+    first = upstream.commit({"f": "1"})
+    shared = Counted(cache)
+    fetched, release = threading.Event(), threading.Event()
+    real = source.fetch
+
+    def slow(*args, **kwargs):
+        checkout = real(*args, **kwargs)
+        if checkout.revision.sha == first:   # the early fetch: done, but not yet handed out
+            fetched.set()
+            release.wait(30)
+        return checkout
+
+    monkeypatch.setattr(source, "fetch", slow)
+    early: list[Checkout] = []
+    runner = threading.Thread(target=lambda: early.append(shared.fetch(upstream.url, "main")))
+    runner.start()
+    assert fetched.wait(30)
+    second = upstream.commit({"f": "2"})   # a push after that fetch had read the remote
+    shared.refresh(upstream.url, "main")
+    threading.Timer(0.2, release.set).start()
+
+    late = shared.fetch(upstream.url, "main")
+    runner.join(30)
+
+    assert early[0].revision.sha == first
+    assert late.revision.sha == second   # not handed the older fetch it would have joined
+    assert len(shared.fetched) == 2
+
+
+def test_apps_on_two_repositories_do_not_share_a_fetch(tmp_path, cache):
+    one, two = Upstream(tmp_path / "one"), Upstream(tmp_path / "two")
+    sha_one, sha_two = one.commit({"f": "1"}), two.commit({"f": "2"})
+    shared = Counted(cache)
+
+    results = in_threads(10, lambda i: shared.fetch((one if i % 2 else two).url, "main"))
+
+    assert [r.revision.sha for r in results] == [sha_two, sha_one] * 5
+    assert sorted(shared.fetched) == sorted([one.url, two.url])
+
+
+def test_two_apps_on_one_repository_with_different_credentials_do_not_share(upstream, http_server, cache):
+    sha = upstream.commit({"f": "1"})
+    url = http_server.url("remote.git")
+    shared = Counted(cache)
+    right = Credentials(username="deploy", token=TOKEN)
+    wrong = Credentials(username="deploy", token=WRONG_TOKEN)
+
+    results = in_threads(6, lambda i: shared.fetch(url, "main", credentials=right if i % 2 else wrong))
+
+    for i, result in enumerate(results):
+        if i % 2:
+            assert isinstance(result, Checkout) and result.revision.sha == sha
+        else:
+            assert isinstance(result, SourceError), result   # never the commit fetched with the other token
+            assert str(result).startswith(f"authentication to {url} failed")
+    assert len(shared.fetched) == 2
+
+
+def test_two_apps_with_the_same_credentials_share_even_from_different_key_files(upstream, cache, tmp_path):
+    upstream.commit({"f": "1"})
+    shared = Counted(cache)
+    keys = []
+    for name in ("app-a-identity", "app-b-identity"):   # one Secret, copied per app (daemon.credentials)
+        keys.append(tmp_path / name)
+        keys[-1].write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nsame\n")
+
+    in_threads(4, lambda i: shared.fetch(upstream.url, "main", credentials=Credentials(ssh_key_file=keys[i % 2])))
+
+    assert len(shared.fetched) == 1
+
+
+def test_a_failed_fetch_is_shared_by_its_generation_and_a_retry_fetches_again(upstream, cache):
+    shared = Counted(cache)
+
+    errors = in_threads(5, lambda i: shared.fetch(upstream.url, "main"))   # an empty remote: no branch main
+    assert all(isinstance(e, SourceError) and "not found" in str(e) for e in errors)
+    with pytest.raises(SourceError):
+        shared.fetch(upstream.url, "main")
+    assert len(shared.fetched) == 1
+
+    sha = upstream.commit({"f": "1"})
+    assert shared.retry(upstream.url, "main") is True
+    assert shared.retry(upstream.url, "main") is False   # a burst of retries starts one new generation
+    assert shared.fetch(upstream.url, "main").revision.sha == sha
+    assert shared.retry(upstream.url, "main") is False   # the last fetch succeeded: nothing to retry
+    assert len(shared.fetched) == 2
+
+
+def test_a_cache_held_by_another_process_is_waited_for_and_the_timeout_kept(upstream, cache):
+    import fcntl
+    import subprocess
+    import sys
+
+    upstream.commit({"f": "1"})
+    source.fetch(upstream.url, "main", cache_dir=cache)   # creates the cache and its lock file
+    [home] = cache.iterdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys\n"
+        f"f = open({str(home / 'lock')!r}, 'a+b'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+        "print('held', flush=True); sys.stdin.readline()\n")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SourceError, match="timed out after 0.5s"):
+            source.fetch(upstream.url, "main", cache_dir=cache, timeout=0.5)
+        threading.Timer(0.3, lambda: (holder.stdin.write("\n"), holder.stdin.flush())).start()
+        assert source.fetch(upstream.url, "main", cache_dir=cache, timeout=30).revision.sha
+    finally:
+        holder.kill()
+        holder.wait()
+    with open(home / "lock", "a+b") as f:   # nobody holds it now: no thread of ours kept it
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+# --------------------------------------------------------------------------
+# the render cache
+
+
+def commit(upstream: Upstream, files: dict[str, object]) -> None:
+    upstream.commit({name: (yaml.safe_dump_all(content) if isinstance(content, list) else
+                            yaml.safe_dump(content) if isinstance(content, dict) else content)
+                     for name, content in files.items()})
+
+
+class Renders(RenderCache):
+    """A RenderCache that records its lookups."""
+
+    def __init__(self, **kwargs) -> None:
+        self.results: list[str] = []
+        super().__init__(on_lookup=self.results.append, **kwargs)
+
+
+def fetch(upstream: Upstream, cache: Path) -> Checkout:
+    return source.fetch(upstream.url, "main", cache_dir=cache)
+
+
+def test_a_render_is_reused_when_a_commit_changes_another_apps_files(upstream, cache):
+    commit(upstream, {"apps/a/cm.yaml": configmap("a", {"v": "1"}), "apps/b/cm.yaml": configmap("b", {"v": "1"})})
+    renders = Renders()
+    first = renders.render(fetch(upstream, cache), "apps/a", namespace="ns")
+
+    commit(upstream, {"apps/b/cm.yaml": configmap("b", {"v": "2"})})
+    checkout = fetch(upstream, cache)
+    again = renders.render(checkout, "apps/a", namespace="ns")
+
+    assert renders.results == ["miss", "hit"]
+    assert again == first == render.render(checkout.path, "apps/a", namespace="ns")
+    assert again[0].obj is not first[0].obj   # a copy: the planner may change what it is given
+
+
+def test_a_change_to_the_apps_own_files_is_a_miss(upstream, cache):
+    commit(upstream, {"apps/a/cm.yaml": configmap("a", {"v": "1"})})
+    renders = Renders()
+    renders.render(fetch(upstream, cache), "apps/a")
+
+    commit(upstream, {"apps/a/cm.yaml": configmap("a", {"v": "2"})})
+    [cm] = renders.render(fetch(upstream, cache), "apps/a")
+
+    assert renders.results == ["miss", "miss"]
+    assert cm.obj["data"] == {"v": "2"}
+
+
+def test_render_options_are_part_of_the_key(upstream, cache):
+    commit(upstream, {"apps/a/cm.yaml": configmap("a", {"v": "1"})})
+    renders = Renders()
+    checkout = fetch(upstream, cache)
+
+    one = renders.render(checkout, "apps/a", namespace="one")
+    two = renders.render(checkout, "apps/a", namespace="two")
+
+    assert renders.results == ["miss", "miss"]
+    assert (one[0].obj["metadata"]["namespace"], two[0].obj["metadata"]["namespace"]) == ("one", "two")
+
+
+def test_a_change_to_a_kustomize_base_outside_the_apps_path_is_a_miss(upstream, cache):
+    commit(upstream, {
+        "base/kustomization.yaml": {"resources": ["cm.yaml"]},
+        "base/cm.yaml": configmap("shared", {"v": "1"}),
+        "apps/web/kustomization.yaml": {"namePrefix": "web-", "resources": ["../../base"]},
+        "apps/other/cm.yaml": configmap("other", {"v": "1"}),
+    })
+    renders = Renders()
+    renders.render(fetch(upstream, cache), "apps/web")
+    commit(upstream, {"apps/other/cm.yaml": configmap("other", {"v": "2"})})
+    renders.render(fetch(upstream, cache), "apps/web")
+
+    commit(upstream, {"base/cm.yaml": configmap("shared", {"v": "2"})})
+    [cm] = renders.render(fetch(upstream, cache), "apps/web")
+
+    assert renders.results == ["miss", "hit", "miss"]
+    assert cm.obj["metadata"]["name"] == "web-shared" and cm.obj["data"] == {"v": "2"}
+
+
+def test_a_change_behind_a_symlink_is_a_miss(upstream, cache):
+    """A link's own content is its target's name: what it points at is an input of its own."""
+    commit(upstream, {"shared/cm.yaml": configmap("web", {"color": "blue"})})
+    (upstream.work / "apps/web").mkdir(parents=True)
+    os.symlink("../../shared/cm.yaml", upstream.work / "apps/web/cm.yaml")
+    upstream.commit({})
+    renders = Renders()
+    renders.render(fetch(upstream, cache), "apps/web")
+
+    commit(upstream, {"shared/cm.yaml": configmap("web", {"color": "green"})})
+    [cm] = renders.render(fetch(upstream, cache), "apps/web")
+
+    assert renders.results == ["miss", "miss"]
+    assert cm.obj["data"] == {"color": "green"}
+
+
+def test_a_retargeted_app_path_symlink_is_a_miss(upstream, cache):
+    commit(upstream, {"v1/cm.yaml": configmap("a", {"v": "1"}), "v2/cm.yaml": configmap("a", {"v": "2"})})
+    os.symlink("v1", upstream.work / "current")
+    upstream.commit({})
+    renders = Renders()
+    renders.render(fetch(upstream, cache), "current")
+
+    (upstream.work / "current").unlink()
+    os.symlink("v2", upstream.work / "current")
+    upstream.commit({})
+    [cm] = renders.render(fetch(upstream, cache), "current")
+
+    assert renders.results == ["miss", "miss"]
+    assert cm.obj["data"] == {"v": "2"}
+
+
+def test_a_render_cache_hit_registers_secret_values_with_redact_again(upstream, cache):
+    value = "s3cr3t-cached-render-value"
+    commit(upstream, {"apps/a/secret.yaml": {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db"},
+                                             "stringData": {"password": value}},
+                      "apps/b/cm.yaml": configmap("b", {"v": "1"})})
+    renders = Renders()
+    renders.render(fetch(upstream, cache), "apps/a")
+    commit(upstream, {"apps/b/cm.yaml": configmap("b", {"v": "2"})})
+    redact.forget_all()
+    assert value in redact.scrub(f"password={value}")
+
+    [secret] = renders.render(fetch(upstream, cache), "apps/a")
+
+    assert renders.results == ["miss", "hit"]
+    assert secret.obj["stringData"] == {"password": value}
+    assert redact.scrub(f"password={value}") == f"password={redact.REDACTED}"
+
+
+def test_a_failed_render_is_not_cached(upstream, cache):
+    commit(upstream, {"apps/a/cm.yaml": "kind: ConfigMap\nmetadata: {name: a}\n"})   # no apiVersion
+    renders = Renders()
+    checkout = fetch(upstream, cache)
+
+    for _ in range(2):
+        with pytest.raises(RenderError, match="missing apiVersion"):
+            renders.render(checkout, "apps/a")
+
+    assert renders.results == ["uncached", "uncached"]
+    assert len(renders) == 0
+
+
+def test_a_render_that_may_read_remote_bases_is_not_cached(upstream, cache):
+    commit(upstream, {"apps/a/kustomization.yaml": {"resources": ["cm.yaml"]},
+                      "apps/a/cm.yaml": configmap("a", {"v": "1"})})
+    renders = Renders()
+    checkout = fetch(upstream, cache)
+
+    for _ in range(2):
+        renders.render(checkout, "apps/a", allow_remote_bases=True)
+
+    assert renders.results == ["uncached", "uncached"]
+
+
+def test_scopes_are_decided_again_on_a_hit(upstream, cache):
+    widget = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}}
+    commit(upstream, {"apps/a/widget.yaml": widget})
+    renders = Renders()
+    checkout = fetch(upstream, cache)
+
+    unknown = renders.render(checkout, "apps/a", namespace="ns", is_namespaced=lambda g, k: None)
+    namespaced = renders.render(checkout, "apps/a", namespace="ns", is_namespaced=lambda g, k: True)
+
+    assert renders.results == ["miss", "hit"]
+    assert "namespace" not in unknown[0].obj["metadata"]
+    assert namespaced[0].obj["metadata"]["namespace"] == "ns"
+
+
+def test_the_render_cache_is_bounded(upstream, cache):
+    commit(upstream, {f"apps/{n}/cm.yaml": configmap(n, {"v": "1"}) for n in "abc"})
+    renders = Renders(max_entries=2)
+    checkout = fetch(upstream, cache)
+
+    for n in "abca":
+        renders.render(checkout, f"apps/{n}")
+
+    assert renders.results == ["miss", "miss", "miss", "miss"]   # a went out first, for c
+    assert len(renders) == 2
+
+
+# --------------------------------------------------------------------------
+# the daemon: fifty apps on one repository
+
+APPS = 50
+
+
+def monorepo(repo, tmp_path, namespace: str, *, interval: str) -> Path:
+    for n in range(APPS):
+        repo.write(f"apps/app-{n:02d}/cm.yaml", configmap(f"app-{n:02d}", {"value": "0"}))
+    repo.commit("fifty apps")
+    return write_config(tmp_path / "config.yaml", [
+        {"name": f"app-{n:02d}", "repo": repo.url, "ref": "main", "path": f"apps/app-{n:02d}",
+         "namespace": namespace, "interval": interval} for n in range(APPS)])
+
+
+def all_applied(kube, namespace: str, value: str = "0") -> bool:
+    cms = kube.list(kube.resource("v1", "ConfigMap"), namespace=namespace)
+    return sum(1 for cm in cms if cm["metadata"]["name"].startswith("app-")
+               and (cm.get("data") or {}).get("value") == value) == APPS
+
+
+def idle(daemon) -> bool:
+    status = json.loads(daemon.get("/status")[1])
+    return len(status["apps"]) == APPS and not any(a["running"] for a in status["apps"])
+
+
+@pytest.mark.cluster
+def test_fifty_apps_on_one_repository_cost_one_fetch_per_poll(repo, kube, namespace, tmp_path, start_daemon):
+    daemon = start_daemon(monorepo(repo, tmp_path, namespace, interval="5s"), "--no-leader-elect",
+                          "--no-watch-local")
+    wait_for("first sync of fifty apps", lambda: all_applied(kube, namespace), 120, 0.5)
+
+    def polls() -> float:
+        return metric(daemon, "gitopsd_reconcile_total", trigger="poll")
+
+    start_polls, start_fetches = polls(), metric(daemon, "gitopsd_git_fetches_total")
+    wait_for("three rounds of polls", lambda: polls() >= start_polls + 3 * APPS, 90, 0.5)
+    rounds = (polls() - start_polls) / APPS
+    fetches = metric(daemon, "gitopsd_git_fetches_total") - start_fetches
+
+    assert rounds >= 3
+    assert 1 <= fetches <= rounds + 1, (fetches, rounds)   # one per round; the last may have begun meanwhile
+
+
+@pytest.mark.cluster
+def test_a_push_costs_one_fetch_wakes_each_app_once_and_renders_only_the_changed_app(
+        repo, kube, namespace, tmp_path, start_daemon):
+    daemon = start_daemon(monorepo(repo, tmp_path, namespace, interval="1h"), "--no-leader-elect",
+                          "--no-watch-local")
+    wait_for("first sync of fifty apps", lambda: all_applied(kube, namespace), 120, 0.5)
+    wait_for("the first reconciles to end", lambda: idle(daemon), 60)
+    fetches, reconciles = metric(daemon, "gitopsd_git_fetches_total"), metric(daemon, "gitopsd_reconcile_total")
+    renders = {r: metric(daemon, "gitopsd_render_cache_total", result=r) for r in ("hit", "miss")}
+
+    repo.write("apps/app-07/cm.yaml", configmap("app-07", {"value": "1"}))
+    sha = repo.commit("one line in one app")
+    code, body = post_generic(daemon, repo.url, sha)
+    assert code == 202 and len(json.loads(body)["triggered"]) == APPS
+    wait_for("the change applied", lambda: (kube.get(kube.resource("v1", "ConfigMap"), "app-07", namespace)
+                                            or {}).get("data") == {"value": "1"}, 30, 0.05)
+    wait_for("every app's reconcile of the push",
+             lambda: metric(daemon, "gitopsd_reconcile_total", trigger="webhook") >= APPS, 60, 0.2)
+    wait_for("the reconciles to end", lambda: idle(daemon), 60)
+
+    assert metric(daemon, "gitopsd_git_fetches_total") - fetches == 1
+    assert metric(daemon, "gitopsd_reconcile_total") - reconciles == APPS   # each app once, nothing more
+    assert metric(daemon, "gitopsd_render_cache_total", result="miss") - renders["miss"] == 1
+    assert metric(daemon, "gitopsd_render_cache_total", result="hit") - renders["hit"] == APPS - 1
+    status = json.loads(daemon.get("/status")[1])
+    assert {a["revision"] for a in status["apps"]} == {sha}

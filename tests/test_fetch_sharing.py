@@ -225,11 +225,11 @@ def fetch(upstream: Upstream, cache: Path) -> Checkout:
 def test_a_render_is_reused_when_a_commit_changes_another_apps_files(upstream, cache):
     commit(upstream, {"apps/a/cm.yaml": configmap("a", {"v": "1"}), "apps/b/cm.yaml": configmap("b", {"v": "1"})})
     renders = Renders()
-    first = renders.render(fetch(upstream, cache), "apps/a", namespace="ns")
+    first = renders.render(fetch(upstream, cache), "apps/a", namespace="ns").manifests
 
     commit(upstream, {"apps/b/cm.yaml": configmap("b", {"v": "2"})})
     checkout = fetch(upstream, cache)
-    again = renders.render(checkout, "apps/a", namespace="ns")
+    again = renders.render(checkout, "apps/a", namespace="ns").manifests
 
     assert renders.results == ["miss", "hit"]
     assert again == first == render.render(checkout.path, "apps/a", namespace="ns")
@@ -242,10 +242,29 @@ def test_a_change_to_the_apps_own_files_is_a_miss(upstream, cache):
     renders.render(fetch(upstream, cache), "apps/a")
 
     commit(upstream, {"apps/a/cm.yaml": configmap("a", {"v": "2"})})
-    [cm] = renders.render(fetch(upstream, cache), "apps/a")
+    [cm] = renders.render(fetch(upstream, cache), "apps/a").manifests
 
     assert renders.results == ["miss", "miss"]
     assert cm.obj["data"] == {"v": "2"}
+
+
+def test_an_apps_revision_is_the_commit_that_last_changed_its_inputs(upstream, cache):
+    renders = Renders()
+
+    def since(files: dict) -> tuple[str, str]:
+        commit(upstream, files)
+        checkout = fetch(upstream, cache)
+        return renders.render(checkout, "apps/a", app="a").since.sha, checkout.revision.sha
+
+    created, head = since({"apps/a/cm.yaml": configmap("a", {"v": "1"}), "apps/b/cm.yaml": configmap("b", {})})
+    assert created == head
+    assert since({"apps/b/cm.yaml": configmap("b", {"v": "2"})})[0] == created   # another app's commit
+    changed, head = since({"apps/a/cm.yaml": configmap("a", {"v": "2"})})
+    assert changed == head != created
+    reverted, head = since({"apps/a/cm.yaml": configmap("a", {"v": "1"})})   # back to the first content
+    assert reverted == head != created
+    assert renders.results == ["miss", "hit", "miss", "hit"]   # the reverted content was still cached
+    assert renders.render(fetch(upstream, cache), "apps/a").since.sha == head   # no app named: this commit
 
 
 def test_render_options_are_part_of_the_key(upstream, cache):
@@ -253,8 +272,8 @@ def test_render_options_are_part_of_the_key(upstream, cache):
     renders = Renders()
     checkout = fetch(upstream, cache)
 
-    one = renders.render(checkout, "apps/a", namespace="one")
-    two = renders.render(checkout, "apps/a", namespace="two")
+    one = renders.render(checkout, "apps/a", namespace="one").manifests
+    two = renders.render(checkout, "apps/a", namespace="two").manifests
 
     assert renders.results == ["miss", "miss"]
     assert (one[0].obj["metadata"]["namespace"], two[0].obj["metadata"]["namespace"]) == ("one", "two")
@@ -273,7 +292,7 @@ def test_a_change_to_a_kustomize_base_outside_the_apps_path_is_a_miss(upstream, 
     renders.render(fetch(upstream, cache), "apps/web")
 
     commit(upstream, {"base/cm.yaml": configmap("shared", {"v": "2"})})
-    [cm] = renders.render(fetch(upstream, cache), "apps/web")
+    [cm] = renders.render(fetch(upstream, cache), "apps/web").manifests
 
     assert renders.results == ["miss", "hit", "miss"]
     assert cm.obj["metadata"]["name"] == "web-shared" and cm.obj["data"] == {"v": "2"}
@@ -289,7 +308,7 @@ def test_a_change_behind_a_symlink_is_a_miss(upstream, cache):
     renders.render(fetch(upstream, cache), "apps/web")
 
     commit(upstream, {"shared/cm.yaml": configmap("web", {"color": "green"})})
-    [cm] = renders.render(fetch(upstream, cache), "apps/web")
+    [cm] = renders.render(fetch(upstream, cache), "apps/web").manifests
 
     assert renders.results == ["miss", "miss"]
     assert cm.obj["data"] == {"color": "green"}
@@ -305,7 +324,7 @@ def test_a_retargeted_app_path_symlink_is_a_miss(upstream, cache):
     (upstream.work / "current").unlink()
     os.symlink("v2", upstream.work / "current")
     upstream.commit({})
-    [cm] = renders.render(fetch(upstream, cache), "current")
+    [cm] = renders.render(fetch(upstream, cache), "current").manifests
 
     assert renders.results == ["miss", "miss"]
     assert cm.obj["data"] == {"v": "2"}
@@ -322,7 +341,7 @@ def test_a_render_cache_hit_registers_secret_values_with_redact_again(upstream, 
     redact.forget_all()
     assert value in redact.scrub(f"password={value}")
 
-    [secret] = renders.render(fetch(upstream, cache), "apps/a")
+    [secret] = renders.render(fetch(upstream, cache), "apps/a").manifests
 
     assert renders.results == ["miss", "hit"]
     assert secret.obj["stringData"] == {"password": value}
@@ -360,8 +379,8 @@ def test_scopes_are_decided_again_on_a_hit(upstream, cache):
     renders = Renders()
     checkout = fetch(upstream, cache)
 
-    unknown = renders.render(checkout, "apps/a", namespace="ns", is_namespaced=lambda g, k: None)
-    namespaced = renders.render(checkout, "apps/a", namespace="ns", is_namespaced=lambda g, k: True)
+    unknown = renders.render(checkout, "apps/a", namespace="ns", is_namespaced=lambda g, k: None).manifests
+    namespaced = renders.render(checkout, "apps/a", namespace="ns", is_namespaced=lambda g, k: True).manifests
 
     assert renders.results == ["miss", "hit"]
     assert "namespace" not in unknown[0].obj["metadata"]
@@ -425,12 +444,13 @@ def test_fifty_apps_on_one_repository_cost_one_fetch_per_poll(repo, kube, namesp
 
 
 @pytest.mark.cluster
-def test_a_push_costs_one_fetch_wakes_each_app_once_and_renders_only_the_changed_app(
+def test_a_push_costs_one_fetch_wakes_each_app_once_and_is_a_transition_of_the_changed_app_only(
         repo, kube, namespace, tmp_path, start_daemon):
     daemon = start_daemon(monorepo(repo, tmp_path, namespace, interval="1h"), "--no-leader-elect",
                           "--no-watch-local")
     wait_for("first sync of fifty apps", lambda: all_applied(kube, namespace), 120, 0.5)
     wait_for("the first reconciles to end", lambda: idle(daemon), 60)
+    first = json.loads(daemon.get("/status")[1])["apps"][0]["revision"]
     fetches, reconciles = metric(daemon, "gitopsd_git_fetches_total"), metric(daemon, "gitopsd_reconcile_total")
     renders = {r: metric(daemon, "gitopsd_render_cache_total", result=r) for r in ("hit", "miss")}
 
@@ -448,5 +468,8 @@ def test_a_push_costs_one_fetch_wakes_each_app_once_and_renders_only_the_changed
     assert metric(daemon, "gitopsd_reconcile_total") - reconciles == APPS   # each app once, nothing more
     assert metric(daemon, "gitopsd_render_cache_total", result="miss") - renders["miss"] == 1
     assert metric(daemon, "gitopsd_render_cache_total", result="hit") - renders["hit"] == APPS - 1
-    status = json.loads(daemon.get("/status")[1])
-    assert {a["revision"] for a in status["apps"]} == {sha}
+    revisions = {a["app"]: a["revision"] for a in json.loads(daemon.get("/status")[1])["apps"]}
+    assert revisions.pop("app-07") == sha
+    assert set(revisions.values()) == {first}   # the push did not change what they run: no new revision
+    recorded = [e["app"] for e in daemon.events() if e.get("event") == "audit" and e.get("revision") == sha]
+    assert recorded == ["app-07"]

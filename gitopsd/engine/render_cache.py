@@ -30,6 +30,16 @@ Not cached, by design:
 - when the commit cannot be described (no cached repository: a caller that
   made its own Checkout), which is a miss, never a hit.
 
+An app's revision is the commit its desired state comes from: `render`
+also says since which commit the app (named by the caller) has rendered from
+the same inputs, and the daemon reports that commit. So in a monorepo a
+commit to one app is a transition of that app only: the others plan as
+before (the poll is still their drift check), find nothing to do, and as
+their revision did not move, write no record and no status — the push's
+cost follows the change. A commit that brings an app's inputs back to an
+older content is a new revision all the same (the app's own last build is
+compared, not whatever the cache still holds).
+
 On a hit the build is handed out as a fresh copy (the cache keeps orjson
 bytes, so nothing a caller changes reaches it), every Secret value in it is
 registered with gitopsd.redact again (the registry forgets the least recently
@@ -46,6 +56,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -60,6 +71,14 @@ MAX_ENTRIES = 4096
 MAX_BYTES = 64 * 1024 * 1024
 #: Input sets remembered per (path, options): an app's inputs change when its kustomization does.
 INPUT_SETS_PER_OPTIONS = 4
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """An app's manifests, and the commit since which its render has been the same."""
+
+    manifests: list[render.Manifest]
+    since: source.Revision
 
 
 @dataclass(frozen=True)
@@ -81,30 +100,51 @@ class RenderCache:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._input_sets: dict[tuple, list[tuple[str, ...]]] = {}
         self._bytes = 0
+        self._since: OrderedDict[str, tuple[str, source.Revision]] = OrderedDict()   # app -> its last build
 
-    def render(self, checkout: source.Checkout, path: str = ".", *, kind: str = "auto",
+    def render(self, checkout: source.Checkout, path: str = ".", *, app: str | None = None, kind: str = "auto",
                namespace: str = "default", helm_values: Sequence[str] = (), helm_release: str | None = None,
                is_namespaced: Callable[[str, str], bool | None] = render.builtin_is_namespaced,
-               allow_remote_bases: bool = False, timeout: float = 120.0) -> list[render.Manifest]:
-        """`render.render` of `path` in `checkout`, from the cache when its inputs are unchanged."""
+               allow_remote_bases: bool = False, timeout: float = 120.0) -> Rendered:
+        """`render.render` of `path` in `checkout`, from the cache when its inputs are unchanged.
+
+        `since` is the commit from which `app` has rendered this build without
+        a break (`checkout`'s own commit for a new build, or without `app`).
+        Raises RenderError as `render.render` does.
+        """
         options = (path, kind, namespace, tuple(helm_values), helm_release, allow_remote_bases, _renderers())
         cacheable = not allow_remote_bases
-        built = self._lookup(checkout, options) if cacheable else None
-        if built is not None:
+        found = self._lookup(checkout, options) if cacheable else None
+        if found is not None:
+            key, built = found
             self._count("hit")
         else:
             built = render.build(checkout.path, path, kind=kind, namespace=namespace, helm_values=helm_values,
                                  helm_release=helm_release, timeout=timeout, allow_remote_bases=allow_remote_bases)
-            stored = cacheable and not built.problems and self._store(checkout, options, built)
-            self._count("miss" if stored else "uncached")
-        return render.finish(built, namespace=namespace, is_namespaced=is_namespaced)
+            key = self._store(checkout, options, built) if cacheable and not built.problems else None
+            self._count("miss" if key else "uncached")
+        manifests = render.finish(built, namespace=namespace, is_namespaced=is_namespaced)
+        return Rendered(manifests=manifests, since=self._since_for(app, key, checkout.revision))
 
     def __len__(self) -> int:
         return len(self._entries)
 
     # ------------------------------------------------------------ lookup
 
-    def _lookup(self, checkout: source.Checkout, options: tuple) -> render.Built | None:
+    def _since_for(self, app: str | None, key: str | None, revision: source.Revision) -> source.Revision:
+        """The app's revision: the commit of its last build if this is the same build, else this one."""
+        if app is None:
+            return revision
+        with self._lock:
+            last = self._since.pop(app, None)
+            since = last[1] if last is not None and key is not None and last[0] == key else revision
+            if key is not None:
+                self._since[app] = (key, since)
+                while len(self._since) > self.max_entries:
+                    self._since.popitem(last=False)
+            return since
+
+    def _lookup(self, checkout: source.Checkout, options: tuple) -> tuple[str, render.Built] | None:
         with self._lock:
             candidates = list(self._input_sets.get(options, ()))
         for inputs in candidates:
@@ -118,19 +158,19 @@ class RenderCache:
                     self._entries.move_to_end(key)
                     self._remember_inputs(options, inputs)
             if entry is not None:
-                return _thaw(entry)
+                return key, _thaw(entry)
         return None
 
-    def _store(self, checkout: source.Checkout, options: tuple, built: render.Built) -> bool:
-        """Keep `built` (before `finish` changes it); False when it cannot be keyed or serialised."""
+    def _store(self, checkout: source.Checkout, options: tuple, built: render.Built) -> str | None:
+        """Keep `built` (before `finish` changes it); its key, or None when it cannot be keyed or serialised."""
         inputs = tuple(sorted(built.inputs))
         described = source.describe(checkout, inputs)
         if described is None or any(v == "missing" for v in described.values()):
-            return False   # a path the commit does not hold as read (e.g. git cannot tell): no safe key
+            return None   # a path the commit does not hold as read (e.g. git cannot tell): no safe key
         try:
             blob = orjson.dumps([[m.source, m.obj] for m in built.manifests])
         except TypeError:
-            return False   # a value JSON cannot hold exactly (an integer beyond 64 bits)
+            return None   # a value JSON cannot hold exactly (an integer beyond 64 bits)
         key = _key(options, described)
         with self._lock:
             old = self._entries.pop(key, None)
@@ -139,7 +179,7 @@ class RenderCache:
             self._bytes += len(blob)
             self._remember_inputs(options, inputs)
             self._evict()
-        return True
+        return key
 
     def _remember_inputs(self, options: tuple, inputs: tuple[str, ...]) -> None:
         sets = self._input_sets.setdefault(options, [])
@@ -173,8 +213,18 @@ def _thaw(entry: _Entry) -> render.Built:
     return render.Built(manifests=manifests, inputs=frozenset(entry.inputs))
 
 
+#: How long the answer of _renderers is reused: looking binaries up is not free, and a new
+#: binary takes effect within this time.
+RENDERERS_TTL = 10.0
+_renderers_seen: tuple[float, tuple] = (float("-inf"), ())
+
+
 def _renderers() -> tuple:
-    """Which kustomize and helm would run: a new binary may render differently."""
+    """Which kustomize and helm would run (path, size, mtime): a new binary may render differently."""
+    global _renderers_seen
+    at, seen = _renderers_seen
+    if time.monotonic() - at < RENDERERS_TTL:
+        return seen
     out = []
     for tool in ("kustomize", "helm"):
         try:
@@ -183,4 +233,5 @@ def _renderers() -> tuple:
             out.append((str(path), st.st_size, st.st_mtime_ns))
         except (RenderError, OSError):
             out.append(None)
-    return tuple(out)
+    _renderers_seen = (time.monotonic(), tuple(out))
+    return _renderers_seen[1]

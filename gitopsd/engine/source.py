@@ -44,6 +44,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -192,34 +193,120 @@ def fetch(
 def describe(checkout: Checkout, paths: Sequence[str], *, timeout: float = 30.0) -> dict[str, str] | None:
     """What each repo-relative path is in the checkout's commit, from the cached repository.
 
-    ``"<type> <object id>"`` (``tree``, ``blob`` — a symlink is a blob of its
-    target's name — or ``commit`` for a submodule) or ``"missing"``; ``"."``
-    is the commit's root tree. Git does not follow symlinks here: a path that
-    runs through one is ``missing``. Object ids are content hashes, so two
-    commits that give a path the same id give it the same content.
+    ``"<mode> <type> <object id>"`` as git's trees record it (mode 120000 is
+    a symlink, whose blob is its target's name) or ``"missing"``; ``"."`` is
+    the commit's root tree. Symlinks are not followed: a path that runs
+    through one is ``missing``. Object ids are content hashes, so two commits
+    that give a path the same description give it the same content.
 
-    One local ``git cat-file`` for all paths, no network. None when it cannot
-    be answered (no cached repository, a path git cannot be asked about, git
-    failing): callers treat that as "unknown", never as "unchanged".
+    Local and cheap: a path is looked up tree by tree from the root, and each
+    tree's listing (one ``git ls-tree``) is kept, keyed by its id — immutable,
+    so never stale. Fifty apps under one directory cost a few listings per
+    commit, not fifty calls. None when it cannot be answered (no cached
+    repository, git failing): callers treat that as "unknown", never as
+    "unchanged".
     """
-    if checkout.git_dir is None or any("\n" in p or "\r" in p for p in paths):
+    if checkout.git_dir is None:
         return None
-    sha = checkout.revision.sha
-    query = "".join(f"{sha}:{'' if p == '.' else p}\n" for p in paths)
-    env = _Remote(url=str(checkout.git_dir), kind="local", credentials=Credentials()).environment()
-    try:
-        proc = subprocess.run(["git", "--git-dir", str(checkout.git_dir), "cat-file", "--batch-check"],
-                              input=query.encode(), capture_output=True, env=env, timeout=timeout, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    lines = proc.stdout.decode("utf-8", "replace").splitlines()
-    if proc.returncode != 0 or len(lines) != len(paths):
+    trees = _Trees(git_dir=checkout.git_dir, timeout=timeout)
+    root = trees.root(checkout.revision.sha)
+    if root is None:
         return None
     out: dict[str, str] = {}
-    for path, line in zip(paths, lines):
-        oid, kind, *_ = (line.split(" ") + ["", ""])
-        out[path] = "missing" if line.endswith(" missing") else f"{kind} {oid}"
+    for path in paths:
+        found = trees.lookup(root, path)
+        if found is None:
+            return None
+        out[path] = found
     return out
+
+
+#: Tree listings kept (by git_dir and tree id); a listing of a big directory is a few kB.
+KEEP_TREE_LISTINGS = 4096
+
+
+class _Trees:
+    """Tree lookups in one cached repository, through a process-wide memo of listings.
+
+    Single flight: the apps woken by one push all look at the same new root
+    tree at once; one of them lists it, the others wait for that listing.
+    """
+
+    _memo: OrderedDict[tuple[Path, str, str], dict[str, str] | str] = OrderedDict()
+    _running: dict[tuple[Path, str, str], threading.Event] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, *, git_dir: Path, timeout: float) -> None:
+        self.git_dir = git_dir
+        self.timeout = timeout
+
+    def root(self, sha: str) -> str | None:
+        """The commit's root tree id."""
+        def read() -> str | None:
+            out = self._git("rev-parse", "--verify", "--end-of-options", f"{sha}^{{tree}}")
+            return out.strip() if out is not None and _FULL_SHA.fullmatch(out.strip()) else None
+
+        return self._once("root", sha, read)
+
+    def lookup(self, root: str, path: str) -> str | None:
+        """``"<mode> <type> <id>"`` of ``path`` below the tree ``root``, ``"missing"``, or None (git failed)."""
+        entry = f"040000 tree {root}"
+        for part in ([] if path in ("", ".") else path.split("/")):
+            mode, kind, oid = entry.split(" ")
+            if kind != "tree":
+                return "missing"
+            listing = self.listing(oid)
+            if listing is None:
+                return None
+            if part not in listing:
+                return "missing"
+            entry = listing[part]
+        return entry
+
+    def listing(self, tree: str) -> dict[str, str] | None:
+        """name -> "<mode> <type> <id>" of the entries of one tree."""
+        def read() -> dict[str, str] | None:
+            out = self._git("ls-tree", "-z", "--end-of-options", tree)
+            if out is None:
+                return None
+            entries = (record.partition("\t") for record in out.split("\0"))
+            return {name: meta for meta, tab, name in entries if tab}
+
+        return self._once("tree", tree, read)
+
+    def _once(self, what: str, oid: str, read):
+        """The memoised answer for (this repository, what, oid), read by one caller at a time."""
+        key = (self.git_dir, what, oid)
+        while True:
+            with self._lock:
+                if key in self._memo:
+                    self._memo.move_to_end(key)
+                    return self._memo[key]
+                running = self._running.get(key)
+                if running is None:
+                    self._running[key] = threading.Event()
+                    break
+            running.wait(self.timeout)
+        value = None
+        try:
+            value = read()
+        finally:
+            with self._lock:
+                if value is not None:   # a failure is not remembered: the next caller tries again
+                    self._memo[key] = value
+                    while len(self._memo) > KEEP_TREE_LISTINGS:
+                        self._memo.popitem(last=False)
+                self._running.pop(key).set()
+        return value
+
+    def _git(self, *args: str) -> str | None:
+        env = _Remote(url=str(self.git_dir), kind="local", credentials=Credentials()).environment()
+        try:
+            proc = subprocess.run(["git", "--git-dir", str(self.git_dir), *args], capture_output=True, env=env,
+                                  timeout=self.timeout, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return proc.stdout.decode("utf-8", "surrogateescape") if proc.returncode == 0 else None
 
 
 def split_credentials(url: str, *, credentials: Credentials | None) -> tuple[str, Credentials]:

@@ -123,8 +123,11 @@ def fetch_and_plan(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None,
     does not re-read the parent either. With `fetches` the apps of one
     repository share its fetches (gitopsd.engine.source_share; the daemon's),
     with `renders` a render whose inputs did not change is reused
-    (gitopsd.engine.render_cache). Whatever it raises has been scrubbed of
-    secret values (redact.scrub_exception), so a caller may print it.
+    (gitopsd.engine.render_cache), and the revision returned is the commit
+    the app's desired state comes from: a commit that left the app's inputs
+    alone (another app's, in a monorepo) is no new revision of this app.
+    Whatever it raises has been scrubbed of secret values
+    (redact.scrub_exception), so a caller may print it.
     """
     if app.credentials is not None:
         redact.remember([app.credentials.token])   # a git token is a secret value too
@@ -136,7 +139,7 @@ def fetch_and_plan(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None,
                                     credentials=app.credentials)
         if on_revision is not None:
             on_revision(checkout.revision)
-        manifests = _render(kube, app, checkout, renders=renders)
+        revision, manifests = _render(kube, app, checkout, renders=renders)
         if inv is None:
             inv = inventory.load(kube, app=app.name, namespace=app.inventory_namespace)
         plan = make_plan(kube, manifests, inv, prune=app.prune if prune is None else prune,
@@ -144,18 +147,20 @@ def fetch_and_plan(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None,
     except Exception as exc:
         redact.scrub_exception(exc)
         raise
-    return checkout.revision, plan
+    return revision, plan
 
 
 def _render(kube: Kube, app: AppSpec, checkout: source.Checkout, *,
-            renders: RenderCache | None) -> list[render.Manifest]:
-    """The app's manifests; every secret value met on the way (or in a cached render) is registered."""
+            renders: RenderCache | None) -> tuple[source.Revision, list[render.Manifest]]:
+    """The app's revision (see fetch_and_plan) and manifests; every secret value met on the way
+    (or in a cached render) is registered."""
     options = dict(kind=app.render, namespace=app.namespace, helm_values=app.helm_values,
                    helm_release=app.helm_release or app.name, is_namespaced=kube.is_namespaced,
                    allow_remote_bases=app.allow_remote_bases)
     if renders is not None:
-        return renders.render(checkout, app.path, **options)
-    return render.render(checkout.path, app.path, **options)
+        rendered = renders.render(checkout, app.path, app=app.name, **options)
+        return rendered.since, rendered.manifests
+    return checkout.revision, render.render(checkout.path, app.path, **options)
 
 
 def prune_guard(app: AppSpec, plan: Plan) -> str | None:

@@ -174,32 +174,6 @@ def test_a_failed_fetch_is_shared_by_its_generation_and_a_retry_fetches_again(up
     assert len(shared.fetched) == 2
 
 
-def test_a_cache_held_by_another_process_is_waited_for_and_the_timeout_kept(upstream, cache):
-    import fcntl
-    import subprocess
-    import sys
-
-    upstream.commit({"f": "1"})
-    source.fetch(upstream.url, "main", cache_dir=cache)   # creates the cache and its lock file
-    [home] = cache.iterdir()
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, sys\n"
-        f"f = open({str(home / 'lock')!r}, 'a+b'); fcntl.flock(f, fcntl.LOCK_EX)\n"
-        "print('held', flush=True); sys.stdin.readline()\n")],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(SourceError, match="timed out after 0.5s"):
-            source.fetch(upstream.url, "main", cache_dir=cache, timeout=0.5)
-        threading.Timer(0.3, lambda: (holder.stdin.write("\n"), holder.stdin.flush())).start()
-        assert source.fetch(upstream.url, "main", cache_dir=cache, timeout=30).revision.sha
-    finally:
-        holder.kill()
-        holder.wait()
-    with open(home / "lock", "a+b") as f:   # nobody holds it now: no thread of ours kept it
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-
-
 # --------------------------------------------------------------------------
 # the render cache
 
@@ -400,6 +374,122 @@ def test_the_render_cache_is_bounded(upstream, cache):
 
 
 # --------------------------------------------------------------------------
+# the poll schedule: one job per repository (pure logic: fake runners, a fake clock)
+
+
+class FakeRunner:
+    """What the schedule reads of an AppRunner, and the triggers it received."""
+
+    def __init__(self, name: str, repo: str, *, interval: float, ref: str = "main") -> None:
+        from types import SimpleNamespace
+
+        self.cfg = SimpleNamespace(name=name, repo=repo, ref=ref, interval=interval)
+        self.running, self.current_sha, self.last_applied = False, None, None
+        self.triggered: list[tuple[str, str | None]] = []
+
+    def trigger(self, reason: str, *, sha: str | None = None) -> None:
+        self.triggered.append((reason, sha))
+
+
+class Refreshes(SharedFetches):
+    def __init__(self, cache_dir: Path) -> None:
+        super().__init__(cache_dir=cache_dir)
+        self.refreshed: list[tuple[str, str]] = []
+
+    def refresh(self, url: str, ref: str) -> None:
+        self.refreshed.append((url, ref))
+        super().refresh(url, ref)
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    from gitopsd.daemon import triggers
+
+    now = [1000.0]
+    monkeypatch.setattr(triggers.time, "monotonic", lambda: now[0])
+    return now
+
+
+@pytest.fixture
+def refreshes(tmp_path) -> Refreshes:
+    return Refreshes(tmp_path)
+
+
+@pytest.fixture
+def schedule(refreshes, clock):
+    """A started Schedule (its jobs' first runs are far off; the tests run them by hand)."""
+    from gitopsd.daemon.triggers import Schedule
+
+    started = Schedule(threading.Event(), fetches=refreshes)
+    started.start()
+    yield started
+    started.shutdown()
+
+
+def jobs(schedule) -> dict[str, object]:
+    return {j.id: j for j in schedule.scheduler.get_jobs()}
+
+
+def run_polls(schedule) -> None:
+    for job in jobs(schedule).values():
+        if job.id.startswith("poll-"):
+            job.func(*job.args)
+
+
+def test_apps_of_one_repository_share_one_poll_job_at_the_shortest_interval(schedule, refreshes, clock):
+    fetches = refreshes
+    fast, slow = FakeRunner("fast", "file:///r/mono.git", interval=60), FakeRunner("slow", "file:///r/mono.git",
+                                                                                  interval=300)
+    other = FakeRunner("other", "file:///r/other.git", interval=60)
+    for r in (fast, slow, other):
+        schedule.poll(r)
+
+    polls = [j for j in jobs(schedule).values() if j.id.startswith("poll-")]
+    assert sorted(j.trigger.interval.total_seconds() for j in polls) == [60, 60]
+
+    for minute in range(1, 6):   # five runs of the shared job, a minute apart
+        clock[0] += 60
+        run_polls(schedule)
+
+    assert len(fast.triggered) == 5 and len(other.triggered) == 5
+    assert slow.triggered == [("poll", None)]   # its own interval, on the job of its repository
+    assert sorted(set(fetches.refreshed)) == [("file:///r/mono.git", "main"), ("file:///r/other.git", "main")]
+    assert len(fetches.refreshed) == 10         # each repository once per run, however many apps it has
+
+
+def test_a_removed_app_leaves_its_repository_and_the_last_one_out_ends_the_job(schedule):
+    a, b = FakeRunner("a", "file:///r/mono.git", interval=60), FakeRunner("b", "file:///r/mono.git", interval=30)
+    schedule.poll(a)
+    schedule.poll(b)
+    [job] = jobs(schedule).values()
+    assert job.trigger.interval.total_seconds() == 30
+
+    schedule.remove("b")
+    [job] = jobs(schedule).values()
+    assert job.trigger.interval.total_seconds() == 60   # back to the interval of the app left
+    schedule.remove("a")
+    assert jobs(schedule) == {}
+
+
+def test_a_new_commit_wakes_the_apps_of_the_repository_that_have_not_seen_it(schedule):
+    idle, deploying_old, not_fetched_yet, fetched_it, has_it = (
+        FakeRunner(n, "file:///r/mono.git", interval=3600)
+        for n in ("idle", "deploying-old", "not-fetched-yet", "fetched-it", "has-it"))
+    deploying_old.running, deploying_old.current_sha = True, "old"
+    not_fetched_yet.running = True
+    fetched_it.running, fetched_it.current_sha = True, "new"
+    has_it.last_applied = "new"
+    elsewhere = FakeRunner("elsewhere", "file:///r/other.git", interval=3600)
+    for r in (idle, deploying_old, not_fetched_yet, fetched_it, has_it, elsewhere):
+        schedule.poll(r)
+
+    schedule.on_new_commit("file:///r/mono.git", "main", "new")
+
+    assert idle.triggered == deploying_old.triggered == [("poll", "new")]
+    assert not (not_fetched_yet.triggered or fetched_it.triggered or has_it.triggered or elsewhere.triggered)
+
+
+# --------------------------------------------------------------------------
 # the daemon: fifty apps on one repository
 
 APPS = 50
@@ -473,3 +563,29 @@ def test_a_push_costs_one_fetch_wakes_each_app_once_and_is_a_transition_of_the_c
     assert set(revisions.values()) == {first}   # the push did not change what they run: no new revision
     recorded = [e["app"] for e in daemon.events() if e.get("event") == "audit" and e.get("revision") == sha]
     assert recorded == ["app-07"]
+
+
+@pytest.mark.cluster
+def test_a_new_commit_found_by_one_apps_poll_wakes_the_other_apps_of_its_repository(
+        repo, kube, namespace, tmp_path, start_daemon):
+    for app in ("fast", "slow"):
+        repo.write(f"{app}/cm.yaml", configmap(app, {"value": "0"}))
+    repo.commit("two apps")
+    config = write_config(tmp_path / "config.yaml", [
+        {"name": app, "repo": repo.url, "ref": "main", "path": app, "namespace": namespace, "interval": interval}
+        for app, interval in (("fast", "5s"), ("slow", "1h"))])
+    daemon = start_daemon(config, "--no-leader-elect", "--no-watch-local")
+    wait_for("first sync", lambda: all(cm_value(kube, namespace, app) == "0" for app in ("fast", "slow")), 60)
+
+    repo.write("slow/cm.yaml", configmap("slow", {"value": "1"}))
+    sha = repo.commit("a change to the app polled hourly")   # no webhook
+
+    wait_for("the hourly app deployed by its sibling's poll", lambda: cm_value(kube, namespace, "slow") == "1", 30)
+    woke = daemon.wait_event(lambda e: e.get("event") == "new commit: woke the other apps of the repository",
+                             "the wake-up", 5)
+    assert woke["triggered"] == ["slow"] and woke["revision"] == sha[:12]
+
+
+def cm_value(kube, namespace: str, name: str) -> str | None:
+    obj = kube.get(kube.resource("v1", "ConfigMap"), name, namespace)
+    return None if obj is None else (obj.get("data") or {}).get("value")

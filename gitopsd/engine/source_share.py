@@ -36,7 +36,7 @@ import hashlib
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from gitopsd.engine import source
@@ -61,7 +61,7 @@ class _Slot:
     checkout: source.Checkout | None = None
     error: BaseException | None = None
     done: bool = False                         # a finished fetch exists
-    waiters: int = field(default=0)
+    waiters: int = 0
 
 
 class SharedFetches:

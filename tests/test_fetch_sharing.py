@@ -304,6 +304,28 @@ def test_a_retargeted_app_path_symlink_is_a_miss(upstream, cache):
     assert cm.obj["data"] == {"v": "2"}
 
 
+@pytest.mark.parametrize("app_path", ["current", "apps/web"])
+def test_a_retargeted_link_in_a_chain_of_links_is_a_miss(upstream, cache, app_path):
+    """`current -> a/b` with `a -> x`, and `apps/web/cm.yaml -> ../../a/b/cm.yaml`: retargeting `a` alone
+    leaves both the app's path and its directory as they were, and changes what the render reads."""
+    commit(upstream, {"x/b/cm.yaml": configmap("a", {"v": "1"}), "y/b/cm.yaml": configmap("a", {"v": "2"})})
+    (upstream.work / "apps/web").mkdir(parents=True)
+    os.symlink("x", upstream.work / "a")
+    os.symlink("a/b", upstream.work / "current")
+    os.symlink("../../a/b/cm.yaml", upstream.work / "apps/web/cm.yaml")
+    upstream.commit({})
+    renders = Renders()
+    renders.render(fetch(upstream, cache), app_path)
+
+    (upstream.work / "a").unlink()
+    os.symlink("y", upstream.work / "a")
+    upstream.commit({})
+    [cm] = renders.render(fetch(upstream, cache), app_path).manifests
+
+    assert renders.results == ["miss", "miss"]
+    assert cm.obj["data"] == {"v": "2"}
+
+
 def test_a_render_cache_hit_registers_secret_values_with_redact_again(upstream, cache):
     value = "s3cr3t-cached-render-value"
     commit(upstream, {"apps/a/secret.yaml": {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db"},
@@ -589,3 +611,32 @@ def test_a_new_commit_found_by_one_apps_poll_wakes_the_other_apps_of_its_reposit
 def cm_value(kube, namespace: str, name: str) -> str | None:
     obj = kube.get(kube.resource("v1", "ConfigMap"), name, namespace)
     return None if obj is None else (obj.get("data") or {}).get("value")
+
+
+@pytest.mark.cluster
+def test_with_self_heal_off_a_commit_to_another_app_is_still_a_new_revision(
+        repo, kube, namespace, tmp_path, start_daemon):
+    """The hold on hand edits ends with the next commit, whichever app it changes: a restarted
+    daemon knows only the recorded revision, so the rule must not depend on the render cache."""
+    for app in ("held", "other"):
+        repo.write(f"{app}/cm.yaml", configmap(app, {"value": "0"}))
+    first = repo.commit("two apps")
+    config = write_config(tmp_path / "config.yaml", [
+        {"name": app, "repo": repo.url, "ref": "main", "path": app, "namespace": namespace, "interval": "1h",
+         "selfHeal": app != "held"} for app in ("held", "other")])
+    daemon = start_daemon(config, "--no-leader-elect", "--no-watch-local")
+    wait_for("first sync", lambda: all(cm_value(kube, namespace, app) == "0" for app in ("held", "other")), 60)
+    cms = kube.resource("v1", "ConfigMap")
+    live = kube.get(cms, "held", namespace)
+    live["data"]["value"] = "by hand"
+    kube.request("PUT", cms.path(namespace, "held"), body=live)
+    daemon.wait_event(lambda e: e.get("event") == "drift detected" and e.get("app") == "held", "drift reported")
+
+    repo.write("other/cm.yaml", configmap("other", {"value": "1"}))
+    sha = repo.commit("a change to the other app")
+    post_generic(daemon, repo.url, sha)
+
+    wait_for("the hand edit reverted by the new commit", lambda: cm_value(kube, namespace, "held") == "0", 30)
+    wait_for("both apps at the new revision", lambda: {a["app"]: a["revision"] for a in json.loads(
+        daemon.get("/status")[1])["apps"]} == {"held": sha, "other": sha}, 30)
+    assert first != sha

@@ -265,24 +265,49 @@ def _links_on_the_way(real_root: Path, rel: str) -> list[Path]:
     Their content (the link's target) decides where the render reads, so it
     is an input like the files read.
     """
-    links = []
-    here = real_root
-    for part in Path(rel).parts:
+    return _route(real_root, real_root, Path(rel).parts)[1]
+
+
+#: Links followed on one route at most, as the kernel does (ELOOP).
+_MAX_LINKS = 40
+
+
+def _route(real_root: Path, start: Path, parts: Sequence[str]) -> tuple[Path | None, list[Path]]:
+    """Follow `parts` from the real directory `start`: (the real path reached, every link on the way).
+
+    Links in a link's target count too (`current -> a/b` with `a -> x`): a
+    change to any of them moves what the render reads. None for a loop or a
+    route out of the checkout (confinement reports those).
+    """
+    links: list[Path] = []
+    todo = list(parts)
+    here = start
+    while todo:
+        part = todo.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            here = here.parent
+            continue
         step = here / part
-        if step.is_symlink():
-            links.append(step)
-            here = confine.resolve(step) or step
-        else:
+        if not step.is_symlink():
             here = step
-    return links
+            continue
+        links.append(step)
+        target = os.readlink(step)
+        if os.path.isabs(target) or len(links) > _MAX_LINKS:
+            return None, links
+        todo[:0] = Path(target).parts
+    return (here if here.is_relative_to(real_root) else None), links
 
 
 def _closed_inputs(real_root: Path, read: set[Path]) -> frozenset[str]:
     """`read` reduced to its outermost paths, closed over the symlinks below them.
 
     A directory's content covers everything below it by its real path; a
-    symlink below it is covered only as a name, so its target (inside the
-    checkout: confinement refused any other) is added, and scanned in turn.
+    symlink below it is covered only as a name, so what it leads to (inside
+    the checkout: confinement refused any other) is added — its target and
+    the links on the way there — and scanned in turn.
     """
     kept: set[Path] = set()
     scanned: set[Path] = set()
@@ -293,11 +318,10 @@ def _closed_inputs(real_root: Path, read: set[Path]) -> frozenset[str]:
         for top in sorted(kept - scanned):
             scanned.add(top)
             for link in _symlinks_below(top):
-                target = confine.resolve(link)
-                if target is None or not target.is_relative_to(real_root) or not target.exists():
-                    continue   # a loop, a dangling or an outside link: nothing read through it
-                if not any(target == k or target.is_relative_to(k) for k in kept):
-                    todo.add(target)
+                target, links = _route(real_root, link.parent, [link.name])
+                found = [p for p in (*links, target) if p is not None and p.is_relative_to(real_root)]
+                todo.update(p for p in found if (p.is_symlink() or p.exists())
+                            and not any(p == k or p.is_relative_to(k) for k in kept))
     return frozenset(relative(real_root, p) for p in kept)
 
 

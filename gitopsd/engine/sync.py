@@ -37,10 +37,10 @@ import structlog
 
 from gitopsd import redact
 from gitopsd.engine import health, inventory, render, source
-from gitopsd.engine.render_cache import RenderCache
-from gitopsd.engine.source_share import SharedFetches
 from gitopsd.engine.apply import ApplyOutcome, apply_plan
 from gitopsd.engine.plan import Action, LiveCache, ObjectChange, Plan, make_plan
+from gitopsd.engine.render_cache import RenderCache
+from gitopsd.engine.source_share import SharedFetches
 from gitopsd.errors import GitopsdError, LeadershipLost, RenderError
 from gitopsd.kube import Kube
 from gitopsd.objects import ObjectRef, ref_of
@@ -113,8 +113,8 @@ def fetch_and_plan(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None,
                    prune: bool | None = None, cache: LiveCache | None = None,
                    inv: inventory.Inventory | None = None,
                    on_revision: Callable[[source.Revision], None] | None = None,
-                   fetches: SharedFetches | None = None,
-                   renders: RenderCache | None = None) -> tuple[source.Revision, Plan]:
+                   fetches: SharedFetches | None = None, renders: RenderCache | None = None,
+                   follow_inputs: bool = True) -> tuple[source.Revision, Plan]:
     """Source -> render -> plan. Raises GitopsdError; writes nothing to the cluster.
 
     With a synced `cache` (the daemon's watch of the app's members) the plan
@@ -123,11 +123,14 @@ def fetch_and_plan(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None,
     does not re-read the parent either. With `fetches` the apps of one
     repository share its fetches (gitopsd.engine.source_share; the daemon's),
     with `renders` a render whose inputs did not change is reused
-    (gitopsd.engine.render_cache), and the revision returned is the commit
-    the app's desired state comes from: a commit that left the app's inputs
-    alone (another app's, in a monorepo) is no new revision of this app.
-    Whatever it raises has been scrubbed of secret values
-    (redact.scrub_exception), so a caller may print it.
+    (gitopsd.engine.render_cache), and — with `follow_inputs` — the revision
+    returned is the commit the app's desired state comes from: a commit that
+    left the app's inputs alone (another app's, in a monorepo) is no new
+    revision of this app. Without `follow_inputs` (self-heal off: any new
+    commit ends the hold on hand edits, also after a restart, which knows
+    only the recorded revision) it is the commit fetched. Whatever it raises
+    has been scrubbed of secret values (redact.scrub_exception), so a caller
+    may print it.
     """
     if app.credentials is not None:
         redact.remember([app.credentials.token])   # a git token is a secret value too
@@ -139,7 +142,7 @@ def fetch_and_plan(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None,
                                     credentials=app.credentials)
         if on_revision is not None:
             on_revision(checkout.revision)
-        revision, manifests = _render(kube, app, checkout, renders=renders)
+        revision, manifests = _render(kube, app, checkout, renders=renders, follow_inputs=follow_inputs)
         if inv is None:
             inv = inventory.load(kube, app=app.name, namespace=app.inventory_namespace)
         plan = make_plan(kube, manifests, inv, prune=app.prune if prune is None else prune,
@@ -150,15 +153,15 @@ def fetch_and_plan(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None,
     return revision, plan
 
 
-def _render(kube: Kube, app: AppSpec, checkout: source.Checkout, *,
-            renders: RenderCache | None) -> tuple[source.Revision, list[render.Manifest]]:
+def _render(kube: Kube, app: AppSpec, checkout: source.Checkout, *, renders: RenderCache | None,
+            follow_inputs: bool) -> tuple[source.Revision, list[render.Manifest]]:
     """The app's revision (see fetch_and_plan) and manifests; every secret value met on the way
     (or in a cached render) is registered."""
     options = dict(kind=app.render, namespace=app.namespace, helm_values=app.helm_values,
                    helm_release=app.helm_release or app.name, is_namespaced=kube.is_namespaced,
                    allow_remote_bases=app.allow_remote_bases)
     if renders is not None:
-        rendered = renders.render(checkout, app.path, app=app.name, **options)
+        rendered = renders.render(checkout, app.path, app=app.name if follow_inputs else None, **options)
         return rendered.since, rendered.manifests
     return checkout.revision, render.render(checkout.path, app.path, **options)
 
@@ -214,7 +217,7 @@ def sync(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None, dry_run: bo
     try:
         result.revision, plan = fetch_and_plan(kube, app, cache_dir=cache_dir, prune=do_prune, cache=cache,
                                                inv=inv, on_revision=on_revision, fetches=fetches,
-                                               renders=renders)
+                                               renders=renders, follow_inputs=hold_revision is None)
         result.plan = plan
         if plan.errors:
             # Sorted (by file, then object): the dry-runs finish in any order, and a

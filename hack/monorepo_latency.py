@@ -68,6 +68,9 @@ def metrics(daemon: DaemonProcess) -> dict[str, float]:
             key, value = line.rsplit(" ", 1)
             name = key.split("{")[0]
             out[name] = out.get(name, 0.0) + float(value)
+            if name == "gitopsd_reconcile_total":
+                trigger = key.split('trigger="')[1].split('"')[0]
+                out[f"trigger={trigger}"] = out.get(f"trigger={trigger}", 0.0) + float(value)
     return out
 
 
@@ -133,7 +136,10 @@ def main() -> int:
               f"max {max(push) * 1000:.0f} ms")
         print(f"  git fetches per push: {fetches / args.trials:.1f}" if "gitopsd_git_fetches_total" in after
               else "  git fetches per push: (no gitopsd_git_fetches_total metric in this version)")
-        print(f"  reconciles per push: {reconciles / args.trials:.1f}")
+        by_trigger = {k.split("=", 1)[1]: (after[k] - before.get(k, 0)) / args.trials for k in after
+                      if k.startswith("trigger=") and after[k] != before.get(k, 0)}
+        print(f"  reconciles per push: {reconciles / args.trials:.1f} "
+              f"(by trigger: {', '.join(f'{k} {v:.1f}' for k, v in sorted(by_trigger.items()))})")
         return 0
     finally:
         if daemon is not None:

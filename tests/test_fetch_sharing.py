@@ -418,9 +418,9 @@ class Refreshes(SharedFetches):
         super().__init__(cache_dir=cache_dir)
         self.refreshed: list[tuple[str, str]] = []
 
-    def refresh(self, url: str, ref: str) -> None:
+    def refresh(self, url: str, ref: str) -> float:
         self.refreshed.append((url, ref))
-        super().refresh(url, ref)
+        return super().refresh(url, ref)
 
 
 @pytest.fixture
@@ -494,21 +494,29 @@ def test_a_removed_app_leaves_its_repository_and_the_last_one_out_ends_the_job(s
 
 
 def test_a_new_commit_wakes_the_apps_of_the_repository_that_have_not_seen_it(schedule):
-    idle, deploying_old, not_fetched_yet, fetched_it, has_it = (
+    idle, deploying_old, not_fetched_yet, fetched_it, done_with_it, has_it = (
         FakeRunner(n, "file:///r/mono.git", interval=3600)
-        for n in ("idle", "deploying-old", "not-fetched-yet", "fetched-it", "has-it"))
+        for n in ("idle", "deploying-old", "not-fetched-yet", "fetched-it", "done-with-it", "has-it"))
+    idle.current_sha = idle.last_applied = "old"
     deploying_old.running, deploying_old.current_sha = True, "old"
     not_fetched_yet.running = True
     fetched_it.running, fetched_it.current_sha = True, "new"
+    done_with_it.current_sha, done_with_it.last_applied = "new", "old"   # unchanged by it: its revision stays
     has_it.last_applied = "new"
+    pushed = FakeRunner("pushed", "file:///r/mono.git", interval=3600)   # woken by the push that found it
+    pushed.running, pushed.current_sha = True, "old"                    # queued: its run has not begun
     elsewhere = FakeRunner("elsewhere", "file:///r/other.git", interval=3600)
-    for r in (idle, deploying_old, not_fetched_yet, fetched_it, has_it, elsewhere):
+    for r in (idle, deploying_old, not_fetched_yet, fetched_it, done_with_it, has_it, pushed, elsewhere):
         schedule.poll(r)
+    schedule.wake([pushed], "webhook", sha="new")
 
     schedule.on_new_commit("file:///r/mono.git", "main", "new")
 
     assert idle.triggered == deploying_old.triggered == [("poll", "new")]
-    assert not (not_fetched_yet.triggered or fetched_it.triggered or has_it.triggered or elsewhere.triggered)
+    assert pushed.triggered == [("webhook", "new")]   # once
+    assert not any(r.triggered for r in (not_fetched_yet, fetched_it, done_with_it, has_it, elsewhere))
+    schedule.on_new_commit("file:///r/mono.git", "main", "new")
+    assert idle.triggered == [("poll", "new")]        # woken in this generation already
 
 
 # --------------------------------------------------------------------------

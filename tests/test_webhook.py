@@ -438,7 +438,7 @@ def test_a_push_refreshes_each_matching_repository_once_and_wakes_each_matching_
     import threading
     from types import SimpleNamespace
 
-    from gitopsd.daemon.triggers import PushRouter
+    from gitopsd.daemon.triggers import PushRouter, Schedule
     from gitopsd.engine.source_share import SharedFetches
 
     class Fetches(SharedFetches):
@@ -446,8 +446,9 @@ def test_a_push_refreshes_each_matching_repository_once_and_wakes_each_matching_
             super().__init__(**kwargs)
             self.refreshed: list[tuple[str, str]] = []
 
-        def refresh(self, url: str, ref: str) -> None:
+        def refresh(self, url: str, ref: str) -> float:
             self.refreshed.append((url, ref))
+            return super().refresh(url, ref)
 
     def runner(name: str, repo: str, ref: str = "main"):
         woken: list = []
@@ -460,7 +461,7 @@ def test_a_push_refreshes_each_matching_repository_once_and_wakes_each_matching_
         runner("pinned", mono, ref=SHA), runner("release", mono, ref="release"), runner("elsewhere", other))}
     fetches = Fetches(cache_dir=tmp_path)
     daemon = SimpleNamespace(elector=None, _leading=True, _stop=threading.Event(), runners=runners,
-                             fetches=fetches)
+                             schedule=Schedule(threading.Event(), fetches=fetches))
     event = PushEvent(provider="generic", repo_urls=(mono,), ref="refs/heads/main", branch="main", tag=None,
                       after=SHA)
 

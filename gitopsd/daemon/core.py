@@ -45,7 +45,7 @@ from gitopsd.daemon.runner import AppRunner, _iso
 from gitopsd.daemon.server import Server
 from gitopsd.daemon.triggers import LocalRepoWatcher, PushRouter, Schedule
 from gitopsd.engine.render_cache import RenderCache
-from gitopsd.engine.source_share import SharedFetches, repo_key
+from gitopsd.engine.source_share import SharedFetches
 from gitopsd.engine.sync import default_cache_dir
 from gitopsd.errors import GitopsdError
 from gitopsd.kube import Kube
@@ -214,12 +214,12 @@ class Daemon:
     def _on_new_commit(self, url: str, ref: str, sha: str) -> None:
         self.schedule.on_new_commit(url, ref, sha)
 
-    def _add(self, cfg: config_mod.AppConfig) -> None:
+    def _add(self, cfg: config_mod.AppConfig) -> AppRunner:
+        """A runner for the app, polled with its repository; woken by the caller (or by leading)."""
         runner = AppRunner(self, cfg)
         self.runners[cfg.name] = runner
         self.schedule.poll(runner)
-        if self.may_start():
-            runner.trigger("config")
+        return runner
 
     def _remove(self, name: str) -> None:
         runner = self.runners.pop(name, None)
@@ -230,22 +230,21 @@ class Daemon:
     def _on_config(self, new: config_mod.Config, change: config_mod.ConfigChange) -> None:
         """A valid new config (gitopsd.daemon.config_watch): stop, start and re-trigger apps.
 
-        The repositories of added and changed apps are refreshed first (once
-        each): a config edit often follows a push the edit relies on.
+        Added and changed apps are woken like a push wakes them: their
+        repositories refreshed once each (a config edit often follows a
+        push it relies on), then one fetch shared by their runs.
         """
         for name in change.removed:
             self._remove(name)
-        for key in {repo_key(new.app(n).repo, new.app(n).ref) for n in (*change.added, *change.changed)}:
-            self.fetches.refresh(*key)
-        for name in change.added:
-            self._add(new.app(name))
+        woken = [self._add(new.app(name)) for name in change.added]
         for name in change.changed:
             runner = self.runners.get(name)
             if runner is None:
                 continue
             runner.cfg = new.app(name)
             self.schedule.poll(runner)
-            runner.trigger("config")
+            woken.append(runner)
+        self.schedule.wake(woken, "config")
 
     def ready(self) -> tuple[bool, str]:
         if self._stop.is_set():

@@ -81,6 +81,7 @@ class Schedule:
         self._lock = threading.Lock()
         self._repos: dict[tuple[str, str], _Repo] = {}
         self._repo_of: dict[str, tuple[str, str]] = {}   # app -> its repository and ref
+        self._woken: dict[str, float] = {}               # app -> the generation it was last woken in
 
     def start(self) -> None:
         self.scheduler.start()
@@ -103,6 +104,20 @@ class Schedule:
             repo.polled.setdefault(name, time.monotonic())
             self._repo_of[name] = key
             self._arm(repo)
+
+    def wake(self, runners: list[AppRunner], reason: str, *, sha: str | None = None) -> None:
+        """Refresh the repository of each runner once, then trigger each runner once.
+
+        A push, a local commit and a poll come through here: the runs they
+        start share one fetch per repository.
+        """
+        generations = {key: self._fetches.refresh(*key) for key in {repo_key(r.cfg.repo, r.cfg.ref)
+                                                                    for r in runners}}
+        with self._lock:
+            for r in runners:
+                self._woken[r.cfg.name] = generations[repo_key(r.cfg.repo, r.cfg.ref)]
+        for r in runners:
+            r.trigger(reason, sha=sha)
 
     def once(self, runner: AppRunner, delay: float, reason: str) -> None:
         if self._stopped.is_set():
@@ -135,24 +150,27 @@ class Schedule:
     def on_new_commit(self, url: str, ref: str, sha: str) -> None:
         """A fetch found a new commit (SharedFetches calls this): wake the apps that have not seen it.
 
-        Not an app that is running and has not fetched yet, or fetched this
-        commit (its run reads it), nor one whose last reconcile was of it.
+        Not an app woken since the repository was last refreshed (its run
+        fetches after that, so it reads this commit or a newer one), nor one
+        whose run is under way and has not fetched yet, nor one whose last
+        run fetched this commit.
         """
+        generation = self._fetches.refreshed_at(url, ref)
+        now = time.monotonic()
         with self._lock:
             repo = self._repos.get((url, ref))
-            runners = list(repo.runners.values()) if repo else []
-        woken = []
+            runners = [r for r in (repo.runners.values() if repo else ())
+                       if ((woken := self._woken.get(r.cfg.name)) is None or woken < generation)
+                       and not (r.running and r.current_sha is None)
+                       and sha not in (r.current_sha, r.last_applied)]
+            for r in runners:
+                self._woken[r.cfg.name] = generation
+                repo.polled[r.cfg.name] = now
         for r in runners:
-            if (r.running and r.current_sha in (None, sha)) or r.last_applied == sha:
-                continue
             r.trigger("poll", sha=sha)
-            woken.append(r.cfg.name)
-        if woken:
-            now = time.monotonic()
-            with self._lock:
-                repo.polled.update({name: now for name in woken})
+        if runners:
             log.info("new commit: woke the other apps of the repository", repo=url, ref=ref,
-                     revision=sha[:12], triggered=woken)
+                     revision=sha[:12], triggered=[r.cfg.name for r in runners])
 
     # ------------------------------------------------------------ internals
 
@@ -174,6 +192,7 @@ class Schedule:
             return
         repo.runners.pop(name, None)
         repo.polled.pop(name, None)
+        self._woken.pop(name, None)
         if repo.runners:
             self._arm(repo)
             return
@@ -193,9 +212,10 @@ class Schedule:
             now = time.monotonic()
             due = [r for r in repo.runners.values() if repo.due(r, now)]
             repo.polled.update({r.cfg.name: now for r in due})
-        self._fetches.refresh(*key)
-        for r in due:
-            r.trigger("poll")
+        if due:
+            self.wake(due, "poll")
+        else:
+            self._fetches.refresh(*key)
 
     def _retry(self, runner: AppRunner, reason: str) -> None:
         # A new fetch only if the last one failed: the app may have failed after it (render, apply).
@@ -213,10 +233,7 @@ class PushRouter:
         if self.daemon.elector is not None and not self.daemon._leading and not self.daemon._stop.is_set():
             return self._forward_to_leader(event)
         hit = [r for r in list(self.daemon.runners.values()) if matches(r.cfg.repo, r.cfg.ref, event)]
-        for key in {repo_key(r.cfg.repo, r.cfg.ref) for r in hit}:
-            self.daemon.fetches.refresh(*key)   # one fetch, shared by the apps woken below
-        for r in hit:
-            r.trigger("webhook", sha=event.after)
+        self.daemon.schedule.wake(hit, "webhook", sha=event.after)   # one fetch per repository
         log.info("push received", provider=event.provider, ref=event.ref,
                  repo=normalize_repo_url(event.repo_urls[0]) if event.repo_urls else None,
                  triggered=[r.cfg.name for r in hit])
@@ -304,10 +321,7 @@ class LocalRepoWatcher:
                     touched = {p for p in snapshot if any(str(c[1]).startswith(str(p)) for c in changes)}
                     runners = [r for p in touched for name in snapshot[p]
                                if (r := self.daemon.runners.get(name)) is not None]
-                    for key in {repo_key(r.cfg.repo, r.cfg.ref) for r in runners}:
-                        self.daemon.fetches.refresh(*key)
-                    for runner in runners:
-                        runner.trigger("watch")
+                    self.daemon.schedule.wake(runners, "watch")
                 current = {_local_path(r.cfg.repo) for r in list(self.daemon.runners.values())} - {None}
                 if current != set(snapshot):
                     break  # the app set changed: re-arm the watch

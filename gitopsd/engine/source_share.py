@@ -112,11 +112,21 @@ class SharedFetches:
 
     # ------------------------------------------------------------ invalidating
 
-    def refresh(self, url: str, ref: str) -> None:
-        """The repository may have moved: the next fetch of it (any credentials) goes to the remote."""
+    def refresh(self, url: str, ref: str) -> float:
+        """The repository may have moved: the next fetch of it (any credentials) goes to the remote.
+
+        Returns the new generation's mark (see `refreshed_at`).
+        """
         repo = _repo_key(url, ref)
         with self._cond:
-            self._stale_before[repo] = time.monotonic()
+            self._stale_before[repo] = mark = time.monotonic()
+            return mark
+
+    def refreshed_at(self, url: str, ref: str) -> float:
+        """The mark of the current generation of this repository and ref (-inf before any refresh):
+        a run woken at this mark or later fetches in it, hence sees whatever it finds."""
+        with self._cond:
+            return self._stale_before.get(_repo_key(url, ref), float("-inf"))
 
     def retry(self, url: str, ref: str) -> bool:
         """Start a new generation if the last fetch of this repository and ref failed and none runs.
@@ -168,18 +178,20 @@ class SharedFetches:
         except BaseException as exc:  # noqa: BLE001 - handed to every waiter, then re-raised
             error = exc
         new_sha = None
+        if checkout is not None:
+            with self._cond:
+                previous = self._last_sha.get((key.url, key.ref))
+                self._last_sha[(key.url, key.ref)] = checkout.revision.sha
+            if previous is not None and previous != checkout.revision.sha:
+                new_sha = checkout.revision.sha
+        if new_sha is not None and self._on_new_commit is not None:
+            # Before the waiters get the commit: every app that waits for it is still
+            # "under way, not fetched yet" when the daemon decides whom to wake.
+            self._on_new_commit(key.url, key.ref, new_sha)
         with self._cond:
             slot.started, slot.running_since = slot.running_since or 0.0, None
             slot.checkout, slot.error, slot.done = checkout, error, True
-            if checkout is not None:
-                repo = (key.url, key.ref)
-                previous = self._last_sha.get(repo)
-                self._last_sha[repo] = checkout.revision.sha
-                if previous is not None and previous != checkout.revision.sha:
-                    new_sha = checkout.revision.sha
             self._cond.notify_all()
-        if new_sha is not None and self._on_new_commit is not None:
-            self._on_new_commit(key.url, key.ref, new_sha)
         return self._answer(slot)
 
     @staticmethod

@@ -63,3 +63,13 @@ APISERVER_ATTEMPTS = Histogram(
     "gitopsd_apiserver_request_attempts",
     "Attempts per apiserver request (1 = no retry); bounded by the retry cap.",
     registry=REGISTRY, buckets=(1, 2, 3, 4, 5, 6, 8, 12))
+GIT_FETCHES = Counter(
+    "gitopsd_git_fetches_total",
+    "Fetches of a repository and ref that went to the remote (an ls-remote, and a fetch for a new commit), "
+    "by repository (its URL without credentials). The apps of one repository share them: one per poll or push.",
+    ["repo"], registry=REGISTRY)
+RENDER_CACHE = Counter(
+    "gitopsd_render_cache_total",
+    "Renders by result: hit (the files it read were unchanged: reused), miss (rendered and kept), "
+    "uncached (rendered, not kept: it failed, or reads outside the commit).",
+    ["result"], registry=REGISTRY)

@@ -298,6 +298,48 @@ def test_concurrent_fetches_of_one_repo_are_safe(upstream, cache):
     assert sorted(p.name for p in (home / "checkouts").iterdir()) == sorted({old, tip})
 
 
+def test_a_cache_held_by_another_process_is_waited_for_and_the_timeout_kept(upstream, cache):
+    import fcntl
+    import sys
+
+    upstream.commit({"f": "1"})
+    fetch(upstream.url, "main", cache_dir=cache)   # creates the cache and its lock file
+    [home] = cache.iterdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys\n"
+        f"f = open({str(home / 'lock')!r}, 'a+b'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+        "print('held', flush=True); sys.stdin.readline()\n")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SourceError, match="timed out after 0.5s"):
+            fetch(upstream.url, "main", cache_dir=cache, timeout=0.5)
+        threading.Timer(0.3, lambda: (holder.stdin.write("\n"), holder.stdin.flush())).start()
+        assert fetch(upstream.url, "main", cache_dir=cache, timeout=30).revision.sha
+    finally:
+        holder.kill()
+        holder.wait()
+    with open(home / "lock", "a+b") as f:   # nobody holds it now: no thread of ours kept it
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_describe_names_each_paths_object_without_following_symlinks(upstream, cache):
+    upstream.commit({"apps/a/cm.yaml": "a", "apps/b/cm.yaml": "b"})
+    os.symlink("apps/a", upstream.work / "current")
+    upstream.commit({})
+    checkout = fetch(upstream.url, "main", cache_dir=cache)
+
+    described = source.describe(checkout, [".", "apps/a", "apps/a/cm.yaml", "current", "current/cm.yaml", "nope"])
+
+    tree = git("rev-parse", "HEAD:apps/a", cwd=upstream.work)
+    assert described["apps/a"] == f"040000 tree {tree}"
+    assert described["apps/a/cm.yaml"].startswith("100644 blob ")
+    assert described["current"].startswith("120000 blob ")   # the link itself: its target's name
+    assert described["current/cm.yaml"] == described["nope"] == "missing"
+    assert described["."] == f"040000 tree {git('rev-parse', 'HEAD^{tree}', cwd=upstream.work)}"
+    assert source.describe(Checkout(revision=checkout.revision, path=checkout.path), ["."]) is None
+
+
 # --- errors ---------------------------------------------------------------------
 
 

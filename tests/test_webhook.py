@@ -431,3 +431,45 @@ def test_recent_deliveries_expire_and_stay_bounded():
     for i in range(50_000):               # a flood of fresh ids costs a fixed amount of memory
         many.claim(str(i))
     assert len(many) == 1000
+
+
+def test_a_push_refreshes_each_matching_repository_once_and_wakes_each_matching_app_once(tmp_path):
+    """PushRouter (gitopsd.daemon.triggers) with fake runners: the routing alone, no daemon."""
+    import threading
+    from types import SimpleNamespace
+
+    from gitopsd.daemon.triggers import PushRouter, Schedule
+    from gitopsd.engine.source_share import SharedFetches
+
+    class Fetches(SharedFetches):
+        def __init__(self, **kwargs) -> None:
+            super().__init__(**kwargs)
+            self.refreshed: list[tuple[str, str]] = []
+
+        def refresh(self, url: str, ref: str) -> float:
+            self.refreshed.append((url, ref))
+            return super().refresh(url, ref)
+
+    def runner(name: str, repo: str, ref: str = "main"):
+        woken: list = []
+        return SimpleNamespace(cfg=SimpleNamespace(name=name, repo=repo, ref=ref), woken=woken,
+                               trigger=lambda reason, sha=None: woken.append((reason, sha)))
+
+    mono, other = "https://git.example.com/org/mono.git", "https://git.example.com/org/other.git"
+    runners = {r.cfg.name: r for r in (
+        runner("web", mono), runner("api", mono), runner("db", "git@git.example.com:org/mono.git"),
+        runner("pinned", mono, ref=SHA), runner("release", mono, ref="release"), runner("elsewhere", other))}
+    fetches = Fetches(cache_dir=tmp_path)
+    daemon = SimpleNamespace(elector=None, _leading=True, _stop=threading.Event(), runners=runners,
+                             schedule=Schedule(threading.Event(), fetches=fetches))
+    event = PushEvent(provider="generic", repo_urls=(mono,), ref="refs/heads/main", branch="main", tag=None,
+                      after=SHA)
+
+    triggered = PushRouter(daemon).on_push(event)
+
+    assert sorted(triggered) == ["api", "db", "web"]
+    for name in triggered:
+        assert runners[name].woken == [("webhook", SHA)]
+    assert not any(runners[n].woken for n in ("pinned", "release", "elsewhere"))
+    # Two spellings of one repository are two cache keys, each refreshed once; never a repository not pushed.
+    assert sorted(fetches.refreshed) == sorted({(mono, "main"), ("git@git.example.com:org/mono.git", "main")})

@@ -6,6 +6,10 @@ This module wires the runners to the outside world and to each other:
 
 - triggers (gitopsd.daemon.triggers): the poll schedule (apscheduler), push
   webhooks, and in development local repositories;
+- what the apps of one repository share: its fetches
+  (gitopsd.engine.source_share: one per poll or push, whatever the number of
+  apps) and the renders (gitopsd.engine.render_cache: reused while the files
+  they read are unchanged);
 - the HTTP server (gitopsd.daemon.server): push webhooks, /healthz,
   /readyz, /metrics, /status;
 - the config file (gitopsd.daemon.config_watch): hot reload;
@@ -36,7 +40,7 @@ from pathlib import Path
 
 import structlog
 
-from gitopsd import __version__, audit
+from gitopsd import __version__, audit, metrics
 from gitopsd.budget import Budget
 from gitopsd import config as config_mod
 from gitopsd.daemon.config_watch import ConfigWatcher
@@ -47,6 +51,8 @@ from gitopsd.daemon.runner import AppRunner, _iso
 from gitopsd.daemon.server import Server
 from gitopsd.daemon.shards import Shards
 from gitopsd.daemon.triggers import LocalRepoWatcher, PushRouter, Schedule
+from gitopsd.engine.render_cache import RenderCache
+from gitopsd.engine.source_share import SharedFetches
 from gitopsd.engine.sync import default_cache_dir
 from gitopsd.errors import GitopsdError
 from gitopsd.kube import Kube
@@ -73,7 +79,10 @@ class Daemon:
         # Reconciles and heals run here; the pool is sized by the process's one
         # budget (gitopsd.budget), which also bounds their requests together.
         self.pool = kube.budget.reconciles()
-        self.schedule = Schedule(self._stop)
+        self.fetches = SharedFetches(cache_dir=self.cache_dir, on_fetch=self._fetching,
+                                     on_new_commit=self._on_new_commit)
+        self.renders = RenderCache(on_lookup=lambda result: metrics.RENDER_CACHE.labels(result=result).inc())
+        self.schedule = Schedule(self._stop, fetches=self.fetches)
         self.credentials = CredentialStore(kube, namespace=namespace)
         self.pushes = PushRouter(self)
         self.leadership = Leadership(kube, namespace=namespace, instance=instance, leader_elect=leader_elect,
@@ -186,12 +195,20 @@ class Daemon:
 
     # ------------------------------------------------------------ apps
 
-    def _add(self, cfg: config_mod.AppConfig) -> None:
+    @staticmethod
+    def _fetching(key) -> None:
+        metrics.GIT_FETCHES.labels(repo=key.url).inc()
+        log.debug("git fetch", repo=key.url, ref=key.ref)
+
+    def _on_new_commit(self, url: str, ref: str, sha: str) -> None:
+        self.schedule.on_new_commit(url, ref, sha)
+
+    def _add(self, cfg: config_mod.AppConfig) -> AppRunner:
+        """A runner for the app, polled with its repository; woken by the caller (or by leading)."""
         runner = AppRunner(self, cfg)
         self.runners[cfg.name] = runner
         self.schedule.poll(runner)
-        if self.may_start(cfg.name):
-            runner.trigger("config")
+        return runner
 
     def _remove(self, name: str) -> None:
         runner = self.runners.pop(name, None)
@@ -200,18 +217,23 @@ class Daemon:
             runner.stop()
 
     def _on_config(self, new: config_mod.Config, change: config_mod.ConfigChange) -> None:
-        """A valid new config (gitopsd.daemon.config_watch): stop, start and re-trigger apps."""
+        """A valid new config (gitopsd.daemon.config_watch): stop, start and re-trigger apps.
+
+        Added and changed apps are woken like a push wakes them: their
+        repositories refreshed once each (a config edit often follows a
+        push it relies on), then one fetch shared by their runs.
+        """
         for name in change.removed:
             self._remove(name)
-        for name in change.added:
-            self._add(new.app(name))
+        woken = [self._add(new.app(name)) for name in change.added]
         for name in change.changed:
             runner = self.runners.get(name)
             if runner is None:
                 continue
             runner.cfg = new.app(name)
             self.schedule.poll(runner)
-            runner.trigger("config")
+            woken.append(runner)
+        self.schedule.wake(woken, "config")
 
     def ready(self) -> tuple[bool, str]:
         if self._stop.is_set():

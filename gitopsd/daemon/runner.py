@@ -180,7 +180,8 @@ class AppRunner:
 
         result = sync(writer, spec, cache_dir=self.daemon.cache_dir, cancel=self.cancel,
                       cache=self.cache, inv=self.inv, hold_revision=hold, on_revision=fetched,
-                      on_progress=self._stop_after_stage)
+                      on_progress=self._stop_after_stage, fetches=self.daemon.fetches,
+                      renders=self.daemon.renders)
         writer.check()   # lost during the health wait: the verdict is the new leader's to record
         metrics.RECONCILE_DURATION.labels(app=cfg.name).observe(time.monotonic() - started)
         metrics.RECONCILE_RESULTS.labels(app=cfg.name, trigger=trigger, outcome=result.outcome.value).inc()

@@ -1,11 +1,23 @@
-"""What wakes an app: its poll schedule, a push webhook, a commit to a local repository.
+"""What wakes an app: its repository's poll, a push webhook, a commit to a local repository.
 
-- Schedule: one apscheduler interval job per app (jittered, so that a
-  thousand apps do not poll in step) and one-shot
-  retries with backoff after a failure;
-- PushRouter: a verified push (gitopsd.daemon.server) triggers the runners
-  whose repo and branch match; a standby hands it to the leader; with
-  shards, the apps of other replicas' shards are forwarded to their owners;
+The apps of one repository and ref share its fetches (gitopsd.engine.source_share):
+a trigger here first says that the repository may have moved (`refresh`),
+then wakes the apps; their reconciles then share one fetch, whatever their
+number. So:
+
+- Schedule: one apscheduler interval job per repository and ref (`poll-…`),
+  at the shortest interval of its apps (jittered, so that a thousand
+  repositories do not poll in step). Each run refreshes the repository once
+  and wakes the apps whose own interval has come (an app polled every hour
+  beside one polled every minute is still woken hourly). When any fetch finds
+  a new commit, every app of the repository that has not seen it is woken at
+  once (`on_new_commit`): a new commit reaches all of them, not only the
+  apps whose interval has come. One-shot retries with backoff after a
+  failure (`retry-<app>`) start a new fetch only if the last one failed.
+- PushRouter: a verified push (gitopsd.daemon.server) refreshes each matching
+  repository once and wakes each runner whose repo and branch match, once; a
+  standby hands it to the leader; with shards, the apps of other replicas'
+  shards are forwarded to their owners;
 - LocalRepoWatcher: in development, a commit to a local repository
   reconciles within a second (watchfiles).
 """
@@ -13,9 +25,12 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import random
 import threading
+import time
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +40,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from gitopsd import redact
 from gitopsd.daemon.webhook import PushEvent, matches, normalize_repo_url
+from gitopsd.engine.source_share import SharedFetches, repo_key
 
 if TYPE_CHECKING:
     from gitopsd.daemon.core import Daemon
@@ -37,13 +53,36 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-class Schedule:
-    """The apscheduler jobs of the apps: `poll-NAME` (interval) and `retry-NAME` (one shot)."""
+@dataclass
+class _Repo:
+    """The apps of one repository and ref, and when each was last woken by a poll."""
 
-    def __init__(self, stopped: threading.Event) -> None:
+    key: tuple[str, str]
+    runners: dict[str, "AppRunner"] = field(default_factory=dict)
+    polled: dict[str, float] = field(default_factory=dict)   # app -> monotonic time of its last poll
+    interval: float = 0.0                                    # of the job: the shortest of the apps'
+
+    @property
+    def job_id(self) -> str:
+        return "poll-" + hashlib.sha256("\0".join(self.key).encode()).hexdigest()[:16]
+
+    def due(self, runner: "AppRunner", now: float) -> bool:
+        """Whether the app's own interval has come at this run of the job (the run nearest to it)."""
+        return now - self.polled.get(runner.cfg.name, now) >= runner.cfg.interval - self.interval / 2
+
+
+class Schedule:
+    """The apscheduler jobs: `poll-…` per repository and ref, `retry-<app>` (one shot) per app."""
+
+    def __init__(self, stopped: threading.Event, *, fetches: SharedFetches) -> None:
         self._stopped = stopped
+        self._fetches = fetches
         self.scheduler = BackgroundScheduler(timezone=timezone.utc, job_defaults={"coalesce": True,
                                                                                    "max_instances": 1})
+        self._lock = threading.Lock()
+        self._repos: dict[tuple[str, str], _Repo] = {}
+        self._repo_of: dict[str, tuple[str, str]] = {}   # app -> its repository and ref
+        self._woken: dict[str, float] = {}               # app -> the generation it was last woken in
 
     def start(self) -> None:
         self.scheduler.start()
@@ -55,29 +94,134 @@ class Schedule:
             pass
 
     def poll(self, runner: AppRunner) -> None:
-        interval = runner.cfg.interval
-        self.scheduler.add_job(runner.trigger, "interval", args=("poll",), seconds=interval,
-                               jitter=max(1, int(interval * 0.1)), id=f"poll-{runner.cfg.name}",
-                               replace_existing=True,
-                               next_run_time=_now() + timedelta(seconds=interval * random.uniform(0.9, 1.0)))
+        """Poll the app with its repository (added, or its config changed)."""
+        name = runner.cfg.name
+        key = repo_key(runner.cfg.repo, runner.cfg.ref)
+        with self._lock:
+            if self._repo_of.get(name, key) != key:
+                self._leave(name)
+            repo = self._repos.setdefault(key, _Repo(key))
+            repo.runners[name] = runner
+            repo.polled.setdefault(name, time.monotonic())
+            self._repo_of[name] = key
+            self._arm(repo)
+
+    def wake(self, runners: list[AppRunner], reason: str, *, sha: str | None = None) -> None:
+        """Refresh the repository of each runner once, then trigger each runner once.
+
+        A push, a local commit and a poll come through here: the runs they
+        start share one fetch per repository.
+        """
+        generations = {key: self._fetches.refresh(*key) for key in {repo_key(r.cfg.repo, r.cfg.ref)
+                                                                    for r in runners}}
+        with self._lock:
+            for r in runners:
+                self._woken[r.cfg.name] = generations[repo_key(r.cfg.repo, r.cfg.ref)]
+        for r in runners:
+            r.trigger(reason, sha=sha)
 
     def once(self, runner: AppRunner, delay: float, reason: str) -> None:
         if self._stopped.is_set():
             return
-        self.scheduler.add_job(runner.trigger, "date", args=(reason,), id=f"retry-{runner.cfg.name}",
+        self.scheduler.add_job(self._retry, "date", args=(runner, reason), id=f"retry-{runner.cfg.name}",
                                replace_existing=True, run_date=_now() + timedelta(seconds=delay))
 
     def remove(self, name: str) -> None:
-        for job_id in (f"poll-{name}", f"retry-{name}"):
-            try:
-                self.scheduler.remove_job(job_id)
-            except Exception:  # noqa: BLE001 - JobLookupError: no such job
-                pass
+        with self._lock:
+            self._leave(name)
+        try:
+            self.scheduler.remove_job(f"retry-{name}")
+        except Exception:  # noqa: BLE001 - JobLookupError: no such job
+            pass
 
     def next_run(self, name: str) -> datetime | None:
-        job = self.scheduler.get_job(f"poll-{name}")
-        return job.next_run_time if job else None
+        """When the app's next poll is due: the first run of its repository's job at which it is."""
+        with self._lock:
+            repo = self._repos.get(self._repo_of.get(name, ("", "")))
+            runner = repo.runners.get(name) if repo else None
+            job = self.scheduler.get_job(repo.job_id) if repo else None
+            if runner is None or job is None or job.next_run_time is None:
+                return None
+            ahead = (job.next_run_time - _now()).total_seconds()
+            elapsed = time.monotonic() - repo.polled.get(name, time.monotonic()) + ahead
+            missing = runner.cfg.interval - repo.interval / 2 - elapsed
+            runs = max(0, math.ceil(missing / repo.interval)) if repo.interval else 0
+            return job.next_run_time + timedelta(seconds=runs * repo.interval)
 
+    def on_new_commit(self, url: str, ref: str, sha: str) -> None:
+        """A fetch found a new commit (SharedFetches calls this): wake the apps that have not seen it.
+
+        Not an app woken since the repository was last refreshed (its run
+        fetches after that, so it reads this commit or a newer one), nor one
+        whose run is under way and has not fetched yet, nor one whose last
+        run fetched this commit.
+        """
+        generation = self._fetches.refreshed_at(url, ref)
+        now = time.monotonic()
+        with self._lock:
+            repo = self._repos.get((url, ref))
+            runners = [r for r in (repo.runners.values() if repo else ())
+                       if ((woken := self._woken.get(r.cfg.name)) is None or woken < generation)
+                       and not (r.running and r.current_sha is None)
+                       and sha not in (r.current_sha, r.last_applied)]
+            for r in runners:
+                self._woken[r.cfg.name] = generation
+                repo.polled[r.cfg.name] = now
+        for r in runners:
+            r.trigger("poll", sha=sha)
+        if runners:
+            log.info("new commit: woke the other apps of the repository", repo=url, ref=ref,
+                     revision=sha[:12], triggered=[r.cfg.name for r in runners])
+
+    # ------------------------------------------------------------ internals
+
+    def _arm(self, repo: _Repo) -> None:
+        """(Re)schedule the repository's job at the shortest interval of its apps; untouched if unchanged."""
+        interval = min(r.cfg.interval for r in repo.runners.values())
+        if interval == repo.interval and self.scheduler.get_job(repo.job_id) is not None:
+            return
+        repo.interval = interval
+        self.scheduler.add_job(self._poll, "interval", args=(repo.key,), seconds=interval,
+                               jitter=max(1, int(interval * 0.1)), id=repo.job_id, replace_existing=True,
+                               next_run_time=_now() + timedelta(seconds=interval * random.uniform(0.9, 1.0)))
+
+    def _leave(self, name: str) -> None:
+        """Take the app out of its repository's job (lock held); the last one out removes the job."""
+        key = self._repo_of.pop(name, None)
+        repo = self._repos.get(key) if key else None
+        if repo is None:
+            return
+        repo.runners.pop(name, None)
+        repo.polled.pop(name, None)
+        self._woken.pop(name, None)
+        if repo.runners:
+            self._arm(repo)
+            return
+        del self._repos[key]
+        try:
+            self.scheduler.remove_job(repo.job_id)
+        except Exception:  # noqa: BLE001 - JobLookupError: no such job
+            pass
+        self._fetches.forget(keep=set(self._repos))
+
+    def _poll(self, key: tuple[str, str]) -> None:
+        """The job of one repository: refresh it once, wake the apps whose interval has come."""
+        with self._lock:
+            repo = self._repos.get(key)
+            if repo is None:
+                return
+            now = time.monotonic()
+            due = [r for r in repo.runners.values() if repo.due(r, now)]
+            repo.polled.update({r.cfg.name: now for r in due})
+        if due:
+            self.wake(due, "poll")
+        else:
+            self._fetches.refresh(*key)
+
+    def _retry(self, runner: AppRunner, reason: str) -> None:
+        # A new fetch only if the last one failed: the app may have failed after it (render, apply).
+        self._fetches.retry(runner.cfg.repo, runner.cfg.ref)
+        runner.trigger(reason)
 
 
 class PushRouter:
@@ -91,8 +235,7 @@ class PushRouter:
             return self._forward_to_leader(event)
         hit = [r for r in list(self.daemon.runners.values()) if matches(r.cfg.repo, r.cfg.ref, event)]
         hit, elsewhere = self._by_owner(hit)
-        for r in hit:
-            r.trigger("webhook", sha=event.after)
+        self.daemon.schedule.wake(hit, "webhook", sha=event.after)   # one fetch per repository
         log.info("push received", provider=event.provider, ref=event.ref,
                  repo=normalize_repo_url(event.repo_urls[0]) if event.repo_urls else None,
                  triggered=[r.cfg.name for r in hit])
@@ -223,11 +366,9 @@ class LocalRepoWatcher:
                                  yield_on_timeout=True):
                 if changes:
                     touched = {p for p in snapshot if any(str(c[1]).startswith(str(p)) for c in changes)}
-                    for p in touched:
-                        for name in snapshot[p]:
-                            runner = self.daemon.runners.get(name)
-                            if runner is not None:
-                                runner.trigger("watch")
+                    runners = [r for p in touched for name in snapshot[p]
+                               if (r := self.daemon.runners.get(name)) is not None]
+                    self.daemon.schedule.wake(runners, "watch")
                 current = {_local_path(r.cfg.repo) for r in list(self.daemon.runners.values())} - {None}
                 if current != set(snapshot):
                     break  # the app set changed: re-arm the watch

@@ -288,6 +288,12 @@ class KustomizeWalk:
             self._visit(directory, plugin_base=plugin_base)
         return self
 
+    @property
+    def paths(self) -> set[Path]:
+        """Every directory (resolved) kustomize may read below and every file the walk read:
+        what decides the build's output (gitopsd.engine.render_cache keys renders on it)."""
+        return self._visited | self._trees | self._read
+
     # -- reporting
 
     def _refuse(self, problem: str, *, hint: str | None = OUTSIDE_HINT) -> None:

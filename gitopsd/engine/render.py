@@ -13,6 +13,12 @@ fields present, no server-owned fields, scope and namespace, duplicates), and
 every problem found is reported at once in one `RenderError`, so a single
 fix-up commit can address them all. Nothing here talks to the cluster: what
 the cluster knows about scopes comes in through `is_namespaced`.
+
+`render` is two steps, so that the expensive one can be cached
+(gitopsd.engine.render_cache): `build` reads the files and runs the tool —
+it depends only on the files it read, which it reports as `inputs` — and
+`finish` defaults namespaces by scope and checks the set, which depends on
+what the cluster serves and so runs every time.
 """
 
 from __future__ import annotations
@@ -84,6 +90,25 @@ class Manifest:
     @property
     def ref(self) -> ObjectRef:
         return ref_of(self.obj)
+
+
+@dataclass(frozen=True)
+class Built:
+    """What `build` read: manifests checked one by one, namespaces not yet defaulted.
+
+    `inputs` are the repo-relative paths (directories and files, "." for the
+    root) whose content decided the result: every file and directory the
+    render read, by its real path, closed over symlinks (a link inside them
+    adds its target), plus the links on the way to the app's path and values
+    files. The same inputs with the same content build the same manifests.
+    `problems` and `hints` are what was found so far; `finish` reports them
+    together with its own.
+    """
+
+    manifests: list[Manifest]
+    inputs: frozenset[str]
+    problems: tuple[str, ...] = ()
+    hints: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------
@@ -176,6 +201,27 @@ def render(
     rendered order otherwise. An empty list is a valid result: whether an
     empty commit may prune everything is the plan stage's decision.
     """
+    built = build(root, path, kind=kind, namespace=namespace, helm_values=helm_values, helm_release=helm_release,
+                  timeout=timeout, allow_remote_bases=allow_remote_bases)
+    return finish(built, namespace=namespace, is_namespaced=is_namespaced)
+
+
+def build(
+    root: Path,
+    path: str = ".",
+    *,
+    kind: str = "auto",
+    namespace: str = "default",
+    helm_values: Sequence[str] = (),
+    helm_release: str | None = None,
+    timeout: float = 120.0,
+    allow_remote_bases: bool = False,
+) -> Built:
+    """The first step of `render` (same arguments): read the files, run the tool, check each object.
+
+    Raises RenderError for a path or kind it cannot start from; every other
+    problem is carried in the result, for `finish` to report with its own.
+    """
     if kind not in KINDS:
         raise RenderError([f"unknown render kind {kind!r}"], hint=f"use one of: {', '.join(KINDS)}")
     real_root = Path(root).resolve()
@@ -185,6 +231,7 @@ def render(
         kind = _detect_kind(target)
 
     problems = _Problems()
+    problems.read(target, *_links_on_the_way(real_root, path))
     if kind == "plain":
         manifests = _render_plain(real_root, target, problems=problems)
     elif kind == "kustomize":
@@ -193,9 +240,108 @@ def render(
     else:
         manifests = _render_helm(real_root, target, rel=rel, namespace=namespace, values=helm_values,
                                  release=helm_release, timeout=timeout, problems=problems)
-    manifests = _validate(manifests, namespace=namespace, is_namespaced=is_namespaced, problems=problems)
+    return Built(manifests=manifests, inputs=_closed_inputs(real_root, problems.inputs),
+                 problems=tuple(problems.items), hints=tuple(problems.hints))
+
+
+def finish(built: Built, *, namespace: str = "default",
+           is_namespaced: Callable[[str, str], bool | None] = builtin_is_namespaced) -> list[Manifest]:
+    """The second step of `render`: namespaces defaulted by scope, the set checked.
+
+    Changes `built.manifests` in place (a cached build is handed out as a
+    copy). Raises RenderError with every problem of both steps.
+    """
+    problems = _Problems()
+    problems.items.extend(built.problems)
+    problems.hints.extend(built.hints)
+    manifests = _validate(built.manifests, namespace=namespace, is_namespaced=is_namespaced, problems=problems)
     problems.raise_if_any()
     return manifests
+
+
+def _links_on_the_way(real_root: Path, rel: str) -> list[Path]:
+    """The symlinks `rel` runs through from the root (by their real location), the last one included.
+
+    Their content (the link's target) decides where the render reads, so it
+    is an input like the files read.
+    """
+    return _route(real_root, real_root, Path(rel).parts)[1]
+
+
+#: Links followed on one route at most, as the kernel does (ELOOP).
+_MAX_LINKS = 40
+
+
+def _route(real_root: Path, start: Path, parts: Sequence[str]) -> tuple[Path | None, list[Path]]:
+    """Follow `parts` from the real directory `start`: (the real path reached, every link on the way).
+
+    Links in a link's target count too (`current -> a/b` with `a -> x`): a
+    change to any of them moves what the render reads. None for a loop or a
+    route out of the checkout (confinement reports those).
+    """
+    links: list[Path] = []
+    todo = list(parts)
+    here = start
+    while todo:
+        part = todo.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            here = here.parent
+            continue
+        step = here / part
+        if not step.is_symlink():
+            here = step
+            continue
+        links.append(step)
+        target = os.readlink(step)
+        if os.path.isabs(target) or len(links) > _MAX_LINKS:
+            return None, links
+        todo[:0] = Path(target).parts
+    return (here if here.is_relative_to(real_root) else None), links
+
+
+def _closed_inputs(real_root: Path, read: set[Path]) -> frozenset[str]:
+    """`read` reduced to its outermost paths, closed over the symlinks below them.
+
+    A directory's content covers everything below it by its real path; a
+    symlink below it is covered only as a name, so what it leads to (inside
+    the checkout: confinement refused any other) is added — its target and
+    the links on the way there — and scanned in turn.
+    """
+    kept: set[Path] = set()
+    scanned: set[Path] = set()
+    todo = {p for p in read if p.is_relative_to(real_root)}
+    while todo:
+        kept = _outermost(kept | todo)
+        todo = set()
+        for top in sorted(kept - scanned):
+            scanned.add(top)
+            for link in _symlinks_below(top):
+                target, links = _route(real_root, link.parent, [link.name])
+                found = [p for p in (*links, target) if p is not None and p.is_relative_to(real_root)]
+                todo.update(p for p in found if (p.is_symlink() or p.exists())
+                            and not any(p == k or p.is_relative_to(k) for k in kept))
+    return frozenset(relative(real_root, p) for p in kept)
+
+
+def _outermost(paths: set[Path]) -> set[Path]:
+    out: set[Path] = set()
+    for p in sorted(paths, key=lambda p: len(p.parts)):
+        if not any(p == k or p.is_relative_to(k) for k in out):
+            out.add(p)
+    return out
+
+
+def _symlinks_below(top: Path) -> list[Path]:
+    if top.is_symlink():
+        return [top]
+    if not top.is_dir():
+        return []
+    found = []
+    for directory, dirs, files in os.walk(top):   # links to directories are listed, not followed
+        found.extend(Path(directory, name) for name in (*dirs, *files) if os.path.islink(Path(directory, name)))
+    return found
 
 
 def find_tool(name: str) -> Path:
@@ -249,6 +395,12 @@ class _Problems:
         self.items: list[str] = []
         self.hints: list[str] = []
         self.budget = yamlload.Budget()  # what the render may still read and expand to
+        self.inputs: set[Path] = set()    # what the render read (see Built.inputs)
+
+    def read(self, *paths: Path) -> None:
+        """Note paths the render read: real ones (resolved here) and the links on the way to them."""
+        for path in paths:
+            self.inputs.add(path if path.is_symlink() else (confine.resolve(path) or path))
 
     def add(self, problem: str, *, hint: str | None = None) -> None:
         self.items.append(problem)
@@ -604,6 +756,7 @@ def _render_kustomize(real_root: Path, target: Path, *, rel: str, timeout: float
                      hint="use render: plain or auto for a directory of plain manifests")
         return []
     walk = confine.KustomizeWalk(real_root, allow_remote=allow_remote, problems=problems).run(target)
+    problems.read(*walk.paths)
     if not walk.ok:
         return []
     with tempfile.TemporaryDirectory(prefix="gitopsd-kustomize-") as home:
@@ -627,7 +780,9 @@ def _render_helm(real_root: Path, target: Path, *, rel: str, namespace: str, val
     value_args: list[str] = []
     for v in values:
         try:
-            value_args += ["-f", relative(real_root, inside_root(real_root, v, what="helm values file"))]
+            file = inside_root(real_root, v, what="helm values file")
+            problems.read(file, *_links_on_the_way(real_root, v))
+            value_args += ["-f", relative(real_root, file)]
         except RenderError as exc:  # collect them all, not just the first
             for p in exc.problems:
                 problems.add(p, hint=exc.hint)

@@ -13,6 +13,12 @@ environment-scoped config (``GIT_CONFIG_COUNT``/``KEY``/``VALUE``) as an
 The cache key, ``Revision.url`` and every error message use the URL with its
 credentials removed, and quoted git output is scrubbed of the token.
 
+Concurrent fetches of one repository are serialised: in this process by a
+lock per cache directory (waited on, never polled), across processes by a
+blocking flock on the cache's lock file. Sharing one fetch between the apps of
+a repository is gitopsd.engine.source_share's job; this module fetches when
+asked.
+
 Transport (ls-remote, fetch, checkout) drives the ``git`` CLI directly, because
 one runner then owns the three things that matter there: the scoped environment, killing the
 whole process group on timeout (git's helpers — ``ssh``,
@@ -35,8 +41,10 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.parse
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -113,6 +121,7 @@ class Checkout:
 
     revision: Revision
     path: Path
+    git_dir: Path | None = None  # the cached bare repository holding the commit (see describe)
 
 
 def fetch(
@@ -143,8 +152,8 @@ def fetch(
     killed with everything it started.
 
     Concurrent calls for the same URL, from threads or processes sharing
-    ``cache_dir``, are serialised by a file lock; different URLs proceed in
-    parallel.
+    ``cache_dir``, are serialised (see the module docstring); different URLs
+    proceed in parallel.
 
     Raises SourceError when the remote is unreachable, refuses the
     credentials or the ssh host key, has no such ref, or the timeout expires.
@@ -178,7 +187,136 @@ def fetch(
             hint=f"cache_dir must be a writable directory with free space; {home} holds only a cache "
             "and may be removed (the next fetch re-creates it)",
         ) from None
-    return Checkout(revision=revision, path=path)
+    return Checkout(revision=revision, path=path, git_dir=home / "repo.git")
+
+
+def describe(checkout: Checkout, paths: Sequence[str], *, timeout: float = 30.0) -> dict[str, str] | None:
+    """What each repo-relative path is in the checkout's commit, from the cached repository.
+
+    ``"<mode> <type> <object id>"`` as git's trees record it (mode 120000 is
+    a symlink, whose blob is its target's name) or ``"missing"``; ``"."`` is
+    the commit's root tree. Symlinks are not followed: a path that runs
+    through one is ``missing``. Object ids are content hashes, so two commits
+    that give a path the same description give it the same content.
+
+    Local and cheap: a path is looked up tree by tree from the root, and each
+    tree's listing (one ``git ls-tree``) is kept, keyed by its id — immutable,
+    so never stale. Fifty apps under one directory cost a few listings per
+    commit, not fifty calls. None when it cannot be answered (no cached
+    repository, git failing): callers treat that as "unknown", never as
+    "unchanged".
+    """
+    if checkout.git_dir is None:
+        return None
+    trees = _Trees(git_dir=checkout.git_dir, timeout=timeout)
+    root = trees.root(checkout.revision.sha)
+    if root is None:
+        return None
+    out: dict[str, str] = {}
+    for path in paths:
+        found = trees.lookup(root, path)
+        if found is None:
+            return None
+        out[path] = found
+    return out
+
+
+#: Tree listings kept (by git_dir and tree id); a listing of a big directory is a few kB.
+KEEP_TREE_LISTINGS = 4096
+
+
+class _Trees:
+    """Tree lookups in one cached repository, through a process-wide memo of listings.
+
+    Single flight: the apps woken by one push all look at the same new root
+    tree at once; one of them lists it, the others wait for that listing.
+    """
+
+    _memo: OrderedDict[tuple[Path, str, str], dict[str, str] | str] = OrderedDict()
+    _running: dict[tuple[Path, str, str], threading.Event] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, *, git_dir: Path, timeout: float) -> None:
+        self.git_dir = git_dir
+        self.timeout = timeout
+
+    def root(self, sha: str) -> str | None:
+        """The commit's root tree id."""
+        def read() -> str | None:
+            out = self._git("rev-parse", "--verify", "--end-of-options", f"{sha}^{{tree}}")
+            return out.strip() if out is not None and _FULL_SHA.fullmatch(out.strip()) else None
+
+        return self._once("root", sha, read)
+
+    def lookup(self, root: str, path: str) -> str | None:
+        """``"<mode> <type> <id>"`` of ``path`` below the tree ``root``, ``"missing"``, or None (git failed)."""
+        entry = f"040000 tree {root}"
+        for part in ([] if path in ("", ".") else path.split("/")):
+            mode, kind, oid = entry.split(" ")
+            if kind != "tree":
+                return "missing"
+            listing = self.listing(oid)
+            if listing is None:
+                return None
+            if part not in listing:
+                return "missing"
+            entry = listing[part]
+        return entry
+
+    def listing(self, tree: str) -> dict[str, str] | None:
+        """name -> "<mode> <type> <id>" of the entries of one tree."""
+        def read() -> dict[str, str] | None:
+            out = self._git("ls-tree", "-z", "--end-of-options", tree)
+            if out is None:
+                return None
+            entries = (record.partition("\t") for record in out.split("\0"))
+            return {name: meta for meta, tab, name in entries if tab}
+
+        return self._once("tree", tree, read)
+
+    def _once(self, what: str, oid: str, read):
+        """The memoised answer for (this repository, what, oid), read by one caller at a time."""
+        key = (self.git_dir, what, oid)
+        while True:
+            with self._lock:
+                if key in self._memo:
+                    self._memo.move_to_end(key)
+                    return self._memo[key]
+                running = self._running.get(key)
+                if running is None:
+                    self._running[key] = threading.Event()
+                    break
+            running.wait(self.timeout)
+        value = None
+        try:
+            value = read()
+        finally:
+            with self._lock:
+                if value is not None:   # a failure is not remembered: the next caller tries again
+                    self._memo[key] = value
+                    while len(self._memo) > KEEP_TREE_LISTINGS:
+                        self._memo.popitem(last=False)
+                self._running.pop(key).set()
+        return value
+
+    def _git(self, *args: str) -> str | None:
+        env = _Remote(url=str(self.git_dir), kind="local", credentials=Credentials()).environment()
+        try:
+            proc = subprocess.run(["git", "--git-dir", str(self.git_dir), *args], capture_output=True, env=env,
+                                  timeout=self.timeout, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return proc.stdout.decode("utf-8", "surrogateescape") if proc.returncode == 0 else None
+
+
+def split_credentials(url: str, *, credentials: Credentials | None) -> tuple[str, Credentials]:
+    """(the URL as fetch uses and reports it, without credentials; the credentials it would use).
+
+    The credentials are ``credentials`` or, when None, those embedded in an
+    http(s) URL. Raises SourceError for a URL fetch would refuse.
+    """
+    remote = _Remote.parse(url=url, credentials=credentials)
+    return remote.url, remote.credentials
 
 
 # --- the remote: what to tell git, what to show humans ------------------------
@@ -519,25 +657,73 @@ _NOISE = (
 
 @contextlib.contextmanager
 def _locked(path: Path, *, git: _Git) -> Iterator[None]:
-    """Hold an exclusive flock on ``path`` within the call's deadline.
+    """Hold the cache at ``path`` exclusively, within the call's deadline.
 
-    flock locks belong to the open file description, so two threads of one
-    process exclude each other just as two processes do. Polling (instead of
-    a blocking flock) keeps the timeout honest.
+    Threads of this process queue on a lock per cache (an in-process wait,
+    with the deadline as its timeout); the one holding it then takes an
+    flock on ``path`` against other processes sharing the cache directory.
+    Nothing polls: a thread that has to wait sleeps until the lock is free.
     """
-    with open(path, "a+b") as handle:
-        while True:
+    in_process = _process_lock(path)
+    if not in_process.acquire(timeout=max(0.0, git.remaining())):
+        raise git.timed_out()
+    try:
+        with open(path, "a+b") as handle:
+            _flock(handle.fileno(), git=git)
             try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if git.remaining() <= 0:
-                    raise git.timed_out() from None
-                time.sleep(0.02)
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    finally:
+        in_process.release()
+
+
+_PROCESS_LOCKS: dict[Path, threading.Lock] = {}
+_PROCESS_LOCKS_GUARD = threading.Lock()
+
+
+def _process_lock(path: Path) -> threading.Lock:
+    """The in-process lock of one cache (one per repository; never removed: a few bytes each)."""
+    with _PROCESS_LOCKS_GUARD:
+        return _PROCESS_LOCKS.setdefault(path, threading.Lock())
+
+
+def _flock(fd: int, *, git: _Git) -> None:
+    """An exclusive flock on ``fd`` before the deadline, or SourceError.
+
+    Free (the usual case): taken at once. Held by another process: a helper
+    thread blocks in flock on a duplicate of ``fd`` (it shares the open file,
+    hence the lock) while this thread waits with the deadline. A helper that
+    gets the lock after the caller gave up closes its duplicate, which
+    releases it, as the caller has closed the file by then.
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        pass
+    dup = os.dup(fd)
+    got = threading.Event()
+    guard = threading.Lock()
+    abandoned = False
+
+    def wait() -> None:
         try:
-            yield
+            fcntl.flock(dup, fcntl.LOCK_EX)
+            with guard:
+                if not abandoned:
+                    got.set()
         finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            os.close(dup)
+
+    threading.Thread(target=wait, name="git-cache-flock", daemon=True).start()
+    if got.wait(max(0.0, git.remaining())):
+        return
+    with guard:
+        if got.is_set():
+            return
+        abandoned = True
+    raise git.timed_out()
 
 
 def _ensure_repo(*, home: Path, git: _Git) -> Path:

@@ -47,6 +47,8 @@ from gitopsd.engine import health, inventory, render, source
 from gitopsd.engine.apply import ApplyOutcome, apply_plan
 from gitopsd.engine.diff import compare, managers_of, within
 from gitopsd.engine.plan import Action, LiveCache, ObjectChange, Plan, heal_set, make_plan
+from gitopsd.engine.render_cache import RenderCache
+from gitopsd.engine.source_share import SharedFetches
 from gitopsd.errors import GitopsdError, LeadershipLost, RenderError
 from gitopsd.kube import Kube
 from gitopsd.objects import ObjectRef, ref_of
@@ -114,23 +116,37 @@ def default_cache_dir() -> Path:
 def fetch_and_plan(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None,
                    prune: bool | None = None, cache: LiveCache | None = None,
                    inv: inventory.Inventory | None = None,
-                   on_revision: Callable[[source.Revision], None] | None = None) -> tuple[source.Revision, Plan]:
+                   on_revision: Callable[[source.Revision], None] | None = None,
+                   fetches: SharedFetches | None = None, renders: RenderCache | None = None,
+                   follow_inputs: bool = True) -> tuple[source.Revision, Plan]:
     """Source -> render -> plan. Raises GitopsdError; writes nothing to the cluster.
 
     With a synced `cache` (the daemon's watch of the app's members) the plan
     reads live state from memory instead of listing; with `inv` (the
     daemon's copy of the ApplySet parent, kept current by its own writes) it
-    does not re-read the parent either. Whatever it raises has been scrubbed
-    of secret values (redact.scrub_exception), so a caller may print it.
+    does not re-read the parent either. With `fetches` the apps of one
+    repository share its fetches (gitopsd.engine.source_share; the daemon's),
+    with `renders` a render whose inputs did not change is reused
+    (gitopsd.engine.render_cache), and — with `follow_inputs` — the revision
+    returned is the commit the app's desired state comes from: a commit that
+    left the app's inputs alone (another app's, in a monorepo) is no new
+    revision of this app. Without `follow_inputs` (self-heal off: any new
+    commit ends the hold on hand edits, also after a restart, which knows
+    only the recorded revision) it is the commit fetched. Whatever it raises
+    has been scrubbed of secret values (redact.scrub_exception), so a caller
+    may print it.
     """
     if app.credentials is not None:
         redact.remember([app.credentials.token])   # a git token is a secret value too
     try:
-        checkout = source.fetch(app.repo, app.ref, cache_dir=cache_dir or default_cache_dir(),
-                                credentials=app.credentials)
+        if fetches is not None:
+            checkout = fetches.fetch(app.repo, app.ref, credentials=app.credentials)
+        else:
+            checkout = source.fetch(app.repo, app.ref, cache_dir=cache_dir or default_cache_dir(),
+                                    credentials=app.credentials)
         if on_revision is not None:
             on_revision(checkout.revision)
-        manifests = _render(kube, app, checkout.path)
+        revision, manifests = _render(kube, app, checkout, renders=renders, follow_inputs=follow_inputs)
         if inv is None:
             inv = inventory.load(kube, app=app.name, namespace=app.inventory_namespace)
         plan = make_plan(kube, manifests, inv, prune=app.prune if prune is None else prune,
@@ -138,14 +154,20 @@ def fetch_and_plan(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None,
     except Exception as exc:
         redact.scrub_exception(exc)
         raise
-    return checkout.revision, plan
+    return revision, plan
 
 
-def _render(kube: Kube, app: AppSpec, checkout: Path) -> list[render.Manifest]:
-    """The app's manifests; the renderer has registered every secret value it met."""
-    return render.render(checkout, app.path, kind=app.render, namespace=app.namespace,
-                         helm_values=app.helm_values, helm_release=app.helm_release or app.name,
-                         is_namespaced=kube.is_namespaced, allow_remote_bases=app.allow_remote_bases)
+def _render(kube: Kube, app: AppSpec, checkout: source.Checkout, *, renders: RenderCache | None,
+            follow_inputs: bool) -> tuple[source.Revision, list[render.Manifest]]:
+    """The app's revision (see fetch_and_plan) and manifests; every secret value met on the way
+    (or in a cached render) is registered."""
+    options = dict(kind=app.render, namespace=app.namespace, helm_values=app.helm_values,
+                   helm_release=app.helm_release or app.name, is_namespaced=kube.is_namespaced,
+                   allow_remote_bases=app.allow_remote_bases)
+    if renders is not None:
+        rendered = renders.render(checkout, app.path, app=app.name if follow_inputs else None, **options)
+        return rendered.since, rendered.manifests
+    return checkout.revision, render.render(checkout.path, app.path, **options)
 
 
 def prune_guard(app: AppSpec, plan: Plan) -> str | None:
@@ -179,13 +201,15 @@ def sync(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None, dry_run: bo
          on_health: Callable[[health.ObjectHealth], None] | None = None,
          cancel: threading.Event | None = None, cache: LiveCache | None = None,
          inv: inventory.Inventory | None = None, hold_revision: str | None = None,
-         on_revision: Callable[[source.Revision], None] | None = None) -> SyncResult:
+         on_revision: Callable[[source.Revision], None] | None = None,
+         fetches: SharedFetches | None = None, renders: RenderCache | None = None) -> SyncResult:
     """Reconcile `app` once and say what happened. Never raises for user errors.
 
     `hold_revision`: when the fetched commit is this one, only plan and report
     (outcome DryRun) — how an app with self-heal off leaves hand edits alone
     until the next commit. `on_revision` hears the fetched commit before
     anything is planned (the daemon compares webhook commits with it).
+    `fetches` and `renders`: see fetch_and_plan.
 
     Raises LeadershipLost when `kube` is fenced by a leader lease
     (gitopsd.daemon.leader.FencedKube) and refused a write: the one exception,
@@ -196,7 +220,8 @@ def sync(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None, dry_run: bo
 
     def plan() -> Plan:
         result.revision, planned = fetch_and_plan(kube, app, cache_dir=cache_dir, prune=do_prune, cache=cache,
-                                                  inv=inv, on_revision=on_revision)
+                                                  inv=inv, on_revision=on_revision, fetches=fetches,
+                                                  renders=renders, follow_inputs=hold_revision is None)
         return planned
 
     def held() -> str | None:

@@ -5,6 +5,7 @@
     .venv/bin/python hack/fleet_bench.py --apps 100 --steady 30   # a couple of minutes
     .venv/bin/python hack/fleet_bench.py --apps-per-repo 100      # repos of 100 apps each
     .venv/bin/python hack/fleet_bench.py --json fleet.json [--profile 30]
+    .venv/bin/python hack/fleet_bench.py --replicas 2 --shards 4  # two replicas splitting the fleet
 
 The fleet benchmark of issue 10. It starts its own cluster "fleet-bench"
 (hack/testbed, loopback only), writes N apps of M ConfigMaps each into local
@@ -35,6 +36,12 @@ webhook, as from a CI job) and measures from outside:
   repo for the fleet that is the whole fleet.
 
 Both latency loops are hack/latency.py's (push_to_applied, edit_to_reverted).
+
+--replicas R (with --shards S) starts R daemons that split the apps between
+them (gitopsd.daemon.shards); an app counts as converged when any replica
+reports it Applied+Healthy (the others report it Pending). RSS, threads and
+connections are then per replica: the table gives the sum and the largest.
+Pushes go to the first replica, which forwards those of apps it does not own.
 
 Layout (--apps-per-repo K): 0 (default) puts every app in one repo, each under
 its own path apps/APP (the monorepo); K puts K apps per repo (100: the "100
@@ -184,6 +191,15 @@ def net(counts: dict[str, int], idle_rate: dict[str, float], seconds: float) -> 
     return out
 
 
+def summed(counts) -> dict:
+    """Per-key sums of several replicas' figures."""
+    out: dict = {}
+    for c in counts:
+        for k, v in c.items():
+            out[k] = out.get(k, 0) + int(v)
+    return out
+
+
 def dsub(after: dict[str, float], before: dict[str, float]) -> dict[str, int]:
     return {k: int(after[k] - before.get(k, 0)) for k in after if after[k] - before.get(k, 0) > 0}
 
@@ -197,7 +213,7 @@ class Fleet:
         self.kube = Kube.connect(kubeconfig=cluster.kubeconfig)
         self.api_port = int(cluster.server.rsplit(":", 1)[1].rstrip("/"))
         self.result: dict = {}
-        self.daemon: DaemonProcess | None = None
+        self.daemons: list[DaemonProcess] = []
 
     def namespaces(self) -> None:
         names = {DAEMON_NS} | {app_namespace(i) for i in range(self.args.apps)}
@@ -214,26 +230,31 @@ class Fleet:
         after = self.metrics.snapshot()
         return {v: n / window for v, n in by_verb(ApiMetrics.delta(before, after)).items()}
 
-    def converge(self, daemon: DaemonProcess, t0: float) -> dict:
+    def converge(self, daemons: list[DaemonProcess], t0: float) -> dict:
         a = self.args
         last_say, ready_at, seen = 0.0, None, (0, 0)
         while True:
             now = time.monotonic()
             if now - t0 > a.timeout:
                 raise RuntimeError(f"not converged after {a.timeout:.0f}s: {seen[0]}/{a.apps} Applied+Healthy "
-                                   f"({seen[1]} reported); daemon log: {daemon.log_path}")
-            if daemon.proc.poll() is not None:
-                raise RuntimeError(f"gitopsd run exited {daemon.proc.returncode}:\n"
-                                   f"{daemon.log_path.read_text()[-3000:]}")
-            code, body = daemon.get("/status")
-            if code == 200:
+                                   f"({seen[1]} reported); daemon logs: {[str(d.log_path) for d in daemons]}")
+            done_apps: set[str] = set()
+            reported = 0
+            for daemon in daemons:
+                if daemon.proc.poll() is not None:
+                    raise RuntimeError(f"gitopsd run exited {daemon.proc.returncode}:\n"
+                                       f"{daemon.log_path.read_text()[-3000:]}")
+                code, body = daemon.get("/status")
+                if code != 200:
+                    continue
                 ready_at = ready_at or now
                 apps = json.loads(body).get("apps", [])
-                done = sum(1 for s in apps if s.get("result") in DONE_RESULTS and s.get("health") == "Healthy")
-                seen = (done, len(apps))
-                if done == a.apps:
-                    failed = [s for s in apps if s.get("result") not in DONE_RESULTS]
-                    return {"seconds": now - t0, "http_up_seconds": ready_at - t0, "failed": len(failed)}
+                reported = max(reported, len(apps))
+                done_apps |= {s["app"] for s in apps
+                              if s.get("result") in DONE_RESULTS and s.get("health") == "Healthy"}
+            seen = (len(done_apps), reported)
+            if len(done_apps) == a.apps:
+                return {"seconds": now - t0, "http_up_seconds": ready_at - t0, "failed": 0}
             if now - last_say > 10:
                 say(f"  t+{now - t0:5.1f}s  {seen[0]}/{a.apps} apps Applied+Healthy")
                 last_say = now
@@ -253,42 +274,48 @@ class Fleet:
 
         before = self.metrics.snapshot()
         t0 = time.monotonic()
-        daemon = self.daemon = DaemonProcess(
-            config=cfg, kubeconfig=self.cluster.kubeconfig, namespace=DAEMON_NS, workdir=self.tmp,
-            cache=self.tmp / "cache", extra=("--no-watch-local",), env={"GITOPSD_WEBHOOK_SECRET": SECRET},
-            name="fleet")
-        pid = daemon.proc.pid
-        spy = self.start_profile(pid, a.profile) if a.profile else None
-        say(f"gitopsd run started (pid {pid}, log {daemon.log_path}); waiting for {a.apps} apps ...")
-        conv = self.converge(daemon, t0)
+        extra = ("--no-watch-local",) + (("--shards", str(a.shards)) if a.shards > 1 else ())
+        for r in range(a.replicas):
+            self.daemons.append(DaemonProcess(
+                config=cfg, kubeconfig=self.cluster.kubeconfig, namespace=DAEMON_NS, workdir=self.tmp,
+                cache=self.tmp / f"cache-{r}", extra=extra, env={"GITOPSD_WEBHOOK_SECRET": SECRET},
+                name="fleet" if a.replicas == 1 else f"fleet-{r}"))
+        daemons, daemon = self.daemons, self.daemons[0]
+        pids = [d.proc.pid for d in daemons]
+        spy = self.start_profile(pids[0], a.profile) if a.profile else None
+        say(f"gitopsd run started (pids {pids}, logs {[str(d.log_path) for d in daemons]}); "
+            f"waiting for {a.apps} apps ...")
+        conv = self.converge(daemons, t0)
         at_conv = self.metrics.snapshot()
         conv_req = by_verb(ApiMetrics.delta(before, at_conv))
         conv["requests"] = net(conv_req, idle, conv["seconds"])
         conv["requests_total"] = sum(conv["requests"].values())
-        conv["daemon_requests"] = {k: int(v) for k, v in daemon_counters(daemon).items()}
-        conv["tcp"] = tcp_connections(pid, self.api_port)
-        conv["threads"] = int(proc_status(pid)["Threads"])
+        conv["daemon_requests"] = summed(daemon_counters(d) for d in daemons)
+        conv["tcp"] = summed(tcp_connections(pid, self.api_port) for pid in pids)
+        conv["threads"] = sum(int(proc_status(pid)["Threads"]) for pid in pids)
         say(f"converged in {conv['seconds']:.1f}s; {conv['requests_total']} requests; tcp {conv['tcp']}")
 
         # Steady state: nothing changes; the daemon polls on its interval.
         say(f"steady state for {a.steady:.0f}s ...")
-        s_before, d_before = self.metrics.snapshot(), daemon_counters(daemon)
-        rss, tcp, threads = [], [], []
+        s_before, d_before = self.metrics.snapshot(), summed(daemon_counters(d) for d in daemons)
+        rss, rss_each, tcp, threads = [], [], [], []
         t_s = time.monotonic()
         while time.monotonic() - t_s < a.steady:
-            st = proc_status(pid)
-            rss.append(kib(st["VmRSS"]))
-            threads.append(int(st["Threads"]))
-            tcp.append(tcp_connections(pid, self.api_port)["established"])
+            sts = [proc_status(pid) for pid in pids]
+            rss.append(sum(kib(st["VmRSS"]) for st in sts))
+            rss_each.append(max(kib(st["VmRSS"]) for st in sts))
+            threads.append(sum(int(st["Threads"]) for st in sts))
+            tcp.append(sum(tcp_connections(pid, self.api_port)["established"] for pid in pids))
             time.sleep(2.0)
         window = time.monotonic() - t_s
-        s_after, d_after = self.metrics.snapshot(), daemon_counters(daemon)
+        s_after, d_after = self.metrics.snapshot(), summed(daemon_counters(d) for d in daemons)
         per_min = 60.0 / window
         steady_req = net(by_verb(ApiMetrics.delta(s_before, s_after)), idle, window)
         steady = {
             "seconds": window,
             "rss_mib_median": statistics.median(rss), "rss_mib_max": max(rss),
-            "vmhwm_mib": kib(proc_status(pid)["VmHWM"]),
+            "rss_mib_largest_replica_median": statistics.median(rss_each),
+            "vmhwm_mib": max(kib(proc_status(pid)["VmHWM"]) for pid in pids),
             "tcp_established_median": statistics.median(tcp), "tcp_established_max": max(tcp),
             "threads_median": statistics.median(threads),
             "requests_per_minute": {k: round(v * per_min, 1) for k, v in steady_req.items()},
@@ -296,7 +323,7 @@ class Fleet:
             "daemon_requests_per_minute": {k: round(v * per_min, 1) for k, v in dsub(d_after, d_before).items()},
         }
         steady["daemon_requests_per_minute_total"] = round(sum(steady["daemon_requests_per_minute"].values()), 1)
-        steady["tcp_end"] = tcp_connections(pid, self.api_port)
+        steady["tcp_end"] = summed(tcp_connections(pid, self.api_port) for pid in pids)
         say(f"steady: RSS {steady['rss_mib_median']:.0f} MiB, {steady['requests_per_minute_total']:.0f} req/min")
 
         profile = self.finish_profile(spy) if spy else None
@@ -324,7 +351,7 @@ class Fleet:
 
         say(f"push -> applied, {a.pushes} pushes ...")
         push = push_to_applied(daemon, repo, a.pushes, change=change, applied=applied, timeout=a.latency_timeout)
-        vmhwm_end = kib(proc_status(pid)["VmHWM"])
+        vmhwm_end = max(kib(proc_status(pid)["VmHWM"]) for pid in pids)
 
         def lat(vals: list[float]) -> dict:
             return ({"n": len(vals), "p50_ms": statistics.median(vals) * 1000, "p95_ms": pct(vals, 0.95) * 1000,
@@ -395,11 +422,15 @@ def table(args, r: dict) -> str:
         return f"{d[key]:.0f} ms" if key in d else "-"
 
     layout = ("one repo, a path per app" if not args.apps_per_repo else f"{args.apps_per_repo} apps per repo")
+    if args.replicas > 1:
+        layout += f"; {args.replicas} replicas, --shards {args.shards}: figures summed over them"
     rows = [
         ("apps x ConfigMaps", f"{args.apps} x {args.objects_per_app} ({layout}, {r['repos']} repo(s)), "
                               f"interval {args.interval}"),
         ("converged (start -> all Applied+Healthy)", f"{c['seconds']:.1f} s (HTTP up at {c['http_up_seconds']:.1f} s)"),
-        ("RSS steady (median / max)", f"{s['rss_mib_median']:.0f} / {s['rss_mib_max']:.0f} MiB"),
+        ("RSS steady (median / max)", f"{s['rss_mib_median']:.0f} / {s['rss_mib_max']:.0f} MiB"
+                                      + (f" (largest replica {s['rss_mib_largest_replica_median']:.0f})"
+                                         if args.replicas > 1 else "")),
         ("peak RSS (VmHWM) steady / end", f"{s['vmhwm_mib']:.0f} / {r['vmhwm_mib_end']:.0f} MiB"),
         ("TCP established at convergence", f"{c['tcp']['established']} ({c['tcp']['to_apiserver']} to the apiserver)"),
         ("TCP established steady (median/max)", f"{s['tcp_established_median']:.0f} / {s['tcp_established_max']}"),
@@ -434,6 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--apps-per-repo", type=int, default=0, metavar="K",
                    help="0 (default): every app in one repo under its own path; K: K apps per repo")
     p.add_argument("--interval", default="1m", help="each app's poll interval (default 1m)")
+    p.add_argument("--replicas", type=int, default=1, help="daemons started (default 1)")
+    p.add_argument("--shards", type=int, default=0, help="--shards of each daemon (default: 2 x replicas "
+                                                          "when --replicas > 1, else 1)")
     p.add_argument("--steady", type=float, default=60.0, help="seconds of steady state measured (default 60)")
     p.add_argument("--edits", type=int, default=30, help="hand edits timed to their revert (default 30)")
     p.add_argument("--pushes", type=int, default=10, help="pushes timed to applied (default 10)")
@@ -450,8 +484,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.cluster == "dev" or args.cluster.startswith("pytest-") or args.cluster == "shared":
         p.error(f"refusing to use cluster {args.cluster!r}: it belongs to someone else")
-    if args.apps < 1 or args.objects_per_app < 1 or args.apps_per_repo < 0:
-        p.error("--apps and --objects-per-app must be >= 1, --apps-per-repo >= 0")
+    if args.apps < 1 or args.objects_per_app < 1 or args.apps_per_repo < 0 or args.replicas < 1:
+        p.error("--apps, --objects-per-app and --replicas must be >= 1, --apps-per-repo >= 0")
+    args.shards = args.shards or (2 * args.replicas if args.replicas > 1 else 1)
 
     started = time.monotonic()
     say(f"starting cluster {args.cluster!r} ...")
@@ -476,10 +511,10 @@ def main(argv: list[str] | None = None) -> int:
         say(f"benchmark took {time.monotonic() - started:.0f}s")
         return 0
     finally:
-        if fleet is not None and fleet.daemon is not None:
-            rc = fleet.daemon.stop()
+        for d in (fleet.daemons if fleet is not None else []):
+            rc = d.stop()
             if rc not in (0, None):
-                say(f"gitopsd run exited {rc} on SIGTERM; log tail:\n{fleet.daemon.log_path.read_text()[-2000:]}")
+                say(f"gitopsd run exited {rc} on SIGTERM; log tail:\n{d.log_path.read_text()[-2000:]}")
         if args.keep_cluster:
             say(f"cluster {args.cluster!r} left running: hack/cluster down {args.cluster}; files in {tmp}")
         else:

@@ -585,7 +585,8 @@ def test_a_push_costs_one_fetch_wakes_each_app_once_and_is_a_transition_of_the_c
     wait_for("the reconciles to end", lambda: idle(daemon), 60)
 
     assert metric(daemon, "gitopsd_git_fetches_total") - fetches == 1
-    assert metric(daemon, "gitopsd_reconcile_total") - reconciles == APPS   # each app once, nothing more
+    assert metric(daemon, "gitopsd_reconcile_total") - reconciles == APPS, (   # each app once, nothing more
+        metric_text(daemon, "gitopsd_reconcile_total"))
     assert metric(daemon, "gitopsd_render_cache_total", result="miss") - renders["miss"] == 1
     assert metric(daemon, "gitopsd_render_cache_total", result="hit") - renders["hit"] == APPS - 1
     revisions = {a["app"]: a["revision"] for a in json.loads(daemon.get("/status")[1])["apps"]}
@@ -648,3 +649,9 @@ def test_with_self_heal_off_a_commit_to_another_app_is_still_a_new_revision(
     wait_for("both apps at the new revision", lambda: {a["app"]: a["revision"] for a in json.loads(
         daemon.get("/status")[1])["apps"]} == {"held": sha, "other": sha}, 30)
     assert first != sha
+
+
+def metric_text(daemon, name: str) -> str:
+    """The samples of `name` that are not zero, for an assertion message."""
+    return "\n".join(line for line in daemon.get("/metrics")[1].splitlines()
+                     if line.startswith(name + "{") and not line.endswith(" 0.0"))

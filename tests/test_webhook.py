@@ -460,7 +460,7 @@ def test_a_push_refreshes_each_matching_repository_once_and_wakes_each_matching_
         runner("web", mono), runner("api", mono), runner("db", "git@git.example.com:org/mono.git"),
         runner("pinned", mono, ref=SHA), runner("release", mono, ref="release"), runner("elsewhere", other))}
     fetches = Fetches(cache_dir=tmp_path)
-    daemon = SimpleNamespace(elector=None, _leading=True, _stop=threading.Event(), runners=runners,
+    daemon = SimpleNamespace(elector=None, _leading=True, _stop=threading.Event(), runners=runners, shards=None,
                              schedule=Schedule(threading.Event(), fetches=fetches))
     event = PushEvent(provider="generic", repo_urls=(mono,), ref="refs/heads/main", branch="main", tag=None,
                       after=SHA)

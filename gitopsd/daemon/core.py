@@ -87,7 +87,8 @@ class Daemon:
         self.pushes = PushRouter(self)
         self.leadership = Leadership(kube, namespace=namespace, instance=instance, leader_elect=leader_elect,
                                      shards=shards, lease_duration=lease_duration, lease_renew=lease_renew,
-                                     advertise_url=advertise_url, runners=lambda: self.runners, stopped=self._stop)
+                                     advertise_url=advertise_url, runners=lambda: self.runners, stopped=self._stop,
+                                     wake=self.schedule.wake)
         # Records are stored and announced only while this replica may write (Daemon.fence);
         # the runners check it before each record too, in the term their run began in.
         self.audit = audit.AuditLog(FencedKube(kube, self.fence), namespace=namespace, instance=instance)

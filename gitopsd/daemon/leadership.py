@@ -37,9 +37,11 @@ class Leadership:
 
     def __init__(self, kube: Kube, *, namespace: str, instance: str, leader_elect: bool, shards: int,
                  lease_duration: float, lease_renew: float, advertise_url: str | None,
-                 runners: Callable[[], dict[str, AppRunner]], stopped: threading.Event) -> None:
+                 runners: Callable[[], dict[str, AppRunner]], stopped: threading.Event,
+                 wake: Callable[[list[AppRunner], str], None]) -> None:
         self.kube = kube
         self._runners = runners
+        self._wake = wake   # triggers.Schedule.wake: refresh each repository once, then trigger
         self._stopped = stopped
         self._leading = False     # one leader, or no election: set by _on_leading
         self.elector = (LeaderElector(kube, namespace=namespace, identity=instance, lease_duration=lease_duration,
@@ -150,7 +152,7 @@ class Leadership:
     def _on_leading(self) -> None:
         self._leading = True
         self._count_held()
-        _lead(list(self._runners().values()))
+        _lead(list(self._runners().values()), self._wake)
 
     def _on_standby(self) -> None:
         self._leading = False
@@ -159,7 +161,7 @@ class Leadership:
 
     def _on_shard_gained(self, shard: int) -> None:
         self._count_held()
-        _lead(self._runners_of(shard))
+        _lead(self._runners_of(shard), self._wake)
 
     def _on_shard_lost(self, shard: int) -> None:
         self._count_held()
@@ -178,13 +180,14 @@ class Leadership:
         metrics.IS_LEADER.set(1 if held else 0)
 
 
-def _lead(runners: list[AppRunner]) -> None:
+def _lead(runners: list[AppRunner], wake: Callable[[list[AppRunner], str], None]) -> None:
     for r in runners:
         # Another replica may have led meanwhile: re-read the ApplySet parent,
         # rewrite status, and take the last applied commit from the audit trail
         # again (AppRunner._restore, before the next reconcile).
         r.inv, r.status_written, r.last_result, r.restored = None, None, None, False
-        r.trigger("leader")
+    # Their repositories may have moved while another replica ran them: fetch again (once each).
+    wake(runners, "leader")
 
 
 def _cancel(runners: list[AppRunner]) -> None:

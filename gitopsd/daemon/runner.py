@@ -340,7 +340,7 @@ class AppRunner:
             return
         ref = ref_of(obj)
         change = self.desired.get(ref)
-        if change is None or not self.daemon.may_start():
+        if change is None or not self.daemon.may_start(self.cfg.name):
             return
         if kind != "DELETED" and still_ours(obj, change.desired):
             return
@@ -361,7 +361,7 @@ class AppRunner:
             with self.lock:
                 refs, self.dirty = self.dirty, set()
                 self.heal_cancel = cancel = threading.Event()
-            refs = {ref for ref in refs if ref in self.desired}
+            refs = {ref for ref in refs if ref in self.desired and not self._settled(ref)}
             if not refs or self.stopped or self.cfg.suspend or self.spec is None or self.inv is None:
                 return
             writer = self.daemon.writer(self.cfg.name)
@@ -377,6 +377,13 @@ class AppRunner:
             finally:
                 with self.lock:
                     self.healing = frozenset()
+
+    def _settled(self, ref: ObjectRef) -> bool:
+        """Whether the cache shows `ref` as ours again: the event was our own reconcile's
+        apply, seen before that reconcile set the new desired state. Not drift; no heal."""
+        members = self.cache.members() if self.cache is not None else None
+        live = (members or {}).get(ref)
+        return live is not None and still_ours(live, self.desired[ref].desired)
 
     def _heal(self, refs: set[ObjectRef], *, cancel: threading.Event) -> None:
         manifests = [Manifest(obj=c.desired, source=c.source) for c in self.desired.values()]

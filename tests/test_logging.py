@@ -209,3 +209,17 @@ def test_log_level_info_hides_debug_and_library_chatter(repo, kube, namespace, t
     assert [e for e in events if e["level"] == "debug"] == []
     assert [e for e in events if not e["logger"].startswith("gitopsd") and e["level"] in ("debug", "info")] == []
     assert sum(e["event"] == "audit" for e in events) == 2
+
+
+def test_a_runs_lines_carry_its_app_trigger_and_revision(repo, kube, namespace, tmp_path, start_daemon):
+    """Bound once by the runner (gitopsd.log.scope), not passed by hand: even library lines
+    logged inside the run (urllib3 at debug) say which app, trigger and commit they belong to."""
+    daemon = _no_change_then_a_commit(repo, kube, namespace, tmp_path, start_daemon, "--log-level", "debug")
+
+    events = [json.loads(line) for line in daemon.log_path.read_text().splitlines()]
+    no_change = next(e for e in events if e["event"] == "reconciled: no change")
+    assert no_change["app"] == namespace and no_change["trigger"] == "webhook"
+    first_audit = next(e for e in events if e["event"] == "audit")
+    assert no_change["revision"] == first_audit["revision"][:12], "the commit of the run, bound once fetched"
+    in_run = [e for e in events if e["logger"].startswith("urllib3") and e.get("app") == namespace]
+    assert in_run and all(e.get("trigger") for e in in_run), "library lines inside a run carry its context"

@@ -42,6 +42,7 @@ import structlog
 
 from gitopsd import audit, metrics
 from gitopsd import config as config_mod
+from gitopsd import log as log_mod
 from gitopsd.daemon import status as status_mod
 from gitopsd.daemon.informers import MemberCache
 from gitopsd.daemon.leader import FencedKube, LeadershipLost
@@ -49,7 +50,16 @@ from gitopsd.engine import health as health_mod
 from gitopsd.engine.plan import Action, ObjectChange, still_ours
 from gitopsd.engine.render import Manifest
 from gitopsd.engine.source import Revision
-from gitopsd.engine.sync import AppSpec, Drift, Outcome, SyncResult, drift_of, heal, recheck_health, sync
+from gitopsd.engine.sync import (
+    AppSpec,
+    Drift,
+    Outcome,
+    SyncResult,
+    drift_of,
+    heal,
+    recheck_health,
+    sync,
+)
 from gitopsd.errors import GitopsdError
 from gitopsd.objects import ObjectRef, ref_of
 
@@ -132,7 +142,7 @@ class AppRunner:
                 if self.stopped:
                     self.cancel.set()
             try:
-                with self.exec_lock:
+                with self.exec_lock, log_mod.scope(app=self.cfg.name, trigger=reason):
                     self._reconcile(reason)
             except LeadershipLost as exc:
                 self._fenced(exc)
@@ -175,6 +185,7 @@ class AppRunner:
         hold = self.last_applied if not cfg.self_heal else None
         started = time.monotonic()
         def fetched(rev) -> None:
+            log_mod.bind(revision=rev.sha[:12])   # on every line of this run from here on
             with self.lock:
                 self.current_sha = rev.sha
 
@@ -371,7 +382,8 @@ class AppRunner:
             try:
                 with self.lock:
                     self.healing = frozenset(refs)
-                self._heal(refs, cancel=cancel)
+                with log_mod.scope(app=self.cfg.name, trigger="self-heal"):
+                    self._heal(refs, cancel=cancel)
             except LeadershipLost as exc:
                 self._fenced(exc)   # exc.unsent: the corrections not sent, as for a reconcile
             finally:

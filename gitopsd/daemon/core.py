@@ -6,6 +6,9 @@ This module wires the runners to the outside world and to each other:
 
 - triggers (gitopsd.daemon.triggers): the poll schedule (apscheduler), push
   webhooks, and in development local repositories;
+- the shared informers (gitopsd.daemon.informers): one watch per kind of
+  managed object for all apps, feeding their plans, self-heal and health
+  waits; stopped at shutdown;
 - the HTTP server (gitopsd.daemon.server): push webhooks, /healthz,
   /readyz, /metrics, /status;
 - the config file (gitopsd.daemon.config_watch): hot reload;
@@ -36,6 +39,7 @@ from gitopsd import __version__, audit
 from gitopsd import config as config_mod
 from gitopsd.daemon.config_watch import ConfigWatcher
 from gitopsd.daemon.credentials import CredentialStore
+from gitopsd.daemon.informers import Informers
 from gitopsd.daemon.leader import FencedKube, LeaderElector, LeadershipLost
 from gitopsd.daemon.runner import AppRunner, _iso
 from gitopsd.daemon.server import Server
@@ -63,6 +67,7 @@ class Daemon:
         self._stop = threading.Event()
         self.config_watch = ConfigWatcher(config_path, on_change=self._on_config, stopped=self._stop)
         self.runners: dict[str, AppRunner] = {}
+        self.informers = Informers(kube)
         self.pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="app")
         self.schedule = Schedule(self._stop)
         self.credentials = CredentialStore(kube, namespace=namespace)
@@ -137,6 +142,7 @@ class Daemon:
             # Hand the lease over at once only when no work of ours is still
             # running; otherwise let it expire, so a standby cannot write beside us.
             self.elector.stop(release=idle)
+        self.informers.stop()
         self.credentials.close()
         self.server.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)

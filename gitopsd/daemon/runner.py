@@ -1,7 +1,8 @@
 """One app's runner: its one-at-a-time execution, desired state, self-heal and status.
 
-A runner owns everything about one app: its watch cache of managed
-objects, its last desired state, its backoff, its status. The daemon
+A runner owns everything about one app: its view of the shared informers
+(gitopsd.daemon.informers: the app's managed objects, from one watch per
+kind for the whole process), its last desired state, its backoff, its status. The daemon
 (gitopsd.daemon.core) creates one per app in the config and wakes it
 (gitopsd.daemon.triggers).
 
@@ -17,7 +18,7 @@ commit deploys at once instead of after the old rollout times out. Runners
 execute on a shared thread pool sized so that every app can run at the same
 time: a slow or failing app never delays the others.
 
-Self-heal: the runner's watch cache reports every change to a managed
+Self-heal: the runner's informer view reports every change to a managed
 object. A change that leaves the object "still ours" (gitopsd.engine.plan.still_ours:
 our hash, our fields) is not drift — status updates by controllers, our own
 applies. Anything else is re-planned for that object alone and, with
@@ -37,10 +38,11 @@ import structlog
 from gitopsd import audit, metrics, redact
 from gitopsd import config as config_mod
 from gitopsd.daemon import status as status_mod
-from gitopsd.daemon.informers import MemberCache
+from gitopsd.daemon.informers import AppView
 from gitopsd.daemon.leader import FencedKube, LeadershipLost
 from gitopsd.engine import health as health_mod
 from gitopsd.engine.diff import managers_of, within
+from gitopsd.engine.inventory import applyset_id, parent_name
 from gitopsd.engine.plan import Action, ObjectChange, judge_one, still_ours
 from gitopsd.engine.sync import Outcome, SyncResult, recheck_health, sync
 from gitopsd.errors import GitopsdError
@@ -77,7 +79,10 @@ class AppRunner:
         self.cancel = threading.Event()       # cancels the running health wait
         self.current_sha: str | None = None   # revision of the running reconcile
         self.failures = 0
-        self.cache: MemberCache | None = None
+        # Registered before the first reconcile of any app, so the first list of
+        # each kind covers every app of the config at once.
+        self.cache: AppView = daemon.informers.view(
+            app_id=applyset_id(name=parent_name(cfg.name), namespace=daemon.namespace), on_event=self.on_event)
         self.inv = None                       # the ApplySet parent as we last wrote/read it
         self.desired: dict[ObjectRef, ObjectChange] = {}
         self.dirty: set[ObjectRef] = set()    # drift candidates seen during a run
@@ -224,7 +229,7 @@ class AppRunner:
             # The verdict stands until the rollout recovers: look once more at what was not healthy.
             refs = [h.ref for h in prev.health if h.status.value != "Current"]
             try:
-                rechecked = recheck_health(self.daemon.kube, refs) if refs else []
+                rechecked = recheck_health(self.daemon.kube, refs, live=self.cache) if refs else []
             except GitopsdError:
                 rechecked = []
             if rechecked and health_mod.summarize(rechecked)[0]:
@@ -310,12 +315,9 @@ class AppRunner:
     # ------------------------------------------------------------ self-heal
 
     def _watch(self, targets) -> None:
-        if self.cache is None:
-            self.cache = MemberCache(self.daemon.kube, selector=self.inv.selector, on_event=self.on_event)
-        try:
-            self.cache.ensure(set(targets))
-        except (GitopsdError, OSError) as exc:
-            log.warning("cannot watch managed objects", app=self.cfg.name, error=str(exc))
+        """Need exactly the kinds and namespaces the last plan searched (the shared informers start
+        a kind's watch for its first app and stop it after its last)."""
+        self.cache.ensure(set(targets))
 
     def on_event(self, kind: str, obj: dict) -> None:
         """From the watch threads: decide cheaply whether this can be drift."""
@@ -341,7 +343,7 @@ class AppRunner:
             if writer is None:
                 return
             self.writer = writer
-            members = self.cache.members() if self.cache else None
+            members = self.cache.members()
             todo = sorted(refs)
             for index, ref in enumerate(todo):
                 desired = self.desired.get(ref)
@@ -448,5 +450,4 @@ class AppRunner:
         with self.lock:
             self.stopped = True
             self.cancel.set()
-        if self.cache:
-            self.cache.stop()
+        self.cache.stop()

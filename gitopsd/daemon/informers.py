@@ -185,9 +185,11 @@ class Informers:
     def keeps(self, bucket: str) -> bool:
         return bucket in self._views
 
-    def wanted(self) -> frozenset[str]:
-        with self._lock:
-            return frozenset(self._views)
+    def wanted(self, taken: Callable[[frozenset[str]], None]) -> frozenset[str]:
+        with self._lock:   # the lock _retarget asks Reflector.will_cover under
+            apps = frozenset(self._views)
+            taken(apps)
+            return apps
 
     def on_event(self, stream: Reflector, kind: str, bucket: str, obj: dict) -> None:
         view = self._views.get(bucket)

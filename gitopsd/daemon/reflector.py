@@ -62,7 +62,8 @@ class Sink(Protocol):
 
     def keeps(self, bucket: str) -> bool: ...
 
-    def wanted(self) -> frozenset[str] | None: ...    # the buckets kept at a list; None: every bucket
+    def wanted(self, taken: Callable[[frozenset[str]], None]) -> frozenset[str] | None:
+        """The buckets a list keeps (None: every bucket); `taken` hears them while none can be added."""
 
     def on_event(self, stream: "Reflector", kind: str, bucket: str, obj: dict) -> None: ...
 
@@ -115,6 +116,7 @@ class Reflector:
         self._buckets: dict[str, dict[ObjectRef, dict]] = {}
         self._where: dict[ObjectRef, str] = {}
         self._listing: frozenset[str] = frozenset()   # buckets the list under way will complete
+        self._due = listed                  # a list is coming that has not yet taken its buckets
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._relist = False                # list again before the next watch
@@ -137,7 +139,7 @@ class Reflector:
     def relist(self) -> None:
         """List again soon (coalesced): a bucket wanted since the last list becomes complete."""
         with self._lock:
-            self._relist = True
+            self._relist = self._due = True
         self._interrupt()
 
     def _interrupt(self) -> None:
@@ -153,8 +155,11 @@ class Reflector:
         return self.synced.is_set() and bucket in self.complete
 
     def will_cover(self, bucket: str) -> bool:
+        """Complete, or about to be: the list under way or due takes every bucket the sink wants.
+        (The sink asks under the same lock as it hands out `wanted`, so a bucket added since
+        a list took its buckets is never taken for covered.)"""
         with self._lock:
-            return bucket in self.complete or bucket in self._listing
+            return self._due or bucket in self.complete or bucket in self._listing
 
     def bucket(self, name: str) -> dict[ObjectRef, dict]:
         with self._lock:
@@ -231,7 +236,7 @@ class Reflector:
         log.info("watch expired; listing again", kind=self.kind, namespace=self.namespace)
         self.synced.clear()
         with self._lock:
-            self.rv = ""
+            self.rv, self._due = "", self.listed
         if not self.listed:
             with self._lock:
                 held = len(self._where)
@@ -241,15 +246,13 @@ class Reflector:
     def _list(self) -> None:
         with self._lock:
             self._relist = False   # first: a request from here on lists once more
-        wanted = self._sink.wanted() or frozenset()
-        with self._lock:
-            self._listing = wanted
+        wanted = self._sink.wanted(self._taken) or frozenset()
         try:
             items, rv = self.kube.list_with_version(self.res, namespace=self.namespace,
                                                     label_selector=self.selector)
         except BaseException:
             with self._lock:
-                self._relist, self._listing = True, frozenset()
+                self._relist, self._due, self._listing = True, True, frozenset()
             raise
         if self._stopping.is_set():
             return
@@ -271,6 +274,10 @@ class Reflector:
             for kind, obj in diff(old.get(bucket) or {}, fresh.get(bucket) or {}):
                 self._sink.on_event(self, kind, bucket, obj)
         self._sink.on_synced(self, complete - before)
+
+    def _taken(self, buckets: frozenset[str]) -> None:
+        with self._lock:
+            self._listing, self._due = buckets, False
 
     def _watch(self) -> None:
         events = self.kube.watch(self.res, namespace=self.namespace, label_selector=self.selector,
@@ -321,7 +328,10 @@ class Reflector:
         with self._lock:
             old = self._where.pop(ref, None)
             if old is not None:
-                (self._buckets.get(old) or {}).pop(ref, None)
+                held = self._buckets.get(old) or {}
+                held.pop(ref, None)
+                if not held:
+                    self._buckets.pop(old, None)
                 if old != new:
                     out.append((old, "DELETED", obj))
             if new is not None:

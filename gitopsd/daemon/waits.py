@@ -94,8 +94,8 @@ class WaitSession:
     def keeps(self, bucket: str) -> bool:
         return True
 
-    def wanted(self) -> frozenset[str] | None:
-        return None
+    def wanted(self, taken: Callable[[frozenset[str]], None]) -> frozenset[str] | None:
+        return None   # never asked: pod watches do not list
 
     def on_event(self, stream: Reflector, kind: str, bucket: str, obj: dict) -> None:
         with self._lock:

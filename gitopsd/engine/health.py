@@ -672,19 +672,21 @@ def wait(refs: Sequence[ObjectRef], *, get: Callable[[ObjectRef], dict | None], 
         return obj
 
     def look(ref: ObjectRef) -> ObjectHealth:
-        if ref in first:  # already read this round (apply response or get_many); None = absent
-            known[ref] = obj = first.pop(ref)
-            return _observe(ref, get=lambda _ref: obj, related_pods=pods)
+        read = ref in first   # already read this round (apply response or get_many); None = absent
+        if read:
+            known[ref] = first.pop(ref)
         if session is not None:
+            # Also after a first reading: the watch may already hold something newer
+            # (its event came before this wait began listening), or not cover it at all.
             reading = session.read(ref, after=known.get(ref))
             if reading.covered:
                 polled.discard(ref)
                 if reading.fresh:
                     known[ref] = reading.obj
-                obj = known.get(ref)
-                return _observe(ref, get=lambda _ref: obj, related_pods=pods)
-            polled.add(ref)
-        return _observe(ref, get=fetch, related_pods=pods)
+                read = True
+            else:
+                polled.add(ref)
+        return _observe(ref, get=(lambda _ref: known.get(ref)) if read else fetch, related_pods=pods)
 
     pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
     rounds = 0

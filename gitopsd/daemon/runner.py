@@ -199,7 +199,8 @@ class AppRunner:
         if plan is not None and not plan.errors:
             self.inv = plan.inventory
             self.desired = {c.ref: c for c in plan.changes if c.action != Action.PRUNE and c.desired}
-            self._watch(plan.targets)
+            self._watch(plan.targets, live=result.outcome in (Outcome.APPLIED, Outcome.UNHEALTHY,
+                                                              Outcome.NO_CHANGE))
         if result.outcome in (Outcome.APPLIED, Outcome.UNHEALTHY, Outcome.NO_CHANGE) and result.revision:
             if previous and previous != result.revision.sha:
                 try:
@@ -314,10 +315,23 @@ class AppRunner:
 
     # ------------------------------------------------------------ self-heal
 
-    def _watch(self, targets) -> None:
+    def _watch(self, targets, *, live: bool) -> None:
         """Need exactly the kinds and namespaces the last plan searched (the shared informers start
-        a kind's watch for its first app and stop it after its last)."""
+        a kind's watch for its first app and stop it after its last).
+
+        The view then tells on_event of every member once (ADDED); and when the run
+        left every desired object live (`live`), one the synced informers know
+        to be gone — absent, and the watch past the version the run saw — was
+        deleted since, perhaps before `desired` was set, when its DELETED event
+        meant nothing yet: it is reported as DELETED.
+        """
         self.cache.ensure(set(targets))
+        if not live:
+            return
+        for ref, change in list(self.desired.items()):
+            seen = self.cache.read(ref, after=change.live)
+            if seen.covered and seen.fresh and seen.obj is None:
+                self.on_event("DELETED", change.desired)
 
     def on_event(self, kind: str, obj: dict) -> None:
         """From the watch threads: decide cheaply whether this can be drift."""

@@ -240,12 +240,14 @@ class AppView:
 
     def ensure(self, targets: Iterable[Target], *, wait: float | None = None) -> None:
         """Need exactly `targets`; wait (up to `wait`, default the informers' sync timeout) until
-        they are synced, and tell the app of the members it has not heard of yet."""
+        each has been listed for this app once, and tell the app of the members it has not heard
+        of yet. A reflector whose stream is broken now (the apiserver restarting) is not waited
+        for: it lists or resumes on its own, and meanwhile the planner lists for itself."""
         wanted = frozenset(targets)
         self._informers._retarget(self, wanted)
         timeout = self._informers.sync_timeout if wait is None else wait
         if timeout > 0:
-            self._informers._await(lambda: self._ready(wanted), timeout)
+            self._informers._await(lambda: self._listed(wanted), timeout)
         for stream in self._covering(wanted):
             if stream is not None and stream.ready_for(self.app_id):
                 self.replay(stream)
@@ -331,9 +333,9 @@ class AppView:
     def _covering(self, targets: Iterable[Target]) -> list[Reflector | None]:
         return [self._informers.covering(res.group, res.kind, ns) for res, ns in targets]
 
-    def _ready(self, targets: frozenset[Target]) -> bool:
+    def _listed(self, targets: frozenset[Target]) -> bool:
         streams = self._covering(targets)
-        return all(s is not None and s.ready_for(self.app_id) for s in streams)
+        return all(s is not None and self.app_id in s.complete for s in streams)
 
     def _resolve(self, refs: Iterable[ObjectRef]) -> set[Target]:
         """The targets covering `refs` (kinds the cluster does not serve are left out)."""

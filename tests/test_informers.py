@@ -12,6 +12,7 @@ logic, tested with a fake apiserver.
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 import time
 from collections import Counter
@@ -67,9 +68,12 @@ def test_ten_apps_share_one_watch_per_kind(repo, kube, namespace, tmp_path, star
     kube.apply(owned_by("foreign", namespace, "applyset-another-tool-v1"))   # same label key, other value
     config = write_config(tmp_path / "config.yaml",
                           [app_entry(name, repo.url, namespace, path=name) for name in apps])
-    daemon = start_daemon(config, "--no-leader-elect", "--no-watch-local")
-    for name in apps:
-        wait_audit(daemon, f"{name} applied", app=name, result="Applied")
+    # A client pool of 8 connections (concurrency 2: max(2 + 4, 8)) below the number of apps, so
+    # the TCP count shows whether watches grow with the apps: one watch each would need 10.
+    daemon = start_daemon(config, "--no-leader-elect", "--no-watch-local", "--concurrency", "2")
+    # From /status, not the log: lines written at the same moment by two threads can run together.
+    wait_for("the ten apps applied", lambda: [a["result"] for a in json.loads(daemon.get("/status")[1])["apps"]]
+             == ["Applied"] * len(apps))
     wait_for("the ConfigMap informer to hold the ten apps' objects",
              lambda: metric(daemon, "gitopsd_informer_objects", kind="ConfigMap") == 10)
 
@@ -79,7 +83,8 @@ def test_ten_apps_share_one_watch_per_kind(repo, kube, namespace, tmp_path, star
     assert metric(daemon, "gitopsd_apiserver_requests_total", verb="watch") == 1
     port = int(cluster.server.rsplit(":", 1)[1])
     connections = apiserver_connections(daemon.proc.pid, port)
-    assert 1 <= connections < len(apps), f"{connections} connections to the apiserver for {len(apps)} apps"
+    # At most the pool's 8 idle connections plus the one watch it has checked out.
+    assert 1 <= connections <= 8 + 1 < len(apps), f"{connections} connections to the apiserver for {len(apps)} apps"
 
 
 def test_foreign_applyset_objects_are_not_cached(kubeconfig, kube, namespace):

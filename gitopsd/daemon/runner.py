@@ -43,7 +43,7 @@ from gitopsd.daemon.leader import FencedKube, LeadershipLost
 from gitopsd.engine import health as health_mod
 from gitopsd.engine.diff import managers_of, within
 from gitopsd.engine.inventory import applyset_id, parent_name
-from gitopsd.engine.plan import Action, ObjectChange, judge_one, still_ours
+from gitopsd.engine.plan import Action, ObjectChange, judge_one, member_targets, still_ours
 from gitopsd.engine.sync import Outcome, SyncResult, recheck_health, sync
 from gitopsd.errors import GitopsdError
 from gitopsd.kube import KubeApiError
@@ -199,8 +199,7 @@ class AppRunner:
         if plan is not None and not plan.errors:
             self.inv = plan.inventory
             self.desired = {c.ref: c for c in plan.changes if c.action != Action.PRUNE and c.desired}
-            self._watch(plan.targets, live=result.outcome in (Outcome.APPLIED, Outcome.UNHEALTHY,
-                                                              Outcome.NO_CHANGE))
+            self._watch(plan, live=result.outcome in (Outcome.APPLIED, Outcome.UNHEALTHY, Outcome.NO_CHANGE))
         if result.outcome in (Outcome.APPLIED, Outcome.UNHEALTHY, Outcome.NO_CHANGE) and result.revision:
             if previous and previous != result.revision.sha:
                 try:
@@ -315,9 +314,11 @@ class AppRunner:
 
     # ------------------------------------------------------------ self-heal
 
-    def _watch(self, targets, *, live: bool) -> None:
-        """Need exactly the kinds and namespaces the last plan searched (the shared informers start
-        a kind's watch for its first app and stop it after its last).
+    def _watch(self, plan, *, live: bool) -> None:
+        """Need exactly the kinds and namespaces the next plan will search (the shared informers
+        start a kind's watch for its first app and stop it after its last): those of this plan's
+        objects and of the parent as this run left it — its first write adds gitopsd's own
+        namespace — so that even the first poll reads from memory.
 
         The view then tells on_event of every member once (ADDED); and when the run
         left every desired object live (`live`), one the synced informers know
@@ -325,6 +326,10 @@ class AppRunner:
         deleted since, perhaps before `desired` was set, when its DELETED event
         meant nothing yet: it is reported as DELETED.
         """
+        try:
+            targets = member_targets(self.daemon.kube, plan.inventory, plan.changes)
+        except GitopsdError:
+            targets = plan.targets   # discovery failed: what this plan searched
         self.cache.ensure(set(targets))
         if not live:
             return

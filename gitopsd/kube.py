@@ -443,10 +443,11 @@ class Kube:
 
 
 def _shutdown(resp) -> None:
-    """End a streaming response from another thread; a stream already over is left alone."""
+    """End a streaming response from another thread; a stream already over is left alone.
+    (HTTPResponse.shutdown is urllib3 >= 2.3; before it, the stream ends at its next event.)"""
     try:
         resp.shutdown()
-    except (ValueError, RuntimeError, OSError):
+    except (AttributeError, ValueError, RuntimeError, OSError):
         pass
 
 

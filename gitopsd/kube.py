@@ -386,11 +386,16 @@ class Kube:
             query["continue"] = meta["continue"]
 
     def watch(self, res: Resource, *, namespace: str | None = None, label_selector: str | None = None,
-              resource_version: str = "", timeout_seconds: int = 300):
+              resource_version: str = "", timeout_seconds: int = 300,
+              on_open: Callable[[Callable[[], None]], None] | None = None):
         """Yield (type, object) watch events until the server ends the stream.
 
         BOOKMARK events carry only metadata.resourceVersion. An expired
         resourceVersion raises KubeApiError(410): the caller must re-list.
+        `on_open(close)` hears that the apiserver accepted the watch, with a
+        function that ends the stream from another thread (the blocked read
+        returns and this generator raises ClusterError): how an informer is
+        stopped at once instead of at its next event.
         """
         query = {"watch": "1", "allowWatchBookmarks": "true", "timeoutSeconds": str(timeout_seconds)}
         if label_selector:
@@ -418,6 +423,8 @@ class Kube:
                     APISERVER_THROTTLED.labels(verb="watch").inc()
                     gate.throttled(generation, retry_after=_retry_after(resp), what=f"WATCH {res.path(namespace)}")
                 raise _api_error("GET", res.path(namespace), resp)
+            if on_open is not None:
+                on_open(lambda: _shutdown(resp))
             buffer = b""
             for chunk in resp.stream(65536, decode_content=True):
                 buffer += chunk
@@ -486,6 +493,15 @@ class Kube:
             if exc.status == 404:
                 return False
             raise
+
+
+def _shutdown(resp) -> None:
+    """End a streaming response from another thread; a stream already over is left alone.
+    (HTTPResponse.shutdown is urllib3 >= 2.3; before it, the stream ends at its next event.)"""
+    try:
+        resp.shutdown()
+    except (AttributeError, ValueError, RuntimeError, OSError):
+        pass
 
 
 def _verb(method: str, path: str, query) -> str:

@@ -73,3 +73,13 @@ RENDER_CACHE = Counter(
     "Renders by result: hit (the files it read were unchanged: reused), miss (rendered and kept), "
     "uncached (rendered, not kept: it failed, or reads outside the commit).",
     ["result"], registry=REGISTRY)
+INFORMER_WATCHES = Gauge(
+    "gitopsd_informer_watches",
+    "Watch streams open to the apiserver, by kind: the shared informers' (one per kind, or one per namespace "
+    "where RBAC forbids a cluster-wide watch) and the health wait's temporary watches of a workload's pods.",
+    ["kind"], registry=REGISTRY)
+INFORMER_OBJECTS = Gauge(
+    "gitopsd_informer_objects",
+    "Objects held in memory by the informers, by kind: managed objects of registered apps only (and the pods "
+    "of a rolling workload during a health wait).",
+    ["kind"], registry=REGISTRY)

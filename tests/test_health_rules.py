@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from gitopsd.engine.health import ObjectHealth, Status, compute, summarize, wait
+from gitopsd.engine.health import ObjectHealth, Reading, Status, compute, summarize, wait
 from gitopsd.objects import ObjectRef, ref_of
 
 
@@ -468,3 +468,104 @@ def test_wait_reads_a_round_with_get_many_and_falls_back_to_get():
     assert cluster.calls.get(ref_of(rolling), 0) == 0, "the Deployment was read only through get_many"
     assert cluster.calls[ref_of(cm)] == 1, "what get_many leaves out is read with get"
     assert len(batches) >= 2
+
+
+# --- wait fed by a watch (the daemon's informers) -------------------------------------------------
+
+
+class FakeWatch:
+    """A LiveSource over a dict: `put` stores an object and wakes the wait, as a watch event does.
+    Objects in `blind` are not covered (the wait must read them with `get`). resourceVersions
+    compare as integers, as kube-apiserver's do."""
+
+    def __init__(self, *objs: dict, blind: tuple[ObjectRef, ...] = ()) -> None:
+        self.objects = {ref_of(o): o for o in objs}
+        self.blind = set(blind)
+        self.wake = None
+        self.sessions = 0
+        self.closed = False
+
+    def session(self, refs, *, wake):
+        self.sessions += 1
+        self.wake = wake
+        return self
+
+    def read(self, ref: ObjectRef, *, after: dict | None) -> Reading:
+        if ref in self.blind:
+            return Reading(covered=False, fresh=False, obj=None)
+        o = self.objects.get(ref)
+        fresh = after is None or (o is not None and int(o["metadata"]["resourceVersion"])
+                                  >= int(after["metadata"]["resourceVersion"]))
+        return Reading(covered=True, fresh=fresh, obj=o)
+
+    def pods(self, workload: dict) -> list[dict]:
+        return []
+
+    def close(self) -> None:
+        self.closed = True
+
+    def put(self, o: dict) -> None:
+        self.objects[ref_of(o)] = o
+        self.wake(ref_of(o))
+
+
+def at(o: dict, rv: int) -> dict:
+    o["metadata"]["resourceVersion"] = str(rv)
+    return o
+
+
+def never(ref: ObjectRef):
+    raise AssertionError(f"the wait polled {ref} although a watch covers it")
+
+
+def test_a_watched_wait_sleeps_until_an_event_and_never_polls():
+    rolling = at(deployment(ready=1, available=1), 10)
+    watch = FakeWatch(rolling)
+    later(0.3, lambda: watch.put(at(deployment(), 11)))
+    started = time.monotonic()
+    results = wait([ref_of(rolling)], get=never, timeout=5, interval=0.01, live=watch)
+    assert results[0].status is Status.CURRENT
+    assert time.monotonic() - started < 2, "the event woke the wait"
+    assert watch.closed, "the session ends with the wait"
+
+
+def test_a_watched_wait_takes_no_reading_older_than_the_apply_response():
+    # The watch still holds the Deployment from before the apply: Current, but of the old generation.
+    old = at(deployment(), 10)
+    applied = at(deployment(generation=2, observed=1), 12)
+    watch = FakeWatch(old)
+    results = wait([ref_of(applied)], get=never, timeout=0.2, live=watch, initial={ref_of(applied): applied})
+    assert results[0].status is Status.IN_PROGRESS, "the stale cached copy must not pass for the rollout"
+    later(0.05, lambda: watch.put(at(deployment(generation=2, observed=2), 13)))
+    results = wait([ref_of(applied)], get=never, timeout=5, live=watch, initial={ref_of(applied): applied})
+    assert results[0].status is Status.CURRENT
+
+
+def test_a_watched_wait_sees_an_event_that_came_before_it_began():
+    applied = at(deployment(ready=1, available=1), 10)
+    watch = FakeWatch(at(deployment(), 11))   # the rollout finished before the wait listened
+    results = wait([ref_of(applied)], get=never, timeout=5, live=watch, initial={ref_of(applied): applied})
+    assert results[0].status is Status.CURRENT
+
+
+def test_a_watched_wait_polls_only_what_no_watch_covers():
+    watched = at(deployment(name="watched", ready=1, available=1), 10)
+    blind = obj("example.com/v1", "Widget", name="w", status={"conditions": [cond("Ready", "False")]})
+    cluster = FakeCluster(blind)
+    watch = FakeWatch(watched, blind=(ref_of(blind),))
+    later(0.1, lambda: watch.put(at(deployment(name="watched"), 11)))
+    later(0.1, lambda: cluster.put(obj("example.com/v1", "Widget", name="w",
+                                       status={"conditions": [cond("Ready", "True")]})))
+    results = wait([ref_of(watched), ref_of(blind)], get=cluster.get, timeout=5, interval=0.01, live=watch)
+    assert [r.status for r in results] == [Status.CURRENT, Status.CURRENT]
+    assert ref_of(watched) not in cluster.calls and cluster.calls[ref_of(blind)] >= 2
+
+
+def test_a_watched_wait_is_cancelled_promptly():
+    rolling = at(deployment(ready=1, available=1), 10)
+    cancel = threading.Event()
+    later(0.1, cancel.set)
+    started = time.monotonic()
+    results = wait([ref_of(rolling)], get=never, timeout=30, cancel=cancel, live=FakeWatch(rolling))
+    assert time.monotonic() - started < 1
+    assert results[0].message.startswith("cancelled: ")

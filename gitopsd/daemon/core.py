@@ -10,6 +10,9 @@ This module wires the runners to the outside world and to each other:
   (gitopsd.engine.source_share: one per poll or push, whatever the number of
   apps) and the renders (gitopsd.engine.render_cache: reused while the files
   they read are unchanged);
+- the shared informers (gitopsd.daemon.informers): one watch per kind of
+  managed object for all apps, feeding their plans, self-heal and health
+  waits; stopped at shutdown;
 - the HTTP server (gitopsd.daemon.server): push webhooks, /healthz,
   /readyz, /metrics, /status;
 - the config file (gitopsd.daemon.config_watch): hot reload;
@@ -45,6 +48,7 @@ from gitopsd.budget import Budget
 from gitopsd import config as config_mod
 from gitopsd.daemon.config_watch import ConfigWatcher
 from gitopsd.daemon.credentials import CredentialStore
+from gitopsd.daemon.informers import Informers
 from gitopsd.daemon.leader import FencedKube, LeaderElector
 from gitopsd.daemon.leadership import Leadership
 from gitopsd.daemon.runner import AppRunner, _iso
@@ -76,6 +80,7 @@ class Daemon:
         self._stop = threading.Event()
         self.config_watch = ConfigWatcher(config_path, on_change=self._on_config, stopped=self._stop)
         self.runners: dict[str, AppRunner] = {}
+        self.informers = Informers(kube)
         # Reconciles and heals run here; the pool is sized by the process's one
         # budget (gitopsd.budget), which also bounds their requests together.
         self.pool = kube.budget.reconciles()
@@ -154,6 +159,7 @@ class Daemon:
         # Hand the leases over at once only when no work of ours is still
         # running; otherwise let them expire, so no other replica writes beside us.
         self.leadership.stop(release=idle)
+        self.informers.stop()
         self.credentials.close()
         self.server.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -1,7 +1,8 @@
 """One app's runner: its one-at-a-time execution, desired state, self-heal and status.
 
-A runner owns everything about one app: its watch cache of managed
-objects, its last desired state, its backoff, its status. The daemon
+A runner owns everything about one app: its view of the shared informers
+(gitopsd.daemon.informers: the app's managed objects, from one watch per
+kind for the whole process), its last desired state, its backoff, its status. The daemon
 (gitopsd.daemon.core) creates one per app in the config and wakes it
 (gitopsd.daemon.triggers).
 
@@ -17,7 +18,7 @@ commit deploys at once instead of after the old rollout times out. Runners
 execute on a shared thread pool sized so that every app can run at the same
 time: a slow or failing app never delays the others.
 
-Self-heal: the runner's watch cache reports every change to a managed
+Self-heal: the runner's informer view reports every change to a managed
 object. A change that leaves the object "still ours" (gitopsd.engine.plan.still_ours:
 our hash, our fields) is not drift — status updates by controllers, our own
 applies. Anything else is a small commit of the last applied revision
@@ -44,10 +45,11 @@ from gitopsd import audit, metrics
 from gitopsd import config as config_mod
 from gitopsd import log as log_mod
 from gitopsd.daemon import status as status_mod
-from gitopsd.daemon.informers import MemberCache
+from gitopsd.daemon.informers import AppView
 from gitopsd.daemon.leader import FencedKube, LeadershipLost
 from gitopsd.engine import health as health_mod
-from gitopsd.engine.plan import Action, ObjectChange, still_ours
+from gitopsd.engine.inventory import applyset_id, parent_name
+from gitopsd.engine.plan import Action, ObjectChange, member_targets, still_ours
 from gitopsd.engine.render import Manifest
 from gitopsd.engine.source import Revision
 from gitopsd.engine.sync import (
@@ -93,7 +95,10 @@ class AppRunner:
         self.cancel = threading.Event()       # cancels the running health wait
         self.current_sha: str | None = None   # revision of the running reconcile
         self.failures = 0
-        self.cache: MemberCache | None = None
+        # Registered before the first reconcile of any app, so the first list of
+        # each kind covers every app of the config at once.
+        self.cache: AppView = daemon.informers.view(
+            app_id=applyset_id(name=parent_name(cfg.name), namespace=daemon.namespace), on_event=self.on_event)
         self.inv = None                       # the ApplySet parent as we last wrote/read it
         self.desired: dict[ObjectRef, ObjectChange] = {}
         self.desired_revision: Revision | None = None   # the commit `desired` was planned from
@@ -210,12 +215,13 @@ class AppRunner:
         plan = result.plan
         if plan is not None and not plan.errors:
             self.inv = plan.inventory
-            self._watch(plan.targets)
         if plan is not None and not plan.errors and result.outcome != Outcome.REFUSED:
             # What drift is judged against and self-heal puts back: the commit as planned
             # for the cluster (not one the prune guard refused, of which nothing was written).
             self.desired = {c.ref: c for c in plan.changes if c.action != Action.PRUNE and c.desired}
             self.spec, self.desired_revision = spec, result.revision
+        if plan is not None and not plan.errors:
+            self._watch(plan, live=result.outcome in (Outcome.APPLIED, Outcome.UNHEALTHY, Outcome.NO_CHANGE))
         if result.outcome in (Outcome.APPLIED, Outcome.UNHEALTHY, Outcome.NO_CHANGE) and result.revision:
             if previous and previous != result.revision.sha:
                 try:
@@ -245,7 +251,7 @@ class AppRunner:
             # The verdict stands until the rollout recovers: look once more at what was not healthy.
             refs = [h.ref for h in prev.health if h.status.value != "Current"]
             try:
-                rechecked = recheck_health(self.daemon.kube, refs) if refs else []
+                rechecked = recheck_health(self.daemon.kube, refs, live=self.cache) if refs else []
             except GitopsdError:
                 rechecked = []
             if rechecked and health_mod.summarize(rechecked)[0]:
@@ -337,13 +343,29 @@ class AppRunner:
 
     # ------------------------------------------------------------ self-heal
 
-    def _watch(self, targets) -> None:
-        if self.cache is None:
-            self.cache = MemberCache(self.daemon.kube, selector=self.inv.selector, on_event=self.on_event)
+    def _watch(self, plan, *, live: bool) -> None:
+        """Need exactly the kinds and namespaces the next plan will search (the shared informers
+        start a kind's watch for its first app and stop it after its last): those of this plan's
+        objects and of the parent as this run left it — its first write adds gitopsd's own
+        namespace — so that even the first poll reads from memory.
+
+        The view then tells on_event of every member once (ADDED); and when the run
+        left every desired object live (`live`), one the synced informers know
+        to be gone — absent, and the watch past the version the run saw — was
+        deleted since, perhaps before `desired` was set, when its DELETED event
+        meant nothing yet: it is reported as DELETED.
+        """
         try:
-            self.cache.ensure(set(targets))
-        except (GitopsdError, OSError) as exc:
-            log.warning("cannot watch managed objects", app=self.cfg.name, error=str(exc))
+            targets = member_targets(self.daemon.kube, plan.inventory, plan.changes)
+        except GitopsdError:
+            targets = plan.targets   # discovery failed: what this plan searched
+        self.cache.ensure(set(targets))
+        if not live:
+            return
+        for ref, change in list(self.desired.items()):
+            seen = self.cache.read(ref, after=change.live)
+            if seen.covered and seen.fresh and seen.obj is None:
+                self.on_event("DELETED", change.desired)
 
     def on_event(self, kind: str, obj: dict) -> None:
         """From the watch threads: decide cheaply whether this can be drift."""
@@ -493,8 +515,7 @@ class AppRunner:
             self.stopped = True
             self.cancel.set()
             self.heal_cancel.set()
-        if self.cache:
-            self.cache.stop()
+        self.cache.stop()
 
 
 def _error_of(drift: Drift, result: SyncResult) -> str:

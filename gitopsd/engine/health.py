@@ -3,8 +3,10 @@
 A deploy is done when the new version is healthy, not when the objects are
 written. This stage answers that with kstatus-style rules reimplemented on
 plain dicts: `compute` judges one object as the apiserver returned it, `wait`
-polls a set of objects until each has settled (Current or Failed), the
-deadline passes, or the caller cancels.
+follows a set of objects until each has settled (Current or Failed), the
+deadline passes, or the caller cancels. In the daemon the wait is fed by the
+shared informers' watch (`LiveSource`): it reads from memory and sleeps until
+an event, sending no request; the CLI, and objects no watch covers, poll.
 
 Two things shape the rules beyond upstream kstatus:
 
@@ -27,6 +29,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from gitopsd.objects import ObjectRef, ref_of
 
@@ -552,23 +555,83 @@ def _annotate(latest: dict[ObjectRef, ObjectHealth], prefix: str) -> list[Object
             for h in latest.values()]
 
 
+class Reading(NamedTuple):
+    """What watch-fed state says about one object (LiveSession.read)."""
+
+    covered: bool          # False: nothing watches it (or its age cannot be told): read it from the apiserver
+    fresh: bool            # not older than the reading the caller has (False: nothing newer has arrived yet)
+    obj: dict | None       # the object; None = absent
+
+
+@runtime_checkable
+class LiveSession(Protocol):
+    """One wait's window on watch-fed state (the daemon's informers)."""
+
+    def read(self, ref: ObjectRef, *, after: dict | None) -> Reading: ...
+
+    def pods(self, workload: dict) -> list[dict]: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class LiveSource(Protocol):
+    """Watch-fed state a wait can read instead of polling: `wake(ref)` is called
+    whenever `ref` (or a pod of the workload `ref`) may have changed."""
+
+    def session(self, refs: Sequence[ObjectRef], *, wake: Callable[[ObjectRef], None]) -> LiveSession: ...
+
+
+# How often a wait that sleeps until an event looks at `cancel` (a local flag, no request).
+CANCEL_TICK = 0.1
+
+
+class _Wakeups:
+    """The refs the watch said changed since the last round, and something to sleep on."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._refs: set[ObjectRef] = set()
+        self._event = threading.Event()
+
+    def __call__(self, ref: ObjectRef) -> None:
+        with self._lock:
+            self._refs.add(ref)
+            self._event.set()
+
+    def take(self) -> set[ObjectRef]:
+        """The refs woken since the last take; cleared before the round reads, so none is lost."""
+        with self._lock:
+            refs, self._refs = self._refs, set()
+            self._event.clear()
+        return refs
+
+    def sleep(self, seconds: float, cancel: threading.Event) -> None:
+        """Until a wake-up, `cancel`, or `seconds` pass."""
+        deadline = time.monotonic() + seconds
+        while not cancel.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0 or self._event.wait(min(left, CANCEL_TICK)):
+                return
+
+
 def wait(refs: Sequence[ObjectRef], *, get: Callable[[ObjectRef], dict | None], timeout: float,
          interval: float = 0.5, cancel: threading.Event | None = None,
          on_change: Callable[[ObjectHealth], None] | None = None,
          related_pods: Callable[[dict], list[dict]] | None = None,
          initial: Mapping[ObjectRef, dict] | None = None, workers: int = 1,
          get_many: Callable[[list[ObjectRef]], Mapping[ObjectRef, dict | None]] | None = None,
-         ) -> list[ObjectHealth]:
-    """Poll `refs` until every one has settled, the timeout passes, or `cancel` is set.
+         live: LiveSource | None = None) -> list[ObjectHealth]:
+    """Watch `refs` until every one has settled, the timeout passes, or `cancel` is set.
 
     Returns one ObjectHealth per distinct ref, in the order given.
 
-    - Settled means Current or Failed; settled objects are not polled again. One
-      Failed object does not end the wait for the others: the audit record
+    - Settled means Current or Failed; settled objects are not looked at again.
+      One Failed object does not end the wait for the others: the audit record
       should say what became of each. What keeps a stuck object from blocking
       the next fix is `cancel`, which the daemon sets when a new commit arrives.
     - NotFound (`get` returned None), Terminating and Unknown are not ready:
-      they are polled until the deadline.
+      they are looked at until the deadline.
     - On timeout the unsettled objects keep their last status, their message
       prefixed "timed out after Ns: "; on cancel, prefixed "cancelled: ".
     - `on_change` sees every observed change of (status, message), including the
@@ -578,27 +641,52 @@ def wait(refs: Sequence[ObjectRef], *, get: Callable[[ObjectRef], dict | None], 
       StatefulSet or ReplicaSet (the caller lists them by its selector); it is
       called at most once per round per workload. A pod of the new revision
       that is crash-looping or cannot pull its image fails the workload at once.
-    - Every object is polled at least once, even with timeout 0.
+    - Every object is looked at at least once, even with timeout 0.
     - `initial` holds objects as the apply just returned them: the first round
       reads them instead of asking again (a ConfigMap is Current on sight).
-    - `workers` > 1 polls a round's objects in parallel; rounds start 0.1 s
+    - `live` (the daemon's informers): objects a synced watch covers are read
+      from memory, and the wait sleeps until the watch reports a change of one
+      of them (or of a rolling workload's pods, which `live` then provides
+      instead of `related_pods`): no polling at all. A reading older than the
+      one the wait has (the watch trails the apply) is not taken. Objects no
+      watch covers are polled as below.
+    - Polling: `get` per object, `workers` > 1 in parallel; rounds start 0.1 s
       apart and back off to `interval`, so a quick rollout is seen quickly and
-      a slow one is not polled needlessly often.
-    - `get_many(refs)` reads a whole round at once (the caller can LIST per
-      kind and namespace instead of a GET per object); an object it leaves
-      out is read with `get`.
+      a slow one is not polled needlessly often. `get_many(refs)` reads a
+      whole round at once (the caller can LIST per kind and namespace instead
+      of a GET per object); an object it leaves out is read with `get`.
     """
     cancel = cancel if cancel is not None else threading.Event()
     latest = {ref: ObjectHealth(ref, Status.UNKNOWN, "not checked yet") for ref in refs}
     deadline = time.monotonic() + timeout
     first = dict(initial or {})
     pause = min(0.1, interval)
+    woken = _Wakeups()
+    session = live.session(list(latest), wake=woken) if live is not None else None
+    pods = (session.pods if session is not None else related_pods) if related_pods is not None else None
+    known: dict[ObjectRef, dict | None] = {}    # the newest reading of each object
+    polled: set[ObjectRef] = set()             # live mode: read from the apiserver, no watch covers them
+
+    def fetch(ref: ObjectRef) -> dict | None:
+        known[ref] = obj = get(ref)
+        return obj
 
     def look(ref: ObjectRef) -> ObjectHealth:
-        if ref in first:  # already read this round (apply response or get_many); None = absent
-            obj = first.pop(ref)
-            return _observe(ref, get=lambda _ref: obj, related_pods=related_pods)
-        return _observe(ref, get=get, related_pods=related_pods)
+        read = ref in first   # already read this round (apply response or get_many); None = absent
+        if read:
+            known[ref] = first.pop(ref)
+        if session is not None:
+            # Also after a first reading: the watch may already hold something newer
+            # (its event came before this wait began listening), or not cover it at all.
+            reading = session.read(ref, after=known.get(ref))
+            if reading.covered:
+                polled.discard(ref)
+                if reading.fresh:
+                    known[ref] = reading.obj
+                read = True
+            else:
+                polled.add(ref)
+        return _observe(ref, get=(lambda _ref: known.get(ref)) if read else fetch, related_pods=pods)
 
     pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
     rounds = 0
@@ -610,9 +698,11 @@ def wait(refs: Sequence[ObjectRef], *, get: Callable[[ObjectRef], dict | None], 
             if cancel.is_set() and rounds:
                 return _annotate(latest, "cancelled")
             rounds += 1
-            todo = [ref for ref, h in latest.items() if h.status not in _SETTLED]
+            changed = woken.take()
+            todo = [ref for ref, h in latest.items() if h.status not in _SETTLED
+                    and (session is None or rounds == 1 or ref in changed or ref in polled)]
             if get_many is not None:
-                batch = [ref for ref in todo if ref not in first]
+                batch = [ref for ref in todo if ref not in first and (session is None or ref in polled)]
                 try:
                     first.update({ref: obj for ref, obj in get_many(batch).items() if ref in latest})
                 except Exception:  # noqa: BLE001 - fall back to one read per object this round
@@ -629,11 +719,18 @@ def wait(refs: Sequence[ObjectRef], *, get: Callable[[ObjectRef], dict | None], 
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return _annotate(latest, f"timed out after {timeout:g}s")
-            cancel.wait(min(pause, remaining))
+            if session is None:
+                cancel.wait(min(pause, remaining))
+            elif any(latest[ref].status not in _SETTLED for ref in polled):
+                woken.sleep(min(pause, remaining), cancel)
+            else:
+                woken.sleep(remaining, cancel)   # until the watch reports a change
             pause = min(pause * 2, interval)
     finally:
         if pool:
             pool.shutdown(wait=False)
+        if session is not None:
+            session.close()
 
 
 def summarize(results: Sequence[ObjectHealth]) -> tuple[bool, str]:

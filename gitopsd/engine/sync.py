@@ -232,7 +232,7 @@ def sync(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None, dry_run: bo
         return None
 
     return _run(kube, app, result, plan=plan, held=held, prune=do_prune, on_progress=on_progress,
-                on_health=on_health, cancel=cancel)
+                on_health=on_health, cancel=cancel, cache=cache)
 
 
 def heal(kube: Kube, app: AppSpec, *, manifests: list[render.Manifest], refs: Collection[ObjectRef],
@@ -265,13 +265,13 @@ def heal(kube: Kube, app: AppSpec, *, manifests: list[render.Manifest], refs: Co
         return "drift reported, not corrected: self-heal is off" if dry_run else None
 
     return _run(kube, app, result, plan=plan, held=held, prune=False, on_progress=on_progress,
-                on_health=on_health, cancel=cancel)
+                on_health=on_health, cancel=cancel, cache=cache)
 
 
 def _run(kube: Kube, app: AppSpec, result: SyncResult, *, plan: Callable[[], Plan],
          held: Callable[[], str | None], prune: bool, on_progress: Progress | None,
          on_health: Callable[[health.ObjectHealth], None] | None,
-         cancel: threading.Event | None) -> SyncResult:
+         cancel: threading.Event | None, cache: LiveCache | None) -> SyncResult:
     """plan -> guard -> apply -> prune -> health -> `result`: what `sync` and `heal` share.
 
     `held()` (asked once the plan is valid) names why nothing may be
@@ -305,7 +305,8 @@ def _run(kube: Kube, app: AppSpec, result: SyncResult, *, plan: Callable[[], Pla
             result.outcome, result.reason = Outcome.NO_CHANGE, "in sync"
             return result
         result.health = _wait_healthy(kube, outcome.applied, app=app, cancel=cancel, on_change=on_health,
-                                      selector=planned.inventory.selector)
+                                      selector=planned.inventory.selector,
+                                      live=cache if isinstance(cache, health.LiveSource) else None)
         healthy, why = health.summarize(result.health)
         if healthy:
             result.outcome, result.reason = Outcome.APPLIED, _summary(outcome)
@@ -400,21 +401,30 @@ def _summary(outcome: ApplyOutcome) -> str:
     return ", ".join(f"{n} {verb}d" for verb, n in sorted(counts.items()))
 
 
-def recheck_health(kube: Kube, refs: list[ObjectRef]) -> list[health.ObjectHealth]:
+def recheck_health(kube: Kube, refs: list[ObjectRef], *,
+                   live: health.LiveSource | None = None) -> list[health.ObjectHealth]:
     """One look at objects that were not healthy (no waiting): the daemon asks
-    whether a rollout that timed out has since completed on its own."""
+    whether a rollout that timed out has since completed on its own. With
+    `live` (the daemon's informers) what a watch covers is read from memory."""
+    return health.wait(refs, get=_getter(kube), timeout=0, live=live)
+
+
+def _getter(kube: Kube) -> Callable[[ObjectRef], dict | None]:
+    """One object from the apiserver: the health wait's fallback where no watch covers it."""
     def get(ref: ObjectRef) -> dict | None:
         res = kube.resource_for_group_kind(ref.group, ref.kind)
         return kube.get(res, ref.name, ref.namespace or None) if res else None
 
-    return health.wait(refs, get=get, timeout=0)
+    return get
 
 
 def _wait_healthy(kube: Kube, applied: list[ObjectChange], *, app: AppSpec, cancel, on_change,
-                  selector: str) -> list[health.ObjectHealth]:
-    def get(ref: ObjectRef) -> dict | None:
-        res = kube.resource_for_group_kind(ref.group, ref.kind)
-        return kube.get(res, ref.name, ref.namespace or None) if res else None
+                  selector: str, live: health.LiveSource | None = None) -> list[health.ObjectHealth]:
+    """Wait for what was applied. With `live` (the daemon's informers) the wait is
+    fed by their watch and a rolling workload's pods by a temporary watch (no
+    request while it waits); without (the CLI), it polls: GETs, or one LIST per
+    kind and namespace of three or more objects, and the pods by their selector."""
+    get = _getter(kube)
 
     def related_pods(workload: dict) -> list[dict]:
         selector = ((workload.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
@@ -442,4 +452,4 @@ def _wait_healthy(kube: Kube, applied: list[ObjectChange], *, app: AppSpec, canc
     # The apply responses are the first reading: no GET for what is ready on sight.
     return health.wait([c.ref for c in applied], get=get, timeout=app.timeout, cancel=cancel, on_change=on_change,
                        related_pods=related_pods, initial={c.ref: c.live for c in applied if c.live},
-                       workers=kube.max_workers, get_many=get_many)
+                       workers=kube.max_workers, get_many=get_many, live=live)

@@ -210,3 +210,35 @@ def test_an_empty_managed_namespace_is_pruned(app, repo, kube, namespace):
     result = app.sync(prune_guard=1.0)
 
     assert [str(c.ref) for c in result.pruned] == [f"Namespace/{ns}"]
+
+
+def test_the_parents_namespace_is_searched_for_members_only_when_some_live_there(app, repo, kube, namespace):
+    """gitopsd's parents live in its own namespace, where under namespaced RBAC it may not even
+    list the apps' kinds: the parent records whether members live there (the ApplySet standard
+    counts that namespace in implicitly), and only then is it searched — and pruned."""
+    from gitopsd.engine import inventory
+
+    home = f"{namespace}-home"
+    namespaces = kube.resource("v1", "Namespace")
+    kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": home}})
+    try:
+        repo.write("cm.yaml", configmap("elsewhere", {"a": "1"}))
+        repo.commit()
+        assert app.sync(inventory_namespace=home).ok
+        inv = inventory.load(kube, app=namespace, namespace=home)
+        assert inv.namespaces == {namespace}, "members only in the app's namespace: home is not searched"
+
+        cms = kube.resource("v1", "ConfigMap")
+        repo.write("home.yaml", {**configmap("at-home", {"b": "2"}), "metadata": {"name": "at-home",
+                                                                                  "namespace": home}})
+        repo.commit()
+        assert app.sync(inventory_namespace=home).ok
+        assert inventory.load(kube, app=namespace, namespace=home).namespaces == {namespace, home}
+
+        repo.remove("home.yaml")
+        repo.commit()
+        assert app.sync(inventory_namespace=home).ok
+        assert kube.get(cms, "at-home", home) is None, "a member in the parent's namespace is still pruned"
+        assert inventory.load(kube, app=namespace, namespace=home).namespaces == {namespace}
+    finally:
+        kube.delete(namespaces, home)

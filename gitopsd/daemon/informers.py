@@ -211,7 +211,7 @@ class Informers:
             key = (stream.res.group, stream.res.kind)
             k = self._kinds.get(key)
             if k is not None and k.streams.get(None) is stream:
-                log.warning("may not list and watch this kind in all namespaces; watching each namespace "
+                log.info("may not list and watch this kind in all namespaces; watching each namespace "
                             "the apps need instead", kind=stream.kind)
                 k.forbidden = True
                 self._reconcile(key, k)

@@ -104,7 +104,7 @@ def _apply(kube: Kube, plan: Plan, out: ApplyOutcome, sent: set[int], *, prune: 
     prunes = [c for c in plan.changes if c.action == Action.PRUNE] if prune else []
     final_gks, final_nss = plan.group_kinds, plan.namespaces
     if not writes and not prunes and (plan.partial or inv.exists and inv.group_kinds == final_gks and
-                                      inv.namespaces == final_nss | {inv.namespace}):
+                                      inv.namespaces == final_nss):
         return  # nothing to do, not even on the parent
 
     recorded = inv.exists and final_gks <= inv.group_kinds and final_nss <= inv.namespaces

@@ -29,6 +29,12 @@ PART_OF_LABEL = "applyset.kubernetes.io/part-of"
 TOOLING_ANNOTATION = "applyset.kubernetes.io/tooling"
 GROUP_KINDS_ANNOTATION = "applyset.kubernetes.io/contains-group-kinds"
 NAMESPACES_ANNOTATION = "applyset.kubernetes.io/additional-namespaces"
+# Whether members live in the parent's own namespace (gitopsd's). The ApplySet
+# standard counts that namespace in implicitly; gitopsd records it, so that an
+# app whose objects all live elsewhere is never searched for there: under
+# namespaced RBAC gitopsd may not even list Deployments in its own namespace
+# (and so cannot have put any there).
+PARENT_NAMESPACE_ANNOTATION = "gitopsd.io/members-in-parent-namespace"
 PARENT_KIND, PARENT_GROUP = "ConfigMap", ""
 
 
@@ -82,6 +88,7 @@ class Inventory:
                     TOOLING_ANNOTATION: f"gitopsd/{__version__}",
                     GROUP_KINDS_ANNOTATION: ",".join(sorted(group_kinds)),
                     NAMESPACES_ANNOTATION: ",".join(additional),
+                    **({PARENT_NAMESPACE_ANNOTATION: "true"} if self.namespace in namespaces else {}),
                 },
             },
         }
@@ -100,7 +107,9 @@ def load(kube: Kube, *, app: str, namespace: str) -> Inventory:
                                    f"(label {ID_LABEL} is {labels.get(ID_LABEL)!r}, want {inv.id})")
     ann = parent["metadata"].get("annotations") or {}
     inv.group_kinds = {gk for gk in ann.get(GROUP_KINDS_ANNOTATION, "").split(",") if gk}
-    inv.namespaces = {ns for ns in ann.get(NAMESPACES_ANNOTATION, "").split(",") if ns} | {namespace}
+    inv.namespaces = {ns for ns in ann.get(NAMESPACES_ANNOTATION, "").split(",") if ns}
+    if ann.get(PARENT_NAMESPACE_ANNOTATION) == "true":
+        inv.namespaces.add(namespace)
     inv.exists = True
     return inv
 
@@ -109,7 +118,7 @@ def write(kube: Kube, inv: Inventory, *, group_kinds: set[str], namespaces: set[
     """Record group-kinds and namespaces on the parent (server-side apply)."""
     ensure_namespace(kube, inv.namespace)
     kube.apply(inv.parent_object(group_kinds=group_kinds, namespaces=namespaces))
-    inv.group_kinds, inv.namespaces, inv.exists = set(group_kinds), set(namespaces) | {inv.namespace}, True
+    inv.group_kinds, inv.namespaces, inv.exists = set(group_kinds), set(namespaces), True
 
 
 def ensure_namespace(kube: Kube, name: str) -> None:

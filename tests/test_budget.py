@@ -177,7 +177,7 @@ def test_a_nested_fan_out_does_not_wait_on_itself():
 
     def leaf(x: int) -> int:
         threads.add(threading.current_thread().name)
-        time.sleep(0.001)
+        time.sleep(0.001)   # the work itself: an item that takes time, so items overlap
         return x
 
     def middle(x: int) -> int:
@@ -209,7 +209,7 @@ def test_fan_out_results_come_in_input_order_and_an_error_is_raised_at_its_item(
     budget = Budget(limit=4)
 
     def slow_first(x: int) -> int:
-        time.sleep(0.05 if x == 0 else 0)
+        time.sleep(0.05 if x == 0 else 0)   # the work itself: the first item finishes last
         if x == 3:
             raise ValueError("item 3")
         return x
@@ -229,7 +229,7 @@ def test_a_fan_out_never_uses_more_threads_than_the_budget():
         with lock:
             running[0] += 1
             peak[0] = max(peak[0], running[0])
-        time.sleep(0.01)
+        time.sleep(0.01)   # the work itself: long enough for items to run at once
         with lock:
             running[0] -= 1
 

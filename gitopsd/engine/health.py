@@ -26,8 +26,7 @@ import enum
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, runtime_checkable
 
@@ -619,7 +618,8 @@ def wait(refs: Sequence[ObjectRef], *, get: Callable[[ObjectRef], dict | None], 
          interval: float = 0.5, cancel: threading.Event | None = None,
          on_change: Callable[[ObjectHealth], None] | None = None,
          related_pods: Callable[[dict], list[dict]] | None = None,
-         initial: Mapping[ObjectRef, dict] | None = None, workers: int = 1,
+         initial: Mapping[ObjectRef, dict] | None = None,
+         parallel: Callable[[Callable, Sequence], Iterable] | None = None,
          get_many: Callable[[list[ObjectRef]], Mapping[ObjectRef, dict | None]] | None = None,
          live: LiveSource | None = None) -> list[ObjectHealth]:
     """Watch `refs` until every one has settled, the timeout passes, or `cancel` is set.
@@ -650,7 +650,8 @@ def wait(refs: Sequence[ObjectRef], *, get: Callable[[ObjectRef], dict | None], 
       instead of `related_pods`): no polling at all. A reading older than the
       one the wait has (the watch trails the apply) is not taken. Objects no
       watch covers are polled as below.
-    - Polling: `get` per object, `workers` > 1 in parallel; rounds start 0.1 s
+    - Polling: `get` per object, in parallel through `parallel` (the process's
+      one fan-out, gitopsd.budget's `map`; in order when None); rounds start 0.1 s
       apart and back off to `interval`, so a quick rollout is seen quickly and
       a slow one is not polled needlessly often. `get_many(refs)` reads a
       whole round at once (the caller can LIST per kind and namespace instead
@@ -688,7 +689,6 @@ def wait(refs: Sequence[ObjectRef], *, get: Callable[[ObjectRef], dict | None], 
                 polled.add(ref)
         return _observe(ref, get=(lambda _ref: known.get(ref)) if read else fetch, related_pods=pods)
 
-    pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
     rounds = 0
     try:
         while True:
@@ -707,7 +707,7 @@ def wait(refs: Sequence[ObjectRef], *, get: Callable[[ObjectRef], dict | None], 
                     first.update({ref: obj for ref, obj in get_many(batch).items() if ref in latest})
                 except Exception:  # noqa: BLE001 - fall back to one read per object this round
                     pass
-            seen = list(pool.map(look, todo)) if pool else [look(ref) for ref in todo]
+            seen = list(parallel(look, todo)) if parallel else [look(ref) for ref in todo]
             for now in seen:
                 before = latest[now.ref]
                 if (now.status, now.message) != (before.status, before.message):
@@ -727,8 +727,6 @@ def wait(refs: Sequence[ObjectRef], *, get: Callable[[ObjectRef], dict | None], 
                 woken.sleep(remaining, cancel)   # until the watch reports a change
             pause = min(pause * 2, interval)
     finally:
-        if pool:
-            pool.shutdown(wait=False)
         if session is not None:
             session.close()
 

@@ -452,4 +452,4 @@ def _wait_healthy(kube: Kube, applied: list[ObjectChange], *, app: AppSpec, canc
     # The apply responses are the first reading: no GET for what is ready on sight.
     return health.wait([c.ref for c in applied], get=get, timeout=app.timeout, cancel=cancel, on_change=on_change,
                        related_pods=related_pods, initial={c.ref: c.live for c in applied if c.live},
-                       workers=kube.max_workers, get_many=get_many, live=live)
+                       parallel=kube.budget.map, get_many=get_many, live=live)

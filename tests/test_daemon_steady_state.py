@@ -31,7 +31,9 @@ def test_steady_state_reconciles_of_an_unchanged_200_object_app_send_zero_writes
     repo.commit("200 objects")
     cfg = tmp_path / "config.yaml"
     write_config(cfg, [app_entry("steady", repo.url, namespace, interval="5s")])
-    daemon = start_daemon(cfg, "--no-leader-elect", "--no-watch-local")
+    # A name of its own: the audit log of a shared cluster holds other tests' daemons too.
+    instance = f"steady-{namespace}"
+    daemon = start_daemon(cfg, "--no-leader-elect", "--no-watch-local", name=instance)
     daemon.wait_event(lambda e: e.get("event") == "audit" and e.get("result") == "Applied", "first sync", 60)
 
     def polls() -> float:
@@ -41,7 +43,7 @@ def test_steady_state_reconciles_of_an_unchanged_200_object_app_send_zero_writes
     wait_for("a first steady poll", lambda: polls() >= 1, 20)
     before_polls = polls()
     before = _counters(daemon.get("/metrics")[1], "gitopsd_apiserver_requests_total")
-    before_server = _apiserver_writes_by(cluster, "daemon")
+    before_server = _apiserver_writes_by(cluster, instance)
     assert before_server, "the audit log sees the daemon's first sync"
 
     wait_for("three more polls", lambda: polls() >= before_polls + 3, 40)
@@ -50,7 +52,7 @@ def test_steady_state_reconciles_of_an_unchanged_200_object_app_send_zero_writes
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
     writes = {k: v for k, v in delta.items() if re.search(r'verb="(apply|post|put|delete)"', k)}
     assert writes == {}, f"steady-state reconciles wrote: {writes}"
-    assert _apiserver_writes_by(cluster, "daemon") == before_server, "the apiserver's audit log shows writes"
+    assert _apiserver_writes_by(cluster, instance) == before_server, "the apiserver's audit log shows writes"
     reads = {k: v for k, v in delta.items() if not k.startswith('{verb="watch"')}
     # The watch cache serves live state: a steady reconcile needs no request at all.
     assert reads == {}, f"steady-state reconciles read: {reads}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from helpers import configmap, deployment, service_account_kubeconfig, wait_for
+from helpers import configmap, delete_service_account_rbac, deployment, service_account_kubeconfig, wait_for
 
 from gitopsd.engine import plan as plan_mod
 from gitopsd.engine.sync import sync
@@ -175,6 +175,7 @@ def test_a_kind_gitopsd_may_not_list_keeps_the_namespace(app, repo, kube, kubeco
         assert _active(kube, team_ns)
     finally:
         restricted.close()
+        delete_service_account_rbac(kube, f"{namespace}-restricted")
 
 
 def test_prune_never_leaves_the_allowed_namespaces(app, repo, kube, namespace):

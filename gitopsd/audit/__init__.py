@@ -26,7 +26,6 @@ gitopsd.report. The names below are the package's public surface.
 """
 
 from gitopsd.audit.events import (
-                                   MAX_OBJECT_EVENTS,
                                    REPORTING_CONTROLLER,
                                    WARNING_RESULTS,
 )
@@ -55,6 +54,7 @@ from gitopsd.audit.segments import (
                                    SEGMENT_MAX_BYTES,
                                    SEGMENT_MAX_RECORDS,
                                    SEGMENT_PREFIX,
+                                   list_segments,
                                    segment_name,
 )
 from gitopsd.audit.store import APPEND_ATTEMPTS, MAX_BACKLOG, AuditLog
@@ -71,9 +71,9 @@ from gitopsd.report import (
 __all__ = [
     "APPEND_ATTEMPTS", "AUDIT_APP_LABEL", "AuditLog", "CLUSTER_CHANGING", "CONVERGED", "DEFAULT_RETENTION",
     "DRIFT_ACTIONS", "EVENT_NOTE_MAX", "FIRST_SEQ_ANNOTATION", "GENESIS_HASH", "HEAD_ANNOTATION",
-    "HEAD_FIELD_MANAGER", "HEAD_SEGMENT_ANNOTATION", "MAX_BACKLOG", "MAX_MESSAGE_CHARS", "MAX_OBJECT_EVENTS",
+    "HEAD_FIELD_MANAGER", "HEAD_SEGMENT_ANNOTATION", "MAX_BACKLOG", "MAX_MESSAGE_CHARS",
     "RECORD_MAX_BYTES", "REPORTING_CONTROLLER", "RETAINED_FROM_ANNOTATION", "SEGMENT_MAX_BYTES",
-    "SEGMENT_MAX_RECORDS", "SEGMENT_PREFIX", "WARNING_RESULTS", "canonical", "cli_instance", "default_instance",
+    "SEGMENT_MAX_RECORDS", "SEGMENT_PREFIX", "list_segments", "WARNING_RESULTS", "canonical", "cli_instance", "default_instance",
     "drift_record", "event_note", "history", "last_revision", "live_at", "live_at_text", "log_fields",
     "object_note", "parse_time", "record_hash", "segment_name", "summary_line", "transition_record", "verify",
 ]

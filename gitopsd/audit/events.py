@@ -1,10 +1,17 @@
 """Kubernetes Events (events.k8s.io/v1) for audit records, so `kubectl describe` shows what gitopsd did.
 
-One Event on the app's ApplySet parent ConfigMap (``gitopsd-<app>``), plus
-at most MAX_OBJECT_EVENTS on the objects the record names. Events are best
-effort (the apiserver expires them after an hour); a failed Event write is
-logged and never fails the record. Their notes are rendered by
-gitopsd.report (event_note, object_note): paths only, never values.
+One Event per record on the app's ApplySet parent ConfigMap
+(``gitopsd-<app>``), whose note counts what the transition created,
+configured and pruned; a drift record adds one on the object that drifted,
+where whoever edited it will look. A transition has no Event per object it
+wrote, as Flux's kustomize-controller records on the Kustomization alone:
+on a fleet's first sync those were five of an app's 35 requests, and the
+audit record (gitopsd history) names every object and field anyway.
+
+Events are best effort (the apiserver expires them after an hour); a
+failed Event write is logged and never fails the record. Their notes are
+rendered by gitopsd.report (event_note, object_note): paths only, never
+values.
 """
 
 from __future__ import annotations
@@ -19,7 +26,6 @@ from gitopsd.errors import GitopsdError
 from gitopsd.kube import Kube
 from gitopsd.report import EVENT_NOTE_MAX, event_note, object_note
 
-MAX_OBJECT_EVENTS = 10
 REPORTING_CONTROLLER = "gitopsd.io/gitopsd"
 WARNING_RESULTS = frozenset({Outcome.FAILED.value, Outcome.UNHEALTHY.value, Outcome.REFUSED.value})
 
@@ -39,29 +45,29 @@ class EventRecorder:
             self._parent_uids[app] = uid
 
     def announce(self, rec: dict) -> None:
-        """One Event on the app's parent, and at most MAX_OBJECT_EVENTS on the objects named."""
+        """One Event on the app's parent; for a drift record, one more on the object that drifted."""
         app = rec["app"]
         parent = inventory.parent_name(app)
         targets: list[tuple[dict, str]] = [(
             {"apiVersion": "v1", "kind": "ConfigMap", "namespace": self.namespace, "name": parent,
              **({"uid": uid} if (uid := self._parent_uid(app)) else {})},
             event_note(rec))]
-        if rec.get("type") == "drift":
-            objects = [rec["object"]]
-        else:
-            objects = [o for o in rec.get("plan", {}).get("objects", []) if o.get("done")]
-        for obj in objects[:MAX_OBJECT_EVENTS]:
-            res = self.kube.resource_for_group_kind(obj.get("group", ""), obj.get("kind", ""))
-            if res is None:
-                continue
-            regarding = {"apiVersion": res.api_version, "kind": obj["kind"], "name": obj["name"]}
-            if obj.get("namespace"):
-                regarding["namespace"] = obj["namespace"]
-            if obj.get("uid"):
-                regarding["uid"] = obj["uid"]
-            targets.append((regarding, object_note(rec, obj)))
+        if rec.get("type") == "drift" and (regarding := self._regarding(rec["object"])) is not None:
+            targets.append((regarding, object_note(rec, rec["object"])))
         for regarding, note in targets:
             self._event(rec, regarding=regarding, note=note)
+
+    def _regarding(self, obj: dict) -> dict | None:
+        """An Event's `regarding` for an object a record names (None: the cluster no longer serves its kind)."""
+        res = self.kube.resource_for_group_kind(obj.get("group", ""), obj.get("kind", ""))
+        if res is None:
+            return None
+        regarding = {"apiVersion": res.api_version, "kind": obj["kind"], "name": obj["name"]}
+        if obj.get("namespace"):
+            regarding["namespace"] = obj["namespace"]
+        if obj.get("uid"):
+            regarding["uid"] = obj["uid"]
+        return regarding
 
     def _parent_uid(self, app: str) -> str | None:
         uid = self._parent_uids.get(app)

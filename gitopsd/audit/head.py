@@ -42,6 +42,7 @@ from gitopsd.audit.segments import (
     RECORD_KEY,
     SEGMENT_PREFIX,
     Head,
+    Segment,
     list_segments,
     parse_record,
     read_segment,
@@ -64,7 +65,7 @@ def parse_marker(text: str | None) -> Head | None:
 
 
 def kept_head(kube: Kube, *, namespace: str, app: str) -> Head | None:
-    """The chain head kept on the app's parent ConfigMap, outside the segments.
+    """The chain head kept on the app's parent ConfigMap, outside the segments (read now).
 
     None when there is none: no record yet, a trail written before gitopsd
     kept it, or the parent deleted. ValueError naming the ConfigMap and its
@@ -78,7 +79,13 @@ def kept_head(kube: Kube, *, namespace: str, app: str) -> Head | None:
         if exc.status == 404:
             return None
         raise
-    annotations = (meta.get("metadata") or {}).get("annotations") or {}
+    return head_on_parent(meta, namespace=namespace, app=app)
+
+
+def head_on_parent(parent: dict | None, *, namespace: str, app: str) -> Head | None:
+    """The chain head a read of the app's parent holds (None: no parent, or no head on it); see kept_head."""
+    name = inventory.parent_name(app)
+    annotations = ((parent or {}).get("metadata") or {}).get("annotations") or {}
     marker, held = annotations.get(HEAD_ANNOTATION), annotations.get(HEAD_SEGMENT_ANNOTATION)
     if marker is None and held is None:
         return None
@@ -108,22 +115,31 @@ def further(stored: Head, known: Head | None) -> Head:
 
 
 
-def load_head(kube: Kube, *, namespace: str, app: str, log) -> Head:
+_UNREAD = object()
+
+
+def load_head(kube: Kube, *, namespace: str, app: str, log, parent=_UNREAD,
+              segments: list[Segment] | None = None) -> Head:
     """Where a restarted daemon, a new leader or a CLI run continues.
 
     The further of the newest segment's head and the head kept on the
     app's parent: when the parent is ahead, the newest records left the
     store with their segment, and the chain goes on after them.
+
+    `parent` (the parent as just read, None when absent) and `segments`
+    (list_segments, read after it) save reading them again: the daemon
+    reads both once per app when it takes the app over (AuditLog.prime).
     """
     # The parent first: another writer may append between the two reads, and a parent read after
     # the segments could then be ahead of them with nothing deleted (and this writer would fork the
     # chain into a new segment). Read first, it can only be behind.
     try:
-        kept = kept_head(kube, namespace=namespace, app=app)
+        kept = (kept_head(kube, namespace=namespace, app=app) if parent is _UNREAD
+                else head_on_parent(parent, namespace=namespace, app=app))
     except ValueError as exc:
         log.warning("audit_head_unreadable", app=app, error=str(exc))
         kept = None
-    stored = stored_head(kube, namespace=namespace, app=app)
+    stored = stored_head(kube, namespace=namespace, app=app, segments=segments)
     head = further(stored, kept)
     if head is not stored:
         log.warning("audit_records_missing", app=app, stored_to=stored.seq, head=head.seq,
@@ -132,13 +148,17 @@ def load_head(kube: Kube, *, namespace: str, app: str, log) -> Head:
     return head
 
 
-def stored_head(kube: Kube, *, namespace: str, app: str) -> Head:
-    """The head as the newest segment holds it (its newest record, or its marker when that is further)."""
+def stored_head(kube: Kube, *, namespace: str, app: str, segments: list[Segment] | None = None) -> Head:
+    """The head as the newest segment holds it (its newest record, or its marker when that is further).
+
+    `segments`: the app's segments as just listed (the first attempt uses them instead of a LIST)."""
     for _ in range(3):
-        segments = list_segments(kube, namespace=namespace, app=app)
+        if segments is None:
+            segments = list_segments(kube, namespace=namespace, app=app)
         if not segments:
             return Head()
         seg = segments[-1]
+        segments = None   # a retry lists again
         cm = read_segment(kube, namespace=namespace, name=seg.name)
         if cm is None:
             continue   # retention removed it between the LIST and the GET

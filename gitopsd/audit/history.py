@@ -12,16 +12,19 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 
 from gitopsd.audit.records import CLUSTER_CHANGING, CONVERGED, iso_time
-from gitopsd.audit.segments import list_segments, parse_record, read_segment
+from gitopsd.audit.segments import Segment, list_segments, parse_record, read_segment
 from gitopsd.kube import Kube
 
 
-def newest_first(kube: Kube, *, namespace: str, app: str) -> Iterator[dict]:
+def newest_first(kube: Kube, *, namespace: str, app: str, segments: list[Segment] | None = None) -> Iterator[dict]:
     """Records newest first, reading one segment at a time (so `--limit 5` reads one).
 
     Unreadable entries are skipped here; `verify` is the place that reports them.
+    `segments`: the app's segments as just listed (saves listing them again).
     """
-    for seg in reversed(list_segments(kube, namespace=namespace, app=app)):
+    if segments is None:
+        segments = list_segments(kube, namespace=namespace, app=app)
+    for seg in reversed(segments):
         cm = read_segment(kube, namespace=namespace, name=seg.name)
         if cm is None:
             continue   # removed by retention while we read
@@ -76,13 +79,13 @@ def history(kube: Kube, *, namespace: str, app: str, since: datetime | None = No
     return out
 
 
-def last_revision(kube: Kube, *, namespace: str, app: str) -> str | None:
+def last_revision(kube: Kube, *, namespace: str, app: str, segments: list[Segment] | None = None) -> str | None:
     """The newest recorded revision the cluster converged to (Applied, Unhealthy or NoChange).
 
     What a new transition calls `previous`: a Failed or Refused attempt never
-    became live, so it does not count.
+    became live, so it does not count. `segments`: see newest_first.
     """
-    for rec in newest_first(kube, namespace=namespace, app=app):
+    for rec in newest_first(kube, namespace=namespace, app=app, segments=segments):
         if rec.get("type") == "transition" and rec.get("result") in CONVERGED and rec.get("revision"):
             return rec["revision"]
     return None

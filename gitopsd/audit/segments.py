@@ -139,7 +139,6 @@ class SegmentStore:
         self.segment_records = segment_records
         self.segment_bytes = segment_bytes
         self._log = logger
-        self._namespace_ready = False
 
     def append(self, app: str, head: Head, stamped: dict) -> Head:
         """Write the chained record after `head`: into the head segment, or a new one when that is full or lost.
@@ -170,16 +169,11 @@ class SegmentStore:
                              "annotations": {HEAD_ANNOTATION: marker,
                                              FIRST_SEQ_ANNOTATION: str(stamped["seq"])}},
                 "data": {key: value}}
-        self._ensure_namespace()
         # POST, not apply: a 409 AlreadyExists means another writer opened this segment first.
-        meta = kube.request("POST", cms.path(self.namespace), body=body, accept=META_ACCEPT)
+        meta = inventory.in_namespace(kube, self.namespace, lambda: kube.request(
+            "POST", cms.path(self.namespace), body=body, accept=META_ACCEPT))
         return Head(seq=stamped["seq"], hash=stamped["hash"], segment=number,
                     resource_version=meta["metadata"]["resourceVersion"], count=1, size=size)
-
-    def _ensure_namespace(self) -> None:
-        if not self._namespace_ready:
-            inventory.ensure_namespace(self.kube, self.namespace)
-            self._namespace_ready = True
 
     def seal(self, app: str, number: int) -> None:
         """Make a full segment immutable: the apiserver then refuses any edit of its records."""
@@ -198,7 +192,10 @@ class SegmentStore:
         app's current head; its resource_version follows when the survivor
         is the head segment.
         """
-        if self.retention <= 0:
+        if self.retention <= 0 or head.seq + 1 < self.retention:
+            # Nothing can be old enough to go, so no LIST to find out: a survivor's
+            # first seq is at least 0, and it must hold `retention` records up to
+            # the head before anything older is deleted.
             return
         try:
             segments = list_segments(self.kube, namespace=self.namespace, app=app)

@@ -107,6 +107,22 @@ class AuditLog:
             self._announcer.announce(stored)
         return stored
 
+    def prime(self, app: str, *, parent: dict | None, segments: list) -> None:
+        """Take the app's chain head from reads the caller just made — its parent (None: absent),
+        then its segments (list_segments) — instead of reading both again before its first record.
+
+        The daemon reads them anyway when it takes an app over (the inventory, the last
+        revision). A head this process already holds is kept. One that is stale by the time
+        the record is written (another writer appended meanwhile) costs what it always does:
+        the segment write is refused (409, or AlreadyExists) and the head read again.
+        """
+        if self.kube is None:
+            return
+        with self._lock_for(app):
+            if app not in self._heads:
+                self._heads[app] = load_head(self.kube, namespace=self.namespace, app=app, log=self._log,
+                                             parent=parent, segments=segments)
+
     def head(self, app: str) -> tuple[int, str]:
         """(seq, hash) of the app's newest record; (0, genesis) when there is none."""
         with self._lock_for(app):

@@ -48,6 +48,7 @@ from gitopsd.daemon import status as status_mod
 from gitopsd.daemon.informers import AppView
 from gitopsd.daemon.leader import FencedKube, LeadershipLost
 from gitopsd.engine import health as health_mod
+from gitopsd.engine import inventory
 from gitopsd.engine.inventory import applyset_id, parent_name
 from gitopsd.engine.plan import Action, ObjectChange, member_targets, still_ours
 from gitopsd.engine.render import Manifest
@@ -63,6 +64,7 @@ from gitopsd.engine.sync import (
     sync,
 )
 from gitopsd.errors import GitopsdError
+from gitopsd.kube import KubeApiError
 from gitopsd.objects import ObjectRef, ref_of
 
 if TYPE_CHECKING:
@@ -295,16 +297,30 @@ class AppRunner:
         return True
 
     def _restore(self) -> None:
-        """Read the app's last applied revision back from its audit trail.
+        """Read back what the cluster remembers of the app: its last applied revision (from its
+        audit trail), its inventory and its chain head (from its ApplySet parent).
 
         The trail, not this process, is the memory: another replica may have
         led meanwhile, and a removed app's runner is gone with its state.
         Raises GitopsdError when the trail cannot be read; the reconcile then
         fails and retries rather than run without it (self-heal off would
         apply over hand edits).
+
+        One read of the parent and one list of the segments serve all three
+        (a new app: two requests), where the plan, the last revision and the
+        audit log's head each read them for themselves before. A ConfigMap of
+        the parent's name that is not the app's is left for the plan to
+        refuse, with the error it gives.
         """
-        self.last_applied = audit.last_revision(self.daemon.kube, namespace=self.daemon.namespace,
-                                                app=self.cfg.name)
+        kube, namespace, app = self.daemon.kube, self.daemon.namespace, self.cfg.name
+        parent = kube.get(kube.resource("v1", "ConfigMap"), parent_name(app), namespace)
+        segments = audit.list_segments(kube, namespace=namespace, app=app)
+        self.last_applied = audit.last_revision(kube, namespace=namespace, app=app, segments=segments)
+        try:
+            self.inv = inventory.from_parent(parent, app=app, namespace=namespace)
+        except KubeApiError:
+            self.inv = None
+        self.daemon.audit.prime(app, parent=parent, segments=segments)
         self.restored = True
 
     def _stop_after_stage(self, _verb: str, _change: ObjectChange) -> None:
@@ -346,14 +362,15 @@ class AppRunner:
     def _watch(self, plan, *, live: bool) -> None:
         """Need exactly the kinds and namespaces the next plan will search (the shared informers
         start a kind's watch for its first app and stop it after its last): those of this plan's
-        objects and of the parent as this run left it — its first write adds gitopsd's own
-        namespace — so that even the first poll reads from memory.
+        objects and of the parent as this run left it, so that the next poll reads from memory too.
 
-        The view then tells on_event of every member once (ADDED); and when the run
-        left every desired object live (`live`), one the synced informers know
-        to be gone — absent, and the watch past the version the run saw — was
-        deleted since, perhaps before `desired` was set, when its DELETED event
-        meant nothing yet: it is reported as DELETED.
+        When the run left every desired object live (`live`), what the synced informers
+        hold now is judged once against the new desired state: the watch ran during the
+        run (the plan asked it to), but on_event judged its events against the old desired
+        state, or — for an object new in this commit — ignored them. So an object absent,
+        and the watch past the version the run saw, was deleted since: it is reported as
+        DELETED; one at least as new as what the run wrote but no longer ours was edited
+        since: MODIFIED. What the watch has not caught up with yet arrives as an event.
         """
         try:
             targets = member_targets(self.daemon.kube, plan.inventory, plan.changes)
@@ -364,8 +381,12 @@ class AppRunner:
             return
         for ref, change in list(self.desired.items()):
             seen = self.cache.read(ref, after=change.live)
-            if seen.covered and seen.fresh and seen.obj is None:
+            if not (seen.covered and seen.fresh):
+                continue
+            if seen.obj is None:
                 self.on_event("DELETED", change.desired)
+            elif not still_ours(seen.obj, change.desired):
+                self.on_event("MODIFIED", seen.obj)
 
     def on_event(self, kind: str, obj: dict) -> None:
         """From the watch threads: decide cheaply whether this can be drift."""

@@ -35,8 +35,8 @@ MAX_BYTES = 64 * 1024
 
 
 def write(kube: Kube, *, app: str, namespace: str, status: dict) -> None:
-    """Record an app's status on its parent (creating the parent if the app never synced)."""
-    inventory.ensure_namespace(kube, namespace)
+    """Record an app's status on its parent (creating the parent if the app never synced;
+    the namespace too, should it be missing)."""
     inv = inventory.Inventory(app=app, namespace=namespace)
     body = {
         "apiVersion": "v1", "kind": "ConfigMap",
@@ -46,7 +46,7 @@ def write(kube: Kube, *, app: str, namespace: str, status: dict) -> None:
                      "labels": inv.labels},
         "data": {STATUS_KEY: orjson.dumps(status, option=orjson.OPT_SORT_KEYS).decode()},
     }
-    kube.apply(body, field_manager=FIELD_MANAGER)
+    inventory.in_namespace(kube, namespace, lambda: kube.apply(body, field_manager=FIELD_MANAGER))
 
 
 def read_all(kube: Kube, *, namespace: str, app: str | None = None) -> list[dict]:

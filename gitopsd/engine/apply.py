@@ -5,7 +5,10 @@ namespaces first, so a crash mid-apply never hides a member from the next
 prune; stage 0 (CRDs, Namespaces, ClusterRoles) is applied and CRDs waited
 on until Established; objects that could only be validated after stage 0 are
 dry-run then, and any error stops the sync before stage 1; stages 1..3 follow;
-prune runs last, in reverse stage order; finally the parent is narrowed.
+prune runs last, in reverse stage order; finally the parent is narrowed —
+unless the widening already wrote exactly that (a new app, a commit that
+added or removed no kind or namespace): an unchanged parent is not written
+again.
 
 A partial plan (a self-heal, gitopsd.engine.plan) goes through the same
 stages but prunes nothing and never narrows the parent: it names only some
@@ -151,7 +154,9 @@ def _apply(kube: Kube, plan: Plan, out: ApplyOutcome, sent: set[int], *, prune: 
         return  # a part of the app (a self-heal): the parent keeps the whole app's record
     kept_gks = {r.group_kind for r in plan.kept + plan.orphans}
     kept_nss = {r.namespace for r in plan.kept + plan.orphans if r.namespace}
-    inventory.write(kube, inv, group_kinds=final_gks | kept_gks, namespaces=final_nss | kept_nss)
+    narrowed = (final_gks | kept_gks, final_nss | kept_nss)
+    if narrowed != (inv.group_kinds, inv.namespaces):   # else the widening wrote exactly this (a new app)
+        inventory.write(kube, inv, group_kinds=narrowed[0], namespaces=narrowed[1])
 
 
 class _Unreachable(Exception):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from dataclasses import dataclass, field
+from typing import Callable, TypeVar
 
 from gitopsd import __version__
 from gitopsd.kube import Kube, KubeApiError
@@ -36,6 +37,7 @@ NAMESPACES_ANNOTATION = "applyset.kubernetes.io/additional-namespaces"
 # (and so cannot have put any there).
 PARENT_NAMESPACE_ANNOTATION = "gitopsd.io/members-in-parent-namespace"
 PARENT_KIND, PARENT_GROUP = "ConfigMap", ""
+T = TypeVar("T")
 
 
 def applyset_id(*, name: str, namespace: str, kind: str = PARENT_KIND, group: str = PARENT_GROUP) -> str:
@@ -96,8 +98,17 @@ class Inventory:
 
 def load(kube: Kube, *, app: str, namespace: str) -> Inventory:
     """Read the app's parent; an absent parent is an empty inventory."""
+    return from_parent(kube.get(kube.resource("v1", "ConfigMap"), parent_name(app), namespace),
+                       app=app, namespace=namespace)
+
+
+def from_parent(parent: dict | None, *, app: str, namespace: str) -> Inventory:
+    """The inventory a parent ConfigMap records (None: the app has none yet, an empty inventory).
+
+    Raises KubeApiError (409) when a ConfigMap of that name exists but is
+    not this app's parent: gitopsd never takes it over.
+    """
     inv = Inventory(app=app, namespace=namespace)
-    parent = kube.get(kube.resource("v1", "ConfigMap"), inv.name, namespace)
     if parent is None:
         return inv
     labels = parent["metadata"].get("labels") or {}
@@ -116,13 +127,37 @@ def load(kube: Kube, *, app: str, namespace: str) -> Inventory:
 
 def write(kube: Kube, inv: Inventory, *, group_kinds: set[str], namespaces: set[str]) -> None:
     """Record group-kinds and namespaces on the parent (server-side apply)."""
-    ensure_namespace(kube, inv.namespace)
-    kube.apply(inv.parent_object(group_kinds=group_kinds, namespaces=namespaces))
+    body = inv.parent_object(group_kinds=group_kinds, namespaces=namespaces)
+    in_namespace(kube, inv.namespace, lambda: kube.apply(body))
     inv.group_kinds, inv.namespaces, inv.exists = set(group_kinds), set(namespaces), True
 
 
+def in_namespace(kube: Kube, namespace: str, write: Callable[[], T]) -> T:
+    """`write()` (a write into gitopsd's own namespace), creating the namespace first if it is missing.
+
+    The namespace is created only when the write says it is missing (404
+    `namespaces "<name>" not found`): a CLI run against a fresh cluster, or
+    the namespace deleted by hand. So the usual write costs no read of the
+    namespace beforehand — a GET per write was a tenth of an app's first
+    sync. A namespace being deleted (Terminating) refuses the write with a
+    403 that passes through: nothing can be written there until it is gone.
+    """
+    try:
+        return write()
+    except KubeApiError as exc:
+        if not namespace_missing(exc, namespace):
+            raise
+    kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    return write()
+
+
+def namespace_missing(exc: KubeApiError, namespace: str) -> bool:
+    """Whether the apiserver refused a write into `namespace` because the namespace does not exist."""
+    return exc.status == 404 and exc.api_message == f'namespaces "{namespace}" not found'
+
+
 def ensure_namespace(kube: Kube, name: str) -> None:
-    """Create gitopsd's own namespace when a CLI run against a fresh cluster lacks it."""
+    """Create gitopsd's own namespace if it is missing (the daemon, once at start)."""
     ns = kube.resource("v1", "Namespace")
     if kube.get(ns, name) is None:
         kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})

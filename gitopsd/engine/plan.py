@@ -3,9 +3,15 @@ and the prune set. This is where gitopsd decides that an object drifted.
 
 How drift is judged — the way the server would, at the lowest request cost:
 
-1. Live state comes from one label-selected LIST per group-kind x namespace
-   of the app's ApplySet members (not one GET per object). Desired objects
-   that are not members yet (first sync, adoption, deleted by hand) get a GET.
+1. Live state comes from the daemon's watch cache (asked to cover what the
+   plan searches, LiveCache.ensure: one list per kind for the whole
+   process), else from one label-selected LIST per group-kind x namespace
+   of the app's ApplySet members (not one GET per object). A desired object
+   that is not a member (first sync, adoption, deleted by hand) is not read
+   up front: its dry-run (3.) says whether it exists — a server-side dry-run
+   of a create comes back without a resourceVersion — and only one that
+   exists is read (a GET), to diff against and to check it is no other
+   app's. A new app's first plan thus costs its dry-runs and nothing else.
 2. Ownership fast path. Every object gitopsd applies carries an annotation
    with a hash of its desired body. When the live object's hash equals the
    desired one AND gitopsd's server-side-apply field set still covers every
@@ -66,9 +72,6 @@ PRUNE_ANNOTATION = "gitopsd.io/prune"          # "disabled" keeps the object whe
 RECREATE_ANNOTATION = "gitopsd.io/recreate"    # "enabled" allows delete+create on immutable changes
 NEVER_RECREATE_BY_DEFAULT = {("apiextensions.k8s.io", "CustomResourceDefinition"), ("", "Namespace"),
                              ("", "PersistentVolume"), ("", "PersistentVolumeClaim")}
-# Past this many non-member desired objects in one group-kind x namespace, one
-# metadata-only LIST is cheaper than a GET each.
-LIST_INSTEAD_OF_GETS = 8
 # Page size of the LISTs that look through a Namespace before it is pruned.
 NAMESPACE_CHECK_PAGE = 500
 
@@ -76,13 +79,19 @@ NAMESPACE_CHECK_PAGE = 500
 
 class LiveCache(Protocol):
     """What the planner needs from a watch-fed cache of an app's members
-    (the daemon's informers): which (kind, namespace) it covers, and the
-    members it holds — None while any of its watches has not synced."""
+    (the daemon's informers): which (kind, namespace) it covers, the
+    members it holds — None while any of its watches has not synced — and a
+    way to make it cover more: `ensure(targets)` starts what is missing (a
+    kind's first app starts its one watch for every app) and waits a short
+    while for it to sync."""
 
     @property
     def targets(self) -> set[tuple[Resource, str | None]]: ...
 
     def members(self) -> dict[ObjectRef, dict] | None: ...
+
+    def ensure(self, targets: set[tuple[Resource, str | None]]) -> None: ...
+
 
 class Action(str, enum.Enum):
     CREATE = "create"
@@ -102,6 +111,7 @@ class ObjectChange:
     diff: difflib_.Diff | None = None
     deferred: bool = False                 # dry-run possible only after stage 1 is applied
     resource: Resource | None = None
+    unseen: bool = False                   # not a member, not read: its dry-run says whether it exists
 
 
 @dataclass
@@ -203,7 +213,7 @@ def make_plan(kube: Kube, manifests: list[Manifest], inv: Inventory, *, prune: b
         plan.targets = member_targets(kube, inv, changes)
         members = _list_members(kube, inv, plan.targets, cache)
     plan.members = len(members)
-    _find_non_members(kube, changes, members, plan)
+    _attach_members(changes, members, plan)
     changes = [c for c in changes if c.desired is not None]  # refused: owned by another app
     if partial:
         changes = _not_going_away(changes, plan)
@@ -215,14 +225,14 @@ def make_plan(kube: Kube, manifests: list[Manifest], inv: Inventory, *, prune: b
     # only be validated against the new schema, i.e. after stage 0 is applied.
     crds = [c for c in changes if not c.deferred and (c.ref.group, c.ref.kind) == CRD_KEY]
     list(kube.budget.map(judge, crds))
-    changing = {_crd_defines(c.desired) for c in crds if c.action != Action.UNCHANGED}
+    changing = {_crd_defines(c.desired) for c in crds if c.action != Action.UNCHANGED and c.desired is not None}
     for c in changes:
         if (c.ref.group, c.ref.kind) in changing:
             c.deferred = True
     # By identity: ObjectChange equality would compare whole object bodies.
     crd_ids = {id(c) for c in crds}
     list(kube.budget.map(judge, [c for c in changes if not c.deferred and id(c) not in crd_ids]))
-    plan.changes = changes
+    plan.changes = changes = [c for c in changes if c.desired is not None]   # refused once read (_judge)
     if partial:
         return plan   # what it does not name is not gone from Git: nothing to prune or keep
 
@@ -451,7 +461,11 @@ def _cached_members(targets: set[tuple[Resource, str | None]],
 
 def _list_members(kube: Kube, inv: Inventory, targets: set[tuple[Resource, str | None]],
                   cache: LiveCache | None) -> dict[ObjectRef, dict]:
-    """Live members: from the watch cache when it covers every target, else one LIST per target."""
+    """Live members: from the watch cache when it covers every target — asked to, when it does
+    not yet (an app's first plan) — else one LIST per target."""
+    if cache is not None and not targets <= cache.targets:
+        # Keep what it covers: a health wait may be reading a kind this plan no longer has.
+        cache.ensure(cache.targets | targets)
     cached = _cached_members(targets, cache)
     if cached is not None:
         return cached
@@ -497,43 +511,41 @@ def _terminating(live: dict | None) -> bool:
     return bool(live and (live.get("metadata") or {}).get("deletionTimestamp"))
 
 
-def _find_non_members(kube: Kube, changes: list[ObjectChange], members: dict[ObjectRef, dict], plan: Plan) -> None:
-    """Attach live objects to changes; GET (or metadata-LIST) desired objects that are not members."""
-    missing: dict[tuple[Resource, str], list[ObjectChange]] = {}
+def _attach_members(changes: list[ObjectChange], members: dict[ObjectRef, dict], plan: Plan) -> None:
+    """Attach live members to their changes and check them; mark the rest unseen (see _judge).
+    Deferred changes are judged after stage 0, against no live object."""
     for c in changes:
         if c.deferred:
             continue
         if c.ref in members:
             c.live = members[c.ref]
+            _check_owner(c, plan)
         else:
-            missing.setdefault((c.resource, c.ref.namespace), []).append(c)
+            c.unseen = True
 
-    def lookup(key):
-        res, ns = key
-        group = missing[key]
-        if len(group) >= LIST_INSTEAD_OF_GETS:
-            present = {ref_of(o).name for o in kube.list(res, namespace=ns or None)}
-            candidates = [c for c in group if c.ref.name in present]
-        else:
-            candidates = group
-        for c in candidates:
-            c.live = kube.get(res, c.ref.name, ns or None)
 
-    list(kube.budget.map(lookup, list(missing)))
+def _check_owner(change: ObjectChange, plan: Plan) -> bool:
+    """Whether the live object may be this app's; if not, the plan error says whose it is and the
+    change is dropped (desired None): an ApplySet parent, or another ApplySet's member."""
+    labels = change.live["metadata"].get("labels") or {}
+    if ID_LABEL in labels:
+        plan.errors.append(f"{change.source}: {change.ref}: is the ApplySet parent of another app "
+                           f"({labels[ID_LABEL]}); an app may not manage it")
+    elif (owner := labels.get(PART_OF_LABEL)) and owner != change.desired["metadata"]["labels"][PART_OF_LABEL]:
+        plan.errors.append(f"{change.source}: {change.ref}: already owned by another ApplySet ({owner}); "
+                           f"two apps must not manage one object")
+    else:
+        return True
+    change.desired = None
+    return False
 
-    for c in changes:
-        if c.live is None:
-            continue
-        if ID_LABEL in (c.live["metadata"].get("labels") or {}):
-            plan.errors.append(f"{c.source}: {c.ref}: is the ApplySet parent of another app "
-                               f"({c.live['metadata']['labels'][ID_LABEL]}); an app may not manage it")
-            c.desired = None
-            continue
-        owner = (c.live["metadata"].get("labels") or {}).get(PART_OF_LABEL)
-        if owner and owner != c.desired["metadata"]["labels"][PART_OF_LABEL]:
-            plan.errors.append(f"{c.source}: {c.ref}: already owned by another ApplySet ({owner}); "
-                               f"two apps must not manage one object")
-            c.desired = None
+
+def _read_unseen(kube: Kube, change: ObjectChange, plan: Plan) -> bool:
+    """An unseen object turned out to exist (or its dry-run failed): read it, and check it may be
+    ours. False when it may not (the change is dropped, see _check_owner)."""
+    change.unseen = False
+    change.live = kube.get(change.resource, change.ref.name, change.ref.namespace or None)
+    return change.live is None or _check_owner(change, plan)
 
 
 def still_ours(live: dict, desired: dict) -> bool:
@@ -613,6 +625,15 @@ def _match_key(owned: dict, item: dict) -> dict | None:
 
 
 def _judge(kube: Kube, change: ObjectChange, plan: Plan, *, commit_namespaces: set[str], recreate: bool) -> None:
+    """Decide one change's action by its dry-run (or the ownership fast path).
+
+    An unseen object (not a member, not read) whose dry-run shows that it
+    exists — a resourceVersion, which a dry-run create never has — or whose
+    dry-run failed is read now, checked like a member, and judged against
+    what was read; one that does not exist is a create, as its GET would
+    have said. A race with a create in between is the same race as between
+    a GET and the apply.
+    """
     live, desired = change.live, change.desired
     if desired is None:
         return
@@ -626,8 +647,13 @@ def _judge(kube: Kube, change: ObjectChange, plan: Plan, *, commit_namespaces: s
         return
     except KubeApiError as exc:
         if exc.status == 404 and change.ref.namespace in commit_namespaces:
+            change.unseen = False
             change.deferred = True  # its Namespace arrives in this commit
             return
+        if change.unseen:
+            if not _read_unseen(kube, change, plan):
+                return
+            live = change.live
         annotated = (desired["metadata"].get("annotations") or {}).get(RECREATE_ANNOTATION) == "enabled"
         # The app-wide switch never covers kinds whose deletion destroys data
         # (every custom resource of a CRD, a namespace's contents, a volume):
@@ -644,6 +670,14 @@ def _judge(kube: Kube, change: ObjectChange, plan: Plan, *, commit_namespaces: s
                     f"{RECREATE_ANNOTATION}=enabled or sync with --recreate to delete and re-create it)")
         plan.errors.append(f"{change.source}: {change.ref}: {exc.reason or exc.status}: {reason}{hint}")
         return
+    if change.unseen and (after.get("metadata") or {}).get("resourceVersion"):
+        if not _read_unseen(kube, change, plan):
+            return
+        live = change.live
+        if live is not None and still_ours(live, desired):
+            change.action = Action.UNCHANGED
+            return
+    change.unseen = False
     d = difflib_.compare(live, after, label=str(change.ref))
     if live is None:
         change.action, change.diff = Action.CREATE, d

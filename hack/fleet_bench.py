@@ -134,16 +134,66 @@ def build_fleet(root: Path, apps: int, objects: int, per_repo: int, interval: st
 
 SITECUSTOMIZE = """\
 # Installed by hack/fleet_bench.py in the daemon it starts: on SIGUSR2, write the
-# Python threads' names (and, under tracemalloc, a snapshot) next to $GITOPSD_BENCH_PROBE.
-import json, os, signal, threading, tracemalloc
+# Python threads' names, a census of what the daemon's parts hold (deep sizes) and,
+# under tracemalloc, a snapshot, next to $GITOPSD_BENCH_PROBE.
+import gc, json, os, signal, sys, threading, tracemalloc, types
+
+_OPAQUE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.CodeType,
+           types.MethodType, types.FrameType, threading.Thread)
+
+
+def _deep(roots, seen):
+    # Bytes reachable from roots not yet in seen (modules, classes, functions, bound methods and
+    # threads are not entered: they lead to everything).
+    total, stack = 0, list(roots)
+    while stack:
+        o = stack.pop()
+        if id(o) in seen or isinstance(o, _OPAQUE):
+            continue
+        seen.add(id(o))
+        total += sys.getsizeof(o, 0)
+        stack.extend(gc.get_referents(o))
+    return total
+
+
+def _census():
+    daemon = next((o for o in gc.get_objects() if type(o).__name__ == "Daemon"
+                   and type(o).__module__ == "gitopsd.daemon.core"), None)
+    if daemon is None:
+        return {}
+    seen, mib, out, attrs = {id(daemon), id(vars(daemon))}, 2 ** -20, {}, {}   # parts by name, not via a back-link
+    reflectors = [s for k in daemon.informers._kinds.values() for s in k.streams.values()]
+    objs = [o for r in reflectors for b in list(r._buckets.values()) for o in list(b.values())]
+    mf = _deep([(o.get("metadata") or {}).get("managedFields") for o in objs], set())
+    out["informers"] = _deep([daemon.informers], seen) * mib
+    out["  of which managedFields"] = mf * mib
+    for r in list(daemon.runners.values()):
+        for k, v in vars(r).items():
+            attrs[k] = attrs.get(k, 0) + _deep([v], seen)
+    out["runners"] = sum(attrs.values()) * mib
+    for name in ("renders", "fetches", "schedule", "audit", "leadership", "server", "credentials", "pushes",
+                 "config_watch", "kube", "pool"):
+        out[name] = _deep([getattr(daemon, name, None)], seen) * mib
+    for mod in ("gitopsd.redact", "gitopsd.metrics", "structlog", "logging"):
+        m = sys.modules.get(mod)
+        out[mod] = _deep([v for v in vars(m).values()] if m else [], seen) * mib
+    out["everything else (modules, code, classes, caches)"] = _deep(gc.get_objects(), seen) * mib
+    return {"parts_mib": {k: round(v, 2) for k, v in out.items()},
+            "runner_attrs_mib": {k: round(v * mib, 2) for k, v in sorted(attrs.items(), key=lambda kv: -kv[1])[:12]},
+            "informer_objects": len(objs), "runners": len(daemon.runners)}
+
 
 def _probe(signum, frame):
     out = os.environ["GITOPSD_BENCH_PROBE"]
     if tracemalloc.is_tracing():
         tracemalloc.take_snapshot().dump(out + ".snapshot")
+    answer = {"threads": [t.name for t in threading.enumerate()]}
+    try:
+        answer["census"] = _census()
+    except Exception as exc:   # a probe of a bench, not of the product: say why and go on
+        answer["census_error"] = repr(exc)
     with open(out + ".tmp", "w") as f:
-        json.dump({"threads": [t.name for t in threading.enumerate()],
-                   "traced_mib": tracemalloc.get_traced_memory()[0] / 2**20 if tracemalloc.is_tracing() else None}, f)
+        json.dump(answer, f)
     os.replace(out + ".tmp", out)
 
 if os.environ.get("GITOPSD_BENCH_PROBE"):
@@ -513,6 +563,7 @@ class Fleet:
         out: dict = {"smaps_mib": smaps_by_kind(pid)}
         answer = probe(pid, self.tmp / "probe-fleet-0.json")
         out["threads"] = thread_census(answer.get("threads") or [])
+        out["census"] = answer.get("census") or {"error": answer.get("census_error")}
         snapshot = self.tmp / "probe-fleet-0.json.snapshot"
         if self.args.tracemalloc and snapshot.exists():
             say("summarising the tracemalloc snapshot ...")
@@ -612,6 +663,15 @@ def table(args, r: dict) -> str:
         lines.append("where the memory goes (first daemon, end of the steady window), smaps Rss MiB: "
                      + ", ".join(f"{k} {v:g}" for k, v in mem["smaps_mib"].items()))
         lines.append("threads: " + ", ".join(f"{k} {v}" for k, v in mem["threads"].items()))
+        census = mem.get("census") or {}
+        if census.get("parts_mib"):
+            lines.append(f"deep sizes of the daemon's parts (Python objects, MiB; {census['runners']} runners, "
+                         f"{census['informer_objects']} cached objects):")
+            lines.extend(f"  {v:8.2f}  {k}" for k, v in census["parts_mib"].items())
+            lines.append("  per runner attribute, all runners: "
+                         + ", ".join(f"{k} {v:g}" for k, v in census["runner_attrs_mib"].items()))
+        elif census:
+            lines.append(f"census failed: {census}")
     if mem.get("tracemalloc"):
         tm = mem["tracemalloc"]
         lines.append(f"tracemalloc: {tm['traced_mib']} MiB of live Python allocations; largest sites (MiB, blocks):")

@@ -27,6 +27,18 @@ arrival; one that moves from bucket to bucket is reported DELETED to the old
 one. A bucket is *complete* once a list taken while it was wanted has been
 stored: before that, its objects are only those that happened to change.
 
+Objects are kept as their JSON (orjson bytes), not as dicts. A ConfigMap of
+five keys with its managedFields is ~5 KiB of Python objects (every key,
+value, nested dict and list a separate allocation) and ~1 KiB of JSON: at a
+thousand apps of five objects that is ~25 MiB against ~5 MiB, and the store
+is the part of the daemon that grows with the fleet. Nothing is left out —
+managedFields included (the ownership fast path and the drift report's
+"who changed it" read them) — so a read gives back the exact object the
+apiserver sent, decoded afresh: a reader may change its copy, never the
+store. Decoding is cheap beside what a read is for (a plan, a health check:
+~10 us an object), and the watch's hot path, an event for self-heal, hands
+over the object it just parsed without a round trip through the store.
+
 `listed=False` is for short-lived watches (pods during a health wait): no
 LIST at all, the watch starts "now" with a synthetic ADDED event for every
 object that exists (resourceVersion unset), and a 410 simply starts over.
@@ -39,6 +51,7 @@ import threading
 from collections.abc import Callable
 from typing import Protocol
 
+import orjson
 import structlog
 
 from gitopsd import metrics
@@ -88,16 +101,33 @@ def at_least(rv: str, floor: str) -> bool | None:
     return None
 
 
-def diff(old: dict[ObjectRef, dict], new: dict[ObjectRef, dict]) -> list[tuple[str, dict]]:
+def pack(obj: dict) -> bytes:
+    """An object as the store keeps it (see the module docstring): its JSON.
+
+    Copied out of orjson's result, which sits in a buffer of at least 4 KiB
+    whatever the length (orjson never shrinks it): kept as is, a 1 KiB
+    object would cost 4 KiB, no less than the dict.
+    """
+    return memoryview(orjson.dumps(obj)).tobytes()
+
+
+def unpack(stored: bytes) -> dict:
+    """A stored object, decoded afresh: exactly what was packed, the caller's own copy."""
+    return orjson.loads(stored)
+
+
+def diff(old: dict[ObjectRef, bytes], new: dict[ObjectRef, bytes]) -> list[tuple[str, dict]]:
     """What changed from one store of a bucket to the next, as watch events would have said it."""
     out: list[tuple[str, dict]] = []
-    for ref, obj in new.items():
+    for ref, stored in new.items():
         before = old.get(ref)
         if before is None:
-            out.append(("ADDED", obj))
-        elif resource_version(before) != resource_version(obj):
-            out.append(("MODIFIED", obj))
-    out.extend(("DELETED", obj) for ref, obj in old.items() if ref not in new)
+            out.append(("ADDED", unpack(stored)))
+        elif before != stored:   # same bytes, same resourceVersion: only the rest is decoded
+            obj = unpack(stored)
+            if resource_version(unpack(before)) != resource_version(obj):
+                out.append(("MODIFIED", obj))
+    out.extend(("DELETED", unpack(stored)) for ref, stored in old.items() if ref not in new)
     return out
 
 
@@ -113,7 +143,7 @@ class Reflector:
         self.rv = ""                         # the last resourceVersion seen (list, event or bookmark)
         self.kind = f"{res.kind}.{res.group}" if res.group else res.kind
         self._bucket_of, self._sink = bucket_of, sink
-        self._buckets: dict[str, dict[ObjectRef, dict]] = {}
+        self._buckets: dict[str, dict[ObjectRef, bytes]] = {}   # bucket -> ref -> pack(object)
         self._where: dict[ObjectRef, str] = {}
         self._listing: frozenset[str] = frozenset()   # buckets the list under way will complete
         self._due = listed                  # a list is coming that has not yet taken its buckets
@@ -162,16 +192,24 @@ class Reflector:
             return self._due or bucket in self.complete or bucket in self._listing
 
     def bucket(self, name: str) -> dict[ObjectRef, dict]:
+        """The bucket's objects, each the caller's own copy."""
         with self._lock:
-            return dict(self._buckets.get(name) or {})
+            held = list((self._buckets.get(name) or {}).items())
+        return {ref: unpack(stored) for ref, stored in held}
+
+    def count(self, name: str) -> int:
+        with self._lock:
+            return len(self._buckets.get(name) or ())
 
     def buckets(self) -> list[str]:
         with self._lock:
             return list(self._buckets)
 
     def get(self, bucket: str, ref: ObjectRef) -> dict | None:
+        """One object (the caller's own copy), or None."""
         with self._lock:
-            return (self._buckets.get(bucket) or {}).get(ref)
+            stored = (self._buckets.get(bucket) or {}).get(ref)
+        return unpack(stored) if stored is not None else None
 
     def reached(self, rv: str) -> bool:
         """Whether the store has seen every change up to resourceVersion `rv`."""
@@ -256,11 +294,12 @@ class Reflector:
             raise
         if self._stopping.is_set():
             return
-        fresh: dict[str, dict[ObjectRef, dict]] = {}
+        fresh: dict[str, dict[ObjectRef, bytes]] = {}
         for obj in items:
             bucket = self._bucket_of(obj)
             if bucket in wanted and self._sink.keeps(bucket):
-                fresh.setdefault(bucket, {})[ref_of(obj)] = obj
+                fresh.setdefault(bucket, {})[ref_of(obj)] = pack(obj)
+        del items   # the list's dicts go now, not after the events below
         complete = frozenset(b for b in wanted if self._sink.keeps(b))
         with self._lock:
             old, before, held = self._buckets, self.complete, len(self._where)
@@ -324,6 +363,7 @@ class Reflector:
         new = None if kind == "DELETED" else self._bucket_of(obj)
         if new is not None and not self._sink.keeps(new):
             new = None   # another ApplySet's object (or an app no longer registered): dropped on arrival
+        stored = pack(obj) if new is not None else b""
         out: list[Event] = []
         with self._lock:
             old = self._where.pop(ref, None)
@@ -335,7 +375,7 @@ class Reflector:
                 if old != new:
                     out.append((old, "DELETED", obj))
             if new is not None:
-                self._buckets.setdefault(new, {})[ref] = obj
+                self._buckets.setdefault(new, {})[ref] = stored
                 self._where[ref] = new
                 out.append((new, kind if old == new else "ADDED", obj))
             if rv:

@@ -156,6 +156,22 @@ def _deep(roots, seen):
     return total
 
 
+def _mallinfo():
+    import ctypes
+
+    class M(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
+    try:
+        f = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return {}
+    f.restype = M
+    m = f()
+    return {"in_use_mib": round(m.uordblks / 2**20, 1), "free_mib": round(m.fordblks / 2**20, 1),
+            "mmapped_mib": round(m.hblkhd / 2**20, 1)}
+
+
 def _census():
     daemon = next((o for o in gc.get_objects() if type(o).__name__ == "Daemon"
                    and type(o).__module__ == "gitopsd.daemon.core"), None)
@@ -178,7 +194,18 @@ def _census():
         m = sys.modules.get(mod)
         out[mod] = _deep([v for v in vars(m).values()] if m else [], seen) * mib
     out["everything else (modules, code, classes, caches)"] = _deep(gc.get_objects(), seen) * mib
-    return {"parts_mib": {k: round(v, 2) for k, v in out.items()},
+    # Unreachable cycles the collector has not reached yet (gc.collect with DEBUG_SAVEALL keeps them
+    # in gc.garbage to be weighed; they are part of the figure above).
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+        out["  of which uncollected cycles"] = _deep(list(gc.garbage), set()) * mib
+        garbage_objects = len(gc.garbage)
+    finally:
+        gc.garbage.clear()
+        gc.set_debug(0)
+    return {"glibc": _mallinfo(), "garbage_objects": garbage_objects,
+            "parts_mib": {k: round(v, 2) for k, v in out.items()},
             "runner_attrs_mib": {k: round(v * mib, 2) for k, v in sorted(attrs.items(), key=lambda kv: -kv[1])[:12]},
             "informer_objects": len(objs), "runners": len(daemon.runners)}
 
@@ -550,13 +577,15 @@ class Fleet:
         say(f"push -> applied, {a.pushes} pushes ...")
         push = push_to_applied(daemon, repo, a.pushes, change=change, applied=applied, timeout=a.latency_timeout)
         vmhwm_end = max(kib(proc_status(pid)["VmHWM"]) for pid in pids)
+        rss_end = sum(kib(proc_status(pid)["VmRSS"]) for pid in pids)
 
         def lat(vals: list[float]) -> dict:
             return ({"n": len(vals), "p50_ms": statistics.median(vals) * 1000, "p95_ms": pct(vals, 0.95) * 1000,
                      "max_ms": max(vals) * 1000} if vals else {"n": 0})
 
         return {"converge": conv, "steady": steady, "edit_to_reverted": lat(revert), "push_to_applied": lat(push),
-                "vmhwm_mib_end": vmhwm_end, "memory": memory, "repos": repos, "idle_requests_per_second": idle, "profile": profile}
+                "vmhwm_mib_end": vmhwm_end, "rss_mib_end": rss_end, "memory": memory, "repos": repos,
+                "idle_requests_per_second": idle, "profile": profile}
 
     def where_memory_goes(self, pid: int) -> dict:
         """The first daemon's mappings by kind, its threads by name, and (--tracemalloc) its allocations."""
@@ -642,6 +671,7 @@ def table(args, r: dict) -> str:
                                       + (f" (largest replica {s['rss_mib_largest_replica_median']:.0f})"
                                          if args.replicas > 1 else "")),
         ("peak RSS (VmHWM) steady / end", f"{s['vmhwm_mib']:.0f} / {r['vmhwm_mib_end']:.0f} MiB"),
+        ("RSS after the edits and pushes", f"{r.get('rss_mib_end', 0):.0f} MiB"),
         ("TCP established at convergence", f"{c['tcp']['established']} ({c['tcp']['to_apiserver']} to the apiserver)"),
         ("TCP established steady (median/max)", f"{s['tcp_established_median']:.0f} / {s['tcp_established_max']}"),
         ("threads (convergence / steady)", f"{c['threads']} / {s['threads_median']:.0f}"),
@@ -668,6 +698,7 @@ def table(args, r: dict) -> str:
             lines.append(f"deep sizes of the daemon's parts (Python objects, MiB; {census['runners']} runners, "
                          f"{census['informer_objects']} cached objects):")
             lines.extend(f"  {v:8.2f}  {k}" for k, v in census["parts_mib"].items())
+            lines.append(f"  glibc malloc (mallinfo2, MiB): {census.get('glibc')}")
             lines.append("  per runner attribute, all runners: "
                          + ", ".join(f"{k} {v:g}" for k, v in census["runner_attrs_mib"].items()))
         elif census:

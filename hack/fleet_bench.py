@@ -180,9 +180,11 @@ def _census():
     seen, mib, out, attrs = {id(daemon), id(vars(daemon))}, 2 ** -20, {}, {}   # parts by name, not via a back-link
     reflectors = [s for k in daemon.informers._kinds.values() for s in k.streams.values()]
     objs = [o for r in reflectors for b in list(r._buckets.values()) for o in list(b.values())]
-    mf = _deep([(o.get("metadata") or {}).get("managedFields") for o in objs], set())
+    # Kept as JSON bytes (gitopsd.daemon.reflector.pack) or, before, as dicts: weigh managedFields as dicts.
+    decoded = [json.loads(o) if isinstance(o, bytes) else o for o in objs]
+    mf = _deep([(o.get("metadata") or {}).get("managedFields") for o in decoded], set())
     out["informers"] = _deep([daemon.informers], seen) * mib
-    out["  of which managedFields"] = mf * mib
+    out["  of which managedFields (as dicts)"] = mf * mib
     for r in list(daemon.runners.values()):
         for k, v in vars(r).items():
             attrs[k] = attrs.get(k, 0) + _deep([v], seen)
@@ -193,7 +195,10 @@ def _census():
     for mod in ("gitopsd.redact", "gitopsd.metrics", "structlog", "logging"):
         m = sys.modules.get(mod)
         out[mod] = _deep([v for v in vars(m).values()] if m else [], seen) * mib
-    out["everything else (modules, code, classes, caches)"] = _deep(gc.get_objects(), seen) * mib
+    everything = gc.get_objects()
+    seen.update({id(everything), id(seen), id(objs), id(decoded), id(out), id(attrs)})   # the probe's own
+    out["everything else (modules, code, classes, caches)"] = _deep(everything, seen) * mib
+    del everything
     # Unreachable cycles the collector has not reached yet (gc.collect with DEBUG_SAVEALL keeps them
     # in gc.garbage to be weighed; they are part of the figure above).
     gc.set_debug(gc.DEBUG_SAVEALL)

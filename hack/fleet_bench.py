@@ -179,9 +179,9 @@ def _census():
         return {}
     seen, mib, out, attrs = {id(daemon), id(vars(daemon))}, 2 ** -20, {}, {}   # parts by name, not via a back-link
     reflectors = [s for k in daemon.informers._kinds.values() for s in k.streams.values()]
-    objs = [o for r in reflectors for b in list(r._buckets.values()) for o in list(b.values())]
-    # Kept as JSON bytes (gitopsd.daemon.reflector.pack) or, before, as dicts: weigh managedFields as dicts.
-    decoded = [json.loads(o) if isinstance(o, bytes) else o for o in objs]
+    objs = [(r, o) for r in reflectors for b in list(r._buckets.values()) for o in list(b.values())]
+    # Kept packed (gitopsd.daemon.reflector.Packer) or, before, as dicts: weigh managedFields as dicts.
+    decoded = [r._packer.unpack(o) if isinstance(o, bytes) else o for r, o in objs]
     mf = _deep([(o.get("metadata") or {}).get("managedFields") for o in decoded], set())
     out["informers"] = _deep([daemon.informers], seen) * mib
     out["  of which managedFields (as dicts)"] = mf * mib

@@ -177,6 +177,7 @@ def _census():
                    and type(o).__module__ == "gitopsd.daemon.core"), None)
     if daemon is None:
         return {}
+    glibc = _mallinfo()   # before the walks below allocate their own bookkeeping
     seen, mib, out, attrs = {id(daemon), id(vars(daemon))}, 2 ** -20, {}, {}   # parts by name, not via a back-link
     reflectors = [s for k in daemon.informers._kinds.values() for s in k.streams.values()]
     objs = [(r, o) for r in reflectors for b in list(r._buckets.values()) for o in list(b.values())]
@@ -209,7 +210,7 @@ def _census():
     finally:
         gc.garbage.clear()
         gc.set_debug(0)
-    return {"glibc": _mallinfo(), "garbage_objects": garbage_objects,
+    return {"glibc": glibc, "garbage_objects": garbage_objects,
             "parts_mib": {k: round(v, 2) for k, v in out.items()},
             "runner_attrs_mib": {k: round(v * mib, 2) for k, v in sorted(attrs.items(), key=lambda kv: -kv[1])[:12]},
             "informer_objects": len(objs), "runners": len(daemon.runners)}

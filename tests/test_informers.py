@@ -419,13 +419,13 @@ def test_informer_store_holds_an_object_in_less_than_its_json():
     def managed(i: int) -> dict:
         obj = cm(f"cm-{i:04d}", str(100 + i))
         obj["data"] = {"value": str(i), "app": "app-0001", "index": str(i % 5)}
+        fields = {"f:data": {"f:value": {}, "f:app": {}, "f:index": {}},
+                  "f:metadata": {"f:labels": {f"f:{PART_OF_LABEL}": {}}, "f:annotations": {"f:gitopsd.io/hash": {}}}}
         obj["metadata"].update(uid=f"5d6c1e2a-0000-4000-8000-{i:012d}", creationTimestamp="2026-12-01T10:00:00Z",
                                annotations={"gitopsd.io/hash": f"{i:064x}"},
                                managedFields=[{"manager": "gitopsd", "operation": "Apply", "apiVersion": "v1",
                                                "time": "2026-12-01T10:00:00Z", "fieldsType": "FieldsV1",
-                                               "fieldsV1": {"f:data": {"f:value": {}, "f:app": {}, "f:index": {}},
-                                                            "f:metadata": {"f:labels": {f"f:{PART_OF_LABEL}": {}},
-                                                                           "f:annotations": {"f:gitopsd.io/hash": {}}}}}])
+                                               "fieldsV1": fields}])
         return obj
 
     class JsonApiserver(FakeApiserver):   # decodes its answer as Kube does: while traced

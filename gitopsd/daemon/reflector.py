@@ -134,7 +134,7 @@ class Packer:
 
     def unpack(self, stored: bytes) -> dict:
         """A stored object, decoded afresh: exactly what was packed, the caller's own copy."""
-        inflate = zlib.decompressobj(self.WBITS, zdict=self._zdict) if self._zdict else zlib.decompressobj(self.WBITS)
+        inflate = zlib.decompressobj(self.WBITS, **({"zdict": self._zdict} if self._zdict else {}))
         return orjson.loads(inflate.decompress(stored) + inflate.flush())
 
 

@@ -72,6 +72,8 @@ ENV PATH=/opt/gitopsd/venv/bin:$PATH \
     HOME=/tmp \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
+# gitopsd caps its malloc arenas itself (gitopsd/daemon/memory.py: mallopt before its first
+# thread), so no MALLOC_ARENA_MAX is needed here, nor in deploy/.
 # 65532: the conventional "nonroot" uid/gid of distroless images; numeric,
 # so runAsNonRoot can verify it without an /etc/passwd entry.
 USER 65532:65532

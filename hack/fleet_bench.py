@@ -37,6 +37,18 @@ webhook, as from a CI job) and measures from outside:
 
 Both latency loops are hack/latency.py's (push_to_applied, edit_to_reverted).
 
+Where the memory goes, at the end of the steady window (before the latency
+loops): the daemon's mappings from /proc/PID/smaps by kind (glibc's main heap,
+its other malloc arenas, thread stacks, other anonymous memory — mostly
+CPython's object arenas and large buffers —, and files: the interpreter and
+its extension modules) and the Python threads by name (a signal handler the
+bench installs in the daemon through a sitecustomize on its PYTHONPATH;
+harmless to the figures: it allocates nothing until asked). --tracemalloc N
+also starts the daemon under tracemalloc (N frames per allocation) and takes
+a snapshot there: the live Python allocations by file:line and by file.
+tracemalloc roughly doubles the memory and slows the daemon down, so the RSS
+and timing figures of such a run are not the daemon's: measure them without it.
+
 --replicas R (with --shards S) starts R daemons that split the apps between
 them (gitopsd.daemon.shards); an app counts as converged when any replica
 reports it Applied+Healthy (the others report it Pending). RSS, threads and
@@ -119,6 +131,223 @@ def build_fleet(root: Path, apps: int, objects: int, per_repo: int, interval: st
 
 
 # ---------------------------------------------------------------- the daemon from outside
+
+SITECUSTOMIZE = """\
+# Installed by hack/fleet_bench.py in the daemon it starts: on SIGUSR2, write the
+# Python threads' names, a census of what the daemon's parts hold (deep sizes) and,
+# under tracemalloc, a snapshot, next to $GITOPSD_BENCH_PROBE.
+import gc, json, os, signal, sys, threading, tracemalloc, types
+
+_OPAQUE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.CodeType,
+           types.MethodType, types.FrameType, threading.Thread)
+
+
+def _deep(roots, seen):
+    # Bytes reachable from roots not yet in seen (modules, classes, functions, bound methods and
+    # threads are not entered: they lead to everything).
+    total, stack = 0, list(roots)
+    while stack:
+        o = stack.pop()
+        if id(o) in seen or isinstance(o, _OPAQUE):
+            continue
+        seen.add(id(o))
+        total += sys.getsizeof(o, 0)
+        stack.extend(gc.get_referents(o))
+    return total
+
+
+def _mallinfo():
+    import ctypes
+
+    class M(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
+    try:
+        f = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return {}
+    f.restype = M
+    m = f()
+    return {"in_use_mib": round(m.uordblks / 2**20, 1), "free_mib": round(m.fordblks / 2**20, 1),
+            "mmapped_mib": round(m.hblkhd / 2**20, 1)}
+
+
+def _census():
+    daemon = next((o for o in gc.get_objects() if type(o).__name__ == "Daemon"
+                   and type(o).__module__ == "gitopsd.daemon.core"), None)
+    if daemon is None:
+        return {}
+    glibc = _mallinfo()   # before the walks below allocate their own bookkeeping
+    seen, mib, out, attrs = {id(daemon), id(vars(daemon))}, 2 ** -20, {}, {}   # parts by name, not via a back-link
+    reflectors = [s for k in daemon.informers._kinds.values() for s in k.streams.values()]
+    objs = [(r, o) for r in reflectors for b in list(r._buckets.values()) for o in list(b.values())]
+    # Kept packed (gitopsd.daemon.reflector.Packer) or, before, as dicts: weigh managedFields as dicts.
+    decoded = [r._packer.unpack(o) if isinstance(o, bytes) else o for r, o in objs]
+    mf = _deep([(o.get("metadata") or {}).get("managedFields") for o in decoded], set())
+    out["informers"] = _deep([daemon.informers], seen) * mib
+    out["  of which managedFields (as dicts)"] = mf * mib
+    for r in list(daemon.runners.values()):
+        for k, v in vars(r).items():
+            attrs[k] = attrs.get(k, 0) + _deep([v], seen)
+    out["runners"] = sum(attrs.values()) * mib
+    for name in ("renders", "fetches", "schedule", "audit", "leadership", "server", "credentials", "pushes",
+                 "config_watch", "kube", "pool"):
+        out[name] = _deep([getattr(daemon, name, None)], seen) * mib
+    for mod in ("gitopsd.redact", "gitopsd.metrics", "structlog", "logging"):
+        m = sys.modules.get(mod)
+        out[mod] = _deep([v for v in vars(m).values()] if m else [], seen) * mib
+    everything = gc.get_objects()
+    seen.update({id(everything), id(seen), id(objs), id(decoded), id(out), id(attrs)})   # the probe's own
+    out["everything else (modules, code, classes, caches)"] = _deep(everything, seen) * mib
+    del everything
+    # Unreachable cycles the collector has not reached yet (gc.collect with DEBUG_SAVEALL keeps them
+    # in gc.garbage to be weighed; they are part of the figure above).
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+        out["  of which uncollected cycles"] = _deep(list(gc.garbage), set()) * mib
+        garbage_objects = len(gc.garbage)
+    finally:
+        gc.garbage.clear()
+        gc.set_debug(0)
+    return {"glibc": glibc, "garbage_objects": garbage_objects,
+            "parts_mib": {k: round(v, 2) for k, v in out.items()},
+            "runner_attrs_mib": {k: round(v * mib, 2) for k, v in sorted(attrs.items(), key=lambda kv: -kv[1])[:12]},
+            "informer_objects": len(objs), "runners": len(daemon.runners)}
+
+
+def _probe(signum, frame):
+    out = os.environ["GITOPSD_BENCH_PROBE"]
+    if tracemalloc.is_tracing():
+        tracemalloc.take_snapshot().dump(out + ".snapshot")
+    answer = {"threads": [t.name for t in threading.enumerate()]}
+    try:
+        answer["census"] = _census()
+    except Exception as exc:   # a probe of a bench, not of the product: say why and go on
+        answer["census_error"] = repr(exc)
+    with open(out + ".tmp", "w") as f:
+        json.dump(answer, f)
+    os.replace(out + ".tmp", out)
+
+if os.environ.get("GITOPSD_BENCH_PROBE"):
+    signal.signal(signal.SIGUSR2, _probe)
+"""
+
+
+def probe_env(tmp: Path, name: str, frames: int) -> dict[str, str]:
+    """The environment that installs the probe (and tracemalloc) in a daemon; see SITECUSTOMIZE."""
+    hook = tmp / "probe-hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    env = {"GITOPSD_BENCH_PROBE": str(tmp / f"probe-{name}.json"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
+    if frames:
+        env["PYTHONTRACEMALLOC"] = str(frames)
+    return env
+
+
+def probe(pid: int, out: Path, timeout: float = 120.0) -> dict:
+    """Ask the daemon for its threads (and tracemalloc snapshot); wait for its answer file."""
+    out.unlink(missing_ok=True)
+    os.kill(pid, signal.SIGUSR2)
+    deadline = time.monotonic() + timeout
+    while not out.exists():
+        if time.monotonic() > deadline:
+            return {}
+        time.sleep(0.1)
+    return json.loads(out.read_text())
+
+
+def thread_census(names: list[str]) -> dict[str, int]:
+    """Threads by name with trailing numbers folded (ThreadPoolExecutor-0_12 -> ThreadPoolExecutor-N_N)."""
+    out: dict[str, int] = {}
+    for n in names:
+        key = "".join("N" if c.isdigit() else c for c in n)
+        while "NN" in key:
+            key = key.replace("NN", "N")
+        out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def smaps_by_kind(pid: int) -> dict[str, float]:
+    """Rss (MiB) of the daemon's mappings by kind.
+
+    glibc gives every thread that contends for malloc an arena of its own
+    (up to 8 x cores), each a 64 MiB reservation whose used part is an
+    anonymous rw mapping followed by a PROT_NONE rest; thread stacks are
+    anonymous 8 MiB mappings (ulimit -s) below a guard page; [heap] is the
+    main arena (brk); other anonymous memory is mostly CPython's own object
+    arenas and large buffers (mmap'd by malloc above its threshold).
+    """
+    maps: list[tuple[int, int, str, str, float]] = []
+    cur = None
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+                lo, hi = (int(x, 16) for x in head[0].split("-"))
+                cur = [lo, hi, head[1], head[5] if len(head) > 5 else "", 0.0]
+                maps.append(cur)
+            elif head[0] == "Rss:" and cur is not None:
+                cur[4] = int(head[1]) / 1024.0
+    out = {"heap (main arena)": 0.0, "malloc arenas": 0.0, "thread stacks": 0.0, "other anonymous": 0.0,
+           "files": 0.0}
+    arenas = 0
+    for i, (lo, hi, perms, path, rss) in enumerate(maps):
+        nxt = maps[i + 1] if i + 1 < len(maps) else None
+        prev = maps[i - 1] if i else None
+        if path == "[heap]":
+            out["heap (main arena)"] += rss
+        elif path.startswith("/"):
+            out["files"] += rss
+        elif path:
+            continue   # [stack], [vdso], ...
+        elif perms.startswith("rw") and nxt and not nxt[3] and nxt[2].startswith("---") and nxt[0] == hi \
+                and (nxt[1] - lo) == 64 << 20:
+            out["malloc arenas"] += rss
+            arenas += 1
+        elif perms.startswith("rw") and prev and prev[2].startswith("---") and prev[1] == lo \
+                and (prev[1] - prev[0]) <= 64 << 10 and (hi - lo) >= 1 << 20:
+            out["thread stacks"] += rss
+        else:
+            out["other anonymous"] += rss
+    out = {k: round(v, 1) for k, v in out.items()}
+    out["arenas (count)"] = arenas
+    return out
+
+
+def summarize_snapshot(path: Path, top: int = 25) -> dict:
+    """tracemalloc snapshot -> the largest live allocation sites (file:line) and files, MiB."""
+    import tracemalloc
+
+    snap = tracemalloc.Snapshot.load(str(path)).filter_traces(
+        [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, "<frozen importlib._bootstrap>")])
+
+    def short(fname: str) -> str:
+        for mark in ("/site-packages/", f"/lib/python{sys.version_info[0]}.{sys.version_info[1]}/", str(ROOT) + "/"):
+            if mark in fname:
+                return fname.split(mark, 1)[1]
+        return fname
+
+    def rows(kind: str) -> list[tuple[str, float, int]]:
+        out = []
+        for st in snap.statistics(kind)[:top]:
+            f = st.traceback[0]
+            where = short(f.filename) + (f":{f.lineno}" if kind == "lineno" else "")
+            out.append((where, round(st.size / 2**20, 2), st.count))
+        return out
+
+    def stacks() -> list[tuple[str, float, int]]:
+        out = []
+        for st in snap.statistics("traceback")[:top]:
+            frames = " < ".join(f"{short(f.filename).rsplit('/', 1)[-1]}:{f.lineno}" for f in st.traceback)
+            out.append((frames, round(st.size / 2**20, 2), st.count))
+        return out
+
+    total = sum(st.size for st in snap.statistics("filename"))
+    return {"traced_mib": round(total / 2**20, 1), "by_line": rows("lineno"), "by_file": rows("filename"),
+            "by_stack": stacks()}
+
 
 def proc_status(pid: int) -> dict[str, str]:
     out = {}
@@ -278,7 +507,8 @@ class Fleet:
         for r in range(a.replicas):
             self.daemons.append(DaemonProcess(
                 config=cfg, kubeconfig=self.cluster.kubeconfig, namespace=DAEMON_NS, workdir=self.tmp,
-                cache=self.tmp / f"cache-{r}", extra=extra, env={"GITOPSD_WEBHOOK_SECRET": SECRET},
+                cache=self.tmp / f"cache-{r}", extra=extra,
+                env={"GITOPSD_WEBHOOK_SECRET": SECRET, **probe_env(self.tmp, f"fleet-{r}", a.tracemalloc)},
                 name="fleet" if a.replicas == 1 else f"fleet-{r}"))
         daemons, daemon = self.daemons, self.daemons[0]
         pids = [d.proc.pid for d in daemons]
@@ -325,6 +555,7 @@ class Fleet:
         steady["daemon_requests_per_minute_total"] = round(sum(steady["daemon_requests_per_minute"].values()), 1)
         steady["tcp_end"] = summed(tcp_connections(pid, self.api_port) for pid in pids)
         say(f"steady: RSS {steady['rss_mib_median']:.0f} MiB, {steady['requests_per_minute_total']:.0f} req/min")
+        memory = self.where_memory_goes(pids[0])
 
         profile = self.finish_profile(spy) if spy else None
 
@@ -352,13 +583,27 @@ class Fleet:
         say(f"push -> applied, {a.pushes} pushes ...")
         push = push_to_applied(daemon, repo, a.pushes, change=change, applied=applied, timeout=a.latency_timeout)
         vmhwm_end = max(kib(proc_status(pid)["VmHWM"]) for pid in pids)
+        rss_end = sum(kib(proc_status(pid)["VmRSS"]) for pid in pids)
 
         def lat(vals: list[float]) -> dict:
             return ({"n": len(vals), "p50_ms": statistics.median(vals) * 1000, "p95_ms": pct(vals, 0.95) * 1000,
                      "max_ms": max(vals) * 1000} if vals else {"n": 0})
 
         return {"converge": conv, "steady": steady, "edit_to_reverted": lat(revert), "push_to_applied": lat(push),
-                "vmhwm_mib_end": vmhwm_end, "repos": repos, "idle_requests_per_second": idle, "profile": profile}
+                "vmhwm_mib_end": vmhwm_end, "rss_mib_end": rss_end, "memory": memory, "repos": repos,
+                "idle_requests_per_second": idle, "profile": profile}
+
+    def where_memory_goes(self, pid: int) -> dict:
+        """The first daemon's mappings by kind, its threads by name, and (--tracemalloc) its allocations."""
+        out: dict = {"smaps_mib": smaps_by_kind(pid)}
+        answer = probe(pid, self.tmp / "probe-fleet-0.json")
+        out["threads"] = thread_census(answer.get("threads") or [])
+        out["census"] = answer.get("census") or {"error": answer.get("census_error")}
+        snapshot = self.tmp / "probe-fleet-0.json.snapshot"
+        if self.args.tracemalloc and snapshot.exists():
+            say("summarising the tracemalloc snapshot ...")
+            out["tracemalloc"] = summarize_snapshot(snapshot)
+        return out
 
     def start_profile(self, pid: int, seconds: float):
         """py-spy the daemon from its start, over the convergence (when py-spy is installed and may attach)."""
@@ -432,6 +677,7 @@ def table(args, r: dict) -> str:
                                       + (f" (largest replica {s['rss_mib_largest_replica_median']:.0f})"
                                          if args.replicas > 1 else "")),
         ("peak RSS (VmHWM) steady / end", f"{s['vmhwm_mib']:.0f} / {r['vmhwm_mib_end']:.0f} MiB"),
+        ("RSS after the edits and pushes", f"{r.get('rss_mib_end', 0):.0f} MiB"),
         ("TCP established at convergence", f"{c['tcp']['established']} ({c['tcp']['to_apiserver']} to the apiserver)"),
         ("TCP established steady (median/max)", f"{s['tcp_established_median']:.0f} / {s['tcp_established_max']}"),
         ("threads (convergence / steady)", f"{c['threads']} / {s['threads_median']:.0f}"),
@@ -448,6 +694,29 @@ def table(args, r: dict) -> str:
     lines.append(f"(steady window {s['seconds']:.0f}s; requests net of the idle rate "
                  f"{sum(r['idle_requests_per_second'].values()):.2f}/s measured before the daemon started; node "
                  f"heartbeats left out; the apiserver counts a WATCH when it ends)")
+    mem = r.get("memory") or {}
+    if mem:
+        lines.append("where the memory goes (first daemon, end of the steady window), smaps Rss MiB: "
+                     + ", ".join(f"{k} {v:g}" for k, v in mem["smaps_mib"].items()))
+        lines.append("threads: " + ", ".join(f"{k} {v}" for k, v in mem["threads"].items()))
+        census = mem.get("census") or {}
+        if census.get("parts_mib"):
+            lines.append(f"deep sizes of the daemon's parts (Python objects, MiB; {census['runners']} runners, "
+                         f"{census['informer_objects']} cached objects):")
+            lines.extend(f"  {v:8.2f}  {k}" for k, v in census["parts_mib"].items())
+            lines.append(f"  glibc malloc (mallinfo2, MiB): {census.get('glibc')}")
+            lines.append("  per runner attribute, all runners: "
+                         + ", ".join(f"{k} {v:g}" for k, v in census["runner_attrs_mib"].items()))
+        elif census:
+            lines.append(f"census failed: {census}")
+    if mem.get("tracemalloc"):
+        tm = mem["tracemalloc"]
+        lines.append(f"tracemalloc: {tm['traced_mib']} MiB of live Python allocations; largest sites (MiB, blocks):")
+        lines.extend(f"  {mib:7.2f}  {count:8d}  {where}" for where, mib, count in tm["by_line"])
+        lines.append("  by file:")
+        lines.extend(f"  {mib:7.2f}  {count:8d}  {where}" for where, mib, count in tm["by_file"][:15])
+        lines.append("  by stack:")
+        lines.extend(f"  {mib:7.2f}  {count:8d}  {where}" for where, mib, count in tm["by_stack"][:15])
     if r.get("profile"):
         prof = r["profile"]
         lines.append(f"py-spy over the daemon's first {args.profile:.0f}s, {prof['samples']} busy samples; "
@@ -476,6 +745,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle", type=float, default=10.0, help="seconds of idle background (default 10)")
     p.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
                    help="py-spy the daemon for its first SECONDS, i.e. the convergence (needs py-spy in the venv)")
+    p.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES",
+                   help="run the daemon under tracemalloc (FRAMES per allocation) and report its largest live "
+                        "allocations at the end of the steady window (the RSS figures are then not the daemon's)")
     p.add_argument("--profile-out", type=Path, metavar="FILE", help="keep py-spy's collapsed stacks in FILE")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the figures to FILE")
     p.add_argument("--cluster", default="fleet-bench", help="cluster name (default fleet-bench; started and "

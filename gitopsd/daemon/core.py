@@ -25,7 +25,9 @@ This module wires the runners to the outside world and to each other:
   mid-reconcile; N writes not sent"), records nothing and leaves what it
   wrote: the new holder records and converges;
 - SIGTERM: stop taking work, let running reconciles finish (their health
-  waits are cancelled), release the leases.
+  waits are cancelled), release the leases;
+- memory (gitopsd.daemon.memory): two malloc arenas, set before the first
+  thread starts, and free heap pages handed back after a busy spell.
 
 Reconciles run on the reconcile pool of the process's one budget
 (gitopsd.budget, sized by --concurrency), which also bounds the requests of
@@ -51,6 +53,7 @@ from gitopsd.daemon.credentials import CredentialStore
 from gitopsd.daemon.informers import Informers
 from gitopsd.daemon.leader import FencedKube, LeaderElector
 from gitopsd.daemon.leadership import Leadership
+from gitopsd.daemon.memory import Trimmer, limit_arenas
 from gitopsd.daemon.runner import AppRunner, _iso
 from gitopsd.daemon.server import Server
 from gitopsd.daemon.shards import Shards
@@ -121,6 +124,7 @@ class Daemon:
         for cfg in self.config.apps:
             self._add(cfg)
         self._spawn(self.config_watch.watch, "config-watch")
+        self._spawn(Trimmer(stopped=self._stop).run, "memory-trim")
         if self.watch_local:
             self._spawn(LocalRepoWatcher(self).run, "local-repo-watch")
         self.leadership.start(advertise_url=self._advertise_url)
@@ -262,6 +266,7 @@ def main(args) -> int:
     """Entry point of `gitopsd run` (parsed by gitopsd.cli)."""
     from gitopsd import log as log_mod
 
+    limit_arenas()   # before any thread: arenas made already would stay
     log_mod.configure(fmt=args.log_format, level=args.log_level)
     instance = args.instance or f"{socket.gethostname()}-{os.getpid()}"
     try:

@@ -130,7 +130,7 @@ class Informers:
         out: Counter = Counter()
         for s in streams:
             for app in s.buckets():
-                out[app] += len(s.bucket(app))
+                out[app] += s.count(app)
         return dict(out)
 
     # ------------------------------------------------------------ for the views

@@ -34,6 +34,7 @@ drift of other objects, or a new commit.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from datetime import datetime, timezone
@@ -220,7 +221,7 @@ class AppRunner:
         if plan is not None and not plan.errors and result.outcome != Outcome.REFUSED:
             # What drift is judged against and self-heal puts back: the commit as planned
             # for the cluster (not one the prune guard refused, of which nothing was written).
-            self.desired = {c.ref: c for c in plan.changes if c.action != Action.PRUNE and c.desired}
+            self.desired = {c.ref: _desired_only(c) for c in plan.changes if c.action != Action.PRUNE and c.desired}
             self.spec, self.desired_revision = spec, result.revision
         if plan is not None and not plan.errors:
             self._watch(plan, live=result.outcome in (Outcome.APPLIED, Outcome.UNHEALTHY, Outcome.NO_CHANGE))
@@ -261,7 +262,7 @@ class AppRunner:
                 result.reason = "the rollout has become healthy"
         transition = self._is_transition(result)
         if transition:
-            self.last_result = result
+            self.last_result = _verdict(result)
         if transition:
             self._record(audit.transition_record(result, trigger=trigger, previous=previous,
                                                  instance=self.daemon.instance))
@@ -336,7 +337,7 @@ class AppRunner:
         self._schedule_retry()
         if not self._is_transition(result):
             return
-        self.last_result = result
+        self.last_result = _verdict(result)
         self._record(audit.transition_record(result, trigger=trigger, previous=self.last_applied,
                                              instance=self.daemon.instance, source=self.cfg.repo, ref=self.cfg.ref))
         self._write_status()
@@ -537,6 +538,21 @@ class AppRunner:
             self.cancel.set()
             self.heal_cancel.set()
         self.cache.stop()
+
+
+def _desired_only(change: ObjectChange) -> ObjectChange:
+    """What a runner keeps of a planned change between runs: the desired object and its file
+    (drift is judged against them and self-heal puts them back), not the live object and the
+    diff it was planned from, stale once applied."""
+    return dataclasses.replace(change, live=None, diff=None)
+
+
+def _verdict(result: SyncResult) -> SyncResult:
+    """What a runner keeps of its last transition: the verdict (outcome, reason, revision,
+    health, start) that status, retries and the next run's transition test read — not the
+    plan, the changes applied or pruned and the drift, which hold every live and desired
+    object of the app (~30 KiB an app; a thousand apps: 30 MiB) and are in its audit record."""
+    return dataclasses.replace(result, plan=None, applied=[], pruned=[], drift=[])
 
 
 def _error_of(drift: Drift, result: SyncResult) -> str:

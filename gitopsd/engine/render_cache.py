@@ -168,7 +168,9 @@ class RenderCache:
         if described is None or any(v == "missing" for v in described.values()):
             return None   # a path the commit does not hold as read (e.g. git cannot tell): no safe key
         try:
-            blob = orjson.dumps([[m.source, m.obj] for m in built.manifests])
+            # Copied out: orjson's result sits in a buffer of up to ten times its length
+            # (4 KiB for 10 bytes, 28 KiB for 3 KB), which a kept blob would keep too.
+            blob = memoryview(orjson.dumps([[m.source, m.obj] for m in built.manifests])).tobytes()
         except TypeError:
             return None   # a value JSON cannot hold exactly (an integer beyond 64 bits)
         key = _key(options, described)

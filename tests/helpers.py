@@ -325,6 +325,16 @@ def configmaps(count: int, prefix: str = "cm", **data) -> list[dict]:
     return [configmap(f"{prefix}-{i:03d}", {"i": str(i), **data}) for i in range(count)]
 
 
+def list_pages(kube, api_version: str, kind: str, *, label_selector: str, page: int = 500) -> int:
+    """Requests a list of these objects takes now, `page` to a request (at least one).
+
+    A shared test cluster holds other tests' objects too, so a test that
+    counts an informer's list requests counts its pages as they are.
+    """
+    found = kube.list(kube.resource(api_version, kind), label_selector=label_selector)
+    return max(1, -(-len(found) // page))
+
+
 def service_account_kubeconfig(kube, kubeconfig: Path, namespace: str, directory: Path, *, name: str,
                                rules: list[dict]) -> Path:
     """A kubeconfig for a new ServiceAccount `name` in `namespace` that holds only `rules`

@@ -28,7 +28,7 @@ one owned by another app is refused before anything is written.
 from __future__ import annotations
 
 import pytest
-from helpers import app_entry, configmap, metric, post_generic, wait_for, write_config
+from helpers import app_entry, configmap, list_pages, metric, post_generic, wait_for, write_config
 
 from gitopsd.engine.inventory import PART_OF_LABEL
 from gitopsd.engine.plan import Action
@@ -38,15 +38,8 @@ pytestmark = pytest.mark.cluster
 APPS, OBJECTS = 3, 5
 PER_APP = {"get": 1, "list": 1, "apply-dry-run": OBJECTS, "apply": OBJECTS + 3, "post": 2}
 # Once per process: /api and /apis, gitopsd's namespace, the ConfigMap informer's list (one request per
-# page of LIST_PAGE: on a shared cluster other tests' managed ConfigMaps are listed too) and watch.
+# page: on a shared cluster other tests' managed ConfigMaps are listed too) and watch.
 PER_PROCESS = {"discovery": 2, "get": 1, "list": 1, "watch": 1}
-LIST_PAGE = 500
-
-
-def _informer_pages(kube) -> int:
-    """Pages of the ConfigMap informer's cluster-wide list of managed objects, as the cluster is now."""
-    managed = kube.list(kube.resource("v1", "ConfigMap"), label_selector=PART_OF_LABEL)
-    return max(1, -(-len(managed) // LIST_PAGE))
 
 
 def _requests(daemon) -> dict[str, int]:
@@ -80,7 +73,7 @@ def three_new_apps(repo, kube, namespace, tmp_path, start_daemon):
 
 def test_first_sync_of_a_new_app_costs_at_most_17_requests(three_new_apps, kube):
     sent = _requests(three_new_apps)
-    once = {**PER_PROCESS, "list": _informer_pages(kube)}
+    once = {**PER_PROCESS, "list": list_pages(kube, "v1", "ConfigMap", label_selector=PART_OF_LABEL)}
     per_app = {verb: (n - once.get(verb, 0)) / APPS for verb, n in sent.items()}
 
     over = {verb: n for verb, n in per_app.items() if n > PER_APP.get(verb, 0)}

@@ -25,6 +25,13 @@ Kubernetes client's REST logger, whose debug lines are whole response
 bodies, a Secret's data among them, read before gitopsd knows the values to
 scrub.
 
+Uncaught exceptions: a thread that dies of one (and the main thread)
+would print Python's plain traceback to stderr — not JSON, and not
+scrubbed. `configure` installs `threading.excepthook` and `sys.excepthook`
+so that it becomes one error line (``event`` "uncaught exception", the
+thread's name, the traceback as ``exception``) through the same chain.
+KeyboardInterrupt keeps Python's own handling.
+
 Context: `scope(app=..., trigger=...)` binds values to every line this
 thread (or asyncio task) writes until the block ends, library records
 included; `bind(revision=...)` adds one to the current scope once it is
@@ -38,6 +45,7 @@ import contextlib
 import functools
 import logging
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TextIO, TypeVar
 
@@ -91,6 +99,31 @@ def configure(*, fmt: str = "auto", level: str = "info", stream: TextIO | None =
     _install_handler(logging.StreamHandler(stream), formatter)
     _set_levels(_threshold(level))
     logging.captureWarnings(True)   # `warnings.warn` of a library: a log line like any other
+    threading.excepthook = _log_thread_exception
+    sys.excepthook = _log_uncaught
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    """A thread died of an exception: one error line (see the module docstring)."""
+    if args.exc_type is SystemExit:
+        return   # what the default hook ignores too
+    name = args.thread.name if args.thread is not None else "?"
+    structlog.get_logger("gitopsd").error("uncaught exception", thread=name,
+                                          exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+
+def _log_uncaught(exc_type, exc_value, exc_traceback) -> None:
+    """The main thread ended with an exception: one error line, or Python's own for ^C."""
+    if issubclass(exc_type, KeyboardInterrupt):
+        sys.__excepthook__(exc_type, exc_value, exc_traceback)
+        return
+    structlog.get_logger("gitopsd").error("uncaught exception", thread="MainThread",
+                                          exc_info=(exc_type, exc_value, exc_traceback))
+
+
+# The lines they write go through scrub_secrets: gitopsd.redact's own hooks leave them be.
+_log_thread_exception.scrubs_secrets = True  # type: ignore[attr-defined]
+_log_uncaught.scrubs_secrets = True  # type: ignore[attr-defined]
 
 
 def scrub_secrets(_logger: Any, _method: str, event: dict) -> dict:

@@ -410,6 +410,8 @@ def _install_hooks() -> None:
     Installed when the first value is registered: before that there is
     nothing to protect. Whoever prints the traceback next (Python's default
     hook, a test runner's) gets an exception whose text is already clean.
+    A hook that scrubs by itself (marked ``scrubs_secrets``: gitopsd.log's,
+    which makes the traceback a scrubbed log line) is left to do its job.
     """
     global _hooks_installed
     if _hooks_installed:
@@ -418,10 +420,12 @@ def _install_hooks() -> None:
     previous_hook, previous_thread_hook = sys.excepthook, threading.excepthook
 
     def hook(exc_type, exc, tb) -> None:
+        if getattr(previous_hook, "scrubs_secrets", False):
+            return previous_hook(exc_type, exc, tb)
         _write_scrubbed(exc_type, exc, tb, fallback=lambda: previous_hook(exc_type, exc, tb))
 
     def thread_hook(args) -> None:
-        if args.exc_type is SystemExit:
+        if args.exc_type is SystemExit or getattr(previous_thread_hook, "scrubs_secrets", False):
             return previous_thread_hook(args)
         name = getattr(args.thread, "name", "?")
         sys.stderr.write(f"Exception in thread {name}:\n")

@@ -166,6 +166,28 @@ def test_python_warnings_become_log_lines() -> None:
     assert proc.stderr == ""
 
 
+def test_a_thread_that_dies_of_an_exception_logs_one_scrubbed_json_line() -> None:
+    # In a fresh process: the hook is process-wide.
+    code = ("import threading\nfrom gitopsd import log, redact\nlog.configure(fmt='json')\n"
+            "redact.remember(['hunter2-token'])\n"
+            "def boom():\n    raise RuntimeError('cannot reach hunter2-token')\n"
+            "t = threading.Thread(target=boom, name='poller')\nt.start()\nt.join()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    [line] = [json.loads(text) for text in proc.stdout.splitlines()]
+    assert line["event"] == "uncaught exception" and line["level"] == "error" and line["thread"] == "poller"
+    assert "RuntimeError: cannot reach" in line["exception"] and "Traceback" in line["exception"]
+    assert "hunter2-token" not in proc.stdout
+    assert proc.stderr == "", "no plain traceback beside the JSON line"
+
+
+def test_an_uncaught_exception_in_the_main_thread_is_a_json_line_and_fails_the_process() -> None:
+    code = "from gitopsd import log\nlog.configure(fmt='json')\nraise ValueError('bad start')\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    [line] = [json.loads(text) for text in proc.stdout.splitlines()]
+    assert line["event"] == "uncaught exception" and "ValueError: bad start" in line["exception"]
+    assert proc.returncode == 1 and proc.stderr == ""
+
+
 # --------------------------------------------------------------------------
 # The daemon's own log (`gitopsd run` as a subprocess)
 

@@ -34,7 +34,7 @@ class Counted(SharedFetches):
         self.fetched: list[str] = []
         self.new_commits: list[str] = []
         super().__init__(cache_dir=cache_dir, timeout=30, on_fetch=lambda key: self.fetched.append(key.url),
-                         on_new_commit=lambda url, ref, sha: self.new_commits.append(sha))
+                         on_new_commit=lambda url, ref, checkout: self.new_commits.append(checkout.revision.sha))
 
 
 def in_threads(count: int, work) -> list:
@@ -405,7 +405,7 @@ class FakeRunner:
     def __init__(self, name: str, repo: str, *, interval: float, ref: str = "main") -> None:
         from types import SimpleNamespace
 
-        self.cfg = SimpleNamespace(name=name, repo=repo, ref=ref, interval=interval)
+        self.cfg = SimpleNamespace(name=name, repo=repo, ref=ref, interval=interval, self_heal=True)
         self.running, self.current_sha, self.last_applied = False, None, None
         self.triggered: list[tuple[str, str | None]] = []
 
@@ -493,29 +493,36 @@ def test_a_removed_app_leaves_its_repository_and_the_last_one_out_ends_the_job(s
     assert jobs(schedule) == {}
 
 
+def fake_checkout(sha: str):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(revision=SimpleNamespace(sha=sha), git_dir=None)
+
+
 def test_a_new_commit_wakes_the_apps_of_the_repository_that_have_not_seen_it(schedule):
+    """Without a render cache every app's inputs are unknown: each that has not seen the commit is woken."""
     idle, deploying_old, not_fetched_yet, fetched_it, done_with_it, has_it = (
         FakeRunner(n, "file:///r/mono.git", interval=3600)
         for n in ("idle", "deploying-old", "not-fetched-yet", "fetched-it", "done-with-it", "has-it"))
     idle.current_sha = idle.last_applied = "old"
     deploying_old.running, deploying_old.current_sha = True, "old"
-    not_fetched_yet.running = True
+    not_fetched_yet.running = True   # woken before the last refresh: it may be waiting on an older fetch
     fetched_it.running, fetched_it.current_sha = True, "new"
     done_with_it.current_sha, done_with_it.last_applied = "new", "old"   # unchanged by it: its revision stays
     has_it.last_applied = "new"
-    pushed = FakeRunner("pushed", "file:///r/mono.git", interval=3600)   # woken by the push that found it
+    pushed = FakeRunner("pushed", "file:///r/mono.git", interval=3600)   # woken since the last refresh
     pushed.running, pushed.current_sha = True, "old"                    # queued: its run has not begun
     elsewhere = FakeRunner("elsewhere", "file:///r/other.git", interval=3600)
     for r in (idle, deploying_old, not_fetched_yet, fetched_it, done_with_it, has_it, pushed, elsewhere):
         schedule.poll(r)
-    schedule.wake([pushed], "webhook", sha="new")
+    schedule.wake([pushed], "config")
 
-    schedule.on_new_commit("file:///r/mono.git", "main", "new")
+    schedule.on_new_commit("file:///r/mono.git", "main", fake_checkout("new"))
 
-    assert idle.triggered == deploying_old.triggered == [("poll", "new")]
-    assert pushed.triggered == [("webhook", "new")]   # once
-    assert not any(r.triggered for r in (not_fetched_yet, fetched_it, done_with_it, has_it, elsewhere))
-    schedule.on_new_commit("file:///r/mono.git", "main", "new")
+    assert idle.triggered == deploying_old.triggered == not_fetched_yet.triggered == [("poll", "new")]
+    assert pushed.triggered == [("config", None)]   # once
+    assert not any(r.triggered for r in (fetched_it, done_with_it, has_it, elsewhere))
+    schedule.on_new_commit("file:///r/mono.git", "main", fake_checkout("new"))
     assert idle.triggered == [("poll", "new")]        # woken in this generation already
 
 

@@ -221,7 +221,34 @@ def describe(checkout: Checkout, paths: Sequence[str], *, timeout: float = 30.0)
     return out
 
 
-#: Tree listings kept (by git_dir and tree id); a listing of a big directory is a few kB.
+def changed_paths(checkout: Checkout, *, since: str, timeout: float = 30.0) -> frozenset[str] | None:
+    """The repo-relative paths whose entry differs between commit ``since`` and the checkout's commit.
+
+    Leaves, as ``git diff-tree -r --no-renames`` names them: files, symlinks
+    and submodules, never a directory. So a rename names both paths, a
+    deletion the path deleted, a type change (a file become a symlink) its
+    path, and a directory replaced by a file or a link names that path and
+    every file it held. Empty when the two commits have the same tree.
+
+    Local and cheap (one ``git diff-tree`` in the cached repository, kept by
+    the pair of commits: the apps woken by one push ask for the same pair,
+    and one of them runs git). None when it cannot be answered — no cached
+    repository, ``since`` not in it (gone from a shallow cache), git failing:
+    callers treat that as "anything may have changed".
+    """
+    sha = checkout.revision.sha
+    if checkout.git_dir is None or not (_FULL_SHA.fullmatch(since) and _FULL_SHA.fullmatch(sha)):
+        return None
+    trees = _Trees(git_dir=checkout.git_dir, timeout=timeout)
+
+    def read() -> frozenset[str] | None:
+        out = trees._git("diff-tree", "-r", "-z", "--no-renames", "--name-only", "--no-commit-id", since, sha)
+        return None if out is None else frozenset(p for p in out.split("\0") if p)
+
+    return trees._once("diff", f"{since}..{sha}", read)
+
+
+#: Tree listings and diffs kept (by git_dir and object ids); a listing of a big directory is a few kB.
 KEEP_TREE_LISTINGS = 4096
 
 
@@ -232,7 +259,7 @@ class _Trees:
     tree at once; one of them lists it, the others wait for that listing.
     """
 
-    _memo: OrderedDict[tuple[Path, str, str], dict[str, str] | str] = OrderedDict()
+    _memo: OrderedDict[tuple[Path, str, str], dict[str, str] | frozenset[str] | str] = OrderedDict()
     _running: dict[tuple[Path, str, str], threading.Event] = {}
     _lock = threading.Lock()
 

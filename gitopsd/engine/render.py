@@ -443,7 +443,7 @@ def _load_yaml(text: str, *, source: str, problems: _Problems, tool_output: bool
     the later checks report misleading follow-up problems.
     """
     try:
-        return yamlload.load_all(text, budget=problems.budget)
+        return yamlload.DOCUMENTS.load_all(text, budget=problems.budget)
     except yamlload.YAMLLimitError as exc:
         _over_limit(source, exc, problems=problems, line=not tool_output)
     except yaml.YAMLError as exc:

@@ -236,6 +236,12 @@ def main() -> int:
 
         wait_for("first sync", lambda: value() == "0", 300)
 
+        def settled() -> bool:   # the first sync's reconcile over (its applies are not the pushes')
+            [app] = json.loads(daemon.get("/status")[1])["apps"]
+            return app["result"] == "Applied" and not app["running"]
+
+        wait_for("the first sync to end", settled, 300)
+
         def change(i: int) -> None:
             repo.write("app/cm.yaml", configmap("settings", {"value": str(i)}))
 

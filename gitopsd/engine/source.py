@@ -39,6 +39,7 @@ import re
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import threading
@@ -877,6 +878,13 @@ def _materialise(*, repo: Path, checkouts: Path, sha: str, git: _Git) -> Path:
     it. ``read-tree`` + ``checkout-index`` with a throwaway index leaves the
     shared repository untouched and lets git (not us) handle symlinks,
     executable bits and hostile paths (``..``, ``.git``).
+
+    A push to a big monorepo changes a few files of thousands: the new tree
+    is then made from the last checkout (`_patch`) — its files hard-linked,
+    never written to, and only the paths the commit changed checked out
+    anew — so the cost follows the change, not the repository's size. That
+    trusts the last checkout to be the tree of its commit: the checkouts are
+    this cache's own, and nothing writes to them (renderers only read).
     """
     final = checkouts / sha
     if final.is_dir():
@@ -885,13 +893,16 @@ def _materialise(*, repo: Path, checkouts: Path, sha: str, git: _Git) -> Path:
     checkouts.mkdir(exist_ok=True)
     for stale in checkouts.glob(".tmp-*"):  # left by a crash; we hold the lock
         shutil.rmtree(stale, ignore_errors=True)
+    base = _latest_checkout(checkouts)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{sha[:12]}-", dir=checkouts))
     index = Path(f"{tmp}.index")
     try:
         tmp.chmod(0o755)  # mkdtemp makes it 0700; readers may be other users
         env = {"GIT_INDEX_FILE": str(index)}
-        git.run(args=["--work-tree", str(tmp), "read-tree", sha], repo=repo, env=env)
-        git.run(args=["--work-tree", str(tmp), "checkout-index", "--all", "--force"], repo=repo, env=env)
+        git.run(args=["read-tree", sha], repo=repo, env=env)
+        if base is None or not _patch(repo=repo, base=base, tmp=tmp, sha=sha, git=git, env=env):
+            _empty(tmp)
+            git.run(args=["--work-tree", str(tmp), "checkout-index", "--all", "--force"], repo=repo, env=env)
         try:
             os.rename(tmp, final)
         except OSError as exc:  # pragma: no cover - only without the lock
@@ -902,6 +913,86 @@ def _materialise(*, repo: Path, checkouts: Path, sha: str, git: _Git) -> Path:
         index.unlink(missing_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _latest_checkout(checkouts: Path) -> Path | None:
+    """The most recently used complete checkout (a commit's own directory), or None."""
+    done = [p for p in checkouts.iterdir() if _FULL_SHA.fullmatch(p.name) and p.is_dir()]
+    return max(done, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def _patch(*, repo: Path, base: Path, tmp: Path, sha: str, git: _Git, env: dict[str, str]) -> bool:
+    """Make ``tmp`` the tree of ``sha`` from the checkout ``base`` (of another commit of the repository).
+
+    ``base``'s files are hard-linked into ``tmp`` (links recreated), never
+    opened for writing: every path the commit changed is first removed from
+    ``tmp``, then checked out anew from the index of ``sha``. False (``tmp``
+    in any state) when that is not sure to give exactly the checkout of
+    ``sha``: git cannot tell what changed, a path that is not UTF-8, a
+    changed path below a link or a non-directory, a directory that is not
+    left empty by its deletions. The caller then checks everything out.
+    """
+    diff = git.run(args=["diff-tree", "-r", "-z", "--no-renames", "--name-status", "--end-of-options", base.name,
+                         sha], repo=repo, check=False)
+    if diff.returncode != 0 or "\ufffd" in diff.stdout:
+        return False
+    fields = diff.stdout.split("\0")
+    changes = list(zip(fields[0::2], fields[1::2]))   # (status, path)
+    shutil.copytree(base, tmp, symlinks=True, copy_function=os.link, dirs_exist_ok=True)
+    # Deepest first: a directory's files go before the directory itself (a directory become a file).
+    for _, path in sorted(changes, key=lambda c: -c[1].count("/")):
+        if not _remove(tmp, path):
+            return False
+    present = [path for status, path in changes if status != "D"]
+    for i in range(0, len(present), 1000):
+        git.run(args=["--work-tree", str(tmp), "checkout-index", "--force", "--", *present[i:i + 1000]],
+                repo=repo, env=env)
+    return True
+
+
+def _remove(root: Path, path: str) -> bool:
+    """Remove ``path`` below ``root`` without following a link, and the directories it leaves empty.
+
+    True also when it is absent. False when a parent is a link or not a
+    directory, or ``path`` is a directory that still holds something.
+    """
+    parts = path.split("/")
+    here = root
+    for part in parts[:-1]:
+        here = here / part
+        try:
+            st = os.lstat(here)
+        except FileNotFoundError:
+            return True   # no such parent: nothing to remove (added by the commit)
+        if not stat.S_ISDIR(st.st_mode):
+            return False
+    target = here / parts[-1]
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        return True
+    try:
+        if stat.S_ISDIR(st.st_mode):
+            os.rmdir(target)   # a submodule's empty directory, or one its files were removed from
+        else:
+            os.unlink(target)
+    except OSError:
+        return False
+    while here != root:
+        try:
+            os.rmdir(here)     # git keeps no empty directory: neither does a fresh checkout
+        except OSError:
+            break
+        here = here.parent
+    return True
+
+
+def _empty(directory: Path) -> None:
+    for entry in list(directory.iterdir()):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def _read_revision(*, repo: Path, sha: str, git: _Git) -> Revision:
@@ -932,10 +1023,20 @@ def _collect_garbage(*, checkouts: Path, keep: int, current: str) -> None:
 
     Recency is the directory's mtime, refreshed on every reuse, so a commit
     that is fetched again and again (the app's steady state) is never removed.
-    ``current`` is never removed, whatever the clock says.
+    ``current`` is never removed, whatever the clock says. A doomed checkout
+    is renamed away under the lock (readers of it keep their open files) and
+    deleted on a thread of its own: removing a big monorepo's tree is no part
+    of a push's latency.
     """
     entries = [p for p in checkouts.iterdir() if _FULL_SHA.fullmatch(p.name) and p.is_dir()]
     entries.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    trash = checkouts.parent / "trash"
     for old in entries[keep:]:
         if old.name != current:
-            shutil.rmtree(old, ignore_errors=True)
+            trash.mkdir(exist_ok=True)
+            with contextlib.suppress(OSError):
+                os.rename(old, trash / f"{old.name}-{time.monotonic_ns()}")
+    doomed = list(trash.iterdir()) if trash.is_dir() else []   # with any a crash left
+    if doomed:
+        threading.Thread(target=lambda: [shutil.rmtree(d, ignore_errors=True) for d in doomed],
+                         name="checkout-gc", daemon=True).start()

@@ -280,3 +280,64 @@ def test_renamed_input_wakes_the_app(repo, kube, namespace, tmp_path, start_daem
 
     assert woke["triggered"] == ["app-11"]
     assert woken_since(daemon, before) == {"app-11": 1}
+
+
+# -------------------------------------------------------------------------- the poll of a big repository
+
+
+@pytest.fixture
+def paced_schedule(tmp_path):
+    """A started Schedule that paces polls of more than 10 due apps (the daemon: its reconcile workers)."""
+    import threading
+
+    from gitopsd.daemon.triggers import Schedule
+    from gitopsd.engine.source_share import SharedFetches
+
+    started = Schedule(threading.Event(), fetches=SharedFetches(cache_dir=tmp_path), pace_above=10)
+    started.start()
+    yield started
+    started.shutdown()
+
+
+def run_poll(schedule) -> None:
+    [job] = [j for j in schedule.scheduler.get_jobs() if j.id.startswith("poll-")]
+    job.func(*job.args)
+
+
+def test_a_poll_of_many_apps_wakes_them_spread_over_half_the_interval(paced_schedule):
+    import time
+
+    from test_fetch_sharing import FakeRunner
+
+    class Timed(FakeRunner):
+        def trigger(self, reason: str, *, sha: str | None = None) -> None:
+            super().trigger(reason, sha=sha)
+            self.at = time.monotonic()
+
+    fleet = [Timed(f"app-{n:02d}", "file:///r/mono.git", interval=5) for n in range(40)]
+    for r in fleet:
+        paced_schedule.poll(r)
+    for r in fleet:   # as if their interval had come
+        paced_schedule._repos[("file:///r/mono.git", "main")].polled[r.cfg.name] -= 5
+    started = time.monotonic()
+
+    run_poll(paced_schedule)
+    assert sum(bool(r.triggered) for r in fleet) < len(fleet)   # not all at once
+    wait_for("every app woken once", lambda: all(r.triggered for r in fleet), 10, 0.05)
+
+    assert all(r.triggered == [("poll", None)] for r in fleet)
+    assert [r.cfg.name for r in sorted(fleet, key=lambda r: r.at)] == [r.cfg.name for r in fleet]   # in order
+    assert fleet[-1].at - started >= 2.0      # spread over half the interval (2.5 s), less one step
+
+
+def test_a_small_poll_wakes_every_due_app_at_once(paced_schedule):
+    from test_fetch_sharing import FakeRunner
+
+    few = [FakeRunner(f"app-{n}", "file:///r/mono.git", interval=5) for n in range(10)]
+    for r in few:
+        paced_schedule.poll(r)
+        paced_schedule._repos[("file:///r/mono.git", "main")].polled[r.cfg.name] -= 5
+
+    run_poll(paced_schedule)
+
+    assert all(r.triggered == [("poll", None)] for r in few)

@@ -88,7 +88,8 @@ class Daemon:
                                      on_new_commit=self._on_new_commit)
         self.renders = RenderCache(on_lookup=lambda result: metrics.RENDER_CACHE.labels(result=result).inc())
         self.schedule = Schedule(self._stop, fetches=self.fetches, renders=self.renders,
-                                 credentials=lambda cfg: self.credentials.resolve(cfg))
+                                 credentials=lambda cfg: self.credentials.resolve(cfg),
+                                 pace_above=kube.budget.reconcile_workers)
         self.credentials = CredentialStore(kube, namespace=namespace)
         self.pushes = PushRouter(self)
         self.leadership = Leadership(kube, namespace=namespace, instance=instance, leader_elect=leader_elect,

@@ -10,9 +10,12 @@ number. So:
   repositories do not poll in step). Each run refreshes the repository once
   and wakes the apps whose own interval has come (an app polled every hour
   beside one polled every minute is still woken hourly): that poll is the
-  app's drift check and runs whatever changed. One-shot retries with backoff
-  after a failure (`retry-<app>`) start a new fetch only if the last one
-  failed.
+  app's drift check and runs whatever changed. More apps due at once than
+  the reconcile pool runs are woken spread over half the interval, in the
+  same order every time (so each app's period stays its interval): a burst
+  of a thousand drift checks would hold a push's reconcile up behind it.
+  One-shot retries with backoff after a failure (`retry-<app>`) start a new
+  fetch only if the last one failed.
 - A new commit wakes the apps it concerns, not the repository
   (`on_new_commit`, called by the fetch that found it, whoever asked for
   it): the cost of a push follows the change. Which apps it concerns is the
@@ -88,6 +91,7 @@ class _Repo:
     pushed: tuple[float, str] | None = None                  # (generation, reason) of the last push
     announced: float = float("-inf")                         # generation of the last new commit found
     concerned: tuple[str, tuple[str, ...]] = ("", ())        # (sha, apps) of the last new commit
+    paced: int = 0                                           # runs of the job so far (see Schedule._pace)
 
     @property
     def job_id(self) -> str:
@@ -102,10 +106,13 @@ class Schedule:
     """The apscheduler jobs: `poll-…` per repository and ref, `retry-<app>` (one shot) per app."""
 
     def __init__(self, stopped: threading.Event, *, fetches: SharedFetches, renders: RenderCache | None = None,
-                 credentials: Callable[[AppConfig], source.Credentials | None] | None = None) -> None:
+                 credentials: Callable[[AppConfig], source.Credentials | None] | None = None,
+                 pace_above: int = 64) -> None:
         """`renders` says which apps a new commit leaves alone (without it every app is concerned);
-        `credentials(cfg)` resolves an app's credentials for the fetch of a push."""
+        `credentials(cfg)` resolves an app's credentials for the fetch of a push; a poll that finds
+        more than `pace_above` apps due (the daemon: its reconcile workers) wakes them spread out."""
         self._stopped = stopped
+        self._pace_above = pace_above
         self._fetches = fetches
         self._renders = renders
         self._credentials = credentials
@@ -313,7 +320,12 @@ class Schedule:
         self._fetches.forget(keep=set(self._repos))
 
     def _poll(self, key: tuple[str, str]) -> None:
-        """The job of one repository: refresh it once, wake the apps whose interval has come."""
+        """The job of one repository: refresh it once, wake the apps whose interval has come.
+
+        More apps than the reconcile pool runs at once are woken spread over
+        half the interval (`_pace`), not in one burst: a burst of a thousand
+        drift checks would queue a push's reconcile behind them for seconds.
+        """
         with self._lock:
             repo = self._repos.get(key)
             if repo is None:
@@ -321,10 +333,36 @@ class Schedule:
             now = time.monotonic()
             due = [r for r in repo.runners.values() if repo.due(r, now)]
             repo.polled.update({r.cfg.name: now for r in due})
-        if due:
+            repo.paced += 1
+            token, spread = repo.paced, repo.interval / 2
+        if len(due) > self._pace_above:
+            self._fetches.refresh(*key)
+            threading.Thread(target=self._pace, args=(key, due, token, spread), daemon=True,
+                             name=f"pace-{due[0].cfg.name}").start()
+        elif due:
             self.wake(due, "poll")
         else:
             self._fetches.refresh(*key)
+
+    def _pace(self, key: tuple[str, str], runners: list[AppRunner], token: int, spread: float) -> None:
+        """Trigger `runners` one after the other, evenly over `spread` seconds (on a thread of its own).
+
+        Each is marked woken as it is triggered, not before: a new commit found
+        meanwhile wakes the apps it concerns at once (on_new_commit), whether
+        their turn has come or not. Ends early at shutdown, when the
+        repository leaves the schedule, or when its next poll begins.
+        """
+        step = spread / len(runners)
+        for i, r in enumerate(runners):
+            if i and self._stopped.wait(step):
+                return
+            generation = self._fetches.refreshed_at(*key)
+            with self._lock:
+                repo = self._repos.get(key)
+                if repo is None or repo.paced != token:
+                    return
+                self._woken[r.cfg.name] = max(self._woken.get(r.cfg.name, generation), generation)
+            r.trigger("poll")
 
     def _retry(self, runner: AppRunner, reason: str) -> None:
         # A new fetch only if the last one failed: the app may have failed after it (render, apply).

@@ -271,9 +271,9 @@ class Schedule:
             return
         with self._lock:
             repo = self._repos.get(key)
-            if repo is None or repo.announced >= generation:
+            if repo is not None and repo.announced >= generation:
                 return   # a new commit: on_new_commit woke whom it concerns
-            found, names = repo.concerned
+            found, names = repo.concerned if repo is not None else ("", ())
         now = checkout.revision.sha
         if found == now:
             runners = [r for r in runners if r.cfg.name in names]

@@ -517,12 +517,12 @@ def test_a_new_commit_wakes_the_apps_of_the_repository_that_have_not_seen_it(sch
         schedule.poll(r)
     schedule.wake([pushed], "config")
 
-    schedule.on_new_commit("file:///r/mono.git", "main", fake_checkout("new"))
+    schedule.commits.on_new_commit("file:///r/mono.git", "main", fake_checkout("new"))
 
     assert idle.triggered == deploying_old.triggered == not_fetched_yet.triggered == [("poll", "new")]
     assert pushed.triggered == [("config", None)]   # once
     assert not any(r.triggered for r in (fetched_it, done_with_it, has_it, elsewhere))
-    schedule.on_new_commit("file:///r/mono.git", "main", fake_checkout("new"))
+    schedule.commits.on_new_commit("file:///r/mono.git", "main", fake_checkout("new"))
     assert idle.triggered == [("poll", "new")]        # woken in this generation already
 
 

@@ -210,7 +210,7 @@ class Daemon:
         log.debug("git fetch", repo=key.url, ref=key.ref)
 
     def _on_new_commit(self, url: str, ref: str, checkout) -> None:
-        self.schedule.on_new_commit(url, ref, checkout)
+        self.schedule.commits.on_new_commit(url, ref, checkout)
 
     def _add(self, cfg: config_mod.AppConfig) -> AppRunner:
         """A runner for the app, polled with its repository; woken by the caller (or by leading)."""

@@ -88,9 +88,6 @@ class _Repo:
     runners: dict[str, "AppRunner"] = field(default_factory=dict)
     polled: dict[str, float] = field(default_factory=dict)   # app -> monotonic time of its last poll
     interval: float = 0.0                                    # of the job: the shortest of the apps'
-    pushed: tuple[float, str] | None = None                  # (generation, reason) of the last push
-    announced: float = float("-inf")                         # generation of the last new commit found
-    concerned: tuple[str, tuple[str, ...]] = ("", ())        # (sha, apps) of the last new commit
     paced: int = 0                                           # runs of the job so far (see Schedule._pace)
 
     @property
@@ -108,20 +105,18 @@ class Schedule:
     def __init__(self, stopped: threading.Event, *, fetches: SharedFetches, renders: RenderCache | None = None,
                  credentials: Callable[[AppConfig], source.Credentials | None] | None = None,
                  pace_above: int = 64) -> None:
-        """`renders` says which apps a new commit leaves alone (without it every app is concerned);
-        `credentials(cfg)` resolves an app's credentials for the fetch of a push; a poll that finds
-        more than `pace_above` apps due (the daemon: its reconcile workers) wakes them spread out."""
+        """A poll that finds more than `pace_above` apps due (the daemon: its reconcile workers) wakes
+        them spread out; `renders` and `credentials`: see NewCommits (`commits`)."""
         self._stopped = stopped
-        self._pace_above = pace_above
         self._fetches = fetches
-        self._renders = renders
-        self._credentials = credentials
+        self._pace_above = pace_above
         self.scheduler = BackgroundScheduler(timezone=timezone.utc, job_defaults={"coalesce": True,
                                                                                    "max_instances": 1})
         self._lock = threading.Lock()
         self._repos: dict[tuple[str, str], _Repo] = {}
         self._repo_of: dict[str, tuple[str, str]] = {}   # app -> its repository and ref
         self._woken: dict[str, float] = {}               # app -> the generation it was last woken in
+        self.commits = NewCommits(self, stopped=stopped, fetches=fetches, renders=renders, credentials=credentials)
 
     def start(self) -> None:
         self.scheduler.start()
@@ -149,8 +144,8 @@ class Schedule:
         """Refresh the repository of each runner once, then trigger each runner once.
 
         A poll, a config edit and a new leader or shard owner come through
-        here (pushes through `push`): the runs they start share one fetch per
-        repository.
+        here (pushes through NewCommits.push): the runs they start share one
+        fetch per repository.
         """
         generations = {key: self._fetches.refresh(*key) for key in {repo_key(r.cfg.repo, r.cfg.ref)
                                                                     for r in runners}}
@@ -188,105 +183,29 @@ class Schedule:
             runs = max(0, math.ceil(missing / repo.interval)) if repo.interval else 0
             return job.next_run_time + timedelta(seconds=runs * repo.interval)
 
-    def push(self, runners: list[AppRunner], reason: str, *, sha: str | None = None) -> None:
-        """A push to the repositories of `runners`: look at each once, wake the apps it concerns.
-
-        Returns at once; the look (one shared fetch) runs on a thread of its
-        own. See the module docstring for whom it wakes.
-        """
-        by_repo: dict[tuple[str, str], list[AppRunner]] = {}
-        for r in runners:
-            by_repo.setdefault(repo_key(r.cfg.repo, r.cfg.ref), []).append(r)
-        for key, pushed in by_repo.items():
-            generation = self._fetches.refresh(*key)
-            with self._lock:
-                repo = self._repos.get(key)
-                if repo is not None:
-                    repo.pushed = (generation, reason)
-            threading.Thread(target=self._look, args=(key, pushed, generation, reason, sha), daemon=True,
-                             name=f"push-{pushed[0].cfg.name}").start()
-
-    def on_new_commit(self, url: str, ref: str, checkout: source.Checkout) -> None:
-        """A fetch found a new commit (SharedFetches calls this): wake the apps it concerns.
-
-        See the module docstring. Called before the fetch's waiters get the
-        commit, so a run under way that has not fetched yet is woken again
-        only when the commit concerns it (it may be waiting on an older
-        fetch), at the cost of one more reconcile.
-        """
-        sha = checkout.revision.sha
-        generation = self._fetches.refreshed_at(url, ref)
-        with self._lock:
-            repo = self._repos.get((url, ref))
-            if repo is None:
-                return
-            candidates = [r for r in repo.runners.values()
-                          if ((woken := self._woken.get(r.cfg.name)) is None or woken < generation)
-                          and sha not in (r.current_sha, r.last_applied)]
-            reason = repo.pushed[1] if repo.pushed and repo.pushed[0] == generation else "poll"
-        touched, unknown, left = self._concerned(candidates, checkout)
-        runners = touched + unknown   # the apps the change touches first
-        now = time.monotonic()
-        with self._lock:
-            for r in runners:
-                self._woken[r.cfg.name] = generation
-                repo.polled[r.cfg.name] = now
-            repo.announced = max(repo.announced, generation)
-            repo.concerned = (sha, tuple(r.cfg.name for r in runners))
-        for r in runners:
-            r.trigger(reason, sha=sha)
-        log.info("new commit: woke the apps it concerns", repo=url, ref=ref, revision=sha[:12],
-                 triggered=[r.cfg.name for r in runners], touched=len(touched), unknown=len(unknown),
-                 unchanged=left)
-
-    def _concerned(self, runners: list[AppRunner],
-                   checkout: source.Checkout) -> tuple[list[AppRunner], list[AppRunner], int]:
-        """(apps whose inputs the commit touches, apps whose inputs are unknown, how many it leaves alone)."""
-        touched, unknown, left = [], [], 0
-        for r in runners:
-            # Self-heal off: every new commit is a new revision (and ends the hold on hand edits).
-            unchanged = self._renders.unchanged_by(r.cfg.name, checkout) \
-                if self._renders is not None and r.cfg.self_heal else None
-            if unchanged is None:
-                unknown.append(r)
-            elif unchanged:
-                left += 1
-            else:
-                touched.append(r)
-        return touched, unknown, left
-
-    def _look(self, key: tuple[str, str], runners: list[AppRunner], generation: float, reason: str,
-              sha: str | None) -> None:
-        """The fetch of one push (on its own thread); see `push`."""
-        if self._stopped.is_set():
-            return
-        first = runners[0].cfg
-        try:
-            credentials = self._credentials(first) if self._credentials is not None else None
-            checkout = self._fetches.fetch(first.repo, first.ref, credentials=credentials)
-        except Exception as exc:  # noqa: BLE001 - each app's run reports it (a SourceError, a missing Secret)
-            log.info("push: the repository could not be read; waking every app pushed to", repo=key[0],
-                     ref=key[1], error=redact.scrub(str(exc)))
-            self._wake_unseen(runners, reason, generation, sha=sha)
-            return
+    def members(self, key: tuple[str, str]) -> list[AppRunner]:
+        """The runners of a repository and ref (none when it has no app)."""
         with self._lock:
             repo = self._repos.get(key)
-            if repo is not None and repo.announced >= generation:
-                return   # a new commit: on_new_commit woke whom it concerns
-            found, names = repo.concerned if repo is not None else ("", ())
-        now = checkout.revision.sha
-        if found == now:
-            runners = [r for r in runners if r.cfg.name in names]
-        self._wake_unseen(runners, reason, generation, sha=now)
+            return list(repo.runners.values()) if repo else []
 
-    def _wake_unseen(self, runners: list[AppRunner], reason: str, generation: float, *, sha: str | None) -> None:
-        """Trigger each runner not woken in this generation yet."""
+    def unseen(self, runners: list[AppRunner], generation: float) -> list[AppRunner]:
+        """The runners not woken since the repository's refresh `generation` (their runs fetch before it)."""
         with self._lock:
-            runners = [r for r in runners if (w := self._woken.get(r.cfg.name)) is None or w < generation]
-            for r in runners:
+            return [r for r in runners if (w := self._woken.get(r.cfg.name)) is None or w < generation]
+
+    def claim(self, runners: list[AppRunner], generation: float, *, poll: bool = False) -> list[AppRunner]:
+        """Of `runners`, those not woken in `generation` yet, now marked woken in it (with `poll`, as
+        their poll too: their interval starts again). The caller triggers them."""
+        now = time.monotonic()
+        with self._lock:
+            claimed = [r for r in runners if (w := self._woken.get(r.cfg.name)) is None or w < generation]
+            for r in claimed:
                 self._woken[r.cfg.name] = generation
-        for r in runners:
-            r.trigger(reason, sha=sha)
+                repo = self._repos.get(repo_key(r.cfg.repo, r.cfg.ref))
+                if poll and repo is not None:
+                    repo.polled[r.cfg.name] = now
+            return claimed
 
     # ------------------------------------------------------------ internals
 
@@ -370,6 +289,112 @@ class Schedule:
         runner.trigger(reason)
 
 
+class NewCommits:
+    """Whom a new commit wakes, and the look at the repository a push starts; see the module docstring."""
+
+    def __init__(self, schedule: Schedule, *, stopped: threading.Event, fetches: SharedFetches,
+                 renders: RenderCache | None = None,
+                 credentials: Callable[[AppConfig], source.Credentials | None] | None = None) -> None:
+        """`renders` says which apps a commit leaves alone (without it every app is concerned);
+        `credentials(cfg)` resolves an app's credentials for the fetch of a push."""
+        self._schedule = schedule
+        self._stopped = stopped
+        self._fetches = fetches
+        self._renders = renders
+        self._credentials = credentials
+        self._lock = threading.Lock()
+        self._pushed: dict[tuple[str, str], tuple[float, str]] = {}     # (generation, reason) of the last push
+        self._announced: dict[tuple[str, str], float] = {}              # generation of the last new commit
+        self._concerned: dict[tuple[str, str], tuple[str, frozenset[str]]] = {}   # its sha and apps woken
+
+    def push(self, runners: list[AppRunner], reason: str, *, sha: str | None = None) -> None:
+        """A push to the repositories of `runners`: look at each once, wake the apps it concerns.
+
+        Returns at once; the look (one shared fetch) runs on a thread of its
+        own. See the module docstring for whom it wakes.
+        """
+        by_repo: dict[tuple[str, str], list[AppRunner]] = {}
+        for r in runners:
+            by_repo.setdefault(repo_key(r.cfg.repo, r.cfg.ref), []).append(r)
+        for key, pushed in by_repo.items():
+            generation = self._fetches.refresh(*key)
+            with self._lock:
+                self._pushed[key] = (generation, reason)
+            threading.Thread(target=self._look, args=(key, pushed, generation, reason, sha), daemon=True,
+                             name=f"push-{pushed[0].cfg.name}").start()
+
+    def on_new_commit(self, url: str, ref: str, checkout: source.Checkout) -> None:
+        """A fetch found a new commit (SharedFetches calls this): wake the apps it concerns.
+
+        See the module docstring. Called before the fetch's waiters get the
+        commit, so a run under way that has not fetched yet is woken again
+        only when the commit concerns it (it may be waiting on an older
+        fetch), at the cost of one more reconcile.
+        """
+        sha = checkout.revision.sha
+        key = (url, ref)
+        generation = self._fetches.refreshed_at(url, ref)
+        candidates = [r for r in self._schedule.unseen(self._schedule.members(key), generation)
+                      if sha not in (r.current_sha, r.last_applied)]
+        with self._lock:
+            pushed = self._pushed.get(key)
+        reason = pushed[1] if pushed and pushed[0] == generation else "poll"
+        touched, unknown, left = self._concerned_by(candidates, checkout)
+        runners = self._schedule.claim(touched + unknown, generation, poll=True)   # the touched ones first
+        with self._lock:
+            self._announced[key] = max(self._announced.get(key, generation), generation)
+            self._concerned[key] = (sha, frozenset(r.cfg.name for r in runners))
+        for r in runners:
+            r.trigger(reason, sha=sha)
+        log.info("new commit: woke the apps it concerns", repo=url, ref=ref, revision=sha[:12],
+                 triggered=[r.cfg.name for r in runners], touched=len(touched), unknown=len(unknown),
+                 unchanged=left)
+
+    def _concerned_by(self, runners: list[AppRunner],
+                      checkout: source.Checkout) -> tuple[list[AppRunner], list[AppRunner], int]:
+        """(apps whose inputs the commit touches, apps whose inputs are unknown, how many it leaves alone)."""
+        touched, unknown, left = [], [], 0
+        for r in runners:
+            # Self-heal off: every new commit is a new revision (and ends the hold on hand edits).
+            unchanged = self._renders.unchanged_by(r.cfg.name, checkout) \
+                if self._renders is not None and r.cfg.self_heal else None
+            if unchanged is None:
+                unknown.append(r)
+            elif unchanged:
+                left += 1
+            else:
+                touched.append(r)
+        return touched, unknown, left
+
+    def _look(self, key: tuple[str, str], runners: list[AppRunner], generation: float, reason: str,
+              sha: str | None) -> None:
+        """The fetch of one push (on its own thread); see `push`."""
+        if self._stopped.is_set():
+            return
+        first = runners[0].cfg
+        try:
+            credentials = self._credentials(first) if self._credentials is not None else None
+            checkout = self._fetches.fetch(first.repo, first.ref, credentials=credentials)
+        except Exception as exc:  # noqa: BLE001 - each app's run reports it (a SourceError, a missing Secret)
+            log.info("push: the repository could not be read; waking every app pushed to", repo=key[0],
+                     ref=key[1], error=redact.scrub(str(exc)))
+            self._wake_unseen(runners, reason, generation, sha=sha)
+            return
+        with self._lock:
+            if self._announced.get(key, float("-inf")) >= generation:
+                return   # a new commit: on_new_commit woke whom it concerns
+            found, names = self._concerned.get(key, ("", frozenset()))
+        now = checkout.revision.sha
+        if found == now:
+            runners = [r for r in runners if r.cfg.name in names]
+        self._wake_unseen(runners, reason, generation, sha=now)
+
+    def _wake_unseen(self, runners: list[AppRunner], reason: str, generation: float, *, sha: str | None) -> None:
+        """Trigger each runner not woken in this generation yet."""
+        for r in self._schedule.claim(runners, generation):
+            r.trigger(reason, sha=sha)
+
+
 class PushRouter:
     """Push webhooks to the runners they concern (the HTTP server calls on_push)."""
 
@@ -381,7 +406,7 @@ class PushRouter:
             return self._forward_to_leader(event)
         hit = [r for r in list(self.daemon.runners.values()) if matches(r.cfg.repo, r.cfg.ref, event)]
         hit, elsewhere = self._by_owner(hit)
-        self.daemon.schedule.push(hit, "webhook", sha=event.after)   # one fetch per repository
+        self.daemon.schedule.commits.push(hit, "webhook", sha=event.after)   # one fetch per repository
         log.info("push received", provider=event.provider, ref=event.ref,
                  repo=normalize_repo_url(event.repo_urls[0]) if event.repo_urls else None,
                  triggered=[r.cfg.name for r in hit])
@@ -514,7 +539,7 @@ class LocalRepoWatcher:
                     touched = {p for p in snapshot if any(str(c[1]).startswith(str(p)) for c in changes)}
                     runners = [r for p in touched for name in snapshot[p]
                                if (r := self.daemon.runners.get(name)) is not None]
-                    self.daemon.schedule.push(runners, "watch")
+                    self.daemon.schedule.commits.push(runners, "watch")
                 current = {_local_path(r.cfg.repo) for r in list(self.daemon.runners.values())} - {None}
                 if current != set(snapshot):
                     break  # the app set changed: re-arm the watch

@@ -254,7 +254,7 @@ KEEP_TREE_LISTINGS = 4096
 
 
 class _Trees:
-    """Tree lookups in one cached repository, through a process-wide memo of listings.
+    """Tree lookups (and diffs) in one cached repository, through a process-wide memo of listings.
 
     Single flight: the apps woken by one push all look at the same new root
     tree at once; one of them lists it, the others wait for that listing.

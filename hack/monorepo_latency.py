@@ -9,7 +9,7 @@ signed generic webhook and polls the apiserver until the value is live
 reconciles the daemon spent on the pushes (its /metrics).
 
     .venv/bin/python hack/monorepo_latency.py [--apps 50] [--trials 20] [--render plain|kustomize]
-                                              [--cluster NAME]
+                                              [--interval 10m] [--cluster NAME]
 
 `--cluster` reuses a running test-bed cluster (e.g. `shared`) and leaves it
 running; without it a cluster "latency" is started and stopped.
@@ -80,6 +80,7 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--objects-per-app", type=int, default=5)
     parser.add_argument("--render", choices=("plain", "kustomize"), default="plain")
+    parser.add_argument("--interval", default="10m", help="each app's poll interval (default 10m: pushes only)")
     parser.add_argument("--cluster", help="reuse this running test-bed cluster (left running)")
     args = parser.parse_args()
 
@@ -96,7 +97,7 @@ def main() -> int:
         cfg = work / "config.yaml"
         cfg.write_text(json.dumps({"apps": [
             {"name": f"app-{n:02d}", "repo": repo.url, "ref": "main", "path": f"apps/app-{n:02d}",
-             "namespace": ns, "interval": "10m"} for n in range(args.apps)]}))
+             "namespace": ns, "interval": args.interval} for n in range(args.apps)]}))
         daemon = DaemonProcess(config=cfg, kubeconfig=c.kubeconfig, namespace=ns, workdir=work, cache=work / "cache",
                                extra=("--no-leader-elect", "--no-watch-local"),
                                env={"GITOPSD_WEBHOOK_SECRET": SECRET}, name="monorepo")

@@ -148,3 +148,22 @@ def test_a_changed_path_that_cannot_be_removed_safely_makes_the_checkout_whole(u
     assert (patched / "apps/a/cm.yaml").read_text() == "a: 2\n"
     if damage == "parent is a file":
         assert tree(patched) == tree(fresh(upstream, tmp_path, 0))
+
+
+def test_the_next_checkout_starts_from_a_spare_made_after_the_last_fetch(upstream, tmp_path):
+    """After a fetch the tree is hard-linked again, off the fetch's path (`spares/<sha>`); the next commit's
+    checkout consumes that spare instead of linking thousands of directories while a push waits."""
+    from helpers import wait_for
+
+    upstream.commit({f"apps/{n:02d}/cm.yaml": f"v: {n}\n" for n in range(20)})
+    cache = tmp_path / "cache"
+    first = source.fetch(upstream.url, "main", cache_dir=cache)
+    spare = first.path.parent.parent / "spares" / first.revision.sha
+    wait_for("the spare of the last checkout", spare.is_dir, 30, 0.05)
+
+    upstream.commit({"apps/07/cm.yaml": "v: changed\n", "apps/new/cm.yaml": "v: new\n"})
+    patched = source.fetch(upstream.url, "main", cache_dir=cache).path
+
+    assert not spare.exists()   # consumed
+    assert tree(patched) == tree(fresh(upstream, tmp_path, 0))
+    assert (first.path / "apps/07/cm.yaml").read_text() == "v: 7\n"

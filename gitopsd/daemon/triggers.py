@@ -404,7 +404,11 @@ class PushRouter:
     def on_push(self, event: PushEvent) -> list[str]:
         if self.daemon.elector is not None and not self.daemon._leading and not self.daemon._stop.is_set():
             return self._forward_to_leader(event)
-        hit = [r for r in list(self.daemon.runners.values()) if matches(r.cfg.repo, r.cfg.ref, event)]
+        # Once per repository and ref, not per app: a monorepo's thousand apps name one (and
+        # normalising a local repository's path resolves it on disk).
+        pairs = {(r.cfg.repo, r.cfg.ref) for r in list(self.daemon.runners.values())}
+        pushed = {pair for pair in pairs if matches(*pair, event)}
+        hit = [r for r in list(self.daemon.runners.values()) if (r.cfg.repo, r.cfg.ref) in pushed]
         hit, elsewhere = self._by_owner(hit)
         self.daemon.schedule.commits.push(hit, "webhook", sha=event.after)   # one fetch per repository
         log.info("push received", provider=event.provider, ref=event.ref,

@@ -891,16 +891,25 @@ def _materialise(*, repo: Path, checkouts: Path, sha: str, git: _Git) -> Path:
         os.utime(final)  # recently used: the last to be collected
         return final
     checkouts.mkdir(exist_ok=True)
+    base = _latest_checkout(checkouts)
     for stale in checkouts.glob(".tmp-*"):  # left by a crash; we hold the lock
         shutil.rmtree(stale, ignore_errors=True)
-    base = _latest_checkout(checkouts)
+    spares = checkouts.parent / "spares"
+    for stale in spares.glob("*"):
+        if base is None or stale.name != base.name:
+            shutil.rmtree(stale, ignore_errors=True)
+    spare = spares / base.name if base is not None else None
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{sha[:12]}-", dir=checkouts))
+    linked = spare is not None and spare.is_dir()
+    if linked:
+        os.rmdir(tmp)
+        os.rename(spare, tmp)   # the base's tree, hard-linked ahead of time (see _prepare_spare)
     index = Path(f"{tmp}.index")
     try:
         tmp.chmod(0o755)  # mkdtemp makes it 0700; readers may be other users
         env = {"GIT_INDEX_FILE": str(index)}
         git.run(args=["read-tree", sha], repo=repo, env=env)
-        if base is None or not _patch(repo=repo, base=base, tmp=tmp, sha=sha, git=git, env=env):
+        if base is None or not _patch(repo=repo, base=base, tmp=tmp, sha=sha, git=git, env=env, linked=linked):
             _empty(tmp)
             git.run(args=["--work-tree", str(tmp), "checkout-index", "--all", "--force"], repo=repo, env=env)
         try:
@@ -912,7 +921,39 @@ def _materialise(*, repo: Path, checkouts: Path, sha: str, git: _Git) -> Path:
     finally:
         index.unlink(missing_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
+    threading.Thread(target=_prepare_spare, args=(checkouts.parent, sha), name="checkout-spare",
+                     daemon=True).start()
     return final
+
+
+def _prepare_spare(home: Path, sha: str) -> None:
+    """Hard-link the checkout of ``sha`` into ``spares/<sha>``, off the fetch's path.
+
+    Making a tree of thousands of directories is the one part of a patched
+    checkout that follows the repository's size; done here, after the fetch
+    returned, the next commit's checkout starts from the spare and costs
+    what the commit changed. Under the cache's lock (it waits for the fetch
+    that started it); skipped when a newer checkout was made meanwhile.
+    Built under a temporary name and renamed: a spare is whole or absent.
+    """
+    git = _Git(remote=_Remote(url=str(home), kind="local", credentials=Credentials()), ref="HEAD",
+               deadline=time.monotonic() + 120.0, timeout=120.0)
+    checkouts, spares = home / "checkouts", home / "spares"
+    try:
+        with _locked(home / "lock", git=git):
+            current, spare = checkouts / sha, spares / sha
+            if spare.exists() or _latest_checkout(checkouts) != current:
+                return
+            spares.mkdir(exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{sha[:12]}-", dir=spares))
+            try:
+                tmp.chmod(0o755)
+                _link_tree(current, tmp)
+                os.rename(tmp, spare)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    except (OSError, SourceError):
+        pass   # no spare: the next checkout links the tree itself
 
 
 def _latest_checkout(checkouts: Path) -> Path | None:
@@ -921,12 +962,13 @@ def _latest_checkout(checkouts: Path) -> Path | None:
     return max(done, key=lambda p: p.stat().st_mtime, default=None)
 
 
-def _patch(*, repo: Path, base: Path, tmp: Path, sha: str, git: _Git, env: dict[str, str]) -> bool:
+def _patch(*, repo: Path, base: Path, tmp: Path, sha: str, git: _Git, env: dict[str, str], linked: bool) -> bool:
     """Make ``tmp`` the tree of ``sha`` from the checkout ``base`` (of another commit of the repository).
 
-    ``base``'s files are hard-linked into ``tmp`` (links recreated), never
-    opened for writing: every path the commit changed is first removed from
-    ``tmp``, then checked out anew from the index of ``sha``. False (``tmp``
+    ``base``'s files are hard-linked into ``tmp`` (links recreated; already
+    done when ``linked``: a spare), never opened for writing: every path
+    the commit changed is first removed from ``tmp``, then checked out anew
+    from the index of ``sha``. False (``tmp``
     in any state) when that is not sure to give exactly the checkout of
     ``sha``: git cannot tell what changed, a path that is not UTF-8, a
     changed path below a link or a non-directory, a directory that is not
@@ -938,7 +980,8 @@ def _patch(*, repo: Path, base: Path, tmp: Path, sha: str, git: _Git, env: dict[
         return False
     fields = diff.stdout.split("\0")
     changes = list(zip(fields[0::2], fields[1::2]))   # (status, path)
-    shutil.copytree(base, tmp, symlinks=True, copy_function=os.link, dirs_exist_ok=True)
+    if not linked:
+        _link_tree(base, tmp)
     # Deepest first: a directory's files go before the directory itself (a directory become a file).
     for _, path in sorted(changes, key=lambda c: -c[1].count("/")):
         if not _remove(tmp, path):
@@ -948,6 +991,21 @@ def _patch(*, repo: Path, base: Path, tmp: Path, sha: str, git: _Git, env: dict[
         git.run(args=["--work-tree", str(tmp), "checkout-index", "--force", "--", *present[i:i + 1000]],
                 repo=repo, env=env)
     return True
+
+
+def _link_tree(src: Path | str, dst: Path | str) -> None:
+    """Recreate the tree `src` in the existing directory `dst`: directories made, files hard-linked,
+    symlinks copied as links (never followed). A third of shutil.copytree's cost: this is per push."""
+    with os.scandir(src) as entries:
+        for entry in entries:
+            target = os.path.join(dst, entry.name)
+            if entry.is_symlink():
+                os.symlink(os.readlink(entry.path), target)
+            elif entry.is_dir(follow_symlinks=False):
+                os.mkdir(target, 0o755)
+                _link_tree(entry.path, target)
+            else:
+                os.link(entry.path, target)
 
 
 def _remove(root: Path, path: str) -> bool:

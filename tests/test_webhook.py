@@ -14,6 +14,7 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
+from helpers import wait_for
 
 from gitopsd.daemon import webhook
 from gitopsd.daemon.webhook import PushEvent, WebhookError
@@ -468,6 +469,9 @@ def test_a_push_refreshes_each_matching_repository_once_and_wakes_each_matching_
     triggered = PushRouter(daemon).on_push(event)
 
     assert sorted(triggered) == ["api", "db", "web"]
+    # Woken by the push's look at the repository, on a thread of its own (here: the fetch fails, which wakes
+    # every app pushed to, for each to report it).
+    wait_for("the pushed apps woken", lambda: all(runners[n].woken for n in triggered), 60)
     for name in triggered:
         assert runners[name].woken == [("webhook", SHA)]
     assert not any(runners[n].woken for n in ("pinned", "release", "elsewhere"))

@@ -90,7 +90,9 @@ class Daemon:
         self.fetches = SharedFetches(cache_dir=self.cache_dir, on_fetch=self._fetching,
                                      on_new_commit=self._on_new_commit)
         self.renders = RenderCache(on_lookup=lambda result: metrics.RENDER_CACHE.labels(result=result).inc())
-        self.schedule = Schedule(self._stop, fetches=self.fetches)
+        self.schedule = Schedule(self._stop, fetches=self.fetches, renders=self.renders,
+                                 credentials=lambda cfg: self.credentials.resolve(cfg),
+                                 pace_above=kube.budget.reconcile_workers)
         self.credentials = CredentialStore(kube, namespace=namespace)
         self.pushes = PushRouter(self)
         self.leadership = Leadership(kube, namespace=namespace, instance=instance, leader_elect=leader_elect,
@@ -211,8 +213,8 @@ class Daemon:
         metrics.GIT_FETCHES.labels(repo=key.url).inc()
         log.debug("git fetch", repo=key.url, ref=key.ref)
 
-    def _on_new_commit(self, url: str, ref: str, sha: str) -> None:
-        self.schedule.on_new_commit(url, ref, sha)
+    def _on_new_commit(self, url: str, ref: str, checkout) -> None:
+        self.schedule.commits.on_new_commit(url, ref, checkout)
 
     def _add(self, cfg: config_mod.AppConfig) -> AppRunner:
         """A runner for the app, polled with its repository; woken by the caller (or by leading)."""

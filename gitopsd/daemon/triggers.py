@@ -9,15 +9,38 @@ number. So:
   at the shortest interval of its apps (jittered, so that a thousand
   repositories do not poll in step). Each run refreshes the repository once
   and wakes the apps whose own interval has come (an app polled every hour
-  beside one polled every minute is still woken hourly). When any fetch finds
-  a new commit, every app of the repository that has not seen it is woken at
-  once (`on_new_commit`): a new commit reaches all of them, not only the
-  apps whose interval has come. One-shot retries with backoff after a
-  failure (`retry-<app>`) start a new fetch only if the last one failed.
-- PushRouter: a verified push (gitopsd.daemon.server) refreshes each matching
-  repository once and wakes each runner whose repo and branch match, once; a
-  standby hands it to the leader; with shards, the apps of other replicas'
-  shards are forwarded to their owners;
+  beside one polled every minute is still woken hourly): that poll is the
+  app's drift check and runs whatever changed. More apps due at once than
+  the reconcile pool runs are woken spread over half the interval, in the
+  same order every time (so each app's period stays its interval): a burst
+  of a thousand drift checks would hold a push's reconcile up behind it.
+  One-shot retries with backoff after a failure (`retry-<app>`) start a new
+  fetch only if the last one failed.
+- A new commit wakes the apps it concerns, not the repository
+  (`on_new_commit`, called by the fetch that found it, whoever asked for
+  it): the cost of a push follows the change. Which apps it concerns is the
+  render cache's rule (gitopsd.engine.render_cache, `unchanged_by`): an app
+  whose last build's inputs — closed over symlinks, whole directories for
+  what a render lists — no path changed since the commit they were last
+  checked at is, lies below or lies above, is left alone (it would render
+  the same, keep its revision and plan "unchanged": its poll is its drift
+  check). Every other app that has not seen the commit is woken: those the
+  change touches first, then those whose inputs are unknown (never built in
+  this process, a failed build, allowRemoteBases, evicted, self-heal off,
+  git unable to tell what changed), as every app was woken before. Not woken
+  either: an app woken since the repository was last refreshed (its run
+  fetches after that), or whose last run fetched this commit.
+- Pushes (`push`): a verified push webhook (gitopsd.daemon.server, through
+  PushRouter) or a commit to a local repository refreshes the repository and
+  looks at it once, on a thread of its own (the webhook's answer does not
+  wait for git): the fetch, shared as any other, finds the new commit and
+  wakes the apps it concerns as above. When it finds none (a replayed or
+  repeated push of a commit already fetched) the push wakes the apps that
+  commit concerned when it was found — one NoChange reconcile each, counted,
+  not recorded — or every app pushed to when that is not known (the first
+  fetch since the daemon started). A failed fetch wakes them all, as each
+  reports it. PushRouter: a standby hands a push to the leader; with shards,
+  the apps of other replicas' shards are forwarded to their owners;
 - LocalRepoWatcher: in development, a commit to a local repository
   reconciles within a second (watchfiles).
 """
@@ -30,6 +53,7 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -40,11 +64,14 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from gitopsd import redact
 from gitopsd.daemon.webhook import PushEvent, matches, normalize_repo_url
+from gitopsd.engine import source
 from gitopsd.engine.source_share import SharedFetches, repo_key
 
 if TYPE_CHECKING:
+    from gitopsd.config import AppConfig
     from gitopsd.daemon.core import Daemon
     from gitopsd.daemon.runner import AppRunner
+    from gitopsd.engine.render_cache import RenderCache
 
 log = structlog.get_logger("gitopsd")
 
@@ -61,6 +88,7 @@ class _Repo:
     runners: dict[str, "AppRunner"] = field(default_factory=dict)
     polled: dict[str, float] = field(default_factory=dict)   # app -> monotonic time of its last poll
     interval: float = 0.0                                    # of the job: the shortest of the apps'
+    paced: int = 0                                           # runs of the job so far (see Schedule._pace)
 
     @property
     def job_id(self) -> str:
@@ -74,15 +102,21 @@ class _Repo:
 class Schedule:
     """The apscheduler jobs: `poll-…` per repository and ref, `retry-<app>` (one shot) per app."""
 
-    def __init__(self, stopped: threading.Event, *, fetches: SharedFetches) -> None:
+    def __init__(self, stopped: threading.Event, *, fetches: SharedFetches, renders: RenderCache | None = None,
+                 credentials: Callable[[AppConfig], source.Credentials | None] | None = None,
+                 pace_above: int = 64) -> None:
+        """A poll that finds more than `pace_above` apps due (the daemon: its reconcile workers) wakes
+        them spread out; `renders` and `credentials`: see NewCommits (`commits`)."""
         self._stopped = stopped
         self._fetches = fetches
+        self._pace_above = pace_above
         self.scheduler = BackgroundScheduler(timezone=timezone.utc, job_defaults={"coalesce": True,
                                                                                    "max_instances": 1})
         self._lock = threading.Lock()
         self._repos: dict[tuple[str, str], _Repo] = {}
         self._repo_of: dict[str, tuple[str, str]] = {}   # app -> its repository and ref
         self._woken: dict[str, float] = {}               # app -> the generation it was last woken in
+        self.commits = NewCommits(self, stopped=stopped, fetches=fetches, renders=renders, credentials=credentials)
 
     def start(self) -> None:
         self.scheduler.start()
@@ -109,8 +143,9 @@ class Schedule:
     def wake(self, runners: list[AppRunner], reason: str, *, sha: str | None = None) -> None:
         """Refresh the repository of each runner once, then trigger each runner once.
 
-        A push, a local commit and a poll come through here: the runs they
-        start share one fetch per repository.
+        A poll, a config edit and a new leader or shard owner come through
+        here (pushes through NewCommits.push): the runs they start share one
+        fetch per repository.
         """
         generations = {key: self._fetches.refresh(*key) for key in {repo_key(r.cfg.repo, r.cfg.ref)
                                                                     for r in runners}}
@@ -148,30 +183,29 @@ class Schedule:
             runs = max(0, math.ceil(missing / repo.interval)) if repo.interval else 0
             return job.next_run_time + timedelta(seconds=runs * repo.interval)
 
-    def on_new_commit(self, url: str, ref: str, sha: str) -> None:
-        """A fetch found a new commit (SharedFetches calls this): wake the apps that have not seen it.
+    def members(self, key: tuple[str, str]) -> list[AppRunner]:
+        """The runners of a repository and ref (none when it has no app)."""
+        with self._lock:
+            repo = self._repos.get(key)
+            return list(repo.runners.values()) if repo else []
 
-        Not an app woken since the repository was last refreshed (its run
-        fetches after that, so it reads this commit or a newer one), nor one
-        whose run is under way and has not fetched yet, nor one whose last
-        run fetched this commit.
-        """
-        generation = self._fetches.refreshed_at(url, ref)
+    def unseen(self, runners: list[AppRunner], generation: float) -> list[AppRunner]:
+        """The runners not woken since the repository's refresh `generation` (their runs fetch before it)."""
+        with self._lock:
+            return [r for r in runners if (w := self._woken.get(r.cfg.name)) is None or w < generation]
+
+    def claim(self, runners: list[AppRunner], generation: float, *, poll: bool = False) -> list[AppRunner]:
+        """Of `runners`, those not woken in `generation` yet, now marked woken in it (with `poll`, as
+        their poll too: their interval starts again). The caller triggers them."""
         now = time.monotonic()
         with self._lock:
-            repo = self._repos.get((url, ref))
-            runners = [r for r in (repo.runners.values() if repo else ())
-                       if ((woken := self._woken.get(r.cfg.name)) is None or woken < generation)
-                       and not (r.running and r.current_sha is None)
-                       and sha not in (r.current_sha, r.last_applied)]
-            for r in runners:
+            claimed = [r for r in runners if (w := self._woken.get(r.cfg.name)) is None or w < generation]
+            for r in claimed:
                 self._woken[r.cfg.name] = generation
-                repo.polled[r.cfg.name] = now
-        for r in runners:
-            r.trigger("poll", sha=sha)
-        if runners:
-            log.info("new commit: woke the other apps of the repository", repo=url, ref=ref,
-                     revision=sha[:12], triggered=[r.cfg.name for r in runners])
+                repo = self._repos.get(repo_key(r.cfg.repo, r.cfg.ref))
+                if poll and repo is not None:
+                    repo.polled[r.cfg.name] = now
+            return claimed
 
     # ------------------------------------------------------------ internals
 
@@ -205,7 +239,12 @@ class Schedule:
         self._fetches.forget(keep=set(self._repos))
 
     def _poll(self, key: tuple[str, str]) -> None:
-        """The job of one repository: refresh it once, wake the apps whose interval has come."""
+        """The job of one repository: refresh it once, wake the apps whose interval has come.
+
+        More apps than the reconcile pool runs at once are woken spread over
+        half the interval (`_pace`), not in one burst: a burst of a thousand
+        drift checks would queue a push's reconcile behind them for seconds.
+        """
         with self._lock:
             repo = self._repos.get(key)
             if repo is None:
@@ -213,15 +252,147 @@ class Schedule:
             now = time.monotonic()
             due = [r for r in repo.runners.values() if repo.due(r, now)]
             repo.polled.update({r.cfg.name: now for r in due})
-        if due:
+            repo.paced += 1
+            token, spread = repo.paced, repo.interval / 2
+        if len(due) > self._pace_above:
+            self._fetches.refresh(*key)
+            threading.Thread(target=self._pace, args=(key, due, token, spread), daemon=True,
+                             name=f"pace-{due[0].cfg.name}").start()
+        elif due:
             self.wake(due, "poll")
         else:
             self._fetches.refresh(*key)
+
+    def _pace(self, key: tuple[str, str], runners: list[AppRunner], token: int, spread: float) -> None:
+        """Trigger `runners` one after the other, evenly over `spread` seconds (on a thread of its own).
+
+        Each is marked woken as it is triggered, not before: a new commit found
+        meanwhile wakes the apps it concerns at once (on_new_commit), whether
+        their turn has come or not. Ends early at shutdown, when the
+        repository leaves the schedule, or when its next poll begins.
+        """
+        step = spread / len(runners)
+        for i, r in enumerate(runners):
+            if i and self._stopped.wait(step):
+                return
+            generation = self._fetches.refreshed_at(*key)
+            with self._lock:
+                repo = self._repos.get(key)
+                if repo is None or repo.paced != token:
+                    return
+                self._woken[r.cfg.name] = max(self._woken.get(r.cfg.name, generation), generation)
+            r.trigger("poll")
 
     def _retry(self, runner: AppRunner, reason: str) -> None:
         # A new fetch only if the last one failed: the app may have failed after it (render, apply).
         self._fetches.retry(runner.cfg.repo, runner.cfg.ref)
         runner.trigger(reason)
+
+
+class NewCommits:
+    """Whom a new commit wakes, and the look at the repository a push starts; see the module docstring."""
+
+    def __init__(self, schedule: Schedule, *, stopped: threading.Event, fetches: SharedFetches,
+                 renders: RenderCache | None = None,
+                 credentials: Callable[[AppConfig], source.Credentials | None] | None = None) -> None:
+        """`renders` says which apps a commit leaves alone (without it every app is concerned);
+        `credentials(cfg)` resolves an app's credentials for the fetch of a push."""
+        self._schedule = schedule
+        self._stopped = stopped
+        self._fetches = fetches
+        self._renders = renders
+        self._credentials = credentials
+        self._lock = threading.Lock()
+        self._pushed: dict[tuple[str, str], tuple[float, str]] = {}     # (generation, reason) of the last push
+        self._announced: dict[tuple[str, str], float] = {}              # generation of the last new commit
+        self._concerned: dict[tuple[str, str], tuple[str, frozenset[str]]] = {}   # its sha and apps woken
+
+    def push(self, runners: list[AppRunner], reason: str, *, sha: str | None = None) -> None:
+        """A push to the repositories of `runners`: look at each once, wake the apps it concerns.
+
+        Returns at once; the look (one shared fetch) runs on a thread of its
+        own. See the module docstring for whom it wakes.
+        """
+        by_repo: dict[tuple[str, str], list[AppRunner]] = {}
+        for r in runners:
+            by_repo.setdefault(repo_key(r.cfg.repo, r.cfg.ref), []).append(r)
+        for key, pushed in by_repo.items():
+            generation = self._fetches.refresh(*key)
+            with self._lock:
+                self._pushed[key] = (generation, reason)
+            threading.Thread(target=self._look, args=(key, pushed, generation, reason, sha), daemon=True,
+                             name=f"push-{pushed[0].cfg.name}").start()
+
+    def on_new_commit(self, url: str, ref: str, checkout: source.Checkout) -> None:
+        """A fetch found a new commit (SharedFetches calls this): wake the apps it concerns.
+
+        See the module docstring. Called before the fetch's waiters get the
+        commit, so a run under way that has not fetched yet is woken again
+        only when the commit concerns it (it may be waiting on an older
+        fetch), at the cost of one more reconcile.
+        """
+        sha = checkout.revision.sha
+        key = (url, ref)
+        generation = self._fetches.refreshed_at(url, ref)
+        candidates = [r for r in self._schedule.unseen(self._schedule.members(key), generation)
+                      if sha not in (r.current_sha, r.last_applied)]
+        with self._lock:
+            pushed = self._pushed.get(key)
+        reason = pushed[1] if pushed and pushed[0] == generation else "poll"
+        touched, unknown, left = self._concerned_by(candidates, checkout)
+        runners = self._schedule.claim(touched + unknown, generation, poll=True)   # the touched ones first
+        with self._lock:
+            self._announced[key] = max(self._announced.get(key, generation), generation)
+            self._concerned[key] = (sha, frozenset(r.cfg.name for r in runners))
+        for r in runners:
+            r.trigger(reason, sha=sha)
+        log.info("new commit: woke the apps it concerns", repo=url, ref=ref, revision=sha[:12],
+                 triggered=[r.cfg.name for r in runners], touched=len(touched), unknown=len(unknown),
+                 unchanged=left)
+
+    def _concerned_by(self, runners: list[AppRunner],
+                      checkout: source.Checkout) -> tuple[list[AppRunner], list[AppRunner], int]:
+        """(apps whose inputs the commit touches, apps whose inputs are unknown, how many it leaves alone)."""
+        touched, unknown, left = [], [], 0
+        for r in runners:
+            # Self-heal off: every new commit is a new revision (and ends the hold on hand edits).
+            unchanged = self._renders.unchanged_by(r.cfg.name, checkout) \
+                if self._renders is not None and r.cfg.self_heal else None
+            if unchanged is None:
+                unknown.append(r)
+            elif unchanged:
+                left += 1
+            else:
+                touched.append(r)
+        return touched, unknown, left
+
+    def _look(self, key: tuple[str, str], runners: list[AppRunner], generation: float, reason: str,
+              sha: str | None) -> None:
+        """The fetch of one push (on its own thread); see `push`."""
+        if self._stopped.is_set():
+            return
+        first = runners[0].cfg
+        try:
+            credentials = self._credentials(first) if self._credentials is not None else None
+            checkout = self._fetches.fetch(first.repo, first.ref, credentials=credentials)
+        except Exception as exc:  # noqa: BLE001 - each app's run reports it (a SourceError, a missing Secret)
+            log.info("push: the repository could not be read; waking every app pushed to", repo=key[0],
+                     ref=key[1], error=redact.scrub(str(exc)))
+            self._wake_unseen(runners, reason, generation, sha=sha)
+            return
+        with self._lock:
+            if self._announced.get(key, float("-inf")) >= generation:
+                return   # a new commit: on_new_commit woke whom it concerns
+            found, names = self._concerned.get(key, ("", frozenset()))
+        now = checkout.revision.sha
+        if found == now:
+            runners = [r for r in runners if r.cfg.name in names]
+        self._wake_unseen(runners, reason, generation, sha=now)
+
+    def _wake_unseen(self, runners: list[AppRunner], reason: str, generation: float, *, sha: str | None) -> None:
+        """Trigger each runner not woken in this generation yet."""
+        for r in self._schedule.claim(runners, generation):
+            r.trigger(reason, sha=sha)
 
 
 class PushRouter:
@@ -233,9 +404,13 @@ class PushRouter:
     def on_push(self, event: PushEvent) -> list[str]:
         if self.daemon.elector is not None and not self.daemon._leading and not self.daemon._stop.is_set():
             return self._forward_to_leader(event)
-        hit = [r for r in list(self.daemon.runners.values()) if matches(r.cfg.repo, r.cfg.ref, event)]
+        # Once per repository and ref, not per app: a monorepo's thousand apps name one (and
+        # normalising a local repository's path resolves it on disk).
+        pairs = {(r.cfg.repo, r.cfg.ref) for r in list(self.daemon.runners.values())}
+        pushed = {pair for pair in pairs if matches(*pair, event)}
+        hit = [r for r in list(self.daemon.runners.values()) if (r.cfg.repo, r.cfg.ref) in pushed]
         hit, elsewhere = self._by_owner(hit)
-        self.daemon.schedule.wake(hit, "webhook", sha=event.after)   # one fetch per repository
+        self.daemon.schedule.commits.push(hit, "webhook", sha=event.after)   # one fetch per repository
         log.info("push received", provider=event.provider, ref=event.ref,
                  repo=normalize_repo_url(event.repo_urls[0]) if event.repo_urls else None,
                  triggered=[r.cfg.name for r in hit])
@@ -368,7 +543,7 @@ class LocalRepoWatcher:
                     touched = {p for p in snapshot if any(str(c[1]).startswith(str(p)) for c in changes)}
                     runners = [r for p in touched for name in snapshot[p]
                                if (r := self.daemon.runners.get(name)) is not None]
-                    self.daemon.schedule.wake(runners, "watch")
+                    self.daemon.schedule.commits.push(runners, "watch")
                 current = {_local_path(r.cfg.repo) for r in list(self.daemon.runners.values())} - {None}
                 if current != set(snapshot):
                     break  # the app set changed: re-arm the watch

@@ -443,7 +443,7 @@ def _load_yaml(text: str, *, source: str, problems: _Problems, tool_output: bool
     the later checks report misleading follow-up problems.
     """
     try:
-        return yamlload.load_all(text, budget=problems.budget)
+        return yamlload.DOCUMENTS.load_all(text, budget=problems.budget)
     except yamlload.YAMLLimitError as exc:
         _over_limit(source, exc, problems=problems, line=not tool_output)
     except yaml.YAMLError as exc:
@@ -544,11 +544,12 @@ def _read_bounded(file: Path, *, source: str, problems: _Problems) -> bytes | No
     """A file's bytes, or None (a problem added) when unreadable or over the
     size limits; the size is checked before anything is read."""
     try:
-        over = problems.budget.take_bytes(file.stat().st_size)
-        if over:
-            problems.add(f"{source}: {over}", hint=yamlload.limits_hint())
-            return None
-        return file.read_bytes()
+        with open(file, "rb") as handle:   # one open, sized by fstat: this runs for every file of an app
+            over = problems.budget.take_bytes(os.fstat(handle.fileno()).st_size)
+            if over:
+                problems.add(f"{source}: {over}", hint=yamlload.limits_hint())
+                return None
+            return handle.read()
     except OSError as exc:
         problems.add(f"{source}: cannot be read: {exc.strerror or exc}")
         return None
@@ -599,9 +600,9 @@ def _manifest_files(real_root: Path, top: Path, *, problems: _Problems) -> list[
                     if manifest_like:
                         problems.add(f"{relative(real_root, path)}: broken symlink")
                     continue
-            if path.is_dir():
+            if entry.is_dir():      # the directory entry's own type: no stat but for a link
                 walk(path)
-            elif manifest_like and path.is_file():
+            elif manifest_like and entry.is_file():
                 files.append(path)
 
     walk(top)

@@ -40,6 +40,34 @@ cost follows the change. A commit that brings an app's inputs back to an
 older content is a new revision all the same (the app's own last build is
 compared, not whatever the cache still holds).
 
+Which apps a new commit concerns (`unchanged_by`, asked by the daemon's
+triggers before it wakes the apps of a repository, so that a push to one app
+of a monorepo reconciles that app and not the thousand beside it): an app
+whose last build is known here is left alone by a commit when no path that
+changed since the commit its inputs were last checked at
+(gitopsd.engine.source.changed_paths) is, lies below, or lies above one of
+its inputs. That is the cache's own key read the other way: the inputs are
+directories and files by real path plus the links on the way (a plain app
+reads its whole directory, so a new file in it is below an input; a
+kustomization's directories are inputs, not only the files it names), and
+a changed leaf below an input changes that input's tree id, so "not
+touched" means "the same key", hence the same build. The edge cases:
+
+- a rename or a deletion names the old path: touched;
+- a path become a symlink, or a directory become a file or a link, names
+  that path (and every file the directory held): touched;
+- a `.gitattributes` anywhere may change how any file is checked out
+  without changing its blob: a commit touching one concerns every app;
+- unknown, hence concerned by every new commit: an app never built in this
+  process, whose last build failed or read remote bases (neither is
+  cached), whose record was evicted, rendered without an app name (self-heal
+  off: every commit is a new revision of it), or when git cannot tell what
+  changed (the old commit gone from a shallow cache);
+- a commit found unrelated moves the app's "checked at" commit forward, so
+  the next push is diffed from there (one diff per push for the whole
+  fleet, not one per app). A build in flight meanwhile records the commit
+  it really read, which is older: sound, as its diff then covers both.
+
 On a hit the build is handed out as a fresh copy (the cache keeps orjson
 bytes, so nothing a caller changes reaches it), every Secret value in it is
 registered with gitopsd.redact again (the registry forgets the least recently
@@ -87,6 +115,16 @@ class _Entry:
     inputs: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class _Seen:
+    """An app's last build: its key and revision, what it read, and the commit whose content that is."""
+
+    key: str
+    since: source.Revision
+    inputs: tuple[str, ...]
+    at: str               # a commit at which `inputs` are known to hold this build's content
+
+
 class RenderCache:
     """See the module docstring."""
 
@@ -100,7 +138,7 @@ class RenderCache:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._input_sets: dict[tuple, list[tuple[str, ...]]] = {}
         self._bytes = 0
-        self._since: OrderedDict[str, tuple[str, source.Revision]] = OrderedDict()   # app -> its last build
+        self._since: OrderedDict[str, _Seen] = OrderedDict()   # app -> its last build
 
     def render(self, checkout: source.Checkout, path: str = ".", *, app: str | None = None, kind: str = "auto",
                namespace: str = "default", helm_values: Sequence[str] = (), helm_release: str | None = None,
@@ -117,29 +155,59 @@ class RenderCache:
         found = self._lookup(checkout, options) if cacheable else None
         if found is not None:
             key, built = found
+            inputs = tuple(sorted(built.inputs))
             self._count("hit")
         else:
             built = render.build(checkout.path, path, kind=kind, namespace=namespace, helm_values=helm_values,
                                  helm_release=helm_release, timeout=timeout, allow_remote_bases=allow_remote_bases)
             key = self._store(checkout, options, built) if cacheable and not built.problems else None
+            inputs = tuple(sorted(built.inputs))
             self._count("miss" if key else "uncached")
         manifests = render.finish(built, namespace=namespace, is_namespaced=is_namespaced)
-        return Rendered(manifests=manifests, since=self._since_for(app, key, checkout.revision))
+        return Rendered(manifests=manifests, since=self._since_for(app, key, checkout.revision, inputs))
+
+    def unchanged_by(self, app: str, checkout: source.Checkout) -> bool | None:
+        """Whether `checkout`'s commit leaves every input of `app`'s last build as it was.
+
+        True also remembers that the inputs hold at this commit (the next
+        commit is compared with this one); False when it touches one; None
+        when that is not known (see the module docstring).
+        """
+        with self._lock:
+            seen = self._since.get(app)
+        sha = checkout.revision.sha
+        if seen is None:
+            return None
+        if seen.at == sha:
+            return True
+        changed = source.changed_paths(checkout, since=seen.at)
+        if changed is None:
+            return None
+        if touches(changed, seen.inputs):
+            return False
+        with self._lock:
+            if self._since.get(app) is seen:   # not rebuilt meanwhile (a build records what it read)
+                self._since[app] = _Seen(key=seen.key, since=seen.since, inputs=seen.inputs, at=sha)
+        return True
 
     def __len__(self) -> int:
         return len(self._entries)
 
     # ------------------------------------------------------------ lookup
 
-    def _since_for(self, app: str | None, key: str | None, revision: source.Revision) -> source.Revision:
-        """The app's revision: the commit of its last build if this is the same build, else this one."""
+    def _since_for(self, app: str | None, key: str | None, revision: source.Revision,
+                   inputs: tuple[str, ...]) -> source.Revision:
+        """The app's revision: the commit of its last build if this is the same build, else this one.
+
+        Without a key (a build not cached) the app's record is dropped: what it
+        read is then unknown."""
         if app is None:
             return revision
         with self._lock:
             last = self._since.pop(app, None)
-            since = last[1] if last is not None and key is not None and last[0] == key else revision
+            since = last.since if last is not None and key is not None and last.key == key else revision
             if key is not None:
-                self._since[app] = (key, since)
+                self._since[app] = _Seen(key=key, since=since, inputs=inputs, at=revision.sha)
                 while len(self._since) > self.max_entries:
                     self._since.popitem(last=False)
             return since
@@ -201,6 +269,33 @@ class RenderCache:
     def _count(self, result: str) -> None:
         if self._on_lookup is not None:
             self._on_lookup(result)
+
+
+#: Files that change how other files are checked out without changing their blobs.
+_CHECKOUT_RULES = ".gitattributes"
+
+
+def touches(changed: frozenset[str], inputs: Sequence[str]) -> bool:
+    """Whether a changed leaf path is, lies below, or lies above one of `inputs` ("." is the root).
+
+    `changed` as gitopsd.engine.source.changed_paths names them. A path
+    above an input is a directory become a file or a link (its leaf is named,
+    and the input's old files as deleted). A changed `.gitattributes`
+    touches everything.
+    """
+    if not changed:
+        return False
+    if "." in inputs or any(p.rsplit("/", 1)[-1] == _CHECKOUT_RULES for p in changed):
+        return True
+    below: set[str] = set()   # every changed path and every directory above one
+    for p in changed:
+        parts = p.split("/")
+        below.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+    for i in inputs:
+        parts = i.split("/")
+        if i in below or any("/".join(parts[:n]) in changed for n in range(1, len(parts))):
+            return True
+    return False
 
 
 def _key(options: tuple, described: dict[str, str]) -> str:

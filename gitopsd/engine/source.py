@@ -39,6 +39,7 @@ import re
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import threading
@@ -221,18 +222,45 @@ def describe(checkout: Checkout, paths: Sequence[str], *, timeout: float = 30.0)
     return out
 
 
-#: Tree listings kept (by git_dir and tree id); a listing of a big directory is a few kB.
+def changed_paths(checkout: Checkout, *, since: str, timeout: float = 30.0) -> frozenset[str] | None:
+    """The repo-relative paths whose entry differs between commit ``since`` and the checkout's commit.
+
+    Leaves, as ``git diff-tree -r --no-renames`` names them: files, symlinks
+    and submodules, never a directory. So a rename names both paths, a
+    deletion the path deleted, a type change (a file become a symlink) its
+    path, and a directory replaced by a file or a link names that path and
+    every file it held. Empty when the two commits have the same tree.
+
+    Local and cheap (one ``git diff-tree`` in the cached repository, kept by
+    the pair of commits: the apps woken by one push ask for the same pair,
+    and one of them runs git). None when it cannot be answered — no cached
+    repository, ``since`` not in it (gone from a shallow cache), git failing:
+    callers treat that as "anything may have changed".
+    """
+    sha = checkout.revision.sha
+    if checkout.git_dir is None or not (_FULL_SHA.fullmatch(since) and _FULL_SHA.fullmatch(sha)):
+        return None
+    trees = _Trees(git_dir=checkout.git_dir, timeout=timeout)
+
+    def read() -> frozenset[str] | None:
+        out = trees._git("diff-tree", "-r", "-z", "--no-renames", "--name-only", "--no-commit-id", since, sha)
+        return None if out is None else frozenset(p for p in out.split("\0") if p)
+
+    return trees._once("diff", f"{since}..{sha}", read)
+
+
+#: Tree listings and diffs kept (by git_dir and object ids); a listing of a big directory is a few kB.
 KEEP_TREE_LISTINGS = 4096
 
 
 class _Trees:
-    """Tree lookups in one cached repository, through a process-wide memo of listings.
+    """Tree lookups (and diffs) in one cached repository, through a process-wide memo of listings.
 
     Single flight: the apps woken by one push all look at the same new root
     tree at once; one of them lists it, the others wait for that listing.
     """
 
-    _memo: OrderedDict[tuple[Path, str, str], dict[str, str] | str] = OrderedDict()
+    _memo: OrderedDict[tuple[Path, str, str], dict[str, str] | frozenset[str] | str] = OrderedDict()
     _running: dict[tuple[Path, str, str], threading.Event] = {}
     _lock = threading.Lock()
 
@@ -850,21 +878,40 @@ def _materialise(*, repo: Path, checkouts: Path, sha: str, git: _Git) -> Path:
     it. ``read-tree`` + ``checkout-index`` with a throwaway index leaves the
     shared repository untouched and lets git (not us) handle symlinks,
     executable bits and hostile paths (``..``, ``.git``).
+
+    A push to a big monorepo changes a few files of thousands: the new tree
+    is then made from the last checkout (`_patch`) — its files hard-linked,
+    never written to, and only the paths the commit changed checked out
+    anew — so the cost follows the change, not the repository's size. That
+    trusts the last checkout to be the tree of its commit: the checkouts are
+    this cache's own, and nothing writes to them (renderers only read).
     """
     final = checkouts / sha
     if final.is_dir():
         os.utime(final)  # recently used: the last to be collected
         return final
     checkouts.mkdir(exist_ok=True)
+    base = _latest_checkout(checkouts)
     for stale in checkouts.glob(".tmp-*"):  # left by a crash; we hold the lock
         shutil.rmtree(stale, ignore_errors=True)
+    spares = checkouts.parent / "spares"
+    for stale in spares.glob("*"):
+        if base is None or stale.name != base.name:
+            shutil.rmtree(stale, ignore_errors=True)
+    spare = spares / base.name if base is not None else None
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{sha[:12]}-", dir=checkouts))
+    linked = spare is not None and spare.is_dir()
+    if linked:
+        os.rmdir(tmp)
+        os.rename(spare, tmp)   # the base's tree, hard-linked ahead of time (see _prepare_spare)
     index = Path(f"{tmp}.index")
     try:
         tmp.chmod(0o755)  # mkdtemp makes it 0700; readers may be other users
         env = {"GIT_INDEX_FILE": str(index)}
-        git.run(args=["--work-tree", str(tmp), "read-tree", sha], repo=repo, env=env)
-        git.run(args=["--work-tree", str(tmp), "checkout-index", "--all", "--force"], repo=repo, env=env)
+        git.run(args=["read-tree", sha], repo=repo, env=env)
+        if base is None or not _patch(repo=repo, base=base, tmp=tmp, sha=sha, git=git, env=env, linked=linked):
+            _empty(tmp)
+            git.run(args=["--work-tree", str(tmp), "checkout-index", "--all", "--force"], repo=repo, env=env)
         try:
             os.rename(tmp, final)
         except OSError as exc:  # pragma: no cover - only without the lock
@@ -874,7 +921,136 @@ def _materialise(*, repo: Path, checkouts: Path, sha: str, git: _Git) -> Path:
     finally:
         index.unlink(missing_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
+    threading.Thread(target=_prepare_spare, args=(checkouts.parent, sha), name="checkout-spare",
+                     daemon=True).start()
     return final
+
+
+def _prepare_spare(home: Path, sha: str) -> None:
+    """Hard-link the checkout of ``sha`` into ``spares/<sha>``, off the fetch's path.
+
+    Making a tree of thousands of directories is the one part of a patched
+    checkout that follows the repository's size; done here, after the fetch
+    returned, the next commit's checkout starts from the spare and costs
+    what the commit changed. Under the cache's lock (it waits for the fetch
+    that started it); skipped when a newer checkout was made meanwhile.
+    Built under a temporary name and renamed: a spare is whole or absent.
+    """
+    git = _Git(remote=_Remote(url=str(home), kind="local", credentials=Credentials()), ref="HEAD",
+               deadline=time.monotonic() + 120.0, timeout=120.0)
+    checkouts, spares = home / "checkouts", home / "spares"
+    try:
+        with _locked(home / "lock", git=git):
+            current, spare = checkouts / sha, spares / sha
+            if spare.exists() or _latest_checkout(checkouts) != current:
+                return
+            spares.mkdir(exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{sha[:12]}-", dir=spares))
+            try:
+                tmp.chmod(0o755)
+                _link_tree(current, tmp)
+                os.rename(tmp, spare)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    except (OSError, SourceError):
+        pass   # no spare: the next checkout links the tree itself
+
+
+def _latest_checkout(checkouts: Path) -> Path | None:
+    """The most recently used complete checkout (a commit's own directory), or None."""
+    done = [p for p in checkouts.iterdir() if _FULL_SHA.fullmatch(p.name) and p.is_dir()]
+    return max(done, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def _patch(*, repo: Path, base: Path, tmp: Path, sha: str, git: _Git, env: dict[str, str], linked: bool) -> bool:
+    """Make ``tmp`` the tree of ``sha`` from the checkout ``base`` (of another commit of the repository).
+
+    ``base``'s files are hard-linked into ``tmp`` (links recreated; already
+    done when ``linked``: a spare), never opened for writing: every path
+    the commit changed is first removed from ``tmp``, then checked out anew
+    from the index of ``sha``. False (``tmp``
+    in any state) when that is not sure to give exactly the checkout of
+    ``sha``: git cannot tell what changed, a path that is not UTF-8, a
+    changed path below a link or a non-directory, a directory that is not
+    left empty by its deletions. The caller then checks everything out.
+    """
+    diff = git.run(args=["diff-tree", "-r", "-z", "--no-renames", "--name-status", "--end-of-options", base.name,
+                         sha], repo=repo, check=False)
+    if diff.returncode != 0 or "\ufffd" in diff.stdout:
+        return False
+    fields = diff.stdout.split("\0")
+    changes = list(zip(fields[0::2], fields[1::2]))   # (status, path)
+    if not linked:
+        _link_tree(base, tmp)
+    # Deepest first: a directory's files go before the directory itself (a directory become a file).
+    for _, path in sorted(changes, key=lambda c: -c[1].count("/")):
+        if not _remove(tmp, path):
+            return False
+    present = [path for status, path in changes if status != "D"]
+    for i in range(0, len(present), 1000):
+        git.run(args=["--work-tree", str(tmp), "checkout-index", "--force", "--", *present[i:i + 1000]],
+                repo=repo, env=env)
+    return True
+
+
+def _link_tree(src: Path | str, dst: Path | str) -> None:
+    """Recreate the tree `src` in the existing directory `dst`: directories made, files hard-linked,
+    symlinks copied as links (never followed). A third of shutil.copytree's cost: this is per push."""
+    with os.scandir(src) as entries:
+        for entry in entries:
+            target = os.path.join(dst, entry.name)
+            if entry.is_symlink():
+                os.symlink(os.readlink(entry.path), target)
+            elif entry.is_dir(follow_symlinks=False):
+                os.mkdir(target, 0o755)
+                _link_tree(entry.path, target)
+            else:
+                os.link(entry.path, target)
+
+
+def _remove(root: Path, path: str) -> bool:
+    """Remove ``path`` below ``root`` without following a link, and the directories it leaves empty.
+
+    True also when it is absent. False when a parent is a link or not a
+    directory, or ``path`` is a directory that still holds something.
+    """
+    parts = path.split("/")
+    here = root
+    for part in parts[:-1]:
+        here = here / part
+        try:
+            st = os.lstat(here)
+        except FileNotFoundError:
+            return True   # no such parent: nothing to remove (added by the commit)
+        if not stat.S_ISDIR(st.st_mode):
+            return False
+    target = here / parts[-1]
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        return True
+    try:
+        if stat.S_ISDIR(st.st_mode):
+            os.rmdir(target)   # a submodule's empty directory, or one its files were removed from
+        else:
+            os.unlink(target)
+    except OSError:
+        return False
+    while here != root:
+        try:
+            os.rmdir(here)     # git keeps no empty directory: neither does a fresh checkout
+        except OSError:
+            break
+        here = here.parent
+    return True
+
+
+def _empty(directory: Path) -> None:
+    for entry in list(directory.iterdir()):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def _read_revision(*, repo: Path, sha: str, git: _Git) -> Revision:
@@ -905,10 +1081,20 @@ def _collect_garbage(*, checkouts: Path, keep: int, current: str) -> None:
 
     Recency is the directory's mtime, refreshed on every reuse, so a commit
     that is fetched again and again (the app's steady state) is never removed.
-    ``current`` is never removed, whatever the clock says.
+    ``current`` is never removed, whatever the clock says. A doomed checkout
+    is renamed away under the lock (readers of it keep their open files) and
+    deleted on a thread of its own: removing a big monorepo's tree is no part
+    of a push's latency.
     """
     entries = [p for p in checkouts.iterdir() if _FULL_SHA.fullmatch(p.name) and p.is_dir()]
     entries.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    trash = checkouts.parent / "trash"
     for old in entries[keep:]:
         if old.name != current:
-            shutil.rmtree(old, ignore_errors=True)
+            trash.mkdir(exist_ok=True)
+            with contextlib.suppress(OSError):
+                os.rename(old, trash / f"{old.name}-{time.monotonic_ns()}")
+    doomed = list(trash.iterdir()) if trash.is_dir() else []   # with any a crash left
+    if doomed:
+        threading.Thread(target=lambda: [shutil.rmtree(d, ignore_errors=True) for d in doomed],
+                         name="checkout-gc", daemon=True).start()

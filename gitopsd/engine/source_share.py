@@ -69,11 +69,11 @@ class SharedFetches:
 
     def __init__(self, *, cache_dir: Path, timeout: float = 120.0,
                  on_fetch: Callable[[FetchKey], None] | None = None,
-                 on_new_commit: Callable[[str, str, str], None] | None = None) -> None:
+                 on_new_commit: Callable[[str, str, source.Checkout], None] | None = None) -> None:
         """``on_fetch(key)`` hears every fetch that goes to the remote (the daemon counts them);
-        ``on_new_commit(url, ref, sha)`` hears when a fetch finds a commit other than the one the
-        previous fetch of that repository and ref found (not the first one), so that the daemon
-        can wake the other apps of the repository."""
+        ``on_new_commit(url, ref, checkout)`` hears when a fetch finds a commit other than the one
+        the previous fetch of that repository and ref found (not the first one), so that the daemon
+        can wake the apps of the repository that commit concerns."""
         self.cache_dir = cache_dir
         self.timeout = timeout
         self._on_fetch = on_fetch
@@ -177,17 +177,16 @@ class SharedFetches:
                                     timeout=self.timeout)
         except BaseException as exc:  # noqa: BLE001 - handed to every waiter, then re-raised
             error = exc
-        new_sha = None
+        new = False
         if checkout is not None:
             with self._cond:
                 previous = self._last_sha.get((key.url, key.ref))
                 self._last_sha[(key.url, key.ref)] = checkout.revision.sha
-            if previous is not None and previous != checkout.revision.sha:
-                new_sha = checkout.revision.sha
-        if new_sha is not None and self._on_new_commit is not None:
+            new = previous is not None and previous != checkout.revision.sha
+        if new and self._on_new_commit is not None:
             # Before the waiters get the commit: every app that waits for it is still
             # "under way, not fetched yet" when the daemon decides whom to wake.
-            self._on_new_commit(key.url, key.ref, new_sha)
+            self._on_new_commit(key.url, key.ref, checkout)
         with self._cond:
             slot.started, slot.running_since = slot.running_since or 0.0, None
             slot.checkout, slot.error, slot.done = checkout, error, True

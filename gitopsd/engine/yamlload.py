@@ -20,13 +20,33 @@ in one iterative pass that memoises each node's expanded size, so an alias
 bomb is measured in microseconds and refused before construction. The limits
 are generous for real repositories: a 5 MB bundle of CustomResourceDefinitions
 is about 200,000 nodes, and real objects rarely nest 40 levels deep.
+
+Parsing is the largest cost of rendering a big app, and a commit that
+changes one object of a thousand leaves 999 documents as they were:
+`Documents` (the renderer's `DOCUMENTS`) keeps what each document parsed to,
+by the digest of its text, and parses only the documents it has not seen.
+A stream is cut into documents at its `---` lines only when that is sure to
+read the same as parsing it whole: no directives (`%`), no `...` end markers,
+no byte-order mark inside; otherwise, and whenever a piece does not read as
+exactly one document, or fails, or the limits trip, the text is parsed
+whole, as before, so errors and their line numbers are unchanged. YAML
+anchors belong to one document, so cutting at document boundaries changes
+nothing else. A document is kept only when JSON holds it exactly (a
+round-trip through orjson gives an equal value: no NaN, no 65-bit integer,
+no binary, no set); each caller gets a fresh copy, and pays the limits'
+nodes and aliases the document took when it was parsed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import yaml
 
 #: Bytes of one YAML or JSON file a render reads (or one renderer's output).
@@ -259,3 +279,125 @@ def measure_value(value: Any, *, budget: Budget) -> None:
         if count > budget.nodes:
             raise YAMLLimitError(f"takes the render past {MAX_NODES:,} YAML nodes")
     budget.nodes -= count
+
+
+# --------------------------------------------------------------------------
+# Documents already parsed (see the module docstring)
+
+#: Bytes of parsed documents kept (as orjson), and documents kept at most.
+MEMO_BYTES = 32 * 1024 * 1024
+MEMO_DOCUMENTS = 200_000
+
+_SEPARATOR_LINE = re.compile(r"^---[ \t]*(?:#[^\n]*)?(?:\n|$)", re.MULTILINE)
+_UNSURE = re.compile(r"^(?:%|\.\.\.)", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    blob: bytes      # orjson of the document (b"null" for an empty one)
+    nodes: int       # what it took of the node budget
+    aliases: int
+
+
+class Documents:
+    """Parsed documents by the digest of their text; see the module docstring. Safe for concurrent use."""
+
+    def __init__(self, *, max_bytes: int = MEMO_BYTES, max_documents: int = MEMO_DOCUMENTS) -> None:
+        self.max_bytes = max_bytes
+        self.max_documents = max_documents
+        self._lock = threading.Lock()
+        self._kept: OrderedDict[bytes, _Parsed] = OrderedDict()
+        self._bytes = 0
+        self.parsed = 0   # documents parsed (not found), for tests and benchmarks
+
+    def load_all(self, text: str, *, budget: Budget | None = None) -> list:
+        """What `load_all(text, budget=budget)` returns, parsing only documents not seen before.
+
+        Raises what `load_all` raises, from a parse of the whole text.
+        """
+        budget = budget if budget is not None else Budget()
+        pieces = _pieces(text)
+        if pieces is None:
+            return load_all(text, budget=budget)
+        left = budget.nodes
+        docs = self._load_pieces(pieces, budget=budget)
+        if docs is None:   # not sure: the whole text, as it always was
+            budget.nodes = left
+            return load_all(text, budget=budget)
+        return docs
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def _load_pieces(self, pieces: list[str], *, budget: Budget) -> list | None:
+        docs: list = []
+        aliases = 0
+        for i, piece in enumerate(pieces):
+            key = hashlib.blake2b(piece.encode("utf-8", "surrogatepass"), digest_size=20).digest()
+            with self._lock:
+                found = self._kept.get(key)
+                if found is not None:
+                    self._kept.move_to_end(key)
+            if found is None:
+                found = self._parse(key, piece, first=i == 0, budget=budget)
+                if found is None:
+                    return None
+            elif found.nodes > budget.nodes:
+                return None   # the whole parse says where the limit trips
+            else:
+                budget.nodes -= found.nodes
+            aliases += found.aliases
+            if aliases > MAX_ALIASES:
+                return None
+            if found.blob:
+                docs.append(orjson.loads(found.blob))
+        return docs
+
+    def _parse(self, key: bytes, piece: str, *, first: bool, budget: Budget) -> _Parsed | None:
+        """Parse one piece; None when it is not exactly one document (none is fine before the first
+        `---`), fails, or is over a limit. Kept when JSON holds it exactly."""
+        before = budget.nodes
+        loader = KubernetesLoader(piece)
+        loader.budget = budget
+        try:
+            found = []
+            while loader.check_data():
+                found.append(loader.get_data())
+            aliases = loader._aliases_used
+        except yaml.YAMLError:
+            return None
+        finally:
+            loader.dispose()
+        with self._lock:
+            self.parsed += 1
+        if len(found) > 1:
+            return None   # a `---` line this cut missed (`--- |`): the whole parse reads it
+        if not found:
+            # Only comments: nothing before the first `---`; after one, an empty document (None).
+            return _Parsed(blob=b"" if first else b"null", nodes=0, aliases=0)
+        try:
+            blob = orjson.dumps(found[0])
+            if orjson.loads(blob) != found[0]:
+                return None   # NaN: the whole parse builds it
+        except TypeError:
+            return None       # a value JSON cannot hold (a 65-bit integer, binary, a set, a non-string key)
+        parsed = _Parsed(blob=blob, nodes=before - budget.nodes, aliases=aliases)
+        with self._lock:
+            if key not in self._kept:
+                self._kept[key] = parsed
+                self._bytes += len(parsed.blob)
+                while self._kept and (self._bytes > self.max_bytes or len(self._kept) > self.max_documents):
+                    _, old = self._kept.popitem(last=False)
+                    self._bytes -= len(old.blob)
+        return parsed
+
+
+def _pieces(text: str) -> list[str] | None:
+    """`text` cut at its `---` lines, or None when cutting is not sure to read the same (or not worth it)."""
+    if "\ufeff" in text or _UNSURE.search(text):
+        return None
+    return _SEPARATOR_LINE.split(text)
+
+
+#: The renderer's memo of parsed documents (gitopsd.engine.render).
+DOCUMENTS = Documents()

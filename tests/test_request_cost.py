@@ -64,7 +64,8 @@ def three_new_apps(repo, kube, namespace, tmp_path, start_daemon):
     repo.commit("three apps")
     names = [f"cost-{a}" for a in range(APPS)]
     cfg = write_config(tmp_path / "config.yaml",
-                       [app_entry(n, repo.url, namespace, path=f"app-{a}") for a, n in enumerate(names)])
+                       [app_entry(n, repo.url, namespace, path=f"app-{a}", interval="5s")
+                        for a, n in enumerate(names)])
     daemon = start_daemon(cfg, "--no-leader-elect", "--no-watch-local")
     # The status is the last write of a first sync (after the audit record).
     wait_for("every app's first sync", lambda: all(_status_written(kube, namespace, n) for n in names), 60)
@@ -82,16 +83,22 @@ def test_first_sync_of_a_new_app_costs_at_most_17_requests(three_new_apps, kube)
 
 
 def test_a_reconcile_with_nothing_to_do_sends_no_request(three_new_apps, repo):
+    """Polls of unchanged apps (each one a full drift check: fetch, render, plan) send nothing; nor
+    does a push that changes no app's files, which wakes no app at all."""
     daemon = three_new_apps
     before = _requests(daemon)
+    polls = metric(daemon, "gitopsd_reconcile_total", trigger="poll")
+    wait_for("a poll of every app",
+             lambda: metric(daemon, "gitopsd_reconcile_total", trigger="poll") >= polls + APPS, 60)
     repo.write("README.md", "no app's files change\n")
     sha = repo.commit("docs only")
-
     assert post_generic(daemon, repo.url, sha)[0] == 202
-    wait_for("three reconciles of the push",
-             lambda: metric(daemon, "gitopsd_reconcile_total", trigger="webhook") >= APPS, 30)
+    looked = daemon.wait_event(lambda e: e.get("event") == "new commit: woke the apps it concerns"
+                               and e.get("revision") == sha[:12], "the push's look at the new commit", 30)
+    assert looked["triggered"] == [] and looked["unchanged"] == APPS, looked
 
     after = _requests(daemon)
+    assert metric(daemon, "gitopsd_reconcile_total", trigger="webhook") == 0, "the push concerned no app"
     assert {v: after[v] - before.get(v, 0) for v in after if after[v] != before.get(v, 0)} == {}, \
         "no write, and no read the informers answer"
 

@@ -7,14 +7,66 @@ daemons in one process from colliding.
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import math
+import threading
+from array import array
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-RECONCILE_DURATION = Histogram(
+
+class PerAppHistogram:
+    """A histogram with one series per app, in ~0.2 KiB an app instead of prometheus_client's ~3.9.
+
+    prometheus_client keeps each bucket of each child as an object with its own
+    lock: 4 MiB per thousand apps for one histogram, the largest per-app part of
+    the daemon after its desired objects. Here an app's buckets (not cumulative)
+    and sum are one array of floats, all apps under one lock; /metrics reads the
+    same text (`_bucket{le=...}`, `_count`, `_sum`; no `_created`).
+    """
+
+    def __init__(self, name: str, documentation: str, *, buckets: tuple[float, ...],
+                 registry: CollectorRegistry) -> None:
+        self._name, self._doc = name, documentation
+        self._bounds = tuple(float(b) for b in buckets) + (math.inf,)
+        self._les = [floatToGoString(b) for b in self._bounds]
+        self._lock = threading.Lock()
+        self._apps: dict[str, array] = {}
+        registry.register(self)
+
+    def observe(self, *, app: str, value: float) -> None:
+        at = bisect.bisect_left(self._bounds, value)   # the first bucket whose bound is >= value
+        with self._lock:
+            counts = self._apps.get(app)
+            if counts is None:
+                counts = self._apps[app] = array("d", bytes(8 * (len(self._bounds) + 1)))
+            counts[at] += 1
+            counts[-1] += value
+
+    def forget(self, *, app: str) -> None:
+        with self._lock:
+            self._apps.pop(app, None)
+
+    def collect(self):
+        family = HistogramMetricFamily(self._name, self._doc, labels=["app"])
+        with self._lock:
+            apps = [(app, counts.tolist()) for app, counts in self._apps.items()]
+        for app, counts in apps:
+            family.add_metric([app], list(zip(self._les, itertools.accumulate(counts[:-1]))), sum_value=counts[-1])
+        yield family
+
+    def describe(self):
+        yield HistogramMetricFamily(self._name, self._doc, labels=["app"])
+
+
+RECONCILE_DURATION = PerAppHistogram(
     "gitopsd_reconcile_duration_seconds", "Time for one reconcile of one app, fetch to health.",
-    ["app"], registry=REGISTRY,
-    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))
+    registry=REGISTRY, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))
 RECONCILE_RESULTS = Counter(
     "gitopsd_reconcile_total", "Reconciles by app, trigger and outcome.",
     ["app", "trigger", "outcome"], registry=REGISTRY)
@@ -83,3 +135,11 @@ INFORMER_OBJECTS = Gauge(
     "Objects held in memory by the informers, by kind: managed objects of registered apps only (and the pods "
     "of a rolling workload during a health wait).",
     ["kind"], registry=REGISTRY)
+
+
+def forget_app(app: str) -> None:
+    """Drop every series of an app taken out of the config: a daemon whose apps come and go
+    would otherwise keep the series of every app it ever ran."""
+    RECONCILE_DURATION.forget(app=app)
+    for metric in (RECONCILE_RESULTS, DRIFT_DETECTED, DRIFT_CORRECTED, LAST_APPLIED):
+        metric.remove_by_labels({"app": app})

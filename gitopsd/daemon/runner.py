@@ -220,19 +220,20 @@ class AppRunner:
                       on_progress=self._stop_after_stage, fetches=self.daemon.fetches,
                       renders=self.daemon.renders)
         writer.check()   # lost during the health wait: the verdict is the new leader's to record
-        metrics.RECONCILE_DURATION.observe(app=cfg.name, value=time.monotonic() - started)
-        metrics.RECONCILE_RESULTS.labels(app=cfg.name, trigger=trigger, outcome=result.outcome.value).inc()
         previous = self.last_applied
         with self.lock:
             stopped = self.stopped
         if stopped:
             # Removed from the config (or shutting down) meanwhile: start nothing new
             # for it, but what this run wrote is history, and the trail is where a
-            # re-added app or the next leader reads its last revision from.
+            # re-added app or the next leader reads its last revision from. No metric:
+            # the app's series went with it (metrics.forget_app).
             if result.applied or result.pruned:
                 self._record(audit.transition_record(result, trigger=trigger, previous=previous,
                                                      instance=self.daemon.instance))
             return
+        metrics.RECONCILE_DURATION.observe(app=cfg.name, value=time.monotonic() - started)
+        metrics.RECONCILE_RESULTS.labels(app=cfg.name, trigger=trigger, outcome=result.outcome.value).inc()
         plan = result.plan
         if plan is not None and not plan.errors:
             self.inv = plan.inventory

@@ -630,8 +630,11 @@ def _verdict(result: SyncResult) -> SyncResult:
     """What a runner keeps of its last transition: the verdict (outcome, reason, revision,
     health, start) that status, retries and the next run's transition test read — not the
     plan, the changes applied or pruned and the drift, which hold every live and desired
-    object of the app (~30 KiB an app; a thousand apps: 30 MiB) and are in its audit record."""
-    return dataclasses.replace(result, plan=None, applied=[], pruned=[], drift=[])
+    object of the app (~30 KiB an app; a thousand apps: 30 MiB) and are in its audit record.
+    Of the health, the objects not Current: what status and the recheck of an Unhealthy
+    verdict read (all Current: Healthy); a healthy app keeps none."""
+    return dataclasses.replace(result, plan=None, applied=[], pruned=[], drift=[],
+                               health=[h for h in result.health if h.status.value != "Current"])
 
 
 def _error_of(drift: Drift, result: SyncResult) -> str:

@@ -100,6 +100,7 @@ class _NoRun:
 
 
 NO_RUN = _NoRun()
+NOTHING: frozenset = frozenset()   # one empty set for every runner not healing (each `frozenset()` is new)
 
 
 class AppRunner:
@@ -124,7 +125,7 @@ class AppRunner:
         self.desired_revision: Revision | None = None   # the commit `desired` was planned from
         self.spec: AppSpec | None = None                 # what the last reconcile ran with (a heal reuses it)
         self.heal_cancel: threading.Event | _NoRun = NO_RUN   # cancels a running heal's health wait
-        self.healing: frozenset[ObjectRef] = frozenset() # what the running heal corrects
+        self.healing: frozenset[ObjectRef] = NOTHING     # what the running heal corrects
         self.dirty: set[ObjectRef] = set()    # drift candidates seen during a run
         self.last_applied: str | None = None  # sha last written to the cluster
         self.restored = False                 # last_applied read back from the cluster (see _restore)
@@ -440,7 +441,7 @@ class AppRunner:
                 self._heal_if_drifted(refs, cancel=cancel)
             finally:
                 with self.lock:
-                    self.healing = frozenset()
+                    self.healing = NOTHING
                     self.heal_cancel = NO_RUN
 
     def _heal_if_drifted(self, refs: set[ObjectRef], *, cancel: threading.Event) -> None:

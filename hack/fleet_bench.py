@@ -181,9 +181,9 @@ def _mallinfo():
 
 
 def _managed_fields(objs) -> int:
-    """The informers' managedFields weighed as dicts (kept packed by gitopsd.daemon.reflector.Packer
-    or, before, as dicts). The objects decoded for it are gone when this returns: left alive they
-    were weighed again under "everything else", ~3 KiB an object (the "unattributed" 15 KiB an app)."""
+    # The informers' managedFields weighed as dicts (kept packed by gitopsd.daemon.reflector.Packer
+    # or, before, as dicts). The objects decoded for it are gone when this returns: left alive they
+    # were weighed again under "everything else", ~3 KiB an object (the "unattributed" 15 KiB an app).
     decoded = [r._packer.unpack(o) if isinstance(o, bytes) else o for r, o in objs]
     return _deep([(o.get("metadata") or {}).get("managedFields") for o in decoded], set())
 

@@ -199,3 +199,19 @@ def test_an_app_taken_out_of_the_config_leaves_no_metric_series(repo, kube, name
     assert 'gitopsd_reconcile_total{app="app-b"' in text and 'gitopsd_reconcile_duration_seconds_count{app="app-b"}' \
         in text
 
+
+
+def test_reconcile_counts_and_the_last_revision_read_as_before():
+    app = "counter-check"
+    metrics.RECONCILE_RESULTS.inc(app=app, trigger="poll", outcome="NoChange")
+    metrics.RECONCILE_RESULTS.inc(app=app, trigger="poll", outcome="NoChange")
+    metrics.RECONCILE_RESULTS.inc(app=app, trigger="webhook", outcome="Applied")
+    metrics.LAST_APPLIED.set(app=app, value="a" * 40)
+    metrics.LAST_APPLIED.set(app=app, value="b" * 40)   # a new revision replaces the old one's series
+    text = prometheus_client.generate_latest(metrics.REGISTRY).decode()
+    assert "# TYPE gitopsd_reconcile_total counter" in text
+    assert f'gitopsd_reconcile_total{{app="{app}",outcome="NoChange",trigger="poll"}} 2.0' in text
+    assert f'gitopsd_reconcile_total{{app="{app}",outcome="Applied",trigger="webhook"}} 1.0' in text
+    assert _samples("gitopsd_last_applied_revision_info", app) == {(("app", app), ("revision", "b" * 40)): 1.0}
+    metrics.forget_app(app)
+    assert f'app="{app}"' not in prometheus_client.generate_latest(metrics.REGISTRY).decode()

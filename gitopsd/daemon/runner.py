@@ -234,7 +234,7 @@ class AppRunner:
                                                      instance=self.daemon.instance))
             return
         metrics.RECONCILE_DURATION.observe(app=cfg.name, value=time.monotonic() - started)
-        metrics.RECONCILE_RESULTS.labels(app=cfg.name, trigger=trigger, outcome=result.outcome.value).inc()
+        metrics.RECONCILE_RESULTS.inc(app=cfg.name, trigger=trigger, outcome=result.outcome.value)
         plan = result.plan
         if plan is not None and not plan.errors:
             self.inv = plan.inventory
@@ -246,13 +246,8 @@ class AppRunner:
         if plan is not None and not plan.errors:
             self._watch(plan, live=result.outcome in (Outcome.APPLIED, Outcome.UNHEALTHY, Outcome.NO_CHANGE))
         if result.outcome in (Outcome.APPLIED, Outcome.UNHEALTHY, Outcome.NO_CHANGE) and result.revision:
-            if previous and previous != result.revision.sha:
-                try:
-                    metrics.LAST_APPLIED.remove(cfg.name, previous)
-                except KeyError:
-                    pass
             self.last_applied = result.revision.sha
-            metrics.LAST_APPLIED.labels(app=cfg.name, revision=result.revision.sha).set(1)
+            metrics.LAST_APPLIED.set(app=cfg.name, value=result.revision.sha)   # the previous one's series goes
         if result.outcome == Outcome.DRY_RUN and plan is not None:
             drifted = {c.ref for c in plan.changes if c.action in (Action.CREATE, Action.UPDATE, Action.RECREATE)}
             for ref in set(self.reported) - drifted:
@@ -353,7 +348,7 @@ class AppRunner:
 
     def _record_failure(self, trigger: str, reason: str) -> None:
         result = SyncResult(app=self.cfg.name, outcome=Outcome.FAILED, reason=reason, errors=[reason])
-        metrics.RECONCILE_RESULTS.labels(app=self.cfg.name, trigger=trigger, outcome="Failed").inc()
+        metrics.RECONCILE_RESULTS.inc(app=self.cfg.name, trigger=trigger, outcome="Failed")
         self._schedule_retry()
         if not self._is_transition(result):
             return
@@ -474,7 +469,7 @@ class AppRunner:
                       inv=self.inv, cache=self.cache, dry_run=not self.cfg.self_heal, cancel=cancel,
                       on_progress=self._stop_after_stage)
         self.writer.check()   # lost meanwhile: the new leader sees the drift and records it
-        metrics.RECONCILE_RESULTS.labels(app=self.cfg.name, trigger="self-heal", outcome=result.outcome.value).inc()
+        metrics.RECONCILE_RESULTS.inc(app=self.cfg.name, trigger="self-heal", outcome=result.outcome.value)
         if result.plan is not None and result.plan.waiting:
             log.debug("self-heal waits for deletions to finish", app=self.cfg.name,
                       objects=[str(r) for r in result.plan.waiting])
@@ -518,9 +513,9 @@ class AppRunner:
             if self.reported.get(drift.ref) == key:
                 return
             self.reported[drift.ref] = key
-        metrics.DRIFT_DETECTED.labels(app=self.cfg.name).inc()
+        metrics.DRIFT_DETECTED.inc(app=self.cfg.name)
         if action == "corrected":
-            metrics.DRIFT_CORRECTED.labels(app=self.cfg.name).inc()
+            metrics.DRIFT_CORRECTED.inc(app=self.cfg.name)
         log.warning("drift " + ("corrected" if action == "corrected" else "detected"), app=self.cfg.name,
                     object=str(drift.ref), deleted=drift.deleted, fields=list(drift.fields),
                     managers=list(drift.managers), action=action, error=error)

@@ -244,6 +244,18 @@ def test_status_endpoint_returns_json(make):
     assert make().request("/status")[0] == 404
 
 
+def test_status_summary_param_answers_the_counts_not_the_rows(make):
+    h = make(status=lambda: {"apps": [{"app": "web"}]}, status_summary=lambda: {"summary": {"apps": 1}})
+    for path in ("/status?summary", "/status?summary=1", "/status?x=y&summary"):
+        status, _, body = h.request(path)
+        assert (status, json.loads(body)) == (200, {"summary": {"apps": 1}}), path
+    for path in ("/status", "/status?summaryx", "/status?x=summary"):
+        assert json.loads(h.request(path)[2]) == {"apps": [{"app": "web"}]}, path
+    # A server without a summary answers the full status, not a 404.
+    plain = make(status=lambda: {"apps": []})
+    assert json.loads(plain.request("/status?summary")[2]) == {"apps": []}
+
+
 def test_oversized_body_is_refused(make):
     h = make()
     before = _count("generic", "too_large")

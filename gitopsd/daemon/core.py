@@ -103,7 +103,8 @@ class Daemon:
         # the runners check it before each record too, in the term their run began in.
         self.audit = audit.AuditLog(FencedKube(kube, self.fence), namespace=namespace, instance=instance)
         self.server = Server(host=http_host, port=http_port, on_push=self.pushes.on_push,
-                             webhook_secret=self.pushes.webhook_secret, ready=self.ready, status=self.status_json)
+                             webhook_secret=self.pushes.webhook_secret, ready=self.ready, status=self.status_json,
+                             status_summary=self.status_summary)
         self._threads: list[threading.Thread] = []
 
     @property
@@ -228,6 +229,7 @@ class Daemon:
         self.schedule.remove(name)
         if runner:
             runner.stop()
+        metrics.forget_app(name)
 
     def _on_config(self, new: config_mod.Config, change: config_mod.ConfigChange) -> None:
         """A valid new config (gitopsd.daemon.config_watch): stop, start and re-trigger apps.
@@ -254,14 +256,30 @@ class Daemon:
         return True, f"ok ({self.leadership.describe()}, {len(self.runners)} apps)"
 
     def status_json(self) -> dict:
+        """GET /status: every app's row, by name. Each repository's next poll is read once for all
+        its apps (Schedule.next_runs), so a status of 10,000 apps costs one pass over the runners."""
+        next_runs = self.schedule.next_runs()
         apps = []
         for name, r in sorted(list(self.runners.items())):
             s = r.status()
-            s["nextRun"] = _iso(self.schedule.next_run(name))
+            s["nextRun"] = _iso(next_runs.get(name))
             s["running"] = r.running
             apps.append({**s, **self.leadership.app_status(name)})
         return {"instance": self.instance, **self.leadership.status(), "apps": apps}
 
+    def status_summary(self) -> dict:
+        """GET /status?summary: how many apps have each result and, within it, each health, and how
+        many run now — what a dashboard or a rollout script polls, without a row per app."""
+        counts: dict[str, dict[str, int]] = {}
+        running = 0
+        for r in list(self.runners.values()):
+            result, health = r.verdict()
+            by_health = counts.setdefault(result, {})
+            by_health[health] = by_health.get(health, 0) + 1
+            running += r.running
+        return {"instance": self.instance, **self.leadership.status(),
+                "summary": {"apps": sum(sum(h.values()) for h in counts.values()), "running": running,
+                            "results": counts}}
 
 
 def main(args) -> int:

@@ -116,7 +116,8 @@ class Packer:
     (WBITS): a dictionary and matches within an object reach that far, and a
     pack or unpack allocates ~40 KiB of zlib state instead of the default
     ~260 KiB, which is most of what a pack would cost. Only the reflector's
-    own thread packs; any thread unpacks.
+    own thread packs a store's objects; any thread unpacks. The runners' desired
+    objects share one packer across threads (gitopsd.daemon.runner.DesiredState).
     """
 
     WBITS = 13
@@ -125,11 +126,16 @@ class Packer:
 
     def __init__(self) -> None:
         self._zdict: bytes | None = None
+        self._first = threading.Lock()   # the dictionary is set once, whichever thread packs first
 
     def pack(self, obj: dict) -> bytes:
+        """Raises TypeError (orjson.JSONEncodeError) for what JSON cannot hold exactly: keys that
+        are not strings, integers beyond 64 bits."""
         raw = orjson.dumps(obj)
         if self._zdict is None:
-            self._zdict = raw[:1 << self.WBITS]
+            with self._first:
+                if self._zdict is None:
+                    self._zdict = raw[:1 << self.WBITS]
         deflate = zlib.compressobj(self.LEVEL, zlib.DEFLATED, self.WBITS, self.MEM_LEVEL, zdict=self._zdict)
         return deflate.compress(raw) + deflate.flush()   # a new bytes of its own length
 

@@ -34,6 +34,7 @@ drift of other objects, or a new commit.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import threading
 import time
@@ -48,6 +49,7 @@ from gitopsd import log as log_mod
 from gitopsd.daemon import status as status_mod
 from gitopsd.daemon.informers import AppView
 from gitopsd.daemon.leader import FencedKube, LeadershipLost
+from gitopsd.daemon.reflector import Packer
 from gitopsd.engine import health as health_mod
 from gitopsd.engine import inventory
 from gitopsd.engine.inventory import applyset_id, parent_name
@@ -85,6 +87,22 @@ def _iso(t: datetime | None) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%SZ") if t else ""
 
 
+class _NoRun:
+    """The cancel event of a run that is not under way: nothing to cancel. One for every runner
+    between runs, where each kept its own Event (~0.9 KiB; two a runner, 18 MiB at 10,000 apps);
+    each run and each heal creates its own."""
+
+    def set(self) -> None:
+        pass
+
+    def is_set(self) -> bool:
+        return False
+
+
+NO_RUN = _NoRun()
+NOTHING: frozenset = frozenset()   # one empty set for every runner not healing (each `frozenset()` is new)
+
+
 class AppRunner:
     """Everything about one app; see the module docstring."""
 
@@ -95,7 +113,7 @@ class AppRunner:
         self.exec_lock = threading.Lock()     # held while a reconcile or heal runs
         self.running = False
         self.pending: str | None = None       # trigger to run after the current one
-        self.cancel = threading.Event()       # cancels the running health wait
+        self.cancel: threading.Event | _NoRun = NO_RUN   # cancels the running health wait (a new one per run)
         self.current_sha: str | None = None   # revision of the running reconcile
         self.failures = 0
         # Registered before the first reconcile of any app, so the first list of
@@ -103,11 +121,11 @@ class AppRunner:
         self.cache: AppView = daemon.informers.view(
             app_id=applyset_id(name=parent_name(cfg.name), namespace=daemon.namespace), on_event=self.on_event)
         self.inv = None                       # the ApplySet parent as we last wrote/read it
-        self.desired: dict[ObjectRef, ObjectChange] = {}
+        self.desired = DesiredState()
         self.desired_revision: Revision | None = None   # the commit `desired` was planned from
         self.spec: AppSpec | None = None                 # what the last reconcile ran with (a heal reuses it)
-        self.heal_cancel = threading.Event()             # cancels a running heal's health wait
-        self.healing: frozenset[ObjectRef] = frozenset() # what the running heal corrects
+        self.heal_cancel: threading.Event | _NoRun = NO_RUN   # cancels a running heal's health wait
+        self.healing: frozenset[ObjectRef] = NOTHING     # what the running heal corrects
         self.dirty: set[ObjectRef] = set()    # drift candidates seen during a run
         self.last_applied: str | None = None  # sha last written to the cluster
         self.restored = False                 # last_applied read back from the cluster (see _restore)
@@ -159,6 +177,7 @@ class AppRunner:
             with self.lock:
                 if self.pending is None or self.stopped:
                     self.running = False
+                    self.cancel = NO_RUN
                     dirty = bool(self.dirty)
                     break
                 reason, self.pending = self.pending, None
@@ -202,37 +221,33 @@ class AppRunner:
                       on_progress=self._stop_after_stage, fetches=self.daemon.fetches,
                       renders=self.daemon.renders)
         writer.check()   # lost during the health wait: the verdict is the new leader's to record
-        metrics.RECONCILE_DURATION.labels(app=cfg.name).observe(time.monotonic() - started)
-        metrics.RECONCILE_RESULTS.labels(app=cfg.name, trigger=trigger, outcome=result.outcome.value).inc()
         previous = self.last_applied
         with self.lock:
             stopped = self.stopped
         if stopped:
             # Removed from the config (or shutting down) meanwhile: start nothing new
             # for it, but what this run wrote is history, and the trail is where a
-            # re-added app or the next leader reads its last revision from.
+            # re-added app or the next leader reads its last revision from. No metric:
+            # the app's series went with it (metrics.forget_app).
             if result.applied or result.pruned:
                 self._record(audit.transition_record(result, trigger=trigger, previous=previous,
                                                      instance=self.daemon.instance))
             return
+        metrics.RECONCILE_DURATION.observe(app=cfg.name, value=time.monotonic() - started)
+        metrics.RECONCILE_RESULTS.inc(app=cfg.name, trigger=trigger, outcome=result.outcome.value)
         plan = result.plan
         if plan is not None and not plan.errors:
             self.inv = plan.inventory
         if plan is not None and not plan.errors and result.outcome != Outcome.REFUSED:
             # What drift is judged against and self-heal puts back: the commit as planned
             # for the cluster (not one the prune guard refused, of which nothing was written).
-            self.desired = {c.ref: _desired_only(c) for c in plan.changes if c.action != Action.PRUNE and c.desired}
+            self.desired = DesiredState.of(plan.changes)
             self.spec, self.desired_revision = spec, result.revision
         if plan is not None and not plan.errors:
             self._watch(plan, live=result.outcome in (Outcome.APPLIED, Outcome.UNHEALTHY, Outcome.NO_CHANGE))
         if result.outcome in (Outcome.APPLIED, Outcome.UNHEALTHY, Outcome.NO_CHANGE) and result.revision:
-            if previous and previous != result.revision.sha:
-                try:
-                    metrics.LAST_APPLIED.remove(cfg.name, previous)
-                except KeyError:
-                    pass
             self.last_applied = result.revision.sha
-            metrics.LAST_APPLIED.labels(app=cfg.name, revision=result.revision.sha).set(1)
+            metrics.LAST_APPLIED.set(app=cfg.name, value=result.revision.sha)   # the previous one's series goes
         if result.outcome == Outcome.DRY_RUN and plan is not None:
             drifted = {c.ref for c in plan.changes if c.action in (Action.CREATE, Action.UPDATE, Action.RECREATE)}
             for ref in set(self.reported) - drifted:
@@ -333,7 +348,7 @@ class AppRunner:
 
     def _record_failure(self, trigger: str, reason: str) -> None:
         result = SyncResult(app=self.cfg.name, outcome=Outcome.FAILED, reason=reason, errors=[reason])
-        metrics.RECONCILE_RESULTS.labels(app=self.cfg.name, trigger=trigger, outcome="Failed").inc()
+        metrics.RECONCILE_RESULTS.inc(app=self.cfg.name, trigger=trigger, outcome="Failed")
         self._schedule_retry()
         if not self._is_transition(result):
             return
@@ -380,13 +395,14 @@ class AppRunner:
         self.cache.ensure(set(targets))
         if not live:
             return
-        for ref, change in list(self.desired.items()):
-            seen = self.cache.read(ref, after=change.live)
+        desired = self.desired
+        for ref in desired.refs():
+            seen = self.cache.read(ref, after=None)
             if not (seen.covered and seen.fresh):
                 continue
             if seen.obj is None:
-                self.on_event("DELETED", change.desired)
-            elif not still_ours(seen.obj, change.desired):
+                self.on_event("DELETED", desired.get(ref))
+            elif not still_ours(seen.obj, desired.get(ref)):
                 self.on_event("MODIFIED", seen.obj)
 
     def on_event(self, kind: str, obj: dict) -> None:
@@ -394,10 +410,10 @@ class AppRunner:
         if self.stopped:
             return
         ref = ref_of(obj)
-        change = self.desired.get(ref)
-        if change is None or not self.daemon.may_start(self.cfg.name):
+        desired = self.desired   # replaced whole by a reconcile meanwhile: read one of them
+        if ref not in desired or not self.daemon.may_start(self.cfg.name):
             return
-        if kind != "DELETED" and still_ours(obj, change.desired):
+        if kind != "DELETED" and still_ours(obj, desired.get(ref)):
             return
         with self.lock:
             self.dirty.add(ref)
@@ -416,38 +432,44 @@ class AppRunner:
             with self.lock:
                 refs, self.dirty = self.dirty, set()
                 self.heal_cancel = cancel = threading.Event()
-            refs = {ref for ref in refs if ref in self.desired and not self._settled(ref)}
-            if not refs or self.stopped or self.cfg.suspend or self.spec is None or self.inv is None:
-                return
-            writer = self.daemon.writer(self.cfg.name)
-            if writer is None:
-                return
-            self.writer = writer
             try:
-                with self.lock:
-                    self.healing = frozenset(refs)
-                with log_mod.scope(app=self.cfg.name, trigger="self-heal"):
-                    self._heal(refs, cancel=cancel)
-            except LeadershipLost as exc:
-                self._fenced(exc)   # exc.unsent: the corrections not sent, as for a reconcile
+                self._heal_if_drifted(refs, cancel=cancel)
             finally:
                 with self.lock:
-                    self.healing = frozenset()
+                    self.healing = NOTHING
+                    self.heal_cancel = NO_RUN
+
+    def _heal_if_drifted(self, refs: set[ObjectRef], *, cancel: threading.Event) -> None:
+        """Heal those of `refs` still drifted, if this replica may write now (exec_lock held)."""
+        refs = {ref for ref in refs if ref in self.desired and not self._settled(ref)}
+        if not refs or self.stopped or self.cfg.suspend or self.spec is None or self.inv is None:
+            return
+        writer = self.daemon.writer(self.cfg.name)
+        if writer is None:
+            return
+        self.writer = writer
+        try:
+            with self.lock:
+                self.healing = frozenset(refs)
+            with log_mod.scope(app=self.cfg.name, trigger="self-heal"):
+                self._heal(refs, cancel=cancel)
+        except LeadershipLost as exc:
+            self._fenced(exc)   # exc.unsent: the corrections not sent, as for a reconcile
 
     def _settled(self, ref: ObjectRef) -> bool:
         """Whether the cache shows `ref` as ours again: the event was our own reconcile's
         apply, seen before that reconcile set the new desired state. Not drift; no heal."""
         members = self.cache.members() if self.cache is not None else None
         live = (members or {}).get(ref)
-        return live is not None and still_ours(live, self.desired[ref].desired)
+        return live is not None and still_ours(live, self.desired.get(ref))
 
     def _heal(self, refs: set[ObjectRef], *, cancel: threading.Event) -> None:
-        manifests = [Manifest(obj=c.desired, source=c.source) for c in self.desired.values()]
+        manifests = self.desired.manifests()
         result = heal(self.writer, self.spec, manifests=manifests, refs=refs, revision=self.desired_revision,
                       inv=self.inv, cache=self.cache, dry_run=not self.cfg.self_heal, cancel=cancel,
                       on_progress=self._stop_after_stage)
         self.writer.check()   # lost meanwhile: the new leader sees the drift and records it
-        metrics.RECONCILE_RESULTS.labels(app=self.cfg.name, trigger="self-heal", outcome=result.outcome.value).inc()
+        metrics.RECONCILE_RESULTS.inc(app=self.cfg.name, trigger="self-heal", outcome=result.outcome.value)
         if result.plan is not None and result.plan.waiting:
             log.debug("self-heal waits for deletions to finish", app=self.cfg.name,
                       objects=[str(r) for r in result.plan.waiting])
@@ -491,9 +513,9 @@ class AppRunner:
             if self.reported.get(drift.ref) == key:
                 return
             self.reported[drift.ref] = key
-        metrics.DRIFT_DETECTED.labels(app=self.cfg.name).inc()
+        metrics.DRIFT_DETECTED.inc(app=self.cfg.name)
         if action == "corrected":
-            metrics.DRIFT_CORRECTED.labels(app=self.cfg.name).inc()
+            metrics.DRIFT_CORRECTED.inc(app=self.cfg.name)
         log.warning("drift " + ("corrected" if action == "corrected" else "detected"), app=self.cfg.name,
                     object=str(drift.ref), deleted=drift.deleted, fields=list(drift.fields),
                     managers=list(drift.managers), action=action, error=error)
@@ -505,17 +527,24 @@ class AppRunner:
 
     # ------------------------------------------------------------ status
 
+    def verdict(self) -> tuple[str, str]:
+        """The result and health of the last transition: ("Pending", "Unknown") before the first."""
+        r = self.last_result
+        unhealthy = any(h.status.value != "Current" for h in (r.health if r else []))
+        health = ("Healthy" if r and not unhealthy and r.outcome != Outcome.FAILED else
+                  ("Unhealthy" if unhealthy else "Unknown"))
+        return (r.outcome.value if r else "Pending"), health
+
     def status(self) -> dict:
         r = self.last_result
-        unhealthy = [h for h in (r.health if r else []) if h.status.value != "Current"]
+        result, health = self.verdict()
         return {
             "app": self.cfg.name,
             "revision": self.last_applied or "",
             "ref": self.cfg.ref,
-            "result": r.outcome.value if r else "Pending",
+            "result": result,
             "reason": r.reason if r else "",
-            "health": ("Healthy" if r and not unhealthy and r.outcome != Outcome.FAILED else
-                       ("Unhealthy" if unhealthy else "Unknown")),
+            "health": health,
             "lastTransition": _iso(r.started) if r else "",
             "lastDrift": self.last_drift,
             "interval": self.cfg.interval,
@@ -540,19 +569,68 @@ class AppRunner:
         self.cache.stop()
 
 
-def _desired_only(change: ObjectChange) -> ObjectChange:
-    """What a runner keeps of a planned change between runs: the desired object and its file
+class DesiredState:
+    """What a runner keeps of its last plan between runs: each desired object and its file
     (drift is judged against them and self-heal puts them back), not the live object and the
-    diff it was planned from, stale once applied."""
-    return dataclasses.replace(change, live=None, diff=None)
+    diff it was planned from, stale once applied.
+
+    Kept packed (gitopsd.daemon.reflector.Packer: exact JSON, deflated against one preset
+    dictionary shared by every runner of the process): ~7 KiB an app of five ConfigMaps as
+    dicts, ~1 KiB packed. Each read decodes a fresh copy, exactly what was planned, that the
+    caller may keep or change. An object JSON cannot hold exactly (keys that are not strings,
+    integers beyond 64 bits) is kept as it is. Replaced whole by each plan, never changed:
+    a reader needs no lock.
+    """
+
+    _packer = Packer()   # one preset dictionary for the process, not one per app
+
+    def __init__(self, kept: dict[ObjectRef, tuple[bytes | dict, str]] | None = None) -> None:
+        self._kept = kept or {}
+
+    @classmethod
+    def of(cls, changes: list[ObjectChange]) -> "DesiredState":
+        """The objects a plan applies or leaves as they are (not its prunes)."""
+        return cls({c.ref: (cls._pack(c.desired), c.source) for c in changes
+                    if c.action != Action.PRUNE and c.desired})
+
+    @classmethod
+    def _pack(cls, obj: dict) -> bytes | dict:
+        try:
+            return cls._packer.pack(obj)
+        except TypeError:
+            return obj
+
+    def __contains__(self, ref: ObjectRef) -> bool:
+        return ref in self._kept
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def refs(self) -> list[ObjectRef]:
+        return list(self._kept)
+
+    def get(self, ref: ObjectRef) -> dict | None:
+        """The desired object, a fresh copy; None when the plan has none of that name."""
+        kept = self._kept.get(ref)
+        if kept is None:
+            return None
+        obj = kept[0]
+        return self._packer.unpack(obj) if isinstance(obj, bytes) else copy.deepcopy(obj)
+
+    def manifests(self) -> list[Manifest]:
+        """Every desired object with its file, as a heal re-plans them."""
+        return [Manifest(obj=self.get(ref), source=source) for ref, (_, source) in self._kept.items()]
 
 
 def _verdict(result: SyncResult) -> SyncResult:
     """What a runner keeps of its last transition: the verdict (outcome, reason, revision,
     health, start) that status, retries and the next run's transition test read — not the
     plan, the changes applied or pruned and the drift, which hold every live and desired
-    object of the app (~30 KiB an app; a thousand apps: 30 MiB) and are in its audit record."""
-    return dataclasses.replace(result, plan=None, applied=[], pruned=[], drift=[])
+    object of the app (~30 KiB an app; a thousand apps: 30 MiB) and are in its audit record.
+    Of the health, the objects not Current: what status and the recheck of an Unhealthy
+    verdict read (all Current: Healthy); a healthy app keeps none."""
+    return dataclasses.replace(result, plan=None, applied=[], pruned=[], drift=[],
+                               health=[h for h in result.health if h.status.value != "Current"])
 
 
 def _error_of(drift: Drift, result: SyncResult) -> str:

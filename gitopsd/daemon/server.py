@@ -15,7 +15,10 @@ Routes:
 - ``GET /healthz`` (liveness), ``GET /readyz`` (readiness): 200 with the
   check's text (``ok``, ``ok (leader, 3 apps)``) or 503 with the reason, as plain text.
 - ``GET /metrics``: the Prometheus text format of ``registry``.
-- ``GET /status``: JSON from the ``status`` callable (404 without one).
+- ``GET /status``: JSON from the ``status`` callable (404 without one);
+  ``GET /status?summary``: JSON from ``status_summary`` (counts, not a row
+  per app: cheap to poll whatever the fleet's size; without one, the full
+  status). Other query parameters are ignored.
 
 Anything else is 404; a known path with the wrong method is 405 with
 ``Allow``. ``HEAD`` works wherever ``GET`` does.
@@ -85,6 +88,7 @@ class Server:
         ready: Callable[[], tuple[bool, str]],
         live: Callable[[], tuple[bool, str]] = lambda: (True, "ok"),
         status: Callable[[], dict] | None = None,
+        status_summary: Callable[[], dict] | None = None,
         registry: prometheus_client.CollectorRegistry = metrics.REGISTRY,
         log: Any = None,
         deliveries: webhook.RecentDeliveries | None = None,
@@ -96,6 +100,7 @@ class Server:
         self.ready = ready
         self.live = live
         self.status = status
+        self.status_summary = status_summary
         self.registry = registry
         self.log = log if log is not None else structlog.get_logger("gitopsd.daemon.server")
         self.deliveries = deliveries if deliveries is not None else webhook.RecentDeliveries(ttl=DELIVERY_TTL)
@@ -272,7 +277,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         method = self.command
         # Not urlsplit: it would read a path starting with "//" as a host.
-        path = self.path.partition("?")[0].partition("#")[0]
+        path, _, query = self.path.partition("#")[0].partition("?")
         if (path not in _HOOK_PATHS or method != "POST") and self._has_body():
             # Only hooks read a body; an unread one would be misread as the
             # next request on this keep-alive connection.
@@ -288,7 +293,10 @@ class _Handler(BaseHTTPRequestHandler):
             if method not in ("GET", "HEAD"):
                 self._method_not_allowed(allow="GET, HEAD")
                 return
-            getattr(self, "_get_" + path.lstrip("/"))()
+            if path == "/status":
+                self._get_status(summary=_has_param(query, "summary"))
+            else:
+                getattr(self, "_get_" + path.lstrip("/"))()
             return
         self._send(HTTPStatus.NOT_FOUND, f"no route for {path}\n".encode(), _TEXT)
 
@@ -455,10 +463,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(HTTPStatus.OK, prometheus_client.generate_latest(self.app.registry),
                    prometheus_client.CONTENT_TYPE_LATEST)
 
-    def _get_status(self) -> None:
+    def _get_status(self, *, summary: bool) -> None:
         assert self.app.status is not None  # routed only when set
+        source = self.app.status_summary if summary and self.app.status_summary else self.app.status
         try:
-            body = _json_bytes(doc=self.app.status())
+            body = _json_bytes(doc=source())
         except Exception as exc:
             self.app.log.warning("status failed", error=f"{type(exc).__name__}: {exc}")
             self._send(HTTPStatus.INTERNAL_SERVER_ERROR, _json_bytes(doc={"error": "status unavailable"}), _JSON)
@@ -496,6 +505,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 def _host(client_address: Any) -> str:
     return str(client_address[0]) if client_address else "?"
+
+
+def _has_param(query: str, name: str) -> bool:
+    """Whether the query string names the parameter (``summary``, ``summary=1``, ``a=b&summary``)."""
+    return any(part.partition("=")[0] == name for part in query.split("&"))
 
 
 def _json_bytes(*, doc: Any) -> bytes:

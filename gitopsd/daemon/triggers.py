@@ -169,19 +169,28 @@ class Schedule:
         except Exception:  # noqa: BLE001 - JobLookupError: no such job
             pass
 
-    def next_run(self, name: str) -> datetime | None:
-        """When the app's next poll is due: the first run of its repository's job at which it is."""
+    def next_runs(self) -> dict[str, datetime | None]:
+        """When each app's next poll is due: the first run of its repository's job at which it is.
+
+        All apps at once, reading each repository's job once under one hold of the lock: a
+        status of 10,000 apps asked app by app took the lock and looked the job up 10,000 times."""
+        out: dict[str, datetime | None] = {}
         with self._lock:
-            repo = self._repos.get(self._repo_of.get(name, ("", "")))
-            runner = repo.runners.get(name) if repo else None
-            job = self.scheduler.get_job(repo.job_id) if repo else None
-            if runner is None or job is None or job.next_run_time is None:
-                return None
-            ahead = (job.next_run_time - _now()).total_seconds()
-            elapsed = time.monotonic() - repo.polled.get(name, time.monotonic()) + ahead
-            missing = runner.cfg.interval - repo.interval / 2 - elapsed
-            runs = max(0, math.ceil(missing / repo.interval)) if repo.interval else 0
-            return job.next_run_time + timedelta(seconds=runs * repo.interval)
+            now, mono = _now(), time.monotonic()
+            for repo in self._repos.values():
+                job = self.scheduler.get_job(repo.job_id)
+                at = job.next_run_time if job is not None else None
+                for name, runner in repo.runners.items():
+                    out[name] = at and self._next_of(repo, runner, at=at, ahead=(at - now).total_seconds(),
+                                                     mono=mono)
+        return out
+
+    @staticmethod
+    def _next_of(repo: _Repo, runner: AppRunner, *, at: datetime, ahead: float, mono: float) -> datetime:
+        elapsed = mono - repo.polled.get(runner.cfg.name, mono) + ahead
+        missing = runner.cfg.interval - repo.interval / 2 - elapsed
+        runs = max(0, math.ceil(missing / repo.interval)) if repo.interval else 0
+        return at + timedelta(seconds=runs * repo.interval)
 
     def members(self, key: tuple[str, str]) -> list[AppRunner]:
         """The runners of a repository and ref (none when it has no app)."""

@@ -396,8 +396,9 @@ class AppRunner:
         if not live:
             return
         desired = self.desired
+        written = {c.ref: c.live for c in plan.changes}   # each object as this run wrote (or read) it
         for ref in desired.refs():
-            seen = self.cache.read(ref, after=None)
+            seen = self.cache.read(ref, after=written.get(ref))
             if not (seen.covered and seen.fresh):
                 continue
             if seen.obj is None:

@@ -288,8 +288,8 @@ def test_daemon_in_cluster_reconciles_sample_repo_with_exactly_deploys_rbac(clus
     assert app_status(kube, "web-dev")["revision"] == sha
     (newest, *_) = audit.history(kube, namespace=SYSTEM_NS, app="web-dev")
     assert newest["result"] == "Applied" and newest["revision"] == sha
-    # The Leases (the only replica holds every shard), and Events beside the objects (web-dev)
-    # and on cluster-scoped ones (default).
+    # The Leases (the only replica holds every shard), the transition's one Event on the app's
+    # parent, and a drift's Event beside the object it corrected (the events right in web-dev).
     flags = deployment_flags(rendered(kubeconfig, DEPLOY))
     shards = int(flags[flags.index("--shards") + 1])
     leases = {x["metadata"]["name"]: x["spec"]["holderIdentity"]
@@ -297,9 +297,16 @@ def test_daemon_in_cluster_reconciles_sample_repo_with_exactly_deploys_rbac(clus
     assert leases == {"gitopsd-member-in-cluster": "in-cluster",
                       **{f"gitopsd-shard-{i}-of-{shards}": "in-cluster" for i in range(shards)}}
     events = kube.resource("events.k8s.io/v1", "Event")
-    for ns in ("web-dev", "default", SYSTEM_NS):
-        wait_for(f"gitopsd Events in {ns}", lambda: kube.list(events, namespace=ns,
-                                                              label_selector=f"{audit.AUDIT_APP_LABEL}=web-dev"), 15)
+
+    def gitopsd_events(ns: str) -> list[dict]:
+        return kube.list(events, namespace=ns, label_selector=f"{audit.AUDIT_APP_LABEL}=web-dev")
+
+    wait_for("the transition's Event on the parent", lambda: gitopsd_events(SYSTEM_NS), 15)
+    deployments = kube.resource("apps/v1", "Deployment")
+    kube.request("PATCH", f"{deployments.path('web-dev')}/web", query={"fieldManager": "kubectl-set"},
+                 content_type="application/strategic-merge-patch+json",
+                 body={"spec": {"template": {"spec": {"containers": [{"name": "web", "image": "web:by-hand"}]}}}})
+    wait_for("the drift's Event beside the Deployment", lambda: gitopsd_events("web-dev"), 30)
 
     # Every write was made as the ServiceAccount, and no request was refused.
     assert writes_by(cluster, SA_USER, resource="deployments", namespace="web-dev")

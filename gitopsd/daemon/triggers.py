@@ -317,7 +317,7 @@ class NewCommits:
         for r in runners:
             by_repo.setdefault(repo_key(r.cfg.repo, r.cfg.ref), []).append(r)
         for key, pushed in by_repo.items():
-            generation = self._fetches.refresh(*key)
+            generation = self._fetches.pushed(*key)
             with self._lock:
                 self._pushed[key] = (generation, reason)
             threading.Thread(target=self._look, args=(key, pushed, generation, reason, sha), daemon=True,

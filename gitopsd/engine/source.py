@@ -132,6 +132,7 @@ def fetch(
     cache_dir: Path,
     credentials: Credentials | None = None,
     timeout: float = 120.0,
+    moved: bool = False,
 ) -> Checkout:
     """Resolve ``ref`` in the repository at ``url`` and check its commit out.
 
@@ -147,6 +148,19 @@ def fetch(
     that no branch or tag points at is fetched directly, and when the remote
     refuses that, by a full fetch of its branches and tags (abbreviated SHAs
     always take that route: a remote cannot be asked for a prefix).
+
+    ``moved`` says the caller knows the ref has moved (a push webhook named
+    a new commit): a ``ls-remote`` would only confirm it, so a ref the cache
+    last resolved as a branch (or ``HEAD``, or a full ``refs/...`` name) is
+    fetched directly, in one session against the remote, and the new commit
+    read from the local ref. Only the ``ls-remote`` route decides between a
+    tag and a branch: a ref the cache has as a tag, or has never resolved,
+    takes it; so does a branch the remote no longer has (then "no such
+    ref", or the tag that now bears its name). A tag created with the name
+    of a branch an app follows wins from the next fetch without ``moved``
+    (the repository's poll). Without ``moved`` a poll that finds nothing
+    new costs one ``ls-remote``, the cheapest look at a remote: a fetch
+    that brings nothing costs several times more.
 
     ``timeout`` bounds the whole call, including waiting for another fetch of
     the same repository to finish; a git process still running at the end is
@@ -174,7 +188,7 @@ def fetch(
     try:
         with _locked(home / "lock", git=git):
             repo = _ensure_repo(home=home, git=git)
-            sha = _resolve(repo=repo, git=git)
+            sha = (_fetch_moved(repo=repo, git=git) if moved else None) or _resolve(repo=repo, git=git)
             path = _materialise(repo=repo, checkouts=home / "checkouts", sha=sha, git=git)
             revision = _read_revision(repo=repo, sha=sha, git=git)
             _collect_garbage(checkouts=home / "checkouts", keep=KEEP_CHECKOUTS, current=sha)
@@ -816,6 +830,46 @@ def _resolve(*, repo: Path, git: _Git) -> str:
     return sha
 
 
+def _fetch_moved(*, repo: Path, git: _Git) -> str | None:
+    """The new commit of a ref known to have moved, fetched in one session, or None (see fetch's ``moved``).
+
+    None when the cache does not know the ref as a branch, ``HEAD`` or a
+    full refname, and when the remote no longer has that ref: the caller
+    then resolves it with ``ls-remote``. Any other failure (unreachable,
+    credentials refused, timeout) is the caller's error, worded as for any
+    fetch; the cache keeps its refs (git updates them only after a
+    complete fetch).
+    """
+    local = _parked_ref(repo=repo, git=git)
+    if local is None:
+        return None
+    remote_name = "HEAD" if local == "refs/gitopsd/HEAD" else local
+    attempt = _fetch(repo=repo, git=git, refspecs=[f"+{remote_name}:{local}"], depth=1, check=False)
+    if attempt.returncode != 0:
+        if "couldn't find remote ref" in attempt.stderr.lower():
+            return None
+        raise git.failed(verb="fetch", stderr=attempt.stderr)
+    return _commit_of(repo=repo, sha=local, git=git)
+
+
+def _parked_ref(*, repo: Path, git: _Git) -> str | None:
+    """Where the last ``ls-remote`` resolution of ``git.ref`` parked its commit, if it is a branch-like ref.
+
+    ``HEAD`` is parked at ``refs/gitopsd/HEAD``, a full refname at itself, a
+    short name at ``refs/heads/<name>`` — unless the cache holds a tag of
+    that name (a tag wins over a branch: only ``ls-remote`` can tell which
+    the remote has now). SHAs are never "moved".
+    """
+    ref = git.ref
+    if _FULL_SHA.fullmatch(ref) or ref.startswith("refs/tags/"):
+        return None
+    local = "refs/gitopsd/HEAD" if ref == "HEAD" else ref if ref.startswith("refs/") else f"refs/heads/{ref}"
+    tag = f"refs/tags/{ref}" if local == f"refs/heads/{ref}" else local
+    listed = git.run(args=["for-each-ref", "--format=%(refname)", local, tag], repo=repo, check=False)
+    names = set(listed.stdout.splitlines()) if listed.returncode == 0 else set()
+    return local if local in names and (tag == local or tag not in names) else None
+
+
 def _ls_remote(*, repo: Path, git: _Git) -> tuple[str, str] | None:
     """(refname, commit-ish SHA) the remote advertises for ``git.ref``.
 
@@ -845,7 +899,9 @@ def _fetch(*, repo: Path, git: _Git, refspecs: list[str], depth: int | None, che
     With ``depth=None`` a shallow cache is deepened to full history, which is
     what finding an arbitrary old commit needs.
     """
-    args = ["fetch", "--quiet", "--no-tags", "--no-write-fetch-head"]
+    # No auto-maintenance here: it is a process of its own on every fetch, on a push's path;
+    # _prepare_spare runs it after the fetch has returned, still under the cache's lock.
+    args = ["fetch", "--quiet", "--no-tags", "--no-write-fetch-head", "--no-auto-maintenance"]
     if depth is not None:
         args.append(f"--depth={depth}")
     elif (repo / "shallow").exists():
@@ -927,7 +983,7 @@ def _materialise(*, repo: Path, checkouts: Path, sha: str, git: _Git) -> Path:
 
 
 def _prepare_spare(home: Path, sha: str) -> None:
-    """Hard-link the checkout of ``sha`` into ``spares/<sha>``, off the fetch's path.
+    """Hard-link the checkout of ``sha`` into ``spares/<sha>``, and run git's auto-maintenance, off the fetch's path.
 
     Making a tree of thousands of directories is the one part of a patched
     checkout that follows the repository's size; done here, after the fetch
@@ -942,6 +998,8 @@ def _prepare_spare(home: Path, sha: str) -> None:
     try:
         with _locked(home / "lock", git=git):
             current, spare = checkouts / sha, spares / sha
+            # git's auto-gc, which every fetch leaves to this thread (see _fetch): cheap unless due.
+            git.run(args=["maintenance", "run", "--auto", "--quiet"], repo=home / "repo.git", check=False)
             if spare.exists() or _latest_checkout(checkouts) != current:
                 return
             spares.mkdir(exist_ok=True)

@@ -174,3 +174,38 @@ def test_a_sha_is_never_fetched_as_moved(upstream, cache, remote_verbs):
     checkout = fetch(upstream.url, sha, cache_dir=cache, moved=True)
 
     assert remote_verbs == [] and checkout.revision.sha == sha
+
+
+def test_commit_metadata_is_the_raw_commit_whatever_the_users_git_config(upstream, cache, tmp_path, monkeypatch):
+    """Raw names (no mailmap), the message re-encoded from the commit's own encoding, nothing a user's
+    config adds to git log's output (signatures, notes)."""
+    upstream.commit({".mailmap": "Mapped Name <mapped@example.org> Alice Author <alice@example.org>\n"})
+    (upstream.work / "f").write_text("1")
+    git("add", "f", cwd=upstream.work)
+    message = "Café crème\n\nLatin-1 body: déjà vu.\n"
+    (tmp_path / "msg").write_bytes(message.encode("latin-1"))
+    git("-c", "i18n.commitEncoding=ISO-8859-1", "commit", "--quiet", "-F", str(tmp_path / "msg"), cwd=upstream.work)
+    git("notes", "add", "-m", "a note", cwd=upstream.work)
+    git("push", "--quiet", "origin", "HEAD:refs/heads/main", cwd=upstream.work)
+    config = tmp_path / "gitconfig"
+    config.write_text("[log]\n\tshowSignature = true\n\tmailmap = true\n[notes]\n\tdisplayRef = refs/notes/*\n"
+                      "[color]\n\tui = always\n")
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(config))
+
+    rev = fetch(upstream.url, "main", cache_dir=cache).revision
+
+    assert rev.author == "Alice Author <alice@example.org>"
+    assert rev.message == "Café crème\n\nLatin-1 body: déjà vu."
+    assert rev.sha == git("rev-parse", "HEAD", cwd=upstream.work)
+
+
+def test_a_tag_of_a_tree_is_not_a_commit(upstream, cache):
+    upstream.commit({"f": "1"})
+    tree = git("rev-parse", "HEAD^{tree}", cwd=upstream.work)
+    git("tag", "a-tree", tree, cwd=upstream.work)
+    git("push", "--quiet", "origin", "refs/tags/a-tree", cwd=upstream.work)
+
+    with pytest.raises(SourceError) as wrong:
+        fetch(upstream.url, "a-tree", cache_dir=cache)
+
+    assert wrong.value.message == f"ref 'a-tree' in {upstream.url} points at {tree}, which is not a commit"

@@ -24,7 +24,7 @@ one runner then owns the three things that matter there: the scoped environment,
 whole process group on timeout (git's helpers — ``ssh``,
 ``git-remote-https`` — would otherwise outlive it and hold the pipes), and
 scrubbing what git printed before it reaches an error. Reading a fetched
-commit's metadata is local and credential-free: GitPython parses it.
+commit's metadata is local and credential-free (one ``git log``).
 """
 
 from __future__ import annotations
@@ -188,10 +188,10 @@ def fetch(
     try:
         with _locked(home / "lock", git=git):
             repo = _ensure_repo(home=home, git=git)
-            sha = (_fetch_moved(repo=repo, git=git) if moved else None) or _resolve(repo=repo, git=git)
-            path = _materialise(repo=repo, checkouts=home / "checkouts", sha=sha, git=git)
-            revision = _read_revision(repo=repo, sha=sha, git=git)
-            _collect_garbage(checkouts=home / "checkouts", keep=KEEP_CHECKOUTS, current=sha)
+            rev = (_fetch_moved(repo=repo, git=git) if moved else None) or _resolve(repo=repo, git=git)
+            revision = _read_revision(repo=repo, rev=rev, git=git)
+            path = _materialise(repo=repo, checkouts=home / "checkouts", sha=revision.sha, git=git)
+            _collect_garbage(checkouts=home / "checkouts", keep=KEEP_CHECKOUTS, current=revision.sha)
     except OSError as exc:
         # A full, read-only or tampered-with cache (a file where a directory
         # belongs): the user's problem to fix, not a crash of ours.
@@ -791,7 +791,7 @@ def _ensure_repo(*, home: Path, git: _Git) -> Path:
 
 
 def _resolve(*, repo: Path, git: _Git) -> str:
-    """The full SHA of the commit ``git.ref`` names, fetched into ``repo``."""
+    """A name for the commit ``git.ref`` names (its SHA, or that of a tag of it), fetched into ``repo``."""
     ref = git.ref
     if _FULL_SHA.fullmatch(ref):
         cached = _local_commit(repo=repo, rev=ref, git=git)
@@ -806,7 +806,7 @@ def _resolve(*, repo: Path, git: _Git) -> str:
         # HEAD is symbolic on the remote; park it under our own name.
         target = "refs/gitopsd/HEAD" if refname == "HEAD" else refname
         _fetch(repo=repo, git=git, refspecs=[f"+{refname}:{target}"], depth=1)
-        return _commit_of(repo=repo, sha=sha, git=git)
+        return sha   # a commit or a tag of one: _read_revision peels it, or says it is neither
     if not _HEX.fullmatch(ref):
         raise git.unknown_ref()
     sha = _local_commit(repo=repo, rev=ref, git=git)
@@ -816,7 +816,7 @@ def _resolve(*, repo: Path, git: _Git) -> str:
         # Protocol v2 servers usually serve any reachable commit by SHA.
         attempt = _fetch(repo=repo, git=git, refspecs=[f"+{ref}:refs/gitopsd/commit"], depth=1, check=False)
         if attempt.returncode == 0:
-            return _commit_of(repo=repo, sha=ref, git=git)
+            return ref
     # Fall back to everything the remote's branches and tags can reach.
     _fetch(
         repo=repo,
@@ -831,7 +831,8 @@ def _resolve(*, repo: Path, git: _Git) -> str:
 
 
 def _fetch_moved(*, repo: Path, git: _Git) -> str | None:
-    """The new commit of a ref known to have moved, fetched in one session, or None (see fetch's ``moved``).
+    """The local ref holding the new commit of a ref known to have moved, fetched in one session,
+    or None (see fetch's ``moved``).
 
     None when the cache does not know the ref as a branch, ``HEAD`` or a
     full refname, and when the remote no longer has that ref: the caller
@@ -849,7 +850,7 @@ def _fetch_moved(*, repo: Path, git: _Git) -> str | None:
         if "couldn't find remote ref" in attempt.stderr.lower():
             return None
         raise git.failed(verb="fetch", stderr=attempt.stderr)
-    return _commit_of(repo=repo, sha=local, git=git)
+    return local
 
 
 def _parked_ref(*, repo: Path, git: _Git) -> str | None:
@@ -914,17 +915,6 @@ def _local_commit(*, repo: Path, rev: str, git: _Git) -> str | None:
     args = ["rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}"]
     result = git.run(args=args, repo=repo, check=False)
     return result.stdout.strip() if result.returncode == 0 else None
-
-
-def _commit_of(*, repo: Path, sha: str, git: _Git) -> str:
-    """Peel what the remote advertised (commit or tag object) to a commit."""
-    commit = _local_commit(repo=repo, rev=sha, git=git)
-    if commit is None:
-        raise SourceError(
-            f"ref {git.ref!r} in {git.remote.url} points at {sha}, which is not a commit",
-            hint="point the app at a branch, a tag of a commit, or a commit SHA",
-        )
-    return commit
 
 
 def _materialise(*, repo: Path, checkouts: Path, sha: str, git: _Git) -> Path:
@@ -1111,27 +1101,28 @@ def _empty(directory: Path) -> None:
             entry.unlink()
 
 
-def _read_revision(*, repo: Path, sha: str, git: _Git) -> Revision:
-    """The commit's metadata, as recorded in the commit object itself.
+def _read_revision(*, repo: Path, rev: str, git: _Git) -> Revision:
+    """The metadata of the commit ``rev`` names in the cache, as recorded in the commit object itself.
 
-    Parsed by GitPython from the local object database (no network, no
-    credentials involved): raw names (no mailmap) and committer time in UTC,
-    because the audit trail wants what the commit says, not how a mailmap
-    renders it today.
+    One local ``git log`` (no network, no credentials involved): the commit's
+    full SHA, raw names (``%an``, not the mailmapped ``%aN``), committer time
+    in UTC and the message re-encoded to UTF-8 from the commit's own
+    encoding (undecodable bytes replaced), because the audit trail wants
+    what the commit says, not how a mailmap renders it today. Options that
+    a user's git config could turn on (signatures, notes, colour) are off.
     """
-    import git as gitpython  # GitPython: object parsing; transport stays with our runner
-
-    with gitpython.Repo(repo) as local:
-        commit = local.commit(sha)
-        return Revision(
-            url=git.remote.url,
-            ref=git.ref,
-            sha=commit.hexsha,
-            author=f"{commit.author.name} <{commit.author.email}>",
-            committer=f"{commit.committer.name} <{commit.committer.email}>",
-            message=str(commit.message).strip(),
-            time=datetime.fromtimestamp(commit.committed_date, tz=timezone.utc),
+    fields = "%x00".join(("%H", "%an <%ae>", "%cn <%ce>", "%ct", "%B"))
+    result = git.run(args=["log", "-1", "--no-show-signature", "--no-notes", "--no-color", f"--format={fields}",
+                           "--end-of-options", f"{rev}^{{commit}}"], repo=repo, check=False)
+    parts = result.stdout.split("\0", 4)
+    if result.returncode != 0 or len(parts) != 5 or not _FULL_SHA.fullmatch(parts[0]):
+        raise SourceError(
+            f"ref {git.ref!r} in {git.remote.url} points at {rev}, which is not a commit",
+            hint="point the app at a branch, a tag of a commit, or a commit SHA",
         )
+    sha, author, committer, when, message = parts
+    return Revision(url=git.remote.url, ref=git.ref, sha=sha, author=author, committer=committer,
+                    message=message.strip(), time=datetime.fromtimestamp(int(when), tz=timezone.utc))
 
 
 def _collect_garbage(*, checkouts: Path, keep: int, current: str) -> None:

@@ -209,3 +209,19 @@ def test_a_tag_of_a_tree_is_not_a_commit(upstream, cache):
         fetch(upstream.url, "a-tree", cache_dir=cache)
 
     assert wrong.value.message == f"ref 'a-tree' in {upstream.url} points at {tree}, which is not a commit"
+
+
+def test_the_paths_a_patched_checkout_changed_are_known_without_another_diff(upstream, cache, monkeypatch):
+    first = upstream.commit({"apps/a/cm.yaml": "a: 1", "apps/b/cm.yaml": "b: 1", "old": "x"})
+    fetch(upstream.url, "main", cache_dir=cache)
+    upstream.commit({"apps/a/cm.yaml": "a: 2", "old": None, "new/file": "y"})
+    checkout = fetch(upstream.url, "main", cache_dir=cache)
+    diffs = []
+    real = source._Trees._git
+    monkeypatch.setattr(source._Trees, "_git", lambda self, *args: diffs.append(args) or real(self, *args))
+
+    changed = source.changed_paths(checkout, since=first)
+
+    assert changed == {"apps/a/cm.yaml", "old", "new/file"}
+    assert diffs == []
+    assert source.changed_paths(checkout, since=checkout.revision.sha) == frozenset() and len(diffs) == 1

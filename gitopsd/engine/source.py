@@ -316,6 +316,14 @@ class _Trees:
 
         return self._once("tree", tree, read)
 
+    @classmethod
+    def remember_diff(cls, *, git_dir: Path, since: str, sha: str, paths: frozenset[str]) -> None:
+        """Keep what a diff-tree run elsewhere (a patched checkout's) found, for changed_paths to reuse."""
+        with cls._lock:
+            cls._memo[(git_dir, "diff", f"{since}..{sha}")] = paths
+            while len(cls._memo) > KEEP_TREE_LISTINGS:
+                cls._memo.popitem(last=False)
+
     def _once(self, what: str, oid: str, read):
         """The memoised answer for (this repository, what, oid), read by one caller at a time."""
         key = (self.git_dir, what, oid)
@@ -1028,6 +1036,8 @@ def _patch(*, repo: Path, base: Path, tmp: Path, sha: str, git: _Git, env: dict[
         return False
     fields = diff.stdout.split("\0")
     changes = list(zip(fields[0::2], fields[1::2]))   # (status, path)
+    # The same diff as changed_paths(since=base) asks for, which the apps woken by this commit do next.
+    _Trees.remember_diff(git_dir=repo, since=base.name, sha=sha, paths=frozenset(path for _, path in changes))
     if not linked:
         _link_tree(base, tmp)
     # Deepest first: a directory's files go before the directory itself (a directory become a file).

@@ -33,7 +33,8 @@ number. So:
 - Pushes (`push`): a verified push webhook (gitopsd.daemon.server, through
   PushRouter) or a commit to a local repository refreshes the repository and
   looks at it once, on a thread of its own (the webhook's answer does not
-  wait for git): the fetch, shared as any other, finds the new commit and
+  wait for git): the fetch, shared as any other (and going straight for the
+  ref, SharedFetches.pushed: a push needs no ls-remote), finds the new commit and
   wakes the apps it concerns as above. When it finds none (a replayed or
   repeated push of a commit already fetched) the push wakes the apps that
   commit concerned when it was found — one NoChange reconcile each, counted,

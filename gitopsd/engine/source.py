@@ -4,7 +4,8 @@ holding that commit's tree.
 One bare repository per remote is cached under ``cache_dir``; the first call
 initialises it, every later call fetches into it (shallow where the remote
 allows), so polling a big repository every minute costs one ``ls-remote`` and
-a small pack, never a clone. Trees are materialised once per commit into
+a small pack, never a clone; a push (``moved``) costs the fetch alone — one
+git session against the remote. Trees are materialised once per commit into
 ``checkouts/<sha>/`` and shared by every caller that asks for that commit.
 
 Secrets never touch disk, argv or logs: an https token reaches git only via
@@ -144,7 +145,8 @@ def fetch(
     commit SHA, or ``HEAD`` (the remote's default branch). A name that is both
     a tag and a branch means the tag, as in git. A full SHA already in the
     cache needs no network at all (commits are immutable); other refs cost
-    one ``ls-remote`` and, when the commit is new, one shallow fetch. A SHA
+    one ``ls-remote`` and, when the commit is new, one shallow fetch (with
+    ``moved``, see below, the fetch alone). A SHA
     that no branch or tag points at is fetched directly, and when the remote
     refuses that, by a full fetch of its branches and tags (abbreviated SHAs
     always take that route: a remote cannot be asked for a prefix).

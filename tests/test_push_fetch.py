@@ -225,3 +225,23 @@ def test_the_paths_a_patched_checkout_changed_are_known_without_another_diff(ups
     assert changed == {"apps/a/cm.yaml", "old", "new/file"}
     assert diffs == []
     assert source.changed_paths(checkout, since=checkout.revision.sha) == frozenset() and len(diffs) == 1
+
+
+def test_git_auto_maintenance_runs_after_the_fetch_returned_not_inside_it(upstream, cache, monkeypatch):
+    from helpers import wait_for
+
+    runs: list[list[str]] = []
+    real = source._Git.run
+    monkeypatch.setattr(source._Git, "run", lambda self, *, args, **kw: runs.append(list(args)) or real(
+        self, args=args, **kw))
+    upstream.commit({"f": "1"})
+
+    checkout = fetch(upstream.url, "main", cache_dir=cache)
+    during = list(runs)
+    spare = checkout.path.parent.parent / "spares" / checkout.revision.sha
+    wait_for("the spare, made after the maintenance under the cache's lock", spare.is_dir, 30, 0.05)
+
+    fetches = [args for args in during if args[0] == "fetch"]
+    assert fetches and all("--no-auto-maintenance" in args for args in fetches)
+    assert not any(args[0] == "maintenance" for args in during)
+    assert ["maintenance", "run", "--auto", "--quiet"] in runs[len(during):]

@@ -23,7 +23,8 @@ cluster and leaves it running (a namespace of its own, deleted at the end);
 without it a cluster "latency" is started and stopped. --profile N runs
 py-spy (with idle samples, 200 Hz) over the push trials after the first N
 and says where the reconciles of the pushes spent their wall-clock time, by
-stage (fetch, render, plan, apply, health, record, status) and by frame.
+stage (fetch, render, plan, apply, health, record, status), the fetch by its
+steps (the git session, the checkout, reading the commit), and by frame.
 """
 
 from __future__ import annotations
@@ -162,7 +163,27 @@ def stop_profile(spy, out: Path, keep: Path | None) -> dict | None:
     total = sum(stages.values()) or 1
     return {"samples": total, "stages_percent": {k: round(100 * v / total, 1) for k, v in
                                                  sorted(stages.items(), key=lambda kv: -kv[1])},
-            **summarize_stacks("\n".join(work), None)}
+            "fetch_steps_samples": fetch_steps(work), **summarize_stacks("\n".join(work), None)}
+
+
+#: The frame of gitopsd.engine.source.fetch; the steps of a fetch are the frames right below it.
+SOURCE_FETCH = "fetch (gitopsd/engine/source.py"
+
+
+def fetch_steps(stacks: list[str]) -> dict[str, int]:
+    """Samples of source.fetch by its step (the function it called: _fetch_moved, _resolve,
+    _materialise, _read_revision, ...), so that "fetch" in the stages splits into git's parts."""
+    steps: dict[str, int] = {}
+    for line in stacks:
+        stack, _, n = line.rpartition(" ")
+        frames = stack.split(";")
+        at = next((i for i, f in enumerate(frames) if f.startswith(SOURCE_FETCH)), None)
+        if at is None:
+            continue
+        below = [f.split(" (")[0] for f in frames[at + 1:at + 3]]
+        name = " > ".join(below) or "fetch itself"
+        steps[name] = steps.get(name, 0) + int(n)
+    return dict(sorted(steps.items(), key=lambda kv: -kv[1]))
 
 
 def daemon_counters(daemon: DaemonProcess) -> dict[str, float]:
@@ -280,6 +301,8 @@ def main() -> int:
         if profile:
             print(f"\npy-spy over {len(rest)} pushes ({profile['samples']} samples of the push's reconcile, waits "
                   f"included): by stage {json.dumps(profile['stages_percent'])}; top frames, inclusive %:")
+            per_push_ms = {k: round(v / 200 / len(rest) * 1000, 1) for k, v in profile["fetch_steps_samples"].items()}
+            print(f"source.fetch by step, ms per push (200 Hz): {json.dumps(dict(list(per_push_ms.items())[:8]))}")
             for name, share in profile["inclusive_percent"]:
                 print(f"  {share:5.1f}%  {name}")
         if args.json:

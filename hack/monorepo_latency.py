@@ -9,7 +9,7 @@ signed generic webhook and polls the apiserver until the value is live
 reconciles the daemon spent on the pushes (its /metrics).
 
     .venv/bin/python hack/monorepo_latency.py [--apps 50] [--trials 20] [--render plain|kustomize]
-                                              [--interval 10m] [--cluster NAME]
+                                              [--interval 10m] [--cluster NAME] [--profile]
 
 `--cluster` reuses a running test-bed cluster (e.g. `shared`) and leaves it
 running; without it a cluster "latency" is started and stopped.
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 from helpers import DaemonProcess, GitRepo, configmap, wait_for  # noqa: E402
-from latency import SECRET, pct, push_to_applied  # noqa: E402
+from latency import SECRET, pct, push_to_applied, start_profile, stop_profile  # noqa: E402
 from testbed import cluster as tb  # noqa: E402
 
 from gitopsd.kube import Kube  # noqa: E402
@@ -82,6 +82,8 @@ def main() -> int:
     parser.add_argument("--render", choices=("plain", "kustomize"), default="plain")
     parser.add_argument("--interval", default="10m", help="each app's poll interval (default 10m: pushes only)")
     parser.add_argument("--cluster", help="reuse this running test-bed cluster (left running)")
+    parser.add_argument("--profile", action="store_true",
+                        help="py-spy over the pushes: where they spent their wall-clock time, by stage and frame")
     args = parser.parse_args()
 
     c = tb.up(args.cluster or "latency", out=sys.stderr)
@@ -120,7 +122,9 @@ def main() -> int:
         def change(i: int) -> None:
             repo.write("apps/app-00/settings.yaml", settings(0, str(i), render=args.render))
 
+        spy = start_profile(daemon.proc.pid, work / "profile.txt") if args.profile else None
         push = push_to_applied(daemon, repo, args.trials, change=change, applied=lambda i: value() == str(i))
+        profile = stop_profile(spy, work / "profile.txt", None) if spy else None
         # A push wakes the apps it concerns (here the changed one): wait until no reconcile runs.
         wait_for("the pushes' reconciles to end", lambda: not any(
             a["running"] for a in json.loads(daemon.get("/status")[1])["apps"]), 120, 0.5)
@@ -137,6 +141,14 @@ def main() -> int:
                       if k.startswith("trigger=") and after[k] != before.get(k, 0)}
         print(f"  reconciles per push: {reconciles / args.trials:.1f} "
               f"(by trigger: {', '.join(f'{k} {v:.1f}' for k, v in sorted(by_trigger.items()))})")
+        if profile:
+            ms = 1000 / 200 / args.trials
+            stages = {k: round(v * profile["samples"] / 100 * ms, 1) for k, v in profile["stages_percent"].items()}
+            print(f"  py-spy, ms per push (200 Hz, waits included) by stage: {json.dumps(stages)}")
+            print(f"  source.fetch by step, ms per push: "
+                  f"{json.dumps({k: round(v * ms, 1) for k, v in list(profile['fetch_steps_samples'].items())[:8]})}")
+            for name, share in profile["inclusive_percent"][:25]:
+                print(f"    {share:5.1f}%  {name}")
         return 0
     finally:
         if daemon is not None:

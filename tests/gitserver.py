@@ -30,6 +30,7 @@ class GitHTTPServer:
     username: str
     token: str
     auth_headers: list[str] = field(default_factory=list)
+    requests: list[str] = field(default_factory=list)   # "GET /remote.git/info/refs?service=...", in order
     _server: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
 
@@ -37,6 +38,10 @@ class GitHTTPServer:
     def port(self) -> int:
         assert self._server is not None
         return self._server.server_address[1]
+
+    def sessions(self) -> int:
+        """Git sessions served so far: each (ls-remote, fetch) begins with one GET of info/refs."""
+        return sum(1 for r in self.requests if r.startswith("GET ") and "/info/refs" in r)
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.port}/{name}"
@@ -57,6 +62,7 @@ class GitHTTPServer:
             def _serve(self) -> None:
                 header = self.headers.get("Authorization", "")
                 owner.auth_headers.append(header)
+                owner.requests.append(f"{self.command} {self.path}")
                 expected = "Basic " + base64.b64encode(f"{owner.username}:{owner.token}".encode()).decode()
                 if header != expected:
                     self.send_response(401)

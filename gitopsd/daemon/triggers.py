@@ -33,7 +33,8 @@ number. So:
 - Pushes (`push`): a verified push webhook (gitopsd.daemon.server, through
   PushRouter) or a commit to a local repository refreshes the repository and
   looks at it once, on a thread of its own (the webhook's answer does not
-  wait for git): the fetch, shared as any other, finds the new commit and
+  wait for git): the fetch, shared as any other (and going straight for the
+  ref, SharedFetches.pushed: a push needs no ls-remote), finds the new commit and
   wakes the apps it concerns as above. When it finds none (a replayed or
   repeated push of a commit already fetched) the push wakes the apps that
   commit concerned when it was found — one NoChange reconcile each, counted,
@@ -326,7 +327,7 @@ class NewCommits:
         for r in runners:
             by_repo.setdefault(repo_key(r.cfg.repo, r.cfg.ref), []).append(r)
         for key, pushed in by_repo.items():
-            generation = self._fetches.refresh(*key)
+            generation = self._fetches.pushed(*key)
             with self._lock:
                 self._pushed[key] = (generation, reason)
             threading.Thread(target=self._look, args=(key, pushed, generation, reason, sha), daemon=True,

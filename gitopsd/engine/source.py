@@ -4,7 +4,8 @@ holding that commit's tree.
 One bare repository per remote is cached under ``cache_dir``; the first call
 initialises it, every later call fetches into it (shallow where the remote
 allows), so polling a big repository every minute costs one ``ls-remote`` and
-a small pack, never a clone. Trees are materialised once per commit into
+a small pack, never a clone; a push (``moved``) costs the fetch alone — one
+git session against the remote. Trees are materialised once per commit into
 ``checkouts/<sha>/`` and shared by every caller that asks for that commit.
 
 Secrets never touch disk, argv or logs: an https token reaches git only via
@@ -24,7 +25,7 @@ one runner then owns the three things that matter there: the scoped environment,
 whole process group on timeout (git's helpers — ``ssh``,
 ``git-remote-https`` — would otherwise outlive it and hold the pipes), and
 scrubbing what git printed before it reaches an error. Reading a fetched
-commit's metadata is local and credential-free: GitPython parses it.
+commit's metadata is local and credential-free (one ``git log``).
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ def fetch(
     cache_dir: Path,
     credentials: Credentials | None = None,
     timeout: float = 120.0,
+    moved: bool = False,
 ) -> Checkout:
     """Resolve ``ref`` in the repository at ``url`` and check its commit out.
 
@@ -143,10 +145,24 @@ def fetch(
     commit SHA, or ``HEAD`` (the remote's default branch). A name that is both
     a tag and a branch means the tag, as in git. A full SHA already in the
     cache needs no network at all (commits are immutable); other refs cost
-    one ``ls-remote`` and, when the commit is new, one shallow fetch. A SHA
+    one ``ls-remote`` and, when the commit is new, one shallow fetch (with
+    ``moved``, see below, the fetch alone). A SHA
     that no branch or tag points at is fetched directly, and when the remote
     refuses that, by a full fetch of its branches and tags (abbreviated SHAs
     always take that route: a remote cannot be asked for a prefix).
+
+    ``moved`` says the caller knows the ref has moved (a push webhook named
+    a new commit): a ``ls-remote`` would only confirm it, so a ref the cache
+    last resolved as a branch (or ``HEAD``, or a full ``refs/...`` name) is
+    fetched directly, in one session against the remote, and the new commit
+    read from the local ref. Only the ``ls-remote`` route decides between a
+    tag and a branch: a ref the cache has as a tag, or has never resolved,
+    takes it; so does a branch the remote no longer has (then "no such
+    ref", or the tag that now bears its name). A tag created with the name
+    of a branch an app follows wins from the next fetch without ``moved``
+    (the repository's poll). Without ``moved`` a poll that finds nothing
+    new costs one ``ls-remote``, the cheapest look at a remote: a fetch
+    that brings nothing costs several times more.
 
     ``timeout`` bounds the whole call, including waiting for another fetch of
     the same repository to finish; a git process still running at the end is
@@ -174,10 +190,10 @@ def fetch(
     try:
         with _locked(home / "lock", git=git):
             repo = _ensure_repo(home=home, git=git)
-            sha = _resolve(repo=repo, git=git)
-            path = _materialise(repo=repo, checkouts=home / "checkouts", sha=sha, git=git)
-            revision = _read_revision(repo=repo, sha=sha, git=git)
-            _collect_garbage(checkouts=home / "checkouts", keep=KEEP_CHECKOUTS, current=sha)
+            rev = (_fetch_moved(repo=repo, git=git) if moved else None) or _resolve(repo=repo, git=git)
+            revision = _read_revision(repo=repo, rev=rev, git=git)
+            path = _materialise(repo=repo, checkouts=home / "checkouts", sha=revision.sha, git=git)
+            _collect_garbage(checkouts=home / "checkouts", keep=KEEP_CHECKOUTS, current=revision.sha)
     except OSError as exc:
         # A full, read-only or tampered-with cache (a file where a directory
         # belongs): the user's problem to fix, not a crash of ours.
@@ -301,6 +317,14 @@ class _Trees:
             return {name: meta for meta, tab, name in entries if tab}
 
         return self._once("tree", tree, read)
+
+    @classmethod
+    def remember_diff(cls, *, git_dir: Path, since: str, sha: str, paths: frozenset[str]) -> None:
+        """Keep what a diff-tree run elsewhere (a patched checkout's) found, for changed_paths to reuse."""
+        with cls._lock:
+            cls._memo[(git_dir, "diff", f"{since}..{sha}")] = paths
+            while len(cls._memo) > KEEP_TREE_LISTINGS:
+                cls._memo.popitem(last=False)
 
     def _once(self, what: str, oid: str, read):
         """The memoised answer for (this repository, what, oid), read by one caller at a time."""
@@ -777,7 +801,7 @@ def _ensure_repo(*, home: Path, git: _Git) -> Path:
 
 
 def _resolve(*, repo: Path, git: _Git) -> str:
-    """The full SHA of the commit ``git.ref`` names, fetched into ``repo``."""
+    """A name for the commit ``git.ref`` names (its SHA, or that of a tag of it), fetched into ``repo``."""
     ref = git.ref
     if _FULL_SHA.fullmatch(ref):
         cached = _local_commit(repo=repo, rev=ref, git=git)
@@ -792,7 +816,7 @@ def _resolve(*, repo: Path, git: _Git) -> str:
         # HEAD is symbolic on the remote; park it under our own name.
         target = "refs/gitopsd/HEAD" if refname == "HEAD" else refname
         _fetch(repo=repo, git=git, refspecs=[f"+{refname}:{target}"], depth=1)
-        return _commit_of(repo=repo, sha=sha, git=git)
+        return sha   # a commit or a tag of one: _read_revision peels it, or says it is neither
     if not _HEX.fullmatch(ref):
         raise git.unknown_ref()
     sha = _local_commit(repo=repo, rev=ref, git=git)
@@ -802,7 +826,7 @@ def _resolve(*, repo: Path, git: _Git) -> str:
         # Protocol v2 servers usually serve any reachable commit by SHA.
         attempt = _fetch(repo=repo, git=git, refspecs=[f"+{ref}:refs/gitopsd/commit"], depth=1, check=False)
         if attempt.returncode == 0:
-            return _commit_of(repo=repo, sha=ref, git=git)
+            return ref
     # Fall back to everything the remote's branches and tags can reach.
     _fetch(
         repo=repo,
@@ -814,6 +838,47 @@ def _resolve(*, repo: Path, git: _Git) -> str:
     if not sha:
         raise git.unknown_ref()
     return sha
+
+
+def _fetch_moved(*, repo: Path, git: _Git) -> str | None:
+    """The local ref holding the new commit of a ref known to have moved, fetched in one session,
+    or None (see fetch's ``moved``).
+
+    None when the cache does not know the ref as a branch, ``HEAD`` or a
+    full refname, and when the remote no longer has that ref: the caller
+    then resolves it with ``ls-remote``. Any other failure (unreachable,
+    credentials refused, timeout) is the caller's error, worded as for any
+    fetch; the cache keeps its refs (git updates them only after a
+    complete fetch).
+    """
+    local = _parked_ref(repo=repo, git=git)
+    if local is None:
+        return None
+    remote_name = "HEAD" if local == "refs/gitopsd/HEAD" else local
+    attempt = _fetch(repo=repo, git=git, refspecs=[f"+{remote_name}:{local}"], depth=1, check=False)
+    if attempt.returncode != 0:
+        if "couldn't find remote ref" in attempt.stderr.lower():
+            return None
+        raise git.failed(verb="fetch", stderr=attempt.stderr)
+    return local
+
+
+def _parked_ref(*, repo: Path, git: _Git) -> str | None:
+    """Where the last ``ls-remote`` resolution of ``git.ref`` parked its commit, if it is a branch-like ref.
+
+    ``HEAD`` is parked at ``refs/gitopsd/HEAD``, a full refname at itself, a
+    short name at ``refs/heads/<name>`` — unless the cache holds a tag of
+    that name (a tag wins over a branch: only ``ls-remote`` can tell which
+    the remote has now). SHAs are never "moved".
+    """
+    ref = git.ref
+    if _FULL_SHA.fullmatch(ref) or ref.startswith("refs/tags/"):
+        return None
+    local = "refs/gitopsd/HEAD" if ref == "HEAD" else ref if ref.startswith("refs/") else f"refs/heads/{ref}"
+    tag = f"refs/tags/{ref}" if local == f"refs/heads/{ref}" else local
+    listed = git.run(args=["for-each-ref", "--format=%(refname)", local, tag], repo=repo, check=False)
+    names = set(listed.stdout.splitlines()) if listed.returncode == 0 else set()
+    return local if local in names and (tag == local or tag not in names) else None
 
 
 def _ls_remote(*, repo: Path, git: _Git) -> tuple[str, str] | None:
@@ -845,7 +910,9 @@ def _fetch(*, repo: Path, git: _Git, refspecs: list[str], depth: int | None, che
     With ``depth=None`` a shallow cache is deepened to full history, which is
     what finding an arbitrary old commit needs.
     """
-    args = ["fetch", "--quiet", "--no-tags", "--no-write-fetch-head"]
+    # No auto-maintenance here: it is a process of its own on every fetch, on a push's path;
+    # _prepare_spare runs it after the fetch has returned, still under the cache's lock.
+    args = ["fetch", "--quiet", "--no-tags", "--no-write-fetch-head", "--no-auto-maintenance"]
     if depth is not None:
         args.append(f"--depth={depth}")
     elif (repo / "shallow").exists():
@@ -858,17 +925,6 @@ def _local_commit(*, repo: Path, rev: str, git: _Git) -> str | None:
     args = ["rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}"]
     result = git.run(args=args, repo=repo, check=False)
     return result.stdout.strip() if result.returncode == 0 else None
-
-
-def _commit_of(*, repo: Path, sha: str, git: _Git) -> str:
-    """Peel what the remote advertised (commit or tag object) to a commit."""
-    commit = _local_commit(repo=repo, rev=sha, git=git)
-    if commit is None:
-        raise SourceError(
-            f"ref {git.ref!r} in {git.remote.url} points at {sha}, which is not a commit",
-            hint="point the app at a branch, a tag of a commit, or a commit SHA",
-        )
-    return commit
 
 
 def _materialise(*, repo: Path, checkouts: Path, sha: str, git: _Git) -> Path:
@@ -927,7 +983,7 @@ def _materialise(*, repo: Path, checkouts: Path, sha: str, git: _Git) -> Path:
 
 
 def _prepare_spare(home: Path, sha: str) -> None:
-    """Hard-link the checkout of ``sha`` into ``spares/<sha>``, off the fetch's path.
+    """Hard-link the checkout of ``sha`` into ``spares/<sha>``, and run git's auto-maintenance, off the fetch's path.
 
     Making a tree of thousands of directories is the one part of a patched
     checkout that follows the repository's size; done here, after the fetch
@@ -942,6 +998,8 @@ def _prepare_spare(home: Path, sha: str) -> None:
     try:
         with _locked(home / "lock", git=git):
             current, spare = checkouts / sha, spares / sha
+            # git's auto-gc, which every fetch leaves to this thread (see _fetch): cheap unless due.
+            git.run(args=["maintenance", "run", "--auto", "--quiet"], repo=home / "repo.git", check=False)
             if spare.exists() or _latest_checkout(checkouts) != current:
                 return
             spares.mkdir(exist_ok=True)
@@ -980,6 +1038,8 @@ def _patch(*, repo: Path, base: Path, tmp: Path, sha: str, git: _Git, env: dict[
         return False
     fields = diff.stdout.split("\0")
     changes = list(zip(fields[0::2], fields[1::2]))   # (status, path)
+    # The same diff as changed_paths(since=base) asks for, which the apps woken by this commit do next.
+    _Trees.remember_diff(git_dir=repo, since=base.name, sha=sha, paths=frozenset(path for _, path in changes))
     if not linked:
         _link_tree(base, tmp)
     # Deepest first: a directory's files go before the directory itself (a directory become a file).
@@ -1053,27 +1113,28 @@ def _empty(directory: Path) -> None:
             entry.unlink()
 
 
-def _read_revision(*, repo: Path, sha: str, git: _Git) -> Revision:
-    """The commit's metadata, as recorded in the commit object itself.
+def _read_revision(*, repo: Path, rev: str, git: _Git) -> Revision:
+    """The metadata of the commit ``rev`` names in the cache, as recorded in the commit object itself.
 
-    Parsed by GitPython from the local object database (no network, no
-    credentials involved): raw names (no mailmap) and committer time in UTC,
-    because the audit trail wants what the commit says, not how a mailmap
-    renders it today.
+    One local ``git log`` (no network, no credentials involved): the commit's
+    full SHA, raw names (``%an``, not the mailmapped ``%aN``), committer time
+    in UTC and the message re-encoded to UTF-8 from the commit's own
+    encoding (undecodable bytes replaced), because the audit trail wants
+    what the commit says, not how a mailmap renders it today. Options that
+    a user's git config could turn on (signatures, notes, colour) are off.
     """
-    import git as gitpython  # GitPython: object parsing; transport stays with our runner
-
-    with gitpython.Repo(repo) as local:
-        commit = local.commit(sha)
-        return Revision(
-            url=git.remote.url,
-            ref=git.ref,
-            sha=commit.hexsha,
-            author=f"{commit.author.name} <{commit.author.email}>",
-            committer=f"{commit.committer.name} <{commit.committer.email}>",
-            message=str(commit.message).strip(),
-            time=datetime.fromtimestamp(commit.committed_date, tz=timezone.utc),
+    fields = "%x00".join(("%H", "%an <%ae>", "%cn <%ce>", "%ct", "%B"))
+    result = git.run(args=["log", "-1", "--no-show-signature", "--no-notes", "--no-color", f"--format={fields}",
+                           "--end-of-options", f"{rev}^{{commit}}"], repo=repo, check=False)
+    parts = result.stdout.split("\0", 4)
+    if result.returncode != 0 or len(parts) != 5 or not _FULL_SHA.fullmatch(parts[0]):
+        raise SourceError(
+            f"ref {git.ref!r} in {git.remote.url} points at {rev}, which is not a commit",
+            hint="point the app at a branch, a tag of a commit, or a commit SHA",
         )
+    sha, author, committer, when, message = parts
+    return Revision(url=git.remote.url, ref=git.ref, sha=sha, author=author, committer=committer,
+                    message=message.strip(), time=datetime.fromtimestamp(int(when), tz=timezone.utc))
 
 
 def _collect_garbage(*, checkouts: Path, keep: int, current: str) -> None:

@@ -14,7 +14,10 @@ credentials, ref, credentials) — the result of one fetch:
   commit to a local repository (gitopsd.daemon.triggers). Callers in between
   — the reconciles those triggers start, a config edit, a new leader — reuse
   it. So a result is never older than the last refresh, and one poll or one
-  push costs one fetch however many apps read the repository.
+  push costs one fetch however many apps read the repository. A push's
+  refresh (``pushed``) knows the repository moved: its fetch skips the
+  ``ls-remote`` a poll's starts with (one git session against the remote,
+  not two).
 - **Failures are results too,** within their generation: fifty apps woken by
   one poll while the remote is down cost one failed fetch, and all fifty
   report it. ``retry`` starts a new generation only when the current answer
@@ -82,6 +85,7 @@ class SharedFetches:
         self._slots: dict[FetchKey, _Slot] = {}
         self._stale_before: dict[tuple[str, str], float] = {}   # (url, ref) -> last refresh
         self._last_sha: dict[tuple[str, str], str] = {}
+        self._moved: set[tuple[str, str]] = set()                 # current generation started by a push
 
     # ------------------------------------------------------------ asking
 
@@ -107,8 +111,9 @@ class SharedFetches:
                     self._cond.wait()   # a fetch of an older generation: wait for it, then fetch again
                     continue
                 slot.running_since = time.monotonic()
+                moved = (key.url, key.ref) in self._moved
                 break
-        return self._run(key, slot, url=url, ref=ref, credentials=credentials)
+        return self._run(key, slot, url=url, ref=ref, credentials=credentials, moved=moved)
 
     # ------------------------------------------------------------ invalidating
 
@@ -120,7 +125,22 @@ class SharedFetches:
         repo = _repo_key(url, ref)
         with self._cond:
             self._stale_before[repo] = mark = time.monotonic()
+            self._moved.discard(repo)
             return mark
+
+    def pushed(self, url: str, ref: str) -> float:
+        """The repository has moved (a push said so): a refresh whose fetch goes straight for the ref.
+
+        One git session against the remote instead of two (no ``ls-remote``
+        first: see gitopsd.engine.source.fetch's ``moved``). The next refresh
+        (a poll) goes back to looking before fetching. Returns the new
+        generation's mark, as `refresh`.
+        """
+        mark = self.refresh(url, ref)
+        with self._cond:
+            if self._stale_before.get(_repo_key(url, ref)) == mark:
+                self._moved.add(_repo_key(url, ref))
+        return mark
 
     def refreshed_at(self, url: str, ref: str) -> float:
         """The mark of the current generation of this repository and ref (-inf before any refresh):
@@ -153,6 +173,7 @@ class SharedFetches:
             for table in (self._stale_before, self._last_sha):
                 for repo in [r for r in table if r not in keep]:
                     del table[repo]
+            self._moved &= keep
 
     # ------------------------------------------------------------ internals
 
@@ -167,14 +188,14 @@ class SharedFetches:
         return slot
 
     def _run(self, key: FetchKey, slot: _Slot, *, url: str, ref: str,
-             credentials: source.Credentials | None) -> source.Checkout:
+             credentials: source.Credentials | None, moved: bool) -> source.Checkout:
         checkout: source.Checkout | None = None
         error: BaseException | None = None
         if self._on_fetch is not None:
             self._on_fetch(key)
         try:
             checkout = source.fetch(url, ref, cache_dir=self.cache_dir, credentials=credentials,
-                                    timeout=self.timeout)
+                                    timeout=self.timeout, moved=moved)
         except BaseException as exc:  # noqa: BLE001 - handed to every waiter, then re-raised
             error = exc
         new = False

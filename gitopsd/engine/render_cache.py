@@ -75,7 +75,11 @@ seen values, and a value still rendered must stay known), and
 `render.finish` runs again, as scopes depend on what the cluster serves.
 
 Bounded: at most `max_entries` builds and `max_bytes` of stored manifests,
-the least recently used out first. Safe for concurrent use: one lock around
+the least recently used out first. The bound on entries is far above any
+fleet (each app keeps one build live, and an app whose build was evicted
+has unknown inputs: every new commit of its repository wakes it, and its
+next render is a new revision) — 10,000 apps met a bound of 4,096 and every
+push woke 6,000 of them; `max_bytes` is the bound that holds memory. Safe for concurrent use: one lock around
 the tables; builds run outside it (two callers missing the same key at once
 both build, to the same result).
 """
@@ -95,7 +99,7 @@ from gitopsd import redact
 from gitopsd.engine import render, source
 from gitopsd.errors import RenderError
 
-MAX_ENTRIES = 4096
+MAX_ENTRIES = 100_000
 MAX_BYTES = 64 * 1024 * 1024
 #: Input sets remembered per (path, options): an app's inputs change when its kustomization does.
 INPUT_SETS_PER_OPTIONS = 4

@@ -79,7 +79,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,7 +88,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import ApiMetrics  # noqa: E402
 from helpers import DaemonProcess, GitRepo, configmap  # noqa: E402
-from latency import SECRET, edit_to_reverted, pct, push_to_applied  # noqa: E402
+from latency import SECRET, edit_to_reverted, label, pct, push_to_applied, samples  # noqa: E402
 from testbed import cluster as tb  # noqa: E402
 
 from gitopsd.kube import Kube  # noqa: E402
@@ -403,14 +402,11 @@ def tcp_connections(pid: int, apiserver_port: int) -> dict[str, int]:
 
 
 def daemon_counters(daemon: DaemonProcess) -> dict[str, float]:
-    with urllib.request.urlopen(daemon.url + "/metrics", timeout=10) as r:
-        text = r.read().decode()
+    """The daemon's own apiserver requests, by verb."""
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("gitopsd_apiserver_requests_total{"):
-            key, v = line.rsplit(" ", 1)
-            verb = key.split('verb="')[1].split('"')[0]
-            out[verb] = out.get(verb, 0.0) + float(v)
+    for key, v in samples(daemon, "gitopsd_apiserver_requests_total").items():
+        verb = label(key, "verb")
+        out[verb] = out.get(verb, 0.0) + v
     return out
 
 

@@ -34,6 +34,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -186,16 +187,27 @@ def fetch_steps(stacks: list[str]) -> dict[str, int]:
     return dict(sorted(steps.items(), key=lambda kv: -kv[1]))
 
 
-def daemon_counters(daemon: DaemonProcess) -> dict[str, float]:
-    """The daemon's request and reconcile counters, by full sample name."""
-    with urllib.request.urlopen(daemon.url + "/metrics", timeout=5) as r:
+def samples(daemon: DaemonProcess, *names: str) -> dict[str, float]:
+    """The daemon's samples of the metrics `names` from GET /metrics, by full sample (name and labels)."""
+    with urllib.request.urlopen(daemon.url + "/metrics", timeout=10) as r:
         text = r.read().decode()
     out: dict[str, float] = {}
     for line in text.splitlines():
-        if line.startswith(("gitopsd_apiserver_requests_total{", "gitopsd_reconcile_total{")):
+        if line.startswith(tuple(f"{n}{{" for n in names)):
             key, v = line.rsplit(" ", 1)
             out[key] = out.get(key, 0.0) + float(v)
     return out
+
+
+def label(sample: str, name: str) -> str:
+    """The value of label `name` in a sample key (`metric{a="x",b="y"}`); "" when absent."""
+    found = re.search(f'[{{,]{name}="([^"]*)"', sample)
+    return found.group(1) if found else ""
+
+
+def daemon_counters(daemon: DaemonProcess) -> dict[str, float]:
+    """The daemon's request and reconcile counters, by full sample name."""
+    return samples(daemon, "gitopsd_apiserver_requests_total", "gitopsd_reconcile_total")
 
 
 def requests_by_verb(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:

@@ -24,7 +24,6 @@ import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,7 +32,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 from helpers import DaemonProcess, GitRepo, configmap, wait_for  # noqa: E402
-from latency import SECRET, pct, push_to_applied, start_profile, stop_profile  # noqa: E402
+from latency import SECRET, label, pct, push_to_applied, samples, start_profile, stop_profile  # noqa: E402
 from testbed import cluster as tb  # noqa: E402
 
 from gitopsd.kube import Kube  # noqa: E402
@@ -60,17 +59,14 @@ def settings(n: int, value: str, *, render: str) -> dict:
 
 
 def metrics(daemon: DaemonProcess) -> dict[str, float]:
-    with urllib.request.urlopen(daemon.url + "/metrics", timeout=5) as r:
-        text = r.read().decode()
+    """Git fetches and reconciles in all, and reconciles by trigger (`trigger=webhook`)."""
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith(("gitopsd_git_fetches_total{", "gitopsd_reconcile_total{")):
-            key, value = line.rsplit(" ", 1)
-            name = key.split("{")[0]
-            out[name] = out.get(name, 0.0) + float(value)
-            if name == "gitopsd_reconcile_total":
-                trigger = key.split('trigger="')[1].split('"')[0]
-                out[f"trigger={trigger}"] = out.get(f"trigger={trigger}", 0.0) + float(value)
+    for key, value in samples(daemon, "gitopsd_git_fetches_total", "gitopsd_reconcile_total").items():
+        name = key.split("{")[0]
+        out[name] = out.get(name, 0.0) + value
+        if name == "gitopsd_reconcile_total":
+            trigger = f"trigger={label(key, 'trigger')}"
+            out[trigger] = out.get(trigger, 0.0) + value
     return out
 
 

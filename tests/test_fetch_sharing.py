@@ -196,6 +196,14 @@ def fetch(upstream: Upstream, cache: Path) -> Checkout:
     return source.fetch(upstream.url, "main", cache_dir=cache)
 
 
+def app_behind_a_symlink(upstream: Upstream) -> None:
+    """Commit app apps/web whose one file is a symlink to shared/cm.yaml (ConfigMap web)."""
+    commit(upstream, {"shared/cm.yaml": configmap("web", {"color": "blue"})})
+    (upstream.work / "apps/web").mkdir(parents=True)
+    os.symlink("../../shared/cm.yaml", upstream.work / "apps/web/cm.yaml")
+    upstream.commit({})
+
+
 def test_a_render_is_reused_when_a_commit_changes_another_apps_files(upstream, cache):
     commit(upstream, {"apps/a/cm.yaml": configmap("a", {"v": "1"}), "apps/b/cm.yaml": configmap("b", {"v": "1"})})
     renders = Renders()
@@ -274,10 +282,7 @@ def test_a_change_to_a_kustomize_base_outside_the_apps_path_is_a_miss(upstream, 
 
 def test_a_change_behind_a_symlink_is_a_miss(upstream, cache):
     """A link's own content is its target's name: what it points at is an input of its own."""
-    commit(upstream, {"shared/cm.yaml": configmap("web", {"color": "blue"})})
-    (upstream.work / "apps/web").mkdir(parents=True)
-    os.symlink("../../shared/cm.yaml", upstream.work / "apps/web/cm.yaml")
-    upstream.commit({})
+    app_behind_a_symlink(upstream)
     renders = Renders()
     renders.render(fetch(upstream, cache), "apps/web")
 

@@ -18,20 +18,12 @@ import os
 import pytest
 import yaml
 from helpers import configmap, metric, post_generic, wait_for, write_config
+from test_fetch_sharing import app_behind_a_symlink, commit, fetch
 from test_source import Upstream, cache, git_identity, upstream  # noqa: F401
 
 from gitopsd.engine import source
 from gitopsd.engine.render_cache import RenderCache, touches
 from gitopsd.errors import RenderError
-
-
-def commit(upstream: Upstream, files: dict[str, object]) -> None:
-    upstream.commit({name: (yaml.safe_dump(content) if isinstance(content, dict) else content)
-                     for name, content in files.items()})
-
-
-def fetch(upstream: Upstream, cache) -> source.Checkout:
-    return source.fetch(upstream.url, "main", cache_dir=cache)
 
 
 @pytest.fixture
@@ -96,10 +88,7 @@ def test_an_app_directory_become_a_symlink_touches_the_app(upstream, cache, two_
 
 def test_a_change_behind_an_apps_symlink_touches_it(upstream, cache):
     """The link is an input, and so is what it leads to: the target's change concerns the app."""
-    commit(upstream, {"shared/cm.yaml": configmap("web", {"color": "blue"})})
-    (upstream.work / "apps/web").mkdir(parents=True)
-    os.symlink("../../shared/cm.yaml", upstream.work / "apps/web/cm.yaml")
-    upstream.commit({})
+    app_behind_a_symlink(upstream)
     renders = RenderCache()
     renders.render(fetch(upstream, cache), "apps/web", app="web")
 

@@ -16,7 +16,12 @@ things, all derived from that one number N:
 - concurrent reconciles in the daemon: `reconcile_workers` threads. A
   reconcile mostly waits (Git, the renderer, a health wait), so there are
   more of them than request slots; the request slots are what bound the
-  load on the apiserver.
+  load on the apiserver. Work waiting for one of these threads is taken by
+  lane, not by arrival (`ReconcilePool`): a heal first (someone's hand edit
+  is live now), then a new commit (someone is waiting for their push), then
+  the polls, which only confirm that nothing changed. In a fleet a poll
+  round queues hundreds of runs; a heal queued behind them would wait for
+  all of them.
 
 Deadlock freedom of the fan-out. A reconcile on a pool thread may fan out,
 and an item of a fan-out may fan out again. So the caller of `map` works on
@@ -43,11 +48,15 @@ for the rest (gitopsd.metrics).
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from enum import IntEnum
 from typing import TypeVar
 
 import structlog
@@ -221,6 +230,99 @@ class _Batch:
             self.cond.wait_for(lambda: all(o is not None for o in self.outcomes[:self.claimed]))
 
 
+class Lane(IntEnum):
+    """Which queued reconcile runs first: the lower lane (see the module docstring)."""
+
+    HEAL = 0
+    COMMIT = 1
+    POLL = 2
+
+    @classmethod
+    def of(cls, reason: str) -> Lane:
+        """The lane of a reconcile by its trigger: a poll is only a poll; a webhook,
+        a watched commit, a config edit, a new owner or a retry are waited for."""
+        return cls.POLL if reason == "poll" else cls.COMMIT
+
+
+class ReconcilePool:
+    """At most `max_workers` threads running submitted work; queued work is taken
+    by lane, then in order of submission. Threads start as work arrives, up to
+    the bound, and stay (they are what a fleet's poll round needs again)."""
+
+    def __init__(self, max_workers: int, *, name: str = "reconcile") -> None:
+        self.max_workers, self.name = max_workers, name
+        self._queue: list[tuple[int, int, Future, Callable, tuple]] = []
+        self._order = itertools.count()
+        self._cond = threading.Condition()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
+        self._shutdown = False
+        # As concurrent.futures does: at interpreter exit idle threads end and
+        # running work finishes (the threads are not daemons: an apply is not cut).
+        register = getattr(threading, "_register_atexit", None)
+        if register is not None:
+            ref = weakref.ref(self)
+            register(lambda: (pool := ref()) is not None and pool._exit())
+
+    def submit(self, fn: Callable[..., R], *args, lane: Lane = Lane.POLL) -> Future:
+        future: Future = Future()
+        with self._cond:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new work after shutdown")
+            heapq.heappush(self._queue, (int(lane), next(self._order), future, fn, args))
+            if self._idle < len(self._queue) and len(self._threads) < self.max_workers:
+                t = threading.Thread(target=self._work, daemon=False,
+                                     name=f"{self.name}_{len(self._threads)}")
+                self._threads.append(t)
+                t.start()
+            self._cond.notify()
+        return future
+
+    @property
+    def queued(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._shutdown:
+                    self._idle += 1
+                    self._cond.wait()
+                    self._idle -= 1
+                if not self._queue:
+                    return
+                _, _, future, fn, args = heapq.heappop(self._queue)
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - the future's caller sees it
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+            del future, fn, args
+
+    def _exit(self) -> None:
+        with self._cond:
+            self._shutdown = True
+            self._cond.notify_all()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._cond:
+            self._shutdown = True
+            if cancel_futures:
+                for _, _, future, _, _ in self._queue:
+                    future.cancel()
+                self._queue.clear()
+            self._cond.notify_all()
+            threads = list(self._threads)
+        if wait:
+            for t in threads:
+                if t is not threading.current_thread():
+                    t.join()
+
+
 class Budget:
     """The one concurrency setting of the process and what it sizes; see the module docstring."""
 
@@ -232,7 +334,7 @@ class Budget:
         self.reconcile_workers = RECONCILES_PER_SLOT * limit
         self._lock = threading.Lock()
         self._fanout: ThreadPoolExecutor | None = None
-        self._reconciles: ThreadPoolExecutor | None = None
+        self._reconciles: ReconcilePool | None = None
 
     @property
     def connection_pool_size(self) -> int:
@@ -240,12 +342,11 @@ class Budget:
         long-lived watches and lease renewals, which are not counted as slots."""
         return self.limit + 16
 
-    def reconciles(self) -> ThreadPoolExecutor:
-        """The daemon's executor for reconciles and heals (created on first use)."""
+    def reconciles(self) -> ReconcilePool:
+        """The daemon's pool for reconciles and heals (created on first use)."""
         with self._lock:
             if self._reconciles is None:
-                self._reconciles = ThreadPoolExecutor(max_workers=self.reconcile_workers,
-                                                      thread_name_prefix="reconcile")
+                self._reconciles = ReconcilePool(self.reconcile_workers)
             return self._reconciles
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:

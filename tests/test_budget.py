@@ -18,7 +18,12 @@ import uuid
 
 import pytest
 import structlog
-from helpers import configmaps, delete_service_account_rbac, service_account_kubeconfig, wait_for
+from helpers import (
+    configmaps,
+    delete_service_account_rbac,
+    service_account_kubeconfig,
+    wait_for,
+)
 
 from gitopsd import cli
 from gitopsd.budget import (
@@ -28,6 +33,8 @@ from gitopsd.budget import (
     GROWTH_HOLD,
     RETRY_AFTER_MAX,
     Budget,
+    Lane,
+    ReconcilePool,
     RequestGate,
     full_jitter,
 )
@@ -235,6 +242,75 @@ def test_a_fan_out_never_uses_more_threads_than_the_budget():
 
     list(budget.map(work, range(30)))
     assert peak[0] == 3
+
+
+# ---------------------------------------------------------------- the reconcile pool
+
+def test_a_heal_overtakes_the_queued_polls_and_a_new_commit_the_rest_of_them():
+    """All threads busy, a poll round queued: a heal submitted last runs first,
+    then the webhook's run, then the polls in the order they came."""
+    pool = ReconcilePool(1)
+    started, release, ran = threading.Event(), threading.Event(), []
+    try:
+        busy = pool.submit(lambda: (started.set(), release.wait(20)))
+        started.wait(20)
+        futures = [pool.submit(ran.append, f"poll-{i}", lane=Lane.of("poll")) for i in range(5)]
+        futures.append(pool.submit(ran.append, "webhook", lane=Lane.of("webhook")))
+        futures.append(pool.submit(ran.append, "heal", lane=Lane.HEAL))
+        assert pool.queued == 7
+        release.set()
+        busy.result(20)
+        for f in futures:
+            f.result(20)
+    finally:
+        pool.shutdown()
+    assert ran == ["heal", "webhook", "poll-0", "poll-1", "poll-2", "poll-3", "poll-4"]
+
+
+def test_every_trigger_but_a_poll_is_waited_for():
+    assert Lane.of("poll") is Lane.POLL
+    assert {Lane.of(r) for r in ("webhook", "watch", "config", "leader", "retry")} == {Lane.COMMIT}
+    assert Lane.HEAL < Lane.COMMIT < Lane.POLL
+
+
+def test_the_reconcile_pool_runs_at_most_its_threads_at_once_and_reports_errors_to_the_caller():
+    pool = ReconcilePool(3)
+    running, peak, lock, gate = [0], [0], threading.Lock(), threading.Barrier(3, timeout=20)
+
+    def work(i: int) -> int:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        if i < 3:
+            gate.wait()   # the first three meet: three threads did run at once
+        with lock:
+            running[0] -= 1
+        if i == 7:
+            raise ValueError("item 7")
+        return i
+
+    try:
+        futures = [pool.submit(work, i) for i in range(12)]
+        with pytest.raises(ValueError, match="item 7"):
+            futures[7].result(20)
+        assert [f.result(20) for i, f in enumerate(futures) if i != 7] == [i for i in range(12) if i != 7]
+    finally:
+        pool.shutdown()
+    assert peak[0] == 3
+
+
+def test_shutting_the_reconcile_pool_down_cancels_what_is_queued_and_refuses_more():
+    pool = ReconcilePool(1)
+    started, release = threading.Event(), threading.Event()
+    running = pool.submit(lambda: (started.set(), release.wait(20)))
+    started.wait(20)
+    queued = pool.submit(lambda: "never")
+    pool.shutdown(wait=False, cancel_futures=True)
+    assert queued.cancelled()
+    with pytest.raises(RuntimeError):
+        pool.submit(lambda: None)
+    release.set()
+    running.result(20)
 
 
 def test_the_cli_default_concurrency_is_the_budgets():

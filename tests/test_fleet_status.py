@@ -136,6 +136,21 @@ def test_desired_object_json_cannot_hold_is_kept_as_it_is():
     assert state.get(ref_of(huge)) == huge and state.get(ref_of(huge)) is not huge
 
 
+def test_the_next_desired_state_names_what_a_commit_changed_and_shares_the_rest():
+    """What _watch judges again after a run: only objects whose desired state the run changed."""
+    kept, edited, gone = configmap("kept", {"k": "v"}), configmap("edited", {"k": "v"}), configmap("gone", {"k": "v"})
+    first = DesiredState.of([_change(kept), _change(edited), _change(gone)])
+    now_edited, added = configmap("edited", {"k": "new"}), configmap("added", {"k": "v"})
+    second = DesiredState.of([_change(kept), _change(now_edited), _change(added)], before=first)
+
+    assert second.changed_since(first) == [ref_of(now_edited), ref_of(added)]
+    assert second._kept[ref_of(kept)] is first._kept[ref_of(kept)]   # unchanged: kept once, not twice
+    assert second.changed_since(second) == []
+    assert DesiredState.of([_change(kept)]).changed_since(DesiredState()) == [ref_of(kept)]   # a runner's first run
+    moved = DesiredState.of([_change(kept, source="apps/other.yaml")], before=first)
+    assert moved.changed_since(first) == [ref_of(kept)]   # another file: judged again, to be sure
+
+
 # ------------------------------------------------------------------ runner between runs
 
 
@@ -143,7 +158,7 @@ def test_idle_runner_keeps_no_cancel_event_of_its_own(monkeypatch):
     ran = []
     view = SimpleNamespace(stop=lambda: None)
     daemon = SimpleNamespace(namespace="gitopsd", informers=SimpleNamespace(view=lambda **kw: view),
-                             pool=SimpleNamespace(submit=lambda fn, *args: fn(*args)))
+                             pool=SimpleNamespace(submit=lambda fn, *args, lane: fn(*args)))
     cfg = SimpleNamespace(name="idle", repo="file:///r.git", ref="main")
     runner = AppRunner(daemon, cfg)
     assert runner.cancel is NO_RUN and runner.heal_cancel is NO_RUN

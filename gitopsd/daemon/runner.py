@@ -15,8 +15,9 @@ Execution model: a runner never runs two reconciles of its app at once. A
 trigger that arrives while one runs is remembered and runs right after; a
 webhook for a new commit also cancels a running health wait, so the new
 commit deploys at once instead of after the old rollout times out. Runners
-execute on a shared thread pool sized so that every app can run at the same
-time: a slow or failing app never delays the others.
+execute on the process's reconcile pool (gitopsd.budget.ReconcilePool): when
+more runs are due than it has threads, a heal goes first, then a new commit,
+then the polls, so a poll round of a fleet never delays a hand edit's revert.
 
 Self-heal: the runner's informer view reports every change to a managed
 object. A change that leaves the object "still ours" (gitopsd.engine.plan.still_ours:
@@ -38,7 +39,7 @@ import copy
 import dataclasses
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import structlog
@@ -46,6 +47,7 @@ import structlog
 from gitopsd import audit, metrics
 from gitopsd import config as config_mod
 from gitopsd import log as log_mod
+from gitopsd.budget import Lane
 from gitopsd.daemon import status as status_mod
 from gitopsd.daemon.informers import AppView
 from gitopsd.daemon.leader import FencedKube, LeadershipLost
@@ -80,7 +82,7 @@ BACKOFF_MAX = 300.0
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _iso(t: datetime | None) -> str:
@@ -106,7 +108,7 @@ NOTHING: frozenset = frozenset()   # one empty set for every runner not healing 
 class AppRunner:
     """Everything about one app; see the module docstring."""
 
-    def __init__(self, daemon: "Daemon", cfg: config_mod.AppConfig) -> None:
+    def __init__(self, daemon: Daemon, cfg: config_mod.AppConfig) -> None:
         self.daemon = daemon
         self.cfg = cfg
         self.lock = threading.Lock()          # guards the fields below
@@ -158,7 +160,7 @@ class AppRunner:
                 return
             self.running = True
             self.pending = None
-        self.daemon.pool.submit(self._loop, reason)
+        self.daemon.pool.submit(self._loop, reason, lane=Lane.of(reason))
 
     def _loop(self, reason: str) -> None:
         while True:
@@ -172,7 +174,7 @@ class AppRunner:
                     self._reconcile(reason)
             except LeadershipLost as exc:
                 self._fenced(exc)
-            except Exception:  # noqa: BLE001 - a bug must not kill the runner
+            except Exception:
                 log.exception("reconcile crashed", app=self.cfg.name)
             with self.lock:
                 if self.pending is None or self.stopped:
@@ -182,7 +184,7 @@ class AppRunner:
                     break
                 reason, self.pending = self.pending, None
         if dirty:
-            self.daemon.pool.submit(self._heal_dirty)
+            self.daemon.pool.submit(self._heal_dirty, lane=Lane.HEAL)
 
     # ------------------------------------------------------------ reconcile
 
@@ -241,10 +243,13 @@ class AppRunner:
         if plan is not None and not plan.errors and result.outcome != Outcome.REFUSED:
             # What drift is judged against and self-heal puts back: the commit as planned
             # for the cluster (not one the prune guard refused, of which nothing was written).
-            self.desired = DesiredState.of(plan.changes)
+            before, self.desired = self.desired, DesiredState.of(plan.changes, before=self.desired)
             self.spec, self.desired_revision = spec, result.revision
+        else:
+            before = self.desired
         if plan is not None and not plan.errors:
-            self._watch(plan, live=result.outcome in (Outcome.APPLIED, Outcome.UNHEALTHY, Outcome.NO_CHANGE))
+            self._watch(plan, live=result.outcome in (Outcome.APPLIED, Outcome.UNHEALTHY, Outcome.NO_CHANGE),
+                        before=before)
         if result.outcome in (Outcome.APPLIED, Outcome.UNHEALTHY, Outcome.NO_CHANGE) and result.revision:
             self.last_applied = result.revision.sha
             metrics.LAST_APPLIED.set(app=cfg.name, value=result.revision.sha)   # the previous one's series goes
@@ -375,7 +380,7 @@ class AppRunner:
 
     # ------------------------------------------------------------ self-heal
 
-    def _watch(self, plan, *, live: bool) -> None:
+    def _watch(self, plan, *, live: bool, before: DesiredState) -> None:
         """Need exactly the kinds and namespaces the next plan will search (the shared informers
         start a kind's watch for its first app and stop it after its last): those of this plan's
         objects and of the parent as this run left it, so that the next poll reads from memory too.
@@ -387,6 +392,8 @@ class AppRunner:
         and the watch past the version the run saw, was deleted since: it is reported as
         DELETED; one at least as new as what the run wrote but no longer ours was edited
         since: MODIFIED. What the watch has not caught up with yet arrives as an event.
+        Only objects whose desired state this run changed (`before`: the one it replaced)
+        are judged again: for the others the old judgement was the new one.
         """
         try:
             targets = member_targets(self.daemon.kube, plan.inventory, plan.changes)
@@ -397,7 +404,7 @@ class AppRunner:
             return
         desired = self.desired
         written = {c.ref: c.live for c in plan.changes}   # each object as this run wrote (or read) it
-        for ref in desired.refs():
+        for ref in desired.changed_since(before):
             seen = self.cache.read(ref, after=written.get(ref))
             if not (seen.covered and seen.fresh):
                 continue
@@ -420,7 +427,7 @@ class AppRunner:
             self.dirty.add(ref)
             busy = self.running
         if not busy:
-            self.daemon.pool.submit(self._heal_dirty)
+            self.daemon.pool.submit(self._heal_dirty, lane=Lane.HEAL)
 
     def _heal_dirty(self) -> None:
         """Heal what the watch found drifted since the last heal: one small commit."""
@@ -589,10 +596,22 @@ class DesiredState:
         self._kept = kept or {}
 
     @classmethod
-    def of(cls, changes: list[ObjectChange]) -> "DesiredState":
-        """The objects a plan applies or leaves as they are (not its prunes)."""
-        return cls({c.ref: (cls._pack(c.desired), c.source) for c in changes
-                    if c.action != Action.PRUNE and c.desired})
+    def of(cls, changes: list[ObjectChange], *, before: DesiredState | None = None) -> DesiredState:
+        """The objects a plan applies or leaves as they are (not its prunes). What is the same
+        as in `before` (the state it replaces) shares its bytes: the same object is kept once."""
+        kept = {}
+        old = before._kept if before is not None else {}
+        for c in changes:
+            if c.action == Action.PRUNE or not c.desired:
+                continue
+            entry = (cls._pack(c.desired), c.source)
+            kept[c.ref] = old[c.ref] if old.get(c.ref) == entry else entry
+        return cls(kept)
+
+    def changed_since(self, before: DesiredState) -> list[ObjectRef]:
+        """The objects whose desired state is not what `before` held (new ones included).
+        Packing is deterministic (one preset dictionary), so equal bytes are equal objects."""
+        return [ref for ref, entry in self._kept.items() if before._kept.get(ref) != entry]
 
     @classmethod
     def _pack(cls, obj: dict) -> bytes | dict:

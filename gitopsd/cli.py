@@ -38,6 +38,7 @@ import os
 import re
 import sys
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
@@ -137,6 +138,7 @@ def _check_url(value: str) -> str:
 
 
 DURATION_TIMEOUT = _flag(cfg.check_duration, minimum=cfg.MIN_TIMEOUT, why=cfg.TIMEOUT_WHY)
+DURATION_WAIT = _flag(cfg.check_duration, minimum=0.0)
 SHARE = _flag(cfg.check_share)
 CONCURRENCY = _flag(cfg.check_count, minimum=1, maximum=MAX_CONCURRENCY,
                     why="parallel apiserver requests")
@@ -203,6 +205,8 @@ _ENV_DEFAULTS: dict[str, tuple[_EnvDefault, ...]] = {
     "status": (_EnvDefault("namespace", "--namespace", _NS_ENV, "gitopsd-system", NAMESPACE),),
     "history": (_EnvDefault("namespace", "--namespace", _NS_ENV, "gitopsd-system", NAMESPACE),),
     "audit": (_EnvDefault("namespace", "--namespace", _NS_ENV, "gitopsd-system", NAMESPACE),),
+    **{action: (_EnvDefault("namespace", "--namespace", _NS_ENV, "gitopsd-system", NAMESPACE),)
+       for action in ("rollback", "hold", "resume")},
 }
 
 
@@ -335,6 +339,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which revision was live at TIME (ISO 8601, e.g. 2026-11-20T14:00:00Z, or an age)")
     _audit_store_args(h)
 
+    release = {}
+    for action, helptext, description in (
+            ("rollback", "go back to an earlier revision now, and hold there",
+             "Ask the running daemon to re-apply an earlier revision of APP (default: the last one recorded "
+             "Applied and Healthy before what runs; rendered again from its commit) and to hold there until "
+             "`gitopsd resume`. Works from anywhere with a kubeconfig: the request is stored in the cluster."),
+            ("hold", "stop following the ref: new commits are recorded, not applied",
+             "Ask the running daemon to keep APP at a revision (default: what runs now); self-heal keeps that "
+             "revision, new commits are recorded as Held. Stored in the cluster like rollback."),
+            ("resume", "follow the ref again (apply its newest commit)",
+             "Ask the running daemon to follow APP's ref again: the newest commit is applied at once.")):
+        p = sub.add_parser(action, parents=[debug], help=helptext,
+                           description=description + " Exit 0 once the daemon has acted, 1 when it has not "
+                                                     "within --wait (the request stays stored), 2 on error.")
+        p.add_argument("app", type=APP, help="the app (= ApplySet) name")
+        if action in ("rollback", "hold"):
+            p.add_argument("--to", type=TEXT, metavar="SHA", default=None,
+                           help="the revision: a commit SHA, or the prefix of one the audit trail records")
+        p.add_argument("--wait", type=DURATION_WAIT, default=60.0, metavar="DURATION",
+                       help="how long to wait for the daemon to act (default 60s; 0: do not wait)")
+        _audit_store_args(p)
+        release[action] = p
+
     a = sub.add_parser("audit", parents=[debug], help="check the audit trail")
     asub = a.add_subparsers(dest="audit_command", metavar="SUBCOMMAND", required=True)
     v = asub.add_parser("verify", parents=[debug], help="check the app's hash chain; exit 1 and name the first "
@@ -356,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "invalid (every problem named), 2 on error.")
     cv.add_argument("file", type=FILE, metavar="FILE", help="the apps file (YAML)")
     cv.add_argument("--output", "-o", default="text", choices=["text", "json"])
-    for p in (sub.choices["diff"], s, r, st, h, v, cs, cv):
+    for p in (sub.choices["diff"], s, r, st, h, v, cs, cv, *release.values()):
         p.set_defaults(usage_error=p.error)   # for the rules between flags, checked after parsing
     return parser
 
@@ -585,6 +612,31 @@ def cmd_history(args) -> int:
     return 0 if records else 1
 
 
+def cmd_release(args) -> int:
+    """`gitopsd rollback|hold|resume APP`: store the request, wait for the daemon to act on it."""
+    from gitopsd import audit
+    from gitopsd.daemon import release
+    from gitopsd.kube import Kube
+
+    kube = Kube.connect(kubeconfig=args.kubeconfig, context=args.context)
+    request = release.make_request(kube, namespace=args.namespace, app=args.app, action=args.command,
+                                   to=getattr(args, "to", None), by=audit.cli_instance())
+    release.write_request(kube, namespace=args.namespace, app=args.app, request=request)
+    at = f" at {request.revision[:12]}" if request.revision else ""
+    print(f"{args.command}{at} requested for app {args.app} (request {request.id[:8]})", file=sys.stderr)
+    deadline = time.monotonic() + args.wait
+    while (state := release.acted_on(kube, namespace=args.namespace, app=args.app, request=request)) is None:
+        if time.monotonic() >= deadline:
+            if args.wait:
+                print(f"the daemon has not acted on it within {args.wait:g}s; the request stays stored and is "
+                      f"acted on when gitopsd runs the app (is it running?)", file=sys.stderr)
+            return 1
+        time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))   # a CLI waiting on a person's request
+    _print(state, output=args.output, text=f"app {args.app}: {state.get('state')}"
+           + (f" at {state['revision'][:12]}" if state.get("revision") else "") + f" ({state.get('reason', '')})")
+    return 0
+
+
 def cmd_audit(args) -> int:
     from gitopsd import audit
     from gitopsd.kube import Kube
@@ -616,7 +668,8 @@ def cmd_config(args) -> int:
 
 
 COMMANDS = {"diff": cmd_diff, "sync": cmd_sync, "run": cmd_run, "status": cmd_status, "history": cmd_history,
-            "audit": cmd_audit, "config": cmd_config}
+            "audit": cmd_audit, "config": cmd_config, "rollback": cmd_release, "hold": cmd_release,
+            "resume": cmd_release}
 
 
 def main(argv: list[str] | None = None) -> int:

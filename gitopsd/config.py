@@ -544,6 +544,14 @@ class Helm(_Section):
 
 
 @dataclass(frozen=True, config=MODEL_CONFIG)
+class Rollback(_Section):
+    """What gitopsd does when a revision ends Unhealthy (gitopsd.daemon.release)."""
+
+    on_unhealthy: Flag = False
+    """Re-apply the last revision recorded Applied and Healthy, and quarantine the bad commit until a newer one changes the app."""
+
+
+@dataclass(frozen=True, config=MODEL_CONFIG)
 class AppConfig(_Section):
     """One app: a path in a Git repository, kept applied to the cluster as one ApplySet.
 
@@ -591,6 +599,12 @@ class AppConfig(_Section):
     """Stop reconciling (and self-healing) until set back to false."""
     timeout: Timeout = 300.0
     """How long to wait for the applied objects to become healthy: 90s, 5m, or seconds (at least 1s)."""
+    rollback: Rollback | None = None
+    """Automatic rollback: {onUnhealthy: true} goes back to the last healthy revision when one ends Unhealthy."""
+
+    @property
+    def rollback_on_unhealthy(self) -> bool:
+        return self.rollback is not None and self.rollback.on_unhealthy
 
     @property
     def helm_values(self) -> tuple[str, ...]:

@@ -169,6 +169,9 @@ def summary_line(rec: dict) -> str:
             f"[{rec.get('trigger', '?')}]")
     if rec.get("result") not in ("Applied", "NoChange") and rec.get("reason"):
         line += f"  {rec['reason'][:120]}"
+    release = rec.get("release")
+    if isinstance(release, dict):
+        line += f"  [{release.get('state')} by {release.get('by') or '-'}: {str(release.get('reason') or '')[:120]}]"
     return line
 
 

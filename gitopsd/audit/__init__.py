@@ -30,14 +30,22 @@ from gitopsd.audit.events import (
                                    WARNING_RESULTS,
 )
 from gitopsd.audit.head import HEAD_FIELD_MANAGER, HEAD_SEGMENT_ANNOTATION
-from gitopsd.audit.history import history, last_revision, live_at, parse_time
+from gitopsd.audit.history import (
+                                   history,
+                                   last_healthy,
+                                   last_revision,
+                                   live_at,
+                                   parse_time,
+)
 from gitopsd.audit.records import (
                                    CLUSTER_CHANGING,
                                    CONVERGED,
                                    DRIFT_ACTIONS,
                                    GENESIS_HASH,
+                                   HELD,
                                    MAX_MESSAGE_CHARS,
                                    RECORD_MAX_BYTES,
+                                   ROLLED_BACK,
                                    canonical,
                                    cli_instance,
                                    default_instance,
@@ -72,8 +80,8 @@ __all__ = [
     "APPEND_ATTEMPTS", "AUDIT_APP_LABEL", "AuditLog", "CLUSTER_CHANGING", "CONVERGED", "DEFAULT_RETENTION",
     "DRIFT_ACTIONS", "EVENT_NOTE_MAX", "FIRST_SEQ_ANNOTATION", "GENESIS_HASH", "HEAD_ANNOTATION",
     "HEAD_FIELD_MANAGER", "HEAD_SEGMENT_ANNOTATION", "MAX_BACKLOG", "MAX_MESSAGE_CHARS",
-    "RECORD_MAX_BYTES", "REPORTING_CONTROLLER", "RETAINED_FROM_ANNOTATION", "SEGMENT_MAX_BYTES",
+    "RECORD_MAX_BYTES", "REPORTING_CONTROLLER", "ROLLED_BACK", "RETAINED_FROM_ANNOTATION", "SEGMENT_MAX_BYTES",
     "SEGMENT_MAX_RECORDS", "SEGMENT_PREFIX", "list_segments", "WARNING_RESULTS", "canonical", "cli_instance", "default_instance",
-    "drift_record", "event_note", "history", "last_revision", "live_at", "live_at_text", "log_fields",
+    "drift_record", "event_note", "HELD", "history", "last_healthy", "last_revision", "live_at", "live_at_text", "log_fields",
     "object_note", "parse_time", "record_hash", "segment_name", "summary_line", "transition_record", "verify",
 ]

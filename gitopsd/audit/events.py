@@ -27,7 +27,7 @@ from gitopsd.kube import Kube
 from gitopsd.report import EVENT_NOTE_MAX, event_note, object_note
 
 REPORTING_CONTROLLER = "gitopsd.io/gitopsd"
-WARNING_RESULTS = frozenset({Outcome.FAILED.value, Outcome.UNHEALTHY.value, Outcome.REFUSED.value})
+WARNING_RESULTS = frozenset({Outcome.FAILED.value, Outcome.UNHEALTHY.value, Outcome.REFUSED.value, "RolledBack"})
 
 
 class EventRecorder:

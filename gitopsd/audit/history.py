@@ -91,6 +91,18 @@ def last_revision(kube: Kube, *, namespace: str, app: str, segments: list[Segmen
     return None
 
 
+def last_healthy(kube: Kube, *, namespace: str, app: str, besides: set[str]) -> str | None:
+    """The newest revision, other than those in `besides`, recorded as applied and healthy: a
+    transition that converged (Applied, NoChange, RolledBack) with health Healthy. What a
+    rollback goes back to (gitopsd.daemon.release). None when the trail has none."""
+    for rec in newest_first(kube, namespace=namespace, app=app):
+        revision = rec.get("revision")
+        if rec.get("type") == "transition" and rec.get("result") in CONVERGED and revision \
+                and revision not in besides and (rec.get("health") or {}).get("outcome") == "Healthy":
+            return revision
+    return None
+
+
 def _all_records(kube: Kube, *, namespace: str, app: str) -> list[dict]:
     recs = list(newest_first(kube, namespace=namespace, app=app))
     return sorted(recs, key=lambda r: r.get("seq") if isinstance(r.get("seq"), int) else -1)

@@ -13,7 +13,10 @@ Record fields (stable names; see transition_record and drift_record):
 time}, ``signature`` (null until verification exists), ``plan`` {objects
 [{group, kind, namespace, name, uid?, action, fields, done}], unchanged,
 kept, orphans}, ``written``, ``result``, ``reason``, ``errors``, ``health``
-{outcome, objects}, ``started``, ``duration_seconds``; drifts add ``object``,
+{outcome, objects}, ``started``, ``duration_seconds``, and ``release`` {state,
+revision, quarantined, from, by, reason} on a transition release control
+decided (result RolledBack or Held, or the Unhealthy one that started an
+automatic rollback); drifts add ``object``,
 ``fields``, ``managers``, ``action``, ``deleted``, ``revision``, ``error``.
 Only field *paths* ever enter a record, never diff text, so no Secret value
 can (gitopsd.engine.diff masks values before paths are computed); `reason` and
@@ -53,8 +56,11 @@ RECORD_MAX_BYTES = 100 * 1024
 MAX_MESSAGE_CHARS = 4096
 
 DRIFT_ACTIONS = ("corrected", "reported", "failed")
+# Results of release control (gitopsd.daemon.release), beside the sync outcomes: a rollback
+# done (the re-applied revision is healthy), and a commit not applied because the app is held.
+ROLLED_BACK, HELD = "RolledBack", "Held"
 # Transitions that wrote the app's objects: after one, its commit is what runs.
-CLUSTER_CHANGING = frozenset({Outcome.APPLIED.value, Outcome.UNHEALTHY.value})
+CLUSTER_CHANGING = frozenset({Outcome.APPLIED.value, Outcome.UNHEALTHY.value, ROLLED_BACK})
 # Transitions after which the cluster matched the commit (drift, if any, is gone).
 CONVERGED = CLUSTER_CHANGING | {Outcome.NO_CHANGE.value}
 
@@ -82,7 +88,8 @@ def iso_time(when: datetime) -> str:
 
 
 def transition_record(result: SyncResult, *, trigger: str, previous: str | None, instance: str,
-                      source: str | None = None, ref: str | None = None) -> dict:
+                      source: str | None = None, ref: str | None = None, outcome: str | None = None,
+                      release: dict | None = None) -> dict:
     """The audit record of one sync attempt (not yet chained: AuditLog.record does that).
 
     `trigger` says what started it: poll, webhook, self-heal, cli, config,
@@ -93,6 +100,10 @@ def transition_record(result: SyncResult, *, trigger: str, previous: str | None,
     daemon from its state, the CLI from the store, see last_revision).
     `source`/`ref` name the repository when the result has no revision (the
     fetch itself failed); otherwise the revision's credential-free URL wins.
+
+    `outcome` replaces the result's own (RolledBack, Held: release control);
+    `release` is the release decision behind the transition (who held or
+    rolled back, from and to which commit, why), recorded under `release`.
 
     Plan objects are the plan's intended changes with the action in the past
     tense and `done` saying whether this attempt really wrote it: a Refused
@@ -115,7 +126,8 @@ def transition_record(result: SyncResult, *, trigger: str, previous: str | None,
                 obj["uid"] = uid
             objects.append(obj)
         kept, orphans = [str(r) for r in plan.kept], [str(r) for r in plan.orphans]
-    if result.outcome.value in CLUSTER_CHANGING or result.health:   # (a NoChange may carry a recheck)
+    result_name = outcome or result.outcome.value
+    if result_name in CLUSTER_CHANGING or result.health:   # (a NoChange may carry a recheck)
         healthy, _ = health_.summarize(result.health)
         outcome = "Healthy" if healthy else "Unhealthy"
     else:
@@ -136,7 +148,7 @@ def transition_record(result: SyncResult, *, trigger: str, previous: str | None,
         "signature": None,   # no commit signature verification yet; the field is kept for it
         "plan": {"objects": objects, "unchanged": unchanged, "kept": kept, "orphans": orphans},
         "written": len(done),
-        "result": result.outcome.value,
+        "result": result_name,
         "reason": result.reason,
         "errors": list(result.errors),
         "health": {"outcome": outcome,
@@ -145,6 +157,7 @@ def transition_record(result: SyncResult, *, trigger: str, previous: str | None,
         "started": iso_time(result.started),
         "duration_seconds": round(result.duration, 3),
         "instance": instance,
+        **({"release": release} if release is not None else {}),
     })
 
 

@@ -46,14 +46,15 @@ from pathlib import Path
 import structlog
 
 from gitopsd import __version__, audit, metrics
-from gitopsd.budget import Budget
 from gitopsd import config as config_mod
+from gitopsd.budget import Budget
 from gitopsd.daemon.config_watch import ConfigWatcher
 from gitopsd.daemon.credentials import CredentialStore
 from gitopsd.daemon.informers import Informers
 from gitopsd.daemon.leader import FencedKube, LeaderElector
 from gitopsd.daemon.leadership import Leadership
 from gitopsd.daemon.memory import Trimmer, limit_arenas
+from gitopsd.daemon.release import Request, RequestWatch
 from gitopsd.daemon.runner import AppRunner, _iso
 from gitopsd.daemon.server import Server
 from gitopsd.daemon.shards import Shards
@@ -102,6 +103,8 @@ class Daemon:
         # Records are stored and announced only while this replica may write (Daemon.fence);
         # the runners check it before each record too, in the term their run began in.
         self.audit = audit.AuditLog(FencedKube(kube, self.fence), namespace=namespace, instance=instance)
+        # `gitopsd hold|resume|rollback` from anywhere with a kubeconfig (gitopsd.daemon.release).
+        self.release_requests = RequestWatch(kube, namespace=namespace, deliver=self._release_request)
         self.server = Server(host=http_host, port=http_port, on_push=self.pushes.on_push,
                              webhook_secret=self.pushes.webhook_secret, ready=self.ready, status=self.status_json,
                              status_summary=self.status_summary)
@@ -126,6 +129,7 @@ class Daemon:
         self.schedule.start()
         for cfg in self.config.apps:
             self._add(cfg)
+        self.release_requests.start()
         self._spawn(self.config_watch.watch, "config-watch")
         self._spawn(Trimmer(stopped=self._stop).run, "memory-trim")
         if self.watch_local:
@@ -135,6 +139,15 @@ class Daemon:
                  http=f"{self.server.host}:{self.server.port}", namespace=self.namespace,
                  leader_election=self.elector is not None or self.shards is not None,
                  shards=self.shards.count if self.shards else 1)
+
+    def release_request(self, app: str) -> Request | None:
+        """The newest release request stored for `app` (a runner taking the app over reads it)."""
+        return self.release_requests.latest(app)
+
+    def _release_request(self, app: str, request: Request) -> None:
+        runner = self.runners.get(app)
+        if runner is not None:
+            runner.request(request)
 
     def _advertise_url(self, given: str | None) -> str | None:
         """Where the other replicas forward pushes to this one: --advertise-url, else a concrete
@@ -167,6 +180,7 @@ class Daemon:
         # running; otherwise let them expire, so no other replica writes beside us.
         self.leadership.stop(release=idle)
         self.informers.stop()
+        self.release_requests.stop()
         self.credentials.close()
         self.server.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -52,6 +52,7 @@ from gitopsd.daemon import status as status_mod
 from gitopsd.daemon.informers import AppView
 from gitopsd.daemon.leader import FencedKube, LeadershipLost
 from gitopsd.daemon.reflector import Packer
+from gitopsd.daemon.release import ReleaseControl, Request
 from gitopsd.engine import health as health_mod
 from gitopsd.engine import inventory
 from gitopsd.engine.inventory import applyset_id, parent_name
@@ -125,6 +126,7 @@ class AppRunner:
         self.inv = None                       # the ApplySet parent as we last wrote/read it
         self.desired = DesiredState()
         self.desired_revision: Revision | None = None   # the commit `desired` was planned from
+        self.release = ReleaseControl(cfg.name)          # held, rolled back, quarantined (gitopsd.daemon.release)
         self.spec: AppSpec | None = None                 # what the last reconcile ran with (a heal reuses it)
         self.heal_cancel: threading.Event | _NoRun = NO_RUN   # cancels a running heal's health wait
         self.healing: frozenset[ObjectRef] = NOTHING     # what the running heal corrects
@@ -211,6 +213,7 @@ class AppRunner:
         except GitopsdError as exc:
             self._record_failure(trigger, str(exc))
             return
+        self._take_request()
         hold = self.last_applied if not cfg.self_heal else None
         started = time.monotonic()
         def fetched(rev) -> None:
@@ -221,7 +224,7 @@ class AppRunner:
         result = sync(writer, spec, cache_dir=self.daemon.cache_dir, cancel=self.cancel,
                       cache=self.cache, inv=self.inv, hold_revision=hold, on_revision=fetched,
                       on_progress=self._stop_after_stage, fetches=self.daemon.fetches,
-                      renders=self.daemon.renders)
+                      renders=self.daemon.renders, pick=self.release.pick)
         writer.check()   # lost during the health wait: the verdict is the new leader's to record
         previous = self.last_applied
         with self.lock:
@@ -280,16 +283,51 @@ class AppRunner:
             if rechecked and health_mod.summarize(rechecked)[0]:
                 result.health = rechecked
                 result.reason = "the rollout has become healthy"
-        transition = self._is_transition(result)
+        release = self.release.after(result, auto=cfg.rollback_on_unhealthy, last_healthy=self._last_healthy)
+        if release.roll_back:
+            self._write_status()   # the decision first: a replica taking over mid-way finishes the rollback
+        transition = self._is_transition(result) or release.release is not None
         if transition:
             self.last_result = _verdict(result)
-        if transition:
             self._record(audit.transition_record(result, trigger=trigger, previous=previous,
-                                                 instance=self.daemon.instance))
+                                                 instance=self.daemon.instance, outcome=release.result,
+                                                 release=release.release))
         else:
             log.debug("reconciled: no change", app=cfg.name, revision=(result.revision.sha[:12]
                                                                         if result.revision else None))
+        if release.held is not None:
+            held = SyncResult(app=cfg.name, outcome=Outcome.NO_CHANGE, revision=release.held,
+                              reason=f"not applied: {self.release.state.reason}")
+            self._record(audit.transition_record(held, trigger=trigger, previous=self.last_applied,
+                                                 instance=self.daemon.instance, outcome=audit.HELD,
+                                                 release=self.release.state.record()))
         self._write_status()
+        if release.roll_back:
+            self.trigger("rollback")   # runs next, on this thread (the pending trigger)
+
+    # ------------------------------------------------------------ release control (gitopsd.daemon.release)
+
+    def request(self, request: Request) -> None:
+        """A release request for this app arrived (the request watch): act on it in a run."""
+        if self.release.requested(request):
+            self.trigger("release")
+
+    def _take_request(self) -> None:
+        try:
+            changed = self.release.take(live=self.last_applied, last_healthy=self._last_healthy)
+        except GitopsdError as exc:
+            log.warning("release request refused", app=self.cfg.name, error=exc.message, hint=exc.hint)
+            changed = True
+        if changed:
+            self._write_status()   # before anything of it is applied
+
+    def _last_healthy(self, besides: set[str]) -> str | None:
+        try:
+            return audit.last_healthy(self.daemon.kube, namespace=self.daemon.namespace, app=self.cfg.name,
+                                      besides=besides)
+        except GitopsdError as exc:
+            log.warning("cannot read the audit trail for a healthy revision", app=self.cfg.name, error=str(exc))
+            return None
 
     def _is_transition(self, result: SyncResult) -> bool:
         """Whether this reconcile is worth an audit record and a status write.
@@ -342,6 +380,9 @@ class AppRunner:
         except KubeApiError:
             self.inv = None
         self.daemon.audit.prime(app, parent=parent, segments=segments)
+        self.release.restore(status_mod.of_parent(parent))
+        if (request := self.daemon.release_request(app)) is not None:
+            self.release.requested(request)   # made while no replica ran the app: taken in this run
         self.restored = True
 
     def _stop_after_stage(self, _verb: str, _change: ObjectChange) -> None:
@@ -557,6 +598,7 @@ class AppRunner:
             "lastDrift": self.last_drift,
             "interval": self.cfg.interval,
             "suspended": self.cfg.suspend,
+            **({"release": release} if (release := self.release.state.to_status()) else {}),
         }
 
     def _write_status(self) -> None:

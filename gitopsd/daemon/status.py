@@ -20,14 +20,14 @@ from gitopsd.kube import Kube
 STATUS_KEY = "status"
 FIELD_MANAGER = "gitopsd-status"
 FIELDS = ("app", "revision", "ref", "result", "reason", "health", "lastTransition", "lastDrift", "interval",
-          "suspended", "nextRun")
+          "suspended", "nextRun", "release")
 #: What `gitopsd status` needs to show a row; the other fields are optional
 #: (an older or newer daemon may write fewer or more), but typed when present.
 REQUIRED = ("app", "result", "health")
 TYPES: dict[str, tuple[type, ...]] = {
     "app": (str,), "revision": (str,), "ref": (str,), "result": (str,), "reason": (str,), "health": (str,),
     "lastTransition": (str,), "lastDrift": (dict, type(None)), "interval": (int, float), "suspended": (bool,),
-    "nextRun": (str,),
+    "nextRun": (str,), "release": (dict,),
 }
 #: A status the daemon writes is a few hundred bytes; a bigger value was put
 #: there by hand and is not parsed (a ConfigMap holds up to 1 MiB).
@@ -47,6 +47,19 @@ def write(kube: Kube, *, app: str, namespace: str, status: dict) -> None:
         "data": {STATUS_KEY: orjson.dumps(status, option=orjson.OPT_SORT_KEYS).decode()},
     }
     inventory.in_namespace(kube, namespace, lambda: kube.apply(body, field_manager=FIELD_MANAGER))
+
+
+def of_parent(parent: dict | None) -> dict | None:
+    """The status stored on a parent ConfigMap as read (a runner taking the app over), or None
+    when there is none or it is unreadable (the daemon rewrites it at the next transition)."""
+    raw = ((parent or {}).get("data") or {}).get(STATUS_KEY)
+    if not isinstance(raw, str) or len(raw.encode()) > MAX_BYTES:
+        return None
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def read_all(kube: Kube, *, namespace: str, app: str | None = None) -> list[dict]:
@@ -153,24 +166,39 @@ def table(apps: list[dict]) -> str:
     """
     if not apps:
         return "no apps have reported status yet"
-    cols = ("APP", "REVISION", "RESULT", "HEALTH", "LAST CHANGE", "LAST DRIFT", "REASON")
+    cols = ("APP", "REVISION", "RESULT", "HEALTH", "RELEASE", "LAST CHANGE", "LAST DRIFT", "REASON")
     rows = []
     for a in apps:
         if "error" in a:
             rows.append(tuple(_cell(v, w) for v, w in zip(
-                (a["app"], "", "Unreadable", "Unknown", "", "", a["error"]), _WIDTHS)))
+                (a["app"], "", "Unreadable", "Unknown", "", "", "", a["error"]), _WIDTHS)))
             continue
         drift = a.get("lastDrift") or {}
         drift_text = f"{drift.get('time', '')} {drift.get('object', '')}".strip() if isinstance(drift, dict) else ""
         values = (a.get("app", ""), (a.get("revision") or "")[:12], a.get("result", ""), a.get("health", ""),
-                  a.get("lastTransition", ""), drift_text, a.get("reason") or "")
+                  release_text(a.get("release")), a.get("lastTransition", ""), drift_text, a.get("reason") or "")
         rows.append(tuple(_cell(v, w) for v, w in zip(values, _WIDTHS)))
     widths = [max(len(r[i]) for r in rows + [cols]) for i in range(len(cols))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join(fmt.format(*r).rstrip() for r in [cols] + rows)
 
 
-_WIDTHS = (40, 12, 16, 16, 25, 80, 60)
+_WIDTHS = (40, 12, 16, 16, 72, 25, 80, 60)
+
+
+def release_text(release: object) -> str:
+    """The RELEASE cell: following (empty), or held / rolled back / quarantined, with the commits and
+    who decided (gitopsd.daemon.release)."""
+    if not isinstance(release, dict) or release.get("state") in (None, "following"):
+        return ""
+    short = {k: str(release.get(k) or "")[:8] for k in ("revision", "quarantined", "rolledBackFrom")}
+    text = {"held": f"held at {short['revision']}",
+            "rollingBack": f"rolling back {short['rolledBackFrom']}->{short['revision']}",
+            "rolledBack": f"rolled back {short['rolledBackFrom']}->{short['revision']}"}.get(
+                str(release.get("state")), str(release.get("state")))
+    if short["quarantined"]:
+        text += f", {short['quarantined']} quarantined"
+    return f"{text} by {release.get('by') or '?'}"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 

@@ -46,7 +46,14 @@ from gitopsd.config import MODEL_CONFIG, AppConfig, Namespace
 from gitopsd.engine import health, inventory, render, source
 from gitopsd.engine.apply import ApplyOutcome, apply_plan
 from gitopsd.engine.diff import compare, managers_of, within
-from gitopsd.engine.plan import Action, LiveCache, ObjectChange, Plan, heal_set, make_plan
+from gitopsd.engine.plan import (
+    Action,
+    LiveCache,
+    ObjectChange,
+    Plan,
+    heal_set,
+    make_plan,
+)
 from gitopsd.engine.render_cache import RenderCache
 from gitopsd.engine.source_share import SharedFetches
 from gitopsd.errors import GitopsdError, LeadershipLost, RenderError
@@ -118,7 +125,8 @@ def fetch_and_plan(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None,
                    inv: inventory.Inventory | None = None,
                    on_revision: Callable[[source.Revision], None] | None = None,
                    fetches: SharedFetches | None = None, renders: RenderCache | None = None,
-                   follow_inputs: bool = True) -> tuple[source.Revision, Plan]:
+                   follow_inputs: bool = True,
+                   pick: Callable[[source.Revision], str | None] | None = None) -> tuple[source.Revision, Plan]:
     """Source -> render -> plan. Raises GitopsdError; writes nothing to the cluster.
 
     With a synced `cache` (the daemon's watch of the app's members) the plan
@@ -135,6 +143,11 @@ def fetch_and_plan(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None,
     only the recorded revision) it is the commit fetched. Whatever it raises
     has been scrubbed of secret values (redact.scrub_exception), so a caller
     may print it.
+
+    `pick` (release control, gitopsd.daemon.release) hears the app's revision
+    and may name another commit (a full SHA) to deploy instead — a held or
+    rolled-back app; it is rendered from Git and planned in its place, and the
+    revision returned is that commit (recorded on the app's ref).
     """
     if app.credentials is not None:
         redact.remember([app.credentials.token])   # a git token is a secret value too
@@ -147,6 +160,12 @@ def fetch_and_plan(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None,
         if on_revision is not None:
             on_revision(checkout.revision)
         revision, manifests = _render(kube, app, checkout, renders=renders, follow_inputs=follow_inputs)
+        target = pick(revision) if pick is not None else None
+        if target is not None and target != revision.sha:
+            checkout = source.fetch(app.repo, target, cache_dir=fetches.cache_dir if fetches is not None
+                                    else cache_dir or default_cache_dir(), credentials=app.credentials)
+            revision, manifests = _render(kube, app, checkout, renders=renders, follow_inputs=follow_inputs)
+            revision = dataclasses.replace(revision, ref=app.ref)
         if inv is None:
             inv = inventory.load(kube, app=app.name, namespace=app.inventory_namespace)
         plan = make_plan(kube, manifests, inv, prune=app.prune if prune is None else prune,
@@ -202,14 +221,15 @@ def sync(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None, dry_run: bo
          cancel: threading.Event | None = None, cache: LiveCache | None = None,
          inv: inventory.Inventory | None = None, hold_revision: str | None = None,
          on_revision: Callable[[source.Revision], None] | None = None,
-         fetches: SharedFetches | None = None, renders: RenderCache | None = None) -> SyncResult:
+         fetches: SharedFetches | None = None, renders: RenderCache | None = None,
+         pick: Callable[[source.Revision], str | None] | None = None) -> SyncResult:
     """Reconcile `app` once and say what happened. Never raises for user errors.
 
     `hold_revision`: when the fetched commit is this one, only plan and report
     (outcome DryRun) — how an app with self-heal off leaves hand edits alone
     until the next commit. `on_revision` hears the fetched commit before
     anything is planned (the daemon compares webhook commits with it).
-    `fetches` and `renders`: see fetch_and_plan.
+    `fetches`, `renders` and `pick`: see fetch_and_plan.
 
     Raises LeadershipLost when `kube` is fenced by a leader lease
     (gitopsd.daemon.leader.FencedKube) and refused a write: the one exception,
@@ -221,7 +241,8 @@ def sync(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None, dry_run: bo
     def plan() -> Plan:
         result.revision, planned = fetch_and_plan(kube, app, cache_dir=cache_dir, prune=do_prune, cache=cache,
                                                   inv=inv, on_revision=on_revision, fetches=fetches,
-                                                  renders=renders, follow_inputs=hold_revision is None)
+                                                  renders=renders, follow_inputs=hold_revision is None,
+                                                  pick=pick)
         return planned
 
     def held() -> str | None:

@@ -373,3 +373,34 @@ def test_rollback_with_no_healthy_revision_says_so(repo, kube, kubeconfig, names
     assert refused.returncode == 2
     assert "no revision recorded Applied and Healthy" in refused.stderr and "--to" in refused.stderr
     assert kube.get(kube.resource("v1", "ConfigMap"), request_name(name), namespace) is None
+
+
+@pytest.mark.cluster
+def test_a_rollback_cut_short_by_the_leaders_death_is_finished_by_the_new_leader(
+        repo, kube, namespace, tmp_path, start_daemon):
+    import signal
+
+    name = f"ha-{namespace[-6:]}"
+    lease = ("--lease-duration", "3", "--lease-renew", "1", "--no-watch-local")
+    # minReadySeconds: the good revision takes seconds to become available again, the window
+    # in which the leader dies with the rollback decided and (partly) applied, not yet recorded.
+    repo.write("web.yaml", deployment("web", minReadySeconds=4))
+    good = repo.commit("good")
+    config = write_config(tmp_path / "config.yaml", [app_entry(name, repo.url, namespace, timeout="15s",
+                                                               rollback={"onUnhealthy": True})])
+    a = start_daemon(config, *lease, name="replica-a")
+    wait_transition(a, "good Applied", 60, app=name, result="Applied", revision=good)
+    b = start_daemon(config, *lease, name="replica-b")
+    repo.write("web.yaml", _stuck("web"))
+    bad = repo.commit("bad")
+    post_generic(a, repo.url, bad)
+    decided = wait_transition(a, "the rollback decided", 60, app=name, result="Unhealthy", revision=bad)
+    a.stop(signal.SIGKILL)
+    assert decided["release"]["state"] == ROLLING_BACK
+    assert not [t for t in transitions(a, name) if t["result"] == "RolledBack"], "killed before it was done"
+
+    rolled = wait_transition(b, "the new leader finishes the rollback", 60, app=name, result="RolledBack")
+    assert rolled["instance"] == "replica-b" and rolled["revision"] == good and rolled["previous"] == bad
+    assert rolled["health"]["outcome"] == "Healthy" and rolled["release"]["quarantined"] == bad
+    assert "nodeSelector" not in _template(kube, namespace, "web")
+    assert len(_records(kube, namespace, name, "RolledBack")) == 1

@@ -250,6 +250,11 @@ class ReleaseControl:
                  revision=_short(self.state.revision))
         return True
 
+    @property
+    def rolling_back(self) -> bool:
+        """A rollback is under way: its run waits for health even if a replica that died had written it."""
+        return self.state.state == ROLLING_BACK
+
     def pick(self, revision: Revision) -> str | None:
         self._seen = revision
         return self.state.pick(revision)

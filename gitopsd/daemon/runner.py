@@ -224,7 +224,7 @@ class AppRunner:
         result = sync(writer, spec, cache_dir=self.daemon.cache_dir, cancel=self.cancel,
                       cache=self.cache, inv=self.inv, hold_revision=hold, on_revision=fetched,
                       on_progress=self._stop_after_stage, fetches=self.daemon.fetches,
-                      renders=self.daemon.renders, pick=self.release.pick)
+                      renders=self.daemon.renders, pick=self.release.pick, verify=self.release.rolling_back)
         writer.check()   # lost during the health wait: the verdict is the new leader's to record
         previous = self.last_applied
         with self.lock:

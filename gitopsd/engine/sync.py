@@ -222,14 +222,16 @@ def sync(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None, dry_run: bo
          inv: inventory.Inventory | None = None, hold_revision: str | None = None,
          on_revision: Callable[[source.Revision], None] | None = None,
          fetches: SharedFetches | None = None, renders: RenderCache | None = None,
-         pick: Callable[[source.Revision], str | None] | None = None) -> SyncResult:
+         pick: Callable[[source.Revision], str | None] | None = None, verify: bool = False) -> SyncResult:
     """Reconcile `app` once and say what happened. Never raises for user errors.
 
     `hold_revision`: when the fetched commit is this one, only plan and report
     (outcome DryRun) — how an app with self-heal off leaves hand edits alone
     until the next commit. `on_revision` hears the fetched commit before
     anything is planned (the daemon compares webhook commits with it).
-    `fetches`, `renders` and `pick`: see fetch_and_plan.
+    `fetches`, `renders` and `pick`: see fetch_and_plan. `verify`: wait for
+    health even when nothing needs writing (a rollback that a replica which
+    died mid-way had already written: whether it is healthy is the question).
 
     Raises LeadershipLost when `kube` is fenced by a leader lease
     (gitopsd.daemon.leader.FencedKube) and refused a write: the one exception,
@@ -253,7 +255,7 @@ def sync(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None, dry_run: bo
         return None
 
     return _run(kube, app, result, plan=plan, held=held, prune=do_prune, on_progress=on_progress,
-                on_health=on_health, cancel=cancel, cache=cache)
+                on_health=on_health, cancel=cancel, cache=cache, verify=verify)
 
 
 def heal(kube: Kube, app: AppSpec, *, manifests: list[render.Manifest], refs: Collection[ObjectRef],
@@ -292,7 +294,7 @@ def heal(kube: Kube, app: AppSpec, *, manifests: list[render.Manifest], refs: Co
 def _run(kube: Kube, app: AppSpec, result: SyncResult, *, plan: Callable[[], Plan],
          held: Callable[[], str | None], prune: bool, on_progress: Progress | None,
          on_health: Callable[[health.ObjectHealth], None] | None,
-         cancel: threading.Event | None, cache: LiveCache | None) -> SyncResult:
+         cancel: threading.Event | None, cache: LiveCache | None, verify: bool = False) -> SyncResult:
     """plan -> guard -> apply -> prune -> health -> `result`: what `sync` and `heal` share.
 
     `held()` (asked once the plan is valid) names why nothing may be
@@ -322,15 +324,18 @@ def _run(kube: Kube, app: AppSpec, result: SyncResult, *, plan: Callable[[], Pla
             result.errors = outcome.errors
             result.reason = _cause("apply failed", outcome.errors)
             return result
-        if not outcome.applied and not outcome.pruned:
+        changed = bool(outcome.applied or outcome.pruned)
+        if not changed and not verify:
             result.outcome, result.reason = Outcome.NO_CHANGE, "in sync"
             return result
-        result.health = _wait_healthy(kube, outcome.applied, app=app, cancel=cancel, on_change=on_health,
+        watched = outcome.applied if changed else [c for c in planned.changes if c.action != Action.PRUNE]
+        result.health = _wait_healthy(kube, watched, app=app, cancel=cancel, on_change=on_health,
                                       selector=planned.inventory.selector,
                                       live=cache if isinstance(cache, health.LiveSource) else None)
         healthy, why = health.summarize(result.health)
         if healthy:
-            result.outcome, result.reason = Outcome.APPLIED, _summary(outcome)
+            result.outcome, result.reason = (Outcome.APPLIED, _summary(outcome)) if changed else \
+                (Outcome.NO_CHANGE, "in sync")
         else:
             result.outcome, result.reason = Outcome.UNHEALTHY, why
         return result

@@ -27,6 +27,7 @@ from gitopsd.config import (
     ConfigError,
     CredentialsRef,
     Helm,
+    Rollback,
     SecretRef,
     WebhookConfig,
     _os_problem,
@@ -75,6 +76,7 @@ apps:
     recreate: true
     suspend: true
     timeout: 90
+    rollback: {onUnhealthy: true}
 webhook:
   secretFile: /etc/gitopsd/webhook/secret
 """
@@ -201,6 +203,7 @@ def test_full_app_round_trips_every_field() -> None:
         recreate=True,
         suspend=True,
         timeout=90.0,
+        rollback=Rollback(on_unhealthy=True),
     ),)
     assert config.webhook == WebhookConfig(secret_file=Path("/etc/gitopsd/webhook/secret"))
     assert config.app("web-production") is config.apps[0]
@@ -511,7 +514,7 @@ def test_to_spec_carries_every_setting() -> None:
         path="web/overlays/production", namespace="production", interval=5400.0, prune=False, self_heal=False,
         render="helm", helm=Helm(values_files=("values.yaml", "values-prod.yaml"), release_name="web"),
         allow_remote_bases=True, prune_guard=0.25, allow_prune_all=True, recreate=True, suspend=True, timeout=90.0,
-        credentials=creds,
+        rollback=Rollback(on_unhealthy=True), credentials=creds,
         inventory_namespace="gitopsd-system", allowed_namespaces=("production", "monitoring"),
     )
     # Every AppSpec field is either carried from the config or given by the caller.
@@ -712,7 +715,7 @@ def test_schema_documents_every_field_of_the_file(config_schema) -> None:
 
 FULL_KEYS = ("name", "repo", "ref", "path", "namespace", "interval", "prune", "selfHeal", "render", "helm",
              "allowRemoteBases", "credentials", "allowedNamespaces", "pruneGuard", "allowPruneAll", "recreate",
-             "suspend", "timeout")
+             "suspend", "timeout", "rollback")
 
 
 def test_validate_command_exits_0_for_a_valid_file_and_1_naming_every_problem(tmp_path: Path) -> None:

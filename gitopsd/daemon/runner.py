@@ -297,7 +297,7 @@ class AppRunner:
                                                                         if result.revision else None))
         if release.held is not None:
             held = SyncResult(app=cfg.name, outcome=Outcome.NO_CHANGE, revision=release.held,
-                              reason=f"not applied: {self.release.state.reason}")
+                              reason=f"not applied: the app is held at {self.release.state.revision[:12]}")
             self._record(audit.transition_record(held, trigger=trigger, previous=self.last_applied,
                                                  instance=self.daemon.instance, outcome=audit.HELD,
                                                  release=self.release.state.record()))

@@ -85,6 +85,15 @@ def test_a_quarantined_commit_is_not_applied_again_until_a_newer_one_arrives():
     assert deployed == NEWER and control.state.state == FOLLOWING and control.state.quarantined is None
 
 
+def test_a_newer_commit_after_a_quarantine_that_is_unhealthy_too_is_rolled_back_again():
+    control = ReleaseControl("web")
+    control.state = Release(state=ROLLED_BACK, revision=GOOD, quarantined=BAD, rolled_back_from=BAD, by=AUTOMATIC)
+    deployed, verdict = _ran(control, NEWER, Outcome.UNHEALTHY)
+    assert deployed == NEWER and verdict.roll_back
+    assert control.state.state == ROLLING_BACK and control.state.quarantined == NEWER
+    assert control.state.revision == GOOD
+
+
 def test_a_rollback_target_that_is_unhealthy_too_stays_and_is_not_rolled_back_again():
     control = ReleaseControl("web")
     _ran(control, GOOD, Outcome.APPLIED)

@@ -47,6 +47,7 @@ app's state; and every transition in the audit trail.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -204,16 +205,18 @@ class ReleaseControl:
     def __init__(self, app: str) -> None:
         self.app = app
         self.state = Release()
+        self._lock = threading.Lock()           # _pending: the request watch's thread and the runner's
         self._pending: Request | None = None
         self._seen: Revision | None = None       # the app's revision, as the last run found it
         self._noted: str | None = None           # the last commit recorded Held
 
     def requested(self, request: Request) -> bool:
         """A request arrived (the watch); True when it is new and the runner should run."""
-        if request.id == self.state.request or (self._pending and request.id == self._pending.id):
-            return False
-        self._pending = request
-        return True
+        with self._lock:
+            if request.id == self.state.request or (self._pending and request.id == self._pending.id):
+                return False
+            self._pending = request
+            return True
 
     def restore(self, status: dict | None) -> None:
         self.state = Release.from_status((status or {}).get("release"))
@@ -224,7 +227,8 @@ class ReleaseControl:
         Raises GitopsdError for a request that cannot be done (nothing to hold,
         no healthy revision to roll back to); the request is consumed either way.
         """
-        req, self._pending = self._pending, None
+        with self._lock:
+            req, self._pending = self._pending, None
         if req is None or req.id == self.state.request:
             return False
         base = dict(by=req.by, since=_now(), request=req.id)
@@ -275,8 +279,7 @@ class ReleaseControl:
         if s.state == ROLLED_BACK and ran and sha is not None and sha not in (s.revision, s.quarantined):
             log.info("a newer commit ends the quarantine", app=self.app, quarantined=_short(s.quarantined),
                      revision=_short(sha))
-            self.state = Release(request=s.request, since=_now(), reason=f"following again from {_short(sha)}")
-            return Verdict()
+            self.state = s = Release(request=s.request, since=_now(), reason=f"following again from {_short(sha)}")
         verdict = Verdict()
         seen = self._seen
         if s.state == HELD and seen is not None and seen.sha not in (s.revision, self._noted):

@@ -162,6 +162,11 @@ def summary_line(rec: dict) -> str:
         by = ", ".join(rec.get("managers") or []) or "unknown manager"
         line = f"{when}  {seq:>6}  drift {rec.get('action', '?'):<9}  {_object_str(obj)}: {what} (by {by})"
         return line + (f"  error: {rec['error']}" if rec.get("error") else "")
+    if rec.get("type") == "release":
+        state = rec.get("state") or {}
+        line = (f"{when}  {seq:>6}  release {rec.get('action', '?'):<9}  by {rec.get('by') or '-'}"
+                f"{' at ' + _short(rec.get('revision')) if rec.get('revision') else ''}: {state.get('state', '?')}")
+        return line + (f"  refused: {rec['error']}" if rec.get("error") else "")
     commit = rec.get("commit") or {}
     author = (commit.get("author") or "").split(" <")[0] or "-"
     line = (f"{when}  {seq:>6}  {rec.get('result', '?'):<9}  {_short(rec.get('previous'))}->"
@@ -179,6 +184,8 @@ def event_note(rec: dict) -> str:
     """The parent Event's note: the record in one sentence (no values, only paths)."""
     if rec.get("type") == "drift":
         return object_note(rec, rec.get("object") or {})
+    if rec.get("type") == "release":
+        return summary_line(rec).split("release ", 1)[-1][:EVENT_NOTE_MAX]
     commit = rec.get("commit") or {}
     return (f"{rec.get('result')}: {rec.get('reason', '')} | revision {_short(rec.get('revision'))} (was "
             f"{_short(rec.get('previous'))}) by {commit.get('author', '-')}: {_subject(rec)} | {_counts(rec)} | "

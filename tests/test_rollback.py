@@ -40,7 +40,6 @@ from gitopsd.daemon.release import (
 )
 from gitopsd.engine.source import Revision
 from gitopsd.engine.sync import Outcome, SyncResult
-from gitopsd.errors import GitopsdError
 
 GOOD, BAD, NEWER, OLDER = "a" * 40, "b" * 40, "c" * 40, "d" * 40
 
@@ -122,7 +121,7 @@ def test_no_healthy_revision_means_no_rollback():
 def test_a_hold_request_keeps_the_revision_and_notes_each_new_commit_once():
     control = ReleaseControl("web")
     assert control.requested(Request(action="hold", by="cli/ann@laptop", revision=GOOD))
-    assert control.take(live=GOOD, last_healthy=lambda besides: None)
+    assert control.take(live=GOOD, last_healthy=lambda besides: None)[1] is None
     assert control.state.state == HELD and control.state.revision == GOOD and control.state.by == "cli/ann@laptop"
     deployed, verdict = _ran(control, NEWER, Outcome.NO_CHANGE)
     assert deployed == GOOD and verdict.held.sha == NEWER
@@ -150,7 +149,7 @@ def test_a_request_is_acted_on_once():
     control = ReleaseControl("web")
     request = Request(action="hold", by="cli/ann@laptop", revision=GOOD)
     assert control.requested(request)
-    assert control.take(live=GOOD, last_healthy=lambda besides: None)
+    assert control.take(live=GOOD, last_healthy=lambda besides: None) == (request, None)
     assert not control.requested(request)        # the watch delivers it again (a relist): ignored
     restored = ReleaseControl("web")
     restored.restore({"release": control.state.to_status()})   # a new leader reads the status back
@@ -159,10 +158,13 @@ def test_a_request_is_acted_on_once():
 
 def test_a_request_that_cannot_be_done_says_why_and_is_consumed():
     control = ReleaseControl("web")
-    control.requested(Request(action="rollback", by="cli/ann@laptop"))
-    with pytest.raises(GitopsdError, match="no revision recorded Applied and Healthy"):
-        control.take(live=BAD, last_healthy=lambda besides: None)
-    assert not control.take(live=BAD, last_healthy=lambda besides: None)
+    request = Request(action="rollback", by="cli/ann@laptop")
+    control.requested(request)
+    taken, refused = control.take(live=BAD, last_healthy=lambda besides: None)
+    assert taken == request and "no revision recorded Applied and Healthy" in str(refused)
+    assert control.state.state == FOLLOWING and control.state.request == request.id
+    assert control.take(live=BAD, last_healthy=lambda besides: None) == (None, None)
+    assert not control.requested(request)
 
 
 def test_the_release_state_survives_a_round_trip_through_the_status_and_refuses_garbage():
@@ -332,6 +334,9 @@ def test_rollback_to_an_older_commit_holds_there_pushes_are_recorded_and_resume_
     assert rolled["revision"] == first and rolled["previous"] == second and rolled["trigger"] == "release"
     assert rolled["release"]["by"].startswith("cli/") and rolled["release"]["state"] == HELD
     assert cm_data(kube, namespace, "settings") == {"v": "1"}
+    (asked,) = [r for r in audit.history(kube, namespace=namespace, app=name) if r["type"] == "release"]
+    assert asked["action"] == "rollback" and asked["revision"] == first and asked["by"].startswith("cli/")
+    assert asked["state"]["state"] == ROLLING_BACK and asked["seq"] < rolled["seq"] and asked["error"] is None
 
     repo.write("settings.yaml", configmap("settings", {"v": "3"}))
     third = repo.commit("v3")
@@ -378,7 +383,7 @@ def test_rollback_with_no_healthy_revision_says_so(repo, kube, kubeconfig, names
     config = write_config(tmp_path / "config.yaml", [app_entry(name, repo.url, namespace)])
     daemon = start_daemon(config)
     wait_transition(daemon, "v1 Applied", 60, app=name, result="Applied", revision=first)
-    refused = _cli(kubeconfig, namespace, "rollback", name)
+    refused = _cli(kubeconfig, namespace, "rollback", name)   # refused by the CLI: nothing is stored
     assert refused.returncode == 2
     assert "no revision recorded Applied and Healthy" in refused.stderr and "--to" in refused.stderr
     assert kube.get(kube.resource("v1", "ConfigMap"), request_name(name), namespace) is None

@@ -51,6 +51,7 @@ from gitopsd.audit.records import (
                                    default_instance,
                                    drift_record,
                                    record_hash,
+                                   release_record,
                                    transition_record,
 )
 from gitopsd.audit.segments import (
@@ -83,5 +84,5 @@ __all__ = [
     "RECORD_MAX_BYTES", "REPORTING_CONTROLLER", "ROLLED_BACK", "RETAINED_FROM_ANNOTATION", "SEGMENT_MAX_BYTES",
     "SEGMENT_MAX_RECORDS", "SEGMENT_PREFIX", "list_segments", "WARNING_RESULTS", "canonical", "cli_instance", "default_instance",
     "drift_record", "event_note", "HELD", "history", "last_healthy", "last_revision", "live_at", "live_at_text", "log_fields",
-    "object_note", "parse_time", "record_hash", "segment_name", "summary_line", "transition_record", "verify",
+    "object_note", "parse_time", "record_hash", "release_record", "segment_name", "summary_line", "transition_record", "verify",
 ]

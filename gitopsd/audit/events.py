@@ -87,6 +87,10 @@ class EventRecorder:
             reason = {"corrected": "DriftCorrected", "reported": "DriftReported",
                       "failed": "DriftCorrectionFailed"}[rec["action"]]
             warning, action = rec["action"] != "corrected", "SelfHeal"
+        elif rec.get("type") == "release":
+            reason = {"hold": "Hold", "resume": "Resume", "rollback": "RollbackRequested"}.get(
+                str(rec.get("action")), "Release")
+            warning, action = bool(rec.get("error")), "Release"
         else:
             reason = rec.get("result") or "Unknown"
             warning, action = reason in WARNING_RESULTS, "Sync"

@@ -7,7 +7,7 @@ writer's job (gitopsd.audit.store.AuditLog.record); this module builds the
 record's content and hashes it.
 
 Record fields (stable names; see transition_record and drift_record):
-``type`` (transition|drift), ``app``, ``time`` (UTC ISO 8601), ``instance``,
+``type`` (transition|drift|release), ``app``, ``time`` (UTC ISO 8601), ``instance``,
 ``seq``, ``prev_hash``, ``hash``; transitions add ``trigger``, ``source``,
 ``ref``, ``previous``, ``revision``, ``commit`` {author, committer, message,
 time}, ``signature`` (null until verification exists), ``plan`` {objects
@@ -17,7 +17,9 @@ kept, orphans}, ``written``, ``result``, ``reason``, ``errors``, ``health``
 revision, quarantined, from, by, reason} on a transition release control
 decided (result RolledBack or Held, or the Unhealthy one that started an
 automatic rollback); drifts add ``object``,
-``fields``, ``managers``, ``action``, ``deleted``, ``revision``, ``error``.
+``fields``, ``managers``, ``action``, ``deleted``, ``revision``, ``error``;
+a release request acted on (type ``release``) has ``action``, ``by``,
+``revision``, ``request``, ``requested``, ``state`` and ``error``.
 Only field *paths* ever enter a record, never diff text, so no Secret value
 can (gitopsd.engine.diff masks values before paths are computed); `reason` and
 `errors` are the sync's own messages, which gitopsd.engine.sync has already
@@ -193,6 +195,17 @@ def drift_record(*, app: str, ref: ObjectRef, fields: Sequence[str], managers: S
         "type": "drift", "app": app, "object": _ref_dict(ref), "fields": list(fields),
         "managers": list(managers), "action": action, "deleted": deleted, "revision": revision,
         "error": error, "instance": instance,
+    })
+
+
+def release_record(*, app: str, request: dict, state: dict, instance: str, error: str | None = None) -> dict:
+    """The audit record of a release request acted on (gitopsd.daemon.release): who asked for what
+    (`gitopsd hold|resume|rollback`), and the state it led to — or `error`, why it could not be done.
+    The transitions it causes (RolledBack, Held, Applied) are records of their own."""
+    return fit({
+        "type": "release", "app": app, "action": request.get("action"), "by": request.get("by"),
+        "revision": request.get("revision"), "request": request.get("id"), "requested": request.get("at"),
+        "state": state, "error": error, "instance": instance,
     })
 
 

@@ -103,6 +103,9 @@ class Request:
     def to_json(self) -> str:
         return orjson.dumps(dataclasses.asdict(self), option=orjson.OPT_SORT_KEYS).decode()
 
+    def as_record(self) -> dict:
+        return dataclasses.asdict(self)
+
     @classmethod
     def from_json(cls, raw: str) -> Request:
         """Raises ValueError saying what is wrong (a hand-edited request is refused, not guessed at)."""
@@ -221,38 +224,43 @@ class ReleaseControl:
     def restore(self, status: dict | None) -> None:
         self.state = Release.from_status((status or {}).get("release"))
 
-    def take(self, *, live: str | None, last_healthy: Callable[[set[str]], str | None]) -> bool:
-        """Act on a pending request; True when the state changed (the caller stores it before going on).
-
-        Raises GitopsdError for a request that cannot be done (nothing to hold,
-        no healthy revision to roll back to); the request is consumed either way.
-        """
+    def take(self, *, live: str | None,
+             last_healthy: Callable[[set[str]], str | None]) -> tuple[Request | None, GitopsdError | None]:
+        """Act on a pending request: (the request, None) once the state changed (the caller stores
+        and records it before going on); (the request, why) when it cannot be done (nothing to
+        hold, no healthy revision to roll back to: consumed all the same); (None, None) when
+        there is none."""
         with self._lock:
             req, self._pending = self._pending, None
         if req is None or req.id == self.state.request:
-            return False
+            return None, None
+        try:
+            self._act(req, live=live, last_healthy=last_healthy)
+        except GitopsdError as exc:
+            self.state = dataclasses.replace(self.state, request=req.id)
+            return req, exc
+        log.info("release request", app=self.app, action=req.action, by=req.by, state=self.state.state,
+                 revision=_short(self.state.revision))
+        return req, None
+
+    def _act(self, req: Request, *, live: str | None, last_healthy: Callable[[set[str]], str | None]) -> None:
         base = dict(by=req.by, since=_now(), request=req.id)
         if req.action == "resume":
             self.state = Release(reason=f"resumed by {req.by}", **base)
         elif req.action == "hold":
             at = req.revision or (self.state.revision if self.state.state != FOLLOWING else None) or live
             if at is None:
-                self.state = dataclasses.replace(self.state, request=req.id)
                 raise GitopsdError(f"app {self.app}: nothing to hold: no revision has been applied yet",
                                    hint="hold once the app has synced, or name one: gitopsd rollback APP --to SHA")
             self.state = Release(state=HELD, revision=at, reason=f"held at {_short(at)} by {req.by}", **base)
         else:
             to = req.revision or last_healthy({s for s in (live, self.state.quarantined) if s})
             if to is None:
-                self.state = dataclasses.replace(self.state, request=req.id)
                 raise GitopsdError(f"app {self.app}: no revision recorded Applied and Healthy before "
                                    f"{_short(live) or 'what runs'} to roll back to",
                                    hint="name one: gitopsd rollback APP --to SHA (gitopsd history APP lists them)")
             self.state = Release(state=ROLLING_BACK, revision=to, rolled_back_from=live, hold_after=True,
                                  reason=f"rollback to {_short(to)} requested by {req.by}", **base)
-        log.info("release request", app=self.app, action=req.action, by=req.by, state=self.state.state,
-                 revision=_short(self.state.revision))
-        return True
 
     @property
     def rolling_back(self) -> bool:

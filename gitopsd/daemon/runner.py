@@ -313,13 +313,15 @@ class AppRunner:
             self.trigger("release")
 
     def _take_request(self) -> None:
-        try:
-            changed = self.release.take(live=self.last_applied, last_healthy=self._last_healthy)
-        except GitopsdError as exc:
-            log.warning("release request refused", app=self.cfg.name, error=exc.message, hint=exc.hint)
-            changed = True
-        if changed:
-            self._write_status()   # before anything of it is applied
+        taken, refused = self.release.take(live=self.last_applied, last_healthy=self._last_healthy)
+        if taken is None:
+            return
+        if refused is not None:
+            log.warning("release request refused", app=self.cfg.name, error=refused.message, hint=refused.hint)
+        self._write_status()   # before anything of it is applied
+        self._record(audit.release_record(app=self.cfg.name, request=taken.as_record(),
+                                          state=self.release.state.record(), instance=self.daemon.instance,
+                                          error=refused and str(refused)))
 
     def _last_healthy(self, besides: set[str]) -> str | None:
         try:

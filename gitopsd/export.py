@@ -26,7 +26,9 @@ Decisions and edge cases:
   says which keys must come from where. Its last-applied annotation (which
   holds the values) is dropped. Every text written — files, EXPORT.md, the
   command's output — also passes through gitopsd.redact.scrub, which knows
-  every Secret value the render met, wherever else it appears.
+  every Secret value the render met, wherever else it appears: a password
+  copied into a ConfigMap is written as <redacted> there, and the object is
+  named in EXPORT.md, since it then differs from Git.
 - **Settings are today's.** The trail records the commit, not the path or
   render settings, so they come from the apps file as it is now. When the
   render lacks an object the live transition wrote, or the trail names
@@ -63,7 +65,7 @@ from gitopsd.audit.verify import verify
 from gitopsd.engine import source
 from gitopsd.engine.render import Manifest
 from gitopsd.engine.sync import AppSpec, default_cache_dir, render_commit
-from gitopsd.errors import GitopsdError
+from gitopsd.errors import GitopsdError, SourceError
 from gitopsd.kube import Kube
 from gitopsd.objects import ObjectRef
 
@@ -113,16 +115,11 @@ def export(kube: Kube, *, config_file: Path, app: str, namespace: str, at: datet
                                 f"2026-03-03T14:00:00Z)")
     chain_ok, chain = check_chain(kube, state=state)
     manifests, revision = _render_live(kube, spec=spec, state=state, namespace=namespace, cache_dir=cache_dir)
-    names = file_names([m.ref for m in manifests])
-    texts, secrets = {}, []
-    for name, m in zip(names, manifests):
-        obj, secret = exportable(m.obj)
-        texts[name] = _yaml(obj)
-        if secret is not None:
-            secrets.append(secret)
+    texts, secrets, scrubbed = _files(manifests)
     done = Export(state=state, revision=revision, directory=directory or Path(f"{app}-{revision.sha[:8]}"),
-                  files=dict(zip(names, (m.ref for m in manifests))), secrets=secrets, chain_ok=chain_ok,
-                  chain=chain, warnings=_warnings(state.live, revision=revision, rendered={m.ref for m in manifests}))
+                  files={name: m.ref for name, m in zip(texts, manifests)}, secrets=secrets, chain_ok=chain_ok,
+                  chain=chain, warnings=_warnings(state.live, revision=revision, manifests=manifests,
+                                                  scrubbed=scrubbed))
     texts[SUMMARY_FILE] = summary_markdown(done)
     write_tree(done.directory, texts)
     return done
@@ -165,8 +162,13 @@ def _render_live(kube: Kube, *, spec: cfg.AppConfig, state: LiveState, namespace
         app = spec.to_spec(inventory_namespace=namespace, credentials=store.resolve(spec))
         return _fetch_and_render(kube, app=app, sha=sha, cache_dir=cache_dir)
     except GitopsdError as exc:
+        hint = exc.hint
+        if isinstance(exc, SourceError):
+            hint = (f"{hint}; " if hint else "") + (f"an export needs the commit itself: if history was rewritten "
+                                                    f"since, push it back from a clone that has it, e.g. as a tag "
+                                                    f"(git push origin {sha}:refs/tags/live-{sha[:8]})")
         raise GitopsdError(f"app {state.app}: cannot re-create revision {sha} (live at {iso_time(state.when)}, "
-                           f"audit seq {state.live.get('seq')}): {exc.message}", hint=exc.hint) from None
+                           f"audit seq {state.live.get('seq')}): {exc.message}", hint=hint) from None
     finally:
         store.close()
 
@@ -183,6 +185,22 @@ def _fetch_and_render(kube: Kube, *, app: AppSpec, sha: str,
 
 
 # ---------------------------------------------------------------- objects and files
+
+
+def _files(manifests: list[Manifest]) -> tuple[dict[str, str], list[SecretReference], list[ObjectRef]]:
+    """(path -> YAML in manifest order, the Secrets written as references, other objects a Secret value was
+    scrubbed from: a password copied into a ConfigMap is still a password)."""
+    texts: dict[str, str] = {}
+    secrets: list[SecretReference] = []
+    scrubbed: list[ObjectRef] = []
+    for name, m in zip(file_names([m.ref for m in manifests]), manifests):
+        obj, secret = exportable(m.obj)
+        texts[name] = _yaml(obj)
+        if secret is not None:
+            secrets.append(secret)
+        elif obj != m.obj:
+            scrubbed.append(m.ref)
+    return texts, secrets, scrubbed
 
 
 def exportable(obj: dict) -> tuple[dict, SecretReference | None]:
@@ -270,9 +288,12 @@ def write_tree(target: Path, texts: dict[str, str]) -> None:
 # ---------------------------------------------------------------- what a reader is told
 
 
-def _warnings(live: dict, *, revision: source.Revision, rendered: set[ObjectRef]) -> list[str]:
-    """Signs that today's app settings do not render what ran then."""
-    out = []
+def _warnings(live: dict, *, revision: source.Revision, manifests: list[Manifest],
+              scrubbed: list[ObjectRef]) -> list[str]:
+    """What a reader must know: signs that today's app settings do not render what ran then, and objects
+    written other than Git has them (a Secret value scrubbed out of them)."""
+    rendered = {m.ref for m in manifests}
+    out = [f"a Secret value also stood in {r}: written as {redact.REDACTED} there" for r in scrubbed]
     if live.get("source") and live["source"] != revision.url:
         out.append(f"the trail recorded this revision from {live['source']}, the apps file names {revision.url} "
                    f"now: exported from the latter")
@@ -296,10 +317,14 @@ def summary_line(done: Export) -> str:
     lines = [f"exported app {done.state.app} as it ran at {iso_time(done.state.when)} to {done.directory}/",
              f"  revision {rev.sha} ({live.get('ref') or 'ref unknown'}), made live by audit seq {live.get('seq')} ({live.get('result')}) at "
              f"{live.get('time')}",
-             f"  {len(done.files)} objects ({len(done.secrets)} Secrets as references, values not exported), "
+             f"  {_n(len(done.files), 'object')} ({_n(len(done.secrets), 'Secret')} without values: keys only), "
              f"{len(done.state.open_drift)} open drift; details in {done.directory / SUMMARY_FILE}",
              f"  audit chain: {done.chain if done.chain_ok else 'BROKEN: ' + done.chain}"]
     return redact.scrub("\n".join(lines))
+
+
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
 
 
 def summary_markdown(done: Export) -> str:

@@ -30,20 +30,55 @@ TOKEN = "export-token-4b8d2e6f0a"       # data (base64): neither raw nor encoded
 
 # ---------------------------------------------------------------- helpers
 
+BLUE = {"web.yaml": configmap("web", {"colour": "blue"})}
+
 
 class _Trail:
-    """The test's app: sync a commit and record it as `gitopsd sync` does (trigger cli)."""
+    """The test's app: commit, sync and record as `gitopsd sync` does (trigger cli); run `gitopsd export`."""
 
-    def __init__(self, *, app, kube, namespace: str) -> None:
-        self.app, self.kube, self.namespace = app, kube, namespace
+    def __init__(self, *, app, repo, kube, kubeconfig: Path, namespace: str, tmp_path: Path, cache: Path) -> None:
+        self.app, self.repo, self.kube, self.kubeconfig = app, repo, kube, kubeconfig
+        self.namespace, self.tmp_path, self.cache = namespace, tmp_path, cache
         self.log = audit.AuditLog(kube, namespace=namespace, instance=audit.cli_instance(), events=False)
+        self.config = write_config(tmp_path / "apps.yaml", [app_entry(namespace, repo.url, namespace,
+                                                                      selfHeal=False)])
 
-    def sync(self) -> dict:
+    def deploy(self, message: str, files: dict[str, dict], *, remove: tuple[str, ...] = ()) -> tuple[str, dict]:
+        """Commit `files` (path -> object), sync that commit and record it: (sha, record)."""
+        for path, obj in files.items():
+            self.repo.write(path, obj)
+        for path in remove:
+            self.repo.remove(path)
+        sha = self.repo.commit(message)
         result = self.app.sync()
         assert result.outcome.value == "Applied", result.reason
         previous = audit.last_revision(self.kube, namespace=self.namespace, app=self.namespace)
-        return self.log.record(audit.transition_record(result, trigger="cli", previous=previous,
-                                                       instance=self.log.instance))
+        return sha, self.log.record(audit.transition_record(result, trigger="cli", previous=previous,
+                                                            instance=self.log.instance))
+
+    def export(self, at: str, out: str, *, config: Path | None = None,
+               cache: Path | None = None) -> subprocess.CompletedProcess:
+        """The real `gitopsd export` into tmp_path/out; never a traceback."""
+        proc = gitopsd("export", self.namespace, "--at", at, "--config", str(config or self.config), "-o",
+                       str(self.tmp_path / out), "--namespace", self.namespace, kubeconfig=self.kubeconfig,
+                       cache=cache or self.cache)
+        assert_no_traceback(proc.stderr, "`gitopsd export` stderr")
+        return proc
+
+    def data(self, out: str, name: str) -> dict:
+        return yaml.safe_load((self.tmp_path / out / self.namespace / f"configmap-{name}.yaml").read_text())["data"]
+
+    def summary(self, out: str) -> str:
+        return (self.tmp_path / out / export.SUMMARY_FILE).read_text()
+
+    def files(self, out: str) -> list[str]:
+        return sorted(p.name for p in (self.tmp_path / out / self.namespace).iterdir())
+
+
+@pytest.fixture
+def trail(app, repo, kube, kubeconfig, namespace, tmp_path, source_cache) -> _Trail:
+    return _Trail(app=app, repo=repo, kube=kube, kubeconfig=kubeconfig, namespace=namespace, tmp_path=tmp_path,
+                  cache=source_cache)
 
 
 def _time(rec: dict) -> datetime:
@@ -56,22 +91,6 @@ def _iso(when: datetime) -> str:
 
 def _between(first: dict, second: dict) -> str:
     return _iso(_time(first) + (_time(second) - _time(first)) / 2)
-
-
-def _export(namespace: str, at: str, out: Path, *, config: Path, kubeconfig: Path, cache: Path,
-            extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    proc = gitopsd("export", namespace, "--at", at, "--config", str(config), "-o", str(out), "--namespace",
-                   namespace, *extra, kubeconfig=kubeconfig, cache=cache)
-    assert_no_traceback(proc.stderr, "`gitopsd export` stderr")
-    return proc
-
-
-def _config(tmp_path: Path, repo, namespace: str) -> Path:
-    return write_config(tmp_path / "apps.yaml", [app_entry(namespace, repo.url, namespace, selfHeal=False)])
-
-
-def _data(out: Path, namespace: str, name: str) -> dict:
-    return yaml.safe_load((out / namespace / f"configmap-{name}.yaml").read_text())["data"]
 
 
 def _everything_under(directory: Path) -> str:
@@ -87,138 +106,100 @@ def _hand_edit(cluster, kubeconfig: Path, namespace: str, name: str, data: dict)
 # ---------------------------------------------------------------- the cluster tests
 
 
-def test_export_between_two_commits_writes_the_first_commits_objects(app, repo, kube, kubeconfig, namespace,
-                                                                   tmp_path):
-    trail = _Trail(app=app, kube=kube, namespace=namespace)
-    repo.write("web.yaml", configmap("web", {"colour": "blue"}))
-    repo.write("old.yaml", configmap("old", {"gone": "soon"}))
-    sha1 = repo.commit("web: blue\n\nticket OPS-1")
-    first = trail.sync()
-    repo.write("web.yaml", configmap("web", {"colour": "green"}))
-    repo.remove("old.yaml")
-    repo.write("new.yaml", configmap("new", {"fresh": "yes"}))
-    sha2 = repo.commit("web: green")
-    second = trail.sync()
-    config = _config(tmp_path, repo, namespace)
+def test_export_between_two_commits_writes_the_first_commits_objects(trail, tmp_path):
+    sha1, first = trail.deploy("web: blue\n\nticket OPS-1", {**BLUE, "old.yaml": configmap("old", {"gone": "soon"})})
+    sha2, second = trail.deploy("web: green", {"web.yaml": configmap("web", {"colour": "green"}),
+                                               "new.yaml": configmap("new", {"fresh": "yes"})}, remove=("old.yaml",))
 
     # A cache that never saw the first commit: it is fetched by its SHA although main has moved on.
-    out = tmp_path / "then"
-    proc = _export(namespace, _between(first, second), out, config=config, kubeconfig=kubeconfig,
-                   cache=tmp_path / "fresh-cache")
+    proc = trail.export(_between(first, second), "then", cache=tmp_path / "fresh-cache")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert sorted(p.name for p in (out / namespace).iterdir()) == ["configmap-old.yaml", "configmap-web.yaml"]
-    assert _data(out, namespace, "web") == {"colour": "blue"}
-    summary = (out / export.SUMMARY_FILE).read_text()
+    assert trail.files("then") == ["configmap-old.yaml", "configmap-web.yaml"]
+    assert trail.data("then", "web") == {"colour": "blue"}
+    summary = trail.summary("then")
     assert f"sha `{sha1}` (ref main then)" in summary and "author: Ada Author <ada@example.com>" in summary
     assert "    web: blue" in summary and "    ticket OPS-1" in summary
     assert f"audit seq {first['seq']}: Applied (trigger cli)" in summary and f"`{first['hash']}`" in summary
     assert "audit chain: intact" in summary and "## Drift open at that instant\n\nnone" in summary
-    assert f"revision {sha1} (main)" in proc.stdout and "2 objects (0 Secrets" in proc.stdout
+    assert f"revision {sha1} (main)" in proc.stdout and "2 objects (0 Secrets without values" in proc.stdout
 
-    after = tmp_path / "now"
-    proc = _export(namespace, second["time"], after, config=config, kubeconfig=kubeconfig, cache=tmp_path / "c")
+    proc = trail.export(second["time"], "now", cache=tmp_path / "another-cache")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert sorted(p.name for p in (after / namespace).iterdir()) == ["configmap-new.yaml", "configmap-web.yaml"]
-    assert _data(after, namespace, "web") == {"colour": "green"}
-    assert f"sha `{sha2}`" in (after / export.SUMMARY_FILE).read_text()
+    assert trail.files("now") == ["configmap-new.yaml", "configmap-web.yaml"]
+    assert trail.data("now", "web") == {"colour": "green"}
+    assert f"sha `{sha2}`" in trail.summary("now")
 
 
-def test_export_after_the_branch_moved_on_renders_the_live_commit_not_the_head(app, repo, kube, kubeconfig,
-                                                                              namespace, tmp_path, source_cache):
-    trail = _Trail(app=app, kube=kube, namespace=namespace)
-    repo.write("web.yaml", configmap("web", {"colour": "blue"}))
-    sha1 = repo.commit("web: blue")
-    live = trail.sync()
+def test_export_after_the_branch_moved_on_renders_the_live_commit_not_the_head(trail, repo, tmp_path):
+    sha1, live = trail.deploy("web: blue", BLUE)
     repo.write("web.yaml", configmap("web", {"colour": "red"}))   # pushed, never synced: not what ran
     head = repo.commit("web: red")
-    proc = _export(namespace, live["time"], tmp_path / "out", config=_config(tmp_path, repo, namespace),
-                   kubeconfig=kubeconfig, cache=source_cache)
+    proc = trail.export(live["time"], "out")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert _data(tmp_path / "out", namespace, "web") == {"colour": "blue"}
+    assert trail.data("out", "web") == {"colour": "blue"}
     assert sha1 in proc.stdout and head not in _everything_under(tmp_path / "out")
 
 
-def test_export_before_the_first_transition_is_a_clear_error(app, repo, kube, kubeconfig, namespace, tmp_path,
-                                                            source_cache):
-    trail = _Trail(app=app, kube=kube, namespace=namespace)
-    repo.write("web.yaml", configmap("web", {"colour": "blue"}))
-    repo.commit("web: blue")
-    first = trail.sync()
+def test_export_before_the_first_transition_is_a_clear_error(trail, namespace, tmp_path):
+    _, first = trail.deploy("web: blue", BLUE)
     before = _iso(_time(first) - timedelta(days=1))
-    out = tmp_path / "out"
-    proc = _export(namespace, before, out, config=_config(tmp_path, repo, namespace), kubeconfig=kubeconfig,
-                   cache=source_cache)
+    proc = trail.export(before, "out")
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert proc.stdout == "" and not out.exists()
+    assert proc.stdout == "" and not (tmp_path / "out").exists()
     assert f"error: app {namespace}: nothing was live at {before}" in proc.stderr
     assert f"the first is seq 1 at {first['time']}" in proc.stderr and "hint: `gitopsd history" in proc.stderr
 
 
-def test_export_lists_the_drift_open_at_that_instant(app, repo, kube, kubeconfig, namespace, tmp_path, cluster,
-                                                     source_cache):
-    trail = _Trail(app=app, kube=kube, namespace=namespace)
-    repo.write("web.yaml", configmap("web", {"colour": "blue"}))
-    sha1 = repo.commit("web: blue")
-    trail.sync()
+def test_export_lists_the_drift_open_at_that_instant(trail, app, namespace, cluster, kubeconfig):
+    sha1, _ = trail.deploy("web: blue", BLUE)
     # Self-heal off: a hand edit is reported (a dry-run finds it), not reverted.
     _hand_edit(cluster, kubeconfig, namespace, "web", {"colour": "pink"})
     (change,) = [c for c in app.sync(dry_run=True).plan.changes if c.action.value == "update"]
     drift = trail.log.record(audit.drift_record(
         app=namespace, ref=change.ref, fields=change.diff.fields, action="reported", revision=sha1,
         managers=diff.managers_of(change.live, change.diff.fields), instance=trail.log.instance))
-    repo.write("web.yaml", configmap("web", {"colour": "green"}))
-    repo.commit("web: green")
-    second = trail.sync()   # writes over the hand edit: the drift is closed from here on
-    config = _config(tmp_path, repo, namespace)
+    _, second = trail.deploy("web: green", {"web.yaml": configmap("web", {"colour": "green"})})   # closes it
 
-    proc = _export(namespace, _between(drift, second), tmp_path / "open", config=config, kubeconfig=kubeconfig,
-                   cache=source_cache)
+    proc = trail.export(_between(drift, second), "open")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    summary = (tmp_path / "open" / export.SUMMARY_FILE).read_text()
+    summary = trail.summary("open")
     assert f"- ConfigMap/{namespace}/web: data.colour (by kubectl-patch" in summary, summary
     assert f"reported at {drift['time']}, audit seq {drift['seq']}" in summary
-    assert _data(tmp_path / "open", namespace, "web") == {"colour": "blue"}, "the commit's objects, not the edit"
+    assert trail.data("open", "web") == {"colour": "blue"}, "the commit's objects, not the hand edit"
     assert "1 open drift" in proc.stdout
 
-    proc = _export(namespace, second["time"], tmp_path / "closed", config=config, kubeconfig=kubeconfig,
-                   cache=source_cache)
+    proc = trail.export(second["time"], "closed")
     assert proc.returncode == 0 and "0 open drift" in proc.stdout, proc.stdout + proc.stderr
-    assert "## Drift open at that instant\n\nnone" in (tmp_path / "closed" / export.SUMMARY_FILE).read_text()
+    assert "## Drift open at that instant\n\nnone" in trail.summary("closed")
 
 
-def test_export_writes_secrets_as_references_never_values(app, repo, kube, kubeconfig, namespace, tmp_path,
-                                                          source_cache):
-    trail = _Trail(app=app, kube=kube, namespace=namespace)
+def test_export_writes_secrets_as_references_never_values(trail, namespace, tmp_path):
     encoded = base64.b64encode(TOKEN.encode()).decode()
-    repo.write("db.yaml", {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-                           "metadata": {"name": "db", "labels": {"tier": "data"}},
-                           "stringData": {"password": PASSWORD}, "data": {"token": encoded}})
-    repo.write("web.yaml", configmap("web", {"colour": "blue"}))
-    repo.commit("db credentials")
-    live = trail.sync()
-    out = tmp_path / "out"
-    proc = _export(namespace, live["time"], out, config=_config(tmp_path, repo, namespace), kubeconfig=kubeconfig,
-                   cache=source_cache)
+    _, live = trail.deploy("db credentials", {
+        "db.yaml": {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                    "metadata": {"name": "db", "labels": {"tier": "data"}},
+                    "stringData": {"password": PASSWORD}, "data": {"token": encoded}},
+        "dsn.yaml": configmap("dsn", {"url": f"postgres://app:{PASSWORD}@db:5432/shop"})})   # a copied password
+    proc = trail.export(live["time"], "out")
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
-    secret = yaml.safe_load((out / namespace / "secret-db.yaml").read_text())
+    secret = yaml.safe_load((tmp_path / "out" / namespace / "secret-db.yaml").read_text())
     assert secret["data"] == {"password": "", "token": ""} and "stringData" not in secret
     assert secret["type"] == "Opaque" and secret["metadata"]["labels"] == {"tier": "data"}
     assert secret["metadata"]["annotations"][export.EXPORT_ANNOTATION] == (
         f"values not exported: set keys password, token of Secret {namespace}/db from where you keep its values")
-    assert f"- Secret/{namespace}/db: keys password, token" in (out / export.SUMMARY_FILE).read_text()
-    assert "1 Secrets as references" in proc.stdout
-    everything = _everything_under(out) + proc.stdout + proc.stderr
+    assert trail.data("out", "dsn") == {"url": "postgres://app:<redacted>@db:5432/shop"}
+    summary = trail.summary("out")
+    assert f"- Secret/{namespace}/db: keys password, token" in summary
+    assert f"a Secret value also stood in ConfigMap/{namespace}/dsn: written as <redacted> there" in summary
+    assert "2 objects (1 Secret without values: keys only)" in proc.stdout
+    everything = _everything_under(tmp_path / "out") + proc.stdout + proc.stderr
     for value in (PASSWORD, TOKEN, encoded, base64.b64encode(PASSWORD.encode()).decode()):
         assert value not in everything
 
 
-def test_export_of_a_broken_chain_still_writes_and_says_so(app, repo, kube, kubeconfig, namespace, tmp_path,
-                                                           source_cache):
-    trail = _Trail(app=app, kube=kube, namespace=namespace)
-    repo.write("web.yaml", configmap("web", {"colour": "blue"}))
-    repo.commit("web: blue")
-    live = trail.sync()
+def test_export_of_a_broken_chain_still_writes_and_says_so(trail, kube, namespace):
+    _, live = trail.deploy("web: blue", BLUE)
     # Someone rewrites who made the change in the stored record, leaving its hash alone.
     (segment,) = kube.list(kube.resource("v1", "ConfigMap"), namespace=namespace,
                            label_selector=f"{audit.AUDIT_APP_LABEL}={namespace}")
@@ -227,38 +208,60 @@ def test_export_of_a_broken_chain_still_writes_and_says_so(app, repo, kube, kube
                  body={"data": {f"{live['seq']:012d}": audit.canonical(forged).decode()}},
                  content_type="application/merge-patch+json")
 
-    out = tmp_path / "out"
-    proc = _export(namespace, live["time"], out, config=_config(tmp_path, repo, namespace), kubeconfig=kubeconfig,
-                   cache=source_cache)
+    proc = trail.export(live["time"], "out")
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert _data(out, namespace, "web") == {"colour": "blue"}, "a broken chain still exports"
+    assert trail.data("out", "web") == {"colour": "blue"}, "a broken chain still exports"
     assert f"warning: the audit chain of app {namespace} is broken: seq 1 edited" in proc.stderr
     assert "records this export rests on no longer match their hashes: seq 1" in proc.stderr
-    summary = (out / export.SUMMARY_FILE).read_text()
+    summary = trail.summary("out")
     assert "audit chain: **BROKEN**: seq 1 edited" in summary
     assert "author: Ada Author <ada@example.com>" in summary, "the commit's author comes from Git, not the record"
 
 
-def test_export_refuses_a_directory_that_is_not_empty(app, repo, kube, kubeconfig, namespace, tmp_path,
-                                                      source_cache):
-    trail = _Trail(app=app, kube=kube, namespace=namespace)
-    repo.write("web.yaml", configmap("web", {"colour": "blue"}))
-    repo.commit("web: blue")
-    live = trail.sync()
+def test_export_says_when_todays_settings_do_not_render_what_ran(trail, repo, namespace, tmp_path):
+    _, live = trail.deploy("web and a tool", {**BLUE, "tools/tool.yaml": configmap("tool", {"on": "yes"})})
+    # The apps file now points the app at tools/ only: the render lacks web, which the transition wrote.
+    moved = write_config(tmp_path / "moved.yaml", [app_entry(namespace, repo.url, namespace, path="tools")])
+    proc = trail.export(live["time"], "out", config=moved)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert trail.files("out") == ["configmap-tool.yaml"]
+    warning = (f"the transition that made this revision live (seq 1) wrote objects this render lacks: "
+               f"ConfigMap/{namespace}/web; the app's path, render or namespace in the apps file may have changed")
+    assert f"warning: {warning}" in proc.stderr and warning in trail.summary("out")
+
+
+def test_export_of_a_commit_gone_from_the_repository_is_a_clear_error(trail, repo, namespace, tmp_path):
+    sha1, live = trail.deploy("web: blue", BLUE)
+    # History rewritten and the old commit collected: Git no longer has what ran.
+    repo._git("checkout", "-q", "--orphan", "rewritten")
+    repo.write("web.yaml", configmap("web", {"colour": "grey"}))
+    repo._git("add", "-A")
+    repo._git("commit", "-q", "-m", "rewritten")
+    repo._git("push", "-q", "--force", "origin", "rewritten:main")
+    repo._git("reflog", "expire", "--expire=now", "--all", cwd=repo.bare)
+    repo._git("gc", "-q", "--prune=now", cwd=repo.bare)
+    proc = trail.export(live["time"], "out", cache=tmp_path / "fresh-cache")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"error: app {namespace}: cannot re-create revision {sha1} (live at {live['time']}" in proc.stderr
+    assert f"push it back from a clone that has it, e.g. as a tag (git push origin {sha1}:refs/tags/" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_refuses_a_directory_that_is_not_empty(trail, tmp_path):
+    _, live = trail.deploy("web: blue", BLUE)
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    proc = _export(namespace, live["time"], out, config=_config(tmp_path, repo, namespace), kubeconfig=kubeconfig,
-                   cache=source_cache)
+    proc = trail.export(live["time"], "out")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert f"error: {out}: exists and is not an empty directory" in proc.stderr and "hint: name another" in proc.stderr
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")] == [], "no half-written sibling"
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
-def test_export_names_an_app_the_config_does_not_have(repo, kubeconfig, namespace, tmp_path, source_cache):
-    config = write_config(tmp_path / "apps.yaml", [app_entry("other", repo.url, namespace)])
-    proc = _export(namespace, "2h", tmp_path / "out", config=config, kubeconfig=kubeconfig, cache=source_cache)
+def test_export_names_an_app_the_config_does_not_have(trail, repo, namespace, tmp_path):
+    config = write_config(tmp_path / "other.yaml", [app_entry("other", repo.url, namespace)])
+    proc = trail.export("2h", "out", config=config)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert f"{config}: names no app {namespace} (apps: other)" in proc.stderr and "hint:" in proc.stderr
 

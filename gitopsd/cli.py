@@ -204,6 +204,7 @@ _ENV_DEFAULTS: dict[str, tuple[_EnvDefault, ...]] = {
     ),
     "status": (_EnvDefault("namespace", "--namespace", _NS_ENV, "gitopsd-system", NAMESPACE),),
     "history": (_EnvDefault("namespace", "--namespace", _NS_ENV, "gitopsd-system", NAMESPACE),),
+    "export": (_EnvDefault("namespace", "--namespace", _NS_ENV, "gitopsd-system", NAMESPACE),),
     "audit": (_EnvDefault("namespace", "--namespace", _NS_ENV, "gitopsd-system", NAMESPACE),),
     **{action: (_EnvDefault("namespace", "--namespace", _NS_ENV, "gitopsd-system", NAMESPACE),)
        for action in ("rollback", "hold", "resume")},
@@ -361,6 +362,28 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how long to wait for the daemon to act (default 60s; 0: do not wait)")
         _audit_store_args(p)
         release[action] = p
+    ex = sub.add_parser("export", parents=[debug], help="write the manifests that ran at an instant, re-rendered "
+                                                        "from Git (Secrets as references)",
+                        description="Find in the app's audit trail the commit that was live at TIME, render it "
+                                    "again from Git with the app's settings in --config, and write one file per "
+                                    "object to DIR, with EXPORT.md naming the commit, the record that made it "
+                                    "live and the drift open then. Secret values are never written. Exit 0 "
+                                    "exported, 1 exported but the audit chain is broken, 2 on error (nothing "
+                                    "was live at TIME, the commit is gone, DIR is not empty).")
+    ex.add_argument("app", type=APP, help="the app (= ApplySet) name")
+    ex.add_argument("--at", required=True, metavar="TIME", type=TIME,
+                    help="the instant: ISO 8601 with a zone (2026-03-03T14:00:00Z, 2026-03-03T15:00:00+01:00); "
+                         "a date-time without a zone is UTC; or an age (90m, 2h, 7d)")
+    ex.add_argument("--config", required=True, type=FILE, metavar="FILE",
+                    help="the apps file `gitopsd run` reads: the app's repository, path, render settings and "
+                         "credentials (today's: the trail records the commit, not the settings)")
+    ex.add_argument("-o", "--output-dir", dest="output_dir", type=Path, metavar="DIR", default=None,
+                    help="where to write (created; must not exist or be empty; default ./APP-SHORTSHA)")
+    ex.add_argument("--namespace", "-n", default=None, type=NAMESPACE,
+                    help="gitopsd's namespace: the audit trail and credentials Secrets (default $GITOPSD_NAMESPACE "
+                         "or gitopsd-system)")
+    _cluster_args(ex)
+    ex.set_defaults(usage_error=ex.error)
 
     a = sub.add_parser("audit", parents=[debug], help="check the audit trail")
     asub = a.add_subparsers(dest="audit_command", metavar="SUBCOMMAND", required=True)
@@ -637,6 +660,21 @@ def cmd_release(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from gitopsd import export
+    from gitopsd.kube import Kube
+
+    kube = Kube.connect(kubeconfig=args.kubeconfig, context=args.context)
+    done = export.export(kube, config_file=args.config, app=args.app, namespace=args.namespace, at=args.at,
+                         directory=args.output_dir)
+    print(export.summary_line(done))
+    for warning in done.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if not done.chain_ok:
+        print(f"warning: the audit chain of app {args.app} is broken: {done.chain}", file=sys.stderr)
+    return 0 if done.chain_ok else 1
+
+
 def cmd_audit(args) -> int:
     from gitopsd import audit
     from gitopsd.kube import Kube
@@ -668,8 +706,8 @@ def cmd_config(args) -> int:
 
 
 COMMANDS = {"diff": cmd_diff, "sync": cmd_sync, "run": cmd_run, "status": cmd_status, "history": cmd_history,
-            "audit": cmd_audit, "config": cmd_config, "rollback": cmd_release, "hold": cmd_release,
-            "resume": cmd_release}
+            "export": cmd_export, "audit": cmd_audit, "config": cmd_config, "rollback": cmd_release,
+            "hold": cmd_release, "resume": cmd_release}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -189,6 +189,12 @@ def _render(kube: Kube, app: AppSpec, checkout: source.Checkout, *, renders: Ren
     return checkout.revision, render.render(checkout.path, app.path, **options)
 
 
+def render_commit(kube: Kube, app: AppSpec, checkout: source.Checkout) -> list[render.Manifest]:
+    """The app's manifests rendered from `checkout` with the app's settings, as a sync renders them
+    (uncached): for rendering an old commit again (`gitopsd export`). Raises RenderError."""
+    return _render(kube, app, checkout, renders=None, follow_inputs=False)[1]
+
+
 def prune_guard(app: AppSpec, plan: Plan) -> str | None:
     """Why this plan's prune is refused, or None when it may go ahead.
 

@@ -468,9 +468,9 @@ def _alive(pods: list[dict]) -> list[dict]:
 
 
 class _RolloutPods:
-    """The pods of the revision a workload is rolling out, for one wait.
+    """Which pod of the revision a workload is rolling out is stuck, for one wait.
 
-    Why not all pods of the selector: when the commit being waited for *fixes* a
+    Why not any pod of the selector: when the commit being waited for *fixes* a
     crash loop, the old crashing pods are still there during the rollout, and
     blaming them would report the fix as failed. When the new revision cannot
     be told apart, no pod is blamed and the count rules take their course.
@@ -478,13 +478,13 @@ class _RolloutPods:
     - ReplicaSet: all its pods. StatefulSet: those labelled with its
       updateRevision (controller-revision-hash).
     - Deployment: those controlled by its new ReplicaSet, i.e. the ReplicaSet it
-      controls whose revision annotation equals its own. The candidates are the
-      ReplicaSets that control the pods at hand, each read once per Deployment
-      revision (a ReplicaSet not new for revision N never becomes so: the next
-      template gets N+1); once found, the new one is not read again. Until the
-      new ReplicaSet has pods there is nothing to blame, and nothing is read.
-      A read that fails (an apiserver blip, no RBAC to get ReplicaSets) skips
-      the pod check for that round.
+      controls whose revision annotation equals its own. Only a stuck pod's
+      ReplicaSet is read, and each once per Deployment revision: one not new
+      for revision N never becomes so (the next template gets N+1), and once
+      the new one is known it is not read again. A rollout whose pods are all
+      fine reads no ReplicaSet at all. A read that fails (an apiserver blip, no
+      RBAC to get ReplicaSets) raises, and the caller skips the pod check for
+      that round.
     """
 
     def __init__(self, *, pods: Callable[[dict], list[dict]], get: Callable[[ObjectRef], dict | None]) -> None:
@@ -492,46 +492,45 @@ class _RolloutPods:
         self._new: dict[tuple[str, str], str] = {}          # (deployment uid, revision) -> its ReplicaSet's uid
         self._older: dict[tuple[str, str], set[str]] = {}   # (deployment uid, revision) -> ReplicaSet uids read, not it
 
-    def of_new_revision(self, workload: dict) -> list[dict]:
-        """The live pods of `workload`'s new revision ([] when it cannot be told)."""
+    def broken(self, workload: dict) -> str | None:
+        """Why the first stuck pod of `workload`'s new revision is stuck (_broken_container); None if none is."""
+        for pod in _alive(self._pods(workload)):
+            why = _broken_container(pod)
+            if why and self._is_new(workload, pod):
+                return why
+        return None
+
+    def _is_new(self, workload: dict, pod: dict) -> bool:
         kind = workload.get("kind")
-        if kind not in ("ReplicaSet", "StatefulSet", "Deployment"):
-            return []
-        alive = _alive(self._pods(workload))
         if kind == "ReplicaSet":
-            return alive
+            return True
         if kind == "StatefulSet":
             revision = _status(workload).get("updateRevision")
-            return [p for p in alive
-                    if revision and ((p.get("metadata") or {}).get("labels") or {}).get(
-                        "controller-revision-hash") == revision]
-        new_rs = self._new_replicaset(workload, alive)
-        return [p for p in alive if new_rs and _controller(p).get("uid") == new_rs]
+            labels = (pod.get("metadata") or {}).get("labels") or {}
+            return bool(revision) and labels.get("controller-revision-hash") == revision
+        owner = _controller(pod)
+        return kind == "Deployment" and owner.get("kind") == "ReplicaSet" and self._is_new_replicaset(workload, owner)
 
-    def _new_replicaset(self, deployment: dict, pods: list[dict]) -> str | None:
-        """The uid of `deployment`'s new ReplicaSet, if one of `pods` belongs to it."""
+    def _is_new_replicaset(self, deployment: dict, owner: dict) -> bool:
+        """Whether the ReplicaSet `owner` (a pod's ownerReference) runs `deployment`'s current revision."""
         meta = deployment.get("metadata") or {}
         revision = (meta.get("annotations") or {}).get(REVISION_ANNOTATION)
-        if not revision or not meta.get("uid"):
-            return None
+        if not revision or not meta.get("uid") or not owner.get("uid"):
+            return False
         key = (meta["uid"], revision)
         if key in self._new:
-            return self._new[key]
+            return self._new[key] == owner["uid"]
         older = self._older.setdefault(key, set())
-        owners = {(o.get("name"), o.get("uid")) for o in map(_controller, pods)
-                  if o.get("kind") == "ReplicaSet" and o.get("uid") not in older}
-        for name, uid in sorted(owners, key=str):
-            try:
-                rs = self._get(ObjectRef("apps", "ReplicaSet", meta.get("namespace") or "", name))
-            except Exception:  # noqa: BLE001 - no pod check this round; the count rules still decide
-                return None
-            rs_meta = (rs or {}).get("metadata") or {}
-            if rs_meta.get("uid") == uid and _controller(rs).get("uid") == meta["uid"] \
-                    and (rs_meta.get("annotations") or {}).get(REVISION_ANNOTATION) == revision:
-                self._new[key] = uid
-                return uid
-            older.add(uid)
-        return None
+        if owner["uid"] in older:
+            return False
+        rs = self._get(ObjectRef("apps", "ReplicaSet", meta.get("namespace") or "", owner.get("name") or ""))
+        rs_meta = (rs or {}).get("metadata") or {}
+        if rs_meta.get("uid") == owner["uid"] and _controller(rs).get("uid") == meta["uid"] \
+                and (rs_meta.get("annotations") or {}).get(REVISION_ANNOTATION) == revision:
+            self._new[key] = owner["uid"]
+            return True
+        older.add(owner["uid"])
+        return False
 
 
 def _observe(ref: ObjectRef, *, get: Callable[[ObjectRef], dict | None],
@@ -553,13 +552,11 @@ def _observe(ref: ObjectRef, *, get: Callable[[ObjectRef], dict | None],
     if status is Status.IN_PROGRESS and rollout is not None and (ref.group, ref.kind) in _WORKLOAD_KINDS \
             and _pods_can_tell(obj):
         try:
-            pods = rollout.of_new_revision(obj)
+            broken = rollout.broken(obj)
         except Exception:  # noqa: BLE001 - the count rules still decide
-            pods = []
-        for pod in pods:
-            broken = _broken_container(pod)
-            if broken:
-                return ObjectHealth(ref, Status.FAILED, f"{ref.kind} rollout is failing: {broken}")
+            broken = None
+        if broken:
+            return ObjectHealth(ref, Status.FAILED, f"{ref.kind} rollout is failing: {broken}")
     return ObjectHealth(ref, status, message)
 
 
@@ -667,16 +664,16 @@ def wait(refs: Sequence[ObjectRef], *, get: Callable[[ObjectRef], dict | None], 
       StatefulSet or ReplicaSet (the caller lists them by its selector); it is
       called at most once per round per workload. A pod of the new revision
       that is crash-looping or cannot pull its image fails the workload at once.
-      Which pods are of the new revision a Deployment's ReplicaSets say: `get`
-      reads the ones that own its pods, once per revision (_RolloutPods).
+      Whether a stuck pod is of a Deployment's new revision its ReplicaSet
+      says: `get` reads it, once per revision (_RolloutPods).
     - Every object is looked at at least once, even with timeout 0.
     - `initial` holds objects as the apply just returned them: the first round
       reads them instead of asking again (a ConfigMap is Current on sight).
     - `live` (the daemon's informers): objects a synced watch covers are read
       from memory, and the wait sleeps until the watch reports a change of one
       of them (or of a rolling workload's pods, which `live` then provides
-      instead of `related_pods`): no polling, beyond reading a rolling
-      Deployment's new ReplicaSet once (above). A reading older than the
+      instead of `related_pods`): no polling, beyond reading the ReplicaSet
+      of a stuck pod once (above). A reading older than the
       one the wait has (the watch trails the apply) is not taken. Objects no
       watch covers are polled as below.
     - Polling: `get` per object, in parallel through `parallel` (the process's

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from gitopsd.engine.health import ObjectHealth, Reading, Status, compute, summarize, wait
+from gitopsd.engine.health import REVISION_ANNOTATION, ObjectHealth, Reading, Status, compute, summarize, wait
 from gitopsd.objects import ObjectRef, ref_of
 
 
@@ -65,7 +65,8 @@ def pod(*, name: str = "web-1", phase: str = "Running", ready: bool = False, wai
             status={"phase": phase, "conditions": [cond("Ready", "True" if ready else "False")],
                     "containerStatuses": [{"name": container, "ready": ready, "state": state}]}, **meta)
     if owner:
-        p["metadata"]["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": owner}]
+        p["metadata"]["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": owner,
+                                             "uid": f"{owner}-uid", "controller": True}]
     return p
 
 
@@ -363,36 +364,116 @@ def test_wait_survives_a_failing_get():
     assert results[0].status is Status.CURRENT and len(attempts) == 2
 
 
-def new_rs_deployment(**counts) -> dict:
-    return deployment(**counts, conditions=[
-        cond("Available", "True", "MinimumReplicasAvailable"),
-        cond("Progressing", "True", "ReplicaSetUpdated", 'ReplicaSet "web-5d8f7" is progressing.')])
+def rolling_out(revision: str, **counts) -> dict:
+    """Deployment web mid-rollout of `revision`, as its controller annotates it."""
+    d = deployment(**counts)
+    d["metadata"].update(uid="web-uid", annotations={REVISION_ANNOTATION: revision})
+    return d
 
 
-def test_wait_reports_workload_failed_from_crashlooping_pod():
-    rolling = new_rs_deployment(replicas=4, updated=1, ready=3, available=3)
-    pods = [pod(name="web-5d8f7-abcde", waiting="CrashLoopBackOff", owner="web-5d8f7"),
+def replicaset(name: str, revision: str, *, deployment_uid: str = "web-uid") -> dict:
+    """A ReplicaSet of Deployment web (or of another, by uid) for the template numbered `revision`."""
+    return obj("apps/v1", "ReplicaSet", name=name, uid=f"{name}-uid", annotations={REVISION_ANNOTATION: revision},
+               ownerReferences=[{"apiVersion": "apps/v1", "kind": "Deployment", "name": "web",
+                                 "uid": deployment_uid, "controller": True}])
+
+
+def test_wait_reports_workload_failed_from_crashlooping_pod_of_the_new_replicaset():
+    rolling = rolling_out("2", replicas=4, updated=1, ready=3, available=3)
+    pods = [pod(name="web-new-abcde", waiting="CrashLoopBackOff", owner="web-new"),
             pod(name="web-old-1", ready=True, owner="web-old")]
     seen = []
-    results = wait([ref_of(rolling)], get=FakeCluster(rolling).get, timeout=5, interval=0.01,
+    cluster = FakeCluster(rolling, replicaset("web-new", "2"), replicaset("web-old", "1"))
+    results = wait([ref_of(rolling)], get=cluster.get, timeout=5, interval=0.01,
                    related_pods=lambda workload: seen.append(workload) or pods)
     assert results[0].status is Status.FAILED
     assert results[0].message.startswith(
-        "Deployment rollout is failing: Pod web-5d8f7-abcde is in CrashLoopBackOff (container app)")
+        "Deployment rollout is failing: Pod web-new-abcde is in CrashLoopBackOff (container app)")
     assert seen == [rolling]  # the workload itself is handed to the caller, for its selector
 
 
-def test_wait_ignores_crashlooping_pods_of_the_old_revision():
+def test_wait_ignores_crashlooping_pods_of_an_older_revision():
     # The commit being waited for fixes the crash loop: old pods still crash while
     # the new ones come up, and must not make the fix look failed.
-    rolling = new_rs_deployment(replicas=4, updated=1, ready=2, available=2)
-    old_crashing = pod(name="web-bad-1", waiting="CrashLoopBackOff", owner="web-bad",
-                       labels={"pod-template-hash": "bad"})
-    new_ok = pod(name="web-5d8f7-abcde", ready=True, labels={"pod-template-hash": "5d8f7"})
-    evicted = pod(name="web-5d8f7-zzz", phase="Failed", labels={"pod-template-hash": "5d8f7"})
-    results = wait([ref_of(rolling)], get=FakeCluster(rolling).get, timeout=0.05, interval=0.01,
+    rolling = rolling_out("3", replicas=4, updated=1, ready=2, available=2)
+    old_crashing = pod(name="web-bad-1", waiting="CrashLoopBackOff", owner="web-bad")
+    new_ok = pod(name="web-fix-abcde", owner="web-fix")
+    evicted = pod(name="web-fix-zzz", phase="Failed", waiting="CrashLoopBackOff", owner="web-fix")
+    cluster = FakeCluster(rolling, replicaset("web-bad", "2"), replicaset("web-fix", "3"))
+    results = wait([ref_of(rolling)], get=cluster.get, timeout=0.05, interval=0.01,
                    related_pods=lambda _: [old_crashing, new_ok, evicted])
     assert results[0].status is Status.IN_PROGRESS
+
+
+def test_new_replicaset_is_found_by_its_revision_annotation_not_by_condition_text():
+    # The Progressing condition still names the ReplicaSet of the previous rollout
+    # (its message is prose, written when the controller last got that far).
+    stale_message = [cond("Progressing", "True", "NewReplicaSetAvailable",
+                          'ReplicaSet "web-bad" has successfully progressed.')]
+    rolling = rolling_out("3", replicas=4, updated=1, ready=2, available=2, conditions=stale_message)
+    bad = pod(name="web-bad-1", waiting="CrashLoopBackOff", owner="web-bad")
+    fix = pod(name="web-fix-1", owner="web-fix")
+    cluster = FakeCluster(rolling, replicaset("web-bad", "2"), replicaset("web-fix", "3"))
+    results = wait([ref_of(rolling)], get=cluster.get, timeout=0.05, interval=0.01, related_pods=lambda _: [bad, fix])
+    assert results[0].status is Status.IN_PROGRESS
+    # Same pods, the other way round: the annotation says web-bad is the rollout.
+    cluster.put(replicaset("web-bad", "3"))
+    cluster.put(replicaset("web-fix", "2"))
+    results = wait([ref_of(rolling)], get=cluster.get, timeout=5, interval=0.01, related_pods=lambda _: [bad, fix])
+    assert results[0].status is Status.FAILED and "Pod web-bad-1 is in CrashLoopBackOff" in results[0].message
+
+
+def test_a_replicaset_brought_back_by_a_rollback_is_the_new_revision():
+    # Going back to an earlier template reuses its ReplicaSet, renumbered: its pods are the rollout.
+    rolling = rolling_out("3", replicas=4, updated=1, ready=2, available=2)
+    back = pod(name="web-v1-1", waiting="ImagePullBackOff", owner="web-v1")
+    cluster = FakeCluster(rolling, replicaset("web-v1", "3"), replicaset("web-v2", "2"))
+    results = wait([ref_of(rolling)], get=cluster.get, timeout=5, interval=0.01, related_pods=lambda _: [back])
+    assert results[0].status is Status.FAILED and "web-v1-1 is in ImagePullBackOff" in results[0].message
+
+
+def test_a_replicaset_of_another_deployment_is_never_the_new_revision():
+    rolling = rolling_out("2", replicas=2, updated=1, ready=1, available=1)
+    stray = pod(name="other-1", waiting="CrashLoopBackOff", owner="other")
+    cluster = FakeCluster(rolling, replicaset("other", "2", deployment_uid="another-uid"))
+    results = wait([ref_of(rolling)], get=cluster.get, timeout=0.05, interval=0.01, related_pods=lambda _: [stray])
+    assert results[0].status is Status.IN_PROGRESS
+
+
+def test_no_replicaset_is_read_while_no_pod_is_stuck():
+    rolling = rolling_out("2", replicas=4, updated=1, ready=3, available=3)
+    cluster = FakeCluster(rolling, replicaset("web-new", "2"), replicaset("web-old", "1"))
+    pods = [pod(name="web-new-1", owner="web-new"), pod(name="web-old-1", ready=True, owner="web-old")]
+    results = wait([ref_of(rolling)], get=cluster.get, timeout=0.1, interval=0.01, related_pods=lambda _: pods)
+    assert results[0].status is Status.IN_PROGRESS
+    assert not [ref for ref in cluster.calls if ref.kind == "ReplicaSet"]
+
+
+def test_a_stuck_pods_replicaset_is_read_once_per_revision():
+    # An old revision's crashing pod, over many rounds: its ReplicaSet is read once.
+    rolling = rolling_out("3", replicas=4, updated=1, ready=3, available=3)
+    cluster = FakeCluster(rolling, replicaset("web-bad", "2"))
+    pods = [pod(name="web-bad-1", waiting="CrashLoopBackOff", owner="web-bad")]
+    results = wait([ref_of(rolling)], get=cluster.get, timeout=0.2, interval=0.01, related_pods=lambda _: pods)
+    assert results[0].status is Status.IN_PROGRESS
+    assert cluster.calls[ref_of(rolling)] > 3, "polled for several rounds"
+    assert {ref.name: n for ref, n in cluster.calls.items() if ref.kind == "ReplicaSet"} == {"web-bad": 1}
+
+
+def test_a_replicaset_that_cannot_be_read_skips_the_pod_check_for_that_round():
+    rolling = rolling_out("2", replicas=2, updated=1, ready=1, available=1)
+    cluster = FakeCluster(rolling, replicaset("web-new", "2"))
+    refused = []
+
+    def get(ref: ObjectRef) -> dict | None:
+        if ref.kind == "ReplicaSet" and not refused:
+            refused.append(ref)
+            raise PermissionError("replicasets.apps is forbidden")
+        return cluster.get(ref)
+
+    crashing = pod(name="web-new-1", waiting="CrashLoopBackOff", owner="web-new")
+    results = wait([ref_of(rolling)], get=get, timeout=5, interval=0.01, related_pods=lambda _: [crashing])
+    assert refused and results[0].status is Status.FAILED, "the next round read it and blamed the pod"
 
 
 def test_wait_blames_statefulset_pods_of_the_update_revision_only():
@@ -408,7 +489,7 @@ def test_wait_blames_statefulset_pods_of_the_update_revision_only():
 
 
 def test_wait_calls_related_pods_once_per_round_and_only_while_in_progress():
-    rolling = new_rs_deployment(replicas=3, updated=1, ready=1, available=1)
+    rolling = rolling_out("2", replicas=3, updated=1, ready=1, available=1)
     cluster = FakeCluster(rolling)
     rounds = []
     later(0.05, lambda: cluster.put(deployment()))

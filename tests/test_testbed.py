@@ -175,3 +175,125 @@ def test_token_request_authenticates_and_rbac_denies_what_was_not_granted(api_cl
     with pytest.raises(client.ApiException) as denied_write:
         as_sa.create_namespaced_config_map(namespace, {"metadata": {"name": "nope"}})
     assert denied_write.value.status == 403
+
+
+# ---------------------------------------------------------------- KWOK Stages for failing images
+#
+# hack/testbed/kwok-stages/ plays a kubelet for three image tags; every other
+# image keeps KWOK's fast path (Running and Ready at once).
+
+def _pod(name: str, image: str, *, restart: str = "Always") -> dict:
+    return {"metadata": {"name": name},
+            "spec": {"restartPolicy": restart, "containers": [{"name": "app", "image": image}]}}
+
+
+def _watch_pod(api_client, namespace: str, name: str, until, *, timeout: int = 60) -> list[dict]:
+    """Every state of pod `name` (as dicts) from its creation until `until(pod)` holds."""
+    from kubernetes import watch
+
+    seen: list[dict] = []
+    for event in watch.Watch().stream(client.CoreV1Api(api_client).list_namespaced_pod, namespace,
+                                      field_selector=f"metadata.name={name}", timeout_seconds=timeout):
+        seen.append(event["raw_object"])
+        if until(seen[-1]):
+            return seen
+    raise AssertionError(f"pod {name} did not get there within {timeout}s; last status: "
+                         f"{(seen[-1] if seen else {}).get('status')}")
+
+
+def _container(pod: dict) -> dict:
+    return ((pod.get("status") or {}).get("containerStatuses") or [{}])[0]
+
+
+def _condition(pod: dict, type_: str) -> str | None:
+    return next((c["status"] for c in (pod.get("status") or {}).get("conditions") or [] if c["type"] == type_), None)
+
+
+def test_a_crashloop_pod_crash_loops_with_its_restart_count_climbing(api_client, namespace):
+    client.CoreV1Api(api_client).create_namespaced_pod(namespace, _pod("crasher", "web:crashloop"))
+    seen = _watch_pod(api_client, namespace, "crasher", lambda p: _container(p).get("restartCount", 0) >= 3)
+
+    pod = seen[-1]
+    assert pod["status"]["phase"] == "Running" and pod["status"]["podIP"]
+    assert _condition(pod, "Ready") == "False"
+    container = _container(pod)
+    assert container["state"]["waiting"]["reason"] == "CrashLoopBackOff"
+    assert container["lastState"]["terminated"]["exitCode"] == 1
+    assert container["ready"] is False
+    counts = [_container(p).get("restartCount") for p in seen if _container(p)]
+    assert counts == sorted(counts) and counts[0] < counts[-1], f"restarts climb one by one: {counts}"
+
+
+def test_a_crashloop_pod_that_never_restarts_fails(api_client, namespace):
+    client.CoreV1Api(api_client).create_namespaced_pod(namespace, _pod("once", "web:crashloop", restart="Never"))
+    pod = _watch_pod(api_client, namespace, "once", lambda p: (p.get("status") or {}).get("phase") == "Failed")[-1]
+    assert _container(pod)["state"]["terminated"]["exitCode"] == 1
+
+
+def test_a_pullfail_pod_shows_err_image_pull_then_image_pull_back_off(api_client, namespace):
+    client.CoreV1Api(api_client).create_namespaced_pod(namespace, _pod("unpullable", "web:pullfail"))
+    seen = _watch_pod(api_client, namespace, "unpullable",
+                      lambda p: (_container(p).get("state") or {}).get("waiting", {}).get("reason") == "ImagePullBackOff")
+
+    reasons = [r for p in seen if (r := (_container(p).get("state") or {}).get("waiting", {}).get("reason"))]
+    assert reasons[0] == "ErrImagePull" and reasons[-1] == "ImagePullBackOff", reasons
+    pod = seen[-1]
+    assert pod["status"]["phase"] == "Pending" and _condition(pod, "Ready") == "False"
+    assert '"web:pullfail"' in _container(pod)["state"]["waiting"]["message"]
+
+
+def test_a_slow_ready_pod_runs_unready_and_becomes_ready_5s_later(api_client, namespace):
+    from datetime import datetime
+
+    client.CoreV1Api(api_client).create_namespaced_pod(namespace, _pod("warming", "web:slow-ready"))
+    seen = _watch_pod(api_client, namespace, "warming", lambda p: _condition(p, "Ready") == "True")
+
+    running_unready = [p for p in seen if p["status"].get("phase") == "Running" and _condition(p, "Ready") == "False"]
+    assert running_unready and running_unready[0]["status"]["podIP"], "Running with an IP, not yet ready"
+    pod = seen[-1]
+    ready_at = next(c["lastTransitionTime"] for c in pod["status"]["conditions"] if c["type"] == "Ready")
+    warmed = datetime.fromisoformat(ready_at) - datetime.fromisoformat(pod["status"]["startTime"])
+    assert warmed.total_seconds() >= 4, f"ready {warmed} after start (the stage waits 5 s)"
+    assert _container(pod)["ready"] is True and _container(pod)["state"]["running"]
+
+
+@pytest.mark.parametrize("image", ["nginx:1.27", "registry.example.com/crashloop:v1", "web:pullfail-fixed"])
+def test_other_images_are_ready_at_once(api_client, namespace, image):
+    client.CoreV1Api(api_client).create_namespaced_pod(namespace, _pod("plain", image))
+    pod = _watch_pod(api_client, namespace, "plain", lambda p: _condition(p, "Ready") == "True")[-1]
+    assert pod["status"]["phase"] == "Running" and pod["status"]["podIP"]
+    assert _container(pod)["restartCount"] == 0
+
+
+def test_a_crashlooping_job_pod_is_never_completed_and_the_job_fails(api_client, namespace):
+    # restartPolicy OnFailure restarts in place; KWOK's pod-complete (adapted to
+    # wait for Ready) must not complete the pod, and the Job controller fails
+    # the Job once the restarts pass its backoffLimit.
+    batch = client.BatchV1Api(api_client)
+    batch.create_namespaced_job(namespace, {
+        "metadata": {"name": "migrate"},
+        "spec": {"backoffLimit": 2, "template": {"spec": {
+            "restartPolicy": "OnFailure", "containers": [{"name": "migrate", "image": "migrate:crashloop"}]}}}})
+
+    def finished() -> dict | None:
+        conditions = batch.read_namespaced_job_status("migrate", namespace).status.conditions or []
+        found = {c.type: c.status for c in conditions}
+        return found if "True" in (found.get("Failed"), found.get("Complete")) else None
+
+    conditions = wait_for("Job migrate to finish", finished, 60)
+    assert conditions.get("Failed") == "True" and conditions.get("Complete") != "True", conditions
+
+
+def test_a_kwok_default_stage_without_its_anchor_is_refused():
+    from testbed import stages
+
+    with pytest.raises(RuntimeError, match="pod-ready.yaml no longer has one `matchExpressions:` line"):
+        stages.adapt("kind: Stage\nspec:\n  selector: {}\n", expression="    - key: x\n", name="pod-ready.yaml")
+
+
+def test_our_stage_files_are_named_after_the_image_tags_they_handle():
+    from testbed import stages
+
+    assert stages.tags() == ["crashloop", "pullfail", "slow-ready"]
+    for tag in stages.tags():
+        assert f'endswith(":{tag}")' in (stages.OURS / f"{tag}.yaml").read_text(), tag

@@ -17,13 +17,15 @@ Two things shape the rules beyond upstream kstatus:
 - A broken rollout should be reported quickly, not when the progress deadline
   fires ten minutes later: `wait` looks at the pods of an in-progress workload
   (only those of its new revision) and reports the workload Failed as soon as
-  one of them is crash-looping or cannot pull its image.
+  one of them is crash-looping or cannot pull its image. A Deployment's new
+  revision is its ReplicaSet whose `deployment.kubernetes.io/revision`
+  annotation equals the Deployment's, as the controller and `kubectl rollout`
+  keep them: never the name quoted in a condition message, which is prose.
 """
 
 from __future__ import annotations
 
 import enum
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -71,16 +73,10 @@ _BROKEN_CONTAINER_REASONS = frozenset({
 # Kinds whose pods `wait` inspects while they roll out.
 _WORKLOAD_KINDS = frozenset({("apps", "Deployment"), ("apps", "StatefulSet"), ("apps", "ReplicaSet")})
 
-# Deployment Progressing reasons whose message names the *new* ReplicaSet
-# (`ReplicaSet "web-5d8f7" is progressing.`, `Created new replica set "web-5d8f7"`).
-_NEW_RS_REASONS = frozenset({
-    "NewReplicaSetCreated",
-    "FoundNewReplicaSet",
-    "ReplicaSetUpdated",
-    "NewReplicaSetAvailable",
-    "ProgressDeadlineExceeded",
-})
-_QUOTED = re.compile(r'"([^"]+)"')
+# The Deployment controller numbers each template it rolls out and writes the
+# number on the Deployment and on the ReplicaSet that runs that template (an
+# older ReplicaSet brought back by a rollback gets the next number).
+REVISION_ANNOTATION = "deployment.kubernetes.io/revision"
 
 
 # --- reading plain dicts --------------------------------------------------------------------------
@@ -457,65 +453,94 @@ def compute(obj: dict) -> tuple[Status, str]:
 # --- waiting --------------------------------------------------------------------------------------
 
 
-def _new_replicaset_name(deployment: dict) -> str | None:
-    """The Deployment's new ReplicaSet, as named in its Progressing condition."""
-    progressing = _condition(deployment, "Progressing")
-    if progressing is None or progressing.get("reason") not in _NEW_RS_REASONS:
-        return None
-    match = _QUOTED.search(progressing.get("message") or "")
-    return match.group(1) if match else None
+def _controller(obj: dict) -> dict:
+    """The ownerReference marked controller (a pod's ReplicaSet, a ReplicaSet's Deployment); {} if none."""
+    owners = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return next((o for o in owners if isinstance(o, dict) and o.get("controller")), {})
 
 
-def _pods_of_new_revision(workload: dict, pods: list[dict]) -> list[dict]:
-    """The pods that belong to the revision being rolled out.
+def _alive(pods: list[dict]) -> list[dict]:
+    """Pods that can still hold up a rollout: not terminating, not finished
+    (evicted pods linger as Failed and are never the rollout's problem)."""
+    return [p for p in pods
+            if not (p.get("metadata") or {}).get("deletionTimestamp")
+            and _status(p).get("phase") not in ("Succeeded", "Failed")]
 
-    Why not all pods of the selector: when the commit being waited for *fixes* a
+
+class _RolloutPods:
+    """Which pod of the revision a workload is rolling out is stuck, for one wait.
+
+    Why not any pod of the selector: when the commit being waited for *fixes* a
     crash loop, the old crashing pods are still there during the rollout, and
     blaming them would report the fix as failed. When the new revision cannot
     be told apart, no pod is blamed and the count rules take their course.
-    Pods already terminating or finished (evicted ones linger as Failed) are
-    never the rollout's problem.
+
+    - ReplicaSet: all its pods. StatefulSet: those labelled with its
+      updateRevision (controller-revision-hash).
+    - Deployment: those controlled by its new ReplicaSet, i.e. the ReplicaSet it
+      controls whose revision annotation equals its own. Only a stuck pod's
+      ReplicaSet is read, and each once per Deployment revision: one not new
+      for revision N never becomes so (the next template gets N+1), and once
+      the new one is known it is not read again. A rollout whose pods are all
+      fine reads no ReplicaSet at all. A read that fails (an apiserver blip, no
+      RBAC to get ReplicaSets) raises, and the caller skips the pod check for
+      that round.
     """
-    alive = [p for p in pods
-             if not (p.get("metadata") or {}).get("deletionTimestamp")
-             and _status(p).get("phase") not in ("Succeeded", "Failed")]
-    kind = workload.get("kind")
-    if kind == "ReplicaSet":
-        return alive
-    if kind == "StatefulSet":
-        revision = _status(workload).get("updateRevision")
-        if not revision:
-            return []
-        return [p for p in alive
-                if ((p.get("metadata") or {}).get("labels") or {}).get("controller-revision-hash") == revision]
-    if kind == "Deployment":
-        rs_name = _new_replicaset_name(workload)
-        if rs_name:
-            template_hash = rs_name.rsplit("-", 1)[-1]
 
-            def owned(pod: dict) -> bool:
-                meta = pod.get("metadata") or {}
-                if any(o.get("kind") == "ReplicaSet" and o.get("name") == rs_name
-                       for o in meta.get("ownerReferences") or []):
-                    return True
-                return (meta.get("labels") or {}).get("pod-template-hash") == template_hash
+    def __init__(self, *, pods: Callable[[dict], list[dict]], get: Callable[[ObjectRef], dict | None]) -> None:
+        self._pods, self._get = pods, get
+        self._new: dict[tuple[str, str], str] = {}          # (deployment uid, revision) -> its ReplicaSet's uid
+        self._older: dict[tuple[str, str], set[str]] = {}   # (deployment uid, revision) -> ReplicaSet uids read, not it
 
-            return [p for p in alive if owned(p)]
-        status = _status(workload)
-        # Without a name, all live pods are new only if the controller counts no old one.
-        if _int(status.get("replicas"), -1) == _int(status.get("updatedReplicas"), -2):
-            return alive
-    return []
+    def broken(self, workload: dict) -> str | None:
+        """Why the first stuck pod of `workload`'s new revision is stuck (_broken_container); None if none is."""
+        for pod in _alive(self._pods(workload)):
+            why = _broken_container(pod)
+            if why and self._is_new(workload, pod):
+                return why
+        return None
+
+    def _is_new(self, workload: dict, pod: dict) -> bool:
+        kind = workload.get("kind")
+        if kind == "ReplicaSet":
+            return True
+        if kind == "StatefulSet":
+            revision = _status(workload).get("updateRevision")
+            labels = (pod.get("metadata") or {}).get("labels") or {}
+            return bool(revision) and labels.get("controller-revision-hash") == revision
+        owner = _controller(pod)
+        return kind == "Deployment" and owner.get("kind") == "ReplicaSet" and self._is_new_replicaset(workload, owner)
+
+    def _is_new_replicaset(self, deployment: dict, owner: dict) -> bool:
+        """Whether the ReplicaSet `owner` (a pod's ownerReference) runs `deployment`'s current revision."""
+        meta = deployment.get("metadata") or {}
+        revision = (meta.get("annotations") or {}).get(REVISION_ANNOTATION)
+        if not revision or not meta.get("uid") or not owner.get("uid"):
+            return False
+        key = (meta["uid"], revision)
+        if key in self._new:
+            return self._new[key] == owner["uid"]
+        older = self._older.setdefault(key, set())
+        if owner["uid"] in older:
+            return False
+        rs = self._get(ObjectRef("apps", "ReplicaSet", meta.get("namespace") or "", owner.get("name") or ""))
+        rs_meta = (rs or {}).get("metadata") or {}
+        if rs_meta.get("uid") == owner["uid"] and _controller(rs).get("uid") == meta["uid"] \
+                and (rs_meta.get("annotations") or {}).get(REVISION_ANNOTATION) == revision:
+            self._new[key] = owner["uid"]
+            return True
+        older.add(owner["uid"])
+        return False
 
 
 def _observe(ref: ObjectRef, *, get: Callable[[ObjectRef], dict | None],
-             related_pods: Callable[[dict], list[dict]] | None) -> ObjectHealth:
+             rollout: _RolloutPods | None) -> ObjectHealth:
     """One look at one object.
 
     A failing `get` (apiserver blip, RBAC) is reported as Unknown with the error
     and polled again, rather than aborting the whole wait: a rollout that takes
-    minutes should survive a transient error. `related_pods` is an optimisation,
-    so its errors only skip the pod check for this round.
+    minutes should survive a transient error. The pods of a rollout are an
+    optimisation, so their errors only skip the pod check for this round.
     """
     try:
         obj = get(ref)
@@ -524,16 +549,14 @@ def _observe(ref: ObjectRef, *, get: Callable[[ObjectRef], dict | None],
     if obj is None:
         return ObjectHealth(ref, Status.NOT_FOUND, f"{ref} not found")
     status, message = compute(obj)
-    if status is Status.IN_PROGRESS and related_pods is not None and (ref.group, ref.kind) in _WORKLOAD_KINDS \
+    if status is Status.IN_PROGRESS and rollout is not None and (ref.group, ref.kind) in _WORKLOAD_KINDS \
             and _pods_can_tell(obj):
         try:
-            pods = related_pods(obj)
+            broken = rollout.broken(obj)
         except Exception:  # noqa: BLE001 - the count rules still decide
-            pods = []
-        for pod in _pods_of_new_revision(obj, pods):
-            broken = _broken_container(pod)
-            if broken:
-                return ObjectHealth(ref, Status.FAILED, f"{ref.kind} rollout is failing: {broken}")
+            broken = None
+        if broken:
+            return ObjectHealth(ref, Status.FAILED, f"{ref.kind} rollout is failing: {broken}")
     return ObjectHealth(ref, status, message)
 
 
@@ -641,13 +664,16 @@ def wait(refs: Sequence[ObjectRef], *, get: Callable[[ObjectRef], dict | None], 
       StatefulSet or ReplicaSet (the caller lists them by its selector); it is
       called at most once per round per workload. A pod of the new revision
       that is crash-looping or cannot pull its image fails the workload at once.
+      Whether a stuck pod is of a Deployment's new revision its ReplicaSet
+      says: `get` reads it, once per revision (_RolloutPods).
     - Every object is looked at at least once, even with timeout 0.
     - `initial` holds objects as the apply just returned them: the first round
       reads them instead of asking again (a ConfigMap is Current on sight).
     - `live` (the daemon's informers): objects a synced watch covers are read
       from memory, and the wait sleeps until the watch reports a change of one
       of them (or of a rolling workload's pods, which `live` then provides
-      instead of `related_pods`): no polling at all. A reading older than the
+      instead of `related_pods`): no polling, beyond reading the ReplicaSet
+      of a stuck pod once (above). A reading older than the
       one the wait has (the watch trails the apply) is not taken. Objects no
       watch covers are polled as below.
     - Polling: `get` per object, in parallel through `parallel` (the process's
@@ -665,6 +691,8 @@ def wait(refs: Sequence[ObjectRef], *, get: Callable[[ObjectRef], dict | None], 
     woken = _Wakeups()
     session = live.session(list(latest), wake=woken) if live is not None else None
     pods = (session.pods if session is not None else related_pods) if related_pods is not None else None
+    # Owners (a Deployment's ReplicaSets) are read from the apiserver: no watch holds them.
+    rollout = _RolloutPods(pods=pods, get=get) if pods is not None else None
     known: dict[ObjectRef, dict | None] = {}    # the newest reading of each object
     polled: set[ObjectRef] = set()             # live mode: read from the apiserver, no watch covers them
 
@@ -687,7 +715,7 @@ def wait(refs: Sequence[ObjectRef], *, get: Callable[[ObjectRef], dict | None], 
                 read = True
             else:
                 polled.add(ref)
-        return _observe(ref, get=(lambda _ref: known.get(ref)) if read else fetch, related_pods=pods)
+        return _observe(ref, get=(lambda _ref: known.get(ref)) if read else fetch, rollout=rollout)
 
     rounds = 0
     try:

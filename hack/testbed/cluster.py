@@ -26,7 +26,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import build
+from . import build, stages
 
 SERVICE_CIDR = "10.0.0.0/24"
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
@@ -391,9 +391,10 @@ def _start_components(cluster: Cluster, *, nodes: int, say) -> None:
         f"--authentication-kubeconfig={kubeconfig}", f"--authorization-kubeconfig={kubeconfig}",
         "--leader-elect=false", f"--secure-port={p['scheduler']}", "--bind-address=127.0.0.1", "--v=1",
     ])
-    stages = sorted(str(f) for f in build.kwok_stages_dir().glob("*.yaml"))
-    if not stages:
-        raise ClusterError(f"no KWOK stage configs in {build.kwok_stages_dir()}: run `hack/cluster build`")
+    try:
+        configs = stages.configs(d)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise ClusterError(str(exc)) from None
     _start(cluster, "kwok", [
         str(build.binary("kwok")), f"--kubeconfig={kubeconfig}", "--manage-all-nodes=false",
         "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
@@ -405,7 +406,8 @@ def _start_components(cluster: Cluster, *, nodes: int, say) -> None:
         # every 10-20 minutes, past the controller-manager's grace period,
         # and every node with every pod on it turned NotReady.
         "--node-lease-duration-seconds=40",
-        *[f"--config={s}" for s in stages],
+        # KWOK's fast stages and ours (hack/testbed/stages.py: :crashloop, :pullfail, :slow-ready).
+        *[f"--config={c}" for c in configs],
     ])
 
     for i in range(nodes):

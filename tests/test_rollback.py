@@ -418,3 +418,25 @@ def test_a_rollback_cut_short_by_the_leaders_death_is_finished_by_the_new_leader
     assert rolled["health"]["outcome"] == "Healthy" and rolled["release"]["quarantined"] == bad
     assert "nodeSelector" not in _template(kube, namespace, "web")
     assert len(_records(kube, namespace, name, "RolledBack")) == 1
+
+
+@pytest.mark.cluster
+def test_a_commit_whose_image_crash_loops_is_rolled_back_on_the_early_verdict(
+        repo, kube, namespace, tmp_path, start_daemon):
+    """The real Deployment controller and KWOK's :crashloop stage: no waiting out the 5-minute timeout."""
+    name = f"crash-{namespace[-6:]}"
+    repo.write("web.yaml", deployment("web", replicas=2))
+    good = repo.commit("good")
+    config = write_config(tmp_path / "config.yaml", [app_entry(name, repo.url, namespace, timeout="5m",
+                                                               rollback={"onUnhealthy": True})])
+    daemon = start_daemon(config)
+    wait_transition(daemon, "good Applied", 60, app=name, result="Applied", revision=good)
+    repo.write("web.yaml", deployment("web", replicas=2, image="nginx:crashloop"))
+    bad = repo.commit("bad: crash-looping image")
+    post_generic(daemon, repo.url, bad)
+
+    unhealthy = wait_transition(daemon, "the early verdict", 60, app=name, result="Unhealthy", revision=bad)
+    assert "CrashLoopBackOff" in unhealthy["reason"] and unhealthy["duration_seconds"] < 60
+    rolled = wait_transition(daemon, "RolledBack", 60, app=name, result="RolledBack")
+    assert rolled["revision"] == good and rolled["previous"] == bad and rolled["health"]["outcome"] == "Healthy"
+    assert _template(kube, namespace, "web")["containers"][0]["image"] == "nginx:1.27"

@@ -227,7 +227,7 @@ def rolling_app(repo, kube, namespace, tmp_path, start_daemon):
     repo.write("settings.yaml", configmap("settings", {"v": "1"}))
     good = repo.commit("good")
     config = write_config(tmp_path / "config.yaml", [app_entry(name, repo.url, namespace, timeout="20s",
-                                                               rollback={"onUnhealthy": True})])
+                                                               interval="5s", rollback={"onUnhealthy": True})])
     daemon = start_daemon(config)
     wait_transition(daemon, "the good commit Applied and Healthy", 60, app=name, result="Applied", revision=good)
     return name, daemon, good
@@ -267,11 +267,14 @@ def test_a_quarantined_commit_is_not_reapplied_by_polls_webhooks_or_self_heal_an
     post_generic(daemon, repo.url, bad)
     wait_transition(daemon, "RolledBack", 120, app=name, result="RolledBack")
 
-    for i in range(5):   # five more looks at the ref, which still points at the bad commit
-        before = metric(daemon, "gitopsd_reconcile_total", app=name, trigger="webhook")
-        post_generic(daemon, repo.url, bad)
-        wait_for(f"reconcile {i + 1} of the quarantined commit", lambda: metric(
-            daemon, "gitopsd_reconcile_total", app=name, trigger="webhook") > before, 30)
+    # Five polls and a webhook look at the ref, which still points at the bad commit.
+    before = metric(daemon, "gitopsd_reconcile_total", app=name, trigger="poll")
+    wait_for("five polls", lambda: metric(daemon, "gitopsd_reconcile_total", app=name, trigger="poll")
+             >= before + 5, 90)
+    before = metric(daemon, "gitopsd_reconcile_total", app=name, trigger="webhook")
+    post_generic(daemon, repo.url, bad)
+    wait_for("the webhook's reconcile", lambda: metric(daemon, "gitopsd_reconcile_total", app=name,
+                                                         trigger="webhook") > before, 30)
     deployments = kube.resource("apps/v1", "Deployment")
     live = kube.get(deployments, "web", namespace)
     live["spec"]["template"]["spec"]["containers"][0]["image"] = "nginx:hand-edit"

@@ -61,31 +61,33 @@ def apiserver_connections(pid: int, port: int) -> int:
 
 # ---------------------------------------------------------------- one watch per kind, managed objects only
 
-def test_ten_apps_share_one_watch_per_kind(repo, kube, namespace, tmp_path, start_daemon, cluster):
-    apps = [f"app{i}" for i in range(10)]
+def test_twelve_apps_share_one_watch_per_kind(repo, kube, namespace, tmp_path, start_daemon, cluster):
+    apps = [f"app{i}" for i in range(12)]
     for i, name in enumerate(apps):
         repo.write(f"{name}/settings.yaml", configmap(f"settings-{i}", {"i": str(i)}))
-    repo.commit("ten apps, one ConfigMap each")
+    repo.commit("twelve apps, one ConfigMap each")
     kube.apply(owned_by("foreign", namespace, "applyset-another-tool-v1"))   # same label key, other value
     config = write_config(tmp_path / "config.yaml",
                           [app_entry(name, repo.url, namespace, path=name) for name in apps])
     # A client pool of 8 connections (concurrency 2: max(2 + 4, 8)) below the number of apps, so
-    # the TCP count shows whether watches grow with the apps: one watch each would need 10.
+    # the TCP count shows whether watches grow with the apps: one watch each would need 12.
     daemon = start_daemon(config, "--no-leader-elect", "--no-watch-local", "--concurrency", "2")
     # From /status, not the log: lines written at the same moment by two threads can run together.
-    wait_for("the ten apps applied", lambda: [a["result"] for a in json.loads(daemon.get("/status")[1])["apps"]]
+    wait_for("the twelve apps applied", lambda: [a["result"] for a in json.loads(daemon.get("/status")[1])["apps"]]
              == ["Applied"] * len(apps))
-    wait_for("the ConfigMap informer to hold the ten apps' objects",
-             lambda: metric(daemon, "gitopsd_informer_objects", kind="ConfigMap") == 10)
+    wait_for("the ConfigMap informer to hold the twelve apps' objects",
+             lambda: metric(daemon, "gitopsd_informer_objects", kind="ConfigMap") == len(apps))
 
     assert metric(daemon, "gitopsd_informer_watches", kind="ConfigMap") == 1
-    assert metric(daemon, "gitopsd_informer_watches") == 1, "no other watch is open"
-    # One watch request in all, one list for the informer: not one per app.
-    assert metric(daemon, "gitopsd_apiserver_requests_total", verb="watch") == 1
+    # Besides it, only the watch of release requests (gitopsd hold/resume/rollback): one for all apps.
+    assert metric(daemon, "gitopsd_informer_watches", kind="release-requests") == 1
+    assert metric(daemon, "gitopsd_informer_watches") == 2, "no other watch is open"
+    # Two watch requests in all: not one per app.
+    assert metric(daemon, "gitopsd_apiserver_requests_total", verb="watch") == 2
     port = int(cluster.server.rsplit(":", 1)[1])
     connections = apiserver_connections(daemon.proc.pid, port)
-    # At most the pool's 8 idle connections plus the one watch it has checked out.
-    assert 1 <= connections <= 8 + 1 < len(apps), f"{connections} connections to the apiserver for {len(apps)} apps"
+    # At most the pool's 8 idle connections plus the two watches it has checked out.
+    assert 2 <= connections <= 8 + 2 < len(apps), f"{connections} connections to the apiserver for {len(apps)} apps"
 
 
 def test_foreign_applyset_objects_are_not_cached(kubeconfig, kube, namespace):

@@ -443,3 +443,28 @@ def test_a_commit_whose_image_crash_loops_is_rolled_back_on_the_early_verdict(
     rolled = wait_transition(daemon, "RolledBack", 60, app=name, result="RolledBack")
     assert rolled["revision"] == good and rolled["previous"] == bad and rolled["health"]["outcome"] == "Healthy"
     assert _template(kube, namespace, "web")["containers"][0]["image"] == "nginx:1.27"
+
+
+@pytest.mark.cluster
+def test_rollback_to_a_commit_that_left_the_app_alone_is_done_at_that_commit(
+        repo, kube, kubeconfig, namespace, tmp_path, start_daemon):
+    """A monorepo: the commit named belongs to another app; the app's files as they were then are applied,
+    and the rollback is recorded done, at the commit named."""
+    name = f"mono-{namespace[-6:]}"
+    repo.write("web/settings.yaml", configmap("settings", {"v": "1"}))
+    first = repo.commit("web v1")
+    config = write_config(tmp_path / "config.yaml", [app_entry(name, repo.url, namespace, path="web")])
+    daemon = start_daemon(config)
+    wait_transition(daemon, "v1 Applied", 60, app=name, result="Applied", revision=first)
+    repo.write("other/readme.txt", "another team's commit")
+    elsewhere = repo.commit("other team")   # not a revision of the app: its files are as in v1
+    repo.write("web/settings.yaml", configmap("settings", {"v": "2"}))
+    second = repo.commit("web v2")
+    post_generic(daemon, repo.url, second)
+    wait_transition(daemon, "v2 Applied", 60, app=name, result="Applied", revision=second)
+
+    done = _cli(kubeconfig, namespace, "rollback", name, "--to", elsewhere)
+    assert done.returncode == 0, done.stderr
+    rolled = wait_transition(daemon, "RolledBack", 30, app=name, result="RolledBack")
+    assert rolled["revision"] == elsewhere and rolled["previous"] == second
+    assert cm_data(kube, namespace, "settings") == {"v": "1"}

@@ -165,13 +165,16 @@ class Reflector:
     """One list+watch of one resource in one namespace (None: all namespaces / cluster scope)."""
 
     def __init__(self, kube: Kube, res: Resource, namespace: str | None, *, selector: str,
-                 bucket_of: Callable[[dict], str | None], sink: Sink, listed: bool = True) -> None:
+                 bucket_of: Callable[[dict], str | None], sink: Sink, listed: bool = True,
+                 kind: str | None = None) -> None:
         self.kube, self.res, self.namespace, self.selector = kube, res, namespace, selector
         self.listed = listed
         self.synced = threading.Event()      # the store is current: listed, and the stream not broken since
         self.complete: frozenset[str] = frozenset()
         self.rv = ""                         # the last resourceVersion seen (list, event or bookmark)
-        self.kind = f"{res.kind}.{res.group}" if res.group else res.kind
+        # What the metrics and log lines call it: the kind, or a name of its own (`kind`) for a
+        # watch of the same kind with another job (gitopsd.daemon.release's requests).
+        self.kind = kind or (f"{res.kind}.{res.group}" if res.group else res.kind)
         self._bucket_of, self._sink = bucket_of, sink
         self._packer = Packer()
         self._buckets: dict[str, dict[ObjectRef, bytes]] = {}   # bucket -> ref -> packed object

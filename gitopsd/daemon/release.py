@@ -345,7 +345,7 @@ class RequestWatch:
         self._deliver = deliver
         self._latest: dict[str, Request] = {}
         self._reflector = Reflector(kube, kube.resource("v1", "ConfigMap"), namespace, selector=LABEL,
-                                    bucket_of=lambda obj: self.BUCKET, sink=self)
+                                    bucket_of=lambda obj: self.BUCKET, sink=self, kind="release-requests")
 
     def start(self) -> RequestWatch:
         self._reflector.start()

@@ -176,7 +176,7 @@ class AppRunner:
                     self._reconcile(reason)
             except LeadershipLost as exc:
                 self._fenced(exc)
-            except Exception:
+            except Exception:  # noqa: BLE001 - a bug must not kill the runner
                 log.exception("reconcile crashed", app=self.cfg.name)
             with self.lock:
                 if self.pending is None or self.stopped:

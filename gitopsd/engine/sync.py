@@ -164,8 +164,8 @@ def fetch_and_plan(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None,
         if target is not None and target != revision.sha:
             checkout = source.fetch(app.repo, target, cache_dir=fetches.cache_dir if fetches is not None
                                     else cache_dir or default_cache_dir(), credentials=app.credentials)
-            revision, manifests = _render(kube, app, checkout, renders=renders, follow_inputs=follow_inputs)
-            revision = dataclasses.replace(revision, ref=app.ref)
+            _, manifests = _render(kube, app, checkout, renders=renders, follow_inputs=follow_inputs)
+            revision = dataclasses.replace(checkout.revision, ref=app.ref)   # the commit named, as named
         if inv is None:
             inv = inventory.load(kube, app=app.name, namespace=app.inventory_namespace)
         plan = make_plan(kube, manifests, inv, prune=app.prune if prune is None else prune,

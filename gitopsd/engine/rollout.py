@@ -1,0 +1,175 @@
+"""Progressive delivery, the engine's part: what a canary step applies (issue 12, first part).
+
+Declared in Git, on a plain Deployment, so `kubectl apply` of the same files
+still works (the annotation is inert there):
+
+    metadata:
+      annotations:
+        gitopsd.io/rollout: |
+          strategy: canary
+          steps: [10, 50]        # percent of the replicas on the new template; 100 (promote) comes last
+          pause: 30s             # after a step is healthy, before the next
+
+A pod-template change of such a Deployment (its template differs from the
+one running) is not applied to it. The new template runs as a second
+Deployment, `<name>-canary`, beside the stable one, which keeps the running
+template. The Service that selects the stable pods selects the canary pods
+too (they carry the same labels, plus `gitopsd.io/track: canary`), so
+traffic follows ready replicas: the replica-weighted canary. With 10
+replicas, 10 % is 1 canary and 9 stable; each step re-weights the two and
+keeps the total. Promotion is the Deployment as Git has it (the new template,
+every replica) and no canary: it leaves the app's desired set and is pruned
+like any object that left Git (it is an ApplySet member: prune and kubectl
+see it). Abort is the release control's rollback (gitopsd.daemon.release):
+the last healthy revision, which has no canary, re-applied, and the commit
+quarantined.
+
+Why the two Deployments do not fight: the canary's selector adds the track
+label, so it never matches a stable pod. The stable Deployment's selector
+does match the canary's ReplicaSets and pods, but a controller adopts only
+orphans, and every canary ReplicaSet and pod carries its controller's
+reference; the stable Deployment counts its own pods only.
+
+This module is pure: the daemon's rollout control decides the step and
+where the running template comes from; `shape` turns the manifests of a
+commit into what that step applies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass
+
+import orjson
+import yaml
+
+from gitopsd.engine.render import Manifest
+from gitopsd.errors import GitopsdError
+
+ROLLOUT_ANNOTATION = "gitopsd.io/rollout"
+TRACK_LABEL = "gitopsd.io/track"
+CANARY_OF_ANNOTATION = "gitopsd.io/canary-of"
+CANARY_SUFFIX = "-canary"
+STRATEGIES = ("canary",)
+MAX_STEPS = 20
+MAX_ANNOTATION_BYTES = 4096
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+class RolloutError(GitopsdError):
+    """A rollout annotation gitopsd cannot follow: the object, the field and why."""
+
+
+@dataclass(frozen=True)
+class Canary:
+    """A Deployment's canary strategy, as declared."""
+
+    steps: tuple[int, ...]      # ascending percentages below 100; promotion (100) follows the last
+    pause: float = 0.0          # seconds between a healthy step and the next
+
+    def weight(self, step: int) -> int:
+        """The canary's share at `step` (0-based); 100 once past the last (promotion)."""
+        return self.steps[step] if step < len(self.steps) else 100
+
+
+def parse(obj: dict, *, source: str) -> Canary | None:
+    """The strategy declared on a Deployment, None when it declares none.
+
+    Raises RolloutError naming the file, the object and what is wrong: a
+    strategy gitopsd cannot follow is an error before anything is applied,
+    never a silent plain rollout.
+    """
+    raw = ((obj.get("metadata") or {}).get("annotations") or {}).get(ROLLOUT_ANNOTATION)
+    if raw is None:
+        return None
+    where = f"{source}: Deployment {(obj.get('metadata') or {}).get('name')!r}: annotation {ROLLOUT_ANNOTATION}"
+    if obj.get("kind") != "Deployment" or obj.get("apiVersion") != "apps/v1":
+        raise RolloutError(f"{source}: {obj.get('kind')} {(obj.get('metadata') or {}).get('name')!r}: "
+                           f"{ROLLOUT_ANNOTATION} is only read on apps/v1 Deployments",
+                           hint="move the annotation to the Deployment whose pods the Service selects")
+    if not isinstance(raw, str) or len(raw.encode()) > MAX_ANNOTATION_BYTES:
+        raise RolloutError(f"{where}: must be a short YAML mapping (at most {MAX_ANNOTATION_BYTES} bytes)")
+    try:
+        spec = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise RolloutError(f"{where}: is not YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(spec, dict):
+        raise RolloutError(f"{where}: must be a mapping such as {{strategy: canary, steps: [10, 50]}}")
+    unknown = sorted(set(spec) - {"strategy", "steps", "pause"})
+    if unknown:
+        raise RolloutError(f"{where}: unknown field {unknown[0]!r}", hint="fields: strategy, steps, pause")
+    if spec.get("strategy") not in STRATEGIES:
+        raise RolloutError(f"{where}: strategy must be one of {', '.join(STRATEGIES)}, not {spec.get('strategy')!r}")
+    steps = spec.get("steps")
+    if not isinstance(steps, list) or not steps or len(steps) > MAX_STEPS or \
+            not all(isinstance(s, int) and not isinstance(s, bool) and 0 < s <= 100 for s in steps):
+        raise RolloutError(f"{where}: steps must be a list of 1 to {MAX_STEPS} percentages (1-100), e.g. [10, 50]")
+    if steps != sorted(set(steps)):
+        raise RolloutError(f"{where}: steps must rise, each once: {steps}")
+    return Canary(steps=tuple(s for s in steps if s < 100), pause=_seconds(spec.get("pause", 0), where=where))
+
+
+def _seconds(value: object, *, where: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    m = _DURATION.match(value) if isinstance(value, str) else None
+    if m is None:
+        raise RolloutError(f"{where}: pause must be a duration such as 30s, 2m or a number of seconds, not {value!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def template_hash(deployment: dict) -> str:
+    """What identifies a pod template (the Deployment's, as written): a rollout is of one template."""
+    template = (deployment.get("spec") or {}).get("template") or {}
+    return hashlib.sha256(orjson.dumps(template, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+
+
+def replicas(deployment: dict) -> int:
+    value = (deployment.get("spec") or {}).get("replicas", 1)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 1
+
+
+def split(total: int, weight: int) -> tuple[int, int]:
+    """(stable, canary) replicas for a canary share of `weight` percent of `total`: at least one
+    canary while the share is above 0, never all of them before promotion (with one replica,
+    the canary runs beside it: two pods for the length of the rollout)."""
+    if weight >= 100 or total == 0:
+        return 0, total   # (scaled to zero: nothing runs on either track)
+    canary = max(1, math.ceil(total * weight / 100))
+    return max(total - canary, 1), canary
+
+
+def canary_name(name: str) -> str:
+    return name + CANARY_SUFFIX
+
+
+def shape(manifest: Manifest, *, canary: Canary, step: int, stable_template: dict) -> list[Manifest]:
+    """What step `step` of the canary of this Deployment applies: the stable Deployment on
+    `stable_template` (what runs now) and the canary on the commit's template, weighted; at
+    promotion (past the last step), the Deployment as the commit has it, alone."""
+    weight = canary.weight(step)
+    if weight >= 100:
+        return [manifest]
+    obj = manifest.obj
+    total = replicas(obj)
+    stable_count, canary_count = split(total, weight)
+    stable = orjson.loads(orjson.dumps(obj))
+    stable["spec"]["template"] = orjson.loads(orjson.dumps(stable_template))
+    stable["spec"]["replicas"] = stable_count
+    new = orjson.loads(orjson.dumps(obj))
+    meta = new["metadata"]
+    name = meta["name"]
+    meta["name"] = canary_name(name)
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k != ROLLOUT_ANNOTATION}
+    meta["annotations"] = {**annotations, CANARY_OF_ANNOTATION: name}
+    spec = new["spec"]
+    spec["replicas"] = canary_count
+    selector = spec.setdefault("selector", {})
+    selector["matchLabels"] = {**(selector.get("matchLabels") or {}), TRACK_LABEL: "canary"}
+    template_meta = spec["template"].setdefault("metadata", {})
+    template_meta["labels"] = {**(template_meta.get("labels") or {}), TRACK_LABEL: "canary"}
+    return [Manifest(obj=stable, source=manifest.source),
+            Manifest(obj=new, source=f"{manifest.source} (canary of {name}, step {step + 1}: {weight}%)")]

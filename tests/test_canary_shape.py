@@ -1,0 +1,106 @@
+"""The canary's shape (gitopsd.engine.rollout): pure logic of what each step applies (issue 12, first part)."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import deployment
+
+from gitopsd.engine.render import Manifest
+from gitopsd.engine.rollout import (
+    CANARY_OF_ANNOTATION,
+    ROLLOUT_ANNOTATION,
+    TRACK_LABEL,
+    Canary,
+    RolloutError,
+    parse,
+    shape,
+    split,
+    template_hash,
+)
+
+
+def _declared(value: str, **kw) -> dict:
+    obj = deployment("web", replicas=10, **kw)
+    obj["metadata"]["annotations"] = {ROLLOUT_ANNOTATION: value}
+    return obj
+
+
+def test_a_canary_is_read_from_the_deployments_annotation():
+    canary = parse(_declared("strategy: canary\nsteps: [10, 50, 100]\npause: 30s\n"), source="web.yaml")
+    assert canary == Canary(steps=(10, 50), pause=30.0)
+    assert [canary.weight(i) for i in range(3)] == [10, 50, 100]
+    assert parse(deployment("web"), source="web.yaml") is None
+    assert parse(_declared('{"strategy": "canary", "steps": [25]}'), source="x").pause == 0.0
+
+
+@pytest.mark.parametrize("value, why", [
+    ("strategy: linear\nsteps: [10]", "strategy must be one of canary"),
+    ("strategy: canary\nsteps: []", "steps must be a list"),
+    ("strategy: canary\nsteps: [50, 10]", "steps must rise"),
+    ("strategy: canary\nsteps: [10, 10]", "steps must rise"),
+    ("strategy: canary\nsteps: [0]", "steps must be a list"),
+    ("strategy: canary\nsteps: [10, 150]", "steps must be a list"),
+    ("strategy: canary\nsteps: [10]\npause: soon", "pause must be a duration"),
+    ("strategy: canary\nsteps: [10]\nweights: [1]", "unknown field 'weights'"),
+    ("[canary]", "must be a mapping"),
+    ("strategy: [", "is not YAML"),
+])
+def test_a_rollout_annotation_gitopsd_cannot_follow_names_the_file_object_and_field(value, why):
+    with pytest.raises(RolloutError, match=why) as info:
+        parse(_declared(value), source="apps/web.yaml")
+    assert "apps/web.yaml: Deployment 'web'" in info.value.message
+
+
+def test_the_annotation_on_another_kind_is_an_error():
+    obj = {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {
+        "name": "db", "annotations": {ROLLOUT_ANNOTATION: "strategy: canary\nsteps: [10]"}}}
+    with pytest.raises(RolloutError, match="only read on apps/v1 Deployments"):
+        parse(obj, source="db.yaml")
+
+
+@pytest.mark.parametrize("total, weight, expected", [
+    (10, 10, (9, 1)), (10, 50, (5, 5)), (10, 25, (7, 3)), (3, 10, (2, 1)), (1, 50, (1, 1)),
+    (10, 100, (0, 10)), (0, 10, (0, 0)),
+])
+def test_replicas_are_split_by_the_canarys_share_keeping_the_total(total, weight, expected):
+    assert split(total, weight) == expected
+
+
+def test_a_step_runs_the_new_template_beside_the_stable_one_and_the_service_selects_both():
+    old = deployment("web", replicas=10, image="nginx:1.0")
+    new = _declared("strategy: canary\nsteps: [10, 50]", image="nginx:2.0")
+    canary = parse(new, source="web.yaml")
+    stable, beside = shape(Manifest(obj=new, source="web.yaml"), canary=canary, step=0,
+                           stable_template=old["spec"]["template"])
+
+    assert stable.obj["metadata"]["name"] == "web" and stable.obj["spec"]["replicas"] == 9
+    assert stable.obj["spec"]["template"] == old["spec"]["template"]
+    assert stable.obj["metadata"]["annotations"][ROLLOUT_ANNOTATION]   # still declared: the next commit reads it
+    c = beside.obj
+    assert c["metadata"]["name"] == "web-canary" and c["spec"]["replicas"] == 1
+    assert c["metadata"]["annotations"] == {CANARY_OF_ANNOTATION: "web"}
+    assert c["spec"]["template"]["spec"]["containers"][0]["image"] == "nginx:2.0"
+    assert c["spec"]["selector"]["matchLabels"] == {"app": "web", TRACK_LABEL: "canary"}
+    # The stable selector (and so the Service, which selects the same labels) matches the canary's pods too.
+    pod_labels = c["spec"]["template"]["metadata"]["labels"]
+    assert stable.obj["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert "canary of web, step 1: 10%" in beside.source
+    assert new["spec"]["replicas"] == 10 and new["metadata"]["name"] == "web"   # the commit's object untouched
+
+    _, half = shape(Manifest(obj=new, source="web.yaml"), canary=canary, step=1,
+                    stable_template=old["spec"]["template"])
+    assert half.obj["spec"]["replicas"] == 5
+
+
+def test_promotion_is_the_deployment_as_the_commit_has_it_and_no_canary():
+    new = _declared("strategy: canary\nsteps: [10, 50]", image="nginx:2.0")
+    canary = parse(new, source="web.yaml")
+    manifest = Manifest(obj=new, source="web.yaml")
+    assert shape(manifest, canary=canary, step=2, stable_template={}) == [manifest]
+
+
+def test_a_template_is_identified_by_its_content_not_by_replicas():
+    a = deployment("web", replicas=3, image="nginx:1.0")
+    b = deployment("web", replicas=7, image="nginx:1.0")
+    c = deployment("web", replicas=3, image="nginx:2.0")
+    assert template_hash(a) == template_hash(b) != template_hash(c)

@@ -91,7 +91,7 @@ def iso_time(when: datetime) -> str:
 
 def transition_record(result: SyncResult, *, trigger: str, previous: str | None, instance: str,
                       source: str | None = None, ref: str | None = None, outcome: str | None = None,
-                      release: dict | None = None) -> dict:
+                      release: dict | None = None, rollout: dict | None = None) -> dict:
     """The audit record of one sync attempt (not yet chained: AuditLog.record does that).
 
     `trigger` says what started it: poll, webhook, self-heal, cli, config,
@@ -105,7 +105,8 @@ def transition_record(result: SyncResult, *, trigger: str, previous: str | None,
 
     `outcome` replaces the result's own (RolledBack, Held: release control);
     `release` is the release decision behind the transition (who held or
-    rolled back, from and to which commit, why), recorded under `release`.
+    rolled back, from and to which commit, why), recorded under `release`;
+    `rollout` the canary steps the run applied (gitopsd.daemon.rollouts).
 
     Plan objects are the plan's intended changes with the action in the past
     tense and `done` saying whether this attempt really wrote it: a Refused
@@ -160,6 +161,7 @@ def transition_record(result: SyncResult, *, trigger: str, previous: str | None,
         "duration_seconds": round(result.duration, 3),
         "instance": instance,
         **({"release": release} if release is not None else {}),
+        **({"rollout": rollout} if rollout is not None else {}),
     })
 
 

@@ -53,6 +53,7 @@ from gitopsd.daemon.informers import AppView
 from gitopsd.daemon.leader import FencedKube, LeadershipLost
 from gitopsd.daemon.reflector import Packer
 from gitopsd.daemon.release import ReleaseControl, Request
+from gitopsd.daemon.rollouts import RolloutControl
 from gitopsd.engine import health as health_mod
 from gitopsd.engine import inventory
 from gitopsd.engine.inventory import applyset_id, parent_name
@@ -127,6 +128,7 @@ class AppRunner:
         self.desired = DesiredState()
         self.desired_revision: Revision | None = None   # the commit `desired` was planned from
         self.release = ReleaseControl(cfg.name)          # held, rolled back, quarantined (gitopsd.daemon.release)
+        self.rollouts = RolloutControl(cfg.name, live=self._live)   # canaries in progress (gitopsd.daemon.rollouts)
         self.spec: AppSpec | None = None                 # what the last reconcile ran with (a heal reuses it)
         self.heal_cancel: threading.Event | _NoRun = NO_RUN   # cancels a running heal's health wait
         self.healing: frozenset[ObjectRef] = NOTHING     # what the running heal corrects
@@ -224,7 +226,8 @@ class AppRunner:
         result = sync(writer, spec, cache_dir=self.daemon.cache_dir, cancel=self.cancel,
                       cache=self.cache, inv=self.inv, hold_revision=hold, on_revision=fetched,
                       on_progress=self._stop_after_stage, fetches=self.daemon.fetches,
-                      renders=self.daemon.renders, pick=self.release.pick, verify=self.release.rolling_back)
+                      renders=self.daemon.renders, pick=self.release.pick, verify=self.release.rolling_back,
+                      shape=self.rollouts.shape)
         writer.check()   # lost during the health wait: the verdict is the new leader's to record
         previous = self.last_applied
         with self.lock:
@@ -283,7 +286,12 @@ class AppRunner:
             if rechecked and health_mod.summarize(rechecked)[0]:
                 result.health = rechecked
                 result.reason = "the rollout has become healthy"
-        release = self.release.after(result, auto=cfg.rollback_on_unhealthy, last_healthy=self._last_healthy)
+        # A health wait cut short (a newer commit, shutdown) is no verdict on the commit.
+        cancelled = self.cancel.is_set()
+        next_step, aborted, rollout = self.rollouts.after(result, cancelled=cancelled)
+        # A failed canary step rolls back whatever the app's setting: abort is part of the strategy.
+        release = self.release.after(result, auto=(cfg.rollback_on_unhealthy or aborted) and not cancelled,
+                                     last_healthy=self._last_healthy)
         if release.roll_back:
             self._write_status()   # the decision first: a replica taking over mid-way finishes the rollback
         transition = self._is_transition(result) or release.release is not None
@@ -291,7 +299,7 @@ class AppRunner:
             self.last_result = _verdict(result)
             self._record(audit.transition_record(result, trigger=trigger, previous=previous,
                                                  instance=self.daemon.instance, outcome=release.result,
-                                                 release=release.release))
+                                                 release=release.release, rollout=rollout))
         else:
             log.debug("reconciled: no change", app=cfg.name, revision=(result.revision.sha[:12]
                                                                         if result.revision else None))
@@ -304,6 +312,8 @@ class AppRunner:
         self._write_status()
         if release.roll_back:
             self.trigger("rollback")   # runs next, on this thread (the pending trigger)
+        elif next_step is not None:
+            self.daemon.schedule.once(self, next_step, "rollout")   # the canary's next step, after its pause
 
     # ------------------------------------------------------------ release control (gitopsd.daemon.release)
 
@@ -322,6 +332,14 @@ class AppRunner:
         self._record(audit.release_record(app=self.cfg.name, request=taken.as_record(),
                                           state=self.release.state.record(), instance=self.daemon.instance,
                                           error=refused and str(refused)))
+
+    def _live(self, ref: ObjectRef) -> dict | None:
+        """The live object from the informers when they cover it, else from the apiserver."""
+        seen = self.cache.read(ref, after=None)
+        if seen.covered and seen.fresh:
+            return seen.obj
+        kube = self.daemon.kube
+        return kube.get(kube.resource_for_group_kind(ref.group, ref.kind), ref.name, ref.namespace or None)
 
     def _last_healthy(self, besides: set[str]) -> str | None:
         try:
@@ -601,6 +619,7 @@ class AppRunner:
             "interval": self.cfg.interval,
             "suspended": self.cfg.suspend,
             **({"release": release} if (release := self.release.state.to_status()) else {}),
+            **({"rollout": rollout} if (rollout := self.rollouts.status()) else {}),
         }
 
     def _write_status(self) -> None:

@@ -20,14 +20,14 @@ from gitopsd.kube import Kube
 STATUS_KEY = "status"
 FIELD_MANAGER = "gitopsd-status"
 FIELDS = ("app", "revision", "ref", "result", "reason", "health", "lastTransition", "lastDrift", "interval",
-          "suspended", "nextRun", "release")
+          "suspended", "nextRun", "release", "rollout")
 #: What `gitopsd status` needs to show a row; the other fields are optional
 #: (an older or newer daemon may write fewer or more), but typed when present.
 REQUIRED = ("app", "result", "health")
 TYPES: dict[str, tuple[type, ...]] = {
     "app": (str,), "revision": (str,), "ref": (str,), "result": (str,), "reason": (str,), "health": (str,),
     "lastTransition": (str,), "lastDrift": (dict, type(None)), "interval": (int, float), "suspended": (bool,),
-    "nextRun": (str,), "release": (dict,),
+    "nextRun": (str,), "release": (dict,), "rollout": (list,),
 }
 #: A status the daemon writes is a few hundred bytes; a bigger value was put
 #: there by hand and is not parsed (a ConfigMap holds up to 1 MiB).
@@ -176,7 +176,8 @@ def table(apps: list[dict]) -> str:
         drift = a.get("lastDrift") or {}
         drift_text = f"{drift.get('time', '')} {drift.get('object', '')}".strip() if isinstance(drift, dict) else ""
         values = (a.get("app", ""), (a.get("revision") or "")[:12], a.get("result", ""), a.get("health", ""),
-                  release_text(a.get("release")), a.get("lastTransition", ""), drift_text, a.get("reason") or "")
+                  release_text(a.get("release")) or rollout_text(a.get("rollout")), a.get("lastTransition", ""),
+                  drift_text, a.get("reason") or "")
         rows.append(tuple(_cell(v, w) for v, w in zip(values, _WIDTHS)))
     widths = [max(len(r[i]) for r in rows + [cols]) for i in range(len(cols))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -184,6 +185,14 @@ def table(apps: list[dict]) -> str:
 
 
 _WIDTHS = (40, 12, 16, 16, 72, 25, 80, 60)
+
+
+def rollout_text(rollout: object) -> str:
+    """The RELEASE cell of an app with canaries in progress (gitopsd.daemon.rollouts)."""
+    if not isinstance(rollout, list):
+        return ""
+    return "; ".join(f"canary {r.get('deployment')} step {r.get('step')}/{r.get('steps')} ({r.get('weight')}%)"
+                     for r in rollout if isinstance(r, dict))
 
 
 def release_text(release: object) -> str:

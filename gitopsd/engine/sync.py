@@ -126,7 +126,9 @@ def fetch_and_plan(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None,
                    on_revision: Callable[[source.Revision], None] | None = None,
                    fetches: SharedFetches | None = None, renders: RenderCache | None = None,
                    follow_inputs: bool = True,
-                   pick: Callable[[source.Revision], str | None] | None = None) -> tuple[source.Revision, Plan]:
+                   pick: Callable[[source.Revision], str | None] | None = None,
+                   shape: Callable[[list[render.Manifest]], list[render.Manifest]] | None = None,
+                   ) -> tuple[source.Revision, Plan]:
     """Source -> render -> plan. Raises GitopsdError; writes nothing to the cluster.
 
     With a synced `cache` (the daemon's watch of the app's members) the plan
@@ -147,7 +149,9 @@ def fetch_and_plan(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None,
     `pick` (release control, gitopsd.daemon.release) hears the app's revision
     and may name another commit (a full SHA) to deploy instead — a held or
     rolled-back app; it is rendered from Git and planned in its place, and the
-    revision returned is that commit (recorded on the app's ref).
+    revision returned is that commit (recorded on the app's ref). `shape`
+    (progressive delivery, gitopsd.daemon.rollouts) turns the manifests into
+    what this moment of a rollout applies (a canary step).
     """
     if app.credentials is not None:
         redact.remember([app.credentials.token])   # a git token is a secret value too
@@ -166,6 +170,8 @@ def fetch_and_plan(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None,
                                     else cache_dir or default_cache_dir(), credentials=app.credentials)
             _, manifests = _render(kube, app, checkout, renders=renders, follow_inputs=follow_inputs)
             revision = dataclasses.replace(checkout.revision, ref=app.ref)   # the commit named, as named
+        if shape is not None:
+            manifests = shape(manifests)
         if inv is None:
             inv = inventory.load(kube, app=app.name, namespace=app.inventory_namespace)
         plan = make_plan(kube, manifests, inv, prune=app.prune if prune is None else prune,
@@ -228,14 +234,15 @@ def sync(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None, dry_run: bo
          inv: inventory.Inventory | None = None, hold_revision: str | None = None,
          on_revision: Callable[[source.Revision], None] | None = None,
          fetches: SharedFetches | None = None, renders: RenderCache | None = None,
-         pick: Callable[[source.Revision], str | None] | None = None, verify: bool = False) -> SyncResult:
+         pick: Callable[[source.Revision], str | None] | None = None, verify: bool = False,
+         shape: Callable[[list[render.Manifest]], list[render.Manifest]] | None = None) -> SyncResult:
     """Reconcile `app` once and say what happened. Never raises for user errors.
 
     `hold_revision`: when the fetched commit is this one, only plan and report
     (outcome DryRun) — how an app with self-heal off leaves hand edits alone
     until the next commit. `on_revision` hears the fetched commit before
     anything is planned (the daemon compares webhook commits with it).
-    `fetches`, `renders` and `pick`: see fetch_and_plan. `verify`: wait for
+    `fetches`, `renders`, `pick` and `shape`: see fetch_and_plan. `verify`: wait for
     health even when nothing needs writing (a rollback that a replica which
     died mid-way had already written: whether it is healthy is the question).
 
@@ -250,7 +257,7 @@ def sync(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None, dry_run: bo
         result.revision, planned = fetch_and_plan(kube, app, cache_dir=cache_dir, prune=do_prune, cache=cache,
                                                   inv=inv, on_revision=on_revision, fetches=fetches,
                                                   renders=renders, follow_inputs=hold_revision is None,
-                                                  pick=pick)
+                                                  pick=pick, shape=shape)
         return planned
 
     def held() -> str | None:

@@ -1,0 +1,116 @@
+"""Canary steps on the real control plane (issue 12, first part): the real Deployment controller,
+EndpointSlices of a real Service, KWOK pods (`:crashloop` for a canary that fails)."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import app_entry, deployment, post_generic, transitions, wait_for, wait_transition, write_config
+
+from gitopsd.daemon import status as status_mod
+from gitopsd.engine.rollout import ROLLOUT_ANNOTATION, TRACK_LABEL
+
+pytestmark = pytest.mark.cluster
+
+
+def _web(image: str, *, steps: str = "[10, 50]", pause: str = "4s") -> dict:
+    obj = deployment("web", replicas=10, image=image)
+    obj["metadata"]["annotations"] = {ROLLOUT_ANNOTATION: f"strategy: canary\nsteps: {steps}\npause: {pause}\n"}
+    return obj
+
+
+def _service() -> dict:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+            "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 80}]}}
+
+
+def _replicas(kube, namespace: str) -> tuple[int | None, int | None]:
+    deployments = kube.resource("apps/v1", "Deployment")
+    got = [kube.get(deployments, name, namespace) for name in ("web", "web-canary")]
+    return tuple(None if d is None else d["spec"]["replicas"] for d in got)
+
+
+def _serving(kube, namespace: str) -> dict[str, int]:
+    """Ready endpoints of Service web by track (stable: pods of Deployment web; canary: of web-canary)."""
+    slices = kube.list(kube.resource("discovery.k8s.io/v1", "EndpointSlice"), namespace=namespace,
+                       label_selector="kubernetes.io/service-name=web")
+    out = {"stable": 0, "canary": 0}
+    for s in slices:
+        for e in s.get("endpoints") or []:
+            if (e.get("conditions") or {}).get("ready") and (e.get("targetRef") or {}).get("kind") == "Pod":
+                out["canary" if e["targetRef"]["name"].startswith("web-canary-") else "stable"] += 1
+    return out
+
+
+def _images(kube, namespace: str, name: str) -> str | None:
+    d = kube.get(kube.resource("apps/v1", "Deployment"), name, namespace)
+    return None if d is None else d["spec"]["template"]["spec"]["containers"][0]["image"]
+
+
+@pytest.fixture
+def canary_app(repo, kube, namespace, tmp_path, start_daemon):
+    name = f"canary-{namespace[-6:]}"
+    repo.write("web.yaml", [_web("nginx:1.0"), _service()])
+    first = repo.commit("web 1.0")
+    config = write_config(tmp_path / "config.yaml", [app_entry(name, repo.url, namespace, timeout="2m")])
+    daemon = start_daemon(config)
+    wait_transition(daemon, "1.0 Applied", 60, app=name, result="Applied", revision=first)
+    wait_for("ten stable endpoints", lambda: _serving(kube, namespace) == {"stable": 10, "canary": 0}, 60)
+    return name, daemon
+
+
+def test_a_canary_runs_beside_the_stable_track_step_by_step_and_promotion_leaves_one_deployment(
+        canary_app, repo, kube, namespace):
+    name, daemon = canary_app
+    repo.write("web.yaml", [_web("nginx:2.0"), _service()])
+    new = repo.commit("web 2.0")
+    post_generic(daemon, repo.url, new)
+
+    # Step 1: 10 % = 1 canary + 9 stable; both tracks behind the Service.
+    wait_for("step 1: 9 stable + 1 canary serving", lambda: _replicas(kube, namespace) == (9, 1)
+             and _serving(kube, namespace) == {"stable": 9, "canary": 1}, 60)
+    assert _images(kube, namespace, "web") == "nginx:1.0" and _images(kube, namespace, "web-canary") == "nginx:2.0"
+    canary = kube.get(kube.resource("apps/v1", "Deployment"), "web-canary", namespace)
+    assert canary["metadata"]["labels"]["applyset.kubernetes.io/part-of"]   # an ApplySet member: prune sees it
+    assert canary["spec"]["selector"]["matchLabels"][TRACK_LABEL] == "canary"
+    stored = wait_for("the status shows the step", lambda: status_mod.read_all(
+        kube, namespace=namespace, app=name)[0].get("rollout"), 30)
+    assert stored[0]["weight"] == 10 and stored[0]["step"] == 1 and stored[0]["steps"] == 3
+    # Step 2: 50 %.
+    wait_for("step 2: 5 + 5 serving", lambda: _replicas(kube, namespace) == (5, 5)
+             and _serving(kube, namespace) == {"stable": 5, "canary": 5}, 60)
+    # Promotion: one Deployment on the new template, the canary pruned.
+    wait_for("promoted", lambda: _replicas(kube, namespace) == (10, None)
+             and _images(kube, namespace, "web") == "nginx:2.0", 60)
+    wait_for("ten endpoints on the new template", lambda: _serving(kube, namespace) == {"stable": 10, "canary": 0},
+             60)
+    promoted = wait_for("the promotion recorded", lambda: [t for t in transitions(daemon, name)
+                                                          if (t.get("rollout") or {}).get("promoted")], 60)
+    assert promoted[0]["result"] == "Applied" and promoted[0]["revision"] == new
+    steps = [t for t in transitions(daemon, name) if t.get("rollout")]
+    weights = [d["weight"] for t in steps for d in t["rollout"]["deployments"]]
+    assert weights == [10, 50, 100], weights
+    assert all(d["healthy"] for t in steps[:-1] for d in t["rollout"]["deployments"])   # each step judged
+    assert promoted[0]["health"]["outcome"] == "Healthy"
+    assert any(o["name"] == "web-canary" and o["action"] == "pruned" for t in steps for o in t["plan"]["objects"])
+    wait_for("the status shows no rollout", lambda: "rollout" not in status_mod.read_all(
+        kube, namespace=namespace, app=name)[0], 30)
+
+
+def test_a_crash_looping_canary_aborts_at_the_first_step_and_the_stable_track_keeps_serving(
+        canary_app, repo, kube, namespace):
+    name, daemon = canary_app
+    repo.write("web.yaml", [_web("nginx:crashloop"), _service()])
+    bad = repo.commit("web crashloop")
+    post_generic(daemon, repo.url, bad)
+
+    unhealthy = wait_transition(daemon, "the canary step Unhealthy", 60, app=name, result="Unhealthy", revision=bad)
+    assert unhealthy["rollout"]["aborted"] and unhealthy["rollout"]["deployments"][0]["weight"] == 10
+    assert "CrashLoopBackOff" in unhealthy["reason"]
+    rolled = wait_transition(daemon, "rolled back", 60, app=name, result="RolledBack")
+    assert rolled["previous"] == bad and rolled["release"]["quarantined"] == bad
+    wait_for("the stable track at full size, no canary", lambda: _replicas(kube, namespace) == (10, None)
+             and _serving(kube, namespace) == {"stable": 10, "canary": 0}, 60)
+    assert _images(kube, namespace, "web") == "nginx:1.0"
+    # The stable track never stopped serving: 9 of its pods stayed behind the Service during the step.
+    assert not [t for t in transitions(daemon, name) if t["result"] == "Applied" and t["revision"] == bad
+                and not t.get("rollout")]

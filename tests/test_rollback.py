@@ -468,3 +468,21 @@ def test_rollback_to_a_commit_that_left_the_app_alone_is_done_at_that_commit(
     rolled = wait_transition(daemon, "RolledBack", 30, app=name, result="RolledBack")
     assert rolled["revision"] == elsewhere and rolled["previous"] == second
     assert cm_data(kube, namespace, "settings") == {"v": "1"}
+
+
+@pytest.mark.cluster
+def test_a_newer_commit_during_a_bad_rollout_supersedes_it_without_a_rollback(rolling_app, repo, kube, namespace):
+    """The health wait cut short by a newer commit is no verdict: nothing is quarantined or rolled back."""
+    name, daemon, good = rolling_app
+    repo.write("web.yaml", _stuck("web"))
+    bad = repo.commit("bad")
+    post_generic(daemon, repo.url, bad)
+    wait_for("the bad commit applied, its health wait running", lambda: any(
+        e.get("event") == "audit" and e.get("revision") == bad for e in daemon.events())
+        or _template(kube, namespace, "web").get("nodeSelector"), 30)
+    repo.write("web.yaml", deployment("web", image="nginx:1.28"))
+    fix = repo.commit("fix")
+    post_generic(daemon, repo.url, fix)
+    wait_transition(daemon, "the fix Applied", 60, app=name, result="Applied", revision=fix)
+    assert not [t for t in transitions(daemon, name) if t["result"] == "RolledBack" or t.get("release")]
+    assert status_mod.read_all(kube, namespace=namespace, app=name)[0].get("release") is None

@@ -114,3 +114,27 @@ def test_a_crash_looping_canary_aborts_at_the_first_step_and_the_stable_track_ke
     # The stable track never stopped serving: 9 of its pods stayed behind the Service during the step.
     assert not [t for t in transitions(daemon, name) if t["result"] == "Applied" and t["revision"] == bad
                 and not t.get("rollout")]
+
+
+def test_self_heal_keeps_the_step_that_runs_and_reverts_a_hand_edit_of_either_track(
+        canary_app, repo, kube, namespace):
+    name, daemon = canary_app
+    repo.write("web.yaml", [_web("nginx:2.0", pause="10m"), _service()])   # step 1 holds for the test
+    post_generic(daemon, repo.url, repo.commit("web 2.0"))
+    wait_for("step 1", lambda: _replicas(kube, namespace) == (9, 1), 60)
+    deployments = kube.resource("apps/v1", "Deployment")
+    edits = {"web-canary": {"spec": {"template": {"spec": {"containers": [{"name": "web",
+                                                                           "image": "nginx:hand-edit"}]}}}},
+             "web": {"spec": {"replicas": 10}}}
+    for target, patch in edits.items():   # as `kubectl edit` / `kubectl scale` would (a strategic merge)
+        kube.request("PATCH", deployments.path(namespace, target), body=patch,
+                     content_type="application/strategic-merge-patch+json", query={"fieldManager": "kubectl-edit"})
+    wait_for("both tracks put back as the step has them", lambda: _replicas(kube, namespace) == (9, 1)
+             and _images(kube, namespace, "web-canary") == "nginx:2.0" and _images(kube, namespace, "web")
+             == "nginx:1.0", 30)
+    def corrected() -> list[dict]:
+        return [e for e in daemon.events() if e.get("event") == "audit" and e.get("type") == "drift"]
+
+    healed = wait_for("drift records of both tracks", lambda: {d["object"]["name"] for d in corrected()}
+                      >= {"web", "web-canary"} and corrected(), 30)
+    assert all(d["action"] == "corrected" for d in healed)

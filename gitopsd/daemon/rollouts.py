@@ -73,6 +73,28 @@ class Active:
                 "healthy": self.healthy_at is not None}
 
 
+@dataclass
+class Switch:
+    """One Deployment's blue-green switch in progress: `deploying` (the new colour at full size beside
+    the active one, the Service on the active colour, the preview on the new), `ready` (the new colour
+    healthy: the next run switches the Service), `switched` (the old colour kept for the scale-down
+    delay, then dropped)."""
+
+    ref: ObjectRef
+    template: str
+    strategy: rollout.BlueGreen
+    new_color: str
+    old_color: str | None          # None: the Deployment ran without colours (adopted into blue)
+    phase: str = "deploying"
+    switched_at: float | None = None
+    dropping: bool = False         # this run leaves the old colour out: done once healthy
+
+    def status(self) -> dict:
+        return {"deployment": self.ref.name, "namespace": self.ref.namespace, "strategy": "blueGreen",
+                "phase": self.phase, "active": self.new_color if self.phase == "switched" else self.old_color,
+                "new": self.new_color}
+
+
 class RolloutControl:
     """One app's canaries; the runner calls `shape` during a reconcile's plan and `after` once it ends."""
 
@@ -80,11 +102,11 @@ class RolloutControl:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.app = app
         self._live, self._clock = live, clock
-        self._active: dict[ObjectRef, Active] = {}
+        self._active: dict[ObjectRef, Active | Switch] = {}
         self._lock = threading.Lock()   # status() is read by the HTTP server's thread
 
     @property
-    def active(self) -> list[Active]:
+    def active(self) -> list[Active | Switch]:
         with self._lock:
             return list(self._active.values())
 
@@ -93,18 +115,71 @@ class RolloutControl:
         Raises rollout.RolloutError for a declaration gitopsd cannot follow."""
         out: list[Manifest] = []
         seen: set[ObjectRef] = set()
+        selectors: dict[ObjectRef, str | None] = {}   # Service -> the colour it selects (blue-green)
+        services = {ref_of(m.obj): m for m in manifests if m.obj.get("kind") == "Service"}
         for m in manifests:
-            canary = rollout.parse(m.obj, source=m.source)
-            if canary is None:
+            strategy = rollout.parse(m.obj, source=m.source)
+            if strategy is None:
                 out.append(m)
                 continue
             ref = ref_of(m.obj)
             seen.add(ref)
-            out.extend(self._step(m, ref, canary))
+            if isinstance(strategy, rollout.Canary):
+                out.extend(self._step(m, ref, strategy))
+            else:
+                shaped, colors = self._switch(m, ref, strategy, services)
+                out.extend(shaped)
+                selectors.update(colors)
         with self._lock:
             for ref in set(self._active) - seen:
                 del self._active[ref]   # the Deployment, or its strategy, left the commit: nothing to step
-        return out
+        return [rollout.selecting(m, selectors[r]) if (r := ref_of(m.obj)) in selectors else m for m in out]
+
+    def _switch(self, m: Manifest, ref: ObjectRef, bg: rollout.BlueGreen,
+                services: dict[ObjectRef, Manifest]) -> tuple[list[Manifest], dict[ObjectRef, str | None]]:
+        """Blue-green: the colour Deployments and the colour each Service selects, at this moment."""
+        svc_ref = ObjectRef(group="", kind="Service", namespace=ref.namespace, name=bg.service)
+        preview_ref = ObjectRef(group="", kind="Service", namespace=ref.namespace, name=bg.preview or "")
+        for wanted in (svc_ref, preview_ref) if bg.preview else (svc_ref,):
+            if wanted not in services:
+                raise rollout.RolloutError(f"{m.source}: Deployment {ref.name!r}: blueGreen names Service "
+                                           f"{wanted.name!r}, which the commit does not have in namespace "
+                                           f"{ref.namespace}", hint="the Service must be part of the same app")
+        new = rollout.template_hash(m.obj)
+        live_svc = self._live(svc_ref)
+        active = ((live_svc or {}).get("spec") or {}).get("selector", {}).get(rollout.COLOR_LABEL)
+        active_dep = self._live(_color_ref(ref, active)) if active else None
+        running = _template_of(active_dep)
+        now = self._clock()
+        with self._lock:
+            sw = self._active.get(ref)
+            if isinstance(sw, Switch) and sw.phase == "switched" and sw.new_color == active and sw.template == new:
+                keep_old = sw.old_color is not None and now - (sw.switched_at or now) < bg.scale_down_delay
+                sw.dropping = not keep_old
+                shaped = [_marked(rollout.colored(m, color=active), new)]
+                old_dep = self._live(_color_ref(ref, sw.old_color)) if keep_old else None
+                if old_dep is not None:
+                    shaped.append(_marked(rollout.colored(m, color=sw.old_color, template=old_dep["spec"]["template"]),
+                                          _template_of(old_dep) or ""))
+                return shaped, {svc_ref: active, **({preview_ref: active} if bg.preview else {})}
+            if active is not None and running == new:
+                self._active.pop(ref, None)   # steady: the active colour runs the commit's template
+                return ([_marked(rollout.colored(m, color=active), new)],
+                        {svc_ref: active, **({preview_ref: active} if bg.preview else {})})
+            if not isinstance(sw, Switch) or sw.template != new:
+                target = rollout.COLORS[0] if active is None else rollout.other(active)
+                sw = self._active[ref] = Switch(ref=ref, template=new, strategy=bg, new_color=target,
+                                                old_color=active)
+                log.info("blue-green started", app=self.app, deployment=ref.name, active=active, new=target)
+            sw.strategy = bg
+        shaped = [_marked(rollout.colored(m, color=sw.new_color), new)]
+        if sw.old_color is not None and active_dep is not None:
+            shaped.insert(0, _marked(rollout.colored(m, color=sw.old_color, template=active_dep["spec"]["template"]),
+                                     running or ""))
+        elif sw.phase == "deploying" and self._live(ref) is not None:
+            shaped.insert(0, m)   # adopting: the uncoloured Deployment keeps serving until the switch
+        colour = sw.new_color if sw.phase == "ready" else sw.old_color
+        return shaped, {svc_ref: colour, **({preview_ref: sw.new_color} if bg.preview else {})}
 
     def _step(self, m: Manifest, ref: ObjectRef, canary: rollout.Canary) -> list[Manifest]:
         new = rollout.template_hash(m.obj)
@@ -143,7 +218,7 @@ class RolloutControl:
         if result.outcome == Outcome.UNHEALTHY:
             with self._lock:
                 self._active.clear()
-            log.warning("canary failed: rolling back", app=self.app, deployments=[a.ref.name for a in active],
+            log.warning("rollout failed: rolling back", app=self.app, deployments=[a.ref.name for a in active],
                         reason=result.reason)
             return None, True, {**record, "aborted": True}
         if result.outcome not in (Outcome.APPLIED, Outcome.NO_CHANGE):
@@ -152,6 +227,11 @@ class RolloutControl:
         now = self._clock()
         with self._lock:
             for a in active:
+                if isinstance(a, Switch):
+                    left = self._switched(a, now)
+                    if left is not None:
+                        wait = left if wait is None else min(wait, left)
+                    continue
                 if a.promoting:
                     self._active.pop(a.ref, None)
                     log.info("canary promoted", app=self.app, deployment=a.ref.name)
@@ -161,10 +241,36 @@ class RolloutControl:
                 left = max(0.0, a.canary.pause - (now - a.healthy_at))
                 wait = left if wait is None else min(wait, left)
         return wait, False, {"deployments": [a.status() for a in active],
-                             "promoted": [a.ref.name for a in active if a.promoting]}
+                             "promoted": [a.ref.name for a in active if isinstance(a, Active) and a.promoting]}
+
+    def _switched(self, sw: Switch, now: float) -> float | None:
+        """A healthy run of a blue-green switch: its next phase, and when the next run is due."""
+        if sw.phase == "deploying":
+            sw.phase = "ready"
+            log.info("blue-green: new colour healthy, switching", app=self.app, deployment=sw.ref.name,
+                     color=sw.new_color)
+            return 0.0
+        if sw.phase == "ready":
+            sw.phase, sw.switched_at = "switched", now
+            log.info("blue-green: switched", app=self.app, deployment=sw.ref.name, color=sw.new_color)
+            return sw.strategy.scale_down_delay if sw.old_color is not None else 0.0
+        if sw.dropping:
+            self._active.pop(sw.ref, None)
+            log.info("blue-green: old colour scaled down", app=self.app, deployment=sw.ref.name,
+                     color=sw.old_color)
+            return None
+        return max(0.0, sw.strategy.scale_down_delay - (now - (sw.switched_at or now)))
 
     def status(self) -> list[dict]:
         return [a.status() for a in self.active]
+
+
+def _color_ref(ref: ObjectRef, color: str | None) -> ObjectRef:
+    return ObjectRef(group=ref.group, kind=ref.kind, namespace=ref.namespace, name=rollout.color_name(ref.name, color))
+
+
+def _template_of(deployment: dict | None) -> str | None:
+    return ((deployment or {}).get("metadata") or {}).get("annotations", {}).get(TEMPLATE_HASH_ANNOTATION)
 
 
 def _marked(m: Manifest, template: str) -> Manifest:

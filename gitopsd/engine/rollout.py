@@ -52,7 +52,9 @@ ROLLOUT_ANNOTATION = "gitopsd.io/rollout"
 TRACK_LABEL = "gitopsd.io/track"
 CANARY_OF_ANNOTATION = "gitopsd.io/canary-of"
 CANARY_SUFFIX = "-canary"
-STRATEGIES = ("canary",)
+STRATEGIES = ("canary", "blueGreen")
+COLOR_LABEL = "gitopsd.io/color"
+COLORS = ("blue", "green")
 MAX_STEPS = 20
 MAX_ANNOTATION_BYTES = 4096
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -75,7 +77,25 @@ class Canary:
         return self.steps[step] if step < len(self.steps) else 100
 
 
-def parse(obj: dict, *, source: str) -> Canary | None:
+@dataclass(frozen=True)
+class BlueGreen:
+    """A Deployment's blue-green strategy, as declared: the Service whose selector switches colour,
+    an optional preview Service that selects the idle colour, and how long the old colour is kept."""
+
+    service: str
+    preview: str | None = None
+    scale_down_delay: float = 30.0
+
+
+def other(color: str) -> str:
+    return COLORS[1] if color == COLORS[0] else COLORS[0]
+
+
+def color_name(name: str, color: str) -> str:
+    return f"{name}-{color}"
+
+
+def parse(obj: dict, *, source: str) -> Canary | BlueGreen | None:
     """The strategy declared on a Deployment, None when it declares none.
 
     Raises RolloutError naming the file, the object and what is wrong: a
@@ -98,11 +118,13 @@ def parse(obj: dict, *, source: str) -> Canary | None:
         raise RolloutError(f"{where}: is not YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(spec, dict):
         raise RolloutError(f"{where}: must be a mapping such as {{strategy: canary, steps: [10, 50]}}")
+    if spec.get("strategy") not in STRATEGIES:
+        raise RolloutError(f"{where}: strategy must be one of {', '.join(STRATEGIES)}, not {spec.get('strategy')!r}")
+    if spec["strategy"] == "blueGreen":
+        return _blue_green(spec, where=where)
     unknown = sorted(set(spec) - {"strategy", "steps", "pause"})
     if unknown:
         raise RolloutError(f"{where}: unknown field {unknown[0]!r}", hint="fields: strategy, steps, pause")
-    if spec.get("strategy") not in STRATEGIES:
-        raise RolloutError(f"{where}: strategy must be one of {', '.join(STRATEGIES)}, not {spec.get('strategy')!r}")
     steps = spec.get("steps")
     if not isinstance(steps, list) or not steps or len(steps) > MAX_STEPS or \
             not all(isinstance(s, int) and not isinstance(s, bool) and 0 < s <= 100 for s in steps):
@@ -110,6 +132,19 @@ def parse(obj: dict, *, source: str) -> Canary | None:
     if steps != sorted(set(steps)):
         raise RolloutError(f"{where}: steps must rise, each once: {steps}")
     return Canary(steps=tuple(s for s in steps if s < 100), pause=_seconds(spec.get("pause", 0), where=where))
+
+
+def _blue_green(spec: dict, *, where: str) -> BlueGreen:
+    unknown = sorted(set(spec) - {"strategy", "service", "previewService", "scaleDownDelay"})
+    if unknown:
+        raise RolloutError(f"{where}: unknown field {unknown[0]!r}",
+                           hint="fields: strategy, service, previewService, scaleDownDelay")
+    for key in ("service", "previewService"):
+        value = spec.get(key)
+        if (value is not None or key == "service") and not (isinstance(value, str) and value):
+            raise RolloutError(f"{where}: {key} must name a Service of the same commit and namespace")
+    return BlueGreen(service=spec["service"], preview=spec.get("previewService"),
+                     scale_down_delay=_seconds(spec.get("scaleDownDelay", 30), where=where))
 
 
 def _seconds(value: object, *, where: str) -> float:
@@ -173,3 +208,32 @@ def shape(manifest: Manifest, *, canary: Canary, step: int, stable_template: dic
     template_meta["labels"] = {**(template_meta.get("labels") or {}), TRACK_LABEL: "canary"}
     return [Manifest(obj=stable, source=manifest.source),
             Manifest(obj=new, source=f"{manifest.source} (canary of {name}, step {step + 1}: {weight}%)")]
+
+
+def colored(manifest: Manifest, *, color: str, template: dict | None = None, replicas: int | None = None) -> Manifest:
+    """The Deployment as colour `color`: named `<name>-<color>`, its selector and pods labelled with
+    the colour (so a Service can select one colour), on `template` (default: the commit's)."""
+    obj = orjson.loads(orjson.dumps(manifest.obj))
+    meta = obj["metadata"]
+    name = meta["name"]
+    meta["name"] = color_name(name, color)
+    spec = obj["spec"]
+    if template is not None:
+        spec["template"] = orjson.loads(orjson.dumps(template))
+    if replicas is not None:
+        spec["replicas"] = replicas
+    selector = spec.setdefault("selector", {})
+    selector["matchLabels"] = {**(selector.get("matchLabels") or {}), COLOR_LABEL: color}
+    template_meta = spec["template"].setdefault("metadata", {})
+    template_meta["labels"] = {**(template_meta.get("labels") or {}), COLOR_LABEL: color}
+    return Manifest(obj=obj, source=f"{manifest.source} ({color} of {name})")
+
+
+def selecting(manifest: Manifest, color: str | None) -> Manifest:
+    """The Service selecting only pods of `color` (None: as the commit has it, both colours)."""
+    if color is None:
+        return manifest
+    obj = orjson.loads(orjson.dumps(manifest.obj))
+    spec = obj.setdefault("spec", {})
+    spec["selector"] = {**(spec.get("selector") or {}), COLOR_LABEL: color}
+    return Manifest(obj=obj, source=manifest.source)

@@ -1,0 +1,100 @@
+"""Blue-green switches on the real control plane (issue 12, first part): colour Deployments, a Service whose
+selector flips only once the new colour is Ready, a preview Service, the old colour kept for the delay."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import app_entry, deployment, post_generic, transitions, wait_for, wait_transition, write_config
+
+from gitopsd.engine.rollout import COLOR_LABEL, ROLLOUT_ANNOTATION
+
+pytestmark = pytest.mark.cluster
+
+
+def _web(image: str) -> dict:
+    obj = deployment("web", replicas=3, image=image)
+    obj["metadata"]["annotations"] = {ROLLOUT_ANNOTATION: "strategy: blueGreen\nservice: web\n"
+                                                          "previewService: web-preview\nscaleDownDelay: 4s\n"}
+    return obj
+
+
+def _service(name: str) -> dict:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+            "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 80}]}}
+
+
+def _commit(repo, image: str, message: str) -> str:
+    repo.write("web.yaml", [_web(image), _service("web"), _service("web-preview")])
+    return repo.commit(message)
+
+
+def _selects(kube, namespace: str, service: str) -> str | None:
+    svc = kube.get(kube.resource("v1", "Service"), service, namespace)
+    return None if svc is None else (svc["spec"].get("selector") or {}).get(COLOR_LABEL)
+
+
+def _deployment(kube, namespace: str, name: str) -> dict | None:
+    return kube.get(kube.resource("apps/v1", "Deployment"), name, namespace)
+
+
+def _serving(kube, namespace: str, service: str) -> dict[str, int]:
+    """Ready endpoints of `service` by the Deployment (colour) their pods belong to."""
+    slices = kube.list(kube.resource("discovery.k8s.io/v1", "EndpointSlice"), namespace=namespace,
+                       label_selector=f"kubernetes.io/service-name={service}")
+    out: dict[str, int] = {}
+    for s in slices:
+        for e in s.get("endpoints") or []:
+            ref = e.get("targetRef") or {}
+            if (e.get("conditions") or {}).get("ready") and ref.get("kind") == "Pod":
+                color = "green" if ref["name"].startswith("web-green-") else "blue" \
+                    if ref["name"].startswith("web-blue-") else "other"
+                out[color] = out.get(color, 0) + 1
+    return out
+
+
+@pytest.fixture
+def blue_app(repo, kube, namespace, tmp_path, start_daemon):
+    name = f"bg-{namespace[-6:]}"
+    first = _commit(repo, "nginx:1.0", "web 1.0")
+    config = write_config(tmp_path / "config.yaml", [app_entry(name, repo.url, namespace, timeout="2m")])
+    daemon = start_daemon(config)
+    wait_for("blue serves, alone", lambda: _selects(kube, namespace, "web") == "blue"
+             and _serving(kube, namespace, "web") == {"blue": 3}, 60)
+    assert _deployment(kube, namespace, "web") is None   # the colours replace the uncoloured Deployment
+    return name, daemon, first
+
+
+def test_the_service_switches_to_the_new_colour_only_once_it_is_ready_and_the_old_one_goes_after_the_delay(
+        blue_app, repo, kube, namespace):
+    name, daemon, _ = blue_app
+    new = _commit(repo, "nginx:2.0", "web 2.0")
+    post_generic(daemon, repo.url, new)
+
+    seen_before_switch = wait_for("green deployed, the preview on it, web still on blue", lambda: (
+        _selects(kube, namespace, "web-preview") == "green" and _selects(kube, namespace, "web") == "blue"
+        and _serving(kube, namespace, "web") == {"blue": 3}) or _selects(kube, namespace, "web") == "green", 60)
+    assert seen_before_switch is True or seen_before_switch   # (the switch may already have happened)
+    wait_for("web switched to green", lambda: _selects(kube, namespace, "web") == "green", 60)
+    green = _deployment(kube, namespace, "web-green")
+    assert green["status"].get("readyReplicas") == 3, "switched only once the new colour was Ready"
+    assert green["spec"]["template"]["spec"]["containers"][0]["image"] == "nginx:2.0"
+    assert _deployment(kube, namespace, "web-blue") is not None, "the old colour is kept for the delay"
+    wait_for("green serves alone", lambda: _serving(kube, namespace, "web") == {"green": 3}, 60)
+    wait_for("blue scaled down after the delay", lambda: _deployment(kube, namespace, "web-blue") is None, 60)
+    pruned = [o for t in transitions(daemon, name) for o in t["plan"]["objects"]
+              if o["name"] == "web-blue" and o["action"] == "pruned"]
+    assert pruned, "the old colour left as an ApplySet member does: pruned"
+
+
+def test_a_new_colour_that_crash_loops_is_never_switched_to_and_is_rolled_back(blue_app, repo, kube, namespace):
+    name, daemon, first = blue_app
+    bad = _commit(repo, "nginx:crashloop", "web crashloop")
+    post_generic(daemon, repo.url, bad)
+    unhealthy = wait_transition(daemon, "green Unhealthy", 60, app=name, result="Unhealthy", revision=bad)
+    assert "CrashLoopBackOff" in unhealthy["reason"] and unhealthy["rollout"]["aborted"]
+    wait_transition(daemon, "rolled back", 60, app=name, result="RolledBack")
+    wait_for("green gone, blue serving", lambda: _deployment(kube, namespace, "web-green") is None
+             and _serving(kube, namespace, "web") == {"blue": 3}, 60)
+    assert _selects(kube, namespace, "web") == "blue"
+    assert not [t for t in transitions(daemon, name) if t.get("revision") == bad
+                and any(d.get("phase") == "switched" for d in (t.get("rollout") or {}).get("deployments", []))]

@@ -139,6 +139,12 @@ DRIFT_DETECTED = PerAppCounter(
 DRIFT_CORRECTED = PerAppCounter(
     "gitopsd_drift_corrected", "Drifted objects put back to the desired state.",
     labels=(), registry=REGISTRY)
+ROLLOUT_STEPS = PerAppCounter(
+    "gitopsd_rollout_steps", "Progressive delivery: canary steps and blue-green phases judged, by strategy and "
+    "outcome (healthy, promoted, switched, scaledDown, aborted).", labels=("strategy", "outcome"), registry=REGISTRY)
+RELEASE_DECISIONS = PerAppCounter(
+    "gitopsd_release_decisions", "Release control: rollbacks (automatic or requested), holds and resumes, by action "
+    "and who decided (gitopsd or cli).", labels=("action", "by"), registry=REGISTRY)
 LAST_APPLIED = PerAppInfo(
     "gitopsd_last_applied_revision_info", "1 for the revision last applied to the cluster, per app.",
     label="revision", registry=REGISTRY)
@@ -203,5 +209,6 @@ INFORMER_OBJECTS = Gauge(
 def forget_app(app: str) -> None:
     """Drop every series of an app taken out of the config: a daemon whose apps come and go
     would otherwise keep the series of every app it ever ran."""
-    for metric in (RECONCILE_DURATION, RECONCILE_RESULTS, DRIFT_DETECTED, DRIFT_CORRECTED, LAST_APPLIED):
+    for metric in (RECONCILE_DURATION, RECONCILE_RESULTS, DRIFT_DETECTED, DRIFT_CORRECTED, LAST_APPLIED,
+                   ROLLOUT_STEPS, RELEASE_DECISIONS):
         metric.forget(app=app)

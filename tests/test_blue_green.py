@@ -4,7 +4,16 @@ selector flips only once the new colour is Ready, a preview Service, the old col
 from __future__ import annotations
 
 import pytest
-from helpers import app_entry, deployment, post_generic, transitions, wait_for, wait_transition, write_config
+from helpers import (
+    app_entry,
+    deployment,
+    metric,
+    post_generic,
+    transitions,
+    wait_for,
+    wait_transition,
+    write_config,
+)
 
 from gitopsd.engine.rollout import COLOR_LABEL, ROLLOUT_ANNOTATION
 
@@ -84,6 +93,8 @@ def test_the_service_switches_to_the_new_colour_only_once_it_is_ready_and_the_ol
     pruned = [o for t in transitions(daemon, name) for o in t["plan"]["objects"]
               if o["name"] == "web-blue" and o["action"] == "pruned"]
     assert pruned, "the old colour left as an ApplySet member does: pruned"
+    assert metric(daemon, "gitopsd_rollout_steps_total", app=name, strategy="blueGreen", outcome="switched") == 2
+    assert metric(daemon, "gitopsd_rollout_steps_total", app=name, strategy="blueGreen", outcome="scaledDown") == 2
 
 
 def test_a_new_colour_that_crash_loops_is_never_switched_to_and_is_rolled_back(blue_app, repo, kube, namespace):

@@ -4,7 +4,16 @@ EndpointSlices of a real Service, KWOK pods (`:crashloop` for a canary that fail
 from __future__ import annotations
 
 import pytest
-from helpers import app_entry, deployment, post_generic, transitions, wait_for, wait_transition, write_config
+from helpers import (
+    app_entry,
+    deployment,
+    metric,
+    post_generic,
+    transitions,
+    wait_for,
+    wait_transition,
+    write_config,
+)
 
 from gitopsd.daemon import status as status_mod
 from gitopsd.engine.rollout import ROLLOUT_ANNOTATION, TRACK_LABEL
@@ -91,6 +100,8 @@ def test_a_canary_runs_beside_the_stable_track_step_by_step_and_promotion_leaves
     assert weights == [10, 50, 100], weights
     assert all(d["healthy"] for t in steps[:-1] for d in t["rollout"]["deployments"])   # each step judged
     assert promoted[0]["health"]["outcome"] == "Healthy"
+    assert metric(daemon, "gitopsd_rollout_steps_total", app=name, strategy="canary", outcome="promoted") == 1
+    assert metric(daemon, "gitopsd_rollout_steps_total", app=name, strategy="canary", outcome="healthy") >= 2
     assert any(o["name"] == "web-canary" and o["action"] == "pruned" for t in steps for o in t["plan"]["objects"])
     wait_for("the status shows no rollout", lambda: "rollout" not in status_mod.read_all(
         kube, namespace=namespace, app=name)[0], 30)
@@ -106,6 +117,7 @@ def test_a_crash_looping_canary_aborts_at_the_first_step_and_the_stable_track_ke
     unhealthy = wait_transition(daemon, "the canary step Unhealthy", 60, app=name, result="Unhealthy", revision=bad)
     assert unhealthy["rollout"]["aborted"] and unhealthy["rollout"]["deployments"][0]["weight"] == 10
     assert "CrashLoopBackOff" in unhealthy["reason"]
+    assert metric(daemon, "gitopsd_rollout_steps_total", app=name, strategy="canary", outcome="aborted") == 1
     rolled = wait_transition(daemon, "rolled back", 60, app=name, result="RolledBack")
     assert rolled["previous"] == bad and rolled["release"]["quarantined"] == bad
     wait_for("the stable track at full size, no canary", lambda: _replicas(kube, namespace) == (10, None)

@@ -249,6 +249,7 @@ def test_a_commit_that_never_becomes_healthy_is_rolled_back_and_what_it_added_is
     assert rolled["release"]["quarantined"] == bad and rolled["release"]["from"] == bad
     assert rolled["release"]["by"] == AUTOMATIC and "ended Unhealthy" in rolled["release"]["reason"]
     assert rolled["health"]["outcome"] == "Healthy"
+    assert metric(daemon, "gitopsd_release_decisions_total", app=name, action="rollback", by="gitopsd") == 1
     assert {o["name"]: o["action"] for o in rolled["plan"]["objects"]}.get("added-by-bad") == "pruned"
     assert cm_data(kube, namespace, "added-by-bad") is None
     assert "nodeSelector" not in _template(kube, namespace, "web")

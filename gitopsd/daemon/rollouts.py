@@ -1,4 +1,4 @@
-"""Progressive delivery, the daemon's part: one app's canaries, step by step (issue 12, first part).
+"""Progressive delivery, the daemon's part: one app's canaries and blue-green switches (issue 12, first part).
 
 gitopsd.engine.rollout says what a step applies; this module decides which
 step runs, when the next one may, and what a finished or failed step means.
@@ -25,8 +25,20 @@ step runs, when the next one may, and what a finished or failed step means.
 - Self-heal keeps the step that runs: the runner's desired state is what the
   step applied.
 
+Blue-green (gitopsd.engine.rollout.BlueGreen) runs the same way, in phases
+instead of steps: the Deployment runs as `<name>-blue` or `<name>-green`, its
+Service selecting the active colour (the colour is read from the live
+Service, so a new leader knows it). A new template is deployed as the other
+colour at full size, the preview Service on it (`deploying`); once that run
+is healthy the next one switches the Service (`ready`); the old colour is
+kept for the scale-down delay so switching back is a selector change
+(`switched`), then left out and pruned. A new colour that fails is never
+switched to: the release control rolls back, the Service stays where it is.
+A Deployment that ran uncoloured keeps serving beside its first colour until
+the switch.
+
 State is per app and small: for each Deployment in a rollout, the template's
-hash, the step, and whether it was healthy (and since when); shown in the
+hash and the step or phase (and since when it was healthy); shown in the
 status (`rollout`) and in each transition's audit record.
 """
 
@@ -39,6 +51,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from gitopsd import metrics
 from gitopsd.engine import rollout
 from gitopsd.engine.render import Manifest
 from gitopsd.engine.sync import Outcome, SyncResult
@@ -96,7 +109,7 @@ class Switch:
 
 
 class RolloutControl:
-    """One app's canaries; the runner calls `shape` during a reconcile's plan and `after` once it ends."""
+    """One app's canaries and switches; the runner calls `shape` during a reconcile's plan and `after` once it ends."""
 
     def __init__(self, app: str, *, live: Callable[[ObjectRef], dict | None],
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -216,6 +229,8 @@ class RolloutControl:
         if cancelled:
             return None, False, record
         if result.outcome == Outcome.UNHEALTHY:
+            for a in active:
+                metrics.ROLLOUT_STEPS.inc(app=self.app, strategy=_strategy(a), outcome="aborted")
             with self._lock:
                 self._active.clear()
             log.warning("rollout failed: rolling back", app=self.app, deployments=[a.ref.name for a in active],
@@ -227,6 +242,7 @@ class RolloutControl:
         now = self._clock()
         with self._lock:
             for a in active:
+                metrics.ROLLOUT_STEPS.inc(app=self.app, strategy=_strategy(a), outcome=_outcome(a))
                 if isinstance(a, Switch):
                     left = self._switched(a, now)
                     if left is not None:
@@ -263,6 +279,17 @@ class RolloutControl:
 
     def status(self) -> list[dict]:
         return [a.status() for a in self.active]
+
+
+def _strategy(a: Active | Switch) -> str:
+    return "blueGreen" if isinstance(a, Switch) else "canary"
+
+
+def _outcome(a: Active | Switch) -> str:
+    """What a healthy run of `a` (before it advances) completes."""
+    if isinstance(a, Switch):
+        return {"ready": "switched", "switched": "scaledDown" if a.dropping else "healthy"}.get(a.phase, "healthy")
+    return "promoted" if a.promoting else "healthy"
 
 
 def _color_ref(ref: ObjectRef, color: str | None) -> ObjectRef:

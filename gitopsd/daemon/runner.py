@@ -293,6 +293,7 @@ class AppRunner:
         release = self.release.after(result, auto=(cfg.rollback_on_unhealthy or aborted) and not cancelled,
                                      last_healthy=self._last_healthy)
         if release.roll_back:
+            metrics.RELEASE_DECISIONS.inc(app=cfg.name, action="rollback", by="gitopsd")
             self._write_status()   # the decision first: a replica taking over mid-way finishes the rollback
         transition = self._is_transition(result) or release.release is not None
         if transition:
@@ -326,6 +327,8 @@ class AppRunner:
         taken, refused = self.release.take(live=self.last_applied, last_healthy=self._last_healthy)
         if taken is None:
             return
+        metrics.RELEASE_DECISIONS.inc(app=self.cfg.name, action=taken.action if refused is None else "refused",
+                                      by="cli" if taken.by.startswith("cli/") else "other")
         if refused is not None:
             log.warning("release request refused", app=self.cfg.name, error=refused.message, hint=refused.hint)
         self._write_status()   # before anything of it is applied

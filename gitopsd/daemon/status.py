@@ -191,8 +191,11 @@ def rollout_text(rollout: object) -> str:
     """The RELEASE cell of an app with canaries in progress (gitopsd.daemon.rollouts)."""
     if not isinstance(rollout, list):
         return ""
-    return "; ".join(f"canary {r.get('deployment')} step {r.get('step')}/{r.get('steps')} ({r.get('weight')}%)"
-                     for r in rollout if isinstance(r, dict))
+    def one(r: dict) -> str:
+        if r.get("strategy") == "blueGreen":
+            return f"blue-green {r.get('deployment')} {r.get('phase')} (active {r.get('active')}, new {r.get('new')})"
+        return f"canary {r.get('deployment')} step {r.get('step')}/{r.get('steps')} ({r.get('weight')}%)"
+    return "; ".join(one(r) for r in rollout if isinstance(r, dict))
 
 
 def release_text(release: object) -> str:

@@ -3,6 +3,8 @@ EndpointSlices of a real Service, KWOK pods (`:crashloop` for a canary that fail
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from helpers import (
     app_entry,
@@ -150,3 +152,69 @@ def test_self_heal_keeps_the_step_that_runs_and_reverts_a_hand_edit_of_either_tr
     healed = wait_for("drift records of both tracks", lambda: {d["object"]["name"] for d in corrected()}
                       >= {"web", "web-canary"} and corrected(), 30)
     assert all(d["action"] == "corrected" for d in healed)
+
+
+class _Gate:
+    """A webhook gate on loopback whose answer the test sets (status code, or down: no answer)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.status, self.calls = 200, []
+        gate = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):   # noqa: N802 - the stdlib's name
+                gate.calls.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(gate.status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/gate?token=s3cret"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def gate():
+    g = _Gate()
+    yield g
+    g.close()
+
+
+def _gated(image: str, url: str) -> dict:
+    obj = _web(image, steps="[10]", pause="1s")
+    obj["metadata"]["annotations"][ROLLOUT_ANNOTATION] += f"gates:\n  webhook: {{url: '{url}', timeout: 2s}}\n"
+    return obj
+
+
+def test_a_webhook_gate_that_refuses_aborts_the_canary_and_one_that_passes_promotes_it(
+        canary_app, repo, kube, namespace, gate):
+    name, daemon = canary_app
+    gate.status = 500
+    repo.write("web.yaml", [_gated("nginx:2.0", gate.url), _service()])
+    refused = repo.commit("web 2.0, gated")
+    post_generic(daemon, repo.url, refused)
+    aborted = wait_for("the abort recorded", lambda: next((t for t in transitions(daemon, name)
+                                                           if (t.get("rollout") or {}).get("aborted")), None), 60)
+    assert aborted["rollout"]["gates"]["web"] == {"webhook": "fail", "url": gate.url.split("?")[0], "status": 500}
+    assert "s3cret" not in daemon.log_path.read_text(), "the gate URL's query is never logged"
+    assert gate.calls[0]["deployment"] == "web" and gate.calls[0]["weight"] == 10
+    wait_transition(daemon, "rolled back", 60, app=name, result="RolledBack")
+    wait_for("stable at full size, no canary", lambda: _replicas(kube, namespace) == (10, None), 60)
+
+    gate.status = 200
+    repo.write("web.yaml", [_gated("nginx:3.0", gate.url), _service()])
+    passed = repo.commit("web 3.0, gated")
+    post_generic(daemon, repo.url, passed)
+    wait_for("promoted", lambda: _replicas(kube, namespace) == (10, None)
+             and _images(kube, namespace, "web") == "nginx:3.0", 60)
+    assert [c["weight"] for c in gate.calls] == [10, 10]

@@ -12,6 +12,7 @@ from gitopsd.engine.rollout import (
     TRACK_LABEL,
     Canary,
     RolloutError,
+    WebhookGate,
     parse,
     shape,
     split,
@@ -104,3 +105,21 @@ def test_a_template_is_identified_by_its_content_not_by_replicas():
     b = deployment("web", replicas=7, image="nginx:1.0")
     c = deployment("web", replicas=3, image="nginx:2.0")
     assert template_hash(a) == template_hash(b) != template_hash(c)
+
+
+def test_a_webhook_gate_is_read_with_the_strategy_and_checked():
+    canary = parse(_declared("strategy: canary\nsteps: [10]\ngates:\n  webhook: {url: 'https://ci.example/gate', "
+                             "timeout: 5s}\n"), source="web.yaml")
+    assert canary.webhook == WebhookGate(url="https://ci.example/gate", timeout=5.0)
+    green = parse(_declared("strategy: blueGreen\nservice: web\ngates: {webhook: {url: 'http://h/x'}}"), source="x")
+    assert green.webhook.url == "http://h/x" and green.service == "web" and green.scale_down_delay == 30.0
+    for gates, why in (("{webhook: {url: 'ftp://h'}}", "gates.webhook must be"),
+                       ("{prometheus: {query: up}}", "gates must be a mapping of webhook"),
+                       ("{webhook: {url: 'http://h', method: GET}}", "gates.webhook must be")):
+        with pytest.raises(RolloutError, match=why):
+            parse(_declared(f"strategy: canary\nsteps: [10]\ngates: {gates}"), source="web.yaml")
+
+
+def test_blue_green_names_its_service():
+    with pytest.raises(RolloutError, match="service must name a Service"):
+        parse(_declared("strategy: blueGreen\npreviewService: p"), source="web.yaml")

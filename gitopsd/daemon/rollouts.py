@@ -46,9 +46,13 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import orjson
 import structlog
 
 from gitopsd import metrics
@@ -220,7 +224,8 @@ class RolloutControl:
     def after(self, result: SyncResult, *, cancelled: bool = False) -> tuple[float | None, bool, dict | None]:
         """Judge a run: (seconds until the next step may run, or None; whether the rollout failed —
         the caller rolls back; the record's `rollout` field). A run `cancelled` (a newer commit,
-        shutdown) judged nothing: the step stays, and a newer template starts its own rollout."""
+        shutdown) judged nothing: the step stays, and a newer template starts its own rollout.
+        A healthy step whose gate refuses it makes `result` Unhealthy (outcome and reason)."""
         with self._lock:
             active = list(self._active.values())
         if not active:
@@ -238,25 +243,52 @@ class RolloutControl:
             return None, True, {**record, "aborted": True}
         if result.outcome not in (Outcome.APPLIED, Outcome.NO_CHANGE):
             return None, False, record   # failed to plan or apply: retried like any run
+        # The step (or phase) is healthy. Those not judged yet ask their gate (outside the lock: the network).
+        gates: dict[str, dict] = {}
+        held: set[ObjectRef] = set()
+        for a in active:
+            gate = _gate_of(a)
+            if gate is None or not _awaits_verdict(a) or (isinstance(a, Switch) and a.phase != "deploying"):
+                continue   # (blue-green asks its gate once, before the switch)
+            verdict, detail = ask_webhook(gate, payload={**a.status(), "app": self.app,
+                                                         "revision": result.revision.sha if result.revision else None})
+            gates[a.ref.name] = {"webhook": verdict, **detail}
+            log.info("rollout gate", app=self.app, deployment=a.ref.name, gate="webhook", verdict=verdict, **detail)
+            if verdict == "fail":
+                # The analysis failed: the run's verdict is Unhealthy, recorded and rolled back as such.
+                result.outcome = Outcome.UNHEALTHY
+                result.reason = (f"rollout gate refused {a.ref.name}: webhook {detail['url']} answered "
+                                 f"{detail.get('status')}")
+                for b in active:
+                    metrics.ROLLOUT_STEPS.inc(app=self.app, strategy=_strategy(b), outcome="aborted")
+                with self._lock:
+                    self._active.clear()
+                return None, True, {**record, "gates": gates, "aborted": True}
+            if verdict == "inconclusive":
+                held.add(a.ref)
         wait = None
         now = self._clock()
         with self._lock:
             for a in active:
-                metrics.ROLLOUT_STEPS.inc(app=self.app, strategy=_strategy(a), outcome=_outcome(a))
-                if isinstance(a, Switch):
+                if a.ref in held:   # asked again after the pause; the step does not advance meanwhile
+                    left = max(_pause_of(a), GATE_RETRY)
+                elif isinstance(a, Switch):
+                    if _awaits_verdict(a):
+                        metrics.ROLLOUT_STEPS.inc(app=self.app, strategy="blueGreen", outcome=_outcome(a))
                     left = self._switched(a, now)
-                    if left is not None:
-                        wait = left if wait is None else min(wait, left)
-                    continue
-                if a.promoting:
+                elif a.promoting:
+                    metrics.ROLLOUT_STEPS.inc(app=self.app, strategy="canary", outcome="promoted")
                     self._active.pop(a.ref, None)
                     log.info("canary promoted", app=self.app, deployment=a.ref.name)
                     continue
-                if a.healthy_at is None:
-                    a.healthy_at = now
-                left = max(0.0, a.canary.pause - (now - a.healthy_at))
-                wait = left if wait is None else min(wait, left)
-        return wait, False, {"deployments": [a.status() for a in active],
+                else:
+                    if a.healthy_at is None:
+                        metrics.ROLLOUT_STEPS.inc(app=self.app, strategy="canary", outcome="healthy")
+                        a.healthy_at = now
+                    left = max(0.0, a.canary.pause - (now - a.healthy_at))
+                if left is not None:
+                    wait = left if wait is None else min(wait, left)
+        return wait, False, {"deployments": [a.status() for a in active], **({"gates": gates} if gates else {}),
                              "promoted": [a.ref.name for a in active if isinstance(a, Active) and a.promoting]}
 
     def _switched(self, sw: Switch, now: float) -> float | None:
@@ -281,15 +313,49 @@ class RolloutControl:
         return [a.status() for a in self.active]
 
 
+#: An inconclusive gate (no answer) is asked again after the pause, and at least this often (seconds).
+GATE_RETRY = 10.0
+
+
+def _gate_of(a: Active | Switch) -> rollout.WebhookGate | None:
+    return a.canary.webhook if isinstance(a, Active) else a.strategy.webhook
+
+
+def _awaits_verdict(a: Active | Switch) -> bool:
+    """A healthy run of `a` judges something new: a canary step not judged yet (promotion needs no gate),
+    a blue-green phase about to change."""
+    if isinstance(a, Active):
+        return a.healthy_at is None and not a.promoting
+    return a.phase in ("deploying", "ready") or a.dropping
+
+
+def _pause_of(a: Active | Switch) -> float:
+    return a.canary.pause if isinstance(a, Active) else 0.0
+
+
+def ask_webhook(gate: rollout.WebhookGate, *, payload: dict) -> tuple[str, dict]:
+    """POST the step to the gate: ("pass" | "fail" | "inconclusive", details for the record). The
+    URL's query (which may carry a token) is never logged or recorded: only scheme, host and path."""
+    parts = urllib.parse.urlsplit(gate.url)
+    where = {"url": f"{parts.scheme}://{parts.hostname}{':' + str(parts.port) if parts.port else ''}{parts.path}"}
+    request = urllib.request.Request(gate.url, data=orjson.dumps(payload), method="POST",
+                                     headers={"Content-Type": "application/json", "User-Agent": "gitopsd"})
+    try:
+        with urllib.request.urlopen(request, timeout=gate.timeout) as answer:
+            return "pass", {**where, "status": answer.status}
+    except urllib.error.HTTPError as exc:
+        return "fail", {**where, "status": exc.code}
+    except (OSError, ValueError) as exc:   # refused, timed out, unreachable: no verdict
+        return "inconclusive", {**where, "error": type(exc).__name__}
+
+
 def _strategy(a: Active | Switch) -> str:
     return "blueGreen" if isinstance(a, Switch) else "canary"
 
 
-def _outcome(a: Active | Switch) -> str:
-    """What a healthy run of `a` (before it advances) completes."""
-    if isinstance(a, Switch):
-        return {"ready": "switched", "switched": "scaledDown" if a.dropping else "healthy"}.get(a.phase, "healthy")
-    return "promoted" if a.promoting else "healthy"
+def _outcome(a: Switch) -> str:
+    """What a healthy run of a blue-green switch (before it advances) completes."""
+    return {"ready": "switched", "switched": "scaledDown" if a.dropping else "healthy"}.get(a.phase, "healthy")
 
 
 def _color_ref(ref: ObjectRef, color: str | None) -> ObjectRef:

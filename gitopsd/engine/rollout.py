@@ -66,11 +66,21 @@ class RolloutError(GitopsdError):
 
 
 @dataclass(frozen=True)
+class WebhookGate:
+    """POST the step to `url` once it is healthy: 2xx passes, another status fails (abort), no answer
+    (refused, timed out) is inconclusive: the step holds and the gate is asked again after the pause."""
+
+    url: str
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True)
 class Canary:
     """A Deployment's canary strategy, as declared."""
 
     steps: tuple[int, ...]      # ascending percentages below 100; promotion (100) follows the last
     pause: float = 0.0          # seconds between a healthy step and the next
+    webhook: WebhookGate | None = None
 
     def weight(self, step: int) -> int:
         """The canary's share at `step` (0-based); 100 once past the last (promotion)."""
@@ -85,6 +95,7 @@ class BlueGreen:
     service: str
     preview: str | None = None
     scale_down_delay: float = 30.0
+    webhook: WebhookGate | None = None
 
 
 def other(color: str) -> str:
@@ -122,29 +133,44 @@ def parse(obj: dict, *, source: str) -> Canary | BlueGreen | None:
         raise RolloutError(f"{where}: strategy must be one of {', '.join(STRATEGIES)}, not {spec.get('strategy')!r}")
     if spec["strategy"] == "blueGreen":
         return _blue_green(spec, where=where)
-    unknown = sorted(set(spec) - {"strategy", "steps", "pause"})
+    unknown = sorted(set(spec) - {"strategy", "steps", "pause", "gates"})
     if unknown:
-        raise RolloutError(f"{where}: unknown field {unknown[0]!r}", hint="fields: strategy, steps, pause")
+        raise RolloutError(f"{where}: unknown field {unknown[0]!r}", hint="fields: strategy, steps, pause, gates")
     steps = spec.get("steps")
     if not isinstance(steps, list) or not steps or len(steps) > MAX_STEPS or \
             not all(isinstance(s, int) and not isinstance(s, bool) and 0 < s <= 100 for s in steps):
         raise RolloutError(f"{where}: steps must be a list of 1 to {MAX_STEPS} percentages (1-100), e.g. [10, 50]")
     if steps != sorted(set(steps)):
         raise RolloutError(f"{where}: steps must rise, each once: {steps}")
-    return Canary(steps=tuple(s for s in steps if s < 100), pause=_seconds(spec.get("pause", 0), where=where))
+    return Canary(steps=tuple(s for s in steps if s < 100), pause=_seconds(spec.get("pause", 0), where=where),
+                  webhook=_gates(spec.get("gates"), where=where))
+
+
+def _gates(gates: object, *, where: str) -> WebhookGate | None:
+    if gates is None:
+        return None
+    if not isinstance(gates, dict) or set(gates) - {"webhook"}:
+        raise RolloutError(f"{where}: gates must be a mapping of webhook: {{url: ...}}",
+                           hint="a Prometheus gate is not available yet")
+    hook = gates.get("webhook")
+    url = hook.get("url") if isinstance(hook, dict) else None
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")) or set(hook) - {"url", "timeout"}:
+        raise RolloutError(f"{where}: gates.webhook must be {{url: http(s)://..., timeout: 10s}}")
+    return WebhookGate(url=url, timeout=_seconds(hook.get("timeout", 10), where=where))
 
 
 def _blue_green(spec: dict, *, where: str) -> BlueGreen:
-    unknown = sorted(set(spec) - {"strategy", "service", "previewService", "scaleDownDelay"})
+    unknown = sorted(set(spec) - {"strategy", "service", "previewService", "scaleDownDelay", "gates"})
     if unknown:
         raise RolloutError(f"{where}: unknown field {unknown[0]!r}",
-                           hint="fields: strategy, service, previewService, scaleDownDelay")
+                           hint="fields: strategy, service, previewService, scaleDownDelay, gates")
     for key in ("service", "previewService"):
         value = spec.get(key)
         if (value is not None or key == "service") and not (isinstance(value, str) and value):
             raise RolloutError(f"{where}: {key} must name a Service of the same commit and namespace")
     return BlueGreen(service=spec["service"], preview=spec.get("previewService"),
-                     scale_down_delay=_seconds(spec.get("scaleDownDelay", 30), where=where))
+                     scale_down_delay=_seconds(spec.get("scaleDownDelay", 30), where=where),
+                     webhook=_gates(spec.get("gates"), where=where))
 
 
 def _seconds(value: object, *, where: str) -> float:

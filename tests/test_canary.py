@@ -205,7 +205,9 @@ def test_a_webhook_gate_that_refuses_aborts_the_canary_and_one_that_passes_promo
     post_generic(daemon, repo.url, refused)
     aborted = wait_for("the abort recorded", lambda: next((t for t in transitions(daemon, name)
                                                            if (t.get("rollout") or {}).get("aborted")), None), 60)
-    assert aborted["rollout"]["gates"]["web"] == {"webhook": "fail", "url": gate.url.split("?")[0], "status": 500}
+    assert aborted["rollout"]["gates"]["web"] == {"webhook": {"verdict": "fail", "url": gate.url.split("?")[0],
+                                                              "status": 500}}
+    assert "webhook" in aborted["reason"] and "500" in aborted["reason"]
     assert "s3cret" not in daemon.log_path.read_text(), "the gate URL's query is never logged"
     assert gate.calls[0]["deployment"] == "web" and gate.calls[0]["weight"] == 10
     wait_transition(daemon, "rolled back", 60, app=name, result="RolledBack")

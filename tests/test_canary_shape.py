@@ -11,6 +11,7 @@ from gitopsd.engine.rollout import (
     ROLLOUT_ANNOTATION,
     TRACK_LABEL,
     Canary,
+    PrometheusGate,
     RolloutError,
     WebhookGate,
     parse,
@@ -110,11 +111,13 @@ def test_a_template_is_identified_by_its_content_not_by_replicas():
 def test_a_webhook_gate_is_read_with_the_strategy_and_checked():
     canary = parse(_declared("strategy: canary\nsteps: [10]\ngates:\n  webhook: {url: 'https://ci.example/gate', "
                              "timeout: 5s}\n"), source="web.yaml")
-    assert canary.webhook == WebhookGate(url="https://ci.example/gate", timeout=5.0)
+    assert canary.gates.webhook == WebhookGate(url="https://ci.example/gate", timeout=5.0)
     green = parse(_declared("strategy: blueGreen\nservice: web\ngates: {webhook: {url: 'http://h/x'}}"), source="x")
-    assert green.webhook.url == "http://h/x" and green.service == "web" and green.scale_down_delay == 30.0
+    assert green.gates.webhook.url == "http://h/x" and green.service == "web" and green.scale_down_delay == 30.0
     for gates, why in (("{webhook: {url: 'ftp://h'}}", "gates.webhook must be"),
-                       ("{prometheus: {query: up}}", "gates must be a mapping of webhook"),
+                       ("{prometheus: {query: up}}", "give max and/or min"),
+                       ("{prometheus: {query: up, max: 1, count: 0}}", "count"),
+                       ("{grafana: {}}", "gates must be a mapping of webhook"),
                        ("{webhook: {url: 'http://h', method: GET}}", "gates.webhook must be")):
         with pytest.raises(RolloutError, match=why):
             parse(_declared(f"strategy: canary\nsteps: [10]\ngates: {gates}"), source="web.yaml")
@@ -123,3 +126,11 @@ def test_a_webhook_gate_is_read_with_the_strategy_and_checked():
 def test_blue_green_names_its_service():
     with pytest.raises(RolloutError, match="service must name a Service"):
         parse(_declared("strategy: blueGreen\npreviewService: p"), source="web.yaml")
+
+
+def test_a_prometheus_gate_is_read_with_its_bounds_and_schedule():
+    canary = parse(_declared(
+        "strategy: canary\nsteps: [10]\ngates:\n  prometheus:\n    query: sum(rate(errors[1m]))\n    max: 0.01\n"
+        "    interval: 5s\n    count: 3\n    failureLimit: 1\n    address: http://127.0.0.1:9090\n"), source="x")
+    assert canary.gates.prometheus == PrometheusGate(query="sum(rate(errors[1m]))", max=0.01, interval=5.0, count=3,
+                                                     failure_limit=1, address="http://127.0.0.1:9090")

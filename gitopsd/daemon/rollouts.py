@@ -44,13 +44,15 @@ status (`rollout`) and in each transition's audit record.
 
 from __future__ import annotations
 
+import math
+import os
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 import structlog
@@ -67,6 +69,16 @@ TEMPLATE_HASH_ANNOTATION = "gitopsd.io/template-hash"
 
 
 @dataclass
+class GateState:
+    """What the gates said of the step under judgement (reset when the step changes)."""
+
+    webhook_ok: bool = False
+    passes: int = 0
+    failures: int = 0
+    last: dict | None = None      # the last answers, for the record
+
+
+@dataclass
 class Active:
     """One Deployment's canary in progress."""
 
@@ -75,6 +87,7 @@ class Active:
     canary: rollout.Canary
     step: int = 0
     healthy_at: float | None = None   # when the running step was found healthy (monotonic)
+    gates: GateState = field(default_factory=GateState)
 
     @property
     def weight(self) -> int:
@@ -105,6 +118,7 @@ class Switch:
     phase: str = "deploying"
     switched_at: float | None = None
     dropping: bool = False         # this run leaves the old colour out: done once healthy
+    gates: GateState = field(default_factory=GateState)
 
     def status(self) -> dict:
         return {"deployment": self.ref.name, "namespace": self.ref.namespace, "strategy": "blueGreen",
@@ -119,6 +133,7 @@ class RolloutControl:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.app = app
         self._live, self._clock = live, clock
+        self._prometheus_url = os.environ.get("GITOPSD_PROMETHEUS_URL")
         self._active: dict[ObjectRef, Active | Switch] = {}
         self._lock = threading.Lock()   # status() is read by the HTTP server's thread
 
@@ -212,7 +227,7 @@ class RolloutControl:
                 log.info("canary started", app=self.app, deployment=ref.name, steps=list(canary.steps),
                          template=new)
             elif active.healthy_at is not None and self._clock() - active.healthy_at >= canary.pause:
-                active.step, active.healthy_at = active.step + 1, None
+                active.step, active.healthy_at, active.gates = active.step + 1, None, GateState()
                 log.info("canary step", app=self.app, deployment=ref.name, step=active.step + 1,
                          weight=active.weight)
             active.canary = canary
@@ -243,35 +258,33 @@ class RolloutControl:
             return None, True, {**record, "aborted": True}
         if result.outcome not in (Outcome.APPLIED, Outcome.NO_CHANGE):
             return None, False, record   # failed to plan or apply: retried like any run
-        # The step (or phase) is healthy. Those not judged yet ask their gate (outside the lock: the network).
+        # The step (or phase) is healthy. Those not judged yet ask their gates (outside the lock: the network).
         gates: dict[str, dict] = {}
-        held: set[ObjectRef] = set()
+        held: dict[ObjectRef, float] = {}   # not judged yet: ask again after this many seconds
         for a in active:
-            gate = _gate_of(a)
-            if gate is None or not _awaits_verdict(a) or (isinstance(a, Switch) and a.phase != "deploying"):
-                continue   # (blue-green asks its gate once, before the switch)
-            verdict, detail = ask_webhook(gate, payload={**a.status(), "app": self.app,
-                                                         "revision": result.revision.sha if result.revision else None})
-            gates[a.ref.name] = {"webhook": verdict, **detail}
-            log.info("rollout gate", app=self.app, deployment=a.ref.name, gate="webhook", verdict=verdict, **detail)
+            strategy = a.canary if isinstance(a, Active) else a.strategy
+            if not _awaits_verdict(a) or (isinstance(a, Switch) and a.phase != "deploying"):
+                continue   # (blue-green asks its gates once, before the switch)
+            verdict, retry = self._judge(a, strategy.gates, revision=result.revision.sha if result.revision else None)
+            if a.gates.last:
+                gates[a.ref.name] = a.gates.last
             if verdict == "fail":
                 # The analysis failed: the run's verdict is Unhealthy, recorded and rolled back as such.
                 result.outcome = Outcome.UNHEALTHY
-                result.reason = (f"rollout gate refused {a.ref.name}: webhook {detail['url']} answered "
-                                 f"{detail.get('status')}")
+                result.reason = f"rollout gate refused {a.ref.name}: {_why(a.gates.last)}"
                 for b in active:
                     metrics.ROLLOUT_STEPS.inc(app=self.app, strategy=_strategy(b), outcome="aborted")
                 with self._lock:
                     self._active.clear()
                 return None, True, {**record, "gates": gates, "aborted": True}
-            if verdict == "inconclusive":
-                held.add(a.ref)
+            if verdict == "hold":
+                held[a.ref] = retry
         wait = None
         now = self._clock()
         with self._lock:
             for a in active:
-                if a.ref in held:   # asked again after the pause; the step does not advance meanwhile
-                    left = max(_pause_of(a), GATE_RETRY)
+                if a.ref in held:   # the gates are asked again; the step does not advance meanwhile
+                    left = held[a.ref]
                 elif isinstance(a, Switch):
                     if _awaits_verdict(a):
                         metrics.ROLLOUT_STEPS.inc(app=self.app, strategy="blueGreen", outcome=_outcome(a))
@@ -290,6 +303,35 @@ class RolloutControl:
                     wait = left if wait is None else min(wait, left)
         return wait, False, {"deployments": [a.status() for a in active], **({"gates": gates} if gates else {}),
                              "promoted": [a.ref.name for a in active if isinstance(a, Active) and a.promoting]}
+
+    def _judge(self, a: Active | Switch, gates: rollout.Gates, *, revision: str | None) -> tuple[str, float]:
+        """Ask a healthy step's gates: ("pass" | "fail" | "hold", seconds until asking again)."""
+        state = a.gates
+        payload = {**a.status(), "app": self.app, "revision": revision}
+        answers = dict(state.last or {})
+        if gates.webhook is not None and not state.webhook_ok:
+            verdict, detail = ask_webhook(gates.webhook, payload=payload)
+            answers["webhook"] = {"verdict": verdict, **detail}
+            state.last = answers
+            log.info("rollout gate", app=self.app, deployment=a.ref.name, gate="webhook", verdict=verdict, **detail)
+            if verdict != "pass":
+                return ("fail" if verdict == "fail" else "hold"), max(_pause_of(a), GATE_RETRY)
+            state.webhook_ok = True
+        gate = gates.prometheus
+        if gate is None:
+            return "pass", 0.0
+        verdict, detail = ask_prometheus(gate, default=self._prometheus_url)
+        if verdict == "pass":
+            state.passes += 1
+        elif verdict == "fail":
+            state.failures += 1
+        answers["prometheus"] = {"verdict": verdict, "passes": state.passes, "failures": state.failures, **detail}
+        state.last = answers
+        log.info("rollout gate", app=self.app, deployment=a.ref.name, gate="prometheus", verdict=verdict,
+                 passes=state.passes, failures=state.failures, **detail)
+        if state.failures > gate.failure_limit:
+            return "fail", 0.0
+        return ("pass", 0.0) if state.passes >= gate.count else ("hold", gate.interval)
 
     def _switched(self, sw: Switch, now: float) -> float | None:
         """A healthy run of a blue-green switch: its next phase, and when the next run is due."""
@@ -317,8 +359,49 @@ class RolloutControl:
 GATE_RETRY = 10.0
 
 
-def _gate_of(a: Active | Switch) -> rollout.WebhookGate | None:
-    return a.canary.webhook if isinstance(a, Active) else a.strategy.webhook
+def _why(answers: dict | None) -> str:
+    """The refusing gate's answer, in a few words."""
+    for name, a in (answers or {}).items():
+        if a.get("verdict") == "fail":
+            if name == "webhook":
+                return f"webhook {a.get('url')} answered {a.get('status')}"
+            return (f"prometheus: {a.get('value')} outside [{a.get('min')}, {a.get('max')}] "
+                    f"({a.get('failures')} failed evaluations)")
+    return "a gate failed"
+
+
+def ask_prometheus(gate: rollout.PrometheusGate, *, default: str | None) -> tuple[str, dict]:
+    """Evaluate the gate's query now: ("pass" | "fail" | "inconclusive", details for the record).
+    No data (an empty vector, NaN) and no answer are inconclusive: absence of evidence is not a verdict."""
+    address = gate.address or default
+    bounds = {"min": gate.min, "max": gate.max}
+    if not address:
+        return "inconclusive", {**bounds, "error": "no Prometheus address (gate address or GITOPSD_PROMETHEUS_URL)"}
+    url = f"{address.rstrip('/')}/api/v1/query?{urllib.parse.urlencode({'query': gate.query})}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            body = orjson.loads(answer.read())
+    except urllib.error.HTTPError as exc:   # a query Prometheus refuses (bad PromQL) will not get better
+        return "fail", {**bounds, "error": f"Prometheus refused the query ({exc.code})"}
+    except (OSError, ValueError) as exc:
+        return "inconclusive", {**bounds, "error": type(exc).__name__}
+    value = _first_value((body.get("data") or {}) if isinstance(body, dict) else {})
+    if value is None or math.isnan(value):
+        return "inconclusive", {**bounds, "value": None}
+    ok = (gate.max is None or value <= gate.max) and (gate.min is None or value >= gate.min)
+    return ("pass" if ok else "fail"), {**bounds, "value": value}
+
+
+def _first_value(data: dict) -> float | None:
+    result = data.get("result")
+    try:
+        if data.get("resultType") == "scalar":
+            return float(result[1])
+        if data.get("resultType") == "vector" and result:
+            return float(result[0]["value"][1])
+    except (TypeError, ValueError, IndexError, KeyError):
+        return None
+    return None
 
 
 def _awaits_verdict(a: Active | Switch) -> bool:

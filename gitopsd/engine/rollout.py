@@ -75,12 +75,35 @@ class WebhookGate:
 
 
 @dataclass(frozen=True)
+class PrometheusGate:
+    """A PromQL query evaluated once a step is healthy: `count` evaluations `interval` apart must
+    give a value within [min, max]; more than `failure_limit` values outside abort; a query with
+    no data (an empty vector, NaN) is inconclusive — the step holds and asks again — as is a
+    Prometheus that does not answer. `address`: the Prometheus HTTP API (default: the daemon's
+    --prometheus-url)."""
+
+    query: str
+    max: float | None = None
+    min: float | None = None
+    interval: float = 10.0
+    count: int = 1
+    failure_limit: int = 0
+    address: str | None = None
+
+
+@dataclass(frozen=True)
+class Gates:
+    webhook: WebhookGate | None = None
+    prometheus: PrometheusGate | None = None
+
+
+@dataclass(frozen=True)
 class Canary:
     """A Deployment's canary strategy, as declared."""
 
     steps: tuple[int, ...]      # ascending percentages below 100; promotion (100) follows the last
     pause: float = 0.0          # seconds between a healthy step and the next
-    webhook: WebhookGate | None = None
+    gates: Gates = Gates()
 
     def weight(self, step: int) -> int:
         """The canary's share at `step` (0-based); 100 once past the last (promotion)."""
@@ -95,7 +118,7 @@ class BlueGreen:
     service: str
     preview: str | None = None
     scale_down_delay: float = 30.0
-    webhook: WebhookGate | None = None
+    gates: Gates = Gates()
 
 
 def other(color: str) -> str:
@@ -143,20 +166,48 @@ def parse(obj: dict, *, source: str) -> Canary | BlueGreen | None:
     if steps != sorted(set(steps)):
         raise RolloutError(f"{where}: steps must rise, each once: {steps}")
     return Canary(steps=tuple(s for s in steps if s < 100), pause=_seconds(spec.get("pause", 0), where=where),
-                  webhook=_gates(spec.get("gates"), where=where))
+                  gates=_gates(spec.get("gates"), where=where))
 
 
-def _gates(gates: object, *, where: str) -> WebhookGate | None:
+def _gates(gates: object, *, where: str) -> Gates:
     if gates is None:
-        return None
-    if not isinstance(gates, dict) or set(gates) - {"webhook"}:
-        raise RolloutError(f"{where}: gates must be a mapping of webhook: {{url: ...}}",
-                           hint="a Prometheus gate is not available yet")
-    hook = gates.get("webhook")
-    url = hook.get("url") if isinstance(hook, dict) else None
-    if not isinstance(url, str) or not url.startswith(("http://", "https://")) or set(hook) - {"url", "timeout"}:
-        raise RolloutError(f"{where}: gates.webhook must be {{url: http(s)://..., timeout: 10s}}")
-    return WebhookGate(url=url, timeout=_seconds(hook.get("timeout", 10), where=where))
+        return Gates()
+    if not isinstance(gates, dict) or not gates or set(gates) - {"webhook", "prometheus"}:
+        raise RolloutError(f"{where}: gates must be a mapping of webhook: {{url: ...}} and/or "
+                           f"prometheus: {{query: ..., max: ...}}")
+    webhook = prometheus = None
+    if "webhook" in gates:
+        hook = gates["webhook"]
+        url = hook.get("url") if isinstance(hook, dict) else None
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")) or set(hook) - {"url", "timeout"}:
+            raise RolloutError(f"{where}: gates.webhook must be {{url: http(s)://..., timeout: 10s}}")
+        webhook = WebhookGate(url=url, timeout=_seconds(hook.get("timeout", 10), where=where))
+    if "prometheus" in gates:
+        prometheus = _prometheus(gates["prometheus"], where=f"{where}: gates.prometheus")
+    return Gates(webhook=webhook, prometheus=prometheus)
+
+
+def _prometheus(spec: object, *, where: str) -> PrometheusGate:
+    known = {"query", "max", "min", "interval", "count", "failureLimit", "address"}
+    if not isinstance(spec, dict) or set(spec) - known:
+        raise RolloutError(f"{where}: must be a mapping of {', '.join(sorted(known))}")
+    query = spec.get("query")
+    if not isinstance(query, str) or not query.strip():
+        raise RolloutError(f"{where}: query must be a PromQL expression")
+    bounds = {k: spec.get(k) for k in ("max", "min")}
+    if all(v is None for v in bounds.values()) or not all(
+            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in bounds.values()):
+        raise RolloutError(f"{where}: give max and/or min: the bounds a healthy value stays within (numbers)")
+    counts = {k: spec.get(k, d) for k, d in (("count", 1), ("failureLimit", 0))}
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 100 for v in counts.values()) \
+            or counts["count"] < 1:
+        raise RolloutError(f"{where}: count (1-100) and failureLimit (0-100) must be whole numbers")
+    address = spec.get("address")
+    if address is not None and not (isinstance(address, str) and address.startswith(("http://", "https://"))):
+        raise RolloutError(f"{where}: address must be the Prometheus URL, http(s)://...")
+    return PrometheusGate(query=query, max=bounds["max"], min=bounds["min"],
+                          interval=_seconds(spec.get("interval", 10), where=where), count=counts["count"],
+                          failure_limit=counts["failureLimit"], address=address)
 
 
 def _blue_green(spec: dict, *, where: str) -> BlueGreen:
@@ -170,7 +221,7 @@ def _blue_green(spec: dict, *, where: str) -> BlueGreen:
             raise RolloutError(f"{where}: {key} must name a Service of the same commit and namespace")
     return BlueGreen(service=spec["service"], preview=spec.get("previewService"),
                      scale_down_delay=_seconds(spec.get("scaleDownDelay", 30), where=where),
-                     webhook=_gates(spec.get("gates"), where=where))
+                     gates=_gates(spec.get("gates"), where=where))
 
 
 def _seconds(value: object, *, where: str) -> float:

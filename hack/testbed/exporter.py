@@ -263,7 +263,12 @@ class ExporterClient:
             with urllib.request.urlopen(req, timeout=10) as resp:
                 return json.loads(resp.read())["series"]
         except urllib.error.HTTPError as exc:
-            raise ExporterError(json.loads(exc.read() or b"{}").get("error") or str(exc)) from None
+            raw = exc.read()
+            try:
+                reason = json.loads(raw)["error"]
+            except (ValueError, KeyError, TypeError):  # not one of ours (the stdlib's own error page)
+                reason = f"{exc}: {raw[:200].decode(errors='replace')}"
+            raise ExporterError(reason) from None
         except OSError as exc:
             raise ExporterError(f"the test exporter at {self.url} did not answer {method} {path}: {exc}") from None
 

@@ -286,3 +286,50 @@ def own_kube(own_kubeconfig):
     k = Kube.connect(kubeconfig=own_kubeconfig)
     yield k
     k.close()
+
+
+# ---------------------------------------------------------------- a real Prometheus
+
+@pytest.fixture(scope="session")
+def prometheus(request):
+    """A real Prometheus for the session, scraping the test exporter every
+    second (hack/testbed/prometheus.py, exporter.py); no control plane needed.
+
+    Yields a `testbed.prometheus.Prometheus`:
+      .url                  base URL of the HTTP API (http://127.0.0.1:PORT; /api/v1/query)
+      .query(expr, at=None) -> the API's `data` ({"resultType", "result"}); PrometheusError when refused
+      .exporter             ExporterClient: traffic(app=, track=, per_second=, error_share=0.0),
+                            rate(app=, track=, code=, per_second=), inc(app=, track=, code=, by=1.0),
+                            reset(app=None), state()
+      .exporter_url         the exporter's base URL (/metrics is what Prometheus scrapes)
+    Every series is `http_requests_total{app, track, code}` with job="exporter".
+    The exporter is shared by the whole session: give your series an app name
+    of your own (the test's namespace) and filter queries by it.
+
+    Started once (it is ready when it has scraped the exporter), stopped at the
+    end of the session; fails, never skips, when it cannot start. Its logs are
+    kept in test-logs/ when a test failed.
+    """
+    from testbed import prometheus as tb_prometheus
+
+    name = f"prometheus-{os.getpid()}"
+    failed_before = request.session.testsfailed
+
+    def keep_logs() -> str:
+        kept = tb_build.cache_dir() / "test-logs" / name
+        shutil.rmtree(kept, ignore_errors=True)
+        kept.mkdir(parents=True)
+        for log in tb_prometheus.prometheus_dir(name).glob("*.log"):
+            shutil.copy(log, kept)
+        return f"\nlogs of {name} kept in {kept}\n"
+
+    try:
+        prom = tb_prometheus.up(name, out=sys.stderr)
+    except (tb_prometheus.PrometheusError, FileNotFoundError, OSError) as exc:
+        kept = keep_logs()
+        tb_prometheus.down(name)
+        pytest.fail(f"the test bed's Prometheus did not start: {exc}{kept}", pytrace=False)
+    yield prom
+    if request.session.testsfailed > failed_before:
+        sys.stderr.write(keep_logs())
+    prom.stop()

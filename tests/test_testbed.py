@@ -297,3 +297,190 @@ def test_our_stage_files_are_named_after_the_image_tags_they_handle():
     assert stages.tags() == ["crashloop", "pullfail", "slow-ready"]
     for tag in stages.tags():
         assert f'endswith(":{tag}")' in (stages.OURS / f"{tag}.yaml").read_text(), tag
+
+
+# ---------------------------------------------------------------- a real Prometheus and the test exporter
+#
+# Progressive-delivery gates query Prometheus; these prove the test bed's
+# Prometheus (hack/testbed/prometheus.py) answers as a gate will ask, over
+# counters the test sets on the exporter (hack/testbed/exporter.py). No
+# apiserver is involved. Series are named after the test (app=<uuid>) because
+# the exporter is shared by the session.
+
+ERROR_RATE = ('sum(rate(http_requests_total{{app="{app}",code="500"{extra}}}[10s]))'
+              ' / sum(rate(http_requests_total{{app="{app}"{extra}}}[10s]))')
+
+
+def _app() -> str:
+    import uuid
+
+    return f"app-{uuid.uuid4().hex[:8]}"
+
+
+def _error_rate(prometheus, app: str, *, track: str | None = None) -> list[dict]:
+    extra = f',track="{track}"' if track else ""
+    return prometheus.query(ERROR_RATE.format(app=app, extra=extra))["result"]
+
+
+def _settles_at(prometheus, app: str, expected: float, *, track: str | None = None, tolerance: float = 0.002):
+    """Wait (polling the query API, bounded) until the error-rate query answers `expected`."""
+    def close():
+        result = _error_rate(prometheus, app, track=track)
+        return result if result and abs(float(result[0]["value"][1]) - expected) <= tolerance else None
+    return float(wait_for(f"the error rate of {app} to read {expected}", close, timeout=60)[0]["value"][1])
+
+
+def test_prometheus_reports_the_pinned_version(prometheus):
+    import json
+    import urllib.request
+
+    from testbed import build
+
+    with urllib.request.urlopen(f"{prometheus.url}/api/v1/status/buildinfo", timeout=10) as resp:
+        info = json.loads(resp.read())["data"]
+    assert build.PROMETHEUS == "v0.316.0" and build.prometheus_release() == "3.16.0"
+    assert info["version"] == "3.16.0", info
+
+
+def test_prometheus_answers_a_query_over_the_exporters_series(prometheus):
+    app = _app()
+    prometheus.exporter.inc(app=app, track="stable", code="200", by=7)
+
+    result = wait_for(f"http_requests_total of {app} in Prometheus",
+                      lambda: prometheus.query(f'http_requests_total{{app="{app}"}}')["result"], timeout=30)
+    assert len(result) == 1
+    sample = result[0]
+    assert sample["metric"] == {"__name__": "http_requests_total", "app": app, "track": "stable", "code": "200",
+                                "job": "exporter", "instance": prometheus.exporter_url.removeprefix("http://")}
+    assert float(sample["value"][1]) == 7.0
+
+
+def test_the_error_rate_query_reflects_the_rate_set_on_the_exporter(prometheus):
+    app = _app()
+    prometheus.exporter.traffic(app=app, track="stable", per_second=90)
+    prometheus.exporter.traffic(app=app, track="canary", per_second=10, error_share=0.05)
+
+    assert _settles_at(prometheus, app, 0.05, track="canary") == pytest.approx(0.05, abs=0.002)
+    assert _settles_at(prometheus, app, 0.005) == pytest.approx(0.005, abs=0.002)  # 0.5 of 100 requests a second
+
+    # The canary goes bad mid-analysis: the 10 s window slides onto the new rate.
+    prometheus.exporter.traffic(app=app, track="canary", per_second=10, error_share=0.2)
+    assert _settles_at(prometheus, app, 0.2, track="canary") == pytest.approx(0.2, abs=0.002)
+
+
+def test_a_query_with_no_data_returns_an_empty_vector(prometheus):
+    # What a gate sees for an app that serves nothing yet: inconclusive, not 0 %.
+    data = prometheus.query(ERROR_RATE.format(app=_app(), extra=""))
+    assert data == {"resultType": "vector", "result": []}
+
+
+def test_an_app_whose_series_were_reset_has_no_data_again(prometheus):
+    app = _app()
+    prometheus.exporter.traffic(app=app, track="canary", per_second=10, error_share=0.5)
+    wait_for(f"series of {app} in Prometheus",
+             lambda: prometheus.query(f'http_requests_total{{app="{app}"}}')["result"], timeout=30)
+
+    assert prometheus.exporter.reset(app=app) == []
+    # Gone from the scrape = a staleness marker: instant queries stop seeing it at once.
+    wait_for(f"series of {app} to go stale",
+             lambda: prometheus.query(f'http_requests_total{{app="{app}"}}')["result"] == [], timeout=30)
+
+
+def test_an_app_that_serves_no_requests_has_an_error_rate_of_nan(prometheus):
+    # The other inconclusive answer: series exist but are flat, so 0 / 0.
+    app = _app()
+    prometheus.exporter.rate(app=app, track="canary", code="200", per_second=0)
+    prometheus.exporter.rate(app=app, track="canary", code="500", per_second=0)
+
+    result = wait_for(f"the error rate of {app} to be evaluated",
+                      lambda: _error_rate(prometheus, app), timeout=30)
+    assert result[0]["value"][1] == "NaN"
+
+
+def test_a_bad_query_is_refused_naming_prometheus_error(prometheus):
+    from testbed.prometheus import PrometheusError
+
+    with pytest.raises(PrometheusError, match=r"query 'sum\(': bad_data: .*unclosed left parenthesis"):
+        prometheus.query("sum(")
+
+
+def test_the_exporter_refuses_a_bad_control_request_naming_the_field(prometheus):
+    from testbed.exporter import ExporterError
+
+    with pytest.raises(ExporterError, match="field 'per_second' must be >= 0"):
+        prometheus.exporter.traffic(app=_app(), track="canary", per_second=-1)
+    with pytest.raises(ExporterError, match="field 'error_share' must be between 0 and 1, got 5.0"):
+        prometheus.exporter.traffic(app=_app(), track="canary", per_second=1, error_share=5)
+    with pytest.raises(ExporterError, match="field 'code' is required"):
+        prometheus.exporter._call("POST", "/rate", {"app": "a", "track": "b", "per_second": 1})
+
+
+def test_exporter_counters_grow_at_the_set_rate_and_never_go_down():
+    from testbed.exporter import Counters
+
+    now = [100.0]
+    counters = Counters(clock=lambda: now[0])
+    key = ("web", "canary", "500")
+    counters.set_rates({key: 5.0})
+    now[0] += 2
+    assert counters.snapshot()[0]["value"] == 10.0
+    counters.set_rates({key: 1.0})  # the growth so far is kept
+    now[0] += 3
+    counters.inc(key, 0.5)
+    assert counters.snapshot()[0] == {"app": "web", "track": "canary", "code": "500", "value": 13.5, "per_second": 1.0}
+    assert counters.exposition().splitlines()[-1] == 'http_requests_total{app="web",track="canary",code="500"} 13.5'
+
+
+def test_restarting_the_control_plane_keeps_the_prometheus_under_its_name(tmp_path):
+    from testbed import cluster
+
+    (tmp_path / "pki").mkdir()
+    (tmp_path / "pids.json").write_text("{}")
+    (tmp_path / cluster.PROMETHEUS_SUBDIR / "data").mkdir(parents=True)
+
+    cluster._clear(tmp_path)
+
+    assert [p.name for p in tmp_path.iterdir()] == [cluster.PROMETHEUS_SUBDIR]
+    assert (tmp_path / cluster.PROMETHEUS_SUBDIR / "data").is_dir()
+
+
+def test_hack_cluster_prometheus_up_serves_and_down_stops_it(tmp_path):
+    """The command-line face: `prometheus up NAME` prints the URLs of a
+    Prometheus that has scraped its exporter; `hack/cluster down NAME` (the
+    cluster's own verb) stops it too and leaves nothing behind."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    from testbed import cluster, procs, prometheus
+
+    hack = Path(__file__).resolve().parent.parent / "hack" / "cluster"
+    name = f"cli-prom-{os.getpid()}"
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(hack), *args], capture_output=True, text=True, timeout=300)
+
+    try:
+        started = run("prometheus", "up", name)
+        assert started.returncode == 0, started.stderr
+        urls = dict(line.split("=", 1) for line in started.stdout.splitlines())
+        assert set(urls) == {"PROMETHEUS_URL", "EXPORTER_URL"}
+        query = f"{urls['PROMETHEUS_URL']}/api/v1/query?query=up"
+        with urllib.request.urlopen(query, timeout=10) as resp:
+            up = json.loads(resp.read())["data"]["result"]
+        assert [(s["metric"]["job"], s["value"][1]) for s in up] == [("exporter", "1")]
+        status = json.loads(run("status", name).stdout)[0]
+        assert status["state"] == "absent" and status["prometheus"]["url"] == urls["PROMETHEUS_URL"]
+        pids = prometheus.load(name).pids
+        assert set(pids) == {"exporter", "prometheus"}
+
+        stopped = run("down", name)
+        assert stopped.returncode == 0, stopped.stderr
+        assert "stopped: prometheus, exporter" in stopped.stderr
+        assert not any(procs.is_ours(pid, prometheus.prometheus_dir(name)) for pid in pids.values())
+        assert not cluster.state_dir(name).exists()
+    finally:
+        prometheus.down(name)

@@ -5,7 +5,16 @@ because k8s.io/kubernetes' go.mod replaces its 33 staging modules with local
 paths. A wrapper module that requires k8s.io/kubernetes and replaces each
 staging module with its published v0.Y.Z builds the real commands. etcd's
 server module has the same problem; a three-line main calling etcdmain.Main
-avoids it. kwok, kustomize and helm install directly.
+avoids it. kwok, kustomize, helm and prometheus install directly.
+
+Prometheus (the test bed's, for progressive-delivery gates): its Go module
+versions are v0.<major*100+minor>.<patch> for release <major>.<minor>.<patch>
+(v0.316.0 is 3.16.0, per the module's VERSION file; 2.x releases were
+v0.<minor>.<patch>). Built with the tag
+`remove_all_sd`, which drops the ~25 cloud service-discovery plugins
+(static_configs is all we use), and without `builtinassets`, so the web UI is
+not embedded (the module zip has no compiled UI anyway): the HTTP API is all
+tests need. The version is stamped so /api/v1/status/buildinfo names it.
 
 Every binary gets a `<name>.version` stamp beside it; a binary whose stamp
 matches the pin is not rebuilt, so a warm `build` costs only a few stats.
@@ -27,6 +36,8 @@ ETCD = "v3.7.3"
 KWOK = "v0.8.0"
 KUSTOMIZE = "v5.8.1"
 HELM = "v3.22.0"
+PROMETHEUS = "v0.316.0"  # = Prometheus 3.16.0
+PROMETHEUS_TAGS = "remove_all_sd"
 
 # The staging modules that k8s.io/kubernetes replaces with ./staging/src/...
 # Each is published as v0.<minor>.<patch>.
@@ -42,6 +53,11 @@ STAGING = [
 ]
 
 DOWNLOAD_ATTEMPTS = 4
+
+# Built by `build` with the rest, so `make toolchain` (and CI) has it before the
+# tests run, but no control plane needs it: `hack/cluster up` and all_built()
+# leave it out, and `hack/cluster prometheus up` builds it when it is missing.
+ON_DEMAND = ("prometheus",)
 
 # KWOK Stage sets copied from its module: fast node start, lease heartbeats
 # (without them the node-lifecycle controller marks nodes NotReady after 40 s
@@ -180,12 +196,26 @@ def _build_etcd(log: Path) -> None:
     _run(["go", "build", "-trimpath", "-ldflags", "-s -w", "-o", str(bin_dir() / "etcd"), "."], cwd=src, log=log)
 
 
-def _go_install(module_pkg: str, version: str, name: str, log: Path) -> None:
+def _go_install(module_pkg: str, version: str, name: str, log: Path, *, tags: str = "",
+                ldflags: str = "-s -w") -> None:
     env_bin = bin_dir()
-    cmd = ["env", f"GOBIN={env_bin}", "go", "install", "-trimpath", "-ldflags", "-s -w", f"{module_pkg}@{version}"]
+    cmd = ["env", f"GOBIN={env_bin}", "go", "install", "-trimpath", *(["-tags", tags] if tags else []),
+           "-ldflags", ldflags, f"{module_pkg}@{version}"]
     _run_with_retries(cmd, log=log, what=f"{module_pkg}@{version}")
     if not (env_bin / name).exists():
         raise RuntimeError(f"go install {module_pkg}@{version} produced no {name} in {env_bin}")
+
+
+def prometheus_release() -> str:
+    """The Prometheus release of the pinned module version: v0.316.0 -> 3.16.0."""
+    _, minor, patch = PROMETHEUS.lstrip("v").split(".")
+    return f"{int(minor) // 100}.{int(minor) % 100}.{patch}"
+
+
+def _build_prometheus(_names: list[str], log: Path) -> None:
+    ldflags = f"-s -w -X github.com/prometheus/common/version.Version={prometheus_release()}"
+    _go_install("github.com/prometheus/prometheus/cmd/prometheus", PROMETHEUS, "prometheus", log,
+                tags=PROMETHEUS_TAGS, ldflags=ldflags)
 
 
 def _copy_kwok_stages(log: Path) -> None:
@@ -222,6 +252,8 @@ def steps() -> list[tuple[list[Step], Callable[[list[str], Path], None]]]:
         ([Step("kustomize", KUSTOMIZE)],
          lambda _names, log: _go_install("sigs.k8s.io/kustomize/kustomize/v5", KUSTOMIZE, "kustomize", log)),
         ([Step("helm", HELM)], lambda _names, log: _go_install("helm.sh/helm/v3/cmd/helm", HELM, "helm", log)),
+        # The stamp names the tags too, so changing them rebuilds.
+        ([Step("prometheus", f"{PROMETHEUS} tags={PROMETHEUS_TAGS}")], _build_prometheus),
     ]
 
 
@@ -254,5 +286,17 @@ def build(*, only: list[str] | None = None, out=sys.stdout) -> float:
     return elapsed
 
 
+def missing(names: list[str] | None = None) -> list[str]:
+    """Binaries (of `names`, default all) not built at their pin."""
+    return [s.name for produced, _ in steps() for s in produced
+            if (names is None or s.name in names) and not is_built(s)]
+
+
+def control_plane() -> list[str]:
+    """The binaries a cluster (and the suite around it) needs: all but ON_DEMAND."""
+    return [s.name for produced, _ in steps() for s in produced if s.name not in ON_DEMAND]
+
+
 def all_built() -> bool:
-    return all(is_built(s) for produced, _ in steps() for s in produced)
+    """True when every control-plane binary is built at its pin (ON_DEMAND aside)."""
+    return not missing(control_plane())

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from . import build, cluster
+from . import build, cluster, prometheus
 
 
 def main(argv: list[str]) -> int:
@@ -15,13 +15,17 @@ def main(argv: list[str]) -> int:
     b = sub.add_parser("build", help="build the pinned binaries into the cache (skips what is built)")
     b.add_argument("--only", nargs="*", help="build only these binaries (e.g. kubectl helm)")
     for verb, text in (("up", "start a cluster and print its kubeconfig path"),
-                       ("down", "stop a cluster and remove its state"),
+                       ("down", "stop a cluster (and its Prometheus, if any) and remove its state"),
                        ("status", "show clusters and their processes"),
                        ("kubeconfig", "print a cluster's kubeconfig path")):
         p = sub.add_parser(verb, help=text)
         p.add_argument("name", nargs="?", default=None if verb == "status" else "default")
         if verb == "up":
             p.add_argument("--nodes", type=int, default=3, help="number of KWOK fake nodes (default 3)")
+    p = sub.add_parser("prometheus", help="start or stop the test bed's Prometheus and its test exporter")
+    p.add_argument("action", choices=("up", "down", "status"),
+                   help="up: start (building it first if needed) and print PROMETHEUS_URL= and EXPORTER_URL=")
+    p.add_argument("name", nargs="?", default="default", help="the test bed name (a cluster need not run)")
     args = parser.parse_args(argv)
 
     try:
@@ -29,15 +33,17 @@ def main(argv: list[str]) -> int:
             print(f"building test-bed binaries into {build.bin_dir()}", flush=True)
             build.build(only=args.only)
         elif args.verb == "up":
-            if not build.all_built():
-                print("some binaries are missing; building them first", file=sys.stderr, flush=True)
-                build.build(out=sys.stderr)
+            if todo := build.missing(build.control_plane()):
+                print(f"missing: {', '.join(todo)}; building them first", file=sys.stderr, flush=True)
+                build.build(only=todo, out=sys.stderr)
             c = cluster.up(args.name, nodes=args.nodes, out=sys.stderr)
             print(c.kubeconfig)
         elif args.verb == "down":
             stopped = cluster.down(args.name)
             print(f"cluster {args.name!r} down; stopped: {', '.join(stopped) or 'nothing was running'}",
                   file=sys.stderr)
+        elif args.verb == "prometheus":
+            return _prometheus(args.action, args.name)
         elif args.verb == "status":
             print(json.dumps(cluster.status(args.name), indent=2))
         elif args.verb == "kubeconfig":
@@ -49,4 +55,23 @@ def main(argv: list[str]) -> int:
     except (RuntimeError, FileNotFoundError) as exc:
         print(f"hack/cluster {args.verb}: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _prometheus(action: str, name: str) -> int:
+    if action == "up":
+        if build.missing(["prometheus"]):
+            print("prometheus is not built yet; building it first", file=sys.stderr, flush=True)
+            build.build(only=["prometheus"], out=sys.stderr)
+        prom = prometheus.up(name, out=sys.stderr)
+        print(f"PROMETHEUS_URL={prom.url}\nEXPORTER_URL={prom.exporter_url}")
+    elif action == "down":
+        stopped = prometheus.down(name)
+        print(f"prometheus {name!r} down; stopped: {', '.join(stopped) or 'nothing was running'}", file=sys.stderr)
+    else:
+        found = prometheus.status(name)
+        if found is None:
+            print(f"no prometheus {name!r}: start it with `hack/cluster prometheus up {name}`", file=sys.stderr)
+            return 1
+        print(json.dumps(found, indent=2))
     return 0

@@ -8,11 +8,15 @@ that each PID still runs one of *our* binaries), never by name.
 
 Every address is loopback and every port is picked free at start, so several
 clusters (say, a developer's and a test run's) can run side by side.
+
+The test bed's Prometheus (prometheus.py) keeps its files in the same state
+directory (`prometheus/`) but has a lifecycle of its own: it needs no
+apiserver, a (re)start of the control plane leaves it running, and `down`
+stops both.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -26,12 +30,17 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import build, stages
+from . import build, procs, stages
 
 SERVICE_CIDR = "10.0.0.0/24"
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
 NODE_ZONES = ("zone-a", "zone-b", "zone-c")
 START_TIMEOUT = 120.0
+# Subdirectories of a cluster's state dir that belong to processes with a
+# lifecycle of their own: (re)starting the control plane keeps them, `down`
+# stops them too.
+PROMETHEUS_SUBDIR = "prometheus"
+OTHER_TENANTS = (PROMETHEUS_SUBDIR,)
 
 
 class ClusterError(RuntimeError):
@@ -87,10 +96,7 @@ class Cluster:
         return out
 
     def log_tail(self, component: str, lines: int = 30) -> str:
-        path = self.log(component)
-        if not path.exists():
-            return f"(no log at {path})"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        return procs.tail(self.log(component), lines)
 
     def save(self) -> None:
         (self.dir / "pids.json").write_text(json.dumps({"pids": self.pids, "ports": self.ports}, indent=2))
@@ -104,48 +110,10 @@ class Cluster:
         return cls(name=name, pids=data["pids"], ports=data["ports"])
 
     def alive(self) -> dict[str, bool]:
-        return {comp: _is_ours(pid, self.dir) for comp, pid in self.pids.items()}
+        return {comp: procs.is_ours(pid, self.dir) for comp, pid in self.pids.items()}
 
 
 # ---------------------------------------------------------------- helpers
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _is_ours(pid: int, state: Path) -> bool:
-    """True when pid runs and its command line names our state directory.
-
-    The check keeps `down` from signalling an unrelated process that reused a
-    recorded PID after ours died.
-    """
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        if stat.rsplit(")", 1)[1].split()[0] == "Z":
-            return False
-    except (FileNotFoundError, IndexError):
-        return False
-    return str(state) in cmdline
-
-
-def _exit_status(pid: int) -> str:
-    """How a child we started ended (we are its parent when `up` runs in-process)."""
-    try:
-        done, status = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        return "not our child; status unknown"
-    if done == 0:
-        return "still running"
-    if os.WIFSIGNALED(status):
-        return f"killed by signal {os.WTERMSIG(status)}"
-    return f"exit code {os.WEXITSTATUS(status)}"
-
 
 def _openssl(*args: str, cwd: Path) -> None:
     proc = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True)
@@ -215,45 +183,13 @@ def request(cluster: Cluster, method: str, path: str, body: dict | None = None) 
 
 
 def _start(cluster: Cluster, component: str, argv: list[str]) -> None:
-    log = cluster.log(component)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=cluster.dir)
-    cluster.pids[component] = proc.pid
+    cluster.pids[component] = procs.spawn(argv, log=cluster.log(component), cwd=cluster.dir)
     cluster.save()
-    # Popen returns once exec has begun, but /proc/<pid>/cmdline stays empty
-    # until the kernel has laid out the new argv; on a loaded machine _is_ours
-    # could read it then and take a starting component for a dead one.
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and proc.poll() is None:
-        with contextlib.suppress(OSError):
-            if Path(f"/proc/{proc.pid}/cmdline").read_bytes():
-                break
-        time.sleep(0.005)
 
 
 def _wait(cluster: Cluster, what: str, component: str, check, timeout: float = START_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        pid = cluster.pids[component]
-        # Our own child is judged by waitpid, which cannot be wrong; /proc is
-        # the fallback for a cluster another process started. (A start on a
-        # loaded machine once read a running etcd as gone through /proc.)
-        status = _exit_status(pid)
-        if status != "still running" and not _is_ours(pid, cluster.dir):
-            raise ClusterError(f"{component} exited ({status}) while waiting for "
-                               f"{what}; logs in {cluster.dir / 'logs'}; last lines:\n{cluster.log_tail(component)}")
-        try:
-            ok, last = check()
-            if ok:
-                return
-        except (OSError, ssl.SSLError) as exc:
-            last = str(exc)
-        time.sleep(0.25)
-    raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what} ({last}); "
-                       f"last lines of {component}'s log:\n{cluster.log_tail(component)}")
+    procs.wait_until(what, name=component, pid=cluster.pids[component], owner=cluster.dir,
+                     log=cluster.log(component), check=check, timeout=timeout, error=ClusterError)
 
 
 def _node(name: str, zone: str) -> dict:
@@ -281,15 +217,16 @@ def up(name: str = "default", *, nodes: int = 3, out=None) -> Cluster:
     """Start a cluster and return once /readyz is ok and every node is Ready.
 
     A cluster that is already up is returned as it is; a half-dead one is
-    stopped and started afresh.
+    stopped and started afresh. A Prometheus running under the same name
+    (prometheus.py) is left running: it does not depend on the apiserver.
     """
     say = (lambda msg: print(msg, file=out, flush=True)) if out else (lambda msg: None)
     existing = Cluster.load(name)
     if existing and existing.pids and all(existing.alive().values()):
         say(f"cluster {name!r} already up")
         return existing
-    if existing or state_dir(name).exists():
-        down(name)
+    if existing:
+        stop_processes(existing)
 
     started = time.monotonic()
     # Ports are picked free but bound later by the components: on a shared
@@ -297,12 +234,11 @@ def up(name: str = "default", *, nodes: int = 3, out=None) -> Cluster:
     # ports (and a clean state dir) absorbs that race.
     for attempt in (1, 2):
         cluster = Cluster(name=name)
-        shutil.rmtree(cluster.dir, ignore_errors=True)
-        cluster.dir.mkdir(parents=True)
-        (cluster.dir / "logs").mkdir()
+        _clear(cluster.dir)
+        (cluster.dir / "logs").mkdir(parents=True)
         pki = cluster.dir / "pki"
         _make_certs(pki)
-        cluster.ports = {k: _free_port() for k in ("etcd", "etcd-peer", "apiserver", "controller-manager",
+        cluster.ports = {k: procs.free_port() for k in ("etcd", "etcd-peer", "apiserver", "controller-manager",
                                                    "scheduler", "kwok")}
         cluster.save()
         _write_kubeconfig(cluster.kubeconfig, cluster.server, pki, name)
@@ -435,53 +371,55 @@ def _start_components(cluster: Cluster, *, nodes: int, say) -> None:
 
 def stop_processes(cluster: Cluster, *, grace: float = 10.0) -> list[str]:
     """SIGTERM every recorded process that is still ours, then SIGKILL stragglers."""
-    stopped = []
     # Reverse start order: clients before the apiserver, the apiserver before etcd.
-    for comp, pid in reversed(list(cluster.pids.items())):
-        if _is_ours(pid, cluster.dir):
-            try:
-                os.kill(pid, signal.SIGTERM)
-                stopped.append(comp)
-            except ProcessLookupError:
-                continue
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline and _is_ours(pid, cluster.dir):
-                time.sleep(0.05)
-            if _is_ours(pid, cluster.dir):
-                os.kill(pid, signal.SIGKILL)
-        _reap(pid)
-    return stopped
+    return procs.stop(cluster.pids, owner=cluster.dir, grace=grace)
 
 
-def _reap(pid: int) -> None:
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
+def _clear(state: Path) -> None:
+    """Remove the control plane's files from a state dir, keeping what
+    OTHER_TENANTS run there."""
+    if not state.exists():
+        return
+    for entry in state.iterdir():
+        if entry.name in OTHER_TENANTS:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def down(name: str = "default") -> list[str]:
-    """Stop every process the cluster started and remove its state directory."""
+    """Stop every process started under the name (the control plane and the
+    test bed's Prometheus) and remove its state directory."""
+    from . import prometheus  # imports this module; imported late to keep the cycle out of load time
+
+    stopped = prometheus.down(name)
     cluster = Cluster.load(name)
-    stopped = stop_processes(cluster) if cluster else []
+    stopped = (stop_processes(cluster) if cluster else []) + stopped
     shutil.rmtree(state_dir(name), ignore_errors=True)
     return stopped
 
 
 def status(name: str | None = None) -> list[dict]:
+    """Each named cluster's processes, and its Prometheus when one was started."""
+    from . import prometheus
+
     names = [name] if name else sorted(p.name for p in clusters_dir().glob("*") if p.is_dir()) \
         if clusters_dir().exists() else []
     result = []
     for n in names:
         c = Cluster.load(n)
-        if c is None:
-            result.append({"name": n, "state": "absent"})
-            continue
-        alive = c.alive()
-        state = "up" if alive and all(alive.values()) else ("down" if not any(alive.values()) else "degraded")
-        result.append({"name": n, "state": state, "server": c.server if "apiserver" in c.ports else None,
-                       "kubeconfig": str(c.kubeconfig),
-                       "components": {comp: {"pid": c.pids[comp], "running": ok} for comp, ok in alive.items()}})
+        entry: dict = {"name": n, "state": "absent"}
+        if c is not None:
+            alive = c.alive()
+            state = "up" if alive and all(alive.values()) else ("down" if not any(alive.values()) else "degraded")
+            entry = {"name": n, "state": state, "server": c.server if "apiserver" in c.ports else None,
+                     "kubeconfig": str(c.kubeconfig),
+                     "components": {comp: {"pid": c.pids[comp], "running": ok} for comp, ok in alive.items()}}
+        if (prom := prometheus.status(n)) is not None:
+            entry["prometheus"] = prom
+        result.append(entry)
     return result
 
 
@@ -502,7 +440,7 @@ def component_argv(cluster: Cluster, component: str) -> list[str]:
     path = _argv_file(cluster)
     saved = json.loads(path.read_text()) if path.exists() else {}
     pid = cluster.pids[component]
-    if _is_ours(pid, cluster.dir):
+    if procs.is_ours(pid, cluster.dir):
         saved[component] = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
         path.write_text(json.dumps(saved, indent=2))
     if component not in saved:
@@ -511,7 +449,7 @@ def component_argv(cluster: Cluster, component: str) -> list[str]:
 
 
 def is_running(cluster: Cluster, component: str) -> bool:
-    return _is_ours(cluster.pids[component], cluster.dir)
+    return procs.is_ours(cluster.pids[component], cluster.dir)
 
 
 def is_paused(cluster: Cluster, component: str) -> bool:
@@ -525,7 +463,7 @@ def is_paused(cluster: Cluster, component: str) -> bool:
 
 def _signal(cluster: Cluster, component: str, sig: signal.Signals) -> None:
     pid = cluster.pids[component]
-    if not _is_ours(pid, cluster.dir):
+    if not procs.is_ours(pid, cluster.dir):
         raise ClusterError(f"{component} (pid {pid}) is not running")
     os.kill(pid, sig)
 
@@ -547,12 +485,12 @@ def kill(cluster: Cluster, component: str, *, timeout: float = 10.0) -> None:
     pid = cluster.pids[component]
     _signal(cluster, component, signal.SIGKILL)
     deadline = time.monotonic() + timeout
-    while _is_ours(pid, cluster.dir):
-        _reap(pid)
+    while procs.is_ours(pid, cluster.dir):
+        procs.reap(pid)
         if time.monotonic() > deadline:
             raise ClusterError(f"{component} (pid {pid}) still runs {timeout:.0f}s after SIGKILL")
         time.sleep(0.02)
-    _reap(pid)
+    procs.reap(pid)
 
 
 def _ready_check(cluster: Cluster, component: str):

@@ -18,7 +18,8 @@ from helpers import app_entry, cm_data, configmap, wait_for, write_config
 
 from gitopsd import metrics
 from gitopsd.daemon.core import Daemon
-from gitopsd.daemon.runner import NO_RUN, AppRunner, DesiredState
+from gitopsd.daemon.desired import DesiredState
+from gitopsd.daemon.runner import NO_RUN, AppRunner
 from gitopsd.engine.plan import Action, ObjectChange
 from gitopsd.engine.source_share import SharedFetches
 from gitopsd.objects import ref_of

@@ -117,7 +117,7 @@ class Packer:
     pack or unpack allocates ~40 KiB of zlib state instead of the default
     ~260 KiB, which is most of what a pack would cost. Only the reflector's
     own thread packs a store's objects; any thread unpacks. The runners' desired
-    objects share one packer across threads (gitopsd.daemon.runner.DesiredState).
+    objects share one packer across threads (gitopsd.daemon.desired.DesiredState).
     """
 
     WBITS = 13

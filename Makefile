@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Builds (or reuses from ~/.cache/gitopsd) etcd, the Kubernetes control
-# plane, kubectl, kwok, kustomize and helm from pinned Go modules.
+# plane, kubectl, kwok, kustomize, helm and Prometheus from pinned Go modules.
 toolchain:
 	hack/cluster build
 

@@ -66,7 +66,7 @@ def blue_app(repo, kube, namespace, tmp_path, start_daemon):
     name = f"bg-{namespace[-6:]}"
     first = _commit(repo, "nginx:1.0", "web 1.0")
     config = write_config(tmp_path / "config.yaml", [app_entry(name, repo.url, namespace, timeout="2m")])
-    daemon = start_daemon(config)
+    daemon = start_daemon(config, "--no-watch-local")   # pushes arrive by webhook only: one run each
     wait_for("blue serves, alone", lambda: _selects(kube, namespace, "web") == "blue"
              and _serving(kube, namespace, "web") == {"blue": 3}, 60)
     assert _deployment(kube, namespace, "web") is None   # the colours replace the uncoloured Deployment

@@ -63,7 +63,7 @@ def canary_app(repo, kube, namespace, tmp_path, start_daemon):
     repo.write("web.yaml", [_web("nginx:1.0"), _service()])
     first = repo.commit("web 1.0")
     config = write_config(tmp_path / "config.yaml", [app_entry(name, repo.url, namespace, timeout="2m")])
-    daemon = start_daemon(config)
+    daemon = start_daemon(config, "--no-watch-local")   # pushes arrive by webhook only: one run each
     wait_transition(daemon, "1.0 Applied", 60, app=name, result="Applied", revision=first)
     wait_for("ten stable endpoints", lambda: _serving(kube, namespace) == {"stable": 10, "canary": 0}, 60)
     return name, daemon

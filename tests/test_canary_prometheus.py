@@ -37,7 +37,7 @@ def gated_app(repo, kube, namespace, tmp_path, start_daemon, prometheus):
     repo.write("web.yaml", _gated("nginx:1.0", app=namespace, address=prometheus.url))
     first = repo.commit("web 1.0")
     config = write_config(tmp_path / "config.yaml", [app_entry(name, repo.url, namespace, timeout="2m")])
-    daemon = start_daemon(config)
+    daemon = start_daemon(config, "--no-watch-local")   # pushes arrive by webhook only: one run each
     wait_transition(daemon, "1.0 Applied", 60, app=name, result="Applied", revision=first)
     yield name, daemon
     prometheus.exporter.reset(app=namespace)

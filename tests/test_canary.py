@@ -220,3 +220,23 @@ def test_a_webhook_gate_that_refuses_aborts_the_canary_and_one_that_passes_promo
     wait_for("promoted", lambda: _replicas(kube, namespace) == (10, None)
              and _images(kube, namespace, "web") == "nginx:3.0", 60)
     assert [c["weight"] for c in gate.calls] == [10, 10]
+
+
+def test_a_newer_commit_during_a_canary_supersedes_it_from_the_stable_track(canary_app, repo, kube, namespace):
+    name, daemon = canary_app
+    repo.write("web.yaml", [_web("nginx:2.0", pause="10m"), _service()])   # step 1 holds
+    post_generic(daemon, repo.url, repo.commit("web 2.0"))
+    wait_for("2.0 at step 1", lambda: _replicas(kube, namespace) == (9, 1)
+             and _images(kube, namespace, "web-canary") == "nginx:2.0", 60)
+    repo.write("web.yaml", [_web("nginx:3.0", pause="10m"), _service()])
+    newer = repo.commit("web 3.0")
+    post_generic(daemon, repo.url, newer)
+    wait_for("3.0 is the canary now, beside the same stable track", lambda: _replicas(kube, namespace) == (9, 1)
+             and _images(kube, namespace, "web-canary") == "nginx:3.0"
+             and _serving(kube, namespace) == {"stable": 9, "canary": 1}, 60)
+    assert _images(kube, namespace, "web") == "nginx:1.0", "the stable track never ran 2.0"
+    started = [e for e in daemon.events() if e.get("event") == "canary started" and e.get("app") == name]
+    assert len(started) == 2
+    # 2.0's health wait, if the push cut it short, is recorded as cut short — no verdict, no rollback.
+    assert not [t for t in transitions(daemon, name) if t["result"] == "RolledBack"
+                or (t["result"] == "Unhealthy" and "cancelled" not in t["reason"]) or t.get("release")]

@@ -200,6 +200,7 @@ _ENV_DEFAULTS: dict[str, tuple[_EnvDefault, ...]] = {
         _EnvDefault("http_port", "--http-port", "GITOPSD_HTTP_PORT", 8080, PORT),
         _EnvDefault("http_address", "--http-address", "GITOPSD_HTTP_ADDRESS", "0.0.0.0", ADDRESS),
         _EnvDefault("advertise_url", "--advertise-url", "GITOPSD_ADVERTISE_URL", None, URL),
+        _EnvDefault("prometheus_url", "--prometheus-url", "GITOPSD_PROMETHEUS_URL", None, URL),
         _EnvDefault("log_format", "--log-format", "GITOPSD_LOG_FORMAT", "auto", choices=("auto", "json", "console")),
     ),
     "status": (_EnvDefault("namespace", "--namespace", _NS_ENV, "gitopsd-system", NAMESPACE),),
@@ -297,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="URL other replicas use to forward webhooks to this one when it leads (default "
                         "$GITOPSD_ADVERTISE_URL, or http://ADDRESS:PORT when --http-address is concrete; deploy/ "
                         "uses the pod IP)")
+    r.add_argument("--prometheus-url", type=URL, default=None,
+                   help="the Prometheus HTTP API that progressive-delivery gates query when their `address` "
+                        "names none (default $GITOPSD_PROMETHEUS_URL)")
     r.add_argument("--log-format", default=None, choices=["auto", "json", "console"],
                    help="auto: readable on a terminal, JSON otherwise (default $GITOPSD_LOG_FORMAT or auto)")
     r.add_argument("--leader-elect", action=argparse.BooleanOptionalAction, default=True,

@@ -11,13 +11,14 @@ from gitopsd.engine.rollout import ROLLOUT_ANNOTATION
 pytestmark = pytest.mark.cluster
 
 
-def _gated(image: str, *, app: str, address: str) -> dict:
+def _gated(image: str, *, app: str, address: str | None) -> dict:
     query = (f'sum(rate(http_requests_total{{app="{app}",track="canary",code="500"}}[5s])) / '
              f'sum(rate(http_requests_total{{app="{app}",track="canary"}}[5s]))')
     obj = deployment("web", replicas=10, image=image)
     obj["metadata"]["annotations"] = {ROLLOUT_ANNOTATION: (
         "strategy: canary\nsteps: [10]\npause: 1s\ngates:\n  prometheus:\n"
-        f"    query: '{query}'\n    max: 0.01\n    interval: 1s\n    count: 2\n    address: {address}\n")}
+        f"    query: '{query}'\n    max: 0.01\n    interval: 1s\n    count: 2\n"
+        + (f"    address: {address}\n" if address else ""))}
     return obj
 
 
@@ -37,7 +38,8 @@ def gated_app(repo, kube, namespace, tmp_path, start_daemon, prometheus):
     repo.write("web.yaml", _gated("nginx:1.0", app=namespace, address=prometheus.url))
     first = repo.commit("web 1.0")
     config = write_config(tmp_path / "config.yaml", [app_entry(name, repo.url, namespace, timeout="2m")])
-    daemon = start_daemon(config, "--no-watch-local")   # pushes arrive by webhook only: one run each
+    # Pushes arrive by webhook only (one run each); the gate of the second test names no address of its own.
+    daemon = start_daemon(config, "--no-watch-local", "--prometheus-url", prometheus.url)
     wait_transition(daemon, "1.0 Applied", 60, app=name, result="Applied", revision=first)
     yield name, daemon
     prometheus.exporter.reset(app=namespace)
@@ -61,7 +63,7 @@ def test_an_error_rate_over_the_threshold_aborts_the_canary(gated_app, repo, kub
 def test_an_error_rate_under_the_threshold_promotes_and_no_data_holds_the_step(
         gated_app, repo, kube, namespace, prometheus):
     name, daemon = gated_app
-    repo.write("web.yaml", _gated("nginx:2.0", app=namespace, address=prometheus.url))
+    repo.write("web.yaml", _gated("nginx:2.0", app=namespace, address=None))   # --prometheus-url's
     post_generic(daemon, repo.url, repo.commit("web 2.0"))
     wait_for("the gate has no data: inconclusive", lambda: any(
         a.get("verdict") == "inconclusive" for a in _gate_answers(daemon, name)), 60)

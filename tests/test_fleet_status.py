@@ -159,7 +159,7 @@ def test_idle_runner_keeps_no_cancel_event_of_its_own(monkeypatch):
     ran = []
     view = SimpleNamespace(stop=lambda: None)
     daemon = SimpleNamespace(namespace="gitopsd", informers=SimpleNamespace(view=lambda **kw: view),
-                             pool=SimpleNamespace(submit=lambda fn, *args, lane: fn(*args)))
+                             pool=SimpleNamespace(submit=lambda fn, *args, lane: fn(*args)), prometheus_url=None)
     cfg = SimpleNamespace(name="idle", repo="file:///r.git", ref="main")
     runner = AppRunner(daemon, cfg)
     assert runner.cancel is NO_RUN and runner.heal_cancel is NO_RUN

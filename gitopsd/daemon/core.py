@@ -74,11 +74,12 @@ class Daemon:
     def __init__(self, *, kube: Kube, config_path: Path, namespace: str, http_host: str, http_port: int,
                  instance: str, leader_elect: bool = True, lease_duration: float = 15.0,
                  lease_renew: float = 5.0, watch_local: bool = True, cache_dir: Path | None = None,
-                 advertise_url: str | None = None, shards: int = 1) -> None:
+                 advertise_url: str | None = None, shards: int = 1, prometheus_url: str | None = None) -> None:
         self.kube = kube
         kube.user_agent = f"gitopsd/{__version__} ({instance})"   # names us in the apiserver's audit log
         self.namespace = namespace
         self.instance = instance
+        self.prometheus_url = prometheus_url   # progressive-delivery gates (gitopsd.daemon.rollouts)
         self.cache_dir = cache_dir or default_cache_dir()
         self.watch_local = watch_local
         self._stop = threading.Event()
@@ -308,7 +309,8 @@ def main(args) -> int:
         daemon = Daemon(kube=kube, config_path=args.config, namespace=args.namespace, http_host=args.http_address,
                         http_port=args.http_port, instance=instance, leader_elect=args.leader_elect,
                         lease_duration=args.lease_duration, lease_renew=args.lease_renew,
-                        watch_local=args.watch_local, advertise_url=args.advertise_url, shards=args.shards)
+                        watch_local=args.watch_local, advertise_url=args.advertise_url, shards=args.shards,
+                        prometheus_url=args.prometheus_url)
     except GitopsdError as exc:
         log.error("cannot start", error=str(exc))
         return 2

@@ -45,7 +45,6 @@ status (`rollout`) and in each transition's audit record.
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 import urllib.error
@@ -129,11 +128,11 @@ class Switch:
 class RolloutControl:
     """One app's canaries and switches; the runner calls `shape` during a reconcile's plan and `after` once it ends."""
 
-    def __init__(self, app: str, *, live: Callable[[ObjectRef], dict | None],
+    def __init__(self, app: str, *, live: Callable[[ObjectRef], dict | None], prometheus_url: str | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.app = app
         self._live, self._clock = live, clock
-        self._prometheus_url = os.environ.get("GITOPSD_PROMETHEUS_URL")
+        self._prometheus_url = prometheus_url   # `gitopsd run --prometheus-url`: a gate's address by default
         self._active: dict[ObjectRef, Active | Switch] = {}
         self._lock = threading.Lock()   # status() is read by the HTTP server's thread
 
@@ -376,7 +375,7 @@ def ask_prometheus(gate: rollout.PrometheusGate, *, default: str | None) -> tupl
     address = gate.address or default
     bounds = {"min": gate.min, "max": gate.max}
     if not address:
-        return "inconclusive", {**bounds, "error": "no Prometheus address (gate address or GITOPSD_PROMETHEUS_URL)"}
+        return "inconclusive", {**bounds, "error": "no Prometheus address (the gate's address or --prometheus-url)"}
     url = f"{address.rstrip('/')}/api/v1/query?{urllib.parse.urlencode({'query': gate.query})}"
     try:
         with urllib.request.urlopen(url, timeout=10) as answer:

@@ -126,7 +126,8 @@ class AppRunner:
         self.desired = DesiredState()
         self.desired_revision: Revision | None = None   # the commit `desired` was planned from
         self.release = ReleaseControl(cfg.name)          # held, rolled back, quarantined (gitopsd.daemon.release)
-        self.rollouts = RolloutControl(cfg.name, live=self._live)   # canaries in progress (gitopsd.daemon.rollouts)
+        self.rollouts = RolloutControl(cfg.name, live=self._live,   # canaries in progress (gitopsd.daemon.rollouts)
+                                       prometheus_url=daemon.prometheus_url)
         self.spec: AppSpec | None = None                 # what the last reconcile ran with (a heal reuses it)
         self.heal_cancel: threading.Event | _NoRun = NO_RUN   # cancels a running heal's health wait
         self.healing: frozenset[ObjectRef] = NOTHING     # what the running heal corrects

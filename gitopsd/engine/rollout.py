@@ -79,8 +79,8 @@ class PrometheusGate:
     """A PromQL query evaluated once a step is healthy: `count` evaluations `interval` apart must
     give a value within [min, max]; more than `failure_limit` values outside abort; a query with
     no data (an empty vector, NaN) is inconclusive — the step holds and asks again — as is a
-    Prometheus that does not answer. `address`: the Prometheus HTTP API (default: the daemon's
-    --prometheus-url)."""
+    Prometheus that does not answer. `address`: the Prometheus HTTP API (default: `gitopsd run
+    --prometheus-url`, or $GITOPSD_PROMETHEUS_URL)."""
 
     query: str
     max: float | None = None

@@ -318,15 +318,23 @@ def _cli(kubeconfig, namespace: str, *args: str, wait: str = "60s") -> subproces
                           capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.cluster
-def test_rollback_to_an_older_commit_holds_there_pushes_are_recorded_and_resume_applies_the_newest(
-        repo, kube, kubeconfig, namespace, tmp_path, start_daemon):
-    name = f"hold-{namespace[-6:]}"
+@pytest.fixture
+def v1_app(repo, namespace, tmp_path, start_daemon):
+    """An app of one ConfigMap (settings v=1), its first commit Applied by a running daemon:
+    (name, daemon, first commit, config file)."""
+    name = f"rel-{namespace[-6:]}"
     repo.write("settings.yaml", configmap("settings", {"v": "1"}))
     first = repo.commit("v1")
     config = write_config(tmp_path / "config.yaml", [app_entry(name, repo.url, namespace)])
     daemon = start_daemon(config)
     wait_transition(daemon, "v1 Applied", 60, app=name, result="Applied", revision=first)
+    return name, daemon, first, config
+
+
+@pytest.mark.cluster
+def test_rollback_to_an_older_commit_holds_there_pushes_are_recorded_and_resume_applies_the_newest(
+        v1_app, repo, kube, kubeconfig, namespace):
+    name, daemon, first, _ = v1_app
     repo.write("settings.yaml", configmap("settings", {"v": "2"}))
     second = repo.commit("v2")
     post_generic(daemon, repo.url, second)
@@ -360,13 +368,8 @@ def test_rollback_to_an_older_commit_holds_there_pushes_are_recorded_and_resume_
 
 @pytest.mark.cluster
 def test_a_hold_without_a_running_daemon_is_acted_on_when_one_starts(
-        repo, kube, kubeconfig, namespace, tmp_path, start_daemon):
-    name = f"later-{namespace[-6:]}"
-    repo.write("settings.yaml", configmap("settings", {"v": "1"}))
-    first = repo.commit("v1")
-    config = write_config(tmp_path / "config.yaml", [app_entry(name, repo.url, namespace)])
-    daemon = start_daemon(config)
-    wait_transition(daemon, "v1 Applied", 60, app=name, result="Applied", revision=first)
+        v1_app, repo, kube, kubeconfig, namespace, start_daemon):
+    name, daemon, first, config = v1_app
     daemon.stop()
 
     asked = _cli(kubeconfig, namespace, "hold", name, wait="0")
@@ -380,13 +383,8 @@ def test_a_hold_without_a_running_daemon_is_acted_on_when_one_starts(
 
 
 @pytest.mark.cluster
-def test_rollback_with_no_healthy_revision_says_so(repo, kube, kubeconfig, namespace, tmp_path, start_daemon):
-    name = f"none-{namespace[-6:]}"
-    repo.write("settings.yaml", configmap("settings", {"v": "1"}))
-    first = repo.commit("v1")
-    config = write_config(tmp_path / "config.yaml", [app_entry(name, repo.url, namespace)])
-    daemon = start_daemon(config)
-    wait_transition(daemon, "v1 Applied", 60, app=name, result="Applied", revision=first)
+def test_rollback_with_no_healthy_revision_says_so(v1_app, kube, kubeconfig, namespace):
+    name, _, _, _ = v1_app
     refused = _cli(kubeconfig, namespace, "rollback", name)   # refused by the CLI: nothing is stored
     assert refused.returncode == 2
     assert "no revision recorded Applied and Healthy" in refused.stderr and "--to" in refused.stderr

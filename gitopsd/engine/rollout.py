@@ -39,12 +39,12 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from dataclasses import dataclass
 
 import orjson
 import yaml
 
+from gitopsd.config import parse_duration
 from gitopsd.engine.render import Manifest
 from gitopsd.errors import GitopsdError
 
@@ -57,8 +57,6 @@ COLOR_LABEL = "gitopsd.io/color"
 COLORS = ("blue", "green")
 MAX_STEPS = 20
 MAX_ANNOTATION_BYTES = 4096
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
 class RolloutError(GitopsdError):
@@ -165,7 +163,8 @@ def parse(obj: dict, *, source: str) -> Canary | BlueGreen | None:
         raise RolloutError(f"{where}: steps must be a list of 1 to {MAX_STEPS} percentages (1-100), e.g. [10, 50]")
     if steps != sorted(set(steps)):
         raise RolloutError(f"{where}: steps must rise, each once: {steps}")
-    return Canary(steps=tuple(s for s in steps if s < 100), pause=_seconds(spec.get("pause", 0), where=where),
+    return Canary(steps=tuple(s for s in steps if s < 100),
+                  pause=_seconds(spec.get("pause", 0), where=where, field="pause"),
                   gates=_gates(spec.get("gates"), where=where))
 
 
@@ -181,7 +180,8 @@ def _gates(gates: object, *, where: str) -> Gates:
         url = hook.get("url") if isinstance(hook, dict) else None
         if not isinstance(url, str) or not url.startswith(("http://", "https://")) or set(hook) - {"url", "timeout"}:
             raise RolloutError(f"{where}: gates.webhook must be {{url: http(s)://..., timeout: 10s}}")
-        webhook = WebhookGate(url=url, timeout=_seconds(hook.get("timeout", 10), where=where))
+        timeout = _seconds(hook.get("timeout", 10), where=where, field="gates.webhook.timeout")
+        webhook = WebhookGate(url=url, timeout=timeout)
     if "prometheus" in gates:
         prometheus = _prometheus(gates["prometheus"], where=f"{where}: gates.prometheus")
     return Gates(webhook=webhook, prometheus=prometheus)
@@ -206,7 +206,8 @@ def _prometheus(spec: object, *, where: str) -> PrometheusGate:
     if address is not None and not (isinstance(address, str) and address.startswith(("http://", "https://"))):
         raise RolloutError(f"{where}: address must be the Prometheus URL, http(s)://...")
     return PrometheusGate(query=query, max=bounds["max"], min=bounds["min"],
-                          interval=_seconds(spec.get("interval", 10), where=where), count=counts["count"],
+                          interval=_seconds(spec.get("interval", 10), where=where, field="interval"),
+                          count=counts["count"],
                           failure_limit=counts["failureLimit"], address=address)
 
 
@@ -220,17 +221,16 @@ def _blue_green(spec: dict, *, where: str) -> BlueGreen:
         if (value is not None or key == "service") and not (isinstance(value, str) and value):
             raise RolloutError(f"{where}: {key} must name a Service of the same commit and namespace")
     return BlueGreen(service=spec["service"], preview=spec.get("previewService"),
-                     scale_down_delay=_seconds(spec.get("scaleDownDelay", 30), where=where),
+                     scale_down_delay=_seconds(spec.get("scaleDownDelay", 30), where=where, field="scaleDownDelay"),
                      gates=_gates(spec.get("gates"), where=where))
 
 
-def _seconds(value: object, *, where: str) -> float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
-        return float(value)
-    m = _DURATION.match(value) if isinstance(value, str) else None
-    if m is None:
-        raise RolloutError(f"{where}: pause must be a duration such as 30s, 2m or a number of seconds, not {value!r}")
-    return float(m.group(1)) * _UNITS[m.group(2)]
+def _seconds(value: object, *, where: str, field: str) -> float:
+    """A duration as the config file reads one (gitopsd.config.parse_duration: 30s, 2m, 1h30m, seconds)."""
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise RolloutError(f"{where}: {field} must be a duration: {exc}") from None
 
 
 def template_hash(deployment: dict) -> str:

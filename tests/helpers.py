@@ -91,6 +91,13 @@ def deployment(name: str, *, replicas: int = 1, image: str = "nginx:1.27", **spe
     }
 
 
+def release_cli(kubeconfig: Path, namespace: str, *args: str, wait: str = "60s") -> subprocess.CompletedProcess:
+    """`gitopsd rollback|hold|resume ...` against the daemon of `namespace`, waiting for it to act."""
+    return subprocess.run([sys.executable, "-m", "gitopsd", *args, "--namespace", namespace,
+                           "--kubeconfig", str(kubeconfig), "--wait", wait],
+                          capture_output=True, text=True, timeout=120)
+
+
 def wait_for(what: str, check, timeout: float = 60.0, interval: float = 0.2):
     deadline = time.monotonic() + timeout
     last = None

@@ -9,6 +9,7 @@ from helpers import (
     deployment,
     metric,
     post_generic,
+    release_cli,
     transitions,
     wait_for,
     wait_transition,
@@ -20,10 +21,10 @@ from gitopsd.engine.rollout import COLOR_LABEL, ROLLOUT_ANNOTATION
 pytestmark = pytest.mark.cluster
 
 
-def _web(image: str) -> dict:
+def _web(image: str, *, delay: str = "4s") -> dict:
     obj = deployment("web", replicas=3, image=image)
     obj["metadata"]["annotations"] = {ROLLOUT_ANNOTATION: "strategy: blueGreen\nservice: web\n"
-                                                          "previewService: web-preview\nscaleDownDelay: 4s\n"}
+                                                          f"previewService: web-preview\nscaleDownDelay: {delay}\n"}
     return obj
 
 
@@ -32,8 +33,8 @@ def _service(name: str) -> dict:
             "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 80}]}}
 
 
-def _commit(repo, image: str, message: str) -> str:
-    repo.write("web.yaml", [_web(image), _service("web"), _service("web-preview")])
+def _commit(repo, image: str, message: str, *, delay: str = "4s") -> str:
+    repo.write("web.yaml", [_web(image, delay=delay), _service("web"), _service("web-preview")])
     return repo.commit(message)
 
 
@@ -109,3 +110,30 @@ def test_a_new_colour_that_crash_loops_is_never_switched_to_and_is_rolled_back(b
     assert _selects(kube, namespace, "web") == "blue"
     assert not [t for t in transitions(daemon, name) if t.get("revision") == bad
                 and any(d.get("phase") == "switched" for d in (t.get("rollout") or {}).get("deployments", []))]
+
+
+def _pods(kube, namespace: str, prefix: str) -> set[str]:
+    return {p["metadata"]["name"] for p in kube.list(kube.resource("v1", "Pod"), namespace=namespace)
+            if p["metadata"]["name"].startswith(prefix) and not p["metadata"].get("deletionTimestamp")}
+
+
+def test_a_rollback_after_the_switch_flips_back_to_the_kept_colour_in_one_run_without_new_pods(
+        blue_app, repo, kube, kubeconfig, namespace):
+    name, daemon, first = blue_app
+    blue_pods = _pods(kube, namespace, "web-blue-")
+    new = _commit(repo, "nginx:2.0", "web 2.0, blue kept for 5 minutes", delay="5m")
+    post_generic(daemon, repo.url, new)
+    wait_for("web switched to green", lambda: _selects(kube, namespace, "web") == "green", 60)
+    assert _deployment(kube, namespace, "web-blue") is not None, "blue kept for the delay"
+
+    done = release_cli(kubeconfig, namespace, "rollback", name, "-o", "json")
+    assert done.returncode == 0, done.stderr
+    rolled = wait_transition(daemon, "RolledBack", 60, app=name, result="RolledBack")
+    assert rolled["revision"] != new
+    assert _selects(kube, namespace, "web") == "blue", "the rollback run itself switched the Service back"
+    assert _selects(kube, namespace, "web-preview") == "blue"
+    (back,) = rolled["rollout"]["deployments"]
+    assert back["phase"] == "switched" and back["active"] == "blue", back   # switched by this one run
+    wait_for("green gone at once, blue serving with the pods it had", lambda: _deployment(
+        kube, namespace, "web-green") is None and _serving(kube, namespace, "web") == {"blue": 3}, 60)
+    assert _pods(kube, namespace, "web-blue-") == blue_pods, "no pod of blue was replaced"

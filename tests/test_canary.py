@@ -240,3 +240,48 @@ def test_a_newer_commit_during_a_canary_supersedes_it_from_the_stable_track(cana
     # 2.0's health wait, if the push cut it short, is recorded as cut short — no verdict, no rollback.
     assert not [t for t in transitions(daemon, name) if t["result"] == "RolledBack"
                 or (t["result"] == "Unhealthy" and "cancelled" not in t["reason"]) or t.get("release")]
+
+
+def _autoscaled(image: str) -> list[dict]:
+    """web without spec.replicas, the count an HPA's (min 4: with no metrics, the HPA holds the minimum)."""
+    web = _web(image, steps="[20, 50]", pause="2s")
+    del web["spec"]["replicas"]
+    hpa = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": {"name": "web"},
+           "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
+                    "minReplicas": 4, "maxReplicas": 8}}
+    return [web, _service(), hpa]
+
+
+def _owners_of_replicas(kube, namespace: str) -> set[str]:
+    web = kube.get(kube.resource("apps/v1", "Deployment"), "web", namespace)
+    return {m["manager"] for m in web["metadata"].get("managedFields") or []
+            if "f:replicas" in ((m.get("fieldsV1") or {}).get("f:spec") or {})}
+
+
+def test_an_autoscaled_deployment_keeps_its_hpas_count_and_the_canary_runs_beside_it(
+        repo, kube, namespace, tmp_path, start_daemon):
+    name = f"hpa-{namespace[-6:]}"
+    repo.write("web.yaml", _autoscaled("nginx:1.0"))
+    first = repo.commit("web 1.0, scaled by its HPA")
+    config = write_config(tmp_path / "config.yaml", [app_entry(name, repo.url, namespace, timeout="2m")])
+    daemon = start_daemon(config, "--no-watch-local")
+    wait_transition(daemon, "1.0 Applied", 60, app=name, result="Applied", revision=first)
+    wait_for("the HPA scaled web to 4, all serving", lambda: _replicas(kube, namespace) == (4, None)
+             and _serving(kube, namespace) == {"stable": 4, "canary": 0}, 90)
+
+    repo.write("web.yaml", _autoscaled("nginx:2.0"))
+    new = repo.commit("web 2.0")
+    post_generic(daemon, repo.url, new)
+    # 20 % beside 4 autoscaled pods: 1 canary (1 of 5); 50 %: 4 canaries beside the 4.
+    wait_for("step 1: 4 stable + 1 canary serving", lambda: _replicas(kube, namespace) == (4, 1)
+             and _serving(kube, namespace) == {"stable": 4, "canary": 1}, 60)
+    stored = wait_for("the status shows the counts", lambda: (status_mod.read_all(
+        kube, namespace=namespace, app=name)[0].get("rollout") or [{}])[0].get("replicas"), 30)
+    assert stored == {"stable": 4, "canary": 1}
+    wait_for("step 2: 4 + 4 serving", lambda: _replicas(kube, namespace) == (4, 4)
+             and _serving(kube, namespace) == {"stable": 4, "canary": 4}, 60)
+    wait_for("promoted: web on 2.0 at the HPA's 4, no canary", lambda: _replicas(kube, namespace) == (4, None)
+             and _images(kube, namespace, "web") == "nginx:2.0", 60)
+    wait_for("four endpoints on the new template", lambda: _serving(kube, namespace) == {"stable": 4, "canary": 0},
+             60)
+    assert "gitopsd" not in _owners_of_replicas(kube, namespace), "gitopsd never took the HPA's field"

@@ -14,6 +14,7 @@ from gitopsd.engine.rollout import (
     PrometheusGate,
     RolloutError,
     WebhookGate,
+    beside,
     parse,
     shape,
     split,
@@ -94,6 +95,28 @@ def test_a_step_runs_the_new_template_beside_the_stable_one_and_the_service_sele
     assert half.obj["spec"]["replicas"] == 5
 
 
+@pytest.mark.parametrize("stable, weight, expected", [(4, 20, 1), (4, 50, 4), (9, 10, 1), (10, 25, 4), (1, 50, 1),
+                                                      (0, 50, 0)])
+def test_beside_an_autoscaled_stable_track_the_canary_takes_at_least_its_share(stable, weight, expected):
+    assert beside(stable, weight) == expected
+    if stable:
+        assert expected / (stable + expected) >= weight / 100
+
+
+def test_a_deployment_without_replicas_keeps_the_count_its_autoscaler_gives_the_stable_track():
+    old = deployment("web", image="nginx:1.0")
+    new = _declared("strategy: canary\nsteps: [20, 50]", image="nginx:2.0")
+    del new["spec"]["replicas"]   # an HPA owns the count
+    canary = parse(new, source="web.yaml")
+    stable, added = shape(Manifest(obj=new, source="web.yaml"), canary=canary, step=0,
+                          stable_template=old["spec"]["template"], live_replicas=4)
+    assert "replicas" not in stable.obj["spec"], "gitopsd never takes the HPA's field"
+    assert added.obj["spec"]["replicas"] == 1
+    _, half = shape(Manifest(obj=new, source="web.yaml"), canary=canary, step=1,
+                    stable_template=old["spec"]["template"], live_replicas=6)
+    assert half.obj["spec"]["replicas"] == 6
+
+
 def test_promotion_is_the_deployment_as_the_commit_has_it_and_no_canary():
     new = _declared("strategy: canary\nsteps: [10, 50]", image="nginx:2.0")
     canary = parse(new, source="web.yaml")
@@ -134,3 +157,21 @@ def test_a_prometheus_gate_is_read_with_its_bounds_and_schedule():
         "    interval: 5s\n    count: 3\n    failureLimit: 1\n    address: http://127.0.0.1:9090\n"), source="x")
     assert canary.gates.prometheus == PrometheusGate(query="sum(rate(errors[1m]))", max=0.01, interval=5.0, count=3,
                                                      failure_limit=1, address="http://127.0.0.1:9090")
+
+
+def test_blue_green_on_a_deployment_an_hpa_scales_is_refused_naming_both():
+    from gitopsd.daemon.rollouts import RolloutControl
+    web = _declared("strategy: blueGreen\nservice: web")
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+               "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}}
+    hpa = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": {"name": "web-hpa"},
+           "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
+                    "minReplicas": 2, "maxReplicas": 4}}
+    control = RolloutControl("shop", live=lambda ref: None)
+    with pytest.raises(RolloutError, match="HorizontalPodAutoscaler 'web-hpa' \\(hpa.yaml\\) scales it") as err:
+        control.shape([Manifest(obj=web, source="web.yaml"), Manifest(obj=service, source="svc.yaml"),
+                       Manifest(obj=hpa, source="hpa.yaml")])
+    assert "strategy: canary" in err.value.hint
+    other = {**hpa, "spec": {**hpa["spec"], "scaleTargetRef": {"kind": "Deployment", "name": "api"}}}
+    assert control.shape([Manifest(obj=web, source="web.yaml"), Manifest(obj=service, source="svc.yaml"),
+                          Manifest(obj=other, source="hpa.yaml")])   # an HPA of another Deployment is no matter

@@ -421,7 +421,9 @@ def test_namespaced_variant_reconciles_a_tenant_repo_with_rights_in_its_namespac
     for ns in APP_NAMESPACES:
         line = audit_line(daemon, ns, "Applied")
         assert line["revision"] == sha and not line["errors"]
-        assert kube.get(kube.resource("apps/v1", "Deployment"), "web", ns) is not None
+        # (staging's blue-green runs the Deployment as web-blue)
+        assert kube.list(kube.resource("apps/v1", "Deployment"), namespace=ns,
+                         label_selector="app.kubernetes.io/name=web")
     wait_for("status web-production", lambda: app_status(kube, "web-production").get("result") == "Applied", 30)
     refused = [e for e in daemon.events() if "forbidden" in str(e).lower()]
     assert not refused, refused

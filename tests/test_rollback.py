@@ -19,6 +19,7 @@ from helpers import (
     deployment,
     metric,
     post_generic,
+    release_cli,
     transitions,
     wait_for,
     wait_transition,
@@ -312,12 +313,6 @@ def test_without_on_unhealthy_an_unhealthy_commit_stays_live(repo, kube, namespa
     assert not _records(kube, namespace, name, "RolledBack")
 
 
-def _cli(kubeconfig, namespace: str, *args: str, wait: str = "60s") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gitopsd", *args, "--namespace", namespace,
-                           "--kubeconfig", str(kubeconfig), "--wait", wait],
-                          capture_output=True, text=True, timeout=120)
-
-
 @pytest.fixture
 def v1_app(repo, namespace, tmp_path, start_daemon):
     """An app of one ConfigMap (settings v=1), its first commit Applied by a running daemon:
@@ -340,7 +335,7 @@ def test_rollback_to_an_older_commit_holds_there_pushes_are_recorded_and_resume_
     post_generic(daemon, repo.url, second)
     wait_transition(daemon, "v2 Applied", 60, app=name, result="Applied", revision=second)
 
-    done = _cli(kubeconfig, namespace, "rollback", name, "--to", first[:10], "-o", "json")
+    done = release_cli(kubeconfig, namespace, "rollback", name, "--to", first[:10], "-o", "json")
     assert done.returncode == 0, done.stderr
     rolled = wait_transition(daemon, "RolledBack", 30, app=name, result="RolledBack")
     assert rolled["revision"] == first and rolled["previous"] == second and rolled["trigger"] == "release"
@@ -360,7 +355,7 @@ def test_rollback_to_an_older_commit_holds_there_pushes_are_recorded_and_resume_
                             "--kubeconfig", str(kubeconfig)], capture_output=True, text=True, timeout=60)
     assert f"held at {first[:8]} by cli/" in table.stdout, table.stdout + table.stderr
 
-    resumed = _cli(kubeconfig, namespace, "resume", name)
+    resumed = release_cli(kubeconfig, namespace, "resume", name)
     assert resumed.returncode == 0, resumed.stderr
     wait_transition(daemon, "v3 Applied after resume", 30, app=name, result="Applied", revision=third)
     assert cm_data(kube, namespace, "settings") == {"v": "3"}
@@ -372,7 +367,7 @@ def test_a_hold_without_a_running_daemon_is_acted_on_when_one_starts(
     name, daemon, first, config = v1_app
     daemon.stop()
 
-    asked = _cli(kubeconfig, namespace, "hold", name, wait="0")
+    asked = release_cli(kubeconfig, namespace, "hold", name, wait="0")
     assert asked.returncode == 1 and "stays stored" not in asked.stderr   # --wait 0: asked, not waited for
     repo.write("settings.yaml", configmap("settings", {"v": "2"}))
     second = repo.commit("v2")
@@ -385,7 +380,7 @@ def test_a_hold_without_a_running_daemon_is_acted_on_when_one_starts(
 @pytest.mark.cluster
 def test_rollback_with_no_healthy_revision_says_so(v1_app, kube, kubeconfig, namespace):
     name, _, _, _ = v1_app
-    refused = _cli(kubeconfig, namespace, "rollback", name)   # refused by the CLI: nothing is stored
+    refused = release_cli(kubeconfig, namespace, "rollback", name)   # refused by the CLI: nothing is stored
     assert refused.returncode == 2
     assert "no revision recorded Applied and Healthy" in refused.stderr and "--to" in refused.stderr
     assert kube.get(kube.resource("v1", "ConfigMap"), request_name(name), namespace) is None
@@ -462,7 +457,7 @@ def test_rollback_to_a_commit_that_left_the_app_alone_is_done_at_that_commit(
     post_generic(daemon, repo.url, second)
     wait_transition(daemon, "v2 Applied", 60, app=name, result="Applied", revision=second)
 
-    done = _cli(kubeconfig, namespace, "rollback", name, "--to", elsewhere)
+    done = release_cli(kubeconfig, namespace, "rollback", name, "--to", elsewhere)
     assert done.returncode == 0, done.stderr
     rolled = wait_transition(daemon, "RolledBack", 30, app=name, result="RolledBack")
     assert rolled["revision"] == elsewhere and rolled["previous"] == second

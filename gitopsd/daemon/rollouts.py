@@ -87,6 +87,7 @@ class Active:
     step: int = 0
     healthy_at: float | None = None   # when the running step was found healthy (monotonic)
     gates: GateState = field(default_factory=GateState)
+    replicas: dict[str, int | None] = field(default_factory=dict)   # the step's counts: stable, canary
 
     @property
     def weight(self) -> int:
@@ -97,9 +98,10 @@ class Active:
         return self.step >= len(self.canary.steps)
 
     def status(self) -> dict:
-        return {"deployment": self.ref.name, "namespace": self.ref.namespace, "step": self.step + 1,
-                "steps": len(self.canary.steps) + 1, "weight": self.weight,
-                "healthy": self.healthy_at is not None}
+        return {"deployment": self.ref.name, "namespace": self.ref.namespace, "strategy": "canary",
+                "step": self.step + 1, "steps": len(self.canary.steps) + 1, "weight": self.weight,
+                **({"replicas": dict(self.replicas)} if self.replicas and not self.promoting else {}),
+                "healthy": self.healthy_at is not None, **_verdicts(self.gates)}
 
 
 @dataclass
@@ -122,7 +124,7 @@ class Switch:
     def status(self) -> dict:
         return {"deployment": self.ref.name, "namespace": self.ref.namespace, "strategy": "blueGreen",
                 "phase": self.phase, "active": self.new_color if self.phase == "switched" else self.old_color,
-                "new": self.new_color}
+                "new": self.new_color, **_verdicts(self.gates)}
 
 
 class RolloutControl:
@@ -148,6 +150,7 @@ class RolloutControl:
         seen: set[ObjectRef] = set()
         selectors: dict[ObjectRef, str | None] = {}   # Service -> the colour it selects (blue-green)
         services = {ref_of(m.obj): m for m in manifests if m.obj.get("kind") == "Service"}
+        autoscalers = [m for m in manifests if m.obj.get("kind") == "HorizontalPodAutoscaler"]
         for m in manifests:
             strategy = rollout.parse(m.obj, source=m.source)
             if strategy is None:
@@ -158,7 +161,7 @@ class RolloutControl:
             if isinstance(strategy, rollout.Canary):
                 out.extend(self._step(m, ref, strategy))
             else:
-                shaped, colors = self._switch(m, ref, strategy, services)
+                shaped, colors = self._switch(m, ref, strategy, services, autoscalers)
                 out.extend(shaped)
                 selectors.update(colors)
         with self._lock:
@@ -166,8 +169,8 @@ class RolloutControl:
                 del self._active[ref]   # the Deployment, or its strategy, left the commit: nothing to step
         return [rollout.selecting(m, selectors[r]) if (r := ref_of(m.obj)) in selectors else m for m in out]
 
-    def _switch(self, m: Manifest, ref: ObjectRef, bg: rollout.BlueGreen,
-                services: dict[ObjectRef, Manifest]) -> tuple[list[Manifest], dict[ObjectRef, str | None]]:
+    def _switch(self, m: Manifest, ref: ObjectRef, bg: rollout.BlueGreen, services: dict[ObjectRef, Manifest],
+                autoscalers: list[Manifest]) -> tuple[list[Manifest], dict[ObjectRef, str | None]]:
         """Blue-green: the colour Deployments and the colour each Service selects, at this moment."""
         svc_ref = ObjectRef(group="", kind="Service", namespace=ref.namespace, name=bg.service)
         preview_ref = ObjectRef(group="", kind="Service", namespace=ref.namespace, name=bg.preview or "")
@@ -176,6 +179,16 @@ class RolloutControl:
                 raise rollout.RolloutError(f"{m.source}: Deployment {ref.name!r}: blueGreen names Service "
                                            f"{wanted.name!r}, which the commit does not have in namespace "
                                            f"{ref.namespace}", hint="the Service must be part of the same app")
+        for hpa in autoscalers:
+            target = (hpa.obj.get("spec") or {}).get("scaleTargetRef") or {}
+            if target.get("kind") == "Deployment" and target.get("name") == ref.name \
+                    and ref_of(hpa.obj).namespace == ref.namespace:
+                raise rollout.RolloutError(
+                    f"{m.source}: Deployment {ref.name!r}: blueGreen, and HorizontalPodAutoscaler "
+                    f"{hpa.obj['metadata'].get('name')!r} ({hpa.source}) scales it: the colours would need the "
+                    f"HPA to follow the active one, which gitopsd does not do yet",
+                    hint="declare spec.replicas and drop the HPA for this Deployment, or use strategy: canary "
+                         "(the canary runs beside the replicas the HPA gives the stable track)")
         new = rollout.template_hash(m.obj)
         live_svc = self._live(svc_ref)
         active = ((live_svc or {}).get("spec") or {}).get("selector", {}).get(rollout.COLOR_LABEL)
@@ -199,9 +212,17 @@ class RolloutControl:
                         {svc_ref: active, **({preview_ref: active} if bg.preview else {})})
             if not isinstance(sw, Switch) or sw.template != new:
                 target = rollout.COLORS[0] if active is None else rollout.other(active)
-                sw = self._active[ref] = Switch(ref=ref, template=new, strategy=bg, new_color=target,
-                                                old_color=active)
-                log.info("blue-green started", app=self.app, deployment=ref.name, active=active, new=target)
+                if active is not None and _ready_on(self._live(_color_ref(ref, target)), new):
+                    # Switching back (an abort, a rollback) to the colour kept since the last switch: it
+                    # runs this template, Ready, so the Service switches in this run and the colour it
+                    # leaves goes at once. No gate: this colour has served before.
+                    sw = self._active[ref] = Switch(ref=ref, template=new, strategy=bg, new_color=target,
+                                                    old_color=None, phase="ready")
+                    log.info("blue-green: switching back", app=self.app, deployment=ref.name, color=target)
+                else:
+                    sw = self._active[ref] = Switch(ref=ref, template=new, strategy=bg, new_color=target,
+                                                    old_color=active)
+                    log.info("blue-green started", app=self.app, deployment=ref.name, active=active, new=target)
             sw.strategy = bg
         shaped = [_marked(rollout.colored(m, color=sw.new_color), new)]
         if sw.old_color is not None and active_dep is not None:
@@ -232,7 +253,11 @@ class RolloutControl:
             active.canary = canary
         if active.promoting:
             return [_marked(m, new)]
-        shaped = rollout.shape(m, canary=canary, step=active.step, stable_template=live["spec"]["template"])
+        live_replicas = rollout.declared_replicas(live)
+        shaped = rollout.shape(m, canary=canary, step=active.step, stable_template=live["spec"]["template"],
+                               live_replicas=live_replicas)
+        active.replicas = {"stable": shaped[0].obj["spec"].get("replicas", live_replicas),
+                           "canary": shaped[1].obj["spec"]["replicas"]}
         return [_marked(shaped[0], running), shaped[1]]
 
     def after(self, result: SyncResult, *, cancelled: bool = False) -> tuple[float | None, bool, dict | None]:
@@ -358,6 +383,16 @@ class RolloutControl:
 GATE_RETRY = 10.0
 
 
+def _verdicts(gates: GateState) -> dict:
+    """The gates' last verdicts, for the status: {"gates": {"prometheus": "pass 1/3", "webhook": "pass"}}."""
+    out = {}
+    for name, a in (gates.last or {}).items():
+        verdict = a.get("verdict")
+        out[name] = f"{verdict} {a.get('passes')} passed, {a.get('failures')} failed" if name == "prometheus" \
+            else str(verdict)
+    return {"gates": out} if out else {}
+
+
 def _why(answers: dict | None) -> str:
     """The refusing gate's answer, in a few words."""
     for name, a in (answers or {}).items():
@@ -442,6 +477,17 @@ def _outcome(a: Switch) -> str:
 
 def _color_ref(ref: ObjectRef, color: str | None) -> ObjectRef:
     return ObjectRef(group=ref.group, kind=ref.kind, namespace=ref.namespace, name=rollout.color_name(ref.name, color))
+
+
+def _ready_on(deployment: dict | None, template: str) -> bool:
+    """The Deployment runs `template` (as gitopsd marked it) and every replica of it is Ready and up to date."""
+    if deployment is None or _template_of(deployment) != template:
+        return False
+    spec, status = deployment.get("spec") or {}, deployment.get("status") or {}
+    wanted = spec.get("replicas", 1)
+    return (status.get("observedGeneration", 0) >= (deployment.get("metadata") or {}).get("generation", 0)
+            and status.get("updatedReplicas", 0) == wanted and status.get("readyReplicas", 0) == wanted
+            and status.get("replicas", 0) == wanted)
 
 
 def _template_of(deployment: dict | None) -> str | None:

@@ -192,9 +192,14 @@ def rollout_text(rollout: object) -> str:
     if not isinstance(rollout, list):
         return ""
     def one(r: dict) -> str:
+        gates = r.get("gates") if isinstance(r.get("gates"), dict) else {}
+        gate_text = "".join(f", {name} {verdict}" for name, verdict in gates.items())
         if r.get("strategy") == "blueGreen":
-            return f"blue-green {r.get('deployment')} {r.get('phase')} (active {r.get('active')}, new {r.get('new')})"
-        return f"canary {r.get('deployment')} step {r.get('step')}/{r.get('steps')} ({r.get('weight')}%)"
+            return (f"blue-green {r.get('deployment')} {r.get('phase')} "
+                    f"(active {r.get('active')}, new {r.get('new')}{gate_text})")
+        counts = r.get("replicas") if isinstance(r.get("replicas"), dict) else {}
+        split = f": {counts.get('canary')} canary + {counts.get('stable')} stable" if counts else ""
+        return f"canary {r.get('deployment')} step {r.get('step')}/{r.get('steps')} ({r.get('weight')}%{split}{gate_text})"
     return "; ".join(one(r) for r in rollout if isinstance(r, dict))
 
 

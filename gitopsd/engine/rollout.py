@@ -240,8 +240,14 @@ def template_hash(deployment: dict) -> str:
 
 
 def replicas(deployment: dict) -> int:
-    value = (deployment.get("spec") or {}).get("replicas", 1)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 1
+    value = declared_replicas(deployment)
+    return 1 if value is None else value
+
+
+def declared_replicas(deployment: dict) -> int | None:
+    """`spec.replicas` as written, None when the Deployment leaves the count to someone else (an HPA)."""
+    value = (deployment.get("spec") or {}).get("replicas")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def split(total: int, weight: int) -> tuple[int, int]:
@@ -254,23 +260,40 @@ def split(total: int, weight: int) -> tuple[int, int]:
     return max(total - canary, 1), canary
 
 
+def beside(stable: int, weight: int) -> int:
+    """Canary replicas that take `weight` percent of the traffic next to `stable` pods whose count is
+    not gitopsd's to change (an HPA scales them): canary / (stable + canary) >= weight, at least one."""
+    if stable == 0:
+        return 0
+    return max(1, math.ceil(stable * weight / (100 - weight)))
+
+
 def canary_name(name: str) -> str:
     return name + CANARY_SUFFIX
 
 
-def shape(manifest: Manifest, *, canary: Canary, step: int, stable_template: dict) -> list[Manifest]:
+def shape(manifest: Manifest, *, canary: Canary, step: int, stable_template: dict,
+          live_replicas: int | None = None) -> list[Manifest]:
     """What step `step` of the canary of this Deployment applies: the stable Deployment on
     `stable_template` (what runs now) and the canary on the commit's template, weighted; at
-    promotion (past the last step), the Deployment as the commit has it, alone."""
+    promotion (past the last step), the Deployment as the commit has it, alone.
+
+    A Deployment that declares no `spec.replicas` leaves its count to another controller (an
+    HPA): the stable track keeps the count that controller gives it (`live_replicas`, the live
+    Deployment's; gitopsd never takes the field) and the canary runs beside it, sized for its
+    share of the traffic (`beside`)."""
     weight = canary.weight(step)
     if weight >= 100:
         return [manifest]
     obj = manifest.obj
-    total = replicas(obj)
-    stable_count, canary_count = split(total, weight)
     stable = orjson.loads(orjson.dumps(obj))
     stable["spec"]["template"] = orjson.loads(orjson.dumps(stable_template))
-    stable["spec"]["replicas"] = stable_count
+    if declared_replicas(obj) is None:
+        canary_count = beside(1 if live_replicas is None else live_replicas, weight)
+        stable["spec"].pop("replicas", None)
+    else:
+        stable_count, canary_count = split(replicas(obj), weight)
+        stable["spec"]["replicas"] = stable_count
     new = orjson.loads(orjson.dumps(obj))
     meta = new["metadata"]
     name = meta["name"]

@@ -226,21 +226,21 @@ def main() -> int:
     names = [f"step {n + 1} ({w}%) healthy" for n, w in enumerate(STEPS)] + ["promoted and healthy"]
     print(f"\ncanary of a Deployment of {args.replicas} replicas, steps {'/'.join(map(str, STEPS))}/100, pause 0, "
           f"{args.trials} trials (seconds from the push)")
-    print(f"{'':38}{'p50':>10}{'p95':>10}{'max':>10}")
+    print(f"{'':44}{'p50':>10}{'p95':>10}{'max':>10}")
     for n, label in enumerate(names):
         col = [m[n] for m in marks if len(m) > n]
-        print(f"{label:38}{statistics.median(col):>9.2f}s{pct(col, 0.95):>9.2f}s{max(col):>9.2f}s")
+        print(f"{label:44}{statistics.median(col):>9.2f}s{pct(col, 0.95):>9.2f}s{max(col):>9.2f}s")
     gaps = [b - a for m in marks for a, b in zip(m, m[1:])]
-    print(f"{'one step to the next':38}{statistics.median(gaps):>9.2f}s{pct(gaps, 0.95):>9.2f}s{max(gaps):>9.2f}s")
-    print(f"{'peer: apply --server-side + rollout status':38}{statistics.median(peer):>9.2f}s"
+    print(f"{'one step to the next':44}{statistics.median(gaps):>9.2f}s{pct(gaps, 0.95):>9.2f}s{max(gaps):>9.2f}s")
+    print(f"{'peer: apply --server-side + rollout status':44}{statistics.median(peer):>9.2f}s"
           f"{pct(peer, 0.95):>9.2f}s{max(peer):>9.2f}s")
     print(f"ratio (canary promoted / plain rolling update, p50)  {statistics.median(totals) / statistics.median(peer):.1f}x")
     print(f"gitopsd's requests per canary (push to promoted): median {statistics.median(costs):.0f}, "
           f"max {max(costs):.0f}")
     print(f"\ngate evaluation, {args.evaluations} each (milliseconds)")
-    print(f"{'':38}{'p50':>10}{'p95':>10}{'max':>10}")
+    print(f"{'':44}{'p50':>10}{'p95':>10}{'max':>10}")
     for label, col in gates.items():
-        print(f"{label:38}{statistics.median(col):>9.2f} {pct(col, 0.95):>9.2f} {max(col):>9.2f}")
+        print(f"{label:44}{statistics.median(col):>9.2f} {pct(col, 0.95):>9.2f} {max(col):>9.2f}")
     floor = statistics.median(gates["GET /-/ready (peer)"])
     print(f"ratio (prometheus gate / bare round trip, p50)  {statistics.median(gates['prometheus gate']) / floor:.1f}x")
     return 0

@@ -124,7 +124,8 @@ class Switch:
     def status(self) -> dict:
         return {"deployment": self.ref.name, "namespace": self.ref.namespace, "strategy": "blueGreen",
                 "phase": self.phase, "active": self.new_color if self.phase == "switched" else self.old_color,
-                "new": self.new_color, **_verdicts(self.gates)}
+                "new": self.new_color, **({"old": self.old_color} if self.old_color and not self.dropping else {}),
+                **_verdicts(self.gates)}
 
 
 class RolloutControl:

@@ -195,8 +195,12 @@ def rollout_text(rollout: object) -> str:
         gates = r.get("gates") if isinstance(r.get("gates"), dict) else {}
         gate_text = "".join(f", {name} {verdict}" for name, verdict in gates.items())
         if r.get("strategy") == "blueGreen":
-            return (f"blue-green {r.get('deployment')} {r.get('phase')} "
-                    f"(active {r.get('active')}, new {r.get('new')}{gate_text})")
+            name, new, old = r.get("deployment"), r.get("new"), r.get("old")
+            if r.get("phase") == "switched":
+                return f"blue-green {name} switched to {new}" + (f", {old} kept" if old else "")
+            if r.get("phase") == "ready":
+                return f"blue-green {name} {new} ready, switching{' from ' + old if old else ''}{gate_text}"
+            return f"blue-green {name} deploying {new}{' beside ' + old if old else ''}{gate_text}"
         counts = r.get("replicas") if isinstance(r.get("replicas"), dict) else {}
         split = f": {counts.get('canary')} canary + {counts.get('stable')} stable" if counts else ""
         return f"canary {r.get('deployment')} step {r.get('step')}/{r.get('steps')} ({r.get('weight')}%{split}{gate_text})"

@@ -205,7 +205,7 @@ class Ignore:
         """What gitopsd applies over `live`: `desired` without the ignored fields another field
         manager owns (see the module docstring), and those fields' dotted paths. `desired`
         itself (not a copy) when nothing is left out: no live object, no other manager."""
-        if not live:
+        if not live or not (self.rules or self.managers):
             return desired, ()
         others = list(fields_mod.entries(live))
         if not others:

@@ -25,6 +25,13 @@ How drift is judged — the way the server would, at the lowest request cost:
    with the live object (gitopsd.engine.diff). Server-defaulted fields appear on
    both sides, so they never show as drift.
 
+Drift the app allows (gitopsd.engine.ignore: ignore rules, field managers
+left alone) is taken out before 2. and 3.: over a live object, what is
+judged and applied is the desired object without the ignored fields that
+another field manager owns (ObjectChange.to_apply). gitopsd does not own
+those, so the fast path does not ask for them and the dry-run keeps their
+live values: an HPA's replicas are neither drift nor reverted.
+
 The dry-runs double as validation: every invalid object of a commit is found
 before anything is written. Objects whose CRD or Namespace arrives (or whose
 CRD changes) in the same commit can only be dry-run after stage 0 is

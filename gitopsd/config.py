@@ -576,8 +576,8 @@ class Rollback(_Section):
 class IgnoreDifference(_Section):
     """Drift to allow on some objects (Argo CD's ignoreDifferences): their fields named by
     jsonPointers or fields, and those owned by managedFieldsManagers, are left to whoever changes
-    them — neither drift nor reverted, once another field manager owns them
-    (gitopsd.engine.ignore says why that condition).
+    them — neither drift nor reverted once another field manager owns them; until then they
+    follow Git (gitopsd.engine.ignore says why).
 
     Objects are matched by group, kind, name and namespace, each a glob (`*`, `?`, `[abc]`);
     an absent key matches any. In paths, `*` matches any key or list item.

@@ -11,6 +11,7 @@ import pytest
 
 from gitopsd import config
 from gitopsd.engine import ignore
+from gitopsd.engine.diff import dotted
 from gitopsd.engine.ignore import Ignore, Rule
 from gitopsd.engine.plan import HASH_ANNOTATION, still_ours
 from gitopsd.objects import ref_of
@@ -175,8 +176,10 @@ def test_a_drift_suggestion_is_a_rule_the_config_accepts_and_that_names_the_same
     assert text == ("ignoreDifferences: [{kind: Deployment, name: web, jsonPointers: [/spec/replicas, "
                     "/metadata/annotations/example.com~1v, /spec/template/spec/containers/0/image]}]")
     (rule,) = config.parse_ignore_rules(text)
-    paths = {ignore.dotted(p) for p in rule.compiled().paths(desired)}
+    paths = {dotted(p) for p in rule.compiled().paths(desired)}
     assert paths == {"spec.replicas", "metadata.annotations.example.com/v", "spec.template.spec.containers[0].image"}
+    many = [f"data.key{i}" for i in range(ignore.MAX_SUGGESTED + 1)]
+    assert ignore.suggestion(ref_of(desired), many, desired) is None, "no rule for a drift of that many fields"
 
 
 @pytest.mark.parametrize(("path", "why"), [

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import yaml
 
 from gitopsd.engine import fields as fields_mod
+from gitopsd.engine.diff import dotted, resolve
 from gitopsd.engine.fields import Path
 from gitopsd.objects import ObjectRef, ref_of
 
@@ -105,14 +106,6 @@ def pointer(path: Path) -> str:
     return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in path)
 
 
-def dotted(path: Path) -> str:
-    """`spec.template.spec.containers[0].image`: a concrete path as drift reports print it."""
-    out = ""
-    for p in path:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out
-
-
 def resolve_pointer(obj, tokens: tuple[str, ...]) -> Iterator[Path]:
     """Every concrete path of `obj` that the pointer's tokens name (`*`: any key or item)."""
     if not tokens:
@@ -122,30 +115,6 @@ def resolve_pointer(obj, tokens: tuple[str, ...]) -> Iterator[Path]:
     for step, value in _children(obj, head):
         for tail in resolve_pointer(value, rest):
             yield (step, *tail)
-
-
-def resolve_dotted(obj, text: str) -> Iterator[Path]:
-    """Every concrete path of `obj` that the dotted path names. Keys may hold dots
-    (`metadata.annotations.example.com/x`), so keys are matched against the text rather than
-    split from it."""
-    if text == "":
-        yield ()
-        return
-    if text.startswith("["):
-        index, _, rest = text[1:].partition("]")
-        for step, value in _children(obj, index) if isinstance(obj, list) else ():
-            for tail in resolve_dotted(value, rest.removeprefix(".")):
-                yield (step, *tail)
-        return
-    if not isinstance(obj, dict):
-        return
-    for key, value in obj.items():
-        key = str(key)
-        for name in (key, "*"):
-            if text == name or (text.startswith(name) and text[len(name)] in ".["):
-                for tail in resolve_dotted(value, text[len(name):].removeprefix(".")):
-                    yield (key, *tail)
-                break
 
 
 def _children(obj, token: str) -> Iterator[tuple[str | int, object]]:
@@ -191,7 +160,7 @@ class Rule:
         for text in self.pointers:
             yield from resolve_pointer(obj, pointer_tokens(text))
         for text in self.fields:
-            yield from resolve_dotted(obj, text)
+            yield from resolve(obj, text)
 
 
 @dataclass(frozen=True)
@@ -288,13 +257,22 @@ def _without(obj: dict, paths: Iterable[Path]) -> dict:
 
 # ------------------------------------------------------------------ suggestions
 
+#: A drift of more fields than this is no drift to allow field by field: no suggestion (and a
+#: record that stays small).
+MAX_SUGGESTED = 20
+
+
 def suggestion(ref: ObjectRef, paths: Iterable[str], obj: dict) -> str | None:
     """The ignore rule, in config syntax, that would silence drift of `paths` (dotted, as in a
     drift report) of the object `ref` — written with JSON pointers, as Argo CD users know them.
-    None when there is nothing to suggest (an object deleted by hand)."""
+    None when there is nothing to suggest (an object deleted by hand) or too much (more than
+    MAX_SUGGESTED fields)."""
+    paths = list(paths)
+    if len(paths) > MAX_SUGGESTED:
+        return None
     pointers = []
     for text in paths:
-        found = next(resolve_dotted(obj, text), None)
+        found = next(resolve(obj, text), None)
         pointers.append(pointer(found) if found is not None else "/" + text.replace(".", "/"))
     if not pointers:
         return None

@@ -256,3 +256,18 @@ def test_a_deleted_object_comes_back_with_gits_value_of_an_ignored_field(app, re
 
     assert [c.action.value for c in result.applied] == ["create"]
     assert _web(kube, namespace)["spec"]["replicas"] == 2
+
+
+def test_fields_of_a_manager_the_app_names_are_left_to_it_and_only_then(app, repo, kube, namespace):
+    repo.write("web.yaml", deployment("web", replicas=2))
+    repo.commit()
+    assert app.sync().outcome.value == "Applied"
+    _scale(kube, namespace, "web", 5, manager="autoscaler")
+
+    assert app.sync(ignore_managers=("autoscaler",), dry_run=True).plan.in_sync
+    assert app.sync(ignore_managers=("autoscaler",)).outcome.value == "NoChange"
+    assert _web(kube, namespace)["spec"]["replicas"] == 5
+
+    reverted = app.sync()   # the default list: the HPA's manager, not this one
+    assert [(c.action.value, c.diff.fields) for c in reverted.applied] == [("update", ("spec.replicas",))]
+    assert _web(kube, namespace)["spec"]["replicas"] == 2

@@ -157,6 +157,15 @@ TEXT = _flag(_check_text)
 TIME = _flag(_check_time)
 ADDRESS = _flag(_check_address)
 URL = _flag(_check_url)
+IGNORE_RULES = _flag(cfg.parse_ignore_rules)
+
+
+def _check_managers(value: str) -> tuple[str, ...]:
+    """Field managers, comma-separated; "" for none."""
+    return tuple(dict.fromkeys(name.strip() for name in value.split(",") if name.strip()))
+
+
+MANAGERS = _flag(_check_managers)
 LEASE_DURATION = _flag(cfg.check_duration, minimum=2.0, why="the Lease is written in whole seconds and renewed "
                                                               "within it")
 LEASE_RENEW = _flag(cfg.check_duration, minimum=0.1, why="renewing more often only loads the apiserver")
@@ -253,6 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ssh-key", type=FILE, metavar="FILE", help="private key for ssh:// remotes")
     g.add_argument("--known-hosts", type=FILE, metavar="FILE",
                    help="known_hosts file for ssh:// remotes (host keys are checked)")
+    d = common.add_argument_group("drift to allow")
+    d.add_argument("--ignore-differences", action="append", default=[], metavar="RULE", type=IGNORE_RULES,
+                   help="an ignore rule as the config file's ignoreDifferences writes it, e.g. '{kind: Deployment, "
+                        "name: web, jsonPointers: [/spec/replicas]}' (repeatable; a drift report's suggestion "
+                        "can be pasted whole)")
+    d.add_argument("--ignore-managers", default=None, metavar="NAMES", type=MANAGERS,
+                   help="field managers whose fields are left to them, comma-separated; '' for none (default: "
+                        "kube-controller-manager, the HPA's)")
     k = common.add_argument_group("cluster")
     _cluster_args(k)
     k.add_argument("--app", default=None, type=APP,
@@ -484,7 +501,9 @@ def _app_spec(args):
                    path=args.path, namespace=args.namespace, render=args.render,
                    helm=Helm(values_files=tuple(args.values)) if args.values else None,
                    allow_remote_bases=args.allow_remote_bases, credentials=creds,
-                   inventory_namespace=args.inventory_namespace, **extra)
+                   inventory_namespace=args.inventory_namespace,
+                   ignore_differences=tuple(rule for rules in args.ignore_differences for rule in rules),
+                   ignore_managers=args.ignore_managers, **extra)
 
 
 def _print(data, *, output: str, text: str) -> None:

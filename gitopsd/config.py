@@ -51,6 +51,7 @@ import dataclasses
 import datetime
 import difflib
 import errno
+import functools
 import math
 import os
 import posixpath
@@ -81,6 +82,7 @@ from pydantic.dataclasses import dataclass, is_pydantic_dataclass
 from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import InitErrorDetails, PydanticCustomError, PydanticKnownError
 
+from gitopsd.engine import ignore as ignore_mod
 from gitopsd.engine.render import KINDS as RENDER_KINDS
 from gitopsd.engine.yamlload import Bounded
 from gitopsd.errors import GitopsdError, yaml_error_parts
@@ -420,6 +422,25 @@ AllowedNamespaces = Annotated[tuple[Namespace, ...], Strict(False), AfterValidat
                               Field(json_schema_extra={"minItems": 1})]
 ValuesFiles = Annotated[tuple[ValuesFile, ...], Strict(False)]
 
+
+def _check_glob(value: str) -> str:
+    """A name or a glob (`*`, `?`, `[abc]`) matched against a group, kind, name or namespace."""
+    if any(c.isspace() for c in value):
+        raise ValueError(f"{_show(value)} is not a name or glob (it contains whitespace)")
+    return value
+
+
+Glob = _text(_check_glob)
+#: An API group: "" is the core group (Pods, ConfigMaps), so an empty text is a value here.
+GroupGlob = Annotated[str, Strict(), AfterValidator(_check_glob), WithJsonSchema({"type": "string"})]
+JsonPointer = _text(ignore_mod.check_pointer, pattern="^/")
+FieldPath = _text(ignore_mod.check_field_path)
+#: A field manager as managedFields names it (kube-controller-manager, kubectl-edit, ...).
+Manager = _text()
+JsonPointers = Annotated[tuple[JsonPointer, ...], Strict(False)]
+FieldPaths = Annotated[tuple[FieldPath, ...], Strict(False)]
+Managers = Annotated[tuple[Manager, ...], Strict(False), AfterValidator(lambda names: tuple(dict.fromkeys(names)))]
+
 _DEFAULT_NAMESPACE = "default"
 
 
@@ -552,6 +573,59 @@ class Rollback(_Section):
 
 
 @dataclass(frozen=True, config=MODEL_CONFIG)
+class IgnoreDifference(_Section):
+    """Drift to allow on some objects (Argo CD's ignoreDifferences): their fields named by
+    jsonPointers or fields, and those owned by managedFieldsManagers, are left to whoever changes
+    them — neither drift nor reverted once another field manager owns them; until then they
+    follow Git (gitopsd.engine.ignore says why).
+
+    Objects are matched by group, kind, name and namespace, each a glob (`*`, `?`, `[abc]`);
+    an absent key matches any. In paths, `*` matches any key or list item.
+    """
+
+    _what = "a mapping such as {kind: Deployment, name: web, jsonPointers: [/spec/replicas]}"
+    _refused = {"jqPathExpressions": "not supported (gitopsd has no jq); name the fields with jsonPointers "
+                                     "(/spec/template/spec/containers/*/image) or fields "
+                                     "(spec.template.spec.containers[*].image)"}
+
+    group: GroupGlob | None = None
+    """API group of the objects ("" is the core group: ConfigMaps, Services); absent: any."""
+    kind: Glob | None = None
+    """Kind of the objects (Deployment, *Webhook*); absent: any."""
+    name: Glob | None = None
+    """Name of the objects (web, web-*); absent: any."""
+    namespace: Glob | None = None
+    """Namespace of the objects; absent: any."""
+    json_pointers: JsonPointers = ()
+    """Fields as JSON pointers (RFC 6901): /spec/replicas, /metadata/annotations/example.com~1injected."""
+    fields: FieldPaths = ()
+    """Fields as drift reports print them: spec.replicas, spec.template.spec.containers[0].image."""
+    managed_fields_managers: Managers = ()
+    """Field managers whose fields of these objects are theirs (as managedFields names them: kubectl-edit, my-operator)."""
+
+    @model_validator(mode="after")
+    def _names_something(self) -> IgnoreDifference:
+        if not (self.json_pointers or self.fields or self.managed_fields_managers):
+            _refuse(type(self).__name__, [(("jsonPointers",), "missing: the rule ignores nothing; name fields "
+                                           "(jsonPointers or fields) or managers (managedFieldsManagers)")])
+        return self
+
+    def compiled(self) -> ignore_mod.Rule:
+        return ignore_mod.Rule(group=self.group, kind=self.kind, name=self.name, namespace=self.namespace,
+                               pointers=self.json_pointers, fields=self.fields,
+                               managers=frozenset(self.managed_fields_managers))
+
+
+IgnoreDifferences = Annotated[tuple[IgnoreDifference, ...], Strict(False)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _compile_ignore(rules: tuple[IgnoreDifference, ...], managers: tuple[str, ...]) -> ignore_mod.Ignore:
+    """An app's ignore settings compiled once (each watch event of its objects reads them)."""
+    return ignore_mod.Ignore(rules=tuple(r.compiled() for r in rules), managers=frozenset(managers))
+
+
+@dataclass(frozen=True, config=MODEL_CONFIG)
 class AppConfig(_Section):
     """One app: a path in a Git repository, kept applied to the cluster as one ApplySet.
 
@@ -601,6 +675,24 @@ class AppConfig(_Section):
     """How long to wait for the applied objects to become healthy: 90s, 5m, or seconds (at least 1s)."""
     rollback: Rollback | None = None
     """Automatic rollback: {onUnhealthy: true} goes back to the last healthy revision when one ends Unhealthy."""
+    ignore_differences: IgnoreDifferences = ()
+    """Drift to allow: rules naming objects (group, kind, name, namespace; globs) and fields (jsonPointers, fields) or managers (managedFieldsManagers) that gitopsd leaves to whoever changes them.
+
+    A field is left alone once another field manager owns it: gitopsd stops
+    applying it, so a change is neither drift nor reverted. A field gitopsd
+    alone owns keeps following Git (dropping it would make the apiserver
+    remove it); a created object gets Git's values.
+    """
+    ignore_managers: Managers | None = None
+    """Field managers whose fields of any object of the app are left to them (not drift, not reverted); absent: the file's top-level ignoreManagers."""
+
+    @property
+    def ignore(self) -> ignore_mod.Ignore:
+        """What the engine leaves alone (gitopsd.engine.ignore): the rules, and the managers of
+        `ignore_managers` (None: gitopsd's default, the HPA's kube-controller-manager; in a file,
+        `parse` fills in the top-level list)."""
+        managers = self.ignore_managers if self.ignore_managers is not None else ignore_mod.DEFAULT_MANAGERS
+        return _compile_ignore(self.ignore_differences, managers)
 
     @property
     def rollback_on_unhealthy(self) -> bool:
@@ -674,6 +766,23 @@ class Config(_Section):
     """The apps, in order; names are unique. Write `apps: []` to run none."""
     webhook: WebhookConfig = WebhookConfig()
     """The push webhook."""
+    ignore_managers: Managers = ignore_mod.DEFAULT_MANAGERS
+    """Field managers whose fields gitopsd leaves to them in every app that names none (not drift, not reverted); [] for none.
+
+    The default is the kube-controller-manager: a HorizontalPodAutoscaler
+    scales a Deployment through its scale subresource under that name, so
+    spec.replicas set in Git stays at the autoscaler's count.
+    """
+
+    @model_validator(mode="after")
+    def _inherit(self) -> Config:
+        # An app that names no ignoreManagers gets the file's: filled in here, once, so that
+        # every reader of an app (the daemon's runners, a reload's diff) sees the list it runs
+        # with. The apps were built by this validation and nobody holds them yet.
+        for app in self.apps:
+            if app.ignore_managers is None:
+                object.__setattr__(app, "ignore_managers", self.ignore_managers)
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:
@@ -755,6 +864,31 @@ def parse(text: str, *, source: str = "<config>", base_dir: Path | None = None) 
         no_apps = any(p.startswith(("apps: missing", "apps: is empty")) for p in problems)
         raise ConfigError(problems, source=source, hint=_NO_APPS_HINT if no_apps else None)
     return config
+
+
+_RULES_ADAPTER = TypeAdapter(IgnoreDifferences)
+
+
+def parse_ignore_rules(text: str) -> tuple[IgnoreDifference, ...]:
+    """Ignore rules from a command line (`--ignore-differences`): one rule as a YAML mapping
+    (`{kind: Deployment, name: web, jsonPointers: [/spec/replicas]}`), a list of them, or a
+    drift report's suggestion pasted whole (`ignoreDifferences: [...]`). Checked as the file
+    checks them; ValueError names every problem."""
+    problems: list[str] = []
+    data = _load_yaml(text, problems=problems)
+    if data is _BROKEN or problems:
+        raise ValueError("; ".join(problems))
+    if isinstance(data, dict) and list(data) == ["ignoreDifferences"]:
+        data = data["ignoreDifferences"]
+    rules = data if isinstance(data, list) else [data]
+    try:
+        return _RULES_ADAPTER.validate_python(rules, by_alias=True, by_name=False, context={"file": "flag"})
+    except ValidationError as exc:
+        # Placed where the file has them, so each reads as in the file (`ignoreDifferences[0].kind: ...`).
+        wrapped = {"apps": [{"ignoreDifferences": rules}]}
+        raise ValueError("; ".join(
+            _problem({**e, "loc": ("apps", 0, "ignoreDifferences", *e["loc"])}, wrapped).removeprefix("apps[0].")
+            for e in exc.errors(include_url=False))) from None
 
 
 def read_text(path: Path) -> str:

@@ -117,7 +117,7 @@ def result_text(result: SyncResult) -> str:
 
 # The order fields appear in on a log line: what happened first, the chain last.
 _LOG_ORDER = ("app", "type", "seq", "trigger", "result", "action", "reason", "previous", "revision", "object",
-              "fields", "managers", "deleted", "error", "commit", "written", "plan", "health", "errors", "source",
+              "fields", "managers", "deleted", "error", "suggestion", "commit", "written", "plan", "health", "errors", "source",
               "ref", "signature", "started", "duration_seconds", "instance", "time", "prev_hash", "hash")
 
 

@@ -27,6 +27,7 @@ from gitopsd.config import (
     ConfigError,
     CredentialsRef,
     Helm,
+    IgnoreDifference,
     Rollback,
     SecretRef,
     WebhookConfig,
@@ -77,8 +78,13 @@ apps:
     suspend: true
     timeout: 90
     rollback: {onUnhealthy: true}
+    ignoreDifferences:
+      - {group: apps, kind: Deployment, name: web-*, namespace: production, jsonPointers: [/spec/replicas],
+         fields: ["metadata.annotations.example.com/injected"], managedFieldsManagers: [sidecar-injector]}
+    ignoreManagers: [kube-controller-manager, my-autoscaler]
 webhook:
   secretFile: /etc/gitopsd/webhook/secret
+ignoreManagers: []
 """
 
 
@@ -88,7 +94,9 @@ def test_minimal_app_gets_defaults() -> None:
           - name: web
             repo: https://git.example.com/fleet.git
     """)
-    assert app == AppConfig(name="web", repo="https://git.example.com/fleet.git")
+    # An app that names no ignoreManagers gets the file's (default: the HPA's kube-controller-manager).
+    assert app == AppConfig(name="web", repo="https://git.example.com/fleet.git",
+                            ignore_managers=("kube-controller-manager",))
     assert (app.ref, app.path, app.namespace, app.interval, app.timeout) == ("main", ".", "default", 60.0, 300.0)
     assert (app.prune, app.self_heal, app.render, app.prune_guard) == (True, True, "auto", 0.5)
     assert app.credentials is None and app.allowed_namespaces is None and not app.suspend
@@ -204,7 +212,13 @@ def test_full_app_round_trips_every_field() -> None:
         suspend=True,
         timeout=90.0,
         rollback=Rollback(on_unhealthy=True),
+        ignore_differences=(IgnoreDifference(group="apps", kind="Deployment", name="web-*", namespace="production",
+                                             json_pointers=("/spec/replicas",),
+                                             fields=("metadata.annotations.example.com/injected",),
+                                             managed_fields_managers=("sidecar-injector",)),),
+        ignore_managers=("kube-controller-manager", "my-autoscaler"),
     ),)
+    assert config.ignore_managers == ()
     assert config.webhook == WebhookConfig(secret_file=Path("/etc/gitopsd/webhook/secret"))
     assert config.app("web-production") is config.apps[0]
     assert config.app("nope") is None
@@ -314,7 +328,7 @@ def test_every_problem_is_reported_with_app_and_field() -> None:
         'apps[3] (Web_Prod).interval: "1s" is too short: at least 5s '
         "(polling faster only loads the Git server; use the webhook for fast pickup)",
         "apps[4]: must be a mapping with at least name and repo, not a string",
-        "extra: unknown field; known fields: apps, webhook",
+        "extra: unknown field; known fields: apps, webhook, ignoreManagers",
     ]
 
 
@@ -505,6 +519,50 @@ def test_diff_reports_added_removed_changed_apps() -> None:
     assert diff(Config(apps=()), Config(apps=())) == ConfigChange()
 
 
+def test_apps_get_the_files_ignore_managers_unless_they_name_their_own_and_a_change_of_it_changes_them():
+    old = parse("""
+        apps:
+          - {name: web, repo: r}
+          - {name: api, repo: r, ignoreManagers: [my-autoscaler]}
+    """)
+    assert [a.ignore_managers for a in old.apps] == [("kube-controller-manager",), ("my-autoscaler",)]
+    new = parse("""
+        ignoreManagers: []
+        apps:
+          - {name: web, repo: r}
+          - {name: api, repo: r, ignoreManagers: [my-autoscaler]}
+    """)
+    assert new.apps[0].ignore_managers == () and new.apps[0].ignore.managers == frozenset()
+    assert diff(old, new) == ConfigChange(changed=("web",)), "a reload re-runs the apps that inherit it"
+
+
+def test_a_bad_ignore_rule_is_a_config_error_naming_the_field() -> None:
+    problems = problems_of("""
+        apps:
+          - name: web
+            repo: r
+            ignoreDifferences:
+              - {kind: Deployment, name: web, jsonPointers: [spec/replicas]}
+              - {kind: Deployment, fields: ["spec.containers[x].image"]}
+              - {kind: Deployment}
+              - {kind: Deployment, jqPathExpressions: [.spec.replicas]}
+              - {kind: Deployment, jsonPointers: [/metadata/name]}
+    """)
+    assert problems == [
+        'apps[0] (web).ignoreDifferences[0] (web).jsonPointers[0]: "spec/replicas" is not a JSON pointer: it '
+        "must start with '/' (e.g. /spec/replicas)",
+        'apps[0] (web).ignoreDifferences[1].fields[0]: "spec.containers[x].image" is not a field path: a list '
+        "item is [N] or [*], followed by '.', another item or the end",
+        "apps[0] (web).ignoreDifferences[2].jsonPointers: missing: the rule ignores nothing; name fields "
+        "(jsonPointers or fields) or managers (managedFieldsManagers)",
+        "apps[0] (web).ignoreDifferences[3].jqPathExpressions: not supported (gitopsd has no jq); name the fields "
+        "with jsonPointers (/spec/template/spec/containers/*/image) or fields "
+        "(spec.template.spec.containers[*].image)",
+        'apps[0] (web).ignoreDifferences[4].jsonPointers[0]: "/metadata/name" names the object\'s identity '
+        "(apiVersion, kind, metadata.name, metadata.namespace), which cannot be ignored",
+    ]
+
+
 def test_to_spec_carries_every_setting() -> None:
     app = parse(FULL).apps[0]
     creds = source.Credentials(username="bot", token="t")
@@ -516,6 +574,7 @@ def test_to_spec_carries_every_setting() -> None:
         allow_remote_bases=True, prune_guard=0.25, allow_prune_all=True, recreate=True, suspend=True, timeout=90.0,
         rollback=Rollback(on_unhealthy=True), credentials=creds,
         inventory_namespace="gitopsd-system", allowed_namespaces=("production", "monitoring"),
+        ignore_differences=app.ignore_differences, ignore_managers=("kube-controller-manager", "my-autoscaler"),
     )
     # Every AppSpec field is either carried from the config or given by the caller.
     given = {"credentials", "inventory_namespace"}
@@ -691,6 +750,8 @@ def test_schema_command_prints_a_json_schema_that_accepts_the_sample_configs(con
     ({"helm": {"valueFiles": ["v.yaml"]}}, "valueFiles"),
     ({"allowedNamespaces": []}, "allowedNamespaces"),
     ({"credentials": {"secretRef": {"name": "fleet", "namespace": "other"}}}, "namespace"),
+    ({"ignoreDifferences": [{"kind": "Deployment", "jsonPointers": ["spec/replicas"]}]}, "jsonPointers"),
+    ({"ignoreDifferences": [{"kind": "Deployment", "jqPathExpressions": [".spec"]}]}, "jqPathExpressions"),
 ])
 def test_schema_rejects_what_the_model_rejects(config_schema, edit: dict, rejected_at: str) -> None:
     validator = jsonschema.Draft202012Validator(config_schema)
@@ -715,7 +776,7 @@ def test_schema_documents_every_field_of_the_file(config_schema) -> None:
 
 FULL_KEYS = ("name", "repo", "ref", "path", "namespace", "interval", "prune", "selfHeal", "render", "helm",
              "allowRemoteBases", "credentials", "allowedNamespaces", "pruneGuard", "allowPruneAll", "recreate",
-             "suspend", "timeout", "rollback")
+             "suspend", "timeout", "rollback", "ignoreDifferences", "ignoreManagers")
 
 
 def test_validate_command_exits_0_for_a_valid_file_and_1_naming_every_problem(tmp_path: Path) -> None:

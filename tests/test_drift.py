@@ -72,7 +72,7 @@ def test_server_defaulted_fields_never_show_as_drift(app, repo, kube, namespace)
     from gitopsd.engine import plan as plan_mod
 
     original = plan_mod.still_ours
-    plan_mod.still_ours = lambda live, desired: False
+    plan_mod.still_ours = lambda live, desired, **_: False
     try:
         result = app.sync(dry_run=True)
     finally:

@@ -182,21 +182,24 @@ def _changed_fields(change) -> list[str]:
 
 
 def drift_record(*, app: str, ref: ObjectRef, fields: Sequence[str], managers: Sequence[str], action: str,
-                 revision: str | None, instance: str, deleted: bool = False, error: str | None = None) -> dict:
+                 revision: str | None, instance: str, deleted: bool = False, error: str | None = None,
+                 suggestion: str | None = None) -> dict:
     """The audit record of one drift: which object, which fields, who, and what gitopsd did.
 
     `managers` are the field managers that own the drifted paths
     (gitopsd.engine.diff.managers_of), i.e. who edited by hand; `deleted` marks an
     object removed by hand (no fields then). `action`: "corrected" (put
     back), "reported" (self-heal off: left alone), "failed" (the correction
-    was refused; `error` says why).
+    was refused; `error` says why). `suggestion`: the ignore rule, in config
+    syntax, that would allow this drift (gitopsd.engine.ignore.suggestion); only
+    paths, never values.
     """
     if action not in DRIFT_ACTIONS:
         raise ValueError(f"drift action must be one of {', '.join(DRIFT_ACTIONS)}, not {action!r}")
     return fit({
         "type": "drift", "app": app, "object": _ref_dict(ref), "fields": list(fields),
         "managers": list(managers), "action": action, "deleted": deleted, "revision": revision,
-        "error": error, "instance": instance,
+        "error": error, "suggestion": suggestion, "instance": instance,
     })
 
 

@@ -22,14 +22,16 @@ then the polls, so a poll round of a fleet never delays a hand edit's revert.
 Self-heal: the runner's informer view reports every change to a managed
 object. A change that leaves the object "still ours" (gitopsd.engine.plan.still_ours:
 our hash, our fields) is not drift — status updates by controllers, our own
-applies. Anything else is a small commit of the last applied revision
+applies, fields the app leaves to other managers (gitopsd.engine.ignore: an
+HPA's replicas), which cost no dry-run either. Anything else is a small commit of the last applied revision
 through the same pipeline as a push (gitopsd.engine.sync.heal): a partial
 plan of the drifted objects, the staged apply through this run's fenced
 writer, the health wait, a SyncResult (trigger "self-heal" in the metrics).
 With self-heal off the same plan runs as a dry run. Either way a drift
 record per object names it, the changed fields and the field managers that
 changed them; a correction the apiserver refuses is a "failed" record with
-the object and the reason. A heal's health wait gives way to anything newer:
+the object and the reason; a drift record also suggests the ignore rule that
+would allow that drift. A heal's health wait gives way to anything newer:
 drift of other objects, or a new commit.
 """
 
@@ -473,7 +475,7 @@ class AppRunner:
                 continue
             if seen.obj is None:
                 self.on_event("DELETED", desired.get(ref))
-            elif not still_ours(seen.obj, desired.get(ref)):
+            elif not still_ours(seen.obj, desired.get(ref), ignore=self.cfg.ignore):
                 self.on_event("MODIFIED", seen.obj)
 
     def on_event(self, kind: str, obj: dict) -> None:
@@ -484,7 +486,7 @@ class AppRunner:
         desired = self.desired   # replaced whole by a reconcile meanwhile: read one of them
         if ref not in desired or not self.daemon.may_start(self.cfg.name):
             return
-        if kind != "DELETED" and still_ours(obj, desired.get(ref)):
+        if kind != "DELETED" and still_ours(obj, desired.get(ref), ignore=self.cfg.ignore):
             return
         with self.lock:
             self.dirty.add(ref)
@@ -532,7 +534,7 @@ class AppRunner:
         apply, seen before that reconcile set the new desired state. Not drift; no heal."""
         members = self.cache.members() if self.cache is not None else None
         live = (members or {}).get(ref)
-        return live is not None and still_ours(live, self.desired.get(ref))
+        return live is not None and still_ours(live, self.desired.get(ref), ignore=self.cfg.ignore)
 
     def _heal(self, refs: set[ObjectRef], *, cancel: threading.Event) -> None:
         manifests = self.desired.manifests()
@@ -589,12 +591,13 @@ class AppRunner:
             metrics.DRIFT_CORRECTED.inc(app=self.cfg.name)
         log.warning("drift " + ("corrected" if action == "corrected" else "detected"), app=self.cfg.name,
                     object=str(drift.ref), deleted=drift.deleted, fields=list(drift.fields),
-                    managers=list(drift.managers), action=action, error=error)
+                    managers=list(drift.managers), action=action, error=error, suggestion=drift.suggestion)
         self.last_drift = {"time": _iso(_now()), "object": str(drift.ref), "fields": list(drift.fields),
                            "managers": list(drift.managers), "action": action}
         self._record(audit.drift_record(
             app=self.cfg.name, ref=drift.ref, fields=drift.fields, managers=drift.managers, action=action,
-            revision=revision, instance=self.daemon.instance, deleted=drift.deleted, error=error))
+            revision=revision, instance=self.daemon.instance, deleted=drift.deleted, error=error,
+            suggestion=drift.suggestion))
 
     # ------------------------------------------------------------ status
 

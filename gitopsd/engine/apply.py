@@ -227,7 +227,7 @@ def _write(kube: Kube, change: ObjectChange) -> str | None:
     try:
         if change.action == Action.RECREATE:
             _delete_and_wait(kube, change)
-        change.live = kube.apply(change.desired)
+        change.live = kube.apply(change.to_apply())
         return None
     except KubeApiError as exc:
         return f"{change.source}: {change.ref}: {exc.reason or exc.status}: {redact.scrub_about(exc.api_message, change.desired)}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import yaml
@@ -191,25 +192,42 @@ def within(obj, path: str) -> bool:
 
     A drift report names only fields of the desired object: anything else in a
     live-vs-dry-run comparison is a controller moving its own fields between
-    the two reads (a Deployment's revision annotation), not a hand edit. Keys
-    may contain dots (`app.kubernetes.io/name`), so keys are matched against
-    the path text rather than split on dots.
+    the two reads (a Deployment's revision annotation), not a hand edit.
     """
+    return next(resolve(obj, path), None) is not None
+
+
+def resolve(obj, path: str) -> Iterator[tuple[str | int, ...]]:
+    """Every concrete path (keys and list indexes) of `obj` that `path`, spelled as
+    changed_paths spells it, names; `*` (a key) and `[*]` match any key or item. Keys may
+    contain dots (`app.kubernetes.io/name`), so keys are matched against the path text rather
+    than split on dots."""
     if path == "":
-        return True
+        yield ()
+        return
     if path.startswith("["):
-        idx, _, rest = path[1:].partition("]")
-        if not isinstance(obj, list) or not idx.isdigit() or int(idx) >= len(obj):
-            return False
-        return within(obj[int(idx)], rest.removeprefix("."))
+        index, _, rest = path[1:].partition("]")
+        if isinstance(obj, list):
+            items = range(len(obj)) if index == "*" else \
+                [int(index)] if index.isdigit() and int(index) < len(obj) else []
+            for i in items:
+                for tail in resolve(obj[i], rest.removeprefix(".")):
+                    yield (i, *tail)
+        return
     if not isinstance(obj, dict):
-        return False
+        return
     for key, value in obj.items():
         key = str(key)
-        if path == key:
-            return True
-        if path.startswith(key) and path[len(key)] in ".[":
-            rest = path[len(key):]
-            if within(value, rest.removeprefix(".")):
-                return True
-    return False
+        for name in (key, "*"):
+            if path == name or (path.startswith(name) and path[len(name)] in ".["):
+                for tail in resolve(value, path[len(name):].removeprefix(".")):
+                    yield (key, *tail)
+                break
+
+
+def dotted(path: tuple[str | int, ...]) -> str:
+    """A concrete path spelled as changed_paths spells it: `spec.template.spec.containers[0].image`."""
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out

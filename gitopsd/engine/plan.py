@@ -25,6 +25,13 @@ How drift is judged — the way the server would, at the lowest request cost:
    with the live object (gitopsd.engine.diff). Server-defaulted fields appear on
    both sides, so they never show as drift.
 
+Drift the app allows (gitopsd.engine.ignore: ignore rules, field managers
+left alone) is taken out before 2. and 3.: over a live object, what is
+judged and applied is the desired object without the ignored fields that
+another field manager owns (ObjectChange.to_apply). gitopsd does not own
+those, so the fast path does not ask for them and the dry-run keeps their
+live values: an HPA's replicas are neither drift nor reverted.
+
 The dry-runs double as validation: every invalid object of a commit is found
 before anything is written. Objects whose CRD or Namespace arrives (or whose
 CRD changes) in the same commit can only be dry-run after stage 0 is
@@ -47,7 +54,6 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import json
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -56,6 +62,8 @@ import orjson
 
 from gitopsd import redact
 from gitopsd.engine import diff as difflib_
+from gitopsd.engine.fields import covers
+from gitopsd.engine.ignore import NOTHING, Ignore
 from gitopsd.engine.inventory import (
     ID_LABEL,
     PART_OF_LABEL,
@@ -112,6 +120,16 @@ class ObjectChange:
     deferred: bool = False                 # dry-run possible only after stage 1 is applied
     resource: Resource | None = None
     unseen: bool = False                   # not a member, not read: its dry-run says whether it exists
+    body: dict | None = None               # what is applied over `live` when not `desired` (see to_apply)
+    left_alone: tuple[str, ...] = ()       # fields of `desired` left to other managers (dotted paths)
+
+    def to_apply(self) -> dict | None:
+        """The body the apply (and its dry-run) sends: over a live object, `desired` without the
+        fields an ignore rule leaves to other field managers (gitopsd.engine.ignore); all of
+        `desired` when the object is created or re-created, so Git's values are used then."""
+        if self.body is None or self.action == Action.RECREATE:
+            return self.desired
+        return self.body
 
 
 @dataclass
@@ -127,6 +145,7 @@ class Plan:
     targets: set = field(default_factory=set)                  # (Resource, namespace) searched for members
     partial: bool = False                  # some objects of the app (a self-heal): no prune, parent left as is
     waiting: list[ObjectRef] = field(default_factory=list)     # partial: being deleted, judged once gone
+    ignore: Ignore = NOTHING               # drift the app allows (gitopsd.engine.ignore)
 
     def of(self, action: Action) -> list[ObjectChange]:
         return [c for c in self.changes if c.action == action]
@@ -166,7 +185,7 @@ def prepare(obj: dict, inv: Inventory) -> dict:
 
 def make_plan(kube: Kube, manifests: list[Manifest], inv: Inventory, *, prune: bool = True,
               recreate: bool = False, allowed_namespaces: tuple[str, ...] | None = None,
-              cache: LiveCache | None = None, partial: bool = False) -> Plan:
+              cache: LiveCache | None = None, partial: bool = False, ignore: Ignore = NOTHING) -> Plan:
     """Decide, for the whole app, what applying this commit would do.
 
     With `allowed_namespaces`, an object outside them (or cluster-scoped) is
@@ -176,8 +195,13 @@ def make_plan(kube: Kube, manifests: list[Manifest], inv: Inventory, *, prune: b
     `partial`: `manifests` are only some of the app's objects (a self-heal,
     see the module docstring). Their live state comes from `cache` when it
     is synced, else from a GET each; no member LIST, no prune set.
+
+    `ignore`: the drift the app allows. Over a live object the plan judges
+    (and the apply sends) the desired object without the ignored fields that
+    other field managers own (ObjectChange.to_apply), so their changes are
+    neither drift nor reverted.
     """
-    plan = Plan(app=inv.app, inventory=inv, partial=partial)
+    plan = Plan(app=inv.app, inventory=inv, partial=partial, ignore=ignore)
     crd_kinds = _crd_kinds(manifests)
     commit_namespaces = {m.obj["metadata"]["name"] for m in manifests
                          if m.obj.get("kind") == "Namespace" and m.obj.get("apiVersion") == "v1"}
@@ -237,7 +261,7 @@ def make_plan(kube: Kube, manifests: list[Manifest], inv: Inventory, *, prune: b
     rest = [c for c in changes if not c.deferred and id(c) not in crd_ids]
     # The ownership fast path on this thread: work that sends no request costs less than its hand-off.
     for c in rest:
-        if c.live is not None and c.desired is not None and still_ours(c.live, c.desired):
+        if c.live is not None and c.desired is not None and still_ours(c.live, c.desired, ignore=ignore):
             c.action = Action.UNCHANGED
     list(kube.budget.map(judge, [c for c in rest if c.action != Action.UNCHANGED]))
     plan.changes = changes = [c for c in changes if c.desired is not None]   # refused once read (_judge)
@@ -556,12 +580,14 @@ def _read_unseen(kube: Kube, change: ObjectChange, plan: Plan) -> bool:
     return change.live is None or _check_owner(change, plan)
 
 
-def still_ours(live: dict, desired: dict) -> bool:
+def still_ours(live: dict, desired: dict, *, ignore: Ignore = NOTHING) -> bool:
     """True when nobody can have changed the live object since gitopsd applied `desired`.
 
     See the module docstring (ownership fast path). Conservative: any doubt
     (no entry for us, an unexpected list shape) answers False, which only
-    costs a dry-run.
+    costs a dry-run. Fields `ignore` leaves to other managers are not asked
+    for: gitopsd does not apply them over a live object, so another
+    manager's change of one is no drift (and costs no dry-run).
     """
     meta = live.get("metadata") or {}
     if (meta.get("annotations") or {}).get(HASH_ANNOTATION) != desired["metadata"]["annotations"][HASH_ANNOTATION]:
@@ -578,58 +604,10 @@ def still_ours(live: dict, desired: dict) -> bool:
         # those fields from us and a hand edit of `data` leaves our set intact.
         return False
     owned = entry.get("fieldsV1") or {}
-    body = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind")}
-    body["metadata"] = {k: v for k, v in desired["metadata"].items() if k not in ("name", "namespace")}
-    return _covers(owned, body)
-
-
-def _covers(owned: dict, value) -> bool:
-    if isinstance(value, dict):
-        for key, sub in value.items():
-            child = owned.get(f"f:{key}")
-            if child is None:
-                return False   # (an applied null is owned too: someone setting it takes it)
-            if isinstance(sub, (dict, list)) and sub and not _covers_child(child, sub):
-                return False
-        return True
-    return True
-
-
-def _covers_child(owned: dict, value) -> bool:
-    # An atomic map or list (a selector, container args) is owned as a whole:
-    # fieldsV1 lists no children under it. A granular one whose children were
-    # all taken by others disappears from our set instead, so `{}` here means
-    # "the whole value is ours".
-    if not owned or set(owned) <= {"."}:
-        return True
-    if isinstance(value, dict):
-        return _covers(owned, value)
-    for item in value:
-        if isinstance(item, dict):
-            match = _match_key(owned, item)
-            if match is None or not _covers(match, item):
-                return False
-        elif f"v:{json.dumps(item, separators=(',', ':'))}" not in owned:
-            return False
-    return True
-
-
-def _match_key(owned: dict, item: dict) -> dict | None:
-    """The `k:{...}` entry of an associative list that identifies `item`.
-
-    Key fields the item leaves out may have been defaulted by the server
-    (a port's protocol), so only the fields the item sets must agree.
-    """
-    for key, sub in owned.items():
-        if not key.startswith("k:"):
-            continue
-        try:
-            ident = json.loads(key[2:])
-        except json.JSONDecodeError:
-            continue
-        if all(item.get(k, v) == v for k, v in ident.items()) and any(k in item for k in ident):
-            return sub
-    return None
+    applied, _ = ignore.leave_alone(desired, live)
+    body = {k: v for k, v in applied.items() if k not in ("apiVersion", "kind")}
+    body["metadata"] = {k: v for k, v in applied["metadata"].items() if k not in ("name", "namespace")}
+    return covers(owned, body)
 
 
 def _judge(kube: Kube, change: ObjectChange, plan: Plan, *, commit_namespaces: set[str], recreate: bool) -> None:
@@ -640,51 +618,31 @@ def _judge(kube: Kube, change: ObjectChange, plan: Plan, *, commit_namespaces: s
     dry-run failed is read now, checked like a member, and judged against
     what was read; one that does not exist is a create, as its GET would
     have said. A race with a create in between is the same race as between
-    a GET and the apply.
+    a GET and the apply. When what was read has fields the app leaves to
+    other managers (plan.ignore), the dry-run is repeated without them: the
+    first one sent all of `desired`, as for a create.
     """
     live, desired = change.live, change.desired
     if desired is None:
         return
-    if live is not None and still_ours(live, desired):
+    if live is not None and still_ours(live, desired, ignore=plan.ignore):
         change.action = Action.UNCHANGED
         return
-    try:
-        after = kube.apply(desired, dry_run=True)
-    except UnknownKindError as exc:   # served when discovery was cached, gone since (its CRD deleted)
-        plan.errors.append(f"{change.source}: {change.ref}: {exc.message} (hint: {exc.hint})")
-        return
-    except KubeApiError as exc:
-        if exc.status == 404 and change.ref.namespace in commit_namespaces:
-            change.unseen = False
-            change.deferred = True  # its Namespace arrives in this commit
-            return
-        if change.unseen:
-            if not _read_unseen(kube, change, plan):
-                return
-            live = change.live
-        annotated = (desired["metadata"].get("annotations") or {}).get(RECREATE_ANNOTATION) == "enabled"
-        # The app-wide switch never covers kinds whose deletion destroys data
-        # (every custom resource of a CRD, a namespace's contents, a volume):
-        # those need the annotation on the object itself.
-        allowed = annotated or (recreate and (change.ref.group, change.ref.kind) not in NEVER_RECREATE_BY_DEFAULT)
-        if exc.is_immutable_field and live is not None and allowed:
-            change.action = Action.RECREATE
-            change.diff = difflib_.compare(live, desired, label=str(change.ref))
-            return
-        reason = redact.scrub_about(exc.api_message, desired)
-        hint = ""
-        if exc.is_immutable_field:
-            hint = (f" (hint: this field cannot change in place; annotate the object "
-                    f"{RECREATE_ANNOTATION}=enabled or sync with --recreate to delete and re-create it)")
-        plan.errors.append(f"{change.source}: {change.ref}: {exc.reason or exc.status}: {reason}{hint}")
+    _leave_alone(change, plan.ignore)
+    after = _dry_run(kube, change, plan, commit_namespaces=commit_namespaces, recreate=recreate)
+    if after is None:
         return
     if change.unseen and (after.get("metadata") or {}).get("resourceVersion"):
         if not _read_unseen(kube, change, plan):
             return
         live = change.live
-        if live is not None and still_ours(live, desired):
+        if live is not None and still_ours(live, desired, ignore=plan.ignore):
             change.action = Action.UNCHANGED
             return
+        if _leave_alone(change, plan.ignore):
+            after = _dry_run(kube, change, plan, commit_namespaces=commit_namespaces, recreate=recreate)
+            if after is None:
+                return
     change.unseen = False
     d = difflib_.compare(live, after, label=str(change.ref))
     if live is None:
@@ -693,3 +651,50 @@ def _judge(kube: Kube, change: ObjectChange, plan: Plan, *, commit_namespaces: s
         change.action = Action.UNCHANGED
     else:
         change.action, change.diff = Action.UPDATE, d
+
+
+def _leave_alone(change: ObjectChange, ignore: Ignore) -> bool:
+    """Set what the change applies over its live object (see ObjectChange.to_apply); whether
+    any field is left to other managers."""
+    if change.live is None:
+        change.body, change.left_alone = None, ()
+        return False
+    body, change.left_alone = ignore.leave_alone(change.desired, change.live)
+    change.body = body if change.left_alone else None
+    return bool(change.left_alone)
+
+
+def _dry_run(kube: Kube, change: ObjectChange, plan: Plan, *, commit_namespaces: set[str],
+             recreate: bool) -> dict | None:
+    """The server's view of the change applied; None when it cannot be judged by it (the
+    reason is in the plan's errors, or the change is deferred or a re-creation)."""
+    desired = change.desired
+    try:
+        return kube.apply(change.to_apply(), dry_run=True)
+    except UnknownKindError as exc:   # served when discovery was cached, gone since (its CRD deleted)
+        plan.errors.append(f"{change.source}: {change.ref}: {exc.message} (hint: {exc.hint})")
+        return None
+    except KubeApiError as exc:
+        if exc.status == 404 and change.ref.namespace in commit_namespaces:
+            change.unseen = False
+            change.deferred = True  # its Namespace arrives in this commit
+            return None
+        if change.unseen and not _read_unseen(kube, change, plan):
+            return None
+        live = change.live
+        annotated = (desired["metadata"].get("annotations") or {}).get(RECREATE_ANNOTATION) == "enabled"
+        # The app-wide switch never covers kinds whose deletion destroys data
+        # (every custom resource of a CRD, a namespace's contents, a volume):
+        # those need the annotation on the object itself.
+        allowed = annotated or (recreate and (change.ref.group, change.ref.kind) not in NEVER_RECREATE_BY_DEFAULT)
+        if exc.is_immutable_field and live is not None and allowed:
+            change.action = Action.RECREATE
+            change.diff = difflib_.compare(live, desired, label=str(change.ref))
+            return None
+        reason = redact.scrub_about(exc.api_message, desired)
+        hint = ""
+        if exc.is_immutable_field:
+            hint = (f" (hint: this field cannot change in place; annotate the object "
+                    f"{RECREATE_ANNOTATION}=enabled or sync with --recreate to delete and re-create it)")
+        plan.errors.append(f"{change.source}: {change.ref}: {exc.reason or exc.status}: {reason}{hint}")
+        return None

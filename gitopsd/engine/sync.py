@@ -46,6 +46,7 @@ from gitopsd.config import MODEL_CONFIG, AppConfig, Namespace
 from gitopsd.engine import health, inventory, render, source
 from gitopsd.engine.apply import ApplyOutcome, apply_plan
 from gitopsd.engine.diff import compare, managers_of, within
+from gitopsd.engine.ignore import suggestion
 from gitopsd.engine.plan import (
     Action,
     LiveCache,
@@ -175,7 +176,8 @@ def fetch_and_plan(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None,
         if inv is None:
             inv = inventory.load(kube, app=app.name, namespace=app.inventory_namespace)
         plan = make_plan(kube, manifests, inv, prune=app.prune if prune is None else prune,
-                         recreate=app.recreate, allowed_namespaces=app.allowed_namespaces, cache=cache)
+                         recreate=app.recreate, allowed_namespaces=app.allowed_namespaces, cache=cache,
+                         ignore=app.ignore)
     except Exception as exc:
         redact.scrub_exception(exc)
         raise
@@ -293,7 +295,8 @@ def heal(kube: Kube, app: AppSpec, *, manifests: list[render.Manifest], refs: Co
 
     def plan() -> Plan:
         planned = make_plan(kube, heal_set(manifests, refs), inv, prune=False, recreate=app.recreate,
-                            allowed_namespaces=app.allowed_namespaces, cache=cache, partial=True)
+                            allowed_namespaces=app.allowed_namespaces, cache=cache, partial=True,
+                            ignore=app.ignore)
         result.drift = [drift_of(c) for c in planned.changes if c.action != Action.UNCHANGED]
         return planned
 
@@ -378,6 +381,7 @@ class Drift:
     fields: tuple[str, ...]         # changed paths that Git sets (none when deleted)
     managers: tuple[str, ...]       # field managers that own those paths now: who edited
     deleted: bool
+    suggestion: str | None = None   # the ignore rule that would allow this drift, in config syntax
 
 
 def drift_of(change: ObjectChange) -> Drift:
@@ -388,16 +392,19 @@ def drift_of(change: ObjectChange) -> Drift:
     drift, and would name the controller as the hand that edited. A change
     the server refused to dry-run (an immutable field, an admission policy)
     has no diff: its fields are read from the desired object itself then.
+    Fields the app leaves to other managers are never among them
+    (ObjectChange.to_apply); the suggestion is the ignore rule that would
+    add these (gitopsd.engine.ignore.suggestion).
     """
     deleted = change.live is None
     if deleted:
         fields = []
     else:
-        found = change.diff or compare(change.live, change.desired, label=str(change.ref))
+        found = change.diff or compare(change.live, change.to_apply(), label=str(change.ref))
         fields = [f for f in found.fields if within(change.desired, f)]
     managers = managers_of(change.live, fields) if change.live else ["unknown (the object was deleted)"]
     return Drift(ref=change.ref, source=change.source, fields=tuple(fields), managers=tuple(managers),
-                 deleted=deleted)
+                 deleted=deleted, suggestion=suggestion(change.ref, fields, change.desired) if fields else None)
 
 
 # A reason is one line: enough for the first problem's file and message, not a page of tool output.

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 from helpers import (
     app_entry,
+    audit_events,
+    configmap,
     deployment,
     metric,
     post_generic,
@@ -137,3 +139,49 @@ def test_a_rollback_after_the_switch_flips_back_to_the_kept_colour_in_one_run_wi
     wait_for("green gone at once, blue serving with the pods it had", lambda: _deployment(
         kube, namespace, "web-green") is None and _serving(kube, namespace, "web") == {"blue": 3}, 60)
     assert _pods(kube, namespace, "web-blue-") == blue_pods, "no pod of blue was replaced"
+
+
+def _autoscaled(repo, image: str, min_replicas: int, message: str, *extra: dict) -> str:
+    """web without spec.replicas, scaled by an HPA (with no metrics, a real HPA holds its minimum)."""
+    web = _web(image, delay="2s")
+    del web["spec"]["replicas"]
+    hpa = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": {"name": "web"},
+           "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
+                    "minReplicas": min_replicas, "maxReplicas": 8}}
+    repo.write("web.yaml", [web, _service("web"), _service("web-preview"), hpa, *extra])
+    return repo.commit(message)
+
+
+def _hpa_target(kube, namespace: str) -> str | None:
+    hpa = kube.get(kube.resource("autoscaling/v2", "HorizontalPodAutoscaler"), "web", namespace)
+    return None if hpa is None else hpa["spec"]["scaleTargetRef"]["name"]
+
+
+def test_the_hpa_follows_the_active_colour_which_starts_at_full_size_and_keeps_the_hpas_count(
+        repo, kube, namespace, tmp_path, start_daemon):
+    name = f"bghpa-{namespace[-6:]}"
+    _autoscaled(repo, "nginx:1.0", 3, "web 1.0, HPA min 3")
+    config = write_config(tmp_path / "config.yaml", [app_entry(name, repo.url, namespace, timeout="2m")])
+    daemon = start_daemon(config, "--no-watch-local")
+    wait_for("blue serves at the HPA's minimum, the HPA on blue", lambda: _selects(kube, namespace, "web") == "blue"
+             and _serving(kube, namespace, "web") == {"blue": 3} and _hpa_target(kube, namespace) == "web-blue", 90)
+
+    new = _autoscaled(repo, "nginx:2.0", 3, "web 2.0")
+    post_generic(daemon, repo.url, new)
+    wait_for("green serves alone at blue's size, the HPA on green", lambda: _serving(
+        kube, namespace, "web") == {"green": 3} and _hpa_target(kube, namespace) == "web-green"
+        and _deployment(kube, namespace, "web-blue") is None, 90)
+
+    # Now the HPA decides: a higher minimum, the HPA scales green, and gitopsd leaves its count alone.
+    more = _autoscaled(repo, "nginx:2.0", 5, "HPA min 5")
+    post_generic(daemon, repo.url, more)
+    wait_for("the HPA scaled green to 5", lambda: _serving(kube, namespace, "web") == {"green": 5}, 90)
+    owners = {f["manager"] for f in _deployment(kube, namespace, "web-green")["metadata"]["managedFields"]
+              if "f:replicas" in ((f.get("fieldsV1") or {}).get("f:spec") or {})}
+    assert "kube-controller-manager" in owners and "gitopsd" not in owners, owners
+    # A later commit applies the Deployment again: the HPA's count stays (never reset to 1, never reverted).
+    again = _autoscaled(repo, "nginx:2.0", 5, "web 2.0, and a ConfigMap", configmap("settings", {"v": "1"}))
+    post_generic(daemon, repo.url, again)
+    wait_transition(daemon, "the later commit applied", 60, app=name, revision=again, result="Applied")
+    assert _deployment(kube, namespace, "web-green")["spec"]["replicas"] == 5
+    assert not [d for d in audit_events(daemon, name, type="drift") if "spec.replicas" in str(d)]

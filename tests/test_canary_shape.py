@@ -159,19 +159,22 @@ def test_a_prometheus_gate_is_read_with_its_bounds_and_schedule():
                                                      failure_limit=1, address="http://127.0.0.1:9090")
 
 
-def test_blue_green_on_a_deployment_an_hpa_scales_is_refused_naming_both():
+def test_the_hpa_of_a_blue_green_deployment_follows_the_active_colour_and_sizes_the_first_one():
     from gitopsd.daemon.rollouts import RolloutControl
     web = _declared("strategy: blueGreen\nservice: web")
-    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+    del web["spec"]["replicas"]   # the HPA's
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "shop"},
                "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}}
-    hpa = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": {"name": "web-hpa"},
+    web["metadata"]["namespace"] = "shop"
+    hpa = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+           "metadata": {"name": "web-hpa", "namespace": "shop"},
            "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
-                    "minReplicas": 2, "maxReplicas": 4}}
-    control = RolloutControl("shop", live=lambda ref: None)
-    with pytest.raises(RolloutError, match="HorizontalPodAutoscaler 'web-hpa' \\(hpa.yaml\\) scales it") as err:
-        control.shape([Manifest(obj=web, source="web.yaml"), Manifest(obj=service, source="svc.yaml"),
-                       Manifest(obj=hpa, source="hpa.yaml")])
-    assert "strategy: canary" in err.value.hint
-    other = {**hpa, "spec": {**hpa["spec"], "scaleTargetRef": {"kind": "Deployment", "name": "api"}}}
-    assert control.shape([Manifest(obj=web, source="web.yaml"), Manifest(obj=service, source="svc.yaml"),
-                          Manifest(obj=other, source="hpa.yaml")])   # an HPA of another Deployment is no matter
+                    "minReplicas": 3, "maxReplicas": 6}}
+    other = {**hpa, "metadata": {"name": "api", "namespace": "shop"},
+             "spec": {**hpa["spec"], "scaleTargetRef": {"kind": "Deployment", "name": "api"}}}
+    control = RolloutControl("shop", live=lambda ref: None)   # nothing live yet: the first deployment
+    shaped = {m.obj["metadata"]["name"]: m.obj for m in control.shape(
+        [Manifest(obj=o, source=f"{o['metadata']['name']}.yaml") for o in (web, service, hpa, other)])}
+    assert shaped["web-blue"]["spec"]["replicas"] == 3, "a new colour starts at the HPA's minimum: full size"
+    assert shaped["web-hpa"]["spec"]["scaleTargetRef"]["name"] == "web", "nothing serves yet: the HPA as written"
+    assert shaped["api"]["spec"]["scaleTargetRef"]["name"] == "api"   # an HPA of another Deployment is no matter

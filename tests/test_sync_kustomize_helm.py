@@ -30,7 +30,7 @@ def test_kustomize_overlays_deploy_different_replica_counts(app, repo, kube, nam
     hpas = kube.resource("autoscaling/v2", "HorizontalPodAutoscaler")
     _delete_sample_namespaces(kube)
     try:
-        for env, want in (("dev", 1), ("staging", None), ("production", 4)):
+        for env, want in (("dev", 1), ("staging", 2), ("production", 4)):
             result = app.sync(name=f"web-{env}", path=f"apps/web/overlays/{env}", timeout=90.0)
             assert result.outcome.value == "Applied", (env, result.reason, result.errors)
             hpa = kube.get(hpas, "web", f"web-{env}")
@@ -42,7 +42,7 @@ def test_kustomize_overlays_deploy_different_replica_counts(app, repo, kube, nam
         # The strategies ride along as annotations (inert to a one-shot sync, as to kubectl apply -k).
         assert "strategy: canary" in prod["metadata"]["annotations"]["gitopsd.io/rollout"]
         staging = kube.get(deployments, "web", "web-staging")
-        assert staging["spec"]["replicas"] == 2 and "blueGreen" in staging["metadata"]["annotations"]["gitopsd.io/rollout"]
+        assert "blueGreen" in staging["metadata"]["annotations"]["gitopsd.io/rollout"]
         features = [o for o in kube.list(kube.resource("v1", "ConfigMap"), namespace="web-dev")
                     if o["metadata"]["name"].startswith("web-features-")]
         assert [f["data"]["FEATURE_NEW_CHECKOUT"] for f in features] == ["true"]

@@ -149,7 +149,7 @@ class RolloutControl:
         Raises rollout.RolloutError for a declaration gitopsd cannot follow."""
         out: list[Manifest] = []
         seen: set[ObjectRef] = set()
-        selectors: dict[ObjectRef, str | None] = {}   # Service -> the colour it selects (blue-green)
+        selectors: dict[ObjectRef, str | None] = {}   # Service, HPA -> the colour it selects, follows (blue-green)
         services = {ref_of(m.obj): m for m in manifests if m.obj.get("kind") == "Service"}
         autoscalers = [m for m in manifests if m.obj.get("kind") == "HorizontalPodAutoscaler"]
         for m in manifests:
@@ -168,11 +168,13 @@ class RolloutControl:
         with self._lock:
             for ref in set(self._active) - seen:
                 del self._active[ref]   # the Deployment, or its strategy, left the commit: nothing to step
-        return [rollout.selecting(m, selectors[r]) if (r := ref_of(m.obj)) in selectors else m for m in out]
+        return [(rollout.following if m.obj.get("kind") == "HorizontalPodAutoscaler" else rollout.selecting)(
+            m, selectors[r]) if (r := ref_of(m.obj)) in selectors else m for m in out]
 
     def _switch(self, m: Manifest, ref: ObjectRef, bg: rollout.BlueGreen, services: dict[ObjectRef, Manifest],
                 autoscalers: list[Manifest]) -> tuple[list[Manifest], dict[ObjectRef, str | None]]:
-        """Blue-green: the colour Deployments and the colour each Service selects, at this moment."""
+        """Blue-green: the colour Deployments, and the colour each Service selects and each HPA of the
+        Deployment follows (the active one), at this moment."""
         svc_ref = ObjectRef(group="", kind="Service", namespace=ref.namespace, name=bg.service)
         preview_ref = ObjectRef(group="", kind="Service", namespace=ref.namespace, name=bg.preview or "")
         for wanted in (svc_ref, preview_ref) if bg.preview else (svc_ref,):
@@ -180,37 +182,45 @@ class RolloutControl:
                 raise rollout.RolloutError(f"{m.source}: Deployment {ref.name!r}: blueGreen names Service "
                                            f"{wanted.name!r}, which the commit does not have in namespace "
                                            f"{ref.namespace}", hint="the Service must be part of the same app")
-        for hpa in autoscalers:
-            target = (hpa.obj.get("spec") or {}).get("scaleTargetRef") or {}
-            if target.get("kind") == "Deployment" and target.get("name") == ref.name \
-                    and ref_of(hpa.obj).namespace == ref.namespace:
-                raise rollout.RolloutError(
-                    f"{m.source}: Deployment {ref.name!r}: blueGreen, and HorizontalPodAutoscaler "
-                    f"{hpa.obj['metadata'].get('name')!r} ({hpa.source}) scales it: the colours would need the "
-                    f"HPA to follow the active one, which gitopsd does not do yet",
-                    hint="declare spec.replicas and drop the HPA for this Deployment, or use strategy: canary "
-                         "(the canary runs beside the replicas the HPA gives the stable track)")
+        hpas = [h for h in autoscalers if rollout.scales(h.obj, ref.name) and ref_of(h.obj).namespace == ref.namespace]
         new = rollout.template_hash(m.obj)
         live_svc = self._live(svc_ref)
         active = ((live_svc or {}).get("spec") or {}).get("selector", {}).get(rollout.COLOR_LABEL)
         active_dep = self._live(_color_ref(ref, active)) if active else None
+        serving = active_dep if active else self._live(ref)   # (None: the first deployment)
         running = _template_of(active_dep)
+
+        def colored(color: str, template: dict | None = None) -> Manifest:
+            """The colour's Deployment. Without spec.replicas in Git (an HPA decides), each colour keeps
+            its live count, and a new one starts at the serving one's: full size. gitopsd still applies
+            the count, as the HPA's field it is left to the HPA (ignoreManagers) once the HPA writes
+            it; leaving it out while gitopsd alone owns it would reset it to 1."""
+            count = None
+            if rollout.declared_replicas(m.obj) is None:
+                own = self._live(_color_ref(ref, color))
+                count = next((c for c in (rollout.declared_replicas(own or {}), rollout.declared_replicas(serving or {}),
+                                          *(rollout.min_replicas(h.obj) for h in hpas)) if c is not None), None)
+            return rollout.colored(m, color=color, template=template, replicas=count)
+
+        def routed(service_color: str | None, preview_color: str | None) -> dict[ObjectRef, str | None]:
+            out = {svc_ref: service_color, **({preview_ref: preview_color} if bg.preview else {})}
+            return {**out, **{ref_of(h.obj): service_color for h in hpas}}
+
         now = self._clock()
         with self._lock:
             sw = self._active.get(ref)
             if isinstance(sw, Switch) and sw.phase == "switched" and sw.new_color == active and sw.template == new:
                 keep_old = sw.old_color is not None and now - (sw.switched_at or now) < bg.scale_down_delay
                 sw.dropping = not keep_old
-                shaped = [_marked(rollout.colored(m, color=active), new)]
+                shaped = [_marked(colored(active), new)]
                 old_dep = self._live(_color_ref(ref, sw.old_color)) if keep_old else None
                 if old_dep is not None:
-                    shaped.append(_marked(rollout.colored(m, color=sw.old_color, template=old_dep["spec"]["template"]),
+                    shaped.append(_marked(colored(sw.old_color, old_dep["spec"]["template"]),
                                           _template_of(old_dep) or ""))
-                return shaped, {svc_ref: active, **({preview_ref: active} if bg.preview else {})}
+                return shaped, routed(active, active)
             if active is not None and running == new:
                 self._active.pop(ref, None)   # steady: the active colour runs the commit's template
-                return ([_marked(rollout.colored(m, color=active), new)],
-                        {svc_ref: active, **({preview_ref: active} if bg.preview else {})})
+                return [_marked(colored(active), new)], routed(active, active)
             if not isinstance(sw, Switch) or sw.template != new:
                 target = rollout.COLORS[0] if active is None else rollout.other(active)
                 if active is not None and _ready_on(self._live(_color_ref(ref, target)), new):
@@ -225,14 +235,13 @@ class RolloutControl:
                                                     old_color=active)
                     log.info("blue-green started", app=self.app, deployment=ref.name, active=active, new=target)
             sw.strategy = bg
-        shaped = [_marked(rollout.colored(m, color=sw.new_color), new)]
+        shaped = [_marked(colored(sw.new_color), new)]
         if sw.old_color is not None and active_dep is not None:
-            shaped.insert(0, _marked(rollout.colored(m, color=sw.old_color, template=active_dep["spec"]["template"]),
-                                     running or ""))
+            shaped.insert(0, _marked(colored(sw.old_color, active_dep["spec"]["template"]), running or ""))
         elif sw.phase == "deploying" and self._live(ref) is not None:
             shaped.insert(0, m)   # adopting: the uncoloured Deployment keeps serving until the switch
         colour = sw.new_color if sw.phase == "ready" else sw.old_color
-        return shaped, {svc_ref: colour, **({preview_ref: sw.new_color} if bg.preview else {})}
+        return shaped, routed(colour, sw.new_color)
 
     def _step(self, m: Manifest, ref: ObjectRef, canary: rollout.Canary) -> list[Manifest]:
         new = rollout.template_hash(m.obj)

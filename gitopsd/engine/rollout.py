@@ -337,3 +337,24 @@ def selecting(manifest: Manifest, color: str | None) -> Manifest:
     spec = obj.setdefault("spec", {})
     spec["selector"] = {**(spec.get("selector") or {}), COLOR_LABEL: color}
     return Manifest(obj=obj, source=manifest.source)
+
+
+def scales(hpa: dict, deployment: str) -> bool:
+    """Whether this HorizontalPodAutoscaler scales the Deployment named `deployment` (same namespace)."""
+    target = (hpa.get("spec") or {}).get("scaleTargetRef") or {}
+    return target.get("kind") == "Deployment" and target.get("name") == deployment
+
+
+def min_replicas(hpa: dict) -> int | None:
+    value = (hpa.get("spec") or {}).get("minReplicas", 1)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def following(manifest: Manifest, color: str | None) -> Manifest:
+    """The HPA scaling the active colour's Deployment (None: as the commit has it, the uncoloured one)."""
+    if color is None:
+        return manifest
+    obj = orjson.loads(orjson.dumps(manifest.obj))
+    target = obj["spec"]["scaleTargetRef"]
+    target["name"] = color_name(target["name"], color)
+    return Manifest(obj=obj, source=f"{manifest.source} (following {target['name']})")

@@ -281,7 +281,7 @@ class AppRunner:
             # The verdict stands until the rollout recovers: look once more at what was not healthy.
             refs = [h.ref for h in prev.health if h.status.value != "Current"]
             try:
-                rechecked = recheck_health(self.daemon.kube, refs, live=self.cache) if refs else []
+                rechecked = recheck_health(self.daemon.kube, refs, app=cfg, live=self.cache) if refs else []
             except GitopsdError:
                 rechecked = []
             if rechecked and health_mod.summarize(rechecked)[0]:

@@ -20,14 +20,14 @@ from gitopsd.kube import Kube
 STATUS_KEY = "status"
 FIELD_MANAGER = "gitopsd-status"
 FIELDS = ("app", "revision", "ref", "result", "reason", "health", "lastTransition", "lastDrift", "interval",
-          "suspended", "nextRun", "release", "rollout")
+          "suspended", "nextRun", "release", "rollout", "waitingFor")
 #: What `gitopsd status` needs to show a row; the other fields are optional
 #: (an older or newer daemon may write fewer or more), but typed when present.
 REQUIRED = ("app", "result", "health")
 TYPES: dict[str, tuple[type, ...]] = {
     "app": (str,), "revision": (str,), "ref": (str,), "result": (str,), "reason": (str,), "health": (str,),
     "lastTransition": (str,), "lastDrift": (dict, type(None)), "interval": (int, float), "suspended": (bool,),
-    "nextRun": (str,), "release": (dict,), "rollout": (list,),
+    "nextRun": (str,), "release": (dict,), "rollout": (list,), "waitingFor": (list,),
 }
 #: A status the daemon writes is a few hundred bytes; a bigger value was put
 #: there by hand and is not parsed (a ConfigMap holds up to 1 MiB).

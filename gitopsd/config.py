@@ -407,8 +407,8 @@ def _one_rule_per_kind(rules: tuple[HealthCheckExpr, ...]) -> tuple[HealthCheckE
     for i, rule in enumerate(rules):
         key = (rule.group, rule.kind)
         if key in first:
-            raise ValueError(f"entries {first[key]} and {i} are both for {rule.kind} of {rule.group or 'the core group'}; "
-                             "give one rule per kind")
+            group = rule.group or "the core group"
+            raise ValueError(f"entries {first[key]} and {i} are both for {rule.kind} of {group}; give one rule per kind")
         first[key] = i
     return rules
 

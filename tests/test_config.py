@@ -440,12 +440,14 @@ def test_a_dependency_cycle_is_reported_with_every_other_problem() -> None:
           - {name: api, repo: r, dependsOn: [web]}
     """)
     assert problems[0].startswith('apps[0] (web).interval: "1s" is too short')
-    assert problems[1].startswith("apps[0] (web).dependsOn: a dependency cycle: web waits for itself: web -> api -> web")
+    assert problems[1].startswith("apps[0] (web).dependsOn: a dependency cycle: web waits for itself: "
+                                  "web -> api -> web")
 
 
 def test_a_dependency_cycle_is_refused_in_code_too() -> None:
     with pytest.raises(ValidationError, match="a dependency cycle: a waits for itself: a -> b -> a"):
-        Config(apps=(AppConfig(name="a", repo="r", depends_on=("b",)), AppConfig(name="b", repo="r", depends_on=("a",))))
+        Config(apps=(AppConfig(name="a", repo="r", depends_on=("b",)),
+                     AppConfig(name="b", repo="r", depends_on=("a",))))
 
 
 def test_duplicate_yaml_keys_are_refused_with_lines() -> None:

@@ -13,7 +13,20 @@ import json
 import uuid
 
 import pytest
-from helpers import app_entry, configmap, gitopsd, post_generic, transitions, wait_for, write_config
+import yaml
+from helpers import (
+    app_entry,
+    cm_data,
+    configmap,
+    gitopsd,
+    post_generic,
+    replace_file,
+    transitions,
+    wait_for,
+    write_config,
+)
+
+from gitopsd.daemon.shards import shard_of
 
 pytestmark = pytest.mark.cluster
 
@@ -43,7 +56,7 @@ def status_of(app: str, *, namespace: str, kubeconfig, cache) -> dict:
 
 
 def test_the_dependent_custom_resource_is_applied_only_after_the_crd_app_is_healthy(
-        repo, kube, namespace, tmp_path, start_daemon, kubeconfig, source_cache, group):
+        repo, kube, namespace, tmp_path, group, start_daemon, kubeconfig, source_cache):
     # The CRD app's first commit is broken (an invalid object): it fails, and applies nothing.
     repo.write("crds/crd.yaml", crd(group))
     repo.write("crds/broken.yaml", configmap("Not_A_Name", {"k": "v"}))
@@ -81,6 +94,7 @@ def test_the_dependent_custom_resource_is_applied_only_after_the_crd_app_is_heal
     crds_done = next(t for t in transitions(daemon, "crds") if t["result"] == "Applied")
     assert crds_done["health"]["outcome"] == "Healthy"
     assert [t["result"] for t in transitions(daemon, "gadgets")] == ["Applied"], "the dependent never failed"
+    assert applied["trigger"] == "dependency", "woken by the end of the CRD app's run, not by a poll"
     assert daemon.events().index(crds_done) < daemon.events().index(applied), "the CRD app first"
     kube.discover()
     gadget = kube.get(kube.resource(f"{group}/v1", "Gadget"), "g1", namespace)
@@ -105,6 +119,41 @@ def test_an_app_waits_for_a_suspended_dependency_and_says_so(
     ).get("result") == "Waiting" and s, 30)
     assert waiting["reason"] == "waiting for base: suspended"
     assert kube.get(kube.resource("v1", "ConfigMap"), "top", namespace) is None
+
+
+def test_a_dependency_of_another_replicas_shard_is_followed_through_its_status_record(
+        repo, kube, namespace, tmp_path, start_daemon, kubeconfig, source_cache):
+    from test_sharding import CALM, wait_split
+
+    # With two shards, `platform` is shard 1 (replica-b's) and `apps` shard 0 (replica-a's).
+    assert (shard_of("platform", 2), shard_of("apps", 2)) == (1, 0)
+    repo.write("platform/cm.yaml", configmap("platform", {"k": "v"}))
+    repo.write("platform/broken.yaml", configmap("Not_A_Name", {"k": "v"}))
+    repo.write("apps/cm.yaml", configmap("apps", {"k": "v"}))
+    repo.commit("platform (broken) and the apps on it")
+    config = tmp_path / "config.yaml"
+    config.write_text("apps: []\n")
+    a = start_daemon(config, *CALM, "--shards", "2", name="replica-a")
+    b = start_daemon(config, *CALM, "--shards", "2", name="replica-b")
+    assert wait_split([a, b], 2) == {"replica-a": [0], "replica-b": [1]}
+    replace_file(config, yaml.safe_dump({"apps": [
+        app_entry("platform", repo.url, namespace, path="platform"),
+        app_entry("apps", repo.url, namespace, path="apps", dependsOn=["platform"])]}))
+
+    wait_transition_of(b, "platform", "Failed")
+    waiting = wait_for("apps waiting for platform's recorded failure", lambda: (
+        s := status_of("apps", namespace=namespace, kubeconfig=kubeconfig, cache=source_cache)
+    ).get("result") == "Waiting" and "Failed" in s["reason"] and s, 30)
+    assert waiting["reason"].startswith("waiting for platform: Failed: invalid object: "), waiting["reason"]
+    assert transitions(a, "apps") == [] and transitions(b, "apps") == []
+
+    repo.remove("platform/broken.yaml")
+    sha = repo.commit("fix platform")
+    assert post_generic(b, repo.url, sha)[0] == 202
+    applied = wait_transition_of(a, "apps", "Applied", timeout=60)
+    assert applied["trigger"] == "dependency", "woken by platform's new status record, not by a poll"
+    assert [t["result"] for t in transitions(b, "platform")] == ["Failed", "Applied"]
+    assert cm_data(kube, namespace, "apps") == {"k": "v"}
 
 
 def wait_transition_of(daemon, app: str, result: str, timeout: float = 30.0) -> dict:

@@ -187,6 +187,7 @@ class Daemon:
         self.leadership.stop(release=idle)
         self.informers.stop()
         self.release_requests.stop()
+        self.dependencies.stop()
         self.credentials.close()
         self.server.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)

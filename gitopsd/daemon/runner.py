@@ -328,10 +328,11 @@ class AppRunner:
     def _waits(self, cfg: config_mod.AppConfig) -> bool:
         """Whether a dependency is not ready: then the run ends here, having written only the
         app's status (RESULT Waiting, the reason naming each dependency). The dependency's own
-        runs wake this app when they end; another replica's is looked at again shortly."""
+        runs (or, another replica's, changes of its status record) wake this app again; one
+        that nothing watches is looked at again shortly."""
         if not cfg.depends_on:
             return False
-        waiting, remote = self.daemon.dependencies.blocking(cfg)
+        waiting, poll = self.daemon.dependencies.blocking(cfg)
         with self.lock:
             changed, self.waiting = tuple(waiting) != self.waiting, tuple(waiting)
         if not waiting:
@@ -341,7 +342,7 @@ class AppRunner:
         if changed:
             log.info("waiting for dependencies", app=cfg.name, waiting_for=waiting)
         self._write_status()
-        if remote:
+        if poll:
             self.daemon.schedule.once(self, REMOTE_RECHECK, "dependency")
         return True
 

@@ -149,7 +149,8 @@ class Rule:
                                         f"({check_.field}: {_short(check_.text)})")
             except Exception as exc:  # noqa: BLE001 - the runtime's own error, reported as the object's health
                 return Status.UNKNOWN, (f"{what}: healthCheckExprs {check_.field} cannot be evaluated: "
-                                        f"{_eval_error(str(exc))}; {_GUARD_HINT} ({check_.field}: {_short(check_.text)})")
+                                        f"{_eval_error(str(exc))}; {_GUARD_HINT} "
+                                        f"({check_.field}: {_short(check_.text)})")
             if result:
                 return check_.status, f"{what} is {check_.status.value} by its healthCheckExprs ({check_.field}: " \
                                       f"{_short(check_.text)})"

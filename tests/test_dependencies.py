@@ -73,8 +73,10 @@ def test_the_end_of_a_dependencys_runs_wakes_only_the_apps_waiting_for_it() -> N
     deps = Dependencies(kube=None, namespace="gitopsd-system", runners=lambda: runners, local=lambda _app: True)
     deps.update(Config(apps=tuple(r.cfg for r in runners.values())))
 
+    before = deps.ends(["infra"])
     deps.settled("infra")
 
+    assert deps.ends(["infra"]) == before + 1 and deps.ends(["db"]) == 0   # what a judging app compares
     assert {name: r.triggered for name, r in runners.items()} == {"infra": [], "web": ["dependency"], "api": [],
                                                                   "db": []}
     assert deps.blocking(runners["web"].cfg) == ([], False)

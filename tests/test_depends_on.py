@@ -103,7 +103,7 @@ def test_the_dependent_custom_resource_is_applied_only_after_the_crd_app_is_heal
     assert (ready["result"], ready["health"], "waitingFor" in ready) == ("Applied", "Healthy", False)
 
 
-def test_an_app_waits_for_a_suspended_dependency_and_says_so(
+def test_an_app_waits_for_a_suspended_dependency_and_runs_once_a_reload_resumes_it(
         repo, kube, namespace, tmp_path, start_daemon, kubeconfig, source_cache):
     repo.write("base/cm.yaml", configmap("base", {"k": "v"}))
     repo.write("top/cm.yaml", configmap("top", {"k": "v"}))
@@ -112,13 +112,23 @@ def test_an_app_waits_for_a_suspended_dependency_and_says_so(
         app_entry("base", repo.url, namespace, path="base", suspend=True),
         app_entry("top", repo.url, namespace, path="top", dependsOn=["base"]),
     ])
-    start_daemon(config, "--no-leader-elect", "--no-watch-local")
+    daemon = start_daemon(config, "--no-leader-elect", "--no-watch-local")
 
     waiting = wait_for("top waiting", lambda: (
         s := status_of("top", namespace=namespace, kubeconfig=kubeconfig, cache=source_cache)
     ).get("result") == "Waiting" and s, 30)
     assert waiting["reason"] == "waiting for base: suspended"
     assert kube.get(kube.resource("v1", "ConfigMap"), "top", namespace) is None
+
+    # A reload that resumes the dependency: it runs (a changed app), and its end starts the waiting app.
+    replace_file(config, yaml.safe_dump({"apps": [
+        app_entry("base", repo.url, namespace, path="base"),
+        app_entry("top", repo.url, namespace, path="top", dependsOn=["base"])]}))
+    applied = wait_transition_of(daemon, "top", "Applied")
+    assert applied["trigger"] == "dependency"
+    assert cm_data(kube, namespace, "top") == {"k": "v"}
+    wait_for("top's status no longer waiting", lambda: status_of(
+        "top", namespace=namespace, kubeconfig=kubeconfig, cache=source_cache).get("result") == "Applied", 30)
 
 
 def test_a_dependency_of_another_replicas_shard_is_followed_through_its_status_record(

@@ -83,6 +83,7 @@ class Dependencies:
         self._depended: frozenset[str] = frozenset()   # the apps something depends on
         self._lock = threading.Lock()
         self._watch: _StatusWatch | None = None
+        self._ends: dict[str, int] = {}   # app -> how many times its runs ended (or its record changed)
 
     def update(self, config: Config) -> None:
         """Take the graph of a newly loaded config (valid: every name known, no cycle)."""
@@ -117,8 +118,15 @@ class Dependencies:
                 waiting.append(f"{name}: {_cut(why)}")
         return waiting, poll
 
+    def ends(self, names: Iterable[str]) -> int:
+        """A count that moves whenever one of `names` settles: an app that sees it move while it
+        judges judges again, for that end may have come before it was marked waiting (and so
+        not have woken it)."""
+        return sum(self._ends.get(name, 0) for name in names)
+
     def settled(self, name: str) -> None:
         """`name`'s runs have ended: trigger every app waiting for it, to judge again."""
+        self._ends[name] = self._ends.get(name, 0) + 1
         runners = self._runners()
         for dependent in self._dependents.get(name, ()):
             runner = runners.get(dependent)

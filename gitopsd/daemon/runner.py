@@ -330,9 +330,11 @@ class AppRunner:
         app's status (RESULT Waiting, the reason naming each dependency). The dependency's own
         runs (or, another replica's, changes of its status record) wake this app again; one
         that nothing watches is looked at again shortly."""
-        if not cfg.depends_on:
+        if not cfg.depends_on and not self.waiting:
             return False
-        waiting, poll = self.daemon.dependencies.blocking(cfg)
+        deps = self.daemon.dependencies
+        ended = deps.ends(cfg.depends_on)
+        waiting, poll = deps.blocking(cfg)   # none left (a reload dropped them): go
         with self.lock:
             changed, self.waiting = tuple(waiting) != self.waiting, tuple(waiting)
         if not waiting:
@@ -342,7 +344,9 @@ class AppRunner:
         if changed:
             log.info("waiting for dependencies", app=cfg.name, waiting_for=waiting)
         self._write_status()
-        if poll:
+        if deps.ends(cfg.depends_on) != ended:
+            self.trigger("dependency")   # one ended while this run judged, perhaps before it waited: again
+        elif poll:
             self.daemon.schedule.once(self, REMOTE_RECHECK, "dependency")
         return True
 
@@ -450,6 +454,7 @@ class AppRunner:
         metrics.RECONCILE_RESULTS.inc(app=self.cfg.name, trigger=trigger, outcome="Failed")
         self._schedule_retry()
         if not self._is_transition(result):
+            self._write_status()   # the same failure again: only what else changed (no longer waiting)
             return
         self.last_result = _verdict(result)
         self._record(audit.transition_record(result, trigger=trigger, previous=self.last_applied,

@@ -52,7 +52,7 @@ import structlog
 
 from gitopsd.daemon import status as status_mod
 from gitopsd.daemon.reflector import Reflector
-from gitopsd.engine.inventory import ID_LABEL, parent_name
+from gitopsd.engine.inventory import ID_LABEL, applyset_id, parent_name
 from gitopsd.errors import GitopsdError
 
 if TYPE_CHECKING:
@@ -168,7 +168,7 @@ class _StatusWatch:
         self._reflector = Reflector(
             kube, kube.resource("v1", "ConfigMap"), namespace,
             selector=f"app.kubernetes.io/managed-by=gitopsd,{ID_LABEL}",
-            bucket_of=lambda obj: _app_of(obj, prefix=prefix),
+            bucket_of=lambda obj: _app_of(obj, prefix=prefix, namespace=namespace),
             sink=self, kind="dependency-status").start()
 
     def covers(self, app: str) -> bool:
@@ -212,10 +212,15 @@ class _StatusWatch:
         return True
 
 
-def _app_of(parent: dict, *, prefix: str) -> str | None:
-    """The app whose ApplySet parent `parent` is (named `gitopsd-<app>`), None for another ConfigMap."""
-    name = (parent.get("metadata") or {}).get("name") or ""
-    return name[len(prefix):] or None if name.startswith(prefix) else None
+def _app_of(parent: dict, *, prefix: str, namespace: str) -> str | None:
+    """The app whose ApplySet parent `parent` is (named `gitopsd-<app>`, with that name's ApplySet
+    id), None for another ConfigMap (an audit segment `gitopsd-audit-...` is no app's parent)."""
+    meta = parent.get("metadata") or {}
+    name = meta.get("name") or ""
+    if not name.startswith(prefix) or (meta.get("labels") or {}).get(ID_LABEL) != \
+            applyset_id(name=name, namespace=namespace):
+        return None
+    return name[len(prefix):] or None
 
 
 def local_readiness(runner: AppRunner) -> str | None:

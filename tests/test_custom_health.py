@@ -12,7 +12,7 @@ import threading
 import uuid
 
 import pytest
-from helpers import gitopsd, wait_for
+from helpers import app_entry, gitopsd, wait_for, wait_transition, write_config
 
 from gitopsd.config import HealthCheckExpr
 from gitopsd.engine.health import Status
@@ -123,6 +123,28 @@ def test_without_a_rule_the_phase_is_not_read_and_the_widget_is_current_on_sight
     assert result.outcome.value == "Applied"
     [widget] = [h for h in result.health if h.ref.kind == "Widget"]
     assert widget.status is Status.CURRENT and "no readiness to wait for" in widget.message
+
+
+def test_the_daemon_judges_a_custom_resource_by_its_apps_rule(
+        repo, kube, namespace, tmp_path, widget_kind, start_daemon):
+    # The daemon's health wait reads the widget from its informers' watch, not by polling: same rule.
+    repo.write("widget.yaml", {"apiVersion": f"{widget_kind}/v1", "kind": "Widget", "metadata": {"name": "w1"},
+                               "spec": {"size": 3}})
+    repo.commit()
+    config = write_config(tmp_path / "config.yaml", [app_entry("widgets", repo.url, namespace, timeout="2m",
+                                                               healthCheckExprs=[{
+        "apiVersion": f"{widget_kind}/v1", "kind": "Widget", "current": "status.phase == 'Ready'",
+        "inProgress": "status.phase in ['Pending', 'Provisioning']", "failed": "status.phase == 'Failed'"}])])
+    daemon = start_daemon(config, "--no-leader-elect", "--no-watch-local")
+    wait_for("the widget applied", lambda: kube.get(kube.resource(f"{widget_kind}/v1", "Widget"), "w1", namespace),
+             30)
+
+    set_phase(kube, widget_kind, namespace, "Failed")
+
+    record = wait_transition(daemon, "the Unhealthy verdict", timeout=60, app="widgets", result="Unhealthy")
+    [widget] = record["health"]["objects"]
+    assert (widget["kind"], widget["status"]) == ("Widget", "Failed")
+    assert widget["message"] == "Widget w1 is Failed by its healthCheckExprs (failed: status.phase == 'Failed')"
 
 
 def test_a_bad_expression_is_a_config_error_of_the_daemon(tmp_path, kubeconfig, source_cache):

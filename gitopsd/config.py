@@ -82,6 +82,7 @@ from pydantic.dataclasses import dataclass, is_pydantic_dataclass
 from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import InitErrorDetails, PydanticCustomError, PydanticKnownError
 
+from gitopsd.engine import health_exprs
 from gitopsd.engine import ignore as ignore_mod
 from gitopsd.engine.render import KINDS as RENDER_KINDS
 from gitopsd.engine.yamlload import Bounded
@@ -395,6 +396,40 @@ def _distinct(values: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(values))
 
 
+def _distinct_names(values: tuple[str, ...]) -> tuple[str, ...]:
+    """A repeated app name changes nothing."""
+    return tuple(dict.fromkeys(values))
+
+
+def _one_rule_per_kind(rules: tuple[HealthCheckExpr, ...]) -> tuple[HealthCheckExpr, ...]:
+    """Two rules for one kind would leave it to their order which one decides."""
+    first: dict[tuple[str, str], int] = {}
+    for i, rule in enumerate(rules):
+        key = (rule.group, rule.kind)
+        if key in first:
+            group = rule.group or "the core group"
+            raise ValueError(f"entries {first[key]} and {i} are both for {rule.kind} of {group}; give one rule per kind")
+        first[key] = i
+    return rules
+
+
+_API_VERSION = re.compile(rf"(?:{_DNS_SUBDOMAIN.pattern}/)?{_DNS_LABEL.pattern}")
+_KIND = re.compile(r"[A-Z][A-Za-z0-9]{0,62}")
+
+
+def _check_api_version(value: str) -> str:
+    if not _API_VERSION.fullmatch(value):
+        raise ValueError(f"{_show(value)} is not an apiVersion: use group/version (example.com/v1), or v1 for "
+                         "the core group")
+    return value
+
+
+def _check_kind(value: str) -> str:
+    if not _KIND.fullmatch(value):
+        raise ValueError(f"{_show(value)} is not a kind: a CamelCase name such as Certificate")
+    return value
+
+
 _LABEL = f"^{_DNS_LABEL.pattern}$"
 _SUBDOMAIN = f"^{_DNS_SUBDOMAIN.pattern}$"
 _RELATIVE = r"^(?!/)"
@@ -421,6 +456,10 @@ Render = Literal[RENDER_KINDS]  # type: ignore[valid-type]  # auto | plain | kus
 AllowedNamespaces = Annotated[tuple[Namespace, ...], Strict(False), AfterValidator(_distinct),
                               Field(json_schema_extra={"minItems": 1})]
 ValuesFiles = Annotated[tuple[ValuesFile, ...], Strict(False)]
+DependsOn = Annotated[tuple[AppName, ...], Strict(False), AfterValidator(_distinct_names)]
+ApiVersion = _text(_check_api_version, pattern=f"^{_API_VERSION.pattern}$")
+Kind = _text(_check_kind, pattern=f"^{_KIND.pattern}$")
+CelExpr = _text(health_exprs.check, maxLength=health_exprs.MAX_CHARS)
 
 
 def _check_glob(value: str) -> str:
@@ -626,6 +665,38 @@ def _compile_ignore(rules: tuple[IgnoreDifference, ...], managers: tuple[str, ..
 
 
 @dataclass(frozen=True, config=MODEL_CONFIG)
+class HealthCheckExpr(_Section):
+    """How to read the health of one kind, in CEL, as Flux's healthCheckExprs: the first of inProgress, failed,
+    current that is true decides (none: in progress). The variables are the object's top-level fields
+    (`status.phase == 'Ready'`, `metadata.generation`).
+
+    Semantics and cost: gitopsd.engine.health_exprs. Each expression is
+    compiled when the file is read (a syntax error is a config error) and
+    never again.
+    """
+
+    _what = "a mapping with apiVersion, kind and current"
+
+    api_version: ApiVersion
+    """The kind's group and version, `example.com/v1`; the rule holds for the kind in every version of the group."""
+    kind: Kind
+    """The kind, `Certificate`."""
+    current: CelExpr
+    """CEL: true once the object has reached its desired state (healthy)."""
+    in_progress: CelExpr | None = None
+    """CEL: true while it is still on its way (evaluated first)."""
+    failed: CelExpr | None = None
+    """CEL: true when it has failed: the sync is Unhealthy at once, not at the timeout."""
+
+    @property
+    def group(self) -> str:
+        return self.api_version.rpartition("/")[0]
+
+
+HealthCheckExprs = Annotated[tuple[HealthCheckExpr, ...], Strict(False), AfterValidator(_one_rule_per_kind)]
+
+
+@dataclass(frozen=True, config=MODEL_CONFIG)
 class AppConfig(_Section):
     """One app: a path in a Git repository, kept applied to the cluster as one ApplySet.
 
@@ -685,6 +756,16 @@ class AppConfig(_Section):
     """
     ignore_managers: Managers | None = None
     """Field managers whose fields of any object of the app are left to them (not drift, not reverted); absent: the file's top-level ignoreManagers."""
+    depends_on: DependsOn = ()
+    """Apps that must be Applied and Healthy at their current revision before this one reconciles: [infra] (the app
+    with the CRDs before the apps that use them). Meanwhile `gitopsd status` says what the app waits for.
+
+    Names are apps of this file; a cycle is refused (Config._dependencies).
+    The daemon's side: gitopsd.daemon.dependencies.
+    """
+    health_check_exprs: HealthCheckExprs = ()
+    """Health rules in CEL for kinds the generic rules cannot read, as Flux's healthCheckExprs: a list of
+    {apiVersion, kind, current, inProgress, failed}."""
 
     @property
     def ignore(self) -> ignore_mod.Ignore:
@@ -791,6 +872,14 @@ class Config(_Section):
                     kind="duplicate_name")
         return self
 
+    @model_validator(mode="after")
+    def _dependencies(self) -> Config:
+        """Every dependsOn names an app of this file, and no app waits for itself, however
+        indirectly: such apps would wait for each other for ever. Checked in code too."""
+        if problems := dependency_problems([(a.name, a.depends_on) for a in self.apps]):
+            _refuse(type(self).__name__, problems, kind="dependency")
+        return self
+
     def app(self, name: str) -> AppConfig | None:
         """The app called ``name``, or None when the config has none."""
         return next((a for a in self.apps if a.name == name), None)
@@ -805,6 +894,63 @@ def _duplicate_names(names: list[object]) -> Iterator[tuple[int, int]]:
                 yield i, first[name]
             else:
                 first[name] = i
+
+
+Graph = list[tuple[str, tuple[str, ...]]]   # (app, its dependsOn), in file order
+
+
+def dependency_problems(graph: Graph) -> list[tuple[tuple[str | int, ...], str]]:
+    """Unknown names in dependsOn, and each cycle once (at its first app in file order,
+    named in full: `a -> b -> c -> a`), as (location, message)."""
+    index = {name: i for i, (name, _) in reversed(list(enumerate(graph)))}
+    found: list[tuple[tuple[str | int, ...], str]] = []
+    for i, (app, depends_on) in enumerate(graph):
+        for j, name in enumerate(depends_on):
+            if name not in index:
+                known = ", ".join(n for n, _ in graph if n != app) or "none"
+                found.append((("apps", i, "dependsOn", j), f"{_show(name)} is no app of this file (apps: {known})"))
+    reported: set[frozenset[str]] = set()
+    for i, (app, _) in enumerate(graph):
+        cycle = _cycle_from(app, graph=graph, index=index)
+        if cycle is not None and frozenset(cycle) not in reported:
+            reported.add(frozenset(cycle))
+            how = "depends on itself" if len(cycle) == 2 else f"waits for itself: {' -> '.join(cycle)}"
+            found.append((("apps", i, "dependsOn"),
+                          f"a dependency cycle: {app} {how}; the apps of a cycle would wait for each other "
+                          "for ever, remove one of its dependsOn entries"))
+    return found
+
+
+def _raw_graph(data: Any) -> Graph:
+    """(name, dependsOn) of the apps as written, for a file with other problems too: the
+    apps whose name and dependsOn are a string and a list of strings (the rest say their own problems)."""
+    apps = data.get("apps") if isinstance(data, dict) else None
+    graph = []
+    for app in apps if isinstance(apps, list) else []:
+        name = app.get("name") if isinstance(app, dict) else None
+        deps = app.get("dependsOn", []) if isinstance(app, dict) else None
+        if isinstance(name, str) and isinstance(deps, list) and all(isinstance(d, str) for d in deps):
+            graph.append((name, tuple(deps)))
+        else:
+            graph.append((name if isinstance(name, str) else "", ()))
+    return graph
+
+
+def _cycle_from(start: str, *, graph: Graph, index: dict[str, int]) -> list[str] | None:
+    """The shortest path start -> ... -> start through dependsOn (breadth first), or None."""
+    paths = {start: [start]}
+    frontier = [start]
+    while frontier:
+        following = []
+        for name in frontier:
+            for dep in graph[index[name]][1]:
+                if dep == start:
+                    return paths[name] + [start]
+                if dep in index and dep not in paths:
+                    paths[dep] = paths[name] + [dep]
+                    following.append(dep)
+        frontier = following
+    return None
 
 
 def _duplicate(first: int) -> str:
@@ -994,6 +1140,10 @@ def _problems(exc: ValidationError, data: Any) -> list[str]:
         for i, first in _duplicate_names(_raw_names(data)):
             loc = ("apps", i, "name")
             found.append((loc, f"{_where(loc, data)}: {_duplicate(first)}"))
+    # Dependencies likewise: an unknown name or a cycle is news beside a typo elsewhere.
+    if not any(e["type"] == "dependency" for e in errors):
+        for loc, message in dependency_problems(_raw_graph(data)):
+            found.append((loc, f"{_where(loc, data)}: {message}"))
     found.sort(key=lambda item: (0, _index(item[0])) if item[0][:1] == ("apps",) else (1, 0))
     return [text for _, text in found]
 

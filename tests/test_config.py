@@ -26,6 +26,7 @@ from gitopsd.config import (
     ConfigChange,
     ConfigError,
     CredentialsRef,
+    HealthCheckExpr,
     Helm,
     IgnoreDifference,
     Rollback,
@@ -56,6 +57,8 @@ def one_app(text: str, **kwargs) -> AppConfig:
 
 FULL = """\
 apps:
+  - name: infra
+    repo: https://git.example.com/fleet.git
   - name: web-production
     repo: https://git.example.com/fleet.git
     ref: v1.2.3
@@ -82,6 +85,13 @@ apps:
       - {group: apps, kind: Deployment, name: web-*, namespace: production, jsonPointers: [/spec/replicas],
          fields: ["metadata.annotations.example.com/injected"], managedFieldsManagers: [sidecar-injector]}
     ignoreManagers: [kube-controller-manager, my-autoscaler]
+    dependsOn: [infra]
+    healthCheckExprs:
+      - apiVersion: cert-manager.io/v1
+        kind: Certificate
+        current: "status.?conditions.orValue([]).exists(e, e.type == 'Ready' && e.status == 'True')"
+        inProgress: "status.?conditions.orValue([]).exists(e, e.type == 'Issuing' && e.status == 'True')"
+        failed: "status.?conditions.orValue([]).exists(e, e.type == 'Ready' && e.status == 'False')"
 webhook:
   secretFile: /etc/gitopsd/webhook/secret
 ignoreManagers: []
@@ -192,7 +202,7 @@ def test_config_file_without_read_permission_is_an_error(tmp_path: Path) -> None
 
 def test_full_app_round_trips_every_field() -> None:
     config = parse(FULL)
-    assert config.apps == (AppConfig(
+    assert config.apps[1:] == (AppConfig(
         name="web-production",
         repo="https://git.example.com/fleet.git",
         ref="v1.2.3",
@@ -217,16 +227,22 @@ def test_full_app_round_trips_every_field() -> None:
                                              fields=("metadata.annotations.example.com/injected",),
                                              managed_fields_managers=("sidecar-injector",)),),
         ignore_managers=("kube-controller-manager", "my-autoscaler"),
+        depends_on=("infra",),
+        health_check_exprs=(HealthCheckExpr(
+            api_version="cert-manager.io/v1", kind="Certificate",
+            current="status.?conditions.orValue([]).exists(e, e.type == 'Ready' && e.status == 'True')",
+            in_progress="status.?conditions.orValue([]).exists(e, e.type == 'Issuing' && e.status == 'True')",
+            failed="status.?conditions.orValue([]).exists(e, e.type == 'Ready' && e.status == 'False')"),),
     ),)
     assert config.ignore_managers == ()
     assert config.webhook == WebhookConfig(secret_file=Path("/etc/gitopsd/webhook/secret"))
-    assert config.app("web-production") is config.apps[0]
+    assert config.app("web-production") is config.apps[1]
     assert config.app("nope") is None
     # Every field of AppConfig is set to a non-default value above, so a new
     # field without a file key shows up here.
     defaults = AppConfig(name="x", repo="y")
     same = [f.name for f in dataclasses.fields(AppConfig)
-            if getattr(config.apps[0], f.name) == getattr(defaults, f.name)]
+            if getattr(config.apps[1], f.name) == getattr(defaults, f.name)]
     assert same == []
 
 
@@ -387,6 +403,51 @@ def test_duplicate_app_names_are_refused() -> None:
     """)
     assert problems == ["apps[2] (web).name: duplicate of apps[0]; app names must be unique "
                         "(the name is the app's inventory)"]
+
+
+def test_depends_on_names_apps_of_the_file() -> None:
+    config = parse(textwrap.dedent("""
+        apps:
+          - {name: web, repo: r, dependsOn: [infra, crds, infra]}
+          - {name: infra, repo: r, dependsOn: [crds]}
+          - {name: crds, repo: r}
+    """))
+    assert [a.depends_on for a in config.apps] == [("infra", "crds"), ("crds",), ()]   # a repeat changes nothing
+    assert problems_of("""
+        apps:
+          - {name: web, repo: r, dependsOn: [infra]}
+          - {name: db, repo: r}
+    """) == ['apps[0] (web).dependsOn[0]: "infra" is no app of this file (apps: db)']
+
+
+def test_a_dependency_cycle_is_rejected_at_load_naming_the_cycle() -> None:
+    assert problems_of("""
+        apps:
+          - {name: web, repo: r, dependsOn: [api]}
+          - {name: api, repo: r, dependsOn: [db]}
+          - {name: db, repo: r, dependsOn: [web]}
+          - {name: lone, repo: r, dependsOn: [lone]}
+    """) == ["apps[0] (web).dependsOn: a dependency cycle: web waits for itself: web -> api -> db -> web; the apps of "
+             "a cycle would wait for each other for ever, remove one of its dependsOn entries",
+             "apps[3] (lone).dependsOn: a dependency cycle: lone depends on itself; the apps of a cycle would wait "
+             "for each other for ever, remove one of its dependsOn entries"]
+
+
+def test_a_dependency_cycle_is_reported_with_every_other_problem() -> None:
+    problems = problems_of("""
+        apps:
+          - {name: web, repo: r, dependsOn: [api], interval: 1s}
+          - {name: api, repo: r, dependsOn: [web]}
+    """)
+    assert problems[0].startswith('apps[0] (web).interval: "1s" is too short')
+    assert problems[1].startswith("apps[0] (web).dependsOn: a dependency cycle: web waits for itself: "
+                                  "web -> api -> web")
+
+
+def test_a_dependency_cycle_is_refused_in_code_too() -> None:
+    with pytest.raises(ValidationError, match="a dependency cycle: a waits for itself: a -> b -> a"):
+        Config(apps=(AppConfig(name="a", repo="r", depends_on=("b",)),
+                     AppConfig(name="b", repo="r", depends_on=("a",))))
 
 
 def test_duplicate_yaml_keys_are_refused_with_lines() -> None:
@@ -564,7 +625,7 @@ def test_a_bad_ignore_rule_is_a_config_error_naming_the_field() -> None:
 
 
 def test_to_spec_carries_every_setting() -> None:
-    app = parse(FULL).apps[0]
+    app = parse(FULL).apps[1]
     creds = source.Credentials(username="bot", token="t")
     spec = app.to_spec(inventory_namespace="gitopsd-system", credentials=creds)
     assert spec == AppSpec(
@@ -575,6 +636,7 @@ def test_to_spec_carries_every_setting() -> None:
         rollback=Rollback(on_unhealthy=True), credentials=creds,
         inventory_namespace="gitopsd-system", allowed_namespaces=("production", "monitoring"),
         ignore_differences=app.ignore_differences, ignore_managers=("kube-controller-manager", "my-autoscaler"),
+        depends_on=("infra",), health_check_exprs=app.health_check_exprs,
     )
     # Every AppSpec field is either carried from the config or given by the caller.
     given = {"credentials", "inventory_namespace"}
@@ -583,7 +645,7 @@ def test_to_spec_carries_every_setting() -> None:
 
 
 def test_to_spec_refuses_to_drop_named_credentials() -> None:
-    app = parse(FULL).apps[0]
+    app = parse(FULL).apps[1]
     with pytest.raises(ValueError, match="names credentials"):
         app.to_spec(inventory_namespace="gitopsd-system")
 
@@ -776,14 +838,14 @@ def test_schema_documents_every_field_of_the_file(config_schema) -> None:
 
 FULL_KEYS = ("name", "repo", "ref", "path", "namespace", "interval", "prune", "selfHeal", "render", "helm",
              "allowRemoteBases", "credentials", "allowedNamespaces", "pruneGuard", "allowPruneAll", "recreate",
-             "suspend", "timeout", "rollback", "ignoreDifferences", "ignoreManagers")
+             "suspend", "timeout", "rollback", "ignoreDifferences", "ignoreManagers", "dependsOn", "healthCheckExprs")
 
 
 def test_validate_command_exits_0_for_a_valid_file_and_1_naming_every_problem(tmp_path: Path) -> None:
     good = tmp_path / "good.yaml"
     good.write_text(FULL)
     proc = run_gitopsd("config", "validate", str(good))
-    assert (proc.returncode, proc.stdout.strip()) == (0, f"{good}: valid, 1 app: web-production")
+    assert (proc.returncode, proc.stdout.strip()) == (0, f"{good}: valid, 2 apps: infra, web-production")
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("apps:\n  - {name: web, repo: r, selfheal: false, interval: 1s}\n")

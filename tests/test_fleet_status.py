@@ -159,7 +159,8 @@ def test_idle_runner_keeps_no_cancel_event_of_its_own(monkeypatch):
     ran = []
     view = SimpleNamespace(stop=lambda: None)
     daemon = SimpleNamespace(namespace="gitopsd", informers=SimpleNamespace(view=lambda **kw: view),
-                             pool=SimpleNamespace(submit=lambda fn, *args, lane: fn(*args)), prometheus_url=None)
+                             pool=SimpleNamespace(submit=lambda fn, *args, lane: fn(*args)), prometheus_url=None,
+                             dependencies=SimpleNamespace(settled=lambda name: None))
     cfg = SimpleNamespace(name="idle", repo="file:///r.git", ref="main")
     runner = AppRunner(daemon, cfg)
     assert runner.cancel is NO_RUN and runner.heal_cancel is NO_RUN

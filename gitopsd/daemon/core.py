@@ -50,6 +50,7 @@ from gitopsd import config as config_mod
 from gitopsd.budget import Budget
 from gitopsd.daemon.config_watch import ConfigWatcher
 from gitopsd.daemon.credentials import CredentialStore
+from gitopsd.daemon.dependencies import Dependencies
 from gitopsd.daemon.informers import Informers
 from gitopsd.daemon.leader import FencedKube, LeaderElector
 from gitopsd.daemon.leadership import Leadership
@@ -104,6 +105,9 @@ class Daemon:
         # Records are stored and announced only while this replica may write (Daemon.fence);
         # the runners check it before each record too, in the term their run began in.
         self.audit = audit.AuditLog(FencedKube(kube, self.fence), namespace=namespace, instance=instance)
+        # dependsOn: who waits for whom; a dependency of another replica's shard is read from its status.
+        self.dependencies = Dependencies(kube=kube, namespace=namespace, runners=lambda: self.runners,
+                                         local=lambda app: self.shards is None or self.shards.may_start(app))
         # `gitopsd hold|resume|rollback` from anywhere with a kubeconfig (gitopsd.daemon.release).
         self.release_requests = RequestWatch(kube, namespace=namespace, deliver=self._release_request)
         self.server = Server(host=http_host, port=http_port, on_push=self.pushes.on_push,
@@ -128,6 +132,7 @@ class Daemon:
             log.warning("cannot ensure gitopsd namespace", namespace=self.namespace, error=str(exc))
         self.server.start()
         self.schedule.start()
+        self.dependencies.update(self.config)
         for cfg in self.config.apps:
             self._add(cfg)
         self.release_requests.start()
@@ -182,6 +187,7 @@ class Daemon:
         self.leadership.stop(release=idle)
         self.informers.stop()
         self.release_requests.stop()
+        self.dependencies.stop()
         self.credentials.close()
         self.server.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -251,8 +257,10 @@ class Daemon:
 
         Added and changed apps are woken like a push wakes them: their
         repositories refreshed once each (a config edit often follows a
-        push it relies on), then one fetch shared by their runs.
+        push it relies on), then one fetch shared by their runs. The dependency graph is the
+        new file's from here on (gitopsd.daemon.dependencies).
         """
+        self.dependencies.update(new)
         for name in change.removed:
             self._remove(name)
         woken = [self._add(new.app(name)) for name in change.added]

@@ -49,7 +49,9 @@ from gitopsd import audit, metrics
 from gitopsd import config as config_mod
 from gitopsd import log as log_mod
 from gitopsd.budget import Lane
+from gitopsd.daemon import dependencies
 from gitopsd.daemon import status as status_mod
+from gitopsd.daemon.dependencies import REMOTE_RECHECK
 from gitopsd.daemon.desired import DesiredState
 from gitopsd.daemon.informers import AppView
 from gitopsd.daemon.leader import FencedKube, LeadershipLost
@@ -139,6 +141,7 @@ class AppRunner:
         self.last_result: SyncResult | None = None
         self.last_drift: dict | None = None
         self.reported: dict[ObjectRef, tuple] = {}   # drift already reported (self-heal off)
+        self.waiting: tuple[str, ...] = ()    # dependsOn not ready: `dep: why` each (gitopsd.daemon.dependencies)
         self.status_written: dict | None = None
         self.stopped = False
         # The running reconcile's or heal's Kube, fenced to the leadership term it
@@ -188,6 +191,7 @@ class AppRunner:
                     dirty = bool(self.dirty)
                     break
                 reason, self.pending = self.pending, None
+        self.daemon.dependencies.settled(self.cfg.name)   # the apps waiting for this one judge again
         if dirty:
             self.daemon.pool.submit(self._heal_dirty, lane=Lane.HEAL)
 
@@ -210,6 +214,8 @@ class AppRunner:
                 self._record_failure(trigger, f"cannot read the last applied revision of app {cfg.name} from "
                                               f"its audit trail: {exc}")
                 return
+        if self._waits(cfg):
+            return
         try:
             spec = cfg.to_spec(inventory_namespace=self.daemon.namespace,
                                credentials=self.daemon.credentials.resolve(cfg))
@@ -281,7 +287,7 @@ class AppRunner:
             # The verdict stands until the rollout recovers: look once more at what was not healthy.
             refs = [h.ref for h in prev.health if h.status.value != "Current"]
             try:
-                rechecked = recheck_health(self.daemon.kube, refs, live=self.cache) if refs else []
+                rechecked = recheck_health(self.daemon.kube, refs, app=cfg, live=self.cache) if refs else []
             except GitopsdError:
                 rechecked = []
             if rechecked and health_mod.summarize(rechecked)[0]:
@@ -316,6 +322,33 @@ class AppRunner:
             self.trigger("rollback")   # runs next, on this thread (the pending trigger)
         elif next_step is not None:
             self.daemon.schedule.once(self, next_step, "rollout")   # the canary's next step, after its pause
+
+    # ------------------------------------------------------------ dependsOn (gitopsd.daemon.dependencies)
+
+    def _waits(self, cfg: config_mod.AppConfig) -> bool:
+        """Whether a dependency is not ready: then the run ends here, having written only the
+        app's status (RESULT Waiting, the reason naming each dependency). The dependency's own
+        runs (or, another replica's, changes of its status record) wake this app again; one
+        that nothing watches is looked at again shortly."""
+        if not cfg.depends_on and not self.waiting:
+            return False
+        deps = self.daemon.dependencies
+        ended = deps.ends(cfg.depends_on)
+        waiting, poll = deps.blocking(cfg)   # none left (a reload dropped them): go
+        with self.lock:
+            changed, self.waiting = tuple(waiting) != self.waiting, tuple(waiting)
+        if not waiting:
+            if changed:
+                log.info("dependencies ready", app=cfg.name, depends_on=list(cfg.depends_on))
+            return False
+        if changed:
+            log.info("waiting for dependencies", app=cfg.name, waiting_for=waiting)
+        self._write_status()
+        if deps.ends(cfg.depends_on) != ended:
+            self.trigger("dependency")   # one ended while this run judged, perhaps before it waited: again
+        elif poll:
+            self.daemon.schedule.once(self, REMOTE_RECHECK, "dependency")
+        return True
 
     # ------------------------------------------------------------ release control (gitopsd.daemon.release)
 
@@ -421,6 +454,7 @@ class AppRunner:
         metrics.RECONCILE_RESULTS.inc(app=self.cfg.name, trigger=trigger, outcome="Failed")
         self._schedule_retry()
         if not self._is_transition(result):
+            self._write_status()   # the same failure again: only what else changed (no longer waiting)
             return
         self.last_result = _verdict(result)
         self._record(audit.transition_record(result, trigger=trigger, previous=self.last_applied,
@@ -602,22 +636,25 @@ class AppRunner:
     # ------------------------------------------------------------ status
 
     def verdict(self) -> tuple[str, str]:
-        """The result and health of the last transition: ("Pending", "Unknown") before the first."""
+        """The result and health of the last transition: ("Pending", "Unknown") before the first;
+        the result is "Waiting" while a dependency is not ready (the health stays the last one's)."""
         r = self.last_result
         unhealthy = any(h.status.value != "Current" for h in (r.health if r else []))
         health = ("Healthy" if r and not unhealthy and r.outcome != Outcome.FAILED else
                   ("Unhealthy" if unhealthy else "Unknown"))
-        return (r.outcome.value if r else "Pending"), health
+        return ("Waiting" if self.waiting else r.outcome.value if r else "Pending"), health
 
     def status(self) -> dict:
         r = self.last_result
         result, health = self.verdict()
+        waiting = self.waiting
         return {
             "app": self.cfg.name,
             "revision": self.last_applied or "",
             "ref": self.cfg.ref,
             "result": result,
-            "reason": r.reason if r else "",
+            "reason": ("waiting for " + "; ".join(waiting)) if waiting else r.reason if r else "",
+            **({"waitingFor": dependencies.names(waiting)} if waiting else {}),
             "health": health,
             "lastTransition": _iso(r.started) if r else "",
             "lastDrift": self.last_drift,

@@ -20,14 +20,14 @@ from gitopsd.kube import Kube
 STATUS_KEY = "status"
 FIELD_MANAGER = "gitopsd-status"
 FIELDS = ("app", "revision", "ref", "result", "reason", "health", "lastTransition", "lastDrift", "interval",
-          "suspended", "nextRun", "release", "rollout")
+          "suspended", "nextRun", "release", "rollout", "waitingFor")
 #: What `gitopsd status` needs to show a row; the other fields are optional
 #: (an older or newer daemon may write fewer or more), but typed when present.
 REQUIRED = ("app", "result", "health")
 TYPES: dict[str, tuple[type, ...]] = {
     "app": (str,), "revision": (str,), "ref": (str,), "result": (str,), "reason": (str,), "health": (str,),
     "lastTransition": (str,), "lastDrift": (dict, type(None)), "interval": (int, float), "suspended": (bool,),
-    "nextRun": (str,), "release": (dict,), "rollout": (list,),
+    "nextRun": (str,), "release": (dict,), "rollout": (list,), "waitingFor": (list,),
 }
 #: A status the daemon writes is a few hundred bytes; a bigger value was put
 #: there by hand and is not parsed (a ConfigMap holds up to 1 MiB).
@@ -80,7 +80,7 @@ def read_all(kube: Kube, *, namespace: str, app: str | None = None) -> list[dict
         found = kube.list(cms, namespace=namespace, label_selector="app.kubernetes.io/managed-by=gitopsd")
     out = []
     for cm in found:
-        entry = _read_one(cm, namespace=namespace)
+        entry = read_one(cm, namespace=namespace)
         if entry is not None:
             out.append(entry)
     return sorted(out, key=lambda d: d["app"])
@@ -93,7 +93,9 @@ def problem_hint(entry: dict) -> str:
             f"patch configmap {name} --type json -p '[{{\"op\": \"remove\", \"path\": \"/data/{STATUS_KEY}\"}}]'")
 
 
-def _read_one(cm: dict, *, namespace: str) -> dict | None:
+def read_one(cm: dict, *, namespace: str) -> dict | None:
+    """The status stored on one parent ConfigMap as `read_all` gives it (an unreadable one as
+    `{"app", "configMap", "error"}`), or None when it holds none."""
     name = (cm.get("metadata") or {}).get("name", "")
     raw = (cm.get("data") or {}).get(STATUS_KEY)
     if raw is None:

@@ -141,11 +141,26 @@ def _generic(obj: dict) -> tuple[Status, str] | None:
     """Rules that hold for any kind; None when they cannot decide.
 
     Order matters: a deleted object is Terminating whatever its status says; an
-    unobserved generation makes every other field stale; then the kstatus
-    standard conditions. Stalled is checked before Reconciling because a
-    controller that reports both has given up on *something*, and the user
-    needs that reason more than a "still working".
+    unobserved generation makes every other field stale (`_lifecycle`); then
+    the kstatus standard conditions. Stalled is checked before Reconciling
+    because a controller that reports both has given up on *something*, and
+    the user needs that reason more than a "still working".
     """
+    lifecycle = _lifecycle(obj)
+    if lifecycle is not None:
+        return lifecycle
+    stalled = _condition(obj, "Stalled")
+    if _is_true(stalled) and not _condition_is_stale(obj, stalled):
+        return Status.FAILED, f"Stalled: {_explain(stalled)}"
+    reconciling = _condition(obj, "Reconciling")
+    if _is_true(reconciling):
+        return Status.IN_PROGRESS, f"Reconciling: {_explain(reconciling)}"
+    return None
+
+
+def _lifecycle(obj: dict) -> tuple[Status, str] | None:
+    """Deleted (Terminating) or not yet observed by its controller (InProgress): what holds
+    before any rule of a kind, custom ones (healthCheckExprs) included; None otherwise."""
     meta = obj.get("metadata") or {}
     if meta.get("deletionTimestamp"):
         return Status.TERMINATING, f"{obj.get('kind', 'object')} is being deleted"
@@ -157,13 +172,6 @@ def _generic(obj: dict) -> tuple[Status, str] | None:
     if isinstance(generation, int) and isinstance(observed, int) and observed != generation:
         return Status.IN_PROGRESS, (f"{obj.get('kind', 'object')} generation {generation} not yet observed "
                                     f"by its controller (observed {observed})")
-
-    stalled = _condition(obj, "Stalled")
-    if _is_true(stalled) and not _condition_is_stale(obj, stalled):
-        return Status.FAILED, f"Stalled: {_explain(stalled)}"
-    reconciling = _condition(obj, "Reconciling")
-    if _is_true(reconciling):
-        return Status.IN_PROGRESS, f"Reconciling: {_explain(reconciling)}"
     return None
 
 
@@ -435,15 +443,24 @@ _RULES: dict[tuple[str, str], Callable[[dict], tuple[Status, str]]] = {
 }
 
 
-def compute(obj: dict) -> tuple[Status, str]:
+#: Custom rules by (group, kind): an app's healthCheckExprs, compiled (gitopsd.engine.health_exprs.rules_of).
+Rules = Mapping[tuple[str, str], Callable[[dict], tuple[Status, str]]]
+
+
+def compute(obj: dict, *, rules: Rules | None = None) -> tuple[Status, str]:
     """(status, human reason) of one object as the apiserver returned it.
 
     Pure: no clock, no I/O, so the same object always gets the same verdict.
     Shared rules (deletion, unobserved generation, Stalled/Reconciling) come
     first; then the kind's rule; kinds we know nothing about follow their Ready
-    condition, and are Current without one.
+    condition, and are Current without one. A custom rule for the kind in
+    `rules` (the app's healthCheckExprs) replaces all but deletion and the
+    unobserved generation: it is the kind's whole reading, as in Flux.
     """
     ref = ref_of(obj)
+    custom = rules.get((ref.group, ref.kind)) if rules else None
+    if custom is not None:
+        return _lifecycle(obj) or custom(obj)
     generic = _generic(obj)
     if generic is not None:
         return generic
@@ -534,7 +551,7 @@ class _RolloutPods:
 
 
 def _observe(ref: ObjectRef, *, get: Callable[[ObjectRef], dict | None],
-             rollout: _RolloutPods | None) -> ObjectHealth:
+             rollout: _RolloutPods | None, rules: Rules | None = None) -> ObjectHealth:
     """One look at one object.
 
     A failing `get` (apiserver blip, RBAC) is reported as Unknown with the error
@@ -548,7 +565,7 @@ def _observe(ref: ObjectRef, *, get: Callable[[ObjectRef], dict | None],
         return ObjectHealth(ref, Status.UNKNOWN, f"could not read {ref}: {exc}")
     if obj is None:
         return ObjectHealth(ref, Status.NOT_FOUND, f"{ref} not found")
-    status, message = compute(obj)
+    status, message = compute(obj, rules=rules)
     if status is Status.IN_PROGRESS and rollout is not None and (ref.group, ref.kind) in _WORKLOAD_KINDS \
             and _pods_can_tell(obj):
         try:
@@ -644,7 +661,7 @@ def wait(refs: Sequence[ObjectRef], *, get: Callable[[ObjectRef], dict | None], 
          initial: Mapping[ObjectRef, dict] | None = None,
          parallel: Callable[[Callable, Sequence], Iterable] | None = None,
          get_many: Callable[[list[ObjectRef]], Mapping[ObjectRef, dict | None]] | None = None,
-         live: LiveSource | None = None) -> list[ObjectHealth]:
+         live: LiveSource | None = None, rules: Rules | None = None) -> list[ObjectHealth]:
     """Watch `refs` until every one has settled, the timeout passes, or `cancel` is set.
 
     Returns one ObjectHealth per distinct ref, in the order given.
@@ -682,6 +699,8 @@ def wait(refs: Sequence[ObjectRef], *, get: Callable[[ObjectRef], dict | None], 
       a slow one is not polled needlessly often. `get_many(refs)` reads a
       whole round at once (the caller can LIST per kind and namespace instead
       of a GET per object); an object it leaves out is read with `get`.
+    - `rules`: custom health rules per kind (the app's healthCheckExprs), as
+      `compute` takes them.
     """
     cancel = cancel if cancel is not None else threading.Event()
     latest = {ref: ObjectHealth(ref, Status.UNKNOWN, "not checked yet") for ref in refs}
@@ -715,7 +734,7 @@ def wait(refs: Sequence[ObjectRef], *, get: Callable[[ObjectRef], dict | None], 
                 read = True
             else:
                 polled.add(ref)
-        return _observe(ref, get=(lambda _ref: known.get(ref)) if read else fetch, rollout=rollout)
+        return _observe(ref, get=(lambda _ref: known.get(ref)) if read else fetch, rollout=rollout, rules=rules)
 
     rounds = 0
     try:

@@ -43,7 +43,7 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from gitopsd import redact
 from gitopsd.config import MODEL_CONFIG, AppConfig, Namespace
-from gitopsd.engine import health, inventory, render, source
+from gitopsd.engine import health, health_exprs, inventory, render, source
 from gitopsd.engine.apply import ApplyOutcome, apply_plan
 from gitopsd.engine.diff import compare, managers_of, within
 from gitopsd.engine.ignore import suggestion
@@ -447,12 +447,14 @@ def _summary(outcome: ApplyOutcome) -> str:
     return ", ".join(f"{n} {verb}d" for verb, n in sorted(counts.items()))
 
 
-def recheck_health(kube: Kube, refs: list[ObjectRef], *,
+def recheck_health(kube: Kube, refs: list[ObjectRef], *, app: AppConfig,
                    live: health.LiveSource | None = None) -> list[health.ObjectHealth]:
     """One look at objects that were not healthy (no waiting): the daemon asks
-    whether a rollout that timed out has since completed on its own. With
-    `live` (the daemon's informers) what a watch covers is read from memory."""
-    return health.wait(refs, get=_getter(kube), timeout=0, live=live)
+    whether a rollout that timed out has since completed on its own, judged
+    as `app`'s sync judges them (its healthCheckExprs). With `live` (the
+    daemon's informers) what a watch covers is read from memory."""
+    return health.wait(refs, get=_getter(kube), timeout=0, live=live,
+                       rules=health_exprs.rules_of(app.health_check_exprs))
 
 
 def _getter(kube: Kube) -> Callable[[ObjectRef], dict | None]:
@@ -498,4 +500,5 @@ def _wait_healthy(kube: Kube, applied: list[ObjectChange], *, app: AppSpec, canc
     # The apply responses are the first reading: no GET for what is ready on sight.
     return health.wait([c.ref for c in applied], get=get, timeout=app.timeout, cancel=cancel, on_change=on_change,
                        related_pods=related_pods, initial={c.ref: c.live for c in applied if c.live},
-                       parallel=kube.budget.map, get_many=get_many, live=live)
+                       parallel=kube.budget.map, get_many=get_many, live=live,
+                       rules=health_exprs.rules_of(app.health_check_exprs))

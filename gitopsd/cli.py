@@ -256,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "allowRemoteBases: true (default: refused)")
     g.add_argument("--namespace", "-n", default="default", type=NAMESPACE,
                    help="namespace for namespaced objects that name none (default: default)")
+    g.add_argument("--create-namespace", action="store_true",
+                   help="create --namespace if it is missing, labelled gitopsd.io/created-by=APP and never pruned, "
+                        "as the app setting createNamespace: true (diff and --dry-run only report it)")
     g.add_argument("--git-token-file", type=TOKEN_FILE, metavar="FILE",
                    help="file holding an https token (or set GITOPSD_GIT_TOKEN)")
     g.add_argument("--git-username", default=None, type=TEXT, help="https username to pair with the token")
@@ -498,7 +501,8 @@ def _app_spec(args):
         extra = dict(prune=args.prune, prune_guard=args.prune_guard, allow_prune_all=args.allow_prune_all,
                      recreate=args.recreate, timeout=args.timeout)
     return AppSpec(name=args.app or default_app_name(args.repo, args.path), repo=args.repo, ref=args.ref,
-                   path=args.path, namespace=args.namespace, render=args.render,
+                   path=args.path, namespace=args.namespace, create_namespace=args.create_namespace,
+                   render=args.render,
                    helm=Helm(values_files=tuple(args.values)) if args.values else None,
                    allow_remote_bases=args.allow_remote_bases, credentials=creds,
                    inventory_namespace=args.inventory_namespace,

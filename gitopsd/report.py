@@ -35,7 +35,7 @@ def plan_dict(plan: Plan | None) -> dict:
 
 def _plan_dict(plan: Plan | None) -> dict:
     if plan is None:
-        return {"counts": {}, "changes": [], "errors": []}
+        return {"counts": {}, "changes": [], "kept": [], "orphans": [], "errors": [], "create_namespace": None}
     changes = []
     for c in plan.changes:
         if c.action == Action.UNCHANGED:
@@ -45,6 +45,7 @@ def _plan_dict(plan: Plan | None) -> dict:
             "action": c.action.value, "source": c.source,
             "fields": list(c.diff.fields) if c.diff else [],
             "diff": c.diff.text if c.diff else "",
+            "takeover": list(c.takeover),
         })
     return {
         "counts": plan.counts(),
@@ -52,6 +53,7 @@ def _plan_dict(plan: Plan | None) -> dict:
         "kept": [{"object": str(r), "reason": plan.kept_reasons.get(r, "")} for r in plan.kept],
         "orphans": [str(r) for r in plan.orphans],
         "errors": list(plan.errors),
+        "create_namespace": plan.missing_namespace,
     }
 
 
@@ -67,6 +69,10 @@ def _plan_text(plan: Plan, rev: Revision | None, *, header: str) -> str:
     counts = plan.counts()
     lines.append("  " + ", ".join(f"{counts[a.value]} {a.value}" for a in
                                   (Action.CREATE, Action.UPDATE, Action.RECREATE, Action.PRUNE, Action.UNCHANGED)))
+    if plan.missing_namespace:
+        lines.append(f"+ create    Namespace/{plan.missing_namespace}  (createNamespace: missing; created first, "
+                     f"labelled gitopsd.io/created-by={plan.app}, no member: never pruned; the objects in it "
+                     f"are validated once it exists)")
     for c in plan.changes:
         if c.action == Action.UNCHANGED:
             continue
@@ -74,6 +80,10 @@ def _plan_text(plan: Plan, rev: Revision | None, *, header: str) -> str:
         lines.append(f"{_MARK[c.action]} {c.action.value:<9} {c.ref}{where}")
         if c.diff and c.action in (Action.UPDATE, Action.RECREATE):
             lines.append("    changed: " + ", ".join(c.diff.fields))
+        if c.takeover and c.action == Action.UPDATE:
+            lines.append(f"    takes over the fields of {', '.join(c.takeover)}: what they set and Git does not "
+                         f"is removed")
+        if c.diff and c.action in (Action.UPDATE, Action.RECREATE):
             lines.extend("    " + line for line in c.diff.text.rstrip("\n").splitlines())
     for ref in plan.kept:
         lines.append(f"  kept      {ref}  (no longer in Git; not pruned: {plan.kept_reasons.get(ref, 'kept')})")
@@ -93,6 +103,7 @@ def result_dict(result: SyncResult) -> dict:
         "plan": _plan_dict(result.plan),
         "applied": [{"ref": str(c.ref), "action": c.action.value} for c in result.applied],
         "pruned": [str(c.ref) for c in result.pruned],
+        "created_namespace": result.created_namespace,
         "health": [{"ref": str(h.ref), "status": h.status.value, "message": h.message} for h in result.health],
         "errors": list(result.errors),
         "duration_seconds": round(result.duration, 3),
@@ -106,6 +117,8 @@ def result_text(result: SyncResult) -> str:
     for h in result.health:
         if h.status.value != "Current":
             lines.append(f"  health {h.ref}: {h.status.value}: {h.message}")
+    if result.created_namespace:
+        lines.append(f"  created Namespace/{result.created_namespace} (createNamespace)")
     for err in result.errors:
         if result.plan is None or err not in result.plan.errors:
             lines.append(f"error: {err}")

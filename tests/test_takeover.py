@@ -1,0 +1,218 @@
+"""Field-manager takeover: what kubectl wrote before gitopsd adopted an object becomes gitopsd's.
+
+Without it a field removed from Git survives in the cluster: `kubectl apply`
+(client-side), `kubectl create` and the like still co-own it. The pure
+rewrite of managedFields is tested with fakes; adoption, removal and who
+keeps their fields run against the real control plane and the real kubectl.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from helpers import configmap, deployment
+
+from gitopsd.engine import takeover
+from gitopsd.engine.plan import Action
+
+CSA = {"manager": "kubectl-client-side-apply", "operation": "Update", "apiVersion": "v1", "fieldsType": "FieldsV1",
+       "fieldsV1": {"f:data": {".": {}, "f:k": {}, "f:old": {}},
+                    "f:metadata": {"f:annotations": {".": {}, f"f:{takeover.LAST_APPLIED_ANNOTATION}": {}},
+                                   "f:labels": {".": {}, "f:team": {}}}}}
+OURS = {"manager": "gitopsd", "operation": "Apply", "apiVersion": "v1", "fieldsType": "FieldsV1",
+        "fieldsV1": {"f:data": {"f:k": {}}, "f:metadata": {"f:labels": {"f:app": {}}}}}
+CONTROLLER = {"manager": "cost-operator", "operation": "Update", "apiVersion": "v1", "fieldsType": "FieldsV1",
+              "fieldsV1": {"f:metadata": {"f:labels": {"f:cost-center": {}}}}}
+STATUS = {"manager": "kubectl-edit", "operation": "Update", "apiVersion": "v1", "subresource": "status",
+          "fieldsType": "FieldsV1", "fieldsV1": {"f:status": {"f:x": {}}}}
+
+
+def live(*entries: dict, annotations: dict | None = None) -> dict:
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "cm", "namespace": "ns", "resourceVersion": "42", "managedFields": list(entries),
+                         "annotations": annotations or {}}}
+
+
+# ---------------------------------------------------------------- the rewrite (pure)
+
+def test_an_adopted_objects_client_side_apply_entry_becomes_gitopsds_apply_entry_without_the_annotation():
+    obj = live(CSA, CONTROLLER, annotations={takeover.LAST_APPLIED_ANNOTATION: "{...}"})
+
+    ops = takeover.patch(obj, takeover_names())
+
+    fields_op, version_op, annotation_op = ops
+    assert version_op == {"op": "replace", "path": "/metadata/resourceVersion", "value": "42"}, "conditional"
+    assert annotation_op == {"op": "remove",
+                             "path": "/metadata/annotations/kubectl.kubernetes.io~1last-applied-configuration"}
+    controller, ours = fields_op["value"]
+    assert ours["manager"] == "gitopsd" and ours["operation"] == "Apply"
+    assert ours["fieldsV1"] == {"f:data": {".": {}, "f:k": {}, "f:old": {}},
+                                "f:metadata": {"f:annotations": {".": {}}, "f:labels": {".": {}, "f:team": {}}}}
+    assert controller == CONTROLLER, "a manager not on the list keeps its fields"
+    assert obj["metadata"]["managedFields"][0] == CSA, "the live object is not modified"
+
+
+def test_listed_managers_are_merged_into_gitopsds_existing_entry_and_subresources_are_left_alone():
+    edit = {**CSA, "manager": "kubectl-edit", "fieldsV1": {"f:data": {"f:added": {}}}}
+    obj = live(OURS, edit, STATUS, CONTROLLER)
+
+    (fields_op, _) = takeover.patch(obj, takeover_names())
+
+    assert [e["manager"] for e in fields_op["value"]] == ["gitopsd", "kubectl-edit", "cost-operator"]
+    assert fields_op["value"][1] == STATUS
+    assert fields_op["value"][0]["fieldsV1"] == {"f:data": {"f:k": {}, "f:added": {}},
+                                                 "f:metadata": {"f:labels": {"f:app": {}}}}
+    assert takeover.managers(obj, takeover_names()) == ("kubectl-edit",)
+
+
+def test_what_the_app_leaves_to_others_is_not_taken_over():
+    from gitopsd.engine.ignore import Ignore, Rule
+
+    edit = {**CSA, "manager": "kubectl-edit",
+            "fieldsV1": {"f:data": {"f:added": {}}, "f:metadata": {"f:annotations": {"f:injected": {}}}}}
+    obj = live(OURS, edit, annotations={"injected": "x"})
+    obj["data"] = {"k": "v", "added": "y"}
+    rule = Rule(kind="ConfigMap", pointers=("/metadata/annotations/injected",))
+
+    (fields_op, _) = takeover.patch(obj, takeover_names(), ignore=Ignore(rules=(rule,)))
+
+    ours, edit_rest = fields_op["value"]
+    assert ours["fieldsV1"] == {"f:data": {"f:k": {}, "f:added": {}}, "f:metadata": {"f:labels": {"f:app": {}}}}
+    assert edit_rest["manager"] == "kubectl-edit"
+    assert edit_rest["fieldsV1"] == {"f:metadata": {"f:annotations": {"f:injected": {}}}}, "the rule's field stays"
+    only_ignored = {**edit, "fieldsV1": {"f:metadata": {"f:annotations": {"f:injected": {}}}}}
+    assert takeover.patch(live(OURS, only_ignored, annotations={"injected": "x"}), takeover_names(),
+                          ignore=Ignore(rules=(rule,))) is None, "nothing left to take"
+    left_alone = Ignore(managers=frozenset({"kubectl-edit"}))
+    assert takeover.managers(obj, takeover_names(), ignore=left_alone) == (), "a manager left alone is never taken"
+
+
+def test_nothing_to_take_over_is_no_patch():
+    assert takeover.patch(live(OURS, CONTROLLER, STATUS), takeover_names()) is None
+    assert takeover.managers(live(OURS, CONTROLLER), takeover_names()) == ()
+    assert takeover.patch(live(CSA), ()) is None, "an empty list turns it off"
+
+
+def test_a_name_ending_in_a_star_is_a_prefix():
+    rollout = {**CONTROLLER, "manager": "kubectl-rollout"}
+    assert takeover.managers(live(rollout, CSA), ["kubectl-*"]) == ("kubectl-rollout", "kubectl-client-side-apply")
+    assert takeover.managers(live(rollout, CSA), ["kubectl-client-side-apply"]) == ("kubectl-client-side-apply",)
+    assert not takeover.matches("kubectl", ["kubectl-*"]) and takeover.matches("kubectl", ["kubectl"])
+
+
+def takeover_names() -> tuple[str, ...]:
+    from gitopsd.config import DEFAULT_TAKE_OVER_MANAGERS
+
+    return DEFAULT_TAKE_OVER_MANAGERS
+
+
+# ---------------------------------------------------------------- the real control plane
+
+def kubectl(cluster, kubeconfig, *args: str, stdin: str | None = None) -> str:
+    binary = str(cluster.dir.parent.parent / "bin" / "kubectl")
+    proc = subprocess.run([binary, "--kubeconfig", str(kubeconfig), *args], input=stdin, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def managers_of(kube, obj: dict) -> set[str]:
+    res = kube.resource(obj["apiVersion"], obj["kind"])
+    live_obj = kube.get(res, obj["metadata"]["name"], obj["metadata"]["namespace"])
+    return {e["manager"] for e in live_obj["metadata"]["managedFields"] if not e.get("subresource")}
+
+
+def labelled(obj: dict, **labels: str) -> dict:
+    obj = json.loads(json.dumps(obj))
+    obj["metadata"]["labels"] = {**obj["metadata"].get("labels", {}), **labels}
+    return obj
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("verb", ["apply", "create"])
+def test_a_label_removed_from_git_after_adopting_an_object_kubectl_wrote_is_removed_from_the_cluster(
+        app, repo, kube, cluster, kubeconfig, namespace, verb):
+    web = labelled(deployment("web"), tier="frontend")
+    web["metadata"]["namespace"] = namespace
+    kubectl(cluster, kubeconfig, verb, "-f", "-", stdin=json.dumps(web))   # apply: client-side, as CI scripts do
+    by_kubectl = managers_of(kube, web)
+    assert by_kubectl and "gitopsd" not in by_kubectl
+    repo.write("web.yaml", labelled(deployment("web"), tier="frontend"))
+    repo.commit("adopt what kubectl applied")
+
+    adopted = app.sync()
+
+    assert adopted.outcome.value == "Applied", (adopted.reason, adopted.errors)
+    (change,) = adopted.plan.changes
+    assert change.action == Action.UPDATE and set(change.takeover) == by_kubectl
+    live_web = kube.get(kube.resource("apps/v1", "Deployment"), "web", namespace)
+    assert takeover.LAST_APPLIED_ANNOTATION not in (live_web["metadata"].get("annotations") or {})
+    assert not by_kubectl & managers_of(kube, web), "kubectl owns nothing of it any more"
+
+    repo.write("web.yaml", deployment("web"))
+    repo.commit("the tier label goes")
+    removed = app.sync()
+
+    assert removed.outcome.value == "Applied", (removed.reason, removed.errors)
+    live_web = kube.get(kube.resource("apps/v1", "Deployment"), "web", namespace)
+    assert "tier" not in live_web["metadata"]["labels"], "gone from the cluster, as from Git"
+
+
+@pytest.mark.cluster
+def test_a_field_manager_not_on_the_list_keeps_its_field(app, repo, kube, cluster, kubeconfig, namespace):
+    settings = labelled(configmap("settings", {"color": "blue"}), team="web")
+    settings["metadata"]["namespace"] = namespace
+    kubectl(cluster, kubeconfig, "apply", "-f", "-", stdin=json.dumps(settings))
+    # An operator of the platform team labels it (its own field manager, an Update).
+    cms = kube.resource("v1", "ConfigMap")
+    kube.request("PATCH", cms.path(namespace, "settings"), body={"metadata": {"labels": {"cost-center": "42"}}},
+                 content_type="application/merge-patch+json", query={"fieldManager": "cost-operator"})
+    repo.write("cm.yaml", configmap("settings", {"color": "blue"}))   # Git has neither label
+    repo.commit()
+
+    result = app.sync()
+
+    assert result.outcome.value == "Applied", (result.reason, result.errors)
+    labels = kube.get(cms, "settings", namespace)["metadata"]["labels"]
+    assert "team" not in labels, "kubectl's label, taken over and not in Git, is removed"
+    assert labels["cost-center"] == "42", "the operator's label stays: it is not on the list"
+    assert "cost-operator" in managers_of(kube, settings)
+
+
+@pytest.mark.cluster
+def test_takeover_is_one_patch_and_only_where_a_listed_manager_wrote(app, repo, kube, cluster, kubeconfig,
+                                                                       namespace):
+    by_hand = configmap("by-hand", {"k": "v"}, namespace=namespace)
+    kubectl(cluster, kubeconfig, "apply", "-f", "-", stdin=json.dumps(by_hand))
+    repo.write("cm.yaml", [configmap("by-hand", {"k": "v"}), configmap("fresh", {"k": "v"})])
+    repo.commit()
+
+    before = dict(kube.requests)
+    assert app.sync().outcome.value == "Applied"
+    first = {verb: n - before.get(verb, 0) for verb, n in kube.requests.items()}
+    before = dict(kube.requests)
+    again = app.sync()
+    second = {verb: n - before.get(verb, 0) for verb, n in kube.requests.items()}
+
+    assert first.get("patch") == 1, first   # the adopted ConfigMap only, not the new one
+    assert again.outcome.value == "NoChange" and not second.get("patch"), second
+
+
+@pytest.mark.cluster
+def test_an_object_with_a_listed_manager_is_an_update_even_when_nothing_else_differs(app, repo, kube, namespace):
+    repo.write("cm.yaml", configmap("settings", {"color": "blue"}))
+    repo.commit()
+    assert app.sync().outcome.value == "Applied"
+    cms = kube.resource("v1", "ConfigMap")
+    # `kubectl edit` adds an annotation Git does not have: not drift of any field Git sets.
+    kube.request("PATCH", cms.path(namespace, "settings"), body={"metadata": {"annotations": {"note": "by hand"}}},
+                 content_type="application/merge-patch+json", query={"fieldManager": "kubectl-edit"})
+
+    seen = app.sync(dry_run=True)
+    (change,) = seen.plan.changes
+    assert change.action == Action.UPDATE and change.takeover == ("kubectl-edit",)
+    assert app.sync().outcome.value == "Applied"
+    assert "note" not in (kube.get(cms, "settings", namespace)["metadata"].get("annotations") or {})
+    assert app.sync().outcome.value == "NoChange"

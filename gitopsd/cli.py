@@ -541,9 +541,8 @@ def cmd_diff(args) -> int:
         rev, plan = fetch_and_plan(kube, app)
     except GitopsdError as exc:
         return _report_error(args, exc, app=app.name)
-    _print({"app": app.name, "revision": report.revision_dict(rev), **report.plan_dict(plan),
-            "in_sync": plan.in_sync},
-           output=args.output, text=report.plan_text(plan, rev, header=f"diff {app.name}:"))
+    _print(report.diff_dict(app.name, rev, plan), output=args.output,
+           text=report.plan_text(plan, rev, header=f"diff {app.name}:"))
     if plan.errors:
         return 2
     return 0 if plan.in_sync else 1
@@ -781,7 +780,9 @@ def _report_error(args, exc: Exception, *, app: str | None = None) -> int:
     goes (stdout); the other commands on stderr.
     """
     if getattr(args, "output", "text") == "json":
-        _print({**({"app": app} if app else {}), "error": str(exc)}, output="json", text="")
+        from gitopsd import report
+
+        _print(report.error_dict(args.command, str(exc), app=app), output="json", text="")
     else:
         print(f"error: {exc}", file=sys.stdout if args.command in ("diff", "sync") else sys.stderr)
     if getattr(args, "debug", False):
@@ -803,7 +804,10 @@ def _report_bug(args, exc: Exception) -> None:
         structlog.get_logger("gitopsd").error(line, exc_info=exc)
         return
     if getattr(args, "output", "text") == "json":
-        _print({"error": line}, output="json", text="")
+        from gitopsd import schemas
+
+        schema = schemas.for_command(args.command)
+        _print({**({"schema": schema} if schema else {}), "error": line}, output="json", text="")
     import traceback
 
     print(f"error: {line}", file=sys.stderr)

@@ -10,7 +10,7 @@ them here is the stored text, byte for byte.
 
 from __future__ import annotations
 
-from gitopsd import redact
+from gitopsd import redact, schemas
 from gitopsd.engine.plan import Action, Plan
 from gitopsd.engine.source import Revision
 from gitopsd.engine.sync import SyncResult
@@ -18,6 +18,7 @@ from gitopsd.objects import ObjectRef
 
 # The Events API refuses a note over 1 KiB (events.k8s.io/v1 Event.note).
 EVENT_NOTE_MAX = 1024
+
 
 _MARK = {Action.CREATE: "+", Action.UPDATE: "~", Action.RECREATE: "!", Action.PRUNE: "-", Action.UNCHANGED: "="}
 
@@ -29,8 +30,17 @@ def revision_dict(rev: Revision | None) -> dict | None:
             "message": rev.message, "time": rev.time.isoformat()}
 
 
-def plan_dict(plan: Plan | None) -> dict:
-    return redact.scrub_data(_plan_dict(plan))
+def diff_dict(app: str, rev: Revision | None, plan: Plan) -> dict:
+    """`gitopsd diff -o json`: a stable document (gitopsd.schemas, diff.schema.json)."""
+    return redact.scrub_data({"schema": schemas.DIFF, "app": app, "revision": revision_dict(rev),
+                              **_plan_dict(plan), "in_sync": plan.in_sync})
+
+
+def error_dict(command: str, error: str, *, app: str | None = None) -> dict:
+    """The JSON of a command that failed before it had a result; for diff and sync, in their schema."""
+    schema = schemas.for_command(command)
+    return redact.scrub_data({**({"schema": schema} if schema else {}), **({"app": app} if app else {}),
+                              "error": error})
 
 
 def _plan_dict(plan: Plan | None) -> dict:
@@ -95,7 +105,9 @@ def _plan_text(plan: Plan, rev: Revision | None, *, header: str) -> str:
 
 
 def result_dict(result: SyncResult) -> dict:
+    """`gitopsd sync -o json`: a stable document (gitopsd.schemas, sync-result.schema.json)."""
     return redact.scrub_data({
+        "schema": schemas.SYNC_RESULT,
         "app": result.app,
         "outcome": result.outcome.value,
         "reason": result.reason,

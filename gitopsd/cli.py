@@ -101,6 +101,12 @@ def _check_token_file(value: str) -> Path:
     return path
 
 
+def _check_field_managers(value: str) -> tuple[str, ...]:
+    """A comma-separated list of field managers as takeOverManagers reads them; empty: none."""
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    return tuple(dict.fromkeys(cfg.check_field_manager(n) for n in names))
+
+
 def _check_time(value: str):
     """An instant: ISO 8601 or an age (a duration as the config reads it; at most ten years back)."""
     from gitopsd import (
@@ -154,6 +160,7 @@ VALUES_FILE = _flag(cfg.check_repo_path, what="values file")
 FILE = _flag(cfg.check_readable_file)
 TOKEN_FILE = _flag(_check_token_file)
 TEXT = _flag(_check_text)
+FIELD_MANAGERS = _flag(_check_field_managers)
 TIME = _flag(_check_time)
 ADDRESS = _flag(_check_address)
 URL = _flag(_check_url)
@@ -275,6 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "kube-controller-manager, the HPA's)")
     k = common.add_argument_group("cluster")
     _cluster_args(k)
+    k.add_argument("--take-over-managers", type=FIELD_MANAGERS, default=cfg.DEFAULT_TAKE_OVER_MANAGERS,
+                   metavar="NAMES",
+                   help="field managers whose fields gitopsd takes over on the objects it applies, comma-separated "
+                        "(NAME* is a prefix; '' for none), as the app setting takeOverManagers "
+                        f"(default: {','.join(cfg.DEFAULT_TAKE_OVER_MANAGERS)})")
     k.add_argument("--app", default=None, type=APP,
                    help="app name = ApplySet name (default: derived from the repository and path)")
     k.add_argument("--inventory-namespace", default=None, type=NAMESPACE,
@@ -502,7 +514,7 @@ def _app_spec(args):
                      recreate=args.recreate, timeout=args.timeout)
     return AppSpec(name=args.app or default_app_name(args.repo, args.path), repo=args.repo, ref=args.ref,
                    path=args.path, namespace=args.namespace, create_namespace=args.create_namespace,
-                   render=args.render,
+                   take_over_managers=args.take_over_managers, render=args.render,
                    helm=Helm(values_files=tuple(args.values)) if args.values else None,
                    allow_remote_bases=args.allow_remote_bases, credentials=creds,
                    inventory_namespace=args.inventory_namespace,

@@ -12,7 +12,7 @@ import json
 import subprocess
 
 import pytest
-from helpers import configmap, deployment
+from helpers import configmap, deployment, gitopsd_json
 
 from gitopsd.engine import takeover
 from gitopsd.engine.plan import Action
@@ -216,3 +216,28 @@ def test_an_object_with_a_listed_manager_is_an_update_even_when_nothing_else_dif
     assert app.sync().outcome.value == "Applied"
     assert "note" not in (kube.get(cms, "settings", namespace)["metadata"].get("annotations") or {})
     assert app.sync().outcome.value == "NoChange"
+
+
+@pytest.mark.cluster
+def test_the_cli_takes_over_by_default_and_not_with_an_empty_list(repo, kube, cluster, kubeconfig, source_cache,
+                                                                   namespace):
+    for name in ("kept", "taken"):
+        kubectl(cluster, kubeconfig, "apply", "-f", "-",
+                stdin=json.dumps(configmap(name, {"k": "v"}, namespace=namespace, labels={"team": "web"})))
+    cms = kube.resource("v1", "ConfigMap")
+
+    def sync(name: str, *flags: str) -> dict:
+        repo.write("cm.yaml", configmap(name, {"k": "v"}))
+        repo.commit(name)
+        _, result = gitopsd_json("sync", "--repo", repo.url, "--namespace", namespace, "--app", name,
+                                 "--inventory-namespace", namespace, *flags, kubeconfig=kubeconfig,
+                                 cache=source_cache, expect=0)
+        return result
+
+    kept = sync("kept", "--take-over-managers", "")
+    taken = sync("taken")
+
+    assert kept["plan"]["changes"][0]["takeover"] == []
+    assert kube.get(cms, "kept", namespace)["metadata"]["labels"]["team"] == "web", "kubectl still owns it"
+    assert taken["plan"]["changes"][0]["takeover"] == ["kubectl-client-side-apply"]
+    assert "team" not in kube.get(cms, "taken", namespace)["metadata"]["labels"]

@@ -241,3 +241,27 @@ def test_the_cli_takes_over_by_default_and_not_with_an_empty_list(repo, kube, cl
     assert kube.get(cms, "kept", namespace)["metadata"]["labels"]["team"] == "web", "kubectl still owns it"
     assert taken["plan"]["changes"][0]["takeover"] == ["kubectl-client-side-apply"]
     assert "team" not in kube.get(cms, "taken", namespace)["metadata"]["labels"]
+
+
+@pytest.mark.cluster
+def test_a_field_an_ignore_rule_names_stays_with_its_manager_when_the_rest_is_taken_over(app, repo, kube, namespace):
+    from gitopsd.config import IgnoreDifference
+
+    injected = IgnoreDifference(kind="ConfigMap", json_pointers=("/metadata/annotations/injected",))
+    repo.write("cm.yaml", configmap("settings", {"color": "blue"}))
+    repo.commit()
+    assert app.sync(ignore_differences=(injected,)).outcome.value == "Applied"
+    cms = kube.resource("v1", "ConfigMap")
+    # One hand edit: an annotation the app means to allow, and an extra key it does not.
+    kube.request("PATCH", cms.path(namespace, "settings"), content_type="application/merge-patch+json",
+                 body={"metadata": {"annotations": {"injected": "by hand"}}, "data": {"extra": "by hand"}},
+                 query={"fieldManager": "kubectl-edit"})
+
+    result = app.sync(ignore_differences=(injected,))
+
+    assert result.outcome.value == "Applied", (result.reason, result.errors)
+    live = kube.get(cms, "settings", namespace)
+    assert "extra" not in live["data"], "taken over and not in Git: removed"
+    assert live["metadata"]["annotations"]["injected"] == "by hand", "the rule's field is left to its manager"
+    assert "kubectl-edit" in managers_of(kube, live)
+    assert app.sync(ignore_differences=(injected,)).outcome.value == "NoChange", "nothing left to take"

@@ -476,8 +476,8 @@ class Kube:
         """Send a JSON patch (RFC 6902) of one object; returns the object as patched.
 
         For what server-side apply cannot say: rewriting metadata.managedFields
-        (gitopsd.engine.takeover). A patch that replaces metadata.resourceVersion
-        makes it conditional: 409 Conflict when the object changed since it was read.
+        (gitopsd.engine.takeover). The apiserver applies it to the object as it
+        is then; its `test` operations say what must still hold (422 when not).
         """
         return self.request("PATCH", res.path(namespace, name), query={"fieldManager": FIELD_MANAGER},
                             body=operations, content_type="application/json-patch+json", fence=fence)

@@ -37,16 +37,40 @@ def live(*entries: dict, annotations: dict | None = None) -> dict:
 
 # ---------------------------------------------------------------- the rewrite (pure)
 
+def applied(obj: dict, ops: list[dict]) -> dict:
+    """`obj` after the JSON patch `ops` (the operations takeover.patch uses; a failed test raises)."""
+    obj = json.loads(json.dumps(obj))
+
+    def parent(path: str):
+        *steps, last = [t.replace("~1", "/").replace("~0", "~") for t in path.split("/")[1:]]
+        node = obj
+        for step in steps:
+            node = node[int(step)] if isinstance(node, list) else node[step]
+        return node, (last if isinstance(node, dict) or last == "-" else int(last))
+
+    for op in ops:
+        node, key = parent(op["path"])
+        if op["op"] == "test":
+            assert node[key] == op["value"], f"test failed: {op['path']}"
+        elif op["op"] == "replace":
+            node[key] = op["value"]
+        elif op["op"] == "remove":
+            del node[key]
+        elif op["op"] == "add":
+            node.append(op["value"]) if key == "-" else node.insert(key, op["value"])
+    return obj
+
+
 def test_an_adopted_objects_client_side_apply_entry_becomes_gitopsds_apply_entry_without_the_annotation():
     obj = live(CSA, CONTROLLER, annotations={takeover.LAST_APPLIED_ANNOTATION: "{...}"})
 
     ops = takeover.patch(obj, takeover_names())
 
-    fields_op, version_op, annotation_op = ops
-    assert version_op == {"op": "replace", "path": "/metadata/resourceVersion", "value": "42"}, "conditional"
-    assert annotation_op == {"op": "remove",
-                             "path": "/metadata/annotations/kubectl.kubernetes.io~1last-applied-configuration"}
-    controller, ours = fields_op["value"]
+    assert ops[0] == {"op": "test", "path": "/metadata/managedFields/0", "value": CSA}, "guarded by the entry read"
+    assert not any(op["path"] == "/metadata/resourceVersion" for op in ops), "a status update must not conflict"
+    after = applied(obj, ops)
+    assert after["metadata"]["annotations"] == {}
+    controller, ours = after["metadata"]["managedFields"]
     assert ours["manager"] == "gitopsd" and ours["operation"] == "Apply"
     assert ours["fieldsV1"] == {"f:data": {".": {}, "f:k": {}, "f:old": {}},
                                 "f:metadata": {"f:annotations": {".": {}}, "f:labels": {".": {}, "f:team": {}}}}
@@ -58,13 +82,22 @@ def test_listed_managers_are_merged_into_gitopsds_existing_entry_and_subresource
     edit = {**CSA, "manager": "kubectl-edit", "fieldsV1": {"f:data": {"f:added": {}}}}
     obj = live(OURS, edit, STATUS, CONTROLLER)
 
-    (fields_op, _) = takeover.patch(obj, takeover_names())
+    entries = applied(obj, takeover.patch(obj, takeover_names()))["metadata"]["managedFields"]
 
-    assert [e["manager"] for e in fields_op["value"]] == ["gitopsd", "kubectl-edit", "cost-operator"]
-    assert fields_op["value"][1] == STATUS
-    assert fields_op["value"][0]["fieldsV1"] == {"f:data": {"f:k": {}, "f:added": {}},
-                                                 "f:metadata": {"f:labels": {"f:app": {}}}}
+    assert [e["manager"] for e in entries] == ["gitopsd", "kubectl-edit", "cost-operator"]
+    assert entries[1] == STATUS
+    assert entries[0]["fieldsV1"] == {"f:data": {"f:k": {}, "f:added": {}}, "f:metadata": {"f:labels": {"f:app": {}}}}
     assert takeover.managers(obj, takeover_names()) == ("kubectl-edit",)
+
+
+def test_the_patch_fails_when_an_entry_it_rewrites_changed_since_it_was_read():
+    edit = {**CSA, "manager": "kubectl-edit", "fieldsV1": {"f:data": {"f:added": {}}}}
+    obj = live(OURS, edit)
+    ops = takeover.patch(obj, takeover_names())
+    obj["metadata"]["managedFields"][1] = {**edit, "fieldsV1": {"f:data": {"f:added": {}, "f:more": {}}}}
+
+    with pytest.raises(AssertionError, match="test failed"):
+        applied(obj, ops)
 
 
 def test_what_the_app_leaves_to_others_is_not_taken_over():
@@ -76,9 +109,9 @@ def test_what_the_app_leaves_to_others_is_not_taken_over():
     obj["data"] = {"k": "v", "added": "y"}
     rule = Rule(kind="ConfigMap", pointers=("/metadata/annotations/injected",))
 
-    (fields_op, _) = takeover.patch(obj, takeover_names(), ignore=Ignore(rules=(rule,)))
+    ours, edit_rest = applied(obj, takeover.patch(obj, takeover_names(), ignore=Ignore(rules=(rule,))))[
+        "metadata"]["managedFields"]
 
-    ours, edit_rest = fields_op["value"]
     assert ours["fieldsV1"] == {"f:data": {"f:k": {}, "f:added": {}}, "f:metadata": {"f:labels": {"f:app": {}}}}
     assert edit_rest["manager"] == "kubectl-edit"
     assert edit_rest["fieldsV1"] == {"f:metadata": {"f:annotations": {"f:injected": {}}}}, "the rule's field stays"

@@ -267,8 +267,9 @@ def _write(kube: Kube, change: ObjectChange, *, take_over: tuple[str, ...] = (),
 def _take_over(kube: Kube, change: ObjectChange, names: tuple[str, ...], *, ignore: Ignore) -> None:
     """Take the fields of `names` over on the live object (gitopsd.engine.takeover); raises KubeApiError.
 
-    The patch is conditional on the resourceVersion read: when the object
-    changed since (409), it is read again and the patch made anew, once.
+    The patch holds only while the entries it rewrites are as read (422 when
+    one changed, as the patch's `test` fails): then the object is read again
+    and the patch made anew, once.
     """
     names = names or change.takeover
     ns = change.ref.namespace or None
@@ -281,7 +282,7 @@ def _take_over(kube: Kube, change: ObjectChange, names: tuple[str, ...], *, igno
             kube.json_patch(change.resource, change.ref.name, ns, ops)
             return
         except KubeApiError as exc:
-            if exc.status != 409 or attempt == 2:
+            if exc.status not in (409, 422) or attempt == 2:
                 raise
         live = kube.get(change.resource, change.ref.name, ns)
         if live is None:

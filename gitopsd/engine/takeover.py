@@ -19,9 +19,13 @@ and Flux's kustomize-controller do:
   apply would otherwise outlive it (and it holds a Secret's values).
 
 It is one JSON patch (RFC 6902), sent just before gitopsd's apply of the
-object and only when the live object has such an entry; it replaces
-metadata.resourceVersion too, which makes it conditional (409 when the
-object changed since it was read). The apply that follows then removes what
+object and only when the live object has such an entry. It rewrites the
+entries one by one, each guarded by a `test` of the entry as it was read
+(the patch fails, 422, when one of them changed since), rather than by
+the object's resourceVersion: a busy controller's status updates (a
+Deployment rolling out) bump that every moment and would make a
+resourceVersion-guarded patch conflict again and again, while they never
+touch the entries rewritten here. The apply that follows then removes what
 those managers had set and Git does not; fields the server defaults (which
 a client-side apply also owned) are defaulted again.
 
@@ -64,7 +68,7 @@ def patch(live: dict, names: Iterable[str], *, ignore: Ignore = NOTHING,
           own: str = FIELD_MANAGER) -> list[dict] | None:
     """The JSON patch that takes the fields of `names` over on `live`, or None when there is nothing to take.
 
-    See the module docstring. The result is conditional on `live`'s resourceVersion.
+    See the module docstring. The patch holds only while the entries it rewrites are as in `live`.
     """
     split = _split(live, tuple(names), ignore=ignore, own=own)
     if not split:
@@ -82,19 +86,20 @@ def patch(live: dict, names: Iterable[str], *, ignore: Ignore = NOTHING,
         annotations.pop(f"f:{LAST_APPLIED_ANNOTATION}", None)
     target["fieldsV1"] = fields
     kept = {id(entry): rest for entry, rest in _kept(live, split)}
-    rewritten: list[dict] = []
-    for i, entry in enumerate(entries):
+    touched = sorted(i for i, e in enumerate(entries) if id(e) in kept or i == ours)
+    at = "/metadata/managedFields/"
+    ops = [{"op": "test", "path": f"{at}{i}", "value": entries[i]} for i in touched]
+    if ours is not None:
+        ops.append({"op": "replace", "path": f"{at}{ours}", "value": target})
+    for i in reversed(touched):   # from the last back: a removal leaves the indexes before it as they are
         if i == ours:
-            rewritten.append(target)
-        elif id(entry) in kept:
-            if kept[id(entry)]:   # what the app leaves to this manager stays its own
-                rewritten.append({**entry, "fieldsV1": kept[id(entry)]})
+            continue
+        if kept[id(entries[i])]:   # what the app leaves to this manager stays its own
+            ops.append({"op": "replace", "path": f"{at}{i}", "value": {**entries[i], "fieldsV1": kept[id(entries[i])]}})
         else:
-            rewritten.append(entry)
+            ops.append({"op": "remove", "path": f"{at}{i}"})
     if ours is None:
-        rewritten.append(target)
-    ops = [{"op": "replace", "path": "/metadata/managedFields", "value": rewritten},
-           {"op": "replace", "path": "/metadata/resourceVersion", "value": live["metadata"]["resourceVersion"]}]
+        ops.append({"op": "add", "path": f"{at}-", "value": target})
     if LAST_APPLIED_ANNOTATION in ((live["metadata"].get("annotations")) or {}):
         ops.append({"op": "remove", "path": "/metadata/annotations/" + _pointer(LAST_APPLIED_ANNOTATION)})
     return ops

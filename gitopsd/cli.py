@@ -101,6 +101,12 @@ def _check_token_file(value: str) -> Path:
     return path
 
 
+def _check_field_managers(value: str) -> tuple[str, ...]:
+    """A comma-separated list of field managers as takeOverManagers reads them; empty: none."""
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    return tuple(dict.fromkeys(cfg.check_field_manager(n) for n in names))
+
+
 def _check_time(value: str):
     """An instant: ISO 8601 or an age (a duration as the config reads it; at most ten years back)."""
     from gitopsd import (
@@ -154,6 +160,7 @@ VALUES_FILE = _flag(cfg.check_repo_path, what="values file")
 FILE = _flag(cfg.check_readable_file)
 TOKEN_FILE = _flag(_check_token_file)
 TEXT = _flag(_check_text)
+FIELD_MANAGERS = _flag(_check_field_managers)
 TIME = _flag(_check_time)
 ADDRESS = _flag(_check_address)
 URL = _flag(_check_url)
@@ -256,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "allowRemoteBases: true (default: refused)")
     g.add_argument("--namespace", "-n", default="default", type=NAMESPACE,
                    help="namespace for namespaced objects that name none (default: default)")
+    g.add_argument("--create-namespace", action="store_true",
+                   help="create --namespace if it is missing, labelled gitopsd.io/created-by=APP and never pruned, "
+                        "as the app setting createNamespace: true (diff and --dry-run only report it)")
     g.add_argument("--git-token-file", type=TOKEN_FILE, metavar="FILE",
                    help="file holding an https token (or set GITOPSD_GIT_TOKEN)")
     g.add_argument("--git-username", default=None, type=TEXT, help="https username to pair with the token")
@@ -272,6 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "kube-controller-manager, the HPA's)")
     k = common.add_argument_group("cluster")
     _cluster_args(k)
+    k.add_argument("--take-over-managers", type=FIELD_MANAGERS, default=cfg.DEFAULT_TAKE_OVER_MANAGERS,
+                   metavar="NAMES",
+                   help="field managers whose fields gitopsd takes over on the objects it applies, comma-separated "
+                        "(NAME* is a prefix; '' for none), as the app setting takeOverManagers "
+                        f"(default: {','.join(cfg.DEFAULT_TAKE_OVER_MANAGERS)})")
     k.add_argument("--app", default=None, type=APP,
                    help="app name = ApplySet name (default: derived from the repository and path)")
     k.add_argument("--inventory-namespace", default=None, type=NAMESPACE,
@@ -498,7 +513,8 @@ def _app_spec(args):
         extra = dict(prune=args.prune, prune_guard=args.prune_guard, allow_prune_all=args.allow_prune_all,
                      recreate=args.recreate, timeout=args.timeout)
     return AppSpec(name=args.app or default_app_name(args.repo, args.path), repo=args.repo, ref=args.ref,
-                   path=args.path, namespace=args.namespace, render=args.render,
+                   path=args.path, namespace=args.namespace, create_namespace=args.create_namespace,
+                   take_over_managers=args.take_over_managers, render=args.render,
                    helm=Helm(values_files=tuple(args.values)) if args.values else None,
                    allow_remote_bases=args.allow_remote_bases, credentials=creds,
                    inventory_namespace=args.inventory_namespace,
@@ -537,9 +553,8 @@ def cmd_diff(args) -> int:
         rev, plan = fetch_and_plan(kube, app)
     except GitopsdError as exc:
         return _report_error(args, exc, app=app.name)
-    _print({"app": app.name, "revision": report.revision_dict(rev), **report.plan_dict(plan),
-            "in_sync": plan.in_sync},
-           output=args.output, text=report.plan_text(plan, rev, header=f"diff {app.name}:"))
+    _print(report.diff_dict(app.name, rev, plan), output=args.output,
+           text=report.plan_text(plan, rev, header=f"diff {app.name}:"))
     if plan.errors:
         return 2
     return 0 if plan.in_sync else 1
@@ -777,7 +792,9 @@ def _report_error(args, exc: Exception, *, app: str | None = None) -> int:
     goes (stdout); the other commands on stderr.
     """
     if getattr(args, "output", "text") == "json":
-        _print({**({"app": app} if app else {}), "error": str(exc)}, output="json", text="")
+        from gitopsd import report
+
+        _print(report.error_dict(args.command, str(exc), app=app), output="json", text="")
     else:
         print(f"error: {exc}", file=sys.stdout if args.command in ("diff", "sync") else sys.stderr)
     if getattr(args, "debug", False):
@@ -799,7 +816,10 @@ def _report_bug(args, exc: Exception) -> None:
         structlog.get_logger("gitopsd").error(line, exc_info=exc)
         return
     if getattr(args, "output", "text") == "json":
-        _print({"error": line}, output="json", text="")
+        from gitopsd import schemas
+
+        schema = schemas.for_command(args.command)
+        _print({**({"schema": schema} if schema else {}), "error": line}, output="json", text="")
     import traceback
 
     print(f"error: {line}", file=sys.stderr)

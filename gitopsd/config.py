@@ -97,6 +97,15 @@ MAX_APP_NAME = 40
 #: Polling a Git server faster than this only loads it; use the webhook instead.
 MIN_INTERVAL = 5.0
 INTERVAL_WHY = "polling faster only loads the Git server; use the webhook for fast pickup"
+#: The apiserver's limit for a fieldManager name.
+MAX_FIELD_MANAGER = 128
+#: Who wrote an object before gitopsd adopted it, by whole-object writes: `kubectl apply` (client-side, and
+#: `--server-side`, manager `kubectl`), `kubectl create`, `edit` and `replace`, and `before-first-apply` (the
+#: apiserver's name for fields set before the object's first server-side apply). Flux's kustomize-controller
+#: takes over the prefix `kubectl` (every kubectl verb); this list leaves out the single-field verbs
+#: (`kubectl-rollout`: a `rollout restart` annotation taken over would be removed, restarting the pods again).
+DEFAULT_TAKE_OVER_MANAGERS = ("kubectl-client-side-apply", "kubectl", "kubectl-create", "kubectl-edit",
+                              "kubectl-replace", "before-first-apply")
 #: A health wait shorter than this cannot see a rollout.
 MIN_TIMEOUT = 1.0
 TIMEOUT_WHY = "the health wait needs time to see a rollout"
@@ -230,6 +239,22 @@ def check_app_name(value: str) -> str:
 
 def check_namespace(value: str) -> str:
     return _check_dns_label(value, max_len=63, what="namespace")
+
+
+def check_field_manager(value: str) -> str:
+    """A field manager's name as metadata.managedFields records it (`kubectl-edit`), or a prefix
+    ending in `*` (`kubectl-*`: every kubectl verb). A bare `*` is refused: it would take over
+    the fields of every controller (the deployment controller's annotations, an HPA's replicas),
+    and the next apply would remove those Git does not set."""
+    if len(value) > MAX_FIELD_MANAGER or re.search(r"[\s\x00-\x1f\x7f]", value):
+        raise ValueError(f"{_show(value)} is not a field manager name (no whitespace or control characters, at most "
+                         f"{MAX_FIELD_MANAGER} characters)")
+    if "*" in value[:-1]:
+        raise ValueError(f"{_show(value)}: '*' may only end a name (a prefix: kubectl-*)")
+    if value == "*":
+        raise ValueError('"*" would take over every controller\'s fields too (the deployment controller\'s, an '
+                         "HPA's), and the next apply would remove those Git does not set; name the managers")
+    return value
 
 
 def check_repo_url(value: str, *, instead: str = "credentials.secretRef or credentials.tokenFile") -> str:
@@ -460,6 +485,9 @@ DependsOn = Annotated[tuple[AppName, ...], Strict(False), AfterValidator(_distin
 ApiVersion = _text(_check_api_version, pattern=f"^{_API_VERSION.pattern}$")
 Kind = _text(_check_kind, pattern=f"^{_KIND.pattern}$")
 CelExpr = _text(health_exprs.check, maxLength=health_exprs.MAX_CHARS)
+FieldManager = _text(check_field_manager, maxLength=MAX_FIELD_MANAGER, pattern=r"^[^\s*]+\*?$")
+# A repeated name changes nothing; an empty list turns the takeover off.
+FieldManagers = Annotated[tuple[FieldManager, ...], Strict(False), AfterValidator(lambda v: tuple(dict.fromkeys(v)))]
 
 
 def _check_glob(value: str) -> str:
@@ -718,6 +746,16 @@ class AppConfig(_Section):
     """Directory inside the repository to render."""
     namespace: Namespace = _DEFAULT_NAMESPACE
     """Namespace for namespaced objects that name none."""
+    create_namespace: Flag = False
+    """Create `namespace` if it is missing, before the apply (Argo CD's CreateNamespace=true): labelled
+    gitopsd.io/created-by=<app>, no ApplySet member, so never pruned unless a Namespace object for it is
+    in Git. Only the app's namespace: another namespace an object names must be in Git. Without it a
+    missing namespace fails the app, naming this option.
+
+    Needs `create` on namespaces (deploy/cluster-wide.yaml grants it; the namespaced install does not:
+    there the installer creates them). A dry run (`gitopsd diff`, `sync --dry-run`) creates nothing: it
+    reports the namespace as to be created, and the objects in it as creates the apiserver could not
+    validate yet (as for a Namespace that arrives in the same commit)."""
     interval: Interval = 60.0
     """How often to poll the repository: 30s, 1m, 1h30m, or seconds (at least 5s; the webhook picks up pushes at once)."""
     prune: Flag = True
@@ -740,6 +778,19 @@ class AppConfig(_Section):
     """Lift the prune guard (a repository emptied on purpose)."""
     recreate: Flag = False
     """Delete and re-create an object whose immutable fields changed."""
+    take_over_managers: FieldManagers = DEFAULT_TAKE_OVER_MANAGERS
+    """Field managers whose fields gitopsd takes over when it applies an object they wrote (`name*`: a
+    prefix), so that a field later removed from Git is removed from the cluster; [] turns it off.
+
+    Default: kubectl-client-side-apply, kubectl, kubectl-create, kubectl-edit, kubectl-replace,
+    before-first-apply — who wrote whole objects before gitopsd adopted them. Taking over merges their
+    field sets into gitopsd's (as kubectl's own client-side-to-server-side upgrade, csaupgrade, does)
+    and drops the kubectl.kubernetes.io/last-applied-configuration annotation: one JSON patch of
+    metadata.managedFields, sent only when the live object has such an entry; the apply that follows
+    removes what they had set and Git does not (fields the server defaults come back). An object that
+    has such an entry is applied even when nothing else differs (the plan names the managers). What the
+    app leaves to others wins: a manager in ignoreManagers (or a rule's managedFieldsManagers) is never
+    taken over, and the fields ignoreDifferences names stay with whoever owns them."""
     suspend: Flag = False
     """Stop reconciling (and self-healing) until set back to false."""
     timeout: Timeout = 300.0

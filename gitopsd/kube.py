@@ -207,7 +207,8 @@ class Kube:
         data = orjson.dumps(body) if body is not None and not isinstance(body, bytes) else body
         retries = MAX_RETRIES if max_retries is None else max_retries
         send = _Send(method=method, path=path, url=url, data=data, content_type=content_type, accept=accept,
-                     timeout=timeout, fence=fence, exempt=exempt, verb=_verb(method, path, query))
+                     timeout=timeout, fence=fence, exempt=exempt,
+                     verb=_verb(method, path, query, content_type))
         started = time.monotonic()
         attempt = 0
         try:
@@ -470,6 +471,27 @@ class Kube:
                 raise self._unknown_kind(res.kind, res.api_version) from None
             raise
 
+    def json_patch(self, res: Resource, name: str, namespace: str | None, operations: list[dict], *,
+                   fence: Callable[[], None] | None = None) -> dict:
+        """Send a JSON patch (RFC 6902) of one object; returns the object as patched.
+
+        For what server-side apply cannot say: rewriting metadata.managedFields
+        (gitopsd.engine.takeover). The apiserver applies it to the object as it
+        is then; its `test` operations say what must still hold (422 when not).
+        """
+        return self.request("PATCH", res.path(namespace, name), query={"fieldManager": FIELD_MANAGER},
+                            body=operations, content_type="application/json-patch+json", fence=fence)
+
+    def create(self, res: Resource, obj: dict, *, fence: Callable[[], None] | None = None) -> dict:
+        """POST a new object (409 AlreadyExists when its name is taken); returns it as created.
+
+        Only for objects gitopsd creates without applying them (a namespace
+        created for an app, gitopsd.engine.apply): a create needs only the
+        `create` verb, and leaves no Apply entry of gitopsd's in managedFields.
+        """
+        return self.request("POST", res.path(obj["metadata"].get("namespace")), query={"fieldManager": FIELD_MANAGER},
+                            body=obj, fence=fence)
+
     def _forget_if_not_served(self, exc: KubeApiError) -> bool:
         """True (after refreshing discovery) when `exc` says the resource path is not served."""
         if not exc.path_not_served:
@@ -504,13 +526,15 @@ def _shutdown(resp) -> None:
         pass
 
 
-def _verb(method: str, path: str, query) -> str:
+def _verb(method: str, path: str, query, content_type: str = "") -> str:
     if method == "GET":
         last = path.rstrip("/").rsplit("/", 1)[-1]
         # A collection path ends in a plural; a named GET has a name after it.
         # Cheap heuristic good enough for counters: lists carry limit=.
         return "list" if query and "limit" in (query if isinstance(query, dict) else dict(query)) else \
             ("discovery" if last in ("api", "apis") else "get")
+    if method == "PATCH" and content_type == "application/json-patch+json":
+        return "patch"   # not an apply: a field-manager takeover (gitopsd.engine.takeover)
     if method == "PATCH":
         dry = query and ("dryRun" in (query if isinstance(query, dict) else dict(query)))
         return "apply-dry-run" if dry else "apply"

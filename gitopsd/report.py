@@ -10,7 +10,7 @@ them here is the stored text, byte for byte.
 
 from __future__ import annotations
 
-from gitopsd import redact
+from gitopsd import redact, schemas
 from gitopsd.engine.plan import Action, Plan
 from gitopsd.engine.source import Revision
 from gitopsd.engine.sync import SyncResult
@@ -18,6 +18,7 @@ from gitopsd.objects import ObjectRef
 
 # The Events API refuses a note over 1 KiB (events.k8s.io/v1 Event.note).
 EVENT_NOTE_MAX = 1024
+
 
 _MARK = {Action.CREATE: "+", Action.UPDATE: "~", Action.RECREATE: "!", Action.PRUNE: "-", Action.UNCHANGED: "="}
 
@@ -29,13 +30,22 @@ def revision_dict(rev: Revision | None) -> dict | None:
             "message": rev.message, "time": rev.time.isoformat()}
 
 
-def plan_dict(plan: Plan | None) -> dict:
-    return redact.scrub_data(_plan_dict(plan))
+def diff_dict(app: str, rev: Revision | None, plan: Plan) -> dict:
+    """`gitopsd diff -o json`: a stable document (gitopsd.schemas, diff.schema.json)."""
+    return redact.scrub_data({"schema": schemas.DIFF, "app": app, "revision": revision_dict(rev),
+                              **_plan_dict(plan), "in_sync": plan.in_sync})
+
+
+def error_dict(command: str, error: str, *, app: str | None = None) -> dict:
+    """The JSON of a command that failed before it had a result; for diff and sync, in their schema."""
+    schema = schemas.for_command(command)
+    return redact.scrub_data({**({"schema": schema} if schema else {}), **({"app": app} if app else {}),
+                              "error": error})
 
 
 def _plan_dict(plan: Plan | None) -> dict:
     if plan is None:
-        return {"counts": {}, "changes": [], "errors": []}
+        return {"counts": {}, "changes": [], "kept": [], "orphans": [], "errors": [], "create_namespace": None}
     changes = []
     for c in plan.changes:
         if c.action == Action.UNCHANGED:
@@ -45,6 +55,7 @@ def _plan_dict(plan: Plan | None) -> dict:
             "action": c.action.value, "source": c.source,
             "fields": list(c.diff.fields) if c.diff else [],
             "diff": c.diff.text if c.diff else "",
+            "takeover": list(c.takeover),
         })
     return {
         "counts": plan.counts(),
@@ -52,6 +63,7 @@ def _plan_dict(plan: Plan | None) -> dict:
         "kept": [{"object": str(r), "reason": plan.kept_reasons.get(r, "")} for r in plan.kept],
         "orphans": [str(r) for r in plan.orphans],
         "errors": list(plan.errors),
+        "create_namespace": plan.missing_namespace,
     }
 
 
@@ -67,6 +79,10 @@ def _plan_text(plan: Plan, rev: Revision | None, *, header: str) -> str:
     counts = plan.counts()
     lines.append("  " + ", ".join(f"{counts[a.value]} {a.value}" for a in
                                   (Action.CREATE, Action.UPDATE, Action.RECREATE, Action.PRUNE, Action.UNCHANGED)))
+    if plan.missing_namespace:
+        lines.append(f"+ create    Namespace/{plan.missing_namespace}  (createNamespace: missing; created first, "
+                     f"labelled gitopsd.io/created-by={plan.app}, no member: never pruned; the objects in it "
+                     f"are validated once it exists)")
     for c in plan.changes:
         if c.action == Action.UNCHANGED:
             continue
@@ -74,6 +90,10 @@ def _plan_text(plan: Plan, rev: Revision | None, *, header: str) -> str:
         lines.append(f"{_MARK[c.action]} {c.action.value:<9} {c.ref}{where}")
         if c.diff and c.action in (Action.UPDATE, Action.RECREATE):
             lines.append("    changed: " + ", ".join(c.diff.fields))
+        if c.takeover and c.action == Action.UPDATE:
+            lines.append(f"    takes over the fields of {', '.join(c.takeover)}: what they set and Git does not "
+                         f"is removed")
+        if c.diff and c.action in (Action.UPDATE, Action.RECREATE):
             lines.extend("    " + line for line in c.diff.text.rstrip("\n").splitlines())
     for ref in plan.kept:
         lines.append(f"  kept      {ref}  (no longer in Git; not pruned: {plan.kept_reasons.get(ref, 'kept')})")
@@ -85,7 +105,9 @@ def _plan_text(plan: Plan, rev: Revision | None, *, header: str) -> str:
 
 
 def result_dict(result: SyncResult) -> dict:
+    """`gitopsd sync -o json`: a stable document (gitopsd.schemas, sync-result.schema.json)."""
     return redact.scrub_data({
+        "schema": schemas.SYNC_RESULT,
         "app": result.app,
         "outcome": result.outcome.value,
         "reason": result.reason,
@@ -93,6 +115,7 @@ def result_dict(result: SyncResult) -> dict:
         "plan": _plan_dict(result.plan),
         "applied": [{"ref": str(c.ref), "action": c.action.value} for c in result.applied],
         "pruned": [str(c.ref) for c in result.pruned],
+        "created_namespace": result.created_namespace,
         "health": [{"ref": str(h.ref), "status": h.status.value, "message": h.message} for h in result.health],
         "errors": list(result.errors),
         "duration_seconds": round(result.duration, 3),
@@ -106,6 +129,8 @@ def result_text(result: SyncResult) -> str:
     for h in result.health:
         if h.status.value != "Current":
             lines.append(f"  health {h.ref}: {h.status.value}: {h.message}")
+    if result.created_namespace:
+        lines.append(f"  created Namespace/{result.created_namespace} (createNamespace)")
     for err in result.errors:
         if result.plan is None or err not in result.plan.errors:
             lines.append(f"error: {err}")

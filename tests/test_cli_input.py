@@ -141,6 +141,11 @@ CASES = [
      {"GITOPSD_NAMESPACE": "Not_A_Namespace"}),
     ("sync-username-without-token", ["sync", "@app", "--git-username", "deploy"],
      ["argument --git-username", "give --git-token-file or set GITOPSD_GIT_TOKEN"], None),
+    ("sync-take-over-every-manager", ["sync", "@app", "--take-over-managers", "kubectl-edit,*"],
+     ["argument --take-over-managers", '"*" would take over every controller\'s fields too', "name the managers"],
+     None),
+    ("diff-take-over-manager-with-space", ["diff", "@app", "--take-over-managers", "kubectl edit"],
+     ["argument --take-over-managers", '"kubectl edit" is not a field manager name'], None),
     # diff
     ("diff-concurrency-word", ["diff", "@app", "--concurrency", "lots"],
      ["argument --concurrency", '"lots" is not a whole number'], None),

@@ -64,6 +64,7 @@ apps:
     ref: v1.2.3
     path: web/overlays/production
     namespace: production
+    createNamespace: true
     interval: 1h30m
     prune: false
     selfHeal: false
@@ -78,6 +79,7 @@ apps:
     pruneGuard: 0.25
     allowPruneAll: true
     recreate: true
+    takeOverManagers: [kubectl-client-side-apply, helm]
     suspend: true
     timeout: 90
     rollback: {onUnhealthy: true}
@@ -110,6 +112,35 @@ def test_minimal_app_gets_defaults() -> None:
     assert (app.ref, app.path, app.namespace, app.interval, app.timeout) == ("main", ".", "default", 60.0, 300.0)
     assert (app.prune, app.self_heal, app.render, app.prune_guard) == (True, True, "auto", 0.5)
     assert app.credentials is None and app.allowed_namespaces is None and not app.suspend
+    assert app.create_namespace is False
+    assert app.take_over_managers == ("kubectl-client-side-apply", "kubectl", "kubectl-create", "kubectl-edit",
+                                      "kubectl-replace", "before-first-apply")
+
+
+def test_take_over_managers_accepts_names_and_prefixes_and_an_empty_list_turns_it_off() -> None:
+    app = one_app("apps: [{name: web, repo: r, takeOverManagers: [kubectl-*, helm, helm]}]")
+    assert app.take_over_managers == ("kubectl-*", "helm")
+    assert one_app("apps: [{name: web, repo: r, takeOverManagers: []}]").take_over_managers == ()
+
+
+@pytest.mark.parametrize(("value", "problem"), [
+    ("['*']", """takeOverManagers[0]: "*" would take over every controller's fields too"""),
+    ("[kube*ctl]", """takeOverManagers[0]: "kube*ctl": '*' may only end a name (a prefix: kubectl-*)"""),
+    ("['kubectl edit']", """takeOverManagers[0]: "kubectl edit" is not a field manager name"""),
+    ("kubectl", "takeOverManagers: must be a list, not a string"),
+    ("[5]", "takeOverManagers[0]: YAML reads 5 as a number, not a string; quote it"),
+])
+def test_a_bad_take_over_manager_names_the_field(value: str, problem: str) -> None:
+    [found] = problems_of(f"apps: [{{name: web, repo: r, takeOverManagers: {value}}}]")
+    assert found.startswith(f"apps[0] (web).{problem}"), found
+
+
+def test_create_namespace_is_a_boolean_and_the_namespace_must_be_allowed() -> None:
+    [found] = problems_of("apps: [{name: web, repo: r, createNamespace: 'yes'}]")
+    assert found == 'apps[0] (web).createNamespace: "yes" is not a boolean (use true or false)'
+    [found] = problems_of("apps: [{name: web, repo: r, namespace: web, createNamespace: true, "
+                          "allowedNamespaces: [other]}]")
+    assert found.startswith('apps[0] (web).namespace: "web" is not in allowedNamespaces [other]'), found
 
 
 @pytest.mark.parametrize("text", ["apps: []\n", "apps: []\n# - name: web\n#   repo: r\n", "apps: []\nwebhook: {}\n"])
@@ -208,6 +239,7 @@ def test_full_app_round_trips_every_field() -> None:
         ref="v1.2.3",
         path="web/overlays/production",
         namespace="production",
+        create_namespace=True,
         interval=5400.0,
         prune=False,
         self_heal=False,
@@ -219,6 +251,7 @@ def test_full_app_round_trips_every_field() -> None:
         prune_guard=0.25,
         allow_prune_all=True,
         recreate=True,
+        take_over_managers=("kubectl-client-side-apply", "helm"),
         suspend=True,
         timeout=90.0,
         rollback=Rollback(on_unhealthy=True),
@@ -630,9 +663,11 @@ def test_to_spec_carries_every_setting() -> None:
     spec = app.to_spec(inventory_namespace="gitopsd-system", credentials=creds)
     assert spec == AppSpec(
         name="web-production", repo="https://git.example.com/fleet.git", ref="v1.2.3",
-        path="web/overlays/production", namespace="production", interval=5400.0, prune=False, self_heal=False,
+        path="web/overlays/production", namespace="production", create_namespace=True, interval=5400.0,
+        prune=False, self_heal=False,
         render="helm", helm=Helm(values_files=("values.yaml", "values-prod.yaml"), release_name="web"),
-        allow_remote_bases=True, prune_guard=0.25, allow_prune_all=True, recreate=True, suspend=True, timeout=90.0,
+        allow_remote_bases=True, prune_guard=0.25, allow_prune_all=True, recreate=True,
+        take_over_managers=("kubectl-client-side-apply", "helm"), suspend=True, timeout=90.0,
         rollback=Rollback(on_unhealthy=True), credentials=creds,
         inventory_namespace="gitopsd-system", allowed_namespaces=("production", "monitoring"),
         ignore_differences=app.ignore_differences, ignore_managers=("kube-controller-manager", "my-autoscaler"),
@@ -836,9 +871,10 @@ def test_schema_documents_every_field_of_the_file(config_schema) -> None:
     assert app["properties"]["interval"]["default"] == 60.0 and app["properties"]["ref"]["default"] == "main"
 
 
-FULL_KEYS = ("name", "repo", "ref", "path", "namespace", "interval", "prune", "selfHeal", "render", "helm",
-             "allowRemoteBases", "credentials", "allowedNamespaces", "pruneGuard", "allowPruneAll", "recreate",
-             "suspend", "timeout", "rollback", "ignoreDifferences", "ignoreManagers", "dependsOn", "healthCheckExprs")
+FULL_KEYS = ("name", "repo", "ref", "path", "namespace", "createNamespace", "interval", "prune", "selfHeal", "render",
+             "helm", "allowRemoteBases", "credentials", "allowedNamespaces", "pruneGuard", "allowPruneAll", "recreate",
+             "takeOverManagers", "suspend", "timeout", "rollback", "ignoreDifferences", "ignoreManagers", "dependsOn",
+             "healthCheckExprs")
 
 
 def test_validate_command_exits_0_for_a_valid_file_and_1_naming_every_problem(tmp_path: Path) -> None:

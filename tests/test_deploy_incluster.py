@@ -251,6 +251,19 @@ def test_namespaced_variant_grants_no_cluster_wide_write(kubeconfig):
     assert all(a["allowedNamespaces"] == [a["namespace"]] for a in config["apps"])
 
 
+def test_create_namespace_is_granted_cluster_wide_and_not_in_the_namespaced_variant(kubeconfig):
+    """createNamespace POSTs a Namespace: the `create` verb, cluster-scoped."""
+    def may_create_namespaces(variant) -> bool:
+        docs = rendered(kubeconfig, variant)
+        bound = {d["roleRef"]["name"] for d in docs if d["kind"] == "ClusterRoleBinding"}
+        return any("namespaces" in rule["resources"] and "create" in rule["verbs"] and not rule.get("resourceNames")
+                   for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] in bound
+                   for rule in d["rules"])
+
+    assert may_create_namespaces(DEPLOY)
+    assert not may_create_namespaces(NAMESPACED), "the namespaced install creates its namespaces itself"
+
+
 # ------------------------------------------------------------------ in-cluster, cluster-wide variant
 
 def test_deploy_applies_and_its_pods_pass_restricted_pod_security(clean, kube, kubeconfig):

@@ -286,6 +286,14 @@ def test_wheel_installs_into_a_fresh_venv_and_the_entrypoint_runs(image_venv, tm
     assert where.startswith(str(image_venv)), where
 
 
+def test_the_wheel_ships_the_json_schemas_of_sync_and_diff_output(image_venv, tmp_path):
+    probe = ("from gitopsd import schemas\n"
+             "print(' '.join(schemas.load(c)['$id'] for c in ('sync', 'diff')))")
+    out = _run([str(image_venv / "bin" / "python"), "-c", probe], env=_image_env(image_venv, tmp_path),
+               cwd=tmp_path).stdout.split()
+    assert out == ["https://gitopsd.io/schemas/sync-result/v1", "https://gitopsd.io/schemas/diff/v1"]
+
+
 def test_entrypoint_in_a_pod_without_its_token_exits_with_a_clear_error(image_venv, tmp_path, final):
     """The image's command, in-cluster settings, no mounted token: exit 2 and one readable line, no traceback."""
     config = tmp_path / "config.yaml"

@@ -112,7 +112,11 @@ def transition_record(result: SyncResult, *, trigger: str, previous: str | None,
     tense and `done` saying whether this attempt really wrote it: a Refused
     or Failed record lists what the commit *would* have done, all `done:
     false` (or partly, when an apply stage failed midway; `written` counts
-    them). Only field paths are kept, never values or diff text.
+    them). Only field paths are kept, never values or diff text. An object
+    whose fields the apply took over from other managers names them
+    (`took_over`, gitopsd.engine.takeover); a namespace created for the app
+    (createNamespace) is `created_namespace`. Both appear only when there
+    are any, so older records read the same.
     """
     rev, plan = result.revision, result.plan
     done = {c.ref for c in result.applied} | {c.ref for c in result.pruned}
@@ -127,6 +131,8 @@ def transition_record(result: SyncResult, *, trigger: str, previous: str | None,
             uid = ((c.live or {}).get("metadata") or {}).get("uid")
             if uid:
                 obj["uid"] = uid
+            if c.takeover:   # whose fields the apply took over (and so removed where Git has none)
+                obj["took_over"] = list(c.takeover)
             objects.append(obj)
         kept, orphans = [str(r) for r in plan.kept], [str(r) for r in plan.orphans]
     result_name = outcome or result.outcome.value
@@ -160,6 +166,7 @@ def transition_record(result: SyncResult, *, trigger: str, previous: str | None,
         "started": iso_time(result.started),
         "duration_seconds": round(result.duration, 3),
         "instance": instance,
+        **({"created_namespace": result.created_namespace} if result.created_namespace else {}),
         **({"release": release} if release is not None else {}),
         **({"rollout": rollout} if rollout is not None else {}),
     })

@@ -103,6 +103,14 @@ class FencedKube:
             kwargs["fence"] = self.check
         return self._kube.apply(obj, dry_run=dry_run, **kwargs)
 
+    def json_patch(self, res: Resource, name: str, namespace: str | None, operations: list[dict], **kwargs) -> dict:
+        self.check()
+        return self._kube.json_patch(res, name, namespace, operations, fence=self.check, **kwargs)
+
+    def create(self, res: Resource, obj: dict, **kwargs) -> dict:
+        self.check()
+        return self._kube.create(res, obj, fence=self.check, **kwargs)
+
     def delete(self, res: Resource, name: str, namespace: str | None = None, *, dry_run: bool = False,
                **kwargs) -> bool:
         if not dry_run:

@@ -10,6 +10,17 @@ unless the widening already wrote exactly that (a new app, a commit that
 added or removed no kind or namespace): an unchanged parent is not written
 again.
 
+Before stage 0, a namespace the plan found missing and may create
+(createNamespace, Plan.missing_namespace) is created: a plain create (no
+server-side apply, so gitopsd holds no Apply entry on it), labelled
+gitopsd.io/created-by=<app> and without the ApplySet label — so it is no
+member and never pruned; only a Namespace object in Git makes it one.
+
+An update of an object that other managers wrote first (ObjectChange.takeover)
+takes their fields over just before the apply: one JSON patch of its
+managedFields (gitopsd.engine.takeover), retried once against a fresh read
+when the object changed since it was read.
+
 A partial plan (a self-heal, gitopsd.engine.plan) goes through the same
 stages but prunes nothing and never narrows the parent: it names only some
 of the app's objects, so its group-kinds and namespaces are not the app's.
@@ -34,10 +45,12 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 from gitopsd import redact
-from gitopsd.engine import inventory
+from gitopsd.engine import inventory, takeover
+from gitopsd.engine.ignore import NOTHING, Ignore
 from gitopsd.engine.inventory import PART_OF_LABEL
 from gitopsd.engine.plan import Action, ObjectChange, Plan, judge_deferred
 from gitopsd.errors import GitopsdError, LeadershipLost
@@ -51,6 +64,8 @@ STAGE_LAST = {("admissionregistration.k8s.io", k) for k in (
     "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding",
     "MutatingAdmissionPolicy", "MutatingAdmissionPolicyBinding")}
 STAGES = (0, 1, 2, 3)
+# On a namespace gitopsd created for an app (createNamespace): which app. Not the ApplySet label: no member.
+CREATED_BY_LABEL = "gitopsd.io/created-by"
 CRD_ESTABLISHED_TIMEOUT = 60.0
 RECREATE_DELETE_TIMEOUT = 60.0
 
@@ -72,6 +87,7 @@ class ApplyOutcome:
     applied: list[ObjectChange] = field(default_factory=list)   # written: created, updated, recreated
     pruned: list[ObjectChange] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    created_namespace: str | None = None                        # created for the app (createNamespace)
 
     @property
     def ok(self) -> bool:
@@ -115,6 +131,13 @@ def _apply(kube: Kube, plan: Plan, out: ApplyOutcome, sent: set[int], *, prune: 
         inventory.write(kube, inv, group_kinds=inv.group_kinds | final_gks,
                         namespaces=inv.namespaces | final_nss)
 
+    if plan.missing_namespace:
+        error = _create_namespace(kube, plan.missing_namespace, app=plan.app)
+        if error:
+            out.errors.append(error)
+            return
+        out.created_namespace = plan.missing_namespace
+
     for stage in STAGES:
         if stage == 1 and any(c.deferred for c in plan.changes):
             errors = judge_deferred(kube, plan, recreate=recreate)
@@ -124,7 +147,8 @@ def _apply(kube: Kube, plan: Plan, out: ApplyOutcome, sent: set[int], *, prune: 
             writes = [c for c in plan.changes if c.action in (Action.CREATE, Action.UPDATE, Action.RECREATE)]
         batch = [c for c in writes if stage_of(c.ref) == stage and not c.deferred
                  and c.action != Action.UNCHANGED]
-        for change, error in _each(kube, batch, lambda c: _write(kube, c), sent, out.errors):
+        write = partial(_write, kube, take_over=plan.take_over, ignore=plan.ignore)
+        for change, error in _each(kube, batch, write, sent, out.errors):
             if error:
                 out.errors.append(error)
             else:
@@ -222,11 +246,14 @@ def _each(kube: Kube, batch: list[ObjectChange], fn, sent: set[int], errors: lis
                       "(the next reconcile sends them)")
 
 
-def _write(kube: Kube, change: ObjectChange) -> str | None:
+def _write(kube: Kube, change: ObjectChange, *, take_over: tuple[str, ...] = (),
+           ignore: Ignore = NOTHING) -> str | None:
     """Apply one object; return an error line, or None. LeadershipLost passes through."""
     try:
         if change.action == Action.RECREATE:
             _delete_and_wait(kube, change)
+        elif change.takeover and change.live is not None:
+            _take_over(kube, change, take_over, ignore=ignore)
         change.live = kube.apply(change.to_apply())
         return None
     except KubeApiError as exc:
@@ -235,6 +262,49 @@ def _write(kube: Kube, change: ObjectChange) -> str | None:
         return f"{change.source}: {change.ref}: {exc.message}"
     except GitopsdError as exc:  # the apiserver went away: the write may or may not have happened
         raise _Unreachable(f"{change.source}: {change.ref}: result unknown: {exc.message}") from None
+
+
+def _take_over(kube: Kube, change: ObjectChange, names: tuple[str, ...], *, ignore: Ignore) -> None:
+    """Take the fields of `names` over on the live object (gitopsd.engine.takeover); raises KubeApiError.
+
+    The patch holds only while the entries it rewrites are as read (422 when
+    one changed, as the patch's `test` fails): then the object is read again
+    and the patch made anew, once.
+    """
+    names = names or change.takeover
+    ns = change.ref.namespace or None
+    live = change.live
+    for attempt in (1, 2):
+        ops = takeover.patch(live, names, ignore=ignore)
+        if ops is None:
+            return
+        try:
+            kube.json_patch(change.resource, change.ref.name, ns, ops)
+            return
+        except KubeApiError as exc:
+            if exc.status not in (409, 422) or attempt == 2:
+                raise
+        live = kube.get(change.resource, change.ref.name, ns)
+        if live is None:
+            return   # deleted meanwhile: the apply creates it, and nobody else owns anything
+
+
+def _create_namespace(kube: Kube, name: str, *, app: str) -> str | None:
+    """Create the app's namespace (createNamespace); an error line, or None. One that exists is left alone."""
+    body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": {CREATED_BY_LABEL: app}}}
+    try:
+        kube.create(kube.resource("v1", "Namespace"), body)
+        return None
+    except KubeApiError as exc:
+        if exc.status == 409:   # created meanwhile (by hand, another app): it is there, which is all we need
+            return None
+        hint = (" (hint: gitopsd needs `create` on namespaces for createNamespace: deploy/cluster-wide.yaml grants "
+                "it; the namespaced install does not, there the installer creates the namespaces)"
+                if exc.status == 403 else "")
+        return f"Namespace/{name}: cannot create it (createNamespace): {exc.reason or exc.status}: " \
+               f"{exc.api_message}{hint}"
+    except GitopsdError as exc:
+        return f"Namespace/{name}: cannot create it (createNamespace): {exc.message}"
 
 
 def _delete_and_wait(kube: Kube, change: ObjectChange) -> None:

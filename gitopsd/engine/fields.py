@@ -65,7 +65,7 @@ def covers_node(owned: dict, value) -> bool:
             match = match_key(owned, item)
             if match is None or not covers(match, item):
                 return False
-        elif _set_key(item) not in owned:
+        elif set_key(item) not in owned:
             return False
     return True
 
@@ -80,7 +80,7 @@ def node_at(owned: dict, obj, path: Path) -> dict | None:
             return {}
         if isinstance(part, int):
             item = value[part]
-            node = match_key(node, item) if isinstance(item, dict) else node.get(_set_key(item))
+            node = match_key(node, item) if isinstance(item, dict) else node.get(set_key(item))
         else:
             node = node.get(f"f:{part}")
         if node is None:
@@ -116,5 +116,6 @@ def _keyed(owned: dict, item: dict) -> tuple[dict, dict] | None:
     return None
 
 
-def _set_key(item) -> str:
+def set_key(item) -> str:
+    """The `v:<json>` key of a set item (finalizers) in a field set."""
     return f"v:{json.dumps(item, separators=(',', ':'))}"

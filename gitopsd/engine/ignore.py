@@ -195,6 +195,17 @@ class Ignore:
         return _without(desired, taken), tuple(sorted({dotted(p) for p in taken}))
 
 
+    def left_to_others(self, obj: dict) -> tuple[list[Path], frozenset[str]]:
+        """What the app leaves to other field managers on `obj`, whoever owns it now: the concrete
+        paths its matching rules name (identity aside), and the managers it leaves alone there
+        (`managers` and the rules' managedFieldsManagers). A field-manager takeover
+        (gitopsd.engine.takeover) takes none of it: gitopsd would then own those fields without
+        applying them, and its next apply would remove them."""
+        rules = [r for r in self.rules if r.matches(ref_of(obj))]
+        paths = [p for r in rules for p in r.paths(obj) if not _identity(p)]
+        return paths, self.managers.union(*(r.managers for r in rules))
+
+
 NOTHING = Ignore()
 
 

@@ -42,6 +42,23 @@ left Git, minus what is annotated `gitopsd.io/prune: disabled`, minus
 Namespaces that still hold objects of the commit or objects gitopsd does not
 manage.
 
+Two things an apply does beyond the objects, decided here too:
+
+- A missing namespace. An object's dry-run into a namespace that does not
+  exist fails (404 `namespaces "x" not found`). When that namespace is the
+  app's own and the app may create it (`createNamespace`), the object is
+  deferred like one whose Namespace arrives in the same commit and
+  Plan.missing_namespace names the namespace for the apply to create; no
+  request is spent looking for it beforehand. Otherwise the error says
+  the namespace is missing and how to get it created.
+- Field-manager takeover (gitopsd.engine.takeover). An object whose live
+  state has fields of a manager the app takes over (`kubectl apply`,
+  `create`, `edit`, ...) — other than those the app leaves to others — names
+  them in ObjectChange.takeover, skips the ownership fast path (those
+  managers may own fields Git no longer sets) and is an update even when its
+  dry-run shows no difference: the apply takes the fields over, and so
+  removes what Git does not set.
+
 A partial plan (a self-heal: some objects of the last applied commit) is
 judged by the same code, but reads only those objects' live state, has no
 prune set (what it does not name is not "gone from Git"), and leaves out
@@ -62,12 +79,14 @@ import orjson
 
 from gitopsd import redact
 from gitopsd.engine import diff as difflib_
+from gitopsd.engine import takeover
 from gitopsd.engine.fields import covers
 from gitopsd.engine.ignore import NOTHING, Ignore
 from gitopsd.engine.inventory import (
     ID_LABEL,
     PART_OF_LABEL,
     Inventory,
+    namespace_missing,
     split_group_kind,
 )
 from gitopsd.engine.render import Manifest
@@ -122,6 +141,7 @@ class ObjectChange:
     unseen: bool = False                   # not a member, not read: its dry-run says whether it exists
     body: dict | None = None               # what is applied over `live` when not `desired` (see to_apply)
     left_alone: tuple[str, ...] = ()       # fields of `desired` left to other managers (dotted paths)
+    takeover: tuple[str, ...] = ()         # field managers whose fields the apply takes over (gitopsd.engine.takeover)
 
     def to_apply(self) -> dict | None:
         """The body the apply (and its dry-run) sends: over a live object, `desired` without the
@@ -146,6 +166,9 @@ class Plan:
     partial: bool = False                  # some objects of the app (a self-heal): no prune, parent left as is
     waiting: list[ObjectRef] = field(default_factory=list)     # partial: being deleted, judged once gone
     ignore: Ignore = NOTHING               # drift the app allows (gitopsd.engine.ignore)
+    create_namespace: str | None = None    # the app's namespace, which the apply may create (createNamespace)
+    missing_namespace: str | None = None   # create_namespace, found missing: the apply creates it first
+    take_over: tuple[str, ...] = ()        # the app's takeOverManagers
 
     def of(self, action: Action) -> list[ObjectChange]:
         return [c for c in self.changes if c.action == action]
@@ -185,12 +208,15 @@ def prepare(obj: dict, inv: Inventory) -> dict:
 
 def make_plan(kube: Kube, manifests: list[Manifest], inv: Inventory, *, prune: bool = True,
               recreate: bool = False, allowed_namespaces: tuple[str, ...] | None = None,
-              cache: LiveCache | None = None, partial: bool = False, ignore: Ignore = NOTHING) -> Plan:
+              cache: LiveCache | None = None, partial: bool = False, ignore: Ignore = NOTHING,
+              create_namespace: str | None = None, take_over: tuple[str, ...] = ()) -> Plan:
     """Decide, for the whole app, what applying this commit would do.
 
     With `allowed_namespaces`, an object outside them (or cluster-scoped) is
     an error before any request: a tenant's repo cannot write elsewhere even
-    when gitopsd's RBAC would let it.
+    when gitopsd's RBAC would let it. (So a namespace the apply creates,
+    `create_namespace`, is always an allowed one: nothing outside them is
+    ever dry-run, so nothing outside them is ever found missing.)
 
     `partial`: `manifests` are only some of the app's objects (a self-heal,
     see the module docstring). Their live state comes from `cache` when it
@@ -200,8 +226,14 @@ def make_plan(kube: Kube, manifests: list[Manifest], inv: Inventory, *, prune: b
     (and the apply sends) the desired object without the ignored fields that
     other field managers own (ObjectChange.to_apply), so their changes are
     neither drift nor reverted.
+
+    `create_namespace`: the app's namespace, when the app may create it
+    (see the module docstring). `take_over`: the field managers whose
+    fields the apply takes over (gitopsd.engine.takeover); never those
+    `ignore` leaves to other managers.
     """
-    plan = Plan(app=inv.app, inventory=inv, partial=partial, ignore=ignore)
+    plan = Plan(app=inv.app, inventory=inv, partial=partial, ignore=ignore, create_namespace=create_namespace,
+                take_over=tuple(take_over))
     crd_kinds = _crd_kinds(manifests)
     commit_namespaces = {m.obj["metadata"]["name"] for m in manifests
                          if m.obj.get("kind") == "Namespace" and m.obj.get("apiVersion") == "v1"}
@@ -261,7 +293,8 @@ def make_plan(kube: Kube, manifests: list[Manifest], inv: Inventory, *, prune: b
     rest = [c for c in changes if not c.deferred and id(c) not in crd_ids]
     # The ownership fast path on this thread: work that sends no request costs less than its hand-off.
     for c in rest:
-        if c.live is not None and c.desired is not None and still_ours(c.live, c.desired, ignore=ignore):
+        if c.live is not None and c.desired is not None and not c.takeover and \
+                still_ours(c.live, c.desired, ignore=ignore):
             c.action = Action.UNCHANGED
     list(kube.budget.map(judge, [c for c in rest if c.action != Action.UNCHANGED]))
     plan.changes = changes = [c for c in changes if c.desired is not None]   # refused once read (_judge)
@@ -551,7 +584,8 @@ def _attach_members(changes: list[ObjectChange], members: dict[ObjectRef, dict],
             continue
         if c.ref in members:
             c.live = members[c.ref]
-            _check_owner(c, plan)
+            if _check_owner(c, plan):
+                c.takeover = takeover.managers(c.live, plan.take_over, ignore=plan.ignore)
         else:
             c.unseen = True
 
@@ -577,7 +611,12 @@ def _read_unseen(kube: Kube, change: ObjectChange, plan: Plan) -> bool:
     ours. False when it may not (the change is dropped, see _check_owner)."""
     change.unseen = False
     change.live = kube.get(change.resource, change.ref.name, change.ref.namespace or None)
-    return change.live is None or _check_owner(change, plan)
+    if change.live is None:
+        return True
+    if not _check_owner(change, plan):
+        return False
+    change.takeover = takeover.managers(change.live, plan.take_over, ignore=plan.ignore)
+    return True
 
 
 def still_ours(live: dict, desired: dict, *, ignore: Ignore = NOTHING) -> bool:
@@ -625,7 +664,7 @@ def _judge(kube: Kube, change: ObjectChange, plan: Plan, *, commit_namespaces: s
     live, desired = change.live, change.desired
     if desired is None:
         return
-    if live is not None and still_ours(live, desired, ignore=plan.ignore):
+    if live is not None and not change.takeover and still_ours(live, desired, ignore=plan.ignore):
         change.action = Action.UNCHANGED
         return
     _leave_alone(change, plan.ignore)
@@ -636,7 +675,7 @@ def _judge(kube: Kube, change: ObjectChange, plan: Plan, *, commit_namespaces: s
         if not _read_unseen(kube, change, plan):
             return
         live = change.live
-        if live is not None and still_ours(live, desired, ignore=plan.ignore):
+        if live is not None and not change.takeover and still_ours(live, desired, ignore=plan.ignore):
             change.action = Action.UNCHANGED
             return
         if _leave_alone(change, plan.ignore):
@@ -647,9 +686,10 @@ def _judge(kube: Kube, change: ObjectChange, plan: Plan, *, commit_namespaces: s
     d = difflib_.compare(live, after, label=str(change.ref))
     if live is None:
         change.action, change.diff = Action.CREATE, d
-    elif d.empty:
+    elif d.empty and not change.takeover:
         change.action = Action.UNCHANGED
     else:
+        # A takeover alone is an update too: what those managers set and Git does not goes.
         change.action, change.diff = Action.UPDATE, d
 
 
@@ -675,11 +715,18 @@ def _dry_run(kube: Kube, change: ObjectChange, plan: Plan, *, commit_namespaces:
         plan.errors.append(f"{change.source}: {change.ref}: {exc.message} (hint: {exc.hint})")
         return None
     except KubeApiError as exc:
+        missing = bool(change.ref.namespace) and namespace_missing(exc, change.ref.namespace)
         if exc.status == 404 and change.ref.namespace in commit_namespaces:
             change.unseen = False
             change.deferred = True  # its Namespace arrives in this commit
             return None
-        if change.unseen and not _read_unseen(kube, change, plan):
+        if missing and change.ref.namespace == plan.create_namespace:
+            change.unseen = False
+            change.deferred = True  # its Namespace is created first (createNamespace): judged after stage 0
+            plan.missing_namespace = plan.create_namespace
+            return None
+        # (In a missing namespace nothing exists to read.)
+        if change.unseen and not missing and not _read_unseen(kube, change, plan):
             return None
         live = change.live
         annotated = (desired["metadata"].get("annotations") or {}).get(RECREATE_ANNOTATION) == "enabled"
@@ -696,5 +743,17 @@ def _dry_run(kube: Kube, change: ObjectChange, plan: Plan, *, commit_namespaces:
         if exc.is_immutable_field:
             hint = (f" (hint: this field cannot change in place; annotate the object "
                     f"{RECREATE_ANNOTATION}=enabled or sync with --recreate to delete and re-create it)")
+        elif missing:
+            hint = f" ({missing_namespace_hint(change.ref.namespace, plan.create_namespace)})"
         plan.errors.append(f"{change.source}: {change.ref}: {exc.reason or exc.status}: {reason}{hint}")
         return None
+
+
+def missing_namespace_hint(namespace: str, create_namespace: str | None) -> str:
+    """How to get `namespace` created, for the error of an object whose namespace does not exist."""
+    if create_namespace is None:
+        return (f"hint: namespace {namespace} does not exist; set createNamespace: true on the app "
+                f"(gitopsd sync/diff --create-namespace) to have gitopsd create the app's namespace, "
+                f"or add a Namespace {namespace} to the repository")
+    return (f"hint: namespace {namespace} does not exist; createNamespace creates only the app's namespace "
+            f"({create_namespace}): add a Namespace {namespace} to the repository")

@@ -106,6 +106,7 @@ class SyncResult:
     started: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     duration: float = 0.0
     drift: list["Drift"] = field(default_factory=list)   # heal: what differed, read before the apply
+    created_namespace: str | None = None   # created for the app before the apply (createNamespace)
 
     @property
     def ok(self) -> bool:
@@ -177,11 +178,19 @@ def fetch_and_plan(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None,
             inv = inventory.load(kube, app=app.name, namespace=app.inventory_namespace)
         plan = make_plan(kube, manifests, inv, prune=app.prune if prune is None else prune,
                          recreate=app.recreate, allowed_namespaces=app.allowed_namespaces, cache=cache,
-                         ignore=app.ignore)
+                         **plan_options(app))
     except Exception as exc:
         redact.scrub_exception(exc)
         raise
     return revision, plan
+
+
+def plan_options(app: AppSpec) -> dict:
+    """What make_plan takes from the app beyond prune/recreate/allowed namespaces: the drift it allows,
+    the namespace it may create (createNamespace) and the field managers it takes over. One place for
+    `sync` and `heal`."""
+    return dict(ignore=app.ignore, create_namespace=app.namespace if app.create_namespace else None,
+                take_over=app.take_over_managers)
 
 
 def _render(kube: Kube, app: AppSpec, checkout: source.Checkout, *, renders: RenderCache | None,
@@ -296,7 +305,7 @@ def heal(kube: Kube, app: AppSpec, *, manifests: list[render.Manifest], refs: Co
     def plan() -> Plan:
         planned = make_plan(kube, heal_set(manifests, refs), inv, prune=False, recreate=app.recreate,
                             allowed_namespaces=app.allowed_namespaces, cache=cache, partial=True,
-                            ignore=app.ignore)
+                            **plan_options(app))
         result.drift = [drift_of(c) for c in planned.changes if c.action != Action.UNCHANGED]
         return planned
 
@@ -336,6 +345,7 @@ def _run(kube: Kube, app: AppSpec, result: SyncResult, *, plan: Callable[[], Pla
         outcome: ApplyOutcome = apply_plan(kube, planned, prune=prune, recreate=app.recreate,
                                            on_progress=on_progress)
         result.applied, result.pruned = outcome.applied, outcome.pruned
+        result.created_namespace = outcome.created_namespace
         if not outcome.ok:
             result.errors = outcome.errors
             result.reason = _cause("apply failed", outcome.errors)

@@ -5,7 +5,12 @@ because k8s.io/kubernetes' go.mod replaces its 33 staging modules with local
 paths. A wrapper module that requires k8s.io/kubernetes and replaces each
 staging module with its published v0.Y.Z builds the real commands. etcd's
 server module has the same problem; a three-line main calling etcdmain.Main
-avoids it. kwok, kustomize, helm and prometheus install directly.
+avoids it. kwok, kustomize, helm, sops, age and prometheus install directly.
+
+sops (getsops/sops, decrypting SOPS-encrypted manifests at render time) and
+age / age-keygen (filippo.io/age: the tests make keys and encrypt with
+them, as a team does) are no part of a control plane, but the suite's SOPS
+tests need them, so they are built with the rest.
 
 Prometheus (the test bed's, for progressive-delivery gates): its Go module
 versions are v0.<major*100+minor>.<patch> for release <major>.<minor>.<patch>
@@ -36,6 +41,8 @@ ETCD = "v3.7.3"
 KWOK = "v0.8.0"
 KUSTOMIZE = "v5.8.1"
 HELM = "v3.22.0"
+SOPS = "v3.13.3"
+AGE = "v1.3.2"
 PROMETHEUS = "v0.316.0"  # = Prometheus 3.16.0
 PROMETHEUS_TAGS = "remove_all_sd"
 
@@ -206,6 +213,11 @@ def _go_install(module_pkg: str, version: str, name: str, log: Path, *, tags: st
         raise RuntimeError(f"go install {module_pkg}@{version} produced no {name} in {env_bin}")
 
 
+def _build_age(names: list[str], log: Path) -> None:
+    for name in names:   # one module, two commands
+        _go_install(f"filippo.io/age/cmd/{name}", AGE, name, log)
+
+
 def prometheus_release() -> str:
     """The Prometheus release of the pinned module version: v0.316.0 -> 3.16.0."""
     _, minor, patch = PROMETHEUS.lstrip("v").split(".")
@@ -252,6 +264,9 @@ def steps() -> list[tuple[list[Step], Callable[[list[str], Path], None]]]:
         ([Step("kustomize", KUSTOMIZE)],
          lambda _names, log: _go_install("sigs.k8s.io/kustomize/kustomize/v5", KUSTOMIZE, "kustomize", log)),
         ([Step("helm", HELM)], lambda _names, log: _go_install("helm.sh/helm/v3/cmd/helm", HELM, "helm", log)),
+        ([Step("sops", SOPS)],
+         lambda _names, log: _go_install("github.com/getsops/sops/v3/cmd/sops", SOPS, "sops", log)),
+        ([Step("age", AGE), Step("age-keygen", AGE)], _build_age),
         # The stamp names the tags too, so changing them rebuilds.
         ([Step("prometheus", f"{PROMETHEUS} tags={PROMETHEUS_TAGS}")], _build_prometheus),
     ]

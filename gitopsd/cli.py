@@ -272,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ssh-key", type=FILE, metavar="FILE", help="private key for ssh:// remotes")
     g.add_argument("--known-hosts", type=FILE, metavar="FILE",
                    help="known_hosts file for ssh:// remotes (host keys are checked)")
+    g.add_argument("--sops-age-keys", type=FILE, metavar="PATH",
+                   help="file of age identities (age-keygen's key file) to decrypt SOPS-encrypted files with, "
+                        "as the app setting decryption.keysFrom.file")
     d = common.add_argument_group("drift to allow")
     d.add_argument("--ignore-differences", action="append", default=[], metavar="RULE", type=IGNORE_RULES,
                    help="an ignore rule as the config file's ignoreDifferences writes it, e.g. '{kind: Deployment, "
@@ -508,6 +511,11 @@ def _app_spec(args):
     if token or args.ssh_key or args.known_hosts:
         creds = source.Credentials(username=args.git_username, token=token, ssh_key_file=args.ssh_key,
                                    known_hosts_file=args.known_hosts)
+    keys = None
+    if args.sops_age_keys:
+        from gitopsd.daemon.credentials import read_keys   # the daemon's reading of keys, one place
+
+        keys = read_keys(args.sops_age_keys, what="--sops-age-keys")
     extra = {}
     if args.command == "sync":
         extra = dict(prune=args.prune, prune_guard=args.prune_guard, allow_prune_all=args.allow_prune_all,
@@ -516,7 +524,7 @@ def _app_spec(args):
                    path=args.path, namespace=args.namespace, create_namespace=args.create_namespace,
                    take_over_managers=args.take_over_managers, render=args.render,
                    helm=Helm(values_files=tuple(args.values)) if args.values else None,
-                   allow_remote_bases=args.allow_remote_bases, credentials=creds,
+                   allow_remote_bases=args.allow_remote_bases, credentials=creds, decryption_keys=keys,
                    inventory_namespace=args.inventory_namespace,
                    ignore_differences=tuple(rule for rules in args.ignore_differences for rule in rules),
                    ignore_managers=args.ignore_managers, **extra)

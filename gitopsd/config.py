@@ -82,6 +82,7 @@ from pydantic.dataclasses import dataclass, is_pydantic_dataclass
 from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import InitErrorDetails, PydanticCustomError, PydanticKnownError
 
+from gitopsd.engine import decrypt as decrypt_mod
 from gitopsd.engine import health_exprs
 from gitopsd.engine import ignore as ignore_mod
 from gitopsd.engine.render import KINDS as RENDER_KINDS
@@ -622,6 +623,46 @@ class CredentialsRef(_Section):
 
 
 @dataclass(frozen=True, config=MODEL_CONFIG)
+class KeysFrom(_Section):
+    """Where an app's keys are, never the keys themselves: a Secret in gitopsd's namespace
+    (`secretRef`), or a file or directory mounted from one (`file`), not both."""
+
+    _what = "a mapping with secretRef or file"
+
+    secret_ref: SecretRef | None = None
+    """A Secret in gitopsd's namespace: `{name: sops-age}`; its entries ending in .agekey are read."""
+    file: FilePath | None = None
+    """A file of age identities, or a directory (a mounted Secret) whose files ending in .agekey are read."""
+
+    @model_validator(mode="after")
+    def _one_kind(self, info: ValidationInfo) -> KeysFrom:
+        if _in_file(info):
+            if problems := self.problems():
+                _refuse(type(self).__name__, problems)
+        return self
+
+    def problems(self) -> list[tuple[tuple[str, ...], str]]:
+        if self.secret_ref is not None and self.file is not None:
+            return [(("secretRef",), "use either secretRef or file, not both")]
+        if self.secret_ref is None and self.file is None:
+            return [(("secretRef",), "missing: name a Secret (secretRef: {name: ...}) or a mounted file (file: PATH)")]
+        return []
+
+
+@dataclass(frozen=True, config=MODEL_CONFIG)
+class Decryption(_Section):
+    """SOPS-encrypted files in the app's path, decrypted at render time with the age keys of `keysFrom`
+    (gitopsd.engine.decrypt)."""
+
+    _what = "a mapping such as {provider: sops, keysFrom: {secretRef: {name: sops-age}}}"
+
+    keys_from: KeysFrom
+    """Where the age identities (AGE-SECRET-KEY-1...) are."""
+    provider: Literal[decrypt_mod.PROVIDERS] = "sops"  # type: ignore[valid-type]
+    """sops, the only one."""
+
+
+@dataclass(frozen=True, config=MODEL_CONFIG)
 class Helm(_Section):
     """Helm settings, for `render: helm` (or `auto` finding a Chart.yaml)."""
 
@@ -770,6 +811,10 @@ class AppConfig(_Section):
     """Let kustomize fetch remote bases (URLs), read at render time from outside the reviewed commit."""
     credentials: CredentialsRef | None = None
     """Where the Git credentials are (a Secret or mounted files); none for a public repository."""
+    decryption: Decryption | None = None
+    """Decrypt SOPS-encrypted files (plain manifests, kustomize resources and secretGenerator inputs) with age
+    keys from a Secret or a mounted file: {provider: sops, keysFrom: {secretRef: {name: sops-age}}}. Without it
+    an encrypted file fails the render."""
     allowed_namespaces: AllowedNamespaces | None = None
     """The only namespaces the app may write to (no cluster-scoped objects then); absent: anywhere."""
     prune_guard: Share = 0.5
@@ -860,21 +905,25 @@ class AppConfig(_Section):
                                           f"[{', '.join(self.allowed_namespaces)}]{how}"))
         return found
 
-    def to_spec(self, *, inventory_namespace: str, credentials: source.Credentials | None = None) -> sync.AppSpec:
+    def to_spec(self, *, inventory_namespace: str, credentials: source.Credentials | None = None,
+                decryption_keys: decrypt_mod.Keys | None = None) -> sync.AppSpec:
         """What one reconcile of this app needs, for `sync.sync` / `fetch_and_plan`: this app, with
-        ``credentials`` (the resolved values of ``self.credentials``: the caller reads the Secret or the
-        files) and the namespace of its inventory.
+        ``credentials`` and ``decryption_keys`` (the resolved values of ``self.credentials`` and
+        ``self.decryption``: the caller reads the Secret or the files) and the namespace of its inventory.
 
-        Raises ValueError when the app names credentials but none are passed:
+        Raises ValueError when the app names credentials or decryption keys but none are passed:
         fetching anonymously would fail later with a misleading
-        "authentication failed" from the remote.
+        "authentication failed" from the remote, rendering without keys with "no decryption keys".
         """
         from gitopsd.engine.sync import AppSpec
 
         if self.credentials is not None and credentials is None:
             raise ValueError(f"app {self.name!r} names credentials; resolve them and pass credentials=")
+        if self.decryption is not None and decryption_keys is None:
+            raise ValueError(f"app {self.name!r} names decryption keys; resolve them and pass decryption_keys=")
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return AppSpec(**{**fields, "credentials": credentials, "inventory_namespace": inventory_namespace})
+        return AppSpec(**{**fields, "credentials": credentials, "decryption_keys": decryption_keys,
+                          "inventory_namespace": inventory_namespace})
 
 
 @dataclass(frozen=True, config=MODEL_CONFIG)

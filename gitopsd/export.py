@@ -159,7 +159,8 @@ def _render_live(kube: Kube, *, spec: cfg.AppConfig, state: LiveState, namespace
     sha = state.live["revision"]
     store = CredentialStore(kube, namespace=namespace)
     try:
-        app = spec.to_spec(inventory_namespace=namespace, credentials=store.resolve(spec))
+        app = spec.to_spec(inventory_namespace=namespace, credentials=store.resolve(spec),
+                           decryption_keys=store.decryption_keys(spec))
         return _fetch_and_render(kube, app=app, sha=sha, cache_dir=cache_dir)
     except GitopsdError as exc:
         hint = exc.hint

@@ -1,10 +1,15 @@
-"""Git credentials of the apps, resolved at every reconcile (rotation works).
+"""Git credentials and SOPS keys of the apps, resolved at every reconcile (rotation works).
 
 An app names its credentials either as a Secret in gitopsd's namespace
 (keys token, username, identity, known_hosts) or as files mounted into the
 pod. SSH key material read from a Secret is written to private files
 (0600) in a directory of this process, removed at shutdown. The secret
 parts are registered with gitopsd.redact as they are read.
+
+Its SOPS keys (`decryption.keysFrom`) the same way: the entries of a Secret
+in gitopsd's namespace whose names end in .agekey (Flux's convention), or a
+mounted file or directory. They stay in memory (gitopsd.engine.decrypt.Keys):
+sops gets them through its environment, never from a file.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from pathlib import Path
 
 from gitopsd import config as config_mod
 from gitopsd import redact
-from gitopsd.engine import source
+from gitopsd.engine import decrypt, source
 from gitopsd.errors import GitopsdError
 from gitopsd.kube import Kube
 
@@ -76,9 +81,58 @@ class CredentialStore:
         return source.Credentials(username=username, token=token, ssh_key_file=ref.ssh_key_file,
                                   known_hosts_file=ref.known_hosts_file)
 
+    def decryption_keys(self, cfg: config_mod.AppConfig) -> decrypt.Keys | None:
+        """The app's SOPS age identities, read now (a key added to or removed from the Secret
+        counts from this reconcile on); None when the app decrypts nothing. Registered with
+        gitopsd.redact as they are read. Raises GitopsdError when none can be read."""
+        if cfg.decryption is None:
+            return None
+        ref = cfg.decryption.keys_from
+        if ref.secret_ref is None:
+            return read_keys(ref.file, what=f"app {cfg.name}: decryption.keysFrom.file")
+        name = ref.secret_ref.name
+        where = f"app {cfg.name}: decryption keys Secret {self.namespace}/{name}"
+        secret = self.kube.get(self.kube.resource("v1", "Secret"), name, self.namespace)
+        if secret is None:
+            raise GitopsdError(f"{where} not found", hint=_KEYS_HINT)
+        texts = []
+        for key, value in sorted((secret.get("data") or {}).items()):
+            if key.endswith(decrypt.AGE_KEY_SUFFIX):
+                try:
+                    texts.append(base64.b64decode(value).decode())
+                except (ValueError, UnicodeDecodeError):
+                    raise GitopsdError(f"{where}: entry {key} is not text", hint=_KEYS_HINT) from None
+        return _found(texts, where=where)
+
     def _private_file(self, name: str, content: str) -> Path:
         path = self._secret_dir / name
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(content if content.endswith("\n") else content + "\n")
         return path
+
+_KEYS_HINT = ("create it from age-keygen's file: kubectl create secret generic sops-age "
+              "--from-file=age.agekey=key.txt (entries ending in .agekey are read)")
+
+
+def read_keys(path: Path, *, what: str) -> decrypt.Keys:
+    """Age identities from a file, or from the files ending in .agekey of a directory (a mounted
+    Secret). Registered with gitopsd.redact. Raises GitopsdError when none can be read."""
+    try:
+        if path.is_dir():
+            texts = [f.read_text() for f in sorted(path.iterdir())
+                     if f.name.endswith(decrypt.AGE_KEY_SUFFIX) and f.is_file()]
+        else:
+            texts = [path.read_text()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GitopsdError(f"{what}: cannot read {path}: {getattr(exc, 'strerror', None) or exc}",
+                           hint="is the Secret volume mounted at that path?") from None
+    return _found(texts, where=f"{what} ({path})")
+
+
+def _found(texts: list[str], *, where: str) -> decrypt.Keys:
+    keys = decrypt.Keys.parse(texts)
+    redact.remember(keys.age)
+    if not keys.age:
+        raise GitopsdError(f"{where} holds no age identity (a line AGE-SECRET-KEY-1...)", hint=_KEYS_HINT)
+    return keys

@@ -29,7 +29,9 @@ value a secret generator (or a Secret manifest kustomize will read) carries,
 so a tool's error message that echoes one is scrubbed; and it pre-scans every YAML
 file kustomize will parse against the limits of yamlload, because kustomize
 itself would take the daemon's memory with an alias bomb before we saw any
-output.
+output. And it notes which of the files kustomize will read are
+SOPS-encrypted (`encrypted`: manifests and generator inputs), for the
+renderer to decrypt before kustomize runs (gitopsd.engine.decrypt).
 
 Kustomize matches kustomization keys case-insensitively (Go's JSON decoder),
 so this walk does too; two keys that differ only in case are refused rather
@@ -48,7 +50,7 @@ from typing import Any, Protocol
 import yaml
 
 from gitopsd import redact
-from gitopsd.engine import yamlload
+from gitopsd.engine import decrypt, yamlload
 from gitopsd.errors import RenderError, yaml_error_parts
 
 KUSTOMIZATION_FILES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
@@ -266,7 +268,11 @@ class KustomizeWalk:
 
     After `run`, `problems` holds every path that leads out (and every file
     over the YAML limits), every secret value met on the way is registered
-    with gitopsd.redact, and `ok` says whether kustomize may run.
+    with gitopsd.redact, `ok` says whether kustomize may run, and
+    `encrypted` maps each SOPS-encrypted file kustomize will read (resolved)
+    to its sops format and what kustomize reads it as: "manifest" (a
+    resource, patch, ...), "env" (a generator's env file) or "file" (a
+    generator's file, whole).
     """
 
     def __init__(self, real_root: Path, *, allow_remote: bool, problems: Reporter,
@@ -279,6 +285,7 @@ class KustomizeWalk:
         self._visited: set[Path] = set()   # kustomization directories, resolved
         self._trees: set[Path] = set()     # directories whose symlinks are checked
         self._read: set[Path] = set()      # files pre-scanned
+        self.encrypted: dict[Path, tuple[str, str]] = {}
         self._queue: list[tuple[Path, Path | None]] = []
 
     def run(self, top: Path) -> KustomizeWalk:
@@ -371,17 +378,17 @@ class KustomizeWalk:
                         self._plugin_configs(docs, kdir=plugin_base, rel=relative(self.root, path))
         for field in ("crds", "configurations"):
             for i, entry in _strings(k.get(field)):
-                self._file(entry, kdir=kdir, rel=rel, where=f"{field}[{i}]", kind="yaml")
+                self._file(entry, kdir=kdir, rel=rel, where=f"{field}[{i}]")
         for i, entry in _strings(k.get("patchesstrategicmerge")):
             self._patch(entry, kdir=kdir, rel=rel, where=f"patchesStrategicMerge[{i}]")
         for field, name in (("patches", "patches"), ("patchesjson6902", "patchesJson6902"),
                             ("replacements", "replacements")):
             for i, item in _mappings(k.get(field)):
                 if isinstance(item.get("path"), str):
-                    self._file(item["path"], kdir=kdir, rel=rel, where=f"{name}[{i}].path", kind="yaml")
+                    self._file(item["path"], kdir=kdir, rel=rel, where=f"{name}[{i}].path")
         openapi = k.get("openapi")
         if isinstance(openapi, dict) and isinstance(openapi.get("path"), str):
-            self._file(openapi["path"], kdir=kdir, rel=rel, where="openapi.path", kind="yaml")
+            self._file(openapi["path"], kdir=kdir, rel=rel, where="openapi.path")
         for field in ("generators", "transformers", "validators"):
             for i, entry in _strings(k.get(field)):
                 self._plugin_entry(entry, kdir=kdir, rel=rel, where=f"{field}[{i}]")
@@ -423,22 +430,18 @@ class KustomizeWalk:
             return None
         return resolve(lexical)
 
-    def _file(self, entry: str, *, kdir: Path, rel: str, where: str, kind: str) -> str | None:
-        """Check a file entry; pre-scan it ("yaml") or return its text ("text")."""
+    def _file(self, entry: str, *, kdir: Path, rel: str, where: str) -> None:
+        """Check a YAML file entry and pre-scan it."""
         path = self._entry(entry, kdir=kdir, rel=rel, where=where, remote_ok=False)
-        if path is None or not path.is_file():
-            return None
-        if kind == "yaml":
+        if path is not None and path.is_file():
             self._yaml_file(path)
-            return None
-        return self._read_text(path, relative(self.root, path))
 
     def _patch(self, entry: str, *, kdir: Path, rel: str, where: str) -> None:
         """A strategic-merge patch is inline YAML or a file name. Kustomize
         tries the inline reading first; any one-line entry is checked as a
         path too (a false alarm needs an inline patch full of `..`)."""
         if "\n" not in entry:
-            self._file(entry, kdir=kdir, rel=rel, where=where, kind="yaml")
+            self._file(entry, kdir=kdir, rel=rel, where=where)
 
     def _plugin_entry(self, entry: str, *, kdir: Path, rel: str, where: str) -> None:
         """A generators/transformers/validators entry: inline plugin config(s),
@@ -484,12 +487,12 @@ class KustomizeWalk:
                 continue
             for key, name in (("path", "path"), ("targetfilepath", "targetFilePath")):
                 if isinstance(doc.get(key), str):
-                    self._file(doc[key], kdir=kdir, rel=at, where=name, kind="yaml")
+                    self._file(doc[key], kdir=kdir, rel=at, where=name)
             for i, entry in _strings(doc.get("paths")):
                 self._patch(entry, kdir=kdir, rel=at, where=f"paths[{i}]")
             for i, item in _mappings(doc.get("replacements")):
                 if isinstance(item.get("path"), str):
-                    self._file(item["path"], kdir=kdir, rel=at, where=f"replacements[{i}].path", kind="yaml")
+                    self._file(item["path"], kdir=kdir, rel=at, where=f"replacements[{i}].path")
             kind = doc.get("kind")
             if kind in ("ConfigMapGenerator", "SecretGenerator"):
                 self._generator(doc, kdir=kdir, rel=at, where="", secret=kind == "SecretGenerator")
@@ -508,9 +511,19 @@ class KustomizeWalk:
             sources.append((f"{at}envs[{i}]", entry, True))
         if isinstance(gen.get("env"), str):
             sources.append((f"{at}env", gen["env"], True))
-        for w, path, env in sources:
-            text = self._file(path, kdir=kdir, rel=rel, where=w, kind="text")
-            if secret and text is not None:
+        for w, entry, env in sources:
+            path = self._entry(entry, kdir=kdir, rel=rel, where=w, remote_ok=False)
+            if path is None or not path.is_file():
+                continue
+            real = resolve(path) or path
+            self._read.add(real)   # its content decides the output, wherever it lies
+            text = self._read_text(real, relative(self.root, real))
+            if text is None:
+                continue
+            fmt = decrypt.format_of(real)
+            if decrypt.is_encrypted_text(text, fmt=fmt):
+                self.encrypted[real] = (fmt, "env" if env else "file")
+            elif secret:
                 self._secret_text(text, env=env)
         if secret:
             for _, literal in _strings(gen.get("literals")):
@@ -570,7 +583,23 @@ class KustomizeWalk:
             return []
         for doc in docs:
             self._secret_manifest(doc)
+        if any(decrypt.is_encrypted_document(d) for d in docs):
+            self.encrypted[real] = (decrypt.format_of(real), "manifest")
         return docs
+
+    def remember_plaintext(self, text: str, *, use: str) -> None:
+        """Register the decrypted content of an encrypted file kustomize will read, as the
+        walk registers a plain one: a manifest's Secret values, a generator input's
+        text and lines (an encrypted input is secret, whichever generator reads it)."""
+        if use == "manifest":
+            try:
+                docs = yamlload.load_all(text, budget=yamlload.Budget())
+            except yaml.YAMLError:
+                return   # kustomize reports it; nothing readable to echo
+            for doc in docs:
+                self._secret_manifest(doc)
+        else:
+            self._secret_text(text, env=use == "env")
 
     # -- secret values
 

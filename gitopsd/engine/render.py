@@ -14,6 +14,14 @@ every problem found is reported at once in one `RenderError`, so a single
 fix-up commit can address them all. Nothing here talks to the cluster: what
 the cluster knows about scopes comes in through `is_namespaced`.
 
+SOPS-encrypted files (gitopsd.engine.decrypt) are decrypted with the app's
+keys where the render reads them: a plain file in memory, through `sops`'s
+stdout; the files a kustomization reads in a private copy of its inputs that
+is removed as soon as kustomize returns. A file that cannot be decrypted
+(wrong key, a MAC that does not match, no keys at all) is a problem naming
+the file, and an object that still carries SOPS ciphertext in the output —
+however it got there — is never passed on.
+
 `render` is two steps, so that the expensive one can be cached
 (gitopsd.engine.render_cache): `build` reads the files and runs the tool —
 it depends only on the files it read, which it reports as `inputs` — and
@@ -41,7 +49,7 @@ import orjson
 import yaml
 
 from gitopsd import redact
-from gitopsd.engine import confine, yamlload
+from gitopsd.engine import confine, decrypt, yamlload
 from gitopsd.engine.confine import KUSTOMIZATION_FILES, inside_root, relative
 from gitopsd.errors import RenderError, yaml_error_parts
 from gitopsd.objects import ObjectRef, ref_of, split_api_version
@@ -182,6 +190,7 @@ def render(
     is_namespaced: Callable[[str, str], bool | None] = builtin_is_namespaced,
     timeout: float = 120.0,
     allow_remote_bases: bool = False,
+    decryption: decrypt.Keys | None = None,
 ) -> list[Manifest]:
     """Render `path` of the checkout at `root` into validated manifests.
 
@@ -200,9 +209,12 @@ def render(
     Raises RenderError carrying every problem found; returns the manifests in
     rendered order otherwise. An empty list is a valid result: whether an
     empty commit may prune everything is the plan stage's decision.
+
+    `decryption`: the app's keys for SOPS-encrypted files (None: an
+    encrypted file is a problem).
     """
     built = build(root, path, kind=kind, namespace=namespace, helm_values=helm_values, helm_release=helm_release,
-                  timeout=timeout, allow_remote_bases=allow_remote_bases)
+                  timeout=timeout, allow_remote_bases=allow_remote_bases, decryption=decryption)
     return finish(built, namespace=namespace, is_namespaced=is_namespaced)
 
 
@@ -216,6 +228,7 @@ def build(
     helm_release: str | None = None,
     timeout: float = 120.0,
     allow_remote_bases: bool = False,
+    decryption: decrypt.Keys | None = None,
 ) -> Built:
     """The first step of `render` (same arguments): read the files, run the tool, check each object.
 
@@ -233,10 +246,10 @@ def build(
     problems = _Problems()
     problems.read(target, *_links_on_the_way(real_root, path))
     if kind == "plain":
-        manifests = _render_plain(real_root, target, problems=problems)
+        manifests = _render_plain(real_root, target, keys=decryption, timeout=timeout, problems=problems)
     elif kind == "kustomize":
         manifests = _render_kustomize(real_root, target, rel=rel, timeout=timeout,
-                                      allow_remote=allow_remote_bases, problems=problems)
+                                      allow_remote=allow_remote_bases, keys=decryption, problems=problems)
     else:
         manifests = _render_helm(real_root, target, rel=rel, namespace=namespace, values=helm_values,
                                  release=helm_release, timeout=timeout, problems=problems)
@@ -344,17 +357,21 @@ def _symlinks_below(top: Path) -> list[Path]:
     return found
 
 
-def find_tool(name: str) -> Path:
-    """Locate the `kustomize` or `helm` binary to run.
+#: The tools a render runs, each found by `find_tool`.
+TOOLS = ("kustomize", "helm", "sops")
 
-    Searched in order: $GITOPSD_KUSTOMIZE / $GITOPSD_HELM (an explicit choice:
+
+def find_tool(name: str) -> Path:
+    """Locate the `kustomize`, `helm` or `sops` binary to run.
+
+    Searched in order: $GITOPSD_KUSTOMIZE / $GITOPSD_HELM / $GITOPSD_SOPS (an explicit choice:
     when set but wrong it is an error, not a reason to fall back to some other
     binary), the PATH, $GITOPSD_CACHE/bin, ~/.cache/gitopsd/bin (where
     `hack/cluster build` puts the pinned versions). The error names every
     place searched.
     """
-    if name not in ("kustomize", "helm"):
-        raise ValueError(f"find_tool knows kustomize and helm, not {name!r}")
+    if name not in TOOLS:
+        raise ValueError(f"find_tool knows {', '.join(TOOLS)}, not {name!r}")
     env_var = f"GITOPSD_{name.upper()}"
     explicit = os.environ.get(env_var)
     if explicit:
@@ -483,6 +500,8 @@ def _manifests_from_documents(docs: Iterable[tuple[object, str]], *, problems: _
         elif _is_list(doc):
             items = [(item, f"{source} items[{i}]") for i, item in enumerate(doc["items"])]
             out.extend(_manifests_from_documents(items, problems=problems))
+        elif _still_encrypted(doc, source=source, problems=problems):
+            continue
         else:
             redact.remember_secret(doc)  # first: a problem found below may quote a value
             m = Manifest(obj=doc, source=source)
@@ -490,6 +509,26 @@ def _manifests_from_documents(docs: Iterable[tuple[object, str]], *, problems: _
                 _normalise(m.obj)
                 out.append(m)
     return out
+
+
+_NO_KEYS_HINT = ("give the app its age key: decryption: {provider: sops, keysFrom: {secretRef: {name: sops-age}}} "
+                 "(a Secret with an entry ending in .agekey); gitopsd diff/sync: --sops-age-keys FILE")
+
+
+def _still_encrypted(doc: dict, *, source: str, problems: _Problems) -> bool:
+    """True (a problem added) for a document that carries SOPS metadata or ciphertext: it was
+    not decrypted, and ciphertext must never reach the cluster."""
+    if decrypt.is_encrypted_document(doc):
+        problems.add(f"{source}: a SOPS-encrypted document was not decrypted", hint=_NO_KEYS_HINT)
+        return True
+    at = decrypt.ciphertext_at(doc)
+    if at is not None:
+        what = f"{doc.get('kind')}/{(doc.get('metadata') or {}).get('name')}" if isinstance(
+            doc.get("metadata"), dict) else "an object"
+        problems.add(f"{source}: {what} holds SOPS ciphertext (ENC[...]) at {at}: an encrypted file it was built "
+                     "from was not decrypted", hint=_NO_KEYS_HINT)
+        return True
+    return False
 
 
 def _type_name(value: object) -> str:
@@ -508,7 +547,8 @@ def _numbered(docs: list, source: str) -> list[tuple[object, str]]:
 # plain
 
 
-def _render_plain(real_root: Path, target: Path, *, problems: _Problems) -> list[Manifest]:
+def _render_plain(real_root: Path, target: Path, *, keys: decrypt.Keys | None, timeout: float,
+                  problems: _Problems) -> list[Manifest]:
     files = [target] if target.is_file() else _manifest_files(real_root, target, problems=problems)
     manifests: list[Manifest] = []
     for file in files:
@@ -536,8 +576,52 @@ def _render_plain(real_root: Path, target: Path, *, problems: _Problems) -> list
             docs = _load_yaml(text, source=source, problems=problems)
             if docs is None:
                 continue
+        if any(decrypt.is_encrypted_document(d) for d in docs):
+            docs = _decrypted_documents(file, source=source, keys=keys, timeout=timeout, problems=problems)
+            if docs is None:
+                continue
         manifests.extend(_manifests_from_documents(_numbered(docs, source), problems=problems))
     return manifests
+
+
+def _decrypted_documents(file: Path, *, source: str, keys: decrypt.Keys | None, timeout: float,
+                         problems: _Problems) -> list | None:
+    """The documents of a SOPS-encrypted manifest file, decrypted in memory; None (a problem
+    added) when there are no keys or sops cannot decrypt it. What was encrypted under a
+    document's data and stringData is registered as secret, whatever the kind."""
+    fmt = "json" if file.suffix.lower() == ".json" else "yaml"
+    if keys is None:
+        problems.add(f"{source}: is encrypted with SOPS, and the app has no decryption keys", hint=_NO_KEYS_HINT)
+        return None
+    plain = _sops_decrypt(file, source=source, fmt=fmt, keys=keys, timeout=timeout, problems=problems)
+    if plain is None:
+        return None
+    text = plain.decode("utf-8", "replace")
+    if fmt == "json":
+        try:
+            docs = [orjson.loads(text)]
+        except orjson.JSONDecodeError as exc:
+            problems.add(f"{source}: decrypted, but not valid JSON (line {exc.lineno}): {exc.msg}")
+            return None
+    else:
+        docs = _load_yaml(text, source=source, problems=problems)
+    for doc in docs or ():
+        if isinstance(doc, dict):
+            redact.remember_secret({**doc, "kind": "Secret"})
+    return docs
+
+
+def _sops_decrypt(file: Path, *, source: str, fmt: str, keys: decrypt.Keys, timeout: float,
+                  problems: _Problems) -> bytes | None:
+    """`sops --decrypt` of one file (read where it is, never in place): its plaintext, or None
+    with a problem naming `source` and why. The keys reach sops only through its environment."""
+    def failed(code: int, stderr: str) -> tuple[str, str]:
+        return decrypt.failure(source, exit_code=code, stderr=stderr)
+
+    with tempfile.TemporaryDirectory(prefix="gitopsd-sops-home-") as home:
+        return _run_tool("sops", decrypt.sops_args(file, fmt=fmt), cwd=Path(home), home=home, timeout=timeout,
+                         what=f"sops --decrypt {source}", problems=problems, extra_env=decrypt.environment(keys),
+                         decode=False, on_failure=failed)
 
 
 def _read_bounded(file: Path, *, source: str, problems: _Problems) -> bytes | None:
@@ -614,7 +698,8 @@ def _manifest_files(real_root: Path, top: Path, *, problems: _Problems) -> list[
 
 
 def _run_tool(tool: str, args: list[str], *, cwd: Path, home: str, timeout: float, what: str,
-              problems: _Problems) -> str | None:
+              problems: _Problems, extra_env: dict[str, str] | None = None, decode: bool = True,
+              on_failure: Callable[[int, str], tuple[str, str | None]] | None = None) -> str | bytes | None:
     """Run a renderer without a shell; its stdout, or None with a problem added.
 
     The tool runs in the checkout root with repo-relative arguments, so its
@@ -624,6 +709,10 @@ def _run_tool(tool: str, args: list[str], *, cwd: Path, home: str, timeout: floa
     only up to the render's byte limit. Its stderr is scrubbed of every
     secret value known before it becomes a problem: kustomize echoes a
     malformed secret literal whole.
+
+    `extra_env` is added to that environment (sops' keys); `decode=False`
+    returns stdout as bytes; `on_failure(exit code, scrubbed stderr)` words
+    the problem (and hint) of a failed run instead of the generic one.
     """
     try:
         cmd = [str(find_tool(tool)), *args]
@@ -632,7 +721,7 @@ def _run_tool(tool: str, args: list[str], *, cwd: Path, home: str, timeout: floa
             problems.add(p, hint=exc.hint)
         return None
     try:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=_tool_env(home), stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(cmd, cwd=cwd, env={**_tool_env(home), **(extra_env or {})}, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     except OSError as exc:
         problems.add(f"{what}: could not run {cmd[0]}: {exc.strerror or exc}")
@@ -653,9 +742,13 @@ def _run_tool(tool: str, args: list[str], *, cwd: Path, home: str, timeout: floa
         return None
     if proc.returncode != 0:
         stderr = _tail(redact.scrub(err.decode("utf-8", "replace")).strip(), MAX_STDERR_CHARS)
-        problems.add(f"{what}: failed (exit {proc.returncode}): {stderr or '(no output on stderr)'}")
+        if on_failure is not None:
+            problem, hint = on_failure(proc.returncode, stderr)
+            problems.add(problem, hint=hint)
+        else:
+            problems.add(f"{what}: failed (exit {proc.returncode}): {stderr or '(no output on stderr)'}")
         return None
-    return out.decode("utf-8", "replace")
+    return out.decode("utf-8", "replace") if decode else bytes(out)
 
 
 _GO_OUT_OF_MEMORY = re.compile(rb"^fatal error: (out of memory|failed to reserve)", re.MULTILINE)
@@ -750,7 +843,7 @@ def _tail(text: str, limit: int) -> str:
 
 
 def _render_kustomize(real_root: Path, target: Path, *, rel: str, timeout: float, allow_remote: bool,
-                      problems: _Problems) -> list[Manifest]:
+                      keys: decrypt.Keys | None, problems: _Problems) -> list[Manifest]:
     source = f"kustomize build {rel}"
     if not target.is_dir() or not any((target / f).is_file() for f in KUSTOMIZATION_FILES):
         problems.add(f"{rel}: no {' / '.join(KUSTOMIZATION_FILES)} here, so nothing for kustomize to build",
@@ -760,15 +853,53 @@ def _render_kustomize(real_root: Path, target: Path, *, rel: str, timeout: float
     problems.read(*walk.paths)
     if not walk.ok:
         return []
-    with tempfile.TemporaryDirectory(prefix="gitopsd-kustomize-") as home:
-        out = _run_tool("kustomize", ["build", rel], cwd=real_root, home=home, timeout=timeout,
-                        what=source, problems=problems)
+    if walk.encrypted:
+        out = _kustomize_decrypted(real_root, walk, rel=rel, keys=keys, timeout=timeout, problems=problems)
+    else:
+        with tempfile.TemporaryDirectory(prefix="gitopsd-kustomize-") as home:
+            out = _run_tool("kustomize", ["build", rel], cwd=real_root, home=home, timeout=timeout,
+                            what=source, problems=problems)
     if out is None:
         return []
     docs = _load_yaml(out, source=source, problems=problems, tool_output=True)
     # Every object of one build shares a source: kustomize merged the files,
     # so which file an object came from is no longer known.
     return _manifests_from_documents(((d, source) for d in docs or ()), problems=problems)
+
+
+def _kustomize_decrypted(real_root: Path, walk: confine.KustomizeWalk, *, rel: str, keys: decrypt.Keys | None,
+                         timeout: float, problems: _Problems) -> str | None:
+    """`kustomize build` of a kustomization that reads SOPS-encrypted files: in a private copy of
+    the build's inputs where each encrypted file is its plaintext, removed when kustomize returns.
+
+    Every encrypted file is decrypted (and its values registered with
+    gitopsd.redact) before kustomize runs, so a failure names each file that
+    failed and kustomize never sees ciphertext.
+    """
+    if keys is None:
+        for real in sorted(walk.encrypted):
+            problems.add(f"{relative(real_root, real)}: is encrypted with SOPS, and the app has no decryption keys",
+                         hint=_NO_KEYS_HINT)
+        return None
+    plaintexts: dict[Path, bytes] = {}
+    for real, (fmt, use) in sorted(walk.encrypted.items()):
+        plain = _sops_decrypt(real, source=relative(real_root, real), fmt=fmt, keys=keys, timeout=timeout,
+                              problems=problems)
+        if plain is not None:
+            walk.remember_plaintext(plain.decode("utf-8", "replace"), use=use)
+            plaintexts[real] = plain
+    if len(plaintexts) < len(walk.encrypted):
+        return None
+    with decrypt.workspace() as space, tempfile.TemporaryDirectory(prefix="gitopsd-kustomize-") as home:
+        decrypt.copy_inputs(real_root, _closed_inputs(real_root, problems.inputs), space)
+        for real, plain in plaintexts.items():
+            decrypt.write_private(space / relative(real_root, real), plain)
+        before = len(problems.items)
+        out = _run_tool("kustomize", ["build", rel], cwd=space, home=home, timeout=timeout,
+                        what=f"kustomize build {rel}", problems=problems)
+        # kustomize may name a file by its absolute path: the workspace's means nothing to the user.
+        problems.items[before:] = [p.replace(f"{space}/", "") for p in problems.items[before:]]
+    return out
 
 
 def _render_helm(real_root: Path, target: Path, *, rel: str, namespace: str, values: Sequence[str],

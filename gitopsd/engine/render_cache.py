@@ -11,8 +11,14 @@ of its options, so it is cached under exactly that:
   another app's change in a monorepo, a README edit — is a hit, and so is
   every poll of the same commit;
 - the render options: the app's path, render kind, namespace, helm values
-  files and release, allowRemoteBases;
-- the renderers: the kustomize and helm binaries (path, size, mtime).
+  files and release, allowRemoteBases, and a digest of the app's SOPS
+  decryption keys (gitopsd.engine.decrypt.Keys.fingerprint): a key removed
+  from the app's Secret is a miss, so the next render fails to decrypt
+  instead of serving what the old key opened;
+- the renderers: the kustomize, helm and sops binaries (path, size, mtime).
+
+Decrypted Secrets are kept like every rendered Secret: in memory, in the
+entries below; never on disk.
 
 How a lookup works: for each (path, options) the cache keeps the input sets
 of its last few builds. For a new commit it describes those paths (one local
@@ -96,7 +102,7 @@ from dataclasses import dataclass
 import orjson
 
 from gitopsd import redact
-from gitopsd.engine import render, source
+from gitopsd.engine import decrypt, render, source
 from gitopsd.errors import RenderError
 
 MAX_ENTRIES = 100_000
@@ -147,14 +153,16 @@ class RenderCache:
     def render(self, checkout: source.Checkout, path: str = ".", *, app: str | None = None, kind: str = "auto",
                namespace: str = "default", helm_values: Sequence[str] = (), helm_release: str | None = None,
                is_namespaced: Callable[[str, str], bool | None] = render.builtin_is_namespaced,
-               allow_remote_bases: bool = False, timeout: float = 120.0) -> Rendered:
+               allow_remote_bases: bool = False, timeout: float = 120.0,
+               decryption: decrypt.Keys | None = None) -> Rendered:
         """`render.render` of `path` in `checkout`, from the cache when its inputs are unchanged.
 
         `since` is the commit from which `app` has rendered this build without
         a break (`checkout`'s own commit for a new build, or without `app`).
         Raises RenderError as `render.render` does.
         """
-        options = (path, kind, namespace, tuple(helm_values), helm_release, allow_remote_bases, _renderers())
+        options = (path, kind, namespace, tuple(helm_values), helm_release, allow_remote_bases,
+                   decryption.fingerprint if decryption is not None else None, _renderers())
         cacheable = not allow_remote_bases
         found = self._lookup(checkout, options) if cacheable else None
         if found is not None:
@@ -163,7 +171,8 @@ class RenderCache:
             self._count("hit")
         else:
             built = render.build(checkout.path, path, kind=kind, namespace=namespace, helm_values=helm_values,
-                                 helm_release=helm_release, timeout=timeout, allow_remote_bases=allow_remote_bases)
+                                 helm_release=helm_release, timeout=timeout, allow_remote_bases=allow_remote_bases,
+                                 decryption=decryption)
             key = self._store(checkout, options, built) if cacheable and not built.problems else None
             inputs = tuple(sorted(built.inputs))
             self._count("miss" if key else "uncached")
@@ -327,7 +336,7 @@ def _renderers() -> tuple:
     if time.monotonic() - at < RENDERERS_TTL:
         return seen
     out = []
-    for tool in ("kustomize", "helm"):
+    for tool in render.TOOLS:
         try:
             path = render.find_tool(tool)
             st = path.stat()

@@ -43,7 +43,7 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from gitopsd import redact
 from gitopsd.config import MODEL_CONFIG, AppConfig, Namespace
-from gitopsd.engine import health, health_exprs, inventory, render, source
+from gitopsd.engine import decrypt, health, health_exprs, inventory, render, source
 from gitopsd.engine.apply import ApplyOutcome, apply_plan
 from gitopsd.engine.diff import compare, managers_of, within
 from gitopsd.engine.ignore import suggestion
@@ -79,6 +79,8 @@ class AppSpec(AppConfig):
 
     credentials: InstanceOf[source.Credentials] | None = None
     """The resolved credentials (values); AppConfig.credentials only says where they are."""
+    decryption_keys: InstanceOf[decrypt.Keys] | None = None
+    """The resolved SOPS keys (values); AppConfig.decryption only says where they are."""
     inventory_namespace: Namespace = DEFAULT_INVENTORY_NAMESPACE
     """Where the ApplySet parent lives (gitopsd's own namespace)."""
 
@@ -157,6 +159,8 @@ def fetch_and_plan(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None,
     """
     if app.credentials is not None:
         redact.remember([app.credentials.token])   # a git token is a secret value too
+    if app.decryption_keys is not None:
+        redact.remember(app.decryption_keys.age)   # so are the SOPS keys, should a tool echo one
     try:
         if fetches is not None:
             checkout = fetches.fetch(app.repo, app.ref, credentials=app.credentials)
@@ -199,7 +203,7 @@ def _render(kube: Kube, app: AppSpec, checkout: source.Checkout, *, renders: Ren
     (or in a cached render) is registered."""
     options = dict(kind=app.render, namespace=app.namespace, helm_values=app.helm_values,
                    helm_release=app.helm_release or app.name, is_namespaced=kube.is_namespaced,
-                   allow_remote_bases=app.allow_remote_bases)
+                   allow_remote_bases=app.allow_remote_bases, decryption=app.decryption_keys)
     if renders is not None:
         rendered = renders.render(checkout, app.path, app=app.name if follow_inputs else None, **options)
         return rendered.since, rendered.manifests

@@ -26,9 +26,11 @@ from gitopsd.config import (
     ConfigChange,
     ConfigError,
     CredentialsRef,
+    Decryption,
     HealthCheckExpr,
     Helm,
     IgnoreDifference,
+    KeysFrom,
     Rollback,
     SecretRef,
     WebhookConfig,
@@ -39,7 +41,7 @@ from gitopsd.config import (
     parse,
     parse_duration,
 )
-from gitopsd.engine import source
+from gitopsd.engine import decrypt, source
 from gitopsd.engine.sync import AppSpec
 
 
@@ -75,6 +77,9 @@ apps:
     allowRemoteBases: true
     credentials:
       secretRef: {name: fleet-git}
+    decryption:
+      provider: sops
+      keysFrom: {file: /etc/gitopsd/sops/age.agekey}
     allowedNamespaces: [production, monitoring]
     pruneGuard: 0.25
     allowPruneAll: true
@@ -247,6 +252,7 @@ def test_full_app_round_trips_every_field() -> None:
         helm=Helm(values_files=("values.yaml", "values-prod.yaml"), release_name="web"),
         allow_remote_bases=True,
         credentials=CredentialsRef(secret_ref=SecretRef(name="fleet-git")),
+        decryption=Decryption(keys_from=KeysFrom(file=Path("/etc/gitopsd/sops/age.agekey"))),
         allowed_namespaces=("production", "monitoring"),
         prune_guard=0.25,
         allow_prune_all=True,
@@ -660,7 +666,8 @@ def test_a_bad_ignore_rule_is_a_config_error_naming_the_field() -> None:
 def test_to_spec_carries_every_setting() -> None:
     app = parse(FULL).apps[1]
     creds = source.Credentials(username="bot", token="t")
-    spec = app.to_spec(inventory_namespace="gitopsd-system", credentials=creds)
+    keys = decrypt.Keys(age=("AGE-SECRET-KEY-1QQQ",))
+    spec = app.to_spec(inventory_namespace="gitopsd-system", credentials=creds, decryption_keys=keys)
     assert spec == AppSpec(
         name="web-production", repo="https://git.example.com/fleet.git", ref="v1.2.3",
         path="web/overlays/production", namespace="production", create_namespace=True, interval=5400.0,
@@ -668,13 +675,13 @@ def test_to_spec_carries_every_setting() -> None:
         render="helm", helm=Helm(values_files=("values.yaml", "values-prod.yaml"), release_name="web"),
         allow_remote_bases=True, prune_guard=0.25, allow_prune_all=True, recreate=True,
         take_over_managers=("kubectl-client-side-apply", "helm"), suspend=True, timeout=90.0,
-        rollback=Rollback(on_unhealthy=True), credentials=creds,
+        rollback=Rollback(on_unhealthy=True), credentials=creds, decryption=app.decryption, decryption_keys=keys,
         inventory_namespace="gitopsd-system", allowed_namespaces=("production", "monitoring"),
         ignore_differences=app.ignore_differences, ignore_managers=("kube-controller-manager", "my-autoscaler"),
         depends_on=("infra",), health_check_exprs=app.health_check_exprs,
     )
     # Every AppSpec field is either carried from the config or given by the caller.
-    given = {"credentials", "inventory_namespace"}
+    given = {"credentials", "decryption_keys", "inventory_namespace"}
     for f in dataclasses.fields(AppSpec):
         assert f.name in given or getattr(spec, f.name) == getattr(app, f.name), f.name
 
@@ -706,7 +713,7 @@ def test_engine_spec_is_the_app_model_plus_run_time_parts() -> None:
     app_fields = [f.name for f in dataclasses.fields(AppConfig)]
     # Every field once: the app's own, then what only exists at run time.
     assert issubclass(AppSpec, AppConfig)
-    assert spec_fields == [*app_fields, "inventory_namespace"]
+    assert spec_fields == [*app_fields, "decryption_keys", "inventory_namespace"]
     assert len(set(spec_fields)) == len(spec_fields)
     # `credentials` is the one field whose meaning the spec narrows: the resolved values, not where they are.
     assert AppConfig.__pydantic_fields__["credentials"].annotation != AppSpec.__pydantic_fields__["credentials"].annotation
@@ -847,6 +854,8 @@ def test_schema_command_prints_a_json_schema_that_accepts_the_sample_configs(con
     ({"helm": {"valueFiles": ["v.yaml"]}}, "valueFiles"),
     ({"allowedNamespaces": []}, "allowedNamespaces"),
     ({"credentials": {"secretRef": {"name": "fleet", "namespace": "other"}}}, "namespace"),
+    ({"decryption": {"provider": "vault", "keysFrom": {"secretRef": {"name": "k"}}}}, "provider"),
+    ({"decryption": {"provider": "sops"}}, "keysFrom"),
     ({"ignoreDifferences": [{"kind": "Deployment", "jsonPointers": ["spec/replicas"]}]}, "jsonPointers"),
     ({"ignoreDifferences": [{"kind": "Deployment", "jqPathExpressions": [".spec"]}]}, "jqPathExpressions"),
 ])
@@ -872,7 +881,7 @@ def test_schema_documents_every_field_of_the_file(config_schema) -> None:
 
 
 FULL_KEYS = ("name", "repo", "ref", "path", "namespace", "createNamespace", "interval", "prune", "selfHeal", "render",
-             "helm", "allowRemoteBases", "credentials", "allowedNamespaces", "pruneGuard", "allowPruneAll", "recreate",
+             "helm", "allowRemoteBases", "credentials", "decryption", "allowedNamespaces", "pruneGuard", "allowPruneAll", "recreate",
              "takeOverManagers", "suspend", "timeout", "rollback", "ignoreDifferences", "ignoreManagers", "dependsOn",
              "healthCheckExprs")
 

@@ -19,7 +19,6 @@ skip.
 from __future__ import annotations
 
 import base64
-import json
 import os
 import subprocess
 import tempfile
@@ -179,9 +178,31 @@ def test_an_encrypted_file_without_keys_fails_the_render_naming_it(tmp_path, key
     assert "decryption: {provider: sops" in info.value.hint
 
 
+def test_sops_gets_the_app_keys_and_nothing_of_the_daemons(tmp_path, key, monkeypatch):
+    """The keys reach sops through its environment only; the daemon's own sops settings
+    (a key file, a key command), cloud credentials and HOME (~/.config/sops, ~/.ssh) do not."""
+    record = tmp_path / "env"
+    fake = tmp_path / "sops"
+    fake.write_text(f'#!/bin/sh\nenv > "{record}"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("GITOPSD_SOPS", str(fake))
+    for name in ("SOPS_AGE_KEY_FILE", "SOPS_AGE_KEY_CMD", "SOPS_AGE_SSH_PRIVATE_KEY_FILE", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, str(tmp_path / "daemon-owned"))
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "db.enc.yaml").write_text(encrypt(secret_yaml("db", password=sentinel("env")), key=key))
+    keys = decrypt.Keys.parse([key.file.read_text()])
+
+    assert render.render(tmp_path / "repo", decryption=keys) == []
+
+    env = dict(line.split("=", 1) for line in record.read_text().splitlines() if "=" in line)
+    assert env["SOPS_AGE_KEY"] == keys.age[0]
+    assert "daemon-owned" not in record.read_text()
+    assert env["HOME"] != os.environ["HOME"] and not Path(env["HOME"]).exists(), "a private home, removed after"
+
+
 def test_ciphertext_that_reaches_the_output_is_never_passed_on(tmp_path, key):
-    """A file the renderer does not recognise as encrypted (here: a ConfigMap generator's input
-    named as no sops format) still cannot smuggle ciphertext into an applied object."""
+    """A document the renderer cannot recognise as encrypted (an ENC[...] value pasted from an
+    encrypted file, its sops metadata left behind) still cannot bring ciphertext to the cluster."""
     (tmp_path / "repo").mkdir()
     (tmp_path / "repo" / "cm.yaml").write_text(
         "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata:\n  a: ENC[AES256_GCM,data:abc,iv:x,tag:y,type:str]\n")
@@ -252,8 +273,8 @@ def test_a_file_encrypted_for_another_key_fails_naming_the_file_and_nothing_is_a
                                         "age keys can open it (wrong key?)", "sops updatekeys")
     assert bed.get("Secret", "db") is None and bed.get("ConfigMap", "app") is None, "nothing was applied"
     assert bed.history()[0]["reason"].startswith("rendering failed: secrets/db.enc.yaml: cannot be decrypted")
-    assert wrong.recipient not in json.dumps(bed.history())   # nothing of a key either
     assert_nowhere(bed, value)
+    bed.assert_nowhere(*decrypt.Keys.parse([wrong.file.read_text()]).age)   # nor the key (its file is on disk)
 
 
 @pytest.mark.cluster

@@ -120,6 +120,17 @@ def secret_data(bed: Bed, name: str) -> dict | None:
 # ------------------------------------------------------------------ pure logic (no cluster)
 
 
+def test_the_test_bed_builds_sops_and_age_at_their_pins():
+    env = {"PATH": os.environ["PATH"], "SOPS_DISABLE_VERSION_CHECK": "1"}   # no look at the network
+    sops = subprocess.run([tool("sops"), "--version"], capture_output=True, text=True, env=env, timeout=30)
+    assert sops.stdout.split()[:2] == ["sops", tb_build.SOPS.lstrip("v")], sops.stdout + sops.stderr
+    for name in ("age", "age-keygen"):
+        out = subprocess.run([tool(name), "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+        assert out == tb_build.AGE, (name, out)
+    assert render.find_tool("sops").name == "sops"
+
+
+
 def test_decryption_config_names_a_secret_or_a_file_not_both(tmp_path):
     ok = cfg.parse("apps:\n- name: a\n  repo: https://example.com/r.git\n"
                    "  decryption: {provider: sops, keysFrom: {secretRef: {name: sops-age}}}\n")

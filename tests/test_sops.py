@@ -289,16 +289,22 @@ def test_a_file_encrypted_for_another_key_fails_naming_the_file_and_nothing_is_a
 
 
 @pytest.mark.cluster
-def test_a_tampered_encrypted_file_fails_on_its_mac(bed, key):
+def test_a_tampered_encrypted_file_fails_on_its_mac_and_nothing_is_applied_or_pruned(bed, key):
+    before = sentinel("sops-before")
+    bed.repo.write("keep.enc.yaml", encrypt(secret_yaml("keep", password=before), key=key))
+    bed.repo.commit("a Secret that syncs")
+    assert bed.cli("sync", "--sops-age-keys", str(key.file)).returncode == 0
     value = sentinel("sops-tampered")
+    bed.repo.remove("keep.enc.yaml")   # were this commit applied, `keep` would be pruned
     commit_encrypted_with_a_neighbour(bed, key, value, tamper=True)
 
     proc = bed.cli("sync", "--sops-age-keys", str(key.file))
     assert_failed_naming(bed, proc, "secrets/db.enc.yaml: cannot be decrypted with sops: its MAC does not match "
                                     "its content", "MAC mismatch")
     assert bed.get("Secret", "db") is None and bed.get("Secret", "db-renamed") is None
-    assert bed.get("ConfigMap", "app") is None
-    assert_nowhere(bed, value)
+    assert bed.get("ConfigMap", "app") is None, "nothing applied"
+    assert secret_data(bed, "keep") == {"password": before}, "nothing pruned"
+    assert_nowhere(bed, before, value)
 
 
 @pytest.mark.cluster

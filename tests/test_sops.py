@@ -189,6 +189,30 @@ def test_an_encrypted_file_without_keys_fails_the_render_naming_it(tmp_path, key
     assert "decryption: {provider: sops" in info.value.hint
 
 
+def workspaces() -> set[Path]:
+    return {p for d in (Path("/dev/shm"), Path(tempfile.gettempdir())) if d.is_dir()
+            for p in d.glob("gitopsd-sops-*")}
+
+
+def test_a_kustomize_build_that_fails_leaves_no_workspace_and_names_files_as_in_the_repo(tmp_path, key):
+    value = sentinel("sops-ws")
+    repo = tmp_path / "repo"
+    (repo / "app").mkdir(parents=True)
+    (repo / "app" / "db.enc.yaml").write_text(encrypt(secret_yaml("db", password=value), key=key))
+    (repo / "app" / "kustomization.yaml").write_text("resources: [db.enc.yaml, missing.yaml]\n")
+    keys = decrypt.Keys.parse([key.file.read_text()])
+    before = workspaces()
+
+    with pytest.raises(RenderError) as info:
+        render.render(repo, "app", decryption=keys)
+    (problem,) = info.value.problems
+    assert problem.startswith("kustomize build app: failed") and "missing.yaml" in problem, problem
+    assert "gitopsd-sops-" not in problem and value not in problem
+    assert workspaces() == before, "the private copy with the plaintext is gone"
+    (good,) = render.render(repo, "app/db.enc.yaml", decryption=keys)   # a plain file of it still decrypts
+    assert good.obj["stringData"] == {"password": value}
+
+
 def test_sops_gets_the_app_keys_and_nothing_of_the_daemons(tmp_path, key, monkeypatch):
     """The keys reach sops through its environment only; the daemon's own sops settings
     (a key file, a key command), cloud credentials and HOME (~/.config/sops, ~/.ssh) do not."""

@@ -240,7 +240,8 @@ def test_ciphertext_that_reaches_the_output_is_never_passed_on(tmp_path, key):
     encrypted file, its sops metadata left behind) still cannot bring ciphertext to the cluster."""
     (tmp_path / "repo").mkdir()
     (tmp_path / "repo" / "cm.yaml").write_text(
-        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata:\n  a: ENC[AES256_GCM,data:abc,iv:x,tag:y,type:str]\n")
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n"
+        "data:\n  a: ENC[AES256_GCM,data:abc,iv:x,tag:y,type:str]\n")
     with pytest.raises(RenderError) as info:
         render.render(tmp_path / "repo")
     assert info.value.problems[0].startswith("cm.yaml: ConfigMap/c holds SOPS ciphertext (ENC[...]) at data.a")

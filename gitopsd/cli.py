@@ -261,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--allow-remote-bases", action="store_true",
                    help="let kustomize fetch remote bases (URLs) at render time, as the app setting "
                         "allowRemoteBases: true (default: refused)")
+    g.add_argument("--allow-remote-charts", action="store_true",
+                   help="let `helm dependency build` fetch chart dependencies that are not vendored under "
+                        "charts/ from their repositories, as the app setting helm: {allowRemoteDependencies: "
+                        "true} (default: refused; file:// dependencies in the repository are always built)")
     g.add_argument("--namespace", "-n", default="default", type=NAMESPACE,
                    help="namespace for namespaced objects that name none (default: default)")
     g.add_argument("--create-namespace", action="store_true",
@@ -515,7 +519,8 @@ def _app_spec(args):
     return AppSpec(name=args.app or default_app_name(args.repo, args.path), repo=args.repo, ref=args.ref,
                    path=args.path, namespace=args.namespace, create_namespace=args.create_namespace,
                    take_over_managers=args.take_over_managers, render=args.render,
-                   helm=Helm(values_files=tuple(args.values)) if args.values else None,
+                   helm=Helm(values_files=tuple(args.values), allow_remote_dependencies=args.allow_remote_charts)
+                   if args.values or args.allow_remote_charts else None,
                    allow_remote_bases=args.allow_remote_bases, credentials=creds,
                    inventory_namespace=args.inventory_namespace,
                    ignore_differences=tuple(rule for rules in args.ignore_differences for rule in rules),

@@ -629,6 +629,11 @@ class Helm(_Section):
     """Values files relative to the repository root, in order (a later one wins)."""
     release_name: HelmRelease | None = None
     """The release name (default: the app's name)."""
+    allow_remote_dependencies: Flag = False
+    """Let `helm dependency build` fetch the chart's dependencies that are not vendored under charts/
+    from their repositories (https://, oci://) at render time, from outside the reviewed commit. Off:
+    such a chart fails naming the dependency. file:// dependencies inside the repository are always
+    built, offline (gitopsd.engine.helm_deps)."""
 
 
 @dataclass(frozen=True, config=MODEL_CONFIG)
@@ -741,7 +746,7 @@ class AppConfig(_Section):
     repo: RepoUrl
     """Git URL (https://, ssh://, file://, git@host:path) or a local path; never with a password in it."""
     ref: Ref = "main"
-    """Branch, tag or commit SHA (quote a SHA of digits only)."""
+    """Branch, tag or commit SHA (all 40 hex digits; quote a SHA of digits only)."""
     path: RepoPath = "."
     """Directory inside the repository to render."""
     namespace: Namespace = _DEFAULT_NAMESPACE
@@ -839,6 +844,11 @@ class AppConfig(_Section):
     def helm_release(self) -> str | None:
         """The Helm release name, None for the app's name."""
         return self.helm.release_name if self.helm else None
+
+    @property
+    def allow_remote_charts(self) -> bool:
+        """Whether chart dependencies may come from the network (``helm.allowRemoteDependencies``)."""
+        return bool(self.helm and self.helm.allow_remote_dependencies)
 
     @model_validator(mode="after")
     def _consistent(self, info: ValidationInfo) -> AppConfig:

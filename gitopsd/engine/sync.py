@@ -199,7 +199,7 @@ def _render(kube: Kube, app: AppSpec, checkout: source.Checkout, *, renders: Ren
     (or in a cached render) is registered."""
     options = dict(kind=app.render, namespace=app.namespace, helm_values=app.helm_values,
                    helm_release=app.helm_release or app.name, is_namespaced=kube.is_namespaced,
-                   allow_remote_bases=app.allow_remote_bases)
+                   allow_remote_bases=app.allow_remote_bases, allow_remote_charts=app.allow_remote_charts)
     if renders is not None:
         rendered = renders.render(checkout, app.path, app=app.name if follow_inputs else None, **options)
         return rendered.since, rendered.manifests

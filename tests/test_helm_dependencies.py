@@ -157,6 +157,16 @@ def test_local_dependencies_of_a_local_dependency_are_built_first(tmp_path):
     assert names(render(repo, "charts/app", namespace="web")) == ["app-cm", "base-cm", "mid-cm"]
 
 
+def test_local_dependencies_in_a_cycle_are_refused(tmp_path):
+    repo = tmp_path / "repo"
+    chart(repo, "charts/a", "a", dependencies="dependencies:\n" + dep("b", "file://../b"))
+    chart(repo, "charts/b", "b", dependencies="dependencies:\n" + dep("a", "file://../a"))
+
+    err = refused(repo, "charts/a", namespace="web")
+
+    assert err.problems == ["charts/a: local chart dependencies form a cycle: charts/a -> charts/b -> charts/a"]
+
+
 def test_local_dependency_outside_the_repository_is_refused(tmp_path):
     repo = tmp_path / "repo"
     chart(repo, "app", "app", dependencies="dependencies:\n" + dep("evil", "file://../../outside"))

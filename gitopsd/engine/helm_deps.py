@@ -167,13 +167,13 @@ def _stage(real_root: Path, chart: Path, *, stage: Path, staged: dict[Path, Path
            problems, helm: Helm, chain: tuple[Path, ...]) -> bool:
     """Copy `chart` under `stage` (at its repo-relative path) and build its missing dependencies
     there, its local ones first (each staged the same way). Records chart -> copy in `staged`."""
-    if chart in staged:
-        return True
     rel = relative(real_root, chart)
     if chart in chain:
         problems.add(f"{rel}: local chart dependencies form a cycle: "
                      + " -> ".join(relative(real_root, c) for c in (*chain, chart)))
         return False
+    if chart in staged:
+        return True
     copy = stage / "repo" / rel
     try:
         _copy_tree(chart, copy, seen=set())

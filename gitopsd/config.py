@@ -242,6 +242,11 @@ def check_namespace(value: str) -> str:
     return _check_dns_label(value, max_len=63, what="namespace")
 
 
+def check_service_account_name(value: str) -> str:
+    """A ServiceAccount's name (a DNS subdomain), for serviceAccountName and --service-account."""
+    return _check_dns_subdomain(value, max_len=253, what="ServiceAccount name")
+
+
 def check_field_manager(value: str) -> str:
     """A field manager's name as metadata.managedFields records it (`kubectl-edit`), or a prefix
     ending in `*` (`kubectl-*`: every kubectl verb). A bare `*` is refused: it would take over
@@ -470,8 +475,7 @@ ValuesFile = _text(partial(check_repo_path, what="values file"), pattern=_RELATI
 HelmRelease = _text(partial(_check_dns_subdomain, max_len=_MAX_HELM_RELEASE, what="Helm release name"),
                     pattern=_SUBDOMAIN, maxLength=_MAX_HELM_RELEASE)
 SecretName = _text(partial(_check_dns_subdomain, max_len=253, what="Secret name"), pattern=_SUBDOMAIN, maxLength=253)
-ServiceAccountName = _text(partial(_check_dns_subdomain, max_len=253, what="ServiceAccount name"), pattern=_SUBDOMAIN,
-                           maxLength=253)
+ServiceAccountName = _text(check_service_account_name, pattern=_SUBDOMAIN, maxLength=253)
 FilePath = Annotated[Path, BeforeValidator(_absolute_path), WithJsonSchema({"type": "string", "minLength": 1})]
 Interval = _duration(minimum=MIN_INTERVAL, why=INTERVAL_WHY)
 Timeout = _duration(minimum=MIN_TIMEOUT, why=TIMEOUT_WHY)

@@ -243,7 +243,7 @@ def test_an_account_that_does_not_exist_is_named_as_the_cause_when_every_write_i
     result = app.sync(service_account_name="ghost", service_account_namespace=tenants.a)
 
     assert result.outcome.value == "Failed"
-    assert f"every write of the app was refused to ServiceAccount {tenants.a}/ghost: it does not exist" \
+    assert f"Forbidden: every write of the app was refused to ServiceAccount {tenants.a}/ghost: it does not exist" \
         in result.reason, result.reason
     assert tenants.cm("mine", tenants.a) is None
 

@@ -182,7 +182,7 @@ class Plan:
     missing_namespace: str | None = None   # create_namespace, found missing: the apply creates it first
     take_over: tuple[str, ...] = ()        # the app's takeOverManagers
     act_as: ServiceAccount | None = None   # the app's serviceAccountName: dry-runs were, writes must be, made as it
-    forbidden: list[tuple[ObjectChange, str]] = field(default_factory=list)   # dry-runs the account was refused
+    forbidden: list[tuple[ObjectChange, str]] = field(default_factory=list)   # dry-runs the account was refused: why
 
     def of(self, action: Action) -> list[ObjectChange]:
         return [c for c in self.changes if c.action == action]
@@ -761,7 +761,7 @@ def _dry_run(kube: Kube, change: ObjectChange, plan: Plan, *, commit_namespaces:
             return None
         reason = redact.scrub_about(exc.api_message, desired)
         if exc.status == 403 and plan.act_as is not None:
-            plan.forbidden.append((change, f"{change.source}: {change.ref}: {exc.reason or exc.status}: {reason}"))
+            plan.forbidden.append((change, reason))
             return None   # reported with a hint once every dry-run is back (_report_forbidden)
         hint = ""
         if exc.is_immutable_field:
@@ -792,12 +792,15 @@ def _report_forbidden(kube: Kube, plan: Plan, *, judged: int) -> None:
         return
     account = plan.act_as
     if len(refused) < judged:
-        for change, line in refused:
-            plan.errors.append(f"{line} ({forbidden_hint(account, change.ref.namespace)})")
+        for change, reason in refused:
+            plan.errors.append(f"{change.source}: {change.ref}: Forbidden: {reason} "
+                               f"({forbidden_hint(account, change.ref.namespace)})")
         return
+    # The account first: the apiserver's words are the same for every object, and a reason is cut short.
     why = _account_trouble(kube, account)
-    for _, line in refused:
-        plan.errors.append(f"{line} (hint: every write of the app was refused to ServiceAccount {account}: {why})")
+    for change, reason in refused:
+        plan.errors.append(f"{change.source}: {change.ref}: Forbidden: every write of the app was refused to "
+                           f"ServiceAccount {account}: {why}; the apiserver: {reason}")
 
 
 def forbidden_hint(account: ServiceAccount, namespace: str) -> str:

@@ -812,8 +812,8 @@ def forbidden_hint(account: ServiceAccount, namespace: str) -> str:
 
 def _account_trouble(kube: Kube, account: ServiceAccount) -> str:
     """Why an account was refused everything: whether it exists, as far as gitopsd may see."""
-    unbound = ("no Role or ClusterRole is bound to it (`kubectl create rolebinding ... "
-               f"--serviceaccount={account.namespace}:{account.name}`)")
+    unbound = (f"no Role or ClusterRole is bound to it (e.g. `kubectl -n <namespace> create rolebinding "
+               f"{account.name} --clusterrole=edit --serviceaccount={account.namespace}:{account.name}`)")
     try:
         found = kube.get(kube.resource("v1", "ServiceAccount"), account.name, account.namespace)
     except GitopsdError:

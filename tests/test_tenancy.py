@@ -261,6 +261,28 @@ def test_an_account_with_nothing_bound_is_named_as_the_cause_when_every_write_is
 
 
 @pytest.mark.cluster
+def test_diff_with_service_account_previews_what_the_account_may_not_write(tenants, repo, namespace, kubeconfig,
+                                                                          source_cache):
+    from helpers import gitopsd
+
+    repo.write("mine.yaml", configmap("mine", {"k": "v"}, namespace=tenants.a))
+    repo.write("theirs.yaml", configmap("theirs", {"k": "v"}, namespace=tenants.b))
+    repo.commit()
+    args = ("diff", "--repo", repo.url, "--ref", "main", "-n", tenants.a, "--app", namespace,
+            "--inventory-namespace", namespace)
+
+    as_account = gitopsd(*args, "--service-account", "deployer", kubeconfig=kubeconfig, cache=source_cache)
+    as_admin = gitopsd(*args, kubeconfig=kubeconfig, cache=source_cache)
+
+    assert as_account.returncode == 2, as_account.stdout + as_account.stderr
+    assert f'User "system:serviceaccount:{tenants.a}:deployer" cannot patch resource "configmaps"' \
+        in as_account.stdout, as_account.stdout
+    assert f"theirs.yaml: ConfigMap/{tenants.b}/theirs: Forbidden" in as_account.stdout, as_account.stdout
+    assert as_admin.returncode == 1, as_admin.stdout + as_admin.stderr   # two creates, nothing refused
+    assert tenants.cm("mine", tenants.a) is None, "a diff writes nothing"
+
+
+@pytest.mark.cluster
 def test_gitopsd_needs_impersonate_on_serviceaccounts_only_not_on_groups(tenants, repo, namespace, kubeconfig,
                                                                         tmp_path, kube):
     """gitopsd as an ordinary identity (not system:masters) with its bookkeeping rights and

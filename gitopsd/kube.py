@@ -79,6 +79,12 @@ class KubeApiError(ClusterError):
         return self.status == 404 and self.reason != "NotFound" and "page not found" in self.api_message
 
     @property
+    def impersonation_refused(self) -> bool:
+        """A 403 for the impersonation itself (the sender may not act as that account), not for what
+        the account asked: the apiserver checks `impersonate` before anything else."""
+        return self.status == 403 and "cannot impersonate" in self.api_message
+
+    @property
     def is_immutable_field(self) -> bool:
         text = self.api_message.lower()
         return self.status in (409, 422) and ("immutable" in text or "field is immutable" in text)

@@ -310,7 +310,9 @@ def test_gitopsd_needs_impersonate_on_serviceaccounts_only_not_on_groups(tenants
         repo.commit()
         refused = sync(limited, spec, cache_dir=tmp_path / "cache")
         assert refused.outcome.value == "Failed"
-        assert "cannot impersonate resource \"serviceaccounts\"" in refused.reason, refused.reason
+        assert f'User "system:serviceaccount:{namespace}:{name}" cannot impersonate resource "serviceaccounts"' \
+            in refused.reason, refused.reason
+        assert "grant gitopsd `impersonate` on serviceaccounts" in refused.errors[0], refused.errors
     finally:
         limited.close()
         delete_service_account_rbac(kube, name)

@@ -61,7 +61,7 @@ from gitopsd import redact
 from gitopsd.engine import inventory, takeover
 from gitopsd.engine.ignore import NOTHING, Ignore
 from gitopsd.engine.inventory import PART_OF_LABEL
-from gitopsd.engine.plan import Action, ObjectChange, Plan, forbidden_hint, judge_deferred
+from gitopsd.engine.plan import Action, ObjectChange, Plan, judge_deferred, refusal_hint
 from gitopsd.errors import GitopsdError, LeadershipLost
 from gitopsd.kube import Kube, KubeApiError, UnknownKindError
 from gitopsd.objects import ObjectRef
@@ -309,7 +309,9 @@ def _create_namespace(kube: Kube, name: str, *, app: str) -> str | None:
     except KubeApiError as exc:
         if exc.status == 409:   # created meanwhile (by hand, another app): it is there, which is all we need
             return None
-        if exc.status == 403 and kube.account is not None:
+        if exc.impersonation_refused:
+            hint = f" ({refusal_hint(kube.account, exc, '')})"
+        elif exc.status == 403 and kube.account is not None:
             hint = (f" (hint: the app acts as ServiceAccount {kube.account} (serviceAccountName): createNamespace "
                     f"needs `create` on namespaces for {kube.account.user}, a ClusterRole; or create the namespace "
                     f"beforehand)")
@@ -328,7 +330,7 @@ def _account_hint(kube: Kube, exc: KubeApiError, change: ObjectChange) -> str:
     """For a write the app's ServiceAccount was refused: how to grant it (else nothing)."""
     if exc.status != 403 or kube.account is None:
         return ""
-    return f" ({forbidden_hint(kube.account, change.ref.namespace)})"
+    return f" ({refusal_hint(kube.account, exc, change.ref.namespace)})"
 
 
 def _delete_and_wait(kube: Kube, change: ObjectChange) -> None:

@@ -760,11 +760,13 @@ def _dry_run(kube: Kube, change: ObjectChange, plan: Plan, *, commit_namespaces:
             change.diff = difflib_.compare(live, desired, label=str(change.ref))
             return None
         reason = redact.scrub_about(exc.api_message, desired)
-        if exc.status == 403 and plan.act_as is not None:
+        if exc.status == 403 and plan.act_as is not None and not exc.impersonation_refused:
             plan.forbidden.append((change, reason))
             return None   # reported with a hint once every dry-run is back (_report_forbidden)
         hint = ""
-        if exc.is_immutable_field:
+        if exc.impersonation_refused:
+            hint = f" ({refusal_hint(plan.act_as, exc, change.ref.namespace)})"
+        elif exc.is_immutable_field:
             hint = (f" (hint: this field cannot change in place; annotate the object "
                     f"{RECREATE_ANNOTATION}=enabled or sync with --recreate to delete and re-create it)")
         elif missing:
@@ -794,7 +796,7 @@ def _report_forbidden(kube: Kube, plan: Plan, *, judged: int) -> None:
     if len(refused) < judged:
         for change, reason in refused:
             plan.errors.append(f"{change.source}: {change.ref}: Forbidden: {reason} "
-                               f"({forbidden_hint(account, change.ref.namespace)})")
+                               f"({refusal_hint(account, None, change.ref.namespace)})")
         return
     # The account first: the apiserver's words are the same for every object, and a reason is cut short.
     why = _account_trouble(kube, account)
@@ -803,8 +805,13 @@ def _report_forbidden(kube: Kube, plan: Plan, *, judged: int) -> None:
                            f"ServiceAccount {account}: {why}; the apiserver: {reason}")
 
 
-def forbidden_hint(account: ServiceAccount, namespace: str) -> str:
-    """How to let the app's account do a write it was refused (`namespace`: the object's, '' if cluster-scoped)."""
+def refusal_hint(account: ServiceAccount, exc: KubeApiError | None, namespace: str) -> str:
+    """How to get a write done that was refused while acting as the app's account (`namespace`: the
+    object's, '' if cluster-scoped): gitopsd's own `impersonate` right when the apiserver refused the
+    impersonation itself (`exc`), else a grant to the account."""
+    if exc is not None and exc.impersonation_refused:
+        return (f"hint: gitopsd itself may not act as ServiceAccount {account} (serviceAccountName): grant "
+                f"gitopsd `impersonate` on serviceaccounts, as ClusterRole gitopsd-impersonate in deploy/ does")
     where = f"a RoleBinding in namespace {namespace}" if namespace else "a ClusterRoleBinding"
     return (f"hint: the app acts as ServiceAccount {account} (serviceAccountName), which may do only what "
             f"RBAC grants it: grant this with {where} to {account.user}, or keep the object out of the app")

@@ -212,6 +212,29 @@ def test_an_app_within_its_accounts_rights_is_written_as_the_account_and_its_boo
 
 
 @pytest.mark.cluster
+def test_a_self_heal_is_written_as_the_account(tenants, repo, kube, cluster, tmp_path, start_daemon):
+    from helpers import wait_for
+
+    repo.write("cm.yaml", configmap("mine", {"k": "v"}, namespace=tenants.a))
+    repo.commit()
+    config = write_config(tmp_path / "config.yaml", [app_entry("sa-heal", repo.url, tenants.a,
+                                                               serviceAccountName="deployer")])
+    daemon = start_daemon(config)
+    wait_audit(daemon, "the first sync", app="sa-heal", result="Applied")
+    before = len(writes_as(cluster, namespace=tenants.a, name="mine"))
+
+    kube.request("PATCH", f"/api/v1/namespaces/{tenants.a}/configmaps/mine", query={"fieldManager": "kubectl-edit"},
+                 body=[{"op": "replace", "path": "/data/k", "value": "by hand"}],
+                 content_type="application/json-patch+json")
+    wait_for("the hand edit reverted", lambda: tenants.cm("mine", tenants.a)["data"] == {"k": "v"})
+
+    sa = f"system:serviceaccount:{tenants.a}:deployer"
+    hand, *heal = writes_as(cluster, namespace=tenants.a, name="mine")[before:]
+    assert hand[2] is None, "the hand edit, by the admin itself"
+    assert heal and all(impersonated == sa for _, _, impersonated in heal), heal
+
+
+@pytest.mark.cluster
 def test_a_prune_the_account_may_not_do_fails_the_app_and_the_object_stays(tenants, app, repo, kube):
     tenants.service_account("no-delete")
     tenants.bind("no-delete", rules=[{"apiGroups": [""], "resources": ["configmaps"],

@@ -153,6 +153,7 @@ SHARDS = _flag(cfg.check_count, minimum=1, maximum=MAX_SHARDS, why="one Lease pe
 LIMIT = _flag(cfg.check_count, minimum=1, maximum=MAX_LIMIT)
 APP = _flag(cfg.check_app_name)
 NAMESPACE = _flag(cfg.check_namespace)
+SERVICE_ACCOUNT = _flag(cfg.check_service_account_name)
 REPO = _flag(cfg.check_repo_url, instead="--git-token-file or $GITOPSD_GIT_TOKEN")
 REF = _flag(cfg.check_ref)
 REPO_PATH = _flag(cfg.check_repo_path)
@@ -291,6 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="field managers whose fields gitopsd takes over on the objects it applies, comma-separated "
                         "(NAME* is a prefix; '' for none), as the app setting takeOverManagers "
                         f"(default: {','.join(cfg.DEFAULT_TAKE_OVER_MANAGERS)})")
+    k.add_argument("--service-account", default=None, type=SERVICE_ACCOUNT, metavar="NAME",
+                   help="make the app's dry-runs, applies and prunes as this ServiceAccount (impersonated), as the "
+                        "app setting serviceAccountName: a write it may not do fails the app (default: as yourself)")
+    k.add_argument("--service-account-namespace", default=None, type=NAMESPACE, metavar="NS",
+                   help="the namespace of --service-account (default: --namespace)")
     k.add_argument("--app", default=None, type=APP,
                    help="app name = ApplySet name (default: derived from the repository and path)")
     k.add_argument("--inventory-namespace", default=None, type=NAMESPACE,
@@ -512,6 +518,8 @@ def _app_spec(args):
     if token or args.ssh_key or args.known_hosts:
         creds = source.Credentials(username=args.git_username, token=token, ssh_key_file=args.ssh_key,
                                    known_hosts_file=args.known_hosts)
+    if args.service_account_namespace and not args.service_account:
+        raise GitopsdError("--service-account-namespace: only used with --service-account; name the account")
     extra = {}
     if args.command == "sync":
         extra = dict(prune=args.prune, prune_guard=args.prune_guard, allow_prune_all=args.allow_prune_all,
@@ -524,7 +532,8 @@ def _app_spec(args):
                    allow_remote_bases=args.allow_remote_bases, credentials=creds,
                    inventory_namespace=args.inventory_namespace,
                    ignore_differences=tuple(rule for rules in args.ignore_differences for rule in rules),
-                   ignore_managers=args.ignore_managers, **extra)
+                   ignore_managers=args.ignore_managers, service_account_name=args.service_account,
+                   service_account_namespace=args.service_account_namespace, **extra)
 
 
 def _print(data, *, output: str, text: str) -> None:

@@ -153,6 +153,7 @@ SHARDS = _flag(cfg.check_count, minimum=1, maximum=MAX_SHARDS, why="one Lease pe
 LIMIT = _flag(cfg.check_count, minimum=1, maximum=MAX_LIMIT)
 APP = _flag(cfg.check_app_name)
 NAMESPACE = _flag(cfg.check_namespace)
+SERVICE_ACCOUNT = _flag(cfg.check_service_account_name)
 REPO = _flag(cfg.check_repo_url, instead="--git-token-file or $GITOPSD_GIT_TOKEN")
 REF = _flag(cfg.check_ref)
 REPO_PATH = _flag(cfg.check_repo_path)
@@ -261,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--allow-remote-bases", action="store_true",
                    help="let kustomize fetch remote bases (URLs) at render time, as the app setting "
                         "allowRemoteBases: true (default: refused)")
+    g.add_argument("--allow-remote-charts", action="store_true",
+                   help="let `helm dependency build` fetch chart dependencies that are not vendored under "
+                        "charts/ from their repositories, as the app setting helm: {allowRemoteDependencies: "
+                        "true} (default: refused; file:// dependencies in the repository are always built)")
     g.add_argument("--namespace", "-n", default="default", type=NAMESPACE,
                    help="namespace for namespaced objects that name none (default: default)")
     g.add_argument("--create-namespace", action="store_true",
@@ -290,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="field managers whose fields gitopsd takes over on the objects it applies, comma-separated "
                         "(NAME* is a prefix; '' for none), as the app setting takeOverManagers "
                         f"(default: {','.join(cfg.DEFAULT_TAKE_OVER_MANAGERS)})")
+    k.add_argument("--service-account", default=None, type=SERVICE_ACCOUNT, metavar="NAME",
+                   help="make the app's dry-runs, applies and prunes as this ServiceAccount (impersonated), as the "
+                        "app setting serviceAccountName: a write it may not do fails the app (default: as yourself)")
+    k.add_argument("--service-account-namespace", default=None, type=NAMESPACE, metavar="NS",
+                   help="the namespace of --service-account (default: --namespace)")
     k.add_argument("--app", default=None, type=APP,
                    help="app name = ApplySet name (default: derived from the repository and path)")
     k.add_argument("--inventory-namespace", default=None, type=NAMESPACE,
@@ -511,6 +521,8 @@ def _app_spec(args):
     if token or args.ssh_key or args.known_hosts:
         creds = source.Credentials(username=args.git_username, token=token, ssh_key_file=args.ssh_key,
                                    known_hosts_file=args.known_hosts)
+    if args.service_account_namespace and not args.service_account:
+        raise GitopsdError("--service-account-namespace: only used with --service-account; name the account")
     keys = None
     if args.sops_age_keys:
         from gitopsd.daemon.credentials import read_keys   # the daemon's reading of keys, one place
@@ -523,11 +535,13 @@ def _app_spec(args):
     return AppSpec(name=args.app or default_app_name(args.repo, args.path), repo=args.repo, ref=args.ref,
                    path=args.path, namespace=args.namespace, create_namespace=args.create_namespace,
                    take_over_managers=args.take_over_managers, render=args.render,
-                   helm=Helm(values_files=tuple(args.values)) if args.values else None,
+                   helm=Helm(values_files=tuple(args.values), allow_remote_dependencies=args.allow_remote_charts)
+                   if args.values or args.allow_remote_charts else None,
                    allow_remote_bases=args.allow_remote_bases, credentials=creds, decryption_keys=keys,
                    inventory_namespace=args.inventory_namespace,
                    ignore_differences=tuple(rule for rules in args.ignore_differences for rule in rules),
-                   ignore_managers=args.ignore_managers, **extra)
+                   ignore_managers=args.ignore_managers, service_account_name=args.service_account,
+                   service_account_namespace=args.service_account_namespace, **extra)
 
 
 def _print(data, *, output: str, text: str) -> None:

@@ -88,6 +88,7 @@ from gitopsd.engine import ignore as ignore_mod
 from gitopsd.engine.render import KINDS as RENDER_KINDS
 from gitopsd.engine.yamlload import Bounded
 from gitopsd.errors import GitopsdError, yaml_error_parts
+from gitopsd.kube import ServiceAccount
 
 if TYPE_CHECKING:
     from gitopsd.engine import source, sync
@@ -240,6 +241,11 @@ def check_app_name(value: str) -> str:
 
 def check_namespace(value: str) -> str:
     return _check_dns_label(value, max_len=63, what="namespace")
+
+
+def check_service_account_name(value: str) -> str:
+    """A ServiceAccount's name (a DNS subdomain), for serviceAccountName and --service-account."""
+    return _check_dns_subdomain(value, max_len=253, what="ServiceAccount name")
 
 
 def check_field_manager(value: str) -> str:
@@ -470,6 +476,7 @@ ValuesFile = _text(partial(check_repo_path, what="values file"), pattern=_RELATI
 HelmRelease = _text(partial(_check_dns_subdomain, max_len=_MAX_HELM_RELEASE, what="Helm release name"),
                     pattern=_SUBDOMAIN, maxLength=_MAX_HELM_RELEASE)
 SecretName = _text(partial(_check_dns_subdomain, max_len=253, what="Secret name"), pattern=_SUBDOMAIN, maxLength=253)
+ServiceAccountName = _text(check_service_account_name, pattern=_SUBDOMAIN, maxLength=253)
 FilePath = Annotated[Path, BeforeValidator(_absolute_path), WithJsonSchema({"type": "string", "minLength": 1})]
 Interval = _duration(minimum=MIN_INTERVAL, why=INTERVAL_WHY)
 Timeout = _duration(minimum=MIN_TIMEOUT, why=TIMEOUT_WHY)
@@ -670,6 +677,11 @@ class Helm(_Section):
     """Values files relative to the repository root, in order (a later one wins)."""
     release_name: HelmRelease | None = None
     """The release name (default: the app's name)."""
+    allow_remote_dependencies: Flag = False
+    """Let `helm dependency build` fetch the chart's dependencies that are not vendored under charts/
+    from their repositories (https://, oci://) at render time, from outside the reviewed commit. Off:
+    such a chart fails naming the dependency. file:// dependencies inside the repository are always
+    built, offline (gitopsd.engine.helm_deps)."""
 
 
 @dataclass(frozen=True, config=MODEL_CONFIG)
@@ -782,7 +794,7 @@ class AppConfig(_Section):
     repo: RepoUrl
     """Git URL (https://, ssh://, file://, git@host:path) or a local path; never with a password in it."""
     ref: Ref = "main"
-    """Branch, tag or commit SHA (quote a SHA of digits only)."""
+    """Branch, tag or commit SHA (all 40 hex digits; quote a SHA of digits only)."""
     path: RepoPath = "."
     """Directory inside the repository to render."""
     namespace: Namespace = _DEFAULT_NAMESPACE
@@ -862,6 +874,23 @@ class AppConfig(_Section):
     health_check_exprs: HealthCheckExprs = ()
     """Health rules in CEL for kinds the generic rules cannot read, as Flux's healthCheckExprs: a list of
     {apiVersion, kind, current, inProgress, failed}."""
+    service_account_name: ServiceAccountName | None = None
+    """The ServiceAccount the app's writes are made as (Flux's serviceAccountName): gitopsd impersonates it for
+    the app's dry-runs, applies, takeovers, prunes and createNamespace, so the app can do only what RBAC grants
+    that account; a write it may not do fails the app at plan time, naming the object. It lives in
+    `serviceAccountNamespace`, by default the app's `namespace`. Absent: the file's top-level
+    defaultServiceAccountName, else gitopsd's own identity. gitopsd's bookkeeping (inventory, status, audit,
+    Events, watches) stays its own. Needs `impersonate` on serviceaccounts for gitopsd (deploy/)."""
+    service_account_namespace: Namespace | None = None
+    """Where serviceAccountName lives, when not in the app's `namespace` (an account that deploys several namespaces)."""
+
+    @property
+    def service_account(self) -> ServiceAccount | None:
+        """The account the app's writes are made as (gitopsd.kube.Kube.impersonating), or None: gitopsd itself."""
+        if self.service_account_name is None:
+            return None
+        return ServiceAccount(namespace=self.service_account_namespace or self.namespace,
+                              name=self.service_account_name)
 
     @property
     def ignore(self) -> ignore_mod.Ignore:
@@ -885,6 +914,11 @@ class AppConfig(_Section):
         """The Helm release name, None for the app's name."""
         return self.helm.release_name if self.helm else None
 
+    @property
+    def allow_remote_charts(self) -> bool:
+        """Whether chart dependencies may come from the network (``helm.allowRemoteDependencies``)."""
+        return bool(self.helm and self.helm.allow_remote_dependencies)
+
     @model_validator(mode="after")
     def _consistent(self, info: ValidationInfo) -> AppConfig:
         # The file's rules across fields catch a human's slip in the file; a
@@ -899,6 +933,8 @@ class AppConfig(_Section):
         found = []
         if self.helm is not None and self.render not in ("helm", "auto"):
             found.append((("helm",), f"only used with render helm or auto, and render is {self.render}"))
+        if self.service_account_namespace is not None and self.service_account_name is None:
+            found.append((("serviceAccountNamespace",), "only used with serviceAccountName; name the account"))
         if self.allowed_namespaces is not None and self.namespace not in self.allowed_namespaces:
             how = " (the default); set namespace to one of them" if self.namespace == _DEFAULT_NAMESPACE else ""
             found.append((("namespace",), f"{_show(self.namespace)} is not in allowedNamespaces "
@@ -954,6 +990,10 @@ class Config(_Section):
     scales a Deployment through its scale subresource under that name, so
     spec.replicas set in Git stays at the autoscaler's count.
     """
+    default_service_account_name: ServiceAccountName | None = None
+    """The serviceAccountName of every app that names none (Flux's --default-service-account), in each app's own
+    namespace (or its serviceAccountNamespace): with it, no app writes as gitopsd itself. Absent: such apps
+    write as gitopsd."""
 
     @model_validator(mode="after")
     def _inherit(self) -> Config:
@@ -963,6 +1003,8 @@ class Config(_Section):
         for app in self.apps:
             if app.ignore_managers is None:
                 object.__setattr__(app, "ignore_managers", self.ignore_managers)
+            if app.service_account_name is None and self.default_service_account_name is not None:
+                object.__setattr__(app, "service_account_name", self.default_service_account_name)
         return self
 
     @model_validator(mode="after")

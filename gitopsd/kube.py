@@ -19,11 +19,17 @@ What this layer adds:
   overloaded; a plain 503, and a GET that could not connect, back off with
   full jitter on their own;
 - request counters by verb, so tests and metrics can prove how few calls a
-  steady-state reconcile makes.
+  steady-state reconcile makes;
+- impersonation (`Kube.impersonating`): the same connection as a tenant's
+  ServiceAccount, for what gitopsd does on behalf of an app that names one
+  (gitopsd.engine.sync). A view of this Kube, not a second connection: it
+  shares the pool, the budget, discovery and the counters, and only adds
+  the `Impersonate-User` header to each request it sends.
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 import urllib.parse
@@ -73,9 +79,31 @@ class KubeApiError(ClusterError):
         return self.status == 404 and self.reason != "NotFound" and "page not found" in self.api_message
 
     @property
+    def impersonation_refused(self) -> bool:
+        """A 403 for the impersonation itself (the sender may not act as that account), not for what
+        the account asked: the apiserver checks `impersonate` before anything else."""
+        return self.status == 403 and "cannot impersonate" in self.api_message
+
+    @property
     def is_immutable_field(self) -> bool:
         text = self.api_message.lower()
         return self.status in (409, 422) and ("immutable" in text or "field is immutable" in text)
+
+
+@dataclass(frozen=True)
+class ServiceAccount:
+    """A ServiceAccount that gitopsd acts as (Kube.impersonating): per app, `serviceAccountName`."""
+
+    namespace: str
+    name: str
+
+    @property
+    def user(self) -> str:
+        """The account's user name, as the apiserver authenticates it (and as RBAC errors quote it)."""
+        return f"system:serviceaccount:{self.namespace}:{self.name}"
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
 
 
 class UnknownKindError(ClusterError):
@@ -123,11 +151,19 @@ class Kube:
         self._resources: dict[tuple[str, str, str], Resource] = {}
         self._by_group_kind: dict[tuple[str, str], Resource] = {}
         self._discovered_at = 0.0
-        self.stale_group_versions: frozenset[str] = frozenset()   # aggregated APIs that did not answer discovery
+        self._stale: frozenset[str] = frozenset()   # aggregated APIs that did not answer discovery
         self.requests: Counter[str] = Counter()
         self.user_agent = f"gitopsd/{__version__}"
+        self.account: ServiceAccount | None = None   # who this view acts as (impersonating); None: gitopsd itself
+        self._root = self                            # the Kube whose discovery and views this one shares
+        self._views: dict[ServiceAccount, Kube] = {}
 
     # ------------------------------------------------------------ construction
+
+    @property
+    def stale_group_versions(self) -> frozenset[str]:
+        """Aggregated APIs (group/version) that did not answer the last discovery: their kinds are unknown."""
+        return self._root._stale
 
     @property
     def max_workers(self) -> int:
@@ -175,6 +211,35 @@ class Kube:
     def close(self) -> None:
         self._api_client.close()
 
+    def impersonating(self, account: ServiceAccount) -> "Kube":
+        """This connection as `account`: every request it sends carries `Impersonate-User:
+        system:serviceaccount:<ns>:<name>` and the apiserver authorizes it as that account.
+
+        Only the user is sent, no `Impersonate-Group`: for a ServiceAccount user
+        the apiserver adds the account's groups itself (system:serviceaccounts,
+        system:serviceaccounts:<ns>, system:authenticated) and then checks just
+        `impersonate` on that ServiceAccount. Sending the groups would also need
+        `impersonate` on groups — for system:serviceaccounts:<ns> of every
+        tenant namespace, which RBAC cannot name for all namespaces — for the
+        very same identity. The apiserver checks the right at every request,
+        so no token is fetched and nothing expires.
+
+        A view, cached per account: it shares this Kube's connection pool,
+        request budget, discovery and counters (discovery is gitopsd's own: it
+        is the same for every identity), so an app's account costs no second
+        connection. Impersonating a ServiceAccount that does not exist still
+        authenticates (the apiserver does not look it up): every request is
+        then forbidden, as for an account nothing is bound to.
+        """
+        root = self._root
+        with root._lock:
+            view = root._views.get(account)
+            if view is None:
+                view = copy.copy(root)
+                view.account = account
+                root._views[account] = view
+        return view
+
     # ------------------------------------------------------------ raw requests
 
     def _headers(self, accept: str) -> dict[str, str]:
@@ -183,6 +248,8 @@ class Kube:
         for setting in self._api_client.configuration.auth_settings().values():
             if setting["in"] == "header" and setting["value"]:
                 headers[setting["key"]] = setting["value"]
+        if self.account is not None:
+            headers["Impersonate-User"] = self.account.user
         return headers
 
     def request(self, method: str, path: str, *, query: dict | list | None = None, body=None,
@@ -262,7 +329,10 @@ class Kube:
     # ------------------------------------------------------------ discovery
 
     def discover(self) -> None:
-        """Refresh the resource map from aggregated discovery (2 requests)."""
+        """Refresh the resource map from aggregated discovery (2 requests); a view
+        (impersonating) refreshes its root's, as gitopsd."""
+        if self._root is not self:
+            return self._root.discover()
         resources: dict[tuple[str, str, str], Resource] = {}
         by_gk: dict[tuple[str, str], Resource] = {}
         stale: set[str] = set()
@@ -291,16 +361,17 @@ class Kube:
                         by_gk.setdefault((gname, kind), res)
         with self._lock:
             self._resources, self._by_group_kind = resources, by_gk
-            self.stale_group_versions = frozenset(stale)
+            self._stale = frozenset(stale)
             self._discovered_at = time.monotonic()
 
     def _lookup(self, key, table_name: str):
-        table = getattr(self, table_name)
+        root = self._root
+        table = getattr(root, table_name)
         if key in table:
             return table[key]
-        if time.monotonic() - self._discovered_at >= REDISCOVERY_MIN_INTERVAL or not table:
-            self.discover()
-        return getattr(self, table_name).get(key)
+        if time.monotonic() - root._discovered_at >= REDISCOVERY_MIN_INTERVAL or not table:
+            root.discover()
+        return getattr(root, table_name).get(key)
 
     def resource(self, api_version: str, kind: str) -> Resource:
         group, version = split_api_version(api_version)
@@ -321,9 +392,10 @@ class Kube:
 
     def namespaced_resources(self) -> list[Resource]:
         """Every listable namespaced kind, preferred version only."""
-        if not self._by_group_kind:
-            self.discover()
-        return [r for r in self._by_group_kind.values() if r.namespaced and r.listable]
+        root = self._root
+        if not root._by_group_kind:
+            root.discover()
+        return [r for r in root._by_group_kind.values() if r.namespaced and r.listable]
 
     def is_namespaced(self, group: str, kind: str) -> bool | None:
         """For the renderer: True/False, or None when the cluster does not know the kind."""

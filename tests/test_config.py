@@ -93,6 +93,8 @@ apps:
          fields: ["metadata.annotations.example.com/injected"], managedFieldsManagers: [sidecar-injector]}
     ignoreManagers: [kube-controller-manager, my-autoscaler]
     dependsOn: [infra]
+    serviceAccountName: web-deployer
+    serviceAccountNamespace: web-ops
     healthCheckExprs:
       - apiVersion: cert-manager.io/v1
         kind: Certificate
@@ -272,6 +274,8 @@ def test_full_app_round_trips_every_field() -> None:
             current="status.?conditions.orValue([]).exists(e, e.type == 'Ready' && e.status == 'True')",
             in_progress="status.?conditions.orValue([]).exists(e, e.type == 'Issuing' && e.status == 'True')",
             failed="status.?conditions.orValue([]).exists(e, e.type == 'Ready' && e.status == 'False')"),),
+        service_account_name="web-deployer",
+        service_account_namespace="web-ops",
     ),)
     assert config.ignore_managers == ()
     assert config.webhook == WebhookConfig(secret_file=Path("/etc/gitopsd/webhook/secret"))
@@ -383,7 +387,7 @@ def test_every_problem_is_reported_with_app_and_field() -> None:
         'apps[3] (Web_Prod).interval: "1s" is too short: at least 5s '
         "(polling faster only loads the Git server; use the webhook for fast pickup)",
         "apps[4]: must be a mapping with at least name and repo, not a string",
-        "extra: unknown field; known fields: apps, webhook, ignoreManagers",
+        "extra: unknown field; known fields: apps, webhook, ignoreManagers, defaultServiceAccountName",
     ]
 
 
@@ -679,6 +683,7 @@ def test_to_spec_carries_every_setting() -> None:
         inventory_namespace="gitopsd-system", allowed_namespaces=("production", "monitoring"),
         ignore_differences=app.ignore_differences, ignore_managers=("kube-controller-manager", "my-autoscaler"),
         depends_on=("infra",), health_check_exprs=app.health_check_exprs,
+        service_account_name="web-deployer", service_account_namespace="web-ops",
     )
     # Every AppSpec field is either carried from the config or given by the caller.
     given = {"credentials", "decryption_keys", "inventory_namespace"}
@@ -883,7 +888,7 @@ def test_schema_documents_every_field_of_the_file(config_schema) -> None:
 FULL_KEYS = ("name", "repo", "ref", "path", "namespace", "createNamespace", "interval", "prune", "selfHeal", "render",
              "helm", "allowRemoteBases", "credentials", "decryption", "allowedNamespaces", "pruneGuard", "allowPruneAll", "recreate",
              "takeOverManagers", "suspend", "timeout", "rollback", "ignoreDifferences", "ignoreManagers", "dependsOn",
-             "healthCheckExprs")
+             "healthCheckExprs", "serviceAccountName", "serviceAccountNamespace")
 
 
 def test_validate_command_exits_0_for_a_valid_file_and_1_naming_every_problem(tmp_path: Path) -> None:

@@ -407,7 +407,8 @@ def namespaced(clean, kube, kubeconfig):
                          if d["kind"].startswith("Cluster")
                          and (d["kind"], d["metadata"]["name"]) not in
                          {(n["kind"], n["metadata"]["name"]) for n in rendered(kubeconfig, NAMESPACED)}]
-    assert {d["metadata"]["name"] for d in cluster_wide_only} == {"gitopsd-apps", "gitopsd-namespaces"}
+    assert {d["metadata"]["name"] for d in cluster_wide_only} == {"gitopsd-apps", "gitopsd-namespaces",
+                                                                  "gitopsd-impersonate"}
     kubectl(kubeconfig, "delete", "-f", "-", stdin=yaml.safe_dump_all(cluster_wide_only))
     install(kubeconfig, NAMESPACED)
     yield
@@ -426,6 +427,10 @@ def test_namespaced_variant_reconciles_a_tenant_repo_with_rights_in_its_namespac
     assert can_i("patch", "deployments.apps", "-n", "default") == "no"
     assert can_i("create", "namespaces") == "no"
     assert can_i("list", "secrets", "--all-namespaces") == "no"
+    # Tenancy (serviceAccountName): the ServiceAccounts of its namespaces only, and no group at all.
+    assert can_i("impersonate", "serviceaccounts", "-n", "web-dev") == "yes"
+    assert can_i("impersonate", "serviceaccounts", "-n", "kube-system") == "no"
+    assert can_i("impersonate", "groups") == "no"
 
     sha = seed(repo, tenant=True)
     config = write_config(tmp_path / "config.yaml", shipped_config(rendered(kubeconfig, NAMESPACED), repo_url=repo.url))

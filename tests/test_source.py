@@ -156,7 +156,7 @@ def test_fetch_head_follows_the_remote_default_branch_and_plain_paths_work(upstr
     assert by_path.revision.url == str(upstream.bare)
 
 
-def test_fetch_tag_and_full_and_short_sha(upstream, cache):
+def test_fetch_tag_and_full_sha(upstream, cache):
     old = upstream.commit({"version": "1"}, "v1")
     upstream.tag("v1.0.0", old, annotated=True)
     upstream.tag("light", old, annotated=False)
@@ -165,14 +165,43 @@ def test_fetch_tag_and_full_and_short_sha(upstream, cache):
     annotated = fetch(upstream.url, "v1.0.0", cache_dir=cache)
     lightweight = fetch(upstream.url, "light", cache_dir=cache)
     full = fetch(upstream.url, old, cache_dir=tmp_cache(cache, "full"))
-    short = fetch(upstream.url, old[:7], cache_dir=tmp_cache(cache, "short"))
     tip = fetch(upstream.url, "main", cache_dir=cache)
 
-    for checkout in (annotated, lightweight, full, short):
+    for checkout in (annotated, lightweight, full):
         assert checkout.revision.sha == old  # a tag is peeled to its commit
         assert tree_of(checkout) == {"version": "1"}
-    assert short.revision.ref == old[:7]
+    assert full.revision.ref == old
     assert tip.revision.sha == new
+
+
+def test_abbreviated_sha_is_refused_and_nothing_but_the_ref_is_fetched(upstream, cache):
+    old = upstream.commit({"version": "1"}, "v1")
+    upstream.commit({"other": "work"}, "pushed elsewhere", branch="feature")
+    upstream.tag("v9", upstream.commit({"version": "2"}, "v2"), annotated=False)
+
+    with pytest.raises(SourceError) as err:
+        fetch(upstream.url, old[:7], cache_dir=cache)
+
+    assert f"ref '{old[:7]}' is no branch or tag of {upstream.url}" in str(err.value)
+    assert "all 40 hex digits" in err.value.hint
+    # Nothing of the remote's branches and tags was fetched to look for it.
+    [home] = cache.iterdir()
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)"], cwd=home / "repo.git",
+                          capture_output=True, text=True, check=True).stdout.split()
+    assert refs == []
+
+
+def test_fetching_a_branch_fetches_that_branch_only(upstream, cache):
+    tip = upstream.commit({"f": "1"})
+    upstream.commit({"other": "work"}, "pushed elsewhere", branch="feature")
+    upstream.tag("v1", tip, annotated=False)
+
+    fetch(upstream.url, "main", cache_dir=cache)
+
+    [home] = cache.iterdir()
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)"], cwd=home / "repo.git",
+                          capture_output=True, text=True, check=True).stdout.split()
+    assert refs == ["refs/heads/main"]
 
 
 def tmp_cache(cache: Path, name: str) -> Path:
@@ -269,7 +298,7 @@ def test_concurrent_fetches_of_one_repo_are_safe(upstream, cache):
     old = upstream.commit({f"f{i}": str(i) for i in range(50)}, "old")
     upstream.tag("v1", old, annotated=True)
     tip = upstream.commit({"f0": "changed"}, "tip")
-    refs = ["main", "v1", old, "HEAD", old[:8], tip] * 2
+    refs = ["main", "v1", old, "HEAD", "refs/heads/main", tip] * 2
     barrier = threading.Barrier(len(refs))
     results: dict[int, Checkout | BaseException] = {}
 
@@ -290,7 +319,7 @@ def test_concurrent_fetches_of_one_repo_are_safe(upstream, cache):
     assert len(results) == len(refs)
     for i, ref in enumerate(refs):
         checkout = results[i]
-        expected = tip if ref in ("main", "HEAD", tip) else old
+        expected = tip if ref in ("main", "HEAD", "refs/heads/main", tip) else old
         assert checkout.revision.sha == expected
         assert len(tree_of(checkout)) == 50
         assert (checkout.path / "f0").read_text() == ("changed" if expected == tip else "0")
@@ -346,7 +375,7 @@ def test_describe_names_each_paths_object_without_following_symlinks(upstream, c
 def test_unknown_ref_is_a_clear_error(upstream, cache):
     upstream.commit({"f": "1"})
 
-    for ref in ("nope", "deadbeef", "0" * 40):
+    for ref in ("nope", "0" * 40):
         with pytest.raises(SourceError) as caught:
             fetch(upstream.url, ref, cache_dir=cache)
         assert caught.value.message == f"ref {ref!r} not found in {upstream.url}: no such branch, tag or commit"

@@ -62,7 +62,7 @@ from typing import Callable
 import structlog
 
 from gitopsd.errors import ClusterError, LeadershipLost  # noqa: F401 - re-exported: the fence raises it
-from gitopsd.kube import Kube, KubeApiError, Resource
+from gitopsd.kube import Kube, KubeApiError, Resource, ServiceAccount
 
 log = structlog.get_logger("gitopsd.daemon.leader")
 WEBHOOK_URL_ANNOTATION = "gitopsd.io/webhook-url"
@@ -90,6 +90,11 @@ class FencedKube:
 
     def __getattr__(self, name: str):
         return getattr(self._kube, name)
+
+    def impersonating(self, account: ServiceAccount) -> "FencedKube":
+        """The wrapped Kube as `account` (an app's ServiceAccount), fenced the same: an app's writes
+        made as its account are leader writes too. (Delegated blindly, the view would be unfenced.)"""
+        return FencedKube(self._kube.impersonating(account), self.check)
 
     def request(self, method: str, path: str, *, query: dict | list | None = None, **kwargs) -> dict:
         if method != "GET" and not _dry_run(query):

@@ -27,6 +27,15 @@ of the app's objects, so its group-kinds and namespaces are not the app's.
 The parent is not even rewritten when it already records what the heal
 writes (the usual case: the objects are members of the last commit).
 
+Identity: what is written on behalf of the app's manifests — applies,
+takeover patches, the delete of a re-creation, prunes and a created
+namespace — is sent as the app's ServiceAccount when it names one
+(Plan.act_as, gitopsd.kube.Kube.impersonating), so the app can do no more
+than its account may; the plan's dry-runs were made as the same account. A
+prune the account may not do fails the app with the apiserver's reason; the
+object stays. gitopsd's own bookkeeping — the ApplySet parent, the CRD
+wait — stays its own.
+
 Within a stage objects are independent and are applied concurrently on the
 process's shared fan-out (`kube.budget.map`, gitopsd.budget), whose request
 budget also bounds them together with every other reconcile. A failure in a stage stops the later
@@ -52,7 +61,7 @@ from gitopsd import redact
 from gitopsd.engine import inventory, takeover
 from gitopsd.engine.ignore import NOTHING, Ignore
 from gitopsd.engine.inventory import PART_OF_LABEL
-from gitopsd.engine.plan import Action, ObjectChange, Plan, judge_deferred
+from gitopsd.engine.plan import Action, ObjectChange, Plan, judge_deferred, refusal_hint
 from gitopsd.errors import GitopsdError, LeadershipLost
 from gitopsd.kube import Kube, KubeApiError, UnknownKindError
 from gitopsd.objects import ObjectRef
@@ -119,6 +128,7 @@ def apply_plan(kube: Kube, plan: Plan, *, prune: bool = True, recreate: bool = F
 def _apply(kube: Kube, plan: Plan, out: ApplyOutcome, sent: set[int], *, prune: bool, recreate: bool,
            progress: Progress) -> None:
     inv = plan.inventory
+    writer = kube.impersonating(plan.act_as) if plan.act_as is not None else kube   # the app's own writes
     writes = [c for c in plan.changes if c.action in (Action.CREATE, Action.UPDATE, Action.RECREATE) or c.deferred]
     prunes = [c for c in plan.changes if c.action == Action.PRUNE] if prune else []
     final_gks, final_nss = plan.group_kinds, plan.namespaces
@@ -132,7 +142,7 @@ def _apply(kube: Kube, plan: Plan, out: ApplyOutcome, sent: set[int], *, prune: 
                         namespaces=inv.namespaces | final_nss)
 
     if plan.missing_namespace:
-        error = _create_namespace(kube, plan.missing_namespace, app=plan.app)
+        error = _create_namespace(writer, plan.missing_namespace, app=plan.app)
         if error:
             out.errors.append(error)
             return
@@ -147,7 +157,7 @@ def _apply(kube: Kube, plan: Plan, out: ApplyOutcome, sent: set[int], *, prune: 
             writes = [c for c in plan.changes if c.action in (Action.CREATE, Action.UPDATE, Action.RECREATE)]
         batch = [c for c in writes if stage_of(c.ref) == stage and not c.deferred
                  and c.action != Action.UNCHANGED]
-        write = partial(_write, kube, take_over=plan.take_over, ignore=plan.ignore)
+        write = partial(_write, writer, take_over=plan.take_over, ignore=plan.ignore)
         for change, error in _each(kube, batch, write, sent, out.errors):
             if error:
                 out.errors.append(error)
@@ -166,7 +176,7 @@ def _apply(kube: Kube, plan: Plan, out: ApplyOutcome, sent: set[int], *, prune: 
 
     for stage in reversed(STAGES):
         batch = [c for c in prunes if stage_of(c.ref) == stage]
-        for change, (error, deleted) in _each(kube, batch, lambda c: _delete(kube, c, inv.id), sent, out.errors):
+        for change, (error, deleted) in _each(kube, batch, lambda c: _delete(writer, c, inv.id), sent, out.errors):
             if error:
                 out.errors.append(error)
             elif deleted:
@@ -257,7 +267,8 @@ def _write(kube: Kube, change: ObjectChange, *, take_over: tuple[str, ...] = (),
         change.live = kube.apply(change.to_apply())
         return None
     except KubeApiError as exc:
-        return f"{change.source}: {change.ref}: {exc.reason or exc.status}: {redact.scrub_about(exc.api_message, change.desired)}"
+        return f"{change.source}: {change.ref}: {exc.reason or exc.status}: " \
+               f"{redact.scrub_about(exc.api_message, change.desired)}{_account_hint(kube, exc, change)}"
     except UnknownKindError as exc:
         return f"{change.source}: {change.ref}: {exc.message}"
     except GitopsdError as exc:  # the apiserver went away: the write may or may not have happened
@@ -298,13 +309,28 @@ def _create_namespace(kube: Kube, name: str, *, app: str) -> str | None:
     except KubeApiError as exc:
         if exc.status == 409:   # created meanwhile (by hand, another app): it is there, which is all we need
             return None
-        hint = (" (hint: gitopsd needs `create` on namespaces for createNamespace: deploy/cluster-wide.yaml grants "
-                "it; the namespaced install does not, there the installer creates the namespaces)"
-                if exc.status == 403 else "")
+        if exc.impersonation_refused:
+            hint = f" ({refusal_hint(kube.account, exc, '')})"
+        elif exc.status == 403 and kube.account is not None:
+            hint = (f" (hint: the app acts as ServiceAccount {kube.account} (serviceAccountName): createNamespace "
+                    f"needs `create` on namespaces for {kube.account.user}, a ClusterRole; or create the namespace "
+                    f"beforehand)")
+        elif exc.status == 403:
+            hint = (" (hint: gitopsd needs `create` on namespaces for createNamespace: deploy/cluster-wide.yaml grants "
+                    "it; the namespaced install does not, there the installer creates the namespaces)")
+        else:
+            hint = ""
         return f"Namespace/{name}: cannot create it (createNamespace): {exc.reason or exc.status}: " \
                f"{exc.api_message}{hint}"
     except GitopsdError as exc:
         return f"Namespace/{name}: cannot create it (createNamespace): {exc.message}"
+
+
+def _account_hint(kube: Kube, exc: KubeApiError, change: ObjectChange) -> str:
+    """For a write the app's ServiceAccount was refused: how to grant it (else nothing)."""
+    if exc.status != 403 or kube.account is None:
+        return ""
+    return f" ({refusal_hint(kube.account, exc, change.ref.namespace)})"
 
 
 def _delete_and_wait(kube: Kube, change: ObjectChange) -> None:
@@ -335,7 +361,8 @@ def _delete(kube: Kube, change: ObjectChange, applyset_id: str) -> tuple[str | N
     except KubeApiError as exc:
         if exc.status == 409:  # uid precondition failed: a new object took the name; not ours to delete
             return None, False
-        return f"{change.ref}: prune failed: {exc.reason or exc.status}: {exc.api_message}", False
+        return f"{change.ref}: prune failed: {exc.reason or exc.status}: {exc.api_message}" \
+               f"{_account_hint(kube, exc, change)}", False
     except GitopsdError as exc:
         raise _Unreachable(f"{change.ref}: prune result unknown: {exc.message}") from None
 

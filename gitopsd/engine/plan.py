@@ -59,6 +59,18 @@ Two things an apply does beyond the objects, decided here too:
   dry-run shows no difference: the apply takes the fields over, and so
   removes what Git does not set.
 
+Identity. An app that names a ServiceAccount (`serviceAccountName`) is
+planned as that account: its dry-runs are sent impersonating it
+(gitopsd.kube.Kube.impersonating), so a write the account may not do is
+refused here, with the apiserver's reason and the object, before anything
+of the app is written (Plan.act_as says whom the apply must act as).
+gitopsd's own reads — the member LIST, the GET of an object found to exist,
+the look through a Namespace before it is pruned — stay gitopsd's: they
+write nothing, and the watch cache that replaces them is gitopsd's too.
+When every dry-run is refused, the account itself is the likely cause: the
+plan says whether it exists (impersonating a missing ServiceAccount still
+authenticates, and is then allowed nothing).
+
 A partial plan (a self-heal: some objects of the last applied commit) is
 judged by the same code, but reads only those objects' live state, has no
 prune set (what it does not name is not "gone from Git"), and leaves out
@@ -91,7 +103,7 @@ from gitopsd.engine.inventory import (
 )
 from gitopsd.engine.render import Manifest
 from gitopsd.errors import GitopsdError
-from gitopsd.kube import Kube, KubeApiError, Resource, UnknownKindError
+from gitopsd.kube import Kube, KubeApiError, Resource, ServiceAccount, UnknownKindError
 from gitopsd.objects import ObjectRef, ref_of, split_api_version
 
 HASH_ANNOTATION = "gitopsd.io/desired-hash"
@@ -169,6 +181,8 @@ class Plan:
     create_namespace: str | None = None    # the app's namespace, which the apply may create (createNamespace)
     missing_namespace: str | None = None   # create_namespace, found missing: the apply creates it first
     take_over: tuple[str, ...] = ()        # the app's takeOverManagers
+    act_as: ServiceAccount | None = None   # the app's serviceAccountName: dry-runs were, writes must be, made as it
+    forbidden: list[tuple[ObjectChange, str]] = field(default_factory=list)   # dry-runs the account was refused: why
 
     def of(self, action: Action) -> list[ObjectChange]:
         return [c for c in self.changes if c.action == action]
@@ -209,7 +223,8 @@ def prepare(obj: dict, inv: Inventory) -> dict:
 def make_plan(kube: Kube, manifests: list[Manifest], inv: Inventory, *, prune: bool = True,
               recreate: bool = False, allowed_namespaces: tuple[str, ...] | None = None,
               cache: LiveCache | None = None, partial: bool = False, ignore: Ignore = NOTHING,
-              create_namespace: str | None = None, take_over: tuple[str, ...] = ()) -> Plan:
+              create_namespace: str | None = None, take_over: tuple[str, ...] = (),
+              act_as: ServiceAccount | None = None) -> Plan:
     """Decide, for the whole app, what applying this commit would do.
 
     With `allowed_namespaces`, an object outside them (or cluster-scoped) is
@@ -230,10 +245,11 @@ def make_plan(kube: Kube, manifests: list[Manifest], inv: Inventory, *, prune: b
     `create_namespace`: the app's namespace, when the app may create it
     (see the module docstring). `take_over`: the field managers whose
     fields the apply takes over (gitopsd.engine.takeover); never those
-    `ignore` leaves to other managers.
+    `ignore` leaves to other managers. `act_as`: the app's ServiceAccount,
+    which the dry-runs impersonate (see the module docstring).
     """
     plan = Plan(app=inv.app, inventory=inv, partial=partial, ignore=ignore, create_namespace=create_namespace,
-                take_over=tuple(take_over))
+                take_over=tuple(take_over), act_as=act_as)
     crd_kinds = _crd_kinds(manifests)
     commit_namespaces = {m.obj["metadata"]["name"] for m in manifests
                          if m.obj.get("kind") == "Namespace" and m.obj.get("apiVersion") == "v1"}
@@ -283,6 +299,7 @@ def make_plan(kube: Kube, manifests: list[Manifest], inv: Inventory, *, prune: b
     # CRDs first: a custom resource whose CRD this commit creates or changes can
     # only be validated against the new schema, i.e. after stage 0 is applied.
     crds = [c for c in changes if not c.deferred and (c.ref.group, c.ref.kind) == CRD_KEY]
+    judged = list(crds)
     list(kube.budget.map(judge, crds))
     changing = {_crd_defines(c.desired) for c in crds if c.action != Action.UNCHANGED and c.desired is not None}
     for c in changes:
@@ -296,7 +313,9 @@ def make_plan(kube: Kube, manifests: list[Manifest], inv: Inventory, *, prune: b
         if c.live is not None and c.desired is not None and not c.takeover and \
                 still_ours(c.live, c.desired, ignore=ignore):
             c.action = Action.UNCHANGED
+    judged += [c for c in rest if c.action != Action.UNCHANGED]
     list(kube.budget.map(judge, [c for c in rest if c.action != Action.UNCHANGED]))
+    _report_forbidden(kube, plan, judged=len(judged))
     plan.changes = changes = [c for c in changes if c.desired is not None]   # refused once read (_judge)
     if partial:
         return plan   # what it does not name is not gone from Git: nothing to prune or keep
@@ -471,8 +490,9 @@ def judge_deferred(kube: Kube, plan: Plan, *, recreate: bool = False) -> list[st
         except UnknownKindError as exc:
             plan.errors.append(f"{change.source}: {change.ref}: {exc.message}")
             continue
-    list(kube.budget.map(lambda c: _judge(kube, c, plan, commit_namespaces=set(), recreate=recreate),
-                         [c for c in deferred if c.resource is not None]))
+    judged = [c for c in deferred if c.resource is not None]
+    list(kube.budget.map(lambda c: _judge(kube, c, plan, commit_namespaces=set(), recreate=recreate), judged))
+    _report_forbidden(kube, plan, judged=len(judged))
     return plan.errors[before:]
 
 
@@ -709,8 +729,9 @@ def _dry_run(kube: Kube, change: ObjectChange, plan: Plan, *, commit_namespaces:
     """The server's view of the change applied; None when it cannot be judged by it (the
     reason is in the plan's errors, or the change is deferred or a re-creation)."""
     desired = change.desired
+    writer = kube.impersonating(plan.act_as) if plan.act_as is not None else kube
     try:
-        return kube.apply(change.to_apply(), dry_run=True)
+        return writer.apply(change.to_apply(), dry_run=True)
     except UnknownKindError as exc:   # served when discovery was cached, gone since (its CRD deleted)
         plan.errors.append(f"{change.source}: {change.ref}: {exc.message} (hint: {exc.hint})")
         return None
@@ -739,8 +760,13 @@ def _dry_run(kube: Kube, change: ObjectChange, plan: Plan, *, commit_namespaces:
             change.diff = difflib_.compare(live, desired, label=str(change.ref))
             return None
         reason = redact.scrub_about(exc.api_message, desired)
+        if exc.status == 403 and plan.act_as is not None and not exc.impersonation_refused:
+            plan.forbidden.append((change, reason))
+            return None   # reported with a hint once every dry-run is back (_report_forbidden)
         hint = ""
-        if exc.is_immutable_field:
+        if exc.impersonation_refused:
+            hint = f" ({refusal_hint(plan.act_as, exc, change.ref.namespace)})"
+        elif exc.is_immutable_field:
             hint = (f" (hint: this field cannot change in place; annotate the object "
                     f"{RECREATE_ANNOTATION}=enabled or sync with --recreate to delete and re-create it)")
         elif missing:
@@ -757,3 +783,50 @@ def missing_namespace_hint(namespace: str, create_namespace: str | None) -> str:
                 f"or add a Namespace {namespace} to the repository")
     return (f"hint: namespace {namespace} does not exist; createNamespace creates only the app's namespace "
             f"({create_namespace}): add a Namespace {namespace} to the repository")
+
+
+def _report_forbidden(kube: Kube, plan: Plan, *, judged: int) -> None:
+    """Turn the dry-runs the app's account was refused into plan errors, each with the hint
+    that fits: grant the account this write — or, when it was refused every write it was
+    asked for, look at the account itself (missing, or nothing bound to it)."""
+    refused, plan.forbidden = plan.forbidden, []
+    if not refused:
+        return
+    account = plan.act_as
+    if len(refused) < judged:
+        for change, reason in refused:
+            plan.errors.append(f"{change.source}: {change.ref}: Forbidden: {reason} "
+                               f"({refusal_hint(account, None, change.ref.namespace)})")
+        return
+    # The account first: the apiserver's words are the same for every object, and a reason is cut short.
+    why = _account_trouble(kube, account)
+    for change, reason in refused:
+        plan.errors.append(f"{change.source}: {change.ref}: Forbidden: every write of the app was refused to "
+                           f"ServiceAccount {account}: {why}; the apiserver: {reason}")
+
+
+def refusal_hint(account: ServiceAccount, exc: KubeApiError | None, namespace: str) -> str:
+    """How to get a write done that was refused while acting as the app's account (`namespace`: the
+    object's, '' if cluster-scoped): gitopsd's own `impersonate` right when the apiserver refused the
+    impersonation itself (`exc`), else a grant to the account."""
+    if exc is not None and exc.impersonation_refused:
+        return (f"hint: gitopsd itself may not act as ServiceAccount {account} (serviceAccountName): grant "
+                f"gitopsd `impersonate` on serviceaccounts, as ClusterRole gitopsd-impersonate in deploy/ does")
+    where = f"a RoleBinding in namespace {namespace}" if namespace else "a ClusterRoleBinding"
+    return (f"hint: the app acts as ServiceAccount {account} (serviceAccountName), which may do only what "
+            f"RBAC grants it: grant this with {where} to {account.user}, or keep the object out of the app")
+
+
+def _account_trouble(kube: Kube, account: ServiceAccount) -> str:
+    """Why an account was refused everything: whether it exists, as far as gitopsd may see."""
+    unbound = (f"no Role or ClusterRole is bound to it (e.g. `kubectl -n <namespace> create rolebinding "
+               f"{account.name} --clusterrole=edit --serviceaccount={account.namespace}:{account.name}`)")
+    try:
+        found = kube.get(kube.resource("v1", "ServiceAccount"), account.name, account.namespace)
+    except GitopsdError:
+        return (f"the account may be missing (impersonating a ServiceAccount that does not exist still "
+                f"authenticates, and is allowed nothing), or {unbound}")
+    if found is None:
+        return (f"it does not exist; create it (`kubectl -n {account.namespace} create serviceaccount "
+                f"{account.name}`) and bind it a Role, or fix serviceAccountName")
+    return f"it exists, but {unbound}"

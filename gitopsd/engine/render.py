@@ -49,7 +49,7 @@ import orjson
 import yaml
 
 from gitopsd import redact
-from gitopsd.engine import confine, decrypt, yamlload
+from gitopsd.engine import confine, decrypt, helm_deps, yamlload
 from gitopsd.engine.confine import KUSTOMIZATION_FILES, inside_root, relative
 from gitopsd.errors import RenderError, yaml_error_parts
 from gitopsd.objects import ObjectRef, ref_of, split_api_version
@@ -190,6 +190,7 @@ def render(
     is_namespaced: Callable[[str, str], bool | None] = builtin_is_namespaced,
     timeout: float = 120.0,
     allow_remote_bases: bool = False,
+    allow_remote_charts: bool = False,
     decryption: decrypt.Keys | None = None,
 ) -> list[Manifest]:
     """Render `path` of the checkout at `root` into validated manifests.
@@ -214,7 +215,8 @@ def render(
     encrypted file is a problem).
     """
     built = build(root, path, kind=kind, namespace=namespace, helm_values=helm_values, helm_release=helm_release,
-                  timeout=timeout, allow_remote_bases=allow_remote_bases, decryption=decryption)
+                  timeout=timeout, allow_remote_bases=allow_remote_bases, allow_remote_charts=allow_remote_charts,
+                  decryption=decryption)
     return finish(built, namespace=namespace, is_namespaced=is_namespaced)
 
 
@@ -228,6 +230,7 @@ def build(
     helm_release: str | None = None,
     timeout: float = 120.0,
     allow_remote_bases: bool = False,
+    allow_remote_charts: bool = False,
     decryption: decrypt.Keys | None = None,
 ) -> Built:
     """The first step of `render` (same arguments): read the files, run the tool, check each object.
@@ -252,7 +255,8 @@ def build(
                                       allow_remote=allow_remote_bases, keys=decryption, problems=problems)
     else:
         manifests = _render_helm(real_root, target, rel=rel, namespace=namespace, values=helm_values,
-                                 release=helm_release, timeout=timeout, problems=problems)
+                                 release=helm_release, timeout=timeout, allow_remote=allow_remote_charts,
+                                 problems=problems)
     return Built(manifests=manifests, inputs=_closed_inputs(real_root, problems.inputs),
                  problems=tuple(problems.items), hints=tuple(problems.hints))
 
@@ -903,7 +907,7 @@ def _kustomize_decrypted(real_root: Path, walk: confine.KustomizeWalk, *, rel: s
 
 
 def _render_helm(real_root: Path, target: Path, *, rel: str, namespace: str, values: Sequence[str],
-                 release: str | None, timeout: float, problems: _Problems) -> list[Manifest]:
+                 release: str | None, timeout: float, allow_remote: bool, problems: _Problems) -> list[Manifest]:
     what = f"helm template {rel}"
     if not (target / CHART_FILE).is_file():
         problems.add(f"{rel}: no {CHART_FILE} here, so there is no chart to template",
@@ -926,13 +930,23 @@ def _render_helm(real_root: Path, target: Path, *, rel: str, namespace: str, val
     if not confine.check_tree(real_root, target, problems=problems):
         return []
     release = release or _default_release(target)
-    args = ["template", release, rel, "--namespace", namespace,
-           # CRDs in crds/ are left out by default, yet the chart's custom
-           # resources need them; tests are pods meant for `helm test`, not
-           # objects to keep running.
-           "--include-crds", "--skip-tests", *value_args]
+    deadline = time.monotonic() + timeout
     with tempfile.TemporaryDirectory(prefix="gitopsd-helm-") as home:
-        out = _run_tool("helm", args, cwd=real_root, home=home, timeout=timeout, what=what, problems=problems)
+        def helm(args: list[str], step: str) -> bool:
+            return _run_tool("helm", args, cwd=real_root, home=home, timeout=max(deadline - time.monotonic(), 1),
+                             what=step, problems=problems) is not None
+
+        chart = helm_deps.prepare(real_root, target, stage=Path(home), allow_remote=allow_remote,
+                                  problems=problems, helm=helm)
+        if chart is None:
+            return []
+        args = ["template", release, rel if chart == target else str(chart), "--namespace", namespace,
+                # CRDs in crds/ are left out by default, yet the chart's custom
+                # resources need them; tests are pods meant for `helm test`, not
+                # objects to keep running.
+                "--include-crds", "--skip-tests", *value_args]
+        out = _run_tool("helm", args, cwd=real_root, home=home, timeout=max(deadline - time.monotonic(), 1),
+                        what=what, problems=problems)
     if out is None:
         return []
     return _manifests_from_documents(_helm_documents(out, rel=rel, fallback=what, problems=problems),

@@ -153,8 +153,8 @@ class RenderCache:
     def render(self, checkout: source.Checkout, path: str = ".", *, app: str | None = None, kind: str = "auto",
                namespace: str = "default", helm_values: Sequence[str] = (), helm_release: str | None = None,
                is_namespaced: Callable[[str, str], bool | None] = render.builtin_is_namespaced,
-               allow_remote_bases: bool = False, timeout: float = 120.0,
-               decryption: decrypt.Keys | None = None) -> Rendered:
+               allow_remote_bases: bool = False, allow_remote_charts: bool = False,
+               timeout: float = 120.0, decryption: decrypt.Keys | None = None) -> Rendered:
         """`render.render` of `path` in `checkout`, from the cache when its inputs are unchanged.
 
         `since` is the commit from which `app` has rendered this build without
@@ -162,8 +162,10 @@ class RenderCache:
         Raises RenderError as `render.render` does.
         """
         options = (path, kind, namespace, tuple(helm_values), helm_release, allow_remote_bases,
-                   decryption.fingerprint if decryption is not None else None, _renderers())
-        cacheable = not allow_remote_bases
+                   allow_remote_charts, decryption.fingerprint if decryption is not None else None,
+                   _renderers())
+        # What the network serves may change while the commit does not.
+        cacheable = not (allow_remote_bases or allow_remote_charts)
         found = self._lookup(checkout, options) if cacheable else None
         if found is not None:
             key, built = found
@@ -172,7 +174,7 @@ class RenderCache:
         else:
             built = render.build(checkout.path, path, kind=kind, namespace=namespace, helm_values=helm_values,
                                  helm_release=helm_release, timeout=timeout, allow_remote_bases=allow_remote_bases,
-                                 decryption=decryption)
+                                 allow_remote_charts=allow_remote_charts, decryption=decryption)
             key = self._store(checkout, options, built) if cacheable and not built.problems else None
             inputs = tuple(sorted(built.inputs))
             self._count("miss" if key else "uncached")

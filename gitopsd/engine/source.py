@@ -625,8 +625,16 @@ class _Git:
     def unknown_ref(self) -> SourceError:
         return SourceError(
             f"ref {self.ref!r} not found in {self.remote.url}: no such branch, tag or commit",
-            hint="check the spelling; a commit must be reachable from a branch or tag of the remote, "
-            "and an abbreviated SHA must be unambiguous",
+            hint="check the spelling; a commit (all 40 hex digits) must be reachable from a branch or tag "
+            "of the remote",
+        )
+
+    def abbreviated_sha(self) -> SourceError:
+        return SourceError(
+            f"ref {self.ref!r} is no branch or tag of {self.remote.url}, and an abbreviated commit SHA is "
+            "not followed",
+            hint="pin a commit by all 40 hex digits (git rev-parse <sha>): gitopsd fetches only the ref it is "
+            "given, and finding a prefix would fetch every branch and tag of the remote",
         )
 
     def failed(self, *, verb: str, stderr: str) -> SourceError:
@@ -817,17 +825,18 @@ def _resolve(*, repo: Path, git: _Git) -> str:
         target = "refs/gitopsd/HEAD" if refname == "HEAD" else refname
         _fetch(repo=repo, git=git, refspecs=[f"+{refname}:{target}"], depth=1)
         return sha   # a commit or a tag of one: _read_revision peels it, or says it is neither
-    if not _HEX.fullmatch(ref):
-        raise git.unknown_ref()
-    sha = _local_commit(repo=repo, rev=ref, git=git)
-    if sha:
-        return sha
-    if _FULL_SHA.fullmatch(ref):
-        # Protocol v2 servers usually serve any reachable commit by SHA.
-        attempt = _fetch(repo=repo, git=git, refspecs=[f"+{ref}:refs/gitopsd/commit"], depth=1, check=False)
-        if attempt.returncode == 0:
-            return ref
-    # Fall back to everything the remote's branches and tags can reach.
+    if not _FULL_SHA.fullmatch(ref):
+        # Only the configured ref is fetched: finding an abbreviated SHA would
+        # take every branch and tag of the remote (anyone's pushed work), and a
+        # prefix is no name for a commit one reviewed.
+        raise git.abbreviated_sha() if _HEX.fullmatch(ref) else git.unknown_ref()
+    # Protocol v2 servers serve any reachable commit by SHA.
+    attempt = _fetch(repo=repo, git=git, refspecs=[f"+{ref}:refs/gitopsd/commit"], depth=1, check=False)
+    if attempt.returncode == 0:
+        return ref
+    # A server that will not (protocol v0 without uploadpack.allowReachableSHA1InWant, a dumb
+    # HTTP server): look for the commit in its branches and tags. Still only that commit is
+    # rendered: a full SHA names its content.
     _fetch(
         repo=repo,
         git=git,

@@ -191,10 +191,11 @@ def fetch_and_plan(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None,
 
 def plan_options(app: AppSpec) -> dict:
     """What make_plan takes from the app beyond prune/recreate/allowed namespaces: the drift it allows,
-    the namespace it may create (createNamespace) and the field managers it takes over. One place for
-    `sync` and `heal`."""
+    the namespace it may create (createNamespace), the field managers it takes over and the
+    ServiceAccount its writes are made as (serviceAccountName; the apply acts as the plan's). One
+    place for `sync` and `heal`."""
     return dict(ignore=app.ignore, create_namespace=app.namespace if app.create_namespace else None,
-                take_over=app.take_over_managers)
+                take_over=app.take_over_managers, act_as=app.service_account)
 
 
 def _render(kube: Kube, app: AppSpec, checkout: source.Checkout, *, renders: RenderCache | None,
@@ -203,7 +204,8 @@ def _render(kube: Kube, app: AppSpec, checkout: source.Checkout, *, renders: Ren
     (or in a cached render) is registered."""
     options = dict(kind=app.render, namespace=app.namespace, helm_values=app.helm_values,
                    helm_release=app.helm_release or app.name, is_namespaced=kube.is_namespaced,
-                   allow_remote_bases=app.allow_remote_bases, decryption=app.decryption_keys)
+                   allow_remote_bases=app.allow_remote_bases, allow_remote_charts=app.allow_remote_charts,
+                   decryption=app.decryption_keys)
     if renders is not None:
         rendered = renders.render(checkout, app.path, app=app.name if follow_inputs else None, **options)
         return rendered.since, rendered.manifests

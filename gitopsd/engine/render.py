@@ -895,9 +895,15 @@ def _kustomize_decrypted(real_root: Path, walk: confine.KustomizeWalk, *, rel: s
     if len(plaintexts) < len(walk.encrypted):
         return None
     with decrypt.workspace() as space, tempfile.TemporaryDirectory(prefix="gitopsd-kustomize-") as home:
-        decrypt.copy_inputs(real_root, _closed_inputs(real_root, problems.inputs), space)
-        for real, plain in plaintexts.items():
-            decrypt.write_private(space / relative(real_root, real), plain)
+        try:
+            decrypt.copy_inputs(real_root, _closed_inputs(real_root, problems.inputs), space)
+            for real, plain in plaintexts.items():
+                decrypt.write_private(space / relative(real_root, real), plain)
+        except OSError as exc:   # a full /dev/shm (64 MiB in a pod by default), say
+            problems.add(f"kustomize build {rel}: could not prepare the private copy to decrypt into "
+                         f"({space.parent}): {exc.strerror or exc}",
+                         hint="give the pod a larger /dev/shm (an emptyDir with medium: Memory) or a writable /tmp")
+            return None
         before = len(problems.items)
         out = _run_tool("kustomize", ["build", rel], cwd=space, home=home, timeout=timeout,
                         what=f"kustomize build {rel}", problems=problems)

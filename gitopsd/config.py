@@ -90,7 +90,7 @@ from gitopsd.errors import GitopsdError, yaml_error_parts
 from gitopsd.kube import ServiceAccount
 
 if TYPE_CHECKING:
-    from gitopsd.engine import source, sync
+    from gitopsd.engine import signature, source, sync
 
 #: An app name is also its ApplySet (inventory) name; kept well under the
 #: 63-character label limit so derived names (parent object, labels) fit.
@@ -629,6 +629,61 @@ class CredentialsRef(_Section):
 
 
 @dataclass(frozen=True, config=MODEL_CONFIG)
+class KeysSecretRef(_Section):
+    """A Secret whose entries are public keys (public: no secret is read from it)."""
+
+    name: SecretName
+    """The Secret's name."""
+    namespace: Namespace | None = None
+    """Its namespace (default: gitopsd's own; gitopsd must be allowed to read Secrets there)."""
+
+
+@dataclass(frozen=True, config=MODEL_CONFIG)
+class KeysFrom(_Section):
+    """Where the trusted public keys are: a Secret (`secretRef`) or a file or directory (`file`), not both.
+    Each Secret entry or file holds ssh public keys (one a line) or ASCII-armored OpenPGP public keys."""
+
+    _what = "a mapping such as {secretRef: {name: team-keys}} or {file: /etc/gitopsd/keys}"
+
+    secret_ref: KeysSecretRef | None = None
+    """A Secret whose entries are public keys: `{name: team-keys}` (read at every reconcile: a key added is used
+    at the next one, a key removed no longer trusted)."""
+    file: FilePath | None = None
+    """A file of public keys, or a directory of such files (a mounted Secret or ConfigMap; dotfiles are
+    skipped); relative paths are relative to the config file."""
+
+    @model_validator(mode="after")
+    def _one_kind(self, info: ValidationInfo) -> KeysFrom:
+        if _in_file(info):
+            if problems := self.problems():
+                _refuse(type(self).__name__, problems)
+        return self
+
+    def problems(self) -> list[tuple[tuple[str, ...], str]]:
+        """Exactly one place: a Secret or a file."""
+        if self.secret_ref is not None and self.file is not None:
+            return [(("secretRef",), "use either secretRef or file, not both")]
+        if self.secret_ref is None and self.file is None:
+            return [(("secretRef",), "missing: name a Secret of public keys (secretRef: {name: ...}) or a "
+                                     "file or directory of them (file: /path)")]
+        return []
+
+
+@dataclass(frozen=True, config=MODEL_CONFIG)
+class Verify(_Section):
+    """Commit signature verification (gitopsd.engine.signature): the fetched commit must carry a valid
+    signature by one of the trusted keys, or nothing of it is rendered, applied or pruned."""
+
+    _what = "a mapping such as {provider: ssh, keysFrom: {secretRef: {name: team-keys}}}"
+
+    provider: Literal["ssh", "openpgp"]
+    """ssh (commits signed with gpg.format ssh, checked by ssh-keygen -Y verify against the keys as allowed
+    signers) or openpgp (checked by gpg against exactly these keys)."""
+    keys_from: KeysFrom
+    """Where the trusted public keys are: {secretRef: {name: ...}} or {file: PATH}."""
+
+
+@dataclass(frozen=True, config=MODEL_CONFIG)
 class Helm(_Section):
     """Helm settings, for `render: helm` (or `auto` finding a Chart.yaml)."""
 
@@ -782,6 +837,15 @@ class AppConfig(_Section):
     """Let kustomize fetch remote bases (URLs), read at render time from outside the reviewed commit."""
     credentials: CredentialsRef | None = None
     """Where the Git credentials are (a Secret or mounted files); none for a public repository."""
+    verify: Verify | None = None
+    """Deploy only signed commits: {provider: ssh|openpgp, keysFrom: {secretRef: {name: ...}} | {file: PATH}}.
+
+    An unsigned commit, one signed by a key not in the set, or one whose
+    signature does not match it is refused before it is rendered: nothing
+    applied, nothing pruned, a Failed result and an audit record naming the
+    commit and why. A good one's audit record says who signed it with which
+    key. A held or rolled-back app's target commit is checked the same way.
+    """
     allowed_namespaces: AllowedNamespaces | None = None
     """The only namespaces the app may write to (no cluster-scoped objects then); absent: anywhere."""
     prune_guard: Share = 0.5
@@ -896,21 +960,27 @@ class AppConfig(_Section):
                                           f"[{', '.join(self.allowed_namespaces)}]{how}"))
         return found
 
-    def to_spec(self, *, inventory_namespace: str, credentials: source.Credentials | None = None) -> sync.AppSpec:
+    def to_spec(self, *, inventory_namespace: str, credentials: source.Credentials | None = None,
+                trusted_keys: signature.TrustedKeys | None = None) -> sync.AppSpec:
         """What one reconcile of this app needs, for `sync.sync` / `fetch_and_plan`: this app, with
         ``credentials`` (the resolved values of ``self.credentials``: the caller reads the Secret or the
-        files) and the namespace of its inventory.
+        files), ``trusted_keys`` (the keys ``self.verify`` names, as read now) and the namespace of its
+        inventory.
 
         Raises ValueError when the app names credentials but none are passed:
         fetching anonymously would fail later with a misleading
-        "authentication failed" from the remote.
+        "authentication failed" from the remote. Likewise for keys: an app
+        that verifies signatures never runs without its key set.
         """
         from gitopsd.engine.sync import AppSpec
 
         if self.credentials is not None and credentials is None:
             raise ValueError(f"app {self.name!r} names credentials; resolve them and pass credentials=")
+        if self.verify is not None and trusted_keys is None:
+            raise ValueError(f"app {self.name!r} verifies commit signatures; read its keys and pass trusted_keys=")
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return AppSpec(**{**fields, "credentials": credentials, "inventory_namespace": inventory_namespace})
+        return AppSpec(**{**fields, "credentials": credentials, "trusted_keys": trusted_keys,
+                          "inventory_namespace": inventory_namespace})
 
 
 @dataclass(frozen=True, config=MODEL_CONFIG)

@@ -1,10 +1,16 @@
-"""Git credentials of the apps, resolved at every reconcile (rotation works).
+"""Git credentials and trusted signing keys of the apps, resolved at every reconcile (rotation works).
 
 An app names its credentials either as a Secret in gitopsd's namespace
 (keys token, username, identity, known_hosts) or as files mounted into the
 pod. SSH key material read from a Secret is written to private files
 (0600) in a directory of this process, removed at shutdown. The secret
 parts are registered with gitopsd.redact as they are read.
+
+The public keys an app trusts for commit signatures (`verify.keysFrom`) are
+read the same way, at every reconcile, from a Secret (every entry) or a
+file or directory (every file but dotfiles: a mounted Secret's `..data`):
+a key added is used at the next reconcile, a key removed is no longer
+trusted there. They are public: nothing is registered or written to disk.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from pathlib import Path
 
 from gitopsd import config as config_mod
 from gitopsd import redact
-from gitopsd.engine import source
+from gitopsd.engine import signature, source
 from gitopsd.errors import GitopsdError
 from gitopsd.kube import Kube
 
@@ -75,6 +81,40 @@ class CredentialStore:
         redact.remember((token, key))
         return source.Credentials(username=username, token=token, ssh_key_file=ref.ssh_key_file,
                                   known_hosts_file=ref.known_hosts_file)
+
+    def trusted_keys(self, cfg: config_mod.AppConfig) -> signature.TrustedKeys | None:
+        """The public keys `cfg.verify` names, as they are now; None for an app that does not verify.
+        Raises GitopsdError naming the Secret or file when they cannot be read or hold no usable key."""
+        if cfg.verify is None:
+            return None
+        where = cfg.verify.keys_from
+        if where.secret_ref is not None:
+            namespace = where.secret_ref.namespace or self.namespace
+            origin = f"Secret {namespace}/{where.secret_ref.name}"
+            secret = self.kube.get(self.kube.resource("v1", "Secret"), where.secret_ref.name, namespace)
+            if secret is None:
+                raise GitopsdError(f"app {cfg.name}: trusted keys {origin} not found; refusing to deploy "
+                                   "unverified commits", hint="create it: kubectl create secret generic "
+                                   f"{where.secret_ref.name} -n {namespace} --from-file=alice.pub=...")
+            try:
+                entries = [(k, base64.b64decode(v).decode()) for k, v in (secret.get("data") or {}).items()]
+            except (ValueError, UnicodeDecodeError):
+                raise GitopsdError(f"app {cfg.name}: trusted keys {origin} has an entry that is not text",
+                                   hint="each entry holds public keys as text") from None
+        else:
+            origin = f"file {where.file}"
+            try:
+                files = sorted(p for p in where.file.iterdir() if not p.name.startswith(".") and p.is_file()) \
+                    if where.file.is_dir() else [where.file]
+                entries = [(p.name, p.read_text()) for p in files]
+            except (OSError, UnicodeDecodeError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) else "not text"
+                raise GitopsdError(f"app {cfg.name}: cannot read trusted keys {origin}: {why}",
+                                   hint="is the volume with the keys mounted at that path?") from None
+        try:
+            return signature.TrustedKeys(provider=cfg.verify.provider, entries=tuple(sorted(entries)), origin=origin)
+        except GitopsdError as exc:
+            raise GitopsdError(f"app {cfg.name}: {exc.message}", hint=exc.hint) from None
 
     def _private_file(self, name: str, content: str) -> Path:
         path = self._secret_dir / name

@@ -218,7 +218,8 @@ class AppRunner:
             return
         try:
             spec = cfg.to_spec(inventory_namespace=self.daemon.namespace,
-                               credentials=self.daemon.credentials.resolve(cfg))
+                               credentials=self.daemon.credentials.resolve(cfg),
+                               trusted_keys=self.daemon.credentials.trusted_keys(cfg))
         except GitopsdError as exc:
             self._record_failure(trigger, str(exc))
             return

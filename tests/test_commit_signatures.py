@@ -419,6 +419,31 @@ def ssh_app(name: str, repo: GitRepo, namespace: str) -> dict:
 
 
 @pytest.mark.cluster
+def test_key_secret_that_is_missing_or_holds_a_private_key_fails_the_app_naming_it(kube, namespace, ssh_keys):
+    from gitopsd.config import AppConfig, KeysSecretRef
+
+    alice = ssh_keys("alice")
+    cfg = AppConfig(name="sig-keys", repo="r", verify=Verify(provider="ssh", keys_from=KeysFrom(
+        secret_ref=KeysSecretRef(name="team-keys"))))
+    store = CredentialStore(kube, namespace=namespace)
+    try:
+        with pytest.raises(GitopsdError) as missing:
+            store.trusted_keys(cfg)
+        assert missing.value.message == (f"app sig-keys: trusted keys Secret {namespace}/team-keys not found; "
+                                         "refusing to deploy unverified commits")
+        kube.request("POST", f"/api/v1/namespaces/{namespace}/secrets", body={
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "team-keys"},
+            "data": {"alice.pub": base64.b64encode(alice.public.encode()).decode(),
+                     "alice": base64.b64encode(alice.key.read_bytes()).decode()}})
+        with pytest.raises(GitopsdError) as private:
+            store.trusted_keys(cfg)
+        assert private.value.message == (f"app sig-keys: Secret {namespace}/team-keys: alice holds a private key; "
+                                         "only public keys belong there")
+    finally:
+        store.close()
+
+
+@pytest.mark.cluster
 def test_daemon_applies_a_trusted_ssh_commit_records_its_signer_and_refuses_an_unsigned_one(
         repo, kube, namespace, tmp_path, start_daemon, ssh_keys, kubeconfig, source_cache):
     alice = ssh_keys("alice")

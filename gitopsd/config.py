@@ -629,7 +629,30 @@ class CredentialsRef(_Section):
 
 
 @dataclass(frozen=True, config=MODEL_CONFIG)
-class KeysSecretRef(_Section):
+class Helm(_Section):
+    """Helm settings, for `render: helm` (or `auto` finding a Chart.yaml)."""
+
+    values_files: ValuesFiles = ()
+    """Values files relative to the repository root, in order (a later one wins)."""
+    release_name: HelmRelease | None = None
+    """The release name (default: the app's name)."""
+    allow_remote_dependencies: Flag = False
+    """Let `helm dependency build` fetch the chart's dependencies that are not vendored under charts/
+    from their repositories (https://, oci://) at render time, from outside the reviewed commit. Off:
+    such a chart fails naming the dependency. file:// dependencies inside the repository are always
+    built, offline (gitopsd.engine.helm_deps)."""
+
+
+@dataclass(frozen=True, config=MODEL_CONFIG)
+class Rollback(_Section):
+    """What gitopsd does when a revision ends Unhealthy (gitopsd.daemon.release)."""
+
+    on_unhealthy: Flag = False
+    """Re-apply the last revision recorded Applied and Healthy, and quarantine the bad commit until a newer one changes the app."""
+
+
+@dataclass(frozen=True, config=MODEL_CONFIG)
+class TrustedKeysSecretRef(_Section):
     """A Secret whose entries are public keys (public: no secret is read from it)."""
 
     name: SecretName
@@ -639,13 +662,13 @@ class KeysSecretRef(_Section):
 
 
 @dataclass(frozen=True, config=MODEL_CONFIG)
-class KeysFrom(_Section):
+class TrustedKeysFrom(_Section):
     """Where the trusted public keys are: a Secret (`secretRef`) or a file or directory (`file`), not both.
     Each Secret entry or file holds ssh public keys (one a line) or ASCII-armored OpenPGP public keys."""
 
     _what = "a mapping such as {secretRef: {name: team-keys}} or {file: /etc/gitopsd/keys}"
 
-    secret_ref: KeysSecretRef | None = None
+    secret_ref: TrustedKeysSecretRef | None = None
     """A Secret whose entries are public keys: `{name: team-keys}` (read at every reconcile: a key added is used
     at the next one, a key removed no longer trusted)."""
     file: FilePath | None = None
@@ -653,7 +676,7 @@ class KeysFrom(_Section):
     skipped); relative paths are relative to the config file."""
 
     @model_validator(mode="after")
-    def _one_kind(self, info: ValidationInfo) -> KeysFrom:
+    def _one_kind(self, info: ValidationInfo) -> TrustedKeysFrom:
         if _in_file(info):
             if problems := self.problems():
                 _refuse(type(self).__name__, problems)
@@ -679,31 +702,8 @@ class Verify(_Section):
     provider: Literal["ssh", "openpgp"]
     """ssh (commits signed with gpg.format ssh, checked by ssh-keygen -Y verify against the keys as allowed
     signers) or openpgp (checked by gpg against exactly these keys)."""
-    keys_from: KeysFrom
+    keys_from: TrustedKeysFrom
     """Where the trusted public keys are: {secretRef: {name: ...}} or {file: PATH}."""
-
-
-@dataclass(frozen=True, config=MODEL_CONFIG)
-class Helm(_Section):
-    """Helm settings, for `render: helm` (or `auto` finding a Chart.yaml)."""
-
-    values_files: ValuesFiles = ()
-    """Values files relative to the repository root, in order (a later one wins)."""
-    release_name: HelmRelease | None = None
-    """The release name (default: the app's name)."""
-    allow_remote_dependencies: Flag = False
-    """Let `helm dependency build` fetch the chart's dependencies that are not vendored under charts/
-    from their repositories (https://, oci://) at render time, from outside the reviewed commit. Off:
-    such a chart fails naming the dependency. file:// dependencies inside the repository are always
-    built, offline (gitopsd.engine.helm_deps)."""
-
-
-@dataclass(frozen=True, config=MODEL_CONFIG)
-class Rollback(_Section):
-    """What gitopsd does when a revision ends Unhealthy (gitopsd.daemon.release)."""
-
-    on_unhealthy: Flag = False
-    """Re-apply the last revision recorded Applied and Healthy, and quarantine the bad commit until a newer one changes the app."""
 
 
 @dataclass(frozen=True, config=MODEL_CONFIG)

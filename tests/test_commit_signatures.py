@@ -33,7 +33,7 @@ from helpers import (
 )
 
 from gitopsd import audit
-from gitopsd.config import KeysFrom, Verify
+from gitopsd.config import TrustedKeysFrom, Verify
 from gitopsd.daemon.credentials import CredentialStore
 from gitopsd.engine import signature, source
 from gitopsd.engine.signature import BAD, GOOD, UNKNOWN_KEY, UNSIGNED, KeysError, TrustedKeys
@@ -315,7 +315,7 @@ def keys_file(tmp_path: Path, *signers) -> Path:
 
 def verifying(app, kube, tmp_path: Path, provider: str, *signers, **overrides):
     """The app's spec with `verify`, its keys read as the daemon reads them."""
-    verify = Verify(provider=provider, keys_from=KeysFrom(file=keys_file(tmp_path, *signers)))
+    verify = Verify(provider=provider, keys_from=TrustedKeysFrom(file=keys_file(tmp_path, *signers)))
     spec = app.spec(verify=verify, **overrides)
     store = CredentialStore(kube, namespace=spec.inventory_namespace)
     try:
@@ -420,11 +420,11 @@ def ssh_app(name: str, repo: GitRepo, namespace: str) -> dict:
 
 @pytest.mark.cluster
 def test_key_secret_that_is_missing_or_holds_a_private_key_fails_the_app_naming_it(kube, namespace, ssh_keys):
-    from gitopsd.config import AppConfig, KeysSecretRef
+    from gitopsd.config import AppConfig, TrustedKeysSecretRef
 
     alice = ssh_keys("alice")
-    cfg = AppConfig(name="sig-keys", repo="r", verify=Verify(provider="ssh", keys_from=KeysFrom(
-        secret_ref=KeysSecretRef(name="team-keys"))))
+    cfg = AppConfig(name="sig-keys", repo="r", verify=Verify(provider="ssh", keys_from=TrustedKeysFrom(
+        secret_ref=TrustedKeysSecretRef(name="team-keys"))))
     store = CredentialStore(kube, namespace=namespace)
     try:
         with pytest.raises(GitopsdError) as missing:
@@ -463,7 +463,8 @@ def test_daemon_applies_a_trusted_ssh_commit_records_its_signer_and_refuses_an_u
     repo.write("cm.yaml", configmap("settings", {"color": "red"}))
     unsigned = commit(repo, "red, unsigned")   # the daemon watches the local repository
     refused = wait_transition(daemon, "the unsigned commit refused", revision=unsigned, result="Failed")
-    assert refused["reason"] == f"commit {unsigned[:12]} refused: the commit is unsigned; nothing was rendered or applied"
+    assert refused["reason"] == \
+        f"commit {unsigned[:12]} refused: the commit is unsigned; nothing was rendered or applied"
     assert refused["signature"]["verdict"] == "unsigned" and refused["written"] == 0
     assert cm_data(kube, namespace, "settings") == {"color": "blue"}
     assert cm_data(kube, namespace, "extra") == {"v": "1"}, "a refused commit prunes nothing"

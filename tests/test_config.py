@@ -29,8 +29,8 @@ from gitopsd.config import (
     HealthCheckExpr,
     Helm,
     IgnoreDifference,
-    KeysFrom,
-    KeysSecretRef,
+    TrustedKeysFrom,
+    TrustedKeysSecretRef,
     Rollback,
     SecretRef,
     Verify,
@@ -256,7 +256,8 @@ def test_full_app_round_trips_every_field() -> None:
         helm=Helm(values_files=("values.yaml", "values-prod.yaml"), release_name="web"),
         allow_remote_bases=True,
         credentials=CredentialsRef(secret_ref=SecretRef(name="fleet-git")),
-        verify=Verify(provider="ssh", keys_from=KeysFrom(secret_ref=KeysSecretRef(name="team-keys"))),
+        verify=Verify(provider="ssh",
+                      keys_from=TrustedKeysFrom(secret_ref=TrustedKeysSecretRef(name="team-keys"))),
         allowed_namespaces=("production", "monitoring"),
         prune_guard=0.25,
         allow_prune_all=True,
@@ -716,9 +717,10 @@ def test_verify_takes_a_provider_and_keys_from_a_secret_or_a_file(tmp_path: Path
             repo: r
             verify: {provider: ssh, keysFrom: {file: keys/allowed}}
     """), base_dir=tmp_path)
-    assert config.apps[0].verify == Verify(provider="openpgp", keys_from=KeysFrom(
-        secret_ref=KeysSecretRef(name="team-keys", namespace="keys")))
-    assert config.apps[1].verify == Verify(provider="ssh", keys_from=KeysFrom(file=tmp_path / "keys/allowed"))
+    assert config.apps[0].verify == Verify(provider="openpgp", keys_from=TrustedKeysFrom(
+        secret_ref=TrustedKeysSecretRef(name="team-keys", namespace="keys")))
+    assert config.apps[1].verify == Verify(provider="ssh",
+                                           keys_from=TrustedKeysFrom(file=tmp_path / "keys/allowed"))
 
 
 def test_verify_problems_name_the_field_and_what_to_write() -> None:

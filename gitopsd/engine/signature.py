@@ -288,6 +288,9 @@ def _judge_ssh(tmp: Path, *, sha: str, keys: TrustedKeys) -> Signature:
 def _judge_openpgp(tmp: Path, *, sha: str, keys: TrustedKeys) -> Signature:
     home = tmp / "gnupg"
     home.mkdir(mode=0o700)
+    # GnuPG 2.4 writes `use-keyboxd` into a new home's common.conf, and then keeps keys in a daemon
+    # (keyboxd) that --no-autostart never starts; an empty common.conf keeps the keyring a file here.
+    (home / "common.conf").write_text("")
     gpg = ["gpg", "--homedir", str(home), "--batch", "--no-tty", "--no-autostart", "--status-fd", "1"]
     for name, text in keys.entries:
         entry = tmp / "key.asc"

@@ -4,7 +4,7 @@
 # Three stages, so the final image holds no compiler and no build tool:
 #   python-build  the gitopsd wheel, installed with its dependencies in a venv
 #   tools         kustomize and helm, built from their Go modules (static, CGO off)
-#   final         python slim + git + ssh client + the venv + the two binaries
+#   final         python slim + git + ssh client + gpg + the venv + the binaries
 #
 # Base images are pinned by tag. For a release, pin them by digest as well
 # (FROM python:3.11-slim-trixie@sha256:...), so a rebuild is byte-for-byte
@@ -53,12 +53,14 @@ LABEL org.opencontainers.image.title="gitopsd" \
       org.opencontainers.image.description="GitOps reconciliation daemon: Git commits in, converged Kubernetes cluster and an audit trail out" \
       org.opencontainers.image.version="0.1.0" \
       org.opencontainers.image.licenses="Apache-2.0"
-# git for sources (GitPython drives the git binary), ssh for ssh:// remotes.
+# git for sources (GitPython drives the git binary), ssh for ssh:// remotes and
+# ssh-keygen -Y verify (commit signatures), gpg for OpenPGP commit signatures
+# (Debian's minimal gpg: import and verify, no agent, no dirmngr).
 # Versions come with the pinned base image's Debian release; no recommends
 # (no compilers, no perl docs), no package lists left behind.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends git openssh-client ca-certificates \
+ && apt-get install -y --no-install-recommends git openssh-client gpg ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
  && mkdir -p /var/cache/gitopsd \
  && chown 65532:65532 /var/cache/gitopsd

@@ -91,7 +91,7 @@ from gitopsd.errors import GitopsdError, yaml_error_parts
 from gitopsd.kube import ServiceAccount
 
 if TYPE_CHECKING:
-    from gitopsd.engine import source, sync
+    from gitopsd.engine import signature, source, sync
 
 #: An app name is also its ApplySet (inventory) name; kept well under the
 #: 63-character label limit so derived names (parent object, labels) fit.
@@ -693,6 +693,61 @@ class Rollback(_Section):
 
 
 @dataclass(frozen=True, config=MODEL_CONFIG)
+class TrustedKeysSecretRef(_Section):
+    """A Secret whose entries are public keys (public: no secret is read from it)."""
+
+    name: SecretName
+    """The Secret's name."""
+    namespace: Namespace | None = None
+    """Its namespace (default: gitopsd's own; gitopsd must be allowed to read Secrets there)."""
+
+
+@dataclass(frozen=True, config=MODEL_CONFIG)
+class TrustedKeysFrom(_Section):
+    """Where the trusted public keys are: a Secret (`secretRef`) or a file or directory (`file`), not both.
+    Each Secret entry or file holds ssh public keys (one a line) or ASCII-armored OpenPGP public keys."""
+
+    _what = "a mapping such as {secretRef: {name: team-keys}} or {file: /etc/gitopsd/keys}"
+
+    secret_ref: TrustedKeysSecretRef | None = None
+    """A Secret whose entries are public keys: `{name: team-keys}` (read at every reconcile: a key added is used
+    at the next one, a key removed no longer trusted)."""
+    file: FilePath | None = None
+    """A file of public keys, or a directory of such files (a mounted Secret or ConfigMap; dotfiles are
+    skipped); relative paths are relative to the config file."""
+
+    @model_validator(mode="after")
+    def _one_kind(self, info: ValidationInfo) -> TrustedKeysFrom:
+        if _in_file(info):
+            if problems := self.problems():
+                _refuse(type(self).__name__, problems)
+        return self
+
+    def problems(self) -> list[tuple[tuple[str, ...], str]]:
+        """Exactly one place: a Secret or a file."""
+        if self.secret_ref is not None and self.file is not None:
+            return [(("secretRef",), "use either secretRef or file, not both")]
+        if self.secret_ref is None and self.file is None:
+            return [(("secretRef",), "missing: name a Secret of public keys (secretRef: {name: ...}) or a "
+                                     "file or directory of them (file: /path)")]
+        return []
+
+
+@dataclass(frozen=True, config=MODEL_CONFIG)
+class Verify(_Section):
+    """Commit signature verification (gitopsd.engine.signature): the fetched commit must carry a valid
+    signature by one of the trusted keys, or nothing of it is rendered, applied or pruned."""
+
+    _what = "a mapping such as {provider: ssh, keysFrom: {secretRef: {name: team-keys}}}"
+
+    provider: Literal["ssh", "openpgp"]
+    """ssh (commits signed with gpg.format ssh, checked by ssh-keygen -Y verify against the keys as allowed
+    signers) or openpgp (checked by gpg against exactly these keys)."""
+    keys_from: TrustedKeysFrom
+    """Where the trusted public keys are: {secretRef: {name: ...}} or {file: PATH}."""
+
+
+@dataclass(frozen=True, config=MODEL_CONFIG)
 class IgnoreDifference(_Section):
     """Drift to allow on some objects (Argo CD's ignoreDifferences): their fields named by
     jsonPointers or fields, and those owned by managedFieldsManagers, are left to whoever changes
@@ -827,6 +882,15 @@ class AppConfig(_Section):
     """Decrypt SOPS-encrypted files (plain manifests, kustomize resources and secretGenerator inputs) with age
     keys from a Secret or a mounted file: {provider: sops, keysFrom: {secretRef: {name: sops-age}}}. Without it
     an encrypted file fails the render."""
+    verify: Verify | None = None
+    """Deploy only signed commits: {provider: ssh|openpgp, keysFrom: {secretRef: {name: ...}} | {file: PATH}}.
+
+    An unsigned commit, one signed by a key not in the set, or one whose
+    signature does not match it is refused before it is rendered: nothing
+    applied, nothing pruned, a Failed result and an audit record naming the
+    commit and why. A good one's audit record says who signed it with which
+    key. A held or rolled-back app's target commit is checked the same way.
+    """
     allowed_namespaces: AllowedNamespaces | None = None
     """The only namespaces the app may write to (no cluster-scoped objects then); absent: anywhere."""
     prune_guard: Share = 0.5
@@ -942,14 +1006,17 @@ class AppConfig(_Section):
         return found
 
     def to_spec(self, *, inventory_namespace: str, credentials: source.Credentials | None = None,
-                decryption_keys: decrypt_mod.Keys | None = None) -> sync.AppSpec:
+                decryption_keys: decrypt_mod.Keys | None = None,
+                trusted_keys: signature.TrustedKeys | None = None) -> sync.AppSpec:
         """What one reconcile of this app needs, for `sync.sync` / `fetch_and_plan`: this app, with
         ``credentials`` and ``decryption_keys`` (the resolved values of ``self.credentials`` and
-        ``self.decryption``: the caller reads the Secret or the files) and the namespace of its inventory.
+        ``self.decryption``: the caller reads the Secret or the files), ``trusted_keys`` (the keys
+        ``self.verify`` names, as read now) and the namespace of its inventory.
 
         Raises ValueError when the app names credentials or decryption keys but none are passed:
         fetching anonymously would fail later with a misleading
         "authentication failed" from the remote, rendering without keys with "no decryption keys".
+        Likewise for trusted keys: an app that verifies signatures never runs without its key set.
         """
         from gitopsd.engine.sync import AppSpec
 
@@ -957,8 +1024,11 @@ class AppConfig(_Section):
             raise ValueError(f"app {self.name!r} names credentials; resolve them and pass credentials=")
         if self.decryption is not None and decryption_keys is None:
             raise ValueError(f"app {self.name!r} names decryption keys; resolve them and pass decryption_keys=")
+        if self.verify is not None and trusted_keys is None:
+            raise ValueError(f"app {self.name!r} verifies commit signatures; read its keys and pass trusted_keys=")
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return AppSpec(**{**fields, "credentials": credentials, "decryption_keys": decryption_keys,
+                          "trusted_keys": trusted_keys,
                           "inventory_namespace": inventory_namespace})
 
 

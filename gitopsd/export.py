@@ -47,6 +47,7 @@ Decisions and edge cases:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -159,8 +160,11 @@ def _render_live(kube: Kube, *, spec: cfg.AppConfig, state: LiveState, namespace
     sha = state.live["revision"]
     store = CredentialStore(kube, namespace=namespace)
     try:
-        app = spec.to_spec(inventory_namespace=namespace, credentials=store.resolve(spec),
-                           decryption_keys=store.decryption_keys(spec))
+        # The live commit's signature was checked when it was deployed (its audit record says by whom);
+        # re-creating it is a read, which keys rotated since must not block.
+        app = dataclasses.replace(spec, verify=None).to_spec(inventory_namespace=namespace,
+                                                             credentials=store.resolve(spec),
+                                                              decryption_keys=store.decryption_keys(spec))
         return _fetch_and_render(kube, app=app, sha=sha, cache_dir=cache_dir)
     except GitopsdError as exc:
         hint = exc.hint

@@ -178,7 +178,7 @@ def _object_str(obj: dict) -> str:
 
 
 def summary_line(rec: dict) -> str:
-    """One line per record for `gitopsd history`: time, seq, what happened, who, counts."""
+    """One line per record for `gitopsd history`: time, seq, what happened, who, counts, who signed the commit."""
     when = (rec.get("time") or "")[:19] + "Z"
     seq = f"#{rec.get('seq', '?')}"
     if rec.get("type") == "drift":
@@ -197,6 +197,9 @@ def summary_line(rec: dict) -> str:
     line = (f"{when}  {seq:>6}  {rec.get('result', '?'):<9}  {_short(rec.get('previous'))}->"
             f"{_short(rec.get('revision'))}  {author}  \"{_subject(rec)}\"  {_counts(rec)}  "
             f"[{rec.get('trigger', '?')}]")
+    signature = rec.get("signature")
+    if isinstance(signature, dict) and signature.get("verdict") == "good":
+        line += f"  signed by {signature.get('signer') or '-'} ({signature.get('key')})"
     if rec.get("result") not in ("Applied", "NoChange") and rec.get("reason"):
         line += f"  {rec['reason'][:120]}"
     release = rec.get("release")

@@ -31,8 +31,11 @@ from gitopsd.config import (
     Helm,
     IgnoreDifference,
     KeysFrom,
+    TrustedKeysFrom,
+    TrustedKeysSecretRef,
     Rollback,
     SecretRef,
+    Verify,
     WebhookConfig,
     _os_problem,
     check_share,
@@ -41,7 +44,7 @@ from gitopsd.config import (
     parse,
     parse_duration,
 )
-from gitopsd.engine import decrypt, source
+from gitopsd.engine import decrypt, signature, source
 from gitopsd.engine.sync import AppSpec
 
 
@@ -80,6 +83,10 @@ apps:
     decryption:
       provider: sops
       keysFrom: {file: /etc/gitopsd/sops/age.agekey}
+    verify:
+      provider: ssh
+      keysFrom:
+        secretRef: {name: team-keys}
     allowedNamespaces: [production, monitoring]
     pruneGuard: 0.25
     allowPruneAll: true
@@ -255,6 +262,8 @@ def test_full_app_round_trips_every_field() -> None:
         allow_remote_bases=True,
         credentials=CredentialsRef(secret_ref=SecretRef(name="fleet-git")),
         decryption=Decryption(keys_from=KeysFrom(file=Path("/etc/gitopsd/sops/age.agekey"))),
+        verify=Verify(provider="ssh",
+                      keys_from=TrustedKeysFrom(secret_ref=TrustedKeysSecretRef(name="team-keys"))),
         allowed_namespaces=("production", "monitoring"),
         prune_guard=0.25,
         allow_prune_all=True,
@@ -671,7 +680,10 @@ def test_to_spec_carries_every_setting() -> None:
     app = parse(FULL).apps[1]
     creds = source.Credentials(username="bot", token="t")
     keys = decrypt.Keys(age=("AGE-SECRET-KEY-1QQQ",))
-    spec = app.to_spec(inventory_namespace="gitopsd-system", credentials=creds, decryption_keys=keys)
+    trusted = signature.TrustedKeys(provider="ssh", entries=(("alice.pub", f"ssh-ed25519 {'A' * 68} alice"),),
+                                    origin="Secret gitopsd-system/team-keys")
+    spec = app.to_spec(inventory_namespace="gitopsd-system", credentials=creds, decryption_keys=keys,
+                       trusted_keys=trusted)
     assert spec == AppSpec(
         name="web-production", repo="https://git.example.com/fleet.git", ref="v1.2.3",
         path="web/overlays/production", namespace="production", create_namespace=True, interval=5400.0,
@@ -680,13 +692,14 @@ def test_to_spec_carries_every_setting() -> None:
         allow_remote_bases=True, prune_guard=0.25, allow_prune_all=True, recreate=True,
         take_over_managers=("kubectl-client-side-apply", "helm"), suspend=True, timeout=90.0,
         rollback=Rollback(on_unhealthy=True), credentials=creds, decryption=app.decryption, decryption_keys=keys,
+        verify=app.verify, trusted_keys=trusted,
         inventory_namespace="gitopsd-system", allowed_namespaces=("production", "monitoring"),
         ignore_differences=app.ignore_differences, ignore_managers=("kube-controller-manager", "my-autoscaler"),
         depends_on=("infra",), health_check_exprs=app.health_check_exprs,
         service_account_name="web-deployer", service_account_namespace="web-ops",
     )
     # Every AppSpec field is either carried from the config or given by the caller.
-    given = {"credentials", "decryption_keys", "inventory_namespace"}
+    given = {"credentials", "decryption_keys", "trusted_keys", "inventory_namespace"}
     for f in dataclasses.fields(AppSpec):
         assert f.name in given or getattr(spec, f.name) == getattr(app, f.name), f.name
 
@@ -695,6 +708,47 @@ def test_to_spec_refuses_to_drop_named_credentials() -> None:
     app = parse(FULL).apps[1]
     with pytest.raises(ValueError, match="names credentials"):
         app.to_spec(inventory_namespace="gitopsd-system")
+
+
+def test_to_spec_refuses_to_drop_the_keys_of_an_app_that_verifies_signatures() -> None:
+    app = parse(FULL).apps[1]
+    with pytest.raises(ValueError, match="verifies commit signatures"):
+        app.to_spec(inventory_namespace="gitopsd-system", credentials=source.Credentials(token="t"),
+                    decryption_keys=decrypt.Keys(age=("AGE-SECRET-KEY-1QQQ",)))
+
+
+def test_verify_takes_a_provider_and_keys_from_a_secret_or_a_file(tmp_path: Path) -> None:
+    config = parse(textwrap.dedent("""
+        apps:
+          - name: web
+            repo: r
+            verify: {provider: openpgp, keysFrom: {secretRef: {name: team-keys, namespace: keys}}}
+          - name: api
+            repo: r
+            verify: {provider: ssh, keysFrom: {file: keys/allowed}}
+    """), base_dir=tmp_path)
+    assert config.apps[0].verify == Verify(provider="openpgp", keys_from=TrustedKeysFrom(
+        secret_ref=TrustedKeysSecretRef(name="team-keys", namespace="keys")))
+    assert config.apps[1].verify == Verify(provider="ssh",
+                                           keys_from=TrustedKeysFrom(file=tmp_path / "keys/allowed"))
+
+
+def test_verify_problems_name_the_field_and_what_to_write() -> None:
+    assert problems_of("""
+        apps:
+          - {name: a, repo: r, verify: {provider: gpg, keysFrom: {secretRef: {name: k}}}}
+          - {name: b, repo: r, verify: {provider: ssh, keysFrom: {secretRef: {name: k}, file: /keys}}}
+          - {name: c, repo: r, verify: {provider: ssh, keysFrom: {}}}
+          - {name: d, repo: r, verify: {provider: ssh}}
+          - {name: e, repo: r, verify: {provider: ssh, keysFrom: {secretRef: {name: k}}, keys: x}}
+    """) == [
+        'apps[0] (a).verify.provider: "gpg" is not one of ssh, openpgp',
+        "apps[1] (b).verify.keysFrom.secretRef: use either secretRef or file, not both",
+        "apps[2] (c).verify.keysFrom.secretRef: missing: name a Secret of public keys (secretRef: {name: ...}) "
+        "or a file or directory of them (file: /path)",
+        "apps[3] (d).verify.keysFrom: missing",
+        "apps[4] (e).verify.keys: unknown field; did you mean keysFrom?",
+    ]
 
 
 def test_load_reads_a_file(tmp_path: Path) -> None:
@@ -718,7 +772,7 @@ def test_engine_spec_is_the_app_model_plus_run_time_parts() -> None:
     app_fields = [f.name for f in dataclasses.fields(AppConfig)]
     # Every field once: the app's own, then what only exists at run time.
     assert issubclass(AppSpec, AppConfig)
-    assert spec_fields == [*app_fields, "decryption_keys", "inventory_namespace"]
+    assert spec_fields == [*app_fields, "decryption_keys", "trusted_keys", "inventory_namespace"]
     assert len(set(spec_fields)) == len(spec_fields)
     # `credentials` is the one field whose meaning the spec narrows: the resolved values, not where they are.
     assert AppConfig.__pydantic_fields__["credentials"].annotation != AppSpec.__pydantic_fields__["credentials"].annotation
@@ -886,7 +940,7 @@ def test_schema_documents_every_field_of_the_file(config_schema) -> None:
 
 
 FULL_KEYS = ("name", "repo", "ref", "path", "namespace", "createNamespace", "interval", "prune", "selfHeal", "render",
-             "helm", "allowRemoteBases", "credentials", "decryption", "allowedNamespaces", "pruneGuard", "allowPruneAll", "recreate",
+             "helm", "allowRemoteBases", "credentials", "decryption", "verify", "allowedNamespaces", "pruneGuard", "allowPruneAll", "recreate",
              "takeOverManagers", "suspend", "timeout", "rollback", "ignoreDifferences", "ignoreManagers", "dependsOn",
              "healthCheckExprs", "serviceAccountName", "serviceAccountNamespace")
 

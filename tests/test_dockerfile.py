@@ -151,7 +151,8 @@ def test_final_stage_has_no_compiler_and_cleans_apt_lists(final):
         if "apt-get install" in run:
             assert "--no-install-recommends" in run
             assert "rm -rf /var/lib/apt/lists/*" in run
-            assert {"git", "openssh-client"} <= set(run.split())
+            # git: sources; openssh-client: ssh remotes and ssh-keygen -Y verify; gpg: OpenPGP signatures.
+            assert {"git", "openssh-client", "gpg"} <= set(run.split())
     # Only artifacts come from the build stages: the venv and two static binaries.
     copies = final.all("COPY")
     assert all(c.startswith("--from=") for c in copies), copies

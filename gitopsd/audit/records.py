@@ -10,7 +10,10 @@ Record fields (stable names; see transition_record and drift_record):
 ``type`` (transition|drift|release), ``app``, ``time`` (UTC ISO 8601), ``instance``,
 ``seq``, ``prev_hash``, ``hash``; transitions add ``trigger``, ``source``,
 ``ref``, ``previous``, ``revision``, ``commit`` {author, committer, message,
-time}, ``signature`` (null until verification exists), ``plan`` {objects
+time}, ``signature`` (null for an app without `verify`; else {provider,
+verdict, key, signer, commit}: `good` with the signing key's fingerprint and
+who signed, or why the commit was refused: `unsigned`, `unknown-key`, `bad`),
+``plan`` {objects
 [{group, kind, namespace, name, uid?, action, fields, done}], unchanged,
 kept, orphans}, ``written``, ``result``, ``reason``, ``errors``, ``health``
 {outcome, objects}, ``started``, ``duration_seconds``, and ``release`` {state,
@@ -154,7 +157,7 @@ def transition_record(result: SyncResult, *, trigger: str, previous: str | None,
         "revision": rev.sha if rev else None,
         "commit": None if rev is None else {
             "author": rev.author, "committer": rev.committer, "message": message, "time": iso_time(rev.time)},
-        "signature": None,   # no commit signature verification yet; the field is kept for it
+        "signature": rev.signature.record() if rev is not None and rev.signature is not None else None,
         "plan": {"objects": objects, "unchanged": unchanged, "kept": kept, "orphans": orphans},
         "written": len(done),
         "result": result_name,

@@ -1,4 +1,4 @@
-"""Git credentials and SOPS keys of the apps, resolved at every reconcile (rotation works).
+"""Git credentials, SOPS keys and trusted signing keys of the apps, resolved at every reconcile (rotation works).
 
 An app names its credentials either as a Secret in gitopsd's namespace
 (keys token, username, identity, known_hosts) or as files mounted into the
@@ -10,6 +10,12 @@ Its SOPS keys (`decryption.keysFrom`) the same way: the entries of a Secret
 in gitopsd's namespace whose names end in .agekey (Flux's convention), or a
 mounted file or directory. They stay in memory (gitopsd.engine.decrypt.Keys):
 sops gets them through its environment, never from a file.
+
+The public keys an app trusts for commit signatures (`verify.keysFrom`) are
+read the same way, at every reconcile, from a Secret (every entry) or a
+file or directory (every file but dotfiles: a mounted Secret's `..data`):
+a key added is used at the next reconcile, a key removed is no longer
+trusted there. They are public: nothing is registered or written to disk.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from pathlib import Path
 
 from gitopsd import config as config_mod
 from gitopsd import redact
-from gitopsd.engine import decrypt, source
+from gitopsd.engine import decrypt, signature, source
 from gitopsd.errors import GitopsdError
 from gitopsd.kube import Kube
 
@@ -103,6 +109,40 @@ class CredentialStore:
                 except (ValueError, UnicodeDecodeError):
                     raise GitopsdError(f"{where}: entry {key} is not text", hint=_KEYS_HINT) from None
         return _found(texts, where=where)
+
+    def trusted_keys(self, cfg: config_mod.AppConfig) -> signature.TrustedKeys | None:
+        """The public keys `cfg.verify` names, as they are now; None for an app that does not verify.
+        Raises GitopsdError naming the Secret or file when they cannot be read or hold no usable key."""
+        if cfg.verify is None:
+            return None
+        where = cfg.verify.keys_from
+        if where.secret_ref is not None:
+            namespace = where.secret_ref.namespace or self.namespace
+            origin = f"Secret {namespace}/{where.secret_ref.name}"
+            secret = self.kube.get(self.kube.resource("v1", "Secret"), where.secret_ref.name, namespace)
+            if secret is None:
+                raise GitopsdError(f"app {cfg.name}: trusted keys {origin} not found; refusing to deploy "
+                                   "unverified commits", hint="create it: kubectl create secret generic "
+                                   f"{where.secret_ref.name} -n {namespace} --from-file=alice.pub=...")
+            try:
+                entries = [(k, base64.b64decode(v).decode()) for k, v in (secret.get("data") or {}).items()]
+            except (ValueError, UnicodeDecodeError):
+                raise GitopsdError(f"app {cfg.name}: trusted keys {origin} has an entry that is not text",
+                                   hint="each entry holds public keys as text") from None
+        else:
+            origin = f"file {where.file}"
+            try:
+                files = sorted(p for p in where.file.iterdir() if not p.name.startswith(".") and p.is_file()) \
+                    if where.file.is_dir() else [where.file]
+                entries = [(p.name, p.read_text()) for p in files]
+            except (OSError, UnicodeDecodeError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) else "not text"
+                raise GitopsdError(f"app {cfg.name}: cannot read trusted keys {origin}: {why}",
+                                   hint="is the volume with the keys mounted at that path?") from None
+        try:
+            return signature.TrustedKeys(provider=cfg.verify.provider, entries=tuple(sorted(entries)), origin=origin)
+        except GitopsdError as exc:
+            raise GitopsdError(f"app {cfg.name}: {exc.message}", hint=exc.hint) from None
 
     def _private_file(self, name: str, content: str) -> Path:
         path = self._secret_dir / name

@@ -219,7 +219,8 @@ class AppRunner:
         try:
             spec = cfg.to_spec(inventory_namespace=self.daemon.namespace,
                                credentials=self.daemon.credentials.resolve(cfg),
-                               decryption_keys=self.daemon.credentials.decryption_keys(cfg))
+                               decryption_keys=self.daemon.credentials.decryption_keys(cfg),
+                               trusted_keys=self.daemon.credentials.trusted_keys(cfg))
         except GitopsdError as exc:
             self._record_failure(trigger, str(exc))
             return

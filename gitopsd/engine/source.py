@@ -51,8 +51,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gitopsd.errors import SourceError
+
+if TYPE_CHECKING:
+    from gitopsd.engine.signature import Signature
 
 #: How many materialised commits to keep per repository. A caller reading a
 #: checkout keeps it safe until this many newer ones have been made.
@@ -110,6 +114,7 @@ class Revision:
     committer: str
     message: str
     time: datetime
+    signature: Signature | None = None   # its verdict, for an app that verifies signatures (gitopsd.engine.signature)
 
 
 @dataclass(frozen=True)
@@ -236,6 +241,18 @@ def describe(checkout: Checkout, paths: Sequence[str], *, timeout: float = 30.0)
             return None
         out[path] = found
     return out
+
+
+def commit_object(checkout: Checkout, sha: str, *, timeout: float = 30.0) -> bytes:
+    """The raw commit object `sha` (`git cat-file commit`) from the checkout's cached repository: what a
+    signature is checked against, byte for byte. Local and cheap. Raises SourceError when it cannot be read."""
+    if checkout.git_dir is None or not _FULL_SHA.fullmatch(sha):
+        raise SourceError(f"commit {sha[:12]} of {checkout.revision.url} cannot be read: no cached repository")
+    out = _Trees(git_dir=checkout.git_dir, timeout=timeout)._git("cat-file", "commit", sha)
+    if out is None:
+        raise SourceError(f"commit {sha[:12]} of {checkout.revision.url} cannot be read from the git cache",
+                          hint="the cache may have been removed meanwhile; the next fetch re-creates it")
+    return out.encode("utf-8", "surrogateescape")
 
 
 def changed_paths(checkout: Checkout, *, since: str, timeout: float = 30.0) -> frozenset[str] | None:

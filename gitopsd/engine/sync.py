@@ -1,6 +1,6 @@
 """One reconcile of one app, top to bottom: the pipeline of DESIGN.md §2.
 
-    fetch source -> render -> plan -> guard -> apply -> prune -> health -> result
+    fetch source -> verify -> render -> plan -> guard -> apply -> prune -> health -> result
 
 The CLI (`gitopsd diff`, `gitopsd sync`) and the daemon call exactly this
 code. Each stage is a module with one job; this file only orchestrates and
@@ -10,8 +10,9 @@ A self-heal (`heal`) is a small commit through the same code: the objects
 that drifted, planned against live state and applied in stages with the
 same guards, health wait and result — only without fetch, render and prune.
 
-Failure rules: a source or render error stops before the cluster is touched
-(and never prunes); a plan error (any invalid object) stops before the first
+Failure rules: a source error, a commit refused for its signature (an app
+with `verify`: gitopsd.engine.signature) or a render error stops before the
+cluster is touched (and never prunes); a plan error (any invalid object) stops before the first
 write and reports every invalid object; an apply error in one stage stops
 later stages and the prune.
 
@@ -43,7 +44,7 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from gitopsd import redact
 from gitopsd.config import MODEL_CONFIG, AppConfig, Namespace
-from gitopsd.engine import decrypt, health, health_exprs, inventory, render, source
+from gitopsd.engine import decrypt, health, health_exprs, inventory, render, signature, source
 from gitopsd.engine.apply import ApplyOutcome, apply_plan
 from gitopsd.engine.diff import compare, managers_of, within
 from gitopsd.engine.ignore import suggestion
@@ -81,6 +82,8 @@ class AppSpec(AppConfig):
     """The resolved credentials (values); AppConfig.credentials only says where they are."""
     decryption_keys: InstanceOf[decrypt.Keys] | None = None
     """The resolved SOPS keys (values); AppConfig.decryption only says where they are."""
+    trusted_keys: InstanceOf[signature.TrustedKeys] | None = None
+    """The public keys AppConfig.verify names, as read for this reconcile."""
     inventory_namespace: Namespace = DEFAULT_INVENTORY_NAMESPACE
     """Where the ApplySet parent lives (gitopsd's own namespace)."""
 
@@ -169,13 +172,27 @@ def fetch_and_plan(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None,
                                     credentials=app.credentials)
         if on_revision is not None:
             on_revision(checkout.revision)
-        revision, manifests = _render(kube, app, checkout, renders=renders, follow_inputs=follow_inputs)
-        target = pick(revision) if pick is not None else None
+        try:
+            signed = _signed(app, checkout)
+        except signature.SignatureError:
+            # Refused before anything is rendered, unless release control deploys another commit
+            # (held, rolling back: the way out of a bad push must stay open); that one is checked below.
+            target = pick(checkout.revision) if pick is not None else None
+            if target is None or target == checkout.revision.sha:
+                raise
+            revision = checkout.revision
+        else:
+            revision, manifests = _render(kube, app, checkout, renders=renders, follow_inputs=follow_inputs)
+            target = pick(revision) if pick is not None else None
         if target is not None and target != revision.sha:
             checkout = source.fetch(app.repo, target, cache_dir=fetches.cache_dir if fetches is not None
                                     else cache_dir or default_cache_dir(), credentials=app.credentials)
+            signed = _signed(app, checkout)
             _, manifests = _render(kube, app, checkout, renders=renders, follow_inputs=follow_inputs)
             revision = dataclasses.replace(checkout.revision, ref=app.ref)   # the commit named, as named
+        if signed is not None:
+            # The commit checked is the one rendered; `revision` may be an older one whose inputs it shares.
+            revision = dataclasses.replace(revision, signature=signed.signature)
         if shape is not None:
             manifests = shape(manifests)
         if inv is None:
@@ -187,6 +204,17 @@ def fetch_and_plan(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None,
         redact.scrub_exception(exc)
         raise
     return revision, plan
+
+
+def _signed(app: AppSpec, checkout: source.Checkout) -> source.Revision | None:
+    """The checkout's revision with its good signature verdict; None for an app that does not verify.
+    Raises SignatureError (refused) or GitopsdError (cannot tell): never lets an unverified commit through."""
+    if app.verify is None:
+        return None
+    if app.trusted_keys is None or app.trusted_keys.provider != app.verify.provider:
+        raise GitopsdError(f"app {app.name} verifies commit signatures, and its {app.verify.provider} keys were "
+                           "not read; refusing to deploy unverified commits")
+    return signature.signed(checkout, keys=app.trusted_keys)
 
 
 def plan_options(app: AppSpec) -> dict:
@@ -271,10 +299,14 @@ def sync(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None, dry_run: bo
     do_prune = app.prune if prune is None else prune
 
     def plan() -> Plan:
-        result.revision, planned = fetch_and_plan(kube, app, cache_dir=cache_dir, prune=do_prune, cache=cache,
-                                                  inv=inv, on_revision=on_revision, fetches=fetches,
-                                                  renders=renders, follow_inputs=hold_revision is None,
-                                                  pick=pick, shape=shape)
+        try:
+            result.revision, planned = fetch_and_plan(kube, app, cache_dir=cache_dir, prune=do_prune, cache=cache,
+                                                      inv=inv, on_revision=on_revision, fetches=fetches,
+                                                      renders=renders, follow_inputs=hold_revision is None,
+                                                      pick=pick, shape=shape)
+        except signature.SignatureError as exc:
+            result.revision = exc.revision   # the refused commit and its verdict, for the audit record
+            raise
         return planned
 
     def held() -> str | None:

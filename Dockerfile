@@ -3,7 +3,7 @@
 #
 # Three stages, so the final image holds no compiler and no build tool:
 #   python-build  the gitopsd wheel, installed with its dependencies in a venv
-#   tools         kustomize and helm, built from their Go modules (static, CGO off)
+#   tools         kustomize, helm and sops, built from their Go modules (static, CGO off)
 #   final         python slim + git + ssh client + gpg + the venv + the binaries
 #
 # Base images are pinned by tag. For a release, pin them by digest as well
@@ -32,10 +32,11 @@ RUN pip wheel --no-deps --wheel-dir /wheels . \
 
 # ---------------------------------------------------------------- tools
 FROM ${GO_IMAGE} AS tools
-# The same pins as the test bed (hack/testbed/build.py KUSTOMIZE, HELM):
-# what CI renders with is what the image renders with.
+# The same pins as the test bed (hack/testbed/build.py KUSTOMIZE, HELM, SOPS):
+# what CI renders (and decrypts) with is what the image renders with.
 ARG KUSTOMIZE_VERSION=v5.8.1
 ARG HELM_VERSION=v3.22.0
+ARG SOPS_VERSION=v3.13.3
 ENV CGO_ENABLED=0 \
     GOFLAGS=-trimpath \
     GOBIN=/out
@@ -44,8 +45,10 @@ ENV CGO_ENABLED=0 \
 RUN go install -ldflags "-s -w" "sigs.k8s.io/kustomize/kustomize/v5@${KUSTOMIZE_VERSION}" \
  && go install -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=${HELM_VERSION}" \
       "helm.sh/helm/v3/cmd/helm@${HELM_VERSION}" \
+ && go install -ldflags "-s -w" "github.com/getsops/sops/v3/cmd/sops@${SOPS_VERSION}" \
  && /out/kustomize version \
- && /out/helm version --short
+ && /out/helm version --short \
+ && SOPS_DISABLE_VERSION_CHECK=1 /out/sops --version
 
 # ---------------------------------------------------------------- final
 FROM ${PYTHON_IMAGE}
@@ -65,7 +68,7 @@ RUN apt-get update \
  && mkdir -p /var/cache/gitopsd \
  && chown 65532:65532 /var/cache/gitopsd
 COPY --from=python-build /opt/gitopsd/venv /opt/gitopsd/venv
-COPY --from=tools /out/kustomize /out/helm /usr/local/bin/
+COPY --from=tools /out/kustomize /out/helm /out/sops /usr/local/bin/
 # Writable places only: /tmp (HOME: git and helm scratch, credential files)
 # and $GITOPSD_CACHE (bare Git clones). The Deployment mounts both as
 # emptyDir and keeps the root filesystem read-only.

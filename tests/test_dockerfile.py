@@ -153,24 +153,26 @@ def test_final_stage_has_no_compiler_and_cleans_apt_lists(final):
             assert "rm -rf /var/lib/apt/lists/*" in run
             # git: sources; openssh-client: ssh remotes and ssh-keygen -Y verify; gpg: OpenPGP signatures.
             assert {"git", "openssh-client", "gpg"} <= set(run.split())
-    # Only artifacts come from the build stages: the venv and two static binaries.
+    # Only artifacts come from the build stages: the venv and three static binaries.
     copies = final.all("COPY")
     assert all(c.startswith("--from=") for c in copies), copies
     assert any("/opt/gitopsd/venv" in c for c in copies)
-    assert any("/out/kustomize" in c and "/out/helm" in c for c in copies)
+    assert any("/out/kustomize" in c and "/out/helm" in c and "/out/sops" in c for c in copies)
 
 
-def test_kustomize_and_helm_are_pinned_like_the_test_bed(dockerfile):
+def test_kustomize_helm_and_sops_are_pinned_like_the_test_bed(dockerfile):
     from testbed import build as tb_build  # tests/conftest.py puts hack/ on sys.path
 
     tools = dockerfile[1][1]
     pins = arg_defaults(tools)
     assert pins["KUSTOMIZE_VERSION"] == tb_build.KUSTOMIZE
     assert pins["HELM_VERSION"] == tb_build.HELM
+    assert pins["SOPS_VERSION"] == tb_build.SOPS
     assert env_of(tools)["CGO_ENABLED"] == "0"   # static binaries: no libc needed from the final image
     runs = " ".join(tools.all("RUN"))
     assert "sigs.k8s.io/kustomize/kustomize/v5@${KUSTOMIZE_VERSION}" in runs
     assert "helm.sh/helm/v3/cmd/helm@${HELM_VERSION}" in runs
+    assert "github.com/getsops/sops/v3/cmd/sops@${SOPS_VERSION}" in runs
 
 
 def test_entrypoint_is_gitopsd_run_with_the_mounted_config(final):

@@ -143,7 +143,7 @@ def result_text(result: SyncResult) -> str:
 # The order fields appear in on a log line: what happened first, the chain last.
 _LOG_ORDER = ("app", "type", "seq", "trigger", "result", "action", "reason", "previous", "revision", "object",
               "fields", "managers", "deleted", "error", "suggestion", "commit", "written", "plan", "health", "errors", "source",
-              "ref", "signature", "started", "duration_seconds", "instance", "time", "prev_hash", "hash")
+              "ref", "signature", "written_as", "started", "duration_seconds", "instance", "time", "prev_hash", "hash")
 
 
 def log_fields(rec: dict) -> dict:
@@ -200,6 +200,8 @@ def summary_line(rec: dict) -> str:
     signature = rec.get("signature")
     if isinstance(signature, dict) and signature.get("verdict") == "good":
         line += f"  signed by {signature.get('signer') or '-'} ({signature.get('key')})"
+    if rec.get("written_as"):
+        line += f"  as {rec['written_as']}"
     if rec.get("result") not in ("Applied", "NoChange") and rec.get("reason"):
         line += f"  {rec['reason'][:120]}"
     release = rec.get("release")

@@ -25,6 +25,7 @@ from helpers import (
 )
 
 from gitopsd import config as cfg
+from gitopsd import report
 from gitopsd.daemon.leader import FencedKube
 from gitopsd.errors import LeadershipLost
 from gitopsd.kube import Kube, ServiceAccount
@@ -220,7 +221,10 @@ def test_a_self_heal_is_written_as_the_account(tenants, repo, kube, cluster, tmp
     config = write_config(tmp_path / "config.yaml", [app_entry("sa-heal", repo.url, tenants.a,
                                                                serviceAccountName="deployer")])
     daemon = start_daemon(config)
-    wait_audit(daemon, "the first sync", app="sa-heal", result="Applied")
+    first = wait_audit(daemon, "the first sync", app="sa-heal", result="Applied")
+    sa = f"system:serviceaccount:{tenants.a}:deployer"
+    assert first["written_as"] == sa, "the audit record says whom the app wrote as"
+    assert f"  as {sa}" in report.summary_line(first), "and `gitopsd history` shows it"
     before = len(writes_as(cluster, namespace=tenants.a, name="mine"))
 
     kube.request("PATCH", f"/api/v1/namespaces/{tenants.a}/configmaps/mine", query={"fieldManager": "kubectl-edit"},
@@ -228,7 +232,6 @@ def test_a_self_heal_is_written_as_the_account(tenants, repo, kube, cluster, tmp
                  content_type="application/json-patch+json")
     wait_for("the hand edit reverted", lambda: tenants.cm("mine", tenants.a)["data"] == {"k": "v"})
 
-    sa = f"system:serviceaccount:{tenants.a}:deployer"
     hand, *heal = writes_as(cluster, namespace=tenants.a, name="mine")[before:]
     assert hand[2] is None, "the hand edit, by the admin itself"
     assert heal and all(impersonated == sa for _, _, impersonated in heal), heal

@@ -21,6 +21,7 @@ revision, quarantined, from, by, reason} on a transition release control
 decided (result RolledBack or Held, or the Unhealthy one that started an
 automatic rollback); drifts add ``object``,
 ``fields``, ``managers``, ``action``, ``deleted``, ``revision``, ``error``;
+``written_as`` (the ServiceAccount user an app with serviceAccountName wrote as);
 a release request acted on (type ``release``) has ``action``, ``by``,
 ``revision``, ``request``, ``requested``, ``state`` and ``error``.
 Only field *paths* ever enter a record, never diff text, so no Secret value
@@ -118,8 +119,10 @@ def transition_record(result: SyncResult, *, trigger: str, previous: str | None,
     them). Only field paths are kept, never values or diff text. An object
     whose fields the apply took over from other managers names them
     (`took_over`, gitopsd.engine.takeover); a namespace created for the app
-    (createNamespace) is `created_namespace`. Both appear only when there
-    are any, so older records read the same.
+    (createNamespace) is `created_namespace`; the ServiceAccount user the
+    app's dry-runs and writes were made as (serviceAccountName) is
+    `written_as`. They appear only when there are any, so older records read
+    the same.
     """
     rev, plan = result.revision, result.plan
     done = {c.ref for c in result.applied} | {c.ref for c in result.pruned}
@@ -170,6 +173,8 @@ def transition_record(result: SyncResult, *, trigger: str, previous: str | None,
         "duration_seconds": round(result.duration, 3),
         "instance": instance,
         **({"created_namespace": result.created_namespace} if result.created_namespace else {}),
+        # The identity the app's writes were made as (serviceAccountName), when not gitopsd's own.
+        **({"written_as": plan.act_as.user} if plan is not None and plan.act_as is not None else {}),
         **({"release": release} if release is not None else {}),
         **({"rollout": rollout} if rollout is not None else {}),
     })

@@ -569,6 +569,22 @@ class _Section:
         return value
 
 
+class _CrossChecked(_Section):
+    """A section with rules across its fields (`problems`: (field, message) pairs). The file's rules
+    catch a human's slip in the file, each named; a section built in code (tests, the CLI) says what
+    it means, and is not checked here."""
+
+    @model_validator(mode="after")
+    def _cross_checked(self, info: ValidationInfo):
+        if _in_file(info):
+            if problems := self.problems():
+                _refuse(type(self).__name__, problems)
+        return self
+
+    def problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+        return []
+
+
 @dataclass(frozen=True, config=MODEL_CONFIG)
 class SecretRef(_Section):
     """A Secret in gitopsd's own namespace with keys `token` (and `username`), or `identity` and `known_hosts`."""
@@ -581,7 +597,7 @@ class SecretRef(_Section):
 
 
 @dataclass(frozen=True, config=MODEL_CONFIG)
-class CredentialsRef(_Section):
+class CredentialsRef(_CrossChecked):
     """Where the app's Git credentials are, never the credentials themselves:
     a Secret (`secretRef`), or files mounted from one (`tokenFile` or
     `sshKeyFile`, with `username` or `usernameFile`, `knownHostsFile`), not both.
@@ -604,13 +620,6 @@ class CredentialsRef(_Section):
     def secret_name(self) -> str | None:
         return self.secret_ref.name if self.secret_ref else None
 
-    @model_validator(mode="after")
-    def _one_kind(self, info: ValidationInfo) -> CredentialsRef:
-        if _in_file(info):
-            if problems := self.problems():
-                _refuse(type(self).__name__, problems)
-        return self
-
     def problems(self) -> list[tuple[tuple[str, ...], str]]:
         """Exactly one kind of reference: a Secret, or files (plus a plain username)."""
         others = [to_camel(f.name) for f in dataclasses.fields(self)
@@ -630,7 +639,7 @@ class CredentialsRef(_Section):
 
 
 @dataclass(frozen=True, config=MODEL_CONFIG)
-class KeysFrom(_Section):
+class KeysFrom(_CrossChecked):
     """Where an app's keys are, never the keys themselves: a Secret in gitopsd's namespace
     (`secretRef`), or a file or directory mounted from one (`file`), not both."""
 
@@ -640,13 +649,6 @@ class KeysFrom(_Section):
     """A Secret in gitopsd's namespace: `{name: sops-age}`; its entries ending in .agekey are read."""
     file: FilePath | None = None
     """A file of age identities, or a directory (a mounted Secret) whose files ending in .agekey are read."""
-
-    @model_validator(mode="after")
-    def _one_kind(self, info: ValidationInfo) -> KeysFrom:
-        if _in_file(info):
-            if problems := self.problems():
-                _refuse(type(self).__name__, problems)
-        return self
 
     def problems(self) -> list[tuple[tuple[str, ...], str]]:
         if self.secret_ref is not None and self.file is not None:
@@ -703,7 +705,7 @@ class TrustedKeysSecretRef(_Section):
 
 
 @dataclass(frozen=True, config=MODEL_CONFIG)
-class TrustedKeysFrom(_Section):
+class TrustedKeysFrom(_CrossChecked):
     """Where the trusted public keys are: a Secret (`secretRef`) or a file or directory (`file`), not both.
     Each Secret entry or file holds ssh public keys (one a line) or ASCII-armored OpenPGP public keys."""
 
@@ -715,13 +717,6 @@ class TrustedKeysFrom(_Section):
     file: FilePath | None = None
     """A file of public keys, or a directory of such files (a mounted Secret or ConfigMap; dotfiles are
     skipped); relative paths are relative to the config file."""
-
-    @model_validator(mode="after")
-    def _one_kind(self, info: ValidationInfo) -> TrustedKeysFrom:
-        if _in_file(info):
-            if problems := self.problems():
-                _refuse(type(self).__name__, problems)
-        return self
 
     def problems(self) -> list[tuple[tuple[str, ...], str]]:
         """Exactly one place: a Secret or a file."""
@@ -833,7 +828,7 @@ HealthCheckExprs = Annotated[tuple[HealthCheckExpr, ...], Strict(False), AfterVa
 
 
 @dataclass(frozen=True, config=MODEL_CONFIG)
-class AppConfig(_Section):
+class AppConfig(_CrossChecked):
     """One app: a path in a Git repository, kept applied to the cluster as one ApplySet.
 
     The same model is the engine's spec (gitopsd.engine.sync.AppSpec adds the
@@ -982,15 +977,6 @@ class AppConfig(_Section):
     def allow_remote_charts(self) -> bool:
         """Whether chart dependencies may come from the network (``helm.allowRemoteDependencies``)."""
         return bool(self.helm and self.helm.allow_remote_dependencies)
-
-    @model_validator(mode="after")
-    def _consistent(self, info: ValidationInfo) -> AppConfig:
-        # The file's rules across fields catch a human's slip in the file; a
-        # spec built in code (tests, the CLI) says what it means.
-        if _in_file(info):
-            if problems := self.problems():
-                _refuse(type(self).__name__, problems)
-        return self
 
     def problems(self) -> list[tuple[tuple[str, ...], str]]:
         """Settings that contradict each other, as (field, message)."""

@@ -19,6 +19,11 @@ machine is shared and noisy: quote the ratios, not the seconds).
   costs) vs the same peer.
 - openpgp commit signature: gitopsd (a throw-away GNUPGHOME, import, verify)
   vs `git verify-commit` against a keyring already holding the key.
+- SOPS: gitopsd's render of a directory of age-encrypted Secrets (each
+  decrypted in memory through sops) vs `sops --decrypt` of each file, the
+  usual `sops -d … | kubectl apply -f -` pipeline's decrypting half; and the
+  same with kustomize (a private copy of the inputs, plaintext swapped in,
+  `kustomize build`) vs `sops -d` of each file + `kustomize build`.
 
 Each figure is the median of --repeat runs.
 """
@@ -37,8 +42,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gitopsd.engine import render, signature  # noqa: E402
+from gitopsd.engine import decrypt, render, signature  # noqa: E402
+from testbed import build as tb_build  # noqa: E402
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -167,6 +174,55 @@ def openpgp_signature(work: Path, repeat: int) -> tuple[str, float, float]:
     return "openpgp signature (a new commit)", a, b
 
 
+def sops_secrets(work: Path, repeat: int, n: int = 10) -> list[tuple[str, float, float]]:
+    age_keygen, sops = str(tb_build.binary("age-keygen")), str(render.find_tool("sops"))
+    identity = subprocess.run([age_keygen], check=True, capture_output=True, text=True).stdout
+    secret_key = next(line for line in identity.splitlines() if line.startswith("AGE-SECRET-KEY-"))
+    recipient = subprocess.run([age_keygen, "-y"], input=secret_key, check=True, capture_output=True,
+                               text=True).stdout.strip()
+    plain_dir, kust_dir = work / "sops" / "plain", work / "sops" / "kustomize"
+    plain_dir.mkdir(parents=True)
+    env = {**os.environ, "SOPS_AGE_KEY": secret_key, "SOPS_DISABLE_VERSION_CHECK": "1"}
+    for i in range(n):
+        clear = (f"apiVersion: v1\nkind: Secret\nmetadata:\n  name: s{i}\n"
+                 f"stringData:\n  password: pw-{i}-{os.urandom(8).hex()}\n")
+        (work / "clear.yaml").write_text(clear)
+        enc = subprocess.run([sops, "--encrypt", "--age", recipient, "--encrypted-regex", "^(data|stringData)$",
+                              str(work / "clear.yaml")], check=True, capture_output=True, text=True, env=env).stdout
+        (plain_dir / f"s{i}.yaml").write_text(enc)
+    (work / "clear.yaml").unlink()
+    shutil.copytree(plain_dir, kust_dir)
+    (kust_dir / "kustomization.yaml").write_text(
+        "resources:\n" + "".join(f"  - s{i}.yaml\n" for i in range(n)))
+    keys = decrypt.Keys(age=(secret_key,))
+    kustomize = str(render.find_tool("kustomize"))
+
+    def ours(where: Path, kind: str) -> Callable[[], None]:
+        def run() -> None:
+            built = render.build(where, ".", kind=kind, namespace="bench", decryption=keys)
+            assert not built.problems and len(built.manifests) == n, built.problems
+        return run
+
+    def decrypt_all(where: Path) -> list[str]:
+        return [subprocess.run([sops, "--decrypt", str(where / f"s{i}.yaml")], check=True, capture_output=True,
+                               text=True, env=env).stdout for i in range(n)]
+
+    def peer_plain() -> None:
+        assert len(decrypt_all(plain_dir)) == n
+
+    def peer_kustomize() -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            for i, text in enumerate(decrypt_all(kust_dir)):
+                (Path(tmp) / f"s{i}.yaml").write_text(text)
+            shutil.copy(kust_dir / "kustomization.yaml", tmp)
+            subprocess.run([kustomize, "build", tmp], check=True, capture_output=True)
+
+    a, b = side_by_side(repeat, ours(plain_dir, "plain"), peer_plain)
+    c, d = side_by_side(repeat, ours(kust_dir, "kustomize"), peer_kustomize)
+    return [(f"sops: {n} encrypted Secrets, plain directory", a, b),
+            (f"sops: {n} encrypted Secrets, kustomize", c, d)]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=7)
@@ -174,7 +230,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="gitopsd-trust-bench-"))
     try:
         rows = [helm_local_dependency(work, args.repeat), *ssh_signature(work, args.repeat),
-                openpgp_signature(work, args.repeat)]
+                openpgp_signature(work, args.repeat), *sops_secrets(work, args.repeat)]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"\nmedians of {args.repeat} runs; ratio = gitopsd / peer (lower is better)")

@@ -238,7 +238,7 @@ def test_a_self_heal_is_written_as_the_account(tenants, repo, kube, cluster, tmp
 
 
 @pytest.mark.cluster
-def test_a_prune_the_account_may_not_do_fails_the_app_and_the_object_stays(tenants, app, repo, kube):
+def test_a_prune_the_account_may_not_do_fails_the_app_before_anything_is_written(tenants, app, repo, kube):
     tenants.service_account("no-delete")
     tenants.bind("no-delete", rules=[{"apiGroups": [""], "resources": ["configmaps"],
                                       "verbs": ["get", "list", "watch", "create", "patch"]}])
@@ -254,11 +254,13 @@ def test_a_prune_the_account_may_not_do_fails_the_app_and_the_object_stays(tenan
     result = app.sync(**spec)
 
     assert result.outcome.value == "Failed", (result.reason, result.errors)
-    assert "prune failed: Forbidden" in result.reason and "gone" in result.reason, result.reason
-    assert f'User "system:serviceaccount:{tenants.a}:no-delete" cannot delete' in result.reason, result.reason
+    [error] = result.errors
+    assert error.startswith(f"ConfigMap/{tenants.a}/gone: prune refused: Forbidden:"), error
+    assert f'User "system:serviceaccount:{tenants.a}:no-delete" cannot delete' in error, error
     assert tenants.cm("gone", tenants.a) is not None, "the object the account may not delete stays"
-    assert tenants.cm("keep", tenants.a)["data"] == {"k": "v2"}, "what it may write was written"
-    assert result.pruned == []
+    assert tenants.cm("keep", tenants.a)["data"] == {"k": "v1"}, \
+        "the plan-time dry-run of the prune caught it: nothing of the commit was written"
+    assert result.pruned == [] and result.applied == []
 
 
 @pytest.mark.cluster

@@ -350,7 +350,29 @@ def make_plan(kube: Kube, manifests: list[Manifest], inv: Inventory, *, prune: b
         else:
             res = kube.resource_for_group_kind(ref.group, ref.kind)
             plan.changes.append(ObjectChange(ref=ref, action=Action.PRUNE, live=live, resource=res))
+    if plan.act_as is not None:
+        _dry_run_prunes(kube, plan)
     return plan
+
+
+def _dry_run_prunes(kube: Kube, plan: Plan) -> None:
+    """An app acting as its ServiceAccount: each prune dry-run as the account, so a delete it may
+    not do fails the plan before anything of the commit is written, as a forbidden apply does
+    (gitopsd's own deletes need no such check: deploy/ grants them with every write)."""
+    writer = kube.impersonating(plan.act_as)
+
+    def check(change: ObjectChange) -> None:
+        uid = (change.live or {}).get("metadata", {}).get("uid")
+        try:
+            writer.delete(change.resource, change.ref.name, change.ref.namespace or None, uid=uid, dry_run=True)
+        except KubeApiError as exc:
+            if exc.status == 409:   # changed since listed: the prune itself re-checks its uid
+                return
+            hint = refusal_hint(plan.act_as, exc if exc.impersonation_refused else None, change.ref.namespace)
+            why = redact.scrub_about(exc.api_message, change.live)
+            plan.errors.append(f"{change.ref}: prune refused: {exc.reason or exc.status}: {why} ({hint})")
+
+    list(kube.budget.map(check, [c for c in plan.changes if c.action == Action.PRUNE and c.resource is not None]))
 
 
 def heal_set(manifests: list[Manifest], refs: Collection[ObjectRef]) -> list[Manifest]:

@@ -253,3 +253,29 @@ def test_helm_allow_remote_dependencies_is_an_app_setting():
     assert app.allow_remote_charts is True
     default = config.parse("apps:\n  - name: shop\n    repo: https://git.example.com/fleet.git\n")
     assert default.apps[0].allow_remote_charts is False
+
+
+def test_a_vendored_archive_that_is_a_gzip_bomb_is_not_read_to_its_end(tmp_path):
+    import gzip
+    import io
+    import tarfile
+
+    from gitopsd.engine import helm_deps
+
+    repo = tmp_path / "repo"
+    chart(repo, "app", "app", dependencies="dependencies:\n" + dep("redis", "https://charts.example.invalid"))
+    (repo / "app" / "charts").mkdir()
+    bomb = repo / "app" / "charts" / "redis-1.0.0.tgz"
+    with gzip.open(bomb, "wb") as gz, tarfile.open(fileobj=gz, mode="w|") as tar:
+        zeros = tarfile.TarInfo("redis/zeros")
+        zeros.size = 64 * 1024 * 1024          # 64 MiB of zeros ahead of Chart.yaml: ~64 KiB on disk
+        tar.addfile(zeros, io.BytesIO(bytes(zeros.size)))
+        meta = b"apiVersion: v2\nname: redis\nversion: 1.0.0\n"
+        info = tarfile.TarInfo("redis/Chart.yaml")
+        info.size = len(meta)
+        tar.addfile(info, io.BytesIO(meta))
+    assert bomb.stat().st_size < 1024 * 1024
+
+    assert helm_deps.vendored(repo / "app") == set()   # not read past the cap: not taken as vendored
+    err = refused(repo, "app", namespace="web")
+    assert err.problems[0].startswith("app: dependency 'redis' (https://charts.example.invalid) is not vendored")

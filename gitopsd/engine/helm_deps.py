@@ -32,8 +32,11 @@ with the same rules.
 
 from __future__ import annotations
 
+import gzip
+import io
 import shutil
 import tarfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,9 +48,11 @@ from gitopsd.engine.confine import relative
 
 CHART_FILE = "Chart.yaml"
 REQUIREMENTS_FILE = "requirements.yaml"   # apiVersion v1 charts list dependencies here
-# What is read of a vendored archive to learn its chart's name: its first members only.
+# What is read of a vendored archive to learn its chart's name: its first members, and
+# at most this much of its decompressed stream (a gzip bomb ahead of Chart.yaml stops here).
 _ARCHIVE_MEMBERS = 16
 _ARCHIVE_CHART_BYTES = 1024 * 1024
+_ARCHIVE_READ_BYTES = 8 * 1024 * 1024
 _REMOTE_SCHEMES = ("https://", "http://", "oci://")
 
 
@@ -252,10 +257,29 @@ def _chart_name(file: Path) -> str | None:
     return name if isinstance(name, str) else None
 
 
+class _Capped(io.RawIOBase):
+    """A stream that ends in an error after `limit` bytes."""
+
+    def __init__(self, inner, limit: int) -> None:
+        self.inner, self.left = inner, limit
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.left <= 0:
+            raise OSError("archive larger than gitopsd reads to find its Chart.yaml")
+        data = self.inner.read(min(len(buffer), self.left))
+        self.left -= len(data)
+        buffer[:len(data)] = data
+        return len(data)
+
+
 def _archive_chart_name(archive: Path) -> str | None:
-    """The name in a packaged chart's <top>/Chart.yaml, reading only the archive's first members."""
+    """The name in a packaged chart's <top>/Chart.yaml, reading only the archive's first members
+    and at most _ARCHIVE_READ_BYTES of it decompressed; None when it is not found there."""
     try:
-        with tarfile.open(archive, mode="r:gz") as tar:
+        with gzip.open(archive) as gz, tarfile.open(fileobj=_Capped(gz, _ARCHIVE_READ_BYTES), mode="r|") as tar:
             for _, member in zip(range(_ARCHIVE_MEMBERS), tar, strict=False):
                 parts = member.name.split("/")
                 if len(parts) == 2 and parts[1] == CHART_FILE and member.isfile():
@@ -265,6 +289,6 @@ def _archive_chart_name(archive: Path) -> str | None:
                     meta = yamlload.load_one(fh.read().decode("utf-8", "replace")) if fh else None
                     name = meta.get("name") if isinstance(meta, dict) else None
                     return name if isinstance(name, str) else None
-    except (OSError, tarfile.TarError, EOFError, yaml.YAMLError):
+    except (OSError, tarfile.TarError, EOFError, zlib.error, yaml.YAMLError):
         return None
     return None

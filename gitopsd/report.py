@@ -197,11 +197,7 @@ def summary_line(rec: dict) -> str:
     line = (f"{when}  {seq:>6}  {rec.get('result', '?'):<9}  {_short(rec.get('previous'))}->"
             f"{_short(rec.get('revision'))}  {author}  \"{_subject(rec)}\"  {_counts(rec)}  "
             f"[{rec.get('trigger', '?')}]")
-    signature = rec.get("signature")
-    if isinstance(signature, dict) and signature.get("verdict") == "good":
-        line += f"  signed by {signature.get('signer') or '-'} ({signature.get('key')})"
-    if rec.get("written_as"):
-        line += f"  as {rec['written_as']}"
+    line += _trust(rec)
     if rec.get("result") not in ("Applied", "NoChange") and rec.get("reason"):
         line += f"  {rec['reason'][:120]}"
     release = rec.get("release")
@@ -218,8 +214,18 @@ def event_note(rec: dict) -> str:
         return summary_line(rec).split("release ", 1)[-1][:EVENT_NOTE_MAX]
     commit = rec.get("commit") or {}
     return (f"{rec.get('result')}: {rec.get('reason', '')} | revision {_short(rec.get('revision'))} (was "
-            f"{_short(rec.get('previous'))}) by {commit.get('author', '-')}: {_subject(rec)} | {_counts(rec)} | "
-            f"trigger {rec.get('trigger')}, audit seq {rec.get('seq', '-')}")[:EVENT_NOTE_MAX]
+            f"{_short(rec.get('previous'))}) by {commit.get('author', '-')}: {_subject(rec)}{_trust(rec)} | "
+            f"{_counts(rec)} | trigger {rec.get('trigger')}, audit seq {rec.get('seq', '-')}")[:EVENT_NOTE_MAX]
+
+
+def _trust(rec: dict) -> str:
+    """Who signed the commit and whom the app wrote as, when the record knows: '' otherwise."""
+    signature, text = rec.get("signature"), ""
+    if isinstance(signature, dict) and signature.get("verdict") == "good":
+        text += f"  signed by {signature.get('signer') or '-'} ({signature.get('key')})"
+    if rec.get("written_as"):
+        text += f"  as {rec['written_as']}"
+    return text
 
 
 def object_note(rec: dict, obj: dict) -> str:

@@ -94,6 +94,23 @@ def test_the_log_line_is_the_record_as_json_and_readable_on_a_terminal():
     assert "\n" not in console_line.strip() and "{" not in console_line, "no nested dicts dumped"
 
 
+def test_history_lines_and_events_say_who_signed_and_whom_the_app_wrote_as():
+    from gitopsd.report import event_note
+
+    rec = {"type": "transition", "seq": 3, "time": "2026-11-20T14:00:03.123456Z", "result": "Applied",
+           "previous": None, "revision": "2" * 40, "trigger": "poll", "reason": "1 created",
+           "commit": {"author": "Ada Author <ada@example.com>", "message": "web"},
+           "signature": {"provider": "ssh", "verdict": "good", "key": "SHA256:abc", "signer": "ada@example.com",
+                         "commit": "2" * 40},
+           "written_as": "system:serviceaccount:team-a:deployer",
+           "plan": {"objects": [{"action": "created"}], "unchanged": 0}}
+    trust = "  signed by ada@example.com (SHA256:abc)  as system:serviceaccount:team-a:deployer"
+    assert trust in audit.summary_line(rec)
+    assert trust in event_note(rec)
+    refused = {**rec, "result": "Failed", "signature": {**rec["signature"], "verdict": "unsigned"}}
+    assert "signed by" not in audit.summary_line(refused) and "signed by" not in event_note(refused)
+
+
 def test_history_lines_say_what_happened_in_one_line():
     rec = {"type": "transition", "seq": 7, "time": "2026-11-20T14:00:03.123456Z", "result": "Applied",
            "previous": "1" * 40, "revision": "2" * 40, "trigger": "webhook",

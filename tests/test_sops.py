@@ -28,6 +28,7 @@ import pytest
 import yaml
 from helpers import app_entry, wait_for, write_config
 from test_secret_leaks import Bed, sentinel
+from test_source import Upstream, cache, git_identity, upstream  # noqa: F401 (fixtures)
 from testbed import build as tb_build
 
 from gitopsd import config as cfg
@@ -417,3 +418,28 @@ def test_the_daemon_reads_the_keys_secret_at_every_reconcile(bed, key, tmp_path,
                           "the sync with the new key", 120)
     wait_for("the decrypted Secret", lambda: secret_data(bed, "db") == {"password": password})
     assert_nowhere(bed, password)
+
+
+def test_a_cached_build_that_decrypted_registers_its_values_again(upstream, cache, key):
+    """A ConfigMap generated from an encrypted input holds plaintext; the redactor's registry is
+    bounded, so a cache hit registers every value of a build that decrypted, whatever the kind."""
+    from test_fetch_sharing import commit, fetch
+
+    from gitopsd import redact
+    from gitopsd.engine.render_cache import RenderCache
+
+    value = sentinel("cached-generator")
+    commit(upstream, {"app/kustomization.yaml": "configMapGenerator:\n  - name: settings\n    envs: [app.enc.env]\n",
+                      "app/app.enc.env": encrypt(f"TOKEN={value}\n", key=key, fmt="dotenv")})
+    checkout = fetch(upstream, cache)
+    keys = decrypt.Keys.parse([key.file.read_text()])
+    renders = RenderCache()
+    first = renders.render(checkout, "app", kind="kustomize", decryption=keys)
+    assert first.manifests[0].obj["data"] == {"TOKEN": value} and first.manifests[0].obj["kind"] == "ConfigMap"
+    redact.forget_all()                  # as if the bounded registry had let it go
+    assert redact.scrub(value) == value
+
+    again = renders.render(checkout, "app", kind="kustomize", decryption=keys)
+
+    assert again.manifests[0].obj["data"] == {"TOKEN": value}
+    assert value not in redact.scrub(f"an error quoting {value}")

@@ -109,6 +109,8 @@ class Built:
     render read, by its real path, closed over symlinks (a link inside them
     adds its target), plus the links on the way to the app's path and values
     files. The same inputs with the same content build the same manifests.
+    `decrypted`: something was decrypted with SOPS, so values of any kind
+    may be secret (a cached copy registers them all again: render_cache).
     `problems` and `hints` are what was found so far; `finish` reports them
     together with its own.
     """
@@ -117,6 +119,7 @@ class Built:
     inputs: frozenset[str]
     problems: tuple[str, ...] = ()
     hints: tuple[str, ...] = ()
+    decrypted: bool = False
 
 
 # --------------------------------------------------------------------------
@@ -258,7 +261,7 @@ def build(
                                  release=helm_release, timeout=timeout, allow_remote=allow_remote_charts,
                                  problems=problems)
     return Built(manifests=manifests, inputs=_closed_inputs(real_root, problems.inputs),
-                 problems=tuple(problems.items), hints=tuple(problems.hints))
+                 problems=tuple(problems.items), hints=tuple(problems.hints), decrypted=problems.decrypted)
 
 
 def finish(built: Built, *, namespace: str = "default",
@@ -417,6 +420,7 @@ class _Problems:
         self.hints: list[str] = []
         self.budget = yamlload.Budget()  # what the render may still read and expand to
         self.inputs: set[Path] = set()    # what the render read (see Built.inputs)
+        self.decrypted = False             # sops decrypted something (see Built.decrypted)
 
     def read(self, *paths: Path) -> None:
         """Note paths the render read: real ones (resolved here) and the links on the way to them."""
@@ -623,9 +627,12 @@ def _sops_decrypt(file: Path, *, source: str, fmt: str, keys: decrypt.Keys, time
         return decrypt.failure(source, exit_code=code, stderr=stderr)
 
     with tempfile.TemporaryDirectory(prefix="gitopsd-sops-home-") as home:
-        return _run_tool("sops", decrypt.sops_args(file, fmt=fmt), cwd=Path(home), home=home, timeout=timeout,
-                         what=f"sops --decrypt {source}", problems=problems, extra_env=decrypt.environment(keys),
-                         decode=False, on_failure=failed)
+        plain = _run_tool("sops", decrypt.sops_args(file, fmt=fmt), cwd=Path(home), home=home, timeout=timeout,
+                          what=f"sops --decrypt {source}", problems=problems, extra_env=decrypt.environment(keys),
+                          decode=False, on_failure=failed)
+    if plain is not None:
+        problems.decrypted = True
+    return plain
 
 
 def _read_bounded(file: Path, *, source: str, problems: _Problems) -> bytes | None:

@@ -123,6 +123,7 @@ class Rendered:
 class _Entry:
     blob: bytes           # orjson of [[source, object], ...]
     inputs: tuple[str, ...]
+    decrypted: bool = False   # render.Built.decrypted
 
 
 @dataclass(frozen=True)
@@ -260,7 +261,7 @@ class RenderCache:
         with self._lock:
             old = self._entries.pop(key, None)
             self._bytes -= len(old.blob) if old else 0
-            self._entries[key] = _Entry(blob=blob, inputs=inputs)
+            self._entries[key] = _Entry(blob=blob, inputs=inputs, decrypted=built.decrypted)
             self._bytes += len(blob)
             self._remember_inputs(options, inputs)
             self._evict()
@@ -318,11 +319,14 @@ def _key(options: tuple, described: dict[str, str]) -> str:
 
 
 def _thaw(entry: _Entry) -> render.Built:
-    """A fresh copy of a stored build, its Secret values registered with gitopsd.redact again."""
+    """A fresh copy of a stored build, its Secret values registered with gitopsd.redact again —
+    and, for a build that decrypted SOPS files, the data of every object (a ConfigMap generated
+    from an encrypted input holds plaintext too: the registry, being bounded, may have let the
+    first render's registration go since)."""
     manifests = [render.Manifest(obj=obj, source=src) for src, obj in orjson.loads(entry.blob)]
     for m in manifests:
-        redact.remember_secret(m.obj)
-    return render.Built(manifests=manifests, inputs=frozenset(entry.inputs))
+        redact.remember_secret({**m.obj, "kind": "Secret"} if entry.decrypted else m.obj)
+    return render.Built(manifests=manifests, inputs=frozenset(entry.inputs), decrypted=entry.decrypted)
 
 
 #: How long the answer of _renderers is reused: looking binaries up is not free, and a new

@@ -280,6 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sops-age-keys", type=FILE, metavar="PATH",
                    help="file of age identities (age-keygen's key file) to decrypt SOPS-encrypted files with, "
                         "as the app setting decryption.keysFrom.file")
+    v = g.add_mutually_exclusive_group()
+    v.add_argument("--verify-ssh-keys", type=FILE, metavar="FILE",
+                   help="deploy (or diff) the commit only if it is signed by one of the ssh public keys in FILE "
+                        "(authorized-keys or allowed-signers lines), as the app setting verify: {provider: ssh, "
+                        "keysFrom: {file: FILE}}")
+    v.add_argument("--verify-openpgp-keys", type=FILE, metavar="FILE",
+                   help="the same with ASCII-armored OpenPGP public keys (verify: {provider: openpgp, ...})")
     d = common.add_argument_group("drift to allow")
     d.add_argument("--ignore-differences", action="append", default=[], metavar="RULE", type=IGNORE_RULES,
                    help="an ignore rule as the config file's ignoreDifferences writes it, e.g. '{kind: Deployment, "
@@ -528,6 +535,21 @@ def _app_spec(args):
         from gitopsd.daemon.credentials import read_keys   # the daemon's reading of keys, one place
 
         keys = read_keys(args.sops_age_keys, what="--sops-age-keys")
+    verify = trusted = None
+    if args.verify_ssh_keys or args.verify_openpgp_keys:
+        from gitopsd.config import TrustedKeysFrom, Verify
+        from gitopsd.daemon.credentials import key_files   # the daemon's reading of keys, one place
+        from gitopsd.engine import signature
+
+        provider, path = ("ssh", args.verify_ssh_keys) if args.verify_ssh_keys else \
+            ("openpgp", args.verify_openpgp_keys)
+        flag = f"--verify-{provider}-keys"
+        try:
+            trusted = signature.TrustedKeys(provider=provider, entries=tuple(key_files(path)),
+                                            origin=f"{flag} {path}")
+        except GitopsdError as exc:
+            raise GitopsdError(f"{flag}: {exc.message}", hint=exc.hint) from None
+        verify = Verify(provider=provider, keys_from=TrustedKeysFrom(file=path))
     extra = {}
     if args.command == "sync":
         extra = dict(prune=args.prune, prune_guard=args.prune_guard, allow_prune_all=args.allow_prune_all,
@@ -538,6 +560,7 @@ def _app_spec(args):
                    helm=Helm(values_files=tuple(args.values), allow_remote_dependencies=args.allow_remote_charts)
                    if args.values or args.allow_remote_charts else None,
                    allow_remote_bases=args.allow_remote_bases, credentials=creds, decryption_keys=keys,
+                   verify=verify, trusted_keys=trusted,
                    inventory_namespace=args.inventory_namespace,
                    ignore_differences=tuple(rule for rules in args.ignore_differences for rule in rules),
                    ignore_managers=args.ignore_managers, service_account_name=args.service_account,

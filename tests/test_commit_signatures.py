@@ -517,3 +517,28 @@ def test_daemon_uses_a_key_added_to_the_secret_and_refuses_one_removed_without_a
     last = commit(repo, "amber, by alice", alice)
     wait_transition(daemon, "alice's next commit applied", revision=last, result="Applied")
     assert cm_data(kube, namespace, "settings") == {"color": "amber"}
+
+
+@pytest.mark.cluster
+def test_cli_sync_with_verify_keys_deploys_a_signed_commit_and_refuses_an_unsigned_one(
+        repo, kube, kubeconfig, source_cache, namespace, ssh_keys, tmp_path):
+    alice = ssh_keys("alice")
+    keys = tmp_path / "team.pub"
+    keys.write_text(alice.public)
+    repo.write("cm.yaml", configmap("settings", {"color": "blue"}))
+    signed = commit(repo, "signed", alice)
+    args = ("--repo", repo.url, "--ref", "main", "--namespace", namespace, "--app", "cli-verify",
+            "--verify-ssh-keys", str(keys))
+
+    ok = gitopsd("sync", *args, kubeconfig=kubeconfig, cache=source_cache)
+    assert ok.returncode == 0, ok.stderr
+    assert cm_data(kube, namespace, "settings") == {"color": "blue"}
+
+    repo.write("cm.yaml", configmap("settings", {"color": "red"}))
+    unsigned = commit(repo, "unsigned")
+    refused = gitopsd("sync", *args, kubeconfig=kubeconfig, cache=source_cache)
+
+    assert refused.returncode != 0
+    assert f"commit {unsigned[:12]} refused: the commit is unsigned" in refused.stdout + refused.stderr
+    assert cm_data(kube, namespace, "settings") == {"color": "blue"}, "nothing of the unsigned commit applied"
+    assert signed != unsigned

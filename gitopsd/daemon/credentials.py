@@ -132,13 +132,9 @@ class CredentialStore:
         else:
             origin = f"file {where.file}"
             try:
-                files = sorted(p for p in where.file.iterdir() if not p.name.startswith(".") and p.is_file()) \
-                    if where.file.is_dir() else [where.file]
-                entries = [(p.name, p.read_text()) for p in files]
-            except (OSError, UnicodeDecodeError) as exc:
-                why = exc.strerror if isinstance(exc, OSError) else "not text"
-                raise GitopsdError(f"app {cfg.name}: cannot read trusted keys {origin}: {why}",
-                                   hint="is the volume with the keys mounted at that path?") from None
+                entries = key_files(where.file)
+            except GitopsdError as exc:
+                raise GitopsdError(f"app {cfg.name}: {exc.message}", hint=exc.hint) from None
         try:
             return signature.TrustedKeys(provider=cfg.verify.provider, entries=tuple(sorted(entries)), origin=origin)
         except GitopsdError as exc:
@@ -176,3 +172,16 @@ def _found(texts: list[str], *, where: str) -> decrypt.Keys:
     if not keys.age:
         raise GitopsdError(f"{where} holds no age identity (a line AGE-SECRET-KEY-1...)", hint=_KEYS_HINT)
     return keys
+
+
+def key_files(path: Path) -> list[tuple[str, str]]:
+    """(name, text) of the public-key file `path`, or of each file of the directory `path` (a mounted
+    Secret: dotfiles such as `..data` skipped). Raises GitopsdError naming the path when unreadable."""
+    try:
+        files = sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.is_file()) \
+            if path.is_dir() else [path]
+        return [(p.name, p.read_text()) for p in files]
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not text"
+        raise GitopsdError(f"cannot read trusted keys file {path}: {why}",
+                           hint="is the volume with the keys mounted at that path?") from None

@@ -93,8 +93,10 @@ def test_the_service_switches_to_the_new_colour_only_once_it_is_ready_and_the_ol
     assert _deployment(kube, namespace, "web-blue") is not None, "the old colour is kept for the delay"
     wait_for("green serves alone", lambda: _serving(kube, namespace, "web") == {"green": 3}, 60)
     wait_for("blue scaled down after the delay", lambda: _deployment(kube, namespace, "web-blue") is None, 60)
-    pruned = [o for t in transitions(daemon, name) for o in t["plan"]["objects"]
-              if o["name"] == "web-blue" and o["action"] == "pruned"]
+    # The record comes once the run that pruned it has ended (its health wait), after the object is gone.
+    pruned = wait_for("the old colour's prune recorded", lambda: [
+        o for t in transitions(daemon, name) for o in t["plan"]["objects"]
+        if o["name"] == "web-blue" and o["action"] == "pruned"], 60)
     assert pruned, "the old colour left as an ApplySet member does: pruned"
     assert metric(daemon, "gitopsd_rollout_steps_total", app=name, strategy="blueGreen", outcome="switched") == 2
     assert metric(daemon, "gitopsd_rollout_steps_total", app=name, strategy="blueGreen", outcome="scaledDown") == 2

@@ -279,3 +279,17 @@ def test_a_vendored_archive_that_is_a_gzip_bomb_is_not_read_to_its_end(tmp_path)
     assert helm_deps.vendored(repo / "app") == set()   # not read past the cap: not taken as vendored
     err = refused(repo, "app", namespace="web")
     assert err.problems[0].startswith("app: dependency 'redis' (https://charts.example.invalid) is not vendored")
+
+
+def test_a_remote_dependency_beside_a_vendored_local_one_builds_both(tmp_path, chart_repo):
+    chart_repo.publish(chart(tmp_path / "src", "redis", "redis"))
+    repo = tmp_path / "repo"
+    chart(repo, "charts/app", "app",
+          dependencies="dependencies:\n" + dep("redis", chart_repo.url) + dep("common", "file://../common"))
+    chart(repo, "charts/app/charts/common", "common")     # vendored, and also in the repository
+    chart(repo, "charts/common", "common")
+
+    manifests = render(repo, "charts/app", namespace="web", allow_remote_charts=True)
+
+    assert names(manifests) == ["app-cm", "common-cm", "redis-cm"]
+    assert "/redis-1.0.0.tgz" in chart_repo.requests

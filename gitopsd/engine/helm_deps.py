@@ -189,8 +189,11 @@ def _stage(real_root: Path, chart: Path, *, stage: Path, staged: dict[Path, Path
     todo = missing(chart)
     if not _check(real_root, chart, todo, allow_remote=allow_remote, problems=problems):
         return False
+    fetching = any(d.remote for d in todo)
+    # `helm dependency build` (below, when something must be fetched) rebuilds every dependency,
+    # vendored local ones too: then each local one is staged, else only the missing ones.
     local: list[Path] = []
-    for dep in todo:
+    for dep in (declared(chart) or ()) if fetching else todo:
         if not dep.local:
             continue
         where = dep.repository[len("file://"):]
@@ -201,7 +204,7 @@ def _stage(real_root: Path, chart: Path, *, stage: Path, staged: dict[Path, Path
                       problems=problems, helm=helm, chain=(*chain, chart)):
             return False
         local.append(target)
-    if any(d.remote for d in todo):
+    if fetching:
         # The copy's file:// paths are relative to the copy: each local dependency
         # was staged at its repo-relative place, so they resolve as in the repository.
         return helm(["dependency", "build", str(copy)], f"helm dependency build {rel}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -89,9 +90,14 @@ def main() -> int:
     env = {**os.environ, "KUBECONFIG": str(c.kubeconfig)}
     cmd = [sys.executable, "-m", "gitopsd", "run", "--config", str(config), "--http-address", "127.0.0.1",
            "--http-port", str(args.http_port), "--no-leader-elect"]
+    daemon = subprocess.Popen(cmd, env=env)
+    # Stopped with SIGTERM (kill, a timeout, make's parent going away): stop the daemon too, as Ctrl-C
+    # does (the terminal sends that one to both), instead of leaving it running without us.
+    signal.signal(signal.SIGTERM, lambda *_: daemon.terminate())
     try:
-        return subprocess.call(cmd, env=env)
+        return daemon.wait()
     except KeyboardInterrupt:
+        daemon.wait()
         return 0
 
 

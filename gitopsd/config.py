@@ -47,6 +47,7 @@ Rules that shape the code:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import difflib
@@ -827,6 +828,127 @@ class HealthCheckExpr(_Section):
 HealthCheckExprs = Annotated[tuple[HealthCheckExpr, ...], Strict(False), AfterValidator(_one_rule_per_kind)]
 
 
+#: The cluster gitopsd itself runs in (or its --kubeconfig names): every app's target unless it names another.
+IN_CLUSTER = "in-cluster"
+#: Secret data keys (and label values): letters, digits, '-', '_', '.'.
+_DATA_KEY = re.compile(r"[-._a-zA-Z0-9]+")
+_LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
+_LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+
+
+def target_key(app: str, cluster: str) -> str:
+    """A target's name: `app` on gitopsd's own cluster (as before clusters existed), `app@cluster` elsewhere."""
+    return app if cluster == IN_CLUSTER else f"{app}@{cluster}"
+
+
+def split_target(key: str) -> tuple[str, str]:
+    """(app, cluster) of a target's name."""
+    app, _, cluster = key.partition("@")
+    return app, cluster or IN_CLUSTER
+
+
+def check_cluster_name(value: str) -> str:
+    """A cluster's name in the config: also part of its targets' names (`app@cluster`) and a metric label."""
+    return _check_dns_label(value, max_len=MAX_CLUSTER_NAME, what="cluster name")
+
+
+def _check_data_key(value: str) -> str:
+    if len(value) > 253 or not _DATA_KEY.fullmatch(value):
+        raise ValueError(f"{_show(value)} is not a Secret data key (letters, digits, '-', '_' and '.')")
+    return value
+
+
+def _check_label_key(value: str) -> str:
+    prefix, _, name = value.rpartition("/")
+    if (prefix and _check_dns_subdomain(prefix, max_len=253, what="label prefix") is None) or \
+            len(name) > 63 or not _LABEL_NAME.fullmatch(name):
+        raise ValueError(f"{_show(value)} is not a label key ([prefix/]name, name at most 63 characters of "
+                         "letters, digits, '-', '_' and '.')")
+    return value
+
+
+def _check_label_value(value: str) -> str:
+    if len(value) > 63 or not _LABEL_VALUE.fullmatch(value):
+        raise ValueError(f"{_show(value)} is not a label value (at most 63 letters, digits, '-', '_' and '.')")
+    return value
+
+
+MAX_CLUSTER_NAME = 40
+ClusterName = _text(check_cluster_name, pattern=_LABEL, maxLength=MAX_CLUSTER_NAME)
+DataKey = _text(_check_data_key, pattern=r"^[-._a-zA-Z0-9]+$")
+LabelKey = _text(_check_label_key)
+LabelValue = Annotated[str, Strict(), AfterValidator(_check_label_value)]
+Labels = Annotated[dict[LabelKey, LabelValue], Strict(False)]
+
+
+@dataclass(frozen=True, config=MODEL_CONFIG)
+class KubeconfigSecretRef(_Section):
+    """A Secret in gitopsd's own namespace holding a kubeconfig."""
+
+    _refused = {"namespace": "not allowed: the Secret is always read from gitopsd's own namespace, "
+                             "so a config cannot borrow another namespace's credentials"}
+
+    name: SecretName
+    """The Secret's name (in gitopsd's namespace)."""
+    key: DataKey = "value"
+    """The data key holding the kubeconfig (default `value`, as Flux's kubeConfig.secretRef)."""
+
+
+@dataclass(frozen=True, config=MODEL_CONFIG)
+class KubeconfigFrom(_CrossChecked):
+    """Where a cluster's kubeconfig is: a Secret in gitopsd's namespace or a mounted file, never inline."""
+
+    _what = "a mapping such as {secretRef: {name: eu-1-kubeconfig}} or {file: /etc/gitopsd/eu-1.kubeconfig}"
+
+    secret_ref: KubeconfigSecretRef | None = None
+    """A Secret in gitopsd's namespace: `{name: eu-1-kubeconfig}` (key `value`, or `key:`). Watched: a new
+    kubeconfig (a rotated client certificate or token) is used from the next request, without a restart."""
+    file: FilePath | None = None
+    """A kubeconfig file (mounted from a Secret); read again when it changes."""
+
+    def problems(self) -> list[tuple[tuple[str, ...], str]]:
+        if self.secret_ref is not None and self.file is not None:
+            return [(("file",), "use either secretRef or file, not both")]
+        if self.secret_ref is None and self.file is None:
+            return [(("secretRef",), "missing: name a Secret (secretRef: {name: ...}) or a mounted file (file: PATH)")]
+        return []
+
+
+@dataclass(frozen=True, config=MODEL_CONFIG)
+class ClusterConfig(_Section):
+    """How to reach one cluster apps are deployed to, and labels to select it by."""
+
+    _what = "a mapping such as {kubeconfig: {secretRef: {name: eu-1-kubeconfig}}, labels: {env: prod}}"
+
+    kubeconfig: KubeconfigFrom | None = None
+    """Where its kubeconfig is: {secretRef: {name: ...}} or {file: PATH}. Not for in-cluster (gitopsd's own
+    connection). The kubeconfig must be self-contained (certificates inline as *-data, a token): file
+    references and exec or auth-provider plugins are refused."""
+    context: Text | None = None
+    """The kubeconfig's context to use (default: its current-context)."""
+    labels: Labels = dataclasses.field(default_factory=dict)
+    """Labels for apps' clusterSelector: {env: prod, region: eu}."""
+
+    def __hash__(self) -> int:   # labels is a dict: hash what identifies the connection
+        return hash((self.kubeconfig, self.context, tuple(sorted(self.labels.items()))))
+
+
+@dataclass(frozen=True, config=MODEL_CONFIG)
+class ClusterSelector(_Section):
+    """Clusters by their labels (all must match), like a Kubernetes label selector's matchLabels."""
+
+    _what = "a mapping such as {matchLabels: {env: prod}}"
+
+    match_labels: Labels
+    """Labels a cluster must all have: {env: prod}. {} selects every cluster, in-cluster too."""
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self.match_labels.items())))
+
+    def selects(self, labels: dict[str, str]) -> bool:
+        return all(labels.get(k) == v for k, v in self.match_labels.items())
+
+
 @dataclass(frozen=True, config=MODEL_CONFIG)
 class AppConfig(_CrossChecked):
     """One app: a path in a Git repository, kept applied to the cluster as one ApplySet.
@@ -942,6 +1064,29 @@ class AppConfig(_CrossChecked):
     Events, watches) stays its own. Needs `impersonate` on serviceaccounts for gitopsd (deploy/)."""
     service_account_namespace: Namespace | None = None
     """Where serviceAccountName lives, when not in the app's `namespace` (an account that deploys several namespaces)."""
+    cluster: ClusterName | None = None
+    """The cluster to deploy to, by its name in the file's `clusters` (default: in-cluster, the one gitopsd runs in)."""
+    clusters: Annotated[tuple[ClusterName, ...], Strict(False), AfterValidator(_distinct),
+                        Field(json_schema_extra={"minItems": 1})] | None = None
+    """Deploy to each of these clusters (fan-out): one target per cluster, each its own ApplySet with its own
+    result, status, history and audit trail: [in-cluster, eu-1]."""
+    cluster_selector: ClusterSelector | None = None
+    """Deploy to every cluster whose labels match (fan-out, like clusters): {matchLabels: {env: prod}}."""
+
+    @property
+    def target_cluster(self) -> str:
+        """The cluster of this target (an app of Config.targets names exactly one)."""
+        return self.cluster or IN_CLUSTER
+
+    @property
+    def key(self) -> str:
+        """The target's name: the app's on gitopsd's own cluster, `app@cluster` on another. What the daemon
+        keys a target by (runners, polls, shards, leases, /status rows, release requests)."""
+        return target_key(self.name, self.target_cluster)
+
+    def dependency_keys(self) -> tuple[str, ...]:
+        """The targets this one waits for: each dependsOn app on this target's cluster."""
+        return tuple(target_key(dep, self.target_cluster) for dep in self.depends_on)
 
     @property
     def service_account(self) -> ServiceAccount | None:
@@ -985,6 +1130,10 @@ class AppConfig(_CrossChecked):
             found.append((("helm",), f"only used with render helm or auto, and render is {self.render}"))
         if self.service_account_namespace is not None and self.service_account_name is None:
             found.append((("serviceAccountNamespace",), "only used with serviceAccountName; name the account"))
+        named = [k for k, v in (("cluster", self.cluster), ("clusters", self.clusters),
+                                ("clusterSelector", self.cluster_selector)) if v is not None]
+        if len(named) > 1:
+            found.append(((named[1],), f"use one of cluster, clusters and clusterSelector, not {' and '.join(named)}"))
         if self.allowed_namespaces is not None and self.namespace not in self.allowed_namespaces:
             how = " (the default); set namespace to one of them" if self.namespace == _DEFAULT_NAMESPACE else ""
             found.append((("namespace",), f"{_show(self.namespace)} is not in allowedNamespaces "
@@ -1050,6 +1199,14 @@ class Config(_Section):
     """The serviceAccountName of every app that names none (Flux's --default-service-account), in each app's own
     namespace (or its serviceAccountNamespace): with it, no app writes as gitopsd itself. Absent: such apps
     write as gitopsd."""
+    clusters: Annotated[dict[ClusterName, ClusterConfig], Strict(False)] = dataclasses.field(default_factory=dict)
+    """The clusters apps may be deployed to, by name: {eu-1: {kubeconfig: {secretRef: {name: eu-1-kubeconfig}},
+    labels: {env: prod}}}. `in-cluster`, the cluster gitopsd runs in (or its --kubeconfig names), is always there;
+    name it here only to give it labels."""
+
+    def __hash__(self) -> int:
+        return hash((self.apps, self.webhook, self.ignore_managers, self.default_service_account_name,
+                     tuple(self.clusters.items())))
 
     @model_validator(mode="after")
     def _inherit(self) -> Config:
@@ -1077,6 +1234,83 @@ class Config(_Section):
         if problems := dependency_problems([(a.name, a.depends_on) for a in self.apps]):
             _refuse(type(self).__name__, problems, kind="dependency")
         return self
+
+    @model_validator(mode="after")
+    def _clusters(self) -> Config:
+        """Every cluster named is defined, every selector selects one, a dependency runs on the
+        clusters of the apps that wait for it, and in-cluster is gitopsd's own connection."""
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        for name, cluster in self.clusters.items():
+            if name == IN_CLUSTER and (cluster.kubeconfig is not None or cluster.context is not None):
+                problems.append((("clusters", name), "in-cluster is gitopsd's own connection (the pod's account, "
+                                 "or --kubeconfig): give it labels only, or define another name"))
+            elif name != IN_CLUSTER and cluster.kubeconfig is None:
+                problems.append((("clusters", name, "kubeconfig"), "missing: how to reach the cluster "
+                                 "({secretRef: {name: ...}} or {file: PATH})"))
+        known = self.cluster_names
+        for i, app in enumerate(self.apps):
+            named = [(("cluster",), app.cluster)] if app.cluster else \
+                [(("clusters", j), c) for j, c in enumerate(app.clusters or ())]
+            for where, name in named:
+                if name not in known:
+                    problems.append((("apps", i, *where), f"{_show(name)} is no cluster of this file "
+                                     f"(clusters: {', '.join(known)})"))
+            if app.cluster_selector is not None and not self._selected(app.cluster_selector):
+                wanted = ", ".join(f"{k}={v}" for k, v in app.cluster_selector.match_labels.items())
+                problems.append((("apps", i, "clusterSelector"), f"selects no cluster ({wanted}); label a "
+                                 "cluster in `clusters`, or name the clusters"))
+        if not problems:
+            on = {app.name: set(self._clusters_of(app)) for app in self.apps}
+            for i, app in enumerate(self.apps):
+                for j, dep in enumerate(app.depends_on):
+                    if dep in on and (missing := sorted(on[app.name] - on[dep])):
+                        problems.append((("apps", i, "dependsOn", j), f"{dep} is not deployed to "
+                                         f"{', '.join(missing)}, where {app.name} is: an app waits for its "
+                                         "dependency on the same cluster"))
+        if problems:
+            _refuse(type(self).__name__, problems, kind="cluster")
+        return self
+
+    @property
+    def cluster_names(self) -> list[str]:
+        """in-cluster first, then the file's clusters in order."""
+        return [IN_CLUSTER, *(n for n in self.clusters if n != IN_CLUSTER)]
+
+    def cluster(self, name: str) -> ClusterConfig:
+        """The cluster called `name` (in-cluster: labels only)."""
+        return self.clusters.get(name) or ClusterConfig()
+
+    def _selected(self, selector: ClusterSelector) -> list[str]:
+        return [n for n in self.cluster_names if selector.selects(self.cluster(n).labels)]
+
+    def _clusters_of(self, app: AppConfig) -> list[str]:
+        if app.clusters is not None:
+            return list(app.clusters)
+        if app.cluster_selector is not None:
+            return self._selected(app.cluster_selector)
+        return [app.target_cluster]
+
+    @functools.cached_property
+    def targets(self) -> tuple[AppConfig, ...]:
+        """Every (app, cluster) the daemon keeps converged, in file order: an app deployed to
+        several clusters (clusters, clusterSelector) is one target per cluster, each naming
+        exactly its `cluster` (AppConfig.key: `app`, or `app@cluster` off gitopsd's own cluster)."""
+        found = []
+        for app in self.apps:
+            if app.clusters is None and app.cluster_selector is None:
+                found.append(app)
+                continue
+            for name in self._clusters_of(app):
+                target = copy.copy(app)
+                object.__setattr__(target, "cluster", name)
+                object.__setattr__(target, "clusters", None)
+                object.__setattr__(target, "cluster_selector", None)
+                found.append(target)
+        return tuple(found)
+
+    def target(self, key: str) -> AppConfig | None:
+        """The target called ``key`` (`app` or `app@cluster`), or None."""
+        return next((t for t in self.targets if t.key == key), None)
 
     def app(self, name: str) -> AppConfig | None:
         """The app called ``name``, or None when the config has none."""
@@ -1271,12 +1505,18 @@ def diff(old: Config, new: Config) -> ConfigChange:
     the name is its ApplySet identity. Added and changed follow the new
     file's order, removed the old one's.
     """
-    old_apps = {a.name: a for a in old.apps}
-    new_names = {a.name for a in new.apps}
+    old_apps = {a.key: a for a in old.targets}
+    new_names = {a.key for a in new.targets}
+
+    def changed(a: AppConfig) -> bool:
+        cluster = a.target_cluster
+        return old_apps[a.key] != a or old.cluster(cluster).kubeconfig != new.cluster(cluster).kubeconfig \
+            or old.cluster(cluster).context != new.cluster(cluster).context
+
     return ConfigChange(
-        added=tuple(a.name for a in new.apps if a.name not in old_apps),
-        removed=tuple(a.name for a in old.apps if a.name not in new_names),
-        changed=tuple(a.name for a in new.apps if a.name in old_apps and old_apps[a.name] != a),
+        added=tuple(a.key for a in new.targets if a.key not in old_apps),
+        removed=tuple(a.key for a in old.targets if a.key not in new_names),
+        changed=tuple(a.key for a in new.targets if a.key in old_apps and changed(a)),
         webhook_changed=old.webhook != new.webhook,
     )
 

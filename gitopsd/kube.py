@@ -106,6 +106,11 @@ class ServiceAccount:
         return f"{self.namespace}/{self.name}"
 
 
+class ClusterUnreachable(ClusterError):
+    """A request that got no answer from a cluster known to be unreachable (gitopsd.daemon.clusters):
+    not retried, so that a cluster that is down holds no reconcile of its targets."""
+
+
 class UnknownKindError(ClusterError):
     """The apiserver serves no resource for this apiVersion/kind."""
 
@@ -157,6 +162,11 @@ class Kube:
         self.account: ServiceAccount | None = None   # who this view acts as (impersonating); None: gitopsd itself
         self._root = self                            # the Kube whose discovery and views this one shares
         self._views: dict[ServiceAccount, Kube] = {}
+        self._closers: list[Callable[[], None]] = []
+        #: Told of every answer (True) and of every request that got none (False, the error): how
+        #: gitopsd.daemon.clusters knows a cluster is unreachable without asking it again.
+        self.on_reach: Callable[[bool, str], None] | None = None
+        self.down = False
 
     # ------------------------------------------------------------ construction
 
@@ -208,8 +218,42 @@ class Kube:
         cfg.connection_pool_maxsize = budget.connection_pool_size
         return cls(client.ApiClient(cfg), budget=budget)
 
+    def unreachable(self) -> bool:
+        """Whether the cluster is known to be unreachable now (`down`, set by gitopsd.daemon.clusters for the
+        clusters it probes; never for gitopsd's own)."""
+        return self._root.down
+
     def close(self) -> None:
         self._api_client.close()
+        for closer in self._closers:
+            closer()
+
+    def on_close(self, fn: Callable[[], None]) -> None:
+        """Run `fn` when this Kube is closed (the private files of its credentials)."""
+        self._closers.append(fn)
+
+    def reconnect(self, api_client, *, on_close: Callable[[], None] | None = None) -> None:
+        """Send every later request through `api_client` (a rotated kubeconfig: new credentials,
+        perhaps a new address), in place: the views, informers and runners holding this Kube keep
+        it. Requests in flight finish on the old connection; the old one is then closed. Discovery
+        is kept when the address is the same (the same cluster), else read again."""
+        root = self._root
+        old_client, old_closers = root._api_client, root._closers
+        host = api_client.configuration.host.rstrip("/")
+        with root._lock:
+            root._api_client, root._pool = api_client, api_client.rest_client.pool_manager
+            root._closers = [on_close] if on_close else []
+            if host != root.host:
+                root._discovered_at = 0.0
+            root.host = host
+            for view in root._views.values():
+                view._api_client, view._pool, view.host = root._api_client, root._pool, host
+        try:
+            old_client.close()
+        except Exception:  # noqa: BLE001 - an old pool that will not close is garbage anyway
+            pass
+        for closer in old_closers:
+            closer()
 
     def impersonating(self, account: ServiceAccount) -> "Kube":
         """This connection as `account`: every request it sends carries `Impersonate-User:
@@ -278,17 +322,27 @@ class Kube:
                      verb=_verb(method, path, query, content_type))
         started = time.monotonic()
         attempt = 0
+        if self._root.down and not exempt:
+            raise ClusterUnreachable(f"{method} {path}: the apiserver at {self.host} is unreachable (not sent)")
         try:
             while True:
                 try:
                     resp = self._exchange(send)
                 except urllib3.exceptions.HTTPError as exc:
+                    reach = self._root.on_reach
+                    if reach is not None:
+                        reach(False, f"{method} {path}: {exc}")
+                        if self._root.unreachable():
+                            raise ClusterUnreachable(f"{method} {path}: cannot reach the apiserver at {self.host}: "
+                                                     f"{exc}") from None
                     if attempt < retries and method == "GET":
                         time.sleep(full_jitter(attempt))
                         attempt += 1
                         continue
                     raise ClusterError(f"{method} {path}: cannot reach the apiserver at {self.host}: {exc}",
                                        hint="is the cluster up? (hack/cluster status)") from None
+                if self._root.on_reach is not None:
+                    self._root.on_reach(True, "")
                 if 200 <= resp.status < 300:
                     return orjson.loads(resp.data) if resp.data else {}
                 _retry_or_raise(_api_error(method, path, resp), attempt=attempt, retries=retries,

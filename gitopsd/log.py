@@ -200,4 +200,7 @@ def _readable_audit(_logger: Any, _method: str, event: dict) -> dict:
     from gitopsd.report import summary_line
 
     # summary_line starts with the record's time: no second timestamp.
-    return {"event": f"audit {event.get('app', '')}: {summary_line(event)}", "level": event.get("level")}
+    target = event.get("app", "")
+    if event.get("cluster") not in (None, "in-cluster"):
+        target = f"{target}@{event['cluster']}"
+    return {"event": f"audit {target}: {summary_line(event)}", "level": event.get("level")}

@@ -20,6 +20,13 @@ from prometheus_client.utils import floatToGoString
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 
+def _target(key: str) -> list[str]:
+    """The `app` and `cluster` labels of a target (`app`, or `app@cluster`: gitopsd.config.AppConfig.key).
+    The per-app metrics are kept by target and carry both."""
+    app, _, cluster = key.partition("@")
+    return [app, cluster or "in-cluster"]
+
+
 class PerAppHistogram:
     """A histogram with one series per app, in ~0.3 KiB an app instead of prometheus_client's ~3.9.
 
@@ -53,15 +60,15 @@ class PerAppHistogram:
             self._apps.pop(app, None)
 
     def collect(self):
-        family = HistogramMetricFamily(self._name, self._doc, labels=["app"])
+        family = HistogramMetricFamily(self._name, self._doc, labels=["app", "cluster"])
         with self._lock:
             apps = [(app, counts.tolist()) for app, counts in self._apps.items()]
         for app, counts in apps:
-            family.add_metric([app], list(zip(self._les, itertools.accumulate(counts[:-1]))), sum_value=counts[-1])
+            family.add_metric(_target(app), list(zip(self._les, itertools.accumulate(counts[:-1]))), sum_value=counts[-1])
         yield family
 
     def describe(self):
-        yield HistogramMetricFamily(self._name, self._doc, labels=["app"])
+        yield HistogramMetricFamily(self._name, self._doc, labels=["app", "cluster"])
 
 
 RECONCILE_DURATION = PerAppHistogram(
@@ -89,15 +96,15 @@ class PerAppCounter:
                 del self._values[key]
 
     def collect(self):
-        family = CounterMetricFamily(self._name, self._doc, labels=self._labels)
+        family = CounterMetricFamily(self._name, self._doc, labels=["app", "cluster", *self._labels[1:]])
         with self._lock:
             values = list(self._values.items())
         for key, value in values:
-            family.add_metric(list(key), value)
+            family.add_metric([*_target(key[0]), *key[1:]], value)
         yield family
 
     def describe(self):
-        yield CounterMetricFamily(self._name, self._doc, labels=self._labels)
+        yield CounterMetricFamily(self._name, self._doc, labels=["app", "cluster", *self._labels[1:]])
 
 
 class PerAppInfo:
@@ -119,15 +126,15 @@ class PerAppInfo:
             self._values.pop(app, None)
 
     def collect(self):
-        family = GaugeMetricFamily(self._name, self._doc, labels=["app", self._label])
+        family = GaugeMetricFamily(self._name, self._doc, labels=["app", "cluster", self._label])
         with self._lock:
             values = list(self._values.items())
         for app, value in values:
-            family.add_metric([app, value], 1.0)
+            family.add_metric([*_target(app), value], 1.0)
         yield family
 
     def describe(self):
-        yield GaugeMetricFamily(self._name, self._doc, labels=["app", self._label])
+        yield GaugeMetricFamily(self._name, self._doc, labels=["app", "cluster", self._label])
 
 
 RECONCILE_RESULTS = PerAppCounter(
@@ -204,6 +211,12 @@ INFORMER_OBJECTS = Gauge(
     "Objects held in memory by the informers, by kind: managed objects of registered apps only (and the pods "
     "of a rolling workload during a health wait).",
     ["kind"], registry=REGISTRY)
+
+CLUSTER_REACHABLE = Gauge(
+    "gitopsd_cluster_reachable",
+    "1 while a cluster gitopsd deploys to answers (probed every few seconds), 0 while it does not: its targets "
+    "then report ClusterUnreachable and send it nothing.",
+    ["cluster"], registry=REGISTRY)
 
 
 def forget_app(app: str) -> None:

@@ -141,7 +141,7 @@ def result_text(result: SyncResult) -> str:
 # ------------------------------------------------------------------ audit records
 
 # The order fields appear in on a log line: what happened first, the chain last.
-_LOG_ORDER = ("app", "type", "seq", "trigger", "result", "action", "reason", "previous", "revision", "object",
+_LOG_ORDER = ("app", "cluster", "type", "seq", "trigger", "result", "action", "reason", "previous", "revision", "object",
               "fields", "managers", "deleted", "error", "suggestion", "commit", "written", "plan", "health", "errors", "source",
               "ref", "signature", "written_as", "started", "duration_seconds", "instance", "time", "prev_hash", "hash")
 

@@ -292,10 +292,11 @@ def test_full_app_round_trips_every_field() -> None:
     assert config.app("nope") is None
     # Every field of AppConfig is set to a non-default value above, so a new
     # field without a file key shows up here.
+    # (cluster, clusters and clusterSelector exclude each other: test_clusters_* cover them.)
     defaults = AppConfig(name="x", repo="y")
     same = [f.name for f in dataclasses.fields(AppConfig)
             if getattr(config.apps[1], f.name) == getattr(defaults, f.name)]
-    assert same == []
+    assert same == ["cluster", "clusters", "cluster_selector"]
 
 
 def test_file_based_credentials() -> None:
@@ -396,7 +397,7 @@ def test_every_problem_is_reported_with_app_and_field() -> None:
         'apps[3] (Web_Prod).interval: "1s" is too short: at least 5s '
         "(polling faster only loads the Git server; use the webhook for fast pickup)",
         "apps[4]: must be a mapping with at least name and repo, not a string",
-        "extra: unknown field; known fields: apps, webhook, ignoreManagers, defaultServiceAccountName",
+        "extra: unknown field; known fields: apps, webhook, ignoreManagers, defaultServiceAccountName, clusters",
     ]
 
 
@@ -942,7 +943,8 @@ def test_schema_documents_every_field_of_the_file(config_schema) -> None:
 FULL_KEYS = ("name", "repo", "ref", "path", "namespace", "createNamespace", "interval", "prune", "selfHeal", "render",
              "helm", "allowRemoteBases", "credentials", "decryption", "verify", "allowedNamespaces", "pruneGuard", "allowPruneAll", "recreate",
              "takeOverManagers", "suspend", "timeout", "rollback", "ignoreDifferences", "ignoreManagers", "dependsOn",
-             "healthCheckExprs", "serviceAccountName", "serviceAccountNamespace")
+             "healthCheckExprs", "serviceAccountName", "serviceAccountNamespace", "cluster", "clusters",
+             "clusterSelector")
 
 
 def test_validate_command_exits_0_for_a_valid_file_and_1_naming_every_problem(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ whom its end wakes. The behaviour in a running daemon is proven in tests/test_de
 from __future__ import annotations
 
 import threading
+from types import SimpleNamespace
 
 from gitopsd.config import AppConfig, Config
 from gitopsd.daemon.dependencies import Dependencies, local_readiness, record_readiness
@@ -43,6 +44,7 @@ class FakeRunner:
             if unhealthy else []
         self.last_result = SyncResult(app=name, outcome=outcome, reason="why", health=health) if outcome else None
         self.triggered: list[str] = []
+        self.link = SimpleNamespace(reachable=True)
 
     def verdict(self):
         from gitopsd.daemon.runner import AppRunner

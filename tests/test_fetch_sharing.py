@@ -410,7 +410,7 @@ class FakeRunner:
     def __init__(self, name: str, repo: str, *, interval: float, ref: str = "main") -> None:
         from types import SimpleNamespace
 
-        self.cfg = SimpleNamespace(name=name, repo=repo, ref=ref, interval=interval, self_heal=True)
+        self.cfg = SimpleNamespace(name=name, key=name, repo=repo, ref=ref, interval=interval, self_heal=True)
         self.running, self.current_sha, self.last_applied = False, None, None
         self.triggered: list[tuple[str, str | None]] = []
 

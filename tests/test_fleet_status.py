@@ -31,7 +31,7 @@ class _ScheduledRunner:
     """What the schedule and the status read of an AppRunner."""
 
     def __init__(self, name: str, repo: str, *, interval: float) -> None:
-        self.cfg = SimpleNamespace(name=name, repo=repo, ref="main", interval=interval)
+        self.cfg = SimpleNamespace(name=name, key=name, repo=repo, ref="main", interval=interval)
         self.running, self.current_sha, self.last_applied = False, None, None
 
     def status(self) -> dict:
@@ -64,7 +64,8 @@ def test_status_of_many_apps_reads_each_repositorys_schedule_once(schedule, monk
     get_job = schedule.scheduler.get_job
     monkeypatch.setattr(schedule.scheduler, "get_job", lambda job_id: looked_up.append(job_id) or get_job(job_id))
     daemon = SimpleNamespace(runners=runners, schedule=schedule, instance="i",
-                             leadership=SimpleNamespace(status=lambda: {}, app_status=lambda name: {}))
+                             leadership=SimpleNamespace(status=lambda: {}, app_status=lambda name: {}),
+                             clusters=SimpleNamespace(status=lambda: []))
 
     status = Daemon.status_json(daemon)
 
@@ -158,10 +159,11 @@ def test_the_next_desired_state_names_what_a_commit_changed_and_shares_the_rest(
 def test_idle_runner_keeps_no_cancel_event_of_its_own(monkeypatch):
     ran = []
     view = SimpleNamespace(stop=lambda: None)
-    daemon = SimpleNamespace(namespace="gitopsd", informers=SimpleNamespace(view=lambda **kw: view),
+    link = SimpleNamespace(informers=SimpleNamespace(view=lambda **kw: view), log_fields={})
+    daemon = SimpleNamespace(namespace="gitopsd", clusters=SimpleNamespace(get=lambda name: link),
                              pool=SimpleNamespace(submit=lambda fn, *args, lane: fn(*args)), prometheus_url=None,
                              dependencies=SimpleNamespace(settled=lambda name: None))
-    cfg = SimpleNamespace(name="idle", repo="file:///r.git", ref="main")
+    cfg = SimpleNamespace(name="idle", key="idle", target_cluster="in-cluster", repo="file:///r.git", ref="main")
     runner = AppRunner(daemon, cfg)
     assert runner.cancel is NO_RUN and runner.heal_cancel is NO_RUN
     monkeypatch.setattr(runner, "_reconcile", lambda reason: ran.append(runner.cancel))
@@ -188,11 +190,11 @@ def test_reconcile_duration_reads_as_a_histogram_per_app():
     buckets = {dict(k)["le"]: v for k, v in _samples("gitopsd_reconcile_duration_seconds_bucket", app).items()}
     assert buckets["0.25"] == 0 and buckets["0.5"] == 1 and buckets["1.0"] == 2   # le: at most the bound
     assert buckets["600.0"] == 2 and buckets["+Inf"] == 3
-    assert _samples("gitopsd_reconcile_duration_seconds_count", app) == {(("app", app),): 3.0}
-    assert _samples("gitopsd_reconcile_duration_seconds_sum", app) == {(("app", app),): 1001.3}
+    assert _samples("gitopsd_reconcile_duration_seconds_count", app) == {(("app", app), ("cluster", "in-cluster")): 3.0}
+    assert _samples("gitopsd_reconcile_duration_seconds_sum", app) == {(("app", app), ("cluster", "in-cluster")): 1001.3}
     text = prometheus_client.generate_latest(metrics.REGISTRY).decode()
     assert "# TYPE gitopsd_reconcile_duration_seconds histogram" in text
-    assert f'gitopsd_reconcile_duration_seconds_bucket{{app="{app}",le="+Inf"}} 3.0' in text
+    assert f'gitopsd_reconcile_duration_seconds_bucket{{app="{app}",cluster="in-cluster",le="+Inf"}} 3.0' in text
     metrics.forget_app(app)
     assert _samples("gitopsd_reconcile_duration_seconds_count", app) == {}
 
@@ -213,8 +215,8 @@ def test_an_app_taken_out_of_the_config_leaves_no_metric_series(repo, kube, name
                       "app-a removed", 10)
     text = daemon.get("/metrics")[1]
     assert 'app="app-a"' not in text
-    assert 'gitopsd_reconcile_total{app="app-b"' in text and 'gitopsd_reconcile_duration_seconds_count{app="app-b"}' \
-        in text
+    assert 'gitopsd_reconcile_total{app="app-b",cluster="in-cluster"' in text and \
+        'gitopsd_reconcile_duration_seconds_count{app="app-b",cluster="in-cluster"}' in text
 
 
 
@@ -227,8 +229,10 @@ def test_reconcile_counts_and_the_last_revision_read_as_before():
     metrics.LAST_APPLIED.set(app=app, value="b" * 40)   # a new revision replaces the old one's series
     text = prometheus_client.generate_latest(metrics.REGISTRY).decode()
     assert "# TYPE gitopsd_reconcile_total counter" in text
-    assert f'gitopsd_reconcile_total{{app="{app}",outcome="NoChange",trigger="poll"}} 2.0' in text
-    assert f'gitopsd_reconcile_total{{app="{app}",outcome="Applied",trigger="webhook"}} 1.0' in text
-    assert _samples("gitopsd_last_applied_revision_info", app) == {(("app", app), ("revision", "b" * 40)): 1.0}
+    assert f'gitopsd_reconcile_total{{app="{app}",cluster="in-cluster",outcome="NoChange",trigger="poll"}} 2.0' in text
+    assert f'gitopsd_reconcile_total{{app="{app}",cluster="in-cluster",outcome="Applied",trigger="webhook"}} 1.0' \
+        in text
+    assert _samples("gitopsd_last_applied_revision_info", app) == \
+        {(("app", app), ("cluster", "in-cluster"), ("revision", "b" * 40)): 1.0}
     metrics.forget_app(app)
     assert f'app="{app}"' not in prometheus_client.generate_latest(metrics.REGISTRY).decode()

@@ -453,7 +453,7 @@ def test_a_push_refreshes_each_matching_repository_once_and_wakes_each_matching_
 
     def runner(name: str, repo: str, ref: str = "main"):
         woken: list = []
-        return SimpleNamespace(cfg=SimpleNamespace(name=name, repo=repo, ref=ref), woken=woken,
+        return SimpleNamespace(cfg=SimpleNamespace(name=name, key=name, repo=repo, ref=ref), woken=woken,
                                trigger=lambda reason, sha=None: woken.append((reason, sha)))
 
     mono, other = "https://git.example.com/org/mono.git", "https://git.example.com/org/other.git"

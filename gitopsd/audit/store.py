@@ -62,12 +62,13 @@ class AuditLog:
     """
 
     def __init__(self, kube: Kube | None, *, namespace: str, retention: int = DEFAULT_RETENTION,
-                 events: bool = True, logger=None, instance: str | None = None,
+                 events: bool = True, logger=None, instance: str | None = None, cluster: str | None = None,
                  segment_records: int = SEGMENT_MAX_RECORDS, segment_bytes: int = SEGMENT_MAX_BYTES) -> None:
         self.kube = kube
         self.namespace = namespace
         self.events = events and kube is not None
         self.instance = instance or default_instance()
+        self.cluster = cluster   # the cluster of the targets whose records this log keeps (gitopsd.daemon.clusters)
         self.store_error: str | None = None
         self._log = logger or structlog.get_logger("gitopsd.audit")
         self._guard = threading.Lock()
@@ -97,6 +98,8 @@ class AuditLog:
         rec = fit(redact.scrub_data(orjson.loads(canonical(rec))))
         rec["time"] = iso_time(datetime.now(timezone.utc))
         rec.setdefault("instance", self.instance)
+        if self.cluster is not None:
+            rec.setdefault("cluster", self.cluster)
         with self._lock_for(app):
             stored = self._store_in_order(app, rec)
             if stored is None:

@@ -48,6 +48,7 @@ import structlog
 from gitopsd import __version__, audit, metrics
 from gitopsd import config as config_mod
 from gitopsd.budget import Budget
+from gitopsd.daemon.clusters import ClusterSet
 from gitopsd.daemon.config_watch import ConfigWatcher
 from gitopsd.daemon.credentials import CredentialStore
 from gitopsd.daemon.dependencies import Dependencies
@@ -85,8 +86,7 @@ class Daemon:
         self.watch_local = watch_local
         self._stop = threading.Event()
         self.config_watch = ConfigWatcher(config_path, on_change=self._on_config, stopped=self._stop)
-        self.runners: dict[str, AppRunner] = {}
-        self.informers = Informers(kube)
+        self.runners: dict[str, AppRunner] = {}   # by target (AppConfig.key: `app`, `app@cluster`)
         # Reconciles and heals run here; the pool is sized by the process's one
         # budget (gitopsd.budget), which also bounds their requests together.
         self.pool = kube.budget.reconciles()
@@ -97,6 +97,9 @@ class Daemon:
                                  credentials=lambda cfg: self.credentials.resolve(cfg),
                                  pace_above=kube.budget.reconcile_workers)
         self.credentials = CredentialStore(kube, namespace=namespace)
+        # Each cluster's connection, informers and audit log (gitopsd.daemon.clusters); in-cluster is `kube`.
+        self.clusters = ClusterSet(kube, namespace=namespace, instance=instance, fence=self.fence,
+                                   stopped=self._stop, on_back=self._cluster_back)
         self.pushes = PushRouter(self)
         self.leadership = Leadership(kube, namespace=namespace, instance=instance, leader_elect=leader_elect,
                                      shards=shards, lease_duration=lease_duration, lease_renew=lease_renew,
@@ -104,10 +107,11 @@ class Daemon:
                                      wake=self.schedule.wake)
         # Records are stored and announced only while this replica may write (Daemon.fence);
         # the runners check it before each record too, in the term their run began in.
-        self.audit = audit.AuditLog(FencedKube(kube, self.fence), namespace=namespace, instance=instance)
+        self.audit = self.clusters.home.audit
         # dependsOn: who waits for whom; a dependency of another replica's shard is read from its status.
         self.dependencies = Dependencies(kube=kube, namespace=namespace, runners=lambda: self.runners,
-                                         local=lambda app: self.shards is None or self.shards.may_start(app))
+                                         local=lambda app: self.shards is None or self.shards.may_start(app),
+                                         kube_of=lambda cluster: self.clusters.get(cluster).kube)
         # `gitopsd hold|resume|rollback` from anywhere with a kubeconfig (gitopsd.daemon.release).
         self.release_requests = RequestWatch(kube, namespace=namespace, deliver=self._release_request)
         self.server = Server(host=http_host, port=http_port, on_push=self.pushes.on_push,
@@ -133,7 +137,8 @@ class Daemon:
         self.server.start()
         self.schedule.start()
         self.dependencies.update(self.config)
-        for cfg in self.config.apps:
+        self.clusters.update(self.config)   # reads the kubeconfigs: a cluster that cannot be used fails its targets
+        for cfg in self.config.targets:
             self._add(cfg)
         self.release_requests.start()
         self._spawn(self.config_watch.watch, "config-watch")
@@ -141,7 +146,7 @@ class Daemon:
         if self.watch_local:
             self._spawn(LocalRepoWatcher(self).run, "local-repo-watch")
         self.leadership.start(advertise_url=self._advertise_url)
-        log.info("gitopsd started", instance=self.instance, apps=[a.name for a in self.config.apps],
+        log.info("gitopsd started", instance=self.instance, apps=[a.key for a in self.config.targets],
                  http=f"{self.server.host}:{self.server.port}", namespace=self.namespace,
                  leader_election=self.elector is not None or self.shards is not None,
                  shards=self.shards.count if self.shards else 1)
@@ -185,7 +190,7 @@ class Daemon:
         # Hand the leases over at once only when no work of ours is still
         # running; otherwise let them expire, so no other replica writes beside us.
         self.leadership.stop(release=idle)
-        self.informers.stop()
+        self.clusters.stop()
         self.release_requests.stop()
         self.dependencies.stop()
         self.credentials.close()
@@ -221,8 +226,19 @@ class Daemon:
     def may_start(self, app: str | None = None) -> bool:
         return self.leadership.may_start(app)
 
-    def writer(self, app: str | None = None) -> FencedKube | None:
-        return self.leadership.writer(app)
+    def writer(self, app: str | None = None, *, kube: Kube | None = None) -> FencedKube | None:
+        return self.leadership.writer(app, kube=kube)
+
+    @property
+    def informers(self) -> Informers:
+        """The informers of gitopsd's own cluster."""
+        return self.clusters.home.informers
+
+    def _cluster_back(self, cluster: str) -> None:
+        """A cluster answers again (or its kubeconfig works now): its targets run at once."""
+        woken = [r for r in list(self.runners.values()) if r.link.name == cluster]
+        for runner in woken:
+            runner.trigger("cluster")
 
     @property
     def stopping(self) -> bool:
@@ -241,7 +257,7 @@ class Daemon:
     def _add(self, cfg: config_mod.AppConfig) -> AppRunner:
         """A runner for the app, polled with its repository; woken by the caller (or by leading)."""
         runner = AppRunner(self, cfg)
-        self.runners[cfg.name] = runner
+        self.runners[cfg.key] = runner
         self.schedule.poll(runner)
         return runner
 
@@ -261,14 +277,15 @@ class Daemon:
         new file's from here on (gitopsd.daemon.dependencies).
         """
         self.dependencies.update(new)
+        self.clusters.update(new)
         for name in change.removed:
             self._remove(name)
-        woken = [self._add(new.app(name)) for name in change.added]
+        woken = [self._add(new.target(name)) for name in change.added]
         for name in change.changed:
             runner = self.runners.get(name)
             if runner is None:
                 continue
-            runner.cfg = new.app(name)
+            runner.cfg = new.target(name)
             self.schedule.poll(runner)
             woken.append(runner)
         self.schedule.wake(woken, "config")
@@ -288,7 +305,8 @@ class Daemon:
             s["nextRun"] = _iso(next_runs.get(name))
             s["running"] = r.running
             apps.append({**s, **self.leadership.app_status(name)})
-        return {"instance": self.instance, **self.leadership.status(), "apps": apps}
+        return {"instance": self.instance, **self.leadership.status(), "clusters": self.clusters.status(),
+                "apps": apps}
 
     def status_summary(self) -> dict:
         """GET /status?summary: how many apps have each result and, within it, each health, and how

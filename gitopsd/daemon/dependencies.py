@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from gitopsd.config import IN_CLUSTER, split_target
 from gitopsd.daemon import status as status_mod
 from gitopsd.daemon.reflector import Reflector
 from gitopsd.engine.inventory import ID_LABEL, applyset_id, parent_name
@@ -74,10 +75,12 @@ class Dependencies:
     """Who waits for whom, and whether a dependency is ready (module docstring)."""
 
     def __init__(self, *, kube: Kube, namespace: str, runners: Callable[[], dict[str, AppRunner]],
-                 local: Callable[[str], bool]) -> None:
+                 local: Callable[[str], bool], kube_of: Callable[[str], Kube] | None = None) -> None:
         """`local(app)`: whether this replica runs `app` (holds its shard); otherwise its status
-        record in `namespace` is read."""
+        record in `namespace` is read. Apps are targets (`app`, `app@cluster`: gitopsd.config.AppConfig.key);
+        `kube_of(cluster)` reaches the record of a target on another cluster."""
         self._kube, self._namespace = kube, namespace
+        self._kube_of = kube_of
         self._runners, self._local = runners, local
         self._dependents: dict[str, tuple[str, ...]] = {}
         self._depended: frozenset[str] = frozenset()   # the apps something depends on
@@ -88,9 +91,9 @@ class Dependencies:
     def update(self, config: Config) -> None:
         """Take the graph of a newly loaded config (valid: every name known, no cycle)."""
         dependents: dict[str, list[str]] = {}
-        for app in config.apps:
-            for dep in app.depends_on:
-                dependents.setdefault(dep, []).append(app.name)
+        for app in config.targets:
+            for dep in app.dependency_keys():
+                dependents.setdefault(dep, []).append(app.key)
         grew = set(dependents) - self._depended
         self._dependents = {dep: tuple(names) for dep, names in dependents.items()}
         self._depended = frozenset(dependents)
@@ -107,7 +110,7 @@ class Dependencies:
         replica's that no watch follows (the caller then looks again in REMOTE_RECHECK seconds)."""
         waiting, poll = [], False
         runners = self._runners()
-        for name in cfg.depends_on:
+        for name in cfg.dependency_keys():
             runner = runners.get(name)
             if runner is not None and self._local(name):
                 why = local_readiness(runner)
@@ -136,6 +139,14 @@ class Dependencies:
     def _remote_readiness(self, name: str) -> tuple[str | None, bool]:
         """Readiness from `name`'s status record: the watch's copy when it has one, else a GET;
         and whether the watch follows it (False: the caller must look again itself)."""
+        app, cluster = split_target(name)
+        if cluster != IN_CLUSTER:
+            # Another replica's target on another cluster: its record there, read again every REMOTE_RECHECK.
+            try:
+                found = status_mod.read_all(self._kube_of(cluster), namespace=self._namespace, app=app)
+            except (GitopsdError, KeyError) as exc:
+                return f"its status cannot be read ({exc})", False
+            return record_readiness(found[0] if found else None), False
         watch = self._status_watch()
         if watch.covers(name):
             return record_readiness(watch.record(name)), True

@@ -113,7 +113,7 @@ class Leadership:
             return self.shards.may_start(app)
         return self.may_write()
 
-    def writer(self, app: str | None = None) -> FencedKube | None:
+    def writer(self, app: str | None = None, *, kube: Kube | None = None) -> FencedKube | None:
         """The Kube for one run of `app`'s work, fenced to the current term of its lease; None when
         no work may begin (with shards: always None without an app). A term that ends (even if this
         replica leads again at once) fences the run for good: it was planned under a lease another
@@ -122,7 +122,7 @@ class Leadership:
         term = lease.term if lease else None
         if (self.shards is not None and app is None) or not self.may_start(app):
             return None
-        return FencedKube(self.kube, lambda: self.fence(term, app=app))
+        return FencedKube(kube or self.kube, lambda: self.fence(term, app=app))
 
     def _lease_of(self, app: str | None) -> LeaderElector | None:
         if self.shards is not None:

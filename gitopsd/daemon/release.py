@@ -77,9 +77,14 @@ REQUEST_KEY = "request"
 MAX_REQUEST_BYTES = 16 * 1024
 
 
+def _label(target: str) -> str:
+    """A target's name as a label value: `web@eu-1` -> `web.eu-1` (no app or cluster name has a dot)."""
+    return target.replace("@", ".")
+
+
 def request_name(app: str) -> str:
     """The request ConfigMap of `app` (a dot: never an app's parent or audit segment)."""
-    return f"{inventory.parent_name(app)}.release"
+    return f"{inventory.parent_name(_label(app))}.release"
 
 
 def _now() -> str:
@@ -313,7 +318,7 @@ def write_request(kube: Kube, *, namespace: str, app: str, request: Request) -> 
     """Store a request for the daemon (the CLI's side)."""
     body = {"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": {"name": request_name(app), "namespace": namespace,
-                         "labels": {LABEL: app, "app.kubernetes.io/managed-by": "gitopsd"}},
+                         "labels": {LABEL: _label(app), "app.kubernetes.io/managed-by": "gitopsd"}},
             "data": {REQUEST_KEY: request.to_json()}}
     kube.apply(body, field_manager=FIELD_MANAGER)
 
@@ -321,7 +326,7 @@ def write_request(kube: Kube, *, namespace: str, app: str, request: Request) -> 
 def request_of(obj: dict) -> tuple[str, Request] | None:
     """(app, request) from a request ConfigMap; None (logged) when it is not readable."""
     meta = obj.get("metadata") or {}
-    app = (meta.get("labels") or {}).get(LABEL)
+    app = ((meta.get("labels") or {}).get(LABEL) or "").replace(".", "@", 1)
     raw = (obj.get("data") or {}).get(REQUEST_KEY)
     if not app or meta.get("name") != request_name(app) or not isinstance(raw, str):
         return None

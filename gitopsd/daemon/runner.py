@@ -115,6 +115,9 @@ class AppRunner:
     def __init__(self, daemon: Daemon, cfg: config_mod.AppConfig) -> None:
         self.daemon = daemon
         self.cfg = cfg
+        self.key = cfg.key                    # the target: `app`, or `app@cluster` (gitopsd.config.AppConfig.key)
+        # The cluster it deploys to: its connection, informers and audit log (gitopsd.daemon.clusters).
+        self.link = daemon.clusters.get(cfg.target_cluster)
         self.lock = threading.Lock()          # guards the fields below
         self.exec_lock = threading.Lock()     # held while a reconcile or heal runs
         self.running = False
@@ -124,13 +127,13 @@ class AppRunner:
         self.failures = 0
         # Registered before the first reconcile of any app, so the first list of
         # each kind covers every app of the config at once.
-        self.cache: AppView = daemon.informers.view(
+        self.cache: AppView = self.link.informers.view(
             app_id=applyset_id(name=parent_name(cfg.name), namespace=daemon.namespace), on_event=self.on_event)
         self.inv = None                       # the ApplySet parent as we last wrote/read it
         self.desired = DesiredState()
         self.desired_revision: Revision | None = None   # the commit `desired` was planned from
         self.release = ReleaseControl(cfg.name)          # held, rolled back, quarantined (gitopsd.daemon.release)
-        self.rollouts = RolloutControl(cfg.name, live=self._live,   # canaries in progress (gitopsd.daemon.rollouts)
+        self.rollouts = RolloutControl(cfg.key, live=self._live,   # canaries in progress (gitopsd.daemon.rollouts)
                                        prometheus_url=daemon.prometheus_url)
         self.spec: AppSpec | None = None                 # what the last reconcile ran with (a heal reuses it)
         self.heal_cancel: threading.Event | _NoRun = NO_RUN   # cancels a running heal's health wait
@@ -178,7 +181,7 @@ class AppRunner:
                 if self.stopped:
                     self.cancel.set()
             try:
-                with self.exec_lock, log_mod.scope(app=self.cfg.name, trigger=reason):
+                with self.exec_lock, log_mod.scope(app=self.cfg.name, trigger=reason, **self.link.log_fields):
                     self._reconcile(reason)
             except LeadershipLost as exc:
                 self._fenced(exc)
@@ -191,7 +194,7 @@ class AppRunner:
                     dirty = bool(self.dirty)
                     break
                 reason, self.pending = self.pending, None
-        self.daemon.dependencies.settled(self.cfg.name)   # the apps waiting for this one judge again
+        self.daemon.dependencies.settled(self.key)   # the apps waiting for this one judge again
         if dirty:
             self.daemon.pool.submit(self._heal_dirty, lane=Lane.HEAL)
 
@@ -203,10 +206,19 @@ class AppRunner:
 
     def _reconcile(self, trigger: str) -> None:
         cfg = self.cfg
-        writer = None if cfg.suspend else self.daemon.writer(self.cfg.name)
+        writer = None if cfg.suspend else self.daemon.writer(self.key, kube=self.link.kube)
         if writer is None:
             return
         self.writer = writer
+        if (blocked := self.link.blocked()) is not None:
+            self._cluster_blocked(trigger, blocked)
+            return
+        if not self.link.home:
+            try:
+                self.daemon.clusters.ensure_namespace(self.link)
+            except GitopsdError as exc:
+                self._record_failure(trigger, f"cannot create gitopsd's namespace in cluster {self.link.name}: {exc}")
+                return
         if not self.restored:
             try:
                 self._restore()
@@ -250,8 +262,8 @@ class AppRunner:
                 self._record(audit.transition_record(result, trigger=trigger, previous=previous,
                                                      instance=self.daemon.instance))
             return
-        metrics.RECONCILE_DURATION.observe(app=cfg.name, value=time.monotonic() - started)
-        metrics.RECONCILE_RESULTS.inc(app=cfg.name, trigger=trigger, outcome=result.outcome.value)
+        metrics.RECONCILE_DURATION.observe(app=self.key, value=time.monotonic() - started)
+        metrics.RECONCILE_RESULTS.inc(app=self.key, trigger=trigger, outcome=result.outcome.value)
         plan = result.plan
         if plan is not None and not plan.errors:
             self.inv = plan.inventory
@@ -267,7 +279,7 @@ class AppRunner:
                         before=before)
         if result.outcome in (Outcome.APPLIED, Outcome.UNHEALTHY, Outcome.NO_CHANGE) and result.revision:
             self.last_applied = result.revision.sha
-            metrics.LAST_APPLIED.set(app=cfg.name, value=result.revision.sha)   # the previous one's series goes
+            metrics.LAST_APPLIED.set(app=self.key, value=result.revision.sha)   # the previous one's series goes
         if result.outcome == Outcome.DRY_RUN and plan is not None:
             drifted = {c.ref for c in plan.changes if c.action in (Action.CREATE, Action.UPDATE, Action.RECREATE)}
             for ref in set(self.reported) - drifted:
@@ -289,7 +301,7 @@ class AppRunner:
             # The verdict stands until the rollout recovers: look once more at what was not healthy.
             refs = [h.ref for h in prev.health if h.status.value != "Current"]
             try:
-                rechecked = recheck_health(self.daemon.kube, refs, app=cfg, live=self.cache) if refs else []
+                rechecked = recheck_health(self.link.kube, refs, app=cfg, live=self.cache) if refs else []
             except GitopsdError:
                 rechecked = []
             if rechecked and health_mod.summarize(rechecked)[0]:
@@ -302,7 +314,7 @@ class AppRunner:
         release = self.release.after(result, auto=(cfg.rollback_on_unhealthy or aborted) and not cancelled,
                                      last_healthy=self._last_healthy)
         if release.roll_back:
-            metrics.RELEASE_DECISIONS.inc(app=cfg.name, action="rollback", by="gitopsd")
+            metrics.RELEASE_DECISIONS.inc(app=self.key, action="rollback", by="gitopsd")
             self._write_status()   # the decision first: a replica taking over mid-way finishes the rollback
         transition = self._is_transition(result) or release.release is not None
         if transition:
@@ -335,7 +347,7 @@ class AppRunner:
         if not cfg.depends_on and not self.waiting:
             return False
         deps = self.daemon.dependencies
-        ended = deps.ends(cfg.depends_on)
+        ended = deps.ends(cfg.dependency_keys())
         waiting, poll = deps.blocking(cfg)   # none left (a reload dropped them): go
         with self.lock:
             changed, self.waiting = tuple(waiting) != self.waiting, tuple(waiting)
@@ -346,7 +358,7 @@ class AppRunner:
         if changed:
             log.info("waiting for dependencies", app=cfg.name, waiting_for=waiting)
         self._write_status()
-        if deps.ends(cfg.depends_on) != ended:
+        if deps.ends(cfg.dependency_keys()) != ended:
             self.trigger("dependency")   # one ended while this run judged, perhaps before it waited: again
         elif poll:
             self.daemon.schedule.once(self, REMOTE_RECHECK, "dependency")
@@ -363,7 +375,7 @@ class AppRunner:
         taken, refused = self.release.take(live=self.last_applied, last_healthy=self._last_healthy)
         if taken is None:
             return
-        metrics.RELEASE_DECISIONS.inc(app=self.cfg.name, action=taken.action if refused is None else "refused",
+        metrics.RELEASE_DECISIONS.inc(app=self.key, action=taken.action if refused is None else "refused",
                                       by="cli" if taken.by.startswith("cli/") else "other")
         if refused is not None:
             log.warning("release request refused", app=self.cfg.name, error=refused.message, hint=refused.hint)
@@ -377,12 +389,12 @@ class AppRunner:
         seen = self.cache.read(ref, after=None)
         if seen.covered and seen.fresh:
             return seen.obj
-        kube = self.daemon.kube
+        kube = self.link.kube
         return kube.get(kube.resource_for_group_kind(ref.group, ref.kind), ref.name, ref.namespace or None)
 
     def _last_healthy(self, besides: set[str]) -> str | None:
         try:
-            return audit.last_healthy(self.daemon.kube, namespace=self.daemon.namespace, app=self.cfg.name,
+            return audit.last_healthy(self.link.kube, namespace=self.daemon.namespace, app=self.cfg.name,
                                       besides=besides)
         except GitopsdError as exc:
             log.warning("cannot read the audit trail for a healthy revision", app=self.cfg.name, error=str(exc))
@@ -430,7 +442,7 @@ class AppRunner:
         the parent's name that is not the app's is left for the plan to
         refuse, with the error it gives.
         """
-        kube, namespace, app = self.daemon.kube, self.daemon.namespace, self.cfg.name
+        kube, namespace, app = self.link.kube, self.daemon.namespace, self.cfg.name
         parent = kube.get(kube.resource("v1", "ConfigMap"), parent_name(app), namespace)
         segments = audit.list_segments(kube, namespace=namespace, app=app)
         self.last_applied = audit.last_revision(kube, namespace=namespace, app=app, segments=segments)
@@ -438,9 +450,9 @@ class AppRunner:
             self.inv = inventory.from_parent(parent, app=app, namespace=namespace)
         except KubeApiError:
             self.inv = None
-        self.daemon.audit.prime(app, parent=parent, segments=segments)
+        self.link.audit.prime(app, parent=parent, segments=segments)
         self.release.restore(status_mod.of_parent(parent))
-        if (request := self.daemon.release_request(app)) is not None:
+        if (request := self.daemon.release_request(self.key)) is not None:
             self.release.requested(request)   # made while no replica ran the app: taken in this run
         self.restored = True
 
@@ -451,9 +463,20 @@ class AppRunner:
             raise GitopsdError("gitopsd is shutting down: the apply stopped after a stage; "
                                "the next leader continues")
 
+    def _cluster_blocked(self, trigger: str, reason: str) -> None:
+        """The cluster cannot be reached (or its kubeconfig used): nothing is sent to it. Not a
+        transition of the cluster, so no audit record (it would have to be stored there): the status,
+        a metric and one log line per new reason; retried with backoff, and woken when it is back."""
+        metrics.RECONCILE_RESULTS.inc(app=self.key, trigger=trigger, outcome="Failed")
+        result = SyncResult(app=self.cfg.name, outcome=Outcome.FAILED, reason=reason, errors=[reason])
+        if self._is_transition(result):
+            log.warning("target not reconciled", app=self.cfg.name, cluster=self.link.name, reason=reason)
+            self.last_result = _verdict(result)
+        self._schedule_retry()
+
     def _record_failure(self, trigger: str, reason: str) -> None:
         result = SyncResult(app=self.cfg.name, outcome=Outcome.FAILED, reason=reason, errors=[reason])
-        metrics.RECONCILE_RESULTS.inc(app=self.cfg.name, trigger=trigger, outcome="Failed")
+        metrics.RECONCILE_RESULTS.inc(app=self.key, trigger=trigger, outcome="Failed")
         self._schedule_retry()
         if not self._is_transition(result):
             self._write_status()   # the same failure again: only what else changed (no longer waiting)
@@ -471,7 +494,7 @@ class AppRunner:
         backlog, to be stored later as if it were history.
         """
         self.writer.check()
-        self.daemon.audit.record(rec)
+        self.link.audit.record(rec)
 
     def _schedule_retry(self) -> None:
         self.failures += 1
@@ -497,7 +520,7 @@ class AppRunner:
         are judged again: for the others the old judgement was the new one.
         """
         try:
-            targets = member_targets(self.daemon.kube, plan.inventory, plan.changes)
+            targets = member_targets(self.link.kube, plan.inventory, plan.changes)
         except GitopsdError:
             targets = plan.targets   # discovery failed: what this plan searched
         self.cache.ensure(set(targets))
@@ -520,7 +543,7 @@ class AppRunner:
             return
         ref = ref_of(obj)
         desired = self.desired   # replaced whole by a reconcile meanwhile: read one of them
-        if ref not in desired or not self.daemon.may_start(self.cfg.name):
+        if ref not in desired or not self.daemon.may_start(self.key):
             return
         if kind != "DELETED" and still_ours(obj, desired.get(ref), ignore=self.cfg.ignore):
             return
@@ -553,14 +576,16 @@ class AppRunner:
         refs = {ref for ref in refs if ref in self.desired and not self._settled(ref)}
         if not refs or self.stopped or self.cfg.suspend or self.spec is None or self.inv is None:
             return
-        writer = self.daemon.writer(self.cfg.name)
+        if self.link.blocked() is not None:
+            return   # the probe wakes the runner when the cluster is back; the reconcile heals then
+        writer = self.daemon.writer(self.key, kube=self.link.kube)
         if writer is None:
             return
         self.writer = writer
         try:
             with self.lock:
                 self.healing = frozenset(refs)
-            with log_mod.scope(app=self.cfg.name, trigger="self-heal"):
+            with log_mod.scope(app=self.cfg.name, trigger="self-heal", **self.link.log_fields):
                 self._heal(refs, cancel=cancel)
         except LeadershipLost as exc:
             self._fenced(exc)   # exc.unsent: the corrections not sent, as for a reconcile
@@ -578,7 +603,7 @@ class AppRunner:
                       inv=self.inv, cache=self.cache, dry_run=not self.cfg.self_heal, cancel=cancel,
                       on_progress=self._stop_after_stage)
         self.writer.check()   # lost meanwhile: the new leader sees the drift and records it
-        metrics.RECONCILE_RESULTS.inc(app=self.cfg.name, trigger="self-heal", outcome=result.outcome.value)
+        metrics.RECONCILE_RESULTS.inc(app=self.key, trigger="self-heal", outcome=result.outcome.value)
         if result.plan is not None and result.plan.waiting:
             log.debug("self-heal waits for deletions to finish", app=self.cfg.name,
                       objects=[str(r) for r in result.plan.waiting])
@@ -622,9 +647,9 @@ class AppRunner:
             if self.reported.get(drift.ref) == key:
                 return
             self.reported[drift.ref] = key
-        metrics.DRIFT_DETECTED.inc(app=self.cfg.name)
+        metrics.DRIFT_DETECTED.inc(app=self.key)
         if action == "corrected":
-            metrics.DRIFT_CORRECTED.inc(app=self.cfg.name)
+            metrics.DRIFT_CORRECTED.inc(app=self.key)
         log.warning("drift " + ("corrected" if action == "corrected" else "detected"), app=self.cfg.name,
                     object=str(drift.ref), deleted=drift.deleted, fields=list(drift.fields),
                     managers=list(drift.managers), action=action, error=error, suggestion=drift.suggestion)
@@ -644,6 +669,8 @@ class AppRunner:
         unhealthy = any(h.status.value != "Current" for h in (r.health if r else []))
         health = ("Healthy" if r and not unhealthy and r.outcome != Outcome.FAILED else
                   ("Unhealthy" if unhealthy else "Unknown"))
+        if not self.link.reachable:
+            return "ClusterUnreachable", health
         return ("Waiting" if self.waiting else r.outcome.value if r else "Pending"), health
 
     def status(self) -> dict:
@@ -652,6 +679,7 @@ class AppRunner:
         waiting = self.waiting
         return {
             "app": self.cfg.name,
+            "cluster": self.link.name,
             "revision": self.last_applied or "",
             "ref": self.cfg.ref,
             "result": result,
@@ -668,8 +696,8 @@ class AppRunner:
 
     def _write_status(self) -> None:
         current = self.status()
-        if current == self.status_written:
-            return  # steady state: nothing a reader would see has changed
+        if current == self.status_written or self.link.blocked() is not None:
+            return  # steady state: nothing a reader would see has changed (or nowhere to write it now)
         try:
             status_mod.write(self.writer, app=self.cfg.name, namespace=self.daemon.namespace, status=current)
             self.status_written = current

@@ -97,7 +97,7 @@ class _Repo:
 
     def due(self, runner: "AppRunner", now: float) -> bool:
         """Whether the app's own interval has come at this run of the job (the run nearest to it)."""
-        return now - self.polled.get(runner.cfg.name, now) >= runner.cfg.interval - self.interval / 2
+        return now - self.polled.get(runner.cfg.key, now) >= runner.cfg.interval - self.interval / 2
 
 
 class Schedule:
@@ -130,7 +130,7 @@ class Schedule:
 
     def poll(self, runner: AppRunner) -> None:
         """Poll the app with its repository (added, or its config changed)."""
-        name = runner.cfg.name
+        name = runner.cfg.key
         key = repo_key(runner.cfg.repo, runner.cfg.ref)
         with self._lock:
             if self._repo_of.get(name, key) != key:
@@ -152,14 +152,14 @@ class Schedule:
                                                                     for r in runners}}
         with self._lock:
             for r in runners:
-                self._woken[r.cfg.name] = generations[repo_key(r.cfg.repo, r.cfg.ref)]
+                self._woken[r.cfg.key] = generations[repo_key(r.cfg.repo, r.cfg.ref)]
         for r in runners:
             r.trigger(reason, sha=sha)
 
     def once(self, runner: AppRunner, delay: float, reason: str) -> None:
         if self._stopped.is_set():
             return
-        self.scheduler.add_job(self._retry, "date", args=(runner, reason), id=f"retry-{runner.cfg.name}",
+        self.scheduler.add_job(self._retry, "date", args=(runner, reason), id=f"retry-{runner.cfg.key}",
                                replace_existing=True, run_date=_now() + timedelta(seconds=delay))
 
     def remove(self, name: str) -> None:
@@ -188,7 +188,7 @@ class Schedule:
 
     @staticmethod
     def _next_of(repo: _Repo, runner: AppRunner, *, at: datetime, ahead: float, mono: float) -> datetime:
-        elapsed = mono - repo.polled.get(runner.cfg.name, mono) + ahead
+        elapsed = mono - repo.polled.get(runner.cfg.key, mono) + ahead
         missing = runner.cfg.interval - repo.interval / 2 - elapsed
         runs = max(0, math.ceil(missing / repo.interval)) if repo.interval else 0
         return at + timedelta(seconds=runs * repo.interval)
@@ -202,19 +202,19 @@ class Schedule:
     def unseen(self, runners: list[AppRunner], generation: float) -> list[AppRunner]:
         """The runners not woken since the repository's refresh `generation` (their runs fetch before it)."""
         with self._lock:
-            return [r for r in runners if (w := self._woken.get(r.cfg.name)) is None or w < generation]
+            return [r for r in runners if (w := self._woken.get(r.cfg.key)) is None or w < generation]
 
     def claim(self, runners: list[AppRunner], generation: float, *, poll: bool = False) -> list[AppRunner]:
         """Of `runners`, those not woken in `generation` yet, now marked woken in it (with `poll`, as
         their poll too: their interval starts again). The caller triggers them."""
         now = time.monotonic()
         with self._lock:
-            claimed = [r for r in runners if (w := self._woken.get(r.cfg.name)) is None or w < generation]
+            claimed = [r for r in runners if (w := self._woken.get(r.cfg.key)) is None or w < generation]
             for r in claimed:
-                self._woken[r.cfg.name] = generation
+                self._woken[r.cfg.key] = generation
                 repo = self._repos.get(repo_key(r.cfg.repo, r.cfg.ref))
                 if poll and repo is not None:
-                    repo.polled[r.cfg.name] = now
+                    repo.polled[r.cfg.key] = now
             return claimed
 
     # ------------------------------------------------------------ internals
@@ -261,13 +261,13 @@ class Schedule:
                 return
             now = time.monotonic()
             due = [r for r in repo.runners.values() if repo.due(r, now)]
-            repo.polled.update({r.cfg.name: now for r in due})
+            repo.polled.update({r.cfg.key: now for r in due})
             repo.paced += 1
             token, spread = repo.paced, repo.interval / 2
         if len(due) > self._pace_above:
             self._fetches.refresh(*key)
             threading.Thread(target=self._pace, args=(key, due, token, spread), daemon=True,
-                             name=f"pace-{due[0].cfg.name}").start()
+                             name=f"pace-{due[0].cfg.key}").start()
         elif due:
             self.wake(due, "poll")
         else:
@@ -290,7 +290,7 @@ class Schedule:
                 repo = self._repos.get(key)
                 if repo is None or repo.paced != token:
                     return
-                self._woken[r.cfg.name] = max(self._woken.get(r.cfg.name, generation), generation)
+                self._woken[r.cfg.key] = max(self._woken.get(r.cfg.key, generation), generation)
             r.trigger("poll")
 
     def _retry(self, runner: AppRunner, reason: str) -> None:
@@ -331,7 +331,7 @@ class NewCommits:
             with self._lock:
                 self._pushed[key] = (generation, reason)
             threading.Thread(target=self._look, args=(key, pushed, generation, reason, sha), daemon=True,
-                             name=f"push-{pushed[0].cfg.name}").start()
+                             name=f"push-{pushed[0].cfg.key}").start()
 
     def on_new_commit(self, url: str, ref: str, checkout: source.Checkout) -> None:
         """A fetch found a new commit (SharedFetches calls this): wake the apps it concerns.
@@ -353,11 +353,11 @@ class NewCommits:
         runners = self._schedule.claim(touched + unknown, generation, poll=True)   # the touched ones first
         with self._lock:
             self._announced[key] = max(self._announced.get(key, generation), generation)
-            self._concerned[key] = (sha, frozenset(r.cfg.name for r in runners))
+            self._concerned[key] = (sha, frozenset(r.cfg.key for r in runners))
         for r in runners:
             r.trigger(reason, sha=sha)
         log.info("new commit: woke the apps it concerns", repo=url, ref=ref, revision=sha[:12],
-                 triggered=[r.cfg.name for r in runners], touched=len(touched), unknown=len(unknown),
+                 triggered=[r.cfg.key for r in runners], touched=len(touched), unknown=len(unknown),
                  unchanged=left)
 
     def _concerned_by(self, runners: list[AppRunner],
@@ -396,7 +396,7 @@ class NewCommits:
             found, names = self._concerned.get(key, ("", frozenset()))
         now = checkout.revision.sha
         if found == now:
-            runners = [r for r in runners if r.cfg.name in names]
+            runners = [r for r in runners if r.cfg.key in names]
         self._wake_unseen(runners, reason, generation, sha=now)
 
     def _wake_unseen(self, runners: list[AppRunner], reason: str, generation: float, *, sha: str | None) -> None:
@@ -423,8 +423,8 @@ class PushRouter:
         self.daemon.schedule.commits.push(hit, "webhook", sha=event.after)   # one fetch per repository
         log.info("push received", provider=event.provider, ref=event.ref,
                  repo=normalize_repo_url(event.repo_urls[0]) if event.repo_urls else None,
-                 triggered=[r.cfg.name for r in hit])
-        return [r.cfg.name for r in hit] + self._forward_to_owners(event, elsewhere)
+                 triggered=[r.cfg.key for r in hit])
+        return [r.cfg.key for r in hit] + self._forward_to_owners(event, elsewhere)
 
     def _by_owner(self, hit: list[AppRunner]) -> tuple[list[AppRunner], dict[str | None, list[str]]]:
         """The ownership check: with shards, the apps whose shard this replica holds, and the others
@@ -434,10 +434,10 @@ class PushRouter:
             return hit, {}
         mine, elsewhere = [], {}
         for r in hit:
-            if shards.owner(r.cfg.name) == self.daemon.instance:
+            if shards.owner(r.cfg.key) == self.daemon.instance:
                 mine.append(r)
             else:
-                elsewhere.setdefault(shards.owner_url(r.cfg.name), []).append(r.cfg.name)
+                elsewhere.setdefault(shards.owner_url(r.cfg.key), []).append(r.cfg.key)
         return mine, elsewhere
 
     def _forward_to_leader(self, event: PushEvent) -> list[str]:
@@ -542,7 +542,7 @@ class LocalRepoWatcher:
             for r in list(self.daemon.runners.values()):
                 local = _local_path(r.cfg.repo)
                 if local is not None and local.exists():
-                    paths.setdefault(local, []).append(r.cfg.name)
+                    paths.setdefault(local, []).append(r.cfg.key)
             if not paths:
                 self.daemon._stop.wait(2.0)
                 continue

@@ -236,7 +236,8 @@ def pytest_sessionfinish(session, exitstatus):
                              f"({watched / 60:.0f} min watched):\n  " + "\n  ".join(bed.nodes.not_ready[:20]) + "\n")
             session.exitstatus = exitstatus = 1
         else:
-            sys.stderr.write(f"\ntest bed{bed.label}: every fake node stayed Ready for the {watched / 60:.0f} min run\n")
+            sys.stderr.write(f"\ntest bed{bed.label}: every fake node stayed Ready for the "
+                             f"{watched / 60:.0f} min run\n")
     for bed in _BEDS:
         c = bed.cluster
         if c is None or not bed.owned:

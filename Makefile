@@ -3,6 +3,8 @@ VENV     ?= .venv
 PYTHON   ?= python3
 PY       := $(VENV)/bin/python
 CLUSTER  ?= default
+# make run CLUSTERS=2: a second cluster, $(CLUSTER)-b, and an app deployed to both.
+CLUSTERS ?= 1
 
 .PHONY: venv toolchain test test-unit run cluster-up cluster-down bench clean
 
@@ -28,15 +30,17 @@ test: venv toolchain
 test-unit: venv
 	$(VENV)/bin/pytest -m "not cluster" $(PYTEST_ARGS)
 
-# The main job: the local control plane plus gitopsd against sample-repo/.
+# The main job: the local control plane plus gitopsd against sample-repo/
+# (CLUSTERS=2: plus $(CLUSTER)-b; `make cluster-down CLUSTERS=2` stops both).
 run: venv toolchain
-	$(PY) hack/quickstart.py --cluster $(CLUSTER)
+	$(PY) hack/quickstart.py --cluster $(CLUSTER) --clusters $(CLUSTERS)
 
 cluster-up: toolchain
 	hack/cluster up $(CLUSTER)
 
 cluster-down:
 	hack/cluster down $(CLUSTER)
+	$(if $(filter 2,$(CLUSTERS)),hack/cluster down $(CLUSTER)-b)
 
 bench: venv toolchain
 	$(PY) hack/bench.py

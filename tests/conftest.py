@@ -1,9 +1,13 @@
 """Shared fixtures: one real control plane per test session, a namespace per test.
 
-The cluster is started once (or reused when GITOPSD_TEST_KUBECONFIG names a
-running one) and torn down at the end. Tests that need it FAIL with the tail
-of the failing component's log when it cannot start; they never skip: a
-skipped proof is no proof.
+The cluster is started once (or reused when GITOPSD_TEST_CLUSTER names a
+test-bed cluster, which is then left running) and torn down at the end. Tests
+that need it FAIL with the tail of the failing component's log when it cannot
+start; they never skip: a skipped proof is no proof.
+
+Multi-cluster tests get a second control plane, `cluster_b` (with
+`kubeconfig_b` and `kube_b`): started on first use only, reused and left
+running when GITOPSD_TEST_CLUSTER_B names one, failing the same way.
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-schedul
 
 
 class _Bed:
-    """What the session knows about its cluster, including why it failed."""
+    """What the session knows about one of its clusters, including why it failed."""
 
-    cluster: tb_cluster.Cluster | None = None
-    error: str | None = None
-    owned = False
-    nodes: "NodeWatch | None" = None
+    def __init__(self, label: str) -> None:
+        self.label = label  # how messages name it: "" for the session cluster, " b" for cluster_b
+        self.cluster: tb_cluster.Cluster | None = None
+        self.error: str | None = None
+        self.owned = False
+        self.nodes: NodeWatch | None = None
 
 
 class NodeWatch:
@@ -79,39 +85,87 @@ class NodeWatch:
         return time.monotonic() - self.started
 
 
-_bed = _Bed()
+_bed = _Bed("")
+_bed_b = _Bed(" b")
+_BEDS = (_bed, _bed_b)
 
 
-@pytest.fixture(scope="session")
-def cluster() -> tb_cluster.Cluster:
-    """The session's running control plane (started on first use)."""
-    if _bed.cluster is not None:
-        return _bed.cluster
-    if _bed.error is not None:
-        pytest.fail(_bed.error, pytrace=False)
-    name = os.environ.get("GITOPSD_TEST_CLUSTER") or f"pytest-{os.getpid()}"
-    reuse = bool(os.environ.get("GITOPSD_TEST_CLUSTER"))
+def _session_name() -> str:
+    return os.environ.get("GITOPSD_TEST_CLUSTER") or f"pytest-{os.getpid()}"
+
+
+def _bring_up(bed: _Bed, name: str, *, reuse: bool, what: str) -> tb_cluster.Cluster:
+    """Start (or, reusing, adopt) the bed's cluster once per session; every
+    later request gets it, or the same failure: pytest.fail, never a skip."""
+    if bed.cluster is not None:
+        return bed.cluster
+    if bed.error is not None:
+        pytest.fail(bed.error, pytrace=False)
     try:
         if not tb_build.all_built():
             raise tb_cluster.ClusterError("test-bed binaries are missing: run `hack/cluster build` (make test does)")
-        _bed.cluster = tb_cluster.up(name, out=sys.stderr)
-        _bed.owned = not reuse
-        _bed.nodes = NodeWatch(_bed.cluster.kubeconfig)
+        bed.cluster = tb_cluster.up(name, out=sys.stderr)
+        bed.owned = not reuse
+        bed.nodes = NodeWatch(bed.cluster.kubeconfig)
     except (tb_cluster.ClusterError, FileNotFoundError, OSError) as exc:
-        _bed.error = f"the local control plane did not start: {exc}"
+        bed.error = f"{what} did not start: {exc}"
         logs = tb_cluster.state_dir(name) / "logs"
         if logs.exists():  # keep them: `up` stopped the processes, the next run reuses the name
             kept = tb_build.cache_dir() / "test-logs" / name
             shutil.rmtree(kept, ignore_errors=True)
             shutil.copytree(logs, kept)
-            _bed.error += f"\n(component logs kept in {kept})"
-        pytest.fail(_bed.error, pytrace=False)
-    return _bed.cluster
+            bed.error += f"\n(component logs kept in {kept})"
+        pytest.fail(bed.error, pytrace=False)
+    return bed.cluster
+
+
+@pytest.fixture(scope="session")
+def cluster() -> tb_cluster.Cluster:
+    """The session's running control plane (started on first use)."""
+    return _bring_up(_bed, _session_name(), reuse=bool(os.environ.get("GITOPSD_TEST_CLUSTER")),
+                     what="the local control plane")
 
 
 @pytest.fixture(scope="session")
 def kubeconfig(cluster) -> Path:
     return cluster.kubeconfig
+
+
+@pytest.fixture(scope="session")
+def cluster_b() -> tb_cluster.Cluster:
+    """A second control plane for multi-cluster tests, `b-<pid>`, started on
+    first use only (a run that never asks for it starts nothing more).
+
+    Independent of `cluster`: its own CA, etcd and ports. Torn down at the end
+    of the session (pytest_sessionfinish), its component logs kept in
+    test-logs/<name> when anything failed. GITOPSD_TEST_CLUSTER_B=NAME uses
+    that test-bed cluster instead (started if it is not up) and leaves it
+    running, as GITOPSD_TEST_CLUSTER does for `cluster`. Fails, never skips,
+    when it cannot start.
+    """
+    reuse = os.environ.get("GITOPSD_TEST_CLUSTER_B")
+    if reuse and reuse == _session_name():
+        pytest.fail(f"GITOPSD_TEST_CLUSTER_B names the session cluster {reuse!r}: multi-cluster tests need a "
+                    f"second control plane (unset it, or name another test-bed cluster)", pytrace=False)
+    return _bring_up(_bed_b, reuse or f"b-{os.getpid()}", reuse=bool(reuse),
+                     what="the second local control plane (cluster_b)")
+
+
+@pytest.fixture(scope="session")
+def kubeconfig_b(cluster_b) -> Path:
+    """cluster_b's admin kubeconfig (certificate paths into its pki dir; for a
+    self-contained one, testbed.cluster.client_kubeconfig(cluster_b, user=...))."""
+    return cluster_b.kubeconfig
+
+
+@pytest.fixture(scope="session")
+def kube_b(kubeconfig_b):
+    """gitopsd's own client for cluster_b."""
+    from gitopsd.kube import Kube
+
+    k = Kube.connect(kubeconfig=kubeconfig_b)
+    yield k
+    k.close()
 
 
 @pytest.fixture(scope="session")
@@ -149,39 +203,53 @@ def namespace(api_client, request) -> str:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """On a failed cluster test, attach the tail of every component's log."""
+    """On a failed cluster test, attach the tail of every component's log
+    (of cluster_b's too when the test used it)."""
     outcome = yield
     report = outcome.get_result()
+    if not (report.failed and report.when == "call"):
+        return
+    fixtures = getattr(item, "fixturenames", ())
     # The test's own cluster when it has one (tests/test_faults.py), else the session's.
     plane = getattr(item, "funcargs", {}).get("cluster") or _bed.cluster
-    if report.failed and report.when == "call" and "cluster" in getattr(item, "fixturenames", ()) \
-            and plane is not None:
+    if "cluster" in fixtures and plane is not None:
         for comp in COMPONENTS:
             report.sections.append((f"{comp} log (tail)", plane.log_tail(comp, 8)))
+    if "cluster_b" in fixtures and _bed_b.cluster is not None:
+        for comp in COMPONENTS:
+            report.sections.append((f"cluster b ({_bed_b.cluster.name}) {comp} log (tail)",
+                                    _bed_b.cluster.log_tail(comp, 8)))
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Stop the session's cluster; keep its component logs when anything failed.
+    """Stop the session's clusters (`cluster`, and `cluster_b` when a test used
+    it) unless reused; keep their component logs when anything failed.
 
     A fake node that was ever not Ready during the run fails it (exit 1).
     """
-    if _bed.nodes is not None:
-        watched = _bed.nodes.stop()
-        if _bed.nodes.not_ready:
-            sys.stderr.write(f"\nTEST BED: fake nodes were not Ready during the run ({watched / 60:.0f} min "
-                             f"watched):\n  " + "\n  ".join(_bed.nodes.not_ready[:20]) + "\n")
+    for bed in _BEDS:
+        if bed.nodes is None:
+            continue
+        watched = bed.nodes.stop()
+        if bed.nodes.not_ready:
+            sys.stderr.write(f"\nTEST BED{bed.label.upper()}: fake nodes were not Ready during the run "
+                             f"({watched / 60:.0f} min watched):\n  " + "\n  ".join(bed.nodes.not_ready[:20]) + "\n")
             session.exitstatus = exitstatus = 1
         else:
-            sys.stderr.write(f"\ntest bed: every fake node stayed Ready for the {watched / 60:.0f} min run\n")
-    c = _bed.cluster
-    if c is None or not _bed.owned:
-        return
-    if exitstatus != 0:
-        kept = tb_build.cache_dir() / "test-logs" / c.name
-        shutil.rmtree(kept, ignore_errors=True)
-        shutil.copytree(c.dir / "logs", kept)
-        sys.stderr.write(f"\ncomponent logs kept in {kept}\n")
-    tb_cluster.down(c.name)
+            sys.stderr.write(f"\ntest bed{bed.label}: every fake node stayed Ready for the "
+                             f"{watched / 60:.0f} min run\n")
+    for bed in _BEDS:
+        c = bed.cluster
+        if c is None or not bed.owned:
+            continue
+        try:
+            if exitstatus != 0:
+                kept = tb_build.cache_dir() / "test-logs" / c.name
+                shutil.rmtree(kept, ignore_errors=True)
+                shutil.copytree(c.dir / "logs", kept)
+                sys.stderr.write(f"\ncomponent logs kept in {kept}\n")
+        finally:  # never leave a cluster running because its logs could not be copied
+            tb_cluster.down(c.name)
 
 
 @pytest.fixture(scope="session")

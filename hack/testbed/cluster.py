@@ -17,13 +17,16 @@ stops both.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
 import ssl
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -156,6 +159,83 @@ def _write_kubeconfig(path: Path, server: str, pki: Path, name: str) -> None:
         "current-context": name,
     }
     path.write_text(json.dumps(cfg, indent=2))
+
+
+def _subject(user: str, groups) -> str:
+    """An openssl -subj for a client certificate: one O= per group (the
+    apiserver reads every O as a group), CN = the user name."""
+    def esc(value: str) -> str:
+        if not value or any(ord(ch) < 32 for ch in value):
+            raise ValueError(f"a certificate name must be non-empty printable text, got {value!r}")
+        for ch in "\\/=+,":
+            value = value.replace(ch, "\\" + ch)
+        return value
+    return "".join(f"/O={esc(g)}" for g in groups) + f"/CN={esc(user)}"
+
+
+def mint_client_cert(cluster: "Cluster | str", *, user: str, groups=("system:masters",),
+                     days: int = 365) -> tuple[bytes, bytes]:
+    """A NEW client certificate for `user` in `groups`, signed by the cluster's CA.
+
+    Returns (certificate PEM, private key PEM). Every call makes a fresh key
+    and a random serial; nothing is written to the cluster's pki dir.
+    """
+    if isinstance(groups, str):  # ("system:masters") is a str, not a one-group tuple
+        groups = (groups,)
+    name = cluster if isinstance(cluster, str) else cluster.name
+    pki = state_dir(name) / "pki"
+    if not (pki / "ca.key").exists():
+        raise ClusterError(f"no CA for cluster {name!r} ({pki / 'ca.key'} is missing): is it up?")
+    subj = _subject(user, groups)
+    with tempfile.TemporaryDirectory(prefix="tb-client-") as tmp:
+        work = Path(tmp)
+        (work / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "client.key", "-out", "client.csr",
+                 "-subj", subj, cwd=work)
+        # A random 127-bit serial instead of -CAcreateserial: no shared ca.srl to race on.
+        _openssl("x509", "-req", "-in", "client.csr", "-CA", str(pki / "ca.crt"), "-CAkey", str(pki / "ca.key"),
+                 "-set_serial", str(secrets.randbits(127) | 1), "-out", "client.crt", "-days", str(days),
+                 "-extfile", "client.ext", cwd=work)
+        return (work / "client.crt").read_bytes(), (work / "client.key").read_bytes()
+
+
+def client_kubeconfig(cluster: "Cluster | str", *, user: str, groups=("system:masters",),
+                      context: str | None = None) -> dict:
+    """A self-contained kubeconfig (a dict) for a NEW client certificate of `user`.
+
+    The certificate (CN=user, one O= per group) is minted by
+    mint_client_cert(): each call has its own key and serial. CA, certificate
+    and key are inline (`certificate-authority-data`, `client-certificate-data`,
+    `client-key-data`, base64), with no file paths and no exec plugin, so the
+    result can be stored in a Secret and read anywhere. The server is the
+    cluster's https URL; one context, named `context` or the cluster's name,
+    is the current one.
+    """
+    c = Cluster.load(cluster) if isinstance(cluster, str) else cluster
+    if c is None or "apiserver" not in c.ports:
+        raise ClusterError(f"cluster {cluster!r} has no recorded apiserver port: is it up?")
+    cert, key = mint_client_cert(c, user=user, groups=groups)
+    ca = (c.dir / "pki" / "ca.crt").read_bytes()
+    ctx = context or c.name
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+    return {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": ctx, "cluster": {"server": c.server, "certificate-authority-data": b64(ca)}}],
+        "users": [{"name": f"{user}@{ctx}", "user": {"client-certificate-data": b64(cert),
+                                                       "client-key-data": b64(key)}}],
+        "contexts": [{"name": ctx, "context": {"cluster": ctx, "user": f"{user}@{ctx}"}}],
+        "current-context": ctx,
+    }
+
+
+def inline_kubeconfig_yaml(cluster: "Cluster | str", *, user: str, groups=("system:masters",),
+                           context: str | None = None) -> str:
+    """client_kubeconfig() as kubeconfig file text (JSON, which is valid YAML),
+    e.g. for a Secret's `value` key."""
+    return json.dumps(client_kubeconfig(cluster, user=user, groups=groups, context=context), indent=2) + "\n"
 
 
 def _ssl_context(pki: Path) -> ssl.SSLContext:

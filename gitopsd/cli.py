@@ -47,6 +47,7 @@ import orjson
 
 from gitopsd import __version__
 from gitopsd import config as cfg
+from gitopsd.errors import GitopsdError
 
 #: More parallel requests than this only trip the apiserver's priority and
 #: fairness limits (and each is a thread and a pooled connection).
@@ -152,6 +153,7 @@ PORT = _flag(cfg.check_count, minimum=0, maximum=65535, why="0 picks any free po
 SHARDS = _flag(cfg.check_count, minimum=1, maximum=MAX_SHARDS, why="one Lease per shard")
 LIMIT = _flag(cfg.check_count, minimum=1, maximum=MAX_LIMIT)
 APP = _flag(cfg.check_app_name)
+CLUSTER = _flag(cfg.check_cluster_name)
 NAMESPACE = _flag(cfg.check_namespace)
 SERVICE_ACCOUNT = _flag(cfg.check_service_account_name)
 REPO = _flag(cfg.check_repo_url, instead="--git-token-file or $GITOPSD_GIT_TOKEN")
@@ -208,6 +210,7 @@ class _EnvDefault:
 
 _NS_ENV = "GITOPSD_NAMESPACE"
 #: Environment defaults of every command's own flags (`_ENV_DEFAULTS` has the others).
+_CONFIG_ENV = _EnvDefault("config", "--config", "GITOPSD_CONFIG", None, FILE)
 _COMMON_ENV_DEFAULTS = (_EnvDefault("log_level", "--log-level", "GITOPSD_LOG_LEVEL", "info", choices=LOG_LEVELS),)
 _ENV_DEFAULTS: dict[str, tuple[_EnvDefault, ...]] = {
     "diff": (_EnvDefault("inventory_namespace", "--inventory-namespace", _NS_ENV, "gitopsd-system", NAMESPACE),),
@@ -220,11 +223,11 @@ _ENV_DEFAULTS: dict[str, tuple[_EnvDefault, ...]] = {
         _EnvDefault("prometheus_url", "--prometheus-url", "GITOPSD_PROMETHEUS_URL", None, URL),
         _EnvDefault("log_format", "--log-format", "GITOPSD_LOG_FORMAT", "auto", choices=("auto", "json", "console")),
     ),
-    "status": (_EnvDefault("namespace", "--namespace", _NS_ENV, "gitopsd-system", NAMESPACE),),
-    "history": (_EnvDefault("namespace", "--namespace", _NS_ENV, "gitopsd-system", NAMESPACE),),
+    "status": (_EnvDefault("namespace", "--namespace", _NS_ENV, "gitopsd-system", NAMESPACE), _CONFIG_ENV),
+    "history": (_EnvDefault("namespace", "--namespace", _NS_ENV, "gitopsd-system", NAMESPACE), _CONFIG_ENV),
     "export": (_EnvDefault("namespace", "--namespace", _NS_ENV, "gitopsd-system", NAMESPACE),),
-    "audit": (_EnvDefault("namespace", "--namespace", _NS_ENV, "gitopsd-system", NAMESPACE),),
-    **{action: (_EnvDefault("namespace", "--namespace", _NS_ENV, "gitopsd-system", NAMESPACE),)
+    "audit": (_EnvDefault("namespace", "--namespace", _NS_ENV, "gitopsd-system", NAMESPACE), _CONFIG_ENV),
+    **{action: (_EnvDefault("namespace", "--namespace", _NS_ENV, "gitopsd-system", NAMESPACE), _CONFIG_ENV)
        for action in ("rollback", "hold", "resume")},
 }
 
@@ -379,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "unreadable or on error.")
     st.add_argument("app", nargs="?", type=APP, help="one app (default: all)")
     _cluster_args(st)
+    _target_args(st)
     st.add_argument("--namespace", default=None, type=NAMESPACE,
                     help="gitopsd's namespace (default $GITOPSD_NAMESPACE or gitopsd-system)")
     st.add_argument("--output", "-o", default="text", choices=["text", "json"])
@@ -473,11 +477,21 @@ def _cluster_args(p) -> None:
     p.add_argument("--context", default=None, type=TEXT, help="kubeconfig context")
 
 
+def _target_args(p) -> None:
+    """--cluster (and the --config that says how to reach it): an app's target on another cluster."""
+    p.add_argument("--cluster", default=None, type=CLUSTER, metavar="NAME",
+                   help="the app's target on this cluster of the config's `clusters` (default: in-cluster, the "
+                        "one --kubeconfig reaches); its status and audit trail live there")
+    p.add_argument("--config", default=None, type=FILE, metavar="FILE",
+                   help="the file `gitopsd run` reads, for how to reach --cluster (default $GITOPSD_CONFIG)")
+
+
 def _audit_store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--namespace", "-n", default=None, type=NAMESPACE,
                    help="gitopsd's namespace, where the audit trail lives (default $GITOPSD_NAMESPACE or "
                         "gitopsd-system; a CLI sync records in its --inventory-namespace)")
     _cluster_args(p)
+    _target_args(p)
     p.add_argument("--output", "-o", default="text", choices=["text", "json"])
 
 
@@ -684,12 +698,48 @@ def cmd_run(args) -> int:
     return daemon_main(args)
 
 
-def cmd_status(args) -> int:
-    from gitopsd.daemon import status
+def _home(args):
     from gitopsd.kube import Kube
 
-    kube = Kube.connect(kubeconfig=args.kubeconfig, context=args.context)
-    apps = status.read_all(kube, namespace=args.namespace, app=args.app)
+    return Kube.connect(kubeconfig=args.kubeconfig, context=args.context)
+
+
+def _clusters_config(args) -> cfg.Config:
+    if args.config is None:
+        raise GitopsdError("--cluster needs the config file that says how to reach the cluster",
+                           hint="pass --config FILE (the file `gitopsd run` reads) or set $GITOPSD_CONFIG")
+    return cfg.load(args.config)
+
+
+def _target_kube(args, home, cluster: str | None = None):
+    """The Kube of --cluster (or `cluster`): `home` for in-cluster, else connected as the config says."""
+    from gitopsd import clusters
+
+    name = cluster or args.cluster
+    if name in (None, cfg.IN_CLUSTER):
+        return home
+    config = _clusters_config(args)
+    if name not in config.clusters:
+        raise GitopsdError(f"cluster {name!r} is not in {args.config} (clusters: {', '.join(config.cluster_names)})")
+    return clusters.connect(home, name, config.cluster(name), namespace=args.namespace)
+
+
+def cmd_status(args) -> int:
+    from gitopsd.daemon import status
+
+    home = _home(args)
+    if args.cluster is None and args.config is not None:
+        # Every cluster of the config: one row per target, read where each target keeps it.
+        apps = []
+        for name in _clusters_config(args).cluster_names:
+            try:
+                kube = _target_kube(args, home, name)
+                found = status.read_all(kube, namespace=args.namespace, app=args.app)
+            except GitopsdError as exc:
+                found = [{"app": args.app or "*", "cluster": name, "error": f"cluster {name}: {exc.message}"}]
+            apps += [{**a, "cluster": a.get("cluster") or name} for a in found]
+    else:
+        apps = status.read_all(_target_kube(args, home), namespace=args.namespace, app=args.app)
     if args.app and not apps:
         print(f"error: no status for app {args.app!r} in namespace {args.namespace}", file=sys.stderr)
         return 1
@@ -706,7 +756,7 @@ def cmd_history(args) -> int:
     from gitopsd.kube import Kube
 
     since, at = args.since, args.at   # instants already: the flag type parsed them
-    kube = Kube.connect(kubeconfig=args.kubeconfig, context=args.context)
+    kube = _target_kube(args, Kube.connect(kubeconfig=args.kubeconfig, context=args.context))
     if at is not None:
         answer = audit.live_at(kube, namespace=args.namespace, app=args.app, when=at)
         _print(answer, output=args.output, text=audit.live_at_text(answer))
@@ -724,12 +774,16 @@ def cmd_release(args) -> int:
     from gitopsd.daemon import release
     from gitopsd.kube import Kube
 
-    kube = Kube.connect(kubeconfig=args.kubeconfig, context=args.context)
+    # The request is stored in gitopsd's own cluster, for the target (`app@cluster`); the app's trail and
+    # status are read where the target keeps them (gitopsd.daemon.clusters).
+    home = Kube.connect(kubeconfig=args.kubeconfig, context=args.context)
+    kube = _target_kube(args, home)
+    target = cfg.target_key(args.app, args.cluster or cfg.IN_CLUSTER)
     request = release.make_request(kube, namespace=args.namespace, app=args.app, action=args.command,
                                    to=getattr(args, "to", None), by=audit.cli_instance())
-    release.write_request(kube, namespace=args.namespace, app=args.app, request=request)
+    release.write_request(home, namespace=args.namespace, app=target, request=request)
     at = f" at {request.revision[:12]}" if request.revision else ""
-    print(f"{args.command}{at} requested for app {args.app} (request {request.id[:8]})", file=sys.stderr)
+    print(f"{args.command}{at} requested for app {target} (request {request.id[:8]})", file=sys.stderr)
     deadline = time.monotonic() + args.wait
     while (state := release.acted_on(kube, namespace=args.namespace, app=args.app, request=request)) is None:
         if time.monotonic() >= deadline:
@@ -763,7 +817,7 @@ def cmd_audit(args) -> int:
     from gitopsd.kube import Kube
 
     # One subcommand today (verify); argparse requires it. Errors: main() reports them, exit 2.
-    kube = Kube.connect(kubeconfig=args.kubeconfig, context=args.context)
+    kube = _target_kube(args, Kube.connect(kubeconfig=args.kubeconfig, context=args.context))
     ok, message = audit.verify(kube, namespace=args.namespace, app=args.app)
     _print({"app": args.app, "ok": ok, "message": message}, output=args.output,
            text=message if ok else f"BROKEN: {message}")
@@ -782,9 +836,12 @@ def cmd_config(args) -> int:
                output=args.output, text=str(exc))
         return 1
     names = [a.name for a in config.apps]
-    _print({"file": str(args.file), "valid": True, "apps": names}, output=args.output,
+    targets = [a.key for a in config.targets]
+    fanned = f" ({len(targets)} targets: {', '.join(targets)})" if targets != names else ""
+    _print({"file": str(args.file), "valid": True, "apps": names, "targets": targets,
+            "clusters": config.cluster_names}, output=args.output,
            text=f"{args.file}: valid, {len(names)} app{'' if len(names) == 1 else 's'}"
-                + (f": {', '.join(names)}" if names else ""))
+                + (f": {', '.join(names)}" if names else "") + fanned)
     return 0
 
 

@@ -169,18 +169,24 @@ def table(apps: list[dict]) -> str:
     if not apps:
         return "no apps have reported status yet"
     cols = ("APP", "REVISION", "RESULT", "HEALTH", "RELEASE", "LAST CHANGE", "LAST DRIFT", "REASON")
+    # Targets on other clusters than gitopsd's own: a CLUSTER column (one row per target).
+    several = any(a.get("cluster") not in (None, "in-cluster") for a in apps)
+    if several:
+        cols = ("APP", "CLUSTER", *cols[1:])
+    widths = (_WIDTHS[0], 40, *_WIDTHS[1:]) if several else _WIDTHS
     rows = []
     for a in apps:
+        where = (str(a.get("cluster") or "in-cluster"),) if several else ()
         if "error" in a:
             rows.append(tuple(_cell(v, w) for v, w in zip(
-                (a["app"], "", "Unreadable", "Unknown", "", "", "", a["error"]), _WIDTHS)))
+                (a["app"], *where, "", "Unreadable", "Unknown", "", "", "", a["error"]), widths)))
             continue
         drift = a.get("lastDrift") or {}
         drift_text = f"{drift.get('time', '')} {drift.get('object', '')}".strip() if isinstance(drift, dict) else ""
-        values = (a.get("app", ""), (a.get("revision") or "")[:12], a.get("result", ""), a.get("health", ""),
+        values = (a.get("app", ""), *where, (a.get("revision") or "")[:12], a.get("result", ""), a.get("health", ""),
                   release_text(a.get("release")) or rollout_text(a.get("rollout")), a.get("lastTransition", ""),
                   drift_text, a.get("reason") or "")
-        rows.append(tuple(_cell(v, w) for v, w in zip(values, _WIDTHS)))
+        rows.append(tuple(_cell(v, w) for v, w in zip(values, widths)))
     widths = [max(len(r[i]) for r in rows + [cols]) for i in range(len(cols))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join(fmt.format(*r).rstrip() for r in [cols] + rows)

@@ -20,8 +20,9 @@ NAME-b, stores a self-contained kubeconfig for it (a client certificate of
 user `gitopsd` in system:masters, minted by that cluster's CA) in the Secret
 `cluster-b-kubeconfig` (key `value`) in the home cluster's `gitopsd-system`
 namespace (or $GITOPSD_NAMESPACE), and adds to the config a `clusters:`
-section naming it `b` (labels env: staging) and a fan-out app, `web-fanout`,
-deployed to both clusters. --dry-config stops after writing the config (and
+section naming it `b` (labels env: staging); `web-dev` then fans out to both
+clusters (`clusters: [in-cluster, b]`): one target per cluster, each its own
+ApplySet, status and audit trail (`web-dev` and `web-dev@b` in the log). --dry-config stops after writing the config (and
 the Secret), before gitopsd runs; --home puts the Git remote and the config
 elsewhere than ~/.cache/gitopsd/quickstart.
 """
@@ -85,13 +86,13 @@ def _app(name: str, remote: Path, env: str, namespace: str) -> list[str]:
 
 def write_config(path: Path, remote: Path, *, clusters: int = 1) -> None:
     """One app per environment of sample-repo; with clusters=2 also cluster `b`
-    (its kubeconfig in the Secret CLUSTER_B_SECRET) and `web-fanout` on both."""
+    (its kubeconfig in the Secret CLUSTER_B_SECRET), and web-dev on both."""
     if clusters == 1:
         lines = ["# Written by hack/quickstart.py: one app per environment of sample-repo.", "apps:"]
     else:
         labels = ", ".join(f"{k}: {v}" for k, v in CLUSTER_B_LABELS.items())
         lines = ["# Written by hack/quickstart.py --clusters 2: one app per environment of sample-repo on",
-                 "# gitopsd's own cluster (in-cluster), and web-fanout on it and on cluster b.",
+                 "# gitopsd's own cluster (in-cluster); web-dev on it and on cluster b (a fan-out).",
                  "clusters:",
                  f"  {CLUSTER_B}:",
                  f"    kubeconfig:  # in {DAEMON_NAMESPACE}, key `value`: written by hack/quickstart.py",
@@ -100,8 +101,8 @@ def write_config(path: Path, remote: Path, *, clusters: int = 1) -> None:
                  "apps:"]
     for env in ENVIRONMENTS:
         lines += _app(f"web-{env}", remote, env, f"web-{env}")
-    if clusters > 1:
-        lines += _app("web-fanout", remote, "dev", "web-fanout") + [f"    clusters: [in-cluster, {CLUSTER_B}]"]
+        if clusters > 1 and env == "dev":
+            lines.append(f"    clusters: [in-cluster, {CLUSTER_B}]")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -135,7 +136,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cluster", default="default")
     parser.add_argument("--http-port", type=int, default=8080)
     parser.add_argument("--clusters", type=int, choices=(1, 2), default=1,
-                        help="2: also start CLUSTER-b and deploy web-fanout to both (default 1)")
+                        help="2: also start CLUSTER-b and deploy web-dev to both (default 1)")
     parser.add_argument("--dry-config", action="store_true",
                         help="start the cluster(s), write the config (and cluster b's Secret), print where, "
                              "and exit without running gitopsd")
@@ -163,9 +164,11 @@ def prepare(args: argparse.Namespace) -> tuple[cluster.Cluster, Path]:
     write_config(config, remote, clusters=args.clusters)
     print(f"\nconfig: {config}\nkubeconfig: {c.kubeconfig}\n"
           f"try:    git clone {remote} /tmp/fleet   (edit, commit, push: gitopsd deploys it)\n"
-          f"        KUBECONFIG={c.kubeconfig} {ROOT / '.venv/bin/gitopsd'} status\n", flush=True)
+          f"        KUBECONFIG={c.kubeconfig} {ROOT / '.venv/bin/gitopsd'} status"
+          + (f" --config {config}   (a row per target, on both clusters)" if b is not None else "") + "\n",
+          flush=True)
     if b is not None:
-        print(f"cluster b ({b.name}, web-fanout's second target): kubeconfig {b.kubeconfig}\n"
+        print(f"cluster b ({b.name}, web-dev's second target): kubeconfig {b.kubeconfig}\n"
               f"        KUBECONFIG={b.kubeconfig} {build.bin_dir() / 'kubectl'} get deployments -A\n", flush=True)
     return c, config
 

@@ -62,7 +62,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -1667,14 +1667,23 @@ def _section_at(loc: tuple) -> type[_Section]:
     """The class of the mapping at ``loc`` (`apps[0].helm`: Helm), found
     through the fields' types; `_Section` when the path leads nowhere."""
     section: type | None = Config
+    by_name = False   # the part after a mapping of sections (clusters) is a name, not a field
     for part in loc:
-        if isinstance(part, int):
+        if isinstance(part, int) or by_name:
+            by_name = False
             continue
         info = next((f for n, f in section.__pydantic_fields__.items() if (f.alias or n) == part), None)
         section = _section_in(info.annotation) if info else None
         if section is None:
             return _Section
+        by_name = _is_mapping(info.annotation)
     return section
+
+
+def _is_mapping(annotation: Any) -> bool:
+    """Whether a field's type is a mapping (`dict[ClusterName, ClusterConfig]`, perhaps Annotated)."""
+    return get_origin(annotation) is dict or any(_is_mapping(arg) for arg in get_args(annotation)
+                                                 if get_origin(annotation) is not dict)
 
 
 def _section_in(annotation: Any) -> type | None:

@@ -89,7 +89,8 @@ class Link:
         self.digest: str | None = None          # the kubeconfig in use
         self.namespace_ready = home             # gitopsd's namespace exists there
         self._lock = threading.Lock()
-        metrics.CLUSTER_REACHABLE.labels(cluster=name).set(1)
+        if not home:   # gitopsd's own cluster is not probed: its lease and requests say how it is
+            metrics.CLUSTER_REACHABLE.labels(cluster=name).set(1)
 
     @property
     def log_fields(self) -> dict:

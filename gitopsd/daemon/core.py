@@ -277,9 +277,9 @@ class Daemon:
         new file's from here on (gitopsd.daemon.dependencies).
         """
         self.dependencies.update(new)
-        self.clusters.update(new)
         for name in change.removed:
             self._remove(name)
+        self.clusters.update(new)   # after the removed targets stopped: a cluster no longer named is closed
         woken = [self._add(new.target(name)) for name in change.added]
         for name in change.changed:
             runner = self.runners.get(name)

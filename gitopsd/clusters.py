@@ -43,6 +43,7 @@ from pathlib import Path
 import yaml
 
 from gitopsd.budget import Budget
+from gitopsd.engine import yamlload
 from gitopsd.errors import ClusterError
 from gitopsd.kube import Kube
 
@@ -87,7 +88,8 @@ def parse_kubeconfig(text: str | bytes, *, context: str | None, where: str, from
     `where` and the field when it cannot be used (module docstring). `from_file`: the file it was read
     from (paths in it are then allowed, relative to its directory)."""
     try:
-        doc = yaml.safe_load(text)
+        # Bounded like every YAML gitopsd reads: an alias bomb in a Secret must not exhaust memory.
+        doc = yamlload.load_one(text.decode(errors="replace") if isinstance(text, bytes) else text)
     except yaml.YAMLError as exc:
         raise ClusterError(f"{where}: not a kubeconfig (YAML error: {str(exc).splitlines()[0]})") from None
     if not isinstance(doc, dict):

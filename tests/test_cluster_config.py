@@ -168,3 +168,12 @@ def test_not_a_kubeconfig_says_so():
     for text in ("- a list", "{{", ""):
         with pytest.raises(ClusterError, match="not a kubeconfig"):
             clusters.parse_kubeconfig(text, context=None, where="w")
+
+
+def test_an_alias_bomb_in_a_kubeconfig_is_refused_before_it_grows():
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+        f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
+        for i in range(9))
+    with pytest.raises(ClusterError, match="not a kubeconfig"):
+        clusters.parse_kubeconfig(bomb, context=None, where="w")

@@ -253,3 +253,35 @@ def test_a_kubeconfig_naming_a_missing_context_fails_its_targets_clearly(repo, k
     assert f"kubeconfig Secret {namespace}/c-kubeconfig" in failed["reason"]
     logged = daemon.wait_event(lambda e: e.get("event") == "cannot connect to cluster", "the load error logged", 10)
     assert logged["cluster"] == "c" and "no-such-context" in logged["error"]
+
+
+def test_a_cluster_added_by_a_reload_runs_its_targets_once_its_kubeconfig_secret_exists(
+        repo, kube, kube_b, namespace, tmp_path, start_daemon, api_client, cluster_b, on_b):
+    repo.write("a/cm.yaml", configmap("home", {"k": "1"}))
+    repo.write("b/cm.yaml", configmap("later", {"k": "1"}))
+    repo.commit()
+    cfg = tmp_path / "config.yaml"
+    write_clusters_config(cfg, [app_entry("home", repo.url, namespace, path="a")], {})
+    daemon = start_daemon(cfg, "--no-leader-elect")
+    wait_for("home deployed", lambda: cm_data(kube, namespace, "home"), 60)
+
+    # The reload names cluster b, whose Secret is not there yet: its target fails and says why.
+    write_clusters_config(cfg, [app_entry("home", repo.url, namespace, path="a"),
+                                app_entry("later", repo.url, namespace, path="b", cluster="b")], B)
+    failed = wait_for("the new target failed", lambda: (status_rows(daemon).get(("later", "b")) or {}).get("result")
+                      == "Failed" and status_rows(daemon)[("later", "b")], 30)
+    assert f"kubeconfig Secret {namespace}/b-kubeconfig (key value): the Secret does not exist" in failed["reason"]
+    assert cm_data(kube, namespace, "home")   # the other target is untouched
+
+    # The Secret appears: the target runs, without a restart.
+    put_kubeconfig(api_client, namespace, cluster_b)
+    wait_for("deployed on b", lambda: cm_data(kube_b, namespace, "later"), 60)
+    wait_for("the target reports Applied", lambda: (status_rows(daemon).get(("later", "b")) or {}).get("result")
+             == "Applied", 30)
+
+    # Taken out of the config again: the cluster is closed, its objects stay (removing an app never prunes).
+    write_clusters_config(cfg, [app_entry("home", repo.url, namespace, path="a")], {})
+    daemon.wait_event(lambda e: e.get("event") == "cluster removed from the config" and e.get("cluster") == "b",
+                      "cluster b closed", 30)
+    assert ("later", "b") not in status_rows(daemon)
+    assert cm_data(kube_b, namespace, "later")

@@ -443,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="gitopsd's namespace: the audit trail and credentials Secrets (default $GITOPSD_NAMESPACE "
                          "or gitopsd-system)")
     _cluster_args(ex)
+    ex.add_argument("--cluster", default=None, type=CLUSTER, metavar="NAME",
+                    help="the app's target on this cluster of --config's `clusters` (default: in-cluster)")
     ex.set_defaults(usage_error=ex.error)
 
     a = sub.add_parser("audit", parents=[debug], help="check the audit trail")
@@ -801,9 +803,9 @@ def cmd_export(args) -> int:
     from gitopsd import export
     from gitopsd.kube import Kube
 
-    kube = Kube.connect(kubeconfig=args.kubeconfig, context=args.context)
-    done = export.export(kube, config_file=args.config, app=args.app, namespace=args.namespace, at=args.at,
-                         directory=args.output_dir)
+    home = Kube.connect(kubeconfig=args.kubeconfig, context=args.context)
+    done = export.export(_target_kube(args, home), config_file=args.config, app=args.app, namespace=args.namespace,
+                         at=args.at, directory=args.output_dir, home=home)
     print(export.summary_line(done))
     for warning in done.warnings:
         print(f"warning: {warning}", file=sys.stderr)

@@ -99,11 +99,12 @@ class Export:
 
 
 def export(kube: Kube, *, config_file: Path, app: str, namespace: str, at: datetime,
-           directory: Path | None = None, cache_dir: Path | None = None) -> Export:
+           directory: Path | None = None, cache_dir: Path | None = None, home: Kube | None = None) -> Export:
     """Write what app `app` ran at `at` to `directory` (default ./<app>-<short sha>).
 
     `namespace` is gitopsd's, where the trail and the credentials Secrets
-    live. Raises GitopsdError when nothing was live at `at`, the app is not in
+    live. `kube` reaches the app's target (its trail, and the discovery the render uses);
+    `home` gitopsd's own cluster, where the credentials are (default: `kube`). Raises GitopsdError when nothing was live at `at`, the app is not in
     the apps file, the commit cannot be fetched or rendered, or the directory
     cannot be written; nothing is left behind then.
     """
@@ -115,7 +116,8 @@ def export(kube: Kube, *, config_file: Path, app: str, namespace: str, at: datet
                                 f"at or after the first transition (ISO 8601 with a zone, e.g. "
                                 f"2026-03-03T14:00:00Z)")
     chain_ok, chain = check_chain(kube, state=state)
-    manifests, revision = _render_live(kube, spec=spec, state=state, namespace=namespace, cache_dir=cache_dir)
+    manifests, revision = _render_live(kube, spec=spec, state=state, namespace=namespace, cache_dir=cache_dir,
+                                       home=home)
     texts, secrets, scrubbed = _files(manifests)
     done = Export(state=state, revision=revision, directory=directory or Path(f"{app}-{revision.sha[:8]}"),
                   files={name: m.ref for name, m in zip(texts, manifests)}, secrets=secrets, chain_ok=chain_ok,
@@ -149,7 +151,7 @@ def _app_config(config_file: Path, app: str) -> cfg.AppConfig:
 
 
 def _render_live(kube: Kube, *, spec: cfg.AppConfig, state: LiveState, namespace: str,
-                 cache_dir: Path | None) -> tuple[list[Manifest], source.Revision]:
+                 cache_dir: Path | None, home: Kube | None = None) -> tuple[list[Manifest], source.Revision]:
     """The live transition's commit, fetched by its full SHA and rendered with the app's settings.
 
     The credentials are resolved as the daemon resolves them (a Secret in
@@ -158,7 +160,7 @@ def _render_live(kube: Kube, *, spec: cfg.AppConfig, state: LiveState, namespace
     from gitopsd.daemon.credentials import CredentialStore   # the daemon's reading of credentials, one place
 
     sha = state.live["revision"]
-    store = CredentialStore(kube, namespace=namespace)
+    store = CredentialStore(home or kube, namespace=namespace)
     try:
         # The live commit's signature was checked when it was deployed (its audit record says by whom);
         # re-creating it is a read, which keys rotated since must not block.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime
 
 import pytest
 import yaml
@@ -134,6 +135,12 @@ def test_apps_on_two_clusters_and_a_fan_out_converge_and_a_push_reaches_both(
     verify = gitopsd("audit", "verify", "fan", "--cluster", "b", "--config", str(cfg), "--namespace", namespace,
                      kubeconfig=kubeconfig, cache=cache)
     assert verify.returncode == 0 and verify.stdout.startswith("OK:"), verify.stdout + verify.stderr
+    exported = tmp_path / "export"
+    done = gitopsd("export", "fan", "--cluster", "b", "--config", str(cfg), "--namespace", namespace,
+                   "--at", datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "-o", str(exported),
+                   kubeconfig=kubeconfig, cache=cache)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert any("v: '2'" in f.read_text() or 'v: "2"' in f.read_text() for f in exported.rglob("*.yaml"))
     status = gitopsd("status", "--config", str(cfg), "--namespace", namespace, "-o", "json",
                      kubeconfig=kubeconfig, cache=cache)
     assert status.returncode == 0, status.stderr

@@ -106,6 +106,11 @@ class ServiceAccount:
         return f"{self.namespace}/{self.name}"
 
 
+#: Errors that mean the apiserver did not answer at all (as opposed to a connection dropped by the peer).
+_NO_ANSWER = (urllib3.exceptions.ConnectTimeoutError, urllib3.exceptions.NewConnectionError,
+              urllib3.exceptions.ReadTimeoutError)
+
+
 class ClusterUnreachable(ClusterError):
     """A request that got no answer from a cluster known to be unreachable (gitopsd.daemon.clusters):
     not retried, so that a cluster that is down holds no reconcile of its targets."""
@@ -331,7 +336,10 @@ class Kube:
                 except urllib3.exceptions.HTTPError as exc:
                     reach = self._root.on_reach
                     if reach is not None:
-                        reach(False, f"{method} {path}: {exc}")
+                        # No connection, or no answer in time: the cluster may be down (its owner decides,
+                        # and probes). A dropped keep-alive connection is not that: retried as before.
+                        if isinstance(exc, _NO_ANSWER):
+                            reach(False, f"{method} {path}: {exc}")
                         if self._root.unreachable():
                             raise ClusterUnreachable(f"{method} {path}: cannot reach the apiserver at {self.host}: "
                                                      f"{exc}") from None

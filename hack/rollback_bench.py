@@ -157,7 +157,7 @@ def main() -> int:
     finally:
         kube.request("DELETE", f"/api/v1/namespaces/{ns}")
         if not args.cluster:
-            tb.down("rollback", out=sys.stderr)
+            tb.down("rollback")
     print(f"\nbad commit (image crash-loops) -> rolled back and healthy, Deployment of {args.replicas} replicas, "
           f"{args.trials} trials")
     print(f"{'':38}{'p50':>10}{'p95':>10}{'max':>10}")

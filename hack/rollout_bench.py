@@ -220,7 +220,7 @@ def main() -> int:
     finally:
         kube.request("DELETE", f"/api/v1/namespaces/{ns}")
         if not args.cluster:
-            tb.down("rollout", out=sys.stderr)
+            tb.down("rollout")
     gates = gate_costs(args)
 
     names = [f"step {n + 1} ({w}%) healthy" for n, w in enumerate(STEPS)] + ["promoted and healthy"]

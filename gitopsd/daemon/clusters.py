@@ -89,6 +89,7 @@ class Link:
         self.digest: str | None = None          # the kubeconfig in use
         self.namespace_ready = home             # gitopsd's namespace exists there
         self._lock = threading.Lock()
+        self.refreshing = threading.Lock()
         if not home:   # gitopsd's own cluster is not probed: its lease and requests say how it is
             metrics.CLUSTER_REACHABLE.labels(cluster=name).set(1)
 
@@ -200,7 +201,12 @@ class ClusterSet:
             log.info("cluster removed from the config", cluster=name)
 
     def refresh(self, link: Link) -> bool:
-        """Read the cluster's kubeconfig again; reconnect when it changed. True when usable."""
+        """Read the cluster's kubeconfig again; reconnect when it changed. True when usable.
+        One at a time per cluster (the probe and a config reload may both ask)."""
+        with link.refreshing:
+            return self._refresh(link)
+
+    def _refresh(self, link: Link) -> bool:
         cluster = link.config
         if cluster is None:
             return False

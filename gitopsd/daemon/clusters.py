@@ -136,8 +136,11 @@ class Link:
             down = (datetime.now(UTC) - self.unreachable_since).total_seconds()
             self.unreachable_since, self.kube.down = None, False
         metrics.CLUSTER_REACHABLE.labels(cluster=self.name).set(1)
-        log.info("cluster reachable again", cluster=self.name, unreachable_seconds=round(down, 1))
-        self.on_back(self.name)
+
+        def announce() -> None:   # on a thread of its own: not in the log context of the run that noticed
+            log.info("cluster reachable again", cluster=self.name, unreachable_seconds=round(down, 1))
+            self.on_back(self.name)
+        threading.Thread(target=announce, name=f"cluster-{self.name}-back", daemon=True).start()
 
     on_back: Callable[[str], None] = staticmethod(lambda name: None)
 

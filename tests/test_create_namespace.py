@@ -154,7 +154,7 @@ def test_without_the_right_to_create_namespaces_the_app_fails_before_any_object_
     guestbook(repo)
     verbs = ["get", "list", "watch", "create", "patch", "delete"]
     name = f"{namespace}-tenant"
-    # gitopsd-apps of deploy/base/rbac.yaml, as the namespaced install grants it: nothing on namespaces.
+    # gitopsd-apps of deploy/base/apps-rbac/, as the namespaced install grants it: nothing on namespaces.
     path = service_account_kubeconfig(kube, kubeconfig, namespace, tmp_path, name=name, rules=[
         {"apiGroups": [""], "resources": ["configmaps", "services"], "verbs": verbs},
         {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": verbs}])

@@ -286,6 +286,9 @@ def test_daemon_deploys_to_a_managed_cluster_with_exactly_its_rights(
     text = failed_commit(daemon, repo, name, "v2 and a ClusterRole")
     assert account(namespace) in text and 'resource "clusterroles" in API group "rbac.authorization.k8s.io"' \
         in text, text
+    # The error names the object and its file, not only the request that failed.
+    assert f"clusterrole.yaml: ClusterRole.rbac.authorization.k8s.io/{escalate}: gitopsd may not list ClusterRole" \
+        in text, text
     assert cm_data(kube_b, namespace, "remote-cm") == {"v": "1"}, "nothing of the failed commit is applied"
     assert kube_b.get(kube_b.resource(RBAC, "ClusterRole"), escalate) is None
     # Refused before any write, dry-run or not: b's audit log has no new refused write of gitopsd-remote.

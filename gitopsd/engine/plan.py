@@ -286,7 +286,7 @@ def make_plan(kube: Kube, manifests: list[Manifest], inv: Inventory, *, prune: b
         members = _cached_members(plan.targets, cache) or {}
     else:
         plan.targets = member_targets(kube, inv, changes)
-        members = _list_members(kube, inv, plan.targets, cache)
+        members = _list_members(kube, inv, plan.targets, cache, changes=changes)
     plan.members = len(members)
     _attach_members(changes, members, plan)
     changes = [c for c in changes if c.desired is not None]  # refused: owned by another app
@@ -567,9 +567,11 @@ def _cached_members(targets: set[tuple[Resource, str | None]],
 
 
 def _list_members(kube: Kube, inv: Inventory, targets: set[tuple[Resource, str | None]],
-                  cache: LiveCache | None) -> dict[ObjectRef, dict]:
+                  cache: LiveCache | None, *, changes: Collection[ObjectChange] = ()) -> dict[ObjectRef, dict]:
     """Live members: from the watch cache when it covers every target — asked to, when it does
-    not yet (an app's first plan) — else one LIST per target."""
+    not yet (an app's first plan) — else one LIST per target. A LIST gitopsd may not send (403)
+    fails the plan naming the commit's objects of that kind and their files: an app that ships a
+    kind gitopsd has no rights on learns which object it is, not only which request failed."""
     if cache is not None and not targets <= cache.targets:
         # Keep what it covers: a health wait may be reading a kind this plan no longer has.
         cache.ensure(cache.targets | targets)
@@ -579,7 +581,22 @@ def _list_members(kube: Kube, inv: Inventory, targets: set[tuple[Resource, str |
 
     def fetch(target):
         res, ns = target
-        return kube.list(res, namespace=ns, label_selector=inv.selector)
+        try:
+            return kube.list(res, namespace=ns, label_selector=inv.selector)
+        except KubeApiError as exc:
+            if exc.status != 403:
+                raise
+            mine = [c for c in changes if (c.ref.group, c.ref.kind) == (res.group, res.kind)
+                    and (ns is None or c.ref.namespace == ns)]
+            named = "; ".join(f"{c.source}: {c.ref}" if c.source else str(c.ref) for c in mine[:5]) + \
+                (f" and {len(mine) - 5} more" if len(mine) > 5 else "")
+            where = f" in namespace {ns}" if ns else ""
+            raise GitopsdError(f"{named or 'objects of the app'}: gitopsd may not list {res.kind} "
+                               f"({res.api_version}){where}, which it must to find the app's objects of that kind "
+                               f"before writing any: {exc.message}",
+                               hint=f"grant list and watch (and get, create, patch, delete) on "
+                                    f"{res.plural}{'.' + res.group if res.group else ''} to gitopsd, or leave "
+                                    f"{res.kind} out of the app") from None
 
     members: dict[ObjectRef, dict] = {}
     for items in kube.budget.map(fetch, sorted(targets, key=lambda t: (t[0].group, t[0].kind, t[1] or ""))):

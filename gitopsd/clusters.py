@@ -136,8 +136,11 @@ def parse_kubeconfig(text: str | bytes, *, context: str | None, where: str, from
                                    "self-contained", hint=("put the token itself in token:" if field == "tokenFile"
                                                            else f"use {field}-data (base64) instead"))
     server = cluster.get("server")
-    if not isinstance(server, str) or not server.startswith(("https://", "http://")):
-        raise ClusterError(f"{where}: cluster of context {name!r} has no https:// server")
+    if not isinstance(server, str) or not server.startswith("https://"):
+        # Plain http would send the token or the cluster's objects (Secrets among them) in clear.
+        raise ClusterError(f"{where}: cluster of context {name!r} has no https:// server"
+                           + (f" ({server[:60]!r}: gitopsd talks to an apiserver over TLS only)"
+                              if isinstance(server, str) else ""))
     base = from_file.parent if from_file else None
 
     def path(value) -> str | None:

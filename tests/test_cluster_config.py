@@ -148,6 +148,7 @@ def test_a_missing_context_names_the_ones_there_are():
     ({"username": "admin", "password": "p"}, None, "not supported"),
     ({"client-certificate-data": "eA=="}, None, "without its key"),
     (None, {"server": "ftp://x"}, "no https:// server"),
+    (None, {"server": "http://127.0.0.1:8080"}, "over TLS only"),
 ])
 def test_a_kubeconfig_from_a_secret_that_reaches_outside_itself_is_refused(user, cluster, refused):
     with pytest.raises(ClusterError) as info:

@@ -39,6 +39,13 @@ Rules that shape the code:
   allowedNamespaces, helm settings with a helm renderer) and an empty
   `key:` — apply while reading a file (`parse` passes a validation
   context); code says what it means.
+- Clusters: `clusters:` names the clusters apps may go to (how to reach each:
+  a kubeconfig Secret or file, never inline); `in-cluster`, gitopsd's own, is
+  always there. An app names its `cluster`, its `clusters` or a
+  `clusterSelector`; `Config.targets` is every (app, cluster), each an
+  AppConfig naming exactly one cluster, keyed `app` or `app@cluster`
+  (`AppConfig.key`). An unknown cluster, a selector that selects none, or a
+  dependsOn whose app is not on the same clusters is refused at load.
 - "No apps" must be written down: `apps: []`. A missing, unreadable or empty
   file, or one whose `apps:` is absent or empty, is a ConfigError: a file
   deleted, truncated or caught half-written looks exactly like that, and

@@ -1,7 +1,10 @@
 """`gitopsd run`: keep many apps converged.
 
 The daemon orchestrates; the stages do the work (gitopsd.engine.sync). One
-AppRunner per app (gitopsd.daemon.runner) owns everything about that app.
+AppRunner per target (gitopsd.daemon.runner) owns everything about it: a
+target is an app on one cluster (gitopsd.config.AppConfig.key: `app` on
+gitopsd's own cluster, `app@cluster` elsewhere; an app deployed to several
+clusters is one target per cluster).
 This module wires the runners to the outside world and to each other:
 
 - triggers (gitopsd.daemon.triggers): the poll schedule (apscheduler), push
@@ -10,9 +13,12 @@ This module wires the runners to the outside world and to each other:
   (gitopsd.engine.source_share: one per poll or push, whatever the number of
   apps) and the renders (gitopsd.engine.render_cache: reused while the files
   they read are unchanged);
-- the shared informers (gitopsd.daemon.informers): one watch per kind of
-  managed object for all apps, feeding their plans, self-heal and health
-  waits; stopped at shutdown;
+- the clusters (gitopsd.daemon.clusters): per cluster one connection, its
+  shared informers (gitopsd.daemon.informers: one watch per kind of managed
+  object for all its targets, feeding their plans, self-heal and health
+  waits; stopped at shutdown) and its audit log; a cluster other than
+  gitopsd's own is probed, and one that does not answer holds up only its
+  own targets;
 - the HTTP server (gitopsd.daemon.server): push webhooks, /healthz,
   /readyz, /metrics, /status;
 - the config file (gitopsd.daemon.config_watch): hot reload;

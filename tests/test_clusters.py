@@ -292,3 +292,31 @@ def test_a_cluster_added_by_a_reload_runs_its_targets_once_its_kubeconfig_secret
                       "cluster b closed", 30)
     assert ("later", "b") not in status_rows(daemon)
     assert cm_data(kube_b, namespace, "later")
+
+
+def test_a_fan_out_target_held_on_one_cluster_leaves_the_other_following(
+        two_cluster_daemon, repo, kube, kube_b, namespace, kubeconfig):
+    from helpers import release_cli
+
+    daemon, cfg = two_cluster_daemon
+    wait_for("every target converged", lambda: converged(kube, kube_b, namespace), 60)
+    held = release_cli(kubeconfig, namespace, "hold", "fan", "--cluster", "b", "--config", str(cfg), "-o", "json")
+    assert held.returncode == 0, held.stdout + held.stderr
+    assert json.loads(held.stdout)["state"] == "held"
+    assert "requested for app fan@b" in held.stderr
+
+    repo.write("fan/cm.yaml", configmap("fan", {"v": "2"}))
+    sha = repo.commit("fan v2, held on b")
+    post_generic(daemon, repo.url, sha)
+    wait_for("v2 on a", lambda: (cm_data(kube, namespace, "fan") or {}).get("v") == "2", 60)
+    record = wait_for("the held record of fan@b", lambda: next(
+        (r for r in audit_events(daemon, type="transition", app="fan", cluster="b") if r.get("result") == "Held"),
+        None), 30)
+    assert record["revision"] == sha
+    assert (cm_data(kube_b, namespace, "fan") or {}).get("v") == "1"   # b stays where it was held
+    rows = status_rows(daemon)
+    assert rows[("fan", "b")]["release"]["state"] == "held" and "release" not in rows[("fan", "in-cluster")]
+
+    resumed = release_cli(kubeconfig, namespace, "resume", "fan", "--cluster", "b", "--config", str(cfg))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    wait_for("v2 on b once resumed", lambda: (cm_data(kube_b, namespace, "fan") or {}).get("v") == "2", 60)

@@ -188,8 +188,7 @@ class ClusterSet:
                     link = self._link(name, kube, home=False)
             changed = link.config != cluster
             link.config = cluster
-            if changed:
-                link.digest = None
+            if changed:   # read now; reconnected only when the endpoint differs (a label change is none)
                 self.refresh(link)
             if name not in self._probes and not self._stopped.is_set():
                 thread = threading.Thread(target=self._probe, args=(link,), name=f"cluster-{name}", daemon=True)

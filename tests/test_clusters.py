@@ -96,7 +96,7 @@ def converged(kube, kube_b, namespace) -> bool:
 # ---------------------------------------------------------------- tests
 
 def test_apps_on_two_clusters_and_a_fan_out_converge_and_a_push_reaches_both(
-        two_cluster_daemon, repo, kube, kube_b, namespace, tmp_path, kubeconfig):
+        two_cluster_daemon, repo, kube, kube_b, namespace, tmp_path, kubeconfig, cluster, cluster_b):
     daemon, cfg = two_cluster_daemon
     wait_for("every target converged", lambda: converged(kube, kube_b, namespace), 60)
     assert cm_data(kube_b, namespace, "only-a") is None and cm_data(kube, namespace, "only-b") is None
@@ -120,6 +120,15 @@ def test_apps_on_two_clusters_and_a_fan_out_converge_and_a_push_reaches_both(
     post_generic(daemon, repo.url, sha)
     wait_for("v2 on both clusters", lambda: (cm_data(kube, namespace, "fan") or {}).get("v") == "2"
              and (cm_data(kube_b, namespace, "fan") or {}).get("v") == "2", 60)
+
+    # Each cluster's credentials are used for that cluster only: every write on b to the test's namespace is
+    # by b's kubeconfig user, and a's apiserver never saw that user.
+    # (The test bed's controller-manager, as `admin`, adds kube-root-ca.crt and the default ServiceAccount.)
+    writers_b = {e["user"]["username"] for e in cluster_b.audit_events()
+                 if (e.get("objectRef") or {}).get("namespace") == namespace
+                 and e["objectRef"].get("name") not in ("kube-root-ca.crt", "default")}
+    assert writers_b == {"gitopsd-b"}, writers_b
+    assert not [e for e in cluster.audit_events() if e["user"]["username"] == "gitopsd-b"]
 
     # The metrics carry the cluster.
     text = daemon.get("/metrics")[1]

@@ -593,6 +593,20 @@ class _CrossChecked(_Section):
         return []
 
 
+class _SecretOrFile(_CrossChecked):
+    """Where something is read from: a Secret (`secretRef`) or a mounted file (`file`), exactly one of them
+    (git credentials have more kinds: CredentialsRef). `_missing` says what to name when neither is given."""
+
+    _missing = "missing: name a Secret (secretRef: {name: ...}) or a mounted file (file: PATH)"
+
+    def problems(self) -> list[tuple[tuple[str, ...], str]]:
+        if self.secret_ref is not None and self.file is not None:
+            return [(("secretRef",), "use either secretRef or file, not both")]
+        if self.secret_ref is None and self.file is None:
+            return [(("secretRef",), self._missing)]
+        return []
+
+
 @dataclass(frozen=True, config=MODEL_CONFIG)
 class SecretRef(_Section):
     """A Secret in gitopsd's own namespace with keys `token` (and `username`), or `identity` and `known_hosts`."""
@@ -647,7 +661,7 @@ class CredentialsRef(_CrossChecked):
 
 
 @dataclass(frozen=True, config=MODEL_CONFIG)
-class KeysFrom(_CrossChecked):
+class KeysFrom(_SecretOrFile):
     """Where an app's keys are, never the keys themselves: a Secret in gitopsd's namespace
     (`secretRef`), or a file or directory mounted from one (`file`), not both."""
 
@@ -657,13 +671,6 @@ class KeysFrom(_CrossChecked):
     """A Secret in gitopsd's namespace: `{name: sops-age}`; its entries ending in .agekey are read."""
     file: FilePath | None = None
     """A file of age identities, or a directory (a mounted Secret) whose files ending in .agekey are read."""
-
-    def problems(self) -> list[tuple[tuple[str, ...], str]]:
-        if self.secret_ref is not None and self.file is not None:
-            return [(("secretRef",), "use either secretRef or file, not both")]
-        if self.secret_ref is None and self.file is None:
-            return [(("secretRef",), "missing: name a Secret (secretRef: {name: ...}) or a mounted file (file: PATH)")]
-        return []
 
 
 @dataclass(frozen=True, config=MODEL_CONFIG)
@@ -713,11 +720,13 @@ class TrustedKeysSecretRef(_Section):
 
 
 @dataclass(frozen=True, config=MODEL_CONFIG)
-class TrustedKeysFrom(_CrossChecked):
+class TrustedKeysFrom(_SecretOrFile):
     """Where the trusted public keys are: a Secret (`secretRef`) or a file or directory (`file`), not both.
     Each Secret entry or file holds ssh public keys (one a line) or ASCII-armored OpenPGP public keys."""
 
     _what = "a mapping such as {secretRef: {name: team-keys}} or {file: /etc/gitopsd/keys}"
+    _missing = ("missing: name a Secret of public keys (secretRef: {name: ...}) or a file or directory of them "
+                "(file: /path)")
 
     secret_ref: TrustedKeysSecretRef | None = None
     """A Secret whose entries are public keys: `{name: team-keys}` (read at every reconcile: a key added is used
@@ -725,15 +734,6 @@ class TrustedKeysFrom(_CrossChecked):
     file: FilePath | None = None
     """A file of public keys, or a directory of such files (a mounted Secret or ConfigMap; dotfiles are
     skipped); relative paths are relative to the config file."""
-
-    def problems(self) -> list[tuple[tuple[str, ...], str]]:
-        """Exactly one place: a Secret or a file."""
-        if self.secret_ref is not None and self.file is not None:
-            return [(("secretRef",), "use either secretRef or file, not both")]
-        if self.secret_ref is None and self.file is None:
-            return [(("secretRef",), "missing: name a Secret of public keys (secretRef: {name: ...}) or a "
-                                     "file or directory of them (file: /path)")]
-        return []
 
 
 @dataclass(frozen=True, config=MODEL_CONFIG)
@@ -902,7 +902,7 @@ class KubeconfigSecretRef(_Section):
 
 
 @dataclass(frozen=True, config=MODEL_CONFIG)
-class KubeconfigFrom(_CrossChecked):
+class KubeconfigFrom(_SecretOrFile):
     """Where a cluster's kubeconfig is: a Secret in gitopsd's namespace or a mounted file, never inline."""
 
     _what = "a mapping such as {secretRef: {name: eu-1-kubeconfig}} or {file: /etc/gitopsd/eu-1.kubeconfig}"
@@ -912,13 +912,6 @@ class KubeconfigFrom(_CrossChecked):
     kubeconfig (a rotated client certificate or token) is used from the next request, without a restart."""
     file: FilePath | None = None
     """A kubeconfig file (mounted from a Secret); read again when it changes."""
-
-    def problems(self) -> list[tuple[tuple[str, ...], str]]:
-        if self.secret_ref is not None and self.file is not None:
-            return [(("file",), "use either secretRef or file, not both")]
-        if self.secret_ref is None and self.file is None:
-            return [(("secretRef",), "missing: name a Secret (secretRef: {name: ...}) or a mounted file (file: PATH)")]
-        return []
 
 
 @dataclass(frozen=True, config=MODEL_CONFIG)

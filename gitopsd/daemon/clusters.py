@@ -43,7 +43,6 @@ fail with the reason; the others run.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 

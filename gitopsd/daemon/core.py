@@ -51,7 +51,7 @@ from pathlib import Path
 
 import structlog
 
-from gitopsd import __version__, audit, metrics
+from gitopsd import __version__, metrics
 from gitopsd import config as config_mod
 from gitopsd.budget import Budget
 from gitopsd.daemon.clusters import ClusterSet

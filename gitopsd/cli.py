@@ -221,6 +221,8 @@ _ENV_DEFAULTS: dict[str, tuple[_EnvDefault, ...]] = {
         _EnvDefault("http_address", "--http-address", "GITOPSD_HTTP_ADDRESS", "0.0.0.0", ADDRESS),
         _EnvDefault("advertise_url", "--advertise-url", "GITOPSD_ADVERTISE_URL", None, URL),
         _EnvDefault("prometheus_url", "--prometheus-url", "GITOPSD_PROMETHEUS_URL", None, URL),
+        _EnvDefault("ui_url", "--ui-url", "GITOPSD_UI_URL", None, URL),
+        _EnvDefault("ui_token_file", "--ui-token-file", "GITOPSD_UI_TOKEN_FILE", None, TOKEN_FILE),
         _EnvDefault("log_format", "--log-format", "GITOPSD_LOG_FORMAT", "auto", choices=("auto", "json", "console")),
     ),
     "status": (_EnvDefault("namespace", "--namespace", _NS_ENV, "gitopsd-system", NAMESPACE), _CONFIG_ENV),
@@ -356,6 +358,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--prometheus-url", type=URL, default=None,
                    help="the Prometheus HTTP API that progressive-delivery gates query when their `address` "
                         "names none (default $GITOPSD_PROMETHEUS_URL)")
+    r.add_argument("--ui", action=argparse.BooleanOptionalAction, default=True,
+                   help="serve the read-only web view at / on the HTTP port (default on; --no-ui: / and /api/ "
+                        "answer 404)")
+    r.add_argument("--ui-token-file", type=TOKEN_FILE, default=None,
+                   help="a file holding the bearer token the web view's data asks for (read at each request, so "
+                        "a rotated Secret takes effect at once; default $GITOPSD_UI_TOKEN_FILE, else no token)")
+    r.add_argument("--ui-url", type=URL, default=None,
+                   help="the web view's address as people reach it (an Ingress); notifications link to it "
+                        "(default $GITOPSD_UI_URL, else no link)")
     r.add_argument("--log-format", default=None, choices=["auto", "json", "console"],
                    help="auto: readable on a terminal, JSON otherwise (default $GITOPSD_LOG_FORMAT or auto)")
     r.add_argument("--leader-elect", action=argparse.BooleanOptionalAction, default=True,

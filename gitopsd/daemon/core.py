@@ -58,6 +58,7 @@ from gitopsd.daemon.clusters import ClusterSet
 from gitopsd.daemon.config_watch import ConfigWatcher
 from gitopsd.daemon.credentials import CredentialStore
 from gitopsd.daemon.dependencies import Dependencies
+from gitopsd.daemon.feed import Feed
 from gitopsd.daemon.informers import Informers
 from gitopsd.daemon.leader import FencedKube, LeaderElector
 from gitopsd.daemon.leadership import Leadership
@@ -82,15 +83,19 @@ class Daemon:
     def __init__(self, *, kube: Kube, config_path: Path, namespace: str, http_host: str, http_port: int,
                  instance: str, leader_elect: bool = True, lease_duration: float = 15.0,
                  lease_renew: float = 5.0, watch_local: bool = True, cache_dir: Path | None = None,
-                 advertise_url: str | None = None, shards: int = 1, prometheus_url: str | None = None) -> None:
+                 advertise_url: str | None = None, shards: int = 1, prometheus_url: str | None = None,
+                 ui: bool = True, ui_token_file: Path | None = None, ui_url: str | None = None) -> None:
         self.kube = kube
         kube.user_agent = f"gitopsd/{__version__} ({instance})"   # names us in the apiserver's audit log
         self.namespace = namespace
         self.instance = instance
         self.prometheus_url = prometheus_url   # progressive-delivery gates (gitopsd.daemon.rollouts)
+        self.ui_url = ui_url.rstrip("/") if ui_url else None   # the web view as people reach it (links in notifications)
         self.cache_dir = cache_dir or default_cache_dir()
         self.watch_local = watch_local
         self._stop = threading.Event()
+        # What happens to the targets, for the web view's live updates and the notifier (gitopsd.daemon.feed).
+        self.feed = Feed()
         self.config_watch = ConfigWatcher(config_path, on_change=self._on_config, stopped=self._stop)
         self.runners: dict[str, AppRunner] = {}   # by target (AppConfig.key: `app`, `app@cluster`)
         # Reconciles and heals run here; the pool is sized by the process's one
@@ -342,7 +347,8 @@ def main(args) -> int:
                         http_port=args.http_port, instance=instance, leader_elect=args.leader_elect,
                         lease_duration=args.lease_duration, lease_renew=args.lease_renew,
                         watch_local=args.watch_local, advertise_url=args.advertise_url, shards=args.shards,
-                        prometheus_url=args.prometheus_url)
+                        prometheus_url=args.prometheus_url, ui=args.ui, ui_token_file=args.ui_token_file,
+                        ui_url=args.ui_url)
     except GitopsdError as exc:
         log.error("cannot start", error=str(exc))
         return 2

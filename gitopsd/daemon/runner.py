@@ -53,6 +53,7 @@ from gitopsd.daemon import dependencies
 from gitopsd.daemon import status as status_mod
 from gitopsd.daemon.dependencies import REMOTE_RECHECK
 from gitopsd.daemon.desired import DesiredState
+from gitopsd.daemon.feed import Event
 from gitopsd.daemon.informers import AppView
 from gitopsd.daemon.leader import FencedKube, LeadershipLost
 from gitopsd.daemon.release import ReleaseControl, Request
@@ -172,6 +173,7 @@ class AppRunner:
             self.running = True
             self.pending = None
         self.daemon.pool.submit(self._loop, reason, lane=Lane.of(reason))
+        self._publish("status")
 
     def _loop(self, reason: str) -> None:
         while True:
@@ -194,6 +196,7 @@ class AppRunner:
                     dirty = bool(self.dirty)
                     break
                 reason, self.pending = self.pending, None
+        self._publish("status")
         self.daemon.dependencies.settled(self.key)   # the apps waiting for this one judge again
         if dirty:
             self.daemon.pool.submit(self._heal_dirty, lane=Lane.HEAL)
@@ -243,6 +246,8 @@ class AppRunner:
             log_mod.bind(revision=rev.sha[:12])   # on every line of this run from here on
             with self.lock:
                 self.current_sha = rev.sha
+            if rev.sha != self.last_applied:
+                self._publish("revision", revision=rev)   # a transition begins (a commit status: pending)
 
         result = sync(writer, spec, cache_dir=self.daemon.cache_dir, cancel=self.cancel,
                       cache=self.cache, inv=self.inv, hold_revision=hold, on_revision=fetched,
@@ -494,7 +499,10 @@ class AppRunner:
         backlog, to be stored later as if it were history.
         """
         self.writer.check()
-        self.link.audit.record(rec)
+        self._publish("record", record=self.link.audit.record(rec))
+
+    def _publish(self, kind: str, **what) -> None:
+        self.daemon.feed.publish(Event(kind=kind, target=self.key, cfg=self.cfg, **what))
 
     def _schedule_retry(self) -> None:
         self.failures += 1
@@ -696,6 +704,8 @@ class AppRunner:
 
     def _write_status(self) -> None:
         current = self.status()
+        if current != self.status_written:
+            self._publish("status")
         if current == self.status_written or self.link.blocked() is not None:
             return  # steady state: nothing a reader would see has changed (or nowhere to write it now)
         try:

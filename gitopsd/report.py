@@ -104,6 +104,24 @@ def _plan_text(plan: Plan, rev: Revision | None, *, header: str) -> str:
     return "\n".join(lines)
 
 
+def transition_diff(plan: Plan | None) -> str | None:
+    """A transition's changes as one unified diff, for the web view's transition page: each object
+    created, changed or recreated with its diff (live before -> desired; a created one in full), each
+    pruned one named. Secret values were masked by gitopsd.engine.diff before the text was made, and
+    the text is scrubbed by value once more. None when the plan changes nothing."""
+    if plan is None:
+        return None
+    parts = []
+    for c in plan.changes:
+        if c.action == Action.UNCHANGED:
+            continue
+        where = f"  ({c.source})" if c.source else ""
+        parts.append(f"{_MARK[c.action]} {c.action.value} {c.ref}{where}\n")
+        if c.diff is not None and c.diff.text and c.action != Action.PRUNE:
+            parts.append(c.diff.text if c.diff.text.endswith("\n") else c.diff.text + "\n")
+    return redact.scrub("".join(parts)) if parts else None
+
+
 def result_dict(result: SyncResult) -> dict:
     """`gitopsd sync -o json`: a stable document (gitopsd.schemas, sync-result.schema.json)."""
     return redact.scrub_data({

@@ -162,7 +162,8 @@ def prepare(args: argparse.Namespace) -> tuple[cluster.Cluster, Path]:
               f"{DAEMON_NAMESPACE}/{CLUSTER_B_SECRET} of cluster {c.name!r}", flush=True)
     config = home / "gitopsd.yaml"
     write_config(config, remote, clusters=args.clusters)
-    print(f"\nconfig: {config}\nkubeconfig: {c.kubeconfig}\n"
+    print(f"\nweb view: http://127.0.0.1:{args.http_port}/   (apps, drift, history; live)\n"
+          f"config: {config}\nkubeconfig: {c.kubeconfig}\n"
           f"try:    git clone {remote} /tmp/fleet   (edit, commit, push: gitopsd deploys it)\n"
           f"        KUBECONFIG={c.kubeconfig} {ROOT / '.venv/bin/gitopsd'} status"
           + (f" --config {config}   (a row per target, on both clusters)" if b is not None else "") + "\n",

@@ -73,6 +73,8 @@ from gitopsd.engine.source_share import SharedFetches
 from gitopsd.engine.sync import default_cache_dir
 from gitopsd.errors import GitopsdError
 from gitopsd.kube import Kube
+from gitopsd.web.site import Site
+from gitopsd.web.views import Views
 
 log = structlog.get_logger("gitopsd")
 
@@ -125,9 +127,13 @@ class Daemon:
                                          kube_of=lambda cluster: self.clusters.get(cluster).kube)
         # `gitopsd hold|resume|rollback` from anywhere with a kubeconfig (gitopsd.daemon.release).
         self.release_requests = RequestWatch(kube, namespace=namespace, deliver=self._release_request)
+        # The read-only web view (gitopsd.web), from the runners' memory and the feed.
+        self.views = Views(self) if ui else None
+        self.ui_token_file = ui_token_file
         self.server = Server(host=http_host, port=http_port, on_push=self.pushes.on_push,
                              webhook_secret=self.pushes.webhook_secret, ready=self.ready, status=self.status_json,
-                             status_summary=self.status_summary)
+                             status_summary=self.status_summary,
+                             site=Site(views=self.views, token_file=ui_token_file) if self.views else None)
         self._threads: list[threading.Thread] = []
 
     @property
@@ -160,7 +166,9 @@ class Daemon:
         log.info("gitopsd started", instance=self.instance, apps=[a.key for a in self.config.targets],
                  http=f"{self.server.host}:{self.server.port}", namespace=self.namespace,
                  leader_election=self.elector is not None or self.shards is not None,
-                 shards=self.shards.count if self.shards else 1)
+                 shards=self.shards.count if self.shards else 1,
+                 ui=("off" if self.views is None else
+                     f"http://{self.server.host}:{self.server.port}/" + (" (token)" if self.ui_token_file else "")))
 
     def release_request(self, app: str) -> Request | None:
         """The newest release request stored for `app` (a runner taking the app over reads it)."""
@@ -278,6 +286,8 @@ class Daemon:
         if runner:
             runner.stop()
         metrics.forget_app(name)
+        if self.views is not None:
+            self.views.trails.forget(name)
 
     def _on_config(self, new: config_mod.Config, change: config_mod.ConfigChange) -> None:
         """A valid new config (gitopsd.daemon.config_watch): stop, start and re-trigger apps.

@@ -75,6 +75,11 @@ class DesiredState:
         obj = kept[0]
         return self._packer.unpack(obj) if isinstance(obj, bytes) else copy.deepcopy(obj)
 
+    def source(self, ref: ObjectRef) -> str | None:
+        """The file the desired object came from (None when the plan has none of that name)."""
+        kept = self._kept.get(ref)
+        return kept[1] if kept is not None else None
+
     def manifests(self) -> list[Manifest]:
         """Every desired object with its file, as a heal re-plans them."""
         return [Manifest(obj=self.get(ref), source=source) for ref, (_, source) in self._kept.items()]

@@ -39,6 +39,7 @@ class Event:
     cfg: Any                  # the target's gitopsd.config.AppConfig when it happened
     record: dict | None = None     # kind "record": the audit record as stored (with seq/hash when stored)
     revision: Any = None           # kind "revision": the gitopsd.engine.source.Revision being applied
+    diff: str | None = None        # kind "record", a transition: its plan as text, Secret values masked
 
 
 class Feed:

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from gitopsd import audit, metrics
+from gitopsd import audit, metrics, report
 from gitopsd import config as config_mod
 from gitopsd import log as log_mod
 from gitopsd.budget import Lane
@@ -265,7 +265,8 @@ class AppRunner:
             # the app's series went with it (metrics.forget_app).
             if result.applied or result.pruned:
                 self._record(audit.transition_record(result, trigger=trigger, previous=previous,
-                                                     instance=self.daemon.instance))
+                                                     instance=self.daemon.instance),
+                             diff=report.transition_diff(result.plan))
             return
         metrics.RECONCILE_DURATION.observe(app=self.key, value=time.monotonic() - started)
         metrics.RECONCILE_RESULTS.inc(app=self.key, trigger=trigger, outcome=result.outcome.value)
@@ -326,7 +327,8 @@ class AppRunner:
             self.last_result = _verdict(result)
             self._record(audit.transition_record(result, trigger=trigger, previous=previous,
                                                  instance=self.daemon.instance, outcome=release.result,
-                                                 release=release.release, rollout=rollout))
+                                                 release=release.release, rollout=rollout),
+                         diff=report.transition_diff(result.plan))
         else:
             log.debug("reconciled: no change", app=cfg.name, revision=(result.revision.sha[:12]
                                                                         if result.revision else None))
@@ -491,7 +493,7 @@ class AppRunner:
                                              instance=self.daemon.instance, source=self.cfg.repo, ref=self.cfg.ref))
         self._write_status()
 
-    def _record(self, rec: dict) -> None:
+    def _record(self, rec: dict, *, diff: str | None = None) -> None:
         """Store an audit record of this run, if this replica may still write in the run's term.
 
         The writer refuses every request of the record anyway; checking first
@@ -499,7 +501,7 @@ class AppRunner:
         backlog, to be stored later as if it were history.
         """
         self.writer.check()
-        self._publish("record", record=self.link.audit.record(rec))
+        self._publish("record", record=self.link.audit.record(rec), diff=diff)
 
     def _publish(self, kind: str, **what) -> None:
         self.daemon.feed.publish(Event(kind=kind, target=self.key, cfg=self.cfg, **what))

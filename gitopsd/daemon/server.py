@@ -19,6 +19,10 @@ Routes:
   ``GET /status?summary``: JSON from ``status_summary`` (counts, not a row
   per app: cheap to poll whatever the fleet's size; without one, the full
   status). Other query parameters are ignored.
+- The web view (gitopsd.web.site), unless turned off (``--no-ui``): ``GET /``,
+  ``/apps/...``, ``/ui/...`` and ``/api/v1/...``; its event stream
+  (``/api/v1/events``) is written here, one thread per open stream as for any
+  connection, at most ``site.MAX_STREAMS`` at once.
 
 Anything else is 404; a known path with the wrong method is 405 with
 ``Allow``. ``HEAD`` works wherever ``GET`` does.
@@ -59,6 +63,8 @@ from gitopsd import metrics
 from gitopsd.daemon import webhook
 from gitopsd.daemon.webhook import PushEvent, WebhookError, normalize_repo_url
 from gitopsd.errors import GitopsdError
+from gitopsd.web import site as web_site
+from gitopsd.web.site import Site
 
 MAX_BODY = 5 * 1024 * 1024  # bounds memory per request; real push payloads are far smaller
 REQUEST_TIMEOUT = 10.0  # seconds one read from a client may wait
@@ -93,6 +99,7 @@ class Server:
         log: Any = None,
         deliveries: webhook.RecentDeliveries | None = None,
         request_deadline: float = REQUEST_DEADLINE,
+        site: Site | None = None,
     ) -> None:
         self.host = host
         self.on_push = on_push
@@ -105,6 +112,9 @@ class Server:
         self.log = log if log is not None else structlog.get_logger("gitopsd.daemon.server")
         self.deliveries = deliveries if deliveries is not None else webhook.RecentDeliveries(ttl=DELIVERY_TTL)
         self.request_deadline = request_deadline
+        self.site = site
+        self._streams = threading.BoundedSemaphore(web_site.MAX_STREAMS)
+        self._stopping = threading.Event()
         self._port = port
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -146,6 +156,9 @@ class Server:
         self._httpd = self._thread = None
         if httpd is None:
             return
+        self._stopping.set()
+        if self.site is not None:
+            self.site.feed.wake_all()   # open event streams end now, not at their next heartbeat
         httpd.shutdown()
         httpd.deadlines.stop()
         httpd.server_close()
@@ -297,6 +310,12 @@ class _Handler(BaseHTTPRequestHandler):
                 self._get_status(summary=_has_param(query, "summary"))
             else:
                 getattr(self, "_get_" + path.lstrip("/"))()
+            return
+        if self.app.site is not None and self.app.site.serves(path):
+            if method not in ("GET", "HEAD"):
+                self._method_not_allowed(allow="GET, HEAD")
+                return
+            self._web(path=path)
             return
         self._send(HTTPStatus.NOT_FOUND, f"no route for {path}\n".encode(), _TEXT)
 
@@ -473,6 +492,53 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(HTTPStatus.INTERNAL_SERVER_ERROR, _json_bytes(doc={"error": "status unavailable"}), _JSON)
             return
         self._send(HTTPStatus.OK, body, _JSON)
+
+    # --- the web view (gitopsd.web.site) -------------------------------------------
+
+    def _web(self, *, path: str) -> None:
+        site = self.app.site
+        assert site is not None  # routed only when set
+        try:
+            answer = site.answer(path=path, authorization=self.headers.get("Authorization"))
+        except Exception as exc:
+            self.app.log.warning("web view failed", path=path, error=f"{type(exc).__name__}: {exc}")
+            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, _json_bytes(doc={"error": "web view unavailable"}), _JSON)
+            return
+        if not answer.stream:
+            self._send(answer.status, answer.body, answer.content_type, extra=answer.headers)
+        elif self.command == "HEAD" or not self.app._streams.acquire(blocking=False):
+            busy = self.command != "HEAD"
+            self._send(HTTPStatus.SERVICE_UNAVAILABLE if busy else HTTPStatus.OK,
+                       _json_bytes(doc={"error": "too many open event streams; read the documents instead"})
+                       if busy else b"", _JSON if busy else answer.content_type, extra=answer.headers)
+        else:
+            try:
+                self._stream(site=site, headers=answer.headers)
+            finally:
+                self.app._streams.release()
+
+    def _stream(self, *, site: Site, headers: dict[str, str]) -> None:
+        """Server-sent events until the client goes or the server stops: one `change` per feed move."""
+        self.close_connection = True   # the stream is the rest of this connection
+        self.send_response(HTTPStatus.OK)
+        for key, value in {"Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                           "Connection": "close", "X-Accel-Buffering": "no", **headers}.items():
+            self.send_header(key, value)
+        self.end_headers()
+        version = site.feed.version
+        self.wfile.write(web_site.event(version))   # the page reads its document once it hears this
+        self.wfile.flush()
+        while not self.app._stopping.is_set():
+            newer = site.feed.wait_newer(version, timeout=web_site.HEARTBEAT)
+            # A burst (a commit of many objects, a fleet-wide push) is one event: pages read once.
+            if newer != version and self.app._stopping.wait(web_site.SETTLE):
+                break
+            if self.app._stopping.is_set():
+                break
+            newer = site.feed.version
+            self.wfile.write(web_site.event(newer) if newer != version else b": heartbeat\n\n")
+            self.wfile.flush()
+            version = newer
 
     # --- plumbing ----------------------------------------------------------------
 

@@ -41,7 +41,7 @@ def browser():
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1440,900", "--force-device-scale-factor=1", "--lang=en-US"):
+                "--window-size=1440,760", "--force-device-scale-factor=1", "--lang=en-US"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(executable_path=driver_bin), options=options)
     driver.set_page_load_timeout(30)
@@ -93,10 +93,15 @@ def shot(driver, name: str) -> Path:
 
 
 def text_of(driver, css: str) -> str:
-    from selenium.webdriver.common.by import By
+    """The element's visible text, read in one step: the page re-renders on every live update, so an
+    element found first and read after may be gone."""
+    return driver.execute_script("const e = document.querySelector(arguments[0]); return e ? e.innerText : ''", css)
 
-    found = driver.find_elements(By.CSS_SELECTOR, css)
-    return found[0].text if found else ""
+
+def click(driver, css: str) -> None:
+    """Click the element as a person would (a real click event), found and clicked in one step."""
+    assert driver.execute_script(
+        "const e = document.querySelector(arguments[0]); if (!e) return false; e.click(); return true", css), css
 
 
 def dom(driver) -> str:
@@ -131,29 +136,32 @@ def test_the_browser_shows_the_apps_a_live_push_a_drift_with_its_manager_and_nev
 
     # Filter and sort work in the page.
     search = browser.find_element(By.CSS_SELECTOR, "#filter")
-    search.send_keys("vault")
-    wait_for("filtered", lambda: len(browser.find_elements(By.CSS_SELECTOR, "#apps tbody tr")) == 1, 10)
+    search.send_keys("web-prod")
+    rows = "return [...document.querySelectorAll('#apps tbody tr')].map((tr) => tr.dataset.app)"
+    wait_for("filtered", lambda: browser.execute_script(rows) == ["web-production"], 10)
     search.clear()
     search.send_keys(" ")   # clear() fires no input event
-    wait_for("unfiltered", lambda: len(browser.find_elements(By.CSS_SELECTOR, "#apps tbody tr")) == 4, 10)
+    wait_for("unfiltered", lambda: len(browser.execute_script(rows)) == 4, 10)
 
     # A hand edit: the app page names the manager that made it.
     cms = kube.resource("v1", "ConfigMap")
     kube.request("PATCH", f"{cms.path(namespace)}/vault-settings", query={"fieldManager": "hand-editor"},
                  content_type="application/merge-patch+json", body={"data": {"mode": "edited by hand"}})
-    browser.find_element(By.CSS_SELECTOR, 'tr[data-app="vault"] a').click()
+    click(browser, 'tr[data-app="vault"] a')
     wait_for("the drift with its manager", lambda: "hand-editor" in text_of(browser, "#drifts"), 30)
     assert browser.current_url.endswith("/apps/vault")
     assert "vault-creds" in text_of(browser, "#objects") and "Current" in text_of(browser, "#objects")
     wait_for("the chain verified", lambda: "OK:" in text_of(browser, "#verify"), 10)
+    browser.set_window_size(1440, 1500)   # the whole page in the picture
     shot(browser, "app")
 
     # A transition's page: the diff, with the Secret masked; then a deep link opens it afresh.
-    browser.find_element(By.CSS_SELECTOR, "#history tbody tr:last-child a").click()
+    click(browser, "#history tbody tr:last-child a")
     wait_for("the first transition's diff", lambda: "vault-creds" in text_of(browser, "#diff"), 15)
     assert "<redacted>" in text_of(browser, "#diff")
     deep = browser.current_url
     assert "/apps/vault/history/" in deep
+    browser.execute_script("document.getElementById('diff').scrollIntoView()")
     shot(browser, "transition")
     browser.get(deep)
     wait_for("the deep link", lambda: "vault-creds" in text_of(browser, "#diff"), 15)

@@ -18,8 +18,11 @@ class _Views:
     def __init__(self) -> None:
         self.daemon = SimpleNamespace(feed=Feed())
 
-    def apps(self) -> dict:
+    def apps(self, *, authorization=None, forwarded=False) -> dict:
         return {"apps": []}
+
+    def elsewhere(self, target: str) -> None:
+        return None
 
     def app(self, target: str) -> dict:
         if target != "shop":

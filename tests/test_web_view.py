@@ -111,13 +111,13 @@ def test_the_app_document_has_objects_plan_drift_with_its_manager_history_and_a_
     doc = wait_for("the drift on the app page", lambda: (d := get(web_app, "/api/v1/apps/shop")[2])["drifts"] and d)
     objects = {(o["kind"], o["name"]): o for o in doc["objects"]}
     assert set(objects) == {("ConfigMap", "settings"), ("ConfigMap", "other"), ("Secret", "creds")}
-    assert all(o["health"] == "Current" and o["file"] == "app.yaml" for o in objects.values()), objects
+    assert all(o["health"] == "Current" and o["file"].startswith("app.yaml#") for o in objects.values()), objects
     last = doc["lastTransition"]
     assert last["revision"] == sha and last["result"] == "Applied"
     (changed,) = [o for o in last["plan"]["objects"]]
     assert (changed["name"], changed["action"], changed["fields"]) == ("settings", "configured", ["data.mode"])
     (drift,) = doc["drifts"]
-    assert drift["object"]["name"] == "other" and drift["managers"] == ["hand-editor"]
+    assert drift["object"]["name"] == "other" and drift["managers"] == ["hand-editor (Update)"]
     assert drift["fields"] == ["data.k"] and drift["action"] == "corrected"
     assert [t["subject"] for t in doc["transitions"]][:2] == ["second: green", "first: blue settings and creds"]
     assert doc["transitions"][0]["trigger"] and doc["transitions"][0]["duration"] is not None
@@ -218,3 +218,32 @@ def test_no_ui_turns_the_view_off_and_leaves_the_other_routes(repo, namespace, t
 def test_the_started_line_says_where_the_web_view_is(web_app):
     started = next(e for e in web_app.events() if e.get("event") == "gitopsd started")
     assert re.fullmatch(rf"http://127\.0\.0\.1:{web_app.port}/", started["ui"])
+
+
+def test_each_replica_shows_every_app_and_the_page_of_an_app_another_replica_runs(repo, namespace, tmp_path,
+                                                                                 start_daemon):
+    from test_sharding import CALM, configure, converged, wait_split, write_apps
+
+    config = tmp_path / "config.yaml"
+    config.write_text("apps: []\n")
+    a, b = (start_daemon(config, *CALM, "--shards", "4", name=n) for n in ("replica-a", "replica-b"))
+    wait_split([a, b], 4)
+    names = [f"app-{i:02d}" for i in range(8)]
+    sha = write_apps(repo, names, "1")
+    configure(config, repo, namespace, names)
+    wait_for("8 apps converged", lambda: len(converged([a, b], sha)) == 8, 120, interval=0.25)
+    owner = {app: instances[0] for app, instances in converged([a, b], sha).items()}
+    assert set(owner.values()) == {"replica-a", "replica-b"}, owner
+    for here, there in ((a, b), (b, a)):
+        rows = {r["target"]: r for r in get(here, "/api/v1/apps")[2]["apps"]}
+        assert {t: r["result"] for t, r in rows.items()} == {n: "Applied" for n in names}
+        assert {t for t, r in rows.items() if r.get("replica") == there.url} == \
+               {n for n, o in owner.items() if o == there.log_path.stem}
+        theirs = next(n for n, o in owner.items() if o == there.log_path.stem)
+        status, _, doc = get(here, f"/api/v1/apps/{theirs}")
+        assert status == 200 and doc["replica"] == there.url and doc["lastTransition"]["revision"] == sha
+        assert get(here, f"/api/v1/apps/{theirs}/history/1")[2]["record"]["instance"] == there.log_path.stem
+    there_gone = b.url
+    b.stop()
+    rows = {r["target"]: r for r in get(a, "/api/v1/apps")[2]["apps"]}
+    assert all(r["result"] == "Applied" or there_gone in r.get("reason", "") for r in rows.values()), rows

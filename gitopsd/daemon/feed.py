@@ -8,7 +8,8 @@ The runners publish three kinds of event:
   request acted on) — the record exactly as stored, Secret values already
   scrubbed by the audit log;
 - ``status``: something a reader of the target's status would see changed
-  (a run started or ended, a verdict, a hold).
+  (a verdict, a hold, a drift) — not each run's start and end: a fleet's
+  polls would wake every open page several times a second.
 
 Listeners are called on the publishing runner's thread, so they must only
 enqueue (the notifier) or note (the web view); one that raises is logged

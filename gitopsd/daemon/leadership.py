@@ -124,6 +124,17 @@ class Leadership:
             return None
         return FencedKube(kube or self.kube, lambda: self.fence(term, app=app))
 
+    def owner_url(self, app: str) -> str | None:
+        """Where `app` runs when it does not run here: its shard holder's advertised URL, or the
+        leader's for a standby (None: it runs here, nobody holds it, or no URL is published). The
+        web view reads that replica's documents from there (gitopsd.web.views)."""
+        if self.shards is not None:
+            return self.shards.owner_url(app)
+        if self.elector is None or self._leading:
+            return None
+        url = self.elector.leader_url
+        return url if url and url != self.elector.advertise_url else None
+
     def _lease_of(self, app: str | None) -> LeaderElector | None:
         if self.shards is not None:
             return self.shards.elector_for(app) if app is not None else None

@@ -173,7 +173,6 @@ class AppRunner:
             self.running = True
             self.pending = None
         self.daemon.pool.submit(self._loop, reason, lane=Lane.of(reason))
-        self._publish("status")
 
     def _loop(self, reason: str) -> None:
         while True:
@@ -196,7 +195,6 @@ class AppRunner:
                     dirty = bool(self.dirty)
                     break
                 reason, self.pending = self.pending, None
-        self._publish("status")
         self.daemon.dependencies.settled(self.key)   # the apps waiting for this one judge again
         if dirty:
             self.daemon.pool.submit(self._heal_dirty, lane=Lane.HEAL)

@@ -64,6 +64,7 @@ from gitopsd.daemon import webhook
 from gitopsd.daemon.webhook import PushEvent, WebhookError, normalize_repo_url
 from gitopsd.errors import GitopsdError
 from gitopsd.web import site as web_site
+from gitopsd.web import views as web_views
 from gitopsd.web.site import Site
 
 MAX_BODY = 5 * 1024 * 1024  # bounds memory per request; real push payloads are far smaller
@@ -499,7 +500,8 @@ class _Handler(BaseHTTPRequestHandler):
         site = self.app.site
         assert site is not None  # routed only when set
         try:
-            answer = site.answer(path=path, authorization=self.headers.get("Authorization"))
+            answer = site.answer(path=path, authorization=self.headers.get("Authorization"),
+                                 forwarded=self.headers.get(web_views.FORWARDED) is not None)
         except Exception as exc:
             self.app.log.warning("web view failed", path=path, error=f"{type(exc).__name__}: {exc}")
             self._send(HTTPStatus.INTERNAL_SERVER_ERROR, _json_bytes(doc={"error": "web view unavailable"}), _JSON)

@@ -38,7 +38,7 @@ import orjson
 from gitopsd.web.views import NotFound, Views
 
 HEARTBEAT = 15.0
-SETTLE = 0.25       # seconds a stream waits after a change for the rest of its burst
+SETTLE = 0.5        # seconds a stream waits after a change for the rest of its burst
 MAX_STREAMS = 32
 API = "/api/v1/"
 
@@ -75,8 +75,9 @@ class Site:
     def serves(path: str) -> bool:
         return path.startswith(API) or path.startswith("/ui/") or _PAGE_PATH.fullmatch(path) is not None
 
-    def answer(self, *, path: str, authorization: str | None) -> Answer:
-        """The answer to a GET of `path` (the caller checked the method and `serves`)."""
+    def answer(self, *, path: str, authorization: str | None, forwarded: bool = False) -> Answer:
+        """The answer to a GET of `path` (the caller checked the method and `serves`). `forwarded`:
+        the request came from another replica (gitopsd.web.views.FORWARDED): this one's targets only."""
         if not path.startswith(API):
             return self._static(path)
         if not self._authorized(authorization):
@@ -86,18 +87,23 @@ class Site:
         if route == "events":
             return Answer(200, content_type="text/event-stream", headers=dict(_HEADERS), stream=True)
         try:
-            return Answer(200, _json(self._document(route)), headers=dict(_HEADERS))
+            status, doc = self._document(route, authorization=authorization, forwarded=forwarded)
         except NotFound as exc:
-            return Answer(404, _json({"error": str(exc)}), headers=dict(_HEADERS))
+            status, doc = 404, {"error": str(exc)}
+        return Answer(status, _json(doc), headers=dict(_HEADERS))
 
-    def _document(self, route: str) -> dict:
+    def _document(self, route: str, *, authorization: str | None, forwarded: bool) -> tuple[int, dict]:
         parts = route.split("/")
         if parts == ["apps"]:
-            return self.views.apps()
-        if len(parts) == 2 and parts[0] == "apps":
-            return self.views.app(parts[1])
-        if len(parts) == 4 and parts[0] == "apps" and parts[2] == "history" and parts[3].isdigit():
-            return self.views.transition(parts[1], int(parts[3]))
+            return 200, self.views.apps(authorization=authorization, forwarded=forwarded)
+        if len(parts) == 2 and parts[0] == "apps" or (
+                len(parts) == 4 and parts[0] == "apps" and parts[2] == "history" and parts[3].isdigit()):
+            url = None if forwarded else self.views.elsewhere(parts[1])
+            if url is not None:   # the page of a target another replica runs is that replica's
+                return self.views.from_replica(url, API + route, authorization)
+            if len(parts) == 2:
+                return 200, self.views.app(parts[1])
+            return 200, self.views.transition(parts[1], int(parts[3]))
         raise NotFound(f"no such document: {API}{route}")
 
     def _static(self, path: str) -> Answer:

@@ -131,7 +131,7 @@ class Trails:
             return {"ok": False, "message": f"no app {target}", "seq": head}
         try:
             ok, message = audit.verify(where.kube, namespace=where.namespace, app=where.app)
-        except GitopsdError as exc:
+        except (GitopsdError, OSError) as exc:
             return {"ok": False, "message": f"cannot read the trail: {exc}", "seq": head}
         trail.verified = (head, ok, message)
         return {"ok": ok, "message": message, "seq": head}
@@ -147,7 +147,7 @@ class Trails:
             where = self._where(target)
             read = [] if where is None else audit.history(where.kube, namespace=where.namespace, app=where.app,
                                                           limit=RECORDS)
-        except GitopsdError:
+        except BaseException:
             with self._lock:
                 self._loading.pop(target, None)
             raise

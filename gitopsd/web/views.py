@@ -9,6 +9,17 @@ reads the chain when its head has moved, and a record older than those kept
 is read from the trail. An object no informer covers yet is shown as not
 watched rather than fetched.
 
+Replicas: with --shards each replica runs the targets of the shards it
+holds, and a standby runs none; a browser behind the Service reaches any of
+them. So the apps table asks each other replica that runs some of the
+targets for its own rows (once per table read, all replicas at once, with a
+short timeout), and the page of a target run elsewhere is that replica's
+page, read from it. The URL is the one each replica publishes on its Lease
+for forwarded webhooks (--advertise-url); the request carries the browser's
+token and a header that stops the other replica from asking further. A
+replica that does not answer leaves its targets' rows as this one knows
+them, with the reason.
+
 Nothing here can hold a Secret value: records are scrubbed when written,
 diff texts are masked when made, objects are shown by name and health only,
 and every document is scrubbed by value once more (gitopsd.redact) before it
@@ -17,6 +28,10 @@ leaves (`scrubbed`).
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
+import urllib.error
+import urllib.request
 from typing import TYPE_CHECKING
 
 from gitopsd import redact
@@ -30,6 +45,8 @@ if TYPE_CHECKING:
 
 DRIFTS = 50       # drift records on an app page, newest first
 HISTORY = 100     # transitions on an app page, newest first
+REPLICA_TIMEOUT = 3.0   # seconds another replica has to answer for its targets
+FORWARDED = "X-Gitopsd-Forwarded"   # on a request from another replica: answer with this one's own targets only
 
 
 class NotFound(LookupError):
@@ -56,14 +73,55 @@ class Views:
 
     # ------------------------------------------------------------ /api/v1/apps
 
-    def apps(self) -> dict:
-        """The apps table: /status's rows, each with its commit's subject and author."""
+    def apps(self, *, authorization: str | None = None, forwarded: bool = False) -> dict:
+        """The apps table: /status's rows, each with its commit's subject and author; the rows of
+        targets another replica runs are that replica's (unless this request came from one)."""
         status = self.daemon.status_json()
+        elsewhere: dict[str, list[dict]] = {}
         for row in status["apps"]:
-            runner = self.daemon.runners.get(_key(row))
-            row["target"] = _key(row)
+            row["target"] = key = _key(row)
+            runner = self.daemon.runners.get(key)
             row["commit"] = _commit(runner) if runner is not None else None
+            url = None if forwarded else self.elsewhere(key)
+            if url is not None:
+                elsewhere.setdefault(url, []).append(row)
+        answers = self._ask_replicas(sorted(elsewhere), "/api/v1/apps", authorization)
+        replaced = {}
+        for url, rows in elsewhere.items():
+            doc, error = answers[url]
+            theirs = {r.get("target"): r for r in (doc or {}).get("apps", []) if isinstance(r, dict)}
+            for row in rows:
+                if row["target"] in theirs:
+                    replaced[row["target"]] = {**theirs[row["target"]], "replica": url}
+                else:
+                    row.update(replica=url, reason=f"run by the replica at {url}, whose web view "
+                                                   f"{'did not answer: ' + error if error else 'does not list it'}")
+        status["apps"] = [replaced.get(row["target"], row) for row in status["apps"]]
         return scrubbed({**status, "version": self.daemon.feed.version})
+
+    def elsewhere(self, target: str) -> str | None:
+        """The URL of the replica that runs `target`, when it is not this one."""
+        if target not in self.daemon.runners:
+            return None
+        return self.daemon.leadership.owner_url(target)
+
+    def from_replica(self, url: str, path: str, authorization: str | None) -> tuple[int, dict]:
+        """(status, document) of `path` as the replica at `url` answers it (502 when it does not)."""
+        status, doc, error = _ask(url, path, authorization)
+        if error is not None:
+            return 502, {"error": f"the replica at {url}, which runs this app, did not answer: {error}"}
+        return status, scrubbed({**doc, "replica": url})
+
+    def _ask_replicas(self, urls: list[str], path: str, authorization: str | None) -> dict[str, tuple]:
+        if not urls:
+            return {}
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(urls))) as pool:
+            futures = {url: pool.submit(_ask, url, path, authorization) for url in urls}
+        out = {}
+        for url, future in futures.items():
+            status, doc, error = future.result()
+            out[url] = (doc, error if error else None if status == 200 else f"HTTP {status}")
+        return out
 
     # ------------------------------------------------------------ /api/v1/apps/TARGET
 
@@ -127,6 +185,24 @@ class Views:
                          "record": rec, "diff": diff, "diffNote": note, "version": self.daemon.feed.version})
 
 
+def _ask(url: str, path: str, authorization: str | None) -> tuple[int, dict, str | None]:
+    """GET another replica's document: (status, JSON, None), or (0, {}, why) when it did not answer."""
+    headers = {FORWARDED: "1", "Accept": "application/json"}
+    if authorization:
+        headers["Authorization"] = authorization
+    req = urllib.request.Request(url.rstrip("/") + path, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=REPLICA_TIMEOUT) as resp:   # noqa: S310 - an advertised http URL
+            return resp.status, json.loads(resp.read()), None
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, json.loads(exc.read()), None
+        except ValueError:
+            return exc.code, {"error": f"HTTP {exc.code}"}, None
+    except (OSError, ValueError) as exc:
+        return 0, {}, f"{type(exc).__name__}: {exc}"
+
+
 def _key(row: dict) -> str:
     cluster = row.get("cluster")
     return row["app"] if cluster in (None, "in-cluster") else f"{row['app']}@{cluster}"
@@ -135,7 +211,9 @@ def _key(row: dict) -> str:
 def _commit(runner: AppRunner) -> dict | None:
     """The commit live (or being applied) as the runner last resolved it: subject, author, time."""
     result = runner.last_result
-    rev = (result.revision if result is not None else None) or runner.desired_revision
+    known = [r for r in (runner.desired_revision, result.revision if result is not None else None) if r is not None]
+    # The one live (a NoChange run moves the revision on without a transition), else the newest known.
+    rev = next((r for r in known if r.sha == runner.last_applied), known[0] if known else None)
     if rev is None:
         return None
     subject = rev.message.splitlines()[0] if rev.message else ""

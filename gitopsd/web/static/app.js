@@ -8,6 +8,8 @@
 
 const API = "/api/v1";
 const POLL_MS = 5000;
+const REMOTE_POLL_MS = 10000;
+let remoteTimer = null;
 const state = { doc: null, route: null, filter: { q: "", result: "", health: "" }, sort: { key: "app", dir: 1 },
                 live: "connecting", token: sessionStorage.getItem("gitopsd-token") || "" };
 
@@ -107,7 +109,18 @@ function parseRoute(pathname) {
   return { page: "app", target, doc: `/apps/${encodeURIComponent(target)}` };
 }
 
+let refreshing = null;
+let again = false;
+
+// One read at a time: a change announced during a read is one more read after it, not a pile of them.
 async function refresh() {
+  if (refreshing) { again = true; return refreshing; }
+  refreshing = read();
+  try { await refreshing; } finally { refreshing = null; }
+  if (again) { again = false; refresh(); }
+}
+
+async function read() {
   const route = parseRoute(location.pathname);
   const main = document.getElementById("main");
   try {
@@ -116,6 +129,10 @@ async function refresh() {
     state.doc = doc;
     state.route = route;
     render(main, route, doc);
+    // Another replica's targets: this replica's event stream does not hear of their changes.
+    const remote = doc.replica || (doc.apps || []).some((a) => a.replica);
+    if (remote && !remoteTimer) remoteTimer = setInterval(refresh, REMOTE_POLL_MS);
+    if (!remote && remoteTimer) { clearInterval(remoteTimer); remoteTimer = null; }
   } catch (err) {
     if (err instanceof AuthNeeded) { askToken(main); return; }
     main.replaceChildren(h("p", { class: "error" }, `Cannot read ${route.doc}: ${err.message}`));
@@ -182,8 +199,9 @@ function renderApps(main, doc) {
     onclick: () => { state.sort = { key, dir: state.sort.key === key ? -state.sort.dir : 1 }; renderApps(main, state.doc); } },
   title, state.sort.key === key ? (state.sort.dir > 0 ? " ▲" : " ▼") : ""));
   const rows = shown.map((a) => h("tr", { "data-app": a.target },
-    h("td", {}, link(appPath(a.target), a.app), a.running ? h("span", { class: "running", title: "running now" }, " ●") : "",
-      a.suspended ? h("span", { class: "muted" }, " suspended") : ""),
+    h("td", {}, link(appPath(a.target), a.app),
+      a.suspended ? h("span", { class: "muted" }, " suspended") : "",
+      a.replica ? h("span", { class: "muted replica", title: `run by the replica at ${a.replica}` }, " ⇄") : ""),
     h("td", {}, a.cluster || ""),
     h("td", { class: "revision" }, revisionCell(a)),
     h("td", {}, badge(a.result, a.reason)),
@@ -240,7 +258,7 @@ function appPage(doc) {
   const a = doc.app;
   const head = h("section", { class: "card app-head" },
     h("h1", {}, a.app, a.cluster && a.cluster !== "in-cluster" ? h("span", { class: "muted" }, ` @ ${a.cluster}`) : "",
-      " ", badge(a.result), " ", badge(a.health), a.running ? h("span", { class: "running" }, " ● running") : ""),
+      " ", badge(a.result), " ", badge(a.health)),
     a.reason ? h("p", { class: "reason" }, a.reason) : "",
     h("dl", {},
       h("dt", {}, "Source"), h("dd", { class: "mono" }, `${doc.repo.url} @ ${doc.repo.ref}${doc.repo.path && doc.repo.path !== "." ? " : " + doc.repo.path : ""}`),
@@ -336,8 +354,9 @@ function recordPage(doc) {
 
 function diffBlock(text) {
   return h("pre", { class: "diff", id: "diff" }, text.split("\n").map((line) => {
-    const tone = line.startsWith("+++") || line.startsWith("---") ? "file" : line.startsWith("+") ? "add"
-      : line.startsWith("-") ? "del" : line.startsWith("@@") ? "hunk" : /^[~!=] /.test(line) ? "object" : "";
+    const tone = /^[+~!-] (create|update|recreate|prune) /.test(line) ? "object"
+      : line.startsWith("+++") || line.startsWith("---") ? "file" : line.startsWith("+") ? "add"
+      : line.startsWith("-") ? "del" : line.startsWith("@@") ? "hunk" : "";
     return h("span", { class: tone }, line + "\n");
   }));
 }

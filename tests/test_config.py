@@ -704,7 +704,7 @@ def test_to_spec_carries_every_setting() -> None:
         inventory_namespace="gitopsd-system", allowed_namespaces=("production", "monitoring"),
         ignore_differences=app.ignore_differences, ignore_managers=("kube-controller-manager", "my-autoscaler"),
         depends_on=("infra",), health_check_exprs=app.health_check_exprs,
-        service_account_name="web-deployer", service_account_namespace="web-ops",
+        service_account_name="web-deployer", service_account_namespace="web-ops", notify=("github",),
     )
     # Every AppSpec field is either carried from the config or given by the caller.
     given = {"credentials", "decryption_keys", "trusted_keys", "inventory_namespace"}

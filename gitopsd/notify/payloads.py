@@ -115,9 +115,8 @@ def _repository_of(repo_url: str, *, parts: int | None) -> str:
 
 def slack(*, notice: Notice, address: str, ui_url: str | None) -> Request:
     """A Slack-compatible incoming-webhook message (module docstring)."""
-    icon = {"drift": ":warning:", "release": ":rewind:"}.get(notice.kind, ":white_check_mark:")
-    if notice.failed:
-        icon = ":x:"
+    icon = ":x:" if notice.failed else ":warning:" if notice.kind == "drift" else \
+        ":rewind:" if "release" in notice.events else ":white_check_mark:"
     where = f"*{_escape(notice.app)}*" + ("" if notice.cluster == "in-cluster" else f" on {_escape(notice.cluster)}")
     line = f"{icon} {where}: {_escape(describe(notice, limit=300))}"
     commit = ""

@@ -55,6 +55,8 @@ class Notifier:
     def listen(self, event: Event) -> None:
         """The feed listener: enqueue what each notifier of the target wants to hear (module docstring)."""
         config = self._config()
+        if event.kind == "status" or not config.notifiers:
+            return   # the common case, before any lookup: a fleet without notifiers pays nothing
         cfg = config.target(event.target) or event.cfg
         notifiers = config.notifiers_of(cfg)
         if not notifiers:

@@ -1499,9 +1499,14 @@ class Config(_Section):
                 found.append(target)
         return tuple(found)
 
+    @functools.cached_property
+    def _targets_by_key(self) -> dict[str, AppConfig]:
+        return {t.key: t for t in self.targets}
+
     def target(self, key: str) -> AppConfig | None:
-        """The target called ``key`` (`app` or `app@cluster`), or None."""
-        return next((t for t in self.targets if t.key == key), None)
+        """The target called ``key`` (`app` or `app@cluster`), or None. A lookup, not a scan: the
+        notifier asks at every event (gitopsd.notify.notifier)."""
+        return self._targets_by_key.get(key)
 
     def app(self, name: str) -> AppConfig | None:
         """The app called ``name``, or None when the config has none."""

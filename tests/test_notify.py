@@ -91,22 +91,32 @@ def _status(provider: str, notice: Notice, receiver: Receiver, **kw) -> Delivery
 
 def test_a_steady_no_change_is_not_news_but_a_recovery_and_a_new_commit_are() -> None:
     memory = Memory()
-    restart = of_record(target="web", record=_transition("NoChange", revision=SHA1, previous=SHA1), repo="")
-    assert not memory.news(restart), "the first run after a restart tells nothing"
 
-    assert memory.news(of_revision(target="web", revision=_revision(SHA2), previous=SHA1, repo=""))
-    assert memory.news(of_record(target="web", record=_transition("Failed", reason="bad yaml"), repo=""))
-    # The retries of the failed commit begin again and again: no new pending over the failure.
-    assert not memory.news(of_revision(target="web", revision=_revision(SHA2), previous=SHA1, repo=""))
-    # The live commit reconciles cleanly again: the failure told before is over, that is news.
-    assert memory.news(of_record(target="web", record=_transition("NoChange", revision=SHA1, previous=SHA1),
-                                 repo=""))
-    assert not memory.news(of_record(target="web", record=_transition("NoChange", revision=SHA1, previous=SHA1),
-                                     repo=""))
-    # A commit that changed nothing live is still the newly deployed revision.
-    assert memory.news(of_record(target="web", record=_transition("NoChange", revision=SHA2, previous=SHA1),
-                                 repo=""))
-    assert not memory.news(of_record(target="web", record=_transition("DryRun"), repo=""))
+    def told(notice: Notice) -> bool:
+        return memory.news(notice) is not None
+
+    def record(result: str, **kw) -> Notice:
+        return of_record(target="web", record=_transition(result, **kw), repo="")
+
+    begun = of_revision(target="web", revision=_revision(SHA2), previous=SHA1, repo="")
+    assert not told(record("NoChange", revision=SHA1, previous=SHA1)), "the first run after a restart tells nothing"
+    assert told(begun)
+    assert told(record("Failed", reason="bad yaml"))
+    assert not told(begun), "the retries of the failed commit begin again and again: no pending over the failure"
+    assert told(record("NoChange", revision=SHA1, previous=SHA1)), "the live commit is fine again: news"
+    assert not told(record("NoChange", revision=SHA1, previous=SHA1))
+    assert told(record("NoChange", revision=SHA2, previous=SHA1)), "a commit that changed nothing is deployed"
+    assert not told(record("DryRun"))
+
+
+def test_a_render_failure_without_a_commit_ends_the_transition_its_run_began() -> None:
+    memory = Memory()
+    memory.news(of_revision(target="web", revision=_revision(SHA2), previous=SHA1, repo=""))
+    failed = memory.news(of_record(target="web", repo="", record=_transition(
+        "Failed", revision=None, commit=None, reason="rendering failed: cm.yaml: invalid YAML")))
+    assert (failed.revision, failed.subject, failed.failed) == (SHA2, "Scale web", True)
+    assert None is memory.news(of_revision(target="web", revision=_revision(SHA2), previous=SHA1, repo="")), \
+        "its retries begin again without news"
 
 
 def test_rollbacks_and_holds_are_transitions_and_release_events() -> None:

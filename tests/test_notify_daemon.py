@@ -98,11 +98,13 @@ def test_a_push_a_hand_edit_and_a_bad_commit_are_told_to_the_forge_the_chat_and_
     cms = kube.resource("v1", "ConfigMap")
     live = kube.get(cms, "settings", namespace)
     live["data"]["color"] = "hand-painted"
-    kube.request("PUT", cms.path(namespace, "settings"), body=live)
+    kube.request("PUT", cms.path(namespace, "settings"), body=live, query={"fieldManager": "kubectl-edit"})
     drift = chat.wait_for(lambda a: "drift" in a.json["text"], what="a drift message")
     assert f"ConfigMap/{namespace}/settings" in drift.json["text"] and "data.color" in drift.json["text"]
+    assert "changed by kubectl-edit (Update)" in drift.json["text"]
     told = hook.wait_for(lambda a: a.json["kind"] == "drift").json
-    assert told["result"] == "corrected" and told["fields"] == ["data.color"] and told["managers"]
+    assert (told["result"], told["fields"], told["managers"]) == (
+        "corrected", ["data.color"], ["kubectl-edit (Update)"])
     assert github.statuses(green) == ["pending", "success"], "drift is no commit status"
 
     # A bad commit: failure on the forge, a failure message in the chat.

@@ -30,11 +30,14 @@ What is *not* worth telling, and why (`Memory` keeps what was told per target):
   say what matters.
 
 A new commit is always told, even when it changed nothing in the cluster:
-it is now the deployed revision (and its pending status needs closing).
+it is now the deployed revision (and its pending status needs closing). A
+transition whose record names no commit (its render failed) is told as the
+commit its run began on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,7 +145,8 @@ def _object_name(obj: dict) -> str:
 
 
 class Memory:
-    """What was last told per target: (revision, finished, failed). Decides what is news (module docstring).
+    """What was last told per target: (revision, finished, failed), and the transition begun and not yet
+    ended. Decides what is news (module docstring).
 
     In memory only: after a restart nothing is known, so a steady NoChange
     is quiet and a new commit or a failure is told — the cheap side to err on.
@@ -150,18 +154,30 @@ class Memory:
 
     def __init__(self) -> None:
         self._told: dict[str, tuple[str | None, bool, bool]] = {}
+        self._begun: dict[str, Notice] = {}
         self._lock = threading.Lock()
 
-    def news(self, notice: Notice) -> bool:
-        """Whether `notice` is worth telling; remembers it when it is."""
+    def news(self, notice: Notice) -> Notice | None:
+        """`notice` when it is worth telling (remembered), else None.
+
+        A transition that ends without a commit of its own — a render or a
+        signature check failed, so the record has no revision — ends the
+        transition begun: it is told as that commit's (revision, subject,
+        author), so the commit's pending status gets its failure."""
         if notice.kind != "transition":
-            return True
+            return notice
         with self._lock:
+            begun = self._begun.pop(notice.target, None) if notice.phase == "finished" else None
+            if begun is not None and notice.revision is None:
+                notice = dataclasses.replace(notice, revision=begun.revision, subject=begun.subject,
+                                             author=begun.author)
             last = self._told.get(notice.target)
             if not self._is_news(notice, last):
-                return False
+                return None
+            if notice.phase == "started":
+                self._begun[notice.target] = notice
             self._told[notice.target] = (notice.revision, notice.phase == "finished", notice.failed)
-            return True
+            return notice
 
     @staticmethod
     def _is_news(notice: Notice, last: tuple[str | None, bool, bool] | None) -> bool:
@@ -174,9 +190,6 @@ class Memory:
             return last is not None and (last[2] or (last[0] == notice.revision and not last[1]))
         return True
 
-    def forget(self, target: str) -> None:
-        with self._lock:
-            self._told.pop(target, None)
 
 
 def describe(notice: Notice, *, limit: int = 140) -> str:

@@ -62,7 +62,7 @@ class Notifier:
         if not notifiers:
             return
         found = self._notice(event, repo=cfg.repo)
-        if found is None or not self._memory.news(found):
+        if found is None or (found := self._memory.news(found)) is None:
             return
         for name, notifier in notifiers:
             if wants(notifier, found):

@@ -191,7 +191,6 @@ class Memory:
         return True
 
 
-
 def describe(notice: Notice, *, limit: int = 140) -> str:
     """One line for a commit status or a message: the verdict, then why (cut to `limit`)."""
     if notice.phase == "started":

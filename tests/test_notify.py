@@ -315,7 +315,7 @@ def test_stop_gives_a_short_grace_then_drops_and_counts_what_is_left(receivers, 
     slow.wait_arrivals(1)
     began = time.monotonic()
     deliveries.stop()
-    assert time.monotonic() - began < 2.0
+    assert time.monotonic() - began < 5.0   # the grace, not the receiver's 60 s hold
     assert _count("stuck", "dropped") == 1
     assert any(e["event"] == "notifications dropped: gitopsd is stopping" for e in lines())
 

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_NAMESPACES = ("web-dev", "web-staging", "web-production")
 SECRET_VALUE = "browser-must-never-see-this-4Rt"
+ROTATED_VALUE = "nor-this-rotated-one-8Qw"
 SHOTS = Path(os.environ.get("GITOPSD_SCREENSHOTS") or ROOT / "build" / "screenshots")
 
 
@@ -68,10 +69,10 @@ def seed_remote(repo, namespace: str) -> None:
     repo.commit("sample-repo, and a vault app with a Secret")
 
 
-def vault(namespace: str, *, mode: str) -> list[dict]:
+def vault(namespace: str, *, mode: str, password: str = SECRET_VALUE) -> list[dict]:
     return [configmap("vault-settings", {"mode": mode}),
             {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "vault-creds"}, "type": "Opaque",
-             "stringData": {"password": SECRET_VALUE}}]
+             "stringData": {"password": password}}]
 
 
 def write_config(path: Path, repo, namespace: str) -> Path:
@@ -129,9 +130,9 @@ def test_the_browser_shows_the_apps_a_live_push_a_drift_with_its_manager_and_nev
 
     # A push shows up without a reload (a marker set on this page survives).
     browser.execute_script("window.__sameDocument = 42")
-    repo.write("vault/app.yaml", vault(namespace, mode="green"))
-    repo.commit("vault: green, pushed while the page is open")
-    wait_for("the push on the page", lambda: "green, pushed while" in text_of(browser, 'tr[data-app="vault"]'), 30)
+    repo.write("vault/app.yaml", vault(namespace, mode="green", password=ROTATED_VALUE))
+    repo.commit("vault: green, and a rotated password, pushed while the page is open")
+    wait_for("the push on the page", lambda: "rotated password, pushed while" in text_of(browser, 'tr[data-app="vault"]'), 30)
     assert browser.execute_script("return window.__sameDocument") == 42, "the page reloaded"
 
     # Filter and sort work in the page.
@@ -155,10 +156,11 @@ def test_the_browser_shows_the_apps_a_live_push_a_drift_with_its_manager_and_nev
     browser.set_window_size(1440, 1500)   # the whole page in the picture
     shot(browser, "app")
 
-    # A transition's page: the diff, with the Secret masked; then a deep link opens it afresh.
-    click(browser, "#history tbody tr:last-child a")
-    wait_for("the first transition's diff", lambda: "vault-creds" in text_of(browser, "#diff"), 15)
-    assert "<redacted>" in text_of(browser, "#diff")
+    # A transition's page: the diff, the Secret's change masked; then a deep link opens it afresh.
+    click(browser, "#history tbody tr:first-child a")
+    wait_for("the push's diff", lambda: "vault-creds" in text_of(browser, "#diff"), 15)
+    diff = text_of(browser, "#diff")
+    assert "-  mode: blue" in diff and "+  mode: green" in diff and "<redacted: changed>" in diff, diff
     deep = browser.current_url
     assert "/apps/vault/history/" in deep
     browser.execute_script("document.getElementById('diff').scrollIntoView()")
@@ -169,4 +171,5 @@ def test_the_browser_shows_the_apps_a_live_push_a_drift_with_its_manager_and_nev
     for path in ("/", "/apps/vault", deep.removeprefix(daemon.url)):
         browser.get(daemon.url + path)
         wait_for(f"{path} rendered", lambda: "Loading" not in text_of(browser, "main"), 15)
-        assert SECRET_VALUE not in dom(browser), path
+        page = dom(browser)
+        assert SECRET_VALUE not in page and ROTATED_VALUE not in page, path

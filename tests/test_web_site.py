@@ -113,3 +113,14 @@ def test_the_feed_wakes_a_waiter_and_times_out_without_a_change():
     feed.listen(lambda event: 1 / 0)   # a broken listener does not stop the others
     feed.publish(Event(kind="status", target="a", cfg=None))
     assert feed.version == 1 and [e.kind for e in seen] == ["status"]
+
+
+def test_the_trail_keeps_diffs_within_a_byte_budget_oldest_first(monkeypatch):
+    monkeypatch.setattr(trail_mod, "DIFFS_BYTES", 25)
+    trails = Trails(where=lambda target: None)
+    for seq in (1, 2, 3):
+        trails.on_event(Event(kind="record", target="a", cfg=None, record=_record(seq), diff=f"{seq}" * 10))
+    assert trails.diff("a", 1) is None and trails.diff("a", 2) == "2" * 10 and trails.diff("a", 3) == "3" * 10
+    trails.forget("a")
+    trails.on_event(Event(kind="record", target="b", cfg=None, record=_record(1), diff="x" * 25))
+    assert trails.diff("b", 1) == "x" * 25   # forgotten bytes were given back

@@ -20,7 +20,9 @@ This module wires the runners to the outside world and to each other:
   gitopsd's own is probed, and one that does not answer holds up only its
   own targets;
 - the HTTP server (gitopsd.daemon.server): push webhooks, /healthz,
-  /readyz, /metrics, /status;
+  /readyz, /metrics, /status, and the read-only web view (gitopsd.web), whose
+  pages are made from the runners' memory and told of changes by the feed
+  (gitopsd.daemon.feed);
 - the config file (gitopsd.daemon.config_watch): hot reload;
 - notifications (gitopsd.notify): a feed listener that only enqueues; its
   own threads send, and get a short grace at shutdown;

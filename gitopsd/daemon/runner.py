@@ -264,7 +264,7 @@ class AppRunner:
             if result.applied or result.pruned:
                 self._record(audit.transition_record(result, trigger=trigger, previous=previous,
                                                      instance=self.daemon.instance),
-                             diff=report.transition_diff(result.plan))
+                             plan=result.plan)
             return
         metrics.RECONCILE_DURATION.observe(app=self.key, value=time.monotonic() - started)
         metrics.RECONCILE_RESULTS.inc(app=self.key, trigger=trigger, outcome=result.outcome.value)
@@ -326,7 +326,7 @@ class AppRunner:
             self._record(audit.transition_record(result, trigger=trigger, previous=previous,
                                                  instance=self.daemon.instance, outcome=release.result,
                                                  release=release.release, rollout=rollout),
-                         diff=report.transition_diff(result.plan))
+                         plan=result.plan)
         else:
             log.debug("reconciled: no change", app=cfg.name, revision=(result.revision.sha[:12]
                                                                         if result.revision else None))
@@ -491,7 +491,7 @@ class AppRunner:
                                              instance=self.daemon.instance, source=self.cfg.repo, ref=self.cfg.ref))
         self._write_status()
 
-    def _record(self, rec: dict, *, diff: str | None = None) -> None:
+    def _record(self, rec: dict, *, plan=None) -> None:
         """Store an audit record of this run, if this replica may still write in the run's term.
 
         The writer refuses every request of the record anyway; checking first
@@ -499,6 +499,8 @@ class AppRunner:
         backlog, to be stored later as if it were history.
         """
         self.writer.check()
+        # The transition's diff text, for the web view only (its memory; records keep field paths).
+        diff = report.transition_diff(plan) if plan is not None and self.daemon.views is not None else None
         self._publish("record", record=self.link.audit.record(rec), diff=diff)
 
     def _publish(self, kind: str, **what) -> None:

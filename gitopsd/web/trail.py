@@ -13,8 +13,8 @@ So `Trails` keeps, per target viewed:
   and kept until the chain's head moves on (a new record); a chain broken
   by hand meanwhile shows at the next record or restart, as the daemon's own
   head check would find it.
-- the diff text of its newest transitions (``DIFFS`` in all, at most
-  ``DIFF_BYTES`` each): the records keep only field paths by design, and the
+- the diff text of the newest transitions (``DIFFS`` and ``DIFFS_BYTES`` in
+  all, of every target, cut at ``DIFF_BYTES`` each): the records keep only field paths by design, and the
   text is what a reviewer reads. It is gitopsd.report.transition_diff's
   output, Secret values masked before the text is made; it lives in memory
   only, so a transition from before a restart shows its field paths and says
@@ -42,8 +42,9 @@ log = structlog.get_logger("gitopsd.web")
 
 RECORDS = 200        # newest records kept per viewed target
 TARGETS = 64         # targets whose trail is kept (least recently viewed forgotten first)
-DIFFS = 512          # transition diffs kept, all targets together
-DIFF_BYTES = 256 * 1024
+DIFFS = 512          # transition diffs kept, all targets together ...
+DIFFS_BYTES = 32 * 1024 * 1024   # ... and at most this much text in all
+DIFF_BYTES = 256 * 1024          # one diff's text beyond this is cut
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class Trails:
         self._trails: OrderedDict[str, _Trail] = OrderedDict()
         self._loading: dict[str, list[dict]] = {}       # records that arrived while a trail was being read
         self._diffs: OrderedDict[tuple[str, int], str] = OrderedDict()
+        self._diff_bytes = 0
 
     # ------------------------------------------------------------ fed by the runners
 
@@ -77,9 +79,7 @@ class Trails:
             return   # not stored (the store was away): it reaches the trail later, and a reload shows it
         with self._lock:
             if event.diff:
-                self._diffs[(event.target, rec["seq"])] = _cut(event.diff)
-                while len(self._diffs) > DIFFS:
-                    self._diffs.popitem(last=False)
+                self._keep_diff((event.target, rec["seq"]), _cut(event.diff))
             if event.target in self._loading:
                 self._loading[event.target].append(rec)
             trail = self._trails.get(event.target)
@@ -91,7 +91,14 @@ class Trails:
         with self._lock:
             self._trails.pop(target, None)
             for key in [k for k in self._diffs if k[0] == target]:
-                del self._diffs[key]
+                self._diff_bytes -= len(self._diffs.pop(key))
+
+    def _keep_diff(self, key: tuple[str, int], text: str) -> None:
+        """Keep one diff (the caller holds the lock); the oldest go past either bound."""
+        self._diff_bytes += len(text) - len(self._diffs.pop(key, ""))
+        self._diffs[key] = text
+        while self._diffs and (len(self._diffs) > DIFFS or self._diff_bytes > DIFFS_BYTES):
+            self._diff_bytes -= len(self._diffs.popitem(last=False)[1])
 
     # ------------------------------------------------------------ read by the pages
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.request
 from datetime import UTC, datetime
 
 import pytest
@@ -332,3 +333,28 @@ def test_a_fan_out_target_held_on_one_cluster_leaves_the_other_following(
     resumed = release_cli(kubeconfig, namespace, "resume", "fan", "--cluster", "b", "--config", str(cfg))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     wait_for("v2 on b once resumed", lambda: (cm_data(kube_b, namespace, "fan") or {}).get("v") == "2", 60)
+
+
+def test_the_web_view_shows_each_target_with_its_cluster_and_a_remote_targets_page_from_its_cluster(
+        two_cluster_daemon, kube, kube_b, namespace):
+    daemon, _ = two_cluster_daemon
+    wait_for("converged on both clusters", lambda: converged(kube, kube_b, namespace), 60)
+
+    def doc(path: str) -> dict:
+        with urllib.request.urlopen(daemon.url + path, timeout=10) as resp:
+            return json.loads(resp.read())
+
+    rows = wait_for("every target Applied", lambda: (r := {row["target"]: row for row in doc("/api/v1/apps")["apps"]})
+                    and all(row["result"] == "Applied" for row in r.values()) and r)
+    assert {t: r["cluster"] for t, r in rows.items()} == {"on-a": "in-cluster", "on-b@b": "b", "fan": "in-cluster",
+                                                         "fan@b": "b"}
+    page = doc("/api/v1/apps/fan%40b")   # as a browser encodes app@cluster
+    assert page["app"]["cluster"] == "b" and page["app"]["target"] == "fan@b"
+    assert [(o["name"], o["health"]) for o in page["objects"]] == [("fan", "Current")]   # b's informers
+    assert page["lastTransition"]["cluster"] == "b" and page["verify"]["ok"], page["verify"]
+    cms = kube_b.resource("v1", "ConfigMap")
+    kube_b.request("PATCH", f"{cms.path(namespace)}/fan", query={"fieldManager": "hand-on-b"},
+                   content_type="application/merge-patch+json", body={"data": {"v": "by hand"}})
+    drift = wait_for("the drift on fan@b's page", lambda: doc("/api/v1/apps/fan%40b")["drifts"], 30)
+    assert drift[0]["managers"] == ["hand-on-b (Update)"] and drift[0]["cluster"] == "b"
+    assert doc("/api/v1/apps/fan")["drifts"] == []

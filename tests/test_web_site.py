@@ -25,7 +25,7 @@ class _Views:
         return None
 
     def app(self, target: str) -> dict:
-        if target != "shop":
+        if target not in ("shop", "shop@eu-1"):
             raise NotFound(f"no app {target}")
         return {"app": {"app": target}}
 
@@ -48,6 +48,8 @@ def test_documents_are_routed_and_unknown_ones_are_404():
     assert site.answer(path="/api/v1/apps/shop", authorization=None).status == 200
     assert site.answer(path="/api/v1/apps/shop/history/3", authorization=None).body.startswith(b'{"record":{"seq":3}')
     assert site.answer(path="/api/v1/apps/nobody", authorization=None).status == 404
+    # A target on another cluster, as a browser encodes it.
+    assert site.answer(path="/api/v1/apps/shop%40eu-1", authorization=None).body.startswith(b'{"app":{"app":"shop@eu-1"')
     assert site.answer(path="/api/v1/nothing", authorization=None).status == 404
     assert site.answer(path="/ui/../site.py", authorization=None).status == 404
     stream = site.answer(path="/api/v1/events", authorization=None)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hmac
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -93,7 +94,9 @@ class Site:
         return Answer(status, _json(doc), headers=dict(_HEADERS))
 
     def _document(self, route: str, *, authorization: str | None, forwarded: bool) -> tuple[int, dict]:
-        parts = route.split("/")
+        # Each segment decoded on its own: a target on another cluster is `app@cluster`, which a
+        # browser sends as app%40cluster; an encoded "/" stays inside its segment.
+        parts = [urllib.parse.unquote(part) for part in route.split("/")]
         if parts == ["apps"]:
             return 200, self.views.apps(authorization=authorization, forwarded=forwarded)
         if len(parts) == 2 and parts[0] == "apps" or (

@@ -15,9 +15,11 @@ What `start` sets up, and why (keys in `_app_ini`):
   web installer. The internal token is what the git hooks Gitea installs in
   each repository present to its private API on a push; it is compared as
   an opaque string, so any random one does.
-- `ALLOWED_HOST_LIST = loopback` under both `[webhook]` (up to 1.26) and
-  `[security]` (1.27 moved it there): Gitea refuses to deliver webhooks to
-  127.0.0.1 otherwise ("webhook can only call allowed HTTP servers").
+- `[security] ALLOWED_HOST_LIST = loopback`: Gitea refuses to deliver
+  webhooks to 127.0.0.1 otherwise ("webhook can only call allowed HTTP
+  servers"). Up to 1.26 the key was under `[webhook]`; 1.27 reads it there
+  only as a fallback and logs a deprecation error, so a pin below 1.27
+  needs it moved back.
 - `[queue] TYPE = channel`: in-memory queues. The default level queue
   polls with a backoff and delivered webhooks 2.4-4 s after a push; a
   channel queue takes 0.2-0.8 s.
@@ -210,7 +212,6 @@ PASSWORD_HASH_ALGO = pbkdf2_hi
 ALLOWED_HOST_LIST = loopback
 
 [webhook]
-ALLOWED_HOST_LIST = loopback
 DELIVER_TIMEOUT = 5
 
 [queue]

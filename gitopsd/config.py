@@ -46,6 +46,12 @@ Rules that shape the code:
   AppConfig naming exactly one cluster, keyed `app` or `app@cluster`
   (`AppConfig.key`). An unknown cluster, a selector that selects none, or a
   dependsOn whose app is not on the same clusters is refused at load.
+- Notifications: `notifiers:` names where to tell about transitions, drift
+  and rollbacks (a forge's commit status, a chat, a JSON webhook; tokens and
+  secret URLs from a Secret or a file, never inline); the top-level `notify`
+  lists those every app uses, an app's own `notify` adds some. A name no
+  notifier has, a provider's missing token or address, an address that is
+  not https (plain http only to loopback) is refused at load.
 - "No apps" must be written down: `apps: []`. A missing, unreadable or empty
   file, or one whose `apps:` is absent or empty, is a ConfigError: a file
   deleted, truncated or caught half-written looks exactly like that, and
@@ -949,6 +955,161 @@ class ClusterSelector(_Section):
         return all(labels.get(k) == v for k, v in self.match_labels.items())
 
 
+# --------------------------------------------------------------------------
+# Notifications (gitopsd.notify): named notifiers, used by every app (`notify:`
+# at the top) or by some (an app's `notify:`), as Flux's Providers and Alerts.
+
+#: Where a notifier sends to: a commit status on a forge, a chat's incoming webhook, or any JSON receiver.
+NOTIFY_PROVIDERS = ("github", "gitlab", "gitea", "slack", "webhook")
+#: Forges that keep a commit status per (commit, context); Forgejo speaks Gitea's API.
+COMMIT_STATUS_PROVIDERS = ("github", "gitlab", "gitea")
+#: What a notifier may be told of: transitions (a commit applied, failed, rolled back, held), drift
+#: (a hand edit found) and release control (hold, resume, rollback: requests and their transitions).
+NOTIFY_EVENTS = ("transition", "drift", "release")
+_NOTIFY_SECRET_HINT = ("put it in a Secret in gitopsd's namespace and use tokenFrom / addressFrom / signingKeyFrom: "
+                       "{secretRef: {name: ..., key: ...}}, or a mounted file: {file: PATH}")
+_LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def check_notify_url(value: str) -> str:
+    """A notifier's address: https, or plain http to this machine only (a receiver in a test or a
+    sidecar): a token or a signed body must not cross a network in clear. No user:password in it
+    (a secret in the file); a URL that is itself a secret (a Slack webhook's) goes in a Secret."""
+    try:
+        parts = urllib.parse.urlsplit(value)
+        host = parts.hostname
+        parts.port   # noqa: B018 - raises ValueError for a port that is no number
+    except ValueError as exc:
+        raise ValueError(f"is not a valid URL: {exc}") from None
+    if parts.scheme not in ("https", "http") or not host:
+        raise ValueError(f"{_show(value)} is not an http(s) URL such as https://hooks.example.com/gitopsd")
+    if parts.password is not None:
+        raise ValueError(f"the URL for {parts.scheme}://{parts.netloc.rpartition('@')[2]} carries a password; "
+                         f"inline secrets are refused: {_NOTIFY_SECRET_HINT}")
+    if parts.scheme == "http" and not _is_loopback(host):
+        raise ValueError(f"{_show(value)}: plain http only to this machine (127.0.0.1, localhost): the token or "
+                         "signature would cross the network in clear; use https")
+    return value
+
+
+def _is_loopback(host: str) -> bool:
+    return host in _LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def _some_events(values: tuple[str, ...]) -> tuple[str, ...]:
+    """An empty list would tell nothing: removing the notifier from `notify` says that."""
+    if not values:
+        raise ValueError("is an empty list: the notifier would tell nothing; remove it from notify instead")
+    return tuple(dict.fromkeys(values))
+
+
+NotifierName = _text(partial(_check_dns_label, max_len=63, what="notifier name"), pattern=_LABEL, maxLength=63)
+NotifyUrl = _text(check_notify_url, pattern="^https?://")
+NotifierNames = Annotated[tuple[NotifierName, ...], Strict(False), AfterValidator(lambda v: tuple(dict.fromkeys(v)))]
+
+
+@dataclass(frozen=True, config=MODEL_CONFIG)
+class NotifySecretRef(_Section):
+    """One entry of a Secret in gitopsd's own namespace."""
+
+    _refused = {"namespace": "not allowed: the Secret is always read from gitopsd's own namespace, "
+                             "so a config cannot borrow another namespace's tokens"}
+
+    name: SecretName
+    """The Secret's name (in gitopsd's namespace)."""
+    key: DataKey | None = None
+    """The data key holding the value (default: `token` for tokenFrom, `address` for addressFrom, as Flux's
+    Provider Secrets, and `signingKey` for signingKeyFrom)."""
+
+
+@dataclass(frozen=True, config=MODEL_CONFIG)
+class ValueFrom(_SecretOrFile):
+    """Where a notifier's secret value is: a Secret entry (`secretRef`) or a mounted file (`file`), not both.
+    Read at each delivery (a rotated token is used from the next one) and never logged."""
+
+    _what = "a mapping such as {secretRef: {name: github-token, key: token}} or {file: /etc/gitopsd/token}"
+    _secret_hint = _NOTIFY_SECRET_HINT
+
+    secret_ref: NotifySecretRef | None = None
+    """A Secret entry in gitopsd's namespace: `{name: github-token, key: token}`."""
+    file: FilePath | None = None
+    """A file holding the value (mounted from a Secret); surrounding whitespace is dropped."""
+
+
+@dataclass(frozen=True, config=MODEL_CONFIG)
+class NotifierConfig(_CrossChecked):
+    """One place gitopsd tells about what happens to the apps (gitopsd.notify), as Flux's Provider.
+
+    github, gitlab, gitea (Forgejo too): a commit status per app on the commit being deployed
+    (pending, then success or failure), with the token of `tokenFrom`. slack: a message to an
+    incoming webhook (Mattermost and Rocket.Chat accept the same), whose URL is a secret
+    (`addressFrom`). webhook: a JSON body per event to `address` (or `addressFrom`), signed with
+    HMAC-SHA256 when `signingKeyFrom` is given.
+    """
+
+    _what = "a mapping such as {provider: github, tokenFrom: {secretRef: {name: github-token}}}"
+    _secret_hint = _NOTIFY_SECRET_HINT
+    _refused = {"url": "use address (addressFrom for a URL that is itself a secret, such as a Slack webhook's)",
+                "channel": "not used: an incoming webhook posts to the channel it was made for"}
+
+    provider: Literal[NOTIFY_PROVIDERS]  # type: ignore[valid-type]
+    """github, gitlab, gitea (also for Forgejo), slack (or Mattermost, Rocket.Chat) or webhook (generic JSON)."""
+    address: NotifyUrl | None = None
+    """Where to send: the API (github: https://api.github.com, the default, or https://HOST/api/v3 for GitHub
+    Enterprise), the instance (gitlab: https://gitlab.com, the default; gitea: required, https://gitea.example.com)
+    or the receiver (webhook). https, or http to 127.0.0.1 only."""
+    address_from: ValueFrom | None = None
+    """The address as a secret (slack: the incoming webhook's URL; webhook: a URL carrying a token), key `address`."""
+    token_from: ValueFrom | None = None
+    """The forge's access token (github, gitlab, gitea), key `token`: it needs the right to set commit statuses."""
+    signing_key_from: ValueFrom | None = None
+    """webhook: the key that signs each body, HMAC-SHA256 in X-Gitopsd-Signature-256 (`sha256=<hex>`, as
+    GitHub's X-Hub-Signature-256), key `signingKey`."""
+    repository: Text | None = None
+    """The forge's repository of the apps' commits: owner/name (github, gitea) or the project's path or numeric id
+    (gitlab); absent: read from each app's repo URL."""
+    events: Annotated[tuple[Literal[NOTIFY_EVENTS], ...], Strict(False),  # type: ignore[valid-type]
+                      AfterValidator(_some_events), Field(json_schema_extra={"minItems": 1})] | None = None
+    """What to tell: transition, drift, release (hold, resume, rollback). Default: all for slack and webhook,
+    [transition] for a commit status (the only kind a commit status can show)."""
+
+    @property
+    def commit_status(self) -> bool:
+        return self.provider in COMMIT_STATUS_PROVIDERS
+
+    @property
+    def event_kinds(self) -> tuple[str, ...]:
+        if self.events is not None:
+            return self.events
+        return ("transition",) if self.commit_status else NOTIFY_EVENTS
+
+    def problems(self) -> list[tuple[tuple[str, ...], str]]:
+        """What each provider needs and what it cannot use, each at its key."""
+        found: list[tuple[tuple[str, ...], str]] = []
+        unused = {"signingKeyFrom": self.signing_key_from is not None and self.provider != "webhook",
+                  "tokenFrom": self.token_from is not None and not self.commit_status,
+                  "repository": self.repository is not None and not self.commit_status,
+                  "addressFrom": self.address_from is not None and self.commit_status}
+        found += [((key,), f"not used by provider {self.provider}") for key, bad in unused.items() if bad]
+        if self.commit_status and self.token_from is None:
+            found.append((("tokenFrom",), f"missing: {self.provider} takes commit statuses only with a token "
+                                          "({secretRef: {name: ..., key: token}})"))
+        if self.provider == "gitea" and self.address is None:
+            found.append((("address",), "missing: the Gitea/Forgejo instance, https://gitea.example.com"))
+        if self.provider == "slack" and self.address is not None:
+            found.append((("address",), "a Slack webhook URL is a secret (whoever has it can post): put it in a "
+                                        "Secret and use addressFrom: {secretRef: {name: ..., key: address}}"))
+        if self.provider in ("slack", "webhook") and self.address is None and self.address_from is None:
+            found.append((("addressFrom",), "missing: where to send ({secretRef: {name: ..., key: address}})"
+                          + (" or address: https://..." if self.provider == "webhook" else "")))
+        if self.provider == "webhook" and self.address is not None and self.address_from is not None:
+            found.append((("addressFrom",), "use either address or addressFrom, not both"))
+        if self.commit_status and self.events is not None and (other := [e for e in self.events if e != "transition"]):
+            found.append((("events",), f"a commit status shows transitions only, not {', '.join(other)}; send "
+                                       "those to a slack or webhook notifier"))
+        return found
+
+
 @dataclass(frozen=True, config=MODEL_CONFIG)
 class AppConfig(_CrossChecked):
     """One app: a path in a Git repository, kept applied to the cluster as one ApplySet.
@@ -1072,6 +1233,9 @@ class AppConfig(_CrossChecked):
     result, status, history and audit trail: [in-cluster, eu-1]."""
     cluster_selector: ClusterSelector | None = None
     """Deploy to every cluster whose labels match (fan-out, like clusters): {matchLabels: {env: prod}}."""
+    notify: NotifierNames = ()
+    """Notifiers (by their name in the file's `notifiers`) told about this app, besides the file's top-level
+    `notify` list, which every app uses: [github, team-chat]."""
 
     @property
     def target_cluster(self) -> str:
@@ -1180,7 +1344,8 @@ class WebhookConfig(_Section):
 
 @dataclass(frozen=True, config=MODEL_CONFIG)
 class Config(_Section):
-    """gitopsd's config file: the apps to reconcile (`apps: []` for none), and the push webhook."""
+    """gitopsd's config file: the apps to reconcile (`apps: []` for none), the push webhook, the clusters and
+    the notifiers."""
 
     _null_is_default = ("webhook",)
 
@@ -1203,10 +1368,17 @@ class Config(_Section):
     """The clusters apps may be deployed to, by name: {eu-1: {kubeconfig: {secretRef: {name: eu-1-kubeconfig}},
     labels: {env: prod}}}. `in-cluster`, the cluster gitopsd runs in (or its --kubeconfig names), is always there;
     name it here only to give it labels."""
+    notifiers: Annotated[dict[NotifierName, NotifierConfig], Strict(False)] = dataclasses.field(default_factory=dict)
+    """Where gitopsd tells about transitions, drift and rollbacks, by name (gitopsd.notify): {github: {provider:
+    github, tokenFrom: {secretRef: {name: github-token}}}, team-chat: {provider: slack, addressFrom: {secretRef:
+    {name: slack-webhook}}}}. Used by the apps that list them in `notify`, and by every app when listed in the
+    top-level `notify`."""
+    notify: NotifierNames = ()
+    """Notifiers every app uses (an app's own `notify` adds to them): [team-chat]."""
 
     def __hash__(self) -> int:
         return hash((self.apps, self.webhook, self.ignore_managers, self.default_service_account_name,
-                     tuple(self.clusters.items())))
+                     tuple(self.clusters.items()), tuple(self.notifiers.items()), self.notify))
 
     @model_validator(mode="after")
     def _inherit(self) -> Config:
@@ -1271,6 +1443,25 @@ class Config(_Section):
             _refuse(type(self).__name__, problems, kind="cluster")
         return self
 
+    @model_validator(mode="after")
+    def _notifier_names(self) -> Config:
+        """Every notifier an app or the top-level `notify` names is defined in `notifiers`."""
+        known = ", ".join(self.notifiers) or "none defined: add them under notifiers"
+        problems: list[tuple[tuple[str | int, ...], str]] = [
+            (where, f"{_show(name)} is no notifier of this file (notifiers: {known})")
+            for where, name in [*((("notify", j), n) for j, n in enumerate(self.notify)),
+                                *((("apps", i, "notify", j), n) for i, a in enumerate(self.apps)
+                                  for j, n in enumerate(a.notify))]
+            if name not in self.notifiers]
+        if problems:
+            _refuse(type(self).__name__, problems, kind="notifier")
+        return self
+
+    def notifiers_of(self, app: AppConfig) -> list[tuple[str, NotifierConfig]]:
+        """(name, notifier) of everyone told about `app`: the top-level `notify` list, then the app's own."""
+        names = dict.fromkeys((*self.notify, *app.notify))
+        return [(name, self.notifiers[name]) for name in names if name in self.notifiers]
+
     @property
     def cluster_names(self) -> list[str]:
         """in-cluster first, then the file's clusters in order."""
@@ -1308,9 +1499,14 @@ class Config(_Section):
                 found.append(target)
         return tuple(found)
 
+    @functools.cached_property
+    def _targets_by_key(self) -> dict[str, AppConfig]:
+        return {t.key: t for t in self.targets}
+
     def target(self, key: str) -> AppConfig | None:
-        """The target called ``key`` (`app` or `app@cluster`), or None."""
-        return next((t for t in self.targets if t.key == key), None)
+        """The target called ``key`` (`app` or `app@cluster`), or None. A lookup, not a scan: the
+        notifier asks at every event (gitopsd.notify.notifier)."""
+        return self._targets_by_key.get(key)
 
     def app(self, name: str) -> AppConfig | None:
         """The app called ``name``, or None when the config has none."""

@@ -218,6 +218,17 @@ CLUSTER_REACHABLE = Gauge(
     "then report ClusterUnreachable and send it nothing.",
     ["cluster"], registry=REGISTRY)
 
+NOTIFICATIONS = Counter(
+    "gitopsd_notifications_total",
+    "Notifications (gitopsd.notify) by notifier, provider and result: delivered; retried (an attempt failed and "
+    "another follows); failed (given up: a 4xx answer, or the attempts spent; logged with the answer); dropped "
+    "(the queue was full, or the daemon stopped first; logged); superseded (a newer commit status of the same "
+    "commit and app replaced it before it was sent).",
+    ["notifier", "provider", "result"], registry=REGISTRY)
+NOTIFICATION_QUEUE = Gauge(
+    "gitopsd_notification_queue_depth",
+    "Notifications waiting to be sent (or waiting to be tried again), all notifiers together.", registry=REGISTRY)
+
 
 def forget_app(app: str) -> None:
     """Drop every series of an app taken out of the config: a daemon whose apps come and go

@@ -108,9 +108,14 @@ apps:
         current: "status.?conditions.orValue([]).exists(e, e.type == 'Ready' && e.status == 'True')"
         inProgress: "status.?conditions.orValue([]).exists(e, e.type == 'Issuing' && e.status == 'True')"
         failed: "status.?conditions.orValue([]).exists(e, e.type == 'Ready' && e.status == 'False')"
+    notify: [github]
 webhook:
   secretFile: /etc/gitopsd/webhook/secret
 ignoreManagers: []
+notifiers:
+  github:
+    provider: github
+    tokenFrom: {secretRef: {name: github-token}}
 """
 
 
@@ -285,6 +290,7 @@ def test_full_app_round_trips_every_field() -> None:
             failed="status.?conditions.orValue([]).exists(e, e.type == 'Ready' && e.status == 'False')"),),
         service_account_name="web-deployer",
         service_account_namespace="web-ops",
+        notify=("github",),
     ),)
     assert config.ignore_managers == ()
     assert config.webhook == WebhookConfig(secret_file=Path("/etc/gitopsd/webhook/secret"))
@@ -397,7 +403,8 @@ def test_every_problem_is_reported_with_app_and_field() -> None:
         'apps[3] (Web_Prod).interval: "1s" is too short: at least 5s '
         "(polling faster only loads the Git server; use the webhook for fast pickup)",
         "apps[4]: must be a mapping with at least name and repo, not a string",
-        "extra: unknown field; known fields: apps, webhook, ignoreManagers, defaultServiceAccountName, clusters",
+        "extra: unknown field; known fields: apps, webhook, ignoreManagers, defaultServiceAccountName, clusters, "
+            "notifiers, notify",
     ]
 
 
@@ -697,7 +704,7 @@ def test_to_spec_carries_every_setting() -> None:
         inventory_namespace="gitopsd-system", allowed_namespaces=("production", "monitoring"),
         ignore_differences=app.ignore_differences, ignore_managers=("kube-controller-manager", "my-autoscaler"),
         depends_on=("infra",), health_check_exprs=app.health_check_exprs,
-        service_account_name="web-deployer", service_account_namespace="web-ops",
+        service_account_name="web-deployer", service_account_namespace="web-ops", notify=("github",),
     )
     # Every AppSpec field is either carried from the config or given by the caller.
     given = {"credentials", "decryption_keys", "trusted_keys", "inventory_namespace"}
@@ -944,7 +951,7 @@ FULL_KEYS = ("name", "repo", "ref", "path", "namespace", "createNamespace", "int
              "helm", "allowRemoteBases", "credentials", "decryption", "verify", "allowedNamespaces", "pruneGuard", "allowPruneAll", "recreate",
              "takeOverManagers", "suspend", "timeout", "rollback", "ignoreDifferences", "ignoreManagers", "dependsOn",
              "healthCheckExprs", "serviceAccountName", "serviceAccountNamespace", "cluster", "clusters",
-             "clusterSelector")
+             "clusterSelector", "notify")
 
 
 def test_validate_command_exits_0_for_a_valid_file_and_1_naming_every_problem(tmp_path: Path) -> None:

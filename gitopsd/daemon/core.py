@@ -22,6 +22,8 @@ This module wires the runners to the outside world and to each other:
 - the HTTP server (gitopsd.daemon.server): push webhooks, /healthz,
   /readyz, /metrics, /status;
 - the config file (gitopsd.daemon.config_watch): hot reload;
+- notifications (gitopsd.notify): a feed listener that only enqueues; its
+  own threads send, and get a short grace at shutdown;
 - leadership (gitopsd.daemon.leadership): a Lease for all apps, or one per
   shard with --shards N (gitopsd.daemon.shards). Only the holder reconciles
   an app, and every write it sends is fenced (gitopsd.daemon.leader): a
@@ -75,6 +77,7 @@ from gitopsd.errors import GitopsdError
 from gitopsd.kube import Kube
 from gitopsd.web.site import Site
 from gitopsd.web.views import Views
+from gitopsd.notify.notifier import Notifier
 
 log = structlog.get_logger("gitopsd")
 
@@ -110,6 +113,9 @@ class Daemon:
                                  credentials=lambda cfg: self.credentials.resolve(cfg),
                                  pace_above=kube.budget.reconcile_workers)
         self.credentials = CredentialStore(kube, namespace=namespace)
+        # Commit statuses, chat messages, JSON webhooks (gitopsd.notify): fed by the feed, sent by its own threads.
+        self.notifier = Notifier(config=lambda: self.config, credentials=self.credentials, ui_url=self.ui_url)
+        self.feed.listen(self.notifier.listen)
         # Each cluster's connection, informers and audit log (gitopsd.daemon.clusters); in-cluster is `kube`.
         self.clusters = ClusterSet(kube, namespace=namespace, instance=instance, fence=self.fence,
                                    stopped=self._stop, on_back=self._cluster_back)
@@ -152,6 +158,7 @@ class Daemon:
         except GitopsdError as exc:
             log.warning("cannot ensure gitopsd namespace", namespace=self.namespace, error=str(exc))
         self.server.start()
+        self.notifier.start()
         self.schedule.start()
         self.dependencies.update(self.config)
         self.clusters.update(self.config)   # reads the kubeconfigs: a cluster that cannot be used fails its targets
@@ -209,6 +216,7 @@ class Daemon:
         # Hand the leases over at once only when no work of ours is still
         # running; otherwise let them expire, so no other replica writes beside us.
         self.leadership.stop(release=idle)
+        self.notifier.stop()   # what the runs announced gets a short grace to go out
         self.clusters.stop()
         self.release_requests.stop()
         self.dependencies.stop()

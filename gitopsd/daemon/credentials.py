@@ -16,6 +16,10 @@ read the same way, at every reconcile, from a Secret (every entry) or a
 file or directory (every file but dotfiles: a mounted Secret's `..data`):
 a key added is used at the next reconcile, a key removed is no longer
 trusted there. They are public: nothing is registered or written to disk.
+
+A notifier's token, secret address or signing key (gitopsd.notify) the same
+way (`value`): a Secret entry or a mounted file, read at each delivery,
+registered with gitopsd.redact, kept in memory only.
 """
 
 from __future__ import annotations
@@ -139,6 +143,35 @@ class CredentialStore:
             return signature.TrustedKeys(provider=cfg.verify.provider, entries=tuple(sorted(entries)), origin=origin)
         except GitopsdError as exc:
             raise GitopsdError(f"app {cfg.name}: {exc.message}", hint=exc.hint) from None
+
+    def value(self, ref: config_mod.ValueFrom, *, key: str, what: str) -> str:
+        """One secret value a notifier names (gitopsd.notify): a Secret entry (`key` unless the ref names
+        one) or a mounted file's text, stripped; read at each use (rotation works) and registered with
+        gitopsd.redact. Raises GitopsdError naming `what`, the Secret or file, and the key."""
+        if ref.secret_ref is not None:
+            key = ref.secret_ref.key or key
+            where = f"{what}: Secret {self.namespace}/{ref.secret_ref.name}"
+            secret = self.kube.get(self.kube.resource("v1", "Secret"), ref.secret_ref.name, self.namespace)
+            if secret is None:
+                raise GitopsdError(f"{where} not found", hint=f"create it with the key {key}")
+            encoded = (secret.get("data") or {}).get(key)
+            if encoded is None:
+                raise GitopsdError(f"{where} has no key {key}", hint=f"keys found: "
+                                   f"{', '.join(sorted(secret.get('data') or {})) or 'none'}")
+            try:
+                text = base64.b64decode(encoded).decode().strip()
+            except (ValueError, UnicodeDecodeError):
+                raise GitopsdError(f"{where}: key {key} is not text") from None
+        else:
+            try:
+                text = ref.file.read_text().strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise GitopsdError(f"{what}: cannot read {ref.file}: {getattr(exc, 'strerror', None) or exc}",
+                                   hint="is the Secret volume mounted at that path?") from None
+        redact.remember((text,))
+        if not text:
+            raise GitopsdError(f"{what}: the value is empty", hint="put the token or address in it")
+        return text
 
     def _private_file(self, name: str, content: str) -> Path:
         path = self._secret_dir / name

@@ -170,9 +170,15 @@ def _verify_hmac_header(*, body: bytes, headers: Mapping[str, str], secret: byte
     match = _SIGNATURE.fullmatch(value.strip())
     if match is None:
         raise WebhookError(401, f"malformed {header} header: expected sha256=<64 hex digits>")
-    expected = hmac.new(secret, body, hashlib.sha256).hexdigest()
+    expected = sign(body, secret=secret).removeprefix("sha256=")
     if not hmac.compare_digest(match.group(1).lower().encode("ascii"), expected.encode("ascii")):
         raise WebhookError(401, f"{header} does not match the body signed with the configured secret")
+
+
+def sign(body: bytes, *, secret: bytes) -> str:
+    """``sha256=`` + hex HMAC-SHA256 of the body: what these headers carry, and what gitopsd's own
+    notifications send (gitopsd.notify), so a receiver checks both with the same code."""
+    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
 
 
 def _require_secret(*, secret: bytes) -> None:

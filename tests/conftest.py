@@ -420,7 +420,7 @@ def gitea(request, tmp_path_factory):
       .create_repo(name, private=True) -> Repo (.clone_url without credentials, .full_name)
       .push_url(repo)             the clone URL with the admin's token in it, for `git push`
       .add_webhook(repo, url=, secret=, events=("push",)) -> hook id
-      .statuses(repo, sha)        the commit's statuses, newest first
+      .statuses(repo, sha)        every status posted on the commit, oldest first
       .api(method, path, body=None, token=None), .request(...)   any other /api/v1 call
     The server is shared by the session: name your repositories after the
     test's namespace.

@@ -82,3 +82,50 @@ def test_a_push_to_gitea_is_applied_from_its_own_signed_webhook_and_a_wrongly_si
     assert metric(daemon, "gitopsd_webhook_requests_total", provider="github", result="unauthorized") == 1
     assert applied["previous"] == blue
     assert gitea.token not in daemon.log_path.read_text()
+
+
+UI = "https://gitopsd.example.test"
+
+
+def _states(gitea, repo, sha: str, context: str) -> list[str]:
+    return [s["status"] for s in gitea.statuses(repo, sha) if s["context"] == context]
+
+
+def test_the_notifier_sets_pending_then_success_on_a_pushed_commit_and_failure_on_a_bad_one_in_gitea(
+        gitea, kube, namespace, tmp_path, start_daemon):
+    repo, work = _forge_repo(gitea, kube, namespace, tmp_path)
+    _secret(kube, namespace, "forge-token", {"token": gitea.token})
+    work.write("cm.yaml", configmap("settings", {"color": "blue"}))
+    blue = work.commit("blue")
+    context = f"gitopsd/{namespace}"
+    app = app_entry(namespace, repo.clone_url, namespace, credentials={"secretRef": {"name": "forge-git"}})
+    notifiers = {"forge": {"provider": "gitea", "address": gitea.url,
+                           "tokenFrom": {"secretRef": {"name": "forge-token", "key": "token"}}}}
+    config = _config(tmp_path / "config.yaml", app=app, notifiers=notifiers, notify=["forge"])
+    daemon = start_daemon(config, "--no-leader-elect", "--ui-url", UI)
+    wait_for("blue's success in Gitea", lambda: "success" in _states(gitea, repo, blue, context), 60)
+    gitea.add_webhook(repo, url=f"{daemon.url}/hooks/github", secret=SECRET)
+
+    # A push: Gitea's webhook wakes the daemon; pending when the run begins, success when applied.
+    work.write("cm.yaml", configmap("settings", {"color": "green"}))
+    green = work.commit("Paint it green")
+    applied = wait_transition(daemon, "green applied", revision=green, trigger="webhook", result="Applied")
+    wait_for("green's success in Gitea", lambda: "success" in _states(gitea, repo, green, context), 30)
+    assert _states(gitea, repo, green, context) == ["pending", "success"]
+    told = [s for s in gitea.statuses(repo, green) if s["context"] == context]
+    assert told[-1]["target_url"] == f"{UI}/apps/{namespace}/history/{applied['seq']}"
+    assert told[-1]["creator"]["login"] == gitea.user
+    combined = gitea.api("GET", f"/repos/{repo.full_name}/commits/{green}/status")
+    assert combined["state"] == "success", combined
+
+    # A bad commit: pending, then failure; the cluster keeps green.
+    work.write("cm.yaml", "data: [unclosed\n")
+    broken = work.commit("Break the shop")
+    wait_for("the bad commit's failure in Gitea", lambda: "failure" in _states(gitea, repo, broken, context), 30)
+    assert _states(gitea, repo, broken, context) == ["pending", "failure"]
+    failure = [s for s in gitea.statuses(repo, broken) if s["context"] == context][-1]
+    assert failure["description"].startswith("Failed"), failure
+    assert cm_data(kube, namespace, "settings") == {"color": "green"}
+
+    assert metric(daemon, "gitopsd_notifications_total", notifier="forge", result="failed") == 0
+    assert gitea.token not in daemon.log_path.read_text()

@@ -158,8 +158,8 @@ class Gitea:
         return hook["id"]
 
     def statuses(self, repo: Repo, sha: str) -> list[dict]:
-        """The commit statuses of `sha`, newest first (as the API lists them)."""
-        return self.api("GET", f"/repos/{repo.full_name}/commits/{sha}/statuses?limit=50")
+        """Every commit status posted on `sha`, oldest first."""
+        return self.api("GET", f"/repos/{repo.full_name}/commits/{sha}/statuses?sort=oldest&limit=50")
 
     def push_url(self, repo: Repo) -> str:
         """The clone URL with the admin's name and token in it, for `git push` in tests."""

@@ -12,6 +12,9 @@ hooks point at /hooks/github.
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import pytest
 import yaml
 from helpers import (
@@ -55,6 +58,9 @@ def test_a_push_to_gitea_is_applied_from_its_own_signed_webhook_and_a_wrongly_si
     repo, work = _forge_repo(gitea, kube, namespace, tmp_path)
     work.write("cm.yaml", configmap("settings", {"color": "blue"}))
     blue = work.commit("blue")
+    anonymous = subprocess.run(["git", "ls-remote", repo.clone_url], capture_output=True, text=True, timeout=30,
+                               env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
+    assert anonymous.returncode != 0, "the repository is private: a fetch needs the Secret's token"
     # interval 1h: after the first sync only a webhook can bring the next commit.
     app = app_entry(namespace, repo.clone_url, namespace, credentials={"secretRef": {"name": "forge-git"}})
     daemon = start_daemon(_config(tmp_path / "config.yaml", app=app), "--no-leader-elect")

@@ -18,6 +18,7 @@ import subprocess
 import pytest
 import yaml
 from helpers import (
+    GIT_ENV,
     SECRET,
     GitRepo,
     app_entry,
@@ -28,6 +29,8 @@ from helpers import (
     wait_transition,
 )
 
+from testbed.forge import Repo
+
 pytestmark = pytest.mark.cluster
 
 
@@ -36,7 +39,7 @@ def _secret(kube, namespace: str, name: str, data: dict[str, str]) -> None:
         "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": data})
 
 
-def _forge_repo(gitea, kube, namespace: str, tmp_path) -> tuple[object, GitRepo]:
+def _forge_repo(gitea, kube, namespace: str, tmp_path) -> tuple[Repo, GitRepo]:
     """A private Gitea repository named after the test, a working clone pushing
     to it, and the daemon's git credentials for it in the Secret `forge-git`."""
     repo = gitea.create_repo(namespace)
@@ -59,8 +62,8 @@ def test_a_push_to_gitea_is_applied_from_its_own_signed_webhook_and_a_wrongly_si
     work.write("cm.yaml", configmap("settings", {"color": "blue"}))
     blue = work.commit("blue")
     anonymous = subprocess.run(["git", "ls-remote", repo.clone_url], capture_output=True, text=True, timeout=30,
-                               env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
-    assert anonymous.returncode != 0, "the repository is private: a fetch needs the Secret's token"
+                               env={**os.environ, **GIT_ENV, "GIT_TERMINAL_PROMPT": "0"})
+    assert anonymous.returncode != 0, f"the repository is private: a fetch needs the Secret's token\n{anonymous}"
     # interval 1h: after the first sync only a webhook can bring the next commit.
     app = app_entry(namespace, repo.clone_url, namespace, credentials={"secretRef": {"name": "forge-git"}})
     daemon = start_daemon(_config(tmp_path / "config.yaml", app=app), "--no-leader-elect")

@@ -404,7 +404,8 @@ def _keep_logs(name: str, logs) -> str:
     shutil.rmtree(kept, ignore_errors=True)
     kept.mkdir(parents=True)
     for log in logs:
-        shutil.copy(log, kept)
+        if log.exists():  # a server that failed early may have written none
+            shutil.copy(log, kept)
     return f"\nlogs of {name} kept in {kept}\n"
 
 
@@ -438,9 +439,9 @@ def gitea(request, tmp_path_factory):
     try:
         forge = tb_forge.start(root)
     except (tb_forge.ForgeError, FileNotFoundError, OSError) as exc:
-        kept = _keep_logs(name, (root / "log").glob("*.log"))
+        kept = _keep_logs(name, [tb_forge.log_path(root)])
         pytest.fail(f"the test bed's Gitea did not start: {exc}{kept}", pytrace=False)
     yield forge
     if request.session.testsfailed > failed_before:
-        sys.stderr.write(_keep_logs(name, forge.logs()))
+        sys.stderr.write(_keep_logs(name, [forge.log]))
     forge.stop()

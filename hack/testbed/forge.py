@@ -35,12 +35,14 @@ user's password, as a person would. Repositories are private unless asked
 otherwise, so a fetch without credentials is refused, as on a real forge.
 
 Ports: Gitea binds the port it is given; it cannot pick one and say which.
-`free_port` races other processes, so a start that loses (Gitea exits:
-address in use) is retried once with a fresh port. Processes run in their
+`free_port` races other processes, so a start that loses is retried once
+with a fresh port. Gitea does not exit when its bind fails: it logs the error
+and waits for a signal, so the start reads its log for that line rather
+than waiting for an exit or a timeout. Processes run in their
 own session and are stopped by PID after checking that they still run with
-this directory in their command line (procs.py). Logs: `log/gitea.log`
-(Gitea's own) and `log/stdout.log` (its output, the admin commands');
-`logs()` lists them for a test that wants them kept.
+this directory in their command line (procs.py). One log, `log/gitea.log`:
+Gitea logs to its console, which goes there with the admin command's output,
+so a failure's tail shows what happened in order.
 """
 
 from __future__ import annotations
@@ -60,7 +62,9 @@ from . import build, procs
 
 START_TIMEOUT = 60.0
 API_TIMEOUT = 10.0
+PROBE_TIMEOUT = 2.0  # a process that took our port may accept and never answer
 ADMIN = "gitopsd-admin"
+PORT_TAKEN = "bind: address already in use"  # Gitea's log line when another process took the port
 # Loopback only, never through a proxy a developer's environment may name.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -99,11 +103,8 @@ class Gitea:
         return f"http://127.0.0.1:{self.port}"
 
     @property
-    def ini(self) -> Path:
-        return self.dir / "custom" / "conf" / "app.ini"
-
-    def logs(self) -> list[Path]:
-        return sorted((self.dir / "log").glob("*.log"))
+    def log(self) -> Path:
+        return log_path(self.dir)
 
     def alive(self) -> bool:
         return procs.is_ours(self.pid, self.dir)
@@ -119,8 +120,8 @@ class Gitea:
             raise ForgeError(f"{method} {path}: HTTP {status}: {str(answer)[:300]}")
         return answer
 
-    def request(self, method: str, path: str, body: dict | None = None, *,
-                token: str | None = None, basic: tuple[str, str] | None = None) -> tuple[int, object]:
+    def request(self, method: str, path: str, body: dict | None = None, *, token: str | None = None,
+                basic: tuple[str, str] | None = None, timeout: float = API_TIMEOUT) -> tuple[int, object]:
         """(status, decoded JSON or text) of an API call; authenticated by a token unless `basic`."""
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if basic:
@@ -130,7 +131,7 @@ class Gitea:
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(f"{self.url}/api/v1{path}", data=data, headers=headers, method=method)
         try:
-            with _OPENER.open(req, timeout=API_TIMEOUT) as resp:
+            with _OPENER.open(req, timeout=timeout) as resp:
                 status, raw = resp.status, resp.read()
         except urllib.error.HTTPError as exc:
             status, raw = exc.code, exc.read()
@@ -233,25 +234,31 @@ ENABLED = false
 REPO_INDEXER_ENABLED = false
 
 [log]
-MODE = file
+MODE = console
 LEVEL = Info
 ROOT_PATH = {root / "log"}
 """
 
 
-def _layout(root: Path, *, port: int) -> Path:
-    """A fresh directory tree and app.ini for a server on `port`; returns the ini's path."""
+def log_path(root: Path) -> Path:
+    """The log of the Gitea in `root` (its console and the admin command's output)."""
+    return root / "log" / "gitea.log"
+
+
+def _ini(root: Path) -> Path:
+    return root / "custom" / "conf" / "app.ini"
+
+
+def _layout(root: Path, *, port: int) -> None:
+    """A fresh directory tree and app.ini for a server on `port`."""
     shutil.rmtree(root, ignore_errors=True)
     for sub in ("custom/conf", "data", "log", "repos", "home"):
         (root / sub).mkdir(parents=True)
-    ini = root / "custom" / "conf" / "app.ini"
-    ini.write_text(_app_ini(root=root, port=port))
-    return ini
+    _ini(root).write_text(_app_ini(root=root, port=port))
 
 
 def _gitea_argv(root: Path, *args: str) -> list[str]:
-    ini = root / "custom" / "conf" / "app.ini"
-    return [str(build.binary("gitea")), "--config", str(ini), "--work-path", str(root),
+    return [str(build.binary("gitea")), "--config", str(_ini(root)), "--work-path", str(root),
             "--custom-path", str(root / "custom"), *args]
 
 
@@ -259,13 +266,16 @@ def _serve(root: Path, *, timeout: float) -> Gitea:
     """Start `gitea web` on a fresh free port; return once its API answers."""
     port = procs.free_port()
     _layout(root, port=port)
-    log = root / "log" / "stdout.log"
+    log = log_path(root)
     pid = procs.spawn(_gitea_argv(root, "web"), log=log, cwd=root)
     gitea = Gitea(dir=root, port=port, pid=pid, password=secrets.token_urlsafe(18))
 
     def answering() -> tuple[bool, str]:
+        if PORT_TAKEN in log.read_text(errors="replace"):
+            # Gitea logs a failed bind and keeps running, waiting for a signal: fail now.
+            raise ForgeError(f"Gitea could not listen on port {port} ({PORT_TAKEN}); log {log}:\n{procs.tail(log)}")
         try:
-            status, _ = gitea.request("GET", "/version")
+            status, _ = gitea.request("GET", "/version", timeout=PROBE_TIMEOUT)
         except ForgeError as exc:  # refused while it starts: not a failure yet
             return False, str(exc)
         return status == 200, f"/api/v1/version: HTTP {status}"
@@ -278,18 +288,21 @@ def _serve(root: Path, *, timeout: float) -> Gitea:
     return gitea
 
 
-def _admin(gitea: Gitea) -> None:
-    """Create the admin with the CLI, then its token through the API (basic auth)."""
-    log = gitea.dir / "log" / "stdout.log"
-    with log.open("ab") as out:
-        proc = subprocess.run(_gitea_argv(gitea.dir, "admin", "user", "create", "--admin", "--username", gitea.user,
-                                          "--password", gitea.password, "--email", f"{gitea.user}@example.invalid",
-                                          "--must-change-password=false"),
-                              cwd=gitea.dir, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+def _create_admin(gitea: Gitea) -> None:
+    """The admin user, made with the CLI (it writes the database directly: no API user can yet)."""
+    argv = _gitea_argv(gitea.dir, "admin", "user", "create", "--admin", "--username", gitea.user,
+                       "--password", gitea.password, "--email", f"{gitea.user}@example.invalid",
+                       "--must-change-password=false")
+    with gitea.log.open("ab") as out:
+        proc = subprocess.run(argv, cwd=gitea.dir, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                               timeout=60)
     if proc.returncode != 0:
-        raise ForgeError(f"`gitea admin user create` failed (exit {proc.returncode}); log {log}:\n"
-                         f"{procs.tail(log)}")
+        raise ForgeError(f"`gitea admin user create` failed (exit {proc.returncode}); log {gitea.log}:\n"
+                         f"{procs.tail(gitea.log)}")
+
+
+def _create_token(gitea: Gitea) -> None:
+    """The admin's token (scope all), asked for with its password as a person would."""
     status, answer = gitea.request("POST", f"/users/{gitea.user}/tokens",
                                    {"name": f"tests-{secrets.token_hex(4)}", "scopes": ["all"]},
                                    basic=(gitea.user, gitea.password))
@@ -314,10 +327,11 @@ def start(root: Path, *, timeout: float = START_TIMEOUT) -> Gitea:
             gitea = _serve(root, timeout=timeout)
             break
         except ForgeError as exc:
-            if attempt == 2 or "address already in use" not in str(exc):
+            if attempt == 2 or PORT_TAKEN not in str(exc):
                 raise
     try:
-        _admin(gitea)
+        _create_admin(gitea)
+        _create_token(gitea)
     except BaseException:
         gitea.stop()
         raise

@@ -25,8 +25,9 @@ Gitea (the test bed's forge: real push webhooks and commit-status API for
 the webhook and notifier tests) cannot be `go install`ed either: its go.mod
 has replace directives, and from v1.27 it names itself `gitea.dev` while the
 proxy serves it as code.gitea.io/gitea. So the module is downloaded (`go mod
-download` checks its hash against go.sum's sumdb like every other module),
-copied out of the read-only module cache and built in place, with
+download` checks it against the checksum database, sum.golang.org, as every
+download is; its dependencies are checked against its go.sum), copied out
+of the read-only module cache and built in place, with
 CGO_ENABLED=0: v1.27 links the pure-Go modernc sqlite by default, no gcc. A
 build without the `bindata` tag reads `options/` (locales: startup fails
 without them) and `templates/` from disk at run time, so those two
@@ -278,22 +279,25 @@ def _copy_kwok_stages(log: Path) -> None:
             target.chmod(0o644)
 
 
-def _build_gitea(_names: list[str], log: Path) -> None:
-    """Build Gitea in a writable copy of its module, keep its static dirs, drop the copy.
-
-    The copy goes to src/ (the module cache is read-only, and the build may
-    write go.sum). `go list -deps` fetches only the modules the server's
-    packages import (about 1 GB less than `go mod download`, which takes all
-    of go.mod), with retries; each is checked against go.sum."""
-    module = _module_source(GITEA_MODULE, GITEA, log)
-    src = cache_dir() / "src" / f"gitea-{GITEA}"
-    shutil.rmtree(src, ignore_errors=True)
-    shutil.copytree(module, src)
-    for path in [src, *src.rglob("*")]:  # module cache files are read-only
+def _writable_copy(source: Path, *, dest: Path) -> Path:
+    """Copy a module out of the (read-only) module cache so a build may write in it."""
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(source, dest)
+    for path in [dest, *dest.rglob("*")]:
         path.chmod(path.stat().st_mode | 0o200)
-    ldflags = f"-s -w -X main.Version={GITEA.lstrip('v')}"
+    return dest
+
+
+def _build_gitea(_names: list[str], log: Path) -> None:
+    """Build Gitea in a copy of its module, keep its static dirs, drop the copy.
+
+    `go list -deps` first fetches the modules the server's packages import
+    (not the tools and test-only modules its go.mod lists too), with the
+    retries a busy proxy needs; the build then finds them in the cache."""
+    src = _writable_copy(_module_source(GITEA_MODULE, GITEA, log), dest=cache_dir() / "src" / f"gitea-{GITEA}")
     _run_with_retries(["go", "list", "-deps", "-f", "{{with .Module}}{{if not .Main}}{{.Path}}{{end}}{{end}}", "."],
                       cwd=src, log=log, what=f"gitea {GITEA} dependencies")
+    ldflags = f"-s -w -X main.Version={GITEA.lstrip('v')}"
     _run(["go", "build", "-trimpath", "-ldflags", ldflags, "-o", str(bin_dir() / "gitea"), "."], cwd=src, log=log)
     static = gitea_static_dir()
     shutil.rmtree(static, ignore_errors=True)

@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Builds (or reuses from ~/.cache/gitopsd) etcd, the Kubernetes control
-# plane, kubectl, kwok, kustomize, helm and Prometheus from pinned Go modules.
+# plane, kubectl, kwok, kustomize, helm, Prometheus and Gitea from pinned Go modules.
 toolchain:
 	hack/cluster build
 

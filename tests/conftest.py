@@ -384,12 +384,7 @@ def prometheus(request):
     failed_before = request.session.testsfailed
 
     def keep_logs() -> str:
-        kept = tb_build.cache_dir() / "test-logs" / name
-        shutil.rmtree(kept, ignore_errors=True)
-        kept.mkdir(parents=True)
-        for log in tb_prometheus.prometheus_dir(name).glob("*.log"):
-            shutil.copy(log, kept)
-        return f"\nlogs of {name} kept in {kept}\n"
+        return _keep_logs(name, tb_prometheus.prometheus_dir(name).glob("*.log"))
 
     try:
         prom = tb_prometheus.up(name, out=sys.stderr)
@@ -401,3 +396,52 @@ def prometheus(request):
     if request.session.testsfailed > failed_before:
         sys.stderr.write(keep_logs())
     prom.stop()
+
+
+def _keep_logs(name: str, logs) -> str:
+    """Copy a test-bed server's logs to test-logs/<name>; the line that says where."""
+    kept = tb_build.cache_dir() / "test-logs" / name
+    shutil.rmtree(kept, ignore_errors=True)
+    kept.mkdir(parents=True)
+    for log in logs:
+        if log.exists():  # a server that failed early may have written none
+            shutil.copy(log, kept)
+    return f"\nlogs of {name} kept in {kept}\n"
+
+
+# ---------------------------------------------------------------- a real forge
+
+@pytest.fixture(scope="session")
+def gitea(request, tmp_path_factory):
+    """A real Gitea for the session (hack/testbed/forge.py): real push webhooks
+    and commit-status API on 127.0.0.1; no control plane needed.
+
+    Yields a `testbed.forge.Gitea`:
+      .url, .user, .token         base URL; the admin and its token (scope all)
+      .create_repo(name, private=True) -> Repo (.clone_url without credentials, .full_name)
+      .push_url(repo)             the clone URL with the admin's token in it, for `git push`
+      .add_webhook(repo, url=, secret=, events=("push",)) -> hook id
+      .statuses(repo, sha)        every status posted on the commit, oldest first
+      .api(method, path, body=None, token=None), .request(...)   any other /api/v1 call
+    The server is shared by the session: name your repositories after the
+    test's namespace.
+
+    Started once (ready when its API answers and the admin's token works),
+    stopped at the end of the session; fails, never skips, when it cannot
+    start (`hack/cluster build` builds it). Its logs are kept in test-logs/
+    when a test failed.
+    """
+    from testbed import forge as tb_forge
+
+    name = f"gitea-{os.getpid()}"
+    root = tmp_path_factory.mktemp("gitea")
+    failed_before = request.session.testsfailed
+    try:
+        forge = tb_forge.start(root)
+    except (tb_forge.ForgeError, FileNotFoundError, OSError) as exc:
+        kept = _keep_logs(name, [tb_forge.log_path(root)])
+        pytest.fail(f"the test bed's Gitea did not start: {exc}{kept}", pytrace=False)
+    yield forge
+    if request.session.testsfailed > failed_before:
+        sys.stderr.write(_keep_logs(name, [forge.log]))
+    forge.stop()

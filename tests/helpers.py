@@ -19,15 +19,17 @@ GIT_ENV = {
 
 
 class GitRepo:
-    """A working clone pushing to a local bare repository (the "remote")."""
+    """A working clone pushing to a local bare repository (the "remote"), or
+    to `remote` when given (a forge's push URL: no local bare one then)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, remote: str | None = None) -> None:
         self.bare = root / "remote.git"
         self.work = root / "work"
         root.mkdir(parents=True, exist_ok=True)
-        self._git("init", "-q", "--bare", "-b", "main", str(self.bare), cwd=root)
+        if remote is None:
+            self._git("init", "-q", "--bare", "-b", "main", str(self.bare), cwd=root)
         self._git("init", "-q", "-b", "main", str(self.work), cwd=root)
-        self._git("remote", "add", "origin", str(self.bare))
+        self._git("remote", "add", "origin", remote or str(self.bare))
 
     @property
     def url(self) -> str:

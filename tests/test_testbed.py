@@ -342,6 +342,14 @@ def test_prometheus_reports_the_pinned_version(prometheus):
     assert info["version"] == "3.16.0", info
 
 
+
+def test_gitea_reports_the_pinned_version_and_refuses_a_request_without_its_token(gitea):
+    from testbed import build
+
+    assert gitea.api("GET", "/version") == {"version": build.GITEA.lstrip("v")}
+    assert gitea.api("GET", "/user")["login"] == gitea.user
+    assert gitea.request("GET", "/user", token="not-a-token")[0] == 401
+
 def test_prometheus_answers_a_query_over_the_exporters_series(prometheus):
     app = _app()
     prometheus.exporter.inc(app=app, track="stable", code="200", by=7)

@@ -273,6 +273,27 @@ def test_github_push_payload_parsed_with_all_url_forms():
     assert _refused(webhook.parse, provider="github", body=_body(GITHUB_PUSH), headers={}).status == 400
 
 
+
+def test_gitea_deliveries_verify_and_parse_on_the_github_route_as_gitea_sent_them():
+    """Captured from a real Gitea 1.27.3 (tests/testdata/webhooks/): it sends GitHub's headers and
+    signature beside its own X-Gitea-* ones, so /hooks/github reads it with nothing added for Gitea.
+    (tests/test_forge_gitea.py has the same server push to a running daemon.)"""
+    captured = json.loads((Path(__file__).parent / "testdata" / "webhooks" / "gitea-1.27.3.json").read_text())
+    secret = captured["secret"].encode()
+    for kind, tag in (("push", None), ("annotated_tag", "v1")):
+        delivery = captured[kind]
+        body, headers = delivery["body"].encode(), delivery["headers"]
+        assert headers["User-Agent"].startswith("Go-http-client") and "X-Gitea-Signature" in headers
+        webhook.verify(provider="github", body=body, headers=headers, secret=secret)
+        event = webhook.parse(provider="github", body=body, headers=headers)
+        assert (event.branch, event.tag) == (("main", None) if tag is None else (None, tag))
+        # For the annotated tag `after` is the tag object; the commit is head_commit's.
+        assert event.after == captured["commit"], kind
+        assert event.delivery == headers["X-Gitea-Delivery"] == headers["X-GitHub-Delivery"]
+        assert webhook.matches(captured["clone_url"], tag or "main", event)
+        wrong = _refused(webhook.verify, provider="github", body=body, headers=headers, secret=b"another secret")
+        assert wrong.status == 401
+
 def test_gitlab_push_and_tag_push_parsed():
     push = webhook.parse(provider="gitlab", body=_body(GITLAB_PUSH), headers={"X-Gitlab-Event": "Push Hook"})
     assert (push.provider, push.ref, push.branch, push.tag) == ("gitlab", "refs/heads/master", "master", None)

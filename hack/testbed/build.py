@@ -21,6 +21,20 @@ v0.<minor>.<patch>). Built with the tag
 not embedded (the module zip has no compiled UI anyway): the HTTP API is all
 tests need. The version is stamped so /api/v1/status/buildinfo names it.
 
+Gitea (the test bed's forge: real push webhooks and commit-status API for
+the webhook and notifier tests) cannot be `go install`ed either: its go.mod
+has replace directives, and from v1.27 it names itself `gitea.dev` while the
+proxy serves it as code.gitea.io/gitea. So the module is downloaded (`go mod
+download` checks it against the checksum database, sum.golang.org, as every
+download is; its dependencies are checked against its go.sum), copied out
+of the read-only module cache and built in place, with
+CGO_ENABLED=0: v1.27 links the pure-Go modernc sqlite by default, no gcc. A
+build without the `bindata` tag reads `options/` (locales: startup fails
+without them) and `templates/` from disk at run time, so those two
+directories are kept in `gitea-static/` beside the cache's bin/; the rest of
+the copied source (about 50 MB) is removed after the build. The front-end
+assets are not built: the API and git over http need none.
+
 Every binary gets a `<name>.version` stamp beside it; a binary whose stamp
 matches the pin is not rebuilt, so a warm `build` costs only a few stats.
 """
@@ -45,6 +59,9 @@ SOPS = "v3.13.3"
 AGE = "v1.3.2"
 PROMETHEUS = "v0.316.0"  # = Prometheus 3.16.0
 PROMETHEUS_TAGS = "remove_all_sd"
+GITEA = "v1.27.3"
+GITEA_MODULE = "code.gitea.io/gitea"  # go.mod says gitea.dev from v1.27; the proxy serves this path
+GITEA_STATIC = ("options", "templates")  # read from disk at run time (no bindata tag)
 
 # The staging modules that k8s.io/kubernetes replaces with ./staging/src/...
 # Each is published as v0.<minor>.<patch>.
@@ -61,10 +78,11 @@ STAGING = [
 
 DOWNLOAD_ATTEMPTS = 4
 
-# Built by `build` with the rest, so `make toolchain` (and CI) has it before the
-# tests run, but no control plane needs it: `hack/cluster up` and all_built()
-# leave it out, and `hack/cluster prometheus up` builds it when it is missing.
-ON_DEMAND = ("prometheus",)
+# Built by `build` with the rest, so `make toolchain` (and CI) has them before
+# the tests run, but no control plane needs them: `hack/cluster up` and
+# all_built() leave them out; `hack/cluster prometheus up` builds Prometheus
+# when it is missing, and the `gitea` test fixture fails with the build hint.
+ON_DEMAND = ("prometheus", "gitea")
 
 # KWOK Stage sets copied from its module: fast node start, lease heartbeats
 # (without them the node-lifecycle controller marks nodes NotReady after 40 s
@@ -96,10 +114,16 @@ def kwok_stages_dir() -> Path:
     return cache_dir() / "kwok-stages"
 
 
+def gitea_static_dir() -> Path:
+    """Gitea's STATIC_ROOT_PATH: the `options/` and `templates/` of the pinned source."""
+    return cache_dir() / "gitea-static"
+
+
 @dataclass(frozen=True)
 class Step:
     name: str          # binary name under bin/
     version: str       # stamp written beside it
+    also: tuple[Path, ...] = ()  # other files the build leaves, all needed at run time
 
 
 def _stamp(name: str) -> Path:
@@ -108,7 +132,8 @@ def _stamp(name: str) -> Path:
 
 def is_built(step: Step) -> bool:
     stamp = _stamp(step.name)
-    return (bin_dir() / step.name).exists() and stamp.exists() and stamp.read_text().strip() == step.version
+    return ((bin_dir() / step.name).exists() and all(p.exists() for p in step.also)
+            and stamp.exists() and stamp.read_text().strip() == step.version)
 
 
 def _go_env() -> dict[str, str]:
@@ -230,11 +255,17 @@ def _build_prometheus(_names: list[str], log: Path) -> None:
                 tags=PROMETHEUS_TAGS, ldflags=ldflags)
 
 
+def _module_source(module: str, version: str, log: Path) -> Path:
+    """Download a module's source (hash checked against the checksum database,
+    as every download is) and return its read-only directory in GOMODCACHE."""
+    _run_with_retries(["go", "mod", "download", f"{module}@{version}"], log=log, what=f"{module}@{version} source")
+    modcache = subprocess.run(["go", "env", "GOMODCACHE"], capture_output=True, text=True, env=_go_env()).stdout.strip()
+    return Path(modcache) / f"{module}@{version}"
+
+
 def _copy_kwok_stages(log: Path) -> None:
     """KWOK ships Stage configs in its module; keep the sets we need."""
-    _run_with_retries(["go", "mod", "download", f"sigs.k8s.io/kwok@{KWOK}"], log=log, what=f"kwok {KWOK} source")
-    modcache = subprocess.run(["go", "env", "GOMODCACHE"], capture_output=True, text=True, env=_go_env()).stdout.strip()
-    root = Path(modcache) / f"sigs.k8s.io/kwok@{KWOK}" / "kustomize" / "stage"
+    root = _module_source("sigs.k8s.io/kwok", KWOK, log) / "kustomize" / "stage"
     dest = kwok_stages_dir()
     if dest.exists():
         shutil.rmtree(dest)
@@ -246,6 +277,33 @@ def _copy_kwok_stages(log: Path) -> None:
             target = dest / f"{sub.replace('/', '-')}-{f.name}"
             target.write_text(f.read_text())
             target.chmod(0o644)
+
+
+def _writable_copy(source: Path, *, dest: Path) -> Path:
+    """Copy a module out of the (read-only) module cache so a build may write in it."""
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(source, dest)
+    for path in [dest, *dest.rglob("*")]:
+        path.chmod(path.stat().st_mode | 0o200)
+    return dest
+
+
+def _build_gitea(_names: list[str], log: Path) -> None:
+    """Build Gitea in a copy of its module, keep its static dirs, drop the copy.
+
+    `go list -deps` first fetches the modules the server's packages import
+    (not the tools and test-only modules its go.mod lists too), with the
+    retries a busy proxy needs; the build then finds them in the cache."""
+    src = _writable_copy(_module_source(GITEA_MODULE, GITEA, log), dest=cache_dir() / "src" / f"gitea-{GITEA}")
+    _run_with_retries(["go", "list", "-deps", "-f", "{{with .Module}}{{if not .Main}}{{.Path}}{{end}}{{end}}", "."],
+                      cwd=src, log=log, what=f"gitea {GITEA} dependencies")
+    ldflags = f"-s -w -X main.Version={GITEA.lstrip('v')}"
+    _run(["go", "build", "-trimpath", "-ldflags", ldflags, "-o", str(bin_dir() / "gitea"), "."], cwd=src, log=log)
+    static = gitea_static_dir()
+    shutil.rmtree(static, ignore_errors=True)
+    for sub in GITEA_STATIC:
+        shutil.copytree(src / sub, static / sub)
+    shutil.rmtree(src)
 
 
 def steps() -> list[tuple[list[Step], Callable[[list[str], Path], None]]]:
@@ -269,6 +327,8 @@ def steps() -> list[tuple[list[Step], Callable[[list[str], Path], None]]]:
         ([Step("age", AGE), Step("age-keygen", AGE)], _build_age),
         # The stamp names the tags too, so changing them rebuilds.
         ([Step("prometheus", f"{PROMETHEUS} tags={PROMETHEUS_TAGS}")], _build_prometheus),
+        # Its static dirs are part of the build: a missing one rebuilds it.
+        ([Step("gitea", GITEA, also=tuple(gitea_static_dir() / d for d in GITEA_STATIC))], _build_gitea),
     ]
 
 

@@ -201,6 +201,12 @@ def namespace(api_client, request) -> str:
         pass
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """Tests on the real Gitea run last: `make test` builds it in the background meanwhile
+    (hack/testbed/build.py start_background), and the `gitea` fixture waits for that build."""
+    items.sort(key=lambda item: "gitea" in getattr(item, "fixturenames", ()))   # stable: the rest keep their order
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """On a failed cluster test, attach the tail of every component's log
@@ -431,8 +437,13 @@ def gitea(request, tmp_path_factory):
     start (`hack/cluster build` builds it). Its logs are kept in test-logs/
     when a test failed.
     """
+    from testbed import build as tb_build
     from testbed import forge as tb_forge
 
+    try:
+        tb_build.wait_built("gitea")   # `make test` started its build in the background; else built here
+    except (RuntimeError, OSError) as exc:
+        pytest.fail(f"the test bed's Gitea could not be built: {exc}", pytrace=False)
     name = f"gitea-{os.getpid()}"
     root = tmp_path_factory.mktemp("gitea")
     failed_before = request.session.testsfailed

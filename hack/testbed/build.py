@@ -332,8 +332,8 @@ def steps() -> list[tuple[list[Step], Callable[[list[str], Path], None]]]:
     ]
 
 
-def build(*, only: list[str] | None = None, out=sys.stdout) -> float:
-    """Build what is missing or stale; return total seconds spent."""
+def build(*, only: list[str] | None = None, skip: tuple[str, ...] = (), out=sys.stdout) -> float:
+    """Build what is missing or stale (of `only`, default all; never `skip`); return total seconds spent."""
     bin_dir().mkdir(parents=True, exist_ok=True)
     logs = cache_dir() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -341,7 +341,7 @@ def build(*, only: list[str] | None = None, out=sys.stdout) -> float:
     plan = steps()
     for produced, fn in plan:
         names = [s.name for s in produced]
-        if only and not set(names) & set(only):
+        if (only and not set(names) & set(only)) or set(names) & set(skip):
             continue
         todo = [s for s in produced if not is_built(s)]
         label = ", ".join(names)
@@ -359,6 +359,79 @@ def build(*, only: list[str] | None = None, out=sys.stdout) -> float:
     elapsed = time.monotonic() - total_start
     print(f"build done in {elapsed:.0f}s; binaries in {bin_dir()}", file=out, flush=True)
     return elapsed
+
+
+# ---------------------------------------------------------------- building while the tests run
+#
+# Gitea's cold build is ~12 minutes of the 2 cores, and only its own tests (the
+# last ones, tests/conftest.py) need it. `make test` starts it in the
+# background under nice 19 before pytest; the suite's first half leaves the
+# cores idle often enough (its tests mostly wait on the control plane) that it
+# is done long before its tests run, instead of adding its minutes to a cold CI
+# run. The `gitea` fixture waits for it (wait_built); with no build running it
+# builds in the foreground.
+
+
+def _pid_file(name: str) -> Path:
+    return cache_dir() / f"building-{name}.pid"
+
+
+def start_background(names: list[str], *, out=sys.stdout) -> list[str]:
+    """Start building `names` (those missing) in a detached, nice'd process; return what it builds."""
+    todo = [n for n in missing(names) if not _building(n)]
+    if not todo:
+        return []
+    logs = cache_dir() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = (logs / "build-background.log").open("w")
+    cli = Path(__file__).resolve().parent.parent / "cluster"
+    proc = subprocess.Popen(["nice", "-n", "19", sys.executable, str(cli), "build", "--only", *todo],
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    for name in todo:
+        _pid_file(name).write_text(f"{proc.pid}\n")
+    print(f"  {', '.join(todo)}: building in the background (nice 19, pid {proc.pid}, log {log.name})",
+          file=out, flush=True)
+    return todo
+
+
+def _building(name: str) -> bool:
+    """Whether a background build of `name` is still running (a stale pid file is removed)."""
+    path = _pid_file(name)
+    try:
+        pid = int(path.read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        path.unlink(missing_ok=True)
+        return False
+    try:   # a pid reused by another process after the build ended: not ours
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        cmdline = b""
+    if b"build" not in cmdline:
+        path.unlink(missing_ok=True)
+        return False
+    return True
+
+
+def wait_built(name: str, *, timeout: float = 3600.0, out=sys.stdout) -> None:
+    """Return once `name` is built: wait for its background build, else build it here.
+
+    Raises RuntimeError when the background build runs past `timeout` or ends
+    without the binary (its log says why)."""
+    deadline = time.monotonic() + timeout
+    waited = False
+    while _building(name):
+        if not waited:
+            print(f"  {name}: waiting for its background build", file=out, flush=True)
+            waited = True
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the background build of {name} ran past {timeout:.0f}s")
+        time.sleep(2)
+    if missing([name]):
+        if waited:
+            raise RuntimeError(f"the background build of {name} ended without it: see "
+                               f"{cache_dir() / 'logs' / 'build-background.log'}")
+        build(only=[name], out=out)
 
 
 def missing(names: list[str] | None = None) -> list[str]:

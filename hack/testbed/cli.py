@@ -14,6 +14,9 @@ def main(argv: list[str]) -> int:
     sub = parser.add_subparsers(dest="verb", required=True)
     b = sub.add_parser("build", help="build the pinned binaries into the cache (skips what is built)")
     b.add_argument("--only", nargs="*", help="build only these binaries (e.g. kubectl helm)")
+    b.add_argument("--skip", nargs="*", default=(), help="never these (e.g. gitea: make test builds it meanwhile)")
+    b.add_argument("--background", action="store_true",
+                   help="start the build (of --only) in a detached process under nice 19 and return")
     for verb, text in (("up", "start a cluster and print its kubeconfig path"),
                        ("down", "stop a cluster (and its Prometheus, if any) and remove its state"),
                        ("status", "show clusters and their processes"),
@@ -30,8 +33,11 @@ def main(argv: list[str]) -> int:
 
     try:
         if args.verb == "build":
+            if args.background:
+                build.start_background(args.only or [])
+                return 0
             print(f"building test-bed binaries into {build.bin_dir()}", flush=True)
-            build.build(only=args.only)
+            build.build(only=args.only, skip=tuple(args.skip))
         elif args.verb == "up":
             if todo := build.missing(build.control_plane()):
                 print(f"missing: {', '.join(todo)}; building them first", file=sys.stderr, flush=True)

@@ -77,9 +77,9 @@ from gitopsd.engine.source_share import SharedFetches
 from gitopsd.engine.sync import default_cache_dir
 from gitopsd.errors import GitopsdError
 from gitopsd.kube import Kube
+from gitopsd.notify.notifier import Notifier
 from gitopsd.web.site import Site
 from gitopsd.web.views import Views
-from gitopsd.notify.notifier import Notifier
 
 log = structlog.get_logger("gitopsd")
 

@@ -36,7 +36,13 @@ from gitopsd.notify.notifier import Notifier
 SHA1, SHA2 = "1" * 40, "2" * 40
 TOKEN = "ghp_notify-test-token-0123456789"
 FAST = Policy(workers=2, base=0.01, cap=0.05, attempts=4, grace=2.0)
-redact.remember((TOKEN,))   # as CredentialStore.value does with every token it reads
+
+
+@pytest.fixture(autouse=True)
+def _token_known():
+    """The token registered with the redactor, as CredentialStore.value does with every token it reads. Per
+    test, not at import: other modules' tests empty the registry (redact.forget_all) before these run."""
+    redact.remember((TOKEN,))
 
 
 @pytest.fixture

@@ -201,6 +201,23 @@ def namespace(api_client, request) -> str:
         pass
 
 
+@pytest.fixture
+def receivers():
+    """make(provider, **kw) -> a local receiver checking that provider's documented API (tests/receivers.py);
+    closed at the end of the test."""
+    from receivers import Receiver
+
+    made: list[Receiver] = []
+
+    def make(provider: str, **kw) -> Receiver:
+        made.append(Receiver(provider, **kw))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
+
+
 def pytest_collection_modifyitems(session, config, items):
     """Tests on the real Gitea run last: `make test` builds it in the background meanwhile
     (hack/testbed/build.py start_background), and the `gitea` fixture waits for that build."""

@@ -382,3 +382,9 @@ def delete_service_account_rbac(kube, name: str) -> None:
             kube.request("DELETE", f"{rbac}/{kind}/{name}")
         except Exception:  # noqa: BLE001 - already gone
             pass
+
+
+def put_secret(kube, namespace: str, name: str, data: dict[str, str]) -> None:
+    """Create a Secret of `data` (stringData) in `namespace`."""
+    kube.request("POST", f"/api/v1/namespaces/{namespace}/secrets", body={
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": data})

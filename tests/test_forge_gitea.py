@@ -25,6 +25,7 @@ from helpers import (
     cm_data,
     configmap,
     metric,
+    put_secret,
     wait_for,
     wait_transition,
 )
@@ -34,16 +35,11 @@ from testbed.forge import Repo
 pytestmark = pytest.mark.cluster
 
 
-def _secret(kube, namespace: str, name: str, data: dict[str, str]) -> None:
-    kube.request("POST", f"/api/v1/namespaces/{namespace}/secrets", body={
-        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": data})
-
-
 def _forge_repo(gitea, kube, namespace: str, tmp_path) -> tuple[Repo, GitRepo]:
     """A private Gitea repository named after the test, a working clone pushing
     to it, and the daemon's git credentials for it in the Secret `forge-git`."""
     repo = gitea.create_repo(namespace)
-    _secret(kube, namespace, "forge-git", {"username": gitea.user, "token": gitea.token})
+    put_secret(kube, namespace, "forge-git", {"username": gitea.user, "token": gitea.token})
     return repo, GitRepo(tmp_path / "git", remote=gitea.push_url(repo))
 
 
@@ -103,7 +99,7 @@ def _states(gitea, repo, sha: str, context: str) -> list[str]:
 def test_the_notifier_sets_pending_then_success_on_a_pushed_commit_and_failure_on_a_bad_one_in_gitea(
         gitea, kube, namespace, tmp_path, start_daemon):
     repo, work = _forge_repo(gitea, kube, namespace, tmp_path)
-    _secret(kube, namespace, "forge-token", {"token": gitea.token})
+    put_secret(kube, namespace, "forge-token", {"token": gitea.token})
     work.write("cm.yaml", configmap("settings", {"color": "blue"}))
     blue = work.commit("blue")
     context = f"gitopsd/{namespace}"

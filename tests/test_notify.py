@@ -54,19 +54,6 @@ def lines():
     log_mod.configure(fmt="json", stream=io.StringIO())
 
 
-@pytest.fixture
-def receivers():
-    made: list[Receiver] = []
-
-    def make(provider: str, **kw) -> Receiver:
-        made.append(Receiver(provider, **kw))
-        return made[-1]
-
-    yield make
-    for r in made:
-        r.close()
-
-
 def _count(notifier: str, result: str) -> float:
     return metrics.REGISTRY.get_sample_value("gitopsd_notifications_total",
                                              {"notifier": notifier, "provider": "github", "result": result}) or 0.0
@@ -403,11 +390,6 @@ apps:
 
 
 def _wait_log(lines, event: str, timeout: float = 10.0) -> dict:
-    """The first log line with this event; waits on the worker (bounded), polling the buffer."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = next((e for e in lines() if e.get("event") == event), None)
-        if found is not None:
-            return found
-        time.sleep(0.02)
-    raise AssertionError(f"no log line {event!r}: {[e.get('event') for e in lines()]}")
+    """The first log line with this event (the worker writes it after the receiver's answer)."""
+    return wait_for(f"log line {event!r}", lambda: next((e for e in lines() if e.get("event") == event), None),
+                    timeout, interval=0.02)

@@ -17,6 +17,7 @@ from helpers import (
     configmap,
     metric,
     post_generic,
+    put_secret,
     wait_for,
     wait_transition,
 )
@@ -27,24 +28,6 @@ pytestmark = pytest.mark.cluster
 TOKEN = "ghp_e2eNotifyToken_9f8e7d6c5b4a"
 SIGNING_KEY = "hook-signing-key-0c7d1f"
 UI = "https://gitopsd.example.test"
-
-
-@pytest.fixture
-def receivers():
-    made: list[Receiver] = []
-
-    def make(provider: str, **kw) -> Receiver:
-        made.append(Receiver(provider, **kw))
-        return made[-1]
-
-    yield make
-    for r in made:
-        r.close()
-
-
-def _secret(kube, namespace: str, name: str, data: dict[str, str]) -> None:
-    kube.request("POST", f"/api/v1/namespaces/{namespace}/secrets", body={
-        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": data})
 
 
 def _config(path, *, app: dict, notifiers: dict, notify: list[str]):
@@ -62,9 +45,9 @@ def test_a_push_a_hand_edit_and_a_bad_commit_are_told_to_the_forge_the_chat_and_
     github = receivers("github", token=TOKEN)
     chat = receivers("slack")
     hook = receivers("webhook", token=SIGNING_KEY)
-    _secret(kube, namespace, "github-token", {"token": TOKEN})
-    _secret(kube, namespace, "team-chat", {"address": f"{chat.url}/services/T000/B000/XXXX"})
-    _secret(kube, namespace, "hook-key", {"signingKey": SIGNING_KEY})
+    put_secret(kube, namespace, "github-token", {"token": TOKEN})
+    put_secret(kube, namespace, "team-chat", {"address": f"{chat.url}/services/T000/B000/XXXX"})
+    put_secret(kube, namespace, "hook-key", {"signingKey": SIGNING_KEY})
     repo.write("cm.yaml", configmap("settings", {"color": "blue"}))
     first = repo.commit("blue")
     config = _config(tmp_path / "config.yaml", app=app_entry("shop", repo.url, namespace, notify=["github"]),
@@ -128,7 +111,7 @@ def test_a_hanging_receiver_never_holds_up_a_deploy_and_a_dead_forge_is_given_up
     hold = threading.Event()
     hanging = receivers("webhook", hold=hold)
     dead = receivers("github", token=TOKEN, fail=10**6, fail_body="the forge is down")
-    _secret(kube, namespace, "github-token", {"token": TOKEN})
+    put_secret(kube, namespace, "github-token", {"token": TOKEN})
     repo.write("cm.yaml", configmap("settings", {"color": "blue"}))
     repo.commit("blue")
     config = _config(tmp_path / "config.yaml", app=app_entry("shop", repo.url, namespace),
@@ -158,7 +141,7 @@ def test_a_hanging_receiver_never_holds_up_a_deploy_and_a_dead_forge_is_given_up
 def test_a_restart_tells_nothing_about_the_commit_already_live(repo, kube, namespace, tmp_path, start_daemon,
                                                               receivers):
     github = receivers("github", token=TOKEN)
-    _secret(kube, namespace, "github-token", {"token": TOKEN})
+    put_secret(kube, namespace, "github-token", {"token": TOKEN})
     repo.write("cm.yaml", configmap("settings", {"color": "blue"}))
     first = repo.commit("blue")
     config = _config(tmp_path / "config.yaml", app=app_entry("shop", repo.url, namespace),

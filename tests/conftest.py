@@ -252,6 +252,18 @@ def namespace(api_client, request) -> str:
         pass
 
 
+@pytest.fixture(autouse=True)
+def _forget_secret_values():
+    """Every test ends by emptying gitopsd's process-wide register of Secret values
+    (gitopsd.redact): a value one test registered (a pin `123456789`, say) must not mask
+    another test's output in the same process; which tests share a process differs by
+    xdist worker."""
+    yield
+    from gitopsd import redact
+
+    redact.forget_all()
+
+
 @pytest.fixture
 def receivers():
     """make(provider, **kw) -> a local receiver checking that provider's documented API (tests/receivers.py);

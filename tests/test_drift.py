@@ -129,3 +129,50 @@ def test_a_field_set_by_hand_where_git_says_null_is_drift(app, repo, kube, names
 
     (change,) = [c for c in result.plan.changes if c.action.value != "unchanged"]
     assert any("nodeSelector" in f for f in change.diff.fields), change.diff.fields
+
+
+class _StaleCache:
+    """A watch cache that lags: it holds the members as they were read before another write
+    (the daemon's informers can be a write behind the apiserver under load)."""
+
+    def __init__(self, members: dict) -> None:
+        self._members = members
+        self.targets = {(res, ns) for res, ns in members.pop("__targets__")}
+
+    def members(self):
+        return self._members
+
+    def ensure(self, targets) -> None:
+        pass
+
+
+def test_a_write_by_another_manager_between_the_read_and_the_dry_run_is_not_shown_as_a_change(
+        app, repo, kube, namespace):
+    """The dry-run runs on the stored object, which may be newer than the live copy the plan
+    holds. Compared with the older copy, another manager's field (a controller's annotation, say)
+    would show as gitopsd's change; the plan reads the object again and compares like with like."""
+    from gitopsd.engine import inventory
+    from gitopsd.engine.plan import Action, make_plan, ref_of
+    from gitopsd.engine.render import Manifest
+
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "settings", "namespace": namespace},
+          "data": {"color": "blue"}}
+    repo.write("cm.yaml", cm)
+    repo.commit()
+    assert app.sync().outcome.value == "Applied"
+    cms = kube.resource("v1", "ConfigMap")
+    stale = kube.get(cms, "settings", namespace)
+    kube.request("PATCH", f"{cms.path(namespace)}/settings", query={"fieldManager": "a-controller"},
+                 content_type="application/merge-patch+json",
+                 body={"metadata": {"annotations": {"example.com/revision": "2"}}})
+
+    desired = {**cm, "data": {"color": "green"}}
+    cache = _StaleCache({ref_of(stale): stale, "__targets__": [(cms, namespace)]})
+    inv = inventory.load(kube, app=namespace, namespace=namespace)
+    plan = make_plan(kube, [Manifest(obj=desired, source="cm.yaml")], inv, cache=cache)
+
+    (change,) = plan.changes
+    assert change.action == Action.UPDATE
+    # What the commit changes (and gitopsd's hash of it), not the controller's annotation.
+    assert change.diff.fields == ("data.color", "metadata.annotations.gitopsd.io/desired-hash"), change.diff.fields
+    assert change.live["metadata"]["annotations"]["example.com/revision"] == "2", "compared with the object read again"

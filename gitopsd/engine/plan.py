@@ -718,7 +718,10 @@ def _judge(kube: Kube, change: ObjectChange, plan: Plan, *, commit_namespaces: s
     have said. A race with a create in between is the same race as between
     a GET and the apply. When what was read has fields the app leaves to
     other managers (plan.ignore), the dry-run is repeated without them: the
-    first one sent all of `desired`, as for a create.
+    first one sent all of `desired`, as for a create. A dry-run that ran on a
+    newer object than the one read (another manager wrote it in between:
+    _stale) is judged again against the object read anew, so their write is
+    never shown as this change's.
     """
     live, desired = change.live, change.desired
     if desired is None:
@@ -742,6 +745,22 @@ def _judge(kube: Kube, change: ObjectChange, plan: Plan, *, commit_namespaces: s
             if after is None:
                 return
     change.unseen = False
+    for _ in range(STALE_READS):
+        if not _stale(live, after):
+            break
+        # Written by another hand between the read and the dry-run (a controller's annotation,
+        # say): the dry-run ran on that newer object, so compare it with that object read
+        # again, never with the older read (which would show their change as ours).
+        if not _read_unseen(kube, change, plan):
+            return
+        live = change.live
+        if live is not None and not change.takeover and still_ours(live, desired, ignore=plan.ignore):
+            change.action = Action.UNCHANGED
+            return
+        _leave_alone(change, plan.ignore)
+        after = _dry_run(kube, change, plan, commit_namespaces=commit_namespaces, recreate=recreate)
+        if after is None:
+            return
     d = difflib_.compare(live, after, label=str(change.ref))
     if live is None:
         change.action, change.diff = Action.CREATE, d
@@ -750,6 +769,20 @@ def _judge(kube: Kube, change: ObjectChange, plan: Plan, *, commit_namespaces: s
     else:
         # A takeover alone is an update too: what those managers set and Git does not goes.
         change.action, change.diff = Action.UPDATE, d
+
+
+# How often a change is judged again when its object was written between the read and the dry-run.
+STALE_READS = 3
+
+
+def _stale(live: dict | None, after: dict) -> bool:
+    """Whether the dry-run ran on a newer object than `live`: a dry-run keeps the stored object's
+    resourceVersion (nothing is stored), so a different one means the object changed since the read."""
+    if live is None:
+        return False
+    before = (live.get("metadata") or {}).get("resourceVersion")
+    seen = (after.get("metadata") or {}).get("resourceVersion")
+    return bool(before and seen and before != seen)
 
 
 def _leave_alone(change: ObjectChange, ignore: Ignore) -> bool:

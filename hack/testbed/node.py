@@ -310,6 +310,14 @@ def _setup_network(node: Node, c: tb_cluster.Cluster) -> None:
         "    type nat hook prerouting priority dstnat; policy accept;\n"
         f"    iifname \"{br}\" ip daddr {SERVICE_IP} tcp dport 443 dnat to 127.0.0.1:{c.ports['apiserver']}\n"
         "  }\n"
+        # route_localnet lets the bridge's packets reach 127/8: only those
+        # we DNATed may (the kubelet's own KUBE-FIREWALL rule, which it is
+        # told not to install machine-wide, scoped to this bridge).
+        "  chain input {\n"
+        "    type filter hook input priority filter; policy accept;\n"
+        f"    iifname \"{br}\" ip daddr 127.0.0.0/8 ct status dnat accept\n"
+        f"    iifname \"{br}\" ip daddr 127.0.0.0/8 drop\n"
+        "  }\n"
         "}\n"))
     cni = node.dir / "cni" / "net.d"
     cni.mkdir(parents=True, exist_ok=True)
@@ -392,6 +400,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
   disable_apparmor = true
   enable_selinux = false
   netns_mounts_under_state_dir = true
+  # This VM takes CAP_SYS_RESOURCE from every process (bounding set), so no
+  # one may lower an oom_score_adj: the kubelet asks -998 for sandboxes and
+  # runc's init then dies ("failed to update /proc/self/oom_score_adj:
+  # Permission denied"). Restricted, containerd raises a score below its own
+  # (0) to 0, as it does for rootless containerd.
+  restrict_oom_score_adj = true
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
 
@@ -456,6 +470,11 @@ def _kubelet_config(node: Node) -> Path:
         "fileCheckFrequency": "10s",
         "maxPods": 30,
         "rotateCertificates": False,
+        # No KUBE-FIREWALL / KUBE-KUBELET-CANARY / KUBE-IPTABLES-HINT chains in
+        # the machine's iptables: nothing here uses them (no kube-proxy), and
+        # the one rule that matters (drop un-DNATed packets to 127/8) is in
+        # the node's own nftables table.
+        "makeIPTablesUtilChains": False,
         "serverTLSBootstrap": False,
     }
     path = d / "kubelet.yaml"

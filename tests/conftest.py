@@ -72,6 +72,8 @@ class NodeWatch:
             try:
                 for event in watch.Watch().stream(core.list_node, timeout_seconds=60):
                     node = event["object"]
+                    if (node.metadata.annotations or {}).get("kwok.x-k8s.io/node") != "fake":
+                        continue   # a real node (tests/test_testbed_node.py) comes and goes: not watched
                     ready = {c.type: c.status for c in (node.status.conditions or [])}.get("Ready")
                     if ready != "True" and event["type"] != "DELETED":
                         self.not_ready.append(f"{time.strftime('%H:%M:%S')} {node.metadata.name} Ready={ready}")
@@ -220,8 +222,11 @@ def receivers():
 
 def pytest_collection_modifyitems(session, config, items):
     """Tests on the real Gitea run last: `make test` builds it in the background meanwhile
-    (hack/testbed/build.py start_background), and the `gitea` fixture waits for that build."""
-    items.sort(key=lambda item: "gitea" in getattr(item, "fixturenames", ()))   # stable: the rest keep their order
+    (hack/testbed/build.py start_background), and the `gitea` fixture waits for that build.
+    The real node's tests (marker `node`) run just before them: after the rest, which never
+    see the node, and giving Gitea's build their minutes too."""
+    items.sort(key=lambda item: ("gitea" in getattr(item, "fixturenames", ()),
+                                 item.get_closest_marker("node") is not None))   # stable: the rest keep their order
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -664,11 +664,13 @@ def down(cluster_name: str = "default") -> list[str]:
         tasks = _ctr(node, "tasks", "ls", "-q", check=False).stdout.split()
         for task in tasks:
             _ctr(node, "tasks", "kill", "--signal", "SIGKILL", task, check=False)
+        # containerd's CRI plugin deletes a task itself once it exited; delete
+        # what it has not yet, until none is left.
         deadline = time.monotonic() + 15
         while tasks and time.monotonic() < deadline:
-            for task in list(tasks):
-                if _ctr(node, "tasks", "delete", task, check=False).returncode == 0:
-                    tasks.remove(task)
+            for task in tasks:
+                _ctr(node, "tasks", "delete", task, check=False)
+            tasks = _ctr(node, "tasks", "ls", "-q", check=False).stdout.split()
             if tasks:
                 time.sleep(0.2)
         for ctr_id in _ctr(node, "containers", "ls", "-q", check=False).stdout.split():

@@ -16,9 +16,11 @@ without them, like every test-bed test.
 
 from __future__ import annotations
 
+import http.server
 import ipaddress
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -61,7 +63,7 @@ def _kubectl(cluster, *args: str) -> str:
     return proc.stdout
 
 
-def _deployment(image: str, node_name: str) -> dict:
+def _deployment(image: str, node_name: str, *, env: dict | None = None) -> dict:
     return {
         "metadata": {"name": APP},
         "spec": {
@@ -75,6 +77,7 @@ def _deployment(image: str, node_name: str) -> dict:
                     "terminationGracePeriodSeconds": 5,
                     "containers": [{
                         "name": APP, "image": image, "imagePullPolicy": "Never",
+                        "env": [{"name": k, "value": v} for k, v in (env or {}).items()],
                         "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080},
                                            "periodSeconds": 1, "failureThreshold": 3},
                     }],
@@ -138,3 +141,35 @@ def test_pod_runs_reaches_the_apiserver_and_is_replaced(api_client, cluster, rea
     assert f"authenticated as system:serviceaccount:{namespace}:default" in logs, logs
     sys.stderr.write(f"\nprobe pod Ready {first_ready:.1f}s after the Deployment was created; "
                      f"replacement Ready {replaced:.1f}s after the delete\n")
+
+
+def test_pod_reaches_an_exposed_loopback_service(api_client, real_node, probe_image, namespace):
+    """node.expose(): a service listening on 127.0.0.1 only (as the test bed's
+    Git servers do) is reachable from the node's pods at the bridge gateway."""
+    class Hello(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = f"hello {self.client_address[0]}".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        host, port = tb_node.expose(real_node.cluster, server.server_port)
+        assert (host, port) == (real_node.gateway, server.server_port)
+        url = f"http://{host}:{port}/"
+        core = client.CoreV1Api(api_client)
+        client.AppsV1Api(api_client).create_namespaced_deployment(
+            namespace, _deployment(probe_image, real_node.name, env={"PROBE_URL": url}))
+        (pod,) = wait_for("the probe pod Ready after reaching the exposed service",
+                          lambda: _ready_pods(core, namespace), timeout=120)
+        logs = core.read_namespaced_pod_log(pod.metadata.name, namespace)
+        # The server saw the pod's own address: DNAT only, no masquerade.
+        assert f"GET {url}: 200 hello {pod.status.pod_ip}" in logs, logs
+    finally:
+        server.shutdown()

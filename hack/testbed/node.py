@@ -87,7 +87,9 @@ Machine settings the kubelet changes
 At start the kubelet sets vm.overcommit_memory=1, vm.panic_on_oom=0,
 kernel.panic=10 and kernel.panic_on_oops=1 (its setupKernelTunables; the
 alternative, protectKernelDefaults, only refuses to start instead). `up`
-records their values before, `down` puts them back.
+records their values before (in $GITOPSD_CACHE/node-sysctls.json, shared by
+the nodes of several clusters), and the `down` of the last running node puts
+them back.
 
 Images
 ------
@@ -143,7 +145,7 @@ CNI_BIN = Path("/usr/lib/cni")
 CONTAINERD = "/usr/bin/containerd"
 CTR = "/usr/bin/ctr"
 RUNC = "/usr/sbin/runc"
-DEBIAN_PACKAGES = ("containerd", "runc", "containernetworking-plugins", "nftables", "iproute2", "conntrack")
+DEBIAN_PACKAGES = ("containerd", "runc", "containernetworking-plugins", "nftables", "iproute2")
 KERNEL_TUNABLES = ("vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic", "kernel/panic_on_oops",
                    "kernel/keys/root_maxkeys", "kernel/keys/root_maxbytes")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -534,6 +536,46 @@ def images_on(cluster_name: str) -> list[str]:
     return _image_names(node)
 
 
+def _sysctls_file() -> Path:
+    return build.cache_dir() / "node-sysctls.json"
+
+
+def _save_sysctls() -> dict[str, str]:
+    """The machine's values before any node's kubelet changed them: read now,
+    unless another node (of another cluster) already saved them and still runs."""
+    path = _sysctls_file()
+    if path.exists() and _other_nodes_running(None):
+        return json.loads(path.read_text())
+    values = {k: _sysctl_path(k).read_text().strip() for k in KERNEL_TUNABLES}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(values, indent=2))
+    return values
+
+
+def _other_nodes_running(cluster_name: str | None) -> bool:
+    root = tb_cluster.clusters_dir()
+    for entry in root.glob("*/node/node.json") if root.exists() else ():
+        other = entry.parent.parent.name
+        if other != cluster_name and (n := Node.load(other)) is not None and any(n.alive().values()):
+            return True
+    return False
+
+
+def _restore_sysctls(node: Node) -> list[str]:
+    """Put the saved values back, once the last running node is gone."""
+    if _other_nodes_running(node.cluster):
+        return []
+    problems = []
+    for key, value in node.sysctls.items():
+        try:
+            if _sysctl_path(key).read_text().strip() != value:
+                _sysctl_path(key).write_text(value + "\n")
+        except OSError as exc:
+            problems.append(f"sysctl {key} not restored: {exc}")
+    _sysctls_file().unlink(missing_ok=True)
+    return problems
+
+
 # ---------------------------------------------------------------- verbs
 
 def up(cluster_name: str = "default", *, name: str = NODE_NAME, out=None) -> Node:
@@ -570,7 +612,7 @@ def up(cluster_name: str = "default", *, name: str = NODE_NAME, out=None) -> Nod
     node.bridge = f"gtb{_short(cluster_name)}"
     node.subnet = _pick_subnet()
     node.ports = {"kubelet": procs.free_port(), "kubelet-healthz": procs.free_port()}
-    node.sysctls = {k: _sysctl_path(k).read_text().strip() for k in KERNEL_TUNABLES}
+    node.sysctls = _save_sysctls()
     node.save()
     try:
         _write_pki(node, c)
@@ -706,12 +748,7 @@ def down(cluster_name: str = "default") -> list[str]:
         for link in CONTAINER_LOG_LINKS.iterdir():
             if link.is_symlink() and str(d) in os.readlink(link):
                 link.unlink()
-    for key, value in node.sysctls.items():
-        try:
-            if _sysctl_path(key).read_text().strip() != value:
-                _sysctl_path(key).write_text(value + "\n")
-        except OSError as exc:
-            done.append(f"sysctl {key} not restored: {exc}")
+    done += _restore_sysctls(node)
     c = tb_cluster.Cluster.load(cluster_name)
     if c is not None and c.pids.get("kube-apiserver") and procs.is_ours(c.pids["kube-apiserver"], c.dir):
         tb_cluster.request(c, "DELETE", f"/api/v1/nodes/{node.name}")

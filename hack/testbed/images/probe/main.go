@@ -9,7 +9,9 @@
 // with the user name the apiserver authenticated the token as. It logs one
 // line per result (the test reads them with `kubectl logs`) and serves
 // /healthz on :8080 only once both calls succeeded, so the pod's readiness
-// probe proves them too. Standard library only: it builds offline.
+// probe proves them too. With PROBE_URL set it also GETs that URL (a
+// service of the host that node.expose() made reachable) and logs the
+// answer before it turns ready. Standard library only: it builds offline.
 package main
 
 import (
@@ -97,6 +99,18 @@ func check() error {
 	}
 	_ = json.Unmarshal(out, &r)
 	logf("SelfSubjectReview: authenticated as %s", r.Status.UserInfo.Username)
+	if url := os.Getenv("PROBE_URL"); url != "" {
+		resp, err := (&http.Client{Timeout: 10 * time.Second}).Get(url)
+		if err != nil {
+			return err
+		}
+		body, _ := io.ReadAll(io.LimitReader(resp.Body, 200))
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("GET %s: %d", url, resp.StatusCode)
+		}
+		logf("GET %s: %d %s", url, resp.StatusCode, bytes.TrimSpace(body))
+	}
 	return nil
 }
 

@@ -689,6 +689,35 @@ def _shims(node: Node) -> list[int]:
     return pids
 
 
+def _cgroup_pids(node: Node) -> set[int]:
+    pids: set[int] = set()
+    for hierarchy in _hierarchies():
+        root = hierarchy / node.cgroup_parent.lstrip("/")
+        for procs_file in root.rglob("cgroup.procs") if root.exists() else ():
+            try:
+                pids.update(int(x) for x in procs_file.read_text().split())
+            except OSError:
+                continue
+    return pids
+
+
+def _kill_leftovers(node: Node, timeout: float = 10.0) -> list[str]:
+    """SIGKILL what still runs in the node's cgroups (containers whose shim or
+    containerd died first): only pods live there, made by this node's kubelet."""
+    left = _cgroup_pids(node)
+    if not left:
+        return []
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while _cgroup_pids(node) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [f"{len(left)} leftover container processes killed"]
+
+
 def down(cluster_name: str = "default") -> list[str]:
     """Stop the node and undo everything up() did; returns what it stopped or removed."""
     node = Node.load(cluster_name)
@@ -726,6 +755,10 @@ def down(cluster_name: str = "default") -> list[str]:
             done.append(f"shim {pid}")
         except ProcessLookupError:
             pass
+    # Before the network goes: a killed container's TCP connections then
+    # close at once instead of keeping its network namespace (and veth) alive
+    # while they retransmit into a deleted bridge.
+    done += _kill_leftovers(node)
     for mnt in _node_mounts(d):
         _sh("umount", "-l", mnt, check=False)
     if node.bridge:

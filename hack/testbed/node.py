@@ -112,13 +112,16 @@ kubelet run in their own sessions and are stopped by recorded PID after the
 same is-it-ours check as the control plane's (procs.py). `down` stops the
 kubelet, kills the node's containers through containerd, stops containerd,
 kills any containerd shim left whose command line names the node's socket
-(checked per PID), unmounts everything mounted under the node dir (pod
+(checked per PID) and anything still running in the node's cgroups (only its
+containers live there), unmounts everything mounted under the node dir (pod
 volumes, the kubelet's rshared bind mount of its root dir, network
 namespaces, container root filesystems), deletes the bridge, the nftables
-table and the cgroups, removes the kubelet's symlinks in
-/var/log/containers, deletes the Node object and the RBAC binding (when the
-apiserver still answers), and restores the sysctls. cluster.down() calls it
-first.
+table and the cgroups, removes the kubelet's symlinks in /var/log/containers
+(a path fixed in the kubelet) and, when no other node runs, its device-plugin
+socket /var/lib/kubelet/device-plugins/kubelet.sock (fixed too) and those
+directories when empty, deletes the Node object and the RBAC binding (when
+the apiserver still answers), and restores the sysctls. cluster.down()
+calls it first.
 """
 
 from __future__ import annotations
@@ -150,6 +153,10 @@ KERNEL_TUNABLES = ("vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic", "k
                    "kernel/keys/root_maxkeys", "kernel/keys/root_maxbytes")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CONTAINER_LOG_LINKS = Path("/var/log/containers")   # the kubelet's fixed symlink dir
+# The kubelet's device manager serves its registration socket at this fixed
+# path (pluginapi.DevicePluginPath), whatever --root-dir says; no device
+# plugin runs here, so nodes of several clusters do not need it to be theirs.
+DEVICE_PLUGIN_SOCKET = Path("/var/lib/kubelet/device-plugins/kubelet.sock")
 
 
 class NodeError(tb_cluster.ClusterError):
@@ -457,6 +464,7 @@ def _kubelet_config(node: Node) -> Path:
         "registerNode": True,
         "registerWithTaints": [{"key": TAINT_KEY, "value": "true", "effect": "NoSchedule"}],
         "podLogsDir": str(d / "pod-logs"),
+        "volumePluginDir": str(d / "volume-plugins"),   # default /usr/libexec/kubernetes/kubelet-plugins/volume/exec
         "clusterDomain": "cluster.local",
         "resolvConf": "/etc/resolv.conf",
         "failSwapOn": False,
@@ -634,6 +642,8 @@ def up(cluster_name: str = "default", *, name: str = NODE_NAME, out=None) -> Nod
         _spawn(node, "kubelet", [
             str(build.binary("kubelet")), f"--config={_kubelet_config(node)}",
             f"--kubeconfig={node.dir / 'kubeconfig'}", f"--root-dir={node.dir / 'kubelet'}",
+            # Its self-signed serving certificate; the default is /var/lib/kubelet/pki whatever --root-dir says.
+            f"--cert-dir={node.dir / 'pki' / 'kubelet-serving'}",
             f"--hostname-override={name}", f"--node-ip={node.gateway}", "--v=2",
         ])
 
@@ -781,6 +791,15 @@ def down(cluster_name: str = "default") -> list[str]:
         for link in CONTAINER_LOG_LINKS.iterdir():
             if link.is_symlink() and str(d) in os.readlink(link):
                 link.unlink()
+    if not _other_nodes_running(cluster_name):
+        # The kubelet's fixed paths, once no kubelet of ours uses them; a
+        # directory only when empty (it may have been there before).
+        DEVICE_PLUGIN_SOCKET.unlink(missing_ok=True)
+        for path in (DEVICE_PLUGIN_SOCKET.parent, DEVICE_PLUGIN_SOCKET.parent.parent, CONTAINER_LOG_LINKS):
+            try:
+                path.rmdir()
+            except OSError:
+                pass
     done += _restore_sysctls(node)
     c = tb_cluster.Cluster.load(cluster_name)
     if c is not None and c.pids.get("kube-apiserver") and procs.is_ours(c.pids["kube-apiserver"], c.dir):

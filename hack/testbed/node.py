@@ -71,11 +71,18 @@ machine's own supervisor) puts every command it runs into
 memory:/process_api/<id> (`cat /proc/self/cgroup`); that is the machinery
 running these sessions, and unmounting or emptying its hierarchy is not ours
 to do. A controller stays bound to its v1 hierarchy while any cgroup exists
-in it, so memory could not move to v2, and a v2 kubelet/runc without the
-memory controller is no node. So the node runs on cgroup v1 with the
-kubelet's `failCgroupV1: false`: kubelet 1.37 still supports v1 when told
-to (its validation refuses v1 only while failCgroupV1 is true, the
-default). runc 1.1.5 sees hybrid mode and uses v1 (plus the unified
+in it, removed ones included: /proc/cgroups counted 41, later 141, memory
+cgroups while only 5 directories existed (removed memory cgroups linger,
+"dying", until the page cache they were charged for is reclaimed). So
+memory cannot move to v2 while this machine runs, and a v2 kubelet/runc
+without the memory controller is no node (`cgroup_no_v1=` is a boot
+parameter, and the firecracker VM's command line is not ours). (podman
+also makes `libpod_parent` cgroups in the v1 hierarchies.) So the node runs
+on cgroup v1 with the kubelet's `failCgroupV1: false`: kubelet 1.37 still
+supports v1 when told to. With the default (true) it exits at once:
+"failed to validate kubelet configuration, error: kubelet is configured to
+not run on a host using cgroup v1. cgroup v1 support is unsupported and
+will be removed in a future release". runc 1.1.5 sees hybrid mode and uses v1 (plus the unified
 hierarchy for its own bookkeeping). cgroupDriver is `cgroupfs` (PID 1 is not
 systemd). The kubelet's cgroupRoot is `/gitopsd-node-<cluster>` in each
 hierarchy, made by `up` (cpuset.cpus/mems copied from the root) and removed

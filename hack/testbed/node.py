@@ -137,6 +137,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -358,7 +359,8 @@ def expose(cluster_name: str, port: int, *, protocol: str = "tcp") -> tuple[str,
     rule = (f"iifname \"{node.bridge}\" ip daddr {node.gateway} {protocol} dport {port} "
             f"dnat to 127.0.0.1:{port}")
     listing = _sh("nft", "list", "chain", "ip", node.nft_table, "prerouting").stdout
-    if f"dport {port} dnat to 127.0.0.1:{port}" not in listing:
+    if not re.search(rf"ip daddr {re.escape(node.gateway)} {protocol} dport {port} dnat to 127\.0\.0\.1:{port}$",
+                     listing, re.M):
         _sh("nft", "add", "rule", "ip", node.nft_table, "prerouting", *rule.replace('"', "").split())
     return node.gateway, port
 

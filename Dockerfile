@@ -1,16 +1,27 @@
 # gitopsd's container image. Build: docker build -t gitopsd:0.1.0 .
 # (deploy/README.md: building, loading into a cluster, what the image expects.)
+# Without Docker or registry access: hack/image build (buildah, a Debian base
+# made with debootstrap, the test bed's tools; hack/testbed/image.py).
 #
-# Three stages, so the final image holds no compiler and no build tool:
-#   python-build  the gitopsd wheel, installed with its dependencies in a venv
-#   tools         kustomize, helm and sops, built from their Go modules (static, CGO off)
-#   final         python slim + git + ssh client + gpg + the venv + the binaries
+# Stages, so the final image holds no compiler and no build tool:
+#   python-build       the dependencies from requirements.lock (hashes checked)
+#                      and the gitopsd wheel, in a venv
+#   tools-from-source  kustomize, helm and sops, built from their Go modules
+#                      (static, CGO off)
+#   tools              where the final stage takes them from: TOOLS names a
+#                      stage or an image holding them in /out (hack/image
+#                      passes one made from the test bed's builds, same pins)
+#   final              python + git + ssh client + gpg + the venv + the binaries
 #
-# Base images are pinned by tag. For a release, pin them by digest as well
-# (FROM python:3.11-slim-trixie@sha256:...), so a rebuild is byte-for-byte
-# the same base; the tags here are what the digests should be taken from.
-ARG PYTHON_IMAGE=python:3.11-slim-trixie
-ARG GO_IMAGE=golang:1.26-trixie
+# The public bases are pinned by digest (the multi-arch index of the tag
+# named before the @). The digests are the tags' as published on Docker Hub;
+# refresh them with `skopeo inspect --format '{{.Digest}}' docker://IMAGE:TAG`
+# where the registry can be reached (this project's build machines cannot).
+# PYTHON_IMAGE may be any image with python3 (>= 3.11, with venv) at the
+# same path in both stages that use it.
+ARG PYTHON_IMAGE=python:3.11-slim-trixie@sha256:9534e5a8e315485d4061ed659af0fd78a284c015f9b73661b41d6bab25604534
+ARG GO_IMAGE=golang:1.26-trixie@sha256:87ffdb09b6a2e29ff910748b745395e8a0299aa80b7c0551cdca9b55e3fd2b3e
+ARG TOOLS=tools-from-source
 
 # ---------------------------------------------------------------- python-build
 FROM ${PYTHON_IMAGE} AS python-build
@@ -19,19 +30,26 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 # Only what the wheel is built from (.dockerignore keeps the rest out).
-COPY pyproject.toml README.md ./
+COPY requirements.lock pyproject.toml README.md ./
 COPY gitopsd ./gitopsd
-# Dependencies come as wheels only (--only-binary; orjson and watchfiles ship
-# manylinux wheels for CPython 3.11): nothing is compiled, no compiler is
-# needed. pip writes the .pyc files at install time: the read-only image
+# Every dependency, and the build backend, is the version and the file
+# requirements.lock names (`make lock` writes it with uv from pyproject.toml):
+# --require-hashes refuses anything else. Wheels only (--only-binary; orjson,
+# pydantic-core, watchfiles and cel-expr-python ship manylinux wheels for
+# CPython 3.11): nothing is compiled, no compiler is needed. The wheel is
+# built with that locked setuptools (--no-build-isolation), which is then
+# removed. pip writes the .pyc files at install time: the read-only image
 # never needs to.
-RUN pip wheel --no-deps --wheel-dir /wheels . \
- && python -m venv /opt/gitopsd/venv \
- && /opt/gitopsd/venv/bin/pip install --only-binary=:all: /wheels/gitopsd-*.whl \
+RUN python3 -m venv /opt/gitopsd/venv \
+ && /opt/gitopsd/venv/bin/pip install --require-hashes --only-binary=:all: --no-deps -r requirements.lock \
+ && /opt/gitopsd/venv/bin/pip wheel --no-build-isolation --no-deps --wheel-dir /wheels . \
+ && /opt/gitopsd/venv/bin/pip install --no-deps /wheels/gitopsd-*.whl \
+ && /opt/gitopsd/venv/bin/pip uninstall -y setuptools wheel \
+ && /opt/gitopsd/venv/bin/pip check \
  && /opt/gitopsd/venv/bin/gitopsd --version
 
 # ---------------------------------------------------------------- tools
-FROM ${GO_IMAGE} AS tools
+FROM ${GO_IMAGE} AS tools-from-source
 # The same pins as the test bed (hack/testbed/build.py KUSTOMIZE, HELM, SOPS):
 # what CI renders (and decrypts) with is what the image renders with.
 ARG KUSTOMIZE_VERSION=v5.8.1
@@ -49,6 +67,9 @@ RUN go install -ldflags "-s -w" "sigs.k8s.io/kustomize/kustomize/v5@${KUSTOMIZE_
  && /out/kustomize version \
  && /out/helm version --short \
  && SOPS_DISABLE_VERSION_CHECK=1 /out/sops --version
+
+# ---------------------------------------------------------------- tools
+FROM ${TOOLS} AS tools
 
 # ---------------------------------------------------------------- final
 FROM ${PYTHON_IMAGE}
@@ -69,6 +90,11 @@ RUN apt-get update \
  && chown 65532:65532 /var/cache/gitopsd
 COPY --from=python-build /opt/gitopsd/venv /opt/gitopsd/venv
 COPY --from=tools /out/kustomize /out/helm /out/sops /usr/local/bin/
+# Whichever way they came, they run here (static binaries) and say their version.
+RUN kustomize version \
+ && helm version --short \
+ && SOPS_DISABLE_VERSION_CHECK=1 sops --version \
+ && git --version
 # Writable places only: /tmp (HOME: git and helm scratch, credential files)
 # and $GITOPSD_CACHE (bare Git clones). The Deployment mounts both as
 # emptyDir and keeps the root filesystem read-only.

@@ -5,8 +5,9 @@ PY       := $(VENV)/bin/python
 CLUSTER  ?= default
 # make run CLUSTERS=2: a second cluster, $(CLUSTER)-b, and an app deployed to both.
 CLUSTERS ?= 1
+TEST_WORKERS ?= 3
 
-.PHONY: venv toolchain test test-unit run cluster-up cluster-down bench clean
+.PHONY: venv toolchain test test-unit run cluster-up cluster-down bench image lock clean
 
 venv: $(VENV)/.installed
 
@@ -22,12 +23,14 @@ $(VENV)/.installed: pyproject.toml
 toolchain:
 	hack/cluster build --skip gitea
 
-# The whole suite against a real control plane started for the run. Gitea
+# The whole suite against a real control plane started for the run, in
+# TEST_WORKERS pytest-xdist processes sharing it (a file's tests stay in one
+# process; TEST_WORKERS=0 runs them all in this one). Gitea
 # (only its own tests, run last, need it) builds meanwhile in the background
 # under nice 19: a cold run does not wait ~12 minutes for it.
 test: venv toolchain
 	hack/cluster build --only gitea --background
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Tests that need no control plane (the kustomize/helm ones still run the
 # built binaries: `make toolchain` first on a fresh machine).
@@ -48,6 +51,16 @@ cluster-down:
 
 bench: venv toolchain
 	$(PY) hack/bench.py
+
+# gitopsd's container image, built with buildah from Debian's packages: no Docker
+# engine, no registry (a debootstrap base, the test bed's tools; hack/testbed/image.py).
+image: venv toolchain
+	$(PY) hack/image build
+
+# requirements.lock (the image's dependencies, pinned with hashes) from pyproject.toml.
+lock: venv
+	$(VENV)/bin/pip install -q uv
+	$(PY) hack/lock
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

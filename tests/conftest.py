@@ -5,6 +5,12 @@ test-bed cluster, which is then left running) and torn down at the end. Tests
 that need it FAIL with the tail of the failing component's log when it cannot
 start; they never skip: a skipped proof is no proof.
 
+Run with pytest-xdist (`make test` does, `-n` workers), the workers share the
+one cluster: the first to need it starts it under a file lock, the others
+adopt it, and the controller stops it when every worker is done. Each worker
+watches the fake nodes and writes any not-Ready moment to a file the
+controller reads at the end (see NodeWatch).
+
 Multi-cluster tests get a second control plane, `cluster_b` (with
 `kubeconfig_b` and `kube_b`): started on first use only, reused and left
 running when GITOPSD_TEST_CLUSTER_B names one, failing the same way.
@@ -12,6 +18,7 @@ running when GITOPSD_TEST_CLUSTER_B names one, failing the same way.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -41,25 +48,31 @@ class _Bed:
         self.label = label  # how messages name it: "" for the session cluster, " b" for cluster_b
         self.cluster: tb_cluster.Cluster | None = None
         self.error: str | None = None
-        self.owned = False
         self.nodes: NodeWatch | None = None
 
 
+def _flaps_file(name: str) -> Path:
+    """Where this run's watchers of cluster `name` write the moments a node was not Ready."""
+    return tb_cluster.state_dir(name) / f"node-flaps-{_run_id()}.txt"
+
+
 class NodeWatch:
-    """Watches the fake nodes for the whole run and remembers every moment one
-    was not Ready. A node that flaps makes every pod on it unready and fails
-    health waits for no reason of gitopsd's, so a flap fails the run (see
-    pytest_sessionfinish) — the suite is the test bed's long soak under load.
+    """Watches the fake nodes for the whole run and writes every moment one
+    was not Ready to the run's flaps file (_flaps_file). A node that flaps makes
+    every pod on it unready and fails health waits for no reason of gitopsd's,
+    so a flap fails the run (see pytest_sessionfinish, which reads the file in
+    the controller or the only process) — the suite is the test bed's long
+    soak under load.
     """
 
-    def __init__(self, kubeconfig: Path) -> None:
+    def __init__(self, cluster: tb_cluster.Cluster) -> None:
         import threading
 
         from kubernetes import config
 
-        self.api = config.new_client_from_config(config_file=str(kubeconfig))
-        self.not_ready: list[str] = []
-        self.started = time.monotonic()
+        self.api = config.new_client_from_config(config_file=str(cluster.kubeconfig))
+        self.file = _flaps_file(cluster.name)
+        self.file.touch()   # its existence says the cluster was used (and watched) in this run
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="node-watch", daemon=True)
         self._thread.start()
@@ -76,27 +89,47 @@ class NodeWatch:
                         continue   # a real node (tests/test_testbed_node.py) comes and goes: not watched
                     ready = {c.type: c.status for c in (node.status.conditions or [])}.get("Ready")
                     if ready != "True" and event["type"] != "DELETED":
-                        self.not_ready.append(f"{time.strftime('%H:%M:%S')} {node.metadata.name} Ready={ready}")
+                        with self.file.open("a") as f:   # one short line per write: appends interleave whole
+                            f.write(f"{time.strftime('%H:%M:%S')} {node.metadata.name} Ready={ready}\n")
                     if self._stop.is_set():
                         return
             except Exception:  # the control plane restarting under a fault test; watch again
                 self._stop.wait(1)
 
-    def stop(self) -> float:
+    def stop(self) -> None:
         self._stop.set()
-        return time.monotonic() - self.started
 
 
 _bed = _Bed("")
 _bed_b = _Bed(" b")
 _BEDS = (_bed, _bed_b)
+_STARTED = time.monotonic()
+
+
+def _is_worker(config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def pytest_configure(config):
+    """The controller (or the only process) names the run; xdist workers,
+    started after this, inherit it and so name the same clusters."""
+    if not _is_worker(config):
+        os.environ["GITOPSD_TEST_RUN"] = str(os.getpid())
+
+
+def _run_id() -> str:
+    return os.environ.get("GITOPSD_TEST_RUN") or str(os.getpid())
 
 
 def _session_name() -> str:
-    return os.environ.get("GITOPSD_TEST_CLUSTER") or f"pytest-{os.getpid()}"
+    return os.environ.get("GITOPSD_TEST_CLUSTER") or f"pytest-{_run_id()}"
 
 
-def _bring_up(bed: _Bed, name: str, *, reuse: bool, what: str) -> tb_cluster.Cluster:
+def _b_name() -> str:
+    return os.environ.get("GITOPSD_TEST_CLUSTER_B") or f"b-{_run_id()}"
+
+
+def _bring_up(bed: _Bed, name: str, *, what: str) -> tb_cluster.Cluster:
     """Start (or, reusing, adopt) the bed's cluster once per session; every
     later request gets it, or the same failure: pytest.fail, never a skip."""
     if bed.cluster is not None:
@@ -106,9 +139,11 @@ def _bring_up(bed: _Bed, name: str, *, reuse: bool, what: str) -> tb_cluster.Clu
     try:
         if not tb_build.all_built():
             raise tb_cluster.ClusterError("test-bed binaries are missing: run `hack/cluster build` (make test does)")
-        bed.cluster = tb_cluster.up(name, out=sys.stderr)
-        bed.owned = not reuse
-        bed.nodes = NodeWatch(bed.cluster.kubeconfig)
+        tb_cluster.clusters_dir().mkdir(parents=True, exist_ok=True)
+        with open(tb_cluster.clusters_dir() / f"{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)   # xdist workers: the first starts it, the rest adopt it
+            bed.cluster = tb_cluster.up(name, out=sys.stderr)
+        bed.nodes = NodeWatch(bed.cluster)
     except (tb_cluster.ClusterError, FileNotFoundError, OSError) as exc:
         bed.error = f"{what} did not start: {exc}"
         logs = tb_cluster.state_dir(name) / "logs"
@@ -124,8 +159,24 @@ def _bring_up(bed: _Bed, name: str, *, reuse: bool, what: str) -> tb_cluster.Clu
 @pytest.fixture(scope="session")
 def cluster() -> tb_cluster.Cluster:
     """The session's running control plane (started on first use)."""
-    return _bring_up(_bed, _session_name(), reuse=bool(os.environ.get("GITOPSD_TEST_CLUSTER")),
+    return _bring_up(_bed, _session_name(),
                      what="the local control plane")
+
+
+@pytest.fixture(scope="module")
+def sample_namespaces(cluster):
+    """The sample apps' fixed namespaces (web-dev, web-staging, web-production)
+    and gitopsd-system on the session cluster, the module's alone while it runs.
+
+    Tests elsewhere get a namespace of their own; the modules that deploy
+    sample-repo/ or deploy/ as they are cannot. This lock, beside the
+    cluster's state, makes them take turns: xdist workers, and other runs
+    sharing the cluster (GITOPSD_TEST_CLUSTER). Use it first, before the
+    module's other fixtures touch those namespaces.
+    """
+    with open(cluster.dir / "sample-namespaces.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -135,7 +186,7 @@ def kubeconfig(cluster) -> Path:
 
 @pytest.fixture(scope="session")
 def cluster_b() -> tb_cluster.Cluster:
-    """A second control plane for multi-cluster tests, `b-<pid>`, started on
+    """A second control plane for multi-cluster tests, `b-<run>`, started on
     first use only (a run that never asks for it starts nothing more).
 
     Independent of `cluster`: its own CA, etcd and ports. Torn down at the end
@@ -149,7 +200,7 @@ def cluster_b() -> tb_cluster.Cluster:
     if reuse and reuse == _session_name():
         pytest.fail(f"GITOPSD_TEST_CLUSTER_B names the session cluster {reuse!r}: multi-cluster tests need a "
                     f"second control plane (unset it, or name another test-bed cluster)", pytrace=False)
-    return _bring_up(_bed_b, reuse or f"b-{os.getpid()}", reuse=bool(reuse),
+    return _bring_up(_bed_b, _b_name(),
                      what="the second local control plane (cluster_b)")
 
 
@@ -221,11 +272,13 @@ def receivers():
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """Tests on the real Gitea run last: `make test` builds it in the background meanwhile
+    """Tests on the real Gitea run late: `make test` builds it in the background meanwhile
     (hack/testbed/build.py start_background), and the `gitea` fixture waits for that build.
     The real node's tests (marker `node`) run just before them: after the rest, which never
-    see the node, and giving Gitea's build their minutes too."""
-    items.sort(key=lambda item: ("gitea" in getattr(item, "fixturenames", ()),
+    see the node, and giving Gitea's build their minutes too. The image's tests (marked
+    `image`: a buildah build, podman runs) run last of all."""
+    items.sort(key=lambda item: (item.get_closest_marker("image") is not None,
+                                 "gitea" in getattr(item, "fixturenames", ()),
                                  item.get_closest_marker("node") is not None))   # stable: the rest keep their order
 
 
@@ -250,25 +303,36 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Stop the session's clusters (`cluster`, and `cluster_b` when a test used
+    """Stop the run's clusters (`cluster`, and `cluster_b` when a test used
     it) unless reused; keep their component logs when anything failed.
 
     A fake node that was ever not Ready during the run fails it (exit 1).
+    Under xdist the workers only stop watching: the controller, which ends
+    after them, reports and stops the clusters they shared.
     """
     for bed in _BEDS:
-        if bed.nodes is None:
-            continue
-        watched = bed.nodes.stop()
-        if bed.nodes.not_ready:
-            sys.stderr.write(f"\nTEST BED{bed.label.upper()}: fake nodes were not Ready during the run "
-                             f"({watched / 60:.0f} min watched):\n  " + "\n  ".join(bed.nodes.not_ready[:20]) + "\n")
+        if bed.nodes is not None:
+            bed.nodes.stop()
+    if _is_worker(session.config):
+        return
+    watched = (time.monotonic() - _STARTED) / 60
+    beds = ((_session_name(), "", bool(os.environ.get("GITOPSD_TEST_CLUSTER"))),
+            (_b_name(), " b", bool(os.environ.get("GITOPSD_TEST_CLUSTER_B"))))
+    for name, label, _reused in beds:
+        flaps = _flaps_file(name)
+        if not flaps.exists():
+            continue   # no test of this run used it
+        lines = flaps.read_text().splitlines()
+        flaps.unlink()
+        if lines:
+            sys.stderr.write(f"\nTEST BED{label.upper()}: fake nodes were not Ready during the run "
+                             f"({watched:.0f} min watched):\n  " + "\n  ".join(lines[:20]) + "\n")
             session.exitstatus = exitstatus = 1
         else:
-            sys.stderr.write(f"\ntest bed{bed.label}: every fake node stayed Ready for the "
-                             f"{watched / 60:.0f} min run\n")
-    for bed in _BEDS:
-        c = bed.cluster
-        if c is None or not bed.owned:
+            sys.stderr.write(f"\ntest bed{label}: every fake node stayed Ready for the {watched:.0f} min run\n")
+    for name, _label, reused in beds:
+        c = tb_cluster.Cluster.load(name)
+        if c is None or reused:
             continue
         try:
             if exitstatus != 0:
@@ -278,6 +342,7 @@ def pytest_sessionfinish(session, exitstatus):
                 sys.stderr.write(f"\ncomponent logs kept in {kept}\n")
         finally:  # never leave a cluster running because its logs could not be copied
             tb_cluster.down(c.name)
+            (tb_cluster.clusters_dir() / f"{c.name}.lock").unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")

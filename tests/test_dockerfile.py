@@ -122,19 +122,25 @@ def test_dockerfile_passes_hadolint():
 
 def test_image_is_built_in_stages_and_ends_on_python_slim(dockerfile):
     _, stages = dockerfile
-    assert [s.name for s in stages] == ["python-build", "tools", None]
+    assert [s.name for s in stages] == ["python-build", "tools-from-source", "tools", None]
     assert stages[0].image.startswith("python:3.11-slim"), stages[0].image
     assert stages[1].image.startswith("golang:1.26"), stages[1].image
+    # TOOLS names the stage by default (hack/image passes an image holding the test bed's builds).
+    assert stages[2].image == "tools-from-source"
     # Same base as the builder: the venv's interpreter path must exist in the final image.
     assert stages[-1].image == stages[0].image
 
 
-def test_base_images_are_pinned_never_latest(dockerfile):
+def test_base_images_are_pinned_by_digest_never_latest(dockerfile):
+    names = {stage.name for stage in dockerfile[1]}
     for stage in dockerfile[1]:
+        if stage.image in names:
+            continue   # FROM an earlier stage
         repo, _, tag = stage.image.partition(":")
-        assert tag and "$" not in tag, f"{stage.image}: pin a tag (or a digest)"
+        assert tag and "$" not in tag, f"{stage.image}: pin a tag and a digest"
         assert not tag.startswith("latest"), f"{stage.image}: never :latest"
         assert re.match(r"\d+\.\d+", tag), f"{stage.image}: pin at least major.minor"
+        assert re.search(r"@sha256:[0-9a-f]{64}$", tag), f"{stage.image}: pin the digest too"
 
 
 def test_final_stage_runs_as_non_root_uid_65532(final):
@@ -163,7 +169,7 @@ def test_final_stage_has_no_compiler_and_cleans_apt_lists(final):
 def test_kustomize_helm_and_sops_are_pinned_like_the_test_bed(dockerfile):
     from testbed import build as tb_build  # tests/conftest.py puts hack/ on sys.path
 
-    tools = dockerfile[1][1]
+    (tools,) = [stage for stage in dockerfile[1] if stage.name == "tools-from-source"]
     pins = arg_defaults(tools)
     assert pins["KUSTOMIZE_VERSION"] == tb_build.KUSTOMIZE
     assert pins["HELM_VERSION"] == tb_build.HELM
@@ -217,6 +223,33 @@ def test_deployment_fits_the_image(final):
                if m["mountPath"] not in (env["HOME"], env["GITOPSD_CACHE"]))
     # The args the Deployment passes are the image's CMD plus options, never a different config.
     assert container["args"][:3] == json.loads(final.last("CMD"))
+
+
+def test_requirements_lock_pins_every_dependency_with_its_hashes():
+    """The image installs requirements.lock with --require-hashes: it must pin pyproject.toml's
+    dependencies and build backend at versions they accept (`make lock` rewrites it)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    pins: dict[str, tuple[str, int]] = {}
+    for entry in re.split(r"\n(?=\S)", (ROOT / "requirements.lock").read_text()):
+        if entry.startswith("#") or not entry.strip():
+            continue
+        m = re.match(r"([A-Za-z0-9_.-]+)==(\S+)", entry)
+        assert m, f"not an exact pin: {entry.splitlines()[0]}"
+        pins[m.group(1).lower().replace("_", "-")] = (m.group(2), entry.count("--hash=sha256:"))
+    wanted = [*pyproject["project"]["dependencies"], *pyproject["build-system"]["requires"]]
+    for spec in map(Requirement, wanted):
+        name = spec.name.lower().replace("_", "-")
+        assert name in pins, f"{spec.name} is not in requirements.lock: run `make lock`"
+        version, hashes = pins[name]
+        assert spec.specifier.contains(version, prereleases=True), \
+            f"requirements.lock pins {name}=={version}, pyproject.toml wants {spec}: run `make lock`"
+    assert all(hashes for _version, hashes in pins.values()), "every pin carries its files' hashes"
+    run = " ".join(parse(DOCKERFILE.read_text())[1][0].all("RUN"))
+    assert "--require-hashes" in run and "-r requirements.lock" in run and "--no-build-isolation" in run
 
 
 # ------------------------------------------------------------------ the python-build stage, for real

@@ -10,7 +10,7 @@ from helpers import wait_for
 
 from gitopsd.config import Helm
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("sample_namespaces")]   # fixed namespaces: take turns
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample-repo"
 

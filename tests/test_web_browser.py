@@ -20,7 +20,7 @@ import pytest
 import yaml
 from helpers import configmap, wait_audit, wait_for
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("sample_namespaces")]   # fixed namespaces: take turns
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_NAMESPACES = ("web-dev", "web-staging", "web-production")

@@ -331,7 +331,11 @@ def steps() -> list[tuple[list[Step], Callable[[list[str], Path], None]]]:
         ([Step("kwok", f"{KWOK} stages={','.join(KWOK_STAGE_SETS)}")], kwok),
         ([Step("kustomize", KUSTOMIZE)],
          lambda _names, log: _go_install("sigs.k8s.io/kustomize/kustomize/v5", KUSTOMIZE, "kustomize", log)),
-        ([Step("helm", HELM)], lambda _names, log: _go_install("helm.sh/helm/v3/cmd/helm", HELM, "helm", log)),
+        # Its full version stamped, as the Dockerfile does (a plain install says "v3.22", and
+        # charts see that as .Capabilities.HelmVersion); the stamp's "+version" rebuilds an older one.
+        ([Step("helm", f"{HELM}+version")], lambda _names, log: _go_install(
+            "helm.sh/helm/v3/cmd/helm", HELM, "helm", log,
+            ldflags=f"-s -w -X helm.sh/helm/v3/internal/version.version={HELM}")),
         ([Step("sops", SOPS)],
          lambda _names, log: _go_install("github.com/getsops/sops/v3/cmd/sops", SOPS, "sops", log)),
         ([Step("age", AGE), Step("age-keygen", AGE)], _build_age),

@@ -85,6 +85,8 @@ class NodeWatch:
             try:
                 for event in watch.Watch().stream(core.list_node, timeout_seconds=60):
                     node = event["object"]
+                    if (node.metadata.annotations or {}).get("kwok.x-k8s.io/node") != "fake":
+                        continue   # a real node (tests/test_testbed_node.py) comes and goes: not watched
                     ready = {c.type: c.status for c in (node.status.conditions or [])}.get("Ready")
                     if ready != "True" and event["type"] != "DELETED":
                         with self.file.open("a") as f:   # one short line per write: appends interleave whole
@@ -284,9 +286,12 @@ def receivers():
 def pytest_collection_modifyitems(session, config, items):
     """Tests on the real Gitea run late: `make test` builds it in the background meanwhile
     (hack/testbed/build.py start_background), and the `gitea` fixture waits for that build.
-    The image's tests (marked `image`: a buildah build, podman runs) run last of all."""
+    The real node's tests (marker `node`) run just before them: after the rest, which never
+    see the node, and giving Gitea's build their minutes too. The image's tests (marked
+    `image`: a buildah build, podman runs) run last of all."""
     items.sort(key=lambda item: (item.get_closest_marker("image") is not None,
-                                 "gitea" in getattr(item, "fixturenames", ())))   # stable: the rest keep their order
+                                 "gitea" in getattr(item, "fixturenames", ()),
+                                 item.get_closest_marker("node") is not None))   # stable: the rest keep their order
 
 
 @pytest.hookimpl(hookwrapper=True)

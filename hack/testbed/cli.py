@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from . import build, cluster, prometheus
+from . import build, cluster, node, prometheus
 
 
 def main(argv: list[str]) -> int:
@@ -29,6 +29,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("action", choices=("up", "down", "status"),
                    help="up: start (building it first if needed) and print PROMETHEUS_URL= and EXPORTER_URL=")
     p.add_argument("name", nargs="?", default="default", help="the test bed name (a cluster need not run)")
+    p = sub.add_parser("node", help="a real node (kubelet, containerd, runc, CNI bridge) for a running cluster")
+    p.add_argument("action", choices=("up", "down", "status"),
+                   help="up: start it (building the kubelet first if needed) and wait until it is Ready")
+    p.add_argument("name", nargs="?", default="default", help="the cluster's name")
+    p.add_argument("--import", dest="archives", nargs="*", default=(), metavar="ARCHIVE",
+                   help="with up: also import these OCI/docker image archives into the node's containerd")
     args = parser.parse_args(argv)
 
     try:
@@ -50,6 +56,8 @@ def main(argv: list[str]) -> int:
                   file=sys.stderr)
         elif args.verb == "prometheus":
             return _prometheus(args.action, args.name)
+        elif args.verb == "node":
+            return _node(args.action, args.name, args.archives)
         elif args.verb == "status":
             print(json.dumps(cluster.status(args.name), indent=2))
         elif args.verb == "kubeconfig":
@@ -78,6 +86,24 @@ def _prometheus(action: str, name: str) -> int:
         found = prometheus.status(name)
         if found is None:
             print(f"no prometheus {name!r}: start it with `hack/cluster prometheus up {name}`", file=sys.stderr)
+            return 1
+        print(json.dumps(found, indent=2))
+    return 0
+
+
+def _node(action: str, name: str, archives) -> int:
+    if action == "up":
+        n = node.up(name, out=sys.stderr)
+        for archive in archives:
+            print(f"imported {', '.join(node.import_image(name, archive))} from {archive}", file=sys.stderr)
+        print(json.dumps(node.status(name), indent=2))
+    elif action == "down":
+        stopped = node.down(name)
+        print(f"node of {name!r} down; {', '.join(stopped) or 'nothing was running'}", file=sys.stderr)
+    else:
+        found = node.status(name)
+        if found is None:
+            print(f"no node for cluster {name!r}: start it with `hack/cluster node up {name}`", file=sys.stderr)
             return 1
         print(json.dumps(found, indent=2))
     return 0

@@ -143,6 +143,14 @@ def _make_certs(pki: Path) -> None:
              "-subj", "/O=system:masters/CN=admin", cwd=pki)
     _openssl("x509", "-req", "-in", "admin.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
              "-out", "admin.crt", "-days", "3650", "-extfile", "client.ext", cwd=pki)
+    # The apiserver's client certificate towards kubelets (logs, exec, port-forward
+    # of a real node, node.py); KWOK's fake kubelet API does not check it.
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "apiserver-kubelet-client.key",
+             "-out", "apiserver-kubelet-client.csr", "-subj", "/O=system:masters/CN=kube-apiserver-kubelet-client",
+             cwd=pki)
+    _openssl("x509", "-req", "-in", "apiserver-kubelet-client.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+             "-CAcreateserial", "-out", "apiserver-kubelet-client.crt", "-days", "3650", "-extfile", "client.ext",
+             cwd=pki)
     _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
     _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
 
@@ -301,11 +309,14 @@ def up(name: str = "default", *, nodes: int = 3, out=None) -> Cluster:
     (prometheus.py) is left running: it does not depend on the apiserver.
     """
     say = (lambda msg: print(msg, file=out, flush=True)) if out else (lambda msg: None)
+    from . import node  # imports this module
+
     existing = Cluster.load(name)
     if existing and existing.pids and all(existing.alive().values()):
         say(f"cluster {name!r} already up")
         return existing
     if existing:
+        node.down(name)   # a real node belongs to the old CA and apiserver
         stop_processes(existing)
 
     started = time.monotonic()
@@ -372,6 +383,12 @@ def _start_components(cluster: Cluster, *, nodes: int, say) -> None:
         f"--service-account-key-file={pki / 'sa.pub'}",
         f"--service-account-signing-key-file={pki / 'sa.key'}",
         "--allow-privileged=true", "--endpoint-reconciler-type=none", "--v=1",
+        # For a real kubelet (node.py): authenticate to it with a client cert,
+        # and reach it at its InternalIP (its Hostname address does not resolve),
+        # as kubeadm configures it.
+        f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
+        f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
+        "--kubelet-preferred-address-types=InternalIP,Hostname,InternalDNS,ExternalDNS,ExternalIP",
         f"--audit-policy-file={d / 'audit-policy.yaml'}", f"--audit-log-path={cluster.log('audit')}",
         "--audit-log-maxsize=200", "--audit-log-maxbackup=1",
     ])
@@ -472,9 +489,10 @@ def _clear(state: Path) -> None:
 def down(name: str = "default") -> list[str]:
     """Stop every process started under the name (the control plane and the
     test bed's Prometheus) and remove its state directory."""
-    from . import prometheus  # imports this module; imported late to keep the cycle out of load time
+    from . import node, prometheus  # import this module; imported late to keep the cycle out of load time
 
-    stopped = prometheus.down(name)
+    stopped = [f"node: {what}" for what in node.down(name)]   # first: it unmounts what it mounted here
+    stopped += prometheus.down(name)
     cluster = Cluster.load(name)
     stopped = (stop_processes(cluster) if cluster else []) + stopped
     shutil.rmtree(state_dir(name), ignore_errors=True)
@@ -482,8 +500,8 @@ def down(name: str = "default") -> list[str]:
 
 
 def status(name: str | None = None) -> list[dict]:
-    """Each named cluster's processes, and its Prometheus when one was started."""
-    from . import prometheus
+    """Each named cluster's processes, and its Prometheus and real node when started."""
+    from . import node, prometheus
 
     names = [name] if name else sorted(p.name for p in clusters_dir().glob("*") if p.is_dir()) \
         if clusters_dir().exists() else []
@@ -499,6 +517,8 @@ def status(name: str | None = None) -> list[dict]:
                      "components": {comp: {"pid": c.pids[comp], "running": ok} for comp, ok in alive.items()}}
         if (prom := prometheus.status(n)) is not None:
             entry["prometheus"] = prom
+        if (real := node.status(n)) is not None:
+            entry["node"] = real
         result.append(entry)
     return result
 

@@ -1,0 +1,3 @@
+module gitopsd.local/testbed/probe
+
+go 1.26.0

@@ -179,6 +179,28 @@ def sample_namespaces(cluster):
         yield
 
 
+@pytest.fixture(scope="module")
+def real_node(cluster):
+    """A real node of the session cluster (kubelet, containerd, runc: hack/testbed/node.py) beside
+    the KWOK nodes, for the module; stopped at its end, so the rest of the suite sees the cluster
+    as it was. A cluster has one: modules take turns (a lock beside the cluster's state, as for
+    sample_namespaces). Fails, never skips, when it cannot start."""
+    from testbed import node as tb_node
+
+    with open(cluster.dir / "real-node.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        start = time.monotonic()
+        try:
+            node = tb_node.up(cluster.name, out=sys.stderr)
+        except (tb_node.NodeError, OSError) as exc:
+            pytest.fail(f"the real node did not start: {exc}", pytrace=False)
+        sys.stderr.write(f"\nreal node up in {time.monotonic() - start:.1f}s ({node.timings})\n")
+        try:
+            yield node
+        finally:
+            tb_node.down(cluster.name)
+
+
 @pytest.fixture(scope="session")
 def kubeconfig(cluster) -> Path:
     return cluster.kubeconfig

@@ -18,6 +18,7 @@ hash.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -204,3 +205,111 @@ def test_the_container_reconciles_sample_repo_with_a_mounted_service_account_tok
         assert not refused, refused
     finally:
         container.remove()
+
+
+# ------------------------------------------------------------------ the pod on a real kubelet
+
+REAL_NODE_OVERLAY = tb_image.ROOT / "hack" / "testbed" / "overlays" / "real-node"
+GIT_USER, GIT_TOKEN = "deploy", "real-node-fleet-token"
+
+
+def _pods(kube) -> list[dict]:
+    pods = kube.list(kube.resource("v1", "Pod"), namespace=SYSTEM_NS, label_selector="app.kubernetes.io/name=gitopsd")
+    return [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+
+
+def _ready(pod: dict) -> bool:
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in pod.get("status", {}).get("conditions") or [])
+
+
+def _shard_holders(kube) -> dict[str, str]:
+    leases = kube.list(kube.resource("coordination.k8s.io/v1", "Lease"), namespace=SYSTEM_NS)
+    return {x["metadata"]["name"]: x["spec"].get("holderIdentity") or ""
+            for x in leases if x["metadata"]["name"].startswith("gitopsd-shard-")}
+
+
+@pytest.mark.timeout(1200)
+def test_deploy_runs_as_real_pods_that_reconcile_sample_repo_and_survive_a_deleted_pod(
+        built, cluster, kube, kubeconfig, sample_namespaces, real_node, repo, tmp_path):
+    """`kubectl apply -k` of deploy/ (through hack/testbed/overlays/real-node) on a real kubelet:
+    the image imported into the node's containerd, both replicas Ready through their probes, the
+    apps reconciled from a Git remote the pods reach over the pod network with a token from a
+    Secret, the audit lines in `kubectl logs`, and a deleted pod's shards taken over by the other
+    replica while the Deployment brings a new pod up; a push after that is applied."""
+    from gitserver import GitHTTPServer
+    from testbed import node as tb_node
+
+    uninstall(kube, kubeconfig)
+    archive = tb_image.save(built.ref, tmp_path / "gitopsd.tar")
+    assert "localhost/gitopsd:0.1.0" in tb_node.import_image(cluster.name, archive, name="localhost/gitopsd:0.1.0")
+
+    sha = seed(repo)
+    server = GitHTTPServer(root=repo.bare.parent, username=GIT_USER, token=GIT_TOKEN).start()
+    try:
+        host, port = tb_node.expose(cluster.name, server.port)
+        url = f"http://{host}:{port}/{repo.bare.name}"
+        overlay = tmp_path / "overlay"
+        overlay.mkdir()
+        config = shipped_config(rendered(kubeconfig, REAL_NODE_OVERLAY), repo_url=url)
+        for entry in config["apps"]:
+            entry.update(credentials={"secretRef": {"name": "fleet-git"}}, interval="10s")
+        write_config(overlay / "config.yaml", config)
+        (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+            "resources": [os.path.relpath(REAL_NODE_OVERLAY, overlay)],
+            "configMapGenerator": [{"name": "gitopsd-config", "namespace": SYSTEM_NS, "behavior": "replace",
+                                    "files": ["config.yaml"], "options": {"disableNameSuffixHash": True}}],
+        }))
+        kubectl(kubeconfig, "apply", "-k", str(overlay))
+        kubectl(kubeconfig, "-n", SYSTEM_NS, "create", "secret", "generic", "fleet-git",
+                f"--from-literal=username={GIT_USER}", f"--from-literal=token={GIT_TOKEN}")
+
+        # Both replicas Ready on the real node: the kubelet's probes of /readyz passed.
+        pods = wait_for("two gitopsd pods Ready", lambda: (lambda ps: ps if len(ps) == 2 and all(map(_ready, ps))
+                                                            else None)(_pods(kube)), 300)
+        assert {p["spec"]["nodeName"] for p in pods} == {real_node.name}
+        assert all(not p["spec"].get("hostNetwork") for p in pods)
+        for app in APP_NAMESPACES:
+            wait_for(f"{app} Applied at the pushed commit", lambda a=app: app_status(kube, a).get("revision") == sha
+                     and app_status(kube, a).get("result") == "Applied", 180)
+        assert any(h.startswith("Basic ") for h in server.auth_headers), "fetched with the Secret's token"
+
+        # The audit lines are in the pods' logs, read through the apiserver and the kubelet.
+        def audited() -> set[str]:
+            found = set()
+            for pod in _pods(kube):
+                out = kubectl(kubeconfig, "-n", SYSTEM_NS, "logs", pod["metadata"]["name"], check=False).stdout
+                for line in out.splitlines():
+                    if '"event": "audit"' in line and '"result": "Applied"' in line:
+                        found.add(json.loads(line)["app"])
+            return found if found >= set(APP_NAMESPACES) else None
+        wait_for("an Applied audit line for every app in kubectl logs", audited, 60)
+        assert GIT_TOKEN not in "".join(kubectl(kubeconfig, "-n", SYSTEM_NS, "logs", p["metadata"]["name"]).stdout
+                                        for p in _pods(kube))
+
+        # Failover: delete the pod holding shard 0; the other replica takes its shards.
+        holders = wait_for("every shard held", lambda: (lambda h: h if len(h) == 4 and all(h.values()) else None)(
+            _shard_holders(kube)), 60)
+        victim = next(p["metadata"]["name"] for p in pods if holders["gitopsd-shard-0-of-4"].startswith(
+            p["metadata"]["name"]))
+        survivor = next(p["metadata"]["name"] for p in pods if p["metadata"]["name"] != victim)
+        kubectl(kubeconfig, "-n", SYSTEM_NS, "delete", "pod", victim, "--wait=false")
+        wait_for("the survivor holds shard 0", lambda: _shard_holders(kube).get("gitopsd-shard-0-of-4", "")
+                 .startswith(survivor), 120)
+        replacement = wait_for("a new pod Ready", lambda: [p for p in _pods(kube) if _ready(p) and
+                                                          p["metadata"]["name"] not in (victim, survivor)] or None, 300)
+        assert replacement[0]["spec"]["nodeName"] == real_node.name
+
+        # Still reconciling: a push after the failover is applied.
+        (repo.work / "apps" / "web" / "overlays" / "dev" / "after-failover.yaml").write_text(yaml.safe_dump(
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "after-failover"}, "data": {"ok": "yes"}}))
+        kustomization = repo.work / "apps" / "web" / "overlays" / "dev" / "kustomization.yaml"
+        text = kustomization.read_text()
+        assert "resources:\n" in text
+        kustomization.write_text(text.replace("resources:\n", "resources:\n  - after-failover.yaml\n", 1))
+        pushed = repo.commit("after the failover")
+        wait_for("web-dev Applied at the push after the failover",
+                 lambda: app_status(kube, "web-dev").get("revision") == pushed, 120)
+        assert kube.get(kube.resource("v1", "ConfigMap"), "after-failover", "web-dev")["data"] == {"ok": "yes"}
+    finally:
+        server.stop()
+        uninstall(kube, kubeconfig)

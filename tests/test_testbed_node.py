@@ -1,8 +1,7 @@
 """A real node in the test bed: kubelet v1.37.2, containerd and runc, a CNI bridge.
 
 hack/testbed/node.py starts it next to the session cluster's KWOK nodes for
-this module only (and stops it at the end, so the rest of the suite sees the
-cluster as it was). The tests run a real container built here (the probe
+this module only (the `real_node` fixture, tests/conftest.py). The tests run a real container built here (the probe
 image: hack/testbed/images/probe, a static Go program) and check what a pod
 on a real cluster would: it becomes Ready through its readiness probe, its
 output comes back through `kubectl logs` (apiserver -> kubelet), it reached
@@ -34,19 +33,6 @@ from testbed import node as tb_node
 pytestmark = [pytest.mark.cluster, pytest.mark.node]
 
 APP = "probe"
-
-
-@pytest.fixture(scope="module")
-def real_node(cluster):
-    """The session cluster's real node, for this module; stopped at its end."""
-    start = time.monotonic()
-    try:
-        node = tb_node.up(cluster.name, out=sys.stderr)
-    except (tb_node.NodeError, OSError) as exc:
-        pytest.fail(f"the real node did not start: {exc}", pytrace=False)
-    sys.stderr.write(f"\nreal node up in {time.monotonic() - start:.1f}s ({node.timings})\n")
-    yield node
-    tb_node.down(cluster.name)
 
 
 @pytest.fixture(scope="module")

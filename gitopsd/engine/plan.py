@@ -721,7 +721,8 @@ def _judge(kube: Kube, change: ObjectChange, plan: Plan, *, commit_namespaces: s
     first one sent all of `desired`, as for a create. A dry-run that ran on a
     newer object than the one read (another manager wrote it in between:
     _stale) is judged again against the object read anew, so their write is
-    never shown as this change's.
+    never shown as this change's (when the comparison names a field the
+    apply does not set: _stale).
     """
     live, desired = change.live, change.desired
     if desired is None:
@@ -746,7 +747,7 @@ def _judge(kube: Kube, change: ObjectChange, plan: Plan, *, commit_namespaces: s
                 return
     change.unseen = False
     for _ in range(STALE_READS):
-        if not _stale(live, after):
+        if not _stale(live, after, change.to_apply()):
             break
         # Written by another hand between the read and the dry-run (a controller's annotation,
         # say): the dry-run ran on that newer object, so compare it with that object read
@@ -775,14 +776,22 @@ def _judge(kube: Kube, change: ObjectChange, plan: Plan, *, commit_namespaces: s
 STALE_READS = 3
 
 
-def _stale(live: dict | None, after: dict) -> bool:
-    """Whether the dry-run ran on a newer object than `live`: a dry-run keeps the stored object's
-    resourceVersion (nothing is stored), so a different one means the object changed since the read."""
-    if live is None:
+def _stale(live: dict | None, after: dict, applied: dict | None) -> bool:
+    """Whether comparing `after` with `live` could show another hand's write as this change's.
+
+    The dry-run ran on a newer object than `live` when the resourceVersions differ (a dry-run
+    keeps the stored object's: nothing is stored). That alone is common and harmless (a
+    controller's status update bumps it), so it counts only when the comparison also names a
+    field the applied body does not set: only such a field can be another manager's write
+    between the read and the dry-run (or one the apply drops, which a fresh read shows again).
+    """
+    if live is None or applied is None:
         return False
     before = (live.get("metadata") or {}).get("resourceVersion")
     seen = (after.get("metadata") or {}).get("resourceVersion")
-    return bool(before and seen and before != seen)
+    if not (before and seen and before != seen):
+        return False
+    return any(not difflib_.within(applied, f) for f in difflib_.compare(live, after, label="").fields)
 
 
 def _leave_alone(change: ObjectChange, ignore: Ignore) -> bool:

@@ -32,10 +32,10 @@ test: venv toolchain
 	hack/cluster build --only gitea --background
 	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
-# Tests that need no control plane (the kustomize/helm ones still run the
-# built binaries: `make toolchain` first on a fresh machine).
+# Tests that need no control plane and no container image (the kustomize/helm
+# ones still run the built binaries: `make toolchain` first on a fresh machine).
 test-unit: venv
-	$(VENV)/bin/pytest -m "not cluster" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m "not cluster and not image" $(PYTEST_ARGS)
 
 # The main job: the local control plane plus gitopsd against sample-repo/
 # (CLUSTERS=2: plus $(CLUSTER)-b; `make cluster-down CLUSTERS=2` stops both).

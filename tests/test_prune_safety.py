@@ -113,6 +113,49 @@ def test_a_foreign_custom_resource_of_a_new_crd_keeps_the_namespace(app, repo, k
         kube.delete(crds, f"backups.{group}")
 
 
+def test_a_crd_deleted_between_discovery_and_the_check_does_not_keep_the_namespace(kube, team_ns, namespace):
+    """Its kind answers 404 and discovery, asked again, no longer lists it: none of its objects
+    can be left (a CRD's deletion deletes them first), so it is no reason to keep the namespace.
+    (Seen in the parallel suite: another test's CRD going away kept an unrelated namespace.)"""
+    group = f"{namespace}.example.com"
+    crds = kube.resource("apiextensions.k8s.io/v1", "CustomResourceDefinition")
+    kube.request("POST", crds.path(), body={
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"gadgets.{group}"},
+        "spec": {"group": group, "scope": "Namespaced",
+                 "names": {"plural": "gadgets", "singular": "gadget", "kind": "Gadget"},
+                 "versions": [{"name": "v1", "served": True, "storage": True,
+                               "schema": {"openAPIV3Schema": {"type": "object",
+                                                              "x-kubernetes-preserve-unknown-fields": True}}}]}})
+    wait_for("the new kind in discovery", lambda: (kube.discover(), kube.resource_for_group_kind(group, "Gadget"))[1])
+    kube.delete(crds, f"gadgets.{group}")
+    wait_for("the kind no longer served", lambda: _not_served(kube, f"/apis/{group}/v1/namespaces/{team_ns}/gadgets"))
+    # The check starts from the discovery made while the CRD existed (the race, made to happen).
+    refreshed, calls = kube.discover, []
+
+    def first_call_stale() -> None:
+        calls.append(1)
+        if len(calls) > 1:
+            refreshed()
+    kube.discover = first_call_stale
+    try:
+        found = plan_mod.foreign_objects(kube, team_ns, "applyset-none")
+    finally:
+        kube.discover = refreshed
+    assert not [f for f in found if "gadgets" in f], found
+    assert len(calls) >= 2 and kube.resource_for_group_kind(group, "Gadget") is None, "discovery was asked again"
+
+
+def _not_served(kube, path: str) -> bool:
+    from gitopsd.kube import KubeApiError
+
+    try:
+        kube.request("GET", path)
+    except KubeApiError as exc:
+        return exc.path_not_served
+    return False
+
+
 def test_an_object_owned_from_outside_the_namespace_keeps_it(app, repo, kube, team_ns, namespace):
     """ownerReferences excuse an object only when its owner is inside the namespace (and so checked too)."""
     roles = kube.resource("rbac.authorization.k8s.io/v1", "ClusterRole")

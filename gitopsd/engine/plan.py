@@ -473,10 +473,24 @@ def foreign_objects(kube: Kube, namespace: str, applyset_id: str, *, limit: int 
                     found.append(f"{res.kind}/{meta.get('name')}")
                     break   # one per kind is enough to name; look at the other kinds
         except GitopsdError as exc:
+            if _kind_gone(kube, res, exc):
+                continue   # its CRD was deleted since discovery, and its objects with it
             status = getattr(exc, "status", None)
             why = "gitopsd may not list them" if status == 403 else f"listing them failed ({exc})"
             found.append(f"{_plural_label(res)} ({why})")
     return found[:limit]
+
+
+def _kind_gone(kube: Kube, res: Resource, exc: Exception) -> bool:
+    """A 404 for the kind's path itself, and discovery, asked again, no longer lists the kind
+    nor calls its group-version stale: a CRD deleted since discovery (deleting a CRD deletes
+    its objects first, so none can be left). An aggregated API that stopped answering is
+    stale, not gone: its objects may exist, and the namespace is kept."""
+    if not (isinstance(exc, KubeApiError) and exc.path_not_served):
+        return False
+    kube.discover()
+    return (f"{res.group}/{res.version}" not in kube.stale_group_versions
+            and kube.resource_for_group_kind(res.group, res.kind) is None)
 
 
 def _ours_or_automatic(kube: Kube, res: Resource, meta: dict, applyset_id: str) -> bool:

@@ -81,20 +81,26 @@ def test_a_foreign_object_behind_many_managed_ones_keeps_the_namespace(app, repo
     assert len(result.pruned) == 55 and all(c.ref.kind == "ConfigMap" for c in result.pruned)
 
 
+def _create_crd(kube, group: str, plural: str, kind: str):
+    """A namespaced CRD `<plural>.<group>` taking any object; returns the CRD resource."""
+    crds = kube.resource("apiextensions.k8s.io/v1", "CustomResourceDefinition")
+    kube.request("POST", crds.path(), body={
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.{group}"},
+        "spec": {"group": group, "scope": "Namespaced",
+                 "names": {"plural": plural, "singular": plural.rstrip("s"), "kind": kind},
+                 "versions": [{"name": "v1", "served": True, "storage": True,
+                               "schema": {"openAPIV3Schema": {"type": "object",
+                                                              "x-kubernetes-preserve-unknown-fields": True}}}]}})
+    return crds
+
+
 def test_a_foreign_custom_resource_of_a_new_crd_keeps_the_namespace(app, repo, kube, team_ns, namespace):
     """A kind the cluster started serving after gitopsd's last discovery still counts."""
     drop = _own_namespace_then_drop_it(app, repo, kube, team_ns)
     kube.resource("v1", "ConfigMap")   # discovery happened before the CRD exists
     group = f"{namespace}.example.com"
-    crds = kube.resource("apiextensions.k8s.io/v1", "CustomResourceDefinition")
-    kube.request("POST", crds.path(), body={
-        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"backups.{group}"},
-        "spec": {"group": group, "scope": "Namespaced",
-                 "names": {"plural": "backups", "singular": "backup", "kind": "Backup"},
-                 "versions": [{"name": "v1", "served": True, "storage": True,
-                               "schema": {"openAPIV3Schema": {"type": "object",
-                                                              "x-kubernetes-preserve-unknown-fields": True}}}]}})
+    crds = _create_crd(kube, group, "backups", "Backup")
     try:
         def established():
             live = kube.get(crds, f"backups.{group}")
@@ -118,15 +124,7 @@ def test_a_crd_deleted_between_discovery_and_the_check_does_not_keep_the_namespa
     can be left (a CRD's deletion deletes them first), so it is no reason to keep the namespace.
     (Seen in the parallel suite: another test's CRD going away kept an unrelated namespace.)"""
     group = f"{namespace}.example.com"
-    crds = kube.resource("apiextensions.k8s.io/v1", "CustomResourceDefinition")
-    kube.request("POST", crds.path(), body={
-        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"gadgets.{group}"},
-        "spec": {"group": group, "scope": "Namespaced",
-                 "names": {"plural": "gadgets", "singular": "gadget", "kind": "Gadget"},
-                 "versions": [{"name": "v1", "served": True, "storage": True,
-                               "schema": {"openAPIV3Schema": {"type": "object",
-                                                              "x-kubernetes-preserve-unknown-fields": True}}}]}})
+    crds = _create_crd(kube, group, "gadgets", "Gadget")
     wait_for("the new kind in discovery", lambda: (kube.discover(), kube.resource_for_group_kind(group, "Gadget"))[1])
     kube.delete(crds, f"gadgets.{group}")
     wait_for("the kind no longer served", lambda: _not_served(kube, f"/apis/{group}/v1/namespaces/{team_ns}/gadgets"))

@@ -733,10 +733,10 @@ def _judge(kube: Kube, change: ObjectChange, plan: Plan, *, commit_namespaces: s
     a GET and the apply. When what was read has fields the app leaves to
     other managers (plan.ignore), the dry-run is repeated without them: the
     first one sent all of `desired`, as for a create. A dry-run that ran on a
-    newer object than the one read (another manager wrote it in between:
-    _stale) is judged again against the object read anew, so their write is
-    never shown as this change's (when the comparison names a field the
-    apply does not set: _stale).
+    newer object than the one read, when the comparison names a field the
+    apply does not set (another manager wrote it in between: _stale), is
+    judged again against the object read anew, so their write is never shown
+    as this change's.
     """
     live, desired = change.live, change.desired
     if desired is None:
@@ -749,33 +749,22 @@ def _judge(kube: Kube, change: ObjectChange, plan: Plan, *, commit_namespaces: s
     if after is None:
         return
     if change.unseen and (after.get("metadata") or {}).get("resourceVersion"):
-        if not _read_unseen(kube, change, plan):
+        after = _read_again(kube, change, plan, after, dry_run=False, commit_namespaces=commit_namespaces,
+                            recreate=recreate)
+        if after is None:
             return
-        live = change.live
-        if live is not None and not change.takeover and still_ours(live, desired, ignore=plan.ignore):
-            change.action = Action.UNCHANGED
-            return
-        if _leave_alone(change, plan.ignore):
-            after = _dry_run(kube, change, plan, commit_namespaces=commit_namespaces, recreate=recreate)
-            if after is None:
-                return
     change.unseen = False
     for _ in range(STALE_READS):
-        if not _stale(live, after, change.to_apply()):
+        if not _stale(change.live, after, change.to_apply()):
             break
         # Written by another hand between the read and the dry-run (a controller's annotation,
         # say): the dry-run ran on that newer object, so compare it with that object read
         # again, never with the older read (which would show their change as ours).
-        if not _read_unseen(kube, change, plan):
-            return
-        live = change.live
-        if live is not None and not change.takeover and still_ours(live, desired, ignore=plan.ignore):
-            change.action = Action.UNCHANGED
-            return
-        _leave_alone(change, plan.ignore)
-        after = _dry_run(kube, change, plan, commit_namespaces=commit_namespaces, recreate=recreate)
+        after = _read_again(kube, change, plan, after, dry_run=True, commit_namespaces=commit_namespaces,
+                            recreate=recreate)
         if after is None:
             return
+    live = change.live
     d = difflib_.compare(live, after, label=str(change.ref))
     if live is None:
         change.action, change.diff = Action.CREATE, d
@@ -784,6 +773,22 @@ def _judge(kube: Kube, change: ObjectChange, plan: Plan, *, commit_namespaces: s
     else:
         # A takeover alone is an update too: what those managers set and Git does not goes.
         change.action, change.diff = Action.UPDATE, d
+
+
+def _read_again(kube: Kube, change: ObjectChange, plan: Plan, after: dict, *, dry_run: bool,
+                commit_namespaces: set[str], recreate: bool) -> dict | None:
+    """Read the change's object anew and judge it against that: None when that settles it
+    (refused, unchanged, or the dry-run gave no answer), else the dry-run to compare with: a
+    new one when `dry_run` or when the body changed (fields left to other managers), else `after`."""
+    if not _read_unseen(kube, change, plan):
+        return None
+    live = change.live
+    if live is not None and not change.takeover and still_ours(live, change.desired, ignore=plan.ignore):
+        change.action = Action.UNCHANGED
+        return None
+    if _leave_alone(change, plan.ignore) or dry_run:
+        return _dry_run(kube, change, plan, commit_namespaces=commit_namespaces, recreate=recreate)
+    return after
 
 
 # How often a change is judged again when its object was written between the read and the dry-run.

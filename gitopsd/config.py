@@ -128,6 +128,10 @@ TIMEOUT_WHY = "the health wait needs time to see a rollout"
 #: No duration gitopsd takes needs more than ten years; a typo such as
 #: `99999999h` would overflow timers and dates.
 MAX_DURATION = 3650 * 86400.0
+#: A fetch given less than this fails on a slow remote before git has connected.
+MIN_FETCH_TIMEOUT = 1.0
+FETCH_TIMEOUT_WHY = "a fetch needs time to connect to the remote"
+DEFAULT_FETCH_TIMEOUT = 120.0
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
@@ -494,6 +498,7 @@ ServiceAccountName = _text(check_service_account_name, pattern=_SUBDOMAIN, maxLe
 FilePath = Annotated[Path, BeforeValidator(_absolute_path), WithJsonSchema({"type": "string", "minLength": 1})]
 Interval = _duration(minimum=MIN_INTERVAL, why=INTERVAL_WHY)
 Timeout = _duration(minimum=MIN_TIMEOUT, why=TIMEOUT_WHY)
+FetchTimeout = _duration(minimum=MIN_FETCH_TIMEOUT, why=FETCH_TIMEOUT_WHY)
 Share = Annotated[float, Strict(), AfterValidator(check_share),
                   WithJsonSchema({"type": "number", "exclusiveMinimum": 0, "maximum": 1})]
 Flag = Annotated[bool, Strict()]
@@ -1194,6 +1199,13 @@ class AppConfig(_CrossChecked):
     """Stop reconciling (and self-healing) until set back to false."""
     timeout: Timeout = 300.0
     """How long to wait for the applied objects to become healthy: 90s, 5m, or seconds (at least 1s)."""
+    fetch_timeout: FetchTimeout = DEFAULT_FETCH_TIMEOUT
+    """How long one read of the repository may take (Flux's GitRepository timeout): the ls-remote, the fetch
+    and the checkout, and the wait for another run's fetch of the same repository. A remote that hangs past it
+    fails the run with "timed out after", nothing applied; the next poll tries again. Default 2m.
+
+    Apps of one repository and ref share a fetch (gitopsd.engine.source_share): it runs with the
+    fetchTimeout of the app whose run started it."""
     rollback: Rollback | None = None
     """Automatic rollback: {onUnhealthy: true} goes back to the last healthy revision when one ends Unhealthy."""
     ignore_differences: IgnoreDifferences = ()

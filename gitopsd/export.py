@@ -184,7 +184,7 @@ def _fetch_and_render(kube: Kube, *, app: AppSpec, sha: str,
                       cache_dir: Path | None) -> tuple[list[Manifest], source.Revision]:
     try:
         checkout = source.fetch(app.repo, sha, cache_dir=cache_dir or default_cache_dir(),
-                                credentials=app.credentials)
+                                credentials=app.credentials, timeout=app.fetch_timeout)
         return render_commit(kube, app, checkout), checkout.revision
     except Exception as exc:
         redact.scrub_exception(exc)

@@ -94,6 +94,7 @@ apps:
     takeOverManagers: [kubectl-client-side-apply, helm]
     suspend: true
     timeout: 90
+    fetchTimeout: 45s
     rollback: {onUnhealthy: true}
     ignoreDifferences:
       - {group: apps, kind: Deployment, name: web-*, namespace: production, jsonPointers: [/spec/replicas],
@@ -276,6 +277,7 @@ def test_full_app_round_trips_every_field() -> None:
         take_over_managers=("kubectl-client-side-apply", "helm"),
         suspend=True,
         timeout=90.0,
+        fetch_timeout=45.0,
         rollback=Rollback(on_unhealthy=True),
         ignore_differences=(IgnoreDifference(group="apps", kind="Deployment", name="web-*", namespace="production",
                                              json_pointers=("/spec/replicas",),
@@ -375,6 +377,7 @@ def test_every_problem_is_reported_with_app_and_field() -> None:
             render: jsonnet
             pruneGuard: 1.5
             timeout: 0s
+            fetchTimeout: 500ms
             ref: 1234567
             path: /etc
             namespace: Production
@@ -397,6 +400,8 @@ def test_every_problem_is_reported_with_app_and_field() -> None:
         "(0.5: refuse to prune more than half of the app's objects at once)",
         'apps[1] (web-production).timeout: "0s" is too short: at least 1s '
         "(the health wait needs time to see a rollout)",
+        'apps[1] (web-production).fetchTimeout: "500ms" is too short: at least 1s '
+        "(a fetch needs time to connect to the remote)",
         "apps[2].name: missing",
         'apps[3] (Web_Prod).name: "Web_Prod" is not a valid app name: use lower-case letters, digits and '
         "'-', starting and ending with a letter or digit, at most 40 characters",
@@ -698,7 +703,7 @@ def test_to_spec_carries_every_setting() -> None:
         prune=False, self_heal=False,
         render="helm", helm=Helm(values_files=("values.yaml", "values-prod.yaml"), release_name="web"),
         allow_remote_bases=True, prune_guard=0.25, allow_prune_all=True, recreate=True,
-        take_over_managers=("kubectl-client-side-apply", "helm"), suspend=True, timeout=90.0,
+        take_over_managers=("kubectl-client-side-apply", "helm"), suspend=True, timeout=90.0, fetch_timeout=45.0,
         rollback=Rollback(on_unhealthy=True), credentials=creds, decryption=app.decryption, decryption_keys=keys,
         verify=app.verify, trusted_keys=trusted,
         inventory_namespace="gitopsd-system", allowed_namespaces=("production", "monitoring"),
@@ -949,7 +954,7 @@ def test_schema_documents_every_field_of_the_file(config_schema) -> None:
 
 FULL_KEYS = ("name", "repo", "ref", "path", "namespace", "createNamespace", "interval", "prune", "selfHeal", "render",
              "helm", "allowRemoteBases", "credentials", "decryption", "verify", "allowedNamespaces", "pruneGuard", "allowPruneAll", "recreate",
-             "takeOverManagers", "suspend", "timeout", "rollback", "ignoreDifferences", "ignoreManagers", "dependsOn",
+             "takeOverManagers", "suspend", "timeout", "fetchTimeout", "rollback", "ignoreDifferences", "ignoreManagers", "dependsOn",
              "healthCheckExprs", "serviceAccountName", "serviceAccountNamespace", "cluster", "clusters",
              "clusterSelector", "notify")
 

@@ -15,6 +15,7 @@ import uuid
 import pytest
 import yaml
 from helpers import (
+    GitRepo,
     app_entry,
     cm_data,
     configmap,
@@ -137,10 +138,15 @@ def test_a_dependency_of_another_replicas_shard_is_followed_through_its_status_r
 
     # With two shards, `platform` is shard 1 (replica-b's) and `apps` shard 0 (replica-a's).
     assert (shard_of("platform", 2), shard_of("apps", 2)) == (1, 0)
+    # `apps` lives in a repository of its own: the fix's push then reaches only `platform`, and
+    # nothing but platform's new status record can wake `apps` (with one repository, the push's
+    # webhook, forwarded to replica-a, may reach `apps` after platform has applied).
+    apps_repo = GitRepo(tmp_path / "apps-git")
     repo.write("platform/cm.yaml", configmap("platform", {"k": "v"}))
     repo.write("platform/broken.yaml", configmap("Not_A_Name", {"k": "v"}))
-    repo.write("apps/cm.yaml", configmap("apps", {"k": "v"}))
-    repo.commit("platform (broken) and the apps on it")
+    repo.commit("platform (broken)")
+    apps_repo.write("apps/cm.yaml", configmap("apps", {"k": "v"}))
+    apps_repo.commit("the apps on platform")
     config = tmp_path / "config.yaml"
     config.write_text("apps: []\n")
     a = start_daemon(config, *CALM, "--shards", "2", name="replica-a")
@@ -148,7 +154,7 @@ def test_a_dependency_of_another_replicas_shard_is_followed_through_its_status_r
     assert wait_split([a, b], 2) == {"replica-a": [0], "replica-b": [1]}
     replace_file(config, yaml.safe_dump({"apps": [
         app_entry("platform", repo.url, namespace, path="platform"),
-        app_entry("apps", repo.url, namespace, path="apps", dependsOn=["platform"])]}))
+        app_entry("apps", apps_repo.url, namespace, path="apps", dependsOn=["platform"])]}))
 
     wait_transition_of(b, "platform", "Failed")
     waiting = wait_for("apps waiting for platform's recorded failure", lambda: (

@@ -619,20 +619,18 @@ def test_hanging_remote_times_out_clearly_without_delaying_other_apps_and_recove
         other.write("cm.yaml", configmap("other", {"v": "1"}))
         other.commit()
         hung, app = server.url("remote.git"), "hung-remote"
-        write_config(bed.config, [app_entry(app, hung, bed.namespace, interval="5s"),
+        write_config(bed.config, [app_entry(app, hung, bed.namespace, interval="5s", fetchTimeout="10s"),
                                   app_entry("bystander", other.url, bed.namespace)])
         daemon = bed.start_daemon(bed.config, *LEASE)
         wait_audit(daemon, "the first sync", app=app, result="Applied")
         before = bed.members(app)
 
         server.proxy.silent = True
-        started = time.monotonic()
         other.write("cm.yaml", configmap("other", {"v": "2"}))
         post_generic(daemon, other.url, other.commit())
         wait_for("the other app is not held up", lambda: cm_data(bed.kube, bed.namespace, "other") == {"v": "2"}, 30)
-        failed = wait_audit(daemon, "the fetch timeout", timeout=200, app=app, result="Failed")
-        assert failed["reason"] == f"fetching ref 'main' from {hung} timed out after 120s", failed["reason"]
-        assert time.monotonic() - started < 200
+        failed = wait_audit(daemon, "the fetch timeout", timeout=60, app=app, result="Failed")
+        assert failed["reason"] == f"fetching ref 'main' from {hung} timed out after 10s", failed["reason"]
         held(bed, daemon, app, before)
         recover(bed, daemon, app, server.proxy.answer)
     finally:

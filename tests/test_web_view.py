@@ -235,8 +235,7 @@ def test_each_replica_shows_every_app_and_the_page_of_an_app_another_replica_run
     owner = {app: instances[0] for app, instances in converged([a, b], sha).items()}
     assert set(owner.values()) == {"replica-a", "replica-b"}, owner
     for here, there in ((a, b), (b, a)):
-        rows = {r["target"]: r for r in get(here, "/api/v1/apps")[2]["apps"]}
-        assert {t: r["result"] for t, r in rows.items()} == {n: "Applied" for n in names}
+        rows = settled_table(here, names)
         assert {t for t, r in rows.items() if r.get("replica") == there.url} == \
                {n for n, o in owner.items() if o == there.log_path.stem}
         theirs = next(n for n, o in owner.items() if o == there.log_path.stem)
@@ -247,3 +246,21 @@ def test_each_replica_shows_every_app_and_the_page_of_an_app_another_replica_run
     b.stop()
     rows = {r["target"]: r for r in get(a, "/api/v1/apps")[2]["apps"]}
     assert all(r["result"] == "Applied" or there_gone in r.get("reason", "") for r in rows.values()), rows
+
+
+def settled_table(daemon, names: list[str], timeout: float = 30.0) -> dict[str, dict]:
+    """The apps table once it shows every app Applied, by target. A replica learns who holds a
+    shard from the Leases it lists every renewal and asks the holder for its rows; until both have
+    caught up a row is this replica's own (Pending, with the reason). Fails with each row's reason."""
+    seen: dict[str, dict] = {}
+
+    def applied() -> bool:
+        seen.clear()
+        seen.update({r["target"]: r for r in get(daemon, "/api/v1/apps")[2]["apps"]})
+        return {t: r["result"] for t, r in seen.items()} == {n: "Applied" for n in names}
+
+    try:
+        wait_for(f"every app Applied in {daemon.log_path.stem}'s table", applied, timeout, interval=0.25)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {[(t, r['result'], r.get('reason')) for t, r in seen.items()]}") from None
+    return dict(seen)

@@ -384,7 +384,8 @@ class NewCommits:
         first = runners[0].cfg
         try:
             credentials = self._credentials(first) if self._credentials is not None else None
-            checkout = self._fetches.fetch(first.repo, first.ref, credentials=credentials)
+            checkout = self._fetches.fetch(first.repo, first.ref, credentials=credentials,
+                                           timeout=first.fetch_timeout)
         except Exception as exc:  # noqa: BLE001 - each app's run reports it (a SourceError, a missing Secret)
             log.info("push: the repository could not be read; waking every app pushed to", repo=key[0],
                      ref=key[1], error=redact.scrub(str(exc)))

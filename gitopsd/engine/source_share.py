@@ -89,8 +89,12 @@ class SharedFetches:
 
     # ------------------------------------------------------------ asking
 
-    def fetch(self, url: str, ref: str, *, credentials: source.Credentials | None = None) -> source.Checkout:
+    def fetch(self, url: str, ref: str, *, credentials: source.Credentials | None = None,
+              timeout: float | None = None) -> source.Checkout:
         """The checkout of ``ref`` as of the current generation; fetches only when none is known.
+
+        ``timeout`` bounds a fetch this call starts (default: the one given at construction); a
+        call that finds one running waits for that one, which has its own.
 
         Raises what gitopsd.engine.source.fetch raised for this generation (SourceError).
         """
@@ -113,7 +117,8 @@ class SharedFetches:
                 slot.running_since = time.monotonic()
                 moved = (key.url, key.ref) in self._moved
                 break
-        return self._run(key, slot, url=url, ref=ref, credentials=credentials, moved=moved)
+        return self._run(key, slot, url=url, ref=ref, credentials=credentials, moved=moved,
+                         timeout=self.timeout if timeout is None else timeout)
 
     # ------------------------------------------------------------ invalidating
 
@@ -188,14 +193,14 @@ class SharedFetches:
         return slot
 
     def _run(self, key: FetchKey, slot: _Slot, *, url: str, ref: str,
-             credentials: source.Credentials | None, moved: bool) -> source.Checkout:
+             credentials: source.Credentials | None, moved: bool, timeout: float) -> source.Checkout:
         checkout: source.Checkout | None = None
         error: BaseException | None = None
         if self._on_fetch is not None:
             self._on_fetch(key)
         try:
             checkout = source.fetch(url, ref, cache_dir=self.cache_dir, credentials=credentials,
-                                    timeout=self.timeout, moved=moved)
+                                    timeout=timeout, moved=moved)
         except BaseException as exc:  # noqa: BLE001 - handed to every waiter, then re-raised
             error = exc
         new = False

@@ -166,10 +166,10 @@ def fetch_and_plan(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None,
         redact.remember(app.decryption_keys.age)   # so are the SOPS keys, should a tool echo one
     try:
         if fetches is not None:
-            checkout = fetches.fetch(app.repo, app.ref, credentials=app.credentials)
+            checkout = fetches.fetch(app.repo, app.ref, credentials=app.credentials, timeout=app.fetch_timeout)
         else:
             checkout = source.fetch(app.repo, app.ref, cache_dir=cache_dir or default_cache_dir(),
-                                    credentials=app.credentials)
+                                    credentials=app.credentials, timeout=app.fetch_timeout)
         if on_revision is not None:
             on_revision(checkout.revision)
         try:
@@ -186,7 +186,8 @@ def fetch_and_plan(kube: Kube, app: AppSpec, *, cache_dir: Path | None = None,
             target = pick(revision) if pick is not None else None
         if target is not None and target != revision.sha:
             checkout = source.fetch(app.repo, target, cache_dir=fetches.cache_dir if fetches is not None
-                                    else cache_dir or default_cache_dir(), credentials=app.credentials)
+                                    else cache_dir or default_cache_dir(), credentials=app.credentials,
+                                    timeout=app.fetch_timeout)
             signed = _signed(app, checkout)
             _, manifests = _render(kube, app, checkout, renders=renders, follow_inputs=follow_inputs)
             revision = dataclasses.replace(checkout.revision, ref=app.ref)   # the commit named, as named

@@ -10,6 +10,12 @@ keeps each request open until the test sets the event.
 
 Tests wait on `wait_arrivals` (a condition variable), never on a sleep.
 
+With `tls` (a `TLSFiles`, made by `TLSFiles.make` with openssl) a receiver
+answers https at https://localhost:PORT with that certificate. `ForwardProxy`
+is an HTTP proxy on 127.0.0.1 that tunnels CONNECT and forwards plain http
+requests, to this machine only, recording each request line and its
+Proxy-Authorization (`seen`).
+
 The shapes (as documented by each provider):
 - GitHub: POST /repos/{owner}/{repo}/statuses/{sha}, Authorization: Bearer <token>,
   {state: error|failure|pending|success, target_url?, description? (<= 140), context?}
@@ -24,12 +30,19 @@ The shapes (as documented by each provider):
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
+import select
+import socket
+import ssl
+import subprocess
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 SHA = r"[0-9a-f]{40}"
 SHAPES = {
@@ -71,6 +84,7 @@ class Receiver:
     fail_body: str = "upstream broke"
     retry_after: str | None = None
     hold: threading.Event | None = None
+    tls: TLSFiles | None = None        # answer https with this certificate
     arrivals: list[Arrival] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
@@ -90,12 +104,17 @@ class Receiver:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
+        if self.tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(self.tls.cert, self.tls.key)
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        port = self._server.server_address[1]
+        return f"https://localhost:{port}" if self.tls is not None else f"http://127.0.0.1:{port}"
 
     def close(self) -> None:
         if self.hold is not None:
@@ -194,3 +213,123 @@ class Receiver:
         if "target_url" in data and not str(data["target_url"]).startswith(("http://", "https://")):
             problems.append(f"target_url {data['target_url']!r} is no URL")
         return problems
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """A self-signed certificate for localhost and 127.0.0.1 and its key; `cert` doubles as the CA bundle."""
+    cert: Path
+    key: Path
+
+    @classmethod
+    def make(cls, where: Path) -> TLSFiles:
+        where.mkdir(parents=True, exist_ok=True)
+        files = cls(cert=where / "cert.pem", key=where / "key.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                        "-keyout", str(files.key), "-out", str(files.cert)], check=True, capture_output=True)
+        return files
+
+
+@dataclass
+class Seen:
+    method: str
+    target: str                    # host:port for CONNECT, the absolute URL otherwise
+    proxy_authorization: str | None
+    headers: dict
+
+
+class ForwardProxy:
+    """An HTTP proxy on 127.0.0.1 (see the module docstring); refuses targets off this machine."""
+
+    def __init__(self) -> None:
+        self.seen: list[Seen] = []
+        self._cond = threading.Condition()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_CONNECT(self) -> None:   # noqa: N802 - the stdlib's name
+                proxy._connect(self)
+
+            def do_POST(self) -> None:      # noqa: N802
+                proxy._forward(self)
+
+            do_PUT = do_POST
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self._server.server_address[1]}"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def wait_seen(self, count: int, timeout: float = 30.0) -> list[Seen]:
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self.seen) >= count, timeout=timeout):
+                raise AssertionError(f"the proxy saw {len(self.seen)} requests after {timeout}s, wanted {count}")
+            return list(self.seen)
+
+    def _record(self, handler: BaseHTTPRequestHandler) -> None:
+        with self._cond:
+            self.seen.append(Seen(method=handler.command, target=handler.path,
+                                  proxy_authorization=handler.headers.get("Proxy-Authorization"),
+                                  headers=dict(handler.headers.items())))
+            self._cond.notify_all()
+
+    @staticmethod
+    def _local(host: str | None) -> bool:
+        return host in ("localhost", "127.0.0.1")
+
+    def _connect(self, handler: BaseHTTPRequestHandler) -> None:
+        self._record(handler)
+        host, _, port = handler.path.rpartition(":")
+        if not self._local(host):
+            handler.send_error(403, "this proxy reaches this machine only")
+            return
+        upstream = socket.create_connection(("127.0.0.1", int(port)), timeout=10)
+        handler.send_response(200, "Connection established")
+        handler.end_headers()
+        client = handler.connection
+        with upstream:
+            while True:
+                ready, _, _ = select.select([client, upstream], [], [], 10)
+                if not ready:
+                    return
+                for src in ready:
+                    data = src.recv(65536)
+                    if not data:
+                        return
+                    (upstream if src is client else client).sendall(data)
+
+    def _forward(self, handler: BaseHTTPRequestHandler) -> None:
+        self._record(handler)
+        url = urllib.parse.urlsplit(handler.path)
+        if not url.scheme or not self._local(url.hostname):
+            handler.send_error(403, "this proxy forwards absolute http URLs to this machine only")
+            return
+        body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+        headers = {k: v for k, v in handler.headers.items() if not k.lower().startswith("proxy-")}
+        conn = http.client.HTTPConnection("127.0.0.1", url.port, timeout=10)
+        try:
+            conn.request(handler.command, url.path + (f"?{url.query}" if url.query else ""), body=body,
+                         headers=headers)
+            answer = conn.getresponse()
+            data = answer.read()
+        finally:
+            conn.close()
+        handler.send_response(answer.status)
+        for k, v in answer.getheaders():
+            if k.lower() not in ("transfer-encoding", "connection"):
+                handler.send_header(k, v)
+        handler.end_headers()
+        handler.wfile.write(data)
+

@@ -10,6 +10,7 @@ test_notify_daemon.py's.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import threading
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 from helpers import wait_for
-from receivers import Receiver
+from receivers import ForwardProxy, Receiver, TLSFiles
 
 from gitopsd import config as config_mod
 from gitopsd import log as log_mod
@@ -76,7 +77,8 @@ def _status(provider: str, notice: Notice, receiver: Receiver, **kw) -> Delivery
     return Delivery(notifier=kw.pop("notifier", f"{provider}-{id(receiver)}"), provider=provider, notice=notice,
                     supersedes=kw.pop("supersedes", None),
                     build=lambda: payloads.commit_status(provider=provider, notice=notice, token=TOKEN,
-                                                         address=receiver.url, repository=kw.get("repository"),
+                                                         address=kw.get("address", receiver.url),
+                                                         repository=kw.get("repository"),
                                                          ui_url="https://gitopsd.example.com"))
 
 
@@ -245,6 +247,84 @@ def test_a_receiver_answering_500_forever_is_given_up_logged_and_counted(receive
     exposition = generate_latest(metrics.REGISTRY).decode()
     assert 'gitopsd_notifications_total{notifier="down",provider="github",result="failed"} 1.0' in exposition
     assert _count("down", "retried") == FAST.attempts - 1
+
+
+PROXY_PASSWORD = "proxy-pass-7f3a9c2e"
+
+
+@pytest.fixture
+def proxy(monkeypatch):
+    """A forward proxy on loopback, and an environment that names no other (set HTTP(S)_PROXY per test)."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    made = ForwardProxy()
+    yield made
+    made.close()
+
+
+def test_an_https_status_goes_through_https_proxy_in_a_tunnel_with_the_proxys_credentials(
+        receivers, proxy, tmp_path, monkeypatch, lines) -> None:
+    tls = TLSFiles.make(tmp_path / "tls")
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls.cert))    # trust the receiver's certificate
+    monkeypatch.setenv("HTTPS_PROXY", f"http://bot:{PROXY_PASSWORD}@{proxy.address}")
+    forge = receivers("github", token=TOKEN, tls=tls)
+    deliveries = Deliveries(policy=FAST)
+    deliveries.start()
+    try:
+        deliveries.put(_status("github", of_record(target="web", record=_transition("Applied"), repo=""), forge,
+                               notifier="proxied", repository="org/fleet"))
+        forge.wait_arrivals(1)
+    finally:
+        deliveries.stop()
+    assert forge.problems == [] and forge.statuses(SHA2) == ["success"]
+    port = forge.url.rpartition(":")[2]
+    assert [(s.method, s.target) for s in proxy.seen] == [("CONNECT", f"localhost:{port}")]
+    assert proxy.seen[0].proxy_authorization == "Basic " + base64.b64encode(f"bot:{PROXY_PASSWORD}".encode()).decode()
+    assert TOKEN not in json.dumps([s.headers for s in proxy.seen]), "the forge's token crosses the proxy encrypted"
+    assert _count("proxied", "delivered") == 1
+    assert PROXY_PASSWORD not in json.dumps(lines())
+
+
+def test_plain_http_goes_through_http_proxy_and_no_proxy_hosts_go_direct(receivers, proxy, monkeypatch) -> None:
+    monkeypatch.setenv("HTTP_PROXY", f"http://{proxy.address}")
+    monkeypatch.setenv("NO_PROXY", "example.org,localhost")
+    via, direct = receivers("github", token=TOKEN), receivers("github", token=TOKEN)
+    direct_url = direct.url.replace("127.0.0.1", "localhost")
+    deliveries = Deliveries(policy=FAST)
+    deliveries.start()
+    try:
+        notice = of_record(target="web", record=_transition("Applied"), repo="")
+        deliveries.put(_status("github", notice, via, notifier="via-proxy", repository="org/fleet"))
+        deliveries.put(_status("github", notice, direct, notifier="direct", repository="org/fleet",
+                               address=direct_url))
+        via.wait_arrivals(1)
+        direct.wait_arrivals(1)
+    finally:
+        deliveries.stop()
+    assert via.problems == [] and direct.problems == []
+    assert [(s.method, s.target) for s in proxy.seen] == [
+        ("POST", f"{via.url}/repos/org/fleet/statuses/{SHA2}")], "only the host NO_PROXY does not name is proxied"
+
+
+def test_a_proxy_that_is_down_fails_the_delivery_without_its_password_in_any_line(receivers, proxy, monkeypatch,
+                                                                                  lines) -> None:
+    address = proxy.address
+    proxy.close()                                   # nothing listens there any more
+    monkeypatch.setenv("HTTP_PROXY", f"http://bot:{PROXY_PASSWORD}@{address}")
+    forge = receivers("github", token=TOKEN)
+    deliveries = Deliveries(policy=FAST)
+    deliveries.start()
+    try:
+        deliveries.put(_status("github", of_record(target="web", record=_transition("Applied"), repo=""), forge,
+                               notifier="no-proxy-there", repository="org/fleet"))
+        failed = _wait_log(lines, "notification failed")
+    finally:
+        deliveries.stop()
+    assert forge.arrivals == [], "never sent around the proxy"
+    assert failed["notifier"] == "no-proxy-there" and failed["status"] is None
+    assert _count("no-proxy-there", "failed") == 1
+    assert PROXY_PASSWORD not in json.dumps(lines())
 
 
 def test_a_4xx_answer_is_not_retried(receivers, lines) -> None:

@@ -24,6 +24,11 @@
   (go-retryablehttp: 4 retries, 1 s to 30 s).
 - **Timeouts** on every request (`Policy.timeout`: connect, then read), and no
   redirects followed (a token must not follow a 302 to another host).
+- **Proxies** from the environment, as git and curl read them: HTTPS_PROXY
+  for https receivers (a CONNECT tunnel: the proxy sees the host, never the
+  token), HTTP_PROXY for http ones, NO_PROXY (host names, domain suffixes,
+  `*`) to go direct. A user:password in the proxy's URL becomes a
+  Proxy-Authorization header and is treated as a secret value.
 - **Shutdown** (`Deliveries.stop`): what is queued gets `grace` seconds;
   what is left then is dropped and counted, with one line.
 
@@ -39,6 +44,8 @@ import email.utils
 import random
 import threading
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -137,18 +144,36 @@ def retry_after(value: str | None) -> float | None:
 
 
 class Sender:
-    """HTTP for notifications: one connection pool, no retries or redirects of its own, timeouts always."""
+    """HTTP for notifications: one connection pool (and one per proxy), no retries or redirects of its
+    own, timeouts always. ``proxies`` as urllib.request.getproxies_environment gives them
+    ({"https": URL, "http": URL, "no": "host,.domain"}); default: this process's environment."""
 
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: Policy, *, proxies: dict[str, str] | None = None) -> None:
         connect, read = policy.timeout
-        self._http = urllib3.PoolManager(num_pools=20, maxsize=policy.workers, retries=False,
-                                         timeout=urllib3.Timeout(connect=connect, read=read))
+        self._pool_kw = {"num_pools": 20, "maxsize": policy.workers, "retries": False,
+                         "timeout": urllib3.Timeout(connect=connect, read=read)}
+        self._http = urllib3.PoolManager(**self._pool_kw)
+        self._proxies = urllib.request.getproxies_environment() if proxies is None else dict(proxies)
+        self._via: dict[str, urllib3.ProxyManager] = {}
+        self._lock = threading.Lock()
+
+    def _pool(self, url: str) -> urllib3.PoolManager:
+        """The pool a request to `url` goes out through: its scheme's proxy unless NO_PROXY names the host."""
+        parts = urllib.parse.urlsplit(url)
+        proxy = self._proxies.get(parts.scheme)
+        if not proxy or urllib.request.proxy_bypass_environment(parts.hostname or "", self._proxies):
+            return self._http
+        with self._lock:
+            if proxy not in self._via:
+                self._via[proxy] = _proxy_manager(proxy, self._pool_kw)
+            return self._via[proxy]
 
     def send(self, request: Request) -> Answer:
         try:
-            response = self._http.request(request.method, request.url, body=request.body, headers=request.headers,
-                                          redirect=False, preload_content=False)
-        except urllib3.exceptions.HTTPError as exc:
+            pool = self._pool(request.url)
+            response = pool.request(request.method, request.url, body=request.body, headers=request.headers,
+                                    redirect=False, preload_content=False)
+        except (urllib3.exceptions.HTTPError, ValueError) as exc:   # ValueError: a proxy URL urllib3 refuses
             return Answer(status=None, text=_why(exc))
         try:
             text = response.read(4 * ANSWER_CHARS, decode_content=True).decode(errors="replace")
@@ -161,6 +186,24 @@ class Sender:
 
     def close(self) -> None:
         self._http.clear()
+        with self._lock:
+            for pool in self._via.values():
+                pool.clear()
+
+
+def _proxy_manager(proxy: str, pool_kw: dict) -> urllib3.ProxyManager:
+    """A pool through `proxy` (http://[user:password@]host:port; a bare host:port is taken as http): its
+    credentials, when it has some, go in a Proxy-Authorization header and are remembered as secret values."""
+    if "://" not in proxy:
+        proxy = "http://" + proxy
+    parts = urllib.parse.urlsplit(proxy)
+    headers = {}
+    if parts.username is not None:
+        user, password = urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or "")
+        redact.remember((password,) if password else ())
+        headers = urllib3.make_headers(proxy_basic_auth=f"{user}:{password}")
+        proxy = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return urllib3.ProxyManager(proxy, proxy_headers=headers, **pool_kw)
 
 
 def _why(exc: Exception) -> str:

@@ -329,7 +329,7 @@ def test_a_user_error_has_no_traceback_unless_debug(world):
     assert loud.returncode == 2 and "Traceback (most recent call last)" in loud.stderr
 
 
-def test_ctrl_c_exits_130_without_a_traceback(world):
+def test_ctrl_c_exits_130_without_a_traceback_and_stops_git(world):
     """SIGINT while `gitopsd diff` waits on a Git server that never answers."""
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
@@ -342,16 +342,43 @@ def test_ctrl_c_exits_130_without_a_traceback(world):
                                  world.namespace, "--inventory-namespace", world.namespace],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            conn, _ = server.accept()   # git is fetching: gitopsd is inside the source stage
+            conn = _git_asking(server, "/fleet.git/")   # git is fetching: gitopsd is inside the source stage
             with conn:
                 proc.send_signal(signal.SIGINT)
                 out, err = proc.communicate(timeout=60)
+                assert _closed(conn), "git went with gitopsd: its connection is closed, not left waiting"
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
     assert proc.returncode == 130, out + err
     assert "interrupted" in err and "Traceback" not in out + err
+
+
+def _closed(conn: socket.socket) -> bool:
+    """Whether the peer has closed (EOF or reset) within the connection's timeout."""
+    try:
+        return conn.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def _git_asking(server: socket.socket, path: str) -> socket.socket:
+    """The first connection whose request names `path`: git's. A loopback port is reused from the
+    ephemeral range, so another process retrying an old port of its own can reach this one first;
+    signalling gitopsd on such a connection would interrupt it before it reaches git."""
+    while True:
+        conn, _ = server.accept()
+        conn.settimeout(30)
+        try:
+            head = conn.recv(4096)
+        except OSError:
+            head = b""
+        if path.encode() in head.split(b"\r\n", 1)[0]:
+            return conn
+        conn.close()
 
 
 # --------------------------------------------------------------------------

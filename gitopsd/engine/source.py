@@ -577,6 +577,30 @@ class _Result:
     stderr: str  # already scrubbed of secrets
 
 
+#: The longest a wait on git goes without looking for a signal (Ctrl-C delivered to another thread
+#: wakes no blocked syscall of the main one; each slice ends in Python, where the signal is seen).
+WAIT_SLICE = 1.0
+
+
+def _communicate(proc: subprocess.Popen, *, deadline: float) -> tuple[bytes, bytes]:
+    """proc.communicate() until ``deadline`` (TimeoutExpired after it), in slices of WAIT_SLICE."""
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            return proc.communicate(timeout=max(0.0, min(left, WAIT_SLICE)))
+        except subprocess.TimeoutExpired:
+            if left <= WAIT_SLICE:
+                raise
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill git's process group (ssh, git-remote-https and the like with it) and reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired, OSError, ValueError):
+        proc.communicate(timeout=5)
+
+
 @dataclass(frozen=True)
 class _Git:
     """Runs git for one fetch() call: its remote, its ref, its deadline."""
@@ -614,12 +638,13 @@ class _Git:
             start_new_session=True,
         )
         try:
-            out, err = proc.communicate(timeout=left)
+            out, err = _communicate(proc, deadline=time.monotonic() + left)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+            _kill_group(proc)
             raise self.timed_out() from None
+        except BaseException:
+            _kill_group(proc)   # Ctrl-C, a stop: git and what it started go too, not left to hang
+            raise
         result = _Result(proc.returncode, out.decode("utf-8", "replace"), self.scrub(err.decode("utf-8", "replace")))
         if check and result.returncode != 0:
             raise self.failed(verb=args[0], stderr=result.stderr)

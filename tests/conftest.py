@@ -276,6 +276,30 @@ def namespace(api_client, request) -> str:
         pass
 
 
+def _signal_state() -> dict[str, int]:
+    """This thread's blocked and ignored signals, as /proc shows them (bit n-1 for signal n)."""
+    import threading
+
+    with open(f"/proc/self/task/{threading.get_native_id()}/status") as f:
+        return {k: int(v, 16) for k, _, v in (line.partition(":\t") for line in f) if k in ("SigBlk", "SigIgn")}
+
+
+@pytest.fixture(autouse=True)
+def _signals_left_as_found(request):
+    """A test must leave the signals as it found them: a blocked or ignored SIGINT or SIGTERM is
+    inherited by every process the worker starts later (a gitopsd that cannot be interrupted)."""
+    before = _signal_state()
+    yield
+    after = _signal_state()
+    if after != before:
+        import signal as signal_mod
+
+        changed = {k: [signal_mod.Signals(n + 1).name for n in range(64) if ((before[k] ^ after[k]) >> n) & 1
+                       and n + 1 in {s.value for s in signal_mod.Signals}] for k in before}
+        signal_mod.pthread_sigmask(signal_mod.SIG_SETMASK, [n + 1 for n in range(64) if (before["SigBlk"] >> n) & 1])
+        pytest.fail(f"{request.node.nodeid} changed this thread's signal state: {changed}")
+
+
 @pytest.fixture(autouse=True)
 def _forget_secret_values():
     """Every test ends by emptying gitopsd's process-wide register of Secret values

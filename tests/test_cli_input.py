@@ -345,7 +345,12 @@ def test_ctrl_c_exits_130_without_a_traceback_and_stops_git(world):
             conn = _git_asking(server, "/fleet.git/")   # git is fetching: gitopsd is inside the source stage
             with conn:
                 proc.send_signal(signal.SIGINT)
-                out, err = proc.communicate(timeout=60)
+                try:
+                    out, err = proc.communicate(timeout=60)
+                except subprocess.TimeoutExpired:
+                    status = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+                    raise AssertionError("gitopsd did not exit within 60 s of SIGINT: "
+                                         f"{[line for line in status if line.startswith(('Sig', 'ShdPnd'))]}") from None
                 assert _closed(conn), "git went with gitopsd: its connection is closed, not left waiting"
         finally:
             if proc.poll() is None:

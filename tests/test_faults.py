@@ -29,7 +29,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -453,7 +452,8 @@ def test_paused_leader_starts_no_write_after_waking_once_a_standby_took_over(bed
     # writes already past the fence, one per worker, may land after waking —
     # app objects the new leader converges anyway — and nothing else: no new
     # write, no audit record, Event, status or parent update.
-    late = api.writes(agent="(replica-a)", resource=None, since=woke)
+    # The test's namespace holds everything a writes; other tests' daemons may be named replica-a too.
+    late = api.writes(agent="(replica-a)", resource=None, since=woke, namespace=bed.namespace)
     described = [f"{e['verb']} {e['objectRef'].get('resource')}/{e['objectRef'].get('name')}" for e in late]
     in_flight = [e for e in late if e["objectRef"].get("resource") == "configmaps"
                  and e["objectRef"].get("name", "").startswith("cm-") and e["verb"] == "patch"]

@@ -311,7 +311,8 @@ def test_a_paused_replica_wakes_fenced_and_writes_nothing_for_the_shard_it_lost(
 
     # As for the single leader (test_faults): between waking and its new terms, only writes already past
     # the fence, one per worker, may land — app objects b converged anyway. Its Leases are its own to renew.
-    late = [e for e in api.writes(agent="(replica-a)", resource=None, since=woke)
+    # The test's namespace holds everything a writes; other tests' daemons may be named replica-a too.
+    late = [e for e in api.writes(agent="(replica-a)", resource=None, since=woke, namespace=namespace)
             if e["objectRef"].get("resource") != "leases" and _time(e["requestReceivedTimestamp"]) < regained]
     in_flight = [e for e in late if e["objectRef"].get("resource") == "configmaps" and e["verb"] == "patch"
                  and e["objectRef"].get("name", "").startswith(f"{big}-")]

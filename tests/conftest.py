@@ -284,11 +284,18 @@ def _signal_state() -> dict[str, int]:
         return {k: int(v, 16) for k, _, v in (line.partition(":\t") for line in f) if k in ("SigBlk", "SigIgn")}
 
 
+_SIGNALS_AT_START = _signal_state()
+
+
 @pytest.fixture(autouse=True)
 def _signals_left_as_found(request):
     """A test must leave the signals as it found them: a blocked or ignored SIGINT or SIGTERM is
-    inherited by every process the worker starts later (a gitopsd that cannot be interrupted)."""
+    inherited by every process the worker starts later (a gitopsd that cannot be interrupted).
+    Checked around each test, and against the worker's start (a fixture of a wider scope)."""
     before = _signal_state()
+    if before != _SIGNALS_AT_START:
+        pytest.fail(f"before {request.node.nodeid}, a fixture or an earlier test changed this thread's signal "
+                    f"state: {before} (at the start: {_SIGNALS_AT_START})")
     yield
     after = _signal_state()
     if after != before:

@@ -338,7 +338,13 @@ def test_ctrl_c_exits_130_without_a_traceback_and_stops_git(world):
         url = f"http://127.0.0.1:{server.getsockname()[1]}/fleet.git"
         env = {**os.environ, "KUBECONFIG": str(world.kubeconfig), "GITOPSD_CACHE": str(world.cache),
                "GIT_TERMINAL_PROMPT": "0"}
-        proc = subprocess.Popen([sys.executable, "-m", "gitopsd", "diff", "--repo", url, "--namespace",
+        # As from a terminal: SIGINT delivered and raising KeyboardInterrupt, whatever this process
+        # was started with (a job a non-interactive shell puts in the background has it ignored, and
+        # an ignored or blocked signal passes to every child).
+        as_from_a_terminal = ("import runpy, signal, sys; signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT]); "
+                              "signal.signal(signal.SIGINT, signal.default_int_handler); "
+                              "sys.argv[0] = 'gitopsd'; runpy.run_module('gitopsd', run_name='__main__')")
+        proc = subprocess.Popen([sys.executable, "-c", as_from_a_terminal, "diff", "--repo", url, "--namespace",
                                  world.namespace, "--inventory-namespace", world.namespace],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:

@@ -282,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ssh-key", type=FILE, metavar="FILE", help="private key for ssh:// remotes")
     g.add_argument("--known-hosts", type=FILE, metavar="FILE",
                    help="known_hosts file for ssh:// remotes (host keys are checked)")
+    g.add_argument("--git-ca-file", type=FILE, metavar="FILE",
+                   help="PEM CA bundle an https remote's certificate must chain to, in place of the system's "
+                        "(a server with a private CA), as the app setting credentials.caFile")
     g.add_argument("--sops-age-keys", type=FILE, metavar="PATH",
                    help="file of age identities (age-keygen's key file) to decrypt SOPS-encrypted files with, "
                         "as the app setting decryption.keysFrom.file")
@@ -552,9 +555,16 @@ def _app_spec(args):
         except (OSError, UnicodeDecodeError) as exc:   # checked when parsed; gone or changed since
             raise GitopsdError(f"--git-token-file {args.git_token_file}: cannot be read ({exc})") from None
     creds = None
-    if token or args.ssh_key or args.known_hosts:
+    if args.git_ca_file:
+        from gitopsd.daemon.credentials import check_ca_bundle   # the daemon's check, one place
+
+        try:
+            check_ca_bundle(args.git_ca_file.read_text(errors="replace"), where=f"--git-ca-file {args.git_ca_file}")
+        except OSError as exc:
+            raise GitopsdError(f"--git-ca-file {args.git_ca_file}: cannot be read ({exc.strerror})") from None
+    if token or args.ssh_key or args.known_hosts or args.git_ca_file:
         creds = source.Credentials(username=args.git_username, token=token, ssh_key_file=args.ssh_key,
-                                   known_hosts_file=args.known_hosts)
+                                   known_hosts_file=args.known_hosts, ca_file=args.git_ca_file)
     if args.service_account_namespace and not args.service_account:
         raise GitopsdError("--service-account-namespace: only used with --service-account; name the account")
     keys = None

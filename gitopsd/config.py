@@ -632,9 +632,10 @@ class SecretRef(_Section):
 @dataclass(frozen=True, config=MODEL_CONFIG)
 class CredentialsRef(_CrossChecked):
     """Where the app's Git credentials are, never the credentials themselves:
-    a Secret (`secretRef`), or files mounted from one (`tokenFile` or
-    `sshKeyFile`, with `username` or `usernameFile`, `knownHostsFile`), not both.
-    Relative file paths are relative to the config file."""
+    a Secret (`secretRef`: keys token, username, identity, known_hosts, ca.crt), or
+    files mounted from one (`tokenFile` or `sshKeyFile`, with `username` or
+    `usernameFile`, `knownHostsFile`, `caFile`), not both. Relative file paths
+    are relative to the config file."""
 
     secret_ref: SecretRef | None = None
     """A Secret in gitopsd's namespace: `{name: fleet-git}`."""
@@ -648,6 +649,9 @@ class CredentialsRef(_CrossChecked):
     """File holding an SSH private key, for ssh:// and scp-style remotes."""
     known_hosts_file: FilePath | None = None
     """known_hosts file with the remote's host key (host keys are always checked)."""
+    ca_file: FilePath | None = None
+    """PEM file of the CA(s) an https remote's certificate must chain to, in place of the system's (a server
+    with a private CA); in a Secret, key ca.crt. A public repository on such a server needs only this."""
 
     @property
     def secret_name(self) -> str | None:
@@ -665,8 +669,8 @@ class CredentialsRef(_CrossChecked):
                                           "(tokenFile, sshKeyFile)"))
         if self.username is not None and self.username_file is not None:
             found.append((("usernameFile",), "use either username or usernameFile, not both"))
-        if not self.secret_ref and others and not (self.token_file or self.ssh_key_file):
-            found.append((("tokenFile",), "missing: without tokenFile or sshKeyFile there is nothing to "
+        if not self.secret_ref and others and not (self.token_file or self.ssh_key_file or self.ca_file):
+            found.append((("tokenFile",), "missing: without tokenFile, sshKeyFile or caFile there is nothing to "
                                           "authenticate with"))
         return found
 
@@ -1073,6 +1077,9 @@ class NotifierConfig(_CrossChecked):
     repository: Text | None = None
     """The forge's repository of the apps' commits: owner/name (github, gitea) or the project's path or numeric id
     (gitlab); absent: read from each app's repo URL."""
+    ca_from: ValueFrom | None = None
+    """The CA(s) the receiver's certificate must chain to, in place of the system's (a forge or chat server
+    a company CA signed): PEM, key `ca.crt`. Public: read at each delivery, never redacted."""
     events: Annotated[tuple[Literal[NOTIFY_EVENTS], ...], Strict(False),  # type: ignore[valid-type]
                       AfterValidator(_some_events), Field(json_schema_extra={"minItems": 1})] | None = None
     """What to tell: transition, drift, release (hold, resume, rollback). Default: all for slack and webhook,

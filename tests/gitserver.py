@@ -2,12 +2,14 @@
 
 `git http-backend` (the CGI git ships) behind Python's http.server, with HTTP
 Basic auth in front: close to what GitHub/GitLab do for https fetches, and
-enough to prove that a token reaches the server and nowhere else.
+enough to prove that a token reaches the server and nowhere else. Given a
+certificate and key (`tls`), it serves https, as a forge with a private CA does.
 """
 
 from __future__ import annotations
 
 import base64
+import ssl
 import subprocess
 import threading
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ class GitHTTPServer:
     token: str
     auth_headers: list[str] = field(default_factory=list)
     requests: list[str] = field(default_factory=list)   # "GET /remote.git/info/refs?service=...", in order
+    tls: tuple[Path, Path] | None = None   # (certificate chain, key): serve https
     _server: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
 
@@ -44,7 +47,7 @@ class GitHTTPServer:
         return sum(1 for r in self.requests if r.startswith("GET ") and "/info/refs" in r)
 
     def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{name}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/{name}"
 
     def start(self) -> GitHTTPServer:
         owner = self
@@ -118,6 +121,11 @@ class GitHTTPServer:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
+        if self.tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*map(str, self.tls))
+            # The handshake runs at accept; a client that refuses the certificate fails only its own.
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )

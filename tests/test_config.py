@@ -557,7 +557,7 @@ def test_inline_webhook_secret_is_refused() -> None:
     ("{secretRef: {name: fleet}, tokenFile: /t}",
      "credentials.secretRef: use either secretRef or files (tokenFile), not both"),
     ("{}", "credentials.secretRef: missing: name a Secret"),
-    ("{knownHostsFile: /k}", "credentials.tokenFile: missing: without tokenFile or sshKeyFile"),
+    ("{knownHostsFile: /k}", "credentials.tokenFile: missing: without tokenFile, sshKeyFile or caFile"),
     ("{tokenFile: /t, username: a, usernameFile: /u}", "credentials.usernameFile: use either username or"),
     ("{secretRef: {name: fleet, namespace: other}}", "credentials.secretRef.namespace: not allowed"),
     ("{tokenFile: token}", 'credentials.tokenFile: "token" is relative; give an absolute path'),

@@ -327,6 +327,39 @@ def test_a_proxy_that_is_down_fails_the_delivery_without_its_password_in_any_lin
     assert PROXY_PASSWORD not in json.dumps(lines())
 
 
+def test_a_receiver_a_private_ca_signed_is_reached_with_the_notifiers_ca_and_refused_without_it(
+        receivers, tmp_path: Path, lines) -> None:
+    tls = TLSFiles.make(tmp_path / "tls")           # not among the system's CAs
+    forge = receivers("github", token=TOKEN, tls=tls)
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    text = f"""
+notifiers:
+  trusting: {{provider: github, address: "{forge.url}", repository: org/fleet, tokenFrom: {{file: token}},
+             caFrom: {{file: {tls.cert}}}}}
+  system-cas: {{provider: github, address: "{forge.url}", repository: org/fleet, tokenFrom: {{file: token}}}}
+  key-as-ca: {{provider: github, address: "{forge.url}", repository: org/fleet, tokenFrom: {{file: token}},
+              caFrom: {{file: {tls.key}}}}}
+apps:
+  - {{name: web, repo: "https://github.com/org/fleet.git", notify: [trusting, system-cas, key-as-ca]}}
+"""
+    config = config_mod.parse(text, base_dir=tmp_path)
+    notifier = Notifier(config=lambda: config, credentials=CredentialStore(None, namespace="gitopsd"),
+                        ui_url=None, policy=FAST)
+    notifier.start()
+    try:
+        notifier.listen(Event(kind="record", target="web", cfg=config.target("web"), record=_transition("Applied")))
+        forge.wait_arrivals(1)
+        failed = wait_for("both others given up", lambda: (lambda f: f if len(f) == 2 else None)(
+            {e["notifier"]: e for e in lines() if e.get("event") == "notification failed"}), 10, interval=0.02)
+    finally:
+        notifier.stop()
+    assert forge.problems == [] and forge.statuses(SHA2) == ["success"] and len(forge.arrivals) == 1
+    assert "CERTIFICATE_VERIFY_FAILED" in failed["system-cas"]["answer"]
+    assert "caFrom" in failed["system-cas"]["hint"] and failed["system-cas"]["attempts"] == FAST.attempts
+    assert "holds a private key" in failed["key-as-ca"]["answer"] and failed["key-as-ca"]["attempts"] == 1
+    assert "PRIVATE KEY" not in json.dumps(lines())
+
+
 def test_a_4xx_answer_is_not_retried(receivers, lines) -> None:
     forge = receivers("github", token="another-token-entirely")   # so ours is refused: 422
     deliveries = Deliveries(policy=FAST)

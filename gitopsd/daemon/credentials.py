@@ -1,9 +1,10 @@
 """Git credentials, SOPS keys and trusted signing keys of the apps, resolved at every reconcile (rotation works).
 
 An app names its credentials either as a Secret in gitopsd's namespace
-(keys token, username, identity, known_hosts) or as files mounted into the
-pod. SSH key material read from a Secret is written to private files
-(0600) in a directory of this process, removed at shutdown. The secret
+(keys token, username, identity, known_hosts, ca.crt) or as files mounted
+into the pod. SSH key material, known_hosts and the CA bundle read from a
+Secret are written to private files (0600) in a directory of this process,
+removed at shutdown. The secret
 parts are registered with gitopsd.redact as they are read.
 
 Its SOPS keys (`decryption.keysFrom`) the same way: the entries of a Secret
@@ -63,9 +64,10 @@ class CredentialStore:
             secret = self.kube.get(self.kube.resource("v1", "Secret"), ref.secret_name, self.namespace)
             if secret is None:
                 raise GitopsdError(f"app {cfg.name}: credentials Secret {self.namespace}/{ref.secret_name} not found",
-                                   hint="create it with keys token (and username) or identity and known_hosts")
+                                   hint="create it with keys token (and username) or identity and known_hosts "
+                                        "(and ca.crt for a private CA)")
 
-            wanted = ("token", "username", "identity", "known_hosts")
+            wanted = ("token", "username", "identity", "known_hosts", "ca.crt")
             try:
                 data = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()
                         if k in wanted}
@@ -73,23 +75,28 @@ class CredentialStore:
                 raise GitopsdError(f"app {cfg.name}: credentials Secret {self.namespace}/{ref.secret_name} "
                                    "has a key that is not text", hint=f"keys read: {', '.join(wanted)}") from None
             redact.remember((data.get("token"), data.get("identity")))
-            key_file = hosts_file = None
+            key_file = hosts_file = ca_file = None
             if "identity" in data:
                 key_file = self._private_file(f"{cfg.name}-identity", data["identity"])
             if "known_hosts" in data:
                 hosts_file = self._private_file(f"{cfg.name}-known_hosts", data["known_hosts"])
+            if "ca.crt" in data:
+                ca_file = self._private_file(f"{cfg.name}-ca.crt", check_ca_bundle(data["ca.crt"], where=(
+                    f"app {cfg.name}: credentials Secret {self.namespace}/{ref.secret_name}, key ca.crt")))
             return source.Credentials(username=data.get("username"), token=data.get("token"),
-                                      ssh_key_file=key_file, known_hosts_file=hosts_file)
+                                      ssh_key_file=key_file, known_hosts_file=hosts_file, ca_file=ca_file)
         try:
             token = ref.token_file.read_text().strip() if ref.token_file else None
             username = ref.username or (ref.username_file.read_text().strip() if ref.username_file else None)
             key = ref.ssh_key_file.read_text(errors="replace") if ref.ssh_key_file else None
+            if ref.ca_file is not None:
+                check_ca_bundle(ref.ca_file.read_text(errors="replace"), where=f"app {cfg.name}: caFile {ref.ca_file}")
         except OSError as exc:
             raise GitopsdError(f"app {cfg.name}: cannot read a credentials file: {exc.strerror}: {exc.filename}",
                                hint="is the Secret volume mounted at that path?") from None
         redact.remember((token, key))
         return source.Credentials(username=username, token=token, ssh_key_file=ref.ssh_key_file,
-                                  known_hosts_file=ref.known_hosts_file)
+                                  known_hosts_file=ref.known_hosts_file, ca_file=ref.ca_file)
 
     def decryption_keys(self, cfg: config_mod.AppConfig) -> decrypt.Keys | None:
         """The app's SOPS age identities, read now (a key added to or removed from the Secret
@@ -144,10 +151,11 @@ class CredentialStore:
         except GitopsdError as exc:
             raise GitopsdError(f"app {cfg.name}: {exc.message}", hint=exc.hint) from None
 
-    def value(self, ref: config_mod.ValueFrom, *, key: str, what: str) -> str:
-        """One secret value a notifier names (gitopsd.notify): a Secret entry (`key` unless the ref names
-        one) or a mounted file's text, stripped; read at each use (rotation works) and registered with
-        gitopsd.redact. Raises GitopsdError naming `what`, the Secret or file, and the key."""
+    def value(self, ref: config_mod.ValueFrom, *, key: str, what: str, secret: bool = True) -> str:
+        """One value a notifier names (gitopsd.notify): a Secret entry (`key` unless the ref names one)
+        or a mounted file's text, stripped; read at each use (rotation works) and, when `secret`,
+        registered with gitopsd.redact (a CA bundle is not). Raises GitopsdError naming `what`, the
+        Secret or file, and the key."""
         if ref.secret_ref is not None:
             key = ref.secret_ref.key or key
             where = f"{what}: Secret {self.namespace}/{ref.secret_ref.name}"
@@ -168,7 +176,8 @@ class CredentialStore:
             except (OSError, UnicodeDecodeError) as exc:
                 raise GitopsdError(f"{what}: cannot read {ref.file}: {getattr(exc, 'strerror', None) or exc}",
                                    hint="is the Secret volume mounted at that path?") from None
-        redact.remember((text,))
+        if secret:
+            redact.remember((text,))
         if not text:
             raise GitopsdError(f"{what}: the value is empty", hint="put the token or address in it")
         return text
@@ -179,6 +188,19 @@ class CredentialStore:
         with os.fdopen(fd, "w") as f:
             f.write(content if content.endswith("\n") else content + "\n")
         return path
+
+
+def check_ca_bundle(text: str, *, where: str) -> str:
+    """`text` when it is a PEM CA bundle: at least one certificate and no private key (a key in it would
+    be a mistake worth naming, and git would read nothing useful from it). Raises GitopsdError."""
+    if "PRIVATE KEY-----" in text:
+        raise GitopsdError(f"{where} holds a private key: only the CA's certificate belongs there",
+                           hint="the PEM certificate(s) of the CA that signed the server's certificate")
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        raise GitopsdError(f"{where} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                           hint="the PEM certificate(s) of the CA that signed the server's certificate")
+    return text
+
 
 _KEYS_HINT = ("create it from age-keygen's file: kubectl create secret generic sops-age "
               "--from-file=age.agekey=key.txt (entries ending in .agekey are read)")

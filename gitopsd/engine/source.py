@@ -93,13 +93,15 @@ class Credentials:
     token: str | None = None
     ssh_key_file: Path | None = None
     known_hosts_file: Path | None = None
+    ca_file: Path | None = None  # the CA bundle an https remote's certificate must chain to, instead of the system's
 
     def __repr__(self) -> str:
         # A dataclass repr would print the token into any log or traceback.
         token = "***" if self.token else None
         return (
             f"Credentials(username={self.username!r}, token={token!r}, "
-            f"ssh_key_file={self.ssh_key_file!r}, known_hosts_file={self.known_hosts_file!r})"
+            f"ssh_key_file={self.ssh_key_file!r}, known_hosts_file={self.known_hosts_file!r}, "
+            f"ca_file={self.ca_file!r})"
         )
 
 
@@ -498,6 +500,11 @@ class _Remote:
             env[f"GIT_CONFIG_KEY_{i}"] = key
             env[f"GIT_CONFIG_VALUE_{i}"] = value
         env["GIT_CONFIG_COUNT"] = str(first + len(config))
+        if self.kind == "http" and creds.ca_file is not None:
+            # Only the given CAs are trusted (as with known_hosts), not the system's bundle. The
+            # variable, not http.sslCAInfo: git lets a GIT_SSL_CAINFO in the environment win over config.
+            env["GIT_SSL_CAINFO"] = str(creds.ca_file)
+            env.pop("GIT_SSL_CAPATH", None)
         if self.kind == "ssh":
             ssh = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"]
             if creds.ssh_key_file is not None:
@@ -691,6 +698,16 @@ class _Git:
                 hint="put the host's public key (verified out of band, e.g. from the provider's docs) "
                 "in the known_hosts file given as known_hosts_file",
             )
+        if any(sign in low for sign in _TLS_SIGNS):
+            given = self.remote.credentials.ca_file
+            return SourceError(
+                f"the TLS certificate of {self.remote.host} could not be verified while fetching ref {ref!r} "
+                f"from {url}: {detail}",
+                hint=(f"the server's certificate does not chain to the CA bundle given ({given.name}): "
+                      "check that it holds the CA that signed the server's certificate" if given else
+                      "a server whose certificate a private CA signed needs that CA: put it in the "
+                      "credentials Secret as ca.crt (or give credentials.caFile)"),
+            )
         if any(sign in low for sign in _AUTH_SIGNS):
             if kind == "ssh":
                 hint = "check that the ssh key (ssh_key_file) may read the repository, e.g. as a deploy key"
@@ -729,8 +746,10 @@ _UNREACHABLE_SIGNS = (
     "not a git repository", "could not resolve host", "could not resolve hostname", "connection refused",
     "failed to connect", "couldn't connect", "connection timed out", "network is unreachable", "no route to host",
     "could not read from remote repository", "connection reset", "connection closed", "empty reply from server",
-    "ssl certificate problem",
 )
+# curl with OpenSSL says the first; with GnuTLS (Debian's git) the second; "problem setting" is a bad bundle.
+_TLS_SIGNS = ("ssl certificate problem", "server certificate verification failed", "certificate verify failed",
+              "error setting certificate", "problem with the ssl ca cert")
 
 
 def _summary(*, stderr: str) -> str:

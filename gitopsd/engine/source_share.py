@@ -247,14 +247,14 @@ def _repo_key(url: str, ref: str) -> tuple[str, str]:
 
 
 def _credentials_digest(creds: source.Credentials) -> str:
-    """A digest of what authenticates: the token and username, and the content of the key files
-    (two apps reading one Secret get private copies of its key under different paths)."""
+    """A digest of what authenticates: the token and username, and the content of the key, known_hosts
+    and CA files (two apps reading one Secret get private copies of its key under different paths)."""
     if creds == source.Credentials():
         return ""
     h = hashlib.sha256()
     for part in (creds.username, creds.token):
         h.update(b"\0" + (part or "").encode())
-    for path in (creds.ssh_key_file, creds.known_hosts_file):
+    for path in (creds.ssh_key_file, creds.known_hosts_file, creds.ca_file):
         h.update(b"\0")
         if path is not None:
             try:

@@ -29,6 +29,8 @@
   token), HTTP_PROXY for http ones, NO_PROXY (host names, domain suffixes,
   `*`) to go direct. A user:password in the proxy's URL becomes a
   Proxy-Authorization header and is treated as a secret value.
+- **A private CA** (`caFrom`): the receiver's certificate must chain to the
+  notifier's CA bundle instead of the system's (a forge a company CA signed).
 - **Shutdown** (`Deliveries.stop`): what is queued gets `grace` seconds;
   what is left then is dropped and counted, with one line.
 
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import collections
 import email.utils
+import hashlib
 import random
 import threading
 import time
@@ -144,9 +147,12 @@ def retry_after(value: str | None) -> float | None:
 
 
 class Sender:
-    """HTTP for notifications: one connection pool (and one per proxy), no retries or redirects of its
-    own, timeouts always. ``proxies`` as urllib.request.getproxies_environment gives them
-    ({"https": URL, "http": URL, "no": "host,.domain"}); default: this process's environment."""
+    """HTTP for notifications: one connection pool (and one per proxy and CA bundle), no retries or
+    redirects of its own, timeouts always. ``proxies`` as urllib.request.getproxies_environment gives
+    them ({"https": URL, "http": URL, "no": "host,.domain"}); default: this process's environment."""
+
+    #: Pools kept for proxies and CA bundles; a rotated CA makes a new one, the least recently used goes.
+    POOLS = 16
 
     def __init__(self, policy: Policy, *, proxies: dict[str, str] | None = None) -> None:
         connect, read = policy.timeout
@@ -154,23 +160,33 @@ class Sender:
                          "timeout": urllib3.Timeout(connect=connect, read=read)}
         self._http = urllib3.PoolManager(**self._pool_kw)
         self._proxies = urllib.request.getproxies_environment() if proxies is None else dict(proxies)
-        self._via: dict[str, urllib3.ProxyManager] = {}
+        self._via: collections.OrderedDict[tuple[str, str], urllib3.PoolManager] = collections.OrderedDict()
         self._lock = threading.Lock()
 
-    def _pool(self, url: str) -> urllib3.PoolManager:
-        """The pool a request to `url` goes out through: its scheme's proxy unless NO_PROXY names the host."""
+    def _pool(self, url: str, *, ca: str | None = None) -> urllib3.PoolManager:
+        """The pool a request to `url` goes out through: its scheme's proxy unless NO_PROXY names the host,
+        verifying with `ca` (PEM) when given."""
         parts = urllib.parse.urlsplit(url)
-        proxy = self._proxies.get(parts.scheme)
-        if not proxy or urllib.request.proxy_bypass_environment(parts.hostname or "", self._proxies):
+        proxy = self._proxies.get(parts.scheme) or ""
+        if proxy and urllib.request.proxy_bypass_environment(parts.hostname or "", self._proxies):
+            proxy = ""
+        if not proxy and ca is None:
             return self._http
+        key = (proxy, hashlib.sha256(ca.encode()).hexdigest() if ca is not None else "")
         with self._lock:
-            if proxy not in self._via:
-                self._via[proxy] = _proxy_manager(proxy, self._pool_kw)
-            return self._via[proxy]
+            pool = self._via.get(key)
+            if pool is None:
+                kw = self._pool_kw if ca is None else {**self._pool_kw, "cert_reqs": "CERT_REQUIRED",
+                                                        "ca_cert_data": ca}
+                pool = self._via[key] = _proxy_manager(proxy, kw) if proxy else urllib3.PoolManager(**kw)
+                while len(self._via) > self.POOLS:
+                    self._via.popitem(last=False)[1].clear()
+            self._via.move_to_end(key)
+            return pool
 
     def send(self, request: Request) -> Answer:
         try:
-            pool = self._pool(request.url)
+            pool = self._pool(request.url, ca=request.ca)
             response = pool.request(request.method, request.url, body=request.body, headers=request.headers,
                                     redirect=False, preload_content=False)
         except (urllib3.exceptions.HTTPError, ValueError) as exc:   # ValueError: a proxy URL urllib3 refuses
@@ -366,7 +382,7 @@ class Deliveries:
     def _give_up(self, d: Delivery, *, status: int | None, answer: str) -> None:
         _count(d, "failed")
         log.error("notification failed", **d.fields(), status=status, answer=_quote(answer), attempts=d.attempt,
-                  hint=_hint(status))
+                  hint=_hint(status, answer))
         return None
 
 
@@ -379,7 +395,10 @@ def _quote(text: str) -> str:
     return text if len(text) <= ANSWER_CHARS else text[:ANSWER_CHARS] + "..."
 
 
-def _hint(status: int | None) -> str:
+def _hint(status: int | None, answer: str = "") -> str:
+    if status is None and "CERTIFICATE_VERIFY_FAILED" in answer:
+        return ("the receiver's TLS certificate does not chain to a CA gitopsd trusts: give the CA that signed "
+                "it as the notifier's caFrom (a Secret's ca.crt)")
     if status in (401, 403):
         return "check the token (tokenFrom): is it valid, and may it set commit statuses on this repository?"
     if status == 404:

@@ -20,13 +20,15 @@ by the delivery worker, through the same CredentialStore as git credentials.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import structlog
 
 from gitopsd import config as config_mod
-from gitopsd.daemon.credentials import CredentialStore
+from gitopsd.daemon.credentials import CredentialStore, check_ca_bundle
 from gitopsd.daemon.feed import Event
+from gitopsd.errors import GitopsdError
 from gitopsd.notify import notice as notice_mod
 from gitopsd.notify import payloads
 from gitopsd.notify.delivery import Deliveries, Delivery, Policy
@@ -82,7 +84,19 @@ class Notifier:
                         build=lambda: self._request(name, notifier, notice))
 
     def _request(self, name: str, notifier: config_mod.NotifierConfig, notice: Notice) -> Request:
-        """The request, its secrets read now (on a delivery worker)."""
+        """The request, its secrets (and CA bundle) read now (on a delivery worker)."""
+        request = self._payload(name, notifier, notice)
+        if notifier.ca_from is None:
+            return request
+        what = f"notifier {name}: caFrom"
+        ca = self._credentials.value(notifier.ca_from, key="ca.crt", what=what, secret=False)
+        try:
+            check_ca_bundle(ca, where=what)
+        except GitopsdError as exc:
+            raise PayloadError(exc.message, hint=exc.hint) from None   # a retry reads the same; the next notice reads again
+        return dataclasses.replace(request, ca=ca)
+
+    def _payload(self, name: str, notifier: config_mod.NotifierConfig, notice: Notice) -> Request:
         what = f"notifier {name}"
         if notifier.commit_status:
             token = self._credentials.value(notifier.token_from, key="token", what=f"{what}: tokenFrom")

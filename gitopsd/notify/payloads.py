@@ -64,6 +64,7 @@ class Request:
     headers: dict[str, str]
     body: bytes
     method: str = "POST"
+    ca: str | None = None   # PEM CA bundle the receiver's certificate must chain to, in place of the system's
 
 
 def context(notice: Notice) -> str:

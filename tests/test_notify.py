@@ -115,6 +115,29 @@ def test_a_render_failure_without_a_commit_ends_the_transition_its_run_began() -
         "its retries begin again without news"
 
 
+def test_a_reload_forgets_what_was_told_of_the_apps_it_removed(tmp_path: Path) -> None:
+    text = """
+notifiers:
+  hook: {provider: webhook, address: "http://127.0.0.1:9/x"}
+apps:
+  - {name: web, repo: "https://github.com/org/fleet.git", notify: [hook]}
+  - {name: gone, repo: "https://github.com/org/fleet.git", notify: [hook]}
+"""
+    running = {"config": config_mod.parse(text, base_dir=tmp_path)}
+    notifier = Notifier(config=lambda: running["config"], credentials=CredentialStore(None, namespace="gitopsd"),
+                        ui_url=None, policy=FAST)   # not started: nothing is sent, what is news is decided
+    memory = notifier._memory
+    gone = running["config"].target("gone")
+    notifier.listen(Event(kind="record", target="gone", cfg=gone, record=_transition("Failed", reason="bad")))
+    steady = of_record(target="gone", record=_transition("NoChange", revision=SHA1, previous=SHA1), repo="")
+    running["config"] = config_mod.parse(text.replace("  - {name: gone", "  # - {name: gone"), base_dir=tmp_path)
+    notifier.listen(Event(kind="status", target="web", cfg=running["config"].target("web")))
+    assert memory.news(steady) is None, "a steady NoChange of an app seen afresh is no news (no failure known)"
+    kept = Memory()
+    kept.news(of_record(target="gone", record=_transition("Failed", reason="bad"), repo=""))
+    assert kept.news(steady) is not None, "while the app is configured, the same NoChange ends a failure told"
+
+
 def test_rollbacks_and_holds_are_transitions_and_release_events() -> None:
     rolled = of_record(target="web@eu-1", record=_transition("RolledBack"), repo="")
     assert rolled.events == {"transition", "release"}

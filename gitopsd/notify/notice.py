@@ -179,6 +179,14 @@ class Memory:
             self._told[notice.target] = (notice.revision, notice.phase == "finished", notice.failed)
             return notice
 
+    def keep(self, targets: set[str]) -> None:
+        """Forget every target but `targets` (an app removed from the config leaves nothing behind)."""
+        with self._lock:
+            for gone in [t for t in self._told if t not in targets]:
+                del self._told[gone]
+            for gone in [t for t in self._begun if t not in targets]:
+                del self._begun[gone]
+
     @staticmethod
     def _is_news(notice: Notice, last: tuple[str | None, bool, bool] | None) -> bool:
         if notice.phase == "started":

@@ -45,6 +45,7 @@ class Notifier:
         self._credentials = credentials
         self._ui_url = ui_url
         self._memory = notice_mod.Memory()
+        self._config_seen: config_mod.Config | None = None
         self.deliveries = Deliveries(policy=policy)
 
     def start(self) -> None:
@@ -57,6 +58,9 @@ class Notifier:
     def listen(self, event: Event) -> None:
         """The feed listener: enqueue what each notifier of the target wants to hear (module docstring)."""
         config = self._config()
+        if config is not self._config_seen:   # a reload: what was told of removed targets goes
+            self._config_seen = config
+            self._memory.keep({t.key for t in config.targets})
         if event.kind == "status" or not config.notifiers:
             return   # the common case, before any lookup: a fleet without notifiers pays nothing
         cfg = config.target(event.target) or event.cfg

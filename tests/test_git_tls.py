@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from gitserver import GitHTTPServer
-from helpers import GitRepo, app_entry, configmap, put_secret, wait_transition, write_config
+from helpers import GitRepo, app_entry, configmap, gitopsd_json, put_secret, wait_transition, write_config
 from test_source import TOKEN, Upstream, git_identity, tree_of  # noqa: F401 - git_identity is autouse
 
 from gitopsd.engine.source import Credentials, fetch
@@ -139,3 +139,36 @@ def test_the_daemon_fetches_with_the_ca_of_the_credentials_secret_and_names_a_ba
     reason = " ".join(str(e) for e in refused["errors"])
     assert f"credentials Secret {namespace}/forge-bad, key ca.crt holds a private key" in reason, reason
     assert "PRIVATE KEY" not in daemon.log_path.read_text()
+
+
+def test_the_cli_takes_the_ca_as_git_ca_file_and_refuses_a_key_in_its_place(
+        private_ca, kube, kubeconfig, namespace, source_cache, tmp_path):
+    repo = GitRepo(tmp_path / "git")
+    repo.write("cm.yaml", configmap("cli-private-forge", {"v": "1"}))
+    repo.commit("a ConfigMap")
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    server = https_server(repo.bare.parent, private_ca)
+    args = ("--repo", server.url("remote.git"), "--ref", "main", "--namespace", namespace, "--app", namespace,
+            "--inventory-namespace", namespace, "--git-username", "deploy", "--git-token-file", str(token))
+    try:
+        _, untrusted = gitopsd_json("diff", *args, kubeconfig=kubeconfig, cache=source_cache, expect=2)
+        _, key = gitopsd_json("diff", *args, "--git-ca-file", str(private_ca.key), kubeconfig=kubeconfig,
+                              cache=source_cache, expect=2)
+        _, synced = gitopsd_json("sync", *args, "--git-ca-file", str(private_ca.ca), kubeconfig=kubeconfig,
+                                 cache=source_cache, expect=0)
+    finally:
+        server.stop()
+    assert "TLS certificate of 127.0.0.1" in untrusted["error"], untrusted
+    assert f"--git-ca-file {private_ca.key} holds a private key" in key["error"], key
+    assert "PRIVATE KEY" not in str(key)
+    assert kube.get(kube.resource("v1", "ConfigMap"), "cli-private-forge", namespace)["data"] == {"v": "1"}
+
+
+def test_a_ca_file_alone_is_enough_credentials_for_a_public_repository(tmp_path):
+    from gitopsd import config as config_mod
+
+    config = config_mod.parse('apps:\n  - {name: web, repo: "https://git.corp.example/fleet.git",'
+                              ' credentials: {caFile: certs/ca.crt}}\n', base_dir=tmp_path)
+    assert config.app("web").credentials.ca_file == tmp_path / "certs" / "ca.crt"
+    assert "caFile" in config_mod.schema()["$defs"]["CredentialsRef"]["properties"]

@@ -4,8 +4,8 @@ An app names its credentials either as a Secret in gitopsd's namespace
 (keys token, username, identity, known_hosts, ca.crt) or as files mounted
 into the pod. SSH key material, known_hosts and the CA bundle read from a
 Secret are written to private files (0600) in a directory of this process,
-removed at shutdown. The secret
-parts are registered with gitopsd.redact as they are read.
+removed at shutdown. The secret parts are registered with gitopsd.redact as
+they are read.
 
 Its SOPS keys (`decryption.keysFrom`) the same way: the entries of a Secret
 in gitopsd's namespace whose names end in .agekey (Flux's convention), or a

@@ -747,7 +747,7 @@ _UNREACHABLE_SIGNS = (
     "failed to connect", "couldn't connect", "connection timed out", "network is unreachable", "no route to host",
     "could not read from remote repository", "connection reset", "connection closed", "empty reply from server",
 )
-# curl with OpenSSL says the first; with GnuTLS (Debian's git) the second; "problem setting" is a bad bundle.
+# curl with OpenSSL says the first; with GnuTLS (Debian's git) the second; the last two: a bundle curl cannot read.
 _TLS_SIGNS = ("ssl certificate problem", "server certificate verification failed", "certificate verify failed",
               "error setting certificate", "problem with the ssl ca cert")
 

@@ -98,6 +98,32 @@ def test_prune_disabled_annotation_keeps_the_object(app, repo, kube, namespace):
     assert _names(kube, namespace) == ["a", "keep"]
 
 
+@pytest.mark.parametrize(("annotations", "reason"), [
+    ({"kustomize.toolkit.fluxcd.io/prune": "disabled"}, "kustomize.toolkit.fluxcd.io/prune: disabled"),
+    ({"argocd.argoproj.io/sync-options": "ServerSideApply=true, Prune=false"},
+     "argocd.argoproj.io/sync-options: Prune=false"),
+    ({"argocd.argoproj.io/sync-options": "Prune=confirm"}, "argocd.argoproj.io/sync-options: Prune=confirm"),
+], ids=["flux", "argo-cd", "argo-cd-confirm"])
+def test_a_repository_written_for_flux_or_argo_cd_keeps_what_it_marks_unprunable(
+        app, repo, kube, namespace, annotations, reason):
+    repo.write("a.yaml", configmap("a", {"k": "a"}))
+    repo.write("data.yaml", configmap("data", {"k": "v"}, annotations=annotations))
+    repo.write("gone.yaml", configmap("gone", {"k": "v"}, annotations={
+        "argocd.argoproj.io/sync-options": "Prune=true", "kustomize.toolkit.fluxcd.io/prune": "enabled"}))
+    repo.commit()
+    assert app.sync().outcome.value == "Applied"
+    repo.remove("data.yaml")
+    repo.remove("gone.yaml")
+    repo.commit("drop both")
+
+    result = app.sync()
+
+    assert result.outcome.value == "Applied", result.reason
+    assert [str(c.ref) for c in result.pruned] == [f"ConfigMap/{namespace}/gone"]
+    assert {str(r): why for r, why in result.plan.kept_reasons.items()} == {f"ConfigMap/{namespace}/data": reason}
+    assert _names(kube, namespace) == ["a", "data"]
+
+
 def test_a_namespace_still_holding_objects_of_the_commit_is_never_pruned(app, repo, kube, namespace):
     ns = f"{namespace}-own"
     repo.write("ns.yaml", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})

@@ -38,7 +38,9 @@ CRD changes) in the same commit can only be dry-run after stage 0 is
 applied; they are marked deferred and judged then.
 
 Prune safety lives here too: the prune set is only members (our label) that
-left Git, minus what is annotated `gitopsd.io/prune: disabled`, minus
+left Git, minus what is annotated `gitopsd.io/prune: disabled` (or Flux's
+`kustomize.toolkit.fluxcd.io/prune: disabled`, Argo CD's sync option
+`Prune=false`), minus
 Namespaces that still hold objects of the commit or objects gitopsd does not
 manage.
 
@@ -108,11 +110,29 @@ from gitopsd.objects import ObjectRef, ref_of, split_api_version
 
 HASH_ANNOTATION = "gitopsd.io/desired-hash"
 PRUNE_ANNOTATION = "gitopsd.io/prune"          # "disabled" keeps the object when it leaves Git
+# The same wish in the words of repositories written for Flux and Argo CD (a kept PVC or Namespace there
+# must stay kept here): Flux's annotation, and Argo CD's sync option (Prune=confirm waits for a person,
+# whom gitopsd never asks: kept too).
+FLUX_PRUNE_ANNOTATION = "kustomize.toolkit.fluxcd.io/prune"
+ARGO_SYNC_OPTIONS = "argocd.argoproj.io/sync-options"
 RECREATE_ANNOTATION = "gitopsd.io/recreate"    # "enabled" allows delete+create on immutable changes
 NEVER_RECREATE_BY_DEFAULT = {("apiextensions.k8s.io", "CustomResourceDefinition"), ("", "Namespace"),
                              ("", "PersistentVolume"), ("", "PersistentVolumeClaim")}
 # Page size of the LISTs that look through a Namespace before it is pruned.
 NAMESPACE_CHECK_PAGE = 500
+
+
+def prune_disabled(annotations: dict) -> str | None:
+    """The annotation that keeps an object when it leaves Git ("gitopsd.io/prune: disabled", or Flux's or
+    Argo CD's way of saying it), as the plan's reason; None when nothing keeps it."""
+    for key in (PRUNE_ANNOTATION, FLUX_PRUNE_ANNOTATION):
+        if str(annotations.get(key, "")).strip().lower() == "disabled":
+            return f"{key}: disabled"
+    options = {o.strip() for o in str(annotations.get(ARGO_SYNC_OPTIONS, "")).split(",")}
+    for option in ("Prune=false", "Prune=confirm"):
+        if option in options:
+            return f"{ARGO_SYNC_OPTIONS}: {option}"
+    return None
 
 
 
@@ -327,9 +347,9 @@ def make_plan(kube: Kube, manifests: list[Manifest], inv: Inventory, *, prune: b
             continue
         annotations = live["metadata"].get("annotations") or {}
         is_namespace = ref.group == "" and ref.kind == "Namespace"
-        if annotations.get(PRUNE_ANNOTATION) == "disabled":
+        if (kept_by := prune_disabled(annotations)) is not None:
             plan.kept.append(ref)
-            plan.kept_reasons[ref] = f"{PRUNE_ANNOTATION}: disabled"
+            plan.kept_reasons[ref] = kept_by
         elif allowed_namespaces is not None and not _may_write(ref, allowed_namespaces):
             # The same bounds as for writes: a label or a parent record that
             # points elsewhere (hand-edited, or from before the app was

@@ -185,6 +185,15 @@ def test_generate_name_gets_its_own_hint(tmp_path):
     assert "generateName is not supported" in err.hint
 
 
+@pytest.mark.parametrize("annotation", ["argocd.argoproj.io/hook: PreSync", "helm.sh/hook: pre-install"])
+def test_a_hook_with_a_generated_name_says_gitopsd_runs_no_hooks(tmp_path, annotation):
+    (tmp_path / "job.yaml").write_text("apiVersion: batch/v1\nkind: Job\nmetadata:\n  generateName: migrate-\n"
+                                       f"  annotations: {{{annotation}}}\n")
+    err = render_error(tmp_path)
+    assert err.problems == ["job.yaml: missing metadata.name"]
+    assert f"a sync hook ({annotation}) with a generated name: gitopsd runs no hooks" in err.hint
+
+
 def test_invalid_json_names_file_and_line(tmp_path):
     (tmp_path / "bad.json").write_text('{\n  "apiVersion": "v1",\n}\n')
     err = render_error(tmp_path)

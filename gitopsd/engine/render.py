@@ -57,6 +57,8 @@ from gitopsd.objects import ObjectRef, ref_of, split_api_version
 KINDS = ("auto", "plain", "kustomize", "helm")
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 CHART_FILE = "Chart.yaml"
+#: Annotations that make an object an Argo CD or Helm hook (run at a sync phase, often with a generated name).
+HOOK_ANNOTATIONS = ("argocd.argoproj.io/hook", "helm.sh/hook")
 
 # Fields the apiserver owns. A manifest carrying them is a copy of `kubectl get
 # -o yaml`: managedFields makes server-side apply reject the body outright, and
@@ -1062,6 +1064,11 @@ def _check_identity(m: Manifest, *, problems: _Problems) -> bool:
         hint = "every document must be a Kubernetes object with apiVersion, kind and metadata.name"
         if "metadata.name" in missing and isinstance(meta, dict) and meta.get("generateName"):
             hint = "metadata.generateName is not supported: a generated name cannot be tracked; set metadata.name"
+            annotations = meta.get("annotations") if isinstance(meta.get("annotations"), dict) else {}
+            hook = next(((k, v) for k in HOOK_ANNOTATIONS if (v := annotations.get(k))), None)
+            if hook is not None:
+                hint = (f"a sync hook ({hook[0]}: {hook[1]}) with a generated name: gitopsd runs no hooks. Give it "
+                        "a metadata.name to apply it as a plain object of the app, or keep it out of the app's path")
         parts = ([f"missing {', '.join(missing)}"] if missing else []) + wrong
         problems.add(f"{m.source}: {'; '.join(parts)}", hint=hint)
         return False

@@ -194,6 +194,18 @@ def test_a_hook_with_a_generated_name_says_gitopsd_runs_no_hooks(tmp_path, annot
     assert f"a sync hook ({annotation}) with a generated name: gitopsd runs no hooks" in err.hint
 
 
+def test_a_directory_of_only_jsonnet_is_an_error_not_an_app_of_no_objects(tmp_path):
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "guestbook.jsonnet").write_text("{}\n")
+    (tmp_path / "app" / "params.libsonnet").write_text("{}\n")
+    err = render_error(tmp_path, "app")
+    assert err.problems == ["app: no manifests, only Jsonnet (app/guestbook.jsonnet and 1 more), which gitopsd "
+                            "does not render"]
+    assert "render it to YAML in CI" in err.hint
+    (tmp_path / "app" / "rendered.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n")
+    assert [m.obj["metadata"]["name"] for m in render(tmp_path, "app", kind="plain")] == ["a"]
+
+
 def test_invalid_json_names_file_and_line(tmp_path):
     (tmp_path / "bad.json").write_text('{\n  "apiVersion": "v1",\n}\n')
     err = render_error(tmp_path)

@@ -57,6 +57,9 @@ from gitopsd.objects import ObjectRef, ref_of, split_api_version
 KINDS = ("auto", "plain", "kustomize", "helm")
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 CHART_FILE = "Chart.yaml"
+#: Formats a directory may hold that gitopsd does not render (Argo CD renders Jsonnet; CUE and Dhall tools
+#: write YAML): a plain directory of only these is an error, not an app of no objects.
+UNRENDERED_SUFFIXES = {".jsonnet": "Jsonnet", ".libsonnet": "Jsonnet", ".cue": "CUE", ".dhall": "Dhall"}
 #: Annotations that make an object an Argo CD or Helm hook (run at a sync phase, often with a generated name).
 HOOK_ANNOTATIONS = ("argocd.argoproj.io/hook", "helm.sh/hook")
 
@@ -559,7 +562,17 @@ def _numbered(docs: list, source: str) -> list[tuple[object, str]]:
 
 def _render_plain(real_root: Path, target: Path, *, keys: decrypt.Keys | None, timeout: float,
                   problems: _Problems) -> list[Manifest]:
-    files = [target] if target.is_file() else _manifest_files(real_root, target, problems=problems)
+    unrendered: list[Path] = []
+    files = [target] if target.is_file() else _manifest_files(real_root, target, problems=problems,
+                                                              unrendered=unrendered)
+    if not files and unrendered:
+        # Rendered as plain, such a directory is no objects at all: say why rather than deploy nothing.
+        first = unrendered[0]
+        language = UNRENDERED_SUFFIXES[next(x for x in UNRENDERED_SUFFIXES if first.name.lower().endswith(x))]
+        more = f" and {len(unrendered) - 1} more" if len(unrendered) > 1 else ""
+        problems.add(f"{relative(real_root, target)}: no manifests, only {language} "
+                     f"({relative(real_root, first)}{more}), which gitopsd does not render",
+                     hint="render it to YAML in CI and commit the output, or use a kustomization or a Helm chart")
     manifests: list[Manifest] = []
     for file in files:
         source = relative(real_root, file) if file.is_relative_to(real_root) else str(file)
@@ -652,8 +665,10 @@ def _read_bounded(file: Path, *, source: str, problems: _Problems) -> bytes | No
         return None
 
 
-def _manifest_files(real_root: Path, top: Path, *, problems: _Problems) -> list[Path]:
-    """Manifest files under `top`, depth-first in name order (deterministic).
+def _manifest_files(real_root: Path, top: Path, *, problems: _Problems,
+                    unrendered: list[Path] | None = None) -> list[Path]:
+    """Manifest files under `top`, depth-first in name order (deterministic); the files of a
+    format gitopsd does not render (UNRENDERED_SUFFIXES) go to `unrendered` when given.
 
     Hidden entries (.git, .github, .pre-commit-config.yaml) are not manifests
     and are skipped. Symlinks are followed only while they stay inside the
@@ -701,6 +716,8 @@ def _manifest_files(real_root: Path, top: Path, *, problems: _Problems) -> list[
                 walk(path)
             elif manifest_like and entry.is_file():
                 files.append(path)
+            elif unrendered is not None and entry.name.lower().endswith(tuple(UNRENDERED_SUFFIXES)):
+                unrendered.append(path)
 
     walk(top)
     return files

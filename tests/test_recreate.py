@@ -31,14 +31,19 @@ def test_immutable_change_fails_clearly_without_opt_in(app, repo, kube, namespac
     assert kube.get(kube.resource("apps/v1", "Deployment"), "web", namespace)["metadata"]["uid"] == uid
 
 
-def test_immutable_change_recreates_with_annotation(app, repo, kube, namespace):
+@pytest.mark.parametrize("annotations", [
+    {"gitopsd.io/recreate": "enabled"},
+    {"kustomize.toolkit.fluxcd.io/force": "enabled"},          # a repository written for Flux
+    {"argocd.argoproj.io/sync-options": "Replace=true,Force=true"},   # ... for Argo CD
+], ids=["gitopsd", "flux", "argo-cd"])
+def test_immutable_change_recreates_with_annotation(app, repo, kube, namespace, annotations):
     repo.write("web.yaml", _with_selector("a"))
     repo.commit()
     assert app.sync().outcome.value == "Applied"
     uid = kube.get(kube.resource("apps/v1", "Deployment"), "web", namespace)["metadata"]["uid"]
 
     changed = _with_selector("b")
-    changed["metadata"]["annotations"] = {"gitopsd.io/recreate": "enabled"}
+    changed["metadata"]["annotations"] = annotations
     repo.write("web.yaml", changed)
     repo.commit("change the selector, allow recreate")
     result = app.sync()

@@ -116,10 +116,22 @@ PRUNE_ANNOTATION = "gitopsd.io/prune"          # "disabled" keeps the object whe
 FLUX_PRUNE_ANNOTATION = "kustomize.toolkit.fluxcd.io/prune"
 ARGO_SYNC_OPTIONS = "argocd.argoproj.io/sync-options"
 RECREATE_ANNOTATION = "gitopsd.io/recreate"    # "enabled" allows delete+create on immutable changes
+FLUX_FORCE_ANNOTATION = "kustomize.toolkit.fluxcd.io/force"   # Flux's "enabled": the same
 NEVER_RECREATE_BY_DEFAULT = {("apiextensions.k8s.io", "CustomResourceDefinition"), ("", "Namespace"),
                              ("", "PersistentVolume"), ("", "PersistentVolumeClaim")}
 # Page size of the LISTs that look through a Namespace before it is pruned.
 NAMESPACE_CHECK_PAGE = 500
+
+
+def recreate_enabled(annotations: dict) -> bool:
+    """Whether the object asks to be deleted and re-created when a field it changes is immutable:
+    "gitopsd.io/recreate: enabled", Flux's "kustomize.toolkit.fluxcd.io/force: enabled", or Argo CD's
+    sync options Replace=true with Force=true."""
+    if any(str(annotations.get(k, "")).strip().lower() == "enabled" for k in (RECREATE_ANNOTATION,
+                                                                             FLUX_FORCE_ANNOTATION)):
+        return True
+    options = {o.strip() for o in str(annotations.get(ARGO_SYNC_OPTIONS, "")).split(",")}
+    return {"Replace=true", "Force=true"} <= options
 
 
 def prune_disabled(annotations: dict) -> str | None:
@@ -870,7 +882,7 @@ def _dry_run(kube: Kube, change: ObjectChange, plan: Plan, *, commit_namespaces:
         if change.unseen and not missing and not _read_unseen(kube, change, plan):
             return None
         live = change.live
-        annotated = (desired["metadata"].get("annotations") or {}).get(RECREATE_ANNOTATION) == "enabled"
+        annotated = recreate_enabled(desired["metadata"].get("annotations") or {})
         # The app-wide switch never covers kinds whose deletion destroys data
         # (every custom resource of a CRD, a namespace's contents, a volume):
         # those need the annotation on the object itself.

@@ -37,10 +37,14 @@ before anything is written. Objects whose CRD or Namespace arrives (or whose
 CRD changes) in the same commit can only be dry-run after stage 0 is
 applied; they are marked deferred and judged then.
 
+Objects a repository written for Flux freezes (`frozen`: `ssa: IfNotPresent`
+once created, `reconcile: disabled`) are "still ours" whatever they hold:
+never judged, written or healed.
+
 Prune safety lives here too: the prune set is only members (our label) that
 left Git, minus what is annotated `gitopsd.io/prune: disabled` (or Flux's
-`kustomize.toolkit.fluxcd.io/prune: disabled`, Argo CD's sync option
-`Prune=false`), minus
+`kustomize.toolkit.fluxcd.io/prune: disabled` or `reconcile: disabled`, Argo
+CD's sync option `Prune=false`), minus
 Namespaces that still hold objects of the commit or objects gitopsd does not
 manage.
 
@@ -117,10 +121,24 @@ FLUX_PRUNE_ANNOTATION = "kustomize.toolkit.fluxcd.io/prune"
 ARGO_SYNC_OPTIONS = "argocd.argoproj.io/sync-options"
 RECREATE_ANNOTATION = "gitopsd.io/recreate"    # "enabled" allows delete+create on immutable changes
 FLUX_FORCE_ANNOTATION = "kustomize.toolkit.fluxcd.io/force"   # Flux's "enabled": the same
+# Flux's apply policies gitopsd honours: an object applied only while it does not exist (ssa: IfNotPresent:
+# a Secret another controller fills in), or whose reconciliation is switched off (reconcile: disabled, on
+# the manifest or on the live object: never written again, never pruned).
+FLUX_SSA_ANNOTATION = "kustomize.toolkit.fluxcd.io/ssa"
+FLUX_RECONCILE_ANNOTATION = "kustomize.toolkit.fluxcd.io/reconcile"
 NEVER_RECREATE_BY_DEFAULT = {("apiextensions.k8s.io", "CustomResourceDefinition"), ("", "Namespace"),
                              ("", "PersistentVolume"), ("", "PersistentVolumeClaim")}
 # Page size of the LISTs that look through a Namespace before it is pruned.
 NAMESPACE_CHECK_PAGE = 500
+
+
+def frozen(desired: dict, live: dict) -> bool:
+    """Whether an existing object is left as it is, whatever Git says now: created once (Flux's
+    `ssa: IfNotPresent`), or its reconciliation switched off (`reconcile: disabled`, in Git or live)."""
+    wanted = desired["metadata"].get("annotations") or {}
+    found = (live.get("metadata") or {}).get("annotations") or {}
+    return (str(wanted.get(FLUX_SSA_ANNOTATION, "")).strip().lower() == "ifnotpresent"
+            or any(str(a.get(FLUX_RECONCILE_ANNOTATION, "")).strip().lower() == "disabled" for a in (wanted, found)))
 
 
 def recreate_enabled(annotations: dict) -> bool:
@@ -137,7 +155,7 @@ def recreate_enabled(annotations: dict) -> bool:
 def prune_disabled(annotations: dict) -> str | None:
     """The annotation that keeps an object when it leaves Git ("gitopsd.io/prune: disabled", or Flux's or
     Argo CD's way of saying it), as the plan's reason; None when nothing keeps it."""
-    for key in (PRUNE_ANNOTATION, FLUX_PRUNE_ANNOTATION):
+    for key in (PRUNE_ANNOTATION, FLUX_PRUNE_ANNOTATION, FLUX_RECONCILE_ANNOTATION):
         if str(annotations.get(key, "")).strip().lower() == "disabled":
             return f"{key}: disabled"
     options = {o.strip() for o in str(annotations.get(ARGO_SYNC_OPTIONS, "")).split(",")}
@@ -690,7 +708,8 @@ def _attach_members(changes: list[ObjectChange], members: dict[ObjectRef, dict],
         if c.ref in members:
             c.live = members[c.ref]
             if _check_owner(c, plan):
-                c.takeover = takeover.managers(c.live, plan.take_over, ignore=plan.ignore)
+                c.takeover = () if frozen(c.desired, c.live) else takeover.managers(c.live, plan.take_over,
+                                                                                     ignore=plan.ignore)
         else:
             c.unseen = True
 
@@ -720,7 +739,8 @@ def _read_unseen(kube: Kube, change: ObjectChange, plan: Plan) -> bool:
         return True
     if not _check_owner(change, plan):
         return False
-    change.takeover = takeover.managers(change.live, plan.take_over, ignore=plan.ignore)
+    change.takeover = () if frozen(change.desired, change.live) else takeover.managers(
+        change.live, plan.take_over, ignore=plan.ignore)
     return True
 
 
@@ -734,9 +754,11 @@ def still_ours(live: dict, desired: dict, *, ignore: Ignore = NOTHING) -> bool:
     manager's change of one is no drift (and costs no dry-run).
     """
     meta = live.get("metadata") or {}
-    if (meta.get("annotations") or {}).get(HASH_ANNOTATION) != desired["metadata"]["annotations"][HASH_ANNOTATION]:
-        return False
     if meta.get("deletionTimestamp"):
+        return False
+    if frozen(desired, live):
+        return True   # nothing to write, whoever changed it: no drift either
+    if (meta.get("annotations") or {}).get(HASH_ANNOTATION) != desired["metadata"]["annotations"][HASH_ANNOTATION]:
         return False
     entry = next((m for m in meta.get("managedFields") or []
                   if m.get("manager") == "gitopsd" and m.get("operation") == "Apply" and not m.get("subresource")),

@@ -103,8 +103,9 @@ def test_prune_disabled_annotation_keeps_the_object(app, repo, kube, namespace):
     ({"argocd.argoproj.io/sync-options": "ServerSideApply=true, Prune=false"},
      "argocd.argoproj.io/sync-options: Prune=false"),
     ({"argocd.argoproj.io/sync-options": "Prune=confirm"}, "argocd.argoproj.io/sync-options: Prune=confirm"),
-], ids=["flux", "argo-cd", "argo-cd-confirm"])
-def test_a_repository_written_for_flux_or_argo_cd_keeps_what_it_marks_unprunable(
+    ({"helm.sh/resource-policy": "keep"}, "helm.sh/resource-policy: keep"),
+], ids=["flux", "argo-cd", "argo-cd-confirm", "helm-keep"])
+def test_a_repository_written_for_flux_argo_cd_or_helm_keeps_what_it_marks_unprunable(
         app, repo, kube, namespace, annotations, reason):
     repo.write("a.yaml", configmap("a", {"k": "a"}))
     repo.write("data.yaml", configmap("data", {"k": "v"}, annotations=annotations))

@@ -44,7 +44,7 @@ never judged, written or healed.
 Prune safety lives here too: the prune set is only members (our label) that
 left Git, minus what is annotated `gitopsd.io/prune: disabled` (or Flux's
 `kustomize.toolkit.fluxcd.io/prune: disabled` or `reconcile: disabled`, Argo
-CD's sync option `Prune=false`), minus
+CD's sync option `Prune=false`, a chart's `helm.sh/resource-policy: keep`), minus
 Namespaces that still hold objects of the commit or objects gitopsd does not
 manage.
 
@@ -119,6 +119,7 @@ PRUNE_ANNOTATION = "gitopsd.io/prune"          # "disabled" keeps the object whe
 # whom gitopsd never asks: kept too).
 FLUX_PRUNE_ANNOTATION = "kustomize.toolkit.fluxcd.io/prune"
 ARGO_SYNC_OPTIONS = "argocd.argoproj.io/sync-options"
+HELM_RESOURCE_POLICY = "helm.sh/resource-policy"   # "keep": a chart's PVC or CRD outlives its removal (as Helm)
 RECREATE_ANNOTATION = "gitopsd.io/recreate"    # "enabled" allows delete+create on immutable changes
 FLUX_FORCE_ANNOTATION = "kustomize.toolkit.fluxcd.io/force"   # Flux's "enabled": the same
 # Flux's apply policies gitopsd honours: an object applied only while it does not exist (ssa: IfNotPresent:
@@ -158,6 +159,8 @@ def prune_disabled(annotations: dict) -> str | None:
     for key in (PRUNE_ANNOTATION, FLUX_PRUNE_ANNOTATION, FLUX_RECONCILE_ANNOTATION):
         if str(annotations.get(key, "")).strip().lower() == "disabled":
             return f"{key}: disabled"
+    if str(annotations.get(HELM_RESOURCE_POLICY, "")).strip().lower() == "keep":
+        return f"{HELM_RESOURCE_POLICY}: keep"
     options = {o.strip() for o in str(annotations.get(ARGO_SYNC_OPTIONS, "")).split(",")}
     for option in ("Prune=false", "Prune=confirm"):
         if option in options:

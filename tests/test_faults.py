@@ -286,7 +286,9 @@ def cli_sync_outlasts_a_pause(bed: Bed, component: str, app: str) -> None:
     bed.repo.write("cms.yaml", configmaps(BIG))
     bed.repo.commit(f"{BIG} ConfigMaps")
     api = ApiLog(bed.cluster)
-    cli = bed.cli(*bed.sync_args(app), "-o", "json")
+    # Two requests in flight, not 16: the apply is still under way when the audit log shows its first
+    # writes, however loaded the machine that reads that log is.
+    cli = bed.cli(*bed.sync_args(app), "--concurrency", "2", "-o", "json")
     mid_apply(api, bed.namespace)
 
     with paused(bed.cluster, component):

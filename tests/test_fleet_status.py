@@ -81,10 +81,11 @@ def test_status_of_many_apps_reads_each_repositorys_schedule_once(schedule, monk
 
 def test_status_summary_counts_apps_by_result_and_health(repo, kube, namespace, tmp_path, start_daemon):
     repo.write("good/cm.yaml", configmap("good", {"k": "v"}))
+    repo.write("also-good/cm.yaml", configmap("also-good", {"k": "v"}))   # an object of its own: never two owners
     repo.commit()
     cfg = write_config(tmp_path / "config.yaml", [
         app_entry("fine", repo.url, namespace, path="good"),
-        app_entry("also-fine", repo.url, namespace, path="good", interval="2h"),
+        app_entry("also-fine", repo.url, namespace, path="also-good", interval="2h"),
         app_entry("broken", "file:///nonexistent/repo.git", namespace),
     ])
     daemon = start_daemon(cfg, "--no-leader-elect")

@@ -168,7 +168,6 @@ def prune_disabled(annotations: dict) -> str | None:
     return None
 
 
-
 class LiveCache(Protocol):
     """What the planner needs from a watch-fed cache of an app's members
     (the daemon's informers): which (kind, namespace) it covers, the

@@ -84,3 +84,22 @@ def test_the_end_of_a_dependencys_runs_wakes_only_the_apps_waiting_for_it() -> N
     assert deps.blocking(runners["web"].cfg) == ([], False)
     runners["infra"].running = True
     assert deps.blocking(runners["web"].cfg) == (["infra: reconciling"], False)
+
+
+def test_the_status_watch_may_list_before_its_constructor_returns(monkeypatch) -> None:
+    """The reflector's first list calls back into the watch (on_synced reads the record): a list that
+    finishes before the constructor has stored the reflector must find it stored, not end the watch."""
+    from gitopsd.daemon import dependencies
+    from gitopsd.daemon.reflector import Reflector
+
+    def start_and_list_at_once(self):   # a thread that gets to its first list before its starter goes on
+        self._list()
+        return self
+
+    monkeypatch.setattr(Reflector, "start", start_and_list_at_once)
+    kube = SimpleNamespace(resource=lambda api, kind: SimpleNamespace(kind=kind, group=""),
+                           list_with_version=lambda res, namespace, label_selector: ([], "7"))
+    woken = []
+    watch = dependencies._StatusWatch(kube, "gitopsd", wanted=lambda: frozenset({"platform"}),
+                                      changed=woken.append)
+    assert woken == ["platform"] and watch.covers("platform") and watch.record("platform") is None

@@ -180,7 +180,10 @@ class _StatusWatch:
             kube, kube.resource("v1", "ConfigMap"), namespace,
             selector=f"app.kubernetes.io/managed-by=gitopsd,{ID_LABEL}",
             bucket_of=lambda obj: _app_of(obj, prefix=prefix, namespace=namespace),
-            sink=self, kind="dependency-status").start()
+            sink=self, kind="dependency-status")
+        # Started once assigned: its first list calls on_synced, which reads self._reflector (started in
+        # the same expression, a quick list could get there first and end the watch with an AttributeError).
+        self._reflector.start()
 
     def covers(self, app: str) -> bool:
         return self.alive and self._reflector.ready_for(app)

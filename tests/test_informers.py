@@ -415,6 +415,29 @@ def test_a_broken_watch_resumes_from_the_last_resource_version_and_keeps_foreign
     assert stream.bucket("app") == {} and stream.buckets() == []
 
 
+def test_a_sink_that_raises_is_logged_and_the_stream_lists_again_instead_of_dying():
+    class BrokenOnce(RecordingSink):
+        def on_event(self, stream, kind, bucket, obj):
+            if not self.events:
+                self.events.append(("RAISED", obj["metadata"]["name"]))
+                raise KeyError("a bug in the callback")
+            super().on_event(stream, kind, bucket, obj)
+
+    api, sink = FakeApiserver([
+        ("list", ([cm("a", "10")], "10")),
+        ("watch", [("MODIFIED", cm("a", "11"))]),
+        ("list", ([cm("a", "11")], "11")),
+        ("watch", [("DELETED", cm("a", "12"))]),
+    ]), BrokenOnce()
+    stream = Reflector(api, CM, None, selector=PART_OF_LABEL,
+                       bucket_of=lambda o: o["metadata"]["labels"][PART_OF_LABEL], sink=sink).start()
+    assert api.done.wait(10), "the stream stopped at the error instead of listing again"
+    stream.stop()
+    api.released.set()
+    assert sink.events == [("RAISED", "a"), ("DELETED", "a")]
+    assert stream.bucket("app") == {}
+
+
 def test_informer_store_holds_an_object_in_less_than_its_json():
     """Memory grows with what gitopsd manages: a cached object costs less than its JSON (packed
     against its neighbours), not the 5.5 times more of a dict of dicts."""

@@ -15,7 +15,9 @@ thread and one connection, and it never loses a change:
   with the old store as ADDED / MODIFIED / DELETED, so an edit or a
   deletion made in the gap is reported like any other;
 - errors back off exponentially with jitter (0.5 s up to 30 s), so many
-  streams, or many replicas, do not reconnect in step;
+  streams, or many replicas, do not reconnect in step; an unexpected error
+  (a bug in the sink's callback) is logged with its traceback and the
+  stream lists again after the back-off, rather than ending for good;
 - `relist()` from another thread (an app registered after the last list)
   and `stop()` end the open stream at once: the read blocked in it is shut
   down, so a stopped reflector holds no connection and the gauge of open
@@ -280,6 +282,13 @@ class Reflector:
                 except (ClusterError, OSError, ValueError) as exc:
                     if not self._cut_by_us():
                         delay = self._pause(exc, delay)
+                except Exception:  # noqa: BLE001 - a bug in a sink's callback must not end the watch for good
+                    log.exception("watch failed; listing again", kind=self.kind, namespace=self.namespace)
+                    self.synced.clear()
+                    with self._lock:
+                        self._relist = self._due = self.listed
+                    self._stopping.wait(random.uniform(delay / 2, delay))
+                    delay = min(delay * 2, BACKOFF_MAX)
         finally:
             with self._lock:
                 held = len(self._where)

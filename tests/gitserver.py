@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from receivers import TLSFiles
+
 HTTP_BACKEND = "/usr/lib/git-core/git-http-backend"
 
 
@@ -33,7 +35,7 @@ class GitHTTPServer:
     token: str
     auth_headers: list[str] = field(default_factory=list)
     requests: list[str] = field(default_factory=list)   # "GET /remote.git/info/refs?service=...", in order
-    tls: tuple[Path, Path] | None = None   # (certificate chain, key): serve https
+    tls: TLSFiles | None = None   # serve https with its certificate (tests/receivers.py)
     _server: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
 
@@ -123,7 +125,7 @@ class GitHTTPServer:
         self._server.daemon_threads = True
         if self.tls is not None:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(*map(str, self.tls))
+            context.load_cert_chain(self.tls.cert, self.tls.key)
             # The handshake runs at accept; a client that refuses the certificate fails only its own.
             self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         self._thread = threading.Thread(

@@ -10,8 +10,8 @@ keeps each request open until the test sets the event.
 
 Tests wait on `wait_arrivals` (a condition variable), never on a sleep.
 
-With `tls` (a `TLSFiles`, made by `TLSFiles.make` with openssl) a receiver
-answers https at https://localhost:PORT with that certificate. `ForwardProxy`
+With `tls` (a `TLSFiles`: a private CA and a certificate it signed, made by
+openssl) a receiver answers https at https://localhost:PORT with that certificate. `ForwardProxy`
 is an HTTP proxy on 127.0.0.1 that tunnels CONNECT and forwards plain http
 requests, to this machine only, recording each request line and its
 Proxy-Authorization (`seen`).
@@ -217,19 +217,29 @@ class Receiver:
 
 @dataclass(frozen=True)
 class TLSFiles:
-    """A self-signed certificate for localhost and 127.0.0.1 and its key; `cert` doubles as the CA bundle."""
+    """A private CA (`ca`: what a client is told to trust) and a server certificate it signed for
+    localhost and 127.0.0.1 (`cert`, `key`), made by openssl: a server a company CA signed."""
+    ca: Path
     cert: Path
     key: Path
 
     @classmethod
     def make(cls, where: Path) -> TLSFiles:
         where.mkdir(parents=True, exist_ok=True)
-        files = cls(cert=where / "cert.pem", key=where / "key.pem")
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                        "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-                        "-keyout", str(files.key), "-out", str(files.cert)], check=True, capture_output=True)
-        return files
+
+        def openssl(*args: str) -> None:
+            subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=where)
+
+        ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+        openssl("req", "-x509", *ec, "-days", "1", "-subj", "/CN=gitopsd test CA", "-keyout", "ca.key",
+                "-out", "ca.pem", "-addext", "basicConstraints=critical,CA:TRUE",
+                "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+        openssl("req", "-new", *ec, "-subj", "/CN=localhost", "-keyout", "server.key", "-out", "server.csr")
+        (where / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+                                       "extendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n")
+        openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-days", "1", "-extfile", "ext.cnf", "-out", "server.pem")
+        return cls(ca=where / "ca.pem", cert=where / "server.pem", key=where / "server.key")
 
 
 @dataclass

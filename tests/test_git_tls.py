@@ -7,18 +7,17 @@ place of the system's bundle. Without it the fetch fails naming the TLS
 failure and what to do; with another CA the same, naming the bundle given.
 
 Against a real https smart-HTTP server (tests/gitserver.py) with a CA and a
-server certificate made by openssl here.
+server certificate made by openssl (tests/receivers.py TLSFiles).
 """
 
 from __future__ import annotations
 
-import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from gitserver import GitHTTPServer
 from helpers import GitRepo, app_entry, configmap, gitopsd_json, put_secret, wait_transition, write_config
+from receivers import TLSFiles
 from test_source import TOKEN, Upstream, git_identity, tree_of  # noqa: F401 - git_identity is autouse
 
 from gitopsd.engine.source import Credentials, fetch
@@ -26,43 +25,18 @@ from gitopsd.engine.source_share import key_of
 from gitopsd.errors import SourceError
 
 
-@dataclass(frozen=True)
-class PrivateCA:
-    ca: Path          # the CA's certificate: what the app is given
-    cert: Path        # the server's certificate, signed by the CA, for 127.0.0.1 and localhost
-    key: Path
-
-    @classmethod
-    def make(cls, where: Path) -> PrivateCA:
-        where.mkdir(parents=True, exist_ok=True)
-
-        def openssl(*args: str) -> None:
-            subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=where)
-
-        ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-        openssl("req", "-x509", *ec, "-days", "1", "-subj", "/CN=gitopsd test CA", "-keyout", "ca.key",
-                "-out", "ca.pem", "-addext", "basicConstraints=critical,CA:TRUE",
-                "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-        openssl("req", "-new", *ec, "-subj", "/CN=localhost", "-keyout", "server.key", "-out", "server.csr")
-        (where / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n"
-                                       "extendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n")
-        openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                "-days", "1", "-extfile", "ext.cnf", "-out", "server.pem")
-        return cls(ca=where / "ca.pem", cert=where / "server.pem", key=where / "server.key")
+@pytest.fixture
+def private_ca(tmp_path) -> TLSFiles:
+    return TLSFiles.make(tmp_path / "pki")
 
 
 @pytest.fixture
-def private_ca(tmp_path) -> PrivateCA:
-    return PrivateCA.make(tmp_path / "pki")
+def other_ca(tmp_path) -> TLSFiles:
+    return TLSFiles.make(tmp_path / "other-pki")
 
 
-@pytest.fixture
-def other_ca(tmp_path) -> PrivateCA:
-    return PrivateCA.make(tmp_path / "other-pki")
-
-
-def https_server(root: Path, ca: PrivateCA) -> GitHTTPServer:
-    return GitHTTPServer(root=root, username="deploy", token=TOKEN, tls=(ca.cert, ca.key)).start()
+def https_server(root: Path, ca: TLSFiles) -> GitHTTPServer:
+    return GitHTTPServer(root=root, username="deploy", token=TOKEN, tls=ca).start()
 
 
 @pytest.fixture

@@ -289,7 +289,7 @@ def proxy(monkeypatch):
 def test_an_https_status_goes_through_https_proxy_in_a_tunnel_with_the_proxys_credentials(
         receivers, proxy, tmp_path, monkeypatch, lines) -> None:
     tls = TLSFiles.make(tmp_path / "tls")
-    monkeypatch.setenv("SSL_CERT_FILE", str(tls.cert))    # trust the receiver's certificate
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls.ca))    # trust the receiver's CA
     monkeypatch.setenv("HTTPS_PROXY", f"http://bot:{PROXY_PASSWORD}@{proxy.address}")
     forge = receivers("github", token=TOKEN, tls=tls)
     deliveries = Deliveries(policy=FAST)
@@ -358,7 +358,7 @@ def test_a_receiver_a_private_ca_signed_is_reached_with_the_notifiers_ca_and_ref
     text = f"""
 notifiers:
   trusting: {{provider: github, address: "{forge.url}", repository: org/fleet, tokenFrom: {{file: token}},
-             caFrom: {{file: {tls.cert}}}}}
+             caFrom: {{file: {tls.ca}}}}}
   system-cas: {{provider: github, address: "{forge.url}", repository: org/fleet, tokenFrom: {{file: token}}}}
   key-as-ca: {{provider: github, address: "{forge.url}", repository: org/fleet, tokenFrom: {{file: token}},
               caFrom: {{file: {tls.key}}}}}

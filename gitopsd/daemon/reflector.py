@@ -282,13 +282,10 @@ class Reflector:
                 except (ClusterError, OSError, ValueError) as exc:
                     if not self._cut_by_us():
                         delay = self._pause(exc, delay)
-                except Exception:  # noqa: BLE001 - a bug in a sink's callback must not end the watch for good
-                    log.exception("watch failed; listing again", kind=self.kind, namespace=self.namespace)
-                    self.synced.clear()
+                except Exception as exc:  # noqa: BLE001 - a bug in a sink's callback must not end the watch for good
                     with self._lock:
                         self._relist = self._due = self.listed
-                    self._stopping.wait(random.uniform(delay / 2, delay))
-                    delay = min(delay * 2, BACKOFF_MAX)
+                    delay = self._pause(exc, delay, unexpected=True)
         finally:
             with self._lock:
                 held = len(self._where)
@@ -304,11 +301,14 @@ class Reflector:
             cut, self._cut = self._cut, False
         return cut or self._stopping.is_set()
 
-    def _pause(self, exc: Exception, delay: float) -> float:
+    def _pause(self, exc: Exception, delay: float, *, unexpected: bool = False) -> float:
+        """Back off before resuming; an `unexpected` error (called in its except block) is logged with
+        its traceback, and the stream lists again (set by the caller)."""
         self.synced.clear()
         wait = random.uniform(delay / 2, delay)
-        log.warning("watch interrupted; resuming", kind=self.kind, namespace=self.namespace, error=str(exc),
-                    retry_in=round(wait, 2))
+        (log.exception if unexpected else log.warning)(
+            "watch interrupted; resuming", kind=self.kind, namespace=self.namespace, error=str(exc),
+            retry_in=round(wait, 2))
         self._stopping.wait(wait)
         return min(delay * 2, BACKOFF_MAX)
 

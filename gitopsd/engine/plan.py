@@ -133,39 +133,43 @@ NEVER_RECREATE_BY_DEFAULT = {("apiextensions.k8s.io", "CustomResourceDefinition"
 NAMESPACE_CHECK_PAGE = 500
 
 
+def _says(annotations: dict, key: str, value: str) -> bool:
+    """Whether annotation `key` is `value` (as the tools read them: case and surrounding space aside)."""
+    return str(annotations.get(key, "")).strip().lower() == value
+
+
+def _argo_options(annotations: dict) -> set[str]:
+    """Argo CD's sync options: a comma-separated list, e.g. "Prune=false,ServerSideApply=true"."""
+    return {o.strip() for o in str(annotations.get(ARGO_SYNC_OPTIONS, "")).split(",")}
+
+
 def frozen(desired: dict, live: dict) -> bool:
     """Whether an existing object is left as it is, whatever Git says now: created once (Flux's
     `ssa: IfNotPresent`), or its reconciliation switched off (`reconcile: disabled`, in Git or live)."""
     wanted = desired["metadata"].get("annotations") or {}
     found = (live.get("metadata") or {}).get("annotations") or {}
-    return (str(wanted.get(FLUX_SSA_ANNOTATION, "")).strip().lower() == "ifnotpresent"
-            or any(str(a.get(FLUX_RECONCILE_ANNOTATION, "")).strip().lower() == "disabled" for a in (wanted, found)))
+    return (_says(wanted, FLUX_SSA_ANNOTATION, "ifnotpresent")
+            or any(_says(a, FLUX_RECONCILE_ANNOTATION, "disabled") for a in (wanted, found)))
 
 
 def recreate_enabled(annotations: dict) -> bool:
     """Whether the object asks to be deleted and re-created when a field it changes is immutable:
     "gitopsd.io/recreate: enabled", Flux's "kustomize.toolkit.fluxcd.io/force: enabled", or Argo CD's
     sync options Replace=true with Force=true."""
-    if any(str(annotations.get(k, "")).strip().lower() == "enabled" for k in (RECREATE_ANNOTATION,
-                                                                             FLUX_FORCE_ANNOTATION)):
-        return True
-    options = {o.strip() for o in str(annotations.get(ARGO_SYNC_OPTIONS, "")).split(",")}
-    return {"Replace=true", "Force=true"} <= options
+    return (any(_says(annotations, k, "enabled") for k in (RECREATE_ANNOTATION, FLUX_FORCE_ANNOTATION))
+            or {"Replace=true", "Force=true"} <= _argo_options(annotations))
 
 
 def prune_disabled(annotations: dict) -> str | None:
-    """The annotation that keeps an object when it leaves Git ("gitopsd.io/prune: disabled", or Flux's or
-    Argo CD's way of saying it), as the plan's reason; None when nothing keeps it."""
+    """The annotation that keeps an object when it leaves Git ("gitopsd.io/prune: disabled", or Flux's,
+    Argo CD's or a Helm chart's way of saying it), as the plan's reason; None when nothing keeps it."""
     for key in (PRUNE_ANNOTATION, FLUX_PRUNE_ANNOTATION, FLUX_RECONCILE_ANNOTATION):
-        if str(annotations.get(key, "")).strip().lower() == "disabled":
+        if _says(annotations, key, "disabled"):
             return f"{key}: disabled"
-    if str(annotations.get(HELM_RESOURCE_POLICY, "")).strip().lower() == "keep":
+    if _says(annotations, HELM_RESOURCE_POLICY, "keep"):
         return f"{HELM_RESOURCE_POLICY}: keep"
-    options = {o.strip() for o in str(annotations.get(ARGO_SYNC_OPTIONS, "")).split(",")}
-    for option in ("Prune=false", "Prune=confirm"):
-        if option in options:
-            return f"{ARGO_SYNC_OPTIONS}: {option}"
-    return None
+    options = _argo_options(annotations)
+    return next((f"{ARGO_SYNC_OPTIONS}: {o}" for o in ("Prune=false", "Prune=confirm") if o in options), None)
 
 
 class LiveCache(Protocol):

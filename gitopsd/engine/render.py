@@ -568,7 +568,7 @@ def _render_plain(real_root: Path, target: Path, *, keys: decrypt.Keys | None, t
     if not files and unrendered:
         # Rendered as plain, such a directory is no objects at all: say why rather than deploy nothing.
         first = unrendered[0]
-        language = UNRENDERED_SUFFIXES[next(x for x in UNRENDERED_SUFFIXES if first.name.lower().endswith(x))]
+        language = UNRENDERED_SUFFIXES[first.suffix.lower()]
         more = f" and {len(unrendered) - 1} more" if len(unrendered) > 1 else ""
         problems.add(f"{relative(real_root, target)}: no manifests, only {language} "
                      f"({relative(real_root, first)}{more}), which gitopsd does not render",
@@ -716,7 +716,7 @@ def _manifest_files(real_root: Path, top: Path, *, problems: _Problems,
                 walk(path)
             elif manifest_like and entry.is_file():
                 files.append(path)
-            elif unrendered is not None and entry.name.lower().endswith(tuple(UNRENDERED_SUFFIXES)):
+            elif unrendered is not None and path.suffix.lower() in UNRENDERED_SUFFIXES:
                 unrendered.append(path)
 
     walk(top)
